@@ -1,0 +1,74 @@
+"""The address plan: pure, deterministic, derived from the topology.
+
+Qube addresses come from 10.137.0.0/16 as in Qubes OS: every qube has one address
+10.137.0.<qid>, used as a /32 on its upstream link and on every link to its own clients,
+so each link is point-to-point with /32 routes. IPv6 (only when configured) follows Qubes:
+fd09:24ef:4179::<the IPv4 address as its last 32 bits>.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from netstack.config import Topology
+
+QUBE_PREFIX = ipaddress.ip_network("10.137.0.0/16")
+IPV6_PREFIX = ipaddress.ip_network("fd09:24ef:4179::/64")
+VIRTUAL_DNS = ("10.139.1.1", "10.139.1.2")
+
+# The lab internet: documentation ranges only, linked to nothing outside the stack.
+LAB_ISP_ROUTER = "192.0.2.1"
+LAB_ISP_CUSTOMER = "192.0.2.2"
+LAB_ISP_PREFIXLEN = 24
+LAB_HOST_GATEWAY = "198.51.100.1"  # the ISP router's address on every host link
+LAB_DOMAIN = "lab.test"
+
+
+@dataclass(frozen=True)
+class QubeAddr:
+    qid: int
+    ipv4: str
+    ipv6: str | None
+    gateway4: str | None  # the netvm's address
+    gateway6: str | None
+
+
+def qube_ipv4(qid: int) -> str:
+    return str(QUBE_PREFIX.network_address + qid)
+
+
+def qube_ipv6(ipv4: str) -> str:
+    return str(IPV6_PREFIX.network_address + int(ipaddress.IPv4Address(ipv4)))
+
+
+def plan_addresses(topo: Topology) -> dict[str, QubeAddr]:
+    """qid in breadth-first tree order from the net qube, starting at 1."""
+    out: dict[str, QubeAddr] = {}
+    for qid, q in enumerate(topo.tree_order(), start=1):
+        v4 = qube_ipv4(qid)
+        v6 = qube_ipv6(v4) if topo.ipv6 else None
+        gw = out[q.netvm] if q.netvm else None
+        out[q.name] = QubeAddr(qid, v4, v6, gw.ipv4 if gw else None, gw.ipv6 if gw else None)
+    return out
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """A host of the simulated internet."""
+
+    name: str
+    address: str
+    fqdn: str
+
+
+def lab_hosts() -> list[LabHost]:
+    """The built-in lab's hosts (later issues add a VPN server and a Tor network)."""
+    return [
+        LabHost("web", "198.51.100.80", f"web.{LAB_DOMAIN}"),
+        LabHost("dns", "198.51.100.53", f"dns.{LAB_DOMAIN}"),
+    ]
+
+
+def lab_dns_server() -> str:
+    return next(h.address for h in lab_hosts() if h.name == "dns")

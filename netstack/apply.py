@@ -1,0 +1,308 @@
+"""Make a Plan real, and remove it again.
+
+Order matters for fail-closed: namespaces and sysctls first, then each namespace's whole
+nftables ruleset in one atomic transaction, and only then links, which start DOWN and are
+set up last. Every object is recorded in the state file before it is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from netstack import netns
+from netstack.errors import ApplyError, NetstackError, StateError
+from netstack.plan import Plan
+from netstack.rules.nft import commands
+from netstack.state import State, proc_alive, proc_start_time
+
+
+def _nft(ns: str):
+    """A libnftables handle bound to namespace `ns` (bound at creation: see FIELD-NOTES)."""
+    import nftables
+
+    with netns.entered(ns):
+        nft = nftables.Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(True)
+    return nft
+
+
+def load_ruleset(ns: str, ruleset: dict[str, Any]) -> None:
+    rc, _out, err = _nft(ns).json_cmd(commands(ruleset))
+    if rc != 0:
+        raise ApplyError(f"nftables refused the ruleset of {ns}: {err.strip()}")
+
+
+def list_ruleset(ns: str) -> dict[str, Any]:
+    rc, out, err = _nft(ns).cmd("list ruleset")
+    if rc != 0:
+        raise ApplyError(f"cannot list the ruleset of {ns}: {err.strip()}")
+    import json
+
+    return json.loads(out) if out else {"nftables": []}
+
+
+class _Links:
+    """One pyroute2 IPRoute per namespace, opened inside it."""
+
+    def __init__(self) -> None:
+        self._ipr: dict[str | None, Any] = {}
+
+    def __call__(self, ns: str | None):
+        if ns not in self._ipr:
+            from pyroute2 import IPRoute
+
+            with netns.entered(ns):
+                self._ipr[ns] = IPRoute()
+        return self._ipr[ns]
+
+    def index(self, ns: str | None, ifname: str) -> int:
+        found = self(ns).link_lookup(ifname=ifname)
+        if not found:
+            raise ApplyError(f"interface {ifname} not found in {ns or 'the host namespace'}")
+        return found[0]
+
+    def close(self) -> None:
+        for ipr in self._ipr.values():
+            with contextlib.suppress(Exception):
+                ipr.close()
+        self._ipr.clear()
+
+
+def up(plan: Plan, state: State, config_path: str | None) -> None:
+    """Bring the plan up; on any failure remove what was made and re-raise."""
+    for n in plan.namespaces:
+        if netns.exists(n.name):
+            raise StateError(f"namespace {n.name} already exists but is not part of a recorded "
+                             f"stack; remove it with `ip netns del {n.name}`")
+    links = _Links()
+    for m in plan.moves:
+        if not links(None).link_lookup(ifname=m.dev):
+            links.close()
+            raise StateError(f"--uplink {m.dev}: no such interface in this namespace")
+    state.set(plan=plan.to_json(), config=config_path, status="partial", started=time.time())
+    try:
+        _up(plan, state, links)
+    except BaseException as e:
+        links.close()
+        with contextlib.suppress(Exception):
+            down(state)
+        if isinstance(e, NetstackError):
+            raise
+        if isinstance(e, OSError) or type(e).__name__ == "NetlinkError":
+            raise ApplyError(f"bring-up failed and was rolled back: {e}") from e
+        raise
+    links.close()
+    state.set(status="up")
+
+
+def _up(plan: Plan, state: State, links: _Links) -> None:
+    for n in plan.namespaces:
+        state.record(type="netns", name=n.name)
+        netns.create(n.name)
+        for key, value in n.sysctls.items():
+            netns.write_sysctl(n.name, key, value)
+        for path, content in n.files.items():
+            _make_dirs(os.path.dirname(path), state)
+            state.record(type="file", path=path)
+            with open(path, "w") as f:
+                f.write(content)
+        if n.ruleset is not None:
+            load_ruleset(n.name, n.ruleset)  # before any link exists
+    for v in plan.veths:
+        if v.ns_a is None:
+            state.record(type="host_link", ifname=v.if_a)
+        fd = os.open(netns.path(v.ns_b), os.O_RDONLY)
+        try:
+            links(v.ns_a).link("add", ifname=v.if_a, kind="veth",
+                               peer={"ifname": v.if_b, "net_ns_fd": fd})
+        finally:
+            os.close(fd)
+    for m in plan.moves:
+        state.record(type="moved", dev=m.dev, ns=m.ns, new_name=m.new_name)
+        idx = links.index(None, m.dev)
+        links(None).link("set", index=idx, state="down")
+        fd = os.open(netns.path(m.ns), os.O_RDONLY)
+        try:
+            links(None).link("set", index=idx, net_ns_fd=fd)
+        finally:
+            os.close(fd)
+        links(m.ns).link("set", index=links.index(m.ns, m.dev), ifname=m.new_name)
+    for a in plan.addrs:
+        ip, plen = a.cidr.split("/")
+        links(a.ns).addr("add", index=links.index(a.ns, a.ifname), address=ip,
+                         prefixlen=int(plen))
+    for n in plan.namespaces:  # links up only now: every ruleset is already in place
+        ipr = links(n.name)
+        for link in ipr.get_links():
+            ipr.link("set", index=link["index"], state="up")
+    for r in plan.routes:
+        kw: dict[str, Any] = {"oif": links.index(r.ns, r.dev)}
+        if r.dst in ("default", "default6"):
+            kw["dst"] = "::/0" if r.dst == "default6" else "0.0.0.0/0"
+        else:
+            kw["dst"] = r.dst
+        if r.via:
+            kw["gateway"] = r.via
+        else:
+            kw["scope"] = 253  # link: a /32 peer reached directly on a point-to-point link
+        try:
+            links(r.ns).route("add", **kw)
+        except Exception as e:
+            raise ApplyError(f"route {r.dst} dev {r.dev} in {r.ns}: {e}") from e
+    if plan.services or plan.daemons:
+        start_supervisor(plan, state)
+
+
+def _make_dirs(d: str, state: State) -> None:
+    """Create missing directory levels, each recorded so `down` removes what it made."""
+    missing = []
+    while d and not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for m in reversed(missing):
+        state.record(type="dir", path=m)
+        os.mkdir(m)
+
+
+def _bind_in(ns: str, kind: int, addr: str, port: int) -> socket.socket:
+    with netns.entered(ns):
+        s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port))
+    if kind == socket.SOCK_STREAM:
+        s.listen(64)
+    return s
+
+
+def start_supervisor(plan: Plan, state: State) -> None:
+    """Open the lab services' sockets in their namespaces (so they accept from now on) and
+    hand them to a detached supervisor process that serves them and runs the daemons."""
+    import json
+
+    socks: list[socket.socket] = []
+    spec: dict[str, Any] = {"stack": plan.stack, "services": [], "daemons": []}
+    for s in plan.services:
+        fds = {}
+        if s.type in ("http", "dns"):
+            t = _bind_in(s.netns, socket.SOCK_STREAM, s.bind, s.port)
+            socks.append(t)
+            fds["tcp"] = t.fileno()
+        if s.type == "dns":
+            u = _bind_in(s.netns, socket.SOCK_DGRAM, s.bind, s.port)
+            socks.append(u)
+            fds["udp"] = u.fileno()
+        spec["services"].append({"name": s.name, "type": s.type, "netns": s.netns,
+                                 "fds": fds, "zone": s.zone,
+                                 "log": os.path.join(state.dir, f"{s.name}.log")})
+    for d in plan.daemons:
+        spec["daemons"].append({"name": d.name, "netns": d.netns, "argv": list(d.argv),
+                                "restart": d.restart})
+    spec_path = os.path.join(state.dir, "supervisor-spec.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    log = open(os.path.join(state.dir, "supervisor.log"), "ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netstack.supervisor", state.dir],
+            pass_fds=[s.fileno() for s in socks], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=log, start_new_session=True, close_fds=True,
+        )
+    finally:
+        log.close()
+        for s in socks:
+            s.close()
+    state.record(type="process", name="supervisor", pid=proc.pid,
+                 start=proc_start_time(proc.pid))
+    proc.returncode = 0  # detached on purpose: keep Popen.__del__ quiet
+
+
+def _kill(pid: int, start: int | None, deadline: float = 3.0) -> None:
+    """End a process we started, by PID (checked against its start time)."""
+    if not proc_alive(pid, start):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if not proc_alive(pid, start):
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def recorded_children(state: State) -> list[dict[str, Any]]:
+    """Processes the supervisor started, from its own status file."""
+    import json
+
+    try:
+        with open(os.path.join(state.dir, "supervisor.json")) as f:
+            return list(json.load(f).get("children", {}).values())
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def down(state: State) -> list[str]:
+    """Remove every recorded object, newest first; tolerate objects that never got made."""
+    problems: list[str] = []
+    objs = state.objects
+    for o in reversed([o for o in objs if o["type"] == "process"]):
+        _kill(o["pid"], o.get("start"))
+    for c in recorded_children(state):  # the supervisor may have died without its children
+        _kill(c["pid"], c.get("start"))
+    links = _Links()
+    try:
+        for o in reversed(objs):
+            try:
+                _remove(o, links)
+            except OSError as e:
+                problems.append(f"{o['type']} {o.get('name') or o.get('path')}: {e}")
+            except Exception as e:  # pyroute2 netlink errors
+                problems.append(f"{o['type']}: {e}")
+    finally:
+        links.close()
+    if not problems:
+        state.remove()
+    return problems
+
+
+def _remove(o: dict[str, Any], links: _Links) -> None:
+    t = o["type"]
+    if t == "netns":
+        netns.delete(o["name"])
+    elif t == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(o["path"])
+    elif t == "dir":
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(o["path"])
+    elif t == "host_link":
+        found = links(None).link_lookup(ifname=o["ifname"])
+        if found:
+            links(None).link("del", index=found[0])
+    elif t == "moved":
+        # Give the device back to the host under its own name (before its namespace goes).
+        if not netns.exists(o["ns"]):
+            return
+        for name in (o["new_name"], o["dev"]):
+            found = links(o["ns"]).link_lookup(ifname=name)
+            if found:
+                ipr = links(o["ns"])
+                ipr.link("set", index=found[0], state="down")
+                ipr.link("set", index=found[0], ifname=o["dev"])
+                fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+                try:
+                    ipr.link("set", index=found[0], net_ns_fd=fd)
+                finally:
+                    os.close(fd)
+                return

@@ -1,0 +1,171 @@
+"""The netstack command line. Errors of ours print as one line; exit codes:
+0 ok, 1 runtime error, 2 bad config or usage, 3 stack state (not up / already up),
+4 the system refused a change (rolled back)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from netstack import plan as planmod
+from netstack.errors import NetstackError, UsageError
+
+EXAMPLES = """examples:
+  sudo netstack up --lab                         # the chain over the built-in lab internet
+  sudo netstack up configs/basic.toml --lab      # a given qube table
+  sudo netstack status                           # qubes, links, addresses (--json too)
+  sudo netstack exec work -- curl http://web.lab.test/
+  sudo netstack --stack t1 up --lab              # a second stack side by side
+  sudo netstack down                             # remove everything of the stack
+  netstack plan configs/basic.toml --lab --json  # what `up` would make (no root needed)
+"""
+
+LABEL_COLOURS = {"red": "31", "orange": "38;5;208", "yellow": "33", "green": "32",
+                 "gray": "90", "blue": "34", "purple": "35", "black": "30;47"}
+
+
+def _uplink(args: argparse.Namespace) -> planmod.UplinkSpec:
+    if args.lab and args.uplink:
+        raise UsageError("--lab and --uplink exclude each other: pick one")
+    if args.lab:
+        return planmod.UplinkSpec("lab")
+    if args.uplink:
+        return planmod.UplinkSpec(args.uplink_mode, args.uplink)
+    raise UsageError("say where sys-net's uplink is: --lab (simulated internet) or "
+                     "--uplink DEV")
+
+
+def _colour(label: str, text: str) -> str:
+    if not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    return f"\033[{LABEL_COLOURS.get(label, '0')}m{text}\033[0m"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from netstack import stack
+
+    p, note = stack.up(args.config, args.stack, _uplink(args))
+    if note:
+        print(note, file=sys.stderr)
+    print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
+          + (f", lab with {len(p.lab['hosts'])} hosts" if p.lab else ""))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from netstack import stack
+
+    problems = stack.down(args.stack)
+    if problems:
+        for pr in problems:
+            print(f"netstack: could not remove {pr}", file=sys.stderr)
+        return 1
+    print(f"stack {args.stack!r} down")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from netstack import stack
+
+    p = stack.build_plan(args.config, args.stack, _uplink(args))
+    if args.json:
+        print(json.dumps(p.to_json(), indent=2))
+        return 0
+    for q in p.qubes:
+        print(f"{_colour(q.label, q.name):<24} {q.kind:<9} netvm={q.netvm or '-':<14} "
+              f"{q.ipv4:<13} ns={q.netns}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from netstack import stack
+
+    s = stack.status(args.stack)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"stack {s['stack']}: {s['status']}  (config {s['config']})")
+    for q in s["qubes"]:
+        ifs = ", ".join(f"{i['name']}[{i['state']}]" for i in q["interfaces"]) or "-"
+        mark = "" if q["running"] else "  (namespace missing)"
+        print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
+              f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
+              f"{', '.join(q['addresses']):<13} {ifs}{mark}")
+    if s.get("lab"):
+        lab = s["lab"]
+        hosts = ", ".join(f"{n}={h['address']}" for n, h in lab["hosts"].items())
+        isp = lab["isp_link"]
+        print(f"  lab: {hosts}; ISP link capture: ip netns exec {isp['netns']} "
+              f"tcpdump -i {isp['interface']}")
+    for pr in s["processes"]:
+        print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
+    return 0 if s["status"] == "up" and all(q["running"] for q in s["qubes"]) else 1
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from netstack import stack
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    argv = stack.exec_argv(args.stack, args.qube, args.user, cmd)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+    return 127  # not reached
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="netstack", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A Qubes-OS-style chain of network compartments (namespaces + nftables).")
+    ap.add_argument("--stack", default=os.environ.get("NETSTACK_STACK", "main"),
+                    help="stack name, 1-8 chars [a-z0-9] (default: main)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def uplink_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="TOML qube table (default: configs/basic.toml)")
+        p.add_argument("--lab", action="store_true", help="uplink into the built-in lab internet")
+        p.add_argument("--uplink", metavar="DEV", help="move host interface DEV into sys-net")
+        p.add_argument("--uplink-mode", choices=["move"], default="move",
+                       help="move: the host keeps no network (the Qubes way)")
+
+    p = sub.add_parser("up", help="bring a stack up", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    uplink_opts(p)
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("plan", help="print what `up` would make (pure, no root)")
+    uplink_opts(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("down", help="remove everything of a stack (also after a crash)")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="qubes, links, addresses, processes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("exec", help="run a command inside a qube",
+                       epilog="example: sudo netstack exec work -- curl http://web.lab.test/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("qube")
+    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo user)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NetstackError as e:
+        print(f"netstack: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("netstack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Exception types of ours: each renders as one line for the user, never a traceback."""
+
+
+class NetstackError(Exception):
+    """Base of every user-facing error. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigError(NetstackError):
+    """Invalid config: names where (qube and field) and how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, where: str, problem: str, fix: str = "") -> None:
+        self.where, self.problem, self.fix = where, problem, fix
+        msg = f"config: {where}: {problem}"
+        if fix:
+            msg += f" (fix: {fix})"
+        super().__init__(msg)
+
+
+class UsageError(NetstackError):
+    """Bad command line input that argparse could not catch."""
+
+    exit_code = 2
+
+
+class StateError(NetstackError):
+    """The stack is not in the state the command needs (not up, already up, half made)."""
+
+    exit_code = 3
+
+
+class ApplyError(NetstackError):
+    """The system refused a change while bringing a stack up."""
+
+    exit_code = 4

@@ -1,0 +1,1 @@
+"""The built-in lab internet: hosts planned by netstack.plan, services in lab/services.py."""

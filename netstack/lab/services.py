@@ -1,0 +1,158 @@
+"""Lab services on sockets handed over by `up`: an HTTP server that answers each request with
+the client address it sees, and a small authoritative DNS server for the lab domain. Both
+log who asked, so tests can tell which address reached them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class _Log:
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "a", buffering=1)
+        self._lock = threading.Lock()
+
+    def write(self, **rec: Any) -> None:
+        rec["t"] = round(time.time(), 3)
+        with self._lock:
+            self._f.write(json.dumps(rec) + "\n")
+
+
+def serve_http(fd: int, log_path: str) -> None:
+    log = _Log(log_path)
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "netstack-lab"
+
+        def do_GET(self) -> None:  # noqa: N802
+            client = self.client_address[0]
+            log.write(client=client, port=self.client_address[1], path=self.path,
+                      host=self.headers.get("Host"))
+            body = f"{client}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("0.0.0.0", 0), Handler, bind_and_activate=False)
+    srv.socket.close()
+    srv.socket = socket.socket(fileno=fd)
+    srv.daemon_threads = True
+    srv.serve_forever()
+
+
+# --- DNS --------------------------------------------------------------------------------
+
+QTYPE_A, QTYPE_ANY = 1, 255
+RCODE_NOERROR, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_REFUSED = 0, 1, 3, 5
+
+
+def parse_question(msg: bytes) -> tuple[int, int, str, int, int]:
+    """(id, flags, qname, qtype, end offset of the question). Raises ValueError."""
+    if len(msg) < 12:
+        raise ValueError("short")
+    qid, flags, qd = struct.unpack("!HHH", msg[:6])
+    if qd != 1:
+        raise ValueError("one question expected")
+    labels, off = [], 12
+    while True:
+        n = msg[off]
+        off += 1
+        if n == 0:
+            break
+        if n & 0xC0:
+            raise ValueError("compression in question")
+        labels.append(msg[off:off + n].decode("ascii").lower())
+        off += n
+    qtype, _qclass = struct.unpack("!HH", msg[off:off + 4])
+    return qid, flags, ".".join(labels), qtype, off + 4
+
+
+def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...]) -> bytes:
+    """Authoritative answers for names in `zone`; NXDOMAIN in our domain; REFUSED outside."""
+    try:
+        qid, flags, qname, qtype, end = parse_question(msg)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        if len(msg) >= 2:
+            return msg[:2] + struct.pack("!HHHHH", 0x8000 | RCODE_FORMERR, 0, 0, 0, 0)
+        return b""
+    question = msg[12:end]
+    rd = flags & 0x0100
+    addr = zone.get(qname)
+    if addr is not None:
+        rcode = RCODE_NOERROR
+    elif any(qname == s or qname.endswith("." + s) for s in domain_suffixes):
+        rcode = RCODE_NXDOMAIN
+    else:
+        rcode = RCODE_REFUSED
+    answers = b""
+    if addr is not None and qtype in (QTYPE_A, QTYPE_ANY):
+        answers = (b"\xc0\x0c" + struct.pack("!HHIH", QTYPE_A, 1, 60, 4)
+                   + socket.inet_aton(addr))
+    hdr = struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, 1 if answers else 0, 0, 0)
+    return hdr + question + answers
+
+
+def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> None:
+    log = _Log(log_path)
+    suffixes = tuple(sorted({n.split(".", 1)[1] for n in zone if "." in n}))
+    udp = socket.socket(fileno=udp_fd)
+    tcp = socket.socket(fileno=tcp_fd)
+
+    def udp_loop() -> None:
+        while True:
+            msg, peer = udp.recvfrom(4096)
+            try:
+                name = parse_question(msg)[2]
+            except (ValueError, IndexError, UnicodeDecodeError):
+                name = None
+            log.write(client=peer[0], proto="udp", name=name)
+            reply = answer(msg, zone, suffixes)
+            if reply:
+                udp.sendto(reply, peer)
+
+    def tcp_conn(c: socket.socket, peer: tuple[str, int]) -> None:
+        with c:
+            c.settimeout(5)
+            try:
+                while True:
+                    hdr = c.recv(2, socket.MSG_WAITALL)
+                    if len(hdr) < 2:
+                        return
+                    msg = c.recv(struct.unpack("!H", hdr)[0], socket.MSG_WAITALL)
+                    try:
+                        name = parse_question(msg)[2]
+                    except (ValueError, IndexError, UnicodeDecodeError):
+                        name = None
+                    log.write(client=peer[0], proto="tcp", name=name)
+                    reply = answer(msg, zone, suffixes)
+                    c.sendall(struct.pack("!H", len(reply)) + reply)
+            except OSError:
+                return
+
+    def tcp_loop() -> None:
+        while True:
+            c, peer = tcp.accept()
+            threading.Thread(target=tcp_conn, args=(c, peer), daemon=True).start()
+
+    threading.Thread(target=udp_loop, daemon=True).start()
+    tcp_loop()
+
+
+def run_service(spec: dict[str, Any]) -> None:
+    if spec["type"] == "http":
+        serve_http(spec["fds"]["tcp"], spec["log"])
+    elif spec["type"] == "dns":
+        serve_dns(spec["fds"]["udp"], spec["fds"]["tcp"], spec["zone"], spec["log"])
+    else:
+        raise ValueError(f"unknown service type {spec['type']}")

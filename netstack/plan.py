@@ -1,0 +1,238 @@
+"""The Plan: everything `up` will make, derived from the topology by pure functions.
+
+`netstack plan --json` prints it; apply.py makes it real; status, down and the audit read
+it back from the state file instead of re-deriving the topology their own way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from netstack import addressing, names
+from netstack.addressing import VIRTUAL_DNS
+from netstack.config import Topology
+from netstack.errors import ConfigError
+from netstack.roles import role_for
+from netstack.roles.base import Client, Daemon, QubeContext
+
+NSSWITCH = ("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
+            "networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n")
+
+
+@dataclass
+class NsPlan:
+    name: str
+    owner: str  # "qube:NAME" or "lab:HOST"
+    sysctls: dict[str, str]
+    ruleset: dict[str, Any] | None
+    files: dict[str, str]  # absolute path -> content (/etc/netns/NS/...)
+
+
+@dataclass
+class Veth:
+    ns_a: str | None  # None: the namespace netstack runs in (nat uplink mode only)
+    if_a: str
+    ns_b: str
+    if_b: str
+
+
+@dataclass
+class MoveDev:
+    dev: str
+    ns: str
+    new_name: str
+
+
+@dataclass
+class Addr:
+    ns: str
+    ifname: str
+    cidr: str
+
+
+@dataclass
+class Route:
+    ns: str
+    dst: str  # "default" or a prefix
+    dev: str
+    via: str | None = None  # via is on-link (point-to-point /32 links)
+
+
+@dataclass
+class Service:
+    """A lab service run by the supervisor on sockets `up` opens in the namespace."""
+
+    name: str
+    netns: str
+    type: str  # http | dns
+    bind: str
+    port: int
+    zone: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class QubeInfo:
+    name: str
+    kind: str
+    netvm: str | None
+    label: str
+    qid: int
+    netns: str
+    ipv4: str
+    ipv6: str | None
+    gateway: str | None
+    interfaces: list[str]
+
+
+@dataclass
+class UplinkSpec:
+    mode: str  # lab | move | nat
+    dev: str | None = None
+
+
+@dataclass
+class Plan:
+    stack: str
+    uplink: UplinkSpec
+    qubes: list[QubeInfo]
+    namespaces: list[NsPlan]
+    veths: list[Veth]
+    moves: list[MoveDev]
+    addrs: list[Addr]
+    routes: list[Route]
+    services: list[Service]
+    daemons: list[Daemon]
+    lab: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def ns(self, name: str) -> NsPlan:
+        return next(n for n in self.namespaces if n.name == name)
+
+
+def _ns_files(ns: str, nameservers: list[str]) -> dict[str, str]:
+    base = f"/etc/netns/{ns}"
+    return {
+        f"{base}/resolv.conf": "".join(f"nameserver {n}\n" for n in nameservers),
+        f"{base}/nsswitch.conf": NSSWITCH,
+    }
+
+
+def upstream_dns(topo: Topology, uplink: UplinkSpec, host_resolv: str = "") -> list[str]:
+    """Real resolvers for the net qube: the lab DNS server, the config, or the host's
+    resolv.conf (loopback stubs like systemd-resolved's cannot be reached from a namespace)."""
+    if uplink.mode == "lab":
+        return [addressing.lab_dns_server()]
+    net = topo.root
+    if "dns" in net.settings:
+        return list(net.settings["dns"])
+    found = []
+    for line in host_resolv.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith("127."):
+            found.append(parts[1])
+    if not found:
+        raise ConfigError(f"qube {net.name!r} field 'dns'",
+                          "the host has no usable resolver (only a loopback stub)",
+                          'set dns = ["IP of your router or resolver"]')
+    return found[:2]
+
+
+def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "") -> Plan:
+    """Pure: the whole stack as data."""
+    names.check_stack(stack)
+    addrs = addressing.plan_addresses(topo)
+    resolvers = upstream_dns(topo, uplink, host_resolv)
+    p = Plan(stack, uplink, [], [], [], [], [], [], [], [], None)
+    net = topo.root
+    for q in topo.tree_order():
+        a = addrs[q.name]
+        ns = names.qube_netns(stack, q.name)
+        clients = tuple(Client(c.name, names.vif(addrs[c.name].qid), addrs[c.name])
+                        for c in topo.children(q.name))
+        up_if = names.UPLINK_IF if q.kind == "net" else names.UPSTREAM_IF
+        ctx = QubeContext(topo, q, a, stack, up_if, clients,
+                          tuple(resolvers) if q.kind == "net" else ())
+        role = role_for(q.kind)
+        p.namespaces.append(NsPlan(ns, f"qube:{q.name}", role.sysctls(ctx),
+                                   role.ruleset(ctx).to_json(), _ns_files(ns, list(VIRTUAL_DNS))))
+        p.daemons.extend(role.daemons(ctx))
+        p.qubes.append(QubeInfo(q.name, q.kind, q.netvm, q.label, a.qid, ns, a.ipv4, a.ipv6,
+                                a.gateway4, [up_if] + [c.vif for c in clients]))
+        if q.netvm:  # the link to the netvm: /32 point-to-point both ends
+            up_ns = names.qube_netns(stack, q.netvm)
+            vif = names.vif(a.qid)
+            p.veths.append(Veth(up_ns, vif, ns, names.UPSTREAM_IF))
+            gw = addrs[q.netvm]
+            p.addrs += [Addr(ns, names.UPSTREAM_IF, f"{a.ipv4}/32"),
+                        Addr(up_ns, vif, f"{gw.ipv4}/32")]
+            p.routes += [Route(ns, f"{gw.ipv4}/32", names.UPSTREAM_IF),
+                         Route(ns, "default", names.UPSTREAM_IF, gw.ipv4),
+                         Route(up_ns, f"{a.ipv4}/32", vif)]
+            if topo.ipv6 and a.ipv6 and gw.ipv6:
+                p.addrs += [Addr(ns, names.UPSTREAM_IF, f"{a.ipv6}/128"),
+                            Addr(up_ns, vif, f"{gw.ipv6}/128")]
+                p.routes += [Route(ns, f"{gw.ipv6}/128", names.UPSTREAM_IF),
+                             Route(ns, "default6", names.UPSTREAM_IF, gw.ipv6),
+                             Route(up_ns, f"{a.ipv6}/128", vif)]
+    net_ns = names.qube_netns(stack, net.name)
+    if uplink.mode == "lab":
+        _plan_lab(p, net_ns)
+    elif uplink.mode == "move":
+        if not uplink.dev:
+            raise ConfigError("--uplink", "missing device name", "give --uplink DEV")
+        p.moves.append(MoveDev(uplink.dev, net_ns, names.UPLINK_IF))
+        address, gateway = net.settings.get("address"), net.settings.get("gateway")
+        if not address or not gateway:
+            raise ConfigError(f"qube {net.name!r} field 'address'",
+                              "a moved uplink needs a static address and gateway",
+                              'set address = "192.168.1.50/24" and gateway = "192.168.1.1"')
+        p.addrs.append(Addr(net_ns, names.UPLINK_IF, address))
+        p.routes.append(Route(net_ns, "default", names.UPLINK_IF, gateway))
+    else:
+        raise ConfigError("--uplink-mode", f"{uplink.mode!r} is not supported",
+                          "use --lab or --uplink DEV")
+    return p
+
+
+def _plan_lab(p: Plan, net_ns: str) -> None:
+    """The simulated internet: an ISP router namespace linked to sys-net's uplink and to one
+    namespace per lab host; documentation addresses only; no link to the host."""
+    stack = p.stack
+    isp = names.lab_netns(stack, "isp")
+    dns = addressing.lab_dns_server()
+    lab_sysctls = {"net/ipv6/conf/all/disable_ipv6": "1",
+                   "net/ipv6/conf/default/disable_ipv6": "1"}
+    p.namespaces.append(NsPlan(isp, "lab:isp", {"net/ipv4/ip_forward": "1", **lab_sysctls},
+                               None, _ns_files(isp, [dns])))
+    p.veths.append(Veth(isp, "cust0", net_ns, names.UPLINK_IF))
+    plen = addressing.LAB_ISP_PREFIXLEN
+    p.addrs += [Addr(isp, "cust0", f"{addressing.LAB_ISP_ROUTER}/{plen}"),
+                Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
+    p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
+    zone = {h.fqdn: h.address for h in addressing.lab_hosts()}
+    hosts = {}
+    for i, h in enumerate(addressing.lab_hosts()):
+        ns = names.lab_netns(stack, h.name)
+        ifr = f"h{i}-{h.name}"[:15]
+        p.namespaces.append(NsPlan(ns, f"lab:{h.name}", {"net/ipv4/ip_forward": "0",
+                                                          **lab_sysctls},
+                                   None, _ns_files(ns, [dns])))
+        p.veths.append(Veth(isp, ifr, ns, "eth0"))
+        gw = addressing.LAB_HOST_GATEWAY
+        p.addrs += [Addr(isp, ifr, f"{gw}/32"), Addr(ns, "eth0", f"{h.address}/32")]
+        p.routes += [Route(isp, f"{h.address}/32", ifr), Route(ns, f"{gw}/32", "eth0"),
+                     Route(ns, "default", "eth0", gw)]
+        hosts[h.name] = {"netns": ns, "address": h.address, "fqdn": h.fqdn}
+    p.services.append(Service("lab-http", names.lab_netns(stack, "web"), "http",
+                              hosts["web"]["address"], 80))
+    p.services.append(Service("lab-dns", names.lab_netns(stack, "dns"), "dns",
+                              hosts["dns"]["address"], 53, zone))
+    p.lab = {"hosts": hosts, "isp_router": {"netns": isp, "interface": "cust0",
+                                            "address": addressing.LAB_ISP_ROUTER},
+             "isp_link": {"netns": net_ns, "interface": names.UPLINK_IF,
+                          "address": addressing.LAB_ISP_CUSTOMER},
+             "domain": addressing.LAB_DOMAIN}

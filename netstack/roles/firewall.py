@@ -1,0 +1,16 @@
+"""`firewall` (sys-firewall): per-client anti-spoofing and client-to-client isolation; clients
+reach only upstream. DNS to the virtual addresses is forwarded upstream unchanged."""
+
+from __future__ import annotations
+
+from netstack.roles.base import QubeContext, Role
+from netstack.rules import common
+from netstack.rules.nft import Ruleset
+
+
+class FirewallRole(Role):
+    kind = "firewall"
+
+    def rules(self, ctx: QubeContext, rs: Ruleset) -> None:
+        common.provide_network(rs, ctx.client_vifs, ctx.upstream_if)
+        common.own_output_upstream(rs, ctx.upstream_if)

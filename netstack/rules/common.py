@@ -1,0 +1,103 @@
+"""Rule pieces every role shares, written once: INVALID drop, established/loopback accept,
+IPv6 off, anti-spoofing, forwarding downstream->upstream, masquerade, virtual-DNS DNAT."""
+
+from __future__ import annotations
+
+from netstack.addressing import VIRTUAL_DNS
+from netstack.rules.nft import (
+    ACCEPT,
+    COUNTER,
+    DROP,
+    MASQUERADE,
+    Ruleset,
+    ct_state,
+    dnat4,
+    iifname,
+    ip_daddr,
+    ip_saddr,
+    l4proto,
+    match,
+    meta,
+    nfproto,
+    oifname,
+    payload,
+    th_dport,
+)
+
+ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
+            "nd-neighbor-advert"]
+
+
+def base(rs: Ruleset, ipv6: bool) -> None:
+    """Default-drop input/forward/output (the chain policies), INVALID dropped before any
+    accept or NAT, replies and loopback allowed, IPv6 dropped unless configured."""
+    rs["prerouting"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
+    rs["forward"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
+    rs["output"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
+    if not ipv6:
+        for chain in ("prerouting", "forward", "output"):
+            rs[chain].add(nfproto("ipv6"), COUNTER, DROP, comment="IPv6 is off")
+    else:
+        for chain in ("input", "output"):
+            rs[chain].add(match(payload("icmpv6", "type"), {"set": ND_TYPES}), ACCEPT,
+                          comment="IPv6 neighbour discovery")
+    for chain in ("input", "forward", "output"):
+        rs[chain].add(ct_state("established", "related"), ACCEPT, comment="replies")
+    rs["input"].add(match(meta("iif"), "lo"), ACCEPT, comment="loopback")
+    rs["output"].add(match(meta("oif"), "lo"), ACCEPT, comment="loopback")
+
+
+def antispoof(rs: Ruleset, clients: list[tuple[str, str, str | None, str]]) -> None:
+    """A packet from a client link must carry that client's address (dropped in
+    prerouting as Qubes does). clients: (vif, ipv4, ipv6 or None, qube name)."""
+    for vif, v4, v6, name in clients:
+        rs["prerouting"].add(iifname(vif), nfproto("ipv4"), ip_saddr(v4, "!="), COUNTER, DROP,
+                             comment=f"antispoof {name}")
+        if v6:
+            rs["prerouting"].add(iifname(vif), nfproto("ipv6"),
+                                 ip_saddr({"set": [v6, {"prefix": {"addr": "fe80::",
+                                                                   "len": 10}}]}, "!=", True),
+                                 COUNTER, DROP, comment=f"antispoof {name} (IPv6)")
+        else:
+            rs["prerouting"].add(iifname(vif), nfproto("ipv6"), COUNTER, DROP,
+                                 comment=f"antispoof {name} (IPv6 off)")
+
+
+def provide_network(rs: Ruleset, client_vifs: list[str], upstream_if: str) -> None:
+    """Clients may reach only upstream, never each other; replies come back via conntrack.
+    Masquerade at every hop as Qubes does, so each netvm needs routes to its own clients
+    only."""
+    if client_vifs:
+        rs["forward"].add(iifname(*client_vifs), oifname(upstream_if), ACCEPT,
+                          comment="clients -> upstream only")
+    rs["nat_postrouting"].add(oifname(upstream_if), MASQUERADE, comment="masquerade upstream")
+
+
+def own_output_upstream(rs: Ruleset, upstream_if: str) -> None:
+    rs["output"].add(oifname(upstream_if), ACCEPT, comment="own traffic to upstream")
+
+
+def dns_dnat(rs: Ruleset, client_vifs: list[str], resolvers: list[str]) -> None:
+    """The virtual DNS addresses 10.139.1.1/.2 go to real resolvers (clients and self)."""
+    if not resolvers:
+        return
+    for i, vaddr in enumerate(VIRTUAL_DNS):
+        target = resolvers[min(i, len(resolvers) - 1)]
+        sel = [ip_daddr(vaddr), l4proto("tcp", "udp"), th_dport(53)]
+        if client_vifs:
+            rs["nat_prerouting"].add(iifname(*client_vifs), *sel, COUNTER, dnat4(target),
+                                     comment=f"virtual DNS {vaddr} -> {target}")
+        rs["nat_output"].add(*sel, dnat4(target), comment=f"own DNS {vaddr} -> {target}")
+
+
+def sysctls(provides_network: bool, ipv6: bool) -> dict[str, str]:
+    """Forwarding only where a qube provides network (new namespaces start with it off);
+    IPv6 disabled before any link exists unless configured."""
+    s = {
+        "net/ipv4/ip_forward": "1" if provides_network else "0",
+        "net/ipv6/conf/all/disable_ipv6": "0" if ipv6 else "1",
+        "net/ipv6/conf/default/disable_ipv6": "0" if ipv6 else "1",
+    }
+    if ipv6:
+        s["net/ipv6/conf/all/forwarding"] = "1" if provides_network else "0"
+    return s

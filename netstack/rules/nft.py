@@ -1,0 +1,164 @@
+"""A tiny typed layer over libnftables JSON: expressions, rules, chains and one table.
+
+A Ruleset renders to the same shape `nft -j list ruleset` prints (table, chain and rule
+objects), so the generator's output, the golden files and the live ruleset read back by
+the audit are one format. `commands()` turns it into one atomic transaction that replaces
+the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TABLE = "netstack"
+FAMILY = "inet"
+
+Expr = dict[str, Any]
+
+
+def meta(key: str) -> Expr:
+    return {"meta": {"key": key}}
+
+
+def payload(protocol: str, fld: str) -> Expr:
+    return {"payload": {"protocol": protocol, "field": fld}}
+
+
+def ct(key: str) -> Expr:
+    return {"ct": {"key": key}}
+
+
+def match(left: Any, right: Any, op: str = "==") -> Expr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def anon_set(items: list[Any]) -> Any:
+    """One element stays a plain value: nft prints it that way, golden files stay readable."""
+    return items[0] if len(items) == 1 else {"set": list(items)}
+
+
+def iifname(*names: str) -> Expr:
+    return match(meta("iifname"), anon_set(list(names)))
+
+
+def oifname(*names: str) -> Expr:
+    return match(meta("oifname"), anon_set(list(names)))
+
+
+def nfproto(proto: str) -> Expr:
+    return match(meta("nfproto"), proto)
+
+
+def l4proto(*protos: str) -> Expr:
+    return match(meta("l4proto"), anon_set(list(protos)))
+
+
+def ct_state(*states: str) -> Expr:
+    return match(ct("state"), list(states) if len(states) > 1 else states[0], "in")
+
+
+def ip_saddr(addr: Any, op: str = "==", six: bool = False) -> Expr:
+    return match(payload("ip6" if six else "ip", "saddr"), addr, op)
+
+
+def ip_daddr(addr: Any, op: str = "==", six: bool = False) -> Expr:
+    return match(payload("ip6" if six else "ip", "daddr"), addr, op)
+
+
+def th_dport(port: Any) -> Expr:
+    """Transport-header destination port, for TCP and UDP alike (needs an l4proto match)."""
+    return match(payload("th", "dport"), port)
+
+
+COUNTER: Expr = {"counter": None}
+ACCEPT: Expr = {"accept": None}
+DROP: Expr = {"drop": None}
+RETURN: Expr = {"return": None}
+MASQUERADE: Expr = {"masquerade": None}
+
+
+def jump(chain: str) -> Expr:
+    return {"jump": {"target": chain}}
+
+
+def dnat4(addr: str, port: int | None = None) -> Expr:
+    d: dict[str, Any] = {"family": "ip", "addr": addr}
+    if port is not None:
+        d["port"] = port
+    return {"dnat": d}
+
+
+def redirect(port: int) -> Expr:
+    return {"redirect": {"port": port}}
+
+
+@dataclass
+class Chain:
+    name: str
+    type: str | None = None  # filter / nat; None for a regular chain
+    hook: str | None = None
+    prio: int | None = None
+    policy: str | None = None
+    rules: list[tuple[list[Expr], str | None]] = field(default_factory=list)
+
+    def add(self, *exprs: Expr, comment: str | None = None) -> Chain:
+        self.rules.append((list(exprs), comment))
+        return self
+
+
+# Chain layout shared by every qube. Priorities: prerouting filter at -150 (mangle) runs
+# after conntrack (-200) so `ct state invalid` is known, and before DNAT (-100).
+BASE_CHAINS = [
+    ("prerouting", "filter", "prerouting", -150, "accept"),
+    ("nat_prerouting", "nat", "prerouting", -100, "accept"),
+    ("input", "filter", "input", 0, "drop"),
+    ("forward", "filter", "forward", 0, "drop"),
+    ("output", "filter", "output", 0, "drop"),
+    ("nat_output", "nat", "output", -100, "accept"),
+    ("nat_postrouting", "nat", "postrouting", 100, "accept"),
+]
+
+
+class Ruleset:
+    """One `inet netstack` table with the shared base chains, in a fixed order."""
+
+    def __init__(self) -> None:
+        self.chains: dict[str, Chain] = {
+            name: Chain(name, t, h, p, pol) for name, t, h, p, pol in BASE_CHAINS
+        }
+
+    def __getitem__(self, name: str) -> Chain:
+        return self.chains[name]
+
+    def chain(self, name: str) -> Chain:
+        """A regular (non-base) chain, made on first use."""
+        return self.chains.setdefault(name, Chain(name))
+
+    def to_json(self) -> dict[str, Any]:
+        """`nft -j list ruleset` shape, without handles. Empty nat chains are left out."""
+        items: list[dict[str, Any]] = [{"table": {"family": FAMILY, "name": TABLE}}]
+        rules: list[dict[str, Any]] = []
+        for c in self.chains.values():
+            if c.type == "nat" and not c.rules:
+                continue
+            ch: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": c.name}
+            if c.hook:
+                ch.update(type=c.type, hook=c.hook, prio=c.prio, policy=c.policy)
+            items.append({"chain": ch})
+            for exprs, comment in c.rules:
+                r: dict[str, Any] = {"family": FAMILY, "table": TABLE, "chain": c.name,
+                                     "expr": exprs}
+                if comment:
+                    r["comment"] = comment
+                rules.append({"rule": r})
+        return {"nftables": items + rules}
+
+
+def commands(ruleset_json: dict[str, Any]) -> dict[str, Any]:
+    """One transaction that atomically replaces our table (add + delete + add, the usual
+    idiom: works whether or not the table exists, and nothing is ever half-loaded)."""
+    table = {"table": {"family": FAMILY, "name": TABLE}}
+    cmds: list[dict[str, Any]] = [{"add": table}, {"delete": table}]
+    cmds += [{"add": obj} for obj in ruleset_json["nftables"]]
+    return {"nftables": cmds}

@@ -1,0 +1,137 @@
+"""Stack-level operations the CLI calls: up, down, status, exec."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+from typing import Any
+
+from netstack import apply, config, names, netns, plan
+from netstack.errors import StateError, UsageError
+from netstack.state import State, proc_alive
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "basic.toml"
+
+
+def build_plan(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> plan.Plan:
+    names.check_stack(stack)
+    topo = config.load(config_path or DEFAULT_CONFIG)
+    host_resolv = ""
+    if uplink.mode != "lab":
+        try:
+            host_resolv = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            pass
+    return plan.build(topo, stack, uplink, host_resolv)
+
+
+def up(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> tuple[plan.Plan, str]:
+    """Validate everything first (an invalid config changes nothing), then apply. A stack
+    left half-made by a crash is removed first (repair); a running one is reported."""
+    p = build_plan(config_path, stack, uplink)
+    if os.geteuid() != 0:
+        raise UsageError("netstack up needs root (namespaces and nftables): run it with sudo")
+    note = ""
+    st = State.load(stack)
+    if st is not None:
+        if st.data.get("status") == "up":
+            raise StateError(f"stack {stack!r} is already up; run `netstack --stack {stack} "
+                             "down` first, or pick another --stack")
+        problems = apply.down(st)
+        if problems:
+            raise StateError(f"stack {stack!r} was half made and could not be cleaned: "
+                             + "; ".join(problems))
+        note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
+    apply.up(p, State(stack), str(config_path or DEFAULT_CONFIG))
+    return p, note
+
+
+def down(stack: str) -> list[str]:
+    st = State.load(stack)
+    if st is None:
+        raise StateError(f"stack {stack!r} is not up (no state in /run/netstack/{stack})")
+    return apply.down(st)
+
+
+def _require(stack: str) -> State:
+    st = State.load(stack)
+    if st is None:
+        raise StateError(f"stack {stack!r} is not up; start it with `netstack --stack {stack} "
+                         "up --lab`")
+    return st
+
+
+def status(stack: str) -> dict[str, Any]:
+    """Recorded plan plus live facts read from each namespace."""
+    st = _require(stack)
+    p = st.data.get("plan") or {}
+    out: dict[str, Any] = {"stack": stack, "status": st.data.get("status"),
+                           "config": st.data.get("config"), "uplink": p.get("uplink"),
+                           "qubes": []}
+    links = apply._Links()
+    try:
+        for q in p.get("qubes", []):
+            entry = {k: q[k] for k in ("name", "kind", "netvm", "label", "netns")}
+            entry["addresses"] = [a for a in (q["ipv4"], q.get("ipv6")) if a]
+            entry["gateway"] = q["gateway"]
+            entry["interfaces"] = _live_links(links, q["netns"])
+            entry["running"] = netns.exists(q["netns"])
+            out["qubes"].append(entry)
+        if p.get("lab"):
+            lab = dict(p["lab"])
+            lab["capture"] = {"isp_link": lab["isp_link"]}
+            out["lab"] = lab
+    finally:
+        links.close()
+    sup = [o for o in st.objects if o["type"] == "process"]
+    out["processes"] = [{"name": o["name"], "pid": o["pid"],
+                         "alive": proc_alive(o["pid"], o.get("start"))} for o in sup]
+    out["processes"] += [{"name": c.get("name", "?"), "pid": c["pid"],
+                          "alive": proc_alive(c["pid"], c.get("start")),
+                          "restarts": c.get("restarts", 0)}
+                         for c in apply.recorded_children(st)]
+    return out
+
+
+def _live_links(links: apply._Links, ns: str) -> list[dict[str, Any]]:
+    if not netns.exists(ns):
+        return []
+    ipr = links(ns)
+    res = []
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        if name == "lo":
+            continue
+        addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                 for a in ipr.get_addr(index=link["index"])]
+        res.append({"name": name, "state": link.get_attr("IFLA_OPERSTATE"),
+                    "addresses": addrs})
+    return res
+
+
+def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str]) -> list[str]:
+    """`ip netns exec` also bind-mounts /etc/netns/NS/{resolv,nsswitch}.conf over /etc, so
+    name lookups inside never use the host's resolver stubs."""
+    st = _require(stack)
+    qubes = {q["name"]: q for q in (st.data.get("plan") or {}).get("qubes", [])}
+    if qube not in qubes:
+        raise UsageError(f"no qube {qube!r} in stack {stack!r}; qubes: "
+                         + ", ".join(sorted(qubes)))
+    if not cmd:
+        raise UsageError("exec: give a command after --, e.g. netstack exec work -- curl ...")
+    ns = qubes[qube]["netns"]
+    if not netns.exists(ns):
+        raise StateError(f"qube {qube!r}: namespace {ns} is gone; run `netstack down` and `up`")
+    argv = ["ip", "netns", "exec", ns]
+    if user is None:
+        user = os.environ.get("SUDO_USER") or None
+    if user and user != "root":
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"--user {user!r}: no such user") from None
+        argv += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+                 "--"]
+    return argv + cmd

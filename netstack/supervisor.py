@@ -1,0 +1,107 @@
+"""The per-stack supervisor: serves the lab services and runs daemons as its own children,
+waits on them and restarts them with backoff. PID 1 on some hosts never reaps orphans, so
+every daemon is a child that this process waits for. It records its children with their
+start times in supervisor.json, so `down` can end them by PID even if it dies.
+
+Run as `python -m netstack.supervisor STACK_DIR` by `up` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from netstack.state import proc_start_time
+
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+
+
+class Supervisor:
+    def __init__(self, stack_dir: str) -> None:
+        self.dir = stack_dir
+        with open(os.path.join(stack_dir, "supervisor-spec.json")) as f:
+            self.spec: dict[str, Any] = json.load(f)
+        self.children: dict[str, dict[str, Any]] = {}  # name -> pid, start, restarts
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def write_status(self) -> None:
+        tmp = os.path.join(self.dir, "supervisor.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "start": proc_start_time(os.getpid()),
+                       "children": self.children}, f)
+        os.replace(tmp, os.path.join(self.dir, "supervisor.json"))
+
+    def start_daemon(self, d: dict[str, Any]) -> None:
+        argv = ["ip", "netns", "exec", d["netns"], *d["argv"]]
+        log = open(os.path.join(self.dir, f"{d['name']}.log"), "ab")
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        prev = self.children.get(d["name"], {})
+        self.procs[d["name"]] = p
+        self.children[d["name"]] = {"pid": p.pid, "start": proc_start_time(p.pid),
+                                    "restarts": prev.get("restarts", -1) + 1,
+                                    "started_at": time.time(), "last_exit": prev.get("last_exit")}
+        self.write_status()
+
+    def watch(self, d: dict[str, Any]) -> None:
+        backoff = BACKOFF_MIN
+        while not self.stopping.is_set():
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.start_daemon(d)
+                p = self.procs[d["name"]]
+            started = time.monotonic()
+            rc = p.wait()
+            with self.lock:
+                self.children[d["name"]]["last_exit"] = rc
+                self.write_status()
+            if self.stopping.is_set() or not d.get("restart", True):
+                return
+            if time.monotonic() - started > 30:
+                backoff = BACKOFF_MIN
+            self.stopping.wait(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def stop(self, *_: Any) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        from netstack.lab.services import run_service
+
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        for s in self.spec["services"]:
+            threading.Thread(target=run_service, args=(s,), daemon=True).start()
+        for d in self.spec["daemons"]:
+            threading.Thread(target=self.watch, args=(d,), daemon=True).start()
+        self.write_status()
+        self.stopping.wait()
+        with self.lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 3
+        for p in procs:
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def main() -> None:
+    Supervisor(sys.argv[1]).run()
+
+
+if __name__ == "__main__":
+    main()

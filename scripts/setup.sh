@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything netstack needs on a fresh Debian 12 / Ubuntu host (as root), then make
+# a venv from /usr/bin/python3 that sees Debian's python3-nftables binding.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PKGS=(nftables python3-nftables python3-venv iproute2 tor wireguard-tools wireguard-go
+      openvpn openssl tcpdump iputils-ping socat conntrack procps psmisc curl)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts a tor service on install; netstack runs its own tor processes only.
+if command -v systemctl >/dev/null && systemctl is-active --quiet tor 2>/dev/null; then
+  systemctl stop tor || true
+fi
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
+echo "setup: ok ($(.venv/bin/python -c 'import nftables, pyroute2; print("nftables+pyroute2", pyroute2.__version__)'))"

@@ -208,15 +208,14 @@ def start_supervisor(plan: Plan, state: State) -> None:
     spec_path = os.path.join(state.dir, "supervisor-spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    log = open(os.path.join(state.dir, "supervisor.log"), "ab")
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netstack.supervisor", state.dir],
-            pass_fds=[s.fileno() for s in socks], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=log, start_new_session=True, close_fds=True,
-        )
+        with open(os.path.join(state.dir, "supervisor.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "netstack.supervisor", state.dir],
+                pass_fds=[s.fileno() for s in socks], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, start_new_session=True, close_fds=True,
+            )
     finally:
-        log.close()
         for s in socks:
             s.close()
     state.record(type="process", name="supervisor", pid=proc.pid,

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 from netstack import plan as planmod
 from netstack.errors import NetstackError, UsageError
@@ -108,10 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    argv = stack.exec_argv(args.stack, args.qube, args.user, cmd)
+    argv = stack.exec_argv(args.stack, args.qube, args.user, list(args.cmd))
     sys.stdout.flush()
     os.execvp(argv[0], argv)
     return 127  # not reached
@@ -150,13 +146,22 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("qube")
     p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo user)")
-    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.add_argument("cmd", nargs="*", help="the command, after --")
     p.set_defaults(func=cmd_exec)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] = []
+    if "--" in argv:  # everything after -- is the command of `exec`, untouched
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1:]
     args = parser().parse_args(argv)
+    if tail:
+        if args.command != "exec":
+            parser().error("'--' is only used with exec")
+        args.cmd = list(args.cmd) + tail
     try:
         return args.func(args)
     except NetstackError as e:

@@ -93,7 +93,8 @@ def load(path: str | Path) -> Topology:
     try:
         text = p.read_text()
     except OSError as e:
-        raise ConfigError(str(p), f"cannot read: {e.strerror}", "give the path of a TOML config")
+        raise ConfigError(str(p), f"cannot read: {e.strerror}",
+                          "give the path of a TOML config") from None
     return parse(text, source=str(p))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 from pathlib import Path
@@ -20,10 +21,8 @@ def build_plan(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> 
     topo = config.load(config_path or DEFAULT_CONFIG)
     host_resolv = ""
     if uplink.mode != "lab":
-        try:
+        with contextlib.suppress(OSError):
             host_resolv = Path("/etc/resolv.conf").read_text()
-        except OSError:
-            pass
     return plan.build(topo, stack, uplink, host_resolv)
 
 

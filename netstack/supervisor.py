@@ -41,9 +41,8 @@ class Supervisor:
 
     def start_daemon(self, d: dict[str, Any]) -> None:
         argv = ["ip", "netns", "exec", d["netns"], *d["argv"]]
-        log = open(os.path.join(self.dir, f"{d['name']}.log"), "ab")
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
+        with open(os.path.join(self.dir, f"{d['name']}.log"), "ab") as log:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         prev = self.children.get(d["name"], {})
         self.procs[d["name"]] = p
         self.children[d["name"]] = {"pid": p.pid, "start": proc_start_time(p.pid),
@@ -84,7 +83,11 @@ class Supervisor:
         for d in self.spec["daemons"]:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
         self.write_status()
-        self.stopping.wait()
+        state_file = os.path.join(self.dir, "state.json")
+        # Also stop if the stack's state vanished (a `down` that raced our start).
+        while not self.stopping.wait(1.0):
+            if not os.path.exists(state_file):
+                self.stopping.set()
         with self.lock:
             procs = list(self.procs.values())
         for p in procs:

@@ -15,7 +15,7 @@ from typing import Any
 
 class _Log:
     def __init__(self, path: str) -> None:
-        self._f = open(path, "a", buffering=1)
+        self._f = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the service)
         self._lock = threading.Lock()
 
     def write(self, **rec: Any) -> None:

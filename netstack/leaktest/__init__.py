@@ -1,0 +1,1 @@
+"""Packet-level proofs: captures on links and hostile probes sent from inside a qube."""

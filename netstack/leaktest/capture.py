@@ -1,0 +1,72 @@
+"""tcpdump captures inside a namespace, started and stopped by PID, read back with scapy.
+
+A capture is ready only once tcpdump says it is listening (an event, not a sleep); it is
+stopped with SIGINT so the pcap is complete and readable by tshark and Wireshark.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from typing import Any
+
+
+class Capture:
+    def __init__(self, netns: str, iface: str, path: str, bpf: str = "") -> None:
+        self.netns, self.iface, self.path, self.bpf = netns, iface, path, bpf
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 5.0) -> Capture:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        argv = ["ip", "netns", "exec", self.netns, "tcpdump", "-i", self.iface, "-n", "-U",
+                "-Z", "root", "--immediate-mode", "-w", self.path]
+        if self.bpf:
+            argv.append(self.bpf)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"listening on" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"tcpdump on {self.netns}/{self.iface} did not start: "
+                                   f"{buf.decode(errors='replace').strip()}")
+            r, _, _ = select.select([self.proc.stderr], [], [], left)
+            if r:
+                chunk = os.read(self.proc.stderr.fileno(), 4096)
+                if not chunk:
+                    continue
+                buf += chunk
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def packets(self) -> list[Any]:
+        from scapy.utils import rdpcap
+
+        self.stop()
+        if not os.path.exists(self.path) or os.path.getsize(self.path) < 24:
+            return []
+        return list(rdpcap(self.path))
+
+    def __enter__(self) -> Capture:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,65 @@
+"""Send crafted packets from inside a namespace the way a hostile root user would: scapy's
+AF_PACKET sockets, which bypass the sending namespace's own output rules. Run through
+`ip netns exec NS python -m netstack.leaktest.send SPEC_JSON`; prints one JSON line.
+
+A spec is a list of packets: {"dst", "src"?, "proto": tcp|udp|icmp, "dport"?, "sport"?,
+"flags"? (TCP), "payload"?, "ttl"?, "count"?}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def build(p: dict[str, Any]) -> Any:
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.packet import Raw
+
+    ip_kw: dict[str, Any] = {"dst": p["dst"]}
+    for k in ("src", "ttl", "id"):
+        if k in p:
+            ip_kw[k] = p[k]
+    if "src" not in ip_kw:  # /32 links: scapy cannot infer the source from the subnet
+        from scapy.config import conf
+        from scapy.interfaces import resolve_iface
+
+        iface = conf.route.route(p["dst"])[0]
+        from scapy.arch import get_if_addr
+
+        ip_kw["src"] = get_if_addr(resolve_iface(iface).name)
+    pkt = IP(**ip_kw)
+    proto = p.get("proto", "udp")
+    if proto == "tcp":
+        pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80),
+                   flags=p.get("flags", "S"), seq=p.get("seq", 1000))
+    elif proto == "udp":
+        pkt /= UDP(sport=p.get("sport", 40000), dport=p.get("dport", 9))
+    elif proto == "icmp":
+        pkt /= ICMP(type=p.get("icmp_type", 8))
+    else:
+        raise ValueError(f"unknown proto {proto}")
+    if p.get("payload"):
+        pkt /= Raw(load=p["payload"].encode())
+    return pkt
+
+
+def main() -> None:
+    from scapy.config import conf
+    from scapy.sendrecv import send
+
+    conf.verb = 0
+    conf.ifaces.reload()
+    conf.route.resync()
+    specs = json.loads(sys.argv[1])
+    sent = 0
+    for p in specs:
+        pkt = build(p)
+        send(pkt, count=p.get("count", 1), verbose=False)
+        sent += p.get("count", 1)
+    print(json.dumps({"sent": sent}))
+
+
+if __name__ == "__main__":
+    main()

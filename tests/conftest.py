@@ -1,0 +1,27 @@
+"""Shared fixtures. Root-only tests skip without root, except under CI (NETSTACK_REQUIRE_ROOT=1)
+where a skip would hide a missing proof, so they fail instead."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+
+PR_SET_CHILD_SUBREAPER = 36
+
+if os.geteuid() == 0:
+    # Daemons that `netstack up` detaches are re-parented to us rather than to a PID 1 that
+    # may never reap them; tests reap them after `down` (see reap_zombies).
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("NETSTACK_REQUIRE_ROOT") == "1":
+        raise pytest.UsageError("NETSTACK_REQUIRE_ROOT=1 but not running as root")
+    skip = pytest.mark.skip(reason="needs root (namespaces, nftables, packets)")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)

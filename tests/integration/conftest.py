@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.util import BASIC, cli, new_stack_name, reap_zombies, stack_leftovers
+
+
+@pytest.fixture(scope="session")
+def basic_stack():
+    """One shared basic chain over the lab for tests that do not disturb it."""
+    stack = new_stack_name("b")
+    cli("--stack", stack, "up", BASIC, "--lab")
+    try:
+        yield stack
+    finally:
+        cli("--stack", stack, "down", check=False)
+        reap_zombies()
+        assert not stack_leftovers(stack)
+
+
+@pytest.fixture
+def own_stack():
+    """A name for a stack a test makes and breaks itself; cleaned up whatever happens."""
+    made: list[str] = []
+
+    def make(prefix: str = "o") -> str:
+        s = new_stack_name(prefix)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        cli("--stack", s, "down", check=False)
+        reap_zombies()

@@ -1,0 +1,130 @@
+"""Helpers for root tests: run the CLI, run in a namespace, send hostile packets, capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from netstack import netns
+
+ROOT = Path(__file__).resolve().parents[2]
+BASIC = str(ROOT / "configs" / "basic.toml")
+
+
+def new_stack_name(prefix: str = "t") -> str:
+    return prefix + secrets.token_hex(3)[: 8 - len(prefix)]
+
+
+def cli(*args: str, check: bool = True, env: dict | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    e = dict(os.environ, **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "netstack.cli", *args], capture_output=True,
+                       text=True, env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"netstack {' '.join(args)} -> {p.returncode}\n{p.stdout}\n"
+                             f"{p.stderr}")
+    return p
+
+
+def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30,
+          input: str | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
+                       timeout=timeout, input=input)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{ns}: {' '.join(argv)} -> {p.returncode}\n{p.stdout}{p.stderr}")
+    return p
+
+
+def send(ns: str, packets: list[dict]) -> int:
+    """Send crafted packets from inside `ns` with scapy (AF_PACKET, like a hostile root)."""
+    p = in_ns(ns, sys.executable, "-m", "netstack.leaktest.send", json.dumps(packets),
+              timeout=60)
+    return json.loads(p.stdout.strip().splitlines()[-1])["sent"]
+
+
+def reap_zombies() -> None:
+    """Reap exited children re-parented to us (we are a child subreaper as root)."""
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rindex(")") + 2:].split()
+        if rest[0] == "Z" and int(rest[1]) == me:
+            try:
+                os.waitpid(int(d), os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def snapshot_host() -> dict:
+    """What the safety rules say a test must leave untouched or clean."""
+    def run(*a):
+        return subprocess.run(a, capture_output=True, text=True).stdout
+
+    return {
+        "netns": netns.list_names(),
+        "etc_netns": sorted(os.listdir("/etc/netns")) if os.path.isdir("/etc/netns") else None,
+        "run": sorted(os.listdir("/run/netstack")) if os.path.isdir("/run/netstack") else None,
+        "links": run("ip", "-o", "link", "show").count("\n"),
+        "link_names": sorted(line.split(":")[1].strip().split("@")[0]
+                             for line in run("ip", "-o", "link", "show").splitlines()),
+        "routes": run("ip", "route", "show", "table", "all"),
+        "nft": run("nft", "list", "ruleset"),
+    }
+
+
+def stack_leftovers(stack: str) -> list[str]:
+    """Anything of `stack` still on the host: namespaces, files, state, processes."""
+    left = [n for n in netns.list_names() if n.startswith((f"nst-{stack}-", f"nsl-{stack}-"))]
+    if os.path.isdir("/etc/netns"):
+        left += [f"/etc/netns/{d}" for d in os.listdir("/etc/netns")
+                 if d.startswith((f"nst-{stack}-", f"nsl-{stack}-"))]
+    if os.path.exists(f"/run/netstack/{stack}"):
+        left.append(f"/run/netstack/{stack}")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"/run/netstack/{stack}" in cmd or f"nst-{stack}-" in cmd or f"nsl-{stack}-" in cmd:
+            left.append(f"process {d}: {cmd}")
+    return left
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def nft_counter(ns: str, comment: str) -> int:
+    """Packets counted by the rule with this comment in namespace `ns` (live ruleset)."""
+    from netstack.apply import list_ruleset
+
+    total = 0
+    found = False
+    for item in list_ruleset(ns)["nftables"]:
+        r = item.get("rule")
+        if r and r.get("comment") == comment:
+            found = True
+            for e in r["expr"]:
+                if "counter" in e and e["counter"]:
+                    total += e["counter"]["packets"]
+    assert found, f"no rule with comment {comment!r} in {ns}"
+    return total

@@ -1,0 +1,136 @@
+"""Config validation: each error names the qube and field, and valid tables parse."""
+
+from pathlib import Path
+
+import pytest
+
+from netstack import config
+from netstack.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+[qubes.sys-net]
+kind = "net"
+[qubes.sys-firewall]
+kind = "firewall"
+netvm = "sys-net"
+[qubes.work]
+kind = "app"
+netvm = "sys-firewall"
+"""
+
+
+def err(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        config.parse(text)
+    return str(e.value)
+
+
+def test_basic_config_parses():
+    t = config.load(ROOT / "configs" / "basic.toml")
+    assert [q.name for q in t.tree_order()] == ["sys-net", "sys-firewall", "personal", "work"]
+    assert t["work"].label == "blue" and t["work"].netvm == "sys-firewall"
+    assert [q.name for q in t.children("sys-firewall")] == ["personal", "work"]
+
+
+def test_several_qubes_may_share_a_netvm():
+    t = config.parse(BASE + '[qubes.home]\nkind = "app"\nnetvm = "sys-firewall"\n')
+    assert len(t.children("sys-firewall")) == 2
+
+
+def test_unknown_netvm():
+    m = err(BASE.replace('netvm = "sys-firewall"', 'netvm = "sys-fw"'))
+    assert "qube 'work' field 'netvm'" in m and "unknown qube 'sys-fw'" in m
+
+
+def test_cycle():
+    text = BASE + """
+[qubes.a]
+kind = "firewall"
+netvm = "b"
+[qubes.b]
+kind = "firewall"
+netvm = "a"
+"""
+    m = err(text)
+    assert "cycle" in m and "field 'netvm'" in m
+
+
+def test_self_netvm():
+    m = err(BASE + '[qubes.a]\nkind = "firewall"\nnetvm = "a"\n')
+    assert "own netvm" in m
+
+
+def test_app_used_as_netvm():
+    m = err(BASE + '[qubes.x]\nkind = "app"\nnetvm = "work"\n')
+    assert "qube 'x' field 'netvm'" in m and "app qube" in m
+
+
+def test_two_net_qubes():
+    m = err(BASE + '[qubes.sys-net2]\nkind = "net"\n')
+    assert "two net qubes" in m and "sys-net2" in m
+
+
+def test_no_net_qube():
+    m = err('[qubes.work]\nkind = "app"\nnetvm = "x"\n')
+    assert "no qube of kind 'net'" in m
+
+
+def test_duplicate_names():
+    m = err(BASE + '[qubes.work]\nkind = "app"\nnetvm = "sys-net"\n')
+    assert "qube work" in m and "duplicate" in m
+
+
+def test_unknown_key_in_qube():
+    m = err(BASE.replace('kind = "app"', 'kind = "app"\ncolour = "red"'))
+    assert "qube 'work'" in m and "unknown key 'colour'" in m
+
+
+def test_unknown_top_level_key():
+    assert "unknown key 'qube'" in err(BASE + "[qube]\n")
+
+
+def test_kind_specific_key_on_wrong_kind():
+    m = err(BASE.replace('kind = "app"', 'kind = "app"\ndns = ["192.0.2.1"]'))
+    assert "unknown key 'dns'" in m
+
+
+@pytest.mark.parametrize("name", ["Work", "1work", "w_rk", "a" * 32, "work-", "wörk", "a/b"])
+def test_names_that_cannot_become_namespace_names(name):
+    m = err(BASE + f'[qubes."{name}"]\nkind = "app"\nnetvm = "sys-net"\n')
+    assert "invalid name" in m
+
+
+def test_bad_kind_and_label():
+    assert "field 'kind'" in err(BASE.replace('kind = "app"', 'kind = "vm"'))
+    assert "field 'label'" in err(BASE.replace('kind = "app"', 'kind = "app"\nlabel = "pink"'))
+
+
+def test_missing_netvm():
+    assert "field 'netvm'" in err('[qubes.sys-net]\nkind = "net"\n[qubes.w]\nkind = "app"\n')
+
+
+def test_net_with_netvm():
+    m = err('[qubes.sys-net]\nkind = "net"\nnetvm = "x"\n')
+    assert "field 'netvm'" in m
+
+
+def test_not_toml():
+    assert "not valid TOML" in err("[qubes\n")
+
+
+def test_bad_net_addresses():
+    m = err('[qubes.sys-net]\nkind = "net"\ndns = ["not-an-ip"]\n')
+    assert "sys-net" in m and "bad address" in m
+
+
+def test_vpn_needs_type_and_config():
+    m = err(BASE + '[qubes.vpn]\nkind = "vpn"\nnetvm = "sys-firewall"\ntype = "ipsec"\n')
+    assert "field 'type'" in m
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError) as e:
+        config.load("/nonexistent/x.toml")
+    assert "cannot read" in str(e.value)

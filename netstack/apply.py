@@ -34,8 +34,8 @@ def _nft(ns: str):
     return nft
 
 
-def load_ruleset(ns: str, ruleset: dict[str, Any]) -> None:
-    rc, _out, err = _nft(ns).json_cmd(commands(ruleset))
+def load_ruleset(ns: str, ruleset: dict[str, Any], fresh: bool = False) -> None:
+    rc, _out, err = _nft(ns).json_cmd(commands(ruleset, fresh))
     if rc != 0:
         raise ApplyError(f"nftables refused the ruleset of {ns}: {err.strip()}")
 
@@ -115,7 +115,7 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
             with open(path, "w") as f:
                 f.write(content)
         if n.ruleset is not None:
-            load_ruleset(n.name, n.ruleset)  # before any link exists
+            load_ruleset(n.name, n.ruleset, fresh=True)  # before any link exists
     for v in plan.veths:
         if v.ns_a is None:
             state.record(type="host_link", ifname=v.if_a)
@@ -126,7 +126,7 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
         finally:
             os.close(fd)
     for m in plan.moves:
-        state.record(type="moved", dev=m.dev, ns=m.ns, new_name=m.new_name)
+        state.record(type="moved", dev=m.dev, ns=m.ns, new_name=m.new_name, home=_home_ns())
         idx = links.index(None, m.dev)
         links(None).link("set", index=idx, state="down")
         fd = os.open(netns.path(m.ns), os.O_RDONLY)
@@ -159,6 +159,16 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
             raise ApplyError(f"route {r.dst} dev {r.dev} in {r.ns}: {e}") from e
     if plan.services or plan.daemons:
         start_supervisor(plan, state)
+
+
+def _home_ns() -> str | None:
+    """The named namespace netstack runs in, or None for the host's initial namespace."""
+    me = os.stat("/proc/thread-self/ns/net").st_ino
+    for name in netns.list_names():
+        with contextlib.suppress(OSError):
+            if netns.inode(name) == me:
+                return name
+    return None
 
 
 def _make_dirs(d: str, state: State) -> None:
@@ -290,16 +300,20 @@ def _remove(o: dict[str, Any], links: _Links) -> None:
         if found:
             links(None).link("del", index=found[0])
     elif t == "moved":
-        # Give the device back to the host under its own name (before its namespace goes).
-        if not netns.exists(o["ns"]):
+        # Give the device back where it came from, under its own name, before its namespace
+        # goes. If that place is gone, leave it: a physical device returns to the host by
+        # itself when sys-net's namespace is deleted, a veth is destroyed.
+        home = o.get("home")
+        if not netns.exists(o["ns"]) or (home and not netns.exists(home)):
             return
+        target = netns.path(home) if home else "/proc/1/ns/net"
         for name in (o["new_name"], o["dev"]):
             found = links(o["ns"]).link_lookup(ifname=name)
             if found:
                 ipr = links(o["ns"])
                 ipr.link("set", index=found[0], state="down")
                 ipr.link("set", index=found[0], ifname=o["dev"])
-                fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+                fd = os.open(target, os.O_RDONLY)
                 try:
                     ipr.link("set", index=found[0], net_ns_fd=fd)
                 finally:

@@ -99,7 +99,16 @@ def entered(name: str | None) -> Iterator[None]:
     fd = os.open(path(name), os.O_RDONLY)  # never creates
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        _setns(fd)
+        try:
+            _setns(fd)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                from netstack.errors import StateError
+
+                raise StateError(f"{path(name)} is not a mounted namespace here (made from "
+                                 "inside another mount namespace, e.g. `ip netns exec`? run "
+                                 "netstack with `nsenter --net=...` instead)") from None
+            raise
         try:
             yield
         finally:

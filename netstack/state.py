@@ -41,21 +41,34 @@ def proc_alive(pid: int, start: int | None) -> bool:
 
 
 class State:
-    def __init__(self, stack: str, data: dict[str, Any] | None = None) -> None:
+    """state.json (status, small), plan.json (written once) and objects.jsonl (the intent
+    log, one line appended per object: O(1) per record whatever the stack's size)."""
+
+    def __init__(self, stack: str, data: dict[str, Any] | None = None,
+                 objects: list[dict[str, Any]] | None = None) -> None:
         self.stack = stack
         self.dir = stack_dir(stack)
         self.path = os.path.join(self.dir, "state.json")
-        self.data: dict[str, Any] = data or {"stack": stack, "status": "partial",
-                                             "objects": []}
+        self.log_path = os.path.join(self.dir, "objects.jsonl")
+        self.data: dict[str, Any] = data or {"stack": stack, "status": "partial"}
+        self._objects: list[dict[str, Any]] = objects or []
 
     @classmethod
     def load(cls, stack: str) -> State | None:
-        p = os.path.join(stack_dir(stack), "state.json")
+        d = stack_dir(stack)
         try:
-            with open(p) as f:
-                return cls(stack, json.load(f))
+            with open(os.path.join(d, "state.json")) as f:
+                data = json.load(f)
         except FileNotFoundError:
             return None
+        objects = []
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "objects.jsonl")) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut by a crash
+                    objects.append(json.loads(line))
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "plan.json")) as f:
+            data["plan"] = json.load(f)
+        return cls(stack, data, objects)
 
     @staticmethod
     def stacks() -> list[str]:
@@ -67,22 +80,28 @@ class State:
 
     @property
     def objects(self) -> list[dict[str, Any]]:
-        return self.data["objects"]
+        return self._objects
 
     def save(self) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        small = {k: v for k, v in self.data.items() if k != "plan"}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(self.data, f)
+            json.dump(small, f)
         os.replace(tmp, self.path)
 
     def record(self, **obj: Any) -> None:
         """Write the intent before acting on it."""
-        self.objects.append(obj)
-        self.save()
-        _crash_point(len(self.objects))
+        self._objects.append(obj)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+        _crash_point(len(self._objects))
 
     def set(self, **kv: Any) -> None:
+        if "plan" in kv:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            with open(os.path.join(self.dir, "plan.json"), "w") as f:
+                json.dump(kv["plan"], f)
         self.data.update(kv)
         self.save()
 

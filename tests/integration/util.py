@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -60,10 +61,8 @@ def reap_zombies() -> None:
             continue
         rest = data[data.rindex(")") + 2:].split()
         if rest[0] == "Z" and int(rest[1]) == me:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(d), os.WNOHANG)
-            except ChildProcessError:
-                pass
 
 
 def snapshot_host() -> dict:
@@ -95,7 +94,7 @@ def stack_leftovers(stack: str) -> list[str]:
         if not d.isdigit():
             continue
         try:
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if f"/run/netstack/{stack}" in cmd or f"nst-{stack}-" in cmd or f"nsl-{stack}-" in cmd:

@@ -1,0 +1,173 @@
+"""Bring-up and tear-down: nothing left behind, crash recovery, invalid input changes
+nothing, stacks side by side, a moved uplink (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netstack import netns
+from netstack.state import State
+from tests.integration.util import (
+    BASIC,
+    cli,
+    in_ns,
+    reap_zombies,
+    snapshot_host,
+    stack_leftovers,
+)
+
+pytestmark = pytest.mark.root
+
+
+def test_down_leaves_nothing(own_stack):
+    s = own_stack("d")
+    before = snapshot_host()
+    cli("--stack", s, "up", BASIC, "--lab")
+    st = State.load(s)
+    sup = [o for o in st.objects if o["type"] == "process"]
+    assert sup and os.path.exists(f"/proc/{sup[0]['pid']}")
+    assert len([n for n in netns.list_names() if s in n]) == 7
+    cli("--stack", s, "down")
+    reap_zombies()
+    assert not stack_leftovers(s)
+    assert not os.path.exists(f"/proc/{sup[0]['pid']}"), "supervisor still there"
+    after = snapshot_host()
+    assert after == before
+    # down of a stack that is not up is a clear error with its own exit code
+    p = cli("--stack", s, "down", check=False)
+    assert p.returncode == 3 and "not up" in p.stderr
+
+
+@pytest.mark.parametrize("crash_after", [1, 4, 13, 22, "last"])
+def test_crash_mid_up_then_down_leaves_nothing(own_stack, crash_after):
+    s = own_stack("c")
+    before = snapshot_host()
+    if crash_after == "last":  # after the supervisor was started and recorded
+        cli("--stack", s, "up", BASIC, "--lab")
+        crash_after = len(State.load(s).objects)
+        cli("--stack", s, "down")
+        reap_zombies()
+    p = cli("--stack", s, "up", BASIC, "--lab", check=False,
+            env={"NETSTACK_TEST_CRASH_AFTER": str(crash_after)})
+    assert p.returncode == -9
+    st = State.load(s)
+    assert st is not None and st.data["status"] == "partial"
+    assert len(st.objects) == crash_after
+    cli("--stack", s, "down")
+    reap_zombies()
+    assert not stack_leftovers(s)
+    assert snapshot_host() == before
+
+
+def test_up_repairs_a_half_made_stack(own_stack):
+    s = own_stack("r")
+    p = cli("--stack", s, "up", BASIC, "--lab", check=False,
+            env={"NETSTACK_TEST_CRASH_AFTER": "10"})
+    assert p.returncode == -9
+    p = cli("--stack", s, "up", BASIC, "--lab")
+    assert "repaired" in p.stderr
+    out = cli("--stack", s, "exec", "work", "--", "curl", "-sS", "--max-time", "5",
+              "http://198.51.100.80/").stdout
+    assert out.strip() == "192.0.2.2"
+    # a running stack is reported, never duplicated
+    p = cli("--stack", s, "up", BASIC, "--lab", check=False)
+    assert p.returncode == 3 and "already up" in p.stderr
+    assert len([n for n in netns.list_names() if f"-{s}-" in n]) == 7
+
+
+BAD_CONFIGS = {
+    "unknown_netvm": '[qubes.sys-net]\nkind = "net"\n[qubes.w]\nkind = "app"\nnetvm = "x"\n',
+    "cycle": ('[qubes.sys-net]\nkind = "net"\n[qubes.a]\nkind = "firewall"\nnetvm = "b"\n'
+              '[qubes.b]\nkind = "firewall"\nnetvm = "a"\n'),
+    "unknown_key": '[qubes.sys-net]\nkind = "net"\nfoo = 1\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_invalid_config_changes_nothing(own_stack, tmp_path, name):
+    s = own_stack("i")
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(BAD_CONFIGS[name])
+    before = snapshot_host()
+    p = cli("--stack", s, "up", str(cfg), "--lab", check=False)
+    assert p.returncode == 2
+    assert p.stderr.startswith("netstack: config: ") and len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr
+    assert snapshot_host() == before
+
+
+def test_bad_cli_input_changes_nothing(own_stack):
+    before = snapshot_host()
+    for args, code in ((["--stack", "BAD!", "up", "--lab"], 2),
+                       (["--stack", own_stack("u"), "up", BASIC], 2),
+                       (["--stack", own_stack("u"), "up", BASIC, "--lab", "--uplink", "x"], 2),
+                       (["--stack", own_stack("u"), "status"], 3)):
+        p = cli(*args, check=False)
+        assert p.returncode == code, (args, p.stderr)
+        assert "Traceback" not in p.stderr and p.stderr.startswith("netstack: ")
+    assert snapshot_host() == before
+
+
+def test_two_stacks_side_by_side(basic_stack, own_stack):
+    s = own_stack("s")
+    cli("--stack", s, "up", BASIC, "--lab")
+    for st in (basic_stack, s):
+        out = cli("--stack", st, "exec", "work", "--", "curl", "-sS", "--max-time", "5",
+                  "http://198.51.100.80/").stdout
+        assert out.strip() == "192.0.2.2"
+    cli("--stack", s, "down")
+    reap_zombies()
+    assert not stack_leftovers(s)
+    out = cli("--stack", basic_stack, "exec", "work", "--", "curl", "-sS", "--max-time", "5",
+              "http://198.51.100.80/").stdout
+    assert out.strip() == "192.0.2.2"
+
+
+def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
+    """--uplink DEV moves the device into sys-net and gives it back on down. Everything runs
+    inside a throwaway 'host' namespace, so no real interface is touched."""
+    s = own_stack("m")
+    host, router = f"nsx-{s}-host", f"nsx-{s}-rtr"
+    cfg = tmp_path / "moved.toml"
+    cfg.write_text((Path(BASIC).read_text()).replace(
+        'kind = "net"', 'kind = "net"\naddress = "192.0.2.2/24"\ngateway = "192.0.2.1"\n'
+        'dns = ["192.0.2.1"]', 1))
+    # nsenter switches only the network namespace: netstack must share the host's mount
+    # namespace for its /run/netns mounts to be seen by later commands.
+    run = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
+           "--stack", s]
+    for n in (host, router):
+        subprocess.run(["ip", "netns", "add", n], check=True)
+    try:
+        in_ns(host, "ip", "link", "add", "standin0", "type", "veth", "peer", "name", "rtr0",
+              "netns", router)
+        in_ns(router, "ip", "addr", "add", "192.0.2.1/24", "dev", "rtr0")
+        in_ns(router, "ip", "link", "set", "rtr0", "up")
+        p = subprocess.run(run + ["up", str(cfg), "--uplink", "standin0"], capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+        assert "standin0" not in in_ns(host, "ip", "-o", "link").stdout
+        p = subprocess.run(run + ["status", "--json"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        st = json.loads(p.stdout)
+        net = next(q for q in st["qubes"] if q["name"] == "sys-net")
+        assert {"name": "uplink", "state": "up", "addresses": ["192.0.2.2/24"]} in \
+            [{**i, "state": i["state"].lower()} for i in net["interfaces"]]
+        ping = in_ns(f"nst-{s}-work", "ping", "-c", "1", "-W", "2", "192.0.2.1", check=False)
+        assert ping.returncode == 0, ping.stdout
+        p = subprocess.run(run + ["down"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert "standin0" in in_ns(host, "ip", "-o", "link").stdout  # given back, own name
+        reap_zombies()
+        assert not stack_leftovers(s)
+    finally:
+        if State.load(s):
+            subprocess.run(run + ["down"], capture_output=True)
+        for n in (host, router):
+            subprocess.run(["ip", "netns", "del", n], check=False)

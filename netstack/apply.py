@@ -135,6 +135,8 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
         finally:
             os.close(fd)
         links(m.ns).link("set", index=links.index(m.ns, m.dev), ifname=m.new_name)
+    if plan.host_nat:
+        _host_nat_up(plan, state)
     for a in plan.addrs:
         ip, plen = a.cidr.split("/")
         links(a.ns).addr("add", index=links.index(a.ns, a.ifname), address=ip,
@@ -143,6 +145,9 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
         ipr = links(n.name)
         for link in ipr.get_links():
             ipr.link("set", index=link["index"], state="up")
+    for v in plan.veths:
+        if v.ns_a is None:
+            links(None).link("set", index=links.index(None, v.if_a), state="up")
     for r in plan.routes:
         kw: dict[str, Any] = {"oif": links.index(r.ns, r.dev)}
         if r.dst in ("default", "default6"):
@@ -159,6 +164,26 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
             raise ApplyError(f"route {r.dst} dev {r.dev} in {r.ns}: {e}") from e
     if plan.services or plan.daemons:
         start_supervisor(plan, state)
+
+
+def _host_nat_up(plan: Plan, state: State) -> None:
+    """--uplink-mode nat: forwarding on and our own masquerade table, in the host."""
+    import nftables
+
+    from netstack.rules.host import host_nat_ruleset, host_table_commands
+
+    hn = plan.host_nat
+    assert hn is not None
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        old = f.read().strip()
+    state.record(type="host_sysctl", key="net/ipv4/ip_forward", old=old, home=_home_ns())
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+    state.record(type="host_table", table=hn.table, home=_home_ns())
+    rs = host_nat_ruleset(hn.table, hn.veth, hn.dev, hn.subnet)
+    rc, _o, err = nftables.Nftables().json_cmd(host_table_commands(hn.table, rs))
+    if rc != 0:
+        raise ApplyError(f"nftables refused the host NAT table: {err.strip()}")
 
 
 def _home_ns() -> str | None:
@@ -299,6 +324,23 @@ def _remove(o: dict[str, Any], links: _Links) -> None:
         found = links(None).link_lookup(ifname=o["ifname"])
         if found:
             links(None).link("del", index=found[0])
+    elif t in ("host_table", "host_sysctl"):
+        home = o.get("home")
+        if home and not netns.exists(home):
+            return
+        with netns.entered(home):
+            if t == "host_sysctl":
+                with open(f"/proc/sys/{o['key']}", "w") as f:
+                    f.write(o["old"])
+                return
+            import nftables
+
+            from netstack.rules.host import host_table_commands
+
+            nft = nftables.Nftables()
+        rc, _o, err = nft.json_cmd(host_table_commands(o["table"], None))
+        if rc != 0 and "No such file" not in err:
+            raise OSError(f"host table {o['table']}: {err.strip()}")
     elif t == "moved":
         # Give the device back where it came from, under its own name, before its namespace
         # goes. If that place is gone, leave it: a physical device returns to the host by

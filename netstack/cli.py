@@ -125,8 +125,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="TOML qube table (default: configs/basic.toml)")
         p.add_argument("--lab", action="store_true", help="uplink into the built-in lab internet")
         p.add_argument("--uplink", metavar="DEV", help="move host interface DEV into sys-net")
-        p.add_argument("--uplink-mode", choices=["move"], default="move",
-                       help="move: the host keeps no network (the Qubes way)")
+        p.add_argument("--uplink-mode", choices=["move", "nat"], default="move",
+                       help="move: DEV goes into sys-net, the host keeps no network (the "
+                       "Qubes way); nat: sys-net gets a veth NATed to DEV by the host")
 
     p = sub.add_parser("up", help="bring a stack up", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

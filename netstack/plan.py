@@ -7,6 +7,7 @@ it back from the state file instead of re-deriving the topology their own way.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,17 +48,28 @@ class MoveDev:
 
 @dataclass
 class Addr:
-    ns: str
+    ns: str | None  # None: the namespace netstack runs in (nat uplink mode only)
     ifname: str
     cidr: str
 
 
 @dataclass
 class Route:
-    ns: str
+    ns: str | None
     dst: str  # "default" or a prefix
     dev: str
     via: str | None = None  # via is on-link (point-to-point /32 links)
+
+
+@dataclass
+class HostNat:
+    """--uplink-mode nat: what is added to the namespace netstack runs in (the host): a
+    veth to sys-net, forwarding on, and a table of our own that masquerades to `dev`."""
+
+    dev: str
+    veth: str
+    subnet: str
+    table: str
 
 
 @dataclass
@@ -105,6 +117,7 @@ class Plan:
     services: list[Service]
     daemons: list[Daemon]
     lab: dict[str, Any] | None
+    host_nat: HostNat | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,10 +205,29 @@ def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "")
                               'set address = "192.168.1.50/24" and gateway = "192.168.1.1"')
         p.addrs.append(Addr(net_ns, names.UPLINK_IF, address))
         p.routes.append(Route(net_ns, "default", names.UPLINK_IF, gateway))
+    elif uplink.mode == "nat":
+        if not uplink.dev:
+            raise ConfigError("--uplink", "missing device name", "give --uplink DEV")
+        net_a = ipaddress.ip_network(nat_subnet(stack))
+        host_ip, sysnet_ip = (str(net_a.network_address + 1), str(net_a.network_address + 2))
+        veth = names.root_uplink_veth(stack)
+        p.veths.append(Veth(None, veth, net_ns, names.UPLINK_IF))
+        p.addrs += [Addr(None, veth, f"{host_ip}/30"),
+                    Addr(net_ns, names.UPLINK_IF, f"{sysnet_ip}/30")]
+        p.routes.append(Route(net_ns, "default", names.UPLINK_IF, host_ip))
+        p.host_nat = HostNat(uplink.dev, veth, str(net_a), f"netstack_{stack}")
     else:
         raise ConfigError("--uplink-mode", f"{uplink.mode!r} is not supported",
-                          "use --lab or --uplink DEV")
+                          "use --lab, or --uplink DEV with --uplink-mode move or nat")
     return p
+
+
+def nat_subnet(stack: str) -> str:
+    """A /30 for the host<->sys-net link in nat mode, from 10.136.0.0/16, by stack name."""
+    import zlib
+
+    n = zlib.crc32(stack.encode()) % (1 << 14)
+    return str(ipaddress.ip_network("10.136.0.0/16").network_address + n * 4) + "/30"
 
 
 def _plan_lab(p: Plan, net_ns: str) -> None:

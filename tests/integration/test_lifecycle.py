@@ -171,3 +171,56 @@ def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
             subprocess.run(run + ["down"], capture_output=True)
         for n in (host, router):
             subprocess.run(["ip", "netns", "del", n], check=False)
+
+
+def test_uplink_nat_mode_inside_a_stand_in_host(own_stack, tmp_path):
+    """--uplink-mode nat adds a veth, forwarding and one table of ours to the namespace
+    netstack runs in, and `down` takes all three back. Run inside a throwaway 'host'
+    namespace (nsenter), so the real host's routing and ruleset are never touched."""
+    s = own_stack("n")
+    host, router = f"nsx-{s}-host", f"nsx-{s}-rtr"
+    cfg = tmp_path / "nat.toml"
+    cfg.write_text(Path(BASIC).read_text().replace(
+        'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]', 1))
+    run = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
+           "--stack", s]
+    for n in (host, router):
+        subprocess.run(["ip", "netns", "add", n], check=True)
+    try:
+        in_ns(host, "ip", "link", "add", "standin0", "type", "veth", "peer", "name", "rtr0",
+              "netns", router)
+        in_ns(host, "ip", "addr", "add", "192.0.2.2/24", "dev", "standin0")
+        in_ns(host, "ip", "link", "set", "standin0", "up")
+        in_ns(router, "ip", "addr", "add", "192.0.2.1/24", "dev", "rtr0")
+        in_ns(router, "ip", "link", "set", "rtr0", "up")
+        before = {"links": in_ns(host, "ip", "-o", "link").stdout.count("\n"),
+                  "routes": in_ns(host, "ip", "route").stdout,
+                  "nft": in_ns(host, "nft", "list", "ruleset").stdout,
+                  "fwd": in_ns(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout}
+        p = subprocess.run(run + ["up", str(cfg), "--uplink", "standin0", "--uplink-mode",
+                                  "nat"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert "table ip netstack_" in in_ns(host, "nft", "list", "ruleset").stdout
+        from netstack.leaktest.capture import Capture
+
+        with Capture(router, "rtr0", str(tmp_path / "rtr.pcap"), "icmp") as cap:
+            ping = in_ns(f"nst-{s}-work", "ping", "-c", "1", "-W", "2", "192.0.2.1",
+                         check=False)
+        assert ping.returncode == 0, ping.stdout
+        from scapy.layers.inet import IP
+
+        assert {p[IP].src for p in cap.packets() if IP in p} == {"192.0.2.1", "192.0.2.2"}
+        p = subprocess.run(run + ["down"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        after = {"links": in_ns(host, "ip", "-o", "link").stdout.count("\n"),
+                 "routes": in_ns(host, "ip", "route").stdout,
+                 "nft": in_ns(host, "nft", "list", "ruleset").stdout,
+                 "fwd": in_ns(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout}
+        assert after == before
+        reap_zombies()
+        assert not stack_leftovers(s)
+    finally:
+        if State.load(s):
+            subprocess.run(run + ["down"], capture_output=True)
+        for n in (host, router):
+            subprocess.run(["ip", "netns", "del", n], check=False)

@@ -110,3 +110,20 @@ def test_check_ifname():
         names.check_ifname("x" * 16)
     with pytest.raises(ValueError):
         names.check_ifname("a b")
+
+
+def test_nat_uplink_plan():
+    t = config.parse((ROOT / "configs" / "basic.toml").read_text().replace(
+        'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]', 1))
+    p = plan.build(t, "s1", plan.UplinkSpec("nat", "eth7"))
+    assert p.host_nat and p.host_nat.dev == "eth7" and p.host_nat.veth == "nsu-s1"
+    assert plan.nat_subnet("s1") == p.host_nat.subnet
+    assert plan.nat_subnet("s1") != plan.nat_subnet("s2")
+    host_addrs = [a.cidr for a in p.addrs if a.ns is None]
+    assert len(host_addrs) == 1 and host_addrs[0].endswith("/30")
+    from netstack.rules.host import host_nat_ruleset
+
+    rs = host_nat_ruleset("netstack_s1", "nsu-s1", "eth7", p.host_nat.subnet)
+    assert rs["nftables"][0] == {"table": {"family": "ip", "name": "netstack_s1"}}
+    assert any(r["rule"]["comment"] == "masquerade sys-net" for r in rs["nftables"]
+               if "rule" in r)

@@ -67,6 +67,7 @@ def lab_hosts() -> list[LabHost]:
     return [
         LabHost("web", "198.51.100.80", f"web.{LAB_DOMAIN}"),
         LabHost("dns", "198.51.100.53", f"dns.{LAB_DOMAIN}"),
+        LabHost("vpn", "203.0.113.10", f"vpn.{LAB_DOMAIN}"),
     ]
 
 

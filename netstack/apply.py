@@ -163,7 +163,30 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
         except Exception as e:
             raise ApplyError(f"route {r.dst} dev {r.dev} in {r.ns}: {e}") from e
     if plan.services or plan.daemons:
-        start_supervisor(plan, state)
+        start_supervisor(plan, state)  # VPN clients wait for _prepare_vpns' files
+    if plan.vpns:
+        _prepare_vpns(plan, state)
+
+
+def _prepare_vpns(plan: Plan, state: State) -> None:
+    """Resolve VPN endpoints through sys-net's resolver (never the host's), write the
+    daemons' configs, and fill each kill switch's endpoint set: only those addresses."""
+    from netstack.dnswire import resolve_in
+    from netstack.rules.nft import set_elements_commands
+    from netstack.vpn import runtime
+
+    net_ns = next(q.netns for q in plan.qubes if q.kind == "net")
+    resolved_all = {}
+    for d in plan.vpns:
+        info = runtime.VpnInfo(**d)
+        resolved = runtime.prepare(info, lambda h: resolve_in(net_ns, plan.upstream_dns[0], h))
+        elems = runtime.endpoint_elements(info, resolved)
+        rc, _o, err = _nft(info.netns).json_cmd(set_elements_commands(runtime.ENDPOINT_SET,
+                                                                      elems))
+        if rc != 0:
+            raise ApplyError(f"cannot set the VPN endpoints of {info.qube}: {err.strip()}")
+        resolved_all[info.qube] = resolved
+    state.set(vpn_resolved=resolved_all)
 
 
 def _host_nat_up(plan: Plan, state: State) -> None:
@@ -239,7 +262,8 @@ def start_supervisor(plan: Plan, state: State) -> None:
                                  "log": os.path.join(state.dir, f"{s.name}.log")})
     for d in plan.daemons:
         spec["daemons"].append({"name": d.name, "netns": d.netns, "argv": list(d.argv),
-                                "restart": d.restart})
+                                "restart": d.restart, "post_start": list(d.post_start),
+                                "requires": d.requires})
     spec_path = os.path.join(state.dir, "supervisor-spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)

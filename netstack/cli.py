@@ -69,7 +69,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    p = stack.build_plan(args.config, args.stack, _uplink(args))
+    p = stack.plan_only(args.config, args.stack, _uplink(args))
     if args.json:
         print(json.dumps(p.to_json(), indent=2))
         return 0

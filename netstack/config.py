@@ -25,7 +25,7 @@ COMMON_KEYS = {"kind", "netvm", "label"}
 KIND_KEYS: dict[str, set[str]] = {
     "net": {"address", "gateway", "dns"},
     "firewall": set(),
-    "vpn": {"type", "config"},
+    "vpn": {"type", "config", "dns"},
     "tor": {"bridges", "socks_port"},
     "app": set(),
 }

@@ -43,9 +43,9 @@ def root_uplink_veth(stack: str) -> str:
     return check_ifname(f"nsu-{stack}")
 
 
-def tunnel_if(stack: str, qid: int) -> str:
+def tunnel_if(stack: str, qid: int, kind: str = "wireguard") -> str:
     """A VPN tunnel interface; wireguard-go's control socket path is global, so unique."""
-    return check_ifname(f"wg{qid}-{stack}")
+    return check_ifname(f"{'wg' if kind == 'wireguard' else 'tun'}{qid}-{stack}")
 
 
 def check_ifname(name: str) -> str:

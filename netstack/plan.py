@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack import addressing, names
+from netstack import addressing, names, state
 from netstack.addressing import VIRTUAL_DNS
 from netstack.config import Topology
 from netstack.errors import ConfigError
+from netstack.lab.vpnserver import LAB_FILES, OVPN_PORT, TUNNEL_NETS, WG_PORT, LabVpn
 from netstack.roles import role_for
 from netstack.roles.base import Client, Daemon, QubeContext
+from netstack.vpn.runtime import vpn_info
 
 NSSWITCH = ("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
             "networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n")
@@ -118,6 +122,8 @@ class Plan:
     daemons: list[Daemon]
     lab: dict[str, Any] | None
     host_nat: HostNat | None = None
+    upstream_dns: list[str] = field(default_factory=list)
+    vpns: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,12 +160,18 @@ def upstream_dns(topo: Topology, uplink: UplinkSpec, host_resolv: str = "") -> l
     return found[:2]
 
 
-def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "") -> Plan:
-    """Pure: the whole stack as data."""
+def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "",
+          lab: LabVpn | None = None) -> Plan:
+    """Pure (given the provider files it reads): the whole stack as data. `lab`: the lab
+    VPN server's generated files, when the lab is wanted with its VPN server."""
     names.check_stack(stack)
     addrs = addressing.plan_addresses(topo)
     resolvers = upstream_dns(topo, uplink, host_resolv)
-    p = Plan(stack, uplink, [], [], [], [], [], [], [], [], None)
+    p = Plan(stack, uplink, [], [], [], [], [], [], [], [], None, upstream_dns=resolvers)
+    sdir = state.stack_dir(stack)
+    config_dir = os.path.dirname(os.path.abspath(topo.source)) if topo.source != "<memory>" \
+        else os.getcwd()
+    lab_files = {ref: lab.path(f) for ref, f in LAB_FILES.items()} if lab else None
     net = topo.root
     for q in topo.tree_order():
         a = addrs[q.name]
@@ -167,8 +179,13 @@ def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "")
         clients = tuple(Client(c.name, names.vif(addrs[c.name].qid), addrs[c.name])
                         for c in topo.children(q.name))
         up_if = names.UPLINK_IF if q.kind == "net" else names.UPSTREAM_IF
+        extra: dict[str, Any] = {}
+        if q.kind == "vpn":
+            info = vpn_info(q, a.qid, stack, a.gateway4 or "", sdir, config_dir, lab_files)
+            extra["vpn"] = info
+            p.vpns.append(dataclasses.asdict(info))
         ctx = QubeContext(topo, q, a, stack, up_if, clients,
-                          tuple(resolvers) if q.kind == "net" else ())
+                          tuple(resolvers) if q.kind == "net" else (), extra)
         role = role_for(q.kind)
         p.namespaces.append(NsPlan(ns, f"qube:{q.name}", role.sysctls(ctx),
                                    role.ruleset(ctx).to_json(), _ns_files(ns, list(VIRTUAL_DNS))))
@@ -193,7 +210,7 @@ def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "")
                              Route(up_ns, f"{a.ipv6}/128", vif)]
     net_ns = names.qube_netns(stack, net.name)
     if uplink.mode == "lab":
-        _plan_lab(p, net_ns)
+        _plan_lab(p, net_ns, lab)
     elif uplink.mode == "move":
         if not uplink.dev:
             raise ConfigError("--uplink", "missing device name", "give --uplink DEV")
@@ -230,7 +247,7 @@ def nat_subnet(stack: str) -> str:
     return str(ipaddress.ip_network("10.136.0.0/16").network_address + n * 4) + "/30"
 
 
-def _plan_lab(p: Plan, net_ns: str) -> None:
+def _plan_lab(p: Plan, net_ns: str, lab: LabVpn | None) -> None:
     """The simulated internet: an ISP router namespace linked to sys-net's uplink and to one
     namespace per lab host; documentation addresses only; no link to the host."""
     stack = p.stack
@@ -250,9 +267,11 @@ def _plan_lab(p: Plan, net_ns: str) -> None:
     for i, h in enumerate(addressing.lab_hosts()):
         ns = names.lab_netns(stack, h.name)
         ifr = f"h{i}-{h.name}"[:15]
-        p.namespaces.append(NsPlan(ns, f"lab:{h.name}", {"net/ipv4/ip_forward": "0",
+        fwd = "1" if h.name == "vpn" else "0"
+        p.namespaces.append(NsPlan(ns, f"lab:{h.name}", {"net/ipv4/ip_forward": fwd,
                                                           **lab_sysctls},
-                                   None, _ns_files(ns, [dns])))
+                                   _lab_vpn_ruleset() if h.name == "vpn" else None,
+                                   _ns_files(ns, [dns])))
         p.veths.append(Veth(isp, ifr, ns, "eth0"))
         gw = addressing.LAB_HOST_GATEWAY
         p.addrs += [Addr(isp, ifr, f"{gw}/32"), Addr(ns, "eth0", f"{h.address}/32")]
@@ -263,8 +282,34 @@ def _plan_lab(p: Plan, net_ns: str) -> None:
                               hosts["web"]["address"], 80))
     p.services.append(Service("lab-dns", names.lab_netns(stack, "dns"), "dns",
                               hosts["dns"]["address"], 53, zone))
+    if lab:
+        vns = hosts["vpn"]["netns"]
+        p.daemons.append(Daemon("lab-wireguard", vns, ("wireguard-go", "-f", lab.wg_server_dev),
+                                True, (sys.executable, "-m", "netstack.vpn.hook",
+                                       lab.path("wg-server-hook.json"))))
+        p.daemons.append(Daemon("lab-openvpn", vns, ("openvpn", "--config",
+                                                     lab.path("ovpn-server.conf"))))
     p.lab = {"hosts": hosts, "isp_router": {"netns": isp, "interface": "cust0",
                                             "address": addressing.LAB_ISP_ROUTER},
              "isp_link": {"netns": net_ns, "interface": names.UPLINK_IF,
                           "address": addressing.LAB_ISP_CUSTOMER},
-             "domain": addressing.LAB_DOMAIN}
+             "domain": addressing.LAB_DOMAIN,
+             "vpn_server": {"netns": hosts["vpn"]["netns"], "interface": "eth0",
+                            "address": hosts["vpn"]["address"],
+                            "wireguard_port": WG_PORT, "openvpn_port": OVPN_PORT,
+                            "files": {ref: lab.path(f) for ref, f in LAB_FILES.items()}
+                            if lab else {}}}
+
+
+def _lab_vpn_ruleset() -> dict[str, Any]:
+    """The lab VPN server forwards and masquerades tunnel traffic to the lab internet."""
+    from netstack.rules.nft import MASQUERADE, Ruleset, ip_saddr, oifname
+
+    rs = Ruleset()
+    for c in ("input", "forward", "output"):
+        rs[c].policy = "accept"
+    for net in TUNNEL_NETS:
+        a, plen = net.split("/")
+        rs["nat_postrouting"].add(ip_saddr({"prefix": {"addr": a, "len": int(plen)}}),
+                                  oifname("eth0"), MASQUERADE, comment=f"tunnel {net} out")
+    return rs.to_json()

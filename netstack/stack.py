@@ -5,31 +5,45 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from netstack import apply, config, names, netns, plan
 from netstack.errors import StateError, UsageError
+from netstack.lab import vpnserver
+from netstack.lab.vpnserver import LabVpn
 from netstack.state import State, proc_alive
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "basic.toml"
 
 
-def build_plan(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> plan.Plan:
+def build_plan(config_path: str | None, stack: str, uplink: plan.UplinkSpec,
+               lab: LabVpn | None = None) -> plan.Plan:
     names.check_stack(stack)
     topo = config.load(config_path or DEFAULT_CONFIG)
     host_resolv = ""
     if uplink.mode != "lab":
         with contextlib.suppress(OSError):
             host_resolv = Path("/etc/resolv.conf").read_text()
-    return plan.build(topo, stack, uplink, host_resolv)
+    return plan.build(topo, stack, uplink, host_resolv, lab)
+
+
+def plan_only(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> plan.Plan:
+    """What `up` would make; the lab's throwaway keys go to a temporary directory."""
+    config.load(config_path or DEFAULT_CONFIG)  # validate before anything else
+    if uplink.mode != "lab":
+        return build_plan(config_path, stack, uplink)
+    with tempfile.TemporaryDirectory() as d:
+        return build_plan(config_path, stack, uplink, vpnserver.generate(d, stack))
 
 
 def up(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> tuple[plan.Plan, str]:
     """Validate everything first (an invalid config changes nothing), then apply. A stack
     left half-made by a crash is removed first (repair); a running one is reported."""
-    p = build_plan(config_path, stack, uplink)
+    names.check_stack(stack)
+    config.load(config_path or DEFAULT_CONFIG)  # an invalid config stops here: host untouched
     if os.geteuid() != 0:
         raise UsageError("netstack up needs root (namespaces and nftables): run it with sudo")
     note = ""
@@ -43,7 +57,20 @@ def up(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> tuple[pl
             raise StateError(f"stack {stack!r} was half made and could not be cleaned: "
                              + "; ".join(problems))
         note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
-    apply.up(p, State(stack), str(config_path or DEFAULT_CONFIG))
+    st = State(stack)
+    try:
+        lab = vpnserver.generate(os.path.join(st.dir, "lab"), stack) \
+            if uplink.mode == "lab" else None
+        p = build_plan(config_path, stack, uplink, lab)
+    except BaseException:
+        st.remove()  # only the lab's throwaway keys were made so far
+        raise
+    try:
+        apply.up(p, st, str(config_path or DEFAULT_CONFIG))
+    except BaseException:
+        if not os.path.exists(st.path):  # refused before anything was recorded
+            st.remove()
+        raise
     return p, note
 
 

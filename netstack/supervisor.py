@@ -45,13 +45,17 @@ class Supervisor:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         prev = self.children.get(d["name"], {})
         self.procs[d["name"]] = p
-        self.children[d["name"]] = {"pid": p.pid, "start": proc_start_time(p.pid),
+        self.children[d["name"]] = {"name": d["name"], "pid": p.pid, "start": proc_start_time(p.pid),
                                     "restarts": prev.get("restarts", -1) + 1,
                                     "started_at": time.time(), "last_exit": prev.get("last_exit")}
         self.write_status()
 
     def watch(self, d: dict[str, Any]) -> None:
         backoff = BACKOFF_MIN
+        req = d.get("requires")
+        while req and not os.path.exists(req):  # `up` writes it once the config is ready
+            if self.stopping.wait(0.01):
+                return
         while not self.stopping.is_set():
             with self.lock:
                 if self.stopping.is_set():
@@ -59,6 +63,8 @@ class Supervisor:
                 self.start_daemon(d)
                 p = self.procs[d["name"]]
             started = time.monotonic()
+            if d.get("post_start"):
+                threading.Thread(target=self.post_start, args=(d, p), daemon=True).start()
             rc = p.wait()
             with self.lock:
                 self.children[d["name"]]["last_exit"] = rc
@@ -69,6 +75,23 @@ class Supervisor:
                 backoff = BACKOFF_MIN
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def post_start(self, d: dict[str, Any], p: subprocess.Popen) -> None:
+        """Configure what the daemon made (e.g. its tunnel device); on failure end the
+        daemon so it restarts with backoff rather than run half configured."""
+        env = dict(os.environ, NETSTACK_DAEMON_PID=str(p.pid))
+        argv = ["ip", "netns", "exec", d["netns"], *d["post_start"]]
+        with open(os.path.join(self.dir, f"{d['name']}.log"), "ab") as log:
+            rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env).returncode
+        with self.lock:
+            c = self.children.get(d["name"])
+            if c and c["pid"] == p.pid:
+                c["configured"] = rc == 0
+                c["configured_at"] = time.time()
+                self.write_status()
+        if rc != 0 and p.poll() is None and not self.stopping.is_set():
+            p.kill()
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()

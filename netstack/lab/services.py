@@ -12,6 +12,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from netstack.dnswire import parse_question
+
 
 class _Log:
     def __init__(self, path: str) -> None:
@@ -55,27 +57,6 @@ def serve_http(fd: int, log_path: str) -> None:
 
 QTYPE_A, QTYPE_ANY = 1, 255
 RCODE_NOERROR, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_REFUSED = 0, 1, 3, 5
-
-
-def parse_question(msg: bytes) -> tuple[int, int, str, int, int]:
-    """(id, flags, qname, qtype, end offset of the question). Raises ValueError."""
-    if len(msg) < 12:
-        raise ValueError("short")
-    qid, flags, qd = struct.unpack("!HHH", msg[:6])
-    if qd != 1:
-        raise ValueError("one question expected")
-    labels, off = [], 12
-    while True:
-        n = msg[off]
-        off += 1
-        if n == 0:
-            break
-        if n & 0xC0:
-            raise ValueError("compression in question")
-        labels.append(msg[off:off + n].decode("ascii").lower())
-        off += n
-    qtype, _qclass = struct.unpack("!HH", msg[off:off + 4])
-    return qid, flags, ".".join(labels), qtype, off + 4
 
 
 def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...]) -> bytes:

@@ -7,8 +7,10 @@ from netstack.roles.app import AppRole
 from netstack.roles.base import Role
 from netstack.roles.firewall import FirewallRole
 from netstack.roles.net import NetRole
+from netstack.roles.vpn import VpnRole
 
-ROLES: dict[str, type[Role]] = {"net": NetRole, "firewall": FirewallRole, "app": AppRole}
+ROLES: dict[str, type[Role]] = {"net": NetRole, "firewall": FirewallRole, "app": AppRole,
+                                "vpn": VpnRole}
 
 
 def role_for(kind: str) -> Role:

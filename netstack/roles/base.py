@@ -48,6 +48,8 @@ class Daemon:
     netns: str
     argv: tuple[str, ...]
     restart: bool = True
+    post_start: tuple[str, ...] = ()  # run in the namespace after each start; failure kills
+    requires: str = ""  # a file `up` writes when the daemon may start (e.g. resolved config)
 
 
 class Role:
@@ -55,10 +57,11 @@ class Role:
     netstack.rules.common; a role only says what is particular to its kind."""
 
     kind = ""
+    strict_replies = False
 
     def ruleset(self, ctx: QubeContext) -> Ruleset:
         rs = Ruleset()
-        common.base(rs, ctx.ipv6)
+        common.base(rs, ctx.ipv6, self.strict_replies)
         if ctx.qube.provides_network:
             common.antispoof(rs, [(c.vif, c.addr.ipv4, c.addr.ipv6, c.name)
                                   for c in ctx.clients])

@@ -28,9 +28,11 @@ ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
             "nd-neighbor-advert"]
 
 
-def base(rs: Ruleset, ipv6: bool) -> None:
+def base(rs: Ruleset, ipv6: bool, strict_replies: bool = False) -> None:
     """Default-drop input/forward/output (the chain policies), INVALID dropped before any
-    accept or NAT, replies and loopback allowed, IPv6 dropped unless configured."""
+    accept or NAT, replies and loopback allowed, IPv6 dropped unless configured.
+    strict_replies: forward/output accept replies only on the interfaces the role names
+    (a kill switch must not let an old connection out another way when its route changes)."""
     rs["prerouting"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
     rs["forward"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
     rs["output"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
@@ -41,7 +43,7 @@ def base(rs: Ruleset, ipv6: bool) -> None:
         for chain in ("input", "output"):
             rs[chain].add(match(payload("icmpv6", "type"), {"set": ND_TYPES}), ACCEPT,
                           comment="IPv6 neighbour discovery")
-    for chain in ("input", "forward", "output"):
+    for chain in ("input",) if strict_replies else ("input", "forward", "output"):
         rs[chain].add(ct_state("established", "related"), ACCEPT, comment="replies")
     rs["input"].add(match(meta("iif"), "lo"), ACCEPT, comment="loopback")
     rs["output"].add(match(meta("oif"), "lo"), ACCEPT, comment="loopback")

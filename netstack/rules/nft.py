@@ -120,6 +120,24 @@ BASE_CHAINS = [
 ]
 
 
+@dataclass
+class NamedSet:
+    """A named set: data that may change at run time (e.g. resolved VPN endpoints) while
+    the rules that use it stay fixed."""
+
+    name: str
+    type: list[str] | str
+    elem: list[Any] = field(default_factory=list)
+
+
+def concat(*parts: Any) -> Expr:
+    return {"concat": list(parts)}
+
+
+def in_set(left: Any, name: str) -> Expr:
+    return match(left, f"@{name}")
+
+
 class Ruleset:
     """One `inet netstack` table with the shared base chains, in a fixed order."""
 
@@ -127,6 +145,11 @@ class Ruleset:
         self.chains: dict[str, Chain] = {
             name: Chain(name, t, h, p, pol) for name, t, h, p, pol in BASE_CHAINS
         }
+        self.sets: dict[str, NamedSet] = {}
+
+    def add_set(self, s: NamedSet) -> NamedSet:
+        self.sets[s.name] = s
+        return s
 
     def __getitem__(self, name: str) -> Chain:
         return self.chains[name]
@@ -138,6 +161,12 @@ class Ruleset:
     def to_json(self) -> dict[str, Any]:
         """`nft -j list ruleset` shape, without handles. Empty nat chains are left out."""
         items: list[dict[str, Any]] = [{"table": {"family": FAMILY, "name": TABLE}}]
+        for s in self.sets.values():
+            sd: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": s.name,
+                                  "type": s.type}
+            if s.elem:
+                sd["elem"] = list(s.elem)
+            items.append({"set": sd})
         rules: list[dict[str, Any]] = []
         for c in self.chains.values():
             if c.type == "nat" and not c.rules:
@@ -153,6 +182,15 @@ class Ruleset:
                     r["comment"] = comment
                 rules.append({"rule": r})
         return {"nftables": items + rules}
+
+
+def set_elements_commands(name: str, elems: list[Any]) -> dict[str, Any]:
+    """Replace a named set's elements in one transaction (flush + add)."""
+    s = {"family": FAMILY, "table": TABLE, "name": name}
+    cmds: list[dict[str, Any]] = [{"flush": {"set": s}}]
+    if elems:
+        cmds.append({"add": {"element": {**s, "elem": list(elems)}}})
+    return {"nftables": cmds}
 
 
 def commands(ruleset_json: dict[str, Any], fresh: bool = False) -> dict[str, Any]:

@@ -87,6 +87,7 @@ def test_moved_uplink_needs_static_address():
 @pytest.mark.parametrize("stack", ["main", "t1", "abcdefgh"])
 def test_interface_names_fit_the_kernel_limit(stack):
     assert len(names.tunnel_if(stack, 250)) <= 15
+    assert len(names.tunnel_if(stack, 250, "openvpn")) <= 15
     assert len(names.root_uplink_veth(stack)) <= 15
     assert names.vif(250) == "vif250"
 

@@ -1,0 +1,1 @@
+"""VPN ProxyVM: provider-file parsers, daemon specs and the kill switch."""

@@ -1,0 +1,84 @@
+"""Post-start hook of a tunnel daemon, run by the supervisor inside the qube's namespace
+after each (re)start: wait for the tunnel device, configure it, set netstack's routes.
+
+    python -m netstack.vpn.hook SPEC.json     (env NETSTACK_DAEMON_PID: the daemon's pid)
+
+Spec: {"type": "wireguard"|"openvpn", "dev", "setconf"?, "addresses": [...], "mtu"?,
+"routes": [{"dst", "dev", "via"?}]}. For OpenVPN the daemon configures the address itself
+once connected; the hook waits for it. Exits non-zero if the daemon dies first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        return data[data.rindex(")") + 2] != "Z"
+    except OSError:
+        return False
+
+
+def _has_ipv4(dev: str) -> bool:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", dev], capture_output=True,
+                         text=True).stdout
+    return " inet " in out
+
+
+def wait_for(pred, pid: int | None, timeout: float | None) -> bool:
+    end = None if timeout is None else time.monotonic() + timeout
+    delay = 0.005
+    while not pred():
+        if not _alive(pid) or (end is not None and time.monotonic() > end):
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def run(spec: dict, pid: int | None) -> int:
+    dev = spec["dev"]
+    if not wait_for(lambda: os.path.exists(f"/sys/class/net/{dev}"), pid, 30):
+        print(f"hook: {dev} never appeared", file=sys.stderr)
+        return 1
+    if spec["type"] == "wireguard":
+        subprocess.run(["wg", "setconf", dev, spec["setconf"]], check=True)
+        for a in spec.get("addresses", []):
+            subprocess.run(["ip", "addr", "replace", a, "dev", dev], check=True)
+        if spec.get("mtu"):
+            subprocess.run(["ip", "link", "set", dev, "mtu", str(spec["mtu"])], check=True)
+        subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+    elif spec["type"] == "openvpn":
+        # OpenVPN sets the pushed address when the connection is up: until then nothing is
+        # routed into the tunnel, and the kill switch drops everything else.
+        if not wait_for(lambda: _has_ipv4(dev), pid, None):
+            print(f"hook: openvpn exited before {dev} got an address", file=sys.stderr)
+            return 1
+    for r in spec.get("routes", []):
+        argv = ["ip", "route", "replace", r["dst"]]
+        if r.get("via"):
+            argv += ["via", r["via"]]
+        argv += ["dev", r["dev"]]
+        subprocess.run(argv, check=True)
+    print(f"hook: {dev} configured", file=sys.stderr)
+    return 0
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    pid_s = os.environ.get("NETSTACK_DAEMON_PID")
+    sys.exit(run(spec, int(pid_s) if pid_s else None))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,9 +45,10 @@ class Supervisor:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         prev = self.children.get(d["name"], {})
         self.procs[d["name"]] = p
-        self.children[d["name"]] = {"name": d["name"], "pid": p.pid, "start": proc_start_time(p.pid),
-                                    "restarts": prev.get("restarts", -1) + 1,
-                                    "started_at": time.time(), "last_exit": prev.get("last_exit")}
+        self.children[d["name"]] = {
+            "name": d["name"], "pid": p.pid, "start": proc_start_time(p.pid),
+            "restarts": prev.get("restarts", -1) + 1, "started_at": time.time(),
+            "last_exit": prev.get("last_exit")}
         self.write_status()
 
     def watch(self, d: dict[str, Any]) -> None:

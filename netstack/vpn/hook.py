@@ -57,12 +57,11 @@ def run(spec: dict, pid: int | None) -> int:
         if spec.get("mtu"):
             subprocess.run(["ip", "link", "set", dev, "mtu", str(spec["mtu"])], check=True)
         subprocess.run(["ip", "link", "set", dev, "up"], check=True)
-    elif spec["type"] == "openvpn":
-        # OpenVPN sets the pushed address when the connection is up: until then nothing is
-        # routed into the tunnel, and the kill switch drops everything else.
-        if not wait_for(lambda: _has_ipv4(dev), pid, None):
-            print(f"hook: openvpn exited before {dev} got an address", file=sys.stderr)
-            return 1
+    # OpenVPN sets the pushed address when the connection is up: until then nothing is
+    # routed into the tunnel, and the kill switch drops everything else.
+    elif spec["type"] == "openvpn" and not wait_for(lambda: _has_ipv4(dev), pid, None):
+        print(f"hook: openvpn exited before {dev} got an address", file=sys.stderr)
+        return 1
     for r in spec.get("routes", []):
         argv = ["ip", "route", "replace", r["dst"]]
         if r.get("via"):

@@ -32,7 +32,9 @@ def test_down_leaves_nothing(own_stack):
     st = State.load(s)
     sup = [o for o in st.objects if o["type"] == "process"]
     assert sup and os.path.exists(f"/proc/{sup[0]['pid']}")
-    assert len([n for n in netns.list_names() if s in n]) == 7
+    want = {n["name"] for n in st.data["plan"]["namespaces"]}
+    assert len(want) == 8  # 4 qubes + lab: isp, web, dns, vpn
+    assert {n for n in netns.list_names() if f"-{s}-" in n} == want
     cli("--stack", s, "down")
     reap_zombies()
     assert not stack_leftovers(s)
@@ -78,7 +80,7 @@ def test_up_repairs_a_half_made_stack(own_stack):
     # a running stack is reported, never duplicated
     p = cli("--stack", s, "up", BASIC, "--lab", check=False)
     assert p.returncode == 3 and "already up" in p.stderr
-    assert len([n for n in netns.list_names() if f"-{s}-" in n]) == 7
+    assert len([n for n in netns.list_names() if f"-{s}-" in n]) == 8
 
 
 BAD_CONFIGS = {

@@ -93,6 +93,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
+        if q.get("vpn"):
+            v = q["vpn"]
+            eps = ", ".join(f"{e['host']}:{e['port']}/{e['proto']}" for e in v["endpoints"])
+            extra = (f"handshake {v['handshake_age_s']}s ago" if v.get("handshake_age_s")
+                     is not None else f"state {v.get('state') or '-'}")
+            print(f"      {v['type']} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
+                  f"rx {v['rx_bytes'] or 0} B tx {v['tx_bytes'] or 0} B, "
+                  f"restarts {v['restarts']}")
     if s.get("lab"):
         lab = s["lab"]
         hosts = ", ".join(f"{n}={h['address']}" for n, h in lab["hosts"].items())

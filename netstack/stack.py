@@ -111,6 +111,14 @@ def status(stack: str) -> dict[str, Any]:
             out["lab"] = lab
     finally:
         links.close()
+    children = {c.get("name"): {**c, "alive": proc_alive(c["pid"], c.get("start"))}
+                for c in apply.recorded_children(st)}
+    from netstack.vpn.health import health
+
+    for v in p.get("vpns", []):
+        q = next(x for x in out["qubes"] if x["name"] == v["qube"])
+        q["vpn"] = health(v, q["interfaces"], children.get(f"vpn-{v['qube']}"),
+                          (st.data.get("vpn_resolved") or {}).get(v["qube"]))
     sup = [o for o in st.objects if o["type"] == "process"]
     out["processes"] = [{"name": o["name"], "pid": o["pid"],
                          "alive": proc_alive(o["pid"], o.get("start"))} for o in sup]
@@ -132,8 +140,10 @@ def _live_links(links: apply._Links, ns: str) -> list[dict[str, Any]]:
             continue
         addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
                  for a in ipr.get_addr(index=link["index"])]
+        stats = link.get_attr("IFLA_STATS64") or {}
         res.append({"name": name, "state": link.get_attr("IFLA_OPERSTATE"),
-                    "addresses": addrs})
+                    "addresses": addrs, "rx_bytes": stats.get("rx_bytes"),
+                    "tx_bytes": stats.get("tx_bytes")})
     return res
 
 

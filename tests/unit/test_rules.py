@@ -111,3 +111,68 @@ def test_commands_replace_the_table_atomically():
     table = {"table": {"family": "inet", "name": "netstack"}}
     assert cmds[:3] == [{"add": table}, {"delete": table}, {"add": table}]
     assert all(list(c) == ["add"] for c in cmds[3:])
+
+
+def vpn_plan(tmp_path, endpoint="203.0.113.10:51820"):
+    from tests.unit.test_vpn_parsers import WG_MULLVAD_LIKE
+
+    (tmp_path / "wg.conf").write_text(WG_MULLVAD_LIKE.replace("185.65.134.1:51820", endpoint))
+    text = (ROOT / "configs" / "vpn.toml").read_text().replace("lab:wireguard", "wg.conf")
+    cfg = tmp_path / "vpn.toml"
+    cfg.write_text(text)
+    return plan.build(config.load(cfg), "main", plan.UplinkSpec("lab"))
+
+
+def test_vpn_kill_switch_rules(tmp_path):
+    p = vpn_plan(tmp_path)
+    rs = p.ns("nst-main-sys-proxyvm").ruleset
+    tun = p.vpns[0]["dev"]
+    assert tun == "wg3-main"
+    fwd = [r for r in rules_of(rs, "forward") if r["expr"][-1] == nft.ACCEPT]
+    # forwarded traffic leaves only through the tunnel; replies only come from it
+    assert [r["comment"] for r in fwd] == ["clients -> tunnel only", "replies from the tunnel"]
+    assert fwd[0]["expr"][1] == nft.oifname(tun)
+    assert fwd[1]["expr"][0] == nft.iifname(tun)
+    out = {r["comment"]: r["expr"] for r in rules_of(rs, "output") if r["expr"][-1] == nft.ACCEPT}
+    assert set(out) == {"loopback", "replies to clients", "own traffic through the tunnel",
+                        "VPN transport"}
+    transport = out["VPN transport"]
+    assert transport[0] == nft.oifname("eth0")
+    assert transport[1] == nft.match(nft.meta("mark"), 0xCA6C)
+    sets = [i["set"] for i in rs["nftables"] if "set" in i]
+    assert sets == [{"family": "inet", "table": "netstack", "name": "vpn_endpoints",
+                     "type": ["ipv4_addr", "inet_proto", "inet_service"],
+                     "elem": [{"concat": ["203.0.113.10", "udp", 51820]}]}]
+    dnat = rules_of(rs, "nat_prerouting")
+    assert dnat and all(r["expr"][-1] == nft.dnat4("10.64.0.1") for r in dnat)
+    assert rules_of(rs, "nat_postrouting")[0]["expr"] == [nft.oifname(tun), nft.MASQUERADE]
+
+
+def test_vpn_hostname_endpoint_starts_with_an_empty_set(tmp_path):
+    p = vpn_plan(tmp_path, "vpn.example:51820")
+    rs = p.ns("nst-main-sys-proxyvm").ruleset
+    s = next(i["set"] for i in rs["nftables"] if "set" in i)
+    assert "elem" not in s  # nothing allowed out until `up` resolved it through sys-net
+    assert p.vpns[0]["endpoints"] == [{"host": "vpn.example", "port": 51820, "proto": "udp"}]
+
+
+def test_vpn_needs_a_dns(tmp_path):
+    from netstack.errors import ConfigError
+    from tests.unit.test_vpn_parsers import WG_MULLVAD_LIKE
+
+    (tmp_path / "wg.conf").write_text(WG_MULLVAD_LIKE.replace("DNS = 10.64.0.1", ""))
+    cfg = tmp_path / "vpn.toml"
+    cfg.write_text((ROOT / "configs" / "vpn.toml").read_text().replace("lab:wireguard",
+                                                                        "wg.conf"))
+    with pytest.raises(ConfigError) as e:
+        plan.build(config.load(cfg), "main", plan.UplinkSpec("lab"))
+    assert "sys-proxyvm" in str(e.value) and "field 'dns'" in str(e.value)
+
+
+def test_lab_file_needs_the_lab(tmp_path):
+    from netstack.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        plan.build(config.load(ROOT / "configs" / "vpn.toml"), "main",
+                   plan.UplinkSpec("lab"))
+    assert "only in the lab" in str(e.value)

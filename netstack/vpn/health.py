@@ -1,0 +1,73 @@
+"""Live health of a VPN qube for `status`: tunnel up/down, handshake age (WireGuard) or
+connection state (OpenVPN management socket), bytes in/out, restarts. No keys, ever."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from typing import Any
+
+
+def _wg_dump(dev: str) -> dict[str, Any]:
+    p = subprocess.run(["wg", "show", dev, "dump"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return {}
+    lines = p.stdout.strip().splitlines()
+    peers = []
+    for line in lines[1:]:
+        f = line.split("\t")
+        if len(f) < 8:
+            continue
+        hs = int(f[4])
+        peers.append({"endpoint": f[2], "handshake_age_s": round(time.time() - hs, 1)
+                      if hs else None, "rx_bytes": int(f[5]), "tx_bytes": int(f[6])})
+    return {"peers": peers}
+
+
+def _ovpn_state(sock_path: str) -> str | None:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1)
+        s.connect(sock_path)
+        buf = b""
+        s.sendall(b"state\n")
+        end = time.monotonic() + 1
+        while b"\r\nEND" not in buf and time.monotonic() < end:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        for line in buf.decode(errors="replace").splitlines():
+            parts = line.split(",")
+            if len(parts) > 1 and parts[0].isdigit():
+                return parts[1]
+    return None
+
+
+def health(vpn: dict[str, Any], links: list[dict[str, Any]], child: dict[str, Any] | None,
+           resolved: dict[str, list[str]] | None) -> dict[str, Any]:
+    dev = vpn["dev"]
+    link = next((x for x in links if x["name"] == dev), None)
+    out: dict[str, Any] = {
+        "type": vpn["type"], "dev": dev,
+        "endpoints": [{**e, "addresses": (resolved or {}).get(e["host"], [])}
+                      for e in vpn["endpoints"]],
+        "dns": vpn["dns"], "tunnel": "up" if link and link["addresses"] else "down",
+        "rx_bytes": link.get("rx_bytes") if link else None,
+        "tx_bytes": link.get("tx_bytes") if link else None,
+        "restarts": child.get("restarts", 0) if child else None,
+        "process_alive": bool(child and child.get("alive")),
+    }
+    if vpn["type"] == "wireguard" and link:
+        peers = _wg_dump(dev).get("peers", [])
+        ages = [p["handshake_age_s"] for p in peers if p["handshake_age_s"] is not None]
+        out["handshake_age_s"] = min(ages) if ages else None
+        if out["handshake_age_s"] is None or out["handshake_age_s"] > 180:
+            out["tunnel"] = "down"  # no handshake for 3 minutes: nothing gets through
+    elif vpn["type"] == "openvpn":
+        state = _ovpn_state(vpn["state_dir"] + f"/vpn-{vpn['qube']}.mgmt")
+        out["state"] = state
+        if state != "CONNECTED":
+            out["tunnel"] = "down"
+    return out

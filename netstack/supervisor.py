@@ -31,13 +31,17 @@ class Supervisor:
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = threading.Event()
         self.lock = threading.Lock()
+        self.status_lock = threading.Lock()
+        self.hooks: dict[str, subprocess.Popen] = {}
 
     def write_status(self) -> None:
-        tmp = os.path.join(self.dir, "supervisor.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "start": proc_start_time(os.getpid()),
-                       "children": self.children}, f)
-        os.replace(tmp, os.path.join(self.dir, "supervisor.json"))
+        """Atomic and serialised: several watcher threads report at once."""
+        with self.status_lock:
+            tmp = os.path.join(self.dir, f"supervisor.json.{threading.get_ident()}")
+            with open(tmp, "w") as f:
+                json.dump({"pid": os.getpid(), "start": proc_start_time(os.getpid()),
+                           "children": self.children}, f)
+            os.replace(tmp, os.path.join(self.dir, "supervisor.json"))
 
     def start_daemon(self, d: dict[str, Any]) -> None:
         argv = ["ip", "netns", "exec", d["netns"], *d["argv"]]
@@ -83,14 +87,22 @@ class Supervisor:
         env = dict(os.environ, NETSTACK_DAEMON_PID=str(p.pid))
         argv = ["ip", "netns", "exec", d["netns"], *d["post_start"]]
         with open(os.path.join(self.dir, f"{d['name']}.log"), "ab") as log:
-            rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                env=env).returncode
-        with self.lock:
-            c = self.children.get(d["name"])
-            if c and c["pid"] == p.pid:
-                c["configured"] = rc == 0
-                c["configured_at"] = time.time()
-                self.write_status()
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                hook = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+                self.hooks[d["name"]] = hook
+            assert hook.stdout is not None
+            for line in hook.stdout:
+                if line.strip() == "configured":
+                    with self.lock:
+                        c = self.children.get(d["name"])
+                        if c and c["pid"] == p.pid:
+                            c["configured"] = True
+                            c["configured_at"] = time.time()
+                            self.write_status()
+            rc = hook.wait()
         if rc != 0 and p.poll() is None and not self.stopping.is_set():
             p.kill()
 
@@ -113,7 +125,7 @@ class Supervisor:
             if not os.path.exists(state_file):
                 self.stopping.set()
         with self.lock:
-            procs = list(self.procs.values())
+            procs = list(self.procs.values()) + list(self.hooks.values())
         for p in procs:
             if p.poll() is None:
                 p.terminate()

@@ -58,12 +58,20 @@ class Capture:
         self.proc = None
 
     def packets(self) -> list[Any]:
+        import scapy.layers.inet  # noqa: F401  (register Ethernet/IP dissectors, else Raw)
+        import scapy.layers.inet6  # noqa: F401
+        import scapy.layers.l2  # noqa: F401
         from scapy.utils import rdpcap
 
         self.stop()
         if not os.path.exists(self.path) or os.path.getsize(self.path) < 24:
             return []
-        return list(rdpcap(self.path))
+        pkts = list(rdpcap(self.path))
+        from scapy.packet import Raw
+
+        if pkts and all(isinstance(p, Raw) for p in pkts):
+            raise RuntimeError(f"{self.path}: packets not dissected")
+        return pkts
 
     def __enter__(self) -> Capture:
         return self.start()

@@ -45,20 +45,37 @@ def build(p: dict[str, Any]) -> Any:
     return pkt
 
 
-def main() -> None:
+def send_specs(specs: list[dict[str, Any]]) -> int:
     from scapy.config import conf
     from scapy.sendrecv import send
 
-    conf.verb = 0
-    conf.ifaces.reload()
+    conf.ifaces.reload()  # routes and links change (a tunnel comes and goes): re-read
     conf.route.resync()
-    specs = json.loads(sys.argv[1])
     sent = 0
     for p in specs:
-        pkt = build(p)
-        send(pkt, count=p.get("count", 1), verbose=False)
-        sent += p.get("count", 1)
-    print(json.dumps({"sent": sent}))
+        try:
+            pkt = build(p)
+        except (OSError, ValueError, KeyError) as e:  # e.g. no route at all right now
+            print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
+            continue
+        try:
+            send(pkt, count=p.get("count", 1), verbose=False)
+            sent += p.get("count", 1)
+        except OSError as e:
+            print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
+    return sent
+
+
+def main() -> None:
+    from scapy.config import conf
+
+    conf.verb = 0
+    if sys.argv[1] == "--serve":  # one JSON list per line on stdin, one result line each
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            print(json.dumps({"sent": send_specs(json.loads(line))}), flush=True)
+        return
+    print(json.dumps({"sent": send_specs(json.loads(sys.argv[1]))}))
 
 
 if __name__ == "__main__":

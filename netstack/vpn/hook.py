@@ -5,7 +5,9 @@ after each (re)start: wait for the tunnel device, configure it, set netstack's r
 
 Spec: {"type": "wireguard"|"openvpn", "dev", "setconf"?, "addresses": [...], "mtu"?,
 "routes": [{"dst", "dev", "via"?}]}. For OpenVPN the daemon configures the address itself
-once connected; the hook waits for it. Exits non-zero if the daemon dies first.
+once connected; the hook waits for it. Prints "configured" when done, then watches the
+device until the daemon exits; non-zero exit (daemon gone first, device vanished) makes
+the supervisor end the daemon so it restarts.
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ def run(spec: dict, pid: int | None) -> int:
         argv += ["dev", r["dev"]]
         subprocess.run(argv, check=True)
     print(f"hook: {dev} configured", file=sys.stderr)
+    print("configured", flush=True)
+    # Watch: a daemon that lives on without its device (OpenVPN keeps running when its tun
+    # is deleted) carries nothing; end it so the supervisor restarts it cleanly.
+    gone_since = None
+    while _alive(pid):
+        if os.path.exists(f"/sys/class/net/{dev}"):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > 0.5:
+            print(f"hook: {dev} vanished under a live daemon", file=sys.stderr)
+            return 3
+        time.sleep(0.1)
     return 0
 
 

@@ -1,0 +1,305 @@
+"""The VPN ProxyVM over the lab, WireGuard and OpenVPN: traffic goes through the tunnel, and
+with the tunnel dead, restarting, unreachable or misconfigured not one packet of the app
+qube leaves in clear. Every scenario captures the ISP link (sys-net's uplink) and probes
+with TCP, UDP, ICMP and DNS from the app qube (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from netstack.leaktest.capture import Capture
+from netstack.state import State
+from tests.integration.util import (
+    ROOT,
+    Prober,
+    cli,
+    in_ns,
+    new_stack_name,
+    reap_zombies,
+    stack_leftovers,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+WEB, LAB_DNS, VPN_SERVER, ISP = "198.51.100.80", "198.51.100.53", "203.0.113.10", "192.0.2.2"
+PORTS = {"wireguard": 51820, "openvpn": 1194}
+
+
+class VpnStack:
+    def __init__(self, kind: str, tmp: str) -> None:
+        self.kind = kind
+        self.stack = new_stack_name("v" if kind == "wireguard" else "o")
+        cfg = (ROOT / "configs" / "vpn.toml").read_text()
+        if kind == "openvpn":
+            cfg = cfg.replace('type = "wireguard"', 'type = "openvpn"').replace(
+                "lab:wireguard", "lab:openvpn")
+        self.cfg = os.path.join(tmp, f"{kind}.toml")
+        with open(self.cfg, "w") as f:
+            f.write(cfg)
+        cli("--stack", self.stack, "up", self.cfg, "--lab")
+        try:
+            self._init()
+        except BaseException:
+            cli("--stack", self.stack, "down", check=False)
+            reap_zombies()
+            raise
+
+    def _init(self) -> None:
+        self.net = f"nst-{self.stack}-sys-net"
+        self.vpn = f"nst-{self.stack}-sys-proxyvm"
+        self.work = f"nst-{self.stack}-work"
+        self.labvpn = f"nsl-{self.stack}-vpn"
+        self.port = PORTS[self.kind]
+        self.dev = json.loads((self.state_dir / "plan.json").read_text())["vpns"][0]["dev"]
+        # A fallback default route via the uplink, as a DHCP client or a user would leave
+        # it: now only the kill switch rules stand between a dead tunnel and clear traffic.
+        gw = json.loads((self.state_dir / "plan.json").read_text())["vpns"][0]["gateway"]
+        in_ns(self.vpn, "ip", "route", "add", "default", "via", gw, "dev", "eth0", "metric",
+              "1000")
+        self.prober = Prober(self.work)
+        self.wait_tunnel()
+
+    @property
+    def state_dir(self):
+        return Path(f"/run/netstack/{self.stack}")
+
+    def child(self) -> dict:
+        with open(self.state_dir / "supervisor.json") as f:
+            return json.load(f)["children"]["vpn-sys-proxyvm"]
+
+    def fetch(self, timeout: float = 3) -> str | None:
+        p = in_ns(self.work, "curl", "-sS", "--max-time", str(timeout), f"http://{WEB}/",
+                  check=False)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    def wait_tunnel(self, timeout: float = 30) -> None:
+        wait_for(lambda: self.fetch(1) == VPN_SERVER, timeout, 0.05, "the tunnel to carry traffic")
+
+    def probes(self, marker: str) -> list[dict]:
+        return [
+            {"dst": WEB, "proto": "tcp", "dport": 80, "sport": 42000 + secrets.randbelow(9000),
+             "flags": "S", "payload": marker},
+            {"dst": WEB, "proto": "udp", "dport": 9, "payload": marker},
+            {"dst": WEB, "proto": "icmp", "payload": marker},
+            {"dst": "10.139.1.1", "proto": "udp", "dport": 53, "payload": marker},
+            {"dst": LAB_DNS, "proto": "udp", "dport": 53, "payload": marker},
+            {"dst": LAB_DNS, "proto": "tcp", "dport": 53, "flags": "S", "payload": marker},
+        ]
+
+    def close(self) -> None:
+        self.prober.close()
+        cli("--stack", self.stack, "down", check=False)
+        reap_zombies()
+        assert not stack_leftovers(self.stack)
+
+
+@pytest.fixture(scope="module", params=["wireguard", "openvpn"])
+def vs(request, tmp_path_factory):
+    s = VpnStack(request.param, str(tmp_path_factory.mktemp(request.param)))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def not_transport(pkts, port: int) -> list:
+    """IP packets on the ISP link that are not VPN transport between sys-net's ISP address
+    and the VPN server's port."""
+    from scapy.layers.inet import IP, UDP
+
+    bad = []
+    for p in pkts:
+        if IP not in p:
+            continue  # ARP
+        ip = p[IP]
+        ok = UDP in p and (
+            (ip.src == ISP and ip.dst == VPN_SERVER and p[UDP].dport == port)
+            or (ip.src == VPN_SERVER and ip.dst == ISP and p[UDP].sport == port))
+        if not ok:
+            bad.append(p.summary())
+    return bad
+
+
+def with_marker(pkts, m: str) -> list:
+    return [p for p in pkts if m.encode() in bytes(p)]
+
+
+def isp_capture(vs, tmp_path, name) -> Capture:
+    return Capture(vs.net, "uplink", str(tmp_path / f"{vs.kind}-{name}-isp.pcap"))
+
+
+def test_traffic_goes_through_the_tunnel(vs, tmp_path):
+    m = "nstk-" + secrets.token_hex(6)
+    log = vs.state_dir / "lab-http.log"
+    before = len(log.read_text().splitlines())
+    with isp_capture(vs, tmp_path, "steady") as cap:
+        assert vs.fetch() == VPN_SERVER
+        out = cli("--stack", vs.stack, "exec", "work", "--", "curl", "-sS", "--max-time", "5",
+                  "http://web.lab.test/").stdout.strip()
+        assert out == VPN_SERVER  # by name: DNS went through the tunnel too
+        vs.prober.send(vs.probes(m))
+    seen = [json.loads(x)["client"] for x in log.read_text().splitlines()[before:]]
+    assert seen == [VPN_SERVER, VPN_SERVER]
+    pkts = cap.packets()
+    assert not not_transport(pkts, vs.port)
+    assert len(pkts) > 10  # the capture saw the (encrypted) traffic
+    assert not with_marker(pkts, m)
+    dns = [json.loads(x) for x in (vs.state_dir / "lab-dns.log").read_text().splitlines()]
+    by_name = [d for d in dns if d["name"] == "web.lab.test"]
+    assert by_name and {d["client"] for d in by_name} == {VPN_SERVER}
+    s = json.loads(cli("--stack", vs.stack, "status", "--json").stdout)
+    v = next(q for q in s["qubes"] if q["name"] == "sys-proxyvm")["vpn"]
+    assert v["tunnel"] == "up" and v["type"] == vs.kind and v["process_alive"]
+    assert v["endpoints"][0]["addresses"] == [VPN_SERVER]
+    assert v["rx_bytes"] > 0 and v["tx_bytes"] > 0
+
+
+def run_fault(vs, tmp_path, name, fault, repair=None, duration=2.0):
+    """Start the ISP capture, cause `fault`, probe continuously for `duration` seconds,
+    repair, and return (violations, marker hits). Then the tunnel must recover."""
+    m = "nstk-" + secrets.token_hex(6)
+    with isp_capture(vs, tmp_path, name) as cap:
+        fault()
+        end = time.monotonic() + duration
+        sent = 0
+        while time.monotonic() < end:
+            sent += vs.prober.send(vs.probes(m))
+        in_ns(vs.work, "curl", "-sS", "--max-time", "1", f"http://{WEB}/", check=False)
+        in_ns(vs.work, "timeout", "3", "getent", "hosts", "web.lab.test", check=False)
+        if repair:
+            repair()
+        vs.wait_tunnel()
+    assert sent >= 6
+    pkts = cap.packets()
+    return not_transport(pkts, vs.port), with_marker(pkts, m)
+
+
+def kill9(vs):
+    c = vs.child()
+    os.kill(c["pid"], signal.SIGKILL)
+
+
+def test_vpn_process_killed(vs, tmp_path):
+    before = vs.child()["restarts"]
+    bad, hits = run_fault(vs, tmp_path, "kill9", lambda: kill9(vs))
+    assert not bad and not hits
+    assert vs.child()["restarts"] > before  # the supervisor restarted it
+
+
+def test_tunnel_interface_deleted(vs, tmp_path):
+    bad, hits = run_fault(vs, tmp_path, "linkdel",
+                          lambda: in_ns(vs.vpn, "ip", "link", "del", vs.dev))
+    assert not bad and not hits
+
+
+def test_restart_in_progress(vs, tmp_path):
+    """Kill it repeatedly: probes run through every stage of stop, backoff and restart."""
+    def churn():
+        for _ in range(3):
+            kill9(vs)
+            wait_for(lambda: vs.child().get("configured"), 20, 0.02, "restart")
+    bad, hits = run_fault(vs, tmp_path, "restart", churn, duration=1.0)
+    assert not bad and not hits
+
+
+def test_server_unreachable(vs, tmp_path):
+    def block():
+        in_ns(vs.labvpn, "nft", "add table inet blk; add chain inet blk in "
+              "{ type filter hook prerouting priority -300; }; "
+              f"add rule inet blk in udp dport {vs.port} drop")
+        kill9(vs)  # reconnect: the handshake can never complete now
+
+    def unblock():
+        in_ns(vs.labvpn, "nft", "delete", "table", "inet", "blk")
+    bad, hits = run_fault(vs, tmp_path, "unreachable", block, unblock, duration=3.0)
+    assert not bad and not hits
+
+
+def test_wrong_key(vs, tmp_path):
+    info = json.loads((vs.state_dir / "plan.json").read_text())["vpns"][0]
+    conf = info["state_dir"] + f"/vpn-{info['qube']}." + (
+        "setconf" if vs.kind == "wireguard" else "ovpn")
+    good = Path(conf).read_text()
+
+    def break_key():
+        if vs.kind == "wireguard":
+            bad_key = subprocess.run(["wg", "genkey"], capture_output=True,
+                                     text=True).stdout.strip()
+            lines = [f"PrivateKey = {bad_key}" if x.startswith("PrivateKey") else x
+                     for x in good.splitlines()]
+        else:
+            start = good.index("<tls-crypt>")
+            body = good[start:good.index("</tls-crypt>")]
+            hexlines = [x for x in body.splitlines() if len(x) == 32]
+            lines = good.replace(hexlines[0], "0" * 32).splitlines()
+        with open(conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        kill9(vs)
+
+    def restore():
+        with open(conf, "w") as f:
+            f.write(good)
+        kill9(vs)
+    bad, hits = run_fault(vs, tmp_path, "wrongkey", break_key, restore, duration=3.0)
+    assert not bad and not hits
+
+
+def test_anti_without_kill_switch_clear_packets_leak(vs, tmp_path):
+    """The capture can fail: with the kill switch's rules replaced by accept-all, a dead
+    tunnel lets the app's packets out on the ISP link in clear, and we see them."""
+    from netstack.apply import load_ruleset
+    from netstack.rules.nft import MASQUERADE, Ruleset, oifname
+
+    open_rs = Ruleset()
+    for c in ("input", "forward", "output"):
+        open_rs[c].policy = "accept"
+    open_rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
+
+    def remove_kill_switch():
+        load_ruleset(vs.vpn, open_rs.to_json())
+        # stop the supervisor restarting the tunnel, then kill it
+        os.kill(supervisor_pid(vs), signal.SIGSTOP)
+        kill9(vs)
+
+    try:
+        bad, hits = run_fault_no_recover(vs, tmp_path, remove_kill_switch)
+    finally:
+        os.kill(supervisor_pid(vs), signal.SIGCONT)
+        plan = json.loads((vs.state_dir / "plan.json").read_text())
+        load_ruleset(vs.vpn, next(n for n in plan["namespaces"]
+                                  if n["name"] == vs.vpn)["ruleset"])
+        from netstack.apply import _nft
+        from netstack.rules.nft import set_elements_commands
+
+        _nft(vs.vpn).json_cmd(set_elements_commands(
+            "vpn_endpoints", [{"concat": [VPN_SERVER, "udp", vs.port]}]))
+        vs.wait_tunnel()
+    assert hits, "no clear packet seen without a kill switch: the capture is blind"
+    assert bad
+
+
+def supervisor_pid(vs) -> int:
+    return next(o["pid"] for o in State.load(vs.stack).objects if o["type"] == "process")
+
+
+def run_fault_no_recover(vs, tmp_path, fault):
+    from netstack.state import proc_alive
+
+    m = "nstk-" + secrets.token_hex(6)
+    c = vs.child()
+    with isp_capture(vs, tmp_path, "anti") as cap:
+        fault()
+        wait_for(lambda: not proc_alive(c["pid"], c["start"]), 5, 0.01, "the VPN to die")
+        for _ in range(3):
+            vs.prober.send(vs.probes(m))
+    pkts = cap.packets()
+    return not_transport(pkts, vs.port), with_marker(pkts, m)

@@ -62,13 +62,21 @@ class LabHost:
     fqdn: str
 
 
-def lab_hosts() -> list[LabHost]:
-    """The built-in lab's hosts (later issues add a VPN server and a Tor network)."""
-    return [
+TOR_LAB_HOSTS = [("auth1", "203.0.113.21"), ("auth2", "203.0.113.22"),
+                 ("auth3", "203.0.113.23"), ("relay1", "203.0.113.31"),
+                 ("exit1", "203.0.113.41"), ("exit2", "203.0.113.42")]
+
+
+def lab_hosts(tor: bool = False) -> list[LabHost]:
+    """The built-in lab's hosts; with `tor`, also a private Tor network's nodes."""
+    hosts = [
         LabHost("web", "198.51.100.80", f"web.{LAB_DOMAIN}"),
         LabHost("dns", "198.51.100.53", f"dns.{LAB_DOMAIN}"),
         LabHost("vpn", "203.0.113.10", f"vpn.{LAB_DOMAIN}"),
     ]
+    if tor:
+        hosts += [LabHost(n, a, f"{n}.tor.{LAB_DOMAIN}") for n, a in TOR_LAB_HOSTS]
+    return hosts
 
 
 def lab_dns_server() -> str:

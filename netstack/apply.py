@@ -162,10 +162,25 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
             links(r.ns).route("add", **kw)
         except Exception as e:
             raise ApplyError(f"route {r.dst} dev {r.dev} in {r.ns}: {e}") from e
+    for t in plan.tors:
+        _prepare_tor(t)
     if plan.services or plan.daemons:
         start_supervisor(plan, state)  # VPN clients wait for _prepare_vpns' files
     if plan.vpns:
         _prepare_vpns(plan, state)
+
+
+def _prepare_tor(t: dict[str, Any]) -> None:
+    """The gateway's DataDirectory belongs to its tor user (tor drops root after binding its
+    ports); the torrc is written last: the supervisor starts tor when it appears."""
+    import pwd
+
+    pw = pwd.getpwnam(t["user"])
+    os.makedirs(t["datadir"], mode=0o700, exist_ok=True)
+    os.chown(t["datadir"], pw.pw_uid, pw.pw_gid)
+    with open(t["torrc_path"] + ".tmp", "w") as f:
+        f.write(t["torrc"])
+    os.replace(t["torrc_path"] + ".tmp", t["torrc_path"])
 
 
 def _prepare_vpns(plan: Plan, state: State) -> None:

@@ -51,7 +51,30 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
           + (f", lab with {len(p.lab['hosts'])} hosts" if p.lab else ""))
+    if p.tors and not args.no_wait:
+        from netstack.tor.control import wait_bootstrap
+
+        for t in p.tors:
+            took = wait_bootstrap(t["control_socket"], args.tor_timeout,
+                                  _progress_bar(f"tor {t['qube']}"))
+            print(f"\ntor {t['qube']}: bootstrapped in {took:.1f} s", file=sys.stderr)
     return 0
+
+
+def _progress_bar(label: str):
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def show(pct: int, summary: str) -> None:
+        if pct == last[0]:
+            return
+        last[0] = pct
+        bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+        end = "" if tty else "\n"
+        print(f"\r{label} [{bar}] {pct:3d}% {summary[:40]:<40}", end=end, file=sys.stderr,
+              flush=True)
+
+    return show
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -93,6 +116,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
+        if q.get("tor"):
+            t = q["tor"]
+            if t.get("error"):
+                print(f"      tor: {t['error']}")
+            else:
+                print(f"      tor {t['version']}: bootstrap {t['bootstrap']}%, "
+                      f"{t['circuits_built']} circuits built, restarts {t['restarts']}")
         if q.get("vpn"):
             v = q["vpn"]
             eps = ", ".join(f"{e['host']}:{e['port']}/{e['proto']}" for e in v["endpoints"])
@@ -110,6 +140,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     for pr in s["processes"]:
         print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
     return 0 if s["status"] == "up" and all(q["running"] for q in s["qubes"]) else 1
+
+
+def cmd_tor(args: argparse.Namespace) -> int:
+    from netstack import stack
+    from netstack.tor import control
+
+    t = stack.tor_of(args.stack, args.qube)
+    sock = t["control_socket"]
+    if args.action == "status":
+        s = control.status(sock)
+        if args.json:
+            print(json.dumps({"qube": t["qube"], **s}, indent=2))
+        else:
+            print(f"tor {t['qube']}: version {s['version']}, bootstrap {s['bootstrap']}% "
+                  f"({s['summary']}), {s['circuits_built']} circuits built")
+        return 0 if s["bootstrap"] == 100 else 1
+    if args.action == "circuits":
+        cs = control.circuits(sock)
+        if args.json:
+            print(json.dumps(cs, indent=2))
+        else:
+            for c in cs:
+                path = " -> ".join(f"{r['nickname']}({r['address'] or '?'})"
+                                   for r in c["relays"])
+                print(f"{c['id']:>4} {c['status']:<9} {c['purpose']:<16} {path}")
+        return 0
+    control.newnym(sock)
+    print(f"tor {t['qube']}: NEWNYM sent (new circuits for new connections)")
+    return 0
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -140,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="bring a stack up", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     uplink_opts(p)
+    p.add_argument("--no-wait", action="store_true", help="do not wait for Tor to bootstrap")
+    p.add_argument("--tor-timeout", type=float, default=120, metavar="S",
+                   help="deadline for Tor bootstrap (default 120 s)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("plan", help="print what `up` would make (pure, no root)")
     uplink_opts(p)
@@ -150,6 +212,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="qubes, links, addresses, processes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("tor", help="the Tor gateway: status, circuits, newnym",
+                       epilog="examples:\n  sudo netstack tor status\n"
+                       "  sudo netstack tor circuits --json\n  sudo netstack tor newnym",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["status", "circuits", "newnym"])
+    p.add_argument("--qube", help="the tor qube (default: the only one)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tor)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="example: sudo netstack exec work -- curl http://web.lab.test/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,7 +26,7 @@ KIND_KEYS: dict[str, set[str]] = {
     "net": {"address", "gateway", "dns"},
     "firewall": set(),
     "vpn": {"type", "config", "dns"},
-    "tor": {"bridges", "socks_port"},
+    "tor": {"bridges"},
     "app": set(),
 }
 STACK_KEYS = {"ipv6"}
@@ -209,6 +209,10 @@ def _validate_kind_settings(q: Qube) -> None:
             raise ConfigError(f"{where} field 'dns'", "must be a list of addresses",
                               'e.g. dns = ["192.168.1.1"]')
         _check_ip_fields(q)
+    if q.kind == "tor" and "bridges" in s and (
+            not isinstance(s["bridges"], list) or not all(isinstance(b, str) for b in s["bridges"])):
+        raise ConfigError(f"{where} field 'bridges'", "must be a list of Bridge lines",
+                          'e.g. bridges = ["obfs4 192.0.2.7:443 FINGERPRINT cert=... iat-mode=0"]')
     if q.kind == "vpn":
         if s.get("type") not in ("wireguard", "openvpn"):
             raise ConfigError(f"{where} field 'type'", f"{s.get('type')!r} is not a VPN type",

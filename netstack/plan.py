@@ -20,6 +20,7 @@ from netstack.errors import ConfigError
 from netstack.lab.vpnserver import LAB_FILES, OVPN_PORT, TUNNEL_NETS, WG_PORT, LabVpn
 from netstack.roles import role_for
 from netstack.roles.base import Client, Daemon, QubeContext
+from netstack.tor.gateway import TOR_USER, TorInfo, tor_uid, torrc
 from netstack.vpn.runtime import vpn_info
 
 NSSWITCH = ("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
@@ -124,6 +125,7 @@ class Plan:
     host_nat: HostNat | None = None
     upstream_dns: list[str] = field(default_factory=list)
     vpns: list[dict[str, Any]] = field(default_factory=list)
+    tors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +174,10 @@ def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "",
     config_dir = os.path.dirname(os.path.abspath(topo.source)) if topo.source != "<memory>" \
         else os.getcwd()
     lab_files = {ref: lab.path(f) for ref, f in LAB_FILES.items()} if lab else None
+    if any(q.kind == "tor" for q in topo.qubes) and uplink.mode == "lab" and lab \
+            and not lab.dirauths:
+        raise ConfigError("--lab", "a tor qube needs the lab's private Tor network",
+                          "internal: generate the lab with tor=True")
     net = topo.root
     for q in topo.tree_order():
         a = addrs[q.name]
@@ -184,6 +190,14 @@ def build(topo: Topology, stack: str, uplink: UplinkSpec, host_resolv: str = "",
             info = vpn_info(q, a.qid, stack, a.gateway4 or "", sdir, config_dir, lab_files)
             extra["vpn"] = info
             p.vpns.append(dataclasses.asdict(info))
+        if q.kind == "tor":
+            tinfo = TorInfo(q.name, ns, a.ipv4, sdir, TOR_USER, tor_uid(),
+                            list(lab.dirauths) if lab and uplink.mode == "lab" else [],
+                            list(q.settings.get("bridges", [])))
+            extra["tor"] = tinfo
+            p.tors.append({**dataclasses.asdict(tinfo), "torrc": torrc(tinfo),
+                           "datadir": tinfo.datadir, "torrc_path": tinfo.torrc_path,
+                           "control_socket": tinfo.control_socket})
         ctx = QubeContext(topo, q, a, stack, up_if, clients,
                           tuple(resolvers) if q.kind == "net" else (), extra)
         role = role_for(q.kind)
@@ -262,11 +276,13 @@ def _plan_lab(p: Plan, net_ns: str, lab: LabVpn | None) -> None:
     p.addrs += [Addr(isp, "cust0", f"{addressing.LAB_ISP_ROUTER}/{plen}"),
                 Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
     p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
-    zone = {h.fqdn: h.address for h in addressing.lab_hosts()}
+    with_tor = bool(lab and lab.tor_dir)
+    lab_hosts = addressing.lab_hosts(tor=with_tor)
+    zone = {h.fqdn: h.address for h in lab_hosts}
     hosts = {}
-    for i, h in enumerate(addressing.lab_hosts()):
+    for i, h in enumerate(lab_hosts):
         ns = names.lab_netns(stack, h.name)
-        ifr = f"h{i}-{h.name}"[:15]
+        ifr = names.check_ifname(f"h{i}-{h.name}"[:15])
         fwd = "1" if h.name == "vpn" else "0"
         p.namespaces.append(NsPlan(ns, f"lab:{h.name}", {"net/ipv4/ip_forward": fwd,
                                                           **lab_sysctls},
@@ -289,7 +305,19 @@ def _plan_lab(p: Plan, net_ns: str, lab: LabVpn | None) -> None:
                                        lab.path("wg-server-hook.json"))))
         p.daemons.append(Daemon("lab-openvpn", vns, ("openvpn", "--config",
                                                      lab.path("ovpn-server.conf"))))
-    p.lab = {"hosts": hosts, "isp_router": {"netns": isp, "interface": "cust0",
+    if lab and lab.tor_dir:
+        from netstack.tor.network import DIR_PORT, OR_PORT, lab_nodes
+
+        for n in lab_nodes(lab_hosts):
+            p.daemons.append(Daemon(f"lab-tor-{n.name}", hosts[n.name]["netns"],
+                                    ("tor", "-f", os.path.join(lab.tor_dir, n.name, "torrc"))))
+        tor_nodes = {n.name: {"role": n.role, "address": n.host.address, "or_port": OR_PORT,
+                              "dir_port": DIR_PORT, "netns": hosts[n.name]["netns"],
+                              "control": os.path.join(lab.tor_dir, n.name, "control")}
+                     for n in lab_nodes(lab_hosts)}
+    else:
+        tor_nodes = {}
+    p.lab = {"hosts": hosts, "tor_nodes": tor_nodes, "isp_router": {"netns": isp, "interface": "cust0",
                                             "address": addressing.LAB_ISP_ROUTER},
              "isp_link": {"netns": net_ns, "interface": names.UPLINK_IF,
                           "address": addressing.LAB_ISP_CUSTOMER},

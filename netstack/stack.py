@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from netstack import apply, config, names, netns, plan
-from netstack.errors import StateError, UsageError
+from netstack.errors import NetstackError, StateError, UsageError
 from netstack.lab import vpnserver
 from netstack.lab.vpnserver import LabVpn
 from netstack.state import State, proc_alive
@@ -36,7 +36,12 @@ def plan_only(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> p
     if uplink.mode != "lab":
         return build_plan(config_path, stack, uplink)
     with tempfile.TemporaryDirectory() as d:
-        return build_plan(config_path, stack, uplink, vpnserver.generate(d, stack))
+        return build_plan(config_path, stack, uplink,
+                          vpnserver.generate(d, stack, _wants_tor(config_path)))
+
+
+def _wants_tor(config_path: str | None) -> bool:
+    return any(q.kind == "tor" for q in config.load(config_path or DEFAULT_CONFIG).qubes)
 
 
 def up(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> tuple[plan.Plan, str]:
@@ -59,8 +64,13 @@ def up(config_path: str | None, stack: str, uplink: plan.UplinkSpec) -> tuple[pl
         note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
     st = State(stack)
     try:
-        lab = vpnserver.generate(os.path.join(st.dir, "lab"), stack) \
-            if uplink.mode == "lab" else None
+        if uplink.mode == "lab":
+            from netstack.state import _make_stack_dir
+
+            _make_stack_dir(st.dir)
+            lab = vpnserver.generate(os.path.join(st.dir, "lab"), stack, _wants_tor(config_path))
+        else:
+            lab = None
         p = build_plan(config_path, stack, uplink, lab)
     except BaseException:
         st.remove()  # only the lab's throwaway keys were made so far
@@ -119,6 +129,15 @@ def status(stack: str) -> dict[str, Any]:
         q = next(x for x in out["qubes"] if x["name"] == v["qube"])
         q["vpn"] = health(v, q["interfaces"], children.get(f"vpn-{v['qube']}"),
                           (st.data.get("vpn_resolved") or {}).get(v["qube"]))
+    for t in p.get("tors", []):
+        q = next(x for x in out["qubes"] if x["name"] == t["qube"])
+        try:
+            from netstack.tor.control import status as tor_status
+
+            q["tor"] = tor_status(t["control_socket"])
+        except NetstackError as e:
+            q["tor"] = {"error": str(e), "bootstrap": None}
+        q["tor"]["restarts"] = (children.get(f"tor-{t['qube']}") or {}).get("restarts")
     sup = [o for o in st.objects if o["type"] == "process"]
     out["processes"] = [{"name": o["name"], "pid": o["pid"],
                          "alive": proc_alive(o["pid"], o.get("start"))} for o in sup]
@@ -145,6 +164,22 @@ def _live_links(links: apply._Links, ns: str) -> list[dict[str, Any]]:
                     "addresses": addrs, "rx_bytes": stats.get("rx_bytes"),
                     "tx_bytes": stats.get("tx_bytes")})
     return res
+
+
+def tor_of(stack: str, qube: str | None) -> dict[str, Any]:
+    st = _require(stack)
+    tors = (st.data.get("plan") or {}).get("tors", [])
+    if not tors:
+        raise UsageError(f"stack {stack!r} has no tor qube")
+    if qube is None:
+        if len(tors) > 1:
+            raise UsageError("several tor qubes: name one with --qube "
+                             + ", ".join(t["qube"] for t in tors))
+        return tors[0]
+    for t in tors:
+        if t["qube"] == qube:
+            return t
+    raise UsageError(f"--qube {qube!r} is not a tor qube of stack {stack!r}")
 
 
 def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str]) -> list[str]:

@@ -83,7 +83,7 @@ class State:
         return self._objects
 
     def save(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        _make_stack_dir(self.dir)
         small = {k: v for k, v in self.data.items() if k != "plan"}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -99,7 +99,7 @@ class State:
 
     def set(self, **kv: Any) -> None:
         if "plan" in kv:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            _make_stack_dir(self.dir)
             with open(os.path.join(self.dir, "plan.json"), "w") as f:
                 json.dump(kv["plan"], f)
         self.data.update(kv)
@@ -108,6 +108,14 @@ class State:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.dir)
+
+
+def _make_stack_dir(d: str) -> None:
+    """0711: daemons that drop root (tor as debian-tor) must traverse to their own
+    directory; nothing here can be listed, and secrets inside are 0600 or in 0700 dirs."""
+    if not os.path.isdir(d):
+        os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o711)
 
 
 def _crash_point(n: int) -> None:

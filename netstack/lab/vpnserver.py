@@ -22,8 +22,13 @@ LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-op
 
 @dataclass(frozen=True)
 class LabVpn:
+    """What the lab generated at start: VPN server files, and the private Tor network's
+    DirAuthority lines when a tor qube needs it."""
+
     dir: str
     wg_server_dev: str
+    tor_dir: str | None = None
+    dirauths: tuple[str, ...] = ()
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -42,9 +47,40 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def generate(lab_dir: str, stack: str) -> LabVpn:
-    """Keys, CA, certificates, server configs and client files, all under lab_dir (0700)."""
+def generate(lab_dir: str, stack: str, tor: bool = False) -> LabVpn:
+    """Keys, CA, certificates, server configs and client files, all under lab_dir (0700);
+    with `tor`, the private Tor network's keys and torrc files too."""
+    import threading
+
     os.makedirs(lab_dir, mode=0o700, exist_ok=True)
+    tor_result: dict = {}
+    tor_thread = None
+    if tor:  # tor-gencert takes ~1.5 s: overlap it with the VPN keys
+        from netstack.tor import network
+
+        tor_dir = os.path.join(lab_dir, "tor")
+        nodes = network.lab_nodes(addressing.lab_hosts(tor=True))
+
+        def run() -> None:
+            try:
+                tor_result["dirauths"] = network.generate(
+                    tor_dir, nodes, os.path.join(tor_dir, "resolv.conf"))
+            except Exception as e:  # re-raised below, in the caller's thread
+                tor_result["error"] = e
+
+        tor_thread = threading.Thread(target=run)
+        tor_thread.start()
+    lv = _generate_vpn(lab_dir, stack)
+    if tor_thread:
+        tor_thread.join()
+        if "error" in tor_result:
+            raise tor_result["error"]
+        lv = LabVpn(lv.dir, lv.wg_server_dev, os.path.join(lab_dir, "tor"),
+                    tuple(tor_result["dirauths"]))
+    return lv
+
+
+def _generate_vpn(lab_dir: str, stack: str) -> LabVpn:
     lv = LabVpn(lab_dir, names.check_ifname(f"wgs-{stack}"))
     p = lv.path
     vpn_host = next(h for h in addressing.lab_hosts() if h.name == "vpn")

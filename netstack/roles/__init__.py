@@ -7,10 +7,11 @@ from netstack.roles.app import AppRole
 from netstack.roles.base import Role
 from netstack.roles.firewall import FirewallRole
 from netstack.roles.net import NetRole
+from netstack.roles.tor import TorRole
 from netstack.roles.vpn import VpnRole
 
 ROLES: dict[str, type[Role]] = {"net": NetRole, "firewall": FirewallRole, "app": AppRole,
-                                "vpn": VpnRole}
+                                "vpn": VpnRole, "tor": TorRole}
 
 
 def role_for(kind: str) -> Role:

@@ -1,0 +1,69 @@
+"""The Whonix-style gateway's torrc, built by a pure function: TransPort and DNSPort on the
+gateway's own address (the nftables rules admit only redirected traffic from client links),
+the control port only as a unix socket, each workstation on its own circuits."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass, field
+
+from netstack.errors import NetstackError
+from netstack.tor.network import TESTING_OPTIONS
+
+TRANS_PORT, DNS_PORT = 9040, 5400
+TOR_USER = "debian-tor"
+# Virtual addresses Tor maps .onion and other names to (AutomapHostsOnResolve).
+VIRTUAL_NET = "10.192.0.0/10"
+
+
+@dataclass
+class TorInfo:
+    qube: str
+    netns: str
+    address: str
+    state_dir: str
+    user: str
+    uid: int
+    dirauths: list[str] = field(default_factory=list)  # lab: our private network
+    bridges: list[str] = field(default_factory=list)
+
+    @property
+    def datadir(self) -> str:
+        return os.path.join(self.state_dir, f"tor-{self.qube}")
+
+    @property
+    def torrc_path(self) -> str:
+        return os.path.join(self.state_dir, f"tor-{self.qube}.torrc")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.datadir, "control")
+
+
+def tor_uid(user: str = TOR_USER) -> int:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise NetstackError(f"user {user!r} not found: install Debian's tor package "
+                            "(scripts/setup.sh does); netstack never runs a gateway's tor as "
+                            "root") from None
+
+
+def torrc(t: TorInfo) -> str:
+    iso = "IsolateClientAddr IsolateDestAddr IsolateDestPort"
+    lines = [
+        "# written by netstack; the gateway of " + t.qube,
+        f"DataDirectory {t.datadir}", "RunAsDaemon 0", f"User {t.user}", "Log notice stdout",
+        f"ControlSocket {t.control_socket}", "CookieAuthentication 1", "SocksPort 0",
+        f"TransPort {t.address}:{TRANS_PORT} {iso}",
+        f"DNSPort {t.address}:{DNS_PORT} IsolateClientAddr",
+        f"VirtualAddrNetworkIPv4 {VIRTUAL_NET}", "AutomapHostsOnResolve 1", "ClientOnly 1",
+        "AvoidDiskWrites 1", "ClientUseIPv6 0",
+    ]
+    if t.dirauths:
+        lines += TESTING_OPTIONS + t.dirauths
+    if t.bridges:
+        lines += ["UseBridges 1", "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"]
+        lines += [f"Bridge {b}" for b in t.bridges]
+    return "\n".join(lines) + "\n"

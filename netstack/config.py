@@ -209,8 +209,9 @@ def _validate_kind_settings(q: Qube) -> None:
             raise ConfigError(f"{where} field 'dns'", "must be a list of addresses",
                               'e.g. dns = ["192.168.1.1"]')
         _check_ip_fields(q)
-    if q.kind == "tor" and "bridges" in s and (
-            not isinstance(s["bridges"], list) or not all(isinstance(b, str) for b in s["bridges"])):
+    bridges = s.get("bridges", [])
+    if q.kind == "tor" and (not isinstance(bridges, list)
+                            or not all(isinstance(b, str) for b in bridges)):
         raise ConfigError(f"{where} field 'bridges'", "must be a list of Bridge lines",
                           'e.g. bridges = ["obfs4 192.0.2.7:443 FINGERPRINT cert=... iat-mode=0"]')
     if q.kind == "vpn":

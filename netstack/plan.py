@@ -317,8 +317,9 @@ def _plan_lab(p: Plan, net_ns: str, lab: LabVpn | None) -> None:
                      for n in lab_nodes(lab_hosts)}
     else:
         tor_nodes = {}
-    p.lab = {"hosts": hosts, "tor_nodes": tor_nodes, "isp_router": {"netns": isp, "interface": "cust0",
-                                            "address": addressing.LAB_ISP_ROUTER},
+    p.lab = {"hosts": hosts, "tor_nodes": tor_nodes,
+             "isp_router": {"netns": isp, "interface": "cust0",
+                            "address": addressing.LAB_ISP_ROUTER},
              "isp_link": {"netns": net_ns, "interface": names.UPLINK_IF,
                           "address": addressing.LAB_ISP_CUSTOMER},
              "domain": addressing.LAB_DOMAIN,

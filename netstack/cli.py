@@ -189,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def uplink_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", nargs="?", help="TOML qube table (default: configs/basic.toml)")
+        p.add_argument("config", nargs="?",
+                       help="TOML qube table (default: configs/tor-over-vpn.toml)")
         p.add_argument("--lab", action="store_true", help="uplink into the built-in lab internet")
         p.add_argument("--uplink", metavar="DEV", help="move host interface DEV into sys-net")
         p.add_argument("--uplink-mode", choices=["move", "nat"], default="move",

@@ -16,7 +16,7 @@ from netstack.lab.vpnserver import LabVpn
 from netstack.state import State, proc_alive
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "basic.toml"
+DEFAULT_CONFIG = CONFIG_DIR / "tor-over-vpn.toml"
 
 
 def build_plan(config_path: str | None, stack: str, uplink: plan.UplinkSpec,

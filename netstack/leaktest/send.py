@@ -13,9 +13,33 @@ import sys
 from typing import Any
 
 
+def build6(p: dict[str, Any]) -> Any:
+    """IPv6 goes out at layer 2 (the workstation has IPv6 disabled, a hostile root does not
+    care): Ethernet broadcast on the given interface."""
+    from scapy.layers.inet import TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    pkt = Ether(dst="ff:ff:ff:ff:ff:ff") / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"])
+    proto = p.get("proto", "udp6")
+    if proto == "tcp6":
+        pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80), flags="S")
+    elif proto == "icmp6":
+        pkt /= ICMPv6EchoRequest()
+    else:
+        pkt /= UDP(sport=p.get("sport", 40000), dport=p.get("dport", 9))
+    if p.get("payload"):
+        pkt /= Raw(load=p["payload"].encode())
+    return pkt
+
+
 def build(p: dict[str, Any]) -> Any:
     from scapy.layers.inet import ICMP, IP, TCP, UDP
     from scapy.packet import Raw
+
+    if p.get("proto", "").endswith("6"):
+        return build6(p)
 
     ip_kw: dict[str, Any] = {"dst": p["dst"]}
     for k in ("src", "ttl", "id"):
@@ -59,7 +83,13 @@ def send_specs(specs: list[dict[str, Any]]) -> int:
             print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
             continue
         try:
-            send(pkt, count=p.get("count", 1), verbose=False)
+            if p.get("proto", "").endswith("6"):
+                from scapy.sendrecv import sendp
+
+                sendp(pkt, iface=p.get("iface", "eth0"), count=p.get("count", 1),
+                      verbose=False)
+            else:
+                send(pkt, count=p.get("count", 1), verbose=False)
             sent += p.get("count", 1)
         except OSError as e:
             print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)

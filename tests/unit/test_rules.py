@@ -176,3 +176,75 @@ def test_lab_file_needs_the_lab(tmp_path):
         plan.build(config.load(ROOT / "configs" / "vpn.toml"), "main",
                    plan.UplinkSpec("lab"))
     assert "only in the lab" in str(e.value)
+
+
+def tor_plan(tmp_path):
+    from netstack.lab.vpnserver import LabVpn
+
+    (tmp_path / "client-wireguard.conf").write_text(
+        __import__("tests.unit.test_vpn_parsers", fromlist=["x"]).WG_MULLVAD_LIKE)
+    lab = LabVpn(str(tmp_path), "wgs-main", str(tmp_path / "tor"),
+                 ("DirAuthority auth1 orport=5000 no-v2 v3ident=AA 203.0.113.21:7000 BB",))
+    return plan.build(config.load(ROOT / "configs" / "tor-over-vpn.toml"), "main",
+                      plan.UplinkSpec("lab"), lab=lab)
+
+
+def test_tor_gateway_rules(tmp_path):
+    p = tor_plan(tmp_path)
+    rs = p.ns("nst-main-sys-whonix").ruleset
+    # nothing is ever forwarded, and forwarding is off
+    assert not [r for r in rules_of(rs, "forward") if r["expr"][-1] == nft.ACCEPT]
+    assert p.ns("nst-main-sys-whonix").sysctls["net/ipv4/ip_forward"] == "0"
+    nat = {r["comment"]: r["expr"] for r in rules_of(rs, "nat_prerouting")}
+    assert set(nat) == {"DNS -> DNSPort", "TCP SYN -> TransPort"}
+    assert nat["TCP SYN -> TransPort"][-1] == nft.redirect(9040)
+    assert nat["DNS -> DNSPort"][-1] == nft.redirect(5400)
+    for expr in nat.values():
+        assert expr[0] == nft.iifname("vif5")  # only from the workstation's link
+    syn = nat["TCP SYN -> TransPort"]
+    assert {"&": [nft.payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]} in \
+        [e["match"]["left"] for e in syn if "match" in e]
+    excluded = next(e["match"] for e in syn if "match" in e and e["match"]["op"] == "!=")
+    assert {"prefix": {"addr": "10.0.0.0", "len": 8}} in excluded["right"]["set"]
+    inp = {r["comment"]: r["expr"] for r in rules_of(rs, "input") if r["expr"][-1] == nft.ACCEPT}
+    assert set(inp) == {"replies", "loopback", "redirected to TransPort", "redirected to DNSPort"}
+    out = {r["comment"]: r["expr"] for r in rules_of(rs, "output") if r["expr"][-1] == nft.ACCEPT}
+    assert set(out) == {"loopback", "replies to clients", "tor's own traffic upstream"}
+    import pwd
+
+    assert out["tor's own traffic upstream"][1] == nft.match(
+        nft.meta("skuid"), pwd.getpwnam("debian-tor").pw_uid)
+
+
+def test_torrc(tmp_path):
+    t = tor_plan(tmp_path).tors[0]
+    rc = t["torrc"].splitlines()
+    assert "TransPort 10.137.0.4:9040 IsolateClientAddr IsolateDestAddr IsolateDestPort" in rc
+    assert "DNSPort 10.137.0.4:5400 IsolateClientAddr" in rc
+    assert "SocksPort 0" in rc and "User debian-tor" in rc
+    assert not [x for x in rc if x.startswith("ControlPort")]  # a unix socket only
+    assert f"ControlSocket {t['control_socket']}" in rc
+    assert "TestingTorNetwork 1" in rc and any(x.startswith("DirAuthority auth1") for x in rc)
+
+
+def test_torrc_on_a_real_host_uses_the_public_network_and_bridges():
+    from netstack.tor.gateway import TorInfo, torrc
+
+    rc = torrc(TorInfo("gw", "ns", "10.137.0.4", "/run/netstack/x", "debian-tor", 102, [],
+                       ["obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0"]))
+    assert "TestingTorNetwork" not in rc and "DirAuthority" not in rc
+    assert "UseBridges 1" in rc and "Bridge obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0" in rc
+
+
+def test_lab_tor_network_torrc():
+    from netstack import addressing
+    from netstack.tor import network
+
+    nodes = network.lab_nodes(addressing.lab_hosts(tor=True))
+    assert sorted(n.role for n in nodes) == ["authority"] * 3 + ["exit"] * 2 + ["relay"]
+    exit1 = next(n for n in nodes if n.name == "exit1")
+    rc = network.node_torrc(exit1, "/d", ["DirAuthority x"], "/d/resolv.conf")
+    assert "ExitPolicy accept *:*" in rc and "ServerDNSResolvConfFile /d/resolv.conf" in rc
+    assert "ORPort 203.0.113.41:5000" in rc and "TestingV3AuthInitialVotingInterval 5" in rc
+    auth = next(n for n in nodes if n.role == "authority")
+    assert "V3AuthoritativeDirectory 1" in network.node_torrc(auth, "/d", [], "/r")

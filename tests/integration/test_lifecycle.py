@@ -159,8 +159,8 @@ def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
         assert p.returncode == 0, p.stderr
         st = json.loads(p.stdout)
         net = next(q for q in st["qubes"] if q["name"] == "sys-net")
-        assert {"name": "uplink", "state": "up", "addresses": ["192.0.2.2/24"]} in \
-            [{**i, "state": i["state"].lower()} for i in net["interfaces"]]
+        assert ("uplink", "up", ["192.0.2.2/24"]) in \
+            [(i["name"], i["state"].lower(), i["addresses"]) for i in net["interfaces"]]
         ping = in_ns(f"nst-{s}-work", "ping", "-c", "1", "-W", "2", "192.0.2.1", check=False)
         assert ping.returncode == 0, ping.stdout
         p = subprocess.run(run + ["down"], capture_output=True, text=True)

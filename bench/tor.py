@@ -1,0 +1,120 @@
+"""Tor-over-VPN benchmark: `up --lab` of configs/tor-over-vpn.toml to 100 % bootstrap and to
+the first byte from anon-whonix through the whole chain (Tor over VPN over the lab), median
+of N runs; and the memory of the running stack (RSS of every process it started).
+
+    sudo .venv/bin/python bench/tor.py [--runs 5] [--out bench/results/tor.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from netstack import netns, plan, stack  # noqa: E402
+from netstack.apply import recorded_children  # noqa: E402
+from netstack.state import State  # noqa: E402
+from netstack.tor.control import wait_bootstrap  # noqa: E402
+
+WEB = "198.51.100.80"
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def first_byte(ns: str, deadline: float) -> None:
+    """An HTTP GET from inside `ns` until the first byte of the answer arrives."""
+    while True:
+        with netns.entered(ns):
+            s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect((WEB, 80))
+            s.sendall(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+            if s.recv(1):
+                return
+        except OSError:
+            pass
+        finally:
+            s.close()
+        if time.monotonic() > deadline:
+            raise TimeoutError("no first byte")
+        time.sleep(0.05)
+
+
+def reap() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def one_run(name: str, measure_memory: bool) -> dict:
+    cfg = str(ROOT / "configs" / "tor-over-vpn.toml")
+    t0 = time.monotonic()
+    p, _ = stack.up(cfg, name, plan.UplinkSpec("lab"))
+    t_up = time.monotonic() - t0
+    try:
+        wait_bootstrap(p.tors[0]["control_socket"], 120)
+        t_boot = time.monotonic() - t0
+        first_byte(f"nst-{name}-anon-whonix", t0 + 120)
+        t_fb = time.monotonic() - t0
+        out = {"up_s": t_up, "bootstrap_s": t_boot, "first_byte_s": t_fb}
+        if measure_memory:
+            st = State.load(name)
+            pids = [o["pid"] for o in st.objects if o["type"] == "process"]
+            kids = recorded_children(st)
+            pids += [c["pid"] for c in kids]
+            total = sum(rss_kib(x) for x in pids)
+            tors = sum(rss_kib(c["pid"]) for c in kids if c["name"].startswith(("lab-tor",
+                                                                                 "tor-")))
+            out.update(rss_total_mib=round(total / 1024, 1), rss_tor_mib=round(tors / 1024, 1),
+                       processes=len(pids))
+        return out
+    finally:
+        stack.down(name)
+        reap()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tor.json"))
+    a = ap.parse_args()
+    runs = [one_run(f"bt{i}", i == 0) for i in range(a.runs)]
+    res: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release},
+                 "runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                          for r in runs]}
+    for k in ("up_s", "bootstrap_s", "first_byte_s"):
+        res[f"{k}_median"] = round(statistics.median(r[k] for r in runs), 3)
+        res[f"{k}_max"] = round(max(r[k] for r in runs), 3)
+    res["memory"] = {k: runs[0][k] for k in ("rss_total_mib", "rss_tor_mib", "processes")}
+    for k, v in res.items():
+        if k != "runs":
+            print(f"{k:<22} {v}")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

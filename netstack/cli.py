@@ -171,6 +171,32 @@ def cmd_tor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaktest(args: argparse.Namespace) -> int:
+    from netstack.leaktest import battery
+
+    r = battery.run(args.stack, args.qube, args.scenario, args.inject_fault, args.pcaps)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=2))
+    else:
+        print(f"leaktest of stack {r.stack} from {r.workstation} ({r.chain_kind} chain), "
+              f"scenario {r.scenario}" + (f", fault {r.fault}" if r.fault else ""))
+        print(f"{'case':<24} {'sent':>4}  {'verdict':<7} seen on")
+        for c in r.cases:
+            where = ", ".join(c["seen_on"]) or "-"
+            if c["leaked_on"]:
+                where += "  LEAKED ON: " + ", ".join(c["leaked_on"])
+            print(f"{c['case']:<24} {c['sent']:>4}  {c['verdict']:<7} {where}")
+        print(f"{'link':<28} {'zone':<11} {'packets':>7}  verdict")
+        for lk in r.links:
+            print(f"{lk['link']:<28} {lk['zone']:<11} {lk['packets']:>7}  {lk['verdict']}"
+                  + (f" ({lk['violation_count']} violations)" if lk["violation_count"] else ""))
+        bad = [c["case"] for c in r.cases if c["leaked_on"]]
+        print(f"{'LEAK' if r.leaks else 'PASS'}: {len(r.cases)} cases, {r.packets_sent} packets,"
+              f" {len(r.links)} links captured, {r.leaks} leaks"
+              + (f" ({', '.join(bad)})" if bad else "") + f", {r.seconds} s; pcaps in {r.pcaps}")
+    return 1 if r.leaks else 0
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     from netstack import stack
 
@@ -221,6 +247,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qube", help="the tor qube (default: the only one)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tor)
+    from netstack.leaktest.battery import FAULTS, SCENARIOS
+
+    p = sub.add_parser("leaktest", help="hostile-workstation packet battery with captures",
+                       epilog="examples:\n  sudo netstack leaktest\n"
+                       "  sudo netstack leaktest --scenario vpn-killed --json\n"
+                       "exit 0 only when no leak",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--qube", help="the workstation to probe from (default: one behind Tor)")
+    p.add_argument("--scenario", default="steady", choices=SCENARIOS)
+    p.add_argument("--inject-fault", choices=FAULTS, help="TEST ONLY: break a rule on purpose")
+    p.add_argument("--pcaps", metavar="DIR", help="where pcaps go (default ./pcaps)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_leaktest)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="example: sudo netstack exec work -- curl http://web.lab.test/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,9 +21,23 @@ def build6(p: dict[str, Any]) -> Any:
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    pkt = Ether(dst="ff:ff:ff:ff:ff:ff") / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"])
+    if p.get("via"):
+        from scapy.layers.l2 import getmacbyip
+
+        mac = getmacbyip(p["via"]) or "ff:ff:ff:ff:ff:ff"
+    else:
+        mac = "ff:ff:ff:ff:ff:ff"
+    pkt = Ether(dst=mac) / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"])
     proto = p.get("proto", "udp6")
-    if proto == "tcp6":
+    if proto == "ns6":
+        from scapy.layers.inet6 import ICMPv6ND_NS
+
+        pkt /= ICMPv6ND_NS(tgt=p["dst"])
+    elif proto == "ra6":
+        from scapy.layers.inet6 import ICMPv6ND_RA
+
+        pkt /= ICMPv6ND_RA()
+    elif proto == "tcp6":
         pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80), flags="S")
     elif proto == "icmp6":
         pkt /= ICMPv6EchoRequest()
@@ -34,12 +48,30 @@ def build6(p: dict[str, Any]) -> Any:
     return pkt
 
 
-def build(p: dict[str, Any]) -> Any:
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
+def build_l2(p: dict[str, Any]) -> Any:
+    """ARP and other frames that never pass through IP routing."""
+    from scapy.layers.l2 import ARP, Ether
     from scapy.packet import Raw
 
-    if p.get("proto", "").endswith("6"):
+    if p["proto"] == "arp":
+        pkt = Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, pdst=p["dst"], psrc=p.get("src",
+                                                                              "0.0.0.0"))
+    else:
+        raise ValueError(f"unknown l2 proto {p['proto']}")
+    if p.get("payload"):
+        pkt /= Raw(load=p["payload"].encode())
+    return pkt
+
+
+def build(p: dict[str, Any]) -> Any:
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, fragment
+    from scapy.packet import Raw
+
+    proto = p.get("proto", "udp")
+    if proto.endswith("6"):
         return build6(p)
+    if proto == "arp":
+        return build_l2(p)
 
     ip_kw: dict[str, Any] = {"dst": p["dst"]}
     for k in ("src", "ttl", "id"):
@@ -53,8 +85,15 @@ def build(p: dict[str, Any]) -> Any:
         from scapy.arch import get_if_addr
 
         ip_kw["src"] = get_if_addr(resolve_iface(iface).name)
+    if p.get("options") == "rr":
+        ip_kw["options"] = [IPOption_RR()]
+    if p.get("df"):
+        ip_kw["flags"] = "DF"
     pkt = IP(**ip_kw)
-    proto = p.get("proto", "udp")
+    if p.get("via") and proto != "arp":  # force the frame to a next hop (127.0.0.1 "via")
+        from scapy.layers.l2 import Ether, getmacbyip
+
+        pkt = Ether(dst=getmacbyip(p["via"])) / pkt
     if proto == "tcp":
         pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80),
                    flags=p.get("flags", "S"), seq=p.get("seq", 1000))
@@ -62,10 +101,22 @@ def build(p: dict[str, Any]) -> Any:
         pkt /= UDP(sport=p.get("sport", 40000), dport=p.get("dport", 9))
     elif proto == "icmp":
         pkt /= ICMP(type=p.get("icmp_type", 8))
+    elif proto == "ip":  # another IP protocol: GRE 47, ESP 50, SCTP 132, or any number
+        pkt.proto = p["ipproto"]
     else:
         raise ValueError(f"unknown proto {proto}")
-    if p.get("payload"):
-        pkt /= Raw(load=p["payload"].encode())
+    load = (p.get("payload") or "").encode()
+    if p.get("size"):
+        load = (load * (p["size"] // max(1, len(load)) + 1))[: p["size"]]
+    if load:
+        pkt /= Raw(load=load)
+    if p.get("frag"):
+        frags = fragment(pkt, fragsize=p["frag"])
+        if p.get("overlap") and len(frags) > 1:  # a second copy of fragment 1, shifted back
+            dup = frags[1].copy()
+            dup.frag = max(0, dup.frag - 1)
+            frags.append(dup)
+        return frags
     return pkt
 
 
@@ -83,7 +134,7 @@ def send_specs(specs: list[dict[str, Any]]) -> int:
             print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
             continue
         try:
-            if p.get("proto", "").endswith("6"):
+            if p.get("proto", "").endswith("6") or p.get("proto") == "arp" or p.get("via"):
                 from scapy.sendrecv import sendp
 
                 sendp(pkt, iface=p.get("iface", "eth0"), count=p.get("count", 1),

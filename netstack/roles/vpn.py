@@ -43,6 +43,7 @@ class VpnRole(Role):
         tun, up = v.dev, ctx.upstream_if
         clients = ctx.client_vifs
         if clients:
+            common.no_qubes(rs, clients)
             rs["forward"].add(iifname(*clients), oifname(tun), ACCEPT,
                               comment="clients -> tunnel only")
             rs["forward"].add(iifname(tun), oifname(*clients),

@@ -70,9 +70,18 @@ def provide_network(rs: Ruleset, client_vifs: list[str], upstream_if: str) -> No
     Masquerade at every hop as Qubes does, so each netvm needs routes to its own clients
     only."""
     if client_vifs:
+        no_qubes(rs, client_vifs)
         rs["forward"].add(iifname(*client_vifs), oifname(upstream_if), ACCEPT,
                           comment="clients -> upstream only")
     rs["nat_postrouting"].add(oifname(upstream_if), MASQUERADE, comment="masquerade upstream")
+
+
+def no_qubes(rs: Ruleset, client_vifs: list[str]) -> None:
+    """A client never reaches another qube's address (upstream qubes included), whatever the
+    route: the qube network is not forwarded into an uplink or a tunnel."""
+    rs["forward"].add(iifname(*client_vifs), ip_daddr({"prefix": {"addr": "10.137.0.0",
+                                                                  "len": 16}}),
+                      COUNTER, DROP, comment="no qube addresses")
 
 
 def own_output_upstream(rs: Ruleset, upstream_if: str) -> None:

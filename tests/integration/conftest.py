@@ -32,3 +32,15 @@ def own_stack():
     for s in made:
         cli("--stack", s, "down", check=False)
         reap_zombies()
+
+
+@pytest.fixture(scope="session")
+def tor_lab():
+    """One Tor-over-VPN stack with two workstations, shared by the Tor and leak tests."""
+    from tests.integration.labs import TorLab
+
+    t = TorLab()
+    try:
+        yield t
+    finally:
+        t.close()

@@ -129,27 +129,4 @@ def nft_counter(ns: str, comment: str) -> int:
     return total
 
 
-class Prober:
-    """A scapy sender kept running inside a namespace (scapy imported once), so probes go
-    out within milliseconds of a trigger, e.g. right after a VPN process is killed."""
-
-    def __init__(self, ns: str) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "netstack.leaktest.send",
-             "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert json.loads(line).get("ready"), line
-
-    def send(self, packets: list[dict]) -> int:
-        self.proc.stdin.write(json.dumps(packets) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["sent"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+from netstack.leaktest.prober import Prober  # noqa: E402,F401  (re-exported for tests)

@@ -1,0 +1,149 @@
+"""`netstack leaktest` on the Tor-over-VPN chain (the shared lab) and on the VPN-only chain:
+the battery passes in every scenario, and every injected fault is caught with the right
+case names (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+
+import pytest
+
+from netstack.leaktest import battery
+from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+
+pytestmark = pytest.mark.root
+
+INVALID = {"tcp-fin", "tcp-finack", "tcp-rst", "tcp-null", "tcp-xmas"}
+NOT_TCP = {"udp-ntp", "udp-quic", "udp-random", "icmp-echo", "icmp-timestamp", "proto-gre",
+           "proto-esp", "proto-sctp", "proto-raw253", "fragments"}
+
+
+def leaked(r) -> set[str]:
+    return {c["case"] for c in r.cases if c["leaked_on"]}
+
+
+@pytest.fixture(scope="module")
+def vpn_stack():
+    s = new_stack_name("lv")
+    cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
+    try:
+        yield s
+    finally:
+        cli("--stack", s, "down", check=False)
+        reap_zombies()
+        assert not stack_leftovers(s)
+
+
+def check_clean(r) -> None:
+    assert r.leaks == 0, (leaked(r), [lk for lk in r.links if lk["violations"]])
+    assert len(r.cases) >= 45 and all(c["sent"] >= 1 for c in r.cases)
+    src = next(lk for lk in r.links if lk["zone"] == "source")
+    assert src["packets"] >= r.packets_sent  # every probe really went out
+    for c in r.cases:  # and each was seen leaving the workstation
+        if c["case"] not in ("tcp-get-name", "dns-lookup-name"):
+            assert src["link"] in c["seen_on"], c["case"]
+    for lk in r.links:
+        assert os.path.getsize(lk["pcap"]) >= 24
+
+
+def test_tor_chain_steady(tor_lab, tmp_path):
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    check_clean(r)
+    names = {lk["link"] for lk in r.links}
+    assert {"isp-link", "sys-whonix:eth0", "lab:vpn-server", "lab:web", "lab:dns",
+            "anon-whonix2:eth0"} <= names
+    assert r.chain_kind == "tor" and r.seconds < 60
+
+
+@pytest.mark.parametrize("scenario", ["tor-killed", "vpn-killed", "firewall-reload"])
+def test_tor_chain_scenarios(tor_lab, tmp_path, scenario):
+    r = battery.run(tor_lab.stack, "anon-whonix", scenario=scenario, pcaps_dir=str(tmp_path))
+    check_clean(r)
+    tor_lab.get("anon-whonix", "198.51.100.80")  # and the chain recovered
+
+
+def test_tor_chain_fault_gateway_redirect_only_is_caught(tor_lab, tmp_path):
+    r = battery.run(tor_lab.stack, "anon-whonix", fault="gateway-redirect-only",
+                    pcaps_dir=str(tmp_path))
+    got = leaked(r)
+    assert got >= INVALID and got >= NOT_TCP
+    assert {"spoof-sibling", "spoof-upstream"} <= got
+    assert not got & {"tcp-syn-ip", "tcp-get-name", "ipv6-global", "dhcp", "mdns"}
+    assert r.leaks > 0
+    check_clean(battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path)))
+
+
+def test_cli_exit_codes_and_json(tor_lab, tmp_path):
+    p = cli("--stack", tor_lab.stack, "leaktest", "--json", "--pcaps", str(tmp_path))
+    r = json.loads(p.stdout)
+    assert p.returncode == 0 and r["leaks"] == 0 and r["workstation"] == "anon-whonix"
+    p = cli("--stack", tor_lab.stack, "leaktest", "--inject-fault", "gateway-redirect-only",
+            "--pcaps", str(tmp_path), check=False)
+    assert p.returncode == 1 and "LEAK:" in p.stdout and "tcp-fin" in p.stdout
+
+
+def test_vpn_chain_steady_and_scenarios(vpn_stack, tmp_path):
+    for scenario in ("steady", "vpn-killed", "firewall-reload"):
+        r = battery.run(vpn_stack, "work", scenario=scenario, pcaps_dir=str(tmp_path))
+        assert r.chain_kind == "vpn"
+        check_clean(r)
+
+
+@pytest.mark.parametrize("fault, expect", [
+    ("no-kill-switch", {"tcp-syn-ip", "udp-ntp", "icmp-echo", "udp-dns-direct"} | INVALID),
+    ("no-antispoof", {"spoof-sibling", "spoof-upstream", "spoof-lab"}),
+    ("ipv6-allowed", {"ipv6-global"}),
+])
+def test_vpn_chain_faults_are_caught(vpn_stack, tmp_path, fault, expect):
+    r = battery.run(vpn_stack, "work", fault=fault, pcaps_dir=str(tmp_path))
+    got = leaked(r)
+    assert expect <= got, got
+    if fault != "no-kill-switch":
+        assert not got & {"tcp-syn-ip", "tcp-get-name"}  # nothing else is blamed
+
+
+def test_fuzz_no_escapes(tor_lab, tmp_path):
+    """hypothesis-generated packets from the hostile workstation (random protocol, flags,
+    addresses, ports, TTL, fragments): not one shows up beyond the Tor gateway."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from netstack.leaktest.capture import Capture
+    from netstack.leaktest.prober import Prober
+
+    marker = "nstkfz" + secrets.token_hex(4)
+    addr = st.sampled_from(["198.51.100.80", "198.51.100.53", "203.0.113.10",
+                            "203.0.113.41", "10.137.0.4", "10.137.0.3", "10.137.0.1",
+                            "10.137.0.6", "192.0.2.1", "127.0.0.1", "255.255.255.255",
+                            "224.0.0.251"])
+    pkt = st.fixed_dictionaries({
+        "dst": addr, "proto": st.sampled_from(["tcp", "udp", "icmp", "ip"]),
+        "dport": st.integers(1, 65535), "sport": st.integers(1, 65535),
+        "flags": st.sampled_from(["S", "A", "F", "R", "FA", "SA", "", "FPU", "SF", "SR"]),
+        "ttl": st.integers(1, 255), "ipproto": st.sampled_from([0, 2, 4, 41, 47, 50, 132, 253]),
+        "icmp_type": st.integers(0, 40),
+    }, optional={"src": addr, "frag": st.sampled_from([8, 64, 512]),
+                 "size": st.integers(1, 3000)})
+    sent = []
+    ws = tor_lab.ns["anon-whonix"]
+    beyond = Capture(tor_lab.ns["sys-whonix"], "eth0", str(tmp_path / "fuzz-beyond.pcap"))
+    isp = Capture(tor_lab.ns["sys-net"], "uplink", str(tmp_path / "fuzz-isp.pcap"))
+    with Prober(ws) as prober, beyond, isp:
+        @settings(max_examples=200, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(spec=pkt)
+        def probe(spec):
+            if spec["proto"] != "ip":
+                spec.pop("ipproto")
+            sent.append(prober.send([{**spec, "payload": marker}]))
+
+        probe()
+    assert sum(sent) >= 150
+    from tests.integration.test_tor import beyond_gateway_violations
+
+    for cap in (beyond, isp):
+        pkts = cap.packets()
+        assert not [p for p in pkts if marker.encode() in bytes(p)], cap.path
+    assert not beyond_gateway_violations(tor_lab, beyond.packets())

@@ -161,23 +161,30 @@ def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
     proto = "tcp" if TCP in p else "udp" if UDP in p else None
 
     def transport() -> bool:
-        return any((ip.dst == a and proto == pr and dport == po)
-                   or (ip.src == a and proto == pr and sport == po)
-                   for a, pr, po in ctx.endpoints)
+        if any((ip.dst == a and proto == pr and dport == po)
+               or (ip.src == a and proto == pr and sport == po)
+               for a, pr, po in ctx.endpoints):
+            return True
+        return icmp_error_about(lambda a, pr, po: (a, pr, po) in ctx.endpoints)
 
     def relay() -> bool:
         if TCP in p:
             return (ip.dst, dport) in ctx.relays or (ip.src, sport) in ctx.relays
-        return icmp_error_about(lambda q, qport: (q, qport) in ctx.relays)
+        return icmp_error_about(lambda a, pr, po: pr == "tcp" and (a, po) in ctx.relays)
 
     def icmp_error_about(pred) -> bool:
-        """An ICMP error (e.g. a dead tunnel's "net unreachable") quoting an allowed flow."""
-        from scapy.layers.inet import ICMP, IPerror, TCPerror
+        """An ICMP error (a dead tunnel's "unreachable") quoting an allowed flow, whichever
+        end of the quoted packet the allowed peer is."""
+        from scapy.layers.inet import ICMP, IPerror, TCPerror, UDPerror
 
         if ICMP not in p or p[ICMP].type not in (3, 11) or IPerror not in p:
             return False
         q = p[IPerror]
-        return TCPerror in p and pred(q.dst, p[TCPerror].dport)
+        inner = p[TCPerror] if TCPerror in p else p[UDPerror] if UDPerror in p else None
+        if inner is None:
+            return False
+        pr = "tcp" if TCPerror in p else "udp"
+        return pred(q.dst, pr, inner.dport) or pred(q.src, pr, inner.sport)
 
     if zone == "sibling":
         return True  # markers decide: nothing of the battery may show up here

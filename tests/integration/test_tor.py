@@ -42,13 +42,17 @@ def with_marker(pkts, m):
 
 def test_fetch_by_ip_and_name_server_sees_only_exits(lab):
     web_before, dns_before = len(lab.log("lab-http")), len(lab.log("lab-dns"))
+    # a name no exit has cached yet: its lookup must reach the lab DNS, from an exit only
+    fresh = f"nstk{secrets.token_hex(4)}.lab.test"
+    in_ns(lab.ns["anon-whonix"], "timeout", "10", "getent", "hosts", fresh, check=False)
     assert lab.get("anon-whonix", WEB) in lab.exits
     assert lab.get("anon-whonix", "web.lab.test") in lab.exits
     assert lab.get("anon-whonix2", "web.lab.test") in lab.exits
     web = {r["client"] for r in lab.log("lab-http")[web_before:]}
     assert web and web <= lab.exits
-    dns = [r for r in lab.log("lab-dns")[dns_before:] if r["name"] == "web.lab.test"]
+    dns = [r for r in lab.log("lab-dns")[dns_before:] if r["name"] == fresh]
     assert dns and {r["client"] for r in dns} <= lab.exits
+    assert {r["client"] for r in lab.log("lab-dns")[dns_before:]} <= lab.exits
     s = json.loads(cli("--stack", lab.stack, "status", "--json").stdout)
     tor = next(q for q in s["qubes"] if q["name"] == "sys-whonix")["tor"]
     assert tor["bootstrap"] == 100 and tor["circuits_built"] > 0

@@ -197,6 +197,59 @@ def cmd_leaktest(args: argparse.Namespace) -> int:
     return 1 if r.leaks else 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from netstack import audit
+
+    if args.ruleset:
+        return _audit_file(args)
+    r = audit.run(args.stack, args.drift)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0 if r["ok"] else 1
+    for x in r["results"]:
+        print(f"{x['status']:<8} {x['qube']:<14} {x['property']:<40} {x['reason']}")
+        if x["status"] != "PASS":
+            print(f"         counterexample: {x['counterexample']}")
+            for t in x.get("trace", []):
+                print(f"           {t}")
+    for d in r.get("drift", []):
+        if d["text"]:
+            print(f"DRIFT    {d['qube']}:")
+            for line in d["text"]:
+                print(f"           {line[:150]}")
+            for s in d["semantic"]:
+                print(f"           verdict changed at {s['hook']}: generated {s['generated']}, "
+                      f"live {s['live']}, e.g. {s['example']}")
+    n_bad = sum(1 for x in r["results"] if x["status"] != "PASS")
+    print(f"{'PASS' if r['ok'] else 'FAIL'}: {len(r['results'])} properties, {n_bad} not "
+          f"proven, audited in {r['seconds']} s")
+    return 0 if r["ok"] else 1
+
+
+def _audit_file(args: argparse.Namespace) -> int:
+    """--ruleset FILE: generic properties of one namespace's ruleset (no chain context)."""
+    from netstack.audit.properties import QubeView, default_drop, invalid_first, no_ipv6_egress
+    from netstack.errors import UsageError
+
+    try:
+        with open(args.ruleset) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--ruleset {args.ruleset}: cannot read JSON ({e})") from None
+    q = QubeView(os.path.basename(args.ruleset), "app", "-", doc, "0.0.0.0", "eth0", [])
+    res = [default_drop(q), invalid_first(q), no_ipv6_egress(q)]
+    if args.json:
+        print(json.dumps([r.to_json() for r in res], indent=2))
+    else:
+        for x in res:
+            print(f"{x.status:<8} {x.property:<28} {x.reason}")
+            if x.status != "PASS":
+                print(f"         counterexample: {x.counterexample}")
+                for t in x.trace:
+                    print(f"           {t}")
+    return 0 if all(x.status == "PASS" for x in res) else 1
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     from netstack import stack
 
@@ -260,6 +313,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pcaps", metavar="DIR", help="where pcaps go (default ./pcaps)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_leaktest)
+    p = sub.add_parser("audit", help="prove the chain's properties from the live rulesets",
+                       epilog="examples:\n  sudo netstack audit\n  sudo netstack audit --drift "
+                       "--json\n  netstack audit --ruleset saved.json\n"
+                       "exit 0 only when every property is proven",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--drift", action="store_true",
+                   help="also diff the live rulesets against what the config generates")
+    p.add_argument("--ruleset", metavar="FILE", help="audit one `nft -j list ruleset` file")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="example: sudo netstack exec work -- curl http://web.lab.test/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

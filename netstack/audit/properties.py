@@ -79,9 +79,20 @@ def _ifaces(q: QubeView) -> list[str]:
     return sorted(names) + ["other0"]
 
 
-def _constants(q: QubeView, kind: str) -> list[Any]:
-    """Every address or port the ruleset compares against (one class each)."""
+def _constants(q: QubeView, kind: str, hooks: tuple[str, ...] | None = None) -> list[Any]:
+    """Every address or port the ruleset compares against (one class each); with `hooks`,
+    only in the chains a packet at those hooks can reach (base chains of the hook and every
+    regular chain), which keeps the classes of a 10,000-rule ruleset few."""
     out: set[Any] = set()
+    if hooks is not None:
+        base = {c["chain"]["name"]: c["chain"].get("hook") for c in q.ruleset["nftables"]
+                if "chain" in c}
+        items = [i for i in q.ruleset["nftables"] if "set" in i or (
+            "rule" in i and (base.get(i["rule"]["chain"]) in hooks
+                             or base.get(i["rule"]["chain"]) is None))]
+        doc: Any = {"nftables": items}
+    else:
+        doc = q.ruleset
 
     def walk(x: Any, key: str | None = None) -> None:
         if isinstance(x, dict):
@@ -94,7 +105,7 @@ def _constants(q: QubeView, kind: str) -> list[Any]:
                 walk(v, key)
         elif _is_const(x, kind, key):
             out.add(x)
-    walk(q.ruleset)
+    walk(doc)
     return sorted(out, key=str)
 
 
@@ -143,7 +154,7 @@ def invalid_first(q: QubeView) -> Result:
 
 def antispoof(q: QubeView) -> list[Result]:
     out = []
-    addrs4 = sorted(set(OUTSIDE4 + _constants(q, "addr") + [q.address]
+    addrs4 = sorted(set(OUTSIDE4 + _constants(q, "addr", ("prerouting",)) + [q.address]
                         + [c[2] for c in q.clients]))
     for name, vif, v4, v6 in q.clients:
         pk = [Packet(family="ipv4", iifname=vif, saddr=s, daddr="198.51.100.80",
@@ -197,7 +208,8 @@ def kill_switch(q: QubeView, endpoints: set[tuple[str, str, int]]) -> list[Resul
            for l4 in ("tcp", "udp", "icmp") for ct in CT_STATES]
     r1 = _check("kill switch (forward)", q, "forward", fwd, lambda p, o: o.verdict == "accept",
                 f"client traffic is forwarded only into {q.tunnel}")
-    daddrs = sorted(set(OUTSIDE4 + [e[0] for e in endpoints] + _constants(q, "addr")))
+    daddrs = sorted(set(OUTSIDE4 + [e[0] for e in endpoints]
+                        + _constants(q, "addr", ("output",))))
     ports = sorted(set([e[2] for e in endpoints] + [53, 443, 40000]))
     out = [Packet(oifname=q.upstream_if, saddr=q.address, daddr=d, l4proto=l4, dport=pt,
                   mark=m, ct_state=ct, skuid=0)
@@ -222,7 +234,8 @@ def tor_gateway(q: QubeView) -> list[Result]:
            for fl in (FLAGS if l4 == "tcp" else FLAGS[:1])]
     r1 = _check("Tor gateway forwards nothing", q, "forward", fwd,
                 lambda p, o: o.verdict == "accept", "nothing from clients is ever forwarded")
-    ports = sorted(set(_constants(q, "port") + [22, 53, 9050, 9051, q.trans_port, q.dns_port]))
+    ports = sorted(set(_constants(q, "port", ("input", "prerouting"))
+                       + [22, 53, 9050, 9051, q.trans_port, q.dns_port]))
     inp = [Packet(iifname=c[1], saddr=c[2], daddr=q.address, l4proto=l4, dport=pt,
                   ct_state="new", ct_status=st)
            for c in q.clients for l4 in ("tcp", "udp", "icmp") for pt in ports

@@ -180,7 +180,7 @@ def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
         if ICMP not in p or p[ICMP].type not in (3, 11) or IPerror not in p:
             return False
         q = p[IPerror]
-        inner = p[TCPerror] if TCPerror in p else p[UDPerror] if UDPerror in p else None
+        inner = p.getlayer(TCPerror) or p.getlayer(UDPerror)
         if inner is None:
             return False
         pr = "tcp" if TCPerror in p else "udp"

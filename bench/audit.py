@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -17,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import write  # noqa: E402
 
 from netstack import config, plan  # noqa: E402
 from netstack.audit import audit  # noqa: E402
@@ -90,10 +92,7 @@ def main() -> None:
                big_classes=sum(r.classes for r in big))
     for k, v in out.items():
         print(f"{k:<24} {v}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {a.out}")
+    write(a.out, out)
 
 
 if __name__ == "__main__":

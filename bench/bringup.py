@@ -10,7 +10,6 @@ separately as wall time of the whole `netstack up`/`down` CLI (python start incl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -21,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
 
@@ -32,14 +34,6 @@ def gen_config(apps: int) -> str:
     return "\n".join(out)
 
 
-def reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def measure(cfg: str, runs: int) -> dict:
@@ -82,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bringup.json"))
     a = ap.parse_args()
     os.chdir(ROOT)
-    results: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
+    results: dict = {"machine": machine()}
     with tempfile.TemporaryDirectory() as d:
         cfgs = {"basic (4 qubes)": str(ROOT / "configs" / "basic.toml")}
         for n in (10, 50):
@@ -97,10 +91,7 @@ def main() -> None:
     for k, v in results.items():
         if k != "machine":
             print(f"{k:<46} {v['up_median_s']:>9.3f}s {v['down_median_s']:>11.3f}s")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {a.out}")
+    write(a.out, results)
 
 
 if __name__ == "__main__":

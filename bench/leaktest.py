@@ -7,8 +7,6 @@ configs/vpn.toml over the lab; case count, packets sent, links captured and wall
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -17,19 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
 from netstack.leaktest import battery  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
-
-
-def reap() -> None:
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
-            return
 
 
 def main() -> None:
@@ -37,7 +29,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "leaktest.json"))
     a = ap.parse_args()
-    res: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
+    res: dict = {"machine": machine()}
     for cfg in ("tor-over-vpn", "vpn"):
         name = "bl" + cfg[:3].replace("-", "")
         p, _ = stack.up(str(ROOT / "configs" / f"{cfg}.toml"), name, plan.UplinkSpec("lab"))
@@ -61,10 +53,7 @@ def main() -> None:
             reap()
     for k, v in res.items():
         print(f"{k:<14} {v}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.out}")
+    write(a.out, res)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ of N runs; and the memory of the running stack (RSS of every process it started)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import socket
 import statistics
 import sys
@@ -18,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, reap, write  # noqa: E402
 
 from netstack import netns, plan, stack  # noqa: E402
 from netstack.apply import recorded_children  # noqa: E402
@@ -58,13 +59,6 @@ def first_byte(ns: str, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def reap() -> None:
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
-            return
 
 
 def one_run(name: str, measure_memory: bool) -> dict:
@@ -100,7 +94,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tor.json"))
     a = ap.parse_args()
     runs = [one_run(f"bt{i}", i == 0) for i in range(a.runs)]
-    res: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release},
+    res: dict = {"machine": machine(),
                  "runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
                           for r in runs]}
     for k in ("up_s", "bootstrap_s", "first_byte_s"):
@@ -110,10 +104,7 @@ def main() -> None:
     for k, v in res.items():
         if k != "runs":
             print(f"{k:<22} {v}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.out}")
+    write(a.out, res)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, reap, write  # noqa: E402
 
 from netstack import netns, plan, stack  # noqa: E402
 
@@ -140,13 +143,6 @@ def first_packet(cfg: str, name: str) -> tuple[float, float]:
             time.sleep(0.002)
 
 
-def reap() -> None:
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
-            return
 
 
 def main() -> None:
@@ -156,7 +152,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vpn.json"))
     a = ap.parse_args()
     cfg = str(ROOT / "configs" / "vpn.toml")
-    res: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
+    res: dict = {"machine": machine()}
     ups, firsts = [], []
     for i in range(a.runs):
         u, f = first_packet(cfg, f"bv{i}")
@@ -183,10 +179,7 @@ def main() -> None:
     res["bare_runs"] = [round(x, 3) for x in bare]
     for k, v in res.items():
         print(f"{k:<36} {v}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.out}")
+    write(a.out, res)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,35 @@ def text_diff(live: dict[str, Any], want: dict[str, Any], name: str) -> list[str
                                      f"{name} (live)", lineterm="", n=1))
 
 
-def classes(ifaces: list[str]) -> list[Packet]:
+def _ports(*docs: dict[str, Any]) -> list[int]:
+    """Every port a rule of either ruleset compares a dport against (one class each)."""
+    found: set[int] = {53, 80}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            m = x.get("match")
+            if m and isinstance(m.get("left"), dict) and \
+                    m["left"].get("payload", {}).get("field") == "dport":
+                r = m["right"]
+                vals = r.get("set", []) if isinstance(r, dict) else [r]
+                found.update(v for v in vals if isinstance(v, int))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    for d in docs:
+        walk(d)
+    return sorted(found)[:64]
+
+
+def classes(ifaces: list[str], ports: list[int] | None = None) -> list[Packet]:
     addrs = ["203.0.113.99", "198.51.100.80", "10.137.0.250", "10.139.1.1"]
     out = []
     for fam, i, o, l4, ct, port in itertools.product(
             ("ipv4", "ipv6"), ifaces + ["other0"], ifaces + ["other0"],
-            ("tcp", "udp", "icmp"), ("new", "established", "invalid"), (53, 80, 9040, 51820)):
+            ("tcp", "udp", "icmp"), ("new", "established", "invalid"),
+            ports or (53, 80, 9040, 51820)):
         for d in (addrs if fam == "ipv4" else ["2001:db8::80"]):
             out.append(Packet(family=fam, iifname=i, oifname=o, l4proto=l4, ct_state=ct,
                               dport=port, saddr="203.0.113.98" if fam == "ipv4"
@@ -53,7 +76,7 @@ def semantic_diff(live: dict[str, Any], want: dict[str, Any], ifaces: list[str],
                   limit: int = 5) -> list[dict[str, Any]]:
     a, b = Evaluator(Ruleset(want)), Evaluator(Ruleset(live))
     out = []
-    for p in classes(ifaces):
+    for p in classes(ifaces, _ports(live, want)):
         for hook in HOOKS:
             va, vb = a.run_hook(hook, p).verdict, b.run_hook(hook, p).verdict
             if va != vb:

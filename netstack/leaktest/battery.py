@@ -21,7 +21,7 @@ from netstack.leaktest.catalogue import Case, Target, cases, stamp
 from netstack.leaktest.prober import Prober
 from netstack.state import State, proc_alive
 
-SCENARIOS = ("steady", "vpn-killed", "tor-killed", "firewall-reload")
+SCENARIOS = ("steady", "vpn-killed", "tor-killed", "firewall-reload", "down")
 FAULTS = ("gateway-redirect-only", "no-kill-switch", "no-antispoof", "ipv6-allowed")
 
 
@@ -255,12 +255,22 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
         if fault:
             restore.append(_inject(ctx, fault))
         with _scenario(ctx, scenario):
-            for c in cs:
+            downer = None
+            for i, c in enumerate(cs):
+                if scenario == "down" and i == len(cs) // 3:
+                    # `netstack down` while probes run: daemons die, namespaces go away
+                    # (ours stay alive only as long as a capture or the prober is inside)
+                    from netstack.apply import down as stack_down
+
+                    downer = threading.Thread(target=stack_down, args=(ctx.state,))
+                    downer.start()
                 if c.packets:
                     sent += prober.send(c.packets)
-                if c.tool:
+                if c.tool and netns.exists(ctx.ws["netns"]):
                     subprocess.run(["ip", "netns", "exec", ctx.ws["netns"], *c.tool],
                                    capture_output=True, timeout=30)
+            if downer:
+                downer.join()
             time.sleep(0.3)  # in-flight packets reach the far links (bounded, not a poll)
     finally:
         prober.close()
@@ -361,7 +371,7 @@ def _wait_restarted(ctx: Ctx, old: dict[str, int], timeout: float = 60) -> None:
 
 @contextlib.contextmanager
 def _scenario(ctx: Ctx, scenario: str):
-    if scenario == "steady":
+    if scenario in ("steady", "down"):
         yield
     elif scenario == "vpn-killed":
         with _hold_dead(ctx, "vpn-"):

@@ -21,9 +21,13 @@ class Prober:
 
     def send(self, packets: list[dict]) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(packets) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["sent"]
+        try:
+            self.proc.stdin.write(json.dumps(packets) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            return 0
+        return json.loads(line)["sent"] if line else 0
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -154,7 +154,10 @@ def main() -> None:
     if sys.argv[1] == "--serve":  # one JSON list per line on stdin, one result line each
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
-            print(json.dumps({"sent": send_specs(json.loads(line))}), flush=True)
+            try:
+                print(json.dumps({"sent": send_specs(json.loads(line))}), flush=True)
+            except Exception as e:  # the namespace around us may be going away (`down`)
+                print(json.dumps({"sent": 0, "error": str(e)}), flush=True)
         return
     print(json.dumps({"sent": send_specs(json.loads(sys.argv[1]))}))
 

@@ -18,16 +18,11 @@ import subprocess
 import sys
 import time
 
+from netstack.state import proc_alive
+
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-        return data[data.rindex(")") + 2] != "Z"
-    except OSError:
-        return False
+    return True if pid is None else proc_alive(pid, None)
 
 
 def _has_ipv4(dev: str) -> bool:

@@ -147,3 +147,18 @@ def test_fuzz_no_escapes(tor_lab, tmp_path):
         pkts = cap.packets()
         assert not [p for p in pkts if marker.encode() in bytes(p)], cap.path
     assert not beyond_gateway_violations(tor_lab, beyond.packets())
+
+
+def test_down_while_probes_run(tmp_path):
+    """`netstack down` in the middle of the battery: nothing leaks while the stack is torn
+    down around the probes, and nothing of the stack is left afterwards."""
+    s = new_stack_name("ld")
+    cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
+    try:
+        r = battery.run(s, "work", scenario="down", pcaps_dir=str(tmp_path))
+        assert r.leaks == 0, (leaked(r), [lk for lk in r.links if lk["violations"]])
+        assert r.packets_sent >= 40  # some need neighbours that `down` removed
+    finally:
+        cli("--stack", s, "down", check=False)
+        reap_zombies()
+    assert not stack_leftovers(s)

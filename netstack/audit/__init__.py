@@ -139,6 +139,10 @@ def _endpoint_set_results(plan: dict[str, Any], live: dict[str, dict[str, Any]],
 
 def audit(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]],
           resolved: dict[str, Any] | None) -> tuple[list[Result], float]:
+    from netstack.audit.e2e import end_to_end
+
     t0 = time.perf_counter()
-    res = all_results(views(plan, rulesets), endpoints_from(plan, resolved))
+    eps = endpoints_from(plan, resolved)
+    res = all_results(views(plan, rulesets), eps)
+    res += end_to_end(plan, rulesets, eps)
     return res, time.perf_counter() - t0

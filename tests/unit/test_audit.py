@@ -181,3 +181,25 @@ def test_limit_is_may_match(tmp_path):
                                    {"limit": {"rate": 1, "per": "second"}}, {"accept": None}])
     r = results(p, rs)[("sys-whonix", "control port unreachable")]
     assert r.status in ("FAIL", "UNPROVEN") and r.status != "PASS"
+
+
+def test_end_to_end_only_transport_on_the_isp_link(tmp_path):
+    for cfg, ws, want in (("configs/vpn.toml", "work", "transport"),
+                          ("tests/configs/tor-two-workstations.toml", "anon-whonix", "proxied")):
+        p = make_plan(tmp_path, cfg)
+        r = results(p, rulesets(p))[(ws, "end to end: only VPN transport on the ISP link")]
+        assert r.status == "PASS" and want in r.reason and r.classes > 500
+
+
+def test_end_to_end_catches_a_missing_kill_switch(tmp_path):
+    """Traffic to the VPN endpoint's own address is routed to the uplink (the endpoint
+    route); with the kill switch's forward rule gone it reaches the ISP link in clear."""
+    p = make_plan(tmp_path, "configs/vpn.toml")
+    rs = copy.deepcopy(rulesets(p))
+    _insert_rule(rs, "nst-main-sys-proxyvm", "forward",
+                 [_m(IIF, "vif4"), _m(OIF, "eth0"), {"accept": None}])
+    r = results(p, rs)[("work", "end to end: only VPN transport on the ISP link")]
+    assert r.status == "FAIL"
+    assert r.counterexample["daddr"] == "203.0.113.10"
+    assert any("ISP link CLEAR" in t for t in r.trace)
+    assert any("sys-proxyvm: forward vif4->eth0 accept" in t for t in r.trace)

@@ -193,11 +193,17 @@ def test_end_to_end_only_transport_on_the_isp_link(tmp_path):
 
 def test_end_to_end_catches_a_missing_kill_switch(tmp_path):
     """Traffic to the VPN endpoint's own address is routed to the uplink (the endpoint
-    route); with the kill switch's forward rule gone it reaches the ISP link in clear."""
+    route); with the kill switch's forward rule gone and everything masqueraded (the usual
+    VPN-gateway recipe) it reaches the ISP link in clear. Without the masquerade, sys-
+    firewall's anti-spoofing would still stop it: the walk sees that too."""
     p = make_plan(tmp_path, "configs/vpn.toml")
     rs = copy.deepcopy(rulesets(p))
     _insert_rule(rs, "nst-main-sys-proxyvm", "forward",
                  [_m(IIF, "vif4"), _m(OIF, "eth0"), {"accept": None}])
+    r = results(p, rs)[("work", "end to end: only VPN transport on the ISP link")]
+    assert r.status == "PASS" and "blocked" in r.reason  # anti-spoofing one hop up
+    _insert_rule(rs, "nst-main-sys-proxyvm", "nat_postrouting",
+                 [_m(OIF, "eth0"), {"masquerade": None}])
     r = results(p, rs)[("work", "end to end: only VPN transport on the ISP link")]
     assert r.status == "FAIL"
     assert r.counterexample["daddr"] == "203.0.113.10"

@@ -202,7 +202,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.ruleset:
         return _audit_file(args)
-    r = audit.run(args.stack, args.drift)
+    r = audit.run(args.stack, args.drift, args.replay)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1
@@ -212,6 +212,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"         counterexample: {x['counterexample']}")
             for t in x.get("trace", []):
                 print(f"           {t}")
+            rp = x.get("replay")
+            if rp:
+                print("         replay in the kernel: " + (
+                    f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
+                    if rp.get("replayable") else f"not replayed ({rp['why']})"))
     for d in r.get("drift", []):
         if d["text"]:
             print(f"DRIFT    {d['qube']}:")
@@ -322,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drift", action="store_true",
                    help="also diff the live rulesets against what the config generates")
     p.add_argument("--ruleset", metavar="FILE", help="audit one `nft -j list ruleset` file")
+    p.add_argument("--replay", action="store_true",
+                   help="replay each counterexample in scratch namespaces with nftrace")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="example: sudo netstack exec work -- curl http://web.lab.test/",

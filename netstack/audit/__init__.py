@@ -47,7 +47,7 @@ def live_rulesets(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {q["netns"]: list_ruleset(q["netns"]) for q in plan["qubes"]}
 
 
-def run(stack: str, drift: bool = False) -> dict[str, Any]:
+def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]:
     from netstack.errors import StateError
     from netstack.state import State
 
@@ -77,6 +77,18 @@ def run(stack: str, drift: bool = False) -> dict[str, Any]:
             sem = semantic_diff(live[ns], want_rs, ifaces) if text else []
             d.append({"qube": q["name"], "text": text, "semantic": sem})
         out["drift"] = d
+    if replay:
+        from netstack.audit.replay import replay as do_replay
+
+        by_qube = {q["name"]: q["netns"] for q in plan["qubes"]}
+        for r in out["results"]:
+            if r["status"] == "FAIL" and r["counterexample"] and r["qube"] in by_qube \
+                    and ": " in r["reason"]:
+                hook, predicted = r["reason"].split(": ", 1)
+                if hook in ("prerouting", "input", "forward", "output"):
+                    rp = do_replay(live[by_qube[r["qube"]]], hook, r["counterexample"])
+                    rp["confirmed"] = rp.get("kernel_verdict") == predicted
+                    r["replay"] = rp
     bad = [r for r in out["results"] if r["status"] != "PASS"]
     out["ok"] = not bad and not any(x["text"] for x in out.get("drift", []))
     return out

@@ -58,6 +58,12 @@ def _check(prop: str, q: QubeView, hook: str, packets, bad, reason: str) -> Resu
     unproven = None
     for p in packets:
         n += 1
+        if hook == "forward":
+            # only classes that can get here: not dropped in prerouting, not redirected or
+            # DNATed to a local socket (those meet input instead)
+            pre = ev.run_hook("prerouting", p)
+            if pre.verdict == "drop" or any("redirect" in x for x in pre.nat):
+                continue
         o = ev.run_hook(hook, p)
         if o.verdict == "unknown":
             unproven = unproven or (p, o)

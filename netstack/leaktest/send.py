@@ -21,7 +21,9 @@ def build6(p: dict[str, Any]) -> Any:
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    if p.get("via"):
+    if p.get("mac"):
+        mac = p["mac"]
+    elif p.get("via"):
         from scapy.layers.l2 import getmacbyip
 
         mac = getmacbyip(p["via"]) or "ff:ff:ff:ff:ff:ff"
@@ -90,10 +92,10 @@ def build(p: dict[str, Any]) -> Any:
     if p.get("df"):
         ip_kw["flags"] = "DF"
     pkt = IP(**ip_kw)
-    if p.get("via") and proto != "arp":  # force the frame to a next hop (127.0.0.1 "via")
+    if (p.get("via") or p.get("mac")) and proto != "arp":  # force the frame to a next hop
         from scapy.layers.l2 import Ether, getmacbyip
 
-        pkt = Ether(dst=getmacbyip(p["via"])) / pkt
+        pkt = Ether(dst=p.get("mac") or getmacbyip(p["via"])) / pkt
     if proto == "tcp":
         pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80),
                    flags=p.get("flags", "S"), seq=p.get("seq", 1000))
@@ -134,7 +136,8 @@ def send_specs(specs: list[dict[str, Any]]) -> int:
             print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
             continue
         try:
-            if p.get("proto", "").endswith("6") or p.get("proto") == "arp" or p.get("via"):
+            if p.get("proto", "").endswith("6") or p.get("proto") in ("arp",) \
+                    or p.get("via") or p.get("mac"):
                 from scapy.sendrecv import sendp
 
                 sendp(pkt, iface=p.get("iface", "eth0"), count=p.get("count", 1),

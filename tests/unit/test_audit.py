@@ -104,11 +104,11 @@ def mutate(name, rs):
         for i in rs[VPN]["nftables"]:
             r = i.get("rule")
             if r and r.get("comment") == "clients -> tunnel only":
-                r["expr"][1] = _m(OIF, "*")  # meant "any tunnel", matches eth0 too
+                r["expr"][1] = _m(OIF, "e*")  # "every ethX uplink": a wildcard into eth0
         return ("sys-proxyvm", "kill switch (forward)")
     if name == "rule-after-goto":
-        rs[VPN]["nftables"].append({"chain": {"family": "inet", "table": "netstack",
-                                              "name": "clients"}})
+        rs[VPN]["nftables"].insert(1, {"chain": {"family": "inet", "table": "netstack",
+                                                 "name": "clients"}})
         rs[VPN]["nftables"].append({"rule": {"family": "inet", "table": "netstack",
                                              "chain": "clients", "expr": [{"accept": None}]}})
         _insert_rule(rs, VPN, "forward", [_m(IIF, "vif4"), {"goto": {"target": "clients"}}])

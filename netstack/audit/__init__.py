@@ -57,7 +57,10 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
                          "up --lab`")
     plan = st.data["plan"]
     live = live_rulesets(plan)
-    res, secs = audit(plan, live, st.data.get("vpn_resolved"))
+    from netstack.audit.live import read as read_net
+
+    net = read_net([q["netns"] for q in plan["qubes"]])
+    res, secs = audit(plan, live, st.data.get("vpn_resolved"), net)
     out: dict[str, Any] = {"stack": stack, "seconds": round(secs, 3),
                            "results": [r.to_json() for r in res]}
     want = endpoints_from(plan, st.data.get("vpn_resolved"))
@@ -150,11 +153,14 @@ def _endpoint_set_results(plan: dict[str, Any], live: dict[str, dict[str, Any]],
 
 
 def audit(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]],
-          resolved: dict[str, Any] | None) -> tuple[list[Result], float]:
+          resolved: dict[str, Any] | None, net: dict[str, dict[str, Any]] | None = None
+          ) -> tuple[list[Result], float]:
+    """net: live links/addresses/routes per namespace (None: the plan's, for generated
+    rulesets)."""
     from netstack.audit.e2e import end_to_end
 
     t0 = time.perf_counter()
     eps = endpoints_from(plan, resolved)
     res = all_results(views(plan, rulesets), eps)
-    res += end_to_end(plan, rulesets, eps)
+    res += end_to_end(plan, rulesets, eps, net)
     return res, time.perf_counter() - t0

@@ -34,7 +34,8 @@ def _route(routes: list[dict[str, Any]], daddr: str) -> str | None:
 
 
 def walk(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]], ws: dict[str, Any],
-         p: Packet, endpoints: set[tuple[str, str, int]]) -> tuple[str, list[str]]:
+         p: Packet, endpoints: set[tuple[str, str, int]],
+         net: dict[str, dict[str, Any]] | None = None) -> tuple[str, list[str]]:
     """('blocked' | 'proxied' | 'transport' | 'LEAK' | 'elsewhere', trace) for one class."""
     qubes = {q["name"]: q for q in plan["qubes"]}
     vpns = {v["qube"]: v for v in plan.get("vpns", [])}
@@ -50,7 +51,8 @@ def walk(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]], ws: dict[str
                      + (f" ({pre.trace[-1]})" if pre.trace else ""))
         if pre.verdict != "accept":
             return ("blocked" if pre.verdict == "drop" else "unknown"), trace
-        local = {a["cidr"].split("/")[0] for a in plan["addrs"] if a["ns"] == q["netns"]}
+        addrs = net[q["netns"]]["addrs"] if net else plan["addrs"]
+        local = {a["cidr"].split("/")[0] for a in addrs if a["ns"] == q["netns"]}
         for n in pre.nat:
             if "redirect" in n:
                 p = dataclasses.replace(p, daddr=q["ipv4"], ct_status=frozenset({"dnat"}),
@@ -68,8 +70,11 @@ def walk(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]], ws: dict[str
         if sysctls.get(fwd_key, "0") != "1":
             trace.append(f"{q['name']}: forwarding off")
             return "blocked", trace
-        routes = [r for r in plan["routes"] if r["ns"] == q["netns"]]
-        if v:  # the tunnel's routes, set by its post-start hook (`ip route replace`)
+        if net:  # the kernel's routes: the tunnel's are there only while it runs
+            routes = list(net[q["netns"]]["routes"])
+        else:
+            routes = [r for r in plan["routes"] if r["ns"] == q["netns"]]
+        if v and not net:  # the tunnel's routes, set by its post-start hook
             tun = [{"dst": r, "dev": v["dev"]} for r in v["routes"]]
             tun += [{"dst": f"{e[0]}/32", "dev": v["upstream_if"]} for e in endpoints]
             replaced = {_net(r["dst"]) for r in tun}
@@ -117,7 +122,8 @@ def walk(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]], ws: dict[str
 
 
 def end_to_end(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]],
-               endpoints: set[tuple[str, str, int]]) -> list[Result]:
+               endpoints: set[tuple[str, str, int]],
+               net: dict[str, dict[str, Any]] | None = None) -> list[Result]:
     qubes = {q["name"]: q for q in plan["qubes"]}
     out = []
     for ws in plan["qubes"]:
@@ -146,7 +152,7 @@ def end_to_end(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]],
         tally: dict[str, int] = {}
         fail = None
         for p in classes:
-            res, trace = walk(plan, rulesets, ws, p, endpoints)
+            res, trace = walk(plan, rulesets, ws, p, endpoints, net)
             tally[res] = tally.get(res, 0) + 1
             if res in ("LEAK", "unknown") and fail is None:
                 fail = (res, p, trace)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,35 @@ def test_vpn_chain_audits_clean():
     s = new_stack_name("au")
     cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
     try:
+        from tests.integration.util import wait_for
+
+        sup_json = Path(f"/run/netstack/{s}/supervisor.json")
+        wait_for(lambda: json.loads(sup_json.read_text())["children"].get(
+            "vpn-sys-proxyvm", {}).get("configured"), 20, 0.05, "the tunnel configured")
         r = audit.run(s, drift=True)
         assert r["ok"], [x for x in r["results"] if x["status"] != "PASS"]
+        e2e = next(x for x in r["results"] if x["property"].startswith("end to end"))
+        assert "transport" in e2e["reason"]
+        # the walk follows the kernel's routes: with the tunnel dead nothing gets out at all
+        import os
+        import signal
+
+        from netstack.state import State
+
+        st = State.load(s)
+        sup = next(o["pid"] for o in st.objects if o["type"] == "process")
+        kids = json.loads((Path(st.dir) / "supervisor.json").read_text())["children"]
+        os.kill(sup, signal.SIGSTOP)
+        try:
+            os.kill(kids["vpn-sys-proxyvm"]["pid"], signal.SIGKILL)
+            wait_for(lambda: subprocess.run(["ip", "-n", f"nst-{s}-sys-proxyvm", "link", "show",
+                                             "dev", f"wg3-{s}"], capture_output=True
+                                            ).returncode != 0, 5, 0.01, "tunnel gone")
+            r = audit.run(s)
+            e2e = next(x for x in r["results"] if x["property"].startswith("end to end"))
+            assert e2e["status"] == "PASS" and "transport" not in e2e["reason"], e2e
+        finally:
+            os.kill(sup, signal.SIGCONT)
     finally:
         cli("--stack", s, "down", check=False)
         reap_zombies()

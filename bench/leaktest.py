@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,15 @@ def main() -> None:
         try:
             for t in p.tors:
                 wait_bootstrap(t["control_socket"], 120)
-            time.sleep(2)  # first streams after 100 % can fail; not part of the battery
+            # first streams after 100 % can fail: wait (deadline 30 s) for a page through the
+            # chain before timing the battery
+            ws = battery.context(name, None).ws["netns"]
+            end = time.monotonic() + 30
+            while subprocess.run(["ip", "netns", "exec", ws, "curl", "-sf", "--max-time", "3",
+                                  "-o", "/dev/null", "http://198.51.100.80/"]).returncode:
+                if time.monotonic() > end:
+                    raise SystemExit("no page through the chain within 30 s")
+                time.sleep(0.1)
             times, reports = [], []
             with tempfile.TemporaryDirectory() as d:
                 for _ in range(a.runs):

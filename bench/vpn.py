@@ -37,7 +37,8 @@ def sh(*a: str, **kw) -> subprocess.CompletedProcess:
 
 
 def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float:
-    srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B",
+    # a persistent server: the readiness probe below does not use it up
+    srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-B",
                             server_ip], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 5
@@ -54,12 +55,6 @@ def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        # the probe connection consumed the one-off server: start it again
-        srv.wait(5)
-        srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B",
-                                server_ip], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
         out = sh("ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-t",
                  str(seconds), "-J")
         return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9

@@ -54,6 +54,7 @@ class _Links:
 
     def __init__(self) -> None:
         self._ipr: dict[str | None, Any] = {}
+        self._index: dict[tuple[str | None, str], int] = {}
 
     def __call__(self, ns: str | None):
         if ns not in self._ipr:
@@ -64,10 +65,19 @@ class _Links:
         return self._ipr[ns]
 
     def index(self, ns: str | None, ifname: str) -> int:
-        found = self(ns).link_lookup(ifname=ifname)
-        if not found:
-            raise ApplyError(f"interface {ifname} not found in {ns or 'the host namespace'}")
-        return found[0]
+        """Interface index, looked up once per name (every address and route needs one)."""
+        key = (ns, ifname)
+        if key not in self._index:
+            found = self(ns).link_lookup(ifname=ifname)
+            if not found:
+                raise ApplyError(f"interface {ifname} not found in "
+                                 f"{ns or 'the host namespace'}")
+            self._index[key] = found[0]
+        return self._index[key]
+
+    def forget(self, ns: str | None, ifname: str) -> None:
+        """A device renamed or moved: its cached index no longer applies."""
+        self._index.pop((ns, ifname), None)
 
     def close(self) -> None:
         for ipr in self._ipr.values():
@@ -128,6 +138,7 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
     for m in plan.moves:
         state.record(type="moved", dev=m.dev, ns=m.ns, new_name=m.new_name, home=_home_ns())
         idx = links.index(None, m.dev)
+        links.forget(None, m.dev)
         links(None).link("set", index=idx, state="down")
         fd = os.open(netns.path(m.ns), os.O_RDONLY)
         try:
@@ -135,6 +146,7 @@ def _up(plan: Plan, state: State, links: _Links) -> None:
         finally:
             os.close(fd)
         links(m.ns).link("set", index=links.index(m.ns, m.dev), ifname=m.new_name)
+        links.forget(m.ns, m.dev)
     if plan.host_nat:
         _host_nat_up(plan, state)
     for a in plan.addrs:
@@ -314,15 +326,19 @@ def _kill(pid: int, start: int | None, deadline: float = 3.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def recorded_children(state: State) -> list[dict[str, Any]]:
-    """Processes the supervisor started, from its own status file."""
+def supervisor_children(state: State) -> dict[str, dict[str, Any]]:
+    """Processes the supervisor started, by daemon name, from its own status file."""
     import json
 
     try:
         with open(os.path.join(state.dir, "supervisor.json")) as f:
-            return list(json.load(f).get("children", {}).values())
+            return dict(json.load(f).get("children", {}))
     except (FileNotFoundError, ValueError):
-        return []
+        return {}
+
+
+def recorded_children(state: State) -> list[dict[str, Any]]:
+    return list(supervisor_children(state).values())
 
 
 def down(state: State) -> list[str]:

@@ -207,11 +207,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1
     for x in r["results"]:
-        print(f"{x['status']:<8} {x['qube']:<14} {x['property']:<40} {x['reason']}")
+        _print_result(x, f"{x['qube']:<14} ")
         if x["status"] != "PASS":
-            print(f"         counterexample: {x['counterexample']}")
-            for t in x.get("trace", []):
-                print(f"           {t}")
             rp = x.get("replay")
             if rp:
                 print("         replay in the kernel: " + (
@@ -231,6 +228,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+def _print_result(x: dict, where: str = "") -> None:
+    print(f"{x['status']:<8} {where}{x['property']:<40} {x['reason']}")
+    if x["status"] != "PASS":
+        print(f"         counterexample: {x['counterexample']}")
+        for t in x.get("trace", []):
+            print(f"           {t}")
+
+
 def _audit_file(args: argparse.Namespace) -> int:
     """--ruleset FILE: generic properties of one namespace's ruleset (no chain context)."""
     from netstack.audit.properties import QubeView, default_drop, invalid_first, no_ipv6_egress
@@ -247,11 +252,7 @@ def _audit_file(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_json() for r in res], indent=2))
     else:
         for x in res:
-            print(f"{x.status:<8} {x.property:<28} {x.reason}")
-            if x.status != "PASS":
-                print(f"         counterexample: {x.counterexample}")
-                for t in x.trace:
-                    print(f"           {t}")
+            _print_result(x.to_json())
     return 0 if all(x.status == "PASS" for x in res) else 1
 
 

@@ -256,7 +256,9 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
             restore.append(_inject(ctx, fault))
         with _scenario(ctx, scenario):
             downer = None
-            for i, c in enumerate(cs):
+            # raw probes first, real clients last: a client's request completes end to end,
+            # so by then every earlier probe has reached as far as it ever will
+            for i, c in enumerate(sorted(cs, key=lambda c: c.tool is not None)):
                 if scenario == "down" and i == len(cs) // 3:
                     # `netstack down` while probes run: daemons die, namespaces go away
                     # (ours stay alive only as long as a capture or the prober is inside)
@@ -271,7 +273,7 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
                                    capture_output=True, timeout=30)
             if downer:
                 downer.join()
-            time.sleep(0.3)  # in-flight packets reach the far links (bounded, not a poll)
+            time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
     finally:
         prober.close()
         for lk in lks:
@@ -327,10 +329,9 @@ def _supervisor_pid(ctx: Ctx) -> int:
 
 
 def _children(ctx: Ctx) -> dict[str, Any]:
-    import json
+    from netstack.apply import supervisor_children
 
-    with open(os.path.join(ctx.state.dir, "supervisor.json")) as f:
-        return json.load(f)["children"]
+    return supervisor_children(ctx.state)
 
 
 @contextlib.contextmanager

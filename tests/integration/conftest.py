@@ -2,20 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.util import BASIC, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.integration.util import BASIC, cli, new_stack_name, reap_zombies, running_stack
 
 
 @pytest.fixture(scope="session")
 def basic_stack():
     """One shared basic chain over the lab for tests that do not disturb it."""
-    stack = new_stack_name("b")
-    cli("--stack", stack, "up", BASIC, "--lab")
-    try:
+    with running_stack(BASIC, "b") as stack:
         yield stack
-    finally:
-        cli("--stack", stack, "down", check=False)
-        reap_zombies()
-        assert not stack_leftovers(stack)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from netstack import audit
 from netstack.apply import load_ruleset
-from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.integration.util import VPN_CFG, cli, running_stack
 
 pytestmark = pytest.mark.root
 
@@ -31,9 +31,7 @@ def test_tor_over_vpn_chain_audits_clean(tor_lab):
 
 
 def test_vpn_chain_audits_clean():
-    s = new_stack_name("au")
-    cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
-    try:
+    with running_stack(VPN_CFG, "au") as s:
         from tests.integration.util import wait_for
 
         sup_json = Path(f"/run/netstack/{s}/supervisor.json")
@@ -63,10 +61,6 @@ def test_vpn_chain_audits_clean():
             assert e2e["status"] == "PASS" and "transport" not in e2e["reason"], e2e
         finally:
             os.kill(sup, signal.SIGCONT)
-    finally:
-        cli("--stack", s, "down", check=False)
-        reap_zombies()
-        assert not stack_leftovers(s)
 
 
 def test_broken_live_rule_is_caught_and_drift_shows_it(tor_lab):

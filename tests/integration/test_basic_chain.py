@@ -38,7 +38,7 @@ def test_status_json_lists_qubes_and_lab(basic_stack):
     s = json.loads(cli("--stack", basic_stack, "status", "--json").stdout)
     q = {x["name"]: x for x in s["qubes"]}
     assert set(q) == {"sys-net", "sys-firewall", "work", "personal"}
-    assert q["work"] | {} and q["work"]["netvm"] == "sys-firewall"
+    assert q["work"]["kind"] == "app" and q["work"]["netvm"] == "sys-firewall"
     assert q["work"]["label"] == "blue" and q["work"]["addresses"] == [WORK]
     assert q["work"]["netns"] == ns(basic_stack, "work")
     assert [i["name"] for i in q["work"]["interfaces"]] == ["eth0"]

@@ -11,7 +11,7 @@ import secrets
 import pytest
 
 from netstack.leaktest import battery
-from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.integration.util import VPN_CFG, cli, running_stack
 
 pytestmark = pytest.mark.root
 
@@ -26,14 +26,8 @@ def leaked(r) -> set[str]:
 
 @pytest.fixture(scope="module")
 def vpn_stack():
-    s = new_stack_name("lv")
-    cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
-    try:
+    with running_stack(VPN_CFG, "lv") as s:
         yield s
-    finally:
-        cli("--stack", s, "down", check=False)
-        reap_zombies()
-        assert not stack_leftovers(s)
 
 
 def check_clean(r) -> None:
@@ -152,13 +146,7 @@ def test_fuzz_no_escapes(tor_lab, tmp_path):
 def test_down_while_probes_run(tmp_path):
     """`netstack down` in the middle of the battery: nothing leaks while the stack is torn
     down around the probes, and nothing of the stack is left afterwards."""
-    s = new_stack_name("ld")
-    cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
-    try:
+    with running_stack(VPN_CFG, "ld") as s:
         r = battery.run(s, "work", scenario="down", pcaps_dir=str(tmp_path))
         assert r.leaks == 0, (leaked(r), [lk for lk in r.links if lk["violations"]])
         assert r.packets_sent >= 40  # some need neighbours that `down` removed
-    finally:
-        cli("--stack", s, "down", check=False)
-        reap_zombies()
-    assert not stack_leftovers(s)

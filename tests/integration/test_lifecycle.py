@@ -3,6 +3,7 @@ nothing, stacks side by side, a moved uplink (root)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -131,19 +132,20 @@ def test_two_stacks_side_by_side(basic_stack, own_stack):
     assert out.strip() == "192.0.2.2"
 
 
-def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
-    """--uplink DEV moves the device into sys-net and gives it back on down. Everything runs
-    inside a throwaway 'host' namespace, so no real interface is touched."""
-    s = own_stack("m")
+@contextlib.contextmanager
+def stand_in_host(s: str):
+    """A throwaway 'host' namespace holding a veth `standin0` whose peer sits in a
+    'router' namespace (192.0.2.1/24). netstack runs in the host namespace through
+    nsenter, which switches only the network namespace: netstack must share the real mount
+    namespace for its /run/netns mounts to be seen by later commands. Yields (run, host,
+    router) where run(*args) is the netstack CLI there."""
     host, router = f"nsx-{s}-host", f"nsx-{s}-rtr"
-    cfg = tmp_path / "moved.toml"
-    cfg.write_text((Path(BASIC).read_text()).replace(
-        'kind = "net"', 'kind = "net"\naddress = "192.0.2.2/24"\ngateway = "192.0.2.1"\n'
-        'dns = ["192.0.2.1"]', 1))
-    # nsenter switches only the network namespace: netstack must share the host's mount
-    # namespace for its /run/netns mounts to be seen by later commands.
-    run = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
-           "--stack", s]
+    argv = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
+            "--stack", s]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(argv + list(args), capture_output=True, text=True)
+
     for n in (host, router):
         subprocess.run(["ip", "netns", "add", n], check=True)
     try:
@@ -151,78 +153,70 @@ def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
               "netns", router)
         in_ns(router, "ip", "addr", "add", "192.0.2.1/24", "dev", "rtr0")
         in_ns(router, "ip", "link", "set", "rtr0", "up")
-        p = subprocess.run(run + ["up", str(cfg), "--uplink", "standin0"], capture_output=True,
-                           text=True)
-        assert p.returncode == 0, p.stderr
-        assert "standin0" not in in_ns(host, "ip", "-o", "link").stdout
-        p = subprocess.run(run + ["status", "--json"], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        st = json.loads(p.stdout)
-        net = next(q for q in st["qubes"] if q["name"] == "sys-net")
-        assert ("uplink", "up", ["192.0.2.2/24"]) in \
-            [(i["name"], i["state"].lower(), i["addresses"]) for i in net["interfaces"]]
-        ping = in_ns(f"nst-{s}-work", "ping", "-c", "1", "-W", "2", "192.0.2.1", check=False)
-        assert ping.returncode == 0, ping.stdout
-        p = subprocess.run(run + ["down"], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        assert "standin0" in in_ns(host, "ip", "-o", "link").stdout  # given back, own name
+        yield run, host, router
         reap_zombies()
         assert not stack_leftovers(s)
     finally:
         if State.load(s):
-            subprocess.run(run + ["down"], capture_output=True)
+            run("down")
         for n in (host, router):
             subprocess.run(["ip", "netns", "del", n], check=False)
+
+
+def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
+    """--uplink DEV moves the device into sys-net and gives it back on down. Everything runs
+    inside a throwaway 'host' namespace, so no real interface is touched."""
+    s = own_stack("m")
+    cfg = tmp_path / "moved.toml"
+    cfg.write_text((Path(BASIC).read_text()).replace(
+        'kind = "net"', 'kind = "net"\naddress = "192.0.2.2/24"\ngateway = "192.0.2.1"\n'
+        'dns = ["192.0.2.1"]', 1))
+    with stand_in_host(s) as (run, host, _router):
+        p = run("up", str(cfg), "--uplink", "standin0")
+        assert p.returncode == 0, p.stderr
+        assert "standin0" not in in_ns(host, "ip", "-o", "link").stdout
+        p = run("status", "--json")
+        assert p.returncode == 0, p.stderr
+        net = next(q for q in json.loads(p.stdout)["qubes"] if q["name"] == "sys-net")
+        assert ("uplink", "up", ["192.0.2.2/24"]) in \
+            [(i["name"], i["state"].lower(), i["addresses"]) for i in net["interfaces"]]
+        ping = in_ns(f"nst-{s}-work", "ping", "-c", "1", "-W", "2", "192.0.2.1", check=False)
+        assert ping.returncode == 0, ping.stdout
+        p = run("down")
+        assert p.returncode == 0, p.stderr
+        assert "standin0" in in_ns(host, "ip", "-o", "link").stdout  # given back, own name
 
 
 def test_uplink_nat_mode_inside_a_stand_in_host(own_stack, tmp_path):
     """--uplink-mode nat adds a veth, forwarding and one table of ours to the namespace
     netstack runs in, and `down` takes all three back. Run inside a throwaway 'host'
     namespace (nsenter), so the real host's routing and ruleset are never touched."""
+    from scapy.layers.inet import IP
+
+    from netstack.leaktest.capture import Capture
+
     s = own_stack("n")
-    host, router = f"nsx-{s}-host", f"nsx-{s}-rtr"
     cfg = tmp_path / "nat.toml"
     cfg.write_text(Path(BASIC).read_text().replace(
         'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]', 1))
-    run = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
-           "--stack", s]
-    for n in (host, router):
-        subprocess.run(["ip", "netns", "add", n], check=True)
-    try:
-        in_ns(host, "ip", "link", "add", "standin0", "type", "veth", "peer", "name", "rtr0",
-              "netns", router)
+    with stand_in_host(s) as (run, host, router):
         in_ns(host, "ip", "addr", "add", "192.0.2.2/24", "dev", "standin0")
         in_ns(host, "ip", "link", "set", "standin0", "up")
-        in_ns(router, "ip", "addr", "add", "192.0.2.1/24", "dev", "rtr0")
-        in_ns(router, "ip", "link", "set", "rtr0", "up")
-        before = {"links": in_ns(host, "ip", "-o", "link").stdout.count("\n"),
-                  "routes": in_ns(host, "ip", "route").stdout,
-                  "nft": in_ns(host, "nft", "list", "ruleset").stdout,
-                  "fwd": in_ns(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout}
-        p = subprocess.run(run + ["up", str(cfg), "--uplink", "standin0", "--uplink-mode",
-                                  "nat"], capture_output=True, text=True)
+
+        def host_state() -> dict:
+            return {"links": in_ns(host, "ip", "-o", "link").stdout.count("\n"),
+                    "routes": in_ns(host, "ip", "route").stdout,
+                    "nft": in_ns(host, "nft", "list", "ruleset").stdout,
+                    "fwd": in_ns(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout}
+        before = host_state()
+        p = run("up", str(cfg), "--uplink", "standin0", "--uplink-mode", "nat")
         assert p.returncode == 0, p.stderr
         assert "table ip netstack_" in in_ns(host, "nft", "list", "ruleset").stdout
-        from netstack.leaktest.capture import Capture
-
         with Capture(router, "rtr0", str(tmp_path / "rtr.pcap"), "icmp") as cap:
             ping = in_ns(f"nst-{s}-work", "ping", "-c", "1", "-W", "2", "192.0.2.1",
                          check=False)
         assert ping.returncode == 0, ping.stdout
-        from scapy.layers.inet import IP
-
-        assert {p[IP].src for p in cap.packets() if IP in p} == {"192.0.2.1", "192.0.2.2"}
-        p = subprocess.run(run + ["down"], capture_output=True, text=True)
+        assert {x[IP].src for x in cap.packets() if IP in x} == {"192.0.2.1", "192.0.2.2"}
+        p = run("down")
         assert p.returncode == 0, p.stderr
-        after = {"links": in_ns(host, "ip", "-o", "link").stdout.count("\n"),
-                 "routes": in_ns(host, "ip", "route").stdout,
-                 "nft": in_ns(host, "nft", "list", "ruleset").stdout,
-                 "fwd": in_ns(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout}
-        assert after == before
-        reap_zombies()
-        assert not stack_leftovers(s)
-    finally:
-        if State.load(s):
-            subprocess.run(run + ["down"], capture_output=True)
-        for n in (host, router):
-            subprocess.run(["ip", "netns", "del", n], check=False)
+        assert host_state() == before

@@ -130,3 +130,20 @@ def nft_counter(ns: str, comment: str) -> int:
 
 
 from netstack.leaktest.prober import Prober  # noqa: E402,F401  (re-exported for tests)
+
+
+@contextlib.contextmanager
+def running_stack(config: str, prefix: str):
+    """A stack of its own, brought up over the lab and removed afterwards; the removal
+    must leave nothing of it behind."""
+    s = new_stack_name(prefix)
+    cli("--stack", s, "up", config, "--lab")
+    try:
+        yield s
+    finally:
+        cli("--stack", s, "down", check=False)
+        reap_zombies()
+    assert not stack_leftovers(s)
+
+
+VPN_CFG = str(ROOT / "configs" / "vpn.toml")

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine, reap, write  # noqa: E402
+from netstack.apply import recorded_children  # noqa: E402
 
 from netstack import netns, plan, stack  # noqa: E402
-from netstack.apply import recorded_children  # noqa: E402
 from netstack.state import State  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
 

@@ -34,6 +34,18 @@ class QubeAddr:
     gateway6: str | None
 
 
+def is_ip(s: str) -> bool:
+    """An IPv4 or IPv6 literal (never a name to resolve)."""
+    return ip_version(s) is not None
+
+
+def ip_version(s: str) -> int | None:
+    try:
+        return ipaddress.ip_address(s).version
+    except ValueError:
+        return None
+
+
 def qube_ipv4(qid: int) -> str:
     return str(QUBE_PREFIX.network_address + qid)
 
@@ -42,10 +54,19 @@ def qube_ipv6(ipv4: str) -> str:
     return str(IPV6_PREFIX.network_address + int(ipaddress.IPv4Address(ipv4)))
 
 
-def plan_addresses(topo: Topology) -> dict[str, QubeAddr]:
-    """qid in breadth-first tree order from the net qube, starting at 1."""
+def plan_addresses(topo: Topology, pinned: dict[str, int] | None = None
+                   ) -> dict[str, QubeAddr]:
+    """qid in breadth-first tree order from the net qube, starting at 1. `pinned`: qids of
+    qubes already running (a live change keeps every running qube's address and links);
+    new qubes take the lowest free qid."""
     out: dict[str, QubeAddr] = {}
-    for qid, q in enumerate(topo.tree_order(), start=1):
+    pinned = {k: v for k, v in (pinned or {}).items() if k in {q.name for q in topo.qubes}}
+    used = set(pinned.values())
+    free = (i for i in range(1, 255) if i not in used)
+    order = topo.tree_order()
+    fresh = {q.name: i for i, q in enumerate(order, start=1)} if not pinned else {}
+    for q in order:
+        qid = pinned.get(q.name) or fresh.get(q.name) or next(free)
         v4 = qube_ipv4(qid)
         v6 = qube_ipv6(v4) if topo.ipv6 else None
         gw = out[q.netvm] if q.netvm else None

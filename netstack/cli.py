@@ -9,8 +9,8 @@ import json
 import os
 import sys
 
-from netstack import plan as planmod
 from netstack.errors import NetstackError, UsageError
+from netstack.model import UplinkSpec
 
 EXAMPLES = """examples:
   sudo netstack up --lab                         # the chain over the built-in lab internet
@@ -26,13 +26,13 @@ LABEL_COLOURS = {"red": "31", "orange": "38;5;208", "yellow": "33", "green": "32
                  "gray": "90", "blue": "34", "purple": "35", "black": "30;47"}
 
 
-def _uplink(args: argparse.Namespace) -> planmod.UplinkSpec:
+def _uplink(args: argparse.Namespace) -> UplinkSpec:
     if args.lab and args.uplink:
         raise UsageError("--lab and --uplink exclude each other: pick one")
     if args.lab:
-        return planmod.UplinkSpec("lab")
+        return UplinkSpec("lab")
     if args.uplink:
-        return planmod.UplinkSpec(args.uplink_mode, args.uplink)
+        return UplinkSpec(args.uplink_mode, args.uplink)
     raise UsageError("say where sys-net's uplink is: --lab (simulated internet) or "
                      "--uplink DEV")
 
@@ -50,14 +50,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
-          + (f", lab with {len(p.lab['hosts'])} hosts" if p.lab else ""))
-    if p.tors and not args.no_wait:
+          + (f", lab with {len(p.lab.hosts)} hosts" if p.lab else ""))
+    from netstack.tor.gateway import TorInfo
+
+    tors = p.infos(TorInfo)
+    if tors and not args.no_wait:
         from netstack.tor.control import wait_bootstrap
 
-        for t in p.tors:
-            took = wait_bootstrap(t["control_socket"], args.tor_timeout,
-                                  _progress_bar(f"tor {t['qube']}"))
-            print(f"\ntor {t['qube']}: bootstrapped in {took:.1f} s", file=sys.stderr)
+        for t in tors:
+            took = wait_bootstrap(t.control_socket, args.tor_timeout,
+                                  _progress_bar(f"tor {t.qube}"))
+            print(f"\ntor {t.qube}: bootstrapped in {took:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -94,7 +97,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     p = stack.plan_only(args.config, args.stack, _uplink(args))
     if args.json:
-        print(json.dumps(p.to_json(), indent=2))
+        from netstack.codec import dump
+
+        print(json.dumps(dump(p), indent=2))
         return 0
     for q in p.qubes:
         print(f"{_colour(q.label, q.name):<24} {q.kind:<9} netvm={q.netvm or '-':<14} "
@@ -104,6 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from netstack import stack
+    from netstack.roles import role_for
 
     s = stack.status(args.stack)
     if args.json:
@@ -116,21 +122,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
-        if q.get("tor"):
-            t = q["tor"]
-            if t.get("error"):
-                print(f"      tor: {t['error']}")
-            else:
-                print(f"      tor {t['version']}: bootstrap {t['bootstrap']}%, "
-                      f"{t['circuits_built']} circuits built, restarts {t['restarts']}")
-        if q.get("vpn"):
-            v = q["vpn"]
-            eps = ", ".join(f"{e['host']}:{e['port']}/{e['proto']}" for e in v["endpoints"])
-            extra = (f"handshake {v['handshake_age_s']}s ago" if v.get("handshake_age_s")
-                     is not None else f"state {v.get('state') or '-'}")
-            print(f"      {v['type']} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
-                  f"rx {v['rx_bytes'] or 0} B tx {v['tx_bytes'] or 0} B, "
-                  f"restarts {v['restarts']}")
+        for line in role_for(q["kind"]).status_lines(q):
+            print(f"      {line}")
     if s.get("lab"):
         lab = s["lab"]
         hosts = ", ".join(f"{n}={h['address']}" for n, h in lab["hosts"].items())
@@ -147,13 +140,13 @@ def cmd_tor(args: argparse.Namespace) -> int:
     from netstack.tor import control
 
     t = stack.tor_of(args.stack, args.qube)
-    sock = t["control_socket"]
+    sock = t.control_socket
     if args.action == "status":
         s = control.status(sock)
         if args.json:
-            print(json.dumps({"qube": t["qube"], **s}, indent=2))
+            print(json.dumps({"qube": t.qube, **s}, indent=2))
         else:
-            print(f"tor {t['qube']}: version {s['version']}, bootstrap {s['bootstrap']}% "
+            print(f"tor {t.qube}: version {s['version']}, bootstrap {s['bootstrap']}% "
                   f"({s['summary']}), {s['circuits_built']} circuits built")
         return 0 if s["bootstrap"] == 100 else 1
     if args.action == "circuits":
@@ -167,7 +160,7 @@ def cmd_tor(args: argparse.Namespace) -> int:
                 print(f"{c['id']:>4} {c['status']:<9} {c['purpose']:<16} {path}")
         return 0
     control.newnym(sock)
-    print(f"tor {t['qube']}: NEWNYM sent (new circuits for new connections)")
+    print(f"tor {t.qube}: NEWNYM sent (new circuits for new connections)")
     return 0
 
 
@@ -240,13 +233,16 @@ def _audit_file(args: argparse.Namespace) -> int:
     """--ruleset FILE: generic properties of one namespace's ruleset (no chain context)."""
     from netstack.audit.properties import QubeView, default_drop, invalid_first, no_ipv6_egress
     from netstack.errors import UsageError
+    from netstack.model import QubeInfo
 
     try:
         with open(args.ruleset) as f:
             doc = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"--ruleset {args.ruleset}: cannot read JSON ({e})") from None
-    q = QubeView(os.path.basename(args.ruleset), "app", "-", doc, "0.0.0.0", "eth0", [])
+    name = os.path.basename(args.ruleset)
+    q = QubeView(QubeInfo(name, "app", None, "gray", 0, "-", "0.0.0.0", None, None, ["eth0"]),
+                 doc)
     res = [default_drop(q), invalid_first(q), no_ipv6_egress(q)]
     if args.json:
         print(json.dumps([r.to_json() for r in res], indent=2))
@@ -306,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qube", help="the tor qube (default: the only one)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tor)
-    from netstack.leaktest.battery import FAULTS, SCENARIOS
+    from netstack.leaktest import FAULTS, SCENARIOS
 
     p = sub.add_parser("leaktest", help="hostile-workstation packet battery with captures",
                        epilog="examples:\n  sudo netstack leaktest\n"

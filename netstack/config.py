@@ -14,7 +14,6 @@ from typing import Any
 
 from netstack.errors import ConfigError
 
-KINDS = ("net", "firewall", "vpn", "tor", "app")
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 # A qube name becomes part of a namespace name (nst-STACK-QUBE) and of file paths under
 # /etc/netns; keep it to what every tool accepts.
@@ -22,13 +21,7 @@ QUBE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
 COMMON_KEYS = {"kind", "netvm", "label"}
-KIND_KEYS: dict[str, set[str]] = {
-    "net": {"address", "gateway", "dns"},
-    "firewall": set(),
-    "vpn": {"type", "config", "dns"},
-    "tor": {"bridges"},
-    "app": set(),
-}
+MAX_FILE = 1 << 20  # config and provider files: a sane size
 STACK_KEYS = {"ipv6"}
 TOP_KEYS = {"qubes", "stack"}
 
@@ -45,7 +38,9 @@ class Qube:
 
     @property
     def provides_network(self) -> bool:
-        return self.kind != "app"
+        from netstack.roles import role_for
+
+        return role_for(self.kind).provides_network
 
 
 @dataclass(frozen=True)
@@ -64,7 +59,7 @@ class Topology:
 
     @property
     def root(self) -> Qube:
-        return next(q for q in self.qubes if q.kind == "net")
+        return next(q for q in self.qubes if q.netvm is None)
 
     def children(self, name: str) -> list[Qube]:
         """Qubes whose netvm is `name`, sorted by name so derived data is deterministic."""
@@ -79,26 +74,35 @@ class Topology:
             queue.extend(self.children(q.name))
         return order
 
-    def chain_to_root(self, name: str) -> list[Qube]:
-        """The qube and its netvms up to sys-net, in that order."""
-        out = [self[name]]
-        while out[-1].netvm:
-            out.append(self[out[-1].netvm])
-        return out
+
+def read_text(path: str | Path, where: str, fix: str) -> str:
+    """A UTF-8 text file of a sane size (a UTF-8 byte order mark is accepted), or a
+    ConfigError naming `where`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {path}: {e.strerror}", fix) from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(where, f"{path} is larger than {MAX_FILE} bytes", fix)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(where, f"{path} is not UTF-8 text (byte {e.start})",
+                          "save the file as UTF-8") from None
 
 
 def load(path: str | Path) -> Topology:
     """Read and validate a TOML config file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(str(p), f"cannot read: {e.strerror}",
-                          "give the path of a TOML config") from None
-    return parse(text, source=str(p))
+    text = read_text(path, str(path), "give the path of a TOML config")
+    return parse(text, source=str(path))
 
 
 def parse(text: str, source: str = "<memory>") -> Topology:
+    if text.startswith("\ufeff"):
+        text = text[1:]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -120,6 +124,8 @@ def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
 
 def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
     """Turn parsed TOML into a Topology, or raise ConfigError naming qube and field."""
+    from netstack.roles import ROLES
+
     _check_keys("top level", data, TOP_KEYS)
     stack = data.get("stack", {})
     if not isinstance(stack, dict):
@@ -143,16 +149,16 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
         if not isinstance(body, dict):
             raise ConfigError(where, "must be a table", f"write [qubes.{name}]")
         kind = body.get("kind")
-        if kind not in KINDS:
+        if kind not in ROLES:
             raise ConfigError(f"{where} field 'kind'", f"{kind!r} is not a kind",
-                              f"use one of {', '.join(KINDS)}")
-        _check_keys(where, body, COMMON_KEYS | KIND_KEYS[kind])
+                              f"use one of {', '.join(ROLES)}")
+        _check_keys(where, body, COMMON_KEYS | ROLES[kind].config_keys)
         label = body.get("label", "gray")
         if label not in LABELS:
             raise ConfigError(f"{where} field 'label'", f"{label!r} is not a label",
                               f"use one of {', '.join(LABELS)}")
         netvm = body.get("netvm")
-        if kind == "net":
+        if ROLES[kind].owns_uplink:
             if netvm is not None:
                 raise ConfigError(f"{where} field 'netvm'", "a net qube owns the uplink",
                                   "remove netvm from the net qube")
@@ -163,7 +169,7 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
         qubes.append(Qube(name, kind, netvm, label, settings))
 
     by_name = {q.name: q for q in qubes}
-    nets = [q.name for q in qubes if q.kind == "net"]
+    nets = [q.name for q in qubes if ROLES[q.kind].owns_uplink]
     if not nets:
         raise ConfigError("qubes", "no qube of kind 'net'", "add one net qube (the uplink)")
     if len(nets) > 1:
@@ -178,7 +184,7 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
                               f"use one of {', '.join(sorted(by_name))}")
         if q.netvm == q.name:
             raise ConfigError(where, "a qube cannot be its own netvm")
-        if by_name[q.netvm].kind == "app":
+        if not ROLES[by_name[q.netvm].kind].provides_network:
             raise ConfigError(where, f"{q.netvm!r} is an app qube and provides no network",
                               "use a net, firewall, vpn or tor qube as netvm")
     for q in qubes:  # every chain must end at the net qube, else there is a cycle
@@ -192,47 +198,5 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
                                   "make the netvm chain end at the net qube")
             seen.append(cur.name)
     for q in qubes:
-        _validate_kind_settings(q)
+        ROLES[q.kind].validate(q)
     return Topology(tuple(qubes), ipv6=ipv6, source=source)
-
-
-def _validate_kind_settings(q: Qube) -> None:
-    where = f"qube {q.name!r}"
-    s = q.settings
-    if q.kind == "net":
-        for key in ("address", "gateway"):
-            if key in s and not isinstance(s[key], str):
-                raise ConfigError(f"{where} field {key!r}", "must be a string",
-                                  'e.g. address = "192.168.1.50/24"')
-        if "dns" in s and (not isinstance(s["dns"], list)
-                           or not all(isinstance(x, str) for x in s["dns"])):
-            raise ConfigError(f"{where} field 'dns'", "must be a list of addresses",
-                              'e.g. dns = ["192.168.1.1"]')
-        _check_ip_fields(q)
-    bridges = s.get("bridges", [])
-    if q.kind == "tor" and (not isinstance(bridges, list)
-                            or not all(isinstance(b, str) for b in bridges)):
-        raise ConfigError(f"{where} field 'bridges'", "must be a list of Bridge lines",
-                          'e.g. bridges = ["obfs4 192.0.2.7:443 FINGERPRINT cert=... iat-mode=0"]')
-    if q.kind == "vpn":
-        if s.get("type") not in ("wireguard", "openvpn"):
-            raise ConfigError(f"{where} field 'type'", f"{s.get('type')!r} is not a VPN type",
-                              'use type = "wireguard" or type = "openvpn"')
-        if not isinstance(s.get("config"), str):
-            raise ConfigError(f"{where} field 'config'", "missing",
-                              "give the path of the provider's .conf or .ovpn file")
-
-
-def _check_ip_fields(q: Qube) -> None:
-    import ipaddress
-
-    s = q.settings
-    try:
-        if "address" in s:
-            ipaddress.ip_interface(s["address"])
-        if "gateway" in s:
-            ipaddress.ip_address(s["gateway"])
-        for d in s.get("dns", []):
-            ipaddress.ip_address(d)
-    except ValueError as e:
-        raise ConfigError(f"qube {q.name!r}", f"bad address: {e}") from None

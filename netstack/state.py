@@ -1,14 +1,23 @@
-"""The state file: every object `up` makes is recorded BEFORE it is made (an intent log),
-so `down` can remove everything after a crash at any point, and `up` can tell a half-made
-stack from a running one."""
+"""The state of a stack in /run/netstack/STACK (root only): state.json (status, small),
+plan.json (the typed Plan in force) and objects.jsonl, the intent log: every object that
+outlives its namespace is recorded BEFORE it is made, one line each, so `down` can remove
+everything after a crash at any point and `up` can tell a half-made stack from a running
+one. Every file is read back into the dataclasses that wrote it (codec)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from netstack.codec import Tagged, dump, load
+from netstack.errors import StateError
+from netstack.model import SCHEMA, Plan
 
 RUN_DIR = os.environ.get("NETSTACK_RUN_DIR", "/run/netstack")
 
@@ -17,105 +26,337 @@ def stack_dir(stack: str) -> str:
     return os.path.join(RUN_DIR, stack)
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: with the pid it identifies a process across pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(")") + 2:].split()[19])
+# --- intent records -------------------------------------------------------------------
+
+class Record(Tagged):
+    """An object made by netstack that outlives the namespaces it touches."""
+
+    registry: ClassVar[dict[str, type]] = {}
 
 
-def proc_alive(pid: int, start: int | None) -> bool:
-    """True if `pid` is still the process we started (and not a zombie)."""
-    st = proc_start_time(pid)
-    if st is None or (start is not None and st != start):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-        return data[data.rindex(")") + 2] != "Z"
-    except OSError:
-        return False
+@dataclass(frozen=True)
+class NetnsRec(Record):
+    tag = "netns"
+    name: str
+
+
+@dataclass(frozen=True)
+class FileRec(Record):
+    tag = "file"
+    path: str
+
+
+@dataclass(frozen=True)
+class DirRec(Record):
+    tag = "dir"
+    path: str
+
+
+@dataclass(frozen=True)
+class HostLinkRec(Record):
+    tag = "host_link"
+    ifname: str
+    home: str | None = None
+
+
+@dataclass(frozen=True)
+class MovedRec(Record):
+    tag = "moved"
+    dev: str
+    ns: str
+    new_name: str
+    home: str | None = None
+
+
+@dataclass(frozen=True)
+class HostSysctlRec(Record):
+    tag = "host_sysctl"
+    key: str
+    old: str
+    home: str | None = None
+
+
+@dataclass(frozen=True)
+class HostTableRec(Record):
+    tag = "host_table"
+    table: str
+    home: str | None = None
+
+
+@dataclass(frozen=True)
+class ProcessRec(Record):
+    """A process netstack starts. Recorded with its token before it exists; the process
+    writes PIDFILE (pid, start time, token) as its first act, and the pid is recorded
+    after the start: whichever survives a crash, `down` finds the process."""
+
+    tag = "process"
+    name: str
+    token: str
+    pidfile: str
+    pid: int | None = None
+    start: int | None = None
+
+
+@dataclass(frozen=True)
+class GoneRec(Record):
+    """A live change removed the object recorded at line `seq`."""
+
+    tag = "gone"
+    seq: int
+
+
+@dataclass
+class PidFile:
+    pid: int
+    start: int | None
+    token: str
+
+
+@dataclass
+class StackState:
+    stack: str
+    status: str = "partial"  # partial | up
+    config: str | None = None
+    started: float = 0.0
+    resolved: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    dirauths: list[str] = field(default_factory=list)
+    schema: int = SCHEMA
 
 
 class State:
-    """state.json (status, small), plan.json (written once) and objects.jsonl (the intent
-    log, one line appended per object: O(1) per record whatever the stack's size)."""
+    """One stack's files. Records are (seq, record): seq is the line in objects.jsonl."""
 
-    def __init__(self, stack: str, data: dict[str, Any] | None = None,
-                 objects: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, stack: str, data: StackState | None = None, plan: Plan | None = None,
+                 records: list[tuple[int, Record]] | None = None, lines: int = 0) -> None:
         self.stack = stack
         self.dir = stack_dir(stack)
         self.path = os.path.join(self.dir, "state.json")
         self.log_path = os.path.join(self.dir, "objects.jsonl")
-        self.data: dict[str, Any] = data or {"stack": stack, "status": "partial"}
-        self._objects: list[dict[str, Any]] = objects or []
+        self.plan_path = os.path.join(self.dir, "plan.json")
+        self.data = data or StackState(stack)
+        self.plan = plan
+        self._records = records or []
+        self._lines = lines
+        self._tail_checked = False
 
+    # --- reading --------------------------------------------------------------------
     @classmethod
     def load(cls, stack: str) -> State | None:
         d = stack_dir(stack)
         try:
             with open(os.path.join(d, "state.json")) as f:
-                data = json.load(f)
+                raw = json.load(f)
         except FileNotFoundError:
             return None
-        objects = []
+        except PermissionError:
+            raise StateError(f"cannot read the state of stack {stack!r}: it belongs to root "
+                             "(run with sudo)") from None
+        except ValueError:
+            raise StateError(f"{d}/state.json is damaged; remove the stack by hand") from None
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise StateError(f"stack {stack!r} was made by another version of netstack "
+                             f"(state schema {raw.get('schema') if isinstance(raw, dict) else '?'}"
+                             f", this one reads {SCHEMA}); take it down with that version")
+        data = load(StackState, raw, "state.json")
+        records: list[tuple[int, Record]] = []
+        lines = 0
         with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "objects.jsonl")) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):  # a line cut by a crash
-                    objects.append(json.loads(line))
+            for lines, line in enumerate(f, start=1):  # noqa: B007
+                with contextlib.suppress(ValueError, StateError):  # a line cut by a crash
+                    records.append((lines - 1, load(Record, json.loads(line), "objects.jsonl")))
+        plan = None
         with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "plan.json")) as f:
-            data["plan"] = json.load(f)
-        return cls(stack, data, objects)
+            plan = load(Plan, json.load(f), "plan.json")
+        return cls(stack, data, plan, records, lines)
 
     @staticmethod
     def stacks() -> list[str]:
         try:
             return sorted(d for d in os.listdir(RUN_DIR)
                           if os.path.exists(os.path.join(RUN_DIR, d, "state.json")))
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return []
 
     @property
-    def objects(self) -> list[dict[str, Any]]:
-        return self._objects
+    def objects(self) -> list[Record]:
+        """Live records in the order they were made (removed ones left out)."""
+        gone = {r.seq for _, r in self._records if isinstance(r, GoneRec)}
+        return [r for seq, r in self._records if seq not in gone and not isinstance(r, GoneRec)]
 
-    def save(self) -> None:
-        _make_stack_dir(self.dir)
-        small = {k: v for k, v in self.data.items() if k != "plan"}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(small, f)
-        os.replace(tmp, self.path)
+    def seq_of(self, rec: Record) -> int | None:
+        gone = {r.seq for _, r in self._records if isinstance(r, GoneRec)}
+        for seq, r in reversed(self._records):
+            if r == rec and seq not in gone:
+                return seq
+        return None
 
-    def record(self, **obj: Any) -> None:
-        """Write the intent before acting on it."""
-        self._objects.append(obj)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(obj) + "\n")
-        _crash_point(len(self._objects))
-
-    def set(self, **kv: Any) -> None:
-        if "plan" in kv:
-            _make_stack_dir(self.dir)
-            with open(os.path.join(self.dir, "plan.json"), "w") as f:
-                json.dump(kv["plan"], f)
-        self.data.update(kv)
+    # --- writing --------------------------------------------------------------------
+    def create(self) -> None:
+        """The stack's directory (root only) and state.json: from here on `down` knows the
+        stack, before anything else is made."""
+        make_stack_dir(self.dir)
         self.save()
 
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dump(self.data), f)
+        os.replace(tmp, self.path)
+
+    def set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        tmp = self.plan_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dump(plan), f)
+        os.replace(tmp, self.plan_path)
+
+    def set_status(self, status: str) -> None:
+        self.data.status = status
+        self.save()
+
+    def set_resolved(self, qube: str, resolved: dict[str, list[str]]) -> None:
+        self.data.resolved[qube] = resolved
+        self.save()
+
+    def record(self, rec: Record) -> int:
+        """Write the intent before acting on it. Returns the record's seq."""
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            if not self._tail_checked:
+                self._tail_checked = True
+                if os.fstat(f.fileno()).st_size:
+                    with open(self.log_path, "rb") as r:  # a line cut by a crash: end it
+                        r.seek(-1, os.SEEK_END)
+                        if r.read(1) != b"\n":
+                            f.write("\n")
+            f.write(json.dumps(dump(rec)) + "\n")
+        seq = self._lines
+        self._records.append((seq, rec))
+        self._lines += 1
+        _crash_point(len(self._records))
+        return seq
+
+    def forget(self, rec: Record) -> None:
+        """A live change removed `rec`'s object."""
+        seq = self.seq_of(rec)
+        if seq is not None:
+            self.record(GoneRec(seq))
+
+    def replace(self, old: Record, new: Record) -> None:
+        """Record `new` (e.g. a process with its pid) and retire `old`."""
+        self.record(new)
+        self.forget(old)
+
     def remove(self) -> None:
+        """Delete the stack's directory, and nothing outside it."""
+        d = checked_stack_dir(self.stack)
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.dir)
+            shutil.rmtree(d)
+
+    def owns_path(self, path: str) -> bool:
+        """Paths netstack may write and delete for this stack: its state directory and its
+        namespaces' /etc/netns directories."""
+        real = os.path.realpath(path)
+
+        def under(root: str) -> bool:
+            r = os.path.realpath(root)
+            return real == r or real.startswith(r + os.sep)
+
+        if under(self.dir):
+            return True
+        if real == os.path.realpath("/etc/netns"):
+            return True  # made by us when missing; removed only while empty
+        if under("/etc/netns"):
+            first = os.path.relpath(real, os.path.realpath("/etc/netns")).split(os.sep)[0]
+            return first.startswith((f"nst-{self.stack}-", f"nsl-{self.stack}-"))
+        return False
 
 
-def _make_stack_dir(d: str) -> None:
+def make_stack_dir(d: str) -> None:
     """0711: daemons that drop root (tor as debian-tor) must traverse to their own
-    directory; nothing here can be listed, and secrets inside are 0600 or in 0700 dirs."""
-    if not os.path.isdir(d):
-        os.makedirs(d, exist_ok=True)
+    directory; nothing here can be listed, and every file inside is 0600 or in a 0700
+    directory."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    if os.path.islink(d):
+        raise StateError(f"{d} is a symlink; netstack keeps its state only in a directory "
+                         "of its own")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(d, 0o711)
     os.chmod(d, 0o711)
+
+
+def checked_stack_dir(stack: str) -> str:
+    """The stack's own directory, refused when it is not exactly RUN_DIR/STACK (a symlink,
+    a name with a path in it)."""
+    from netstack.names import check_stack
+
+    check_stack(stack)
+    d = stack_dir(stack)
+    want = os.path.join(os.path.realpath(RUN_DIR), stack)
+    if os.path.islink(d) or (os.path.exists(d) and os.path.realpath(d) != want):
+        raise StateError(f"{d} is not netstack's own directory (a symlink?); not touching it")
+    return d
+
+
+class StackLock:
+    """One writer per stack: an exclusive flock on the stack's directory, held by every
+    command that changes it. A second writer gets "being changed by pid N" (exit 3)."""
+
+    def __init__(self, stack: str) -> None:
+        self.stack = stack
+        self.fd: int | None = None
+
+    def __enter__(self) -> StackLock:
+        d = checked_stack_dir(self.stack)
+        make_stack_dir(d)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                holder = _lock_holder(d)
+                raise StateError(f"stack {self.stack!r} is being changed by "
+                                 f"{'pid ' + str(holder) if holder else 'another netstack'}; "
+                                 "wait for it to finish") from None
+            raise
+        if not os.path.isdir(d) or os.stat(d).st_ino != os.fstat(fd).st_ino:
+            os.close(fd)  # removed by the writer we waited for: take the new one
+            return self.__enter__()
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        d = stack_dir(self.stack)
+        with contextlib.suppress(OSError):  # an empty directory of a stack that is down
+            if not os.path.exists(os.path.join(d, "state.json")):
+                os.rmdir(d)
+
+
+def _lock_holder(path: str) -> int | None:
+    """The pid holding a flock on `path`, from /proc/locks."""
+    st = os.stat(path)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError), open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == want:
+                with contextlib.suppress(ValueError):
+                    return int(parts[4])
+    return None
+
+
+def read_pidfile(path: str) -> PidFile | None:
+    try:
+        with open(path) as f:
+            return load(PidFile, json.load(f), path)
+    except (FileNotFoundError, ValueError, StateError):
+        return None
 
 
 def _crash_point(n: int) -> None:

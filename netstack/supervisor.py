@@ -3,7 +3,9 @@ waits on them and restarts them with backoff. PID 1 on some hosts never reaps or
 every daemon is a child that this process waits for. It records its children with their
 start times in supervisor.json, so `down` can end them by PID even if it dies.
 
-Run as `python -m netstack.supervisor STACK_DIR` by `up` only.
+Run as `python -m netstack.supervisor STACK_DIR TOKEN` by `up` only. Its first act is to
+write supervisor.pid (pid, start time, TOKEN): `up` recorded the token in the intent log
+before starting it, so a crash of `up` at any moment leaves it findable.
 """
 
 from __future__ import annotations
@@ -15,19 +17,71 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from netstack.state import proc_start_time
+from netstack.codec import dump, load
+from netstack.kernel import proc_start_time
+from netstack.model import Daemon
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+SPEC, STATUS, PIDFILE = "supervisor-spec.json", "supervisor.json", "supervisor.pid"
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    type: str  # http | dns
+    netns: str
+    fds: dict[str, int]
+    zone: dict[str, str]
+    log: str
+
+
+@dataclass
+class SupervisorSpec:
+    stack: str
+    services: list[ServiceSpec]
+    daemons: list[Daemon]
+
+
+@dataclass
+class Child:
+    name: str
+    pid: int
+    start: int | None
+    restarts: int = 0
+    started_at: float = 0.0
+    last_exit: int | None = None
+    configured: bool = False
+    configured_at: float | None = None
+
+
+@dataclass
+class SupervisorStatus:
+    pid: int
+    start: int | None
+    children: dict[str, Child] = field(default_factory=dict)
+
+
+def read_status(stack_dir: str) -> SupervisorStatus | None:
+    try:
+        with open(os.path.join(stack_dir, STATUS)) as f:
+            return load(SupervisorStatus, json.load(f), STATUS)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _private_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 class Supervisor:
     def __init__(self, stack_dir: str) -> None:
         self.dir = stack_dir
-        with open(os.path.join(stack_dir, "supervisor-spec.json")) as f:
-            self.spec: dict[str, Any] = json.load(f)
-        self.children: dict[str, dict[str, Any]] = {}  # name -> pid, start, restarts
+        with open(os.path.join(stack_dir, SPEC)) as f:
+            self.spec = load(SupervisorSpec, json.load(f), SPEC)
+        self.children: dict[str, Child] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -37,28 +91,30 @@ class Supervisor:
     def write_status(self) -> None:
         """Atomic and serialised: several watcher threads report at once."""
         with self.status_lock:
-            tmp = os.path.join(self.dir, f"supervisor.json.{threading.get_ident()}")
-            with open(tmp, "w") as f:
-                json.dump({"pid": os.getpid(), "start": proc_start_time(os.getpid()),
-                           "children": self.children}, f)
-            os.replace(tmp, os.path.join(self.dir, "supervisor.json"))
+            tmp = os.path.join(self.dir, f"{STATUS}.{threading.get_ident()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(dump(SupervisorStatus(os.getpid(), proc_start_time(os.getpid()),
+                                                self.children)), f)
+            os.replace(tmp, os.path.join(self.dir, STATUS))
 
-    def start_daemon(self, d: dict[str, Any]) -> None:
-        argv = ["ip", "netns", "exec", d["netns"], *d["argv"]]
-        with open(os.path.join(self.dir, f"{d['name']}.log"), "ab") as log:
+    def start_daemon(self, d: Daemon) -> None:
+        argv = ["ip", "netns", "exec", d.netns, *d.argv]
+        log = _private_append(os.path.join(self.dir, f"{d.name}.log"))
+        try:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        prev = self.children.get(d["name"], {})
-        self.procs[d["name"]] = p
-        self.children[d["name"]] = {
-            "name": d["name"], "pid": p.pid, "start": proc_start_time(p.pid),
-            "restarts": prev.get("restarts", -1) + 1, "started_at": time.time(),
-            "last_exit": prev.get("last_exit")}
+        finally:
+            os.close(log)
+        prev = self.children.get(d.name)
+        self.procs[d.name] = p
+        self.children[d.name] = Child(d.name, p.pid, proc_start_time(p.pid),
+                                      prev.restarts + 1 if prev else 0, time.time(),
+                                      prev.last_exit if prev else None)
         self.write_status()
 
-    def watch(self, d: dict[str, Any]) -> None:
+    def watch(self, d: Daemon) -> None:
         backoff = BACKOFF_MIN
-        req = d.get("requires")
-        while req and not os.path.exists(req):  # `up` writes it once the config is ready
+        while d.requires and not os.path.exists(d.requires):  # `up` writes its go signal
             if self.stopping.wait(0.01):
                 return
         while not self.stopping.is_set():
@@ -66,43 +122,45 @@ class Supervisor:
                 if self.stopping.is_set():
                     return
                 self.start_daemon(d)
-                p = self.procs[d["name"]]
+                p = self.procs[d.name]
             started = time.monotonic()
-            if d.get("post_start"):
+            if d.post_start:
                 threading.Thread(target=self.post_start, args=(d, p), daemon=True).start()
             rc = p.wait()
             with self.lock:
-                self.children[d["name"]]["last_exit"] = rc
+                self.children[d.name].last_exit = rc
                 self.write_status()
-            if self.stopping.is_set() or not d.get("restart", True):
+            if self.stopping.is_set() or not d.restart:
                 return
             if time.monotonic() - started > 30:
                 backoff = BACKOFF_MIN
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def post_start(self, d: dict[str, Any], p: subprocess.Popen) -> None:
+    def post_start(self, d: Daemon, p: subprocess.Popen) -> None:
         """Configure what the daemon made (e.g. its tunnel device); on failure end the
         daemon so it restarts with backoff rather than run half configured."""
         env = dict(os.environ, NETSTACK_DAEMON_PID=str(p.pid))
-        argv = ["ip", "netns", "exec", d["netns"], *d["post_start"]]
-        with open(os.path.join(self.dir, f"{d['name']}.log"), "ab") as log:
+        argv = ["ip", "netns", "exec", d.netns, *d.post_start]
+        log = _private_append(os.path.join(self.dir, f"{d.name}.log"))
+        try:
             with self.lock:
                 if self.stopping.is_set():
                     return
                 hook = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-                self.hooks[d["name"]] = hook
-            assert hook.stdout is not None
-            for line in hook.stdout:
-                if line.strip() == "configured":
-                    with self.lock:
-                        c = self.children.get(d["name"])
-                        if c and c["pid"] == p.pid:
-                            c["configured"] = True
-                            c["configured_at"] = time.time()
-                            self.write_status()
-            rc = hook.wait()
+                self.hooks[d.name] = hook
+        finally:
+            os.close(log)
+        assert hook.stdout is not None
+        for line in hook.stdout:
+            if line.strip() == "configured":
+                with self.lock:
+                    c = self.children.get(d.name)
+                    if c and c.pid == p.pid:
+                        c.configured, c.configured_at = True, time.time()
+                        self.write_status()
+        rc = hook.wait()
         if rc != 0 and p.poll() is None and not self.stopping.is_set():
             p.kill()
 
@@ -114,9 +172,9 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        for s in self.spec["services"]:
+        for s in self.spec.services:
             threading.Thread(target=run_service, args=(s,), daemon=True).start()
-        for d in self.spec["daemons"]:
+        for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
         self.write_status()
         state_file = os.path.join(self.dir, "state.json")
@@ -138,8 +196,22 @@ class Supervisor:
                 p.wait()
 
 
+def write_pidfile(stack_dir: str, token: str) -> None:
+    from netstack.state import PidFile
+
+    tmp = os.path.join(stack_dir, f"{PIDFILE}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dump(PidFile(os.getpid(), proc_start_time(os.getpid()), token)), f)
+    os.replace(tmp, os.path.join(stack_dir, PIDFILE))
+
+
 def main() -> None:
-    Supervisor(sys.argv[1]).run()
+    stack_dir, token = sys.argv[1], sys.argv[2]
+    write_pidfile(stack_dir, token)  # first: from now on `down` finds us
+    if not os.path.exists(os.path.join(stack_dir, "state.json")):
+        return  # the stack was taken down while we started
+    Supervisor(stack_dir).run()
 
 
 if __name__ == "__main__":

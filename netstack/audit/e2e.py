@@ -1,9 +1,9 @@
 """End to end: no packet class from a workstation reaches sys-net's uplink except as VPN
 transport. Each class is walked hop by hop through the rulesets (prerouting with its NAT,
 the routing decision from the plan's routes and the tunnel's, forward, postrouting with
-masquerade); what enters the tunnel becomes a transport packet that must pass the VPN
-qube's own output. A class ends blocked (a drop or no route), proxied (delivered to a
-local socket: the Tor gateway), or on the ISP link, where it must be VPN transport."""
+masquerade); what enters a tunnel becomes a transport packet that must pass the tunnelling
+qube's own output. A class ends blocked (a drop or no route), proxied (delivered to a local
+socket: the Tor gateway), or on the ISP link, where it must be VPN transport."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from typing import Any
 
 from netstack.audit.evaluator import Evaluator, Packet, Ruleset
 from netstack.audit.properties import Result
+from netstack.model import Plan, QubeInfo, Route
+from netstack.names import vif
+from netstack.roles import role_for
 
 
 def _net(dst: str):
@@ -22,40 +25,40 @@ def _net(dst: str):
     return ipaddress.ip_network(dst, strict=False)
 
 
-def _route(routes: list[dict[str, Any]], daddr: str) -> str | None:
-    """Longest-prefix match over (dst, dev) routes; None when nothing routes it."""
+def _route(routes: list[Route], daddr: str) -> str | None:
+    """Longest-prefix match; None when nothing routes it."""
     a = ipaddress.ip_address(daddr)
     best, dev = -1, None
     for r in routes:
-        net = _net(r["dst"])
+        net = _net(r.dst)
         if a.version == net.version and a in net and net.prefixlen > best:
-            best, dev = net.prefixlen, r["dev"]
+            best, dev = net.prefixlen, r.dev
     return dev
 
 
-def walk(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]], ws: dict[str, Any],
-         p: Packet, endpoints: set[tuple[str, str, int]],
+def walk(plan: Plan, rulesets: dict[str, dict[str, Any]], ws: QubeInfo, p: Packet,
+         endpoints: set[tuple[str, str, int]],
          net: dict[str, dict[str, Any]] | None = None) -> tuple[str, list[str]]:
     """('blocked' | 'proxied' | 'transport' | 'LEAK' | 'elsewhere', trace) for one class."""
-    qubes = {q["name"]: q for q in plan["qubes"]}
-    vpns = {v["qube"]: v for v in plan.get("vpns", [])}
-    ns_plan = {n["name"]: n for n in plan["namespaces"]}
     trace: list[str] = []
-    q = qubes[ws["netvm"]]
-    p = dataclasses.replace(p, iifname=f"vif{ws['qid']}", oifname=None)
+    q = plan.qube(ws.netvm or "")
+    evs = {n: Evaluator(Ruleset(rs)) for n, rs in rulesets.items()}
+    p = dataclasses.replace(p, iifname=vif(ws.qid), oifname=None)
     for _ in range(16):
-        ev = Evaluator(Ruleset(rulesets[q["netns"]]))
-        v = vpns.get(q["name"])
+        ev = evs[q.netns]
+        tun = role_for(q.kind).tunnel(q)
         pre = ev.run_hook("prerouting", p)
-        trace.append(f"{q['name']}: prerouting {pre.verdict}"
+        trace.append(f"{q.name}: prerouting {pre.verdict}"
                      + (f" ({pre.trace[-1]})" if pre.trace else ""))
         if pre.verdict != "accept":
             return ("blocked" if pre.verdict == "drop" else "unknown"), trace
-        addrs = net[q["netns"]]["addrs"] if net else plan["addrs"]
-        local = {a["cidr"].split("/")[0] for a in addrs if a["ns"] == q["netns"]}
+        if net:
+            local = set(net[q.netns]["addrs"])
+        else:
+            local = {a.cidr.split("/")[0] for a in plan.addrs if a.ns == q.netns}
         for n in pre.nat:
             if "redirect" in n:
-                p = dataclasses.replace(p, daddr=q["ipv4"], ct_status=frozenset({"dnat"}),
+                p = dataclasses.replace(p, daddr=q.ipv4, ct_status=frozenset({"dnat"}),
                                         dport=n["redirect"].get("port", p.dport))
             elif "dnat" in n:
                 p = dataclasses.replace(p, daddr=n["dnat"]["addr"],
@@ -63,86 +66,81 @@ def walk(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]], ws: dict[str
                                         ct_status=frozenset({"dnat"}))
         if p.daddr in local or p.daddr.startswith("127."):
             inp = ev.run_hook("input", p)
-            trace.append(f"{q['name']}: input {inp.verdict}")
+            trace.append(f"{q.name}: input {inp.verdict}")
             return ("proxied" if inp.verdict == "accept" else "blocked"), trace
-        sysctls = ns_plan[q["netns"]]["sysctls"]
+        sysctls = plan.ns(q.netns).sysctls
         fwd_key = "net/ipv4/ip_forward" if p.family == "ipv4" else "net/ipv6/conf/all/forwarding"
         if sysctls.get(fwd_key, "0") != "1":
-            trace.append(f"{q['name']}: forwarding off")
+            trace.append(f"{q.name}: forwarding off")
             return "blocked", trace
         if net:  # the kernel's routes: the tunnel's are there only while it runs
-            routes = list(net[q["netns"]]["routes"])
+            routes = list(net[q.netns]["routes"])
         else:
-            routes = [r for r in plan["routes"] if r["ns"] == q["netns"]]
-        if v and not net:  # the tunnel's routes, set by its post-start hook
-            tun = [{"dst": r, "dev": v["dev"]} for r in v["routes"]]
-            tun += [{"dst": f"{e[0]}/32", "dev": v["upstream_if"]} for e in endpoints]
-            replaced = {_net(r["dst"]) for r in tun}
-            routes = [r for r in routes if _net(r["dst"]) not in replaced] + tun
+            routes = [r for r in plan.routes if r.ns == q.netns]
+            if tun:  # the tunnel's routes, set by its post-start hook
+                extra = [Route(q.netns, r, tun.dev) for r in tun.routes]
+                extra += [Route(q.netns, f"{e[0]}/32", tun.upstream_if) for e in endpoints]
+                replaced = {_net(r.dst) for r in extra}
+                routes = [r for r in routes if _net(r.dst) not in replaced] + extra
         oif = _route(routes, p.daddr)
         if oif is None:
-            trace.append(f"{q['name']}: no route to {p.daddr}")
+            trace.append(f"{q.name}: no route to {p.daddr}")
             return "blocked", trace
         p = dataclasses.replace(p, oifname=oif)
         fwd = ev.run_hook("forward", p)
-        trace.append(f"{q['name']}: forward {p.iifname}->{oif} {fwd.verdict}"
+        trace.append(f"{q.name}: forward {p.iifname}->{oif} {fwd.verdict}"
                      + (f" ({fwd.trace[-1]})" if fwd.trace else ""))
         if fwd.verdict != "accept":
             return ("blocked" if fwd.verdict == "drop" else "unknown"), trace
         post = ev.run_hook("postrouting", p)
         if any("masquerade" in n for n in post.nat):
-            p = dataclasses.replace(p, saddr=q["ipv4"])
-        if v and oif == v["dev"]:
+            p = dataclasses.replace(p, saddr=q.ipv4)
+        if tun and oif == tun.dev:
             # encapsulated: what leaves now is the tunnel transport, from the VPN process
             for ip, proto, port in sorted(endpoints):
-                t = Packet(family="ipv4", oifname=v["upstream_if"], saddr=q["ipv4"],
-                           daddr=ip, l4proto=proto, dport=port, mark=v["fwmark"],
+                t = Packet(family="ipv4", oifname=tun.upstream_if, saddr=q.ipv4,
+                           daddr=ip, l4proto=proto, dport=port, mark=tun.fwmark,
                            ct_state="new", skuid=0)
-                out = Evaluator(Ruleset(rulesets[q["netns"]])).run_hook("output", t)
-                trace.append(f"{q['name']}: tunnel transport to {ip}:{port}/{proto} "
+                out = ev.run_hook("output", t)
+                trace.append(f"{q.name}: tunnel transport to {ip}:{port}/{proto} "
                              f"output {out.verdict}")
                 if out.verdict == "accept":
                     p = dataclasses.replace(t, iifname=None, oifname=None)
                     break
             else:
                 return "blocked", trace
-            oif = v["upstream_if"]
-        if q["kind"] == "net":
-            if oif != q["interfaces"][0]:
+            oif = tun.upstream_if
+        if q.netvm is None:
+            if oif != q.upstream_if:
                 return "elsewhere", trace
             ok = (p.daddr, p.l4proto, p.dport) in endpoints
-            trace.append(f"{q['name']}: ISP link {'VPN transport' if ok else 'CLEAR'}")
+            trace.append(f"{q.name}: ISP link {'VPN transport' if ok else 'CLEAR'}")
             return ("transport" if ok else "LEAK"), trace
-        if oif != q["interfaces"][0]:
+        if oif != q.upstream_if:
             return "elsewhere", trace  # to another client: the isolation property's case
-        nxt = qubes[q["netvm"]]
-        p = dataclasses.replace(p, iifname=f"vif{q['qid']}", oifname=None, ct_status=frozenset())
-        q = nxt
+        p = dataclasses.replace(p, iifname=vif(q.qid), oifname=None, ct_status=frozenset())
+        q = plan.qube(q.netvm)
     return "unknown", trace
 
 
-def end_to_end(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]],
+def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
                endpoints: set[tuple[str, str, int]],
                net: dict[str, dict[str, Any]] | None = None) -> list[Result]:
-    qubes = {q["name"]: q for q in plan["qubes"]}
     out = []
-    for ws in plan["qubes"]:
-        if ws["kind"] != "app":
+    for ws in plan.qubes:
+        if role_for(ws.kind).provides_network:
             continue
-        chain, cur = [], ws
-        while cur["netvm"]:
-            cur = qubes[cur["netvm"]]
-            chain.append(cur)
-        if not any(c["kind"] == "vpn" for c in chain):
+        chain = plan.chain(ws.name)[1:]
+        if not any(role_for(c.kind).tunnel(c) for c in chain):
             continue
-        ups = [c["ipv4"] for c in chain]
+        ups = [c.ipv4 for c in chain]
         daddrs = ["198.51.100.80", "198.51.100.53", "10.139.1.1", "203.0.113.99",
                   *[e[0] for e in endpoints], *ups]
         ports = sorted({53, 80, 443, 9040, *[e[2] for e in endpoints]})
         classes = [Packet(family="ipv4", saddr=s, daddr=d, l4proto=l4, dport=pt,
                           tcp_flags=fl, ct_state=ct)
                    for s, d, l4, pt, fl, ct in itertools.product(
-                       (ws["ipv4"], ups[0]), daddrs, ("tcp", "udp", "icmp", "gre"), ports,
+                       (ws.ipv4, ups[0]), daddrs, ("tcp", "udp", "icmp", "gre"), ports,
                        (frozenset({"syn"}), frozenset({"ack"}), frozenset({"fin"})),
                        ("new", "invalid"))
                    if (l4 == "tcp" or fl == frozenset({"syn"}))
@@ -159,11 +157,11 @@ def end_to_end(plan: dict[str, Any], rulesets: dict[str, dict[str, Any]],
         name = "end to end: only VPN transport on the ISP link"
         if fail:
             status = "FAIL" if fail[0] == "LEAK" else "UNPROVEN"
-            out.append(Result(name, ws["name"], status, "a class reaches the ISP link in clear"
+            out.append(Result(name, ws.name, status, "a class reaches the ISP link in clear"
                               if status == "FAIL" else "a hop was not understood",
                               fail[1].describe(), fail[2], len(classes)))
         else:
-            out.append(Result(name, ws["name"], "PASS", ", ".join(
+            out.append(Result(name, ws.name, "PASS", ", ".join(
                 f"{v} {k}" for k, v in sorted(tally.items())) + f" of {len(classes)} classes",
                 classes=len(classes)))
     return out

@@ -15,9 +15,10 @@ import subprocess
 import time
 from typing import Any
 
-from netstack import netns
-from netstack.apply import load_ruleset
+from netstack.kernel import RealKernel
 from netstack.leaktest.prober import Prober
+from netstack.model import Route
+from netstack.rules.nft import commands
 
 TRACE_TABLE = {"nftables": [
     {"add": {"table": {"family": "inet", "name": "nstrace"}}},
@@ -27,10 +28,6 @@ TRACE_TABLE = {"nftables": [
                       "expr": [{"mangle": {"key": {"meta": {"key": "nftrace"}},
                                            "value": 1}}]}}},
 ]}
-
-
-def _ip(ns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
 
 
 def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any],
@@ -47,40 +44,38 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any],
     iif = ce.get("iifname") or "eth9"
     oif = ce.get("oifname") or "eth8"
     fam = ce.get("family", "ipv4")
-    for n in (dut, src, dst):
-        netns.create(n)
+    k = RealKernel()
+    made: list[str] = []
     mon = None
     try:
         for n in (dut, src, dst):
-            for k in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
-                netns.write_sysctl(n, k, "0" if fam == "ipv6" else "1")
-        netns.write_sysctl(dut, "net/ipv4/ip_forward", "1")
+            k.netns_create(n)
+            made.append(n)
+            for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
+                k.sysctl(n, key, "0" if fam == "ipv6" else "1")
+        k.sysctl(dut, "net/ipv4/ip_forward", "1")
         if fam == "ipv6":
-            netns.write_sysctl(dut, "net/ipv6/conf/all/forwarding", "1")
-        _ip(dut, "link", "add", iif, "type", "veth", "peer", "name", "x0", "netns", src)
+            k.sysctl(dut, "net/ipv6/conf/all/forwarding", "1")
+        k.veth(dut, iif, src, "x0")
         if oif != iif:
-            _ip(dut, "link", "add", oif, "type", "veth", "peer", "name", "y0", "netns", dst)
-        load_ruleset(dut, _loadable(ruleset))
-        from netstack.apply import _nft
-
-        rc, _o, err = _nft(dut).json_cmd(TRACE_TABLE)
-        if rc:
-            raise RuntimeError(f"trace table: {err}")
+            k.veth(dut, oif, dst, "y0")
+        k.nft(dut, commands(_loadable(ruleset)))
+        k.nft(dut, TRACE_TABLE)
         for n, ifs in ((dut, [iif, oif, "lo"]), (src, ["x0", "lo"]), (dst, ["y0", "lo"])):
             for i in ifs:
-                with contextlib.suppress(subprocess.CalledProcessError):
-                    _ip(n, "link", "set", i, "up")
+                with contextlib.suppress(Exception):  # y0 when oif == iif
+                    k.link_up(n, i)
         daddr = ce.get("daddr", "198.51.100.80")
         if fam == "ipv4":
-            _ip(dut, "addr", "add", "192.0.2.254/32", "dev", iif)
-            _ip(dut, "addr", "add", "192.0.2.253/32", "dev", oif)
+            k.addr_add(dut, iif, "192.0.2.254/32")
+            k.addr_add(dut, oif, "192.0.2.253/32")
             if hook == "input":
-                _ip(dut, "addr", "add", f"{daddr}/32", "dev", iif)
+                k.addr_add(dut, iif, f"{daddr}/32")
             else:
-                _ip(dut, "route", "add", f"{daddr}/32", "dev", oif)
+                k.route_add(Route(dut, f"{daddr}/32", oif))
         else:
-            _ip(dut, "-6", "route", "add", f"{daddr}/128", "dev", oif)
-        mac = open_mac(dut, iif)
+            k.route_add(Route(dut, f"{daddr}/128", oif))
+        mac = next(x.mac for x in k.links(dut) if x.name == iif)
         mon = subprocess.Popen(["ip", "netns", "exec", dut, "nft", "monitor", "trace"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         spec = {"dst": daddr, "src": ce.get("saddr", "192.0.2.1"), "mac": mac,
@@ -109,8 +104,9 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any],
         if mon:
             mon.kill()
             mon.wait()
-        for n in (dut, src, dst):
-            netns.delete(n)
+        for n in made:
+            k.netns_delete(n)
+        k.close()
 
 
 def _loadable(doc: dict[str, Any]) -> dict[str, Any]:
@@ -122,12 +118,6 @@ def _loadable(doc: dict[str, Any]) -> dict[str, Any]:
         (kind, body), = item.items()
         items.append({kind: {k: v for k, v in body.items() if k != "handle"}})
     return {"nftables": items}
-
-
-def open_mac(ns: str, iface: str) -> str:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "dev", iface],
-                         capture_output=True, text=True).stdout
-    return out.split("link/ether ")[1].split()[0]
 
 
 def _read(mon: subprocess.Popen, lines: list[str], wait: float) -> None:

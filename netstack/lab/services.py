@@ -5,6 +5,7 @@ log who asked, so tests can tell which address reached them."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -17,7 +18,8 @@ from netstack.dnswire import parse_question
 
 class _Log:
     def __init__(self, path: str) -> None:
-        self._f = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the service)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._f = os.fdopen(fd, "a", buffering=1)
         self._lock = threading.Lock()
 
     def write(self, **rec: Any) -> None:
@@ -130,10 +132,11 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
     tcp_loop()
 
 
-def run_service(spec: dict[str, Any]) -> None:
-    if spec["type"] == "http":
-        serve_http(spec["fds"]["tcp"], spec["log"])
-    elif spec["type"] == "dns":
-        serve_dns(spec["fds"]["udp"], spec["fds"]["tcp"], spec["zone"], spec["log"])
+def run_service(spec: Any) -> None:
+    """spec: a supervisor.ServiceSpec."""
+    if spec.type == "http":
+        serve_http(spec.fds["tcp"], spec.log)
+    elif spec.type == "dns":
+        serve_dns(spec.fds["udp"], spec.fds["tcp"], spec.zone, spec.log)
     else:
-        raise ValueError(f"unknown service type {spec['type']}")
+        raise ValueError(f"unknown service type {spec.type}")

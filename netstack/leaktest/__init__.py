@@ -1,1 +1,4 @@
-"""Packet-level proofs: captures on links and hostile probes sent from inside a qube."""
+"""`netstack leaktest`: a hostile workstation's probe battery, captured on every link."""
+
+SCENARIOS = ("steady", "vpn-killed", "tor-killed", "firewall-reload", "down")
+FAULTS = ("gateway-redirect-only", "no-kill-switch", "no-antispoof", "ipv6-allowed")

@@ -14,15 +14,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack import netns
 from netstack.errors import StateError, UsageError
+from netstack.kernel import Kernel, RealKernel, proc_alive
+from netstack.leaktest import FAULTS, SCENARIOS
 from netstack.leaktest.capture import Capture
 from netstack.leaktest.catalogue import Case, Target, cases, stamp
 from netstack.leaktest.prober import Prober
-from netstack.state import State, proc_alive
-
-SCENARIOS = ("steady", "vpn-killed", "tor-killed", "firewall-reload", "down")
-FAULTS = ("gateway-redirect-only", "no-kill-switch", "no-antispoof", "ipv6-allowed")
+from netstack.model import Plan, QubeInfo
+from netstack.processes import children, supervisor_pid
+from netstack.roles import role_for
+from netstack.rules.nft import commands
+from netstack.state import State
+from netstack.vpn.info import VpnInfo, all_transport
 
 
 @dataclass
@@ -39,107 +42,90 @@ class Link:
 @dataclass
 class Ctx:
     stack: str
-    plan: dict[str, Any]
+    plan: Plan
     state: State
-    ws: dict[str, Any]
-    chain: list[dict[str, Any]]  # ws first, then its netvms up to sys-net
+    ws: QubeInfo
+    chain: list[QubeInfo]  # ws first, then its netvms up to sys-net
     kind: str  # tor | vpn | plain: the outermost protection of the workstation
     endpoints: set[tuple[str, str, int]]  # (ip, proto, port) of VPN transport
     relays: set[tuple[str, int]]
     exits: set[str]
     vpn_server: str | None
-    tunnel_addrs: set[str]
+    kernel: Kernel
 
 
-def context(stack: str, ws_name: str | None) -> Ctx:
-    st = State.load(stack)
-    if st is None or st.data.get("status") != "up":
+def _protection(q: QubeInfo) -> str | None:
+    return role_for(q.kind).protection
+
+
+def context(stack: str, ws_name: str | None, k: Kernel) -> Ctx:
+    from netstack.stack import require
+
+    st = require(stack)
+    if st.data.status != "up":
         raise StateError(f"stack {stack!r} is not up; start it with `netstack --stack {stack} "
                          "up --lab`")
-    plan = st.data["plan"]
-    qubes = {q["name"]: q for q in plan["qubes"]}
-    apps = [q for q in plan["qubes"] if q["kind"] == "app"]
+    plan = st.plan
+    assert plan is not None
+    apps = [q for q in plan.qubes if not role_for(q.kind).provides_network]
     if ws_name is None:
         if not apps:
             raise UsageError("the stack has no app qube to probe from")
-        ws = next((q for q in apps if any(qubes[x]["kind"] == "tor" for x in _up(qubes, q))),
-                  apps[0])
-    elif ws_name not in qubes or qubes[ws_name]["kind"] != "app":
+        ws = next((q for q in apps if any(_protection(x) == "tor"
+                                          for x in plan.chain(q.name)[1:])), apps[0])
+    elif not plan.has_qube(ws_name) or role_for(plan.qube(ws_name).kind).provides_network:
         raise UsageError(f"--qube {ws_name!r} is not an app qube of stack {stack!r}")
     else:
-        ws = qubes[ws_name]
-    chain = [ws] + [qubes[x] for x in _up(qubes, ws)]
-    kinds = [q["kind"] for q in chain[1:]]
+        ws = plan.qube(ws_name)
+    chain = plan.chain(ws.name)
+    kinds = {_protection(q) for q in chain[1:]}
     kind = "tor" if "tor" in kinds else "vpn" if "vpn" in kinds else "plain"
-    resolved = st.data.get("vpn_resolved") or {}
-    endpoints = set()
-    for v in plan.get("vpns", []):
-        for e in v["endpoints"]:
-            for ip in resolved.get(v["qube"], {}).get(e["host"], []):
-                endpoints.add((ip, e["proto"], e["port"]))
-    lab = plan.get("lab") or {}
-    nodes = lab.get("tor_nodes") or {}
-    relays = {(n["address"], p) for n in nodes.values() for p in (n["or_port"], n["dir_port"])}
-    exits = {n["address"] for n in nodes.values() if n["role"] == "exit"}
-    vs = (lab.get("vpn_server") or {}).get("address")
-    tun = {a.split("/")[0] for v in plan.get("vpns", []) for a in v["tunnel_addresses"]}
-    tun |= {"10.67.0.2"} if any(v["type"] == "openvpn" for v in plan.get("vpns", [])) else set()
-    return Ctx(stack, plan, st, ws, chain, kind, endpoints, relays, exits, vs, tun)
-
-
-def _up(qubes: dict[str, Any], q: dict[str, Any]) -> list[str]:
-    out = []
-    while q["netvm"]:
-        out.append(q["netvm"])
-        q = qubes[q["netvm"]]
-    return out
+    endpoints = all_transport(plan.infos(VpnInfo), st.data.resolved)
+    lab = plan.lab
+    relays = lab.relay_ports if lab else set()
+    exits = lab.exits if lab else set()
+    vs = lab.vpn_server.address if lab else None
+    return Ctx(stack, plan, st, ws, chain, kind, endpoints, relays, exits, vs, k)
 
 
 def target(ctx: Ctx) -> Target:
     gw = ctx.chain[1]
-    siblings = tuple(q["ipv4"] for q in ctx.plan["qubes"]
-                     if q["netvm"] == gw["name"] and q["name"] != ctx.ws["name"])
-    lab = ctx.plan.get("lab") or {}
-    hosts = lab.get("hosts") or {}
-    web = (hosts.get("web") or {}).get("address", "198.51.100.80")
-    dns = (hosts.get("dns") or {}).get("address", "198.51.100.53")
-    return Target(ctx.ws["ipv4"], gw["ipv4"], tuple(q["ipv4"] for q in ctx.chain[2:]),
-                  siblings, web, dns, f"web.{lab.get('domain', 'lab.test')}")
+    siblings = tuple(c.ipv4 for c in gw.clients if c.name != ctx.ws.name)
+    lab = ctx.plan.lab
+    web = lab.hosts["web"].address if lab else "198.51.100.80"
+    dns = lab.hosts["dns"].address if lab else "198.51.100.53"
+    return Target(ctx.ws.ipv4, gw.ipv4, tuple(q.ipv4 for q in ctx.chain[2:]),
+                  siblings, web, dns, f"web.{lab.domain if lab else 'lab.test'}")
 
 
 def links(ctx: Ctx) -> list[Link]:
-    """Every link of the workstation's chain, its siblings' links, the VPN tunnel, and the
+    """Every link of the workstation's chain, its siblings' links, the tunnels, and the
     lab side. The zone of a qube's uplink is set by the outermost tunnel at or below it."""
-    out = [Link(f"{ctx.ws['name']}:eth0", ctx.ws["netns"], "eth0", "source")]
-    on_chain = {q["name"] for q in ctx.chain}
+    out = [Link(f"{ctx.ws.name}:eth0", ctx.ws.netns, "eth0", "source")]
+    on_chain = {q.name for q in ctx.chain}
     outer = "plain"
     for q in ctx.chain[1:]:
-        if q["kind"] == "tor" and outer == "plain":
-            outer = "tor-out"
-        if q["kind"] == "vpn":
-            outer = "vpn-out"
-            v = next(v for v in ctx.plan["vpns"] if v["qube"] == q["name"])
-            out.append(Link(f"{q['name']}:{v['dev']}", q["netns"], v["dev"], "vpn-inner"))
-        iface = "uplink" if q["kind"] == "net" else "eth0"
-        name = "isp-link" if q["kind"] == "net" else f"{q['name']}:{iface}"
-        out.append(Link(name, q["netns"], iface, outer))
-    for q in ctx.plan["qubes"]:
-        if q["name"] not in on_chain and q["netvm"] in on_chain:
-            out.append(Link(f"{q['name']}:eth0", q["netns"], "eth0", "sibling"))
-    lab = ctx.plan.get("lab")
-    if lab and ctx.plan.get("uplink", {}).get("mode") == "lab":
-        vs = lab.get("vpn_server")
-        if vs and ctx.endpoints:
-            out.append(Link("lab:vpn-server", vs["netns"], vs["interface"], "lab-egress"))
+        role = role_for(q.kind)
+        outer = role.leak_zone(outer)
+        tun = role.tunnel(q)
+        if tun:
+            out.append(Link(f"{q.name}:{tun.dev}", q.netns, tun.dev, "vpn-inner"))
+        name = "isp-link" if q.netvm is None else f"{q.name}:{q.upstream_if}"
+        out.append(Link(name, q.netns, q.upstream_if, outer))
+    for q in ctx.plan.qubes:
+        if q.name not in on_chain and q.netvm in on_chain:
+            out.append(Link(f"{q.name}:eth0", q.netns, "eth0", "sibling"))
+    lab = ctx.plan.lab
+    if lab and ctx.plan.uplink.mode == "lab":
+        vs = lab.vpn_server
+        if ctx.endpoints:
+            out.append(Link("lab:vpn-server", vs.netns, vs.interface, "lab-egress"))
         for h in ("web", "dns"):
-            out.append(Link(f"lab:{h}", lab["hosts"][h]["netns"], "eth0", "lab-host"))
-    return [lk for lk in out if netns.exists(lk.netns) and _has_link(lk.netns, lk.iface)]
-
-
-def _has_link(ns: str, iface: str) -> bool:
-    """A tunnel device exists only while its daemon runs."""
-    return subprocess.run(["ip", "-n", ns, "link", "show", "dev", iface],
-                          capture_output=True).returncode == 0
+            out.append(Link(f"lab:{h}", lab.hosts[h].netns, "eth0", "lab-host"))
+    # a tunnel device exists only while its daemon runs, and is up once configured
+    live = {(lk.netns, x.name) for lk in out for x in ctx.kernel.links(lk.netns)
+            if x.state != "DOWN"}
+    return [lk for lk in out if (lk.netns, lk.iface) in live]
 
 
 def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
@@ -154,7 +140,7 @@ def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
         return True  # ARP and friends: link-local by nature
     ip = p[IP]
     ends = {ip.src, ip.dst}
-    if ctx.ws["ipv4"] in ends:
+    if ctx.ws.ipv4 in ends:
         return False  # the workstation's own address never appears beyond its link
     sport = p[TCP].sport if TCP in p else p[UDP].sport if UDP in p else None
     dport = p[TCP].dport if TCP in p else p[UDP].dport if UDP in p else None
@@ -235,7 +221,15 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
         raise UsageError(f"--scenario {scenario!r}: use one of {', '.join(SCENARIOS)}")
     if fault is not None and fault not in FAULTS:
         raise UsageError(f"--inject-fault {fault!r}: use one of {', '.join(FAULTS)}")
-    ctx = context(stack, ws_name)
+    k = RealKernel()
+    try:
+        return _run(context(stack, ws_name, k), scenario, fault, pcaps_dir)
+    finally:
+        k.close()
+
+
+def _run(ctx: Ctx, scenario: str, fault: str | None, pcaps_dir: str | None) -> Report:
+    stack = ctx.stack
     t0 = time.monotonic()
     run_id = secrets.token_hex(3)
     stamp_ = time.strftime("%Y%m%d-%H%M%S")
@@ -244,7 +238,7 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
     os.makedirs(out_dir, exist_ok=True)
     cs = stamp(cases(target(ctx)), run_id)
     lks = links(ctx)
-    prober = Prober(ctx.ws["netns"])
+    prober = Prober(ctx.ws.netns)
     restore: list = []
     sent = 0
     try:
@@ -253,7 +247,9 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
                                  os.path.join(out_dir, lk.name.replace(":", "_") + ".pcap"))
             lk.capture.start()
         if fault:
-            restore.append(_inject(ctx, fault))
+            from netstack.leaktest.faults import inject
+
+            restore.append(inject(ctx, fault))
         with _scenario(ctx, scenario):
             downer = None
             # raw probes first, real clients last: a client's request completes end to end,
@@ -262,14 +258,14 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
                 if scenario == "down" and i == len(cs) // 3:
                     # `netstack down` while probes run: daemons die, namespaces go away
                     # (ours stay alive only as long as a capture or the prober is inside)
-                    from netstack.apply import down as stack_down
+                    from netstack.reconcile import teardown
 
-                    downer = threading.Thread(target=stack_down, args=(ctx.state,))
+                    downer = threading.Thread(target=teardown, args=(ctx.state, RealKernel()))
                     downer.start()
                 if c.packets:
                     sent += prober.send(c.packets)
-                if c.tool and netns.exists(ctx.ws["netns"]):
-                    subprocess.run(["ip", "netns", "exec", ctx.ws["netns"], *c.tool],
+                if c.tool and ctx.kernel.netns_exists(ctx.ws.netns):
+                    subprocess.run(["ip", "netns", "exec", ctx.ws.netns, *c.tool],
                                    capture_output=True, timeout=30)
             if downer:
                 downer.join()
@@ -319,52 +315,51 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                   "verdict": "LEAK" if lk.violations and lk.zone != "source" else "ok"}
                  for lk in lks]
     leaks = sum(1 for r in case_rows if r["leaked_on"]) + unattributed
-    return Report(ctx.stack, ctx.ws["name"], ctx.kind, scenario, fault, out_dir,
+    return Report(ctx.stack, ctx.ws.name, ctx.kind, scenario, fault, out_dir,
                   round(secs, 2), sent, case_rows, link_rows, leaks)
 
 
-def _supervisor_pid(ctx: Ctx) -> int:
-    return next(o["pid"] for o in ctx.state.objects if o["type"] == "process"
-                and o["name"] == "supervisor")
-
-
-def _children(ctx: Ctx) -> dict[str, Any]:
-    from netstack.apply import supervisor_children
-
-    return supervisor_children(ctx.state)
+def _daemons(ctx: Ctx, protection: str) -> list[str]:
+    """Names of the daemons of the chain's qubes with this protection (vpn/tor)."""
+    nss = {q.netns for q in ctx.chain if _protection(q) == protection}
+    return [d.name for d in ctx.plan.daemons if d.netns in nss]
 
 
 @contextlib.contextmanager
-def _hold_dead(ctx: Ctx, daemon_prefix: str):
-    """Kill a daemon and keep it dead (the supervisor paused) while the body runs."""
-    kids = {n: c for n, c in _children(ctx).items() if n.startswith(daemon_prefix)}
+def hold_dead(ctx: Ctx, protection: str):
+    """Kill a chain's tunnel or Tor daemon and keep it dead (the supervisor paused) while
+    the body runs."""
+    names_ = _daemons(ctx, protection)
+    kids = {n: c for n, c in children(ctx.state).items() if n in names_}
     if not kids:
-        raise UsageError(f"this stack runs no {daemon_prefix.rstrip('-')} daemon")
-    sup = _supervisor_pid(ctx)
+        raise UsageError(f"this stack runs no {protection} daemon")
+    sup = supervisor_pid(ctx.state)
+    assert sup is not None
     os.kill(sup, signal.SIGSTOP)
     try:
         for c in kids.values():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(c["pid"], signal.SIGKILL)
+                os.kill(c.pid, signal.SIGKILL)
         end = time.monotonic() + 5
-        while any(proc_alive(c["pid"], c["start"]) for c in kids.values()):
+        while any(proc_alive(c.pid, c.start) for c in kids.values()):
             if time.monotonic() > end:
                 break
             time.sleep(0.01)
         yield
     finally:
         os.kill(sup, signal.SIGCONT)
-        _wait_restarted(ctx, {n: c["pid"] for n, c in kids.items()})
+        _wait_restarted(ctx, {n: c.pid for n, c in kids.items()})
 
 
 def _wait_restarted(ctx: Ctx, old: dict[str, int], timeout: float = 60) -> None:
     """After a scenario, the chain is whole again before anything else runs: each daemon
     has a new pid and, where it has a post-start hook, reported itself configured."""
+    hooked = {d.name for d in ctx.plan.daemons if d.post_start}
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        kids = _children(ctx)
-        if all(n in kids and kids[n]["pid"] != pid and proc_alive(kids[n]["pid"], None)
-               and (kids[n].get("configured") or not n.startswith("vpn-"))
+        kids = children(ctx.state)
+        if all(n in kids and kids[n].pid != pid and proc_alive(kids[n].pid, None)
+               and (kids[n].configured or n not in hooked)
                for n, pid in old.items()):
             return
         time.sleep(0.05)
@@ -375,24 +370,21 @@ def _scenario(ctx: Ctx, scenario: str):
     if scenario in ("steady", "down"):
         yield
     elif scenario == "vpn-killed":
-        with _hold_dead(ctx, "vpn-"):
+        with hold_dead(ctx, "vpn"):
             yield
     elif scenario == "tor-killed":
-        with _hold_dead(ctx, "tor-"):
+        with hold_dead(ctx, "tor"):
             yield
     elif scenario == "firewall-reload":
-        from netstack.apply import load_ruleset
-
         stop = threading.Event()
-        targets = [n for n in ctx.plan["namespaces"] if n["owner"].startswith("qube:")
-                   and n["ruleset"] and n["owner"] != f"qube:{ctx.ws['name']}"]
-        reloads = [0]
+        targets = [n for n in ctx.plan.namespaces if n.qube and n.ruleset
+                   and n.qube != ctx.ws.name]
+        k = RealKernel()  # this thread's own handles
 
         def loop() -> None:
             while not stop.is_set():
                 for n in targets:
-                    load_ruleset(n["name"], n["ruleset"])
-                reloads[0] += 1
+                    k.nft(n.name, commands(n.ruleset or {}))
 
         th = threading.Thread(target=loop, daemon=True)
         th.start()
@@ -401,118 +393,13 @@ def _scenario(ctx: Ctx, scenario: str):
         finally:
             stop.set()
             th.join()
-            _refill_vpn_sets(ctx)
+            k.close()
+            reload_runtime(ctx)
 
 
-def _refill_vpn_sets(ctx: Ctx) -> None:
-    """A full reload empties the VPN endpoint sets (filled at run time): fill them again."""
-    from netstack.apply import _nft
-    from netstack.rules.nft import set_elements_commands
-    from netstack.vpn import runtime
-
-    resolved = ctx.state.data.get("vpn_resolved") or {}
-    for d in ctx.plan.get("vpns", []):
-        info = runtime.VpnInfo(**d)
-        _nft(info.netns).json_cmd(set_elements_commands(
-            runtime.ENDPOINT_SET, runtime.endpoint_elements(info, resolved.get(info.qube, {}))))
+def reload_runtime(ctx: Ctx) -> None:
+    """After full reloads: each role restores what it fills at run time."""
+    for q in ctx.plan.qubes:
+        role_for(q.kind).after_reload(q, ctx.kernel, ctx.state)
 
 
-def _inject(ctx: Ctx, fault: str):
-    """Break one rule on purpose (test-only). Returns the function that repairs it."""
-    from netstack.apply import load_ruleset
-    from netstack.rules.nft import MASQUERADE, Ruleset, oifname
-
-    plan_ns = {n["name"]: n for n in ctx.plan["namespaces"]}
-    gw = ctx.chain[1]
-    undo: list = []
-
-    def reload(ns: str) -> None:
-        load_ruleset(ns, plan_ns[ns]["ruleset"])
-        for k, v in plan_ns[ns]["sysctls"].items():
-            netns.write_sysctl(ns, k, v)
-
-    if fault == "gateway-redirect-only":
-        # a naive transparent proxy: only the redirect, forwarding on, nothing dropped
-        tor = next((q for q in ctx.chain if q["kind"] == "tor"), None)
-        if tor is None:
-            raise UsageError("gateway-redirect-only needs a tor qube in the chain")
-        rs = Ruleset()
-        for ch in ("input", "forward", "output"):
-            rs[ch].policy = "accept"
-        live = plan_ns[tor["netns"]]["ruleset"]
-        for item in live["nftables"]:
-            r = item.get("rule")
-            if r and r["chain"] == "nat_prerouting":
-                rs["nat_prerouting"].add(*r["expr"], comment=r.get("comment"))
-        rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
-        load_ruleset(tor["netns"], rs.to_json())
-        netns.write_sysctl(tor["netns"], "net/ipv4/ip_forward", "1")
-        undo.append(lambda: reload(tor["netns"]))
-    elif fault == "no-kill-switch":
-        vpn = next((q for q in ctx.chain if q["kind"] == "vpn"), None)
-        if vpn is None:
-            raise UsageError("no-kill-switch needs a vpn qube in the chain")
-        rs = Ruleset()
-        for ch in ("input", "forward", "output"):
-            rs[ch].policy = "accept"
-        rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
-        load_ruleset(vpn["netns"], rs.to_json())
-        # the tunnel dies and the host still has its old default route: the classic leak
-        subprocess.run(["ip", "-n", vpn["netns"], "route", "add", "default", "via",
-                        vpn["gateway"], "dev", "eth0", "metric", "1000"], capture_output=True)
-        hold = _hold_dead(ctx, "vpn-")
-        hold.__enter__()
-
-        def repair() -> None:
-            hold.__exit__(None, None, None)
-            subprocess.run(["ip", "-n", vpn["netns"], "route", "del", "default", "via",
-                            vpn["gateway"], "dev", "eth0", "metric", "1000"],
-                           capture_output=True)
-            reload(vpn["netns"])
-            _refill_vpn_sets(ctx)
-        undo.append(repair)
-    elif fault == "no-antispoof":
-        live = plan_ns[gw["netns"]]["ruleset"]
-        items = [i for i in live["nftables"]
-                 if not (i.get("rule") and str(i["rule"].get("comment", "")).startswith(
-                     f"antispoof {ctx.ws['name']}"))]
-        load_ruleset(gw["netns"], {"nftables": items})
-        undo.append(lambda: (reload(gw["netns"]), _refill_vpn_sets(ctx)))
-    elif fault == "ipv6-allowed":
-        live = plan_ns[gw["netns"]]["ruleset"]
-        items = [i for i in live["nftables"] if not (i.get("rule") and (
-            str(i["rule"].get("comment", "")).startswith("IPv6 is off")
-            or "(IPv6" in str(i["rule"].get("comment", ""))))]
-        load_ruleset(gw["netns"], {"nftables": items})
-        ifs = ["all", "default", *gw["interfaces"]]
-        vpn = next((v for v in ctx.plan.get("vpns", []) if v["qube"] == gw["name"]), None)
-        out_if = vpn["dev"] if vpn else gw["interfaces"][0]  # where its forward rule leads
-        ifs.append(out_if)
-        for i in ifs:
-            with contextlib.suppress(OSError):
-                netns.write_sysctl(gw["netns"], f"net/ipv6/conf/{i}/disable_ipv6", "0")
-        netns.write_sysctl(gw["netns"], "net/ipv6/conf/all/forwarding", "1")
-        subprocess.run(["ip", "-n", gw["netns"], "-6", "route", "add", "default", "dev",
-                        out_if], capture_output=True)
-
-        def repair6() -> None:
-            subprocess.run(["ip", "-n", gw["netns"], "-6", "route", "del", "default", "dev",
-                            out_if], capture_output=True)
-            for i in ifs:
-                with contextlib.suppress(OSError):
-                    netns.write_sysctl(gw["netns"], f"net/ipv6/conf/{i}/disable_ipv6", "1")
-            netns.write_sysctl(gw["netns"], "net/ipv6/conf/all/forwarding", "0")
-            reload(gw["netns"])
-            _refill_vpn_sets(ctx)
-        undo.append(repair6)
-
-    def restore() -> None:
-        for u in reversed(undo):
-            u()
-        # Forget connections the fault let through, so late replies to them (a web server
-        # retransmitting its SYN/ACK for half a minute) meet no NAT mapping and die at
-        # sys-net instead of haunting the next run's captures.
-        for q in ctx.chain:
-            subprocess.run(["ip", "netns", "exec", q["netns"], "conntrack", "-F"],
-                           capture_output=True)
-    return restore

@@ -3,6 +3,8 @@ Its own rules protect nothing against root inside it: the guarantees sit upstrea
 
 from __future__ import annotations
 
+from typing import Any
+
 from netstack.roles.base import QubeContext, Role
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
@@ -10,6 +12,7 @@ from netstack.rules.nft import Ruleset
 
 class AppRole(Role):
     kind = "app"
+    provides_network = False
 
-    def rules(self, ctx: QubeContext, rs: Ruleset) -> None:
+    def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.own_output_upstream(rs, ctx.upstream_if)

@@ -1,23 +1,24 @@
-"""What a role sees of the plan, and the small interface every role implements."""
+"""What a role sees of the plan, and the interface every role implements. A role owns its
+kind: config keys and their validation, its info, rules, sysctls and daemons, its run-time
+preparation, its audit properties, its leak-test zone and its status lines. Adding a kind
+is one module plus a line in roles/__init__.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from netstack.addressing import QubeAddr
 from netstack.config import Qube, Topology
+from netstack.model import Client, Daemon, QubeInfo, RoleInfo
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
 
-
-@dataclass(frozen=True)
-class Client:
-    """A qube that gets network from this one, and the link it arrives on."""
-
-    name: str
-    vif: str
-    addr: QubeAddr
+if TYPE_CHECKING:
+    from netstack.audit.properties import AuditContext, QubeView, Result
+    from netstack.kernel import Kernel
+    from netstack.reconcile import Runtime
+    from netstack.state import State
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,13 @@ class QubeContext:
     qube: Qube
     addr: QubeAddr
     stack: str
+    netns: str
     upstream_if: str  # eth0, or the uplink for the net qube
     clients: tuple[Client, ...]
+    state_dir: str
+    lab: bool  # the uplink is the built-in lab
     upstream_dns: tuple[str, ...] = ()  # real resolvers, net qube only
-    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    provider: Any = None  # a VPN qube's parsed provider file
 
     @property
     def client_vifs(self) -> list[str]:
@@ -41,38 +45,95 @@ class QubeContext:
 
 
 @dataclass(frozen=True)
-class Daemon:
-    """A process the supervisor runs inside a qube's namespace and restarts when it dies."""
+class Tunnel:
+    """A qube that encapsulates its clients' traffic (the audit's end-to-end walk and the
+    leak test follow it): the device, the transport's mark and the routes into it."""
 
-    name: str
-    netns: str
-    argv: tuple[str, ...]
-    restart: bool = True
-    post_start: tuple[str, ...] = ()  # run in the namespace after each start; failure kills
-    requires: str = ""  # a file `up` writes when the daemon may start (e.g. resolved config)
+    dev: str
+    fwmark: int
+    routes: tuple[str, ...]
+    upstream_if: str
+
+
+@dataclass
+class LiveFacts:
+    """What `status` read from the kernel and the supervisor, for a role's status."""
+
+    links: list[Any]  # kernel.LinkState of the qube's namespace
+    children: dict[str, Any]  # supervisor children by daemon name (with "alive")
+    resolved: dict[str, list[str]]  # this qube's resolved endpoint names
 
 
 class Role:
-    """A role contributes rules, sysctls and daemons to its qube's plan. Shared pieces live in
+    """A role contributes to its qube's plan and run time. Shared rule pieces live in
     netstack.rules.common; a role only says what is particular to its kind."""
 
     kind = ""
+    config_keys: frozenset[str] = frozenset()
+    provides_network = True
+    owns_uplink = False  # the one net qube: the root of the tree
     strict_replies = False
+    protection: str | None = None  # "vpn" | "tor": how leaktest names a chain through it
 
-    def ruleset(self, ctx: QubeContext) -> Ruleset:
+    # --- config and plan (pure) ---------------------------------------------------------
+    def validate(self, q: Qube) -> None:
+        """Kind-specific settings; raise ConfigError naming the qube and field."""
+
+    def provider_ref(self, q: Qube) -> str | None:
+        """A provider file this qube's config points at (read once per command)."""
+        return None
+
+    def info(self, ctx: QubeContext) -> RoleInfo | None:
+        return None
+
+    def ruleset(self, ctx: QubeContext, info: RoleInfo | None) -> Ruleset:
         rs = Ruleset()
         common.base(rs, ctx.ipv6, self.strict_replies)
-        if ctx.qube.provides_network:
-            common.antispoof(rs, [(c.vif, c.addr.ipv4, c.addr.ipv6, c.name)
-                                  for c in ctx.clients])
-        self.rules(ctx, rs)
+        if self.provides_network:
+            common.antispoof(rs, list(ctx.clients))
+        self.rules(ctx, info, rs)
         return rs
 
-    def rules(self, ctx: QubeContext, rs: Ruleset) -> None:
+    def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         raise NotImplementedError
 
     def sysctls(self, ctx: QubeContext) -> dict[str, str]:
-        return common.sysctls(ctx.qube.provides_network, ctx.ipv6)
+        return common.sysctls(self.provides_network, ctx.ipv6)
 
-    def daemons(self, ctx: QubeContext) -> list[Daemon]:
+    def daemons(self, ctx: QubeContext, info: Any) -> list[Daemon]:
+        return []
+
+    # --- run time -----------------------------------------------------------------------
+    def prepare(self, q: QubeInfo, rt: Runtime) -> None:
+        """Before the supervisor starts (files its daemons wait for)."""
+
+    def activate(self, q: QubeInfo, rt: Runtime) -> None:
+        """After the supervisor started (e.g. resolving through the lab's DNS service)."""
+
+    def after_reload(self, q: QubeInfo, k: Kernel, st: State) -> None:
+        """Restore run-time data (named sets filled after `up`) after a ruleset reload."""
+
+    def tunnel(self, q: QubeInfo) -> Tunnel | None:
+        return None
+
+    def leak_zone(self, outer: str) -> str:
+        """The zone of this qube's upstream link, given the zone below it."""
+        return outer
+
+    # --- proofs and status --------------------------------------------------------------
+    def audit(self, view: QubeView, ctx: AuditContext) -> list[Result]:
+        from netstack.audit import properties as p
+
+        res = [p.default_drop(view), p.invalid_first(view), p.no_ipv6_egress(view)]
+        if self.provides_network:
+            res += p.antispoof(view)
+            r = p.no_client_to_client(view)
+            if r:
+                res.append(r)
+        return res
+
+    def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
+        return {}
+
+    def status_lines(self, entry: dict[str, Any]) -> list[str]:
         return []

@@ -3,6 +3,8 @@ reach only upstream. DNS to the virtual addresses is forwarded upstream unchange
 
 from __future__ import annotations
 
+from typing import Any
+
 from netstack.roles.base import QubeContext, Role
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
@@ -11,6 +13,6 @@ from netstack.rules.nft import Ruleset
 class FirewallRole(Role):
     kind = "firewall"
 
-    def rules(self, ctx: QubeContext, rs: Ruleset) -> None:
+    def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.provide_network(rs, ctx.client_vifs, ctx.upstream_if)
         common.own_output_upstream(rs, ctx.upstream_if)

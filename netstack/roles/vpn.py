@@ -6,8 +6,13 @@ tunnel starts and stay when it dies: a dead VPN means dropped traffic, never cle
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
-from netstack.roles.base import Daemon, QubeContext, Role
+from netstack.addressing import ip_version
+from netstack.config import Qube
+from netstack.errors import ConfigError
+from netstack.model import Daemon, QubeInfo
+from netstack.roles.base import LiveFacts, QubeContext, Role, Tunnel
 from netstack.rules import common
 from netstack.rules.nft import (
     ACCEPT,
@@ -25,22 +30,58 @@ from netstack.rules.nft import (
     oifname,
     payload,
 )
-from netstack.vpn.runtime import ENDPOINT_SET, VpnInfo, daemon_argv
+from netstack.vpn import runtime
+from netstack.vpn.info import ENDPOINT_SET, ENDPOINT_SET6, VpnInfo, set_elements, transport
+
+if TYPE_CHECKING:
+    from netstack.audit.properties import AuditContext, QubeView, Result
+    from netstack.kernel import Kernel
+    from netstack.reconcile import Runtime
+    from netstack.state import State
+
+SET_TYPE = ["ipv4_addr", "inet_proto", "inet_service"]
+SET_TYPE6 = ["ipv6_addr", "inet_proto", "inet_service"]
 
 
 class VpnRole(Role):
     kind = "vpn"
+    config_keys = frozenset({"type", "config", "dns"})
     strict_replies = True
+    protection = "vpn"
+
+    def validate(self, q: Qube) -> None:
+        where, s = f"qube {q.name!r}", q.settings
+        if s.get("type") not in ("wireguard", "openvpn"):
+            raise ConfigError(f"{where} field 'type'", f"{s.get('type')!r} is not a VPN type",
+                              'use type = "wireguard" or type = "openvpn"')
+        if not isinstance(s.get("config"), str) or not s["config"]:
+            raise ConfigError(f"{where} field 'config'", "missing",
+                              "give the path of the provider's .conf or .ovpn file")
+        dns = s.get("dns", [])
+        if not isinstance(dns, list) or not all(isinstance(d, str) for d in dns):
+            raise ConfigError(f"{where} field 'dns'", "must be a list of addresses",
+                              'e.g. dns = ["10.64.0.1"]')
+        for d in dns:
+            if ip_version(d) != 4:
+                raise ConfigError(f"{where} field 'dns'", f"{d!r} is not an IPv4 address",
+                                  "give the VPN resolver's IPv4 address (the virtual DNS "
+                                  "is IPv4)")
+
+    def provider_ref(self, q: Qube) -> str | None:
+        return q.settings["config"]
 
     def info(self, ctx: QubeContext) -> VpnInfo:
-        return ctx.extra["vpn"]
+        path, cfg = ctx.provider
+        return runtime.vpn_info(ctx.qube, cfg, path, ctx.addr.qid, ctx.stack,
+                                ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir)
 
-    def rules(self, ctx: QubeContext, rs: Ruleset) -> None:
-        v = self.info(ctx)
-        rs.add_set(NamedSet(ENDPOINT_SET, ["ipv4_addr", "inet_proto", "inet_service"],
-                            [{"concat": [e["host"], e["proto"], e["port"]]}
-                             for e in v.literal_endpoints()]))
-        tun, up = v.dev, ctx.upstream_if
+    def rules(self, ctx: QubeContext, info: VpnInfo, rs: Ruleset) -> None:
+        # Literal endpoints are in the set from the first transaction on; names are added
+        # once resolved through sys-net, before the tunnel daemon may start.
+        v4, v6 = set_elements(transport(info, None))
+        rs.add_set(NamedSet(ENDPOINT_SET, SET_TYPE, v4))
+        rs.add_set(NamedSet(ENDPOINT_SET6, SET_TYPE6, v6))
+        tun, up = info.dev, ctx.upstream_if
         clients = ctx.client_vifs
         if clients:
             common.no_qubes(rs, clients)
@@ -52,15 +93,143 @@ class VpnRole(Role):
             rs["output"].add(oifname(*clients), ct_state("established", "related"), ACCEPT,
                              comment="replies to clients")
         rs["output"].add(oifname(tun), ACCEPT, comment="own traffic through the tunnel")
-        rs["output"].add(oifname(up), match(meta("mark"), v.fwmark), l4proto("tcp", "udp"),
+        rs["output"].add(oifname(up), match(meta("mark"), info.fwmark), l4proto("tcp", "udp"),
                          in_set(concat(payload("ip", "daddr"), meta("l4proto"),
                                        payload("th", "dport")), ENDPOINT_SET),
                          COUNTER, ACCEPT, comment="VPN transport")
+        rs["output"].add(oifname(up), match(meta("mark"), info.fwmark), l4proto("tcp", "udp"),
+                         in_set(concat(payload("ip6", "daddr"), meta("l4proto"),
+                                       payload("th", "dport")), ENDPOINT_SET6),
+                         COUNTER, ACCEPT, comment="VPN transport (IPv6)")
         rs["nat_postrouting"].add(oifname(tun), MASQUERADE, comment="masquerade tunnel")
-        common.dns_dnat(rs, clients, v.dns)
+        common.dns_dnat(rs, clients, info.dns)
 
-    def daemons(self, ctx: QubeContext) -> list[Daemon]:
-        v = self.info(ctx)
-        return [Daemon(f"vpn-{ctx.qube.name}", v.netns, daemon_argv(v), True,
-                       (sys.executable, "-m", "netstack.vpn.hook", v.spec_path),
-                       requires=v.spec_path)]
+    def daemons(self, ctx: QubeContext, info: VpnInfo) -> list[Daemon]:
+        return [Daemon(info.daemon_name, info.netns, runtime.daemon_argv(info), True,
+                       (sys.executable, "-m", "netstack.vpn.hook", info.spec_path),
+                       requires=info.spec_path)]
+
+    # --- run time -----------------------------------------------------------------------
+    def activate(self, q: QubeInfo, rt: Runtime) -> None:
+        """Resolve endpoint names through sys-net's resolver (never the host's), let the
+        kill switch admit exactly those addresses, then write the daemon's files: the spec
+        goes last and is what the supervisor waits for, so the tunnel's first handshake
+        never meets a closed kill switch."""
+        info = q.info
+        assert isinstance(info, VpnInfo)
+        net = rt.plan.net
+        resolved = runtime.resolve_endpoints(
+            info, lambda h: rt.kernel.resolve(net.netns, rt.plan.upstream_dns[0], h))
+        rt.kernel.nft(info.netns, endpoint_set_commands(info, resolved))
+        rt.state.set_resolved(q.name, resolved)
+        runtime.write_files(rt.kernel, info, rt.provider(q.name), resolved)
+
+    def after_reload(self, q: QubeInfo, k: Kernel, st: State) -> None:
+        """A full ruleset reload empties the endpoint sets (filled at run time)."""
+        info = q.info
+        assert isinstance(info, VpnInfo)
+        k.nft(info.netns, endpoint_set_commands(info, st.data.resolved.get(q.name)))
+
+    def tunnel(self, q: QubeInfo) -> Tunnel:
+        info = q.info
+        assert isinstance(info, VpnInfo)
+        return Tunnel(info.dev, info.fwmark, tuple(info.routes), info.upstream_if)
+
+    def leak_zone(self, outer: str) -> str:
+        return "vpn-out"
+
+    # --- proofs and status --------------------------------------------------------------
+    def audit(self, view: QubeView, ctx: AuditContext) -> list[Result]:
+        info = view.qube.info
+        assert isinstance(info, VpnInfo)
+        want = set(transport(info, ctx.resolved.get(view.qube.name)))
+        return super().audit(view, ctx) + kill_switch(view, self.tunnel(view.qube),
+                                                      ctx.endpoints) \
+            + [endpoint_set(view, want)]
+
+    def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
+        from netstack.vpn.health import health
+
+        info = q.info
+        assert isinstance(info, VpnInfo)
+        return {"vpn": health(info, live.links, live.children.get(info.daemon_name),
+                              live.resolved)}
+
+    def status_lines(self, entry: dict[str, Any]) -> list[str]:
+        v = entry["vpn"]
+        eps = ", ".join(f"{e['host']}:{e['port']}/{e['proto']}" for e in v["endpoints"])
+        extra = (f"handshake {v['handshake_age_s']}s ago" if v.get("handshake_age_s")
+                 is not None else f"state {v.get('state') or '-'}")
+        return [f"{v['type']} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
+                f"rx {v['rx_bytes'] or 0} B tx {v['tx_bytes'] or 0} B, "
+                f"restarts {v['restarts']}"]
+
+
+def endpoint_set_commands(info: VpnInfo, resolved: dict[str, list[str]] | None
+                          ) -> dict[str, Any]:
+    """One transaction: both endpoint sets hold exactly this transport."""
+    v4, v6 = set_elements(transport(info, resolved))
+    return {"nftables": set_commands(ENDPOINT_SET, v4) + set_commands(ENDPOINT_SET6, v6)}
+
+
+def set_commands(name: str, elems: list[Any]) -> list[dict[str, Any]]:
+    """Replace a named set's elements (flush + add), as part of a transaction."""
+    from netstack.rules.nft import FAMILY, TABLE
+
+    s = {"family": FAMILY, "table": TABLE, "name": name}
+    cmds: list[dict[str, Any]] = [{"flush": {"set": s}}]
+    if elems:
+        cmds.append({"add": {"element": {**s, "elem": list(elems)}}})
+    return cmds
+
+
+def kill_switch(q: QubeView, tun: Tunnel, endpoints: set[tuple[str, str, int]]) -> list[Result]:
+    """Forwarded client traffic only into the tunnel; the qube's own output to its uplink
+    only the tunnel transport (mark + endpoint), whoever the sender is."""
+    from netstack.audit import properties as p
+    from netstack.audit.evaluator import Outcome, Packet
+
+    fwd = [Packet(iifname=c.vif, oifname=o, saddr=c.ipv4, daddr=d, l4proto=l4, ct_state=ct)
+           for c in q.clients for o in p.ifaces(q) if o != tun.dev
+           for d in ["198.51.100.80"] + [e[0] for e in endpoints if ip_version(e[0]) == 4]
+           for l4 in ("tcp", "udp", "icmp") for ct in p.CT_STATES]
+    r1 = p.check("kill switch (forward)", q, "forward", fwd,
+                 lambda pk, o: o.verdict == "accept",
+                 f"client traffic is forwarded only into {tun.dev}")
+    v4 = sorted({e for e in endpoints if ip_version(e[0]) == 4})
+    daddrs = sorted(set(p.OUTSIDE4 + [e[0] for e in v4] + p.constants(q, "addr", ("output",))))
+    ports = sorted(set([e[2] for e in endpoints] + [53, 443, 40000]))
+    out = [Packet(oifname=q.upstream_if, saddr=q.address, daddr=d, l4proto=l4, dport=pt,
+                  mark=m, ct_state=ct, skuid=u)
+           for d in daddrs for l4 in ("tcp", "udp", "icmp") for pt in ports
+           for m in (0, tun.fwmark) for ct in ("new", "established")
+           for u in p.socket_owners(q)]
+
+    def bad_out(pk: Packet, o: Outcome) -> bool:
+        ok = pk.mark == tun.fwmark and (pk.daddr, pk.l4proto, pk.dport) in endpoints
+        return o.verdict == "accept" and not ok
+    r2 = p.check("kill switch (own output)", q, "output", out, bad_out,
+                 f"to {q.upstream_if} only the tunnel transport leaves (fwmark {tun.fwmark:#x} to "
+                 + ", ".join(f"{a}:{po}/{pr}" for a, pr, po in sorted(endpoints)) + ")")
+    return [r1, r2]
+
+
+def endpoint_set(q: QubeView, want: set[tuple[str, str, int]]) -> Result:
+    """The kill switch admits exactly the endpoints resolved at `up`, nothing more."""
+    from netstack.audit.properties import Result
+
+    got: set[tuple[str, str, int]] = set()
+    found = False
+    for i in q.ruleset.get("nftables", []):
+        s = i.get("set")
+        if s and s["name"] in (ENDPOINT_SET, ENDPOINT_SET6):
+            found = True
+            for e in s.get("elem", []):
+                c = e.get("concat") if isinstance(e, dict) else None
+                if c:
+                    got.add((c[0], c[1], c[2]))
+    extra = got - want
+    status = "PASS" if found and not extra and got else "FAIL"
+    return Result("VPN endpoints exactly as resolved", q.name, status,
+                  f"set {ENDPOINT_SET} = {sorted(got)}; resolved {sorted(want)}",
+                  {"unexpected": sorted(extra)} if extra else None)

@@ -4,6 +4,7 @@ IPv6 off, anti-spoofing, forwarding downstream->upstream, masquerade, virtual-DN
 from __future__ import annotations
 
 from netstack.addressing import VIRTUAL_DNS
+from netstack.model import Client
 from netstack.rules.nft import (
     ACCEPT,
     COUNTER,
@@ -49,10 +50,11 @@ def base(rs: Ruleset, ipv6: bool, strict_replies: bool = False) -> None:
     rs["output"].add(match(meta("oif"), "lo"), ACCEPT, comment="loopback")
 
 
-def antispoof(rs: Ruleset, clients: list[tuple[str, str, str | None, str]]) -> None:
+def antispoof(rs: Ruleset, clients: list[Client]) -> None:
     """A packet from a client link must carry that client's address (dropped in
-    prerouting as Qubes does). clients: (vif, ipv4, ipv6 or None, qube name)."""
-    for vif, v4, v6, name in clients:
+    prerouting as Qubes does)."""
+    for c in clients:
+        vif, v4, v6, name = c.vif, c.ipv4, c.ipv6, c.name
         rs["prerouting"].add(iifname(vif), nfproto("ipv4"), ip_saddr(v4, "!="), COUNTER, DROP,
                              comment=f"antispoof {name}")
         if v6:

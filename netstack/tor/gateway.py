@@ -1,6 +1,7 @@
-"""The Whonix-style gateway's torrc, built by a pure function: TransPort and DNSPort on the
-gateway's own address (the nftables rules admit only redirected traffic from client links),
-the control port only as a unix socket, each workstation on its own circuits."""
+"""The Whonix-style gateway's plan data and torrc, built by pure functions: TransPort and
+DNSPort on the gateway's own address (the nftables rules admit only redirected traffic from
+client links), the control port only as a unix socket, each workstation on its own
+circuits."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pwd
 from dataclasses import dataclass, field
 
 from netstack.errors import NetstackError
+from netstack.model import RoleInfo
 from netstack.tor.network import TESTING_OPTIONS
 
 TRANS_PORT, DNS_PORT = 9040, 5400
@@ -18,14 +20,15 @@ VIRTUAL_NET = "10.192.0.0/10"
 
 
 @dataclass
-class TorInfo:
+class TorInfo(RoleInfo):
+    tag = "tor"
+
     qube: str
     netns: str
     address: str
     state_dir: str
-    user: str
-    uid: int
-    dirauths: list[str] = field(default_factory=list)  # lab: our private network
+    user: str = TOR_USER
+    lab_network: bool = False  # True: the lab's private Tor network, else the public one
     bridges: list[str] = field(default_factory=list)
 
     @property
@@ -40,6 +43,10 @@ class TorInfo:
     def control_socket(self) -> str:
         return os.path.join(self.datadir, "control")
 
+    @property
+    def daemon_name(self) -> str:
+        return f"tor-{self.qube}"
+
 
 def tor_uid(user: str = TOR_USER) -> int:
     try:
@@ -50,7 +57,8 @@ def tor_uid(user: str = TOR_USER) -> int:
                             "root") from None
 
 
-def torrc(t: TorInfo) -> str:
+def torrc(t: TorInfo, dirauths: list[str] | tuple[str, ...] = ()) -> str:
+    """`dirauths`: the lab's private network (DirAuthority lines made at `up`)."""
     iso = "IsolateClientAddr IsolateDestAddr IsolateDestPort"
     lines = [
         "# written by netstack; the gateway of " + t.qube,
@@ -61,8 +69,8 @@ def torrc(t: TorInfo) -> str:
         f"VirtualAddrNetworkIPv4 {VIRTUAL_NET}", "AutomapHostsOnResolve 1", "ClientOnly 1",
         "AvoidDiskWrites 1", "ClientUseIPv6 0",
     ]
-    if t.dirauths:
-        lines += TESTING_OPTIONS + t.dirauths
+    if dirauths:
+        lines += TESTING_OPTIONS + list(dirauths)
     if t.bridges:
         lines += ["UseBridges 1", "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"]
         lines += [f"Bridge {b}" for b in t.bridges]

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
 
-from netstack.addressing import LabHost
 from netstack.errors import ApplyError
+from netstack.model import TorNode
 
 OR_PORT, DIR_PORT = 5000, 7000
 
@@ -26,36 +25,25 @@ TESTING_OPTIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class TorNode:
-    name: str  # nickname, also the lab host name
-    role: str  # authority | relay | exit
-    host: LabHost
-
-
-def lab_nodes(hosts: list[LabHost]) -> list[TorNode]:
-    out = []
-    for h in hosts:
-        if h.name.startswith("auth"):
-            out.append(TorNode(h.name, "authority", h))
-        elif h.name.startswith("relay"):
-            out.append(TorNode(h.name, "relay", h))
-        elif h.name.startswith("exit"):
-            out.append(TorNode(h.name, "exit", h))
-    return out
+def node_role(host: str) -> str | None:
+    """The lab host names of the private network's nodes say their role."""
+    for prefix, role in (("auth", "authority"), ("relay", "relay"), ("exit", "exit")):
+        if host.startswith(prefix):
+            return role
+    return None
 
 
 def dirauthority_lines(auths: list[tuple[TorNode, str, str]]) -> list[str]:
     """(node, v3 identity fingerprint, relay fingerprint) -> DirAuthority lines."""
-    return [f"DirAuthority {n.name} orport={OR_PORT} no-v2 v3ident={v3} "
-            f"{n.host.address}:{DIR_PORT} {fp}" for n, v3, fp in auths]
+    return [f"DirAuthority {n.name} orport={n.or_port} no-v2 v3ident={v3} "
+            f"{n.address}:{n.dir_port} {fp}" for n, v3, fp in auths]
 
 
-def node_torrc(node: TorNode, datadir: str, dirauths: list[str], resolv_conf: str) -> str:
-    lines = [f"DataDirectory {datadir}", "RunAsDaemon 0", f"Nickname {node.name}",
-             "Log notice stdout", f"ControlSocket {datadir}/control", "SocksPort 0",
-             f"Address {node.host.address}", f"ORPort {node.host.address}:{OR_PORT}",
-             f"DirPort {node.host.address}:{DIR_PORT}", "ContactInfo lab@netstack.invalid",
+def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str) -> str:
+    lines = [f"DataDirectory {node.dir}", "RunAsDaemon 0", f"Nickname {node.name}",
+             "Log notice stdout", f"ControlSocket {node.control}", "SocksPort 0",
+             f"Address {node.address}", f"ORPort {node.address}:{node.or_port}",
+             f"DirPort {node.address}:{node.dir_port}", "ContactInfo lab@netstack.invalid",
              "ServerDNSDetectHijacking 0", "ServerDNSTestAddresses", *TESTING_OPTIONS,
              *dirauths]
     if node.role == "authority":
@@ -81,21 +69,23 @@ def _finish(p: subprocess.Popen, stdin: str | None, what: str) -> str:
     return out
 
 
-def generate(base: str, nodes: list[TorNode], lab_resolv: str) -> list[str]:
+def generate(nodes: list[TorNode], base: str) -> list[str]:
     """Make every node's keys (in parallel: tor-gencert's RSA-3072 takes ~1.5 s), write the
     torrc files. Returns the DirAuthority lines that every client of this network needs."""
+    lab_resolv = os.path.join(base, "resolv.conf")
     procs = []
+    os.makedirs(base, mode=0o700, exist_ok=True)
     for n in nodes:
-        d = os.path.join(base, n.name)
+        d = n.dir
         os.makedirs(os.path.join(d, "keys"), mode=0o700, exist_ok=True)
         if n.role == "authority":
             k = os.path.join(d, "keys")
             argv = ["tor-gencert", "--create-identity-key", "--passphrase-fd", "0", "-i",
                     f"{k}/authority_identity_key", "-s", f"{k}/authority_signing_key", "-c",
                     f"{k}/authority_certificate", "-m", "12", "-a",
-                    f"{n.host.address}:{DIR_PORT}"]
+                    f"{n.address}:{n.dir_port}"]
             procs.append((n, "gencert", _start(argv, "\n"), "\n"))
-        argv = ["tor", "--list-fingerprint", "--DataDirectory", d, "--ORPort", str(OR_PORT),
+        argv = ["tor", "--list-fingerprint", "--DataDirectory", d, "--ORPort", str(n.or_port),
                 "--Nickname", n.name, "--quiet"]
         procs.append((n, "fingerprint", _start(argv), None))
     v3: dict[str, str] = {}
@@ -106,16 +96,16 @@ def generate(base: str, nodes: list[TorNode], lab_resolv: str) -> list[str]:
             fps[n.name] = "".join(out.strip().splitlines()[-1].split()[1:])
     for n in nodes:
         if n.role == "authority":
-            with open(os.path.join(base, n.name, "keys", "authority_certificate")) as f:
+            with open(os.path.join(n.dir, "keys", "authority_certificate")) as f:
                 v3[n.name] = next(x.split()[1] for x in f if x.startswith("fingerprint "))
     dirauths = dirauthority_lines([(n, v3[n.name], fps[n.name]) for n in nodes
                                    if n.role == "authority"])
-    for n in nodes:
-        d = os.path.join(base, n.name)
-        with open(os.path.join(d, "torrc"), "w") as f:
-            f.write(node_torrc(n, d, dirauths, lab_resolv))
-    with open(os.path.join(base, "resolv.conf"), "w") as f:
+    with open(lab_resolv, "w") as f:
         f.write(lab_resolv_conf_text())
+    for n in nodes:  # the torrc last: the supervisor starts the node when it appears
+        with open(n.torrc + ".tmp", "w") as f:
+            f.write(node_torrc(n, dirauths, lab_resolv))
+        os.replace(n.torrc + ".tmp", n.torrc)
     return dirauths
 
 

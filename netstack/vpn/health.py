@@ -9,6 +9,8 @@ import subprocess
 import time
 from typing import Any
 
+from netstack.vpn.info import VpnInfo
+
 
 def _wg_dump(dev: str) -> dict[str, Any]:
     p = subprocess.run(["wg", "show", dev, "dump"], capture_output=True, text=True)
@@ -45,28 +47,30 @@ def _ovpn_state(sock_path: str) -> str | None:
     return None
 
 
-def health(vpn: dict[str, Any], links: list[dict[str, Any]], child: dict[str, Any] | None,
+def health(vpn: VpnInfo, links: list[Any], child: dict[str, Any] | None,
            resolved: dict[str, list[str]] | None) -> dict[str, Any]:
-    dev = vpn["dev"]
-    link = next((x for x in links if x["name"] == dev), None)
+    """links: kernel.LinkState of the qube's namespace; child: the supervisor's record of
+    the tunnel daemon (with "alive")."""
+    link = next((x for x in links if x.name == vpn.dev), None)
+    known = {**(resolved or {}), **vpn.literal()}
     out: dict[str, Any] = {
-        "type": vpn["type"], "dev": dev,
-        "endpoints": [{**e, "addresses": (resolved or {}).get(e["host"], [])}
-                      for e in vpn["endpoints"]],
-        "dns": vpn["dns"], "tunnel": "up" if link and link["addresses"] else "down",
-        "rx_bytes": link.get("rx_bytes") if link else None,
-        "tx_bytes": link.get("tx_bytes") if link else None,
+        "type": vpn.type, "dev": vpn.dev,
+        "endpoints": [{"host": e.host, "port": e.port, "proto": e.proto,
+                       "addresses": known.get(e.host, [])} for e in vpn.endpoints],
+        "dns": vpn.dns, "tunnel": "up" if link and link.addresses else "down",
+        "rx_bytes": link.rx_bytes if link else None,
+        "tx_bytes": link.tx_bytes if link else None,
         "restarts": child.get("restarts", 0) if child else None,
         "process_alive": bool(child and child.get("alive")),
     }
-    if vpn["type"] == "wireguard" and link:
-        peers = _wg_dump(dev).get("peers", [])
+    if vpn.type == "wireguard" and link:
+        peers = _wg_dump(vpn.dev).get("peers", [])
         ages = [p["handshake_age_s"] for p in peers if p["handshake_age_s"] is not None]
         out["handshake_age_s"] = min(ages) if ages else None
         if out["handshake_age_s"] is None or out["handshake_age_s"] > 180:
             out["tunnel"] = "down"  # no handshake for 3 minutes: nothing gets through
-    elif vpn["type"] == "openvpn":
-        state = _ovpn_state(vpn["state_dir"] + f"/vpn-{vpn['qube']}.mgmt")
+    elif vpn.type == "openvpn":
+        state = _ovpn_state(vpn.mgmt_sock)
         out["state"] = state
         if state != "CONNECTED":
             out["tunnel"] = "down"

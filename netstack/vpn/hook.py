@@ -1,90 +1,160 @@
 """Post-start hook of a tunnel daemon, run by the supervisor inside the qube's namespace
-after each (re)start: wait for the tunnel device, configure it, set netstack's routes.
+after each (re)start: wait for the tunnel device, configure it, set netstack's routes, then
+watch it. Driven by netlink events (pyroute2) and the daemon's pidfd, never by polling.
 
     python -m netstack.vpn.hook SPEC.json     (env NETSTACK_DAEMON_PID: the daemon's pid)
 
-Spec: {"type": "wireguard"|"openvpn", "dev", "setconf"?, "addresses": [...], "mtu"?,
-"routes": [{"dst", "dev", "via"?}]}. For OpenVPN the daemon configures the address itself
-once connected; the hook waits for it. Prints "configured" when done, then watches the
-device until the daemon exits; non-zero exit (daemon gone first, device vanished) makes
-the supervisor end the daemon so it restarts.
+SPEC is a runtime.TunnelSpec. For OpenVPN the daemon sets the address itself once
+connected; the hook waits for it until `connect_timeout` and then reports the daemon's own
+last words. Prints "configured" when done; a non-zero exit (device never came, vanished, or
+no connection in time) makes the supervisor end the daemon so it restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-from netstack.state import proc_alive
+from netstack.codec import load
+from netstack.kernel import iproute_class
+from netstack.vpn.runtime import TunnelSpec
 
-
-def _alive(pid: int | None) -> bool:
-    return True if pid is None else proc_alive(pid, None)
-
-
-def _has_ipv4(dev: str) -> bool:
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", dev], capture_output=True,
-                         text=True).stdout
-    return " inet " in out
+DEVICE_TIMEOUT = 30.0
+EXITED = "daemon-exited"
 
 
-def wait_for(pred, pid: int | None, timeout: float | None) -> bool:
-    end = None if timeout is None else time.monotonic() + timeout
-    delay = 0.005
-    while not pred():
-        if not _alive(pid) or (end is not None and time.monotonic() > end):
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    return True
+class Events:
+    """Link and address events of this namespace, plus the daemon's exit, in one queue."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.q: queue.Queue[Any] = queue.Queue()
+        subscribed = threading.Event()
+        threading.Thread(target=self._pump, args=(subscribed,), daemon=True).start()
+        subscribed.wait()  # subscribe first, then read the current state: nothing is missed
+        if pid is not None:
+            threading.Thread(target=self._wait_pid, args=(pid,), daemon=True).start()
+
+    def _pump(self, subscribed: threading.Event) -> None:
+        """pyroute2 0.9's socket lives in the event loop of the thread that made it: the
+        subscription is made and read in this thread only."""
+        try:
+            sub = iproute_class()()
+            sub.bind()
+        finally:
+            subscribed.set()
+        with contextlib.suppress(Exception):
+            while True:
+                for m in sub.get():
+                    self.q.put(m)
+
+    def _wait_pid(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.q.put(EXITED)
+            return
+        select.select([fd], [], [])
+        self.q.put(EXITED)
+
+    def wait(self, done: Callable[[], bool], timeout: float | None) -> str:
+        """'ok' once done() holds (checked now and after each event), 'exited' when the
+        daemon is gone first, 'timeout' at the deadline."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return "timeout"
+            try:
+                m = self.q.get(timeout=left)
+            except queue.Empty:
+                return "timeout"
+            if m == EXITED:
+                return "exited"
+        return "ok"
+
+    def next_event(self) -> Any:
+        return self.q.get()
 
 
-def run(spec: dict, pid: int | None) -> int:
-    dev = spec["dev"]
-    if not wait_for(lambda: os.path.exists(f"/sys/class/net/{dev}"), pid, 30):
-        print(f"hook: {dev} never appeared", file=sys.stderr)
+def _index(ipr: Any, dev: str) -> int | None:
+    found = ipr.link_lookup(ifname=dev)
+    return found[0] if found else None
+
+
+def _has_ipv4(ipr: Any, idx: int) -> bool:
+    return bool(ipr.get_addr(index=idx, family=socket.AF_INET))
+
+
+def _last_words(log: str | None, n: int = 3) -> str:
+    if not log:
+        return ""
+    with contextlib.suppress(OSError), open(log, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4096))
+        lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+        return " | ".join(lines[-n:])
+    return ""
+
+
+def run(spec: TunnelSpec, pid: int | None) -> int:
+    ev = Events(pid)
+    ipr = iproute_class()()
+    dev = spec.dev
+    r = ev.wait(lambda: _index(ipr, dev) is not None, DEVICE_TIMEOUT)
+    if r != "ok":
+        print(f"hook: {dev} never appeared ({r})", file=sys.stderr)
         return 1
-    if spec["type"] == "wireguard":
-        subprocess.run(["wg", "setconf", dev, spec["setconf"]], check=True)
-        for a in spec.get("addresses", []):
-            subprocess.run(["ip", "addr", "replace", a, "dev", dev], check=True)
-        if spec.get("mtu"):
-            subprocess.run(["ip", "link", "set", dev, "mtu", str(spec["mtu"])], check=True)
-        subprocess.run(["ip", "link", "set", dev, "up"], check=True)
-    # OpenVPN sets the pushed address when the connection is up: until then nothing is
-    # routed into the tunnel, and the kill switch drops everything else.
-    elif spec["type"] == "openvpn" and not wait_for(lambda: _has_ipv4(dev), pid, None):
-        print(f"hook: openvpn exited before {dev} got an address", file=sys.stderr)
-        return 1
-    for r in spec.get("routes", []):
-        argv = ["ip", "route", "replace", r["dst"]]
-        if r.get("via"):
-            argv += ["via", r["via"]]
-        argv += ["dev", r["dev"]]
-        subprocess.run(argv, check=True)
+    idx = _index(ipr, dev)
+    assert idx is not None
+    if spec.type == "wireguard":
+        subprocess.run(["wg", "setconf", dev, spec.setconf], check=True)
+        for a in spec.addresses:
+            ip, plen = a.split("/")
+            ipr.addr("replace", index=idx, address=ip, prefixlen=int(plen))
+        if spec.mtu:
+            ipr.link("set", index=idx, mtu=spec.mtu)
+        ipr.link("set", index=idx, state="up")
+    else:
+        # OpenVPN sets the pushed address when the connection is up: until then nothing is
+        # routed into the tunnel, and the kill switch drops everything else.
+        r = ev.wait(lambda: _has_ipv4(ipr, idx), spec.connect_timeout)
+        if r != "ok":
+            why = "openvpn exited" if r == "exited" else \
+                f"no connection within {spec.connect_timeout:.0f} s"
+            print(f"hook: {dev} got no address: {why}; openvpn said: "
+                  f"{_last_words(spec.log) or '-'}", file=sys.stderr)
+            return 1
+    for rt in spec.routes:
+        kw: dict[str, Any] = {"dst": rt.dst, "oif": _index(ipr, rt.dev)}
+        if rt.via:
+            kw["gateway"] = rt.via
+        ipr.route("replace", **kw)
     print(f"hook: {dev} configured", file=sys.stderr)
     print("configured", flush=True)
     # Watch: a daemon that lives on without its device (OpenVPN keeps running when its tun
     # is deleted) carries nothing; end it so the supervisor restarts it cleanly.
-    gone_since = None
-    while _alive(pid):
-        if os.path.exists(f"/sys/class/net/{dev}"):
-            gone_since = None
-        elif gone_since is None:
-            gone_since = time.monotonic()
-        elif time.monotonic() - gone_since > 0.5:
+    while True:
+        m = ev.next_event()
+        if m == EXITED:
+            return 0
+        if m.get("event") == "RTM_DELLINK" and m.get("index") == idx:
             print(f"hook: {dev} vanished under a live daemon", file=sys.stderr)
             return 3
-        time.sleep(0.1)
-    return 0
 
 
 def main() -> None:
     with open(sys.argv[1]) as f:
-        spec = json.load(f)
+        spec = load(TunnelSpec, json.load(f), sys.argv[1])
     pid_s = os.environ.get("NETSTACK_DAEMON_PID")
     sys.exit(run(spec, int(pid_s) if pid_s else None))
 

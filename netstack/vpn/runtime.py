@@ -1,68 +1,46 @@
-"""The VPN qube's plan data (pure, no secrets) and its run-time preparation (resolve
-endpoints through sys-net, write daemon configs with umask 077, fill the kill switch's
-endpoint set)."""
+"""The VPN qube from its provider file: the pure derivation of its plan data, and the
+run-time files (daemon config with umask 077, the post-start hook's spec) written once its
+endpoints are resolved."""
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from netstack import names
+from netstack.addressing import ip_version, is_ip
+from netstack.codec import dump
 from netstack.config import Qube
 from netstack.errors import ConfigError
 from netstack.vpn import ovpnconf, wgconf
+from netstack.vpn.info import FWMARK, VpnEndpoint, VpnInfo
 
-FWMARK = 0xCA6C  # 51820, as wg-quick uses; marks the tunnel transport for the kill switch
-ENDPOINT_SET = "vpn_endpoints"
+if TYPE_CHECKING:
+    from netstack.kernel import Kernel
+
+Provider = wgconf.WgConfig | ovpnconf.OvpnConfig
 
 
 @dataclass
-class VpnInfo:
-    qube: str
-    netns: str
+class HookRoute:
+    dst: str
+    dev: str
+    via: str | None = None
+
+
+@dataclass
+class TunnelSpec:
+    """What the post-start hook does after each (re)start of the tunnel daemon."""
+
     type: str
     dev: str
-    fwmark: int
-    provider: str
-    endpoints: list[dict[str, Any]]  # host, port, proto
-    dns: list[str]
-    tunnel_addresses: list[str]
+    setconf: str | None
+    addresses: list[str]
     mtu: int | None
-    gateway: str
-    upstream_if: str
-    state_dir: str
-    routes: list[str] = field(default_factory=lambda: ["0.0.0.0/0"])
-
-    @property
-    def spec_path(self) -> str:
-        return os.path.join(self.state_dir, f"vpn-{self.qube}.json")
-
-    @property
-    def conf_path(self) -> str:
-        ext = "setconf" if self.type == "wireguard" else "ovpn"
-        return os.path.join(self.state_dir, f"vpn-{self.qube}.{ext}")
-
-    @property
-    def creds_path(self) -> str:
-        return os.path.join(self.state_dir, f"vpn-{self.qube}.creds")
-
-    @property
-    def mgmt_sock(self) -> str:
-        return os.path.join(self.state_dir, f"vpn-{self.qube}.mgmt")
-
-    def literal_endpoints(self) -> list[dict[str, Any]]:
-        return [e for e in self.endpoints if _is_ip(e["host"])]
-
-
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.IPv4Address(s)
-        return True
-    except ValueError:
-        return False
+    routes: list[HookRoute]
+    log: str | None = None  # the daemon's own log: its last words when it cannot connect
+    connect_timeout: float = 60.0
 
 
 def provider_path(q: Qube, config_dir: str, lab_files: dict[str, str] | None) -> str:
@@ -78,91 +56,83 @@ def provider_path(q: Qube, config_dir: str, lab_files: dict[str, str] | None) ->
     return ref if os.path.isabs(ref) else os.path.normpath(os.path.join(config_dir, ref))
 
 
-def load_provider(q: Qube, path: str) -> wgconf.WgConfig | ovpnconf.OvpnConfig:
-    where = f"qube {q.name!r} field 'config'"
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(where, f"cannot read {path}: {e.strerror}",
-                          "give the path of your provider's file") from None
+def parse_provider(vpn_type: str, text: str, path: str, where: str) -> Provider:
+    """`where` names the qube field for errors about the file as a whole."""
     src = os.path.basename(path)
-    if q.settings["type"] == "wireguard":
+    if vpn_type == "wireguard":
         return wgconf.parse(text, src)
     return ovpnconf.parse(text, src, os.path.dirname(path))
 
 
-def vpn_info(q: Qube, qid: int, stack: str, gateway: str, state_dir: str, config_dir: str,
-             lab_files: dict[str, str] | None) -> VpnInfo:
+def read_provider(q: Qube, path: str) -> Provider:
+    from netstack.config import read_text
+
+    where = f"qube {q.name!r} field 'config'"
+    text = read_text(path, where, "give the path of your provider's file")
+    return parse_provider(q.settings["type"], text, path, where)
+
+
+def vpn_info(q: Qube, cfg: Provider, path: str, qid: int, stack: str, gateway: str,
+             gateway6: str | None, state_dir: str) -> VpnInfo:
     """Everything about the VPN qube that the rules and status need, without secrets."""
-    path = provider_path(q, config_dir, lab_files)
-    cfg = load_provider(q, path)
     if isinstance(cfg, wgconf.WgConfig):
-        eps = [{"host": e.host, "port": e.port, "proto": "udp"} for e in cfg.endpoints]
+        eps = [VpnEndpoint(e.host, e.port, "udp") for e in cfg.endpoints]
         addrs, mtu = cfg.addresses, cfg.mtu
         routes = sorted({a for p in cfg.peers for a in p.allowed_ips if ":" not in a}) \
             or ["0.0.0.0/0"]
     else:
-        eps = [{"host": r.endpoint.host, "port": r.endpoint.port, "proto": r.proto}
-               for r in cfg.remotes]
+        eps = [VpnEndpoint(r.endpoint.host, r.endpoint.port, r.proto) for r in cfg.remotes]
         addrs, mtu, routes = [], None, ["0.0.0.0/0"]
     dns = list(q.settings.get("dns") or cfg.dns)
     if not dns:
         raise ConfigError(f"qube {q.name!r} field 'dns'",
                           "the provider file names no DNS server",
                           'set dns = ["IP of the VPN provider\'s resolver"]')
-    v4_dns = [d for d in dns if _is_ip(d)]
+    v4_dns = [d for d in dns if ip_version(d) == 4]
     if not v4_dns:
         raise ConfigError(f"qube {q.name!r} field 'dns'", "no IPv4 resolver",
                           "give an IPv4 DNS address reachable through the tunnel")
     return VpnInfo(q.name, names.qube_netns(stack, q.name), q.settings["type"],
                    names.tunnel_if(stack, qid, q.settings["type"]), FWMARK, path, eps, v4_dns,
                    [a for a in addrs if ":" not in a], mtu, gateway, names.UPSTREAM_IF,
-                   state_dir, routes)
+                   state_dir, routes, gateway6)
 
 
-def _private_write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def prepare(info: VpnInfo, resolve) -> dict[str, list[str]]:
-    """Resolve endpoint hostnames (via `resolve(host)`), write the daemon's config and the
-    post-start hook's spec. Returns host -> addresses (literal IPs map to themselves)."""
-    resolved: dict[str, list[str]] = {}
-    for e in info.endpoints:
-        h = e["host"]
-        if h not in resolved:
-            resolved[h] = [h] if _is_ip(h) else sorted(set(resolve(h)))
-    q = Qube(info.qube, "vpn", None, "gray", {"type": info.type, "config": info.provider})
-    cfg = load_provider(q, info.provider)
+def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, list[str]]
+                ) -> None:
+    """The daemon's config (secrets, 0600), then the hook's spec: the daemon's go signal,
+    written only once the kill switch admits the endpoints."""
     if isinstance(cfg, wgconf.WgConfig):
-        _private_write(info.conf_path, wgconf.setconf_text(cfg, resolved, info.fwmark))
+        k.write_file(info.conf_path, wgconf.setconf_text(cfg, resolved, info.fwmark), 0o600)
     else:
         creds = None
         if cfg.credentials:
-            _private_write(info.creds_path, cfg.credentials)
+            k.write_file(info.creds_path, cfg.credentials, 0o600)
             creds = info.creds_path
-        _private_write(info.conf_path, ovpnconf.render(
+        k.write_file(info.conf_path, ovpnconf.render(
             cfg, dev=info.dev, fwmark=info.fwmark, resolved=resolved, creds_path=creds,
-            mgmt_sock=info.mgmt_sock))
-    routes = [{"dst": f"{ip}/32", "via": info.gateway, "dev": info.upstream_if}
-              for ips in resolved.values() for ip in ips]
-    routes += [{"dst": r, "dev": info.dev} for r in info.routes]
-    spec = {"type": info.type, "dev": info.dev, "setconf": info.conf_path,
-            "addresses": info.tunnel_addresses, "mtu": info.mtu, "routes": routes}
-    _private_write(info.spec_path, json.dumps(spec))
-    return resolved
+            mgmt_sock=info.mgmt_sock), 0o600)
+    routes = [HookRoute(f"{ip}/32", info.upstream_if, info.gateway)
+              for ips in resolved.values() for ip in ips if ip_version(ip) == 4]
+    if info.gateway6:
+        routes += [HookRoute(f"{ip}/128", info.upstream_if, info.gateway6)
+                   for ips in resolved.values() for ip in ips if ip_version(ip) == 6]
+    routes += [HookRoute(r, info.dev) for r in info.routes]
+    spec = TunnelSpec(info.type, info.dev,
+                      info.conf_path if info.type == "wireguard" else None,
+                      info.tunnel_addresses, info.mtu, routes,
+                      os.path.join(info.state_dir, f"{info.daemon_name}.log"))
+    import json
+
+    k.write_file(info.spec_path, json.dumps(dump(spec)), 0o600)
 
 
-def endpoint_elements(info: VpnInfo, resolved: dict[str, list[str]]) -> list[Any]:
-    out = []
+def resolve_endpoints(info: VpnInfo, resolve) -> dict[str, list[str]]:
+    """host -> addresses; literal IPs map to themselves and are never sent to DNS."""
+    out: dict[str, list[str]] = {}
     for e in info.endpoints:
-        for ip in resolved.get(e["host"], []):
-            el = {"concat": [ip, e["proto"], e["port"]]}
-            if el not in out:
-                out.append(el)
+        if e.host not in out:
+            out[e.host] = [e.host] if is_ip(e.host) else sorted(set(resolve(e.host)))
     return out
 
 
@@ -170,7 +140,3 @@ def daemon_argv(info: VpnInfo) -> tuple[str, ...]:
     if info.type == "wireguard":
         return ("wireguard-go", "-f", info.dev)
     return ("openvpn", "--config", info.conf_path)
-
-
-def to_json(info: VpnInfo) -> dict[str, Any]:
-    return asdict(info)

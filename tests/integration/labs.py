@@ -10,8 +10,10 @@ from pathlib import Path
 from tests.integration.util import (
     ROOT,
     Prober,
+    children,
     cli,
     in_ns,
+    load_state,
     new_stack_name,
     reap_zombies,
     stack_leftovers,
@@ -30,13 +32,11 @@ class TorLab:
         self.up_s = time.monotonic() - t0
         try:
             self.dir = Path(f"/run/netstack/{self.stack}")
-            self.plan = json.loads((self.dir / "plan.json").read_text())
-            self.nodes = self.plan["lab"]["tor_nodes"]
-            self.exits = {n["address"] for n in self.nodes.values() if n["role"] == "exit"}
-            self.relay_ports = {(n["address"], port) for n in self.nodes.values()
-                                for port in (n["or_port"], n["dir_port"])}
-            self.tor = self.plan["tors"][0]
-            self.ns = {q["name"]: q["netns"] for q in self.plan["qubes"]}
+            self.plan = load_state(self.stack).plan
+            self.exits = self.plan.lab.exits
+            self.relay_ports = self.plan.lab.relay_ports
+            self.tor = self.plan.qube("sys-whonix").info
+            self.ns = {q.name: q.netns for q in self.plan.qubes}
             self.prober = Prober(self.ns["anon-whonix"])
             wait_for(lambda: self.fetch("anon-whonix", WEB) in self.exits, 60, 0.2,
                      "a first page through Tor")
@@ -58,8 +58,8 @@ class TorLab:
     def log(self, name: str) -> list[dict]:
         return [json.loads(x) for x in (self.dir / f"{name}.log").read_text().splitlines()]
 
-    def child(self, name: str) -> dict:
-        return json.loads((self.dir / "supervisor.json").read_text())["children"][name]
+    def child(self, name: str):
+        return children(self.stack)[name]
 
     def close(self) -> None:
         if hasattr(self, "prober"):

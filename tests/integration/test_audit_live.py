@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from netstack import audit
-from netstack.apply import load_ruleset
-from tests.integration.util import VPN_CFG, cli, running_stack
+from tests.integration.util import (
+    VPN_CFG,
+    children,
+    cli,
+    load_ruleset,
+    running_stack,
+    supervisor_pid,
+)
 
 pytestmark = pytest.mark.root
 
@@ -34,9 +39,8 @@ def test_vpn_chain_audits_clean():
     with running_stack(VPN_CFG, "au") as s:
         from tests.integration.util import wait_for
 
-        sup_json = Path(f"/run/netstack/{s}/supervisor.json")
-        wait_for(lambda: json.loads(sup_json.read_text())["children"].get(
-            "vpn-sys-proxyvm", {}).get("configured"), 20, 0.05, "the tunnel configured")
+        wait_for(lambda: (c := children(s).get("vpn-sys-proxyvm")) and c.configured, 20, 0.05,
+                 "the tunnel configured")
         r = audit.run(s, drift=True)
         assert r["ok"], [x for x in r["results"] if x["status"] != "PASS"]
         e2e = next(x for x in r["results"] if x["property"].startswith("end to end"))
@@ -45,14 +49,11 @@ def test_vpn_chain_audits_clean():
         import os
         import signal
 
-        from netstack.state import State
-
-        st = State.load(s)
-        sup = next(o["pid"] for o in st.objects if o["type"] == "process")
-        kids = json.loads((Path(st.dir) / "supervisor.json").read_text())["children"]
+        sup = supervisor_pid(s)
+        kids = children(s)
         os.kill(sup, signal.SIGSTOP)
         try:
-            os.kill(kids["vpn-sys-proxyvm"]["pid"], signal.SIGKILL)
+            os.kill(kids["vpn-sys-proxyvm"].pid, signal.SIGKILL)
             wait_for(lambda: subprocess.run(["ip", "-n", f"nst-{s}-sys-proxyvm", "link", "show",
                                              "dev", f"wg3-{s}"], capture_output=True
                                             ).returncode != 0, 5, 0.01, "tunnel gone")
@@ -65,7 +66,7 @@ def test_vpn_chain_audits_clean():
 
 def test_broken_live_rule_is_caught_and_drift_shows_it(tor_lab):
     ns = tor_lab.ns["sys-whonix"]
-    good = next(n for n in tor_lab.plan["namespaces"] if n["name"] == ns)["ruleset"]
+    good = tor_lab.plan.ns(ns).ruleset
     subprocess.run(["ip", "netns", "exec", ns, "nft", "insert", "rule", "inet", "netstack",
                     "input", "iifname", "vif5", "tcp", "dport", "9051", "accept"], check=True)
     try:
@@ -102,7 +103,7 @@ def test_corpus_counterexamples_replay_in_the_kernel(tmp_path, name):
     key = mutate(name, rs)
     r = results(p, rs)[key]
     hook, predicted = r.reason.split(": ", 1)
-    ns = next(q["netns"] for q in p["qubes"] if q["name"] == key[0])
+    ns = p.qube(key[0]).netns
     out = replay(rs[ns], hook, r.counterexample)
     assert out["replayable"], out
     assert out["kernel_verdict"] == predicted == "accept", out.get("lines")
@@ -110,7 +111,7 @@ def test_corpus_counterexamples_replay_in_the_kernel(tmp_path, name):
 
 def test_audit_replay_flag_on_a_live_break(tor_lab):
     ns = tor_lab.ns["sys-whonix"]
-    good = next(n for n in tor_lab.plan["namespaces"] if n["name"] == ns)["ruleset"]
+    good = tor_lab.plan.ns(ns).ruleset
     subprocess.run(["ip", "netns", "exec", ns, "nft", "insert", "rule", "inet", "netstack",
                     "forward", "iifname", "vif5", "accept"], check=True)
     try:

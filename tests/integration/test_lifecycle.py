@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from netstack import netns
-from netstack.state import State
+from netstack.state import ProcessRec, State
 from tests.integration.util import (
     BASIC,
     cli,
@@ -31,15 +31,15 @@ def test_down_leaves_nothing(own_stack):
     before = snapshot_host()
     cli("--stack", s, "up", BASIC, "--lab")
     st = State.load(s)
-    sup = [o for o in st.objects if o["type"] == "process"]
-    assert sup and os.path.exists(f"/proc/{sup[0]['pid']}")
-    want = {n["name"] for n in st.data["plan"]["namespaces"]}
+    sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid]
+    assert sup and os.path.exists(f"/proc/{sup[0].pid}")
+    want = {n.name for n in st.plan.namespaces}
     assert len(want) == 8  # 4 qubes + lab: isp, web, dns, vpn
     assert {n for n in netns.list_names() if f"-{s}-" in n} == want
     cli("--stack", s, "down")
     reap_zombies()
     assert not stack_leftovers(s)
-    assert not os.path.exists(f"/proc/{sup[0]['pid']}"), "supervisor still there"
+    assert not os.path.exists(f"/proc/{sup[0].pid}"), "supervisor still there"
     after = snapshot_host()
     assert after == before
     # down of a stack that is not up is a clear error with its own exit code
@@ -60,7 +60,7 @@ def test_crash_mid_up_then_down_leaves_nothing(own_stack, crash_after):
             env={"NETSTACK_TEST_CRASH_AFTER": str(crash_after)})
     assert p.returncode == -9
     st = State.load(s)
-    assert st is not None and st.data["status"] == "partial"
+    assert st is not None and st.data.status == "partial"
     assert len(st.objects) == crash_after
     cli("--stack", s, "down")
     reap_zombies()

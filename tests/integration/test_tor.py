@@ -17,6 +17,9 @@ from tests.integration.util import (
     ROOT,
     cli,
     in_ns,
+    kernel,
+    load_ruleset,
+    supervisor_pid,
     wait_for,
 )
 
@@ -63,7 +66,7 @@ def test_isp_link_holds_only_vpn_transport_and_vpn_server_only_relays(lab, tmp_p
     """During page loads by IP and by name from both workstations."""
     from scapy.layers.inet import IP, TCP, UDP
 
-    net, vpn = lab.ns["sys-net"], lab.plan["lab"]["vpn_server"]["netns"]
+    net, vpn = lab.ns["sys-net"], lab.plan.lab.vpn_server.netns
     with Capture(net, "uplink", str(tmp_path / "isp.pcap")) as isp, \
             Capture(vpn, "eth0", str(tmp_path / "vpn-egress.pcap")) as egress:
         for ws in ("anon-whonix", "anon-whonix2"):
@@ -102,7 +105,7 @@ def test_two_workstations_use_different_circuits(lab):
 
     from netstack.tor.control import connect
 
-    c = connect(lab.tor["control_socket"])
+    c = connect(lab.tor.control_socket)
     source: dict[str, str] = {}  # stream id -> workstation (SOURCE_ADDR comes with NEW only)
     seen: dict[str, set[str]] = {}  # workstation -> circuits its streams were attached to
 
@@ -184,8 +187,6 @@ def test_hostile_packets_fail_and_never_appear_beyond_the_gateway(lab, tmp_path)
 def test_anti_forwarding_gateway_is_caught(lab, tmp_path):
     """The detector can fail: a gateway that forwards (rules replaced, forwarding on)
     lets the hostile packets out, and the capture beyond it shows them."""
-    from netstack import netns
-    from netstack.apply import load_ruleset
     from netstack.rules.nft import MASQUERADE, Ruleset, oifname
 
     whonix = lab.ns["sys-whonix"]
@@ -193,17 +194,19 @@ def test_anti_forwarding_gateway_is_caught(lab, tmp_path):
     for ch in ("input", "forward", "output"):
         bad_rs[ch].policy = "accept"
     bad_rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
-    good = next(n for n in lab.plan["namespaces"] if n["name"] == whonix)
+    good = lab.plan.ns(whonix)
     m = marker()
+    k = kernel()
     try:
         load_ruleset(whonix, bad_rs.to_json())
-        netns.write_sysctl(whonix, "net/ipv4/ip_forward", "1")
+        k.sysctl(whonix, "net/ipv4/ip_forward", "1")
         with Capture(whonix, "eth0", str(tmp_path / "anti.pcap")) as cap:
             lab.prober.send(hostile(m)[:5])
         pkts = cap.packets()
     finally:
-        load_ruleset(whonix, good["ruleset"])
-        netns.write_sysctl(whonix, "net/ipv4/ip_forward", "0")
+        load_ruleset(whonix, good.ruleset)
+        k.sysctl(whonix, "net/ipv4/ip_forward", "0")
+        k.close()
     assert with_marker(pkts, m), "a forwarding gateway leaked nothing: the detector is blind"
     assert beyond_gateway_violations(lab, pkts)
 
@@ -214,9 +217,9 @@ def test_tor_killed_fails_closed_then_recovers(lab, tmp_path):
     m = marker()
     whonix = lab.ns["sys-whonix"]
     c = lab.child("tor-sys-whonix")
-    from netstack.state import State, proc_alive
+    from netstack.kernel import proc_alive
 
-    sup = next(o["pid"] for o in State.load(lab.stack).objects if o["type"] == "process")
+    sup = supervisor_pid(lab.stack)
     os.kill(sup, signal.SIGSTOP)  # hold the restart back: tor stays dead while we probe
     try:
         with Capture(whonix, "eth0", str(tmp_path / "killed.pcap")) as cap:
@@ -230,17 +233,17 @@ def test_tor_killed_fails_closed_then_recovers(lab, tmp_path):
     assert not [p for p in pkts if IP in p and p[IP].src in (WS1, WS2)]
     assert not beyond_gateway_violations(lab, pkts)  # only the dead tor's relay sessions
     # the supervisor restarts tor; traffic recovers
-    wait_for(lambda: lab.child("tor-sys-whonix")["pid"] != c["pid"], 10, 0.05, "tor restart")
-    wait_bootstrap(lab.tor["control_socket"], 60)
+    wait_for(lambda: lab.child("tor-sys-whonix").pid != c.pid, 10, 0.05, "tor restart")
+    wait_bootstrap(lab.tor.control_socket, 60)
     lab.get("anon-whonix", WEB)
-    assert proc_alive(lab.child("tor-sys-whonix")["pid"], None)
+    assert proc_alive(lab.child("tor-sys-whonix").pid, None)
 
 
 def _probe_while_dead(lab, c, m):
-    from netstack.state import proc_alive
+    from netstack.kernel import proc_alive
 
-    os.kill(c["pid"], signal.SIGKILL)
-    wait_for(lambda: not proc_alive(c["pid"], c["start"]), 5, 0.01, "tor to die")
+    os.kill(c.pid, signal.SIGKILL)
+    wait_for(lambda: not proc_alive(c.pid, c.start), 5, 0.01, "tor to die")
     end = time.monotonic() + 1.5
     while time.monotonic() < end:
         lab.prober.send([{"dst": WEB, "proto": "tcp", "dport": 80, "flags": "S",

@@ -16,15 +16,19 @@ from pathlib import Path
 import pytest
 
 from netstack.leaktest.capture import Capture
-from netstack.state import State
 from tests.integration.util import (
     ROOT,
     Prober,
+    children,
     cli,
     in_ns,
+    kernel,
+    load_ruleset,
+    load_state,
     new_stack_name,
     reap_zombies,
     stack_leftovers,
+    supervisor_pid,
     wait_for,
 )
 
@@ -59,10 +63,11 @@ class VpnStack:
         self.work = f"nst-{self.stack}-work"
         self.labvpn = f"nsl-{self.stack}-vpn"
         self.port = PORTS[self.kind]
-        self.dev = json.loads((self.state_dir / "plan.json").read_text())["vpns"][0]["dev"]
+        self.info = load_state(self.stack).plan.qube("sys-proxyvm").info
+        self.dev = self.info.dev
         # A fallback default route via the uplink, as a DHCP client or a user would leave
         # it: now only the kill switch rules stand between a dead tunnel and clear traffic.
-        gw = json.loads((self.state_dir / "plan.json").read_text())["vpns"][0]["gateway"]
+        gw = self.info.gateway
         in_ns(self.vpn, "ip", "route", "add", "default", "via", gw, "dev", "eth0", "metric",
               "1000")
         self.prober = Prober(self.work)
@@ -72,9 +77,8 @@ class VpnStack:
     def state_dir(self):
         return Path(f"/run/netstack/{self.stack}")
 
-    def child(self) -> dict:
-        with open(self.state_dir / "supervisor.json") as f:
-            return json.load(f)["children"]["vpn-sys-proxyvm"]
+    def child(self):
+        return children(self.stack)["vpn-sys-proxyvm"]
 
     def fetch(self, timeout: float = 3) -> str | None:
         p = in_ns(self.work, "curl", "-sS", "--max-time", str(timeout), f"http://{WEB}/",
@@ -185,14 +189,14 @@ def run_fault(vs, tmp_path, name, fault, repair=None, duration=2.0):
 
 def kill9(vs):
     c = vs.child()
-    os.kill(c["pid"], signal.SIGKILL)
+    os.kill(c.pid, signal.SIGKILL)
 
 
 def test_vpn_process_killed(vs, tmp_path):
-    before = vs.child()["restarts"]
+    before = vs.child().restarts
     bad, hits = run_fault(vs, tmp_path, "kill9", lambda: kill9(vs))
     assert not bad and not hits
-    assert vs.child()["restarts"] > before  # the supervisor restarted it
+    assert vs.child().restarts > before  # the supervisor restarted it
 
 
 def test_tunnel_interface_deleted(vs, tmp_path):
@@ -206,7 +210,7 @@ def test_restart_in_progress(vs, tmp_path):
     def churn():
         for _ in range(3):
             kill9(vs)
-            wait_for(lambda: vs.child().get("configured"), 20, 0.02, "restart")
+            wait_for(lambda: vs.child().configured, 20, 0.02, "restart")
     bad, hits = run_fault(vs, tmp_path, "restart", churn, duration=1.0)
     assert not bad and not hits
 
@@ -225,9 +229,7 @@ def test_server_unreachable(vs, tmp_path):
 
 
 def test_wrong_key(vs, tmp_path):
-    info = json.loads((vs.state_dir / "plan.json").read_text())["vpns"][0]
-    conf = info["state_dir"] + f"/vpn-{info['qube']}." + (
-        "setconf" if vs.kind == "wireguard" else "ovpn")
+    conf = vs.info.conf_path
     good = Path(conf).read_text()
 
     def break_key():
@@ -256,7 +258,6 @@ def test_wrong_key(vs, tmp_path):
 def test_anti_without_kill_switch_clear_packets_leak(vs, tmp_path):
     """The capture can fail: with the kill switch's rules replaced by accept-all, a dead
     tunnel lets the app's packets out on the ISP link in clear, and we see them."""
-    from netstack.apply import load_ruleset
     from netstack.rules.nft import MASQUERADE, Ruleset, oifname
 
     open_rs = Ruleset()
@@ -267,38 +268,34 @@ def test_anti_without_kill_switch_clear_packets_leak(vs, tmp_path):
     def remove_kill_switch():
         load_ruleset(vs.vpn, open_rs.to_json())
         # stop the supervisor restarting the tunnel, then kill it
-        os.kill(supervisor_pid(vs), signal.SIGSTOP)
+        os.kill(supervisor_pid(vs.stack), signal.SIGSTOP)
         kill9(vs)
 
     try:
         bad, hits = run_fault_no_recover(vs, tmp_path, remove_kill_switch)
     finally:
-        os.kill(supervisor_pid(vs), signal.SIGCONT)
-        plan = json.loads((vs.state_dir / "plan.json").read_text())
-        load_ruleset(vs.vpn, next(n for n in plan["namespaces"]
-                                  if n["name"] == vs.vpn)["ruleset"])
-        from netstack.apply import _nft
-        from netstack.rules.nft import set_elements_commands
+        os.kill(supervisor_pid(vs.stack), signal.SIGCONT)
+        st = load_state(vs.stack)
+        load_ruleset(vs.vpn, st.plan.ns(vs.vpn).ruleset)
+        from netstack.roles.vpn import endpoint_set_commands
 
-        _nft(vs.vpn).json_cmd(set_elements_commands(
-            "vpn_endpoints", [{"concat": [VPN_SERVER, "udp", vs.port]}]))
+        assert st.data.resolved["sys-proxyvm"] == {"vpn.lab.test": [VPN_SERVER]}
+        k = kernel()
+        k.nft(vs.vpn, endpoint_set_commands(vs.info, st.data.resolved["sys-proxyvm"]))
+        k.close()
         vs.wait_tunnel()
     assert hits, "no clear packet seen without a kill switch: the capture is blind"
     assert bad
 
 
-def supervisor_pid(vs) -> int:
-    return next(o["pid"] for o in State.load(vs.stack).objects if o["type"] == "process")
-
-
 def run_fault_no_recover(vs, tmp_path, fault):
-    from netstack.state import proc_alive
+    from netstack.kernel import proc_alive
 
     m = "nstk-" + secrets.token_hex(6)
     c = vs.child()
     with isp_capture(vs, tmp_path, "anti") as cap:
         fault()
-        wait_for(lambda: not proc_alive(c["pid"], c["start"]), 5, 0.01, "the VPN to die")
+        wait_for(lambda: not proc_alive(c.pid, c.start), 5, 0.01, "the VPN to die")
         for _ in range(3):
             vs.prober.send(vs.probes(m))
     pkts = cap.packets()

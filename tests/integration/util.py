@@ -112,10 +112,58 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def kernel():
+    """A real kernel seam for a test's own changes (closed by the caller or at exit)."""
+    from netstack.kernel import RealKernel
+
+    return RealKernel()
+
+
+def list_ruleset(ns: str) -> dict:
+    k = kernel()
+    try:
+        return k.nft_list(ns)
+    finally:
+        k.close()
+
+
+def load_ruleset(ns: str, ruleset: dict) -> None:
+    """Replace our table in `ns` with `ruleset` in one transaction (tests that break or
+    repair a qube's rules on purpose)."""
+    from netstack.rules.nft import commands
+
+    k = kernel()
+    try:
+        k.nft(ns, commands(ruleset))
+    finally:
+        k.close()
+
+
+def load_state(stack: str):
+    from netstack.state import State
+
+    st = State.load(stack)
+    assert st is not None and st.plan is not None, f"stack {stack} has no state"
+    return st
+
+
+def supervisor_pid(stack: str) -> int:
+    from netstack.processes import supervisor_pid as sp
+
+    pid = sp(load_state(stack))
+    assert pid is not None
+    return pid
+
+
+def children(stack: str) -> dict:
+    """The supervisor's children by daemon name (supervisor.Child)."""
+    from netstack.processes import children as ch
+
+    return ch(load_state(stack))
+
+
 def nft_counter(ns: str, comment: str) -> int:
     """Packets counted by the rule with this comment in namespace `ns` (live ruleset)."""
-    from netstack.apply import list_ruleset
-
     total = 0
     found = False
     for item in list_ruleset(ns)["nftables"]:

@@ -3,6 +3,7 @@
 import pytest
 
 from netstack import addressing, config, names, plan
+from netstack.codec import dump
 from netstack.errors import ConfigError, UsageError
 from tests.unit.test_config import ROOT
 
@@ -26,8 +27,8 @@ def test_plan_is_deterministic_and_independent_of_table_order():
     text = (ROOT / "configs" / "basic.toml").read_text()
     blocks = text.split("\n\n")
     shuffled = "\n\n".join([blocks[0]] + list(reversed(blocks[1:])))
-    p1 = plan.build(config.parse(text), "s", plan.UplinkSpec("lab")).to_json()
-    p2 = plan.build(config.parse(shuffled), "s", plan.UplinkSpec("lab")).to_json()
+    p1 = dump(plan.build(config.parse(text), "s", plan.UplinkSpec("lab")))
+    p2 = dump(plan.build(config.parse(shuffled), "s", plan.UplinkSpec("lab")))
     assert p1["qubes"] == p2["qubes"] and p1["addrs"] == p2["addrs"]
 
 
@@ -80,7 +81,8 @@ def test_host_mode_resolvers():
 
 def test_moved_uplink_needs_static_address():
     with pytest.raises(ConfigError) as e:
-        plan.build(basic(), "s", plan.UplinkSpec("move", "eth9"), "nameserver 192.0.2.9\n")
+        plan.build(plan.Inputs(basic(), "<memory>", host_resolv="nameserver 192.0.2.9\n"),
+                   "s", plan.UplinkSpec("move", "eth9"))
     assert "field 'address'" in str(e.value)
 
 

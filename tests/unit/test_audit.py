@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from netstack import config, plan
+from netstack import stack
 from netstack.audit import audit
-from netstack.lab.vpnserver import LabVpn
+from netstack.model import UplinkSpec
 from tests.unit.test_config import ROOT
 from tests.unit.test_vpn_parsers import WG_MULLVAD_LIKE
 
@@ -20,14 +20,17 @@ CORPUS = Path(__file__).resolve().parents[1] / "audit_corpus"
 
 
 def make_plan(tmp_path, cfg="tests/configs/tor-two-workstations.toml"):
-    (tmp_path / "client-wireguard.conf").write_text(
-        WG_MULLVAD_LIKE.replace("185.65.134.1", "203.0.113.10"))
-    lab = LabVpn(str(tmp_path), "wgs-main", str(tmp_path / "tor"), ("DirAuthority x",))
-    return plan.build(config.load(ROOT / cfg), "main", plan.UplinkSpec("lab"), lab=lab).to_json()
+    """The config's plan over the lab, with a provider file whose endpoint is an address
+    (203.0.113.10, the lab VPN server's), so the kill switch's set is in the ruleset."""
+    wg = tmp_path / "client-wireguard.conf"
+    wg.write_text(WG_MULLVAD_LIKE.replace("185.65.134.1", "203.0.113.10"))
+    c = tmp_path / "config.toml"
+    c.write_text((ROOT / cfg).read_text().replace('"lab:wireguard"', f'"{wg}"'))
+    return stack.plan_only(str(c), "main", UplinkSpec("lab"))
 
 
 def rulesets(p):
-    return {n["name"]: n["ruleset"] for n in p["namespaces"] if n["ruleset"]}
+    return {n.name: n.ruleset for n in p.namespaces if n.ruleset}
 
 
 def results(p, rs):

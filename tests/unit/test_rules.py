@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from netstack import config, plan
+from netstack import config, plan, stack
+from netstack.codec import dump
 from netstack.rules import nft
 from tests.unit.test_config import ROOT
 
@@ -120,13 +121,13 @@ def vpn_plan(tmp_path, endpoint="203.0.113.10:51820"):
     text = (ROOT / "configs" / "vpn.toml").read_text().replace("lab:wireguard", "wg.conf")
     cfg = tmp_path / "vpn.toml"
     cfg.write_text(text)
-    return plan.build(config.load(cfg), "main", plan.UplinkSpec("lab"))
+    return stack.plan_only(str(cfg), "main", plan.UplinkSpec("lab"))
 
 
 def test_vpn_kill_switch_rules(tmp_path):
     p = vpn_plan(tmp_path)
     rs = p.ns("nst-main-sys-proxyvm").ruleset
-    tun = p.vpns[0]["dev"]
+    tun = p.qube("sys-proxyvm").info.dev
     assert tun == "wg3-main"
     fwd = [r for r in rules_of(rs, "forward") if r["expr"][-1] == nft.ACCEPT]
     # forwarded traffic leaves only through the tunnel; replies only come from it
@@ -135,14 +136,21 @@ def test_vpn_kill_switch_rules(tmp_path):
     assert fwd[1]["expr"][0] == nft.iifname(tun)
     out = {r["comment"]: r["expr"] for r in rules_of(rs, "output") if r["expr"][-1] == nft.ACCEPT}
     assert set(out) == {"loopback", "replies to clients", "own traffic through the tunnel",
-                        "VPN transport"}
-    transport = out["VPN transport"]
-    assert transport[0] == nft.oifname("eth0")
-    assert transport[1] == nft.match(nft.meta("mark"), 0xCA6C)
+                        "VPN transport", "VPN transport (IPv6)"}
+    for name, family, setname in (("VPN transport", "ip", "@vpn_endpoints"),
+                                  ("VPN transport (IPv6)", "ip6", "@vpn_endpoints6")):
+        transport = out[name]
+        assert transport[0] == nft.oifname("eth0")
+        assert transport[1] == nft.match(nft.meta("mark"), 0xCA6C)
+        assert transport[3] == nft.match(nft.concat(nft.payload(family, "daddr"),
+                                                    nft.meta("l4proto"),
+                                                    nft.payload("th", "dport")), setname)
     sets = [i["set"] for i in rs["nftables"] if "set" in i]
     assert sets == [{"family": "inet", "table": "netstack", "name": "vpn_endpoints",
                      "type": ["ipv4_addr", "inet_proto", "inet_service"],
-                     "elem": [{"concat": ["203.0.113.10", "udp", 51820]}]}]
+                     "elem": [{"concat": ["203.0.113.10", "udp", 51820]}]},
+                    {"family": "inet", "table": "netstack", "name": "vpn_endpoints6",
+                     "type": ["ipv6_addr", "inet_proto", "inet_service"]}]
     dnat = rules_of(rs, "nat_prerouting")
     assert dnat and all(r["expr"][-1] == nft.dnat4("10.64.0.1") for r in dnat)
     assert rules_of(rs, "nat_postrouting")[0]["expr"] == [nft.oifname(tun), nft.MASQUERADE]
@@ -151,9 +159,10 @@ def test_vpn_kill_switch_rules(tmp_path):
 def test_vpn_hostname_endpoint_starts_with_an_empty_set(tmp_path):
     p = vpn_plan(tmp_path, "vpn.example:51820")
     rs = p.ns("nst-main-sys-proxyvm").ruleset
-    s = next(i["set"] for i in rs["nftables"] if "set" in i)
-    assert "elem" not in s  # nothing allowed out until `up` resolved it through sys-net
-    assert p.vpns[0]["endpoints"] == [{"host": "vpn.example", "port": 51820, "proto": "udp"}]
+    assert not [i for i in rs["nftables"] if "set" in i and "elem" in i["set"]]
+    # nothing allowed out until `up` resolved it through sys-net
+    assert dump(p.qube("sys-proxyvm").info.endpoints) == [
+        {"host": "vpn.example", "port": 51820, "proto": "udp"}]
 
 
 def test_vpn_needs_a_dns(tmp_path):
@@ -165,7 +174,7 @@ def test_vpn_needs_a_dns(tmp_path):
     cfg.write_text((ROOT / "configs" / "vpn.toml").read_text().replace("lab:wireguard",
                                                                         "wg.conf"))
     with pytest.raises(ConfigError) as e:
-        plan.build(config.load(cfg), "main", plan.UplinkSpec("lab"))
+        stack.plan_only(str(cfg), "main", plan.UplinkSpec("lab"))
     assert "sys-proxyvm" in str(e.value) and "field 'dns'" in str(e.value)
 
 
@@ -173,20 +182,16 @@ def test_lab_file_needs_the_lab(tmp_path):
     from netstack.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        plan.build(config.load(ROOT / "configs" / "vpn.toml"), "main",
-                   plan.UplinkSpec("lab"))
+        text = (ROOT / "configs" / "vpn.toml").read_text().replace(
+            'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]')
+        (tmp_path / "vpn.toml").write_text(text)
+        stack.plan_only(str(tmp_path / "vpn.toml"), "main", plan.UplinkSpec("nat", "eth9"))
     assert "only in the lab" in str(e.value)
 
 
 def tor_plan(tmp_path):
-    from netstack.lab.vpnserver import LabVpn
-
-    (tmp_path / "client-wireguard.conf").write_text(
-        __import__("tests.unit.test_vpn_parsers", fromlist=["x"]).WG_MULLVAD_LIKE)
-    lab = LabVpn(str(tmp_path), "wgs-main", str(tmp_path / "tor"),
-                 ("DirAuthority auth1 orport=5000 no-v2 v3ident=AA 203.0.113.21:7000 BB",))
-    return plan.build(config.load(ROOT / "configs" / "tor-over-vpn.toml"), "main",
-                      plan.UplinkSpec("lab"), lab=lab)
+    return stack.plan_only(str(ROOT / "configs" / "tor-over-vpn.toml"), "main",
+                           plan.UplinkSpec("lab"))
 
 
 def test_tor_gateway_rules(tmp_path):
@@ -210,41 +215,43 @@ def test_tor_gateway_rules(tmp_path):
     assert set(inp) == {"replies", "loopback", "redirected to TransPort", "redirected to DNSPort"}
     out = {r["comment"]: r["expr"] for r in rules_of(rs, "output") if r["expr"][-1] == nft.ACCEPT}
     assert set(out) == {"loopback", "replies to clients", "tor's own traffic upstream"}
-    import pwd
-
-    assert out["tor's own traffic upstream"][1] == nft.match(
-        nft.meta("skuid"), pwd.getpwnam("debian-tor").pw_uid)
+    # by name in the plan (pure); nftables resolves it when loading (the live audit's drift
+    # check compares the loaded, numeric form)
+    assert out["tor's own traffic upstream"][1] == nft.match(nft.meta("skuid"), "debian-tor")
 
 
 def test_torrc(tmp_path):
-    t = tor_plan(tmp_path).tors[0]
-    rc = t["torrc"].splitlines()
+    from netstack.tor.gateway import torrc
+
+    t = tor_plan(tmp_path).qube("sys-whonix").info
+    rc = torrc(t, ["DirAuthority auth1 orport=5000 no-v2 v3ident=AA 203.0.113.21:7000 BB"]
+               ).splitlines()
     assert "TransPort 10.137.0.4:9040 IsolateClientAddr IsolateDestAddr IsolateDestPort" in rc
     assert "DNSPort 10.137.0.4:5400 IsolateClientAddr" in rc
     assert "SocksPort 0" in rc and "User debian-tor" in rc
     assert not [x for x in rc if x.startswith("ControlPort")]  # a unix socket only
-    assert f"ControlSocket {t['control_socket']}" in rc
+    assert f"ControlSocket {t.control_socket}" in rc
     assert "TestingTorNetwork 1" in rc and any(x.startswith("DirAuthority auth1") for x in rc)
 
 
 def test_torrc_on_a_real_host_uses_the_public_network_and_bridges():
     from netstack.tor.gateway import TorInfo, torrc
 
-    rc = torrc(TorInfo("gw", "ns", "10.137.0.4", "/run/netstack/x", "debian-tor", 102, [],
+    rc = torrc(TorInfo("gw", "ns", "10.137.0.4", "/run/netstack/x", "debian-tor", False,
                        ["obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0"]))
     assert "TestingTorNetwork" not in rc and "DirAuthority" not in rc
     assert "UseBridges 1" in rc and "Bridge obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0" in rc
 
 
-def test_lab_tor_network_torrc():
-    from netstack import addressing
+def test_lab_tor_network_torrc(tmp_path):
     from netstack.tor import network
 
-    nodes = network.lab_nodes(addressing.lab_hosts(tor=True))
+    nodes = list(tor_plan(tmp_path).lab.tor_nodes.values())
     assert sorted(n.role for n in nodes) == ["authority"] * 3 + ["exit"] * 2 + ["relay"]
     exit1 = next(n for n in nodes if n.name == "exit1")
-    rc = network.node_torrc(exit1, "/d", ["DirAuthority x"], "/d/resolv.conf")
+    rc = network.node_torrc(exit1, ["DirAuthority x"], "/d/resolv.conf")
     assert "ExitPolicy accept *:*" in rc and "ServerDNSResolvConfFile /d/resolv.conf" in rc
     assert "ORPort 203.0.113.41:5000" in rc and "TestingV3AuthInitialVotingInterval 5" in rc
+    assert f"DataDirectory {exit1.dir}" in rc
     auth = next(n for n in nodes if n.role == "authority")
-    assert "V3AuthoritativeDirectory 1" in network.node_torrc(auth, "/d", [], "/r")
+    assert "V3AuthoritativeDirectory 1" in network.node_torrc(auth, [], "/r")

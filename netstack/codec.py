@@ -1,0 +1,129 @@
+"""Typed JSON for our dataclasses, in one place: `dump` turns a dataclass tree into JSON
+values, `load(cls, data)` reads it back into the same dataclasses (nested dataclasses,
+lists, tuples, dicts, frozensets, optionals and tagged unions), so no reader of the state
+file ever indexes dict keys.
+
+A tagged union is a base class with a `registry` of subclasses keyed by a class attribute
+`tag`: dumped objects carry {"@type": tag}, and `load(Base, ...)` picks the subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from netstack.errors import StateError
+
+T = TypeVar("T")
+TAG = "@type"  # never a field name
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+class Tagged:
+    """Base of a tagged union. A union's base declares its own `registry = {}`; each
+    subclass that sets `tag` is registered there."""
+
+    tag: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("tag"):
+            cls.registry[cls.tag] = cls
+
+
+def dump(obj: Any) -> Any:
+    """JSON-ready values; dataclass fields in declaration order."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: dump(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, Tagged) and obj.tag:
+            out = {TAG: obj.tag, **out}
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [dump(x) for x in obj]
+    if isinstance(obj, frozenset | set):
+        return sorted(dump(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: dump(v) for k, v in obj.items()}
+    return obj
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    h = _HINTS.get(cls)
+    if h is None:
+        h = _HINTS[cls] = get_type_hints(cls)
+    return h
+
+
+def load(tp: Any, data: Any, where: str = "state") -> Any:
+    """Read `data` as type `tp`; a shape that does not fit is a StateError naming where."""
+    try:
+        return _load(tp, data, where)
+    except (TypeError, KeyError, ValueError) as e:
+        raise StateError(f"{where}: unreadable ({e}); it was written by another version: "
+                         "run `netstack down`") from None
+
+
+def _load(tp: Any, data: Any, where: str) -> Any:
+    if tp is Any:
+        return data
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if data is None:
+            return None
+        if len(args) == 1:
+            return _load(args[0], data, where)
+        for a in args:  # e.g. str | dict: the first that fits the JSON type
+            if _fits(a, data):
+                return _load(a, data, where)
+        raise TypeError(f"{where}: {type(data).__name__} fits none of {args}")
+    if origin in (list, typing.List):  # noqa: UP006
+        (a,) = get_args(tp) or (Any,)
+        return [_load(a, x, where) for x in data]
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_load(args[0], x, where) for x in data)
+        return tuple(_load(a, x, where) for a, x in zip(args, data, strict=True))
+    if origin in (frozenset, set):
+        (a,) = get_args(tp) or (Any,)
+        return origin(_load(a, x, where) for x in data)
+    if origin is dict:
+        k, v = get_args(tp) or (Any, Any)
+        return {_load(k, key, where): _load(v, val, where) for key, val in data.items()}
+    if isinstance(tp, type) and (dataclasses.is_dataclass(tp) or issubclass(tp, Tagged)):
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: {tp.__name__} expected an object")
+        cls = tp
+        if issubclass(tp, Tagged) and TAG in data:
+            cls = tp.registry.get(data[TAG])
+            if cls is None or not issubclass(cls, tp):
+                raise TypeError(f"{where}: unknown {tp.__name__} type {data[TAG]!r}")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{where}: {tp.__name__} needs a type tag")
+        hints = _hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in data:
+                kw[f.name] = _load(hints[f.name], data[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f"{where}.{f.name} missing")
+        return cls(**kw)
+    if tp is float and isinstance(data, int):
+        return float(data)
+    if isinstance(tp, type) and not isinstance(data, tp):
+        raise TypeError(f"{where}: expected {tp.__name__}, got {type(data).__name__}")
+    return data
+
+
+def _fits(tp: Any, data: Any) -> bool:
+    origin = get_origin(tp) or tp
+    if origin in (list, tuple, frozenset, set):
+        return isinstance(data, list)
+    if origin is dict or (isinstance(tp, type) and (dataclasses.is_dataclass(tp)
+                                                     or issubclass(tp, Tagged))):
+        return isinstance(data, dict)
+    return isinstance(tp, type) and isinstance(data, tp)

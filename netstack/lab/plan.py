@@ -1,0 +1,115 @@
+"""The built-in lab internet as part of the Plan (pure): an ISP router namespace linked to
+sys-net's uplink and one namespace per lab host; documentation addresses only; no link to
+the host. The lab's hosts are planned and applied by the same machinery as the qubes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from netstack import addressing, names
+from netstack.lab.vpnserver import LAB_FILES, OVPN_PORT, TUNNEL_NETS, WG_PORT
+from netstack.model import (
+    Addr,
+    Daemon,
+    LabHostInfo,
+    LabPlan,
+    LinkEnd,
+    NsPlan,
+    Plan,
+    Route,
+    Service,
+    TorNode,
+    Veth,
+    VpnServer,
+)
+
+LAB_SYSCTLS = {"net/ipv6/conf/all/disable_ipv6": "1",
+               "net/ipv6/conf/default/disable_ipv6": "1"}
+
+
+def lab_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "lab")
+
+
+def lab_files(state_dir: str) -> dict[str, str]:
+    """Where the lab writes its provider-format client files (`lab:wireguard`, ...)."""
+    return {ref: os.path.join(lab_dir(state_dir), f) for ref, f in LAB_FILES.items()}
+
+
+def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
+             ns_files: Any) -> None:
+    """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
+    the VPN server's keys and runs it; tor: a tor qube needs the private Tor network."""
+    stack = p.stack
+    net_ns = p.net.netns
+    isp = names.lab_netns(stack, "isp")
+    dns = addressing.lab_dns_server()
+    p.namespaces.append(NsPlan(isp, "lab:isp", {"net/ipv4/ip_forward": "1", **LAB_SYSCTLS},
+                               None, ns_files(isp, [dns])))
+    p.veths.append(Veth(isp, "cust0", net_ns, names.UPLINK_IF))
+    plen = addressing.LAB_ISP_PREFIXLEN
+    p.addrs += [Addr(isp, "cust0", f"{addressing.LAB_ISP_ROUTER}/{plen}"),
+                Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
+    p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
+    hosts: dict[str, LabHostInfo] = {}
+    for i, h in enumerate(addressing.lab_hosts(tor=tor)):
+        ns = names.lab_netns(stack, h.name)
+        ifr = names.check_ifname(f"h{i}-{h.name}"[:15])
+        fwd = "1" if h.name == "vpn" else "0"
+        p.namespaces.append(NsPlan(ns, f"lab:{h.name}", {"net/ipv4/ip_forward": fwd,
+                                                          **LAB_SYSCTLS},
+                                   _lab_vpn_ruleset() if h.name == "vpn" else None,
+                                   ns_files(ns, [dns])))
+        p.veths.append(Veth(isp, ifr, ns, "eth0"))
+        gw = addressing.LAB_HOST_GATEWAY
+        p.addrs += [Addr(isp, ifr, f"{gw}/32"), Addr(ns, "eth0", f"{h.address}/32")]
+        p.routes += [Route(isp, f"{h.address}/32", ifr), Route(ns, f"{gw}/32", "eth0"),
+                     Route(ns, "default", "eth0", gw)]
+        hosts[h.name] = LabHostInfo(h.name, ns, h.address, h.fqdn)
+    p.services.append(Service("lab-http", hosts["web"].netns, "http", hosts["web"].address, 80))
+    zone = {h.fqdn: h.address for h in hosts.values()}
+    p.services.append(Service("lab-dns", hosts["dns"].netns, "dns", hosts["dns"].address, 53,
+                              zone))
+    d = lab_dir(state_dir)
+    vs = VpnServer(hosts["vpn"].netns, "eth0", hosts["vpn"].address, WG_PORT, OVPN_PORT,
+                   names.check_ifname(f"wgs-{stack}"), lab_files(state_dir))
+    if vpn_keys:
+        p.daemons.append(Daemon("lab-wireguard", vs.netns, ("wireguard-go", "-f", vs.wg_dev),
+                                True, (sys.executable, "-m", "netstack.vpn.hook",
+                                       os.path.join(d, "wg-server-hook.json")),
+                                requires=os.path.join(d, "wg-server-hook.json")))
+        p.daemons.append(Daemon("lab-openvpn", vs.netns,
+                                ("openvpn", "--config", os.path.join(d, "ovpn-server.conf")),
+                                requires=os.path.join(d, "ovpn-server.conf")))
+    tor_nodes: dict[str, TorNode] = {}
+    if tor:
+        from netstack.tor.network import DIR_PORT, OR_PORT, node_role
+
+        for h in hosts.values():
+            role = node_role(h.name)
+            if role:
+                node = TorNode(h.name, role, h.address, OR_PORT, DIR_PORT, h.netns,
+                               os.path.join(d, "tor", h.name))
+                tor_nodes[h.name] = node
+                p.daemons.append(Daemon(f"lab-tor-{h.name}", h.netns,
+                                        ("tor", "-f", node.torrc), requires=node.torrc))
+    p.lab = LabPlan(d, addressing.LAB_DOMAIN, hosts,
+                    LinkEnd(isp, "cust0", addressing.LAB_ISP_ROUTER),
+                    LinkEnd(net_ns, names.UPLINK_IF, addressing.LAB_ISP_CUSTOMER), vs,
+                    tor_nodes, vpn_keys)
+
+
+def _lab_vpn_ruleset() -> dict[str, Any]:
+    """The lab VPN server forwards and masquerades tunnel traffic to the lab internet."""
+    from netstack.rules.nft import MASQUERADE, Ruleset, ip_saddr, oifname
+
+    rs = Ruleset()
+    for c in ("input", "forward", "output"):
+        rs[c].policy = "accept"
+    for net in TUNNEL_NETS:
+        a, plen = net.split("/")
+        rs["nat_postrouting"].add(ip_saddr({"prefix": {"addr": a, "len": int(plen)}}),
+                                  oifname("eth0"), MASQUERADE, comment=f"tunnel {net} out")
+    return rs.to_json()

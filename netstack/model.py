@@ -1,0 +1,261 @@
+"""The Plan's dataclasses: everything `up` makes, as data. Low enough that roles/, the
+reconcile and every reader (status, audit, leaktest) import it; plan.py builds it.
+
+The state file holds a Plan written with codec.dump and read back with codec.load into
+these same classes; SCHEMA changes whenever their shape does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from netstack.codec import Tagged
+
+SCHEMA = 2
+
+
+@dataclass(frozen=True)
+class Client:
+    """A qube that gets network from another one, and the link it arrives on there."""
+
+    name: str
+    qid: int
+    vif: str
+    ipv4: str
+    ipv6: str | None = None
+
+
+@dataclass
+class NsPlan:
+    name: str
+    owner: str  # "qube:NAME" or "lab:HOST"
+    sysctls: dict[str, str]
+    ruleset: dict[str, Any] | None
+    files: dict[str, str]  # absolute path -> content (/etc/netns/NS/...)
+
+    @property
+    def qube(self) -> str | None:
+        return self.owner[5:] if self.owner.startswith("qube:") else None
+
+
+@dataclass(frozen=True)
+class Veth:
+    ns_a: str | None  # None: the namespace netstack runs in (nat uplink mode only)
+    if_a: str
+    ns_b: str
+    if_b: str
+
+
+@dataclass(frozen=True)
+class MoveDev:
+    dev: str
+    ns: str
+    new_name: str
+
+
+@dataclass(frozen=True)
+class Addr:
+    ns: str | None  # None: the namespace netstack runs in (nat uplink mode only)
+    ifname: str
+    cidr: str
+
+
+@dataclass(frozen=True)
+class Route:
+    ns: str | None
+    dst: str  # "default", "default6" or a prefix
+    dev: str
+    via: str | None = None  # on-link next hop (point-to-point /32 links)
+    metric: int | None = None
+
+
+@dataclass(frozen=True)
+class HostNat:
+    """--uplink-mode nat: what is added to the namespace netstack runs in (the host): a
+    veth to sys-net, forwarding on, and a table of our own that masquerades to `dev`."""
+
+    dev: str
+    veth: str
+    subnet: str
+    table: str
+
+
+@dataclass(frozen=True)
+class Service:
+    """A lab service run by the supervisor on sockets `up` opens in the namespace."""
+
+    name: str
+    netns: str
+    type: str  # http | dns
+    bind: str
+    port: int
+    zone: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """A process the supervisor runs inside a namespace and restarts when it dies."""
+
+    name: str
+    netns: str
+    argv: tuple[str, ...]
+    restart: bool = True
+    post_start: tuple[str, ...] = ()  # run in the namespace after each start; failure kills
+    requires: str = ""  # a file `up` writes when the daemon may start (its go signal)
+
+
+class RoleInfo(Tagged):
+    """What a role knows of its qube beyond the common fields (VPN endpoints, Tor paths).
+    Subclasses are dataclasses with a `tag` (their kind); the codec picks them by it."""
+
+    registry: ClassVar[dict[str, type]] = {}
+
+
+@dataclass
+class QubeInfo:
+    name: str
+    kind: str
+    netvm: str | None
+    label: str
+    qid: int
+    netns: str
+    ipv4: str
+    ipv6: str | None
+    gateway: str | None  # the netvm's address
+    interfaces: list[str]  # upstream first, then one vif per client
+    clients: list[Client] = field(default_factory=list)
+    info: RoleInfo | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def upstream_if(self) -> str:
+        return self.interfaces[0]
+
+
+@dataclass(frozen=True)
+class UplinkSpec:
+    mode: str  # lab | move | nat
+    dev: str | None = None
+
+
+@dataclass(frozen=True)
+class LabHostInfo:
+    name: str
+    netns: str
+    address: str
+    fqdn: str
+
+
+@dataclass(frozen=True)
+class LinkEnd:
+    netns: str
+    interface: str
+    address: str
+
+
+@dataclass(frozen=True)
+class TorNode:
+    name: str
+    role: str  # authority | relay | exit
+    address: str
+    or_port: int
+    dir_port: int
+    netns: str
+    dir: str
+
+    @property
+    def control(self) -> str:
+        return f"{self.dir}/control"
+
+    @property
+    def torrc(self) -> str:
+        return f"{self.dir}/torrc"
+
+
+@dataclass(frozen=True)
+class VpnServer:
+    netns: str
+    interface: str
+    address: str
+    wireguard_port: int
+    openvpn_port: int
+    wg_dev: str
+    files: dict[str, str] = field(default_factory=dict, hash=False)  # lab:REF -> path
+
+
+@dataclass
+class LabPlan:
+    """The simulated internet: where its hosts are, and what `up` generates for it (VPN
+    server keys only when a qube uses a lab provider file; a Tor network only for tor
+    qubes)."""
+
+    dir: str
+    domain: str
+    hosts: dict[str, LabHostInfo]
+    isp_router: LinkEnd
+    isp_link: LinkEnd
+    vpn_server: VpnServer
+    tor_nodes: dict[str, TorNode] = field(default_factory=dict)
+    vpn_keys: bool = False
+
+    @property
+    def tor(self) -> bool:
+        return bool(self.tor_nodes)
+
+    @property
+    def tor_dir(self) -> str:
+        return f"{self.dir}/tor"
+
+    @property
+    def exits(self) -> set[str]:
+        return {n.address for n in self.tor_nodes.values() if n.role == "exit"}
+
+    @property
+    def relay_ports(self) -> set[tuple[str, int]]:
+        return {(n.address, p) for n in self.tor_nodes.values() for p in (n.or_port, n.dir_port)}
+
+
+@dataclass
+class Plan:
+    stack: str
+    uplink: UplinkSpec
+    qubes: list[QubeInfo]
+    namespaces: list[NsPlan]
+    veths: list[Veth] = field(default_factory=list)
+    moves: list[MoveDev] = field(default_factory=list)
+    addrs: list[Addr] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+    daemons: list[Daemon] = field(default_factory=list)
+    lab: LabPlan | None = None
+    host_nat: HostNat | None = None
+    upstream_dns: list[str] = field(default_factory=list)
+    schema: int = SCHEMA
+
+    def ns(self, name: str) -> NsPlan:
+        return next(n for n in self.namespaces if n.name == name)
+
+    def qube(self, name: str) -> QubeInfo:
+        for q in self.qubes:
+            if q.name == name:
+                return q
+        raise KeyError(name)
+
+    def has_qube(self, name: str) -> bool:
+        return any(q.name == name for q in self.qubes)
+
+    @property
+    def net(self) -> QubeInfo:
+        return next(q for q in self.qubes if q.netvm is None)
+
+    def chain(self, name: str) -> list[QubeInfo]:
+        """The qube, then its netvms up to the net qube."""
+        out = [self.qube(name)]
+        while out[-1].netvm:
+            out.append(self.qube(out[-1].netvm))
+        return out
+
+    def infos(self, cls: type[Any]) -> list[Any]:
+        """Every role info of one type (e.g. all VPN qubes' infos), in qube order."""
+        return [q.info for q in self.qubes if isinstance(q.info, cls)]

@@ -1,0 +1,85 @@
+"""Starting and ending the processes of a stack: the supervisor (recorded in the intent log
+before it exists, with a token it writes back in its pidfile) and, through its status
+file, the daemons it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+
+from netstack.codec import dump
+from netstack.kernel import Kernel
+from netstack.model import Plan
+from netstack.state import ProcessRec, State, read_pidfile
+from netstack.supervisor import PIDFILE, SPEC, Child, ServiceSpec, SupervisorSpec, read_status
+
+
+def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
+    """Open the lab services' sockets in their namespaces (so they accept from now on) and
+    hand them to a detached supervisor that serves them and runs the daemons."""
+    socks: list[socket.socket] = []
+    services = []
+    try:
+        for s in plan.services:
+            fds = {}
+            t = k.bind(s.netns, socket.SOCK_STREAM, s.bind, s.port)
+            socks.append(t)
+            fds["tcp"] = t.fileno()
+            if s.type == "dns":
+                u = k.bind(s.netns, socket.SOCK_DGRAM, s.bind, s.port)
+                socks.append(u)
+                fds["udp"] = u.fileno()
+            services.append(ServiceSpec(s.name, s.type, s.netns, fds, dict(s.zone),
+                                        os.path.join(st.dir, f"{s.name}.log")))
+        spec = SupervisorSpec(plan.stack, services, list(plan.daemons))
+        k.write_file(os.path.join(st.dir, SPEC), json.dumps(dump(spec)), 0o600)
+        rec = ProcessRec("supervisor", secrets.token_hex(8), os.path.join(st.dir, PIDFILE))
+        st.record(rec)  # before it exists: a crash from here on leaves it findable
+        pid, start = k.spawn([sys.executable, "-m", "netstack.supervisor", st.dir, rec.token],
+                             os.path.join(st.dir, "supervisor.log"),
+                             tuple(x.fileno() for x in socks))
+        st.record(dataclasses.replace(rec, pid=pid, start=start))
+    finally:
+        for x in socks:
+            x.close()
+
+
+def end_all(recs: list[ProcessRec], st: State, k: Kernel, wait_pidfile: float = 1.0) -> None:
+    """End every recorded process by PID (checked against its start time), then every
+    child the supervisor reported: it may have died without them."""
+    last: dict[str, ProcessRec] = {}
+    for r in recs:
+        if r.pid is not None or r.token not in last:
+            last[r.token] = r
+    for r in last.values():
+        pid, start = r.pid, r.start
+        if pid is None:  # `up` died between recording and starting it: ask its pidfile
+            end = time.monotonic() + wait_pidfile
+            pf = read_pidfile(r.pidfile)
+            while pf is None and time.monotonic() < end:
+                time.sleep(0.02)
+                pf = read_pidfile(r.pidfile)
+            if pf is not None and pf.token == r.token:
+                pid, start = pf.pid, pf.start
+        if pid is not None:
+            k.kill(pid, start)
+    for c in children(st).values():
+        k.kill(c.pid, c.start)
+
+
+def children(st: State) -> dict[str, Child]:
+    """Processes the supervisor started, by daemon name, from its own status file."""
+    s = read_status(st.dir)
+    return dict(s.children) if s else {}
+
+
+def supervisor_pid(st: State) -> int | None:
+    for r in reversed(st.objects):
+        if isinstance(r, ProcessRec) and r.name == "supervisor" and r.pid is not None:
+            return r.pid
+    return None

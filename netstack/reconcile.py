@@ -1,0 +1,437 @@
+"""One mechanism for every change: the difference between the plan in force and the desired
+plan, as ordered steps applied through the kernel seam. `up` is diff(None, plan); a live
+change (a disposable qube, new firewall rules, a qube moved to another netvm) is
+diff(plan, plan'); `down` undoes the intent log, newest first.
+
+The ordering rules live here and only here:
+  * a namespace gets its sysctls, files and its whole ruleset (one transaction) before any
+    link of it exists; links are made DOWN and set up only after every ruleset is in place;
+  * a changed ruleset is replaced (one transaction) after the links it no longer admits are
+    gone and before the links it now admits are made;
+  * every object that outlives its namespace is recorded in the intent log before it is made;
+  * run time: the lab's keys and each role's files, then the supervisor (recorded before it
+    exists), then each role's activation (e.g. the VPN's endpoint set, then its go signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from netstack.errors import ApplyError, NetstackError, StateError, UsageError
+from netstack.kernel import Kernel
+from netstack.model import Addr, MoveDev, NsPlan, Plan, Route, Veth
+from netstack.rules.nft import commands
+from netstack.state import (
+    DirRec,
+    FileRec,
+    HostLinkRec,
+    HostSysctlRec,
+    HostTableRec,
+    MovedRec,
+    NetnsRec,
+    ProcessRec,
+    Record,
+    State,
+)
+
+# --- steps (pure data) -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MakeNs:
+    ns: NsPlan
+
+
+@dataclass(frozen=True)
+class LoadRules:
+    ns: str
+    ruleset: dict[str, Any] = field(hash=False)
+    fresh: bool = False  # a namespace just made: plain adds (no replace)
+
+
+@dataclass(frozen=True)
+class WriteFiles:
+    ns: NsPlan
+
+
+@dataclass(frozen=True)
+class AddVeth:
+    veth: Veth
+
+
+@dataclass(frozen=True)
+class MoveIn:
+    move: MoveDev
+
+
+@dataclass(frozen=True)
+class HostNatUp:
+    table: str
+    ruleset: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class AddAddr:
+    addr: Addr
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    ns: str | None
+    ifname: str
+
+
+@dataclass(frozen=True)
+class AddRoute:
+    route: Route
+
+
+@dataclass(frozen=True)
+class DelRoute:
+    route: Route
+
+
+@dataclass(frozen=True)
+class DelLink:
+    ns: str | None
+    ifname: str
+
+
+@dataclass(frozen=True)
+class DelNs:
+    ns: str
+
+
+Step = (MakeNs | LoadRules | WriteFiles | AddVeth | MoveIn | HostNatUp | AddAddr | LinkUp
+        | AddRoute | DelRoute | DelLink | DelNs)
+
+
+def diff(current: Plan | None, desired: Plan) -> list[Step]:
+    """The ordered steps that turn `current` (None: nothing) into `desired`."""
+    cur_ns = {n.name: n for n in current.namespaces} if current else {}
+    want_ns = {n.name: n for n in desired.namespaces}
+    if current is not None:
+        _check_live(current, desired)
+    gone_ns = [n for n in cur_ns if n not in want_ns]
+    new_ns = [want_ns[n] for n in want_ns if n not in cur_ns]
+    cur_veths = set(current.veths) if current else set()
+    new_veths = [v for v in desired.veths if v not in cur_veths]
+    old_veths = [v for v in (current.veths if current else []) if v not in set(desired.veths)]
+    steps: list[Step] = []
+    # removals: what the new rules no longer admit goes first
+    if current:
+        keep = set(desired.routes)
+        steps += [DelRoute(r) for r in current.routes if r not in keep and r.ns not in gone_ns
+                  and not any(_on_veth(r, v) for v in old_veths)]
+        for v in old_veths:
+            if v.ns_b not in gone_ns:
+                steps.append(DelLink(v.ns_b, v.if_b))
+            elif v.ns_a is not None and v.ns_a not in gone_ns:
+                steps.append(DelLink(v.ns_a, v.if_a))
+        steps += [DelNs(n) for n in gone_ns]
+    # namespaces, then every ruleset, before any link
+    for n in new_ns:
+        steps.append(MakeNs(n))
+    for n in new_ns:
+        if n.ruleset is not None:
+            steps.append(LoadRules(n.name, n.ruleset, fresh=True))
+    for name, n in want_ns.items():
+        old = cur_ns.get(name)
+        if old is None:
+            continue
+        if n.ruleset != old.ruleset and n.ruleset is not None:
+            steps.append(LoadRules(name, n.ruleset))
+        if n.files != old.files or n.sysctls != old.sysctls:
+            steps.append(WriteFiles(n))
+    # links, made down; moved devices; the host's NAT table
+    steps += [AddVeth(v) for v in new_veths]
+    if current is None:
+        steps += [MoveIn(m) for m in desired.moves]
+        if desired.host_nat:
+            from netstack.rules.host import host_nat_ruleset
+
+            hn = desired.host_nat
+            steps.append(HostNatUp(hn.table, host_nat_ruleset(hn.table, hn.veth, hn.dev,
+                                                               hn.subnet)))
+    cur_addrs = set(current.addrs) if current else set()
+    steps += [AddAddr(a) for a in desired.addrs if a not in cur_addrs]
+    # links up only now: every ruleset is already in place
+    ups: list[LinkUp] = [LinkUp(n.name, "lo") for n in new_ns]
+    for v in new_veths:
+        ups += [LinkUp(v.ns_a, v.if_a), LinkUp(v.ns_b, v.if_b)]
+    if current is None:
+        ups += [LinkUp(m.ns, m.new_name) for m in desired.moves]
+    steps += ups
+    cur_routes = set(current.routes) if current else set()
+    steps += [AddRoute(r) for r in desired.routes if r not in cur_routes]
+    return steps
+
+
+def _on_veth(r: Route, v: Veth) -> bool:
+    return (r.ns, r.dev) in ((v.ns_a, v.if_a), (v.ns_b, v.if_b))
+
+
+def _check_live(current: Plan, desired: Plan) -> None:
+    """What a live change cannot do (yet): say so instead of half-doing it."""
+    for what, a, b in (("daemons", current.daemons, desired.daemons),
+                       ("lab services", current.services, desired.services),
+                       ("uplink", [current.uplink, current.moves, current.host_nat],
+                        [desired.uplink, desired.moves, desired.host_nat])):
+        if a != b:
+            raise UsageError(f"this change alters the stack's {what}; that needs "
+                             "`netstack down` and `up`")
+
+
+# --- run time ------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """What the run-time steps use: the kernel, the intent log, the plan, and the provider
+    files parsed once (secrets stay here, in memory)."""
+
+    kernel: Kernel
+    state: State
+    plan: Plan
+    providers: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    lab_maker: Callable[..., tuple[str, ...]] | None = None
+    lab_dirauths: tuple[str, ...] = ()
+    _parsed: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, path: str, text: str, mode: int = 0o600) -> None:
+        """A file the stack owns; recorded first unless it lives in the state directory
+        (removed whole by `down`)."""
+        if not _in(path, self.state.dir):
+            self.state.record(FileRec(path))
+        self.kernel.write_file(path, text, mode)
+
+    def make_dir(self, path: str, mode: int = 0o700, owner: str | None = None) -> None:
+        if not _in(path, self.state.dir):
+            self.state.record(DirRec(path))
+        self.kernel.make_dir(path, mode, owner)
+
+    def provider(self, qube: str) -> Any:
+        """A VPN qube's parsed provider file. A lab file is parsed from what `up` wrote
+        (the plan parsed its placeholder template)."""
+        if qube not in self._parsed:
+            path, cfg = self.providers[qube]
+            lab = self.plan.lab
+            if lab and path in lab.vpn_server.files.values():
+                from netstack.config import read_text
+                from netstack.vpn import runtime
+
+                q = self.plan.qube(qube)
+                where = f"qube {qube!r} field 'config'"
+                cfg = runtime.parse_provider(q.settings["type"], read_text(path, where, ""),
+                                             path, where)
+            self._parsed[qube] = cfg
+        return self._parsed[qube]
+
+
+def _in(path: str, d: str) -> bool:
+    return os.path.abspath(path).startswith(os.path.abspath(d) + os.sep)
+
+
+def apply(steps: list[Step], k: Kernel, st: State) -> None:
+    """Carry out steps in order, each object recorded before it is made."""
+    for s in steps:
+        _do(s, k, st)
+
+
+def _do(s: Step, k: Kernel, st: State) -> None:
+    if isinstance(s, MakeNs):
+        st.record(NetnsRec(s.ns.name))
+        k.netns_create(s.ns.name)
+        for key, value in s.ns.sysctls.items():
+            k.sysctl(s.ns.name, key, value)
+        _write_ns_files(s.ns, k, st)
+    elif isinstance(s, LoadRules):
+        k.nft(s.ns, commands(s.ruleset, s.fresh))
+    elif isinstance(s, WriteFiles):
+        for key, value in s.ns.sysctls.items():
+            k.sysctl(s.ns.name, key, value)
+        _write_ns_files(s.ns, k, st)
+    elif isinstance(s, AddVeth):
+        if s.veth.ns_a is None:
+            st.record(HostLinkRec(s.veth.if_a, k.home_ns()))
+        k.veth(s.veth.ns_a, s.veth.if_a, s.veth.ns_b, s.veth.if_b)
+    elif isinstance(s, MoveIn):
+        st.record(MovedRec(s.move.dev, s.move.ns, s.move.new_name, k.home_ns()))
+        k.link_move(s.move.dev, s.move.ns, s.move.new_name)
+    elif isinstance(s, HostNatUp):
+        home = k.home_ns()
+        old = k.sysctl_get(None, "net/ipv4/ip_forward")
+        st.record(HostSysctlRec("net/ipv4/ip_forward", old, home))
+        k.sysctl(None, "net/ipv4/ip_forward", "1")
+        st.record(HostTableRec(s.table, home))
+        from netstack.rules.host import host_table_commands
+
+        k.nft(None, host_table_commands(s.table, s.ruleset))
+    elif isinstance(s, AddAddr):
+        k.addr_add(s.addr.ns, s.addr.ifname, s.addr.cidr)
+    elif isinstance(s, LinkUp):
+        k.link_up(s.ns, s.ifname)
+    elif isinstance(s, AddRoute):
+        k.route_add(s.route)
+    elif isinstance(s, DelRoute):
+        k.route_del(s.route)
+    elif isinstance(s, DelLink):
+        k.link_del(s.ns, s.ifname)
+    elif isinstance(s, DelNs):
+        k.netns_delete(s.ns)
+        for rec in st.objects:
+            if (isinstance(rec, NetnsRec) and rec.name == s.ns) or (
+                    isinstance(rec, FileRec | DirRec) and f"/etc/netns/{s.ns}" in rec.path):
+                if isinstance(rec, FileRec | DirRec):
+                    _undo(rec, k, st)
+                st.forget(rec)
+    else:  # pragma: no cover - the Step union is closed
+        raise TypeError(s)
+
+
+def _write_ns_files(n: NsPlan, k: Kernel, st: State) -> None:
+    for path, content in n.files.items():
+        d = os.path.dirname(path)
+        missing = []
+        while d and not _dir_known(d, k, st):
+            missing.append(d)
+            d = os.path.dirname(d)
+        for m in reversed(missing):
+            st.record(DirRec(m))
+            k.make_dir(m, 0o755)
+        if FileRec(path) not in st.objects:
+            st.record(FileRec(path))
+        k.write_file(path, content, 0o644)
+
+
+def _dir_known(d: str, k: Kernel, st: State) -> bool:
+    return DirRec(d) in st.objects or k.is_dir(d)
+
+
+def up(plan: Plan, st: State, k: Kernel, providers: dict[str, tuple[str, Any]] | None = None,
+       lab_maker: Callable[..., tuple[str, ...]] | None = None) -> None:
+    """Bring the plan up; on any failure undo what was made and raise, naming what could
+    not be undone."""
+    for n in plan.namespaces:
+        if k.netns_exists(n.name):
+            raise StateError(f"namespace {n.name} already exists but is not part of a recorded "
+                             f"stack; remove it with `ip netns del {n.name}`")
+    for m in plan.moves:
+        if not k.link_exists(None, m.dev):
+            raise StateError(f"--uplink {m.dev}: no such interface in this namespace")
+    st.set_plan(plan)
+    rt = Runtime(k, st, plan, providers or {}, lab_maker)
+    try:
+        apply(diff(None, plan), k, st)
+        run_time(rt)
+    except BaseException as e:
+        problems = teardown(st, k)
+        if isinstance(e, NetstackError):
+            if problems:
+                e.args = (f"{e}; could not undo: {'; '.join(problems)}",)
+            raise
+        if isinstance(e, OSError) or type(e).__name__ == "NetlinkError":
+            msg = f"bring-up failed and was rolled back: {e}"
+            if problems:
+                msg += f"; could not undo: {'; '.join(problems)}"
+            raise ApplyError(msg) from e
+        raise
+    st.set_status("up")
+
+
+def run_time(rt: Runtime) -> None:
+    from netstack import processes
+    from netstack.roles import role_for
+
+    plan, k = rt.plan, rt.kernel
+    if plan.lab and (plan.lab.vpn_keys or plan.lab.tor):
+        k.make_dir(plan.lab.dir, 0o700)
+        maker = rt.lab_maker or _make_lab
+        rt.lab_dirauths = tuple(maker(plan.lab, lambda p, t: k.write_file(p, t, 0o600)))
+        rt.state.data.dirauths = list(rt.lab_dirauths)
+        rt.state.save()
+    for q in plan.qubes:
+        role_for(q.kind).prepare(q, rt)
+    if plan.services or plan.daemons:
+        processes.start_supervisor(plan, rt.state, k)
+    for q in plan.qubes:
+        role_for(q.kind).activate(q, rt)
+
+
+def _make_lab(lab: Any, write: Callable[[str, str], None]) -> tuple[str, ...]:
+    from netstack.lab import vpnserver
+
+    return vpnserver.generate(lab, write)
+
+
+def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
+    """A live change: the plan in force becomes `desired`. The new plan is written first
+    (so `down` after a crash knows every object of both), then the steps."""
+    steps = diff(current, desired)
+    st.set_plan(desired)
+    apply(steps, k, st)
+    return steps
+
+
+# --- teardown --------------------------------------------------------------------------
+
+def teardown(st: State, k: Kernel) -> list[str]:
+    """Remove every recorded object, newest first; tolerate objects that never got made.
+    Returns what could not be removed (the state is kept then, for another try)."""
+    from netstack import processes
+
+    problems: list[str] = []
+    objs = st.objects
+    try:
+        processes.end_all([o for o in objs if isinstance(o, ProcessRec)], st, k)
+    except Exception as e:  # noqa: BLE001 - keep removing the rest
+        problems.append(f"processes: {e}")
+    for o in reversed(objs):
+        if isinstance(o, ProcessRec):
+            continue
+        try:
+            _undo(o, k, st)
+        except Exception as e:  # noqa: BLE001 - pyroute2 and OS errors alike
+            problems.append(f"{type(o).__name__} {_name(o)}: {e}")
+    if not problems:
+        st.remove()
+    return problems
+
+
+def _name(o: Record) -> str:
+    for attr in ("name", "path", "ifname", "dev", "table", "key"):
+        if hasattr(o, attr):
+            return str(getattr(o, attr))
+    return "?"
+
+
+def _undo(o: Record, k: Kernel, st: State) -> None:
+    if isinstance(o, NetnsRec):
+        k.netns_delete(o.name)
+    elif isinstance(o, FileRec):
+        if not st.owns_path(o.path):
+            raise StateError(f"{o.path} is outside the stack's own directories; left alone")
+        k.remove_file(o.path)
+    elif isinstance(o, DirRec):
+        if not st.owns_path(o.path):
+            raise StateError(f"{o.path} is outside the stack's own directories; left alone")
+        with contextlib.suppress(OSError):  # not empty: something of the user's is inside
+            k.remove_dir(o.path)
+    elif isinstance(o, HostLinkRec):
+        if o.home is None or k.netns_exists(o.home):
+            k.link_del(o.home, o.ifname)
+    elif isinstance(o, MovedRec):
+        k.link_return(o.ns, [o.new_name, o.dev], o.dev, o.home)
+    elif isinstance(o, HostSysctlRec):
+        if o.home is None or k.netns_exists(o.home):
+            k.sysctl(o.home, o.key, o.old)
+    elif isinstance(o, HostTableRec) and (o.home is None or k.netns_exists(o.home)):
+        from netstack.rules.host import host_table_commands
+
+        try:
+            k.nft(o.home, host_table_commands(o.table, None))
+        except ApplyError as e:
+            if "No such file" not in str(e):
+                raise

@@ -1,0 +1,101 @@
+"""The VPN qube's plan data (pure, no secrets): endpoints, tunnel device, DNS, and the
+paths its run-time files go to; plus the one function that turns endpoints and their
+resolution into the transport the kill switch admits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from netstack.addressing import ip_version, is_ip
+from netstack.model import RoleInfo
+
+FWMARK = 0xCA6C  # 51820, as wg-quick uses; marks the tunnel transport for the kill switch
+ENDPOINT_SET, ENDPOINT_SET6 = "vpn_endpoints", "vpn_endpoints6"
+
+Transport = tuple[str, str, int]  # (address, proto, port)
+
+
+@dataclass(frozen=True)
+class VpnEndpoint:
+    host: str  # IP literal or hostname
+    port: int
+    proto: str  # udp | tcp
+
+
+@dataclass
+class VpnInfo(RoleInfo):
+    tag = "vpn"
+
+    qube: str
+    netns: str
+    type: str  # wireguard | openvpn
+    dev: str
+    fwmark: int
+    provider: str  # the provider file's path
+    endpoints: list[VpnEndpoint]
+    dns: list[str]
+    tunnel_addresses: list[str]
+    mtu: int | None
+    gateway: str
+    upstream_if: str
+    state_dir: str
+    routes: list[str] = field(default_factory=lambda: ["0.0.0.0/0"])
+    gateway6: str | None = None
+
+    def _path(self, ext: str) -> str:
+        return os.path.join(self.state_dir, f"vpn-{self.qube}.{ext}")
+
+    @property
+    def spec_path(self) -> str:
+        """The post-start hook's spec; written last, it is the daemon's go signal."""
+        return self._path("json")
+
+    @property
+    def conf_path(self) -> str:
+        return self._path("setconf" if self.type == "wireguard" else "ovpn")
+
+    @property
+    def creds_path(self) -> str:
+        return self._path("creds")
+
+    @property
+    def mgmt_sock(self) -> str:
+        return self._path("mgmt")
+
+    @property
+    def daemon_name(self) -> str:
+        return f"vpn-{self.qube}"
+
+    def literal(self) -> dict[str, list[str]]:
+        """Endpoints given as addresses resolve to themselves, without any DNS."""
+        return {e.host: [e.host] for e in self.endpoints if is_ip(e.host)}
+
+
+def transport(info: VpnInfo, resolved: dict[str, list[str]] | None) -> list[Transport]:
+    """What the kill switch admits: every endpoint at each of its resolved addresses. An
+    endpoint whose name did not resolve admits nothing (fail closed)."""
+    known = {**(resolved or {}), **info.literal()}
+    out: list[Transport] = []
+    for e in info.endpoints:
+        for ip in known.get(e.host, []):
+            t = (ip, e.proto, e.port)
+            if t not in out:
+                out.append(t)
+    return out
+
+
+def set_elements(triples: list[Transport]) -> tuple[list[dict], list[dict]]:
+    """The endpoint sets' elements, IPv4 and IPv6."""
+    v4 = [{"concat": [a, pr, po]} for a, pr, po in triples if ip_version(a) == 4]
+    v6 = [{"concat": [a, pr, po]} for a, pr, po in triples if ip_version(a) == 6]
+    return v4, v6
+
+
+def all_transport(infos: list[VpnInfo], resolved: dict[str, dict[str, list[str]]] | None
+                  ) -> set[Transport]:
+    """Every VPN qube's transport, as resolved at `up` (state: qube -> name -> addrs)."""
+    out: set[Transport] = set()
+    for info in infos:
+        out |= set(transport(info, (resolved or {}).get(info.qube)))
+    return out

@@ -33,6 +33,10 @@ class Tagged:
         if cls.__dict__.get("tag"):
             cls.registry[cls.tag] = cls
 
+    @classmethod
+    def load_registry(cls) -> None:
+        """Import the modules that define the union's members (when they live elsewhere)."""
+
 
 def dump(obj: Any) -> Any:
     """JSON-ready values; dataclass fields in declaration order."""
@@ -99,6 +103,8 @@ def _load(tp: Any, data: Any, where: str) -> Any:
             raise TypeError(f"{where}: {tp.__name__} expected an object")
         cls = tp
         if issubclass(tp, Tagged) and TAG in data:
+            if data[TAG] not in tp.registry:
+                tp.load_registry()
             cls = tp.registry.get(data[TAG])
             if cls is None or not issubclass(cls, tp):
                 raise TypeError(f"{where}: unknown {tp.__name__} type {data[TAG]!r}")

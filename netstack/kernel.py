@@ -80,6 +80,7 @@ class Kernel:
     def make_dir(self, path: str, mode: int = 0o755, owner: str | None = None) -> None:
         raise NotImplementedError
 
+    def read_file(self, path: str) -> str: raise NotImplementedError
     def remove_file(self, path: str) -> bool: raise NotImplementedError
     def remove_dir(self, path: str) -> bool: raise NotImplementedError
     def is_dir(self, path: str) -> bool: raise NotImplementedError
@@ -383,6 +384,10 @@ class RealKernel(Kernel):
         if owner:
             pw = pwd.getpwnam(owner)
             os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def read_file(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
 
     def remove_file(self, path: str) -> bool:
         try:

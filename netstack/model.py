@@ -111,6 +111,10 @@ class RoleInfo(Tagged):
 
     registry: ClassVar[dict[str, type]] = {}
 
+    @classmethod
+    def load_registry(cls) -> None:
+        import netstack.roles  # noqa: F401  (each role module defines its info)
+
 
 @dataclass
 class QubeInfo:

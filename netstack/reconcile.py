@@ -219,13 +219,11 @@ class Runtime:
             path, cfg = self.providers[qube]
             lab = self.plan.lab
             if lab and path in lab.vpn_server.files.values():
-                from netstack.config import read_text
                 from netstack.vpn import runtime
 
                 q = self.plan.qube(qube)
-                where = f"qube {qube!r} field 'config'"
-                cfg = runtime.parse_provider(q.settings["type"], read_text(path, where, ""),
-                                             path, where)
+                cfg = runtime.parse_provider(q.settings["type"], self.kernel.read_file(path),
+                                             path, f"qube {qube!r} field 'config'")
             self._parsed[qube] = cfg
         return self._parsed[qube]
 

@@ -46,7 +46,7 @@ class Ctx:
     state: State
     ws: QubeInfo
     chain: list[QubeInfo]  # ws first, then its netvms up to sys-net
-    kind: str  # tor | vpn | plain: the outermost protection of the workstation
+    protection: str  # tor | vpn | plain: the outermost protection of the workstation
     endpoints: set[tuple[str, str, int]]  # (ip, proto, port) of VPN transport
     relays: set[tuple[str, int]]
     exits: set[str]
@@ -181,17 +181,17 @@ def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
     if zone == "vpn-out":
         return transport()
     if zone == "vpn-inner":
-        return relay() if ctx.kind == "tor" and ctx.relays else True
+        return relay() if ctx.protection == "tor" and ctx.relays else True
     if zone == "lab-egress":
         if transport():
             return True
-        if ctx.kind == "tor":
+        if ctx.protection == "tor":
             return relay()
         return ctx.vpn_server in ends
     if zone == "lab-host":
-        if ctx.kind == "tor":
+        if ctx.protection == "tor":
             return bool(ends & ctx.exits)
-        if ctx.kind == "vpn":
+        if ctx.protection == "vpn":
             return ctx.vpn_server in ends
         return True
     return False
@@ -284,7 +284,7 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
              out_dir: str, sent: int, secs: float) -> Report:
     seen: dict[str, list[str]] = {c.marker: [] for c in cs}
     leaked: dict[str, list[str]] = {c.marker: [] for c in cs}
-    legit = {c.marker: ctx.kind in c.legit for c in cs}
+    legit = {c.marker: ctx.protection in c.legit for c in cs}
     unattributed = 0
     for lk in lks:
         assert lk.capture is not None
@@ -315,7 +315,7 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                   "verdict": "LEAK" if lk.violations and lk.zone != "source" else "ok"}
                  for lk in lks]
     leaks = sum(1 for r in case_rows if r["leaked_on"]) + unattributed
-    return Report(ctx.stack, ctx.ws.name, ctx.kind, scenario, fault, out_dir,
+    return Report(ctx.stack, ctx.ws.name, ctx.protection, scenario, fault, out_dir,
                   round(secs, 2), sent, case_rows, link_rows, leaks)
 
 

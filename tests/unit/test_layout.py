@@ -1,0 +1,75 @@
+"""Shape rules of the code, checked on its syntax tree: no module reaches into another's
+private names, and no module outside roles/ branches on a qube's kind."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = sorted(p for d in ("netstack", "tests", "bench") for p in (ROOT / d).rglob("*.py"))
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def imported_modules(tree: ast.Module) -> set[str]:
+    """Local names bound to modules of ours (import x.y as z, from x import module)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in ("netstack", "tests"):
+                    out.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.split(".")[0] in ("netstack", "tests"):
+            for a in node.names:
+                mod = ROOT / (node.module.replace(".", "/")) / f"{a.name}.py"
+                pkg = ROOT / (node.module.replace(".", "/")) / a.name / "__init__.py"
+                if mod.exists() or pkg.exists():
+                    out.add(a.asname or a.name)
+    return out
+
+
+def test_no_module_imports_a_private_name_of_another():
+    bad = []
+    for path in SOURCES:
+        tree = ast.parse(path.read_text(), str(path))
+        mods = imported_modules(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import "
+                        f"{a.name}" for a in node.names if private(a.name)]
+            elif isinstance(node, ast.Attribute) and private(node.attr) and \
+                    isinstance(node.value, ast.Name) and node.value.id in mods:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} "
+                           f"{node.value.id}.{node.attr}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_check_sees_a_private_import():
+    tree = ast.parse("from netstack.state import _x\nimport netstack.apply as a\na._y\n")
+    mods = imported_modules(tree) | {"a"}
+    hits = [n for n in ast.walk(tree) if (isinstance(n, ast.ImportFrom) and
+                                          any(private(a.name) for a in n.names))
+            or (isinstance(n, ast.Attribute) and private(n.attr)
+                and isinstance(n.value, ast.Name) and n.value.id in mods)]
+    assert len(hits) == 2
+
+
+def test_no_branch_on_kind_outside_roles():
+    """`if q.kind == "vpn"` belongs in roles/: elsewhere, ask the role."""
+    bad = []
+    for path in (ROOT / "netstack").rglob("*.py"):
+        if "roles" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(x, ast.Attribute | ast.Subscript) and
+                    ((isinstance(x, ast.Attribute) and x.attr == "kind") or
+                     (isinstance(x, ast.Subscript) and isinstance(x.slice, ast.Constant)
+                      and x.slice.value == "kind"))
+                    for x in [node.left, *node.comparators]):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad

@@ -1,0 +1,272 @@
+"""The reconcile on the recording fake kernel, for every shipped and test config: rulesets
+before links, the VPN's endpoint set before its go signal, `down` removes exactly what `up`
+made, a failure at any step rolls back (and says what it could not undo), and live changes
+keep the same order. No root: nothing touches the host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netstack import reconcile, state
+from netstack.errors import NetstackError
+from netstack.lab.vpnserver import TEMPLATES
+from netstack.model import Plan, UplinkSpec
+from netstack.plan import build, load_inputs
+from netstack.rules.nft import commands
+from netstack.state import State
+from netstack.vpn.info import VpnInfo, set_elements, transport
+from tests.fakekernel import FakeKernel
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in
+                 [*ROOT.glob("configs/*.toml"), *ROOT.glob("tests/configs/*.toml")])
+LAB = UplinkSpec("lab")
+RESOLVE = {"vpn.lab.test": ["203.0.113.10"]}
+
+
+@pytest.fixture(autouse=True)
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+
+
+def fake_lab(lab, write) -> tuple[str, ...]:
+    """The lab's key making, faked: provider files from the templates."""
+    for ref, path in lab.vpn_server.files.items():
+        write(path, TEMPLATES[ref]())
+    return ("DirAuthority fake",) if lab.tor else ()
+
+
+def bring_up(cfg: str, fk: FakeKernel, stack: str = "main") -> tuple[Plan, State]:
+    inputs = load_inputs(str(ROOT / cfg), stack, LAB)
+    plan = build(inputs, stack, LAB)
+    st = State(stack)
+    st.create()
+    fk.state_root = st.dir
+    reconcile.up(plan, st, fk, inputs.providers, lab_maker=fake_lab)
+    return plan, st
+
+
+def first(events, pred) -> int:
+    return next((i for i, e in enumerate(events) if pred(e)), len(events))
+
+
+def touches_link_of(e, ns: str) -> bool:
+    if e[0] == "veth":
+        return ns in (e[1], e[3])
+    if e[0] == "link_move":
+        return e[2] == ns
+    if e[0] in ("link_up", "addr_add"):
+        return e[1] == ns
+    return False
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_every_ruleset_before_any_link_of_its_namespace(cfg):
+    fk = FakeKernel(resolve=RESOLVE)
+    plan, _ = bring_up(cfg, fk)
+    ev = fk.events
+    checked = 0
+    for n in plan.namespaces:
+        if n.ruleset is None:
+            continue
+        rules = first(ev, lambda e, ns=n.name: e[0] == "nft" and e[1] == ns)
+        link = first(ev, lambda e, ns=n.name: touches_link_of(e, ns))
+        assert rules < link < len(ev), (n.name, rules, link)
+        # and that first transaction is the whole ruleset, loaded into a fresh namespace
+        assert ev[rules][2] == commands(n.ruleset, fresh=True)
+        checked += 1
+    assert checked >= len(plan.qubes)
+    # and every link goes up only once every ruleset of the plan is in place
+    last_rules = max(first(ev, lambda e, ns=n.name: e[0] == "nft" and e[1] == ns)
+                     for n in plan.namespaces if n.ruleset is not None)
+    setup = [i for i, e in enumerate(ev) if e[0] == "link_up"]
+    assert setup and min(setup) > last_rules
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if "basic" not in c])
+def test_vpn_endpoints_admitted_before_the_tunnel_may_start(cfg):
+    fk = FakeKernel(resolve=RESOLVE)
+    plan, st = bring_up(cfg, fk)
+    infos = plan.infos(VpnInfo)
+    assert infos
+    for info in infos:
+        go = first(fk.events, lambda e, p=info.spec_path: e == ("write_file", p))
+        assert go < len(fk.events), "the tunnel's go signal was never written"
+        want_v4, _ = set_elements(transport(info, st.data.resolved[info.qube]))
+        assert want_v4 == [{"concat": ["203.0.113.10", "udp", 51820]}]
+        admitted = [i for i, e in enumerate(fk.events[:go])
+                    if e[0] == "nft" and e[1] == info.netns
+                    and {"add": {"element": {"family": "inet", "table": "netstack",
+                                             "name": "vpn_endpoints", "elem": want_v4}}}
+                    in e[2]["nftables"]]
+        assert admitted, "the endpoint set was not filled before the go signal"
+        # the supervisor (which starts the tunnel when the go signal appears) came before
+        assert first(fk.events, lambda e: e[0] == "spawn") < go
+
+
+def test_literal_endpoint_is_in_the_kill_switch_transaction(tmp_path):
+    from tests.unit.test_vpn_parsers import WG_MULLVAD_LIKE
+
+    wg = tmp_path / "wg.conf"
+    wg.write_text(WG_MULLVAD_LIKE.replace("185.65.134.1", "203.0.113.10"))
+    cfg = tmp_path / "vpn.toml"
+    cfg.write_text((ROOT / "configs/vpn.toml").read_text().replace('"lab:wireguard"',
+                                                                    f'"{wg}"'))
+    fk = FakeKernel()
+    plan, _ = bring_up(str(cfg), fk)
+    ns = plan.qube("sys-proxyvm").netns
+    tx = next(e[2] for e in fk.events if e[0] == "nft" and e[1] == ns)
+    sets = [c["add"]["set"] for c in tx["nftables"] if "set" in c.get("add", {})]
+    assert {"concat": ["203.0.113.10", "udp", 51820]} in sets[0]["elem"]
+    assert any("rule" in c.get("add", {}) and c["add"]["rule"].get("comment") == "VPN transport"
+               for c in tx["nftables"])  # the kill switch, in the same transaction
+    assert not [e for e in fk.events if e[0] == "resolve"]  # an address is never looked up
+
+
+def made(events) -> dict[str, set]:
+    out: dict[str, set] = {"netns": set(), "veth": set(), "file": set(), "dir": set(),
+                           "proc": set()}
+    for e in events:
+        if e[0] == "netns_create":
+            out["netns"].add(e[1])
+        elif e[0] == "veth":
+            out["veth"].add((e[1], e[2]))
+        elif e[0] == "write_file":
+            out["file"].add(e[1])
+        elif e[0] == "make_dir":
+            out["dir"].add(e[1])
+    return out
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_down_removes_exactly_what_up_made(cfg):
+    import os
+
+    fk = FakeKernel(resolve=RESOLVE)
+    plan, st = bring_up(cfg, fk)
+    up_events = list(fk.events)
+    spawned = [e for e in up_events if e[0] == "spawn"]
+    assert len(spawned) == 1  # one supervisor
+    assert os.path.exists(st.dir)
+    problems = reconcile.teardown(State.load("main"), fk)
+    assert problems == []
+    assert fk.leftovers() == {}
+    down = fk.events[len(up_events):]
+    m = made(up_events)
+    assert {e[1] for e in down if e[0] == "netns_delete"} == m["netns"]
+    outside = {f for f in m["file"] if not f.startswith(st.dir)}
+    assert {e[1] for e in down if e[0] == "remove_file"} == outside
+    assert {e[1] for e in down if e[0] == "remove_dir"} == \
+        {d for d in m["dir"] if not d.startswith(st.dir)}
+    assert len([e for e in down if e[0] == "kill"]) == 1
+    assert not os.path.exists(st.dir)
+    # nothing was removed that was not made
+    assert not [e for e in down if e[0] in ("link_del", "link_return")]
+
+
+MUTATING = ("netns_create", "sysctl", "nft", "veth", "link_up", "addr_add", "route_add",
+            "write_file", "make_dir", "spawn", "bind", "resolve")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_a_failure_at_any_step_rolls_back_everything(cfg):
+    import os
+
+    probe = FakeKernel(resolve=RESOLVE)
+    bring_up(cfg, probe, "probe")
+    steps = [i for i, e in enumerate(probe.events) if e[0] in MUTATING]
+    assert len(steps) > 30
+    for n in steps:
+        calls = iter(range(10**6))
+        fk = FakeKernel(fail=lambda e, n=n, c=calls: e[0] in MUTATING and next(c) == n,
+                        resolve=RESOLVE)
+        with pytest.raises(NetstackError) as exc:
+            bring_up(cfg, fk, "s")
+        assert "injected failure" in str(exc.value)
+        assert fk.leftovers() == {}, (n, probe.events[n])
+        assert not os.path.exists(os.path.join(state.RUN_DIR, "s", "state.json"))
+
+
+def test_rollback_reports_what_it_could_not_undo():
+    import os
+
+    target = "nst-s-sys-firewall"
+    fk = FakeKernel(fail=lambda e: (e[0] == "route_add" and e[1] == "nst-s-work")
+                    or e == ("netns_delete", target), resolve=RESOLVE)
+    with pytest.raises(NetstackError) as exc:
+        bring_up("configs/basic.toml", fk, "s")
+    msg = str(exc.value)
+    assert "could not undo" in msg and target in msg
+    assert fk.leftovers()["namespaces"] == [target]
+    st = State.load("s")  # kept, so a later `down` can try again
+    assert st is not None and os.path.exists(st.dir)
+    fk.fail = lambda e: False
+    assert reconcile.teardown(st, fk) == []
+    assert fk.leftovers() == {}
+
+
+def two_plans(extra: str) -> tuple[Plan, Plan]:
+    from netstack import config
+
+    base = (ROOT / "configs/basic.toml").read_text()
+    a = build(config.parse(base), "main", LAB)
+    b = build(config.parse(base + extra), "main", LAB, previous=a)
+    return a, b
+
+
+def test_live_add_qube_loads_the_netvm_rules_before_its_link():
+    a, b = two_plans('\n[qubes.disp1]\nkind = "app"\nnetvm = "sys-firewall"\n')
+    assert {q.name: q.qid for q in a.qubes}.items() <= {q.name: q.qid for q in b.qubes}.items()
+    steps = reconcile.diff(a, b)
+    kinds = [type(s).__name__ for s in steps]
+    fw = next(i for i, s in enumerate(steps) if isinstance(s, reconcile.LoadRules)
+              and s.ns == "nst-main-sys-firewall")
+    veth = next(i for i, s in enumerate(steps) if isinstance(s, reconcile.AddVeth))
+    new_rules = next(i for i, s in enumerate(steps) if isinstance(s, reconcile.LoadRules)
+                     and s.ns == "nst-main-disp1")
+    assert kinds[0] == "MakeNs" and fw < veth and new_rules < veth
+    assert not [s for s in steps if isinstance(s, reconcile.DelNs | reconcile.DelLink)]
+    assert "antispoof disp1" in str(b.ns("nst-main-sys-firewall").ruleset)
+
+
+def test_live_remove_qube_cuts_its_link_before_the_rules_change():
+    b, a = two_plans('\n[qubes.disp1]\nkind = "app"\nnetvm = "sys-firewall"\n')
+    steps = reconcile.diff(a, b)
+    dl = next(i for i, s in enumerate(steps) if isinstance(s, reconcile.DelLink | reconcile.DelNs))
+    fw = next(i for i, s in enumerate(steps) if isinstance(s, reconcile.LoadRules))
+    assert dl < fw
+    assert any(isinstance(s, reconcile.DelNs) and s.ns == "nst-main-disp1" for s in steps)
+
+
+def test_live_change_on_the_fake_then_down():
+    fk = FakeKernel()
+    a, st = bring_up("configs/basic.toml", fk)
+    from netstack import config
+
+    extra = '\n[qubes.disp1]\nkind = "app"\nnetvm = "sys-firewall"\n'
+    b = build(config.parse((ROOT / "configs/basic.toml").read_text() + extra), "main", LAB,
+              previous=a)
+    reconcile.change(a, b, st, fk)
+    assert "nst-main-disp1" in fk.namespaces and fk.ifaces[("nst-main-disp1", "eth0")]
+    assert State.load("main").plan == b
+    reconcile.change(b, a, st, fk)  # and away again
+    assert "nst-main-disp1" not in fk.namespaces
+    assert not any("disp1" in f for f in fk.files)
+    assert reconcile.teardown(State.load("main"), fk) == []
+    assert fk.leftovers() == {}
+
+
+def test_live_change_refuses_what_it_cannot_do():
+    import dataclasses
+
+    from netstack import config
+    from netstack.errors import UsageError
+    from netstack.model import Daemon
+
+    a = build(config.parse((ROOT / "configs/basic.toml").read_text()), "main", LAB)
+    c = dataclasses.replace(a, daemons=[Daemon("x", "nst-main-work", ("true",))])
+    with pytest.raises(UsageError) as e:
+        reconcile.diff(a, c)
+    assert "down" in str(e.value)

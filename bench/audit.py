@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import write  # noqa: E402
 
-from netstack import config, plan  # noqa: E402
+from netstack import plan  # noqa: E402
 from netstack.audit import audit  # noqa: E402
-from netstack.audit.properties import QubeView, for_qube  # noqa: E402
-from netstack.lab.vpnserver import LabVpn  # noqa: E402
+from netstack.audit.properties import AuditContext, QubeView, for_qube  # noqa: E402
+from netstack.model import Plan  # noqa: E402
 
 WG = """[Interface]
 PrivateKey = AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=
@@ -36,16 +36,19 @@ AllowedIPs = 0.0.0.0/0
 """
 
 
-def chain_plan(d: str) -> dict:
+def chain_plan(d: str) -> Plan:
+    """configs/tor-over-vpn.toml over the lab, with a provider file whose endpoint is an
+    address (so the kill switch's set is in the ruleset, as it is live)."""
     Path(d, "client-wireguard.conf").write_text(WG)
-    lab = LabVpn(d, "wgs-main", d + "/tor", ("DirAuthority x",))
-    return plan.build(config.load(ROOT / "configs" / "tor-over-vpn.toml"), "main",
-                      plan.UplinkSpec("lab"), lab=lab).to_json()
+    cfg = Path(d, "chain.toml")
+    cfg.write_text((ROOT / "configs" / "tor-over-vpn.toml").read_text().replace(
+        '"lab:wireguard"', f'"{d}/client-wireguard.conf"'))
+    return plan.build(plan.load_inputs(str(cfg), "main", plan.UplinkSpec("lab")), "main",
+                      plan.UplinkSpec("lab"))
 
 
-def big_firewall(p: dict, n: int) -> QubeView:
-    fw = next(x for x in p["namespaces"] if x["name"] == "nst-main-sys-firewall")
-    rs = json.loads(json.dumps(fw["ruleset"]))
+def big_firewall(p: Plan, n: int) -> QubeView:
+    rs = json.loads(json.dumps(p.ns("nst-main-sys-firewall").ruleset))
     items = rs["nftables"]
     at = next(i for i, x in enumerate(items) if "rule" in x and x["rule"]["chain"] == "forward"
               and x["rule"].get("comment") == "clients -> upstream only")
@@ -62,11 +65,8 @@ def big_firewall(p: dict, n: int) -> QubeView:
                        "right": 1024 + k % 60000}}, {"drop": None}],
             "comment": f"qube firewall rule {k}"}})
     items[at:at] = extra
-    q = next(x for x in p["qubes"] if x["name"] == "sys-firewall")
-    clients = [(c["name"], f"vif{c['qid']}", c["ipv4"], None) for c in p["qubes"]
-               if c["netvm"] == "sys-firewall"]
-    return QubeView("sys-firewall", "firewall", q["netns"], rs, q["ipv4"], "eth0", clients,
-                    interfaces=q["interfaces"])
+    q = p.qube("sys-firewall")
+    return QubeView(q, rs, list(q.interfaces))
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         p = chain_plan(d)
-    rs = {n["name"]: n["ruleset"] for n in p["namespaces"] if n["ruleset"]}
+    rs = {n.name: n.ruleset for n in p.namespaces if n.ruleset}
     times = []
     for _ in range(5):
         res, secs = audit(p, rs, None)
@@ -86,7 +86,7 @@ def main() -> None:
     q = big_firewall(p, a.rules)
     n_rules = sum(1 for x in q.ruleset["nftables"] if "rule" in x)
     t0 = time.perf_counter()
-    big = for_qube(q, set())
+    big = for_qube(q, AuditContext(p, rs, {}, set()))
     out.update(big_rules=n_rules, big_seconds=round(time.perf_counter() - t0, 3),
                big_properties=len(big), big_all_pass=all(r.status == "PASS" for r in big),
                big_classes=sum(r.classes for r in big))

@@ -22,7 +22,9 @@ from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
 from netstack.leaktest import battery  # noqa: E402
+from netstack.roles import role_for  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
+from netstack.tor.gateway import TorInfo  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +37,11 @@ def main() -> None:
         name = "bl" + cfg[:3].replace("-", "")
         p, _ = stack.up(str(ROOT / "configs" / f"{cfg}.toml"), name, plan.UplinkSpec("lab"))
         try:
-            for t in p.tors:
-                wait_bootstrap(t["control_socket"], 120)
+            for t in p.infos(TorInfo):
+                wait_bootstrap(t.control_socket, 120)
             # first streams after 100 % can fail: wait (deadline 30 s) for a page through the
             # chain before timing the battery
-            ws = battery.context(name, None).ws["netns"]
+            ws = next(q.netns for q in p.qubes if not role_for(q.kind).provides_network)
             end = time.monotonic() + 30
             while subprocess.run(["ip", "netns", "exec", ws, "curl", "-sf", "--max-time", "3",
                                   "-o", "/dev/null", "http://198.51.100.80/"]).returncode:

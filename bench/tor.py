@@ -19,11 +19,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine, reap, write  # noqa: E402
-from netstack.apply import recorded_children  # noqa: E402
 
 from netstack import netns, plan, stack  # noqa: E402
-from netstack.state import State  # noqa: E402
+from netstack.processes import children  # noqa: E402
+from netstack.state import ProcessRec, State  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
+from netstack.tor.gateway import TorInfo  # noqa: E402
 
 WEB = "198.51.100.80"
 
@@ -67,19 +68,18 @@ def one_run(name: str, measure_memory: bool) -> dict:
     p, _ = stack.up(cfg, name, plan.UplinkSpec("lab"))
     t_up = time.monotonic() - t0
     try:
-        wait_bootstrap(p.tors[0]["control_socket"], 120)
+        wait_bootstrap(p.infos(TorInfo)[0].control_socket, 120)
         t_boot = time.monotonic() - t0
         first_byte(f"nst-{name}-anon-whonix", t0 + 120)
         t_fb = time.monotonic() - t0
         out = {"up_s": t_up, "bootstrap_s": t_boot, "first_byte_s": t_fb}
         if measure_memory:
             st = State.load(name)
-            pids = [o["pid"] for o in st.objects if o["type"] == "process"]
-            kids = recorded_children(st)
-            pids += [c["pid"] for c in kids]
+            pids = [o.pid for o in st.objects if isinstance(o, ProcessRec) and o.pid]
+            kids = list(children(st).values())
+            pids += [c.pid for c in kids]
             total = sum(rss_kib(x) for x in pids)
-            tors = sum(rss_kib(c["pid"]) for c in kids if c["name"].startswith(("lab-tor",
-                                                                                 "tor-")))
+            tors = sum(rss_kib(c.pid) for c in kids if c.name.startswith(("lab-tor", "tor-")))
             out.update(rss_total_mib=round(total / 1024, 1), rss_tor_mib=round(tors / 1024, 1),
                        processes=len(pids))
         return out

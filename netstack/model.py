@@ -103,6 +103,7 @@ class Daemon:
     restart: bool = True
     post_start: tuple[str, ...] = ()  # run in the namespace after each start; failure kills
     requires: str = ""  # a file `up` writes when the daemon may start (its go signal)
+    monitor: tuple[str, ...] = ()  # "module:function", args: the supervisor watches health
 
 
 class RoleInfo(Tagged):

@@ -12,12 +12,13 @@ from netstack import names
 from netstack.errors import StateError, UsageError
 from netstack.kernel import Kernel, RealKernel, proc_alive
 from netstack.model import Plan, UplinkSpec
-from netstack.plan import DEFAULT_CONFIG, build, load_inputs
 from netstack.state import StackLock, State, stack_dir
 
 
 def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
     """What `up` would make (pure: lab keys are placeholders)."""
+    from netstack.plan import build, load_inputs
+
     names.check_stack(stack)
     return build(load_inputs(config_path, stack, uplink), stack, uplink)
 
@@ -33,6 +34,7 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     """Validate everything first (an invalid config changes nothing), then apply. A stack
     left half-made by a crash is removed first (repair); a running one is reported."""
     from netstack import reconcile
+    from netstack.plan import DEFAULT_CONFIG, build, load_inputs
 
     names.check_stack(stack)
     inputs = load_inputs(config_path, stack, uplink)  # bad input stops here: host untouched

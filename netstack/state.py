@@ -134,7 +134,8 @@ class State:
         self.log_path = os.path.join(self.dir, "objects.jsonl")
         self.plan_path = os.path.join(self.dir, "plan.json")
         self.data = data or StackState(stack)
-        self.plan = plan
+        self._plan = plan
+        self._plan_loaded = plan is not None
         self._records = records or []
         self._lines = lines
         self._tail_checked = False
@@ -164,10 +165,16 @@ class State:
             for lines, line in enumerate(f, start=1):  # noqa: B007
                 with contextlib.suppress(ValueError, StateError):  # a line cut by a crash
                     records.append((lines - 1, load(Record, json.loads(line), "objects.jsonl")))
-        plan = None
-        with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "plan.json")) as f:
-            plan = load(Plan, json.load(f), "plan.json")
-        return cls(stack, data, plan, records, lines)
+        return cls(stack, data, None, records, lines)
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan in force, read on first use (`down` needs only the intent log)."""
+        if not self._plan_loaded:
+            self._plan_loaded = True
+            with contextlib.suppress(FileNotFoundError), open(self.plan_path) as f:
+                self._plan = load(Plan, json.load(f), "plan.json")
+        return self._plan
 
     @staticmethod
     def stacks() -> list[str]:
@@ -205,7 +212,7 @@ class State:
         os.replace(tmp, self.path)
 
     def set_plan(self, plan: Plan) -> None:
-        self.plan = plan
+        self._plan, self._plan_loaded = plan, True
         tmp = self.plan_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -259,17 +266,15 @@ class State:
         """Paths netstack may write and delete for this stack: its state directory and its
         namespaces' /etc/netns directories."""
         real = os.path.realpath(path)
-
-        def under(root: str) -> bool:
-            r = os.path.realpath(root)
-            return real == r or real.startswith(r + os.sep)
-
-        if under(self.dir):
+        if not hasattr(self, "_roots"):
+            self._roots = (os.path.realpath(self.dir), os.path.realpath("/etc/netns"))
+        own, etc_netns = self._roots
+        if real == own or real.startswith(own + os.sep):
             return True
-        if real == os.path.realpath("/etc/netns"):
+        if real == etc_netns:
             return True  # made by us when missing; removed only while empty
-        if under("/etc/netns"):
-            first = os.path.relpath(real, os.path.realpath("/etc/netns")).split(os.sep)[0]
+        if real.startswith(etc_netns + os.sep):
+            first = real[len(etc_netns) + 1:].split(os.sep)[0]
             return first.startswith((f"nst-{self.stack}-", f"nsl-{self.stack}-"))
         return False
 

@@ -55,6 +55,7 @@ class Child:
     last_exit: int | None = None
     configured: bool = False
     configured_at: float | None = None
+    health: dict[str, Any] = field(default_factory=dict)  # from the daemon's monitor
 
 
 @dataclass
@@ -164,6 +165,25 @@ class Supervisor:
         if rc != 0 and p.poll() is None and not self.stopping.is_set():
             p.kill()
 
+    def monitor(self, d: Daemon) -> None:
+        """Run the daemon's health monitor (e.g. Tor's control port events), which reports
+        through `report`; status reads the result instead of asking the daemon itself."""
+        import importlib
+
+        mod, _, fn = d.monitor[0].partition(":")
+        watch = getattr(importlib.import_module(mod), fn)
+
+        def report(h: dict[str, Any]) -> None:
+            with self.lock:
+                c = self.children.get(d.name)
+                if c is not None:
+                    c.health = {**h, "updated": round(time.time(), 1)}
+                    self.write_status()
+        try:
+            watch(*d.monitor[1:], report=report, stopping=self.stopping)
+        except Exception as e:  # noqa: BLE001 - a broken monitor must not stop the daemons
+            report({"error": f"monitor failed: {e}"})
+
     def stop(self, *_: Any) -> None:
         self.stopping.set()
 
@@ -176,6 +196,8 @@ class Supervisor:
             threading.Thread(target=run_service, args=(s,), daemon=True).start()
         for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
+            if d.monitor:
+                threading.Thread(target=self.monitor, args=(d,), daemon=True).start()
         self.write_status()
         state_file = os.path.join(self.dir, "state.json")
         # Also stop if the stack's state vanished (a `down` that raced our start).

@@ -103,11 +103,9 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
 
 def _lab_vpn_ruleset() -> dict[str, Any]:
     """The lab VPN server forwards and masquerades tunnel traffic to the lab internet."""
-    from netstack.rules.nft import MASQUERADE, Ruleset, ip_saddr, oifname
+    from netstack.rules.nft import MASQUERADE, accept_all, ip_saddr, oifname
 
-    rs = Ruleset()
-    for c in ("input", "forward", "output"):
-        rs[c].policy = "accept"
+    rs = accept_all()
     for net in TUNNEL_NETS:
         a, plen = net.split("/")
         rs["nat_postrouting"].add(ip_saddr({"prefix": {"addr": a, "len": int(plen)}}),

@@ -12,7 +12,7 @@ from netstack.leaktest import FAULTS
 from netstack.leaktest.battery import Ctx, hold_dead, reload_runtime
 from netstack.model import QubeInfo, Route
 from netstack.roles import role_for
-from netstack.rules.nft import MASQUERADE, Ruleset, commands, oifname
+from netstack.rules.nft import accept_all, commands
 
 
 def _by_protection(ctx: Ctx, protection: str) -> QubeInfo:
@@ -34,16 +34,13 @@ def inject(ctx: Ctx, fault: str) -> Callable[[], None]:
         for key, v in n.sysctls.items():
             k.sysctl(q.netns, key, v)
 
-    def accept_all(q: QubeInfo, keep_nat: bool) -> None:
-        rs = Ruleset()
-        for ch in ("input", "forward", "output"):
-            rs[ch].policy = "accept"
+    def open_up(q: QubeInfo, keep_nat: bool) -> None:
+        rs = accept_all(masquerade_to="eth0")
         if keep_nat:  # a naive transparent proxy: only the redirect
             for item in (ctx.plan.ns(q.netns).ruleset or {}).get("nftables", []):
                 r = item.get("rule")
                 if r and r["chain"] == "nat_prerouting":
                     rs["nat_prerouting"].add(*r["expr"], comment=r.get("comment"))
-        rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
         k.nft(q.netns, commands(rs.to_json()))
 
     def without(q: QubeInfo, drop: Callable[[str], bool]) -> None:
@@ -53,12 +50,12 @@ def inject(ctx: Ctx, fault: str) -> Callable[[], None]:
 
     if fault == "gateway-redirect-only":
         tor = _by_protection(ctx, "tor")
-        accept_all(tor, keep_nat=True)
+        open_up(tor, keep_nat=True)
         k.sysctl(tor.netns, "net/ipv4/ip_forward", "1")
         undo.append(lambda: reload(tor))
     elif fault == "no-kill-switch":
         vpn = _by_protection(ctx, "vpn")
-        accept_all(vpn, keep_nat=False)
+        open_up(vpn, keep_nat=False)
         # the tunnel dies and the host still has its old default route: the classic leak
         fallback = Route(vpn.netns, "default", "eth0", vpn.gateway, metric=1000)
         k.route_add(fallback)

@@ -93,7 +93,8 @@ class TorRole(Role):
 
     def daemons(self, ctx: QubeContext, info: TorInfo) -> list[Daemon]:
         return [Daemon(info.daemon_name, info.netns, ("tor", "-f", info.torrc_path), True,
-                       requires=info.torrc_path)]
+                       requires=info.torrc_path,
+                       monitor=("netstack.tor.control:watch", info.control_socket))]
 
     # --- run time -----------------------------------------------------------------------
     def prepare(self, q: QubeInfo, rt: Runtime) -> None:
@@ -114,16 +115,15 @@ class TorRole(Role):
         return super().audit(view, ctx) + tor_gateway(view, tor_uid(info.user))
 
     def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
-        from netstack.errors import NetstackError
-        from netstack.tor.control import status as tor_status
-
+        """From the supervisor's monitor of tor's control port (see tor.control.watch)."""
         info = q.info
         assert isinstance(info, TorInfo)
-        try:
-            t = tor_status(info.control_socket)
-        except NetstackError as e:
-            t = {"error": str(e), "bootstrap": None}
-        t["restarts"] = (live.children.get(info.daemon_name) or {}).get("restarts")
+        child = live.children.get(info.daemon_name) or {}
+        t = dict(child.get("health") or {"error": "no report from the supervisor yet",
+                                         "bootstrap": None})
+        if child and not child.get("alive"):
+            t = {"error": "tor is not running", "bootstrap": None}
+        t["restarts"] = child.get("restarts")
         return {"tor": t}
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:

@@ -30,7 +30,6 @@ from netstack.rules.nft import (
     oifname,
     payload,
 )
-from netstack.vpn import runtime
 from netstack.vpn.info import ENDPOINT_SET, ENDPOINT_SET6, VpnInfo, set_elements, transport
 
 if TYPE_CHECKING:
@@ -71,6 +70,8 @@ class VpnRole(Role):
         return q.settings["config"]
 
     def info(self, ctx: QubeContext) -> VpnInfo:
+        from netstack.vpn import runtime
+
         path, cfg = ctx.provider
         return runtime.vpn_info(ctx.qube, cfg, path, ctx.addr.qid, ctx.stack,
                                 ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir)
@@ -105,6 +106,8 @@ class VpnRole(Role):
         common.dns_dnat(rs, clients, info.dns)
 
     def daemons(self, ctx: QubeContext, info: VpnInfo) -> list[Daemon]:
+        from netstack.vpn import runtime
+
         return [Daemon(info.daemon_name, info.netns, runtime.daemon_argv(info), True,
                        (sys.executable, "-m", "netstack.vpn.hook", info.spec_path),
                        requires=info.spec_path)]
@@ -115,6 +118,8 @@ class VpnRole(Role):
         kill switch admit exactly those addresses, then write the daemon's files: the spec
         goes last and is what the supervisor waits for, so the tunnel's first handshake
         never meets a closed kill switch."""
+        from netstack.vpn import runtime
+
         info = q.info
         assert isinstance(info, VpnInfo)
         net = rt.plan.net

@@ -184,13 +184,15 @@ class Ruleset:
         return {"nftables": items + rules}
 
 
-def set_elements_commands(name: str, elems: list[Any]) -> dict[str, Any]:
-    """Replace a named set's elements in one transaction (flush + add)."""
-    s = {"family": FAMILY, "table": TABLE, "name": name}
-    cmds: list[dict[str, Any]] = [{"flush": {"set": s}}]
-    if elems:
-        cmds.append({"add": {"element": {**s, "elem": list(elems)}}})
-    return {"nftables": cmds}
+def accept_all(masquerade_to: str | None = None) -> Ruleset:
+    """No filtering at all (a lab router; or a protection removed on purpose by a test),
+    optionally masquerading what leaves through one interface."""
+    rs = Ruleset()
+    for c in ("input", "forward", "output"):
+        rs[c].policy = "accept"
+    if masquerade_to:
+        rs["nat_postrouting"].add(oifname(masquerade_to), MASQUERADE)
+    return rs
 
 
 def commands(ruleset_json: dict[str, Any], fresh: bool = False) -> dict[str, Any]:

@@ -75,16 +75,48 @@ def wait_bootstrap(socket_path: str, deadline_s: float,
         c.close()
 
 
+def _status(c) -> dict[str, Any]:
+    pct, tag, summary = bootstrap_phase(c)
+    circs = [x for x in c.get_circuits() if x.status == "BUILT"]
+    return {"version": str(c.get_version()).split()[0], "bootstrap": pct,
+            "phase": tag, "summary": summary, "circuits_built": len(circs),
+            "circuit_established": c.get_info("status/circuit-established") == "1"}
+
+
 def status(socket_path: str) -> dict[str, Any]:
     c = connect(socket_path, timeout=1)
     try:
-        pct, tag, summary = bootstrap_phase(c)
-        circs = [x for x in c.get_circuits() if x.status == "BUILT"]
-        return {"version": str(c.get_version()).split()[0], "bootstrap": pct,
-                "phase": tag, "summary": summary, "circuits_built": len(circs),
-                "circuit_established": c.get_info("status/circuit-established") == "1"}
+        return _status(c)
     finally:
         c.close()
+
+
+def watch(socket_path: str, *, report: Callable[[dict[str, Any]], None],
+          stopping: threading.Event, refresh: float = 10.0) -> None:
+    """The supervisor's health monitor of a gateway's tor: a fresh status on every
+    bootstrap or circuit event (and every `refresh` seconds), reconnecting when tor
+    restarts. `netstack status` reads what this reports instead of importing stem."""
+    from stem.control import EventType
+
+    while not stopping.is_set():
+        try:
+            c = connect(socket_path, timeout=1)
+        except TorError as e:
+            report({"error": str(e), "bootstrap": None})
+            stopping.wait(0.5)
+            continue
+        changed = threading.Event()
+        try:
+            c.add_event_listener(lambda ev, ch=changed: ch.set(), EventType.STATUS_CLIENT,
+                                 EventType.CIRC)
+            while not stopping.is_set() and c.is_alive():
+                report(_status(c))
+                changed.wait(refresh)
+                changed.clear()
+        except Exception as e:  # noqa: BLE001 - tor went away mid-query: reconnect
+            report({"error": f"tor control: {e}", "bootstrap": None})
+        finally:
+            c.close()
 
 
 def circuits(socket_path: str) -> list[dict[str, Any]]:

@@ -32,11 +32,9 @@ class Endpoint:
 
     @property
     def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-            return True
-        except ValueError:
-            return False
+        from netstack.addressing import is_ip
+
+        return is_ip(self.host)
 
 
 @dataclass

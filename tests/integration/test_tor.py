@@ -187,13 +187,10 @@ def test_hostile_packets_fail_and_never_appear_beyond_the_gateway(lab, tmp_path)
 def test_anti_forwarding_gateway_is_caught(lab, tmp_path):
     """The detector can fail: a gateway that forwards (rules replaced, forwarding on)
     lets the hostile packets out, and the capture beyond it shows them."""
-    from netstack.rules.nft import MASQUERADE, Ruleset, oifname
+    from netstack.rules.nft import accept_all
 
     whonix = lab.ns["sys-whonix"]
-    bad_rs = Ruleset()
-    for ch in ("input", "forward", "output"):
-        bad_rs[ch].policy = "accept"
-    bad_rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
+    bad_rs = accept_all(masquerade_to="eth0")
     good = lab.plan.ns(whonix)
     m = marker()
     k = kernel()

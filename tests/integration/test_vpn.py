@@ -258,12 +258,9 @@ def test_wrong_key(vs, tmp_path):
 def test_anti_without_kill_switch_clear_packets_leak(vs, tmp_path):
     """The capture can fail: with the kill switch's rules replaced by accept-all, a dead
     tunnel lets the app's packets out on the ISP link in clear, and we see them."""
-    from netstack.rules.nft import MASQUERADE, Ruleset, oifname
+    from netstack.rules.nft import accept_all
 
-    open_rs = Ruleset()
-    for c in ("input", "forward", "output"):
-        open_rs[c].policy = "accept"
-    open_rs["nat_postrouting"].add(oifname("eth0"), MASQUERADE)
+    open_rs = accept_all(masquerade_to="eth0")
 
     def remove_kill_switch():
         load_ruleset(vs.vpn, open_rs.to_json())

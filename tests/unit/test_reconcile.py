@@ -270,3 +270,33 @@ def test_live_change_refuses_what_it_cannot_do():
     with pytest.raises(UsageError) as e:
         reconcile.diff(a, c)
     assert "down" in str(e.value)
+
+
+def test_ipv6_literal_endpoint_is_admitted_without_dns(tmp_path):
+    """An IPv6 literal endpoint is an address, never a name: it goes into the IPv6
+    endpoint set in the kill switch's own transaction, and the tunnel's hook routes it to
+    the netvm's IPv6 address."""
+    import json
+
+    from tests.unit.test_vpn_parsers import WG_MULLVAD_LIKE
+
+    wg = tmp_path / "wg.conf"
+    wg.write_text(WG_MULLVAD_LIKE.replace("185.65.134.1:51820", "[2001:db8::10]:51820"))
+    cfg = tmp_path / "vpn6.toml"
+    cfg.write_text((ROOT / "configs/vpn.toml").read_text().replace('"lab:wireguard"', f'"{wg}"')
+                   + "\n[stack]\nipv6 = true\n")
+    fk = FakeKernel()
+    plan, st = bring_up(str(cfg), fk)
+    info = plan.qube("sys-proxyvm").info
+    assert transport(info, None) == [("2001:db8::10", "udp", 51820)]
+    tx = next(e[2] for e in fk.events if e[0] == "nft" and e[1] == info.netns)
+    sets = {c["add"]["set"]["name"]: c["add"]["set"] for c in tx["nftables"]
+            if "set" in c.get("add", {})}
+    assert sets["vpn_endpoints6"]["elem"] == [{"concat": ["2001:db8::10", "udp", 51820]}]
+    assert "elem" not in sets["vpn_endpoints"]
+    assert not [e for e in fk.events if e[0] == "resolve"]
+    assert st.data.resolved["sys-proxyvm"] == {"2001:db8::10": ["2001:db8::10"]}
+    spec = json.loads(fk.files[info.spec_path])
+    assert {"dst": "2001:db8::10/128", "dev": "eth0", "via": info.gateway6} in spec["routes"]
+    setconf = fk.files[info.conf_path]
+    assert "Endpoint = [2001:db8::10]:51820" in setconf

@@ -5,6 +5,7 @@ the same namespaces, links, addresses, routes, sysctls, files and rulesets. Runs
 between the two so the machine's noise hits both alike.
 
     sudo .venv/bin/python bench/cli.py [--runs 15] [--out bench/results/cli.json]
+    sudo .venv/bin/python bench/cli.py --root /path/to/other/checkout   # e.g. an old commit
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ SCRIPT = str(ROOT / "bench" / "handwritten-basic.sh")
 BASIC = str(ROOT / "configs" / "basic.toml")
 
 
+CWD: str | None = None
+
+
 def wall(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
+    subprocess.run(argv, check=True, capture_output=True, cwd=CWD if argv == NETSTACK or
+                   argv[:len(NETSTACK)] == NETSTACK else None)
     return time.perf_counter() - t0
 
 
@@ -49,12 +54,13 @@ def rules_dir(d: str, stack: str) -> None:
 
 def status_runs(cfg: str, stack: str, runs: int) -> list[float]:
     subprocess.run(NETSTACK + ["--stack", stack, "up", cfg, "--lab"], check=True,
-                   capture_output=True)
+                   capture_output=True, cwd=CWD)
     try:
         wall(NETSTACK + ["--stack", stack, "status"])  # warm the page cache
         return [wall(NETSTACK + ["--stack", stack, "status"]) for _ in range(runs)]
     finally:
-        subprocess.run(NETSTACK + ["--stack", stack, "down"], check=True, capture_output=True)
+        subprocess.run(NETSTACK + ["--stack", stack, "down"], check=True, capture_output=True,
+                       cwd=CWD)
         reap()
 
 
@@ -62,8 +68,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cli.json"))
+    ap.add_argument("--root", help="measure the netstack of another checkout (python -m)")
     a = ap.parse_args()
-    res: dict = {"machine": machine(), "runs": a.runs}
+    global CWD
+    if a.root:
+        NETSTACK[:] = [sys.executable, "-m", "netstack.cli"]
+        CWD = a.root
+    res_root = a.root or str(ROOT)
+    res: dict = {"machine": machine(), "runs": a.runs, "checkout": res_root}
     ours, script = [], []
     with tempfile.TemporaryDirectory() as d:
         rules_dir(d, "hw")

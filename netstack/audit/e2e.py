@@ -36,13 +36,26 @@ def _route(routes: list[Route], daddr: str) -> str | None:
     return dev
 
 
+class Evaluators(dict):
+    """One evaluator per namespace's ruleset, made on first use and shared by all classes."""
+
+    def __init__(self, rulesets: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
+        self.rulesets = rulesets
+
+    def __missing__(self, ns: str) -> Evaluator:
+        ev = self[ns] = Evaluator(Ruleset(self.rulesets[ns]))
+        return ev
+
+
 def walk(plan: Plan, rulesets: dict[str, dict[str, Any]], ws: QubeInfo, p: Packet,
          endpoints: set[tuple[str, str, int]],
-         net: dict[str, dict[str, Any]] | None = None) -> tuple[str, list[str]]:
+         net: dict[str, dict[str, Any]] | None = None,
+         evs: Evaluators | None = None) -> tuple[str, list[str]]:
     """('blocked' | 'proxied' | 'transport' | 'LEAK' | 'elsewhere', trace) for one class."""
     trace: list[str] = []
     q = plan.qube(ws.netvm or "")
-    evs = {n: Evaluator(Ruleset(rs)) for n, rs in rulesets.items()}
+    evs = evs if evs is not None else Evaluators(rulesets)
     p = dataclasses.replace(p, iifname=vif(ws.qid), oifname=None)
     for _ in range(16):
         ev = evs[q.netns]
@@ -127,6 +140,7 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
                endpoints: set[tuple[str, str, int]],
                net: dict[str, dict[str, Any]] | None = None) -> list[Result]:
     out = []
+    evs = Evaluators(rulesets)
     for ws in plan.qubes:
         if role_for(ws.kind).provides_network:
             continue
@@ -150,7 +164,7 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
         tally: dict[str, int] = {}
         fail = None
         for p in classes:
-            res, trace = walk(plan, rulesets, ws, p, endpoints, net)
+            res, trace = walk(plan, rulesets, ws, p, endpoints, net, evs)
             tally[res] = tally.get(res, 0) + 1
             if res in ("LEAK", "unknown") and fail is None:
                 fail = (res, p, trace)

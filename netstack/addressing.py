@@ -32,6 +32,8 @@ class QubeAddr:
     ipv6: str | None
     gateway4: str | None  # the netvm's address
     gateway6: str | None
+    ll: str | None = None  # IPv6 link-local, fixed (the kernel makes none: addr_gen_mode 1)
+    gateway_ll: str | None = None
 
 
 def is_ip(s: str) -> bool:
@@ -54,6 +56,12 @@ def qube_ipv6(ipv4: str) -> str:
     return str(IPV6_PREFIX.network_address + int(ipaddress.IPv4Address(ipv4)))
 
 
+def qube_ll(ipv4: str) -> str:
+    """A qube's IPv6 link-local address, derived like its global one (fe80::a89:N), so
+    anti-spoofing can admit exactly it instead of all of fe80::/10."""
+    return str(ipaddress.IPv6Address("fe80::") + int(ipaddress.IPv4Address(ipv4)))
+
+
 def plan_addresses(topo: Topology, pinned: dict[str, int] | None = None
                    ) -> dict[str, QubeAddr]:
     """qid in breadth-first tree order from the net qube, starting at 1. `pinned`: qids of
@@ -69,8 +77,10 @@ def plan_addresses(topo: Topology, pinned: dict[str, int] | None = None
         qid = pinned.get(q.name) or fresh.get(q.name) or next(free)
         v4 = qube_ipv4(qid)
         v6 = qube_ipv6(v4) if topo.ipv6 else None
+        ll = qube_ll(v4) if topo.ipv6 else None
         gw = out[q.netvm] if q.netvm else None
-        out[q.name] = QubeAddr(qid, v4, v6, gw.ipv4 if gw else None, gw.ipv6 if gw else None)
+        out[q.name] = QubeAddr(qid, v4, v6, gw.ipv4 if gw else None, gw.ipv6 if gw else None,
+                               ll, gw.ll if gw else None)
     return out
 
 

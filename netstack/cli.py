@@ -1,6 +1,13 @@
-"""The netstack command line. Errors of ours print as one line; exit codes:
-0 ok, 1 runtime error, 2 bad config or usage, 3 stack state (not up / already up),
-4 the system refused a change (rolled back)."""
+"""The netstack command line. Errors of ours print as one line (and, with --json, as a JSON
+object on stdout); exit codes:
+  0 ok
+  1 a check failed: leaks, an unproven property, a degraded stack; or a runtime error
+  2 bad config, bad input or usage, or root needed
+  3 stack state: not up, already up, half made, being changed by another netstack
+  4 the system refused a change (rolled back)
+  5 Tor's control port unreachable
+  6 inconclusive: leaktest could not send a probe or saw no answer to a control case
+  130 interrupted (Ctrl-C); 141 output closed (a pipe)"""
 
 from __future__ import annotations
 
@@ -51,16 +58,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
           + (f", lab with {len(p.lab.hosts)} hosts" if p.lab else ""))
-    from netstack.tor.gateway import TorInfo
+    if args.no_wait:
+        return 0
+    from netstack.roles import role_for
+    from netstack.state import State
 
-    tors = p.infos(TorInfo)
-    if tors and not args.no_wait:
-        from netstack.tor.control import wait_bootstrap
-
-        for t in tors:
-            took = wait_bootstrap(t.control_socket, args.tor_timeout,
-                                  _progress_bar(f"tor {t.qube}"))
-            print(f"\ntor {t.qube}: bootstrapped in {took:.1f} s", file=sys.stderr)
+    st = State.load(args.stack)
+    assert st is not None
+    left_up = (f"stack {args.stack!r} is left up (`netstack --stack {args.stack} status` shows "
+               f"it, `netstack --stack {args.stack} down` removes it)")
+    try:  # in tree order: a VPN below a Tor gateway is ready first
+        for q in p.qubes:
+            role = role_for(q.kind)
+            timeout = args.tor_timeout if role.protection == "tor" else args.vpn_timeout
+            took = role.wait_ready(q, st, timeout, _progress_bar(f"{q.kind} {q.name}"))
+            if took is not None:
+                print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return _fail(args, f"stopped waiting; {left_up}", 130)
+    except NetstackError as e:
+        print(file=sys.stderr)
+        return _fail(args, f"{e}; {left_up}", e.exit_code)
     return 0
 
 
@@ -112,13 +131,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from netstack.roles import role_for
 
     s = stack.status(args.stack)
+    ok = s["health"]["state"] == "up"
     if args.json:
         print(json.dumps(s, indent=2))
-        return 0
-    print(f"stack {s['stack']}: {s['status']}  (config {s['config']})")
+        return 0 if ok else 1
+    h = s["health"]
+    print(f"stack {s['stack']}: {h['state'].upper()}  (config {s['config']})")
+    for pr in h["problems"]:
+        print(f"  ! {pr}")
     for q in s["qubes"]:
         ifs = ", ".join(f"{i['name']}[{i['state']}]" for i in q["interfaces"]) or "-"
-        mark = "" if q["running"] else "  (namespace missing)"
+        mark = "" if q["health"]["state"] == "up" else f"  ({q['health']['state']})"
         print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
@@ -132,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"tcpdump -i {isp['interface']}")
     for pr in s["processes"]:
         print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
-    return 0 if s["status"] == "up" and all(q["running"] for q in s["qubes"]) else 1
+    return 0 if ok else 1
 
 
 def cmd_tor(args: argparse.Namespace) -> int:
@@ -184,10 +207,13 @@ def cmd_leaktest(args: argparse.Namespace) -> int:
             print(f"{lk['link']:<28} {lk['zone']:<11} {lk['packets']:>7}  {lk['verdict']}"
                   + (f" ({lk['violation_count']} violations)" if lk["violation_count"] else ""))
         bad = [c["case"] for c in r.cases if c["leaked_on"]]
-        print(f"{'LEAK' if r.leaks else 'PASS'}: {len(r.cases)} cases, {r.packets_sent} packets,"
+        for e in r.errors:
+            print(f"ERROR: {e}")
+        word = "LEAK" if r.leaks else "ERROR" if r.errors else "PASS"
+        print(f"{word}: {len(r.cases)} cases, {r.packets_sent} packets,"
               f" {len(r.links)} links captured, {r.leaks} leaks"
               + (f" ({', '.join(bad)})" if bad else "") + f", {r.seconds} s; pcaps in {r.pcaps}")
-    return 1 if r.leaks else 0
+    return 1 if r.leaks else 6 if r.errors else 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -261,13 +287,30 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line of ours (exit 2), not argparse's usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def stack_name(s: str) -> str:
+    from netstack.names import check_stack
+
+    return check_stack(s)
+
+
+ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec"}
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="netstack", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A Qubes-OS-style chain of network compartments (namespaces + nftables).")
     ap.add_argument("--stack", default=os.environ.get("NETSTACK_STACK", "main"),
-                    help="stack name, 1-8 chars [a-z0-9] (default: main)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                    type=stack_name, help="stack name, 1-8 chars [a-z0-9] (default: main)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                            parser_class=Parser)
 
     def uplink_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", nargs="?",
@@ -281,7 +324,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="bring a stack up", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     uplink_opts(p)
-    p.add_argument("--no-wait", action="store_true", help="do not wait for Tor to bootstrap")
+    p.add_argument("--no-wait", action="store_true",
+                   help="do not wait for the tunnels to connect and Tor to bootstrap")
+    p.add_argument("--vpn-timeout", type=float, default=30, metavar="S",
+                   help="deadline for each VPN's first connection (default 30 s)")
     p.add_argument("--tor-timeout", type=float, default=120, metavar="S",
                    help="deadline for Tor bootstrap (default 120 s)")
     p.set_defaults(func=cmd_up)
@@ -343,19 +389,33 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # everything after -- is the command of `exec`, untouched
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1:]
-    args = parser().parse_args(argv)
-    if tail:
-        if args.command != "exec":
-            parser().error("'--' is only used with exec")
-        args.cmd = list(args.cmd) + tail
+    args = argparse.Namespace(json="--json" in argv)
     try:
+        args = parser().parse_args(argv)
+        if tail:
+            if args.command != "exec":
+                raise UsageError("'--' is only used with exec (see `netstack --help`)")
+            args.cmd = list(args.cmd) + tail
+        if args.command in ROOT_COMMANDS and os.geteuid() != 0 and \
+                not getattr(args, "ruleset", None):
+            raise UsageError(f"netstack {args.command} needs root (namespaces and nftables): "
+                             "run it with sudo")
         return args.func(args)
     except NetstackError as e:
-        print(f"netstack: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, str(e), e.exit_code)
     except KeyboardInterrupt:
-        print("netstack: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted", 130)
+    except BrokenPipeError:  # `netstack status | head`: the reader is gone, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"netstack: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    return code
 
 
 if __name__ == "__main__":

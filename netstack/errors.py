@@ -32,6 +32,12 @@ class StateError(NetstackError):
     exit_code = 3
 
 
+class NotReady(NetstackError):
+    """The stack is up but a qube does not do its job yet (tunnel, Tor): a check failed."""
+
+    exit_code = 1
+
+
 class ApplyError(NetstackError):
     """The system refused a change while bringing a stack up."""
 

@@ -33,6 +33,7 @@ class LinkState:
     rx_bytes: int | None = None
     tx_bytes: int | None = None
     mac: str | None = None
+    flags: int = 0  # IFF_*: admin up 0x1, carrier (lower up) 0x10000
 
 
 class Kernel:
@@ -316,12 +317,17 @@ class RealKernel(Kernel):
             out.append(LinkState(link.get_attr("IFLA_IFNAME"), link["index"],
                                  link.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
                                  addrs.get(link["index"], []), stats.get("rx_bytes"),
-                                 stats.get("tx_bytes"), link.get_attr("IFLA_ADDRESS")))
+                                 stats.get("tx_bytes"), link.get_attr("IFLA_ADDRESS"),
+                                 link["flags"]))
         return out
 
     def addr_add(self, ns: str | None, ifname: str, cidr: str) -> None:
         ip, plen = cidr.split("/")
-        self._ip(ns).addr("add", index=self._idx(ns, ifname), address=ip, prefixlen=int(plen))
+        kw: dict[str, Any] = {}
+        if ":" in ip:
+            kw["flags"] = 0x02  # IFA_F_NODAD: our fixed addresses are unique by design
+        self._ip(ns).addr("add", index=self._idx(ns, ifname), address=ip, prefixlen=int(plen),
+                          **kw)
 
     def addrs(self, ns: str | None) -> list[tuple[str, str]]:
         return [(x.name, a) for x in self.links(ns) for a in x.addresses]

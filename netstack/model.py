@@ -24,6 +24,7 @@ class Client:
     vif: str
     ipv4: str
     ipv6: str | None = None
+    ll: str | None = None  # IPv6 link-local
 
 
 @dataclass
@@ -236,6 +237,7 @@ class Plan:
     lab: LabPlan | None = None
     host_nat: HostNat | None = None
     upstream_dns: list[str] = field(default_factory=list)
+    ipv6: bool = False
     schema: int = SCHEMA
 
     def ns(self, name: str) -> NsPlan:

@@ -129,14 +129,14 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     addrs = addressing.plan_addresses(topo, pinned)
     resolvers = upstream_dns(topo, uplink, inputs.host_resolv)
     sdir = stack_dir(stack)
-    p = Plan(stack, uplink, [], [], upstream_dns=resolvers)
+    p = Plan(stack, uplink, [], [], upstream_dns=resolvers, ipv6=topo.ipv6)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]
         ns = names.qube_netns(stack, q.name)
         role = role_for(q.kind)
         clients = tuple(Client(c.name, addrs[c.name].qid, names.vif(addrs[c.name].qid),
-                               addrs[c.name].ipv4, addrs[c.name].ipv6)
+                               addrs[c.name].ipv4, addrs[c.name].ipv6, addrs[c.name].ll)
                         for c in topo.children(q.name))
         up_if = names.UPLINK_IF if role.owns_uplink else names.UPSTREAM_IF
         ctx = QubeContext(topo, q, a, stack, ns, up_if, clients, sdir, lab,
@@ -179,7 +179,9 @@ def _plan_link(p: Plan, topo: Topology, stack: str, netvm: str, ns: str,
                  Route(up_ns, f"{a.ipv4}/32", vif)]
     if topo.ipv6 and a.ipv6 and gw.ipv6:
         p.addrs += [Addr(ns, names.UPSTREAM_IF, f"{a.ipv6}/128"),
-                    Addr(up_ns, vif, f"{gw.ipv6}/128")]
+                    Addr(up_ns, vif, f"{gw.ipv6}/128"),
+                    Addr(ns, names.UPSTREAM_IF, f"{a.ll}/64"),
+                    Addr(up_ns, vif, f"{gw.ll}/64")]
         p.routes += [Route(ns, f"{gw.ipv6}/128", names.UPSTREAM_IF),
                      Route(ns, "default6", names.UPSTREAM_IF, gw.ipv6),
                      Route(up_ns, f"{a.ipv6}/128", vif)]

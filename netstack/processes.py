@@ -15,7 +15,7 @@ import time
 from netstack.codec import dump
 from netstack.kernel import Kernel
 from netstack.model import Plan
-from netstack.state import ProcessRec, State, read_pidfile
+from netstack.state import ProcessRec, State, crash_point, read_pidfile
 from netstack.supervisor import PIDFILE, SPEC, Child, ServiceSpec, SupervisorSpec, read_status
 
 
@@ -43,6 +43,7 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
         pid, start = k.spawn([sys.executable, "-m", "netstack.supervisor", st.dir, rec.token],
                              os.path.join(st.dir, "supervisor.log"),
                              tuple(x.fileno() for x in socks))
+        crash_point("supervisor-started")
         st.record(dataclasses.replace(rec, pid=pid, start=start))
     finally:
         for x in socks:

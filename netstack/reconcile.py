@@ -36,6 +36,7 @@ from netstack.state import (
     ProcessRec,
     Record,
     State,
+    crash_point,
 )
 
 # --- steps (pure data) -----------------------------------------------------------------
@@ -336,7 +337,16 @@ def up(plan: Plan, st: State, k: Kernel, providers: dict[str, tuple[str, Any]] |
                 msg += f"; could not undo: {'; '.join(problems)}"
             raise ApplyError(msg) from e
         raise
+    record_digests(plan, st, k)
     st.set_status("up")
+
+
+def record_digests(plan: Plan, st: State, k: Kernel) -> None:
+    """What each qube's ruleset is, as the kernel lists it once loaded: `status` compares."""
+    from netstack.health import ruleset_digest
+
+    st.data.digests = {q.netns: ruleset_digest(k.nft_list(q.netns)) for q in plan.qubes}
+    st.save()
 
 
 def run_time(rt: Runtime) -> None:
@@ -350,6 +360,7 @@ def run_time(rt: Runtime) -> None:
         rt.lab_dirauths = tuple(maker(plan.lab, lambda p, t: k.write_file(p, t, 0o600)))
         rt.state.data.dirauths = list(rt.lab_dirauths)
         rt.state.save()
+        crash_point("lab-made")
     for q in plan.qubes:
         role_for(q.kind).prepare(q, rt)
     if plan.services or plan.daemons:
@@ -370,6 +381,7 @@ def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
     steps = diff(current, desired)
     st.set_plan(desired)
     apply(steps, k, st)
+    record_digests(desired, st, k)
     return steps
 
 

@@ -92,45 +92,72 @@ def require(stack: str) -> State:
 
 
 def status(stack: str) -> dict[str, Any]:
-    """Recorded plan plus live facts read from each namespace."""
+    """Recorded plan plus live facts read from each namespace, and the verdict on them."""
+    from netstack import health
     from netstack.codec import dump
-    from netstack.processes import children
+    from netstack.processes import children, supervisor_pid
     from netstack.roles import role_for
     from netstack.roles.base import LiveFacts
+    from netstack.state import ProcessRec
 
     require_root("status")
     st = require(stack)
     p = st.plan
     assert p is not None
+    sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid is not None]
+    sup_alive = any(proc_alive(o.pid, o.start) for o in sup)
     kids = {n: {**dump(c), "alive": proc_alive(c.pid, c.start)}
             for n, c in children(st).items()}
+    if not sup_alive:  # nobody keeps the monitors' reports fresh
+        for c in kids.values():
+            c["health"] = {}
     out: dict[str, Any] = {"stack": stack, "status": st.data.status,
                            "config": st.data.config, "uplink": dump(p.uplink), "qubes": []}
+    verdicts: dict[str, health.Verdict] = {}
     k = RealKernel()
     try:
         for q in p.qubes:
-            links = k.links(q.netns)
+            running = k.netns_exists(q.netns)
+            links = k.links(q.netns) if running else []
             entry: dict[str, Any] = {
                 "name": q.name, "kind": q.kind, "netvm": q.netvm, "label": q.label,
                 "netns": q.netns, "addresses": [a for a in (q.ipv4, q.ipv6) if a],
-                "gateway": q.gateway, "running": k.netns_exists(q.netns),
-                "interfaces": [{"name": x.name, "state": x.state, "addresses": x.addresses,
-                                "rx_bytes": x.rx_bytes, "tx_bytes": x.tx_bytes}
-                               for x in links if x.name != "lo"]}
-            entry.update(role_for(q.kind).status(q, LiveFacts(
-                links, kids, st.data.resolved.get(q.name, {}))))
+                "gateway": q.gateway, "running": running,
+                "interfaces": [{"name": x.name, "state": x.state, "flags": x.flags,
+                                "addresses": x.addresses, "rx_bytes": x.rx_bytes,
+                                "tx_bytes": x.tx_bytes} for x in links if x.name != "lo"]}
+            role = role_for(q.kind)
+            entry.update(role.status(q, LiveFacts(links, kids,
+                                                  st.data.resolved.get(q.name, {}))))
+            problems = [f"daemon {d.name} not running" for d in p.daemons
+                        if d.netns == q.netns and not (kids.get(d.name) or {}).get("alive")]
+            live = health.ruleset_digest(k.nft_list(q.netns)) if running else None
+            v = health.qube_verdict(entry, q.interfaces, st.data.digests.get(q.netns), live,
+                                    problems + (role.health(entry) if running else []))
+            entry["health"] = v.to_json()
+            verdicts[q.name] = v
             out["qubes"].append(entry)
+        extra = []
+        if st.data.status != "up":
+            extra.append("half made: an interrupted `up` (run `netstack down`, or `up` to "
+                         "repair)")
+        if (p.services or p.daemons) and not sup_alive:
+            extra.append("supervisor not running: nothing restarts the daemons")
+        for n in p.namespaces:
+            if n.qube is None and not k.netns_exists(n.name):
+                extra.append(f"lab namespace {n.name} missing")
+        extra += [f"daemon {d.name} not running" for d in p.daemons
+                  if not any(d.netns == q.netns for q in p.qubes)
+                  and not (kids.get(d.name) or {}).get("alive")]
     finally:
         k.close()
+    out["health"] = health.stack_verdict(verdicts, extra).to_json()
     if p.lab:
         lab = dump(p.lab)
         lab["capture"] = {"isp_link": dump(p.lab.isp_link)}
         out["lab"] = lab
-    from netstack.state import ProcessRec
-
-    sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid is not None]
     out["processes"] = [{"name": o.name, "pid": o.pid, "alive": proc_alive(o.pid, o.start)}
-                        for o in sup]
+                        for o in sup if o.pid == supervisor_pid(st)]
     out["processes"] += [{"name": c["name"], "pid": c["pid"], "alive": c["alive"],
                           "restarts": c["restarts"]} for c in kids.values()]
     return out

@@ -120,6 +120,7 @@ class StackState:
     started: float = 0.0
     resolved: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     dirauths: list[str] = field(default_factory=list)
+    digests: dict[str, str | None] = field(default_factory=dict)  # ns -> ruleset loaded
     schema: int = SCHEMA
 
 
@@ -362,6 +363,15 @@ def read_pidfile(path: str) -> PidFile | None:
             return load(PidFile, json.load(f), path)
     except (FileNotFoundError, ValueError, StateError):
         return None
+
+
+def crash_point(name: str) -> None:
+    """Test hook: NETSTACK_TEST_CRASH_AT=NAME kills this process (SIGKILL) at a named point
+    between two records (e.g. a process started but its pid not yet recorded)."""
+    if os.environ.get("NETSTACK_TEST_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _crash_point(n: int) -> None:

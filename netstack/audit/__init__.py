@@ -48,6 +48,11 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
 
     require_root("audit")
     st = require(stack)
+    if st.data.status != "up":
+        from netstack.errors import StateError
+
+        raise StateError(f"stack {stack!r} is half made (an interrupted `up`); run `netstack "
+                         f"--stack {stack} down`, or `up` to repair, before auditing it")
     plan = st.plan
     assert plan is not None
     k = RealKernel()

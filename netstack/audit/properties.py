@@ -45,6 +45,16 @@ class QubeView:
     def clients(self) -> list[Client]:
         return self.qube.clients
 
+    @property
+    def own_ll(self) -> str | None:
+        from netstack.addressing import qube_ll
+
+        return qube_ll(self.qube.ipv4) if self.qube.ipv6 else None
+
+    @property
+    def ipv6(self) -> bool:
+        return self.qube.ipv6 is not None
+
 
 @dataclass
 class AuditContext:
@@ -182,20 +192,24 @@ def antispoof(q: QubeView) -> list[Result]:
     out = []
     addrs4 = sorted(set(OUTSIDE4 + constants(q, "addr", ("prerouting",)) + [q.address]
                         + [c.ipv4 for c in q.clients]))
+    addrs6 = sorted(set(OUTSIDE6 + [a for c in q.clients for a in (c.ipv6, c.ll) if a]
+                        + [a for a in (q.qube.ipv6, q.own_ll) if a]))
     for c in q.clients:
-        name, vif, v4, v6 = c.name, c.vif, c.ipv4, c.ipv6
+        name, vif, v4 = c.name, c.vif, c.ipv4
+        own6 = {a for a in (c.ipv6, c.ll) if a}
         pk = [Packet(family="ipv4", iifname=vif, saddr=s, daddr="198.51.100.80",
                      l4proto=l4, ct_state=ct)
               for s in addrs4 if s != v4 for l4 in ("tcp", "udp", "icmp")
               for ct in ("new", "established")]
         pk += [Packet(family="ipv6", iifname=vif, saddr=s, daddr="2001:db8::80", l4proto=l4,
                       ct_state=ct)
-               for s in OUTSIDE6 if s != v6 for l4 in ("tcp", "udp")
+               for s in addrs6 if s not in own6 for l4 in ("tcp", "udp", "icmpv6")
                for ct in ("new", "established")]
+        six = (f"only {', '.join(sorted(own6))} (IPv6)" if own6 else "no IPv6")
         out.append(check(f"anti-spoofing {name}", q, "prerouting", pk,
                           lambda p, o: o.verdict != "drop",
-                          f"on {vif} only {v4} (IPv4) passes prerouting; other IPv4 and all "
-                          "IPv6 sources are dropped"))
+                          f"on {vif} only {v4} (IPv4) and {six} pass prerouting; every other "
+                          "source is dropped"))
     return out
 
 

@@ -94,8 +94,12 @@ def target(ctx: Ctx) -> Target:
     lab = ctx.plan.lab
     web = lab.hosts["web"].address if lab else "198.51.100.80"
     dns = lab.hosts["dns"].address if lab else "198.51.100.53"
+    from netstack.addressing import qube_ipv6, qube_ll
+
     return Target(ctx.ws.ipv4, gw.ipv4, tuple(q.ipv4 for q in ctx.chain[2:]),
-                  siblings, web, dns, f"web.{lab.domain if lab else 'lab.test'}")
+                  siblings, web, dns, f"web.{lab.domain if lab else 'lab.test'}",
+                  ipv6=ctx.plan.ipv6, gateway6=gw.ipv6 or qube_ipv6(gw.ipv4),
+                  ws6=ctx.ws.ipv6 or "", ws_ll=qube_ll(ctx.ws.ipv4) if ctx.plan.ipv6 else "")
 
 
 def links(ctx: Ctx) -> list[Link]:
@@ -122,9 +126,10 @@ def links(ctx: Ctx) -> list[Link]:
             out.append(Link("lab:vpn-server", vs.netns, vs.interface, "lab-egress"))
         for h in ("web", "dns"):
             out.append(Link(f"lab:{h}", lab.hosts[h].netns, "eth0", "lab-host"))
-    # a tunnel device exists only while its daemon runs, and is up once configured
+    # a tunnel device exists only while its daemon runs, and is up once configured (the
+    # admin flag: the operstate of a fresh veth lags behind by up to a second)
     live = {(lk.netns, x.name) for lk in out for x in ctx.kernel.links(lk.netns)
-            if x.state != "DOWN"}
+            if x.flags & 0x1}
     return [lk for lk in out if (lk.netns, lk.iface) in live]
 
 
@@ -132,10 +137,22 @@ def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.inet6 import IPv6
 
-    if zone == "source":
-        return True
+    if zone in ("source", "sibling"):
+        return True  # sibling: markers decide, nothing of the battery may show up there
     if IPv6 in p:
-        return False  # IPv6 is off everywhere beyond the workstation
+        import ipaddress
+
+        from netstack.addressing import qube_ll
+
+        own = {ctx.ws.ipv6, qube_ll(ctx.ws.ipv4)}
+        if own & {p[IPv6].src, p[IPv6].dst}:
+            return False  # the workstation's own IPv6 never appears beyond its link
+        src, dst = ipaddress.ip_address(p[IPv6].src), ipaddress.ip_address(p[IPv6].dst)
+        if ctx.plan.ipv6 and src.is_link_local and (dst.is_link_local or (
+                dst.is_multicast and (int(dst) >> 112) & 0xF == 2)):
+            return True  # a qube's own link-scope chatter (MLD, ND) on its own link
+        # beyond a VPN or Tor gateway never; in a plain chain only with IPv6 on (masqueraded)
+        return ctx.plan.ipv6 and zone == "plain"
     if IP not in p:
         return True  # ARP and friends: link-local by nature
     ip = p[IP]
@@ -210,6 +227,7 @@ class Report:
     cases: list[dict[str, Any]]
     links: list[dict[str, Any]]
     leaks: int
+    errors: list[str] = field(default_factory=list)  # why the run proves nothing
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -304,10 +322,24 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
             elif not ok:
                 unattributed += 1
                 lk.violations.append(p.summary())
+    errors: list[str] = []
+    control: dict[str, str] = {}
+    for c in cs:
+        if c.control == "nd-reply":  # a bare message, found by what it asks, not a marker
+            asked, got = _nd_seen(lks, target(ctx).gateway6)
+            if asked:
+                seen[c.marker].append(next(lk.name for lk in lks if lk.zone == "source"))
+            if got and not ctx.plan.ipv6:
+                leaked[c.marker].append(f"{lks[0].name} (the gateway speaks IPv6)")
+            elif not got and ctx.plan.ipv6:
+                control[c.marker] = "BLIND"
+                errors.append(f"{c.name}: no answer from the gateway with IPv6 on: the IPv6 "
+                              "cases prove nothing")
     case_rows = [{"case": c.name, "property": c.property, "marker": c.marker,
                   "sent": len(c.packets) + (1 if c.tool else 0),
                   "seen_on": seen[c.marker], "leaked_on": leaked[c.marker],
-                  "verdict": "LEAK" if leaked[c.marker] else "ok"} for c in cs]
+                  "verdict": "LEAK" if leaked[c.marker] else control.get(c.marker, "ok")}
+                 for c in cs]
     link_rows = [{"link": lk.name, "netns": lk.netns, "interface": lk.iface, "zone": lk.zone,
                   "packets": lk.packets, "violations": lk.violations[:20],
                   "violation_count": len(lk.violations),
@@ -316,7 +348,19 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                  for lk in lks]
     leaks = sum(1 for r in case_rows if r["leaked_on"]) + unattributed
     return Report(ctx.stack, ctx.ws.name, ctx.protection, scenario, fault, out_dir,
-                  round(secs, 2), sent, case_rows, link_rows, leaks)
+                  round(secs, 2), sent, case_rows, link_rows, leaks, errors)
+
+
+def _nd_seen(lks: list[Link], target_addr: str) -> tuple[bool, bool]:
+    """(the solicitation for the gateway's address left, its advertisement came back) on
+    the workstation's link."""
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS
+
+    src = next(lk for lk in lks if lk.zone == "source")
+    assert src.capture is not None
+    pkts = src.capture.packets()
+    return (any(ICMPv6ND_NS in p and p[ICMPv6ND_NS].tgt == target_addr for p in pkts),
+            any(ICMPv6ND_NA in p and p[ICMPv6ND_NA].tgt == target_addr for p in pkts))
 
 
 def _daemons(ctx: Ctx, protection: str) -> list[str]:

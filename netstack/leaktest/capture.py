@@ -18,6 +18,7 @@ class Capture:
     def __init__(self, netns: str, iface: str, path: str, bpf: str = "") -> None:
         self.netns, self.iface, self.path, self.bpf = netns, iface, path, bpf
         self.proc: subprocess.Popen | None = None
+        self._pkts: list[Any] | None = None
 
     def start(self, timeout: float = 5.0) -> Capture:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -64,9 +65,11 @@ class Capture:
         from scapy.utils import rdpcap
 
         self.stop()
+        if self._pkts is not None:
+            return self._pkts
         if not os.path.exists(self.path) or os.path.getsize(self.path) < 24:
             return []
-        pkts = list(rdpcap(self.path))
+        pkts = self._pkts = list(rdpcap(self.path))
         from scapy.packet import Raw
 
         if pkts and all(isinstance(p, Raw) for p in pkts):

@@ -26,6 +26,7 @@ class Case:
     tool: list[str] | None = None  # a real client run inside the workstation
     legit: frozenset[str] = NONE
     marker: str = ""
+    control: str | None = None  # a case whose answer must be seen (or not): see battery
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Target:
     dns: str
     web_name: str
     dns_virtual: str = "10.139.1.1"
+    ipv6: bool = False  # the stack has IPv6 on
+    gateway6: str = ""  # the netvm's global IPv6 address (what it would have, when off)
+    ws6: str = ""  # the workstation's global and link-local IPv6 addresses
+    ws_ll: str = ""
 
 
 def cases(t: Target) -> list[Case]:
@@ -71,6 +76,14 @@ def cases(t: Target) -> list[Case]:
     add("traceroute", "TTL 1..4 reveals no hop beyond the gateway",
         [{"dst": t.web, "proto": "udp", "dport": 33434 + i, "ttl": i} for i in range(1, 5)],
         OPEN)
+    v6 = frozenset({"plain"}) if t.ipv6 else NONE  # with IPv6 on, a plain chain forwards it
+    six = "IPv6 only where the chain forwards it" if t.ipv6 else "IPv6 never"
+    add("ipv6-nd-gateway", "the gateway answers IPv6 neighbour discovery iff IPv6 is on",
+        [{"dst": solicited_node(t.gateway6), "tgt": t.gateway6, "src": t.ws_ll or "fe80::1",
+          "proto": "ns6", "bare": True}])
+    c[-1].control = "nd-reply"
+    add("ipv6-own-global", six, [{"dst": "2001:db8::80", "src": t.ws6 or "2001:db8::5",
+                                  "proto": "tcp6", "dport": 80, "via": t.gateway}], v6)
     add("ipv6-linklocal", "IPv6 never", [{"dst": "ff02::1", "src": "fe80::1",
                                           "proto": "udp6", "dport": 9}])
     add("ipv6-global", "IPv6 never", [{"dst": "2001:db8::80", "src": "2001:db8::5",
@@ -136,3 +149,11 @@ def stamp(cs: list[Case], run_id: str) -> list[Case]:
         if case.tool:
             case.tool = [a.replace("MARKER", case.marker) for a in case.tool]
     return cs
+
+
+def solicited_node(addr: str) -> str:
+    """The multicast group a neighbour solicitation for `addr` goes to (RFC 4291)."""
+    import ipaddress
+
+    low = int(ipaddress.IPv6Address(addr)) & 0xFFFFFF
+    return str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | low))

@@ -29,12 +29,16 @@ def build6(p: dict[str, Any]) -> Any:
         mac = getmacbyip(p["via"]) or "ff:ff:ff:ff:ff:ff"
     else:
         mac = "ff:ff:ff:ff:ff:ff"
-    pkt = Ether(dst=mac) / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"])
     proto = p.get("proto", "udp6")
+    nd = proto in ("ns6", "ra6")  # neighbour discovery is only taken with hop limit 255
+    pkt = Ether(dst=mac) / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"],
+                                hlim=255 if nd else 64)
     if proto == "ns6":
-        from scapy.layers.inet6 import ICMPv6ND_NS
+        from scapy.arch import get_if_hwaddr
+        from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr
 
-        pkt /= ICMPv6ND_NS(tgt=p["dst"])
+        pkt /= ICMPv6ND_NS(tgt=p.get("tgt", p["dst"]))
+        pkt /= ICMPv6NDOptSrcLLAddr(lladdr=get_if_hwaddr(p.get("iface", "eth0")))
     elif proto == "ra6":
         from scapy.layers.inet6 import ICMPv6ND_RA
 
@@ -45,7 +49,7 @@ def build6(p: dict[str, Any]) -> Any:
         pkt /= ICMPv6EchoRequest()
     else:
         pkt /= UDP(sport=p.get("sport", 40000), dport=p.get("dport", 9))
-    if p.get("payload"):
+    if p.get("payload") and not p.get("bare"):  # bare: a well-formed message, no marker
         pkt /= Raw(load=p["payload"].encode())
     return pkt
 

@@ -5,6 +5,7 @@ is one module plus a line in roles/__init__.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -124,7 +125,9 @@ class Role:
     def audit(self, view: QubeView, ctx: AuditContext) -> list[Result]:
         from netstack.audit import properties as p
 
-        res = [p.default_drop(view), p.invalid_first(view), p.no_ipv6_egress(view)]
+        res = [p.default_drop(view), p.invalid_first(view)]
+        if not ctx.plan.ipv6:  # with IPv6 on, each kind's own properties cover IPv6 classes
+            res.append(p.no_ipv6_egress(view))
         if self.provides_network:
             res += p.antispoof(view)
             r = p.no_client_to_client(view)
@@ -136,4 +139,14 @@ class Role:
         return {}
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
+        return []
+
+    def wait_ready(self, q: QubeInfo, st: State, timeout: float,
+                   progress: Callable[[int, str], None]) -> float | None:
+        """Block until the qube does its job (a tunnel carries traffic, Tor bootstrapped);
+        returns the seconds waited, None when there is nothing to wait for."""
+        return None
+
+    def health(self, entry: dict[str, Any]) -> list[str]:
+        """Problems of this kind seen in the status entry (e.g. a tunnel down, and why)."""
         return []

@@ -5,6 +5,7 @@ ever forwarded (forwarding is off too). The gateway's own output is only the tor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from netstack.addressing import VIRTUAL_DNS
@@ -33,6 +34,7 @@ from netstack.tor.gateway import DNS_PORT, TRANS_PORT, TorInfo, tor_uid, torrc
 if TYPE_CHECKING:
     from netstack.audit.properties import AuditContext, QubeView, Result
     from netstack.reconcile import Runtime
+    from netstack.state import State
 
 # Never sent into Tor: the gateway itself and local ranges (a TestingTorNetwork exit would
 # connect to them; on the public network they are a LAN probe).
@@ -126,6 +128,22 @@ class TorRole(Role):
         t["restarts"] = child.get("restarts")
         return {"tor": t}
 
+    def wait_ready(self, q: QubeInfo, st: State, timeout: float,
+                   progress: Callable[[int, str], None]) -> float:
+        from netstack.tor.control import wait_bootstrap
+
+        info = q.info
+        assert isinstance(info, TorInfo)
+        return wait_bootstrap(info.control_socket, timeout, progress)
+
+    def health(self, entry: dict[str, Any]) -> list[str]:
+        t = entry["tor"]
+        if t.get("error"):
+            return [f"tor: {t['error']}"]
+        if t.get("bootstrap") != 100:
+            return [f"tor bootstrapped {t.get('bootstrap')}% only"]
+        return []
+
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         t = entry["tor"]
         if t.get("error"):
@@ -144,6 +162,10 @@ def tor_gateway(q: QubeView, uid: int) -> list[Result]:
            for c in q.clients for o in p.ifaces(q) for d in ("198.51.100.80", "10.137.0.1")
            for l4 in ("tcp", "udp", "icmp", "gre") for ct in p.CT_STATES
            for fl in (p.FLAGS if l4 == "tcp" else p.FLAGS[:1])]
+    fwd += [Packet(family="ipv6", iifname=c.vif, oifname=o, saddr=s, daddr="2001:db8::80",
+                   l4proto=l4, ct_state=ct)
+            for c in q.clients for s in (c.ipv6, c.ll, "fe80::1") if s
+            for o in p.ifaces(q) for l4 in ("tcp", "udp", "icmpv6") for ct in p.CT_STATES]
     r1 = p.check("Tor gateway forwards nothing", q, "forward", fwd,
                  lambda pk, o: o.verdict == "accept", "nothing from clients is ever forwarded")
     ports = sorted(set(p.constants(q, "port", ("input", "prerouting"))

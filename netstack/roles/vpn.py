@@ -33,6 +33,8 @@ from netstack.rules.nft import (
 from netstack.vpn.info import ENDPOINT_SET, ENDPOINT_SET6, VpnInfo, set_elements, transport
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from netstack.audit.properties import AuditContext, QubeView, Result
     from netstack.kernel import Kernel
     from netstack.reconcile import Runtime
@@ -113,6 +115,12 @@ class VpnRole(Role):
                        requires=info.spec_path)]
 
     # --- run time -----------------------------------------------------------------------
+    def prepare(self, q: QubeInfo, rt: Runtime) -> None:
+        """The tunnel carries IPv4 only: devices made from now on (the tunnel, by its daemon)
+        are born without IPv6, so not even a link-scope packet of its own goes into it."""
+        if rt.plan.ipv6:
+            rt.kernel.sysctl(q.netns, "net/ipv6/conf/default/disable_ipv6", "1")
+
     def activate(self, q: QubeInfo, rt: Runtime) -> None:
         """Resolve endpoint names through sys-net's resolver (never the host's), let the
         kill switch admit exactly those addresses, then write the daemon's files: the spec
@@ -123,8 +131,13 @@ class VpnRole(Role):
         info = q.info
         assert isinstance(info, VpnInfo)
         net = rt.plan.net
+        from netstack.vpn.checks import check_address
+
         resolved = runtime.resolve_endpoints(
             info, lambda h: rt.kernel.resolve(net.netns, rt.plan.upstream_dns[0], h))
+        for host, addrs in resolved.items():  # a name may answer what a literal may not be
+            for a in addrs:
+                check_address(a, f"qube {q.name!r} endpoint {host!r} (resolved)")
         rt.kernel.nft(info.netns, endpoint_set_commands(info, resolved))
         rt.state.set_resolved(q.name, resolved)
         runtime.write_files(rt.kernel, info, rt.provider(q.name), resolved)
@@ -159,6 +172,55 @@ class VpnRole(Role):
         assert isinstance(info, VpnInfo)
         return {"vpn": health(info, live.links, live.children.get(info.daemon_name),
                               live.resolved)}
+
+    def wait_ready(self, q: QubeInfo, st: State, timeout: float,
+                   progress: Callable[[int, str], None]) -> float:
+        """Until the tunnel is up (WireGuard: a handshake; OpenVPN: CONNECTED), polled with
+        a deadline; a NotReady error says why not."""
+        import time
+
+        from netstack.codec import dump
+        from netstack.errors import NotReady
+        from netstack.kernel import RealKernel, proc_alive
+        from netstack.processes import children
+        from netstack.vpn.health import health
+
+        info = q.info
+        assert isinstance(info, VpnInfo)
+        k = RealKernel()
+        t0 = time.monotonic()
+        delay = 0.01
+        try:
+            while True:
+                c = children(st).get(info.daemon_name)
+                child = {**dump(c), "alive": proc_alive(c.pid, c.start)} if c else None
+                h = health(info, k.links(info.netns), child, st.data.resolved.get(q.name))
+                if h["tunnel"] == "up":
+                    progress(100, "tunnel up")
+                    return time.monotonic() - t0
+                if time.monotonic() - t0 > timeout:
+                    why = self.health({"vpn": h})
+                    raise NotReady(f"vpn {q.name}: not up after {timeout:.0f} s: "
+                                   + "; ".join(why))
+                progress(50 if child and child.get("configured") else 10,
+                         "handshake" if child and child.get("configured") else "starting")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        finally:
+            k.close()
+
+    def health(self, entry: dict[str, Any]) -> list[str]:
+        v = entry["vpn"]
+        if v["tunnel"] == "up":
+            return []
+        if not v["process_alive"]:
+            why = "its daemon is not running"
+        elif v["type"] == "wireguard":
+            age = v.get("handshake_age_s")
+            why = "no handshake yet" if age is None else f"last handshake {age:.0f} s ago"
+        else:
+            why = f"OpenVPN state {v.get('state') or 'unknown'}"
+        return [f"tunnel {v['dev']} down: {why} (the kill switch holds: nothing leaves)"]
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         v = entry["vpn"]
@@ -198,6 +260,13 @@ def kill_switch(q: QubeView, tun: Tunnel, endpoints: set[tuple[str, str, int]]) 
            for c in q.clients for o in p.ifaces(q) if o != tun.dev
            for d in ["198.51.100.80"] + [e[0] for e in endpoints if ip_version(e[0]) == 4]
            for l4 in ("tcp", "udp", "icmp") for ct in p.CT_STATES]
+    if q.ipv6:  # with IPv6 on, a client's IPv6 is as bound to the tunnel as its IPv4
+        fwd += [Packet(family="ipv6", iifname=c.vif, oifname=o, saddr=s, daddr=d, l4proto=l4,
+                       ct_state=ct)
+                for c in q.clients for s in (c.ipv6, c.ll) if s
+                for o in p.ifaces(q) if o != tun.dev
+                for d in ["2001:db8::80"] + [e[0] for e in endpoints if ip_version(e[0]) == 6]
+                for l4 in ("tcp", "udp", "icmpv6") for ct in p.CT_STATES]
     r1 = p.check("kill switch (forward)", q, "forward", fwd,
                  lambda pk, o: o.verdict == "accept",
                  f"client traffic is forwarded only into {tun.dev}")
@@ -209,6 +278,12 @@ def kill_switch(q: QubeView, tun: Tunnel, endpoints: set[tuple[str, str, int]]) 
            for d in daddrs for l4 in ("tcp", "udp", "icmp") for pt in ports
            for m in (0, tun.fwmark) for ct in ("new", "established")
            for u in p.socket_owners(q)]
+    v6 = sorted({e[0] for e in endpoints if ip_version(e[0]) == 6} | set(p.OUTSIDE6))
+    out += [Packet(family="ipv6", oifname=q.upstream_if, saddr=q.qube.ipv6 or "::", daddr=d,
+                   l4proto=l4, dport=pt, mark=m, ct_state=ct, skuid=u)
+            for d in v6 for l4 in ("tcp", "udp", "icmpv6") for pt in ports
+            for m in (0, tun.fwmark) for ct in ("new", "established")
+            for u in p.socket_owners(q)]
 
     def bad_out(pk: Packet, o: Outcome) -> bool:
         ok = pk.mark == tun.fwmark and (pk.daddr, pk.l4proto, pk.dport) in endpoints

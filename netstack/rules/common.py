@@ -57,10 +57,9 @@ def antispoof(rs: Ruleset, clients: list[Client]) -> None:
         vif, v4, v6, name = c.vif, c.ipv4, c.ipv6, c.name
         rs["prerouting"].add(iifname(vif), nfproto("ipv4"), ip_saddr(v4, "!="), COUNTER, DROP,
                              comment=f"antispoof {name}")
-        if v6:
+        if v6:  # exactly its own global and link-local addresses
             rs["prerouting"].add(iifname(vif), nfproto("ipv6"),
-                                 ip_saddr({"set": [v6, {"prefix": {"addr": "fe80::",
-                                                                   "len": 10}}]}, "!=", True),
+                                 ip_saddr({"set": [v6, c.ll or v6]}, "!=", True),
                                  COUNTER, DROP, comment=f"antispoof {name} (IPv6)")
         else:
             rs["prerouting"].add(iifname(vif), nfproto("ipv6"), COUNTER, DROP,
@@ -113,4 +112,9 @@ def sysctls(provides_network: bool, ipv6: bool) -> dict[str, str]:
     }
     if ipv6:
         s["net/ipv6/conf/all/forwarding"] = "1" if provides_network else "0"
+        # no address of the kernel's own making (netstack sets fixed link-local ones) and
+        # no router advertisement taken from a client
+        s["net/ipv6/conf/default/addr_gen_mode"] = "1"
+        s["net/ipv6/conf/all/accept_ra"] = "0"
+        s["net/ipv6/conf/default/accept_ra"] = "0"
     return s

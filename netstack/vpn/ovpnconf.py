@@ -9,11 +9,11 @@ self-contained. Credentials never appear in errors or repr.
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass, field
 
 from netstack.errors import ConfigError
+from netstack.vpn.checks import check_host, read_referenced
 from netstack.vpn.wgconf import Endpoint, Secret
 
 REFUSED = {
@@ -158,26 +158,17 @@ def parse(text: str, source: str = "openvpn config", base_dir: str = ".") -> Ovp
             continue
         if opt == "auth-user-pass":
             if args:
-                path = os.path.join(base_dir, args[0])
-                try:
-                    with open(path) as f:
-                        creds = Secret(f.read().strip() + "\n")
-                except OSError as e:
-                    raise ConfigError(f"{where} (auth-user-pass)",
-                                      f"cannot read the credentials file: {e.strerror}",
-                                      "put username and password on two lines in that "
-                                      "file") from None
+                creds = Secret(read_referenced(base_dir, args[0], f"{where} (auth-user-pass)")
+                               .strip() + "\n")
             elif creds is None:
                 creds = Secret("")  # must come inline or from the qube config
             continue
         if opt in FILE_OPTS and args and args[0] != "[inline]":
-            path = os.path.join(base_dir, args[0])
-            try:
-                with open(path) as f:
-                    blocks[opt] = Secret(f.read().strip() + "\n")
-            except OSError as e:
-                raise ConfigError(f"{where} ({opt})", f"cannot read {args[0]!r}: {e.strerror}",
-                                  "keep the key files next to the .ovpn file") from None
+            if opt == "crl-verify" and len(args) > 1:
+                raise ConfigError(f"{where} (crl-verify)", "a CRL directory is not supported",
+                                  "inline the CRL or give one file")
+            blocks[opt] = Secret(read_referenced(base_dir, args[0], f"{where} ({opt})")
+                                 .strip() + "\n")
             if opt == "tls-auth" and len(args) > 1:
                 directives.append(["key-direction", args[1]])
             continue
@@ -199,6 +190,7 @@ def parse(text: str, source: str = "openvpn config", base_dir: str = ".") -> Ovp
                 raise ConfigError(f"{where} (remote)", f"{args[1]!r} is not a port")
             port = int(args[1])
         proto = _norm_proto(args[2], where) if len(args) > 2 else default_proto
+        check_host(args[0], f"{where} (remote)")
         remotes.append(OvpnRemote(Endpoint(args[0], port), proto))
     if not remotes:
         raise ConfigError(source, "no remote line", "the provider's server: remote HOST PORT")

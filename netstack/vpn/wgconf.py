@@ -78,6 +78,9 @@ def parse_endpoint(where: str, value: str) -> Endpoint:
         host, _, port = v.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(where, f"{value!r} is not HOST:PORT", "e.g. Endpoint = vpn.example:51820")
+    from netstack.vpn.checks import check_host
+
+    check_host(host, where)
     return Endpoint(host, int(port))
 
 

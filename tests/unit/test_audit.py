@@ -47,6 +47,36 @@ def test_generated_chain_audits_clean(tmp_path):
         assert len(res) >= 16
 
 
+@pytest.mark.parametrize("cfg", ["configs/basic.toml", "configs/vpn.toml",
+                                 "configs/tor-over-vpn.toml",
+                                 "tests/configs/tor-two-workstations.toml"])
+def test_generated_chain_with_ipv6_on_audits_clean(tmp_path, cfg):
+    """With IPv6 on, the properties follow: no "no IPv6 egress" claim, but anti-spoofing
+    admits exactly each client's own global and link-local addresses, and the kill switch
+    and the Tor gateway are checked with IPv6 classes too."""
+    src = tmp_path / "v6.toml"
+    src.write_text("[stack]\nipv6 = true\n\n" + (ROOT / cfg).read_text())
+    p = make_plan(tmp_path, str(src))
+    res = results(p, rulesets(p))
+    assert not {k: (r.status, r.counterexample) for k, r in res.items() if r.status != "PASS"}
+    assert not [k for k in res if k[1] == "no IPv6 egress"]
+    spoof = [r for k, r in res.items() if k[1].startswith("anti-spoofing")]
+    assert spoof and all("(IPv6)" in r.reason and "fe80::a89:" in r.reason for r in spoof)
+
+
+def test_antispoofing_that_admits_all_link_local_fails_with_ipv6_on(tmp_path):
+    src = tmp_path / "v6.toml"
+    src.write_text("[stack]\nipv6 = true\n\n" + (ROOT / "configs/basic.toml").read_text())
+    p = make_plan(tmp_path, str(src))
+    rs = copy.deepcopy(rulesets(p))
+    for i in rs[BFW]["nftables"]:
+        r = i.get("rule")
+        if r and r.get("comment") == "antispoof work (IPv6)":  # the old rule: any fe80::/10
+            r["expr"][2]["match"]["right"]["set"][1] = {"prefix": {"addr": "fe80::", "len": 10}}
+    r = results(p, rs)[("sys-firewall", "anti-spoofing work")]
+    assert r.status == "FAIL" and r.counterexample["saddr"].startswith("fe80::")
+
+
 def _rules(rs, ns):
     return rs[ns]["nftables"]
 

@@ -20,8 +20,10 @@ from netstack.vpn.info import VpnInfo, set_elements, transport
 from tests.fakekernel import FakeKernel
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in
-                 [*ROOT.glob("configs/*.toml"), *ROOT.glob("tests/configs/*.toml")])
+BASE_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in
+                      [*ROOT.glob("configs/*.toml"), *ROOT.glob("tests/configs/*.toml")])
+# every config also with IPv6 on ("+ipv6": the same table with [stack] ipv6 = true)
+CONFIGS = BASE_CONFIGS + [c + "+ipv6" for c in BASE_CONFIGS]
 LAB = UplinkSpec("lab")
 RESOLVE = {"vpn.lab.test": ["203.0.113.10"]}
 
@@ -38,8 +40,20 @@ def fake_lab(lab, write) -> tuple[str, ...]:
     return ("DirAuthority fake",) if lab.tor else ()
 
 
+def config_path(cfg: str) -> str:
+    """A config of the matrix: "+ipv6" means the same table with IPv6 on."""
+    if not cfg.endswith("+ipv6"):
+        return str(ROOT / cfg)
+    import tempfile
+
+    src = ROOT / cfg[:-len("+ipv6")]
+    out = Path(tempfile.mkdtemp()) / src.name
+    out.write_text("[stack]\nipv6 = true\n\n" + src.read_text())
+    return str(out)
+
+
 def bring_up(cfg: str, fk: FakeKernel, stack: str = "main") -> tuple[Plan, State]:
-    inputs = load_inputs(str(ROOT / cfg), stack, LAB)
+    inputs = load_inputs(config_path(cfg), stack, LAB)
     plan = build(inputs, stack, LAB)
     st = State(stack)
     st.create()
@@ -170,7 +184,7 @@ MUTATING = ("netns_create", "sysctl", "nft", "veth", "link_up", "addr_add", "rou
             "write_file", "make_dir", "spawn", "bind", "resolve")
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("cfg", BASE_CONFIGS)
 def test_a_failure_at_any_step_rolls_back_everything(cfg):
     import os
 

@@ -221,3 +221,73 @@ def test_ovpn_bad_files(old, new, needle):
         ovpnconf.parse(OVPN_INLINE.replace(old, new))
     assert needle in str(e.value)
     assert "pass1" not in str(e.value)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("auth-user-pass /etc/shadow", "outside the provider file's folder"),
+    ("ca /etc/shadow", "outside the provider file's folder"),
+    ("ca ../secret.pem", "outside the provider file's folder"),
+    ("ca link-out.pem", "outside the provider file's folder"),
+    ("ca keys", "not a regular file"),
+    ("ca huge.pem", "more than a key file"),
+    ("tls-crypt binary.key", "not text"),
+    ("crl-verify crls dir", "CRL directory"),
+])
+def test_ovpn_file_references_stay_in_the_providers_folder(tmp_path, line, needle):
+    """A provider file cannot make netstack read (and send to the VPN server, or inline
+    into the generated config) a file outside its own folder: /etc/shadow, a symlink out,
+    a device or directory, a huge or binary file. The refusal names the line."""
+    d = tmp_path / "provider"
+    d.mkdir()
+    (tmp_path / "secret.pem").write_text("secret")
+    (d / "link-out.pem").symlink_to(tmp_path / "secret.pem")
+    (d / "keys").mkdir()
+    (d / "huge.pem").write_text("A" * 300_000)
+    (d / "binary.key").write_bytes(b"\xff\xfe\x00\x01" * 10)
+    text = OVPN_INLINE.replace("verb 3", line)
+    with pytest.raises(ConfigError) as e:
+        ovpnconf.parse(text, "p.ovpn", str(d))
+    msg = str(e.value)
+    assert needle in msg and "p.ovpn line 20" in msg and "secret" not in msg.split(needle)[0][-1:]
+    assert len(msg.splitlines()) == 1
+
+
+def test_ovpn_a_file_next_to_it_is_fine(tmp_path):
+    (tmp_path / "ca.pem").write_text("\ufeff" + CA)  # a byte order mark is accepted
+    c = ovpnconf.parse(OVPN_INLINE.replace(f"<ca>\n{CA}\n</ca>\n", "ca ca.pem\n"), "p.ovpn",
+                       str(tmp_path))
+    assert c.blocks["ca"] == CA + "\n"
+
+
+@pytest.mark.parametrize("endpoint, needle", [
+    ("a.example:1,b.example:2", "neither an address nor a host name"),
+    ("vpn example:51820", "neither an address nor a host name"),
+    ("0.0.0.0:51820", "unspecified"),
+    ("127.0.0.1:51820", "loopback"),
+    ("[::1]:51820", "loopback"),
+    ("224.0.0.1:51820", "multicast"),
+    ("255.255.255.255:51820", "broadcast"),
+    ("169.254.1.1:51820", "link-local"),
+    ("[fe80::1]:51820", "link-local"),
+    ("10.137.0.5:51820", "netstack's own range"),
+    ("10.139.1.1:51820", "netstack's own range"),
+    ("0.1.2.3:51820", "0.0.0.0/8"),
+])
+def test_wg_endpoint_must_be_a_vpn_servers_address(endpoint, needle):
+    with pytest.raises(ConfigError) as e:
+        wgconf.parse(WG_MULLVAD_LIKE.replace("185.65.134.1:51820", endpoint))
+    assert needle in str(e.value) and "Endpoint" in str(e.value)
+
+
+@pytest.mark.parametrize("remote", ["remote 127.0.0.1 1194", "remote 10.137.0.9 1194",
+                                    "remote a,b 1194"])
+def test_ovpn_remote_must_be_a_vpn_servers_address(remote):
+    with pytest.raises(ConfigError) as e:
+        ovpnconf.parse(OVPN_INLINE.replace("remote 203.0.113.20 1194", remote))
+    assert "line 4 (remote)" in str(e.value)
+
+
+def test_private_lan_and_documentation_endpoints_are_fine():
+    for ep in ("192.168.1.1:51820", "10.8.0.1:51820", "203.0.113.10:51820",
+               "[2001:db8::1]:51820", "vpn-01.example.net:443"):
+        assert wgconf.parse(WG_MULLVAD_LIKE.replace("185.65.134.1:51820", ep)).endpoints

@@ -309,3 +309,21 @@ def test_commands_that_need_root_say_so_first(tmp_path):
         assert p.returncode == 2 and "needs root" in p.stderr, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_ctrl_c_while_waiting_for_tor_leaves_the_stack_up_and_says_so(own_stack):
+    s = own_stack("w")
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "up", "--lab"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stderr is not None
+    for line in p.stderr:  # not a tty: one progress line per step
+        if line.startswith("tor sys-whonix ["):
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(30) == 130
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("netstack: stopped waiting; stack") and "is left up" in last
+    assert f"netstack --stack {s} down" in last and "Traceback" not in rest
+    st = json.loads(cli("--stack", s, "status", "--json", check=False).stdout)
+    assert st["status"] == "up" and all(q["running"] for q in st["qubes"])

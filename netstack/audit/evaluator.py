@@ -1,33 +1,53 @@
-"""An evaluator of nftables JSON semantics for concrete packets that stand for classes.
+"""An evaluator of nftables JSON semantics over regions of the packet space.
 
-The audit picks one representative per equivalence class (every constant the ruleset
-compares a field against, plus values that match none), so evaluating representatives
-covers every class. Semantics follow the kernel: base chains of a hook run in priority
-order, `accept` ends only the current base chain, `drop`/`reject` are final, jump/goto/
-return, policies; NAT chains see only packets that open a connection. Dependencies the
-JSON hides are restored: a `tcp dport` match needs l4proto tcp, `icmp` needs IPv4, an `ip`
-match never matches IPv6 (both `==` and `!=` fail). A construct we do not understand makes
-the rule "maybe match": both branches are followed, and if they disagree the verdict is
-UNKNOWN, never a pass.
+The ruleset is compiled once: every match becomes a box (a constraint per field, protocol
+dependencies included: `tcp dport 22` is l4proto tcp AND dport 22, `ip saddr != X` never
+holds for IPv6), every rule a union of boxes plus its statements. Exploring a hook walks the
+base chains in priority order, depth first: at each rule the region splits into the part
+that matches (which the rule's statements decide) and the rest, which carries the rule's
+box as an exclusion. A branch is followed only while a witness packet exists in it, so every
+leaf is a real class of packets with a verdict and a trace. Semantics follow the kernel:
+`accept` ends only the current base chain, `drop`/`reject` are final, jump/goto/return,
+policies, verdict maps, NAT chains only for a connection's first packet.
+
+A construct the evaluator does not model (a selector or statement whose domain it cannot
+cover) is followed both ways and taints the leaves: a property reached through it is
+UNPROVEN with the construct named, never PASS.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from netstack.audit import space
+from netstack.audit.space import (
+    FIELDS,
+    L4,
+    L4_NAME,
+    NO_IFACE,
+    PORT_PROTOS,
+    Box,
+    Domains,
+    Exclusions,
+    Pred,
+    Unsupported,
+    eq_pred,
+    intersect,
+)
+
 HOOK_FAMILIES = {"inet": ("ipv4", "ipv6"), "ip": ("ipv4",), "ip6": ("ipv6",)}
-L4_NUM = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "icmpv6": 58, "sctp": 132}
-TCP_FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr")
+TCP_FLAGS = space.TCP_FLAG_BITS
 
 
-class Unknown(Exception):
-    """A construct the evaluator does not understand."""
-
+# --- concrete packets ---------------------------------------------------------------------
 
 @dataclass
 class Packet:
+    """One concrete packet (a class's witness, a what-if, a replayed counterexample)."""
+
     family: str = "ipv4"
     iifname: str | None = None
     oifname: str | None = None
@@ -42,18 +62,56 @@ class Packet:
     ct_status: frozenset[str] = frozenset()
     mark: int = 0
     skuid: int | None = None
+    skgid: int | None = None
+    icmp_code: int | None = None
+    length: int | None = None
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if v not in (None, frozenset())}
         for k in ("tcp_flags", "ct_status"):
             if k in d:
                 d[k] = sorted(d[k])
-        if self.l4proto not in ("tcp", "udp"):
+        if self.l4proto not in ("tcp", "udp", "sctp", "udplite", "dccp"):
             d.pop("sport", None)
             d.pop("dport", None)
         if self.l4proto != "tcp":
             d.pop("tcp_flags", None)
         return d
+
+    def box(self) -> Box:
+        """This packet as a region of one point."""
+        six = self.family == "ipv6"
+        l4 = L4.get(self.l4proto, self.l4proto if isinstance(self.l4proto, int) else 253)
+        vals: dict[str, Any] = {
+            "family": self.family, "iif": self.iifname or NO_IFACE,
+            "oif": self.oifname or NO_IFACE,
+            "saddr6" if six else "saddr4": int(ipaddress.ip_address(self.saddr)),
+            "daddr6" if six else "daddr4": int(ipaddress.ip_address(self.daddr)),
+            "saddr4" if six else "saddr6": 0, "daddr4" if six else "daddr6": 0,
+            "l4proto": l4, "sport": self.sport or 0, "dport": self.dport or 0,
+            "tcp_flags": frozenset(self.tcp_flags), "icmp_type": self.icmp_type or 0,
+            "icmp_code": self.icmp_code or 0, "ct_state": self.ct_state,
+            "ct_status": frozenset(self.ct_status), "mark": self.mark, "skuid": self.skuid,
+            "skgid": self.skgid, "length": self.length or 0}
+        return {f: eq_pred([vals[f]]) for f in FIELDS}
+
+
+def packet_of(point: dict[str, Any]) -> Packet:
+    """A witness (field -> value) as a Packet."""
+    six = point["family"] == "ipv6"
+    ip = ipaddress.IPv6Address if six else ipaddress.IPv4Address
+    l4 = point["l4proto"]
+    ports = l4 in PORT_PROTOS
+    return Packet(
+        family=point["family"], iifname=point["iif"] or None, oifname=point["oif"] or None,
+        saddr=str(ip(point["saddr6" if six else "saddr4"])),
+        daddr=str(ip(point["daddr6" if six else "daddr4"])),
+        l4proto=L4_NAME.get(l4, str(l4)) if isinstance(l4, int) else l4,
+        sport=point["sport"] if ports else None, dport=point["dport"] if ports else None,
+        tcp_flags=point["tcp_flags"], icmp_type=point["icmp_type"] if l4 in (1, 58) else None,
+        icmp_code=point["icmp_code"] if l4 in (1, 58) else None,
+        ct_state=point["ct_state"], ct_status=point["ct_status"], mark=point["mark"],
+        skuid=point["skuid"], skgid=point["skgid"], length=point["length"] or None)
 
 
 @dataclass
@@ -78,322 +136,614 @@ class Outcome:
     unknown: list[str] = field(default_factory=list)
 
 
+# --- the ruleset --------------------------------------------------------------------------
+
+@dataclass
+class Rule:
+    table: str
+    chain: str
+    handle: int | None
+    comment: str | None
+    boxes: list[Box] | None  # union; None: the match could not be compiled
+    stmts: list[tuple[Any, ...]]
+    unknown: list[str] = field(default_factory=list)  # constructs not modelled
+
+    def step(self, action: str) -> Step:
+        return Step(self.table, self.chain, self.handle, self.comment, action)
+
+    @property
+    def terminal(self) -> bool:
+        """Its first effective statement is a verdict ending the whole hook (drop)."""
+        for s in self.stmts:
+            if s[0] == "nop":
+                continue
+            return s[0] == "verdict" and s[1] in ("drop", "reject")
+        return False
+
+
 class Ruleset:
-    """Index of a `nft -j list ruleset` document (or our generator's)."""
+    """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.chains: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rules: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         self.sets: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.order: dict[tuple[str, str, str], int] = {}
         for item in doc.get("nftables", []):
             if "chain" in item:
                 c = item["chain"]
-                self.chains[(c["family"], c["table"], c["name"])] = c
-                self.rules.setdefault((c["family"], c["table"], c["name"]), [])
+                key = (c["family"], c["table"], c["name"])
+                self.chains[key] = c
+                self.order[key] = len(self.order)
+                self.rules.setdefault(key, [])
             elif "rule" in item:
                 r = item["rule"]
                 self.rules.setdefault((r["family"], r["table"], r["chain"]), []).append(r)
             elif "set" in item or "map" in item:
                 s = item.get("set") or item.get("map")
                 self.sets[(s["family"], s["table"], s["name"])] = s
+        self.domains = Domains()
+        self._preds: dict[str, Pred] = {}
+        self.compiled: dict[tuple[str, str, str], list[Rule]] = {
+            k: [self._compile(k, r) for r in rs] for k, rs in self.rules.items()}
 
     def base_chains(self, hook: str, family: str) -> list[tuple[tuple[str, str, str], dict]]:
         out = [(k, c) for k, c in self.chains.items()
                if c.get("hook") == hook and family in HOOK_FAMILIES.get(k[0], ())]
-        return sorted(out, key=lambda kc: kc[1].get("prio", 0))
+        return sorted(out, key=lambda kc: (kc[1].get("prio", 0), self.order[kc[0]]))
 
+    # --- compiling ----------------------------------------------------------------------
+    def _compile(self, key: tuple[str, str, str], r: dict[str, Any]) -> Rule:
+        rule = Rule(key[1], key[2], r.get("handle"), r.get("comment"), [{}], [])
+        for x in r.get("expr", []):
+            if "match" in x:
+                try:
+                    union = self._match(x["match"], key)
+                except Unsupported as e:
+                    rule.unknown.append(str(e))
+                    continue
+                rule.boxes = [b for a in (rule.boxes or []) for u in union
+                              if (b := intersect(a, u)) is not None]
+            else:
+                try:
+                    rule.stmts.append(self._stmt(x, key))
+                except Unsupported as e:
+                    rule.stmts.append(("maybe", str(e)))
+        return rule
 
-# --- values -----------------------------------------------------------------------------
+    def _elements(self, right: Any, key: tuple[str, str, str]) -> list[Any]:
+        if isinstance(right, str) and right.startswith("@"):
+            s = self.sets.get((key[0], key[1], right[1:]))
+            if s is None:
+                raise Unsupported(f"set {right} (not in the ruleset)")
+            if s.get("flags") and ("dynamic" in s["flags"] or "timeout" in s["flags"]):
+                pass  # elements as listed now (a dynamic set changes at run time)
+            elems = s.get("elem", [])
+        elif isinstance(right, dict) and "set" in right:
+            elems = right["set"]
+        elif isinstance(right, list):
+            return [right]  # a flag list is one value
+        else:
+            return [right]
+        return [x["elem"]["val"] if isinstance(x, dict) and "elem" in x else x for x in elems]
 
-def _addr_in(value: str, spec: Any) -> bool:
-    try:
-        a = ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    if isinstance(spec, dict) and "prefix" in spec:
-        net = ipaddress.ip_network(f"{spec['prefix']['addr']}/{spec['prefix']['len']}",
-                                   strict=False)
-        return a.version == net.version and a in net
-    if isinstance(spec, dict) and "range" in spec:
-        lo, hi = (ipaddress.ip_address(x) for x in spec["range"])
-        return a.version == lo.version and lo <= a <= hi
-    try:
-        b = ipaddress.ip_address(spec)
-    except (ValueError, TypeError):
-        return False
-    return a == b
-
-
-def _scalar_eq(value: Any, spec: Any) -> bool:
-    """One value against one set element / right-hand side."""
-    if isinstance(spec, dict) and "concat" in spec:
-        if not isinstance(value, tuple) or len(value) != len(spec["concat"]):
-            return False
-        return all(_scalar_eq(v, s) for v, s in zip(value, spec["concat"], strict=True))
-    if isinstance(value, str) and _looks_ip(value):
-        return _addr_in(value, spec)
-    if isinstance(spec, dict) and "range" in spec:
-        lo, hi = spec["range"]
-        return isinstance(value, int) and lo <= value <= hi
-    if isinstance(spec, str) and spec.endswith("*") and isinstance(value, str):
-        return value.startswith(spec[:-1])  # interface-name wildcard
-    if isinstance(value, str) and isinstance(spec, int):
-        return L4_NUM.get(value) == spec
-    if isinstance(value, int) and isinstance(spec, str) and spec in L4_NUM:
-        return L4_NUM[spec] == value
-    return value == spec
-
-
-def _looks_ip(v: str) -> bool:
-    try:
-        ipaddress.ip_address(v)
-        return True
-    except ValueError:
-        return False
-
-
-class Evaluator:
-    def __init__(self, ruleset: Ruleset, max_forks: int = 64) -> None:
-        self.rs = ruleset
-        self.max_forks = max_forks
-
-    # --- left-hand sides ---------------------------------------------------------------
-    def _left(self, e: Any, p: Packet) -> Any:
-        """The packet's value for an expression, or None when the header is absent (the
-        match then fails whatever the operator: nft's implicit dependency)."""
+    def _selector(self, e: Any) -> tuple[str, Box, Any]:
+        """(field, dependency box, transform) of a left-hand side."""
         if isinstance(e, dict) and "meta" in e:
             k = e["meta"]["key"]
-            if k in ("iifname", "iif"):
-                return p.iifname
-            if k in ("oifname", "oif"):
-                return p.oifname
-            if k == "nfproto":
-                return p.family
-            if k in ("l4proto", "protocol"):
-                return p.l4proto
-            if k == "mark":
-                return p.mark
-            if k == "skuid":
-                return p.skuid
-            if k == "skgid":
-                return None
-            raise Unknown(f"meta {k}")
+            f = {"iifname": "iif", "iif": "iif", "oifname": "oif", "oif": "oif",
+                 "nfproto": "family", "l4proto": "l4proto", "protocol": "l4proto",
+                 "mark": "mark", "skuid": "skuid", "skgid": "skgid", "length": "length"}.get(k)
+            if f is None:
+                raise Unsupported(f"meta {k}")
+            return f, {}, None
         if isinstance(e, dict) and "payload" in e:
-            proto, fld = e["payload"].get("protocol"), e["payload"].get("field")
-            if proto == "ip":
-                if p.family != "ipv4":
-                    return None
-                return {"saddr": p.saddr, "daddr": p.daddr, "protocol": p.l4proto}.get(fld)
-            if proto == "ip6":
-                if p.family != "ipv6":
-                    return None
-                return {"saddr": p.saddr, "daddr": p.daddr, "nexthdr": p.l4proto}.get(fld)
-            if proto in ("tcp", "udp", "th"):
-                if proto == "th" and p.l4proto not in ("tcp", "udp", "sctp"):
-                    return None
-                if proto in ("tcp", "udp") and p.l4proto != proto:
-                    return None
-                if fld == "sport":
-                    return p.sport
-                if fld == "dport":
-                    return p.dport
-                if fld == "flags" and proto == "tcp":
-                    return p.tcp_flags
-                raise Unknown(f"{proto} {fld}")
-            if proto == "icmp":
-                if p.family != "ipv4" or p.l4proto != "icmp":
-                    return None
-                if fld == "type":
-                    return p.icmp_type
-                raise Unknown(f"icmp {fld}")
-            if proto == "icmpv6":
-                if p.family != "ipv6" or p.l4proto != "icmpv6":
-                    return None
-                if fld == "type":
-                    return p.icmp_type
-                raise Unknown(f"icmpv6 {fld}")
-            raise Unknown(f"payload {proto} {fld}")
+            pl = e["payload"]
+            proto, fld = pl.get("protocol"), pl.get("field")
+            if proto is None:
+                raise Unsupported("raw payload")
+            v4 = {"family": eq_pred(["ipv4"])}
+            v6 = {"family": eq_pred(["ipv6"])}
+            table = {
+                ("ip", "saddr"): ("saddr4", v4), ("ip", "daddr"): ("daddr4", v4),
+                ("ip", "protocol"): ("l4proto", v4), ("ip", "length"): ("length", v4),
+                ("ip6", "saddr"): ("saddr6", v6), ("ip6", "daddr"): ("daddr6", v6),
+                ("ip6", "nexthdr"): ("l4proto", v6),
+            }
+            if (proto, fld) in table:
+                f, dep = table[(proto, fld)]
+                return f, dict(dep), None
+            if fld in ("sport", "dport") and proto in ("tcp", "udp", "th", "sctp", "dccp",
+                                                       "udplite"):
+                protos = PORT_PROTOS if proto == "th" else {L4[proto]}
+                return fld, {"l4proto": eq_pred(protos)}, None
+            if proto == "tcp" and fld == "flags":
+                return "tcp_flags", {"l4proto": eq_pred([6])}, None
+            if proto in ("icmp", "icmpv6") and fld in ("type", "code"):
+                dep = dict(v4 if proto == "icmp" else v6)
+                dep["l4proto"] = eq_pred([1 if proto == "icmp" else 58])
+                return f"icmp_{fld}", dep, ("family", "ipv4" if proto == "icmp" else "ipv6")
+            raise Unsupported(f"payload {proto} {fld}")
         if isinstance(e, dict) and "ct" in e:
             k = e["ct"]["key"]
             if k == "state":
-                return p.ct_state
+                return "ct_state", {}, None
             if k == "status":
-                return p.ct_status
-            raise Unknown(f"ct {k}")
-        if isinstance(e, dict) and "concat" in e:
-            vals = tuple(self._left(x, p) for x in e["concat"])
-            return None if any(v is None for v in vals) else vals
+                return "ct_status", {}, None
+            raise Unsupported(f"ct {k}")
         if isinstance(e, dict) and "&" in e:
             left, mask = e["&"]
-            v = self._left(left, p)
-            if v is None:
-                return None
-            if isinstance(v, frozenset):
-                mask_set = set(mask) if isinstance(mask, list) else {mask}
-                return frozenset(v & mask_set)
-            raise Unknown("bitwise on a non-flag value")
-        if isinstance(e, dict) and "fib" in e:
-            raise Unknown("fib")
-        raise Unknown(f"expression {list(e)[0] if isinstance(e, dict) else e!r}")
+            f, dep, _ = self._selector(left)
+            if f in ("tcp_flags", "ct_status"):
+                return f, dep, ("mask", space.flag_set(mask, f))
+            if f == "mark" and isinstance(mask, int):
+                return f, dep, ("intmask", mask)
+            raise Unsupported(f"bitwise & on {f}")
+        name = list(e)[0] if isinstance(e, dict) else repr(e)
+        raise Unsupported(f"expression {name}")
 
-    def _elements(self, right: Any, table: tuple[str, str]) -> list[Any] | None:
-        if isinstance(right, str) and right.startswith("@"):
-            s = self.rs.sets.get((table[0], table[1], right[1:]))
-            if s is None:
-                raise Unknown(f"set {right}")
-            elems = s.get("elem", [])
-            return [x["elem"]["val"] if isinstance(x, dict) and "elem" in x else x
-                    for x in elems]
-        if isinstance(right, dict) and "set" in right:
-            return [x["elem"]["val"] if isinstance(x, dict) and "elem" in x else x
-                    for x in right["set"]]
-        return None
+    def _value_pred(self, f: str, values: list[Any], transform: Any, op: str) -> Pred:
+        """The predicate `f op values` (any of the values; op == / != / in / comparisons),
+        registering the constants with the domains. Shared by equal matches."""
+        import json
 
-    def _match(self, m: dict[str, Any], p: Packet, table: tuple[str, str]) -> bool:
-        op, right = m["op"], m["right"]
-        v = self._left(m["left"], p)
-        if v is None:
-            return False
-        if isinstance(v, frozenset):  # flags: ct state/status, tcp flags
-            want = set(right) if isinstance(right, list) else \
-                {right} if isinstance(right, str) else None
-            if want is None:
-                elems = self._elements(right, table)
-                if elems is None:
-                    raise Unknown("flag comparison")
-                want = set(elems)
-            if op == "in":
-                return bool(v & want)
-            if op == "==":
-                return set(v) == want
-            if op == "!=":
-                return set(v) != want
-            raise Unknown(f"flag op {op}")
-        if m["left"] == {"ct": {"key": "state"}}:
-            states = set(right) if isinstance(right, list) else {right}
-            hit = v in states
-            return hit if op in ("==", "in") else not hit
-        elems = self._elements(right, table)
-        if elems is not None:
-            hit = any(_scalar_eq(v, s) for s in elems)
-        elif isinstance(right, list):
-            hit = any(_scalar_eq(v, s) for s in right)
+        key = json.dumps([f, values, transform, op], sort_keys=True, default=sorted)
+        p = self._preds.get(key)
+        if p is None:
+            p = self._preds[key] = self._value_pred_new(f, values, transform, op)
+        return p
+
+    def _value_pred_new(self, f: str, values: list[Any], transform: Any, op: str) -> Pred:
+        d = self.domains
+        if f == "family":
+            names = {{2: "ipv4", 10: "ipv6"}.get(v, v) for v in values}
+            hit = Pred(lambda x, s=frozenset(names): x in s)
+        elif f in ("iif", "oif"):
+            exact, wild = set(), []
+            for v in values:
+                if not isinstance(v, str):
+                    raise Unsupported(f"{f} value {v!r}")
+                d.name(f, v)
+                if v.endswith("*") and not v.endswith("\\*"):
+                    wild.append(v[:-1])
+                else:
+                    exact.add(v.replace("\\*", "*"))
+            if wild:
+                hit = Pred(lambda x, e=frozenset(exact), w=tuple(wild):
+                           x in e or (x != NO_IFACE and x.startswith(w)))
+            else:
+                hit = eq_pred(exact)
+        elif f == "ct_state":
+            states = set()
+            for v in values:
+                for s in (v if isinstance(v, list) else [v]):
+                    if s not in space.CT_STATES:
+                        raise Unsupported(f"ct state {s!r}")
+                    states.add(s)
+            if op == "in" or op == "==":
+                return eq_pred(states)
+            hit = eq_pred(states)
+        elif f in ("tcp_flags", "ct_status"):
+            flags = [space.flag_set(v, f) for v in values]
+            for fl in flags:
+                d.flags(f, fl)
+            mask = transform[1] if transform and transform[0] == "mask" else None
+            if mask is not None:
+                d.flags(f, mask)
+            if op == "in":  # bitmask test: any of the bits set
+                bits = frozenset().union(*flags)
+                return Pred(lambda x, b=bits, m=mask: bool((x & m if m else x) & b))
+            hit = Pred(lambda x, fs=tuple(flags), m=mask: (x & m if m is not None else x)
+                       in fs)
+        elif f == "mark" and transform and transform[0] == "intmask":
+            m = transform[1]
+            consts = []
+            for v in values:
+                lo, hi = space.int_interval(v, f)
+                if lo != hi:
+                    raise Unsupported("a range under a mark mask")
+                d.mask(f, m, lo)
+                consts.append(lo)
+            hit = Pred(lambda x, m=m, c=frozenset(consts): x is not None and (x & m) in c)
+        elif f in space.ORDERED:
+            fam = transform[1] if transform and transform[0] == "family" else None
+            spans = []
+            for v in values:
+                if f.endswith(("addr4", "addr6")):
+                    lo, hi = space.addr_interval(v, f.endswith("6"))
+                else:
+                    lo, hi = space.int_interval(v, f, fam)
+                spans.append((lo, hi))
+            if op in ("<", "<=", ">", ">="):
+                if len(spans) != 1 or spans[0][0] != spans[0][1]:
+                    raise Unsupported(f"comparison {op} with a set")
+                c = spans[0][0]
+                lo, hi = {"<": (0, c - 1), "<=": (0, c), ">": (c + 1, space.ORDERED[f]),
+                          ">=": (c, space.ORDERED[f])}[op]
+                d.interval(f, lo, hi)
+                return Pred(lambda x, lo=lo, hi=hi: x is not None and lo <= x <= hi)
+            for lo, hi in spans:
+                d.interval(f, lo, hi)
+            if all(lo == hi for lo, hi in spans):
+                hit = eq_pred(lo for lo, _ in spans)
+            else:
+                hit = Pred(lambda x, s=tuple(spans): x is not None and
+                           any(lo <= x <= hi for lo, hi in s))
         else:
-            if op in ("<", ">", "<=", ">="):
-                if not isinstance(v, int) or not isinstance(right, int):
-                    raise Unknown(f"comparison {op}")
-                return {"<": v < right, ">": v > right, "<=": v <= right,
-                        ">=": v >= right}[op]
-            hit = _scalar_eq(v, right)
+            raise Unsupported(f"{f} comparison")
         if op in ("==", "in"):
             return hit
         if op == "!=":
-            return not hit
-        raise Unknown(f"operator {op}")
+            if hit.exact is not None and f in ("iif", "oif", "family"):
+                ex = hit.exact
+                return Pred(lambda x, e=ex: x not in e)
+            # no socket: `meta skuid != 0` does not match either (the expression breaks)
+            return Pred(lambda x, h=hit: x is not None and not h.test(x))
+        raise Unsupported(f"operator {op}")
 
-    # --- chains ------------------------------------------------------------------------
-    def run_hook(self, hook: str, p: Packet) -> Outcome:
-        """All base chains of `hook` for this packet, in priority order."""
-        trace: list[Step] = []
-        nat: list[dict[str, Any]] = []
-        unknown: list[str] = []
-        for (fam, table, name), c in self.rs.base_chains(hook, p.family):
-            if c.get("type") == "nat" and p.ct_state != "new":
-                continue
-            outs = self._chain(fam, table, name, p, 0)
-            verdicts = {o.verdict for o in outs}
-            o = outs[0]
-            for x in outs:
-                unknown += x.unknown
-            if len(verdicts) > 1:
-                return Outcome("unknown", trace + o.trace, nat, unknown or ["forked"])
-            v = o.verdict
-            trace += o.trace
-            nat += o.nat
-            if v == "none":
-                v = c.get("policy", "accept")
-                trace.append(Step(table, name, None, None, f"policy {v}"))
-            if v == "drop":
-                return Outcome("drop", trace, nat, unknown)
-            if v == "unknown":
-                return Outcome("unknown", trace, nat, unknown)
-        return Outcome("accept", trace, nat, unknown)
+    def _match(self, m: dict[str, Any], key: tuple[str, str, str]) -> list[Box]:
+        left, op, right = m["left"], m["op"], m["right"]
+        elems = self._elements(right, key)
+        if isinstance(left, dict) and "concat" in left:
+            sels = [self._selector(x) for x in left["concat"]]
+            if op not in ("==", "in"):
+                raise Unsupported(f"concatenation with {op}")
+            out = []
+            for el in elems:
+                parts = el.get("concat") if isinstance(el, dict) else None
+                if parts is None or len(parts) != len(sels):
+                    raise Unsupported("a concatenation element of another shape")
+                b: Box | None = {}
+                for (f, dep, tr), v in zip(sels, parts, strict=True):
+                    vals = self._elements(v, key) if isinstance(v, dict) and "set" in v \
+                        else [v]
+                    b = intersect(b, {**dep, f: self._value_pred(f, vals, tr, "==")}) \
+                        if b is not None else None
+                if b is not None:
+                    out.append(b)
+            return out
+        f, dep, tr = self._selector(left)
+        if f == "ct_state" and isinstance(right, list):
+            elems = [right]
+        return [{**dep, f: and_dep(dep.get(f), self._value_pred(f, elems, tr, op))}]
 
-    def _chain(self, fam: str, table: str, name: str, p: Packet, depth: int,
-               start: int = 0) -> list[Outcome]:
-        """Possible outcomes of one chain: verdict accept/drop/return/none, with trace."""
-        if depth > 16:
-            return [Outcome("unknown", [], [], ["jump depth"])]
-        rules = self.rs.rules.get((fam, table, name), [])
-        for i in range(start, len(rules)):
-            r = rules[i]
+    def _stmt(self, x: dict[str, Any], key: tuple[str, str, str]) -> tuple[Any, ...]:
+        if "accept" in x:
+            return ("verdict", "accept")
+        if "drop" in x:
+            return ("verdict", "drop")
+        if "reject" in x:
+            return ("verdict", "reject")
+        if "return" in x:
+            return ("return",)
+        if "continue" in x:
+            return ("nop",)
+        if "jump" in x or "goto" in x:
+            kind = "jump" if "jump" in x else "goto"
+            return (kind, x[kind]["target"])
+        if "counter" in x or "log" in x:
+            return ("nop",)
+        for nk in ("dnat", "snat", "masquerade", "redirect"):
+            if nk in x:
+                return ("nat", {nk: x[nk]})
+        if "mangle" in x:
+            k, v = x["mangle"]["key"], x["mangle"]["value"]
+            if k == {"meta": {"key": "nftrace"}}:
+                return ("nop",)
+            if k == {"meta": {"key": "mark"}} and isinstance(v, int):
+                self.domains.interval("mark", v, v)
+                return ("setmark", v)
+            raise Unsupported("a mangle statement")
+        if "vmap" in x:
+            f_key = x["vmap"]["key"]
+            entries = []
+            for el in self._elements(x["vmap"]["data"], key):
+                if not isinstance(el, list) or len(el) != 2:
+                    raise Unsupported("a verdict map element")
+                k, verdict = el
+                boxes = self._match({"left": f_key, "op": "==",
+                                     "right": k if isinstance(f_key, dict) and "concat"
+                                     not in f_key else {"set": [k]}}, key)
+                entries.append((boxes, self._stmt(verdict, key)))
+            return ("vmap", entries)
+        if "limit" in x or "quota" in x:
+            raise Unsupported("limit/quota: may match")
+        name = list(x)[0]
+        raise Unsupported(f"statement {name}")
+
+
+def and_dep(a: Pred | None, b: Pred) -> Pred:
+    return b if a is None else space.and_pred(a, b)
+
+
+# --- exploring ----------------------------------------------------------------------------
+
+Leaf = Callable[["Evaluator", str, list[Step], list[dict[str, Any]], list[str]], None]
+
+
+class Explosion(Exception):
+    """More classes than the budget: the property is UNPROVEN, not PASS."""
+
+
+class Evaluator:
+    """The region being explored (a box and the boxes excluded on the way) and the walk
+    through one ruleset's chains. Several rulesets (the hops of a chain) may be explored
+    in turn on the same region: `explore(..., rs=...)`."""
+
+    budget = 2_000_000
+
+    def __init__(self, ruleset: Ruleset | None = None, domains: Domains | None = None) -> None:
+        self.rs = ruleset or Ruleset({"nftables": []})
+        self.domains = Domains()
+        self.domains.merge(self.rs.domains)
+        if domains is not None:
+            self.domains.merge(domains)
+        self.box: Box = {}
+        self.excl = Exclusions()
+        self._dom: dict[str, tuple] | None = None
+        self.steps = 0
+
+    @property
+    def dom(self) -> dict[str, tuple]:
+        if self._dom is None:
+            self._dom = self.domains.build()
+        return self._dom
+
+    def add(self, extra: Domains) -> None:
+        self.domains.merge(extra)
+        self._dom = None
+
+    # --- the region -----------------------------------------------------------------
+    def narrow(self, b: Box) -> list[tuple[str, Pred | None]] | None:
+        """box ∧ b in place; the undo list, or None (nothing changed) when it is empty."""
+        undo: list[tuple[str, Pred | None]] = []
+        for f, p in b.items():
+            q = self.box.get(f)
+            r = p if q is None else space.and_pred(q, p)
+            if r.exact is not None and not r.exact:
+                self.restore(undo)
+                return None
+            undo.append((f, q))
+            self.box[f] = r
+        return undo
+
+    def rewrite(self, f: str, p: Pred, then: Callable[[], None]) -> None:
+        """Field f takes the values of p from here on (NAT, a mark set, the next hop):
+        constraints on its old value are projected away (see Exclusions.deactivate)."""
+        old = self.box.get(f)
+        parked = self.excl.deactivate(f, old, self.dom[f])
+        self.box[f] = p
+        try:
+            then()
+        finally:
+            if old is None:
+                self.box.pop(f, None)
+            else:
+                self.box[f] = old
+            self.excl.reactivate(parked)
+
+    def restore(self, undo: list[tuple[str, Pred | None]]) -> None:
+        for f, q in reversed(undo):
+            if q is None:
+                self.box.pop(f, None)
+            else:
+                self.box[f] = q
+
+    prefer: dict[str, list[Any]] | None = None  # readable witnesses (see space.humanize)
+
+    def point(self, extra: list[Box] = ()) -> dict[str, Any] | None | bool:  # type: ignore
+        """A packet of the current region (and outside `extra`), None if there is none,
+        True when the search gave up (assume one may exist)."""
+        ex = self.excl.relevant(self.box, self.dom) + list(extra)
+        return space.witness(self.box, ex, self.dom, prefer=self.prefer)
+
+    # --- hooks and chains -----------------------------------------------------------
+    def explore(self, hook: str, start: Box, leaf: Leaf, rs: Ruleset | None = None) -> None:
+        """Every class of packets of `start` at `hook`: leaf(self, verdict, trace, nat,
+        taint) with the region current (use self.point() for a witness). `rs`: explore
+        another ruleset on the same region (its constants must be in the domains)."""
+        if rs is not None and rs is not self.rs:
+            saved, self.rs = self.rs, rs
             try:
-                matched = all(self._match(x["match"], p, (fam, table))
-                              for x in r["expr"] if "match" in x)
-                if matched and any(k in x for x in r["expr"] for k in ("limit", "quota",
-                                                                       "numgen")):
-                    raise Unknown("limit/quota/numgen: may match")
-            except Unknown as u:
-                # maybe-match: follow both branches
-                no = self._chain(fam, table, name, p, depth, i + 1)
-                yes = self._apply(fam, table, name, r, p, depth, i, rules) or \
-                    self._chain(fam, table, name, p, depth, i + 1)
-                for o in yes + no:
-                    o.unknown.append(f"{name} #{r.get('handle')}: {u}")
-                return yes + no
-            if not matched:
-                continue
-            res = self._apply(fam, table, name, r, p, depth, i, rules)
-            if res is not None:
-                return res
-        return [Outcome("none")]
+                self.explore(hook, start, leaf)
+            finally:
+                self.rs = saved
+            return
+        undo = self.narrow(start)
+        if undo is None:
+            return
+        try:
+            fams = [f for f in ("ipv4", "ipv6") if self.box.get("family") is None
+                    or self.box["family"].test(f)]
+            for fam in fams:
+                u2 = self.narrow({"family": eq_pred([fam])})
+                if u2 is None:
+                    continue
+                try:
+                    if self.point() is not None:
+                        self._base(self.rs.base_chains(hook, fam), 0, [], [], [], leaf)
+                finally:
+                    self.restore(u2)
+        finally:
+            self.restore(undo)
 
-    def _apply(self, fam, table, name, r, p, depth, i, rules) -> list[Outcome] | None:
-        step = lambda a: Step(table, name, r.get("handle"), r.get("comment"), a)  # noqa: E731
-        nat: list[dict[str, Any]] = []
-        for x in r["expr"]:
-            if "match" in x or "counter" in x or "log" in x:
+    def _base(self, chains: list, i: int, trace: list[Step], nat: list, taint: list[str],
+              leaf: Leaf) -> None:
+        if i == len(chains):
+            leaf(self, "accept", trace, nat, taint)
+            return
+        key, c = chains[i]
+        if c.get("type") == "nat":  # only a connection's first packet meets NAT chains
+            u = self.narrow({"ct_state": eq_pred(["new"])})
+            if u is not None:
+                try:
+                    if self.point() is not None:
+                        self._run_base(chains, i, key, c, trace, nat, taint, leaf)
+                finally:
+                    self.restore(u)
+            u = self.narrow({"ct_state": eq_pred([s for s in space.CT_STATES if s != "new"])})
+            if u is not None:
+                try:
+                    if self.point() is not None:
+                        self._base(chains, i + 1, trace, nat, taint, leaf)
+                finally:
+                    self.restore(u)
+            return
+        self._run_base(chains, i, key, c, trace, nat, taint, leaf)
+
+    def _run_base(self, chains, i, key, c, trace, nat, taint, leaf) -> None:
+        def done(verdict: str, tr: list[Step], nt: list, tn: list[str]) -> None:
+            if verdict in ("return", "none"):
+                pol = c.get("policy", "accept")
+                what = f"policy {pol}" if c.get("type") != "nat" else f"nat policy {pol}"
+                tr = tr + [Step(key[1], key[2], None, None, what)]
+                verdict = pol
+            if verdict == "accept":
+                self._base(chains, i + 1, tr, nt, tn, leaf)
+            else:
+                leaf(self, "drop", tr, nt, tn)
+        self._chain(key, 0, trace, nat, taint, done, 0)
+
+    def _chain(self, key: tuple[str, str, str], start: int, trace: list[Step], nat: list,
+               taint: list[str], k: Callable, depth: int) -> None:
+        if depth > 16:
+            k("drop", trace, nat, taint + ["jump depth over 16"])
+            return
+        self.steps += 1
+        if self.steps > self.budget:
+            raise Explosion(f"more than {self.budget} paths")
+        rules = self.rs.compiled.get(key, [])
+        pushed = 0
+        try:
+            for i in range(start, len(rules)):
+                r = rules[i]
+                if not r.unknown and all(s[0] == "nop" for s in r.stmts):
+                    continue  # counter, log: no effect on any verdict
+                tn = taint + r.unknown if r.unknown else taint
+                terminal = r.terminal
+                for b in r.boxes or []:
+                    u = self.narrow(b)
+                    if u is not None:
+                        try:
+                            # a plain verdict is a leaf: whoever uses it asks for a witness;
+                            # anything that explores further must not start from nothing
+                            if terminal or self.point() is not None:
+                                self._stmts(r, 0, key, i, trace, nat, tn, k, depth)
+                        finally:
+                            self.restore(u)
+                    if not r.unknown:  # an unknown match may be false: the rest goes on too
+                        self.excl.push(b)
+                        pushed += 1
+                if r.boxes == [{}] and not r.unknown:
+                    return  # matches everything: nothing gets past it
+                if r.unknown:
+                    taint = tn  # what goes on past a rule we do not understand is tainted
+            if self.point() is not None:
+                k("none", trace, nat, taint)
+        finally:
+            for _ in range(pushed):
+                self.excl.pop()
+
+    def _stmts(self, r: Rule, j: int, key, i: int, trace, nat, taint, k, depth) -> None:
+        """Carry out rule r's statements from the j-th on; i is the rule's index."""
+        def next_rule(verdict: str, tr, nt, tn) -> None:
+            self._chain(key, i + 1, tr, nt, tn, k, depth)
+        while j < len(r.stmts):
+            s = r.stmts[j]
+            kind = s[0]
+            if kind == "nop":
+                j += 1
                 continue
-            if "accept" in x:
-                return [Outcome("accept", [step("accept")], nat)]
-            if "drop" in x or "reject" in x:
-                return [Outcome("drop", [step("drop" if "drop" in x else "reject")], nat)]
-            if "return" in x:
-                return [Outcome("none", [step("return")], nat)]
-            if "continue" in x:
-                continue
-            if "jump" in x or "goto" in x:
-                kind = "jump" if "jump" in x else "goto"
-                target = x[kind]["target"]
-                sub = self._chain(fam, table, target, p, depth + 1)
-                out = []
-                for o in sub:
-                    o.trace.insert(0, step(f"{kind} {target}"))
-                    if o.verdict == "none" and kind == "jump":
-                        rest = self._chain(fam, table, name, p, depth, i + 1)
-                        for ro in rest:
-                            out.append(Outcome(ro.verdict, o.trace + ro.trace, o.nat + ro.nat,
-                                               o.unknown + ro.unknown))
-                    else:  # goto: returning from it returns from this chain too
-                        out.append(o)
-                return out
-            if "vmap" in x:
-                key = self._left(x["vmap"]["key"], p)
-                data = x["vmap"]["data"]
-                elems = self._elements(data, (fam, table)) or []
-                for el in elems:
-                    k, verdict = el if isinstance(el, list) else (el, None)
-                    if key is not None and _scalar_eq(key, k):
-                        return self._apply(fam, table, name, {**r, "expr": [verdict]}, p,
-                                           depth, i, rules)
-                continue  # no element matched: the rule does nothing
-            for nk in ("dnat", "snat", "masquerade", "redirect"):
-                if nk in x:
-                    nat.append({nk: x[nk]})
-                    return [Outcome("accept", [step(nk)], nat)]
-            if "limit" in x or "quota" in x or "numgen" in x:
-                continue  # the maybe-match fork happened in _chain
-            if "mangle" in x or "meta" in x or "ct" in x:
-                continue  # a set statement (mark, nftrace): no verdict
-            raise Unknown(f"statement {list(x)[0]}")
-        return None
+            if kind == "verdict":
+                v = "drop" if s[1] == "reject" else s[1]
+                k(v, trace + [r.step(s[1])], nat, taint)
+                return
+            if kind == "return":
+                k("return", trace + [r.step("return")], nat, taint)
+                return
+            if kind == "nat":
+                k("accept", trace + [r.step(next(iter(s[1])))], nat + [s[1]], taint)
+                return
+            if kind in ("jump", "goto"):
+                target = (key[0], key[1], s[1])
+                tr = trace + [r.step(f"{kind} {s[1]}")]
+                if kind == "jump":
+                    def back(v, t2, n2, tn2, j=j) -> None:
+                        if v in ("return", "none"):
+                            self._stmts_after_jump(r, j + 1, key, i, t2, n2, tn2, k, depth)
+                        else:
+                            k(v, t2, n2, tn2)
+                    self._chain(target, 0, tr, nat, taint, back, depth + 1)
+                else:
+                    def gone(v, t2, n2, tn2) -> None:
+                        k("return" if v in ("return", "none") else v, t2, n2, tn2)
+                    self._chain(target, 0, tr, nat, taint, gone, depth + 1)
+                return
+            if kind == "setmark":
+                u = self.box.get("mark")
+                parked = self.excl.deactivate("mark", u, self.dom["mark"])
+                self.box["mark"] = eq_pred([s[1]])
+                try:
+                    self._stmts(r, j + 1, key, i, trace + [r.step(f"mark set {s[1]:#x}")],
+                                nat, taint, k, depth)
+                finally:
+                    if u is None:
+                        self.box.pop("mark", None)
+                    else:
+                        self.box["mark"] = u
+                    self.excl.reactivate(parked)
+                return
+            if kind == "vmap":
+                pushed = 0
+                try:
+                    for boxes, verdict in s[1]:
+                        for b in boxes:
+                            u = self.narrow(b)
+                            if u is not None:
+                                try:
+                                    if self.point() is not None:
+                                        vr = Rule(r.table, r.chain, r.handle, r.comment, [{}],
+                                                  [verdict])
+                                        self._stmts(vr, 0, key, i, trace, nat, taint, k,
+                                                    depth)
+                                finally:
+                                    self.restore(u)
+                            self.excl.push(b)
+                            pushed += 1
+                    if self.point() is not None:  # no element: the rule does nothing more
+                        self._stmts_after_jump(r, j + 1, key, i, trace, nat, taint, k, depth)
+                finally:
+                    for _ in range(pushed):
+                        self.excl.pop()
+                return
+            if kind == "maybe":  # the statement may stop the rule or not: both, tainted
+                tn = taint + [f"{r.chain} #{r.handle}: {s[1]}"]
+                self._stmts(r, j + 1, key, i, trace, nat, tn, k, depth)
+                next_rule("none", trace, nat, tn)
+                return
+            raise AssertionError(kind)
+        next_rule("none", trace, nat, taint)  # a rule without a verdict: on to the next
+
+    def _stmts_after_jump(self, r, j, key, i, trace, nat, taint, k, depth) -> None:
+        if j < len(r.stmts):
+            self._stmts(r, j, key, i, trace, nat, taint, k, depth)
+        else:
+            self._chain(key, i + 1, trace, nat, taint, k, depth)
+
+    # --- one concrete packet ----------------------------------------------------------
+    def run_hook(self, hook: str, p: Packet) -> Outcome:
+        """The verdict of one packet at `hook` (all base chains, in priority order)."""
+        leaves: list[Outcome] = []
+
+        def leaf(ev, verdict, trace, nat, taint) -> None:
+            if ev.point() is not None:
+                leaves.append(Outcome(verdict, list(trace), list(nat), list(taint)))
+        self.explore(hook, p.box(), leaf)
+        if not leaves:
+            return Outcome("drop", [], [], ["no path"])
+        if len({o.verdict for o in leaves}) > 1 or any(o.unknown for o in leaves):
+            unknown = sorted({u for o in leaves for u in o.unknown}) or ["forked"]
+            if len({o.verdict for o in leaves}) > 1:
+                return Outcome("unknown", leaves[0].trace, leaves[0].nat, unknown)
+            return Outcome(leaves[0].verdict, leaves[0].trace, leaves[0].nat, unknown)
+        return leaves[0]

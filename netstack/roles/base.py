@@ -89,7 +89,8 @@ class Role:
 
     def ruleset(self, ctx: QubeContext, info: RoleInfo | None) -> Ruleset:
         rs = Ruleset()
-        common.base(rs, ctx.ipv6, self.strict_replies)
+        peers6 = [a for a in (ctx.addr.gateway6, *(c.ipv6 for c in ctx.clients)) if a]
+        common.base(rs, ctx.ipv6, self.strict_replies, peers6)
         if self.provides_network:
             common.antispoof(rs, list(ctx.clients))
         self.rules(ctx, info, rs)

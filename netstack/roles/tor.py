@@ -154,53 +154,65 @@ class TorRole(Role):
 
 def tor_gateway(q: QubeView, uid: int) -> list[Result]:
     from netstack.audit import properties as p
-    from netstack.audit.evaluator import Evaluator, Outcome, Packet
-    from netstack.audit.evaluator import Ruleset as EvRuleset
+    from netstack.audit.space import Domains
 
-    fwd = [Packet(iifname=c.vif, oifname=o, saddr=c.ipv4, daddr=d, l4proto=l4, ct_state=ct,
-                  tcp_flags=fl)
-           for c in q.clients for o in p.ifaces(q) for d in ("198.51.100.80", "10.137.0.1")
-           for l4 in ("tcp", "udp", "icmp", "gre") for ct in p.CT_STATES
-           for fl in (p.FLAGS if l4 == "tcp" else p.FLAGS[:1])]
-    fwd += [Packet(family="ipv6", iifname=c.vif, oifname=o, saddr=s, daddr="2001:db8::80",
-                   l4proto=l4, ct_state=ct)
-            for c in q.clients for s in (c.ipv6, c.ll, "fe80::1") if s
-            for o in p.ifaces(q) for l4 in ("tcp", "udp", "icmpv6") for ct in p.CT_STATES]
-    r1 = p.check("Tor gateway forwards nothing", q, "forward", fwd,
-                 lambda pk, o: o.verdict == "accept", "nothing from clients is ever forwarded")
-    ports = sorted(set(p.constants(q, "port", ("input", "prerouting"))
-                       + [22, 53, 9050, 9051, TRANS_PORT, DNS_PORT]))
-    inp = [Packet(iifname=c.vif, saddr=c.ipv4, daddr=q.address, l4proto=l4, dport=pt,
-                  ct_state="new", ct_status=st)
-           for c in q.clients for l4 in ("tcp", "udp", "icmp") for pt in ports
-           for st in (frozenset(), frozenset({"dnat"}))]
+    extra = Domains()
+    for port in (TRANS_PORT, DNS_PORT, 9050, 9051):
+        extra.interval("dport", port, port)
+    for net in _NOT_VIA:
+        extra.interval("daddr4", int(net.network_address), int(net.broadcast_address))
+    extra.interval("skuid", uid, uid)
+    out = []
 
-    def bad_in(pk: Packet, o: Outcome) -> bool:
-        ok = "dnat" in pk.ct_status and ((pk.l4proto, pk.dport) in
-                                          (("tcp", TRANS_PORT), ("udp", DNS_PORT)))
-        return o.verdict == "accept" and not ok
-    r2 = p.check("only TransPort and DNSPort from clients", q, "input", inp, bad_in,
-                 f"clients reach only redirected TCP to {TRANS_PORT} and DNS to {DNS_PORT}")
-    ctl = [pk for pk in inp if pk.dport in (9050, 9051)]
-    r3 = p.check("control port unreachable", q, "input", ctl,
-                 lambda pk, o: o.verdict == "accept",
-                 "no TCP port 9050/9051 from clients (the control port is a unix socket)")
-    outp = [Packet(oifname=q.upstream_if, saddr=q.address, daddr=d, l4proto=l4, dport=443,
-                   ct_state=ct, skuid=u)
-            for d in ("203.0.113.41", "198.51.100.80") for l4 in ("tcp", "udp")
-            for ct in ("new", "established") for u in (0, 1000, uid, None)]
-    r4 = p.check("gateway output only from tor", q, "output", outp,
-                 lambda pk, o: o.verdict == "accept" and pk.skuid != uid,
-                 f"to {q.upstream_if} only processes of uid {uid} (tor) send")
-    syn = [Packet(iifname=c.vif, saddr=c.ipv4, daddr="198.51.100.80", l4proto="tcp", dport=80,
-                  ct_state="new", tcp_flags=fl) for c in q.clients for fl in p.FLAGS]
-    ev = Evaluator(EvRuleset(q.ruleset))
+    def per_client(name: str, hook: str, start_of, judge, reason: str) -> None:
+        total = 0
+        for c in q.clients:
+            r = p.check(name, q, hook, {**p.not_sockets(hook), "iif": p.one_of("iif", c.vif),
+                                        **start_of(c)}, judge, "", extra)
+            total += r.classes
+            if r.status != "PASS":
+                out.append(r)
+                return
+        out.append(p.Result(name, q.name, "PASS", reason, classes=total))
 
-    def redirected(pk: Packet) -> bool:
-        o = ev.run_hook("prerouting", pk)
-        return any(s.action == "redirect" for s in o.trace)
-    wrong = [pk for pk in syn if redirected(pk) != (pk.tcp_flags == frozenset({"syn"}))]
-    r5 = p.Result("only new SYNs are redirected", q.name, "PASS" if not wrong else "FAIL",
-                  "a TCP packet is redirected to TransPort only if it is a bare SYN",
-                  wrong[0].describe() if wrong else None, classes=len(syn))
-    return [r1, r2, r3, r4, r5]
+    per_client("Tor gateway forwards nothing", "forward", lambda c: {}, p.accepted,
+               "nothing from clients is ever forwarded")
+    redirected = [p.box(ct_status=p.Pred(lambda s: "dnat" in s), l4proto=p.one_of("l4proto", l4),
+                        dport=p.one_of("dport", port))
+                  for l4, port in (("tcp", TRANS_PORT), ("udp", DNS_PORT))]
+    per_client("only TransPort and DNSPort from clients", "input",
+               lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS)},
+               p.dropped_or_allowed(redirected + p.link_nd(q, egress=False)),
+               f"clients reach only redirected TCP to {TRANS_PORT} and DNS to {DNS_PORT}")
+    per_client("control port unreachable", "input",
+               lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS),
+                          "l4proto": p.one_of("l4proto", "tcp"),
+                          "dport": p.one_of("dport", 9050, 9051)},
+               p.accepted, "no TCP port 9050/9051 from clients (the control port is a unix "
+               "socket)")
+    start = {**p.not_sockets("output"), "oif": p.one_of("oif", q.upstream_if)}
+    out.append(p.check("gateway output only from tor", q, "output", start,
+                       p.dropped_or_allowed([p.box(skuid=p.one_of("skuid", uid)),
+                                             *p.link_nd(q)]),
+                       f"to {q.upstream_if} only processes of uid {uid} (tor) send", extra))
+    # NAT: exactly the bare SYNs of new connections to the outside are redirected
+    mask = frozenset({"fin", "syn", "rst", "ack"})
+    bare = p.Pred(lambda f, m=mask: f & m == frozenset({"syn"}))
+    not_bare = p.Pred(lambda f, m=mask: f & m != frozenset({"syn"}))
+
+    def redirect_judge(verdict, trace, nat) -> list | None:
+        if any("redirect" in n for n in nat):
+            return [p.box(tcp_flags=bare)]  # redirected: must be a bare SYN
+        return [p.box(tcp_flags=not_bare)]  # not redirected: must not be one
+    outside = p.Pred(lambda a: not any(int(net.network_address) <= a <=
+                                       int(net.broadcast_address) for net in _NOT_VIA))
+    per_client("only new SYNs are redirected", "prerouting",
+               lambda c: {"l4proto": p.one_of("l4proto", "tcp"), "family": p.one_of(
+                   "family", "ipv4"), "ct_state": p.one_of("ct_state", "new"),
+                   "saddr4": p.one_of("saddr4", c.ipv4), "daddr4": outside},
+               redirect_judge, "a TCP packet is redirected to TransPort only if it is a bare "
+               "SYN, and every bare SYN of a new connection to the outside is")
+    return out
+
+
+_NOT_VIA = [__import__("ipaddress").ip_network(n) for n in NOT_VIA_TOR]

@@ -5,6 +5,7 @@ tunnel starts and stay when it dies: a dead VPN means dropped traffic, never cle
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -252,46 +253,43 @@ def set_commands(name: str, elems: list[Any]) -> list[dict[str, Any]]:
 
 def kill_switch(q: QubeView, tun: Tunnel, endpoints: set[tuple[str, str, int]]) -> list[Result]:
     """Forwarded client traffic only into the tunnel; the qube's own output to its uplink
-    only the tunnel transport (mark + endpoint), whoever the sender is."""
+    only the tunnel transport (mark + endpoint), whoever sends it (any socket owner, or
+    none)."""
     from netstack.audit import properties as p
-    from netstack.audit.evaluator import Outcome, Packet
+    from netstack.audit.space import Domains
 
-    fwd = [Packet(iifname=c.vif, oifname=o, saddr=c.ipv4, daddr=d, l4proto=l4, ct_state=ct)
-           for c in q.clients for o in p.ifaces(q) if o != tun.dev
-           for d in ["198.51.100.80"] + [e[0] for e in endpoints if ip_version(e[0]) == 4]
-           for l4 in ("tcp", "udp", "icmp") for ct in p.CT_STATES]
-    if q.ipv6:  # with IPv6 on, a client's IPv6 is as bound to the tunnel as its IPv4
-        fwd += [Packet(family="ipv6", iifname=c.vif, oifname=o, saddr=s, daddr=d, l4proto=l4,
-                       ct_state=ct)
-                for c in q.clients for s in (c.ipv6, c.ll) if s
-                for o in p.ifaces(q) if o != tun.dev
-                for d in ["2001:db8::80"] + [e[0] for e in endpoints if ip_version(e[0]) == 6]
-                for l4 in ("tcp", "udp", "icmpv6") for ct in p.CT_STATES]
-    r1 = p.check("kill switch (forward)", q, "forward", fwd,
-                 lambda pk, o: o.verdict == "accept",
-                 f"client traffic is forwarded only into {tun.dev}")
-    v4 = sorted({e for e in endpoints if ip_version(e[0]) == 4})
-    daddrs = sorted(set(p.OUTSIDE4 + [e[0] for e in v4] + p.constants(q, "addr", ("output",))))
-    ports = sorted(set([e[2] for e in endpoints] + [53, 443, 40000]))
-    out = [Packet(oifname=q.upstream_if, saddr=q.address, daddr=d, l4proto=l4, dport=pt,
-                  mark=m, ct_state=ct, skuid=u)
-           for d in daddrs for l4 in ("tcp", "udp", "icmp") for pt in ports
-           for m in (0, tun.fwmark) for ct in ("new", "established")
-           for u in p.socket_owners(q)]
-    v6 = sorted({e[0] for e in endpoints if ip_version(e[0]) == 6} | set(p.OUTSIDE6))
-    out += [Packet(family="ipv6", oifname=q.upstream_if, saddr=q.qube.ipv6 or "::", daddr=d,
-                   l4proto=l4, dport=pt, mark=m, ct_state=ct, skuid=u)
-            for d in v6 for l4 in ("tcp", "udp", "icmpv6") for pt in ports
-            for m in (0, tun.fwmark) for ct in ("new", "established")
-            for u in p.socket_owners(q)]
-
-    def bad_out(pk: Packet, o: Outcome) -> bool:
-        ok = pk.mark == tun.fwmark and (pk.daddr, pk.l4proto, pk.dport) in endpoints
-        return o.verdict == "accept" and not ok
-    r2 = p.check("kill switch (own output)", q, "output", out, bad_out,
-                 f"to {q.upstream_if} only the tunnel transport leaves (fwmark {tun.fwmark:#x} to "
-                 + ", ".join(f"{a}:{po}/{pr}" for a, pr, po in sorted(endpoints)) + ")")
-    return [r1, r2]
+    extra = Domains()
+    for a, _proto, port in endpoints:
+        n = int(ipaddress.ip_address(a))
+        extra.interval(f"daddr{ipaddress.ip_address(a).version}", n, n)
+        extra.interval("dport", port, port)
+    extra.interval("mark", tun.fwmark, tun.fwmark)
+    out = []
+    total = 0
+    for c in q.clients:
+        start = {**p.not_sockets("forward"), "iif": p.one_of("iif", c.vif),
+                 "oif": p.none_of("oif", tun.dev)}
+        r = p.check("kill switch (forward)", q, "forward", start, p.accepted, "", extra)
+        total += r.classes
+        if r.status != "PASS":
+            out.append(r)
+            break
+    else:
+        out.append(p.Result("kill switch (forward)", q.name, "PASS",
+                            f"client traffic is forwarded only into {tun.dev}", classes=total))
+    allowed = [p.box(mark=p.one_of("mark", tun.fwmark),
+                     family=p.one_of("family", f"ipv{ipaddress.ip_address(a).version}"),
+                     **{p.addr_field(a, "daddr"): p.one_of(p.addr_field(a, "daddr"), a)},
+                     l4proto=p.one_of("l4proto", proto), dport=p.one_of("dport", port))
+               for a, proto, port in sorted(endpoints)]
+    start = {**p.not_sockets("output"), "oif": p.one_of("oif", q.upstream_if)}
+    r = p.check("kill switch (own output)", q, "output", start,
+                p.dropped_or_allowed(allowed + p.link_nd(q)),
+                f"to {q.upstream_if} only the tunnel transport leaves (fwmark "
+                f"{tun.fwmark:#x} to " + ", ".join(f"{a}:{po}/{pr}"
+                                                  for a, pr, po in sorted(endpoints))
+                + "), whoever sends it", extra)
+    return out + [r]
 
 
 def endpoint_set(q: QubeView, want: set[tuple[str, str, int]]) -> Result:

@@ -29,11 +29,18 @@ ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
             "nd-neighbor-advert"]
 
 
-def base(rs: Ruleset, ipv6: bool, strict_replies: bool = False) -> None:
+LINK_SCOPE6 = [{"prefix": {"addr": "fe80::", "len": 10}},
+               {"prefix": {"addr": "ff02::", "len": 16}}]
+
+
+def base(rs: Ruleset, ipv6: bool, strict_replies: bool = False,
+         peers6: list[str] | None = None) -> None:
     """Default-drop input/forward/output (the chain policies), INVALID dropped before any
     accept or NAT, replies and loopback allowed, IPv6 dropped unless configured.
     strict_replies: forward/output accept replies only on the interfaces the role names
-    (a kill switch must not let an old connection out another way when its route changes)."""
+    (a kill switch must not let an old connection out another way when its route changes).
+    peers6: the global IPv6 addresses of the qube's link peers (netvm, clients): neighbour
+    discovery goes out only to them and to link-scope addresses, never to a routed one."""
     rs["prerouting"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
     rs["forward"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
     rs["output"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
@@ -41,9 +48,10 @@ def base(rs: Ruleset, ipv6: bool, strict_replies: bool = False) -> None:
         for chain in ("prerouting", "forward", "output"):
             rs[chain].add(nfproto("ipv6"), COUNTER, DROP, comment="IPv6 is off")
     else:
-        for chain in ("input", "output"):
-            rs[chain].add(match(payload("icmpv6", "type"), {"set": ND_TYPES}), ACCEPT,
-                          comment="IPv6 neighbour discovery")
+        nd = match(payload("icmpv6", "type"), {"set": ND_TYPES})
+        rs["input"].add(nd, ACCEPT, comment="IPv6 neighbour discovery")
+        rs["output"].add(nd, ip_daddr({"set": LINK_SCOPE6 + sorted(peers6 or [])}, six=True),
+                         ACCEPT, comment="IPv6 neighbour discovery")
     for chain in ("input",) if strict_replies else ("input", "forward", "output"):
         rs[chain].add(ct_state("established", "related"), ACCEPT, comment="replies")
     rs["input"].add(match(meta("iif"), "lo"), ACCEPT, comment="loopback")

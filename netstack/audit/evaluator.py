@@ -17,6 +17,7 @@ UNPROVEN with the construct named, never PASS.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -599,10 +600,46 @@ class Evaluator:
                 tr = tr + [Step(key[1], key[2], None, None, what)]
                 verdict = pol
             if verdict == "accept":
-                self._base(chains, i + 1, tr, nt, tn, leaf)
+                self.nat_then(nt[len(nat):], lambda: self._base(chains, i + 1, tr, nt, tn,
+                                                                leaf))
             else:
                 leaf(self, "drop", tr, nt, tn)
         self._chain(key, 0, trace, nat, taint, done, 0)
+
+    local_addr: Callable[[str], str | None] | None = None  # redirect/masquerade targets
+
+    def nat_then(self, nats: list[dict[str, Any]], then: Callable[[], None]) -> None:
+        """Later base chains of the same hook see what NAT made of the packet: the new
+        destination (or source) and the connection's dnat (snat) status."""
+        if not nats:
+            then()
+            return
+        kind, arg = next(iter(nats[0].items()))
+        arg = arg or {}
+        rest = lambda: self.nat_then(nats[1:], then)  # noqa: E731
+        fam = "ipv6" if not self.box["family"].test("ipv4") else "ipv4"
+        six = "6" if fam == "ipv6" else "4"
+        if kind in ("dnat", "redirect"):
+            f, pf, bit = f"daddr{six}", "dport", "dnat"
+        else:
+            f, pf, bit = f"saddr{six}", "sport", "snat"
+        addr = arg.get("addr") if kind in ("dnat", "snat") else \
+            (self.local_addr(fam) if self.local_addr else None)
+        port = arg.get("port")
+        any_ = Pred(lambda v: True)
+
+        def status() -> None:
+            old = self.box.get("ct_status")
+            vals = old.exact if old is not None and old.exact is not None else \
+                self.dom["ct_status"]
+            self.rewrite("ct_status", eq_pred(frozenset(v) | {bit} for v in vals),
+                         (lambda: self.rewrite(pf, eq_pred([port]), rest))
+                         if isinstance(port, int) else rest)
+        try:
+            val = eq_pred([int(ipaddress.ip_address(addr))]) if isinstance(addr, str) else any_
+        except ValueError:
+            val = any_  # a map or a range: the new address is not one value
+        self.rewrite(f, val, status)
 
     def _chain(self, key: tuple[str, str, str], start: int, trace: list[Step], nat: list,
                taint: list[str], k: Callable, depth: int) -> None:
@@ -747,3 +784,57 @@ class Evaluator:
                 return Outcome("unknown", leaves[0].trace, leaves[0].nat, unknown)
             return Outcome(leaves[0].verdict, leaves[0].trace, leaves[0].nat, unknown)
         return leaves[0]
+
+
+def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str]
+         ) -> list[tuple[str, str]]:
+    """What the evaluator says happens to one packet, hook by hook, as the oracle reports
+    the kernel's: incoming (p.iifname set) through prerouting, then input (to a `local`
+    address) or forward to the interface `route` gives, then postrouting; locally generated
+    through output and postrouting."""
+    ev = Evaluator(rs)
+    out: list[tuple[str, str]] = []
+
+    def run(hook: str, pk: Packet) -> tuple[str, Packet]:
+        got: list[tuple[str, Packet]] = []
+
+        def leaf(e: Evaluator, verdict: str, trace: list, nat: list, taint: list) -> None:
+            w = e.point()
+            if w is None:
+                return
+            after = packet_of(w) if isinstance(w, dict) else pk
+            got.append(("unknown" if taint else verdict, after))
+        ev.explore(hook, pk.box(), leaf)
+        if not got:
+            return "drop", pk
+        verdicts = {v for v, _ in got}
+        return (got[0][0] if len(verdicts) == 1 else "unknown"), got[0][1]
+
+    pk = p
+    if p.iifname:
+        v, pk = run("prerouting", dataclasses.replace(p, oifname=None))
+        out.append(("prerouting", v))
+        if v != "accept":
+            return out
+        if pk.daddr in local:
+            v, _ = run("input", pk)
+            out.append(("input", v))
+            return out
+        oif = route(pk.daddr)
+        if oif is None:
+            return out + [("route", "lost")]
+        v, pk = run("forward", dataclasses.replace(pk, oifname=oif))
+        out.append(("forward", v))
+        if v != "accept":
+            return out
+    else:
+        oif = route(p.daddr)
+        if oif is None:
+            return [("route", "lost")]
+        v, pk = run("output", dataclasses.replace(p, oifname=oif))
+        out.append(("output", v))
+        if v != "accept":
+            return out
+    v, _ = run("postrouting", pk)
+    out.append(("postrouting", v))
+    return out

@@ -1,0 +1,374 @@
+"""The kernel as the judge of the audit (root): scratch namespaces where a ruleset is loaded
+into a "device under test" and a packet meets it for real; its fate at each hook is read
+from `nft monitor trace`. Incoming packets are sent from a neighbour namespace on the
+interface the packet names; locally generated ones are sent from inside by a helper running
+as the packet's uid and gid, with its mark; a mid-connection packet finds its connection
+made beforehand with `conntrack -I`. Everything lives in namespaces made here and linked
+only to each other (documentation addresses), and is removed by close().
+
+Fate: a list of (hook, verdict) in the order the kernel reported them, ending at the first
+drop, at delivery (input accepted) or after postrouting; ("route", "lost") when the packet
+vanished without a verdict (no route, a martian).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+from netstack.audit.evaluator import Packet
+from netstack.kernel import RealKernel
+from netstack.model import Route
+from netstack.rules.nft import commands
+
+OBS_PRIO = 2_000_000_000  # after every chain a ruleset can have
+HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
+TRACE = "nsttrace"
+
+
+def trace_table() -> dict[str, Any]:
+    """nftrace on at entry (prerouting, output), and an observer base chain last at every
+    hook: a packet that reaches it passed the hook."""
+    t = {"family": "inet", "name": TRACE}
+    cmds: list[dict[str, Any]] = [{"add": {"table": t}}]
+    for hook in HOOKS:
+        cmds.append({"add": {"chain": {"family": "inet", "table": TRACE, "name": f"obs_{hook}",
+                                       "type": "filter", "hook": hook, "prio": OBS_PRIO,
+                                       "policy": "accept"}}})
+    for hook in ("prerouting", "output"):
+        cmds.append({"add": {"chain": {"family": "inet", "table": TRACE, "name": f"on_{hook}",
+                                       "type": "filter", "hook": hook, "prio": -2_000_000_000,
+                                       "policy": "accept"}}})
+        cmds.append({"add": {"rule": {"family": "inet", "table": TRACE, "chain": f"on_{hook}",
+                                      "expr": [{"mangle": {"key": {"meta": {"key": "nftrace"}},
+                                                           "value": 1}}]}}})
+    return {"nftables": cmds}
+
+
+_LINE = re.compile(r"trace id (\S+) (\S+) (\S+) (\S+) (?:rule .*\(verdict (\w+)|verdict (\w+)|"
+                   r"policy (\w+))")
+
+SENDER = r"""
+import json, socket, sys
+SO_MARK = 36
+for line in sys.stdin:
+    p = json.loads(line)
+    fam = socket.AF_INET6 if ":" in p["daddr"] else socket.AF_INET
+    try:
+        if p["proto"] == "tcp":
+            s = socket.socket(fam, socket.SOCK_STREAM)
+        elif p["proto"] == "udp":
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+        else:
+            s = socket.socket(fam, socket.SOCK_RAW, p["ipproto"])
+        s.setsockopt(socket.SOL_SOCKET, SO_MARK, p["mark"])
+        if p.get("sport"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((p["saddr"], p["sport"]))
+        elif p.get("saddr"):
+            s.bind((p["saddr"], 0))
+        s.setblocking(False)
+        if p["proto"] == "tcp":
+            try:
+                s.connect((p["daddr"], p["dport"]))
+            except BlockingIOError:
+                pass
+        elif p["proto"] == "udp":
+            s.sendto(b"nstkoracle", (p["daddr"], p["dport"]))
+        else:
+            s.sendto(bytes(p.get("icmp", [8, 0, 0xF7, 0xFF, 0, 0, 0, 0])), (p["daddr"], 0))
+        print(json.dumps({"ok": True}), flush=True)
+        s.close()
+    except OSError as e:
+        print(json.dumps({"ok": False, "error": str(e)}), flush=True)
+"""
+
+
+class KernelLab:
+    """A device under test with one link per interface name it is asked for, each to a
+    neighbour namespace; one ruleset at a time."""
+
+    def __init__(self, ifaces: list[str], tag: str | None = None) -> None:
+        self.tag = tag or f"{os.getpid() % 100000}"
+        self.k = RealKernel()
+        self.dut = f"nso{self.tag}d"
+        self.made: list[str] = []
+        self.ifaces: dict[str, dict[str, Any]] = {}
+        self.mon: subprocess.Popen | None = None
+        self.probers: dict[str, Any] = {}
+        self.senders: dict[tuple[int, int], subprocess.Popen] = {}
+        self.local: set[str] = set()
+        try:
+            self._make(ifaces)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the lab ----------------------------------------------------------------------
+    def _ns(self, name: str) -> str:
+        self.k.netns_create(name)
+        self.made.append(name)
+        return name
+
+    def _make(self, ifaces: list[str]) -> None:
+        k = self.k
+        self._ns(self.dut)
+        for key, v in (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"),
+                       ("net/ipv4/conf/all/rp_filter", "0"),
+                       ("net/ipv4/conf/default/rp_filter", "0")):
+            k.sysctl(self.dut, key, v)
+        for i, name in enumerate(ifaces):
+            self.add_iface(name, i)
+        k.link_up(self.dut, "lo")
+        k.nft(self.dut, trace_table())
+        self.mon = subprocess.Popen(["ip", "netns", "exec", self.dut, "nft", "monitor"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._ready()
+
+    def _ready(self, timeout: float = 5.0) -> None:
+        """The monitor is listening once it reports a change we make (an event, no sleep)."""
+        assert self.mon is not None and self.mon.stdout is not None
+        t = {"table": {"family": "inet", "name": "nstready"}}
+        self.k.nft(self.dut, {"nftables": [{"add": t}, {"delete": t}]})
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:  # until it hears one of our changes
+            r, _, _ = select.select([self.mon.stdout], [], [], 0.05)
+            if r and "nstready" in self.mon.stdout.readline():
+                return
+            if not r:
+                self.k.nft(self.dut, {"nftables": [{"add": t}, {"delete": t}]})
+        raise RuntimeError("nft monitor did not start")
+
+    def add_iface(self, name: str, i: int | None = None) -> None:
+        """A link `name` of the DUT to a neighbour (192.0.2.0/24 cut into /28s; 2001:db8
+        for IPv6), routes to nothing else."""
+        if name in self.ifaces or name in ("", "lo"):
+            return
+        k = self.k
+        i = len(self.ifaces) if i is None else i
+        nbr = self._ns(f"nso{self.tag}n{i}")
+        k.veth(self.dut, name, nbr, "p0")
+        base = int(ipaddress.ip_address("192.0.2.0")) + 16 * i
+        dut4, nbr4 = str(ipaddress.ip_address(base + 1)), str(ipaddress.ip_address(base + 2))
+        dut6, nbr6 = f"2001:db8:{i + 1}::1", f"2001:db8:{i + 1}::2"
+        k.sysctl(nbr, "net/ipv4/conf/all/rp_filter", "0")
+        k.addr_add(self.dut, name, f"{dut4}/28")
+        k.addr_add(nbr, "p0", f"{nbr4}/28")
+        k.addr_add(self.dut, name, f"{dut6}/64")
+        k.addr_add(nbr, "p0", f"{nbr6}/64")
+        for ns, dev in ((self.dut, name), (nbr, "p0"), (nbr, "lo")):
+            k.link_up(ns, dev)
+        mac = next(x.mac for x in k.links(self.dut) if x.name == name)
+        self.ifaces[name] = {"nbr": nbr, "dut4": dut4, "nbr4": nbr4, "dut6": dut6,
+                             "nbr6": nbr6, "mac": mac}
+        self.local |= {dut4, dut6}
+
+    def route(self, daddr: str, oif: str) -> None:
+        """daddr reached through oif's neighbour (or, for "", not routed at all)."""
+        if not oif:
+            return
+        self.add_iface(oif)
+        v = ipaddress.ip_address(daddr).version
+        via = self.ifaces[oif]["nbr4" if v == 4 else "nbr6"]
+        self.k.route_add(Route(self.dut, f"{daddr}/{32 if v == 4 else 128}", oif, via))
+
+    def make_local(self, daddr: str, iif: str) -> None:
+        if daddr in self.local:
+            return
+        v = ipaddress.ip_address(daddr).version
+        self.k.addr_add(self.dut, "lo", f"{daddr}/{32 if v == 4 else 128}")
+        self.local.add(daddr)
+
+    def load(self, ruleset: dict[str, Any]) -> None:
+        """The ruleset under test (every table of it), beside the trace table."""
+        doc = {"nftables": [i for i in _loadable(ruleset)["nftables"]
+                            if not ("table" in i and i["table"]["name"] == TRACE)]}
+        flush = [{"delete": {"table": {"family": t["family"], "name": t["name"]}}}
+                 for t in self._tables() if t["name"] != TRACE]
+        self.k.nft(self.dut, {"nftables": flush + [{"add": i} for i in doc["nftables"]]})
+
+    def _tables(self) -> list[dict[str, Any]]:
+        return [i["table"] for i in self.k.nft_list(self.dut)["nftables"] if "table" in i]
+
+    # --- one packet ---------------------------------------------------------------------
+    def fate(self, p: Packet, timeout: float = 0.5) -> list[tuple[str, str]]:
+        """What the kernel does with this packet, hook by hook."""
+        self._flush_conntrack()
+        if p.ct_state == "established":
+            self._connection(p)
+        self._drain()
+        if p.iifname:
+            self._send_in(p)
+        else:
+            self._send_out(p)
+        return self._read_fate(p, timeout)
+
+    def _flush_conntrack(self) -> None:
+        subprocess.run(["ip", "netns", "exec", self.dut, "conntrack", "-F"],
+                       capture_output=True)
+
+    def _connection(self, p: Packet) -> None:
+        """A connection this packet belongs to, seen both ways (ESTABLISHED)."""
+        argv = ["ip", "netns", "exec", self.dut, "conntrack", "-I", "-s", p.saddr, "-d",
+                p.daddr, "-p", p.l4proto, "-t", "60", "-u", "SEEN_REPLY,ASSURED"]
+        if p.l4proto in ("tcp", "udp"):
+            argv += ["--sport", str(p.sport or 0), "--dport", str(p.dport or 0)]
+        if p.l4proto == "tcp":
+            argv += ["--state", "ESTABLISHED"]
+        if p.l4proto == "icmp":
+            argv += ["--icmp-type", "8", "--icmp-code", "0", "--icmp-id", "7"]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"conntrack -I: {r.stderr.strip()}")
+
+    def _send_in(self, p: Packet) -> None:
+        from netstack.leaktest.prober import Prober
+
+        self.add_iface(p.iifname or "")
+        nb = self.ifaces[p.iifname or ""]
+        pr = self.probers.get(nb["nbr"])
+        if pr is None:
+            pr = self.probers[nb["nbr"]] = Prober(nb["nbr"])
+        six = p.family == "ipv6"
+        spec: dict[str, Any] = {"dst": p.daddr, "src": p.saddr, "mac": nb["mac"],
+                                "iface": "p0", "payload": "nstkoracle"}
+        if six:
+            spec["proto"] = {"tcp": "tcp6", "udp": "udp6"}.get(p.l4proto, "icmp6")
+        elif p.l4proto in ("tcp", "udp", "icmp"):
+            spec["proto"] = p.l4proto
+        else:
+            from netstack.audit.space import L4
+
+            spec.update(proto="ip", ipproto=L4.get(p.l4proto, 253))
+        if p.l4proto in ("tcp", "udp"):
+            spec.update(dport=p.dport or 0, sport=p.sport or 0)
+        if p.l4proto == "tcp":
+            spec["flags"] = "".join({"syn": "S", "ack": "A", "fin": "F", "rst": "R",
+                                     "psh": "P", "urg": "U", "ecn": "E", "cwr": "C"}[f]
+                                    for f in sorted(p.tcp_flags)) or ""
+        if p.l4proto == "icmp" and p.icmp_type is not None:
+            spec["icmp_type"] = p.icmp_type
+        if pr.send([spec]) != 1:
+            raise RuntimeError(f"could not send {spec}")
+
+    def _sender(self, uid: int, gid: int) -> subprocess.Popen:
+        s = self.senders.get((uid, gid))
+        if s is None or s.poll() is not None:
+            s = self.senders[(uid, gid)] = subprocess.Popen(
+                ["ip", "netns", "exec", self.dut, "setpriv", f"--reuid={uid}", f"--regid={gid}",
+                 "--clear-groups", "--inh-caps=+net_raw,+net_admin,+net_bind_service",
+                 "--ambient-caps=+net_raw,+net_admin,+net_bind_service", sys.executable,
+                 "-c", SENDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return s
+
+    def _send_out(self, p: Packet) -> None:
+        s = self._sender(p.skuid or 0, p.skgid or 0)
+        assert s.stdin is not None and s.stdout is not None
+        from netstack.audit.space import L4
+
+        spec = {"daddr": p.daddr, "saddr": p.saddr if p.saddr in self.local else None,
+                "proto": p.l4proto if p.l4proto in ("tcp", "udp") else "raw",
+                "ipproto": L4.get(p.l4proto, 253), "dport": p.dport or 0,
+                "sport": p.sport if p.sport and p.saddr in self.local else 0, "mark": p.mark}
+        s.stdin.write(json.dumps(spec) + "\n")
+        s.stdin.flush()
+        r = json.loads(s.stdout.readline())
+        if not r["ok"]:
+            raise RuntimeError(f"could not send {spec}: {r['error']}")
+
+    def _drain(self) -> None:
+        assert self.mon is not None and self.mon.stdout is not None
+        while select.select([self.mon.stdout], [], [], 0)[0]:
+            if not self.mon.stdout.readline():
+                return
+
+    def _read_fate(self, p: Packet, timeout: float) -> list[tuple[str, str]]:
+        assert self.mon is not None and self.mon.stdout is not None
+        hooks = self._chain_hooks()
+        fate: list[tuple[str, str]] = []
+        dropped: set[str] = set()
+        ours: str | None = None  # the trace id of our packet, from its "packet:" line
+        want = (f"saddr {ipaddress.ip_address(p.saddr)} ",
+                f"daddr {ipaddress.ip_address(p.daddr)} ")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            r, _, _ = select.select([self.mon.stdout], [], [], max(0.0, end - time.monotonic()))
+            if not r:
+                break
+            line = self.mon.stdout.readline()
+            if ours is None:
+                if " packet: " in line and all(w in line + " " for w in want):
+                    ours = line.split()[2]
+                continue
+            if line.split()[2:3] != [ours]:
+                continue
+            m = _LINE.search(line)
+            if not m:
+                continue
+            table, chain = m.group(3), m.group(4)
+            verdict = m.group(5) or m.group(6) or m.group(7)
+            hook = hooks.get((m.group(2), table, chain))
+            if hook is None:
+                continue
+            if verdict in ("drop", "reject"):
+                fate.append((hook, "drop"))
+                dropped.add(hook)
+                return fate
+            if table == TRACE and chain == f"obs_{hook}" and verdict == "accept":
+                fate.append((hook, "accept"))
+                if hook in ("input", "postrouting"):
+                    return fate
+        fate.append(("route", "lost"))
+        return fate
+
+    def _chain_hooks(self) -> dict[tuple[str, str, str], str]:
+        out = {}
+        for i in self.k.nft_list(self.dut)["nftables"]:
+            c = i.get("chain")
+            if c and c.get("hook"):
+                out[(c["family"], c["table"], c["name"])] = c["hook"]
+        return out
+
+    def close(self) -> None:
+        for pr in self.probers.values():
+            with contextlib.suppress(Exception):
+                pr.close()
+        for s in self.senders.values():
+            with contextlib.suppress(Exception):
+                if s.stdin:
+                    s.stdin.close()
+                s.wait(5)
+        if self.mon:
+            self.mon.kill()
+            self.mon.wait()
+        for n in reversed(self.made):
+            with contextlib.suppress(Exception):
+                self.k.netns_delete(n)
+        self.k.close()
+
+
+ORDER = {"table": 0, "set": 1, "map": 1, "flowtable": 1, "chain": 2, "rule": 3}
+
+
+def _loadable(doc: dict[str, Any]) -> dict[str, Any]:
+    """A listed ruleset as something `add` takes: no metainfo, no handles; tables, then
+    sets and maps, then chains, then rules (a rule may name any of them)."""
+    items = []
+    for item in doc.get("nftables", []):
+        if "metainfo" in item:
+            continue
+        (kind, body), = item.items()
+        items.append({kind: {k: v for k, v in body.items() if k != "handle"}})
+    items.sort(key=lambda i: ORDER.get(next(iter(i)), 4))
+    return {"nftables": items}
+
+
+__all__ = ["KernelLab", "commands", "trace_table"]

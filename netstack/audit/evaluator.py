@@ -553,6 +553,10 @@ class Evaluator:
         undo = self.narrow(start)
         if undo is None:
             return
+        # a packet has a socket (an owner AND a group) or none: never one without the other
+        for b in ({"skuid": eq_pred([None]), "skgid": Pred(lambda g: g is not None)},
+                  {"skgid": eq_pred([None]), "skuid": Pred(lambda u: u is not None)}):
+            self.excl.push(b)
         try:
             fams = [f for f in ("ipv4", "ipv6") if self.box.get("family") is None
                     or self.box["family"].test(f)]
@@ -566,6 +570,8 @@ class Evaluator:
                 finally:
                     self.restore(u2)
         finally:
+            self.excl.pop()
+            self.excl.pop()
             self.restore(undo)
 
     def _base(self, chains: list, i: int, trace: list[Step], nat: list, taint: list[str],

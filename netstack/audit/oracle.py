@@ -292,6 +292,7 @@ class KernelLab:
 
     def _read_fate(self, p: Packet, timeout: float) -> list[tuple[str, str]]:
         assert self.mon is not None and self.mon.stdout is not None
+        self.lines: list[str] = []  # our packet's trace
         hooks = self._chain_hooks()
         fate: list[tuple[str, str]] = []
         dropped: set[str] = set()
@@ -310,6 +311,7 @@ class KernelLab:
                 continue
             if line.split()[2:3] != [ours]:
                 continue
+            self.lines.append(line.rstrip())
             m = _LINE.search(line)
             if not m:
                 continue

@@ -38,9 +38,12 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any]) -> dict[str, 
             lab.make_local(p.daddr, p.iifname or "")
         elif p.oifname:
             lab.route(p.daddr, p.oifname)
+        if not p.iifname:  # locally made: sent from the counterexample's own source
+            lab.make_local(p.saddr, "")
         fate = lab.fate(p)
+        lines = list(lab.lines)
     finally:
         lab.close()
     verdict = next((v for h, v in fate if h == hook), None)
     return {"replayable": True, "kernel_verdict": verdict or f"not reached ({fate})",
-            "fate": fate}
+            "fate": fate, "lines": lines[:40]}

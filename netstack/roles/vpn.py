@@ -310,4 +310,6 @@ def endpoint_set(q: QubeView, want: set[tuple[str, str, int]]) -> Result:
     status = "PASS" if found and not extra and got else "FAIL"
     return Result("VPN endpoints exactly as resolved", q.name, status,
                   f"set {ENDPOINT_SET} = {sorted(got)}; resolved {sorted(want)}",
-                  {"unexpected": sorted(extra)} if extra else None)
+                  {"unexpected": [list(e) for e in sorted(extra)]} if extra else None,
+                  [f"{q.name} -> set {ENDPOINT_SET} -> element {a} . {pr} . {po}: not resolved"
+                   for a, pr, po in sorted(extra)])

@@ -13,6 +13,7 @@ import pytest
 from netstack import stack
 from netstack.audit import audit
 from netstack.model import UplinkSpec
+from netstack.tor.gateway import tor_uid
 from tests.unit.test_config import ROOT
 from tests.unit.test_vpn_parsers import WG_MULLVAD_LIKE
 
@@ -101,6 +102,8 @@ def _m(left, right, op="=="):
 IIF = {"meta": {"key": "iifname"}}
 OIF = {"meta": {"key": "oifname"}}
 DPORT = {"payload": {"protocol": "tcp", "field": "dport"}}
+SKUID, SKGID = {"meta": {"key": "skuid"}}, {"meta": {"key": "skgid"}}
+L4 = {"meta": {"key": "l4proto"}}
 FW, VPN, GW = "nst-main-sys-firewall", "nst-main-sys-proxyvm", "nst-main-sys-whonix"
 BFW = "nst-main-sys-firewall"
 
@@ -152,13 +155,50 @@ def mutate(name, rs):
             {"vmap": {"key": DPORT, "data": {"set": [[9040, {"accept": None}],
                                                       [9051, {"accept": None}]]}}}])
         return ("sys-whonix", "control port unreachable")
+    # one for each property the first corpus never broke (each FAILs only that way)
+    if name == "default-accept-policy":
+        for i in rs[FW]["nftables"]:
+            if "chain" in i and i["chain"]["name"] == "input":
+                i["chain"]["policy"] = "accept"
+        return ("sys-firewall", "default drop")
+    if name == "ipv6-egress-by-uid":  # the example: any process but root
+        _insert_rule(rs, FW, "output", [_m(SKUID, 0, "!="), {"accept": None}])
+        return ("sys-firewall", "no IPv6 egress")
+    if name == "kill-switch-uid-hole":  # the example: uid 1000 in clear
+        _insert_rule(rs, VPN, "output", [_m(OIF, "eth0"), _m(SKUID, 1000), {"accept": None}])
+        return ("sys-proxyvm", "kill switch (own output)")
+    if name == "tor-output-any-gid":
+        _insert_rule(rs, GW, "output", [_m(SKGID, 0), {"accept": None}])
+        return ("sys-whonix", "gateway output only from tor")
+    if name == "transport-without-redirect":  # TransPort straight, not through the NAT
+        _insert_rule(rs, GW, "input", [_m(IIF, "vif5"), _m(L4, "tcp"), _m(DPORT, 9040),
+                                       {"accept": None}])
+        return ("sys-whonix", "only TransPort and DNSPort from clients")
+    if name == "redirect-every-tcp":  # the SYN-only match gone: mid-stream TCP too
+        for i in rs[GW]["nftables"]:
+            r = i.get("rule")
+            if r and r.get("comment") == "TCP SYN -> TransPort":
+                r["expr"] = [e for e in r["expr"] if "&" not in json.dumps(e)]
+        return ("sys-whonix", "only new SYNs are redirected")
+    if name == "endpoint-set-widened":
+        for i in rs[VPN]["nftables"]:
+            s = i.get("set")
+            if s and s["name"] == "vpn_endpoints":
+                s["elem"] = s["elem"] + [{"concat": ["198.51.100.53", "udp", 53]}]
+        return ("sys-proxyvm", "VPN endpoints exactly as resolved")
+    if name == "established-in-forward":  # a generic "replies" accept in a kill switch
+        _insert_rule(rs, VPN, "forward", [_m({"ct": {"key": "state"}}, ["established"], "in"),
+                                          {"accept": None}])
+        return ("sys-proxyvm", "kill switch (forward)")
     raise KeyError(name)
 
 
 CASES = ["invalid-not-dropped", "ipv6-falls-through-ip-saddr", "kill-switch-missing-in-forward",
          "redirect-without-drop", "spoof-check-missing", "inter-qube-hole",
          "control-port-exposed", "wildcard-interface-mistake", "rule-after-goto",
-         "verdict-map-hole"]
+         "verdict-map-hole", "default-accept-policy", "ipv6-egress-by-uid",
+         "kill-switch-uid-hole", "tor-output-any-gid", "transport-without-redirect",
+         "redirect-every-tcp", "endpoint-set-widened", "established-in-forward"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -186,6 +226,22 @@ def test_broken_ruleset_is_caught_with_a_counterexample(tmp_path, name):
         assert {ce["iifname"], ce["oifname"]} == {"vif5", "vif6"}
     if name == "spoof-check-missing":
         assert ce["saddr"] != "10.137.0.5"
+    if name == "ipv6-egress-by-uid":
+        assert ce["family"] == "ipv6" and ce["skuid"] not in (None, 0)
+    if name == "kill-switch-uid-hole":
+        assert ce["skuid"] == 1000 and ce["oifname"] == "eth0"
+    if name == "tor-output-any-gid":
+        assert ce["skgid"] == 0 and ce.get("skuid") != tor_uid()
+    if name == "transport-without-redirect":
+        assert ce["dport"] == 9040 and "dnat" not in ce.get("ct_status", [])
+    if name == "redirect-every-tcp":
+        assert ce.get("tcp_flags", []) != ["syn"] and any("redirect" in t for t in r.trace)
+    if name == "endpoint-set-widened":
+        assert ce == {"unexpected": [["198.51.100.53", "udp", 53]]}
+    if name == "established-in-forward":
+        assert ce["ct_state"] == "established" and ce["oifname"] != "wg3-main"
+    if name == "default-accept-policy":
+        assert not any(t.endswith("-> accept") and "policy" not in t for t in r.trace)
     # the corpus on disk is this exact ruleset (regenerate with NETSTACK_UPDATE_GOLDEN=1)
     import os
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,47 @@ from netstack.audit.space import (
 )
 
 HOOK_FAMILIES = {"inet": ("ipv4", "ipv6"), "ip": ("ipv4",), "ip6": ("ipv6",)}
+NAT_CORE = {"prerouting": -100, "output": -100, "postrouting": 100, "input": 100}
+CONNTRACK_PRIO = -200  # where connection tracking looks packets up (prerouting, output)
+NAT_KINDS = ("dnat", "snat", "masquerade", "redirect")
+
+
+def _is_th(x: dict[str, Any]) -> bool:
+    return '"protocol": "th"' in json.dumps(x)
+
+
+def _restricts_to_ports(rs: Ruleset, matches: list[dict[str, Any]],
+                        key: tuple[str, str, str]) -> bool:
+    """Whether these matches together admit only protocols with ports."""
+    boxes: list[Box] = [{}]
+    for m in matches:
+        try:
+            union = rs._match_boxes(m, key)
+        except Unsupported:
+            continue
+        boxes = [b for a in boxes for u in union if (b := intersect(a, u)) is not None]
+    return all((p := b.get("l4proto")) is not None and p.exact is not None
+               and p.exact <= PORT_PROTOS for b in boxes)
+
+
+def conntrack_families(x: Any, table: tuple[str, ...]) -> set[str]:
+    """The families an expression list turns connection tracking on for (the kernel's
+    nf_ct_netns_get): a ct expression or masquerade/redirect for the table's families, a
+    dnat/snat for the family it names (`dnat ip to` in an inet table: IPv4 only)."""
+    out: set[str] = set()
+    if isinstance(x, dict):
+        if "ct" in x or "masquerade" in x or "redirect" in x:
+            out.update(table)
+        for k in ("dnat", "snat"):
+            if k in x:
+                fam = (x[k] or {}).get("family")
+                out.update({"ip": ("ipv4",), "ip6": ("ipv6",)}.get(fam, table))
+        for v in x.values():
+            out |= conntrack_families(v, table)
+    elif isinstance(x, list):
+        for v in x:
+            out |= conntrack_families(v, table)
+    return out
 TCP_FLAGS = space.TCP_FLAG_BITS
 
 
@@ -60,7 +102,7 @@ class Packet:
     tcp_flags: frozenset[str] = frozenset({"syn"})
     icmp_type: int | None = None
     ct_state: str = "new"
-    ct_status: frozenset[str] = frozenset()
+    ct_status: frozenset[str] | None = frozenset()  # None: no connection (invalid)
     mark: int = 0
     skuid: int | None = None
     skgid: int | None = None
@@ -92,7 +134,8 @@ class Packet:
             "l4proto": l4, "sport": self.sport or 0, "dport": self.dport or 0,
             "tcp_flags": frozenset(self.tcp_flags), "icmp_type": self.icmp_type or 0,
             "icmp_code": self.icmp_code or 0, "ct_state": self.ct_state,
-            "ct_status": frozenset(self.ct_status), "mark": self.mark, "skuid": self.skuid,
+            "ct_status": None if self.ct_state in space.NO_CONNECTION else
+            frozenset(self.ct_status or ()), "mark": self.mark, "skuid": self.skuid,
             "skgid": self.skgid, "length": self.length or 0}
         return {f: eq_pred([vals[f]]) for f in FIELDS}
 
@@ -183,20 +226,90 @@ class Ruleset:
             elif "set" in item or "map" in item:
                 s = item.get("set") or item.get("map")
                 self.sets[(s["family"], s["table"], s["name"])] = s
+        self.conntrack: set[str] = set()  # families whose packets get a connection
+        for (fam, _t, _c), rs in self.rules.items():
+            for r in rs:
+                self.conntrack |= conntrack_families(r.get("expr", []),
+                                                     HOOK_FAMILIES.get(fam, ()))
         self.domains = Domains()
         self._preds: dict[str, Pred] = {}
+        self._pre = False  # compiling for a chain that runs before connection tracking
         self.compiled: dict[tuple[str, str, str], list[Rule]] = {
             k: [self._compile(k, r) for r in rs] for k, rs in self.rules.items()}
+        self._compiled_pre: dict[tuple[str, str, str], list[Rule]] = {}
+
+    def rules_for(self, key: tuple[str, str, str], pre: bool) -> list[Rule]:
+        """A chain's compiled rules; `pre`: as seen before connection tracking, where no
+        packet has a connection yet (ct state is invalid, every other ct key breaks)."""
+        if not pre:
+            return self.compiled.get(key, [])
+        got = self._compiled_pre.get(key)
+        if got is None:
+            self._pre = True
+            try:
+                got = self._compiled_pre[key] = [self._compile(key, r)
+                                                 for r in self.rules.get(key, [])]
+            finally:
+                self._pre = False
+        return got
+
+    def before_conntrack(self, c: dict[str, Any], family: str) -> bool:
+        """A base chain that runs before connection tracking looks a packet up (priority
+        under -200 at prerouting and output)."""
+        return c.get("hook") in ("prerouting", "output") and c.get("type") != "nat" and \
+            c.get("prio", 0) < CONNTRACK_PRIO and family in self.conntrack
 
     def base_chains(self, hook: str, family: str) -> list[tuple[tuple[str, str, str], dict]]:
-        out = [(k, c) for k, c in self.chains.items()
-               if c.get("hook") == hook and family in HOOK_FAMILIES.get(k[0], ())]
-        return sorted(out, key=lambda kc: (kc[1].get("prio", 0), self.order[kc[0]]))
+        """The base chains a packet of `family` meets at `hook`, in the kernel's order:
+        by priority, and among equal priorities the chain registered LAST first (the
+        kernel inserts a new hook before older ones of its priority; registration follows
+        the document). NAT chains do not run at their own priority: the NAT core runs at
+        its fixed one (dstnat -100, srcnat 100) and calls them in their order, and only
+        where connection tracking is on for the family (something in the ruleset uses
+        it: a ct expression or a NAT statement; otherwise NAT chains never run)."""
+        out = []
+        for k, c in self.chains.items():
+            if c.get("hook") != hook or family not in HOOK_FAMILIES.get(k[0], ()):
+                continue
+            if c.get("type") == "nat" and family not in self.conntrack:
+                continue
+            out.append((k, c))
+
+        def key(kc: tuple[tuple[str, str, str], dict]) -> tuple[int, int, int, int]:
+            k, c = kc
+            if c.get("type") == "nat" and hook in NAT_CORE:
+                return (NAT_CORE[hook], 1, c.get("prio", 0), -self.order[k])
+            return (c.get("prio", 0), 0, 0, -self.order[k])
+        return sorted(out, key=key)
+
+    def order_unknown(self, hook: str, family: str) -> str | None:
+        """A filter chain at exactly the NAT core's (or connection tracking's) priority
+        runs before or after it depending on which was registered first, which a listing
+        does not tell."""
+        chains = self.base_chains(hook, family)
+        for k, c in chains:
+            if c.get("type") == "nat":
+                continue
+            if hook in NAT_CORE and c.get("prio", 0) == NAT_CORE[hook] and \
+                    any(x.get("type") == "nat" for _, x in chains):
+                return (f"{k[1]} {k[2]} at priority {NAT_CORE[hook]}: before or after NAT "
+                        "(registration order)")
+            if hook in ("prerouting", "output") and c.get("prio", 0) == CONNTRACK_PRIO and \
+                    family in self.conntrack:
+                return (f"{k[1]} {k[2]} at priority {CONNTRACK_PRIO}: before or after "
+                        "connection tracking (registration order)")
+        return None
 
     # --- compiling ----------------------------------------------------------------------
     def _compile(self, key: tuple[str, str, str], r: dict[str, Any]) -> Rule:
         rule = Rule(key[1], key[2], r.get("handle"), r.get("comment"), [{}], [])
-        for x in r.get("expr", []):
+        exprs = r.get("expr", [])
+        # `th sport/dport` reads the first bytes of ANY transport header (ICMP's type and
+        # code, its checksum...): exact only where the rule's other matches restrict the
+        # packet to protocols with ports
+        self._ports_only = _restricts_to_ports(self, [x["match"] for x in exprs
+                                                      if "match" in x and not _is_th(x)], key)
+        for x in exprs:
             if "match" in x:
                 try:
                     union = self._match(x["match"], key)
@@ -254,10 +367,14 @@ class Ruleset:
             if (proto, fld) in table:
                 f, dep = table[(proto, fld)]
                 return f, dict(dep), None
-            if fld in ("sport", "dport") and proto in ("tcp", "udp", "th", "sctp", "dccp",
+            if proto == "th" and fld in ("sport", "dport"):
+                if not getattr(self, "_ports_only", False):
+                    raise Unsupported(f"th {fld} without a match on TCP/UDP first (on other "
+                                      "protocols it reads other header bytes)")
+                return fld, {"l4proto": eq_pred(PORT_PROTOS)}, None
+            if fld in ("sport", "dport") and proto in ("tcp", "udp", "sctp", "dccp",
                                                        "udplite"):
-                protos = PORT_PROTOS if proto == "th" else {L4[proto]}
-                return fld, {"l4proto": eq_pred(protos)}, None
+                return fld, {"l4proto": eq_pred({L4[proto]})}, None
             if proto == "tcp" and fld == "flags":
                 return "tcp_flags", {"l4proto": eq_pred([6])}, None
             if proto in ("icmp", "icmpv6") and fld in ("type", "code"):
@@ -286,7 +403,6 @@ class Ruleset:
     def _value_pred(self, f: str, values: list[Any], transform: Any, op: str) -> Pred:
         """The predicate `f op values` (any of the values; op == / != / in / comparisons),
         registering the constants with the domains. Shared by equal matches."""
-        import json
 
         key = json.dumps([f, values, transform, op], sort_keys=True, default=sorted)
         p = self._preds.get(key)
@@ -331,11 +447,14 @@ class Ruleset:
             mask = transform[1] if transform and transform[0] == "mask" else None
             if mask is not None:
                 d.flags(f, mask)
+            # None: a packet without a connection (invalid, untracked), where any ct key
+            # but the state breaks the rule: neither `==` nor `!=` matches
             if op == "in":  # bitmask test: any of the bits set
                 bits = frozenset().union(*flags)
-                return Pred(lambda x, b=bits, m=mask: bool((x & m if m else x) & b))
-            hit = Pred(lambda x, fs=tuple(flags), m=mask: (x & m if m is not None else x)
-                       in fs)
+                return Pred(lambda x, b=bits, m=mask: x is not None and
+                            bool((x & m if m else x) & b))
+            hit = Pred(lambda x, fs=tuple(flags), m=mask: x is not None and
+                       (x & m if m is not None else x) in fs)
         elif f == "mark" and transform and transform[0] == "intmask":
             m = transform[1]
             consts = []
@@ -383,6 +502,17 @@ class Ruleset:
         raise Unsupported(f"operator {op}")
 
     def _match(self, m: dict[str, Any], key: tuple[str, str, str]) -> list[Box]:
+        boxes = self._match_boxes(m, key)
+        if not self._pre:
+            return boxes
+        out = []  # before conntrack every packet is one without a connection
+        for b in boxes:
+            st, ss = b.get("ct_state"), b.get("ct_status")
+            if (st is None or st.test("invalid")) and (ss is None or ss.test(None)):
+                out.append({f: p for f, p in b.items() if f not in ("ct_state", "ct_status")})
+        return out
+
+    def _match_boxes(self, m: dict[str, Any], key: tuple[str, str, str]) -> list[Box]:
         left, op, right = m["left"], m["op"], m["right"]
         elems = self._elements(right, key)
         if isinstance(left, dict) and "concat" in left:
@@ -424,7 +554,7 @@ class Ruleset:
             return (kind, x[kind]["target"])
         if "counter" in x or "log" in x:
             return ("nop",)
-        for nk in ("dnat", "snat", "masquerade", "redirect"):
+        for nk in NAT_KINDS:
             if nk in x:
                 return ("nat", {nk: x[nk]})
         if "mangle" in x:
@@ -460,6 +590,15 @@ def and_dep(a: Pred | None, b: Pred) -> Pred:
 # --- exploring ----------------------------------------------------------------------------
 
 Leaf = Callable[["Evaluator", str, list[Step], list[dict[str, Any]], list[str]], None]
+
+
+PAIRINGS: tuple[Box, ...] = (
+    {"skuid": eq_pred([None]), "skgid": Pred(lambda g: g is not None)},
+    {"skgid": eq_pred([None]), "skuid": Pred(lambda u: u is not None)},
+    {"ct_state": eq_pred(space.NO_CONNECTION), "ct_status": Pred(lambda s: s is not None)},
+    {"ct_state": eq_pred(s for s in space.CT_STATES if s not in space.NO_CONNECTION),
+     "ct_status": eq_pred([None])},
+)
 
 
 class Explosion(Exception):
@@ -553,9 +692,9 @@ class Evaluator:
         undo = self.narrow(start)
         if undo is None:
             return
-        # a packet has a socket (an owner AND a group) or none: never one without the other
-        for b in ({"skuid": eq_pred([None]), "skgid": Pred(lambda g: g is not None)},
-                  {"skgid": eq_pred([None]), "skuid": Pred(lambda u: u is not None)}):
+        # a packet has a socket (an owner AND a group) or none: never one without the other;
+        # it has a connection (and a status) unless it is invalid or untracked
+        for b in PAIRINGS:
             self.excl.push(b)
         try:
             fams = [f for f in ("ipv4", "ipv6") if self.box.get("family") is None
@@ -566,12 +705,14 @@ class Evaluator:
                     continue
                 try:
                     if self.point() is not None:
-                        self._base(self.rs.base_chains(hook, fam), 0, [], [], [], leaf)
+                        odd = self.rs.order_unknown(hook, fam)
+                        self._base(self.rs.base_chains(hook, fam), 0, [], [],
+                                   [odd] if odd else [], leaf)
                 finally:
                     self.restore(u2)
         finally:
-            self.excl.pop()
-            self.excl.pop()
+            for _ in PAIRINGS:
+                self.excl.pop()
             self.restore(undo)
 
     def _base(self, chains: list, i: int, trace: list[Step], nat: list, taint: list[str],
@@ -598,19 +739,40 @@ class Evaluator:
             return
         self._run_base(chains, i, key, c, trace, nat, taint, leaf)
 
+    pre_ct = False  # running a chain that comes before connection tracking
+
     def _run_base(self, chains, i, key, c, trace, nat, taint, leaf) -> None:
+        fam = "ipv4" if self.box["family"].test("ipv4") else "ipv6"
+        outer = self.pre_ct
+
         def done(verdict: str, tr: list[Step], nt: list, tn: list[str]) -> None:
-            if verdict in ("return", "none"):
-                pol = c.get("policy", "accept")
-                what = f"policy {pol}" if c.get("type") != "nat" else f"nat policy {pol}"
-                tr = tr + [Step(key[1], key[2], None, None, what)]
-                verdict = pol
-            if verdict == "accept":
-                self.nat_then(nt[len(nat):], lambda: self._base(chains, i + 1, tr, nt, tn,
-                                                                leaf))
-            else:
-                leaf(self, "drop", tr, nt, tn)
-        self._chain(key, 0, trace, nat, taint, done, 0)
+            self.pre_ct = outer
+            try:
+                self._done_base(chains, i, key, c, nat, leaf, verdict, tr, nt, tn)
+            finally:
+                self.pre_ct = pre
+        pre = self.rs.before_conntrack(c, fam)
+        self.pre_ct = pre
+        try:
+            self._chain(key, 0, trace, nat, taint, done, 0)
+        finally:
+            self.pre_ct = outer
+
+    def _done_base(self, chains, i, key, c, nat, leaf, verdict, tr, nt, tn) -> None:
+        """A base chain ended: its policy, then the next base chain (after NAT)."""
+        if verdict in ("return", "none"):
+            pol = c.get("policy", "accept")
+            what = f"policy {pol}" if c.get("type") != "nat" else f"nat policy {pol}"
+            tr = tr + [Step(key[1], key[2], None, None, what)]
+            verdict = pol
+        if verdict == "accept":
+            rest = chains
+            if c.get("type") == "nat" and len(nt) > len(nat):  # the connection is bound:
+                rest = chains[:i + 1] + [x for x in chains[i + 1:]  # no more NAT chains
+                                         if x[1].get("type") != "nat"]
+            self.nat_then(nt[len(nat):], lambda: self._base(rest, i + 1, tr, nt, tn, leaf))
+        else:
+            leaf(self, "drop", tr, nt, tn)
 
     local_addr: Callable[[str], str | None] | None = None  # redirect/masquerade targets
 
@@ -638,7 +800,8 @@ class Evaluator:
             old = self.box.get("ct_status")
             vals = old.exact if old is not None and old.exact is not None else \
                 self.dom["ct_status"]
-            self.rewrite("ct_status", eq_pred(frozenset(v) | {bit} for v in vals),
+            self.rewrite("ct_status", eq_pred(frozenset(v) | {bit} for v in vals
+                                              if v is not None),
                          (lambda: self.rewrite(pf, eq_pred([port]), rest))
                          if isinstance(port, int) else rest)
         try:
@@ -655,7 +818,7 @@ class Evaluator:
         self.steps += 1
         if self.steps > self.budget:
             raise Explosion(f"more than {self.budget} paths")
-        rules = self.rs.compiled.get(key, [])
+        rules = self.rs.rules_for(key, self.pre_ct)
         pushed = 0
         try:
             for i in range(start, len(rules)):
@@ -705,7 +868,12 @@ class Evaluator:
                 k("return", trace + [r.step("return")], nat, taint)
                 return
             if kind == "nat":
-                k("accept", trace + [r.step(next(iter(s[1])))], nat + [s[1]], taint)
+                (nk, arg), = s[1].items()
+                want = (arg or {}).get("family")
+                if want and want != ("ip" if self.box["family"].test("ipv4") else "ip6"):
+                    j += 1  # `dnat ip to` in an inet table does nothing to IPv6 packets
+                    continue
+                k("accept", trace + [r.step(nk)], nat + [s[1]], taint)
                 return
             if kind in ("jump", "goto"):
                 target = (key[0], key[1], s[1])
@@ -792,17 +960,20 @@ class Evaluator:
         return leaves[0]
 
 
-def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str]
-         ) -> list[tuple[str, str]]:
+def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str],
+         primary: Callable[[str, str], str | None] | None = None) -> list[tuple[str, str]]:
     """What the evaluator says happens to one packet, hook by hook, as the oracle reports
     the kernel's: incoming (p.iifname set) through prerouting, then input (to a `local`
     address) or forward to the interface `route` gives, then postrouting; locally generated
-    through output and postrouting."""
+    through output and postrouting. primary(iface, family): the address redirect (incoming
+    interface, "lo" on output) and masquerade (outgoing interface) write."""
     ev = Evaluator(rs)
     out: list[tuple[str, str]] = []
 
-    def run(hook: str, pk: Packet) -> tuple[str, Packet]:
+    def run(hook: str, pk: Packet, nat_iface: str | None) -> tuple[str, Packet]:
         got: list[tuple[str, Packet]] = []
+        ev.local_addr = (lambda fam: primary(nat_iface, fam)) \
+            if primary and nat_iface else None
 
         def leaf(e: Evaluator, verdict: str, trace: list, nat: list, taint: list) -> None:
             w = e.point()
@@ -818,18 +989,18 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
 
     pk = p
     if p.iifname:
-        v, pk = run("prerouting", dataclasses.replace(p, oifname=None))
+        v, pk = run("prerouting", dataclasses.replace(p, oifname=None), p.iifname)
         out.append(("prerouting", v))
         if v != "accept":
             return out
         if pk.daddr in local:
-            v, _ = run("input", pk)
+            v, _ = run("input", pk, None)
             out.append(("input", v))
             return out
         oif = route(pk.daddr)
         if oif is None:
             return out + [("route", "lost")]
-        v, pk = run("forward", dataclasses.replace(pk, oifname=oif))
+        v, pk = run("forward", dataclasses.replace(pk, oifname=oif), None)
         out.append(("forward", v))
         if v != "accept":
             return out
@@ -837,10 +1008,15 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
         oif = route(p.daddr)
         if oif is None:
             return [("route", "lost")]
-        v, pk = run("output", dataclasses.replace(p, oifname=oif))
+        v, pk = run("output", dataclasses.replace(p, oifname=oif), "lo")
         out.append(("output", v))
         if v != "accept":
             return out
-    v, _ = run("postrouting", pk)
+        if pk.daddr != p.daddr:  # NAT in output: the kernel routes the packet again
+            oif = route(pk.daddr)
+            if oif is None:
+                return out + [("route", "lost")]
+            pk = dataclasses.replace(pk, oifname=oif)
+    v, _ = run("postrouting", pk, pk.oifname)
     out.append(("postrouting", v))
     return out

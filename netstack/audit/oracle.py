@@ -53,8 +53,35 @@ def trace_table() -> dict[str, Any]:
     return {"nftables": cmds}
 
 
-_LINE = re.compile(r"trace id (\S+) (\S+) (\S+) (\S+) (?:rule .*\(verdict (\w+)|verdict (\w+)|"
-                   r"policy (\w+))")
+_LINE = re.compile(r"trace id (\S+) (\S+) (\S+) (\S+) (?:(?:unknown )?rule .*\(verdict (\w+)|"
+                   r"verdict (\w+)|policy (\w+))")
+
+
+class Lines:
+    """Lines of a pipe with a deadline: select() on the descriptor and our own buffer (a
+    buffered reader would keep lines select() cannot see)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+
+    def next(self, timeout: float) -> str | None:
+        """The next line, or None when none came within timeout (or the pipe closed)."""
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = end - time.monotonic()
+            if left < 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def drain(self) -> None:
+        while self.next(0) is not None:
+            pass
 
 SENDER = r"""
 import json, socket, sys
@@ -84,9 +111,13 @@ for line in sys.stdin:
         elif p["proto"] == "udp":
             s.sendto(b"nstkoracle", (p["daddr"], p["dport"]))
         else:
-            s.sendto(bytes(p.get("icmp", [8, 0, 0xF7, 0xFF, 0, 0, 0, 0])), (p["daddr"], 0))
+            echo = [128, 0, 0, 0, 0, 0, 0, 0] if fam == socket.AF_INET6 else \
+                [8, 0, 0xF7, 0xFF, 0, 0, 0, 0]  # the kernel sums ICMPv6 itself
+            s.sendto(bytes(echo), (p["daddr"], 0))
         print(json.dumps({"ok": True}), flush=True)
         s.close()
+    except PermissionError:  # EPERM: netfilter dropped it on the way out (the trace says)
+        print(json.dumps({"ok": True}), flush=True)
     except OSError as e:
         print(json.dumps({"ok": False, "error": str(e)}), flush=True)
 """
@@ -103,9 +134,11 @@ class KernelLab:
         self.made: list[str] = []
         self.ifaces: dict[str, dict[str, Any]] = {}
         self.mon: subprocess.Popen | None = None
+        self.restarts = 0
         self.probers: dict[str, Any] = {}
         self.senders: dict[tuple[int, int], subprocess.Popen] = {}
         self.local: set[str] = set()
+        self._hooks: dict[tuple[str, str, str], str] | None = None
         try:
             self._make(ifaces)
         except BaseException:
@@ -129,22 +162,34 @@ class KernelLab:
             self.add_iface(name, i)
         k.link_up(self.dut, "lo")
         k.nft(self.dut, trace_table())
-        self.mon = subprocess.Popen(["ip", "netns", "exec", self.dut, "nft", "monitor"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._monitor()
+
+    def _monitor(self) -> None:
+        """(Re)start `nft monitor`; line-buffered, as a pipe would otherwise hold the last
+        events of a packet back. It can die of a netlink overrun: fate() restarts it."""
+        if self.mon is not None:
+            self.mon.kill()
+            self.mon.wait()
+            self.restarts += 1
+        self.mon = subprocess.Popen(["ip", "netns", "exec", self.dut, "stdbuf", "-oL", "nft",
+                                     "monitor", "trace"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.mon.stdout is not None
+        self.out = Lines(self.mon.stdout.fileno())
         self._ready()
 
     def _ready(self, timeout: float = 5.0) -> None:
-        """The monitor is listening once it reports a change we make (an event, no sleep)."""
-        assert self.mon is not None and self.mon.stdout is not None
-        t = {"table": {"family": "inet", "name": "nstready"}}
-        self.k.nft(self.dut, {"nftables": [{"add": t}, {"delete": t}]})
+        """The monitor is listening once it reports the trace of a packet we send (an
+        event, no sleep): a datagram to 127.0.0.1:9 from inside, until one is seen."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:  # until it hears one of our changes
-            r, _, _ = select.select([self.mon.stdout], [], [], 0.05)
-            if r and "nstready" in self.mon.stdout.readline():
-                return
-            if not r:
-                self.k.nft(self.dut, {"nftables": [{"add": t}, {"delete": t}]})
+        probe = {"daddr": "127.0.0.1", "saddr": None, "proto": "udp", "ipproto": 17,
+                 "dport": 9, "sport": 0, "mark": 0}
+        while time.monotonic() < end:
+            self._send(0, 0, probe)
+            while (line := self.out.next(0.1)) is not None:
+                if "daddr 127.0.0.1 " in line and "udp dport 9 " in line:
+                    self.out.drain()
+                    return
         raise RuntimeError("nft monitor did not start")
 
     def add_iface(self, name: str, i: int | None = None) -> None:
@@ -193,6 +238,7 @@ class KernelLab:
                             if not ("table" in i and i["table"]["name"] == TRACE)]}
         flush = [{"delete": {"table": {"family": t["family"], "name": t["name"]}}}
                  for t in self._tables() if t["name"] != TRACE]
+        self._hooks = None
         self.k.nft(self.dut, {"nftables": flush + [{"add": i} for i in doc["nftables"]]})
 
     def _tables(self) -> list[dict[str, Any]]:
@@ -201,6 +247,15 @@ class KernelLab:
     # --- one packet ---------------------------------------------------------------------
     def fate(self, p: Packet, timeout: float = 0.5) -> list[tuple[str, str]]:
         """What the kernel does with this packet, hook by hook."""
+        for _ in range(3):
+            if self.mon is None or self.mon.poll() is not None:
+                self._monitor()
+            got = self._fate(p, timeout)
+            if self.mon is not None and self.mon.poll() is None:
+                return got
+        raise RuntimeError("nft monitor keeps dying")
+
+    def _fate(self, p: Packet, timeout: float) -> list[tuple[str, str]]:
         self._flush_conntrack()
         if p.ct_state == "established":
             self._connection(p)
@@ -270,14 +325,17 @@ class KernelLab:
         return s
 
     def _send_out(self, p: Packet) -> None:
-        s = self._sender(p.skuid or 0, p.skgid or 0)
-        assert s.stdin is not None and s.stdout is not None
         from netstack.audit.space import L4
 
         spec = {"daddr": p.daddr, "saddr": p.saddr if p.saddr in self.local else None,
                 "proto": p.l4proto if p.l4proto in ("tcp", "udp") else "raw",
                 "ipproto": L4.get(p.l4proto, 253), "dport": p.dport or 0,
                 "sport": p.sport if p.sport and p.saddr in self.local else 0, "mark": p.mark}
+        self._send(p.skuid or 0, p.skgid or 0, spec)
+
+    def _send(self, uid: int, gid: int, spec: dict[str, Any]) -> None:
+        s = self._sender(uid, gid)
+        assert s.stdin is not None and s.stdout is not None
         s.stdin.write(json.dumps(spec) + "\n")
         s.stdin.flush()
         r = json.loads(s.stdout.readline())
@@ -285,41 +343,50 @@ class KernelLab:
             raise RuntimeError(f"could not send {spec}: {r['error']}")
 
     def _drain(self) -> None:
-        assert self.mon is not None and self.mon.stdout is not None
-        while select.select([self.mon.stdout], [], [], 0)[0]:
-            if not self.mon.stdout.readline():
-                return
+        self.out.drain()
 
     def _read_fate(self, p: Packet, timeout: float) -> list[tuple[str, str]]:
         assert self.mon is not None and self.mon.stdout is not None
         self.lines: list[str] = []  # our packet's trace
-        hooks = self._chain_hooks()
+        self.seen: list[str] = []  # everything the monitor said meanwhile
+        if self._hooks is None:
+            self._hooks = self._chain_hooks()
+        hooks = self._hooks
         fate: list[tuple[str, str]] = []
         dropped: set[str] = set()
         ours: str | None = None  # the trace id of our packet, from its "packet:" line
-        want = (f"saddr {ipaddress.ip_address(p.saddr)} ",
-                f"daddr {ipaddress.ip_address(p.daddr)} ")
+        hook: str | None = None
+        # where it starts (not the looped-back tail of an earlier local packet)
+        want = [f' packet: iif "{p.iifname}" ' if p.iifname else " packet: oif ",
+                f"saddr {ipaddress.ip_address(p.saddr)} ",
+                f"daddr {ipaddress.ip_address(p.daddr)} "]
+        if p.l4proto in ("tcp", "udp") and p.dport:  # not a reply of the same two hosts
+            want.append(f"{p.l4proto} dport {p.dport} ")
+            if p.sport and (p.iifname or p.saddr in self.local):
+                want.append(f"{p.l4proto} sport {p.sport} ")
+        elif p.l4proto in ("icmp", "icmpv6", "ipv6-icmp"):  # not the kernel's echo reply
+            want.append(f"{'icmp' if p.family == 'ipv4' else 'icmpv6'} type echo-request ")
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            r, _, _ = select.select([self.mon.stdout], [], [], max(0.0, end - time.monotonic()))
-            if not r:
+            line = self.out.next(end - time.monotonic())
+            if line is None:
                 break
-            line = self.mon.stdout.readline()
+            self.seen.append(line.rstrip())
             if ours is None:
-                if " packet: " in line and all(w in line + " " for w in want):
+                if all(w in line + " " for w in want):
                     ours = line.split()[2]
                 continue
             if line.split()[2:3] != [ours]:
                 continue
             self.lines.append(line.rstrip())
+            words = line.split()
+            if len(words) > 5:  # a regular chain runs within the hook of its base chain
+                hook = hooks.get((words[3], words[4], words[5]), hook)
             m = _LINE.search(line)
-            if not m:
+            if not m or hook is None:
                 continue
             table, chain = m.group(3), m.group(4)
             verdict = m.group(5) or m.group(6) or m.group(7)
-            hook = hooks.get((m.group(2), table, chain))
-            if hook is None:
-                continue
             if verdict in ("drop", "reject"):
                 fate.append((hook, "drop"))
                 dropped.add(hook)

@@ -41,7 +41,7 @@ def _val(f: str, v: Any) -> Any:
         return int(ipaddress.ip_address(v))
     if f == "l4proto" and isinstance(v, str):
         return L4[v]
-    if f in ("tcp_flags", "ct_status") and not isinstance(v, frozenset):
+    if f in ("tcp_flags", "ct_status") and v is not None and not isinstance(v, frozenset):
         return frozenset(v)
     return v
 
@@ -306,7 +306,7 @@ def _apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -
     def status() -> None:
         old = e.box.get("ct_status")
         vals = old.exact if old is not None and old.exact is not None else e.dom["ct_status"]
-        with_dnat = eq_pred(frozenset(v) | {"dnat"} for v in vals)
+        with_dnat = eq_pred(frozenset(v) | {"dnat"} for v in vals if v is not None)
         e.rewrite("ct_status", with_dnat, (lambda: e.rewrite(
             "dport", one_of("dport", port), lambda: _apply_nat(e, q, rest, then)))
             if port else lambda: _apply_nat(e, q, rest, then))

@@ -34,6 +34,7 @@ ORDERED = {"saddr4": 2**32 - 1, "daddr4": 2**32 - 1, "saddr6": 2**128 - 1,
 NAMES = ("iif", "oif")
 FLAGS = ("tcp_flags", "ct_status")
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
+NO_CONNECTION = ("invalid", "untracked")  # packets without a conntrack entry
 NO_IFACE = ""  # what meta iifname/oifname read where the interface is not known yet
 
 L4 = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
@@ -238,6 +239,7 @@ class Domains:
                 raise Unsupported(f"{f}: more than 10 distinct bits")
             d[f] = tuple(frozenset(b for i, b in enumerate(bits) if n >> i & 1)
                          for n in range(1 << len(bits)))
+        d["ct_status"] = (None, *d["ct_status"])  # no connection at all
         self._built = d
         return d
 

@@ -44,7 +44,8 @@ def build6(p: dict[str, Any]) -> Any:
 
         pkt /= ICMPv6ND_RA()
     elif proto == "tcp6":
-        pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80), flags="S")
+        pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80),
+                   flags=p.get("flags", "S"), seq=p.get("seq", 1000))
     elif proto == "icmp6":
         pkt /= ICMPv6EchoRequest()
     else:

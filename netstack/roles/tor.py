@@ -177,8 +177,8 @@ def tor_gateway(q: QubeView, uid: int) -> list[Result]:
 
     per_client("Tor gateway forwards nothing", "forward", lambda c: {}, p.accepted,
                "nothing from clients is ever forwarded")
-    redirected = [p.box(ct_status=p.Pred(lambda s: "dnat" in s), l4proto=p.one_of("l4proto", l4),
-                        dport=p.one_of("dport", port))
+    redirected = [p.box(ct_status=p.Pred(lambda s: s is not None and "dnat" in s),
+                        l4proto=p.one_of("l4proto", l4), dport=p.one_of("dport", port))
                   for l4, port in (("tcp", TRANS_PORT), ("udp", DNS_PORT))]
     per_client("only TransPort and DNSPort from clients", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS)},

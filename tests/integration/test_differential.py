@@ -1,0 +1,94 @@
+"""Differential testing (root): random rulesets made of exactly the constructs the evaluator
+claims to model (tests/nftgen.py), random packets, each pair judged by the evaluator and by
+the kernel (scratch namespaces, the packet sent for real, its fate read from nftrace; a
+local packet is sent by a process of its uid and gid with its mark; a mid-connection one
+finds its connection made with `conntrack -I`). Any disagreement fails the run and is
+printed as a case ready for tests/differential_cases/, where the cases found so far are
+replayed on every run (and by tests/unit/test_differential_cases.py without root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from netstack.audit.evaluator import Packet, Ruleset, fate
+from tests import nftgen
+
+pytestmark = pytest.mark.root
+
+PACKETS = 8  # per ruleset: loading a ruleset costs more than judging a packet
+RULESETS = int(os.environ.get("NETSTACK_DIFF_RULESETS", "260"))  # 2,080 pairs
+CASES = Path(__file__).parent.parent / "differential_cases"
+
+
+@pytest.fixture(scope="module")
+def dut():
+    from netstack.audit.oracle import KernelLab
+
+    lab = KernelLab(list(nftgen.IFACES))
+    try:
+        for table in (nftgen.FAR4, nftgen.FAR6):
+            for addr, oif in table.items():
+                lab.route(addr, oif)
+        yield lab
+    finally:
+        lab.close()
+
+
+def judge(lab, ruleset: dict, packets: list[Packet]) -> list[dict]:
+    """The disagreements of the evaluator with the kernel on these packets."""
+    lab.load(ruleset)
+    rs = Ruleset(ruleset)
+    out = []
+    for p in packets:
+        kernel = [list(x) for x in lab.fate(p)]
+        ours = [list(x) for x in fate(rs, p, nftgen.route, nftgen.LOCAL, nftgen.primary)]
+        if kernel != ours:
+            out.append({"why": "found by test_differential", "ruleset": ruleset,
+                        "packet": p.describe(), "kernel": kernel, "evaluator": ours,
+                        "trace": lab.lines})
+    return out
+
+
+def test_evaluator_agrees_with_the_kernel(dut, record_property):
+    stats = {"pairs": 0, "rulesets": 0}
+    found: list[dict] = []
+
+    @settings(max_examples=RULESETS, deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate],  # no shrinking: each try is a load
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(ruleset=nftgen.rulesets(),
+           packets=st.lists(nftgen.packets(), min_size=PACKETS, max_size=PACKETS))
+    def one(ruleset, packets):
+        found.extend(judge(dut, ruleset, packets))
+        stats["pairs"] += len(packets)
+        stats["rulesets"] += 1
+
+    t = time.monotonic()
+    one()
+    took = time.monotonic() - t
+    record_property("differential_pairs", stats["pairs"])
+    record_property("differential_seconds", round(took, 1))
+    print(f"\ndifferential: {stats['pairs']} pairs on {stats['rulesets']} rulesets in "
+          f"{took:.1f} s, {len(found)} disagreements, monitor restarts {dut.restarts}")
+    where = os.environ.get("NETSTACK_DIFF_FOUND")  # a folder to keep what was found in
+    for i, case in enumerate(found if where else []):
+        Path(where, f"found-{os.getpid()}-{i}.json").write_text(json.dumps(case, indent=1))
+    assert not found, "the evaluator and the kernel disagree; add to " \
+        f"tests/differential_cases/:\n{json.dumps(found[0], indent=1)}"
+    assert stats["pairs"] >= 2000 or RULESETS * PACKETS < 2000
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CASES.glob("*.json")))
+def test_found_cases_still_hold_in_the_kernel(dut, name):
+    """Each case once found (or written down) still has the kernel's recorded fate."""
+    case = json.loads((CASES / f"{name}.json").read_text())
+    dut.load(case["ruleset"])
+    got = [list(x) for x in dut.fate(nftgen.packet_from(case["packet"]))]
+    assert got == case["kernel"], dut.lines

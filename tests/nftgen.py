@@ -1,0 +1,519 @@
+"""Random nftables rulesets and packets for differential testing (evaluator vs kernel).
+
+The rulesets use exactly the constructs the evaluator claims to model (docs/security.md,
+"What the audit models"): base chains of every hook, type and a spread of priorities
+(ties included) in inet/ip/ip6 tables, regular chains reached by jump and goto (no loops),
+return, policies, verdict maps, named and anonymous sets with intervals and
+concatenations, ct state and status, meta iifname/oifname (with wildcards), mark (with a
+mask), skuid, skgid, l4proto, nfproto, ip/ip6 addresses and prefixes, ports and ranges,
+tcp flags, icmp types, mark setting and NAT (dnat, snat, masquerade, redirect).
+
+Constants are drawn from small pools shared with the packets so that rules match often.
+The lab (tests/integration/test_differential.py) gives the device under test the links
+and routes described by LAB below; packets only use addresses the lab made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from netstack.audit.evaluator import Packet
+
+IFACES = ("lan0", "wan0", "vif3")
+# device-under-test addresses per link (tests/integration: KernelLab.add_iface in order)
+DUT4 = {n: str(ipaddress.ip_address("192.0.2.0") + 16 * i + 1) for i, n in enumerate(IFACES)}
+NBR4 = {n: str(ipaddress.ip_address("192.0.2.0") + 16 * i + 2) for i, n in enumerate(IFACES)}
+DUT6 = {n: f"2001:db8:{i + 1}::1" for i, n in enumerate(IFACES)}
+NBR6 = {n: f"2001:db8:{i + 1}::2" for i, n in enumerate(IFACES)}
+# far hosts, each routed through one link's neighbour
+FAR4 = {"198.51.100.10": "lan0", "198.51.100.20": "wan0", "203.0.113.30": "vif3",
+        "203.0.113.40": "wan0"}
+FAR6 = {"2001:db8:100::10": "lan0", "2001:db8:200::20": "wan0", "2001:db8:300::30": "vif3"}
+LOCAL = set(DUT4.values()) | set(DUT6.values())
+PORTS = (22, 53, 80, 443, 8080)
+MARKS = (0, 1, 0x100, 0x1ff)
+# what `meta length` reads (IP header on): incoming (scapy, a 10-byte payload) and local
+# (the kernel's own TCP SYN with options, UDP with the payload, an 8-byte echo request)
+LENGTH_IN = {("ipv4", "tcp"): 50, ("ipv4", "udp"): 38, ("ipv4", "icmp"): 38,
+             ("ipv6", "tcp"): 70, ("ipv6", "udp"): 58, ("ipv6", "ipv6-icmp"): 58}
+LENGTH_OUT = {("ipv4", "tcp"): 60, ("ipv4", "udp"): 38, ("ipv4", "icmp"): 28,
+              ("ipv6", "tcp"): 80, ("ipv6", "udp"): 58, ("ipv6", "ipv6-icmp"): 48}
+LENGTHS = (28, 38, 48, 50, 58, 60, 70, 80, 100)
+IDS = (0, 1000, 65534)  # uids and gids
+NAMES = ("lan0", "wan0", "vif3", "wan*", "v*", "eth0")
+
+
+def route(daddr: str) -> str | None:
+    """The DUT's routing table: the interface a packet to daddr leaves by ("lo": local)."""
+    if daddr in LOCAL or daddr in ("127.0.0.1", "::1"):
+        return "lo"
+    for table in (FAR4, FAR6):
+        if daddr in table:
+            return table[daddr]
+    for n in IFACES:
+        if daddr in (NBR4[n], NBR6[n]):
+            return n
+    return None
+
+
+def source_for(daddr: str) -> str:
+    """The address the kernel picks for a local sender to daddr."""
+    oif = route(daddr)
+    if oif == "lo":
+        return daddr
+    assert oif is not None
+    return (DUT6 if ":" in daddr else DUT4)[oif]
+
+
+def primary(iface: str, family: str) -> str:
+    """Where redirect sends an incoming packet (the first address of its link), or what
+    masquerade writes as the source."""
+    if iface == "lo":
+        return "::1" if family == "ipv6" else "127.0.0.1"
+    return (DUT6 if family == "ipv6" else DUT4)[iface]
+
+
+def addrs(six: bool) -> list[str]:
+    if six:
+        return sorted(FAR6) + sorted(DUT6.values()) + sorted(NBR6.values())
+    return sorted(FAR4) + sorted(DUT4.values()) + sorted(NBR4.values())
+
+
+# --- rulesets ------------------------------------------------------------------------------
+
+HOOK_TYPES = {"prerouting": ("filter", "nat"), "input": ("filter", "nat"),
+              "forward": ("filter",), "output": ("filter", "nat"),
+              "postrouting": ("filter", "nat")}
+PRIOS = (-300, -150, -100, -5, 0, 0, 10, 100, 300)
+NAT_PRIOS = (-150, -100, 0, 50, 100)
+
+
+@dataclass
+class Ctx:
+    family: str  # of the table
+    table: str
+    hook: str | None  # None: a regular chain (only statements valid at every hook)
+    ctype: str
+    chains_after: list[str]  # regular chains this chain may jump to (no loops)
+    sets: dict[str, Any]
+
+
+def _addr_value(draw, six: bool) -> Any:
+    a = draw(st.sampled_from(addrs(six)))
+    kind = draw(st.sampled_from(["one", "one", "prefix", "range"]))
+    if kind == "prefix":
+        n = draw(st.sampled_from([24, 28] if not six else [48, 64]))
+        net = ipaddress.ip_network(f"{a}/{n}", strict=False)
+        return {"prefix": {"addr": str(net.network_address), "len": n}}
+    if kind == "range":
+        b = draw(st.sampled_from(addrs(six)))
+        lo, hi = sorted([a, b], key=lambda x: int(ipaddress.ip_address(x)))
+        return {"range": [lo, hi]} if lo != hi else lo
+    return a
+
+
+def _port_value(draw) -> Any:
+    p = draw(st.sampled_from(PORTS))
+    if draw(st.integers(0, 3)) == 0:
+        return {"range": [p, p + draw(st.sampled_from([1, 100, 8000]))]}
+    return p
+
+
+def _setof(draw, one) -> list[Any]:
+    out: list[Any] = []
+    for _ in range(draw(st.integers(1, 3))):
+        v = one()
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _overlaps(vals: list[Any]) -> bool:
+    """An interval set may not hold overlapping elements (the kernel refuses them)."""
+    spans = []
+    for v in vals:
+        if isinstance(v, dict) and "prefix" in v:
+            n = ipaddress.ip_network(f"{v['prefix']['addr']}/{v['prefix']['len']}")
+            spans.append((int(n.network_address), int(n.broadcast_address)))
+        elif isinstance(v, dict) and "range" in v:
+            lo, hi = v["range"]
+            if isinstance(lo, str):
+                lo, hi = int(ipaddress.ip_address(lo)), int(ipaddress.ip_address(hi))
+            spans.append((lo, hi))
+        elif isinstance(v, str):
+            spans.append((int(ipaddress.ip_address(v)),) * 2)
+        else:
+            spans.append((v, v))
+    spans.sort()
+    return any(a[1] >= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+PORTS_TOKEN = json.dumps({"set": ["tcp", "udp"]})
+L4_PORTS = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                      "right": {"set": ["tcp", "udp"]}}}
+
+
+def implied(x: Any) -> tuple[set[str], set[str]]:
+    """The network and transport protocols an expression commits its rule to (nft refuses
+    a rule that commits to two)."""
+    net: set[str] = set()
+    l4: set[str] = set()
+    if isinstance(x, dict):
+        pl = x.get("payload")
+        if isinstance(pl, dict):
+            proto = pl.get("protocol")
+            if proto in ("ip", "icmp"):
+                net.add("ipv4")
+            if proto in ("ip6", "icmpv6"):
+                net.add("ipv6")
+            if proto in ("tcp", "udp", "icmp"):
+                l4.add(proto)
+            if proto == "th":  # exact only after a match on protocols with ports
+                l4.add(PORTS_TOKEN)
+            if proto == "icmpv6":
+                l4.add("ipv6-icmp")
+        for k in ("dnat", "snat"):
+            fam = (x.get(k) or {}).get("family") if k in x else None
+            if fam:
+                net.add("ipv4" if fam == "ip" else "ipv6")
+        m = x.get("match")
+        if isinstance(m, dict) and m.get("op") == "==" and m["left"] == {"meta": {"key":
+                                                                               "nfproto"}}:
+            net.add(m["right"])
+        if isinstance(m, dict) and m.get("op") == "==" and isinstance(m["right"], str) and \
+                m["left"] in ({"payload": {"protocol": "ip", "field": "protocol"}},
+                              {"payload": {"protocol": "ip6", "field": "nexthdr"}}):
+            l4.add(m["right"])
+        if isinstance(m, dict) and m.get("op") == "==" and m["left"] == {"meta": {"key":
+                                                                               "l4proto"}} \
+                and isinstance(m["right"], (str, dict)):
+            # a set of protocols commits to all of them: nothing else may follow
+            l4.add(m["right"] if isinstance(m["right"], str) else json.dumps(m["right"]))
+        for v in x.values():
+            n2, l2 = implied(v)
+            net |= n2
+            l4 |= l2
+    elif isinstance(x, list):
+        for v in x:
+            n2, l2 = implied(v)
+            net |= n2
+            l4 |= l2
+    return net, l4
+
+
+def _match(draw, c: Ctx) -> tuple[list[dict[str, Any]], set[str]]:
+    """One match, and the transport protocols it implies."""
+    fams = {"inet": ["ipv4", "ipv6"], "ip": ["ipv4"], "ip6": ["ipv6"]}[c.family]
+    kinds = ["iif", "oif", "addr", "port", "l4", "ct_state", "ct_status", "mark", "markmask",
+             "skuid", "skgid", "tcpflags", "icmp", "concat", "named", "length", "ipproto"]
+    if c.family == "inet":
+        kinds.append("nfproto")
+    k = draw(st.sampled_from(kinds))
+
+    def m(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+        return {"match": {"op": op, "left": left, "right": right}}
+    meta = lambda key: {"meta": {"key": key}}  # noqa: E731
+    eqne = lambda: draw(st.sampled_from(["==", "==", "!="]))  # noqa: E731
+    if k in ("iif", "oif"):
+        names = _setof(draw, lambda: draw(st.sampled_from(NAMES)))
+        right = names[0] if len(names) == 1 else {"set": names}
+        return [m(meta(k + "name"), right, eqne())], set()
+    if k == "nfproto":
+        return [m(meta("nfproto"), draw(st.sampled_from(fams)))], set()
+    if k == "addr":
+        six = draw(st.sampled_from(fams)) == "ipv6"
+        left = {"payload": {"protocol": "ip6" if six else "ip",
+                            "field": draw(st.sampled_from(["saddr", "daddr"]))}}
+        vals = _setof(draw, lambda: _addr_value(draw, six))
+        if _overlaps(vals):
+            vals = vals[:1]
+        right = vals[0] if len(vals) == 1 else {"set": vals}
+        return [m(left, right, eqne() if len(vals) == 1 else "==")], set()
+    if k == "port":
+        proto = draw(st.sampled_from(["tcp", "udp", "th"]))
+        left = {"payload": {"protocol": proto, "field": draw(st.sampled_from(["sport",
+                                                                               "dport"]))}}
+        vals = _setof(draw, lambda: _port_value(draw))
+        if _overlaps(vals):
+            vals = vals[:1]
+        right = vals[0] if len(vals) == 1 else {"set": vals}
+        return [m(left, right, eqne() if len(vals) == 1 else "==")], \
+            ({proto} if proto != "th" else set())
+    if k == "l4":
+        vals = _setof(draw, lambda: draw(st.sampled_from(["tcp", "udp", "icmp", "ipv6-icmp"])))
+        right = vals[0] if len(vals) == 1 else {"set": vals}
+        return [m(meta("l4proto"), right, eqne() if len(vals) == 1 else "==")], \
+            ({vals[0]} if len(vals) == 1 else set())
+    if k == "ct_state":
+        vals = _setof(draw, lambda: draw(st.sampled_from(["new", "established", "related",
+                                                          "invalid"])))
+        how = draw(st.sampled_from(["in", "set", "ne"]))
+        if how == "ne":
+            return [m({"ct": {"key": "state"}}, vals[0], "!=")], set()
+        if how == "set" and len(vals) > 1:
+            return [m({"ct": {"key": "state"}}, {"set": vals})], set()
+        return [m({"ct": {"key": "state"}}, vals if len(vals) > 1 else vals[0], "in")], set()
+    if k == "ct_status":
+        bit = draw(st.sampled_from(["dnat", "snat", "seen-reply", "assured", "confirmed"]))
+        if draw(st.booleans()):
+            return [m({"ct": {"key": "status"}}, bit, "in")], set()
+        mask = sorted({bit, draw(st.sampled_from(["dnat", "snat", "seen-reply"]))})
+        return [m({"&": [{"ct": {"key": "status"}}, mask if len(mask) > 1 else mask[0]]},
+                  bit, eqne())], set()
+    if k == "mark":
+        return [m(meta("mark"), draw(st.sampled_from(MARKS)), eqne())], set()
+    if k == "length":
+        op = draw(st.sampled_from(["==", "!=", "<", ">", "<=", ">=", "range"]))
+        n = draw(st.sampled_from(LENGTHS))
+        if op == "range":
+            return [m(meta("length"), {"range": [n, n + draw(st.sampled_from([0, 10, 30]))]})
+                    ], set()
+        return [m(meta("length"), n, op)], set()
+    if k == "ipproto":
+        six = draw(st.sampled_from(fams)) == "ipv6"
+        left = {"payload": {"protocol": "ip6", "field": "nexthdr"} if six else
+                {"protocol": "ip", "field": "protocol"}}
+        return [m(left, draw(st.sampled_from(["tcp", "udp", "ipv6-icmp" if six else "icmp"])),
+                  eqne())], set()
+    if k == "markmask":
+        mask = draw(st.sampled_from([0xff, 0x100, 0xf00]))
+        val = draw(st.sampled_from([0, 1, 0x100])) & mask
+        return [m({"&": [meta("mark"), mask]}, val, eqne())], set()
+    if k in ("skuid", "skgid"):
+        return [m(meta(k), draw(st.sampled_from(IDS)), eqne())], set()
+    if k == "tcpflags":
+        pl = {"payload": {"protocol": "tcp", "field": "flags"}}
+        how = draw(st.sampled_from(["in", "masked", "set"]))
+        if how == "in":
+            return [m(pl, draw(st.sampled_from(["syn", "ack", "fin", "rst"])), "in")], {"tcp"}
+        if how == "set":
+            return [m(pl, {"set": ["syn", "ack"]})], {"tcp"}
+        return [m({"&": [pl, ["syn", "ack"]]}, draw(st.sampled_from(["syn", "ack"])),
+                  eqne())], {"tcp"}
+    if k == "icmp":
+        six = draw(st.sampled_from(fams)) == "ipv6"
+        types = ["echo-request", "echo-reply", "destination-unreachable"]
+        if draw(st.integers(0, 3)) == 0:
+            return [m({"payload": {"protocol": "icmpv6" if six else "icmp", "field": "code"}},
+                      draw(st.sampled_from([0, 1])), eqne())], \
+                {"ipv6-icmp" if six else "icmp"}
+        return [m({"payload": {"protocol": "icmpv6" if six else "icmp", "field": "type"}},
+                  draw(st.sampled_from(types)), eqne())], {"ipv6-icmp" if six else "icmp"}
+    # concatenations: address . port, anonymous or named
+    six = draw(st.sampled_from(fams)) == "ipv6"
+    proto = draw(st.sampled_from(["tcp", "udp"]))
+    af = draw(st.sampled_from(["saddr", "daddr"]))
+    left = {"concat": [{"payload": {"protocol": "ip6" if six else "ip", "field": af}},
+                       {"payload": {"protocol": proto, "field": "dport"}}]}
+    elems = []
+    for _ in range(draw(st.integers(1, 3))):
+        e = {"concat": [_addr_value(draw, six), _port_value(draw)]}
+        if e not in elems:
+            elems.append(e)
+    if len(elems) > 1 and (_overlaps([e["concat"][0] for e in elems])
+                           or _overlaps([e["concat"][1] for e in elems])):
+        elems = elems[:1]
+    if k == "named":
+        name = f"s{len(c.sets)}"
+        c.sets[name] = {"family": c.family, "table": c.table, "name": name,
+                        "type": ["ipv6_addr" if six else "ipv4_addr", "inet_service"],
+                        "flags": ["interval"], "elem": elems}
+        return [m(left, f"@{name}")], {proto}
+    return [m(left, {"set": elems})], {proto}
+
+
+def _verdict(draw, c: Ctx, allow_nat: bool) -> list[dict[str, Any]]:
+    opts = ["accept", "drop", "none", "mark"]
+    if c.hook in ("input", "forward", "output") and c.ctype == "filter":
+        opts.append("reject")
+    if c.chains_after:
+        opts += ["jump", "goto", "vmap"]
+    if c.hook is None:
+        opts.append("return")
+    if allow_nat:
+        opts += ["nat", "nat"]
+    v = draw(st.sampled_from(opts))
+    if v in ("accept", "drop", "reject", "return"):
+        return [{v: None}]
+    if v == "none":
+        return [draw(st.sampled_from([{"counter": None}, {"log": {"prefix": "nst "}}]))]
+    if v == "mark":
+        return [{"mangle": {"key": {"meta": {"key": "mark"}},
+                            "value": draw(st.sampled_from(MARKS[1:]))}}]
+    if v in ("jump", "goto"):
+        return [{v: {"target": draw(st.sampled_from(c.chains_after))}}]
+    if v == "vmap":
+        data = []
+        used: list[int] = []
+        for _ in range(draw(st.integers(1, 3))):
+            p = draw(st.sampled_from(PORTS))
+            if p in used:
+                continue
+            used.append(p)
+            t = draw(st.sampled_from(["accept", "drop", "jump", "goto"]))
+            verdict = {t: {"target": draw(st.sampled_from(c.chains_after))}} \
+                if t in ("jump", "goto") else {t: None}
+            data.append([p, verdict])
+        proto = draw(st.sampled_from(["tcp", "udp", "th"]))
+        return [{"vmap": {"key": {"payload": {"protocol": proto, "field": "dport"}},
+                          "data": {"set": data}}}]
+    return []  # nat: filled by the caller, which knows the rule's dependencies
+
+
+def _nat(draw, c: Ctx, l4: set[str]) -> dict[str, Any]:
+    src = c.hook in ("postrouting", "input")
+    opts = ["snat", "masquerade"] if src else ["dnat", "redirect"]
+    if c.hook == "input":
+        opts = ["snat"]
+    kind = draw(st.sampled_from(opts))
+    ports = bool(l4 & {"tcp", "udp"}) and len(l4) == 1
+    arg: dict[str, Any] = {}
+    if kind in ("dnat", "snat"):
+        fams = {"inet": ["ipv4", "ipv6"], "ip": ["ipv4"], "ip6": ["ipv6"]}[c.family]
+        fam = draw(st.sampled_from(fams))
+        arg["addr"] = draw(st.sampled_from(addrs(fam == "ipv6")))
+        if c.family == "inet":
+            arg["family"] = "ip6" if fam == "ipv6" else "ip"
+    if ports and draw(st.booleans()):
+        arg["port"] = draw(st.sampled_from(PORTS))
+    return {kind: arg or None}
+
+
+def _rules(draw, c: Ctx) -> list[dict[str, Any]]:
+    out = []
+    for _ in range(draw(st.integers(0, 5))):
+        expr: list[dict[str, Any]] = []
+        l4: set[str] = set()
+        for _ in range(draw(st.integers(0, 2))):
+            ms, l4m = _match(draw, c)
+            expr += ms
+            l4 |= l4m
+        nat = c.ctype == "nat" and c.hook is not None
+        stmt = _verdict(draw, c, nat)
+        if not stmt:
+            stmt = [_nat(draw, c, l4)]
+        # one network and one transport protocol per rule (nft refuses conflicts): the
+        # statement stays, matches that conflict with it or with each other go
+        net_all, l4_all = implied(stmt)
+        kept: list[dict[str, Any]] = []
+        for x in expr:
+            n, t = implied(x)
+            if len(net_all | n) > 1 or len(l4_all | t) > 1:
+                continue
+            kept.append(x)
+            net_all |= n
+            l4_all |= t
+        if any(PORTS_TOKEN in implied(x)[1] for x in kept + stmt) and \
+                not l4_all & {"tcp", "udp"} and L4_PORTS not in kept:
+            kept.insert(0, L4_PORTS)  # `th` reads ports only after this
+        nk = next(iter(stmt[0]))
+        if nk in ("dnat", "snat", "masquerade", "redirect") and stmt[0][nk] and \
+                "port" in stmt[0][nk] and not (l4_all & {"tcp", "udp"}):
+            stmt = [{nk: {k: v for k, v in stmt[0][nk].items() if k != "port"} or None}]
+        kept += stmt
+        out.append({"family": c.family, "table": c.table, "chain": None, "expr": kept})
+    return out
+
+
+@st.composite
+def rulesets(draw) -> dict[str, Any]:
+    """A whole ruleset as `nft -j` lists it (without handles): one or two tables."""
+    items: list[dict[str, Any]] = []
+    tables = []
+    for t in range(draw(st.integers(1, 2))):
+        fam = draw(st.sampled_from(["inet", "inet", "ip", "ip6"]))
+        tables.append((fam, f"t{t}"))
+    for fam, tname in tables:
+        items.append({"table": {"family": fam, "name": tname}})
+        sets: dict[str, Any] = {}
+        regular = [f"r{i}" for i in range(draw(st.integers(0, 2)))]
+        chains: list[tuple[dict[str, Any], Ctx]] = []
+        for i, name in enumerate(regular):
+            chains.append(({"family": fam, "table": tname, "name": name},
+                           Ctx(fam, tname, None, "filter", regular[i + 1:], sets)))
+        for b in range(draw(st.integers(1, 3))):
+            hook = draw(st.sampled_from(list(HOOK_TYPES)))
+            ctype = draw(st.sampled_from(HOOK_TYPES[hook]))
+            core = -100 if hook in ("prerouting", "output") else 100
+            # a filter chain at the NAT core's own priority runs before or after it by
+            # registration history: the evaluator calls that UNPROVEN; not generated
+            prio = draw(st.sampled_from(NAT_PRIOS if ctype == "nat" else
+                                        [p for p in PRIOS if p != core]))
+            policy = draw(st.sampled_from(["accept", "accept", "drop"]))
+            chains.append(({"family": fam, "table": tname, "name": f"b{b}", "type": ctype,
+                            "hook": hook, "prio": prio, "policy": policy},
+                           Ctx(fam, tname, hook, ctype, regular, sets)))
+        rules = []
+        for chain, ctx in chains:
+            for r in _rules(draw, ctx):
+                r["chain"] = chain["name"]
+                rules.append({"rule": r})
+        items += [{"set": s} for s in sets.values()]
+        items += [{"chain": ch} for ch, _ in chains]
+        items += rules
+    return {"nftables": items}
+
+
+# --- packets -------------------------------------------------------------------------------
+
+@st.composite
+def packets(draw) -> Packet:
+    """A packet the lab can make: incoming on one of its links (to the DUT or through it) or
+    sent by a local process as some uid and gid; new, or of a connection made beforehand."""
+    six = draw(st.booleans())
+    fam = "ipv6" if six else "ipv4"
+    proto = draw(st.sampled_from(["tcp", "tcp", "udp", "icmp"]))
+    if proto == "icmp" and six:
+        proto = "ipv6-icmp"
+    est = proto in ("tcp", "udp") and draw(st.integers(0, 3)) == 0
+    flags: frozenset[str] = frozenset()
+    state = "established" if est else "new"
+    if proto == "tcp":
+        # without a connection: SYN opens one, a bare ACK is picked up mid-stream (loose
+        # tracking), SYN/ACK, FIN, FIN/ACK and RST are INVALID
+        flags = frozenset(draw(st.sampled_from(
+            [("ack",), ("psh", "ack"), ("fin", "ack")] if est else
+            [("syn",), ("syn",), ("ack",), ("syn", "ack"), ("fin",), ("fin", "ack"),
+             ("rst",)])))
+        if not est and flags not in (frozenset({"syn"}), frozenset({"ack"})):
+            state = "invalid"
+    sport = draw(st.sampled_from((*PORTS, 40000))) if proto in ("tcp", "udp") else None
+    dport = draw(st.sampled_from(PORTS)) if proto in ("tcp", "udp") else None
+    status = frozenset({"seen-reply", "assured", "confirmed"}) if est else frozenset()
+    if state == "invalid":
+        status = None
+    far = sorted(FAR6 if six else FAR4)
+    if draw(st.booleans()):  # incoming
+        iif = draw(st.sampled_from(IFACES))
+        nbr = (NBR6 if six else NBR4)[iif]
+        saddr = draw(st.sampled_from([*far, nbr]))
+        daddr = draw(st.sampled_from([a for a in addrs(six) if a != saddr]))
+        return Packet(family=fam, iifname=iif, saddr=saddr, daddr=daddr, l4proto=proto,
+                      sport=sport, dport=dport, tcp_flags=flags,
+                      icmp_type=(128 if six else 8) if "icmp" in proto else None,
+                      ct_state=state, ct_status=status, length=LENGTH_IN[(fam, proto)])
+    # locally generated: a TCP sender can only open (SYN); UDP may be mid-connection
+    if proto == "tcp":
+        est, flags, status = False, frozenset({"syn"}), frozenset()
+    daddr = draw(st.sampled_from(addrs(six)))
+    uid, gid = draw(st.sampled_from(IDS)), draw(st.sampled_from(IDS))
+    return Packet(family=fam, saddr=source_for(daddr), daddr=daddr, l4proto=proto,
+                  sport=sport, dport=dport, tcp_flags=flags,
+                  icmp_type=(128 if six else 8) if "icmp" in proto else None,
+                  ct_state="established" if est else "new", ct_status=status,
+                  mark=draw(st.sampled_from(MARKS)), skuid=uid, skgid=gid,
+                  length=LENGTH_OUT[(fam, proto)])
+
+
+def packet_from(d: dict[str, Any]) -> Packet:
+    """A Packet from its describe() form (a stored case)."""
+    d = dict(d)
+    d["tcp_flags"] = frozenset(d.get("tcp_flags", []))
+    d["ct_status"] = None if d.get("ct_state") in ("invalid", "untracked") else \
+        frozenset(d.get("ct_status", []))
+    return Packet(**d)

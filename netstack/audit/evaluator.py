@@ -46,8 +46,16 @@ CONNTRACK_PRIO = -200  # where connection tracking looks packets up (prerouting,
 NAT_KINDS = ("dnat", "snat", "masquerade", "redirect")
 
 
-def _is_th(x: dict[str, Any]) -> bool:
-    return '"protocol": "th"' in json.dumps(x)
+def _is_th(x: Any) -> bool:
+    """Whether an expression reads `th` (a raw transport header field)."""
+    if isinstance(x, dict):
+        pl = x.get("payload")
+        if isinstance(pl, dict) and pl.get("protocol") == "th":
+            return True
+        return any(_is_th(v) for v in x.values())
+    if isinstance(x, list):
+        return any(_is_th(v) for v in x)
+    return False
 
 
 def _restricts_to_ports(rs: Ruleset, matches: list[dict[str, Any]],
@@ -307,8 +315,9 @@ class Ruleset:
         # `th sport/dport` reads the first bytes of ANY transport header (ICMP's type and
         # code, its checksum...): exact only where the rule's other matches restrict the
         # packet to protocols with ports
-        self._ports_only = _restricts_to_ports(self, [x["match"] for x in exprs
-                                                      if "match" in x and not _is_th(x)], key)
+        ths = [x for x in exprs if _is_th(x)]
+        self._ports_only = bool(ths) and _restricts_to_ports(
+            self, [x["match"] for x in exprs if "match" in x and x not in ths], key)
         for x in exprs:
             if "match" in x:
                 try:

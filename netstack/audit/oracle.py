@@ -311,8 +311,9 @@ class KernelLab:
                                     for f in sorted(p.tcp_flags)) or ""
         if p.l4proto == "icmp" and p.icmp_type is not None:
             spec["icmp_type"] = p.icmp_type
-        if pr.send([spec]) != 1:
-            raise RuntimeError(f"could not send {spec}")
+        r = pr.send([spec])
+        if r.sent != 1:
+            raise RuntimeError(f"could not send {spec}: {'; '.join(r.failed)}")
 
     def _sender(self, uid: int, gid: int) -> subprocess.Popen:
         s = self.senders.get((uid, gid))

@@ -1,4 +1,3 @@
 """`netstack leaktest`: a hostile workstation's probe battery, captured on every link."""
 
 SCENARIOS = ("steady", "vpn-killed", "tor-killed", "firewall-reload", "down")
-FAULTS = ("gateway-redirect-only", "no-kill-switch", "no-antispoof", "ipv6-allowed")

@@ -11,15 +11,16 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.errors import StateError, UsageError
 from netstack.kernel import Kernel, RealKernel, proc_alive
-from netstack.leaktest import FAULTS, SCENARIOS
+from netstack.leaktest import SCENARIOS
 from netstack.leaktest.capture import Capture
 from netstack.leaktest.catalogue import Case, Target, cases, stamp
-from netstack.leaktest.prober import Prober
+from netstack.leaktest.prober import Prober, Sent
 from netstack.model import Plan, QubeInfo
 from netstack.processes import children, supervisor_pid
 from netstack.roles import role_for
@@ -214,6 +215,15 @@ def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A protection broken on purpose (test helpers only: tests/integration/faults.py).
+    `inject` breaks it and returns the function that repairs it."""
+
+    name: str
+    inject: Callable[[Ctx], Callable[[], None]]
+
+
 @dataclass
 class Report:
     stack: str
@@ -234,11 +244,9 @@ class Report:
 
 
 def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
-        fault: str | None = None, pcaps_dir: str | None = None) -> Report:
+        fault: Fault | None = None, pcaps_dir: str | None = None) -> Report:
     if scenario not in SCENARIOS:
         raise UsageError(f"--scenario {scenario!r}: use one of {', '.join(SCENARIOS)}")
-    if fault is not None and fault not in FAULTS:
-        raise UsageError(f"--inject-fault {fault!r}: use one of {', '.join(FAULTS)}")
     k = RealKernel()
     try:
         return _run(context(stack, ws_name, k), scenario, fault, pcaps_dir)
@@ -246,28 +254,28 @@ def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
         k.close()
 
 
-def _run(ctx: Ctx, scenario: str, fault: str | None, pcaps_dir: str | None) -> Report:
+def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) -> Report:
     stack = ctx.stack
     t0 = time.monotonic()
     run_id = secrets.token_hex(3)
     stamp_ = time.strftime("%Y%m%d-%H%M%S")
     base = pcaps_dir or os.path.join(os.getcwd(), "pcaps")
-    out_dir = os.path.join(base, f"{stamp_}-{stack}-{scenario}{'-' + fault if fault else ''}")
+    out_dir = os.path.join(base, f"{stamp_}-{stack}-{scenario}"
+                                 f"{'-' + fault.name if fault else ''}")
     os.makedirs(out_dir, exist_ok=True)
     cs = stamp(cases(target(ctx)), run_id)
     lks = links(ctx)
     prober = Prober(ctx.ws.netns)
     restore: list = []
-    sent = 0
+    sent: dict[str, Sent] = {}  # marker -> what the sender confirmed
+    after_down: set[str] = set()  # cases sent while `down` tore the stack away
     try:
         for lk in lks:
             lk.capture = Capture(lk.netns, lk.iface,
                                  os.path.join(out_dir, lk.name.replace(":", "_") + ".pcap"))
             lk.capture.start()
         if fault:
-            from netstack.leaktest.faults import inject
-
-            restore.append(inject(ctx, fault))
+            restore.append(fault.inject(ctx))
         with _scenario(ctx, scenario):
             downer = None
             # raw probes first, real clients last: a client's request completes end to end,
@@ -280,11 +288,12 @@ def _run(ctx: Ctx, scenario: str, fault: str | None, pcaps_dir: str | None) -> R
 
                     downer = threading.Thread(target=teardown, args=(ctx.state, RealKernel()))
                     downer.start()
+                if downer:
+                    after_down.add(c.marker)
                 if c.packets:
-                    sent += prober.send(c.packets)
-                if c.tool and ctx.kernel.netns_exists(ctx.ws.netns):
-                    subprocess.run(["ip", "netns", "exec", ctx.ws.netns, *c.tool],
-                                   capture_output=True, timeout=30)
+                    sent[c.marker] = prober.send(c.packets)
+                if c.tool:
+                    sent[c.marker] = _run_tool(ctx, c.tool)
             if downer:
                 downer.join()
             time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
@@ -295,11 +304,28 @@ def _run(ctx: Ctx, scenario: str, fault: str | None, pcaps_dir: str | None) -> R
                 lk.capture.stop()
         for r in reversed(restore):
             r()
-    return _verdict(ctx, cs, lks, scenario, fault, out_dir, sent, time.monotonic() - t0)
+    return _verdict(ctx, cs, lks, scenario, fault.name if fault else None, out_dir, sent,
+                    after_down, time.monotonic() - t0)
+
+
+def _run_tool(ctx: Ctx, tool: list[str]) -> Sent:
+    """A real client counts as sent once it ran inside the workstation (its request may
+    well be refused: that is what the case looks at)."""
+    if not ctx.kernel.netns_exists(ctx.ws.netns):
+        return Sent(0, ["the workstation's namespace is gone"])
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ctx.ws.netns, *tool],
+                           capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return Sent(1)
+    if p.returncode in (126, 127):  # not found / not executable: it never ran
+        return Sent(0, [f"{tool[0]} did not run: {p.stderr.decode(errors='replace').strip()}"])
+    return Sent(1)
 
 
 def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: str | None,
-             out_dir: str, sent: int, secs: float) -> Report:
+             out_dir: str, sent: dict[str, Sent], after_down: set[str],
+             secs: float) -> Report:
     seen: dict[str, list[str]] = {c.marker: [] for c in cs}
     leaked: dict[str, list[str]] = {c.marker: [] for c in cs}
     legit = {c.marker: ctx.protection in c.legit for c in cs}
@@ -335,8 +361,17 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                 control[c.marker] = "BLIND"
                 errors.append(f"{c.name}: no answer from the gateway with IPv6 on: the IPv6 "
                               "cases prove nothing")
+    src = next(lk.name for lk in lks if lk.zone == "source")
+    for c in cs:  # a case proves something only if its probes really left
+        why = _unproven(c, sent.get(c.marker, Sent(0, ["never sent"])), src in seen[c.marker])
+        if why and c.marker not in after_down:
+            control.setdefault(c.marker, "ERROR")
+            errors.append(f"{c.name}: {why}: the case proves nothing")
     case_rows = [{"case": c.name, "property": c.property, "marker": c.marker,
-                  "sent": len(c.packets) + (1 if c.tool else 0),
+                  "planned": len(c.packets) + (1 if c.tool else 0),
+                  "sent": sent[c.marker].sent if c.marker in sent else 0,
+                  "send_errors": sent[c.marker].failed if c.marker in sent else [],
+                  "after_down": c.marker in after_down,
                   "seen_on": seen[c.marker], "leaked_on": leaked[c.marker],
                   "verdict": "LEAK" if leaked[c.marker] else control.get(c.marker, "ok")}
                  for c in cs]
@@ -348,7 +383,22 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                  for lk in lks]
     leaks = sum(1 for r in case_rows if r["leaked_on"]) + unattributed
     return Report(ctx.stack, ctx.ws.name, ctx.protection, scenario, fault, out_dir,
-                  round(secs, 2), sent, case_rows, link_rows, leaks, errors)
+                  round(secs, 2), sum(s.sent for s in sent.values()), case_rows, link_rows,
+                  leaks, errors)
+
+
+def _unproven(c: Case, s: Sent, seen_at_source: bool) -> str | None:
+    """Why a case's probes prove nothing, or None: the sender did not confirm every packet,
+    or a marked probe it confirmed never showed up on the workstation's own link (then the
+    captures further up cannot have seen it either)."""
+    planned = len(c.packets) + (1 if c.tool else 0)
+    if s.sent < planned or s.failed:
+        return (f"{planned - s.sent} of {planned} probes not sent"
+                + (f" ({'; '.join(s.failed[:2])})" if s.failed else ""))
+    bare = all(p.get("bare") for p in c.packets) if c.packets else True
+    if not bare and not seen_at_source:
+        return "the sender confirmed its probes but the workstation's link never carried them"
+    return None
 
 
 def _nd_seen(lks: list[Link], target_addr: str) -> tuple[bool, bool]:

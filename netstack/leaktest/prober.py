@@ -6,6 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sent:
+    """What the sender confirmed: packets the socket took, and why each failed spec failed."""
+
+    sent: int
+    failed: list[str] = field(default_factory=list)
 
 
 class Prober:
@@ -19,15 +28,18 @@ class Prober:
         if not line or not json.loads(line).get("ready"):
             raise RuntimeError(f"probe sender in {ns} did not start")
 
-    def send(self, packets: list[dict]) -> int:
+    def send(self, packets: list[dict]) -> Sent:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             self.proc.stdin.write(json.dumps(packets) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
         except BrokenPipeError:
-            return 0
-        return json.loads(line)["sent"] if line else 0
+            line = ""
+        if not line:
+            return Sent(0, [f"the probe sender died (exit {self.proc.poll()})"])
+        r = json.loads(line)
+        return Sent(r["sent"], [f"packet {f['index'] + 1}: {f['error']}" for f in r["failed"]])
 
     def close(self) -> None:
         if self.proc.poll() is None:

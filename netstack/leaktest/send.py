@@ -127,20 +127,20 @@ def build(p: dict[str, Any]) -> Any:
     return pkt
 
 
-def send_specs(specs: list[dict[str, Any]]) -> int:
+def send_specs(specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Send each spec; count only what the socket took. A spec that cannot be built or sent
+    is reported with its index and the reason, never swallowed: a probe that did not leave
+    proves nothing."""
     from scapy.config import conf
     from scapy.sendrecv import send
 
     conf.ifaces.reload()  # routes and links change (a tunnel comes and goes): re-read
     conf.route.resync()
     sent = 0
-    for p in specs:
+    failed: list[dict[str, Any]] = []
+    for i, p in enumerate(specs):
         try:
             pkt = build(p)
-        except (OSError, ValueError, KeyError) as e:  # e.g. no route at all right now
-            print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
-            continue
-        try:
             if p.get("proto", "").endswith("6") or p.get("proto") in ("arp",) \
                     or p.get("via") or p.get("mac"):
                 from scapy.sendrecv import sendp
@@ -150,9 +150,9 @@ def send_specs(specs: list[dict[str, Any]]) -> int:
             else:
                 send(pkt, count=p.get("count", 1), verbose=False)
             sent += p.get("count", 1)
-        except OSError as e:
-            print(json.dumps({"error": str(e), "spec": p}), file=sys.stderr)
-    return sent
+        except (OSError, ValueError, KeyError) as e:  # e.g. no route, no such device
+            failed.append({"index": i, "error": f"{type(e).__name__}: {e}"})
+    return {"sent": sent, "failed": failed}
 
 
 def main() -> None:
@@ -162,12 +162,15 @@ def main() -> None:
     if sys.argv[1] == "--serve":  # one JSON list per line on stdin, one result line each
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
+            specs = json.loads(line)
             try:
-                print(json.dumps({"sent": send_specs(json.loads(line))}), flush=True)
+                print(json.dumps(send_specs(specs)), flush=True)
             except Exception as e:  # the namespace around us may be going away (`down`)
-                print(json.dumps({"sent": 0, "error": str(e)}), flush=True)
+                print(json.dumps({"sent": 0, "failed": [
+                    {"index": i, "error": f"{type(e).__name__}: {e}"}
+                    for i in range(len(specs))]}), flush=True)
         return
-    print(json.dumps({"sent": send_specs(json.loads(sys.argv[1]))}))
+    print(json.dumps(send_specs(json.loads(sys.argv[1]))))
 
 
 if __name__ == "__main__":

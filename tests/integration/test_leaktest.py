@@ -11,6 +11,9 @@ import secrets
 import pytest
 
 from netstack.leaktest import battery
+from netstack.leaktest.catalogue import Case
+from tests.integration.faults import broken
+from tests.integration.faults import fault as named
 from tests.integration.util import VPN_CFG, cli, running_stack
 
 pytestmark = pytest.mark.root
@@ -59,7 +62,7 @@ def test_tor_chain_scenarios(tor_lab, tmp_path, scenario):
 
 
 def test_tor_chain_fault_gateway_redirect_only_is_caught(tor_lab, tmp_path):
-    r = battery.run(tor_lab.stack, "anon-whonix", fault="gateway-redirect-only",
+    r = battery.run(tor_lab.stack, "anon-whonix", fault=named("gateway-redirect-only"),
                     pcaps_dir=str(tmp_path))
     got = leaked(r)
     assert got >= INVALID and got >= NOT_TCP
@@ -73,9 +76,46 @@ def test_cli_exit_codes_and_json(tor_lab, tmp_path):
     p = cli("--stack", tor_lab.stack, "leaktest", "--json", "--pcaps", str(tmp_path))
     r = json.loads(p.stdout)
     assert p.returncode == 0 and r["leaks"] == 0 and r["workstation"] == "anon-whonix"
-    p = cli("--stack", tor_lab.stack, "leaktest", "--inject-fault", "gateway-redirect-only",
-            "--pcaps", str(tmp_path), check=False)
+    assert all(c["sent"] == c["planned"] >= 1 and not c["send_errors"] for c in r["cases"])
+    with broken(tor_lab.stack, "anon-whonix", "gateway-redirect-only"):
+        p = cli("--stack", tor_lab.stack, "leaktest", "--pcaps", str(tmp_path), check=False)
     assert p.returncode == 1 and "LEAK:" in p.stdout and "tcp-fin" in p.stdout
+    # breaking a protection is a test helper, never a user-facing option
+    p = cli("--stack", tor_lab.stack, "leaktest", "--inject-fault", "no-kill-switch",
+            check=False)
+    assert p.returncode == 2 and "--inject-fault" in p.stderr + p.stdout
+
+
+def _with_case(monkeypatch, name: str, packet: dict) -> None:
+    """The battery with one more case whose probe the test controls."""
+    real = battery.cases
+
+    def cases(t):
+        return [*real(t), Case(name, "the sender's own honesty", [dict(packet)])]
+    monkeypatch.setattr(battery, "cases", cases)
+
+
+def test_a_probe_that_cannot_be_sent_is_an_error_not_a_pass(tor_lab, tmp_path, monkeypatch):
+    _with_case(monkeypatch, "unsendable", {"dst": "ff02::1", "proto": "udp6",
+                                           "iface": "nosuch0"})
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    row = next(c for c in r.cases if c["case"] == "unsendable")
+    assert row["sent"] == 0 and row["planned"] == 1 and row["verdict"] == "ERROR"
+    assert "nosuch0" in row["send_errors"][0] or "No such device" in row["send_errors"][0]
+    assert r.leaks == 0 and [e for e in r.errors if e.startswith("unsendable: 1 of 1")]
+    # every other case still counts what really left
+    assert all(c["sent"] == c["planned"] for c in r.cases if c["case"] != "unsendable")
+
+
+def test_a_probe_sent_elsewhere_than_the_workstation_link_is_an_error(tor_lab, tmp_path,
+                                                                     monkeypatch):
+    """Anti-test of the capture check: the sender confirms a probe that went out on the
+    loopback, not the workstation's link; the battery must not believe it."""
+    _with_case(monkeypatch, "elsewhere", {"dst": "ff02::1", "proto": "udp6", "iface": "lo"})
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    row = next(c for c in r.cases if c["case"] == "elsewhere")
+    assert row["sent"] == 1 and row["verdict"] == "ERROR"
+    assert [e for e in r.errors if e.startswith("elsewhere:") and "never carried" in e]
 
 
 def test_vpn_chain_steady_and_scenarios(vpn_stack, tmp_path):
@@ -91,7 +131,7 @@ def test_vpn_chain_steady_and_scenarios(vpn_stack, tmp_path):
     ("ipv6-allowed", {"ipv6-global"}),
 ])
 def test_vpn_chain_faults_are_caught(vpn_stack, tmp_path, fault, expect):
-    r = battery.run(vpn_stack, "work", fault=fault, pcaps_dir=str(tmp_path))
+    r = battery.run(vpn_stack, "work", fault=named(fault), pcaps_dir=str(tmp_path))
     got = leaked(r)
     assert expect <= got, got
     if fault != "no-kill-switch":
@@ -131,7 +171,7 @@ def test_fuzz_no_escapes(tor_lab, tmp_path):
         def probe(spec):
             if spec["proto"] != "ip":
                 spec.pop("ipproto")
-            sent.append(prober.send([{**spec, "payload": marker}]))
+            sent.append(prober.send([{**spec, "payload": marker}]).sent)
 
         probe()
     assert sum(sent) >= 150
@@ -150,3 +190,7 @@ def test_down_while_probes_run(tmp_path):
         r = battery.run(s, "work", scenario="down", pcaps_dir=str(tmp_path))
         assert r.leaks == 0, (leaked(r), [lk for lk in r.links if lk["violations"]])
         assert r.packets_sent >= 40  # some need neighbours that `down` removed
+        # what was sent before `down` began left and was seen; only later cases may not
+        assert not r.errors, r.errors
+        assert any(c["after_down"] for c in r.cases)
+        assert all(c["sent"] == c["planned"] for c in r.cases if not c["after_down"])

@@ -170,7 +170,7 @@ def test_hostile_packets_fail_and_never_appear_beyond_the_gateway(lab, tmp_path)
     m = marker()
     whonix = lab.ns["sys-whonix"]
     with Capture(whonix, "eth0", str(tmp_path / "beyond.pcap")) as cap:
-        sent = lab.prober.send(hostile(m))
+        sent = lab.prober.send(hostile(m)).sent
         # real clients too: the control port and the gateway's ports are unreachable
         for port in (9051, 9040, 5400, 22):
             p = in_ns(lab.ns["anon-whonix"], "curl", "-sS", "--max-time", "2",

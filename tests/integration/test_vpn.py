@@ -176,7 +176,7 @@ def run_fault(vs, tmp_path, name, fault, repair=None, duration=2.0):
         end = time.monotonic() + duration
         sent = 0
         while time.monotonic() < end:
-            sent += vs.prober.send(vs.probes(m))
+            sent += vs.prober.send(vs.probes(m)).sent
         in_ns(vs.work, "curl", "-sS", "--max-time", "1", f"http://{WEB}/", check=False)
         in_ns(vs.work, "timeout", "3", "getent", "hosts", "web.lab.test", check=False)
         if repair:

@@ -1,15 +1,17 @@
-"""Faults injected on purpose (test only) to show the battery catches what it guards:
-each breaks one protection of a lab chain and returns the function that repairs it."""
+"""Faults injected on purpose to show the battery catches what it guards: each breaks one
+protection of a lab chain and returns the function that repairs it. Test helpers only: no
+user-facing command can take down a kill switch (a kill -9 in the middle would leave it
+down); the test's own stack is torn down after it whatever happens."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from netstack.errors import UsageError
-from netstack.leaktest import FAULTS
-from netstack.leaktest.battery import Ctx, hold_dead, reload_runtime
+from netstack.kernel import RealKernel
+from netstack.leaktest.battery import Ctx, Fault, context, hold_dead, reload_runtime
 from netstack.model import QubeInfo, Route
 from netstack.roles import role_for
 from netstack.rules.nft import accept_all, commands
@@ -94,7 +96,7 @@ def inject(ctx: Ctx, fault: str) -> Callable[[], None]:
             reload_runtime(ctx)
         undo.append(repair6)
     else:
-        raise UsageError(f"--inject-fault {fault!r}: use one of {', '.join(FAULTS)}")
+        raise UsageError(f"fault {fault!r}: use one of {', '.join(FAULTS)}")
 
     def restore() -> None:
         for u in reversed(undo):
@@ -105,3 +107,27 @@ def inject(ctx: Ctx, fault: str) -> Callable[[], None]:
         for q in ctx.chain:
             k.conntrack_flush(q.netns)
     return restore
+
+
+FAULTS = ("gateway-redirect-only", "no-kill-switch", "no-antispoof", "ipv6-allowed")
+
+
+def fault(name: str) -> Fault:
+    """The named fault, for `battery.run(..., fault=fault("no-kill-switch"))`."""
+    if name not in FAULTS:
+        raise UsageError(f"fault {name!r}: use one of {', '.join(FAULTS)}")
+    return Fault(name, lambda ctx: inject(ctx, name))
+
+
+@contextlib.contextmanager
+def broken(stack: str, ws: str, name: str) -> Iterator[None]:
+    """The stack with one protection broken while the body runs (say, a CLI run)."""
+    k = RealKernel()
+    try:
+        restore = inject(context(stack, ws, k), name)
+        try:
+            yield
+        finally:
+            restore()
+    finally:
+        k.close()

@@ -363,7 +363,7 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                               "cases prove nothing")
     src = next(lk.name for lk in lks if lk.zone == "source")
     for c in cs:  # a case proves something only if its probes really left
-        why = _unproven(c, sent.get(c.marker, Sent(0, ["never sent"])), src in seen[c.marker])
+        why = unproven(c, sent.get(c.marker, Sent(0, ["never sent"])), src in seen[c.marker])
         if why and c.marker not in after_down:
             control.setdefault(c.marker, "ERROR")
             errors.append(f"{c.name}: {why}: the case proves nothing")
@@ -387,7 +387,7 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
                   leaks, errors)
 
 
-def _unproven(c: Case, s: Sent, seen_at_source: bool) -> str | None:
+def unproven(c: Case, s: Sent, seen_at_source: bool) -> str | None:
     """Why a case's probes prove nothing, or None: the sender did not confirm every packet,
     or a marked probe it confirmed never showed up on the workstation's own link (then the
     captures further up cannot have seen it either)."""

@@ -6,7 +6,7 @@ import pytest
 
 from netstack import cli
 from netstack.leaktest import battery
-from netstack.leaktest.battery import Report, _unproven
+from netstack.leaktest.battery import Report, unproven
 from netstack.leaktest.catalogue import Case
 from netstack.leaktest.prober import Sent
 
@@ -41,13 +41,13 @@ CASE = Case("c", "p", [{"dst": "x", "payload": "m"}, {"dst": "y", "payload": "m"
     (Sent(2), False, "never carried them"),
 ])
 def test_a_case_proves_something_only_if_its_probes_left(sent, seen, why):
-    got = _unproven(CASE, sent, seen)
+    got = unproven(CASE, sent, seen)
     assert (got is None) if why is None else (got is not None and why in got)
 
 
 def test_bare_and_tool_cases_need_no_marker_on_the_link():
     bare = Case("nd", "p", [{"dst": "x", "bare": True}])
     tool = Case("curl", "p", [], ["curl", "x"])
-    assert _unproven(bare, Sent(1), False) is None
-    assert _unproven(tool, Sent(1), False) is None
-    assert "1 of 1" in (_unproven(tool, Sent(0, ["curl did not run"]), False) or "")
+    assert unproven(bare, Sent(1), False) is None
+    assert unproven(tool, Sent(1), False) is None
+    assert "1 of 1" in (unproven(tool, Sent(0, ["curl did not run"]), False) or "")

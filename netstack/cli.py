@@ -221,6 +221,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.ruleset:
         return _audit_file(args)
+    if args.packet:
+        raise UsageError("--packet needs --ruleset FILE (the what-if of one ruleset)")
     r = audit.run(args.stack, args.drift, args.replay)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -256,26 +258,63 @@ def _print_result(x: dict, where: str = "") -> None:
 
 
 def _audit_file(args: argparse.Namespace) -> int:
-    """--ruleset FILE: generic properties of one namespace's ruleset (no chain context)."""
-    from netstack.audit.properties import QubeView, default_drop, invalid_first, no_ipv6_egress
-    from netstack.errors import UsageError
-    from netstack.model import QubeInfo
+    """--ruleset FILE: generic properties of one namespace's ruleset (no chain context),
+    or with --packet the fate of one packet, hook by hook."""
+    from netstack.audit import onefile, rulesetfile
 
-    try:
-        with open(args.ruleset) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--ruleset {args.ruleset}: cannot read JSON ({e})") from None
-    name = os.path.basename(args.ruleset)
-    q = QubeView(QubeInfo(name, "app", None, "gray", 0, "-", "0.0.0.0", None, None, ["eth0"]),
-                 doc)
-    res = [default_drop(q), invalid_first(q), no_ipv6_egress(q)]
+    doc = rulesetfile.read(args.ruleset)
+    if args.packet:
+        return _what_if(args, doc)
+    a = onefile.audit(doc, args.ruleset)
     if args.json:
-        print(json.dumps([r.to_json() for r in res], indent=2))
-    else:
-        for x in res:
-            _print_result(x.to_json())
-    return 0 if all(x.status == "PASS" for x in res) else 1
+        print(json.dumps(a.to_json(), indent=2))
+        return 0 if a.ok else 1
+    for x in a.results:
+        _print_result(x.to_json())
+    for u in a.unmodelled:
+        where = ", ".join(u["where"][:3]) + (f" (+{len(u['where']) - 3})"
+                                             if len(u["where"]) > 3 else "")
+        print(f"{'UNPROVEN':<8} {u['construct']}: not modelled, in {where}; a property it "
+              "can change is UNPROVEN, never PASS")
+    n_bad = sum(1 for x in a.results if x.status != "PASS")
+    print(f"{'PASS' if a.ok else 'FAIL'}: {len(a.results)} properties of {a.name}, {n_bad} "
+          f"not proven, {len(a.unmodelled)} constructs not modelled")
+    return 0 if a.ok else 1
+
+
+def _what_if(args: argparse.Namespace, doc: dict) -> int:
+    from netstack.audit import whatif
+
+    p, path = whatif.parse(args.packet)
+    w = whatif.judge(doc, p, path)
+    if args.replay:
+        whatif.replay(doc, w, p)
+    if args.json:
+        print(json.dumps(w.to_json(), indent=2))
+        return 1 if w.confirmed is False else 0
+    d = w.packet
+    ports = f":{d['sport']} -> " if "sport" in d else " -> "
+    print(f"what-if ({path} path): {d['family']} {d['l4proto']} {d['saddr']}{ports}"
+          f"{d['daddr']}" + (f":{d['dport']}" if "dport" in d else "")
+          + (f" in {d['iifname']}" if "iifname" in d else "")
+          + (f" out {d['oifname']}" if "oifname" in d else "")
+          + f", ct {d['ct_state']}" + (f", uid {d['skuid']}" if "skuid" in d else "")
+          + (f", mark {d['mark']:#x}" if d.get("mark") else ""))
+    for h in w.hooks:
+        print(f"  {h.hook:<12} {h.verdict.upper():<8}"
+              + (" (no base chain: the kernel lets it through)" if h.hook != "route"
+                 and not h.trace and h.verdict == "accept" else ""))
+        for t in h.trace:
+            print(f"      {t}")
+        for u in h.unknown:
+            print(f"      not modelled: {u}")
+    print(f"verdict: {w.verdict.upper()}" + (" (no route)" if w.verdict == "lost" else ""))
+    if w.kernel is not None:
+        k = ", ".join(f"{hk} {v}" for hk, v in w.kernel)
+        print(f"replay in the kernel: {k} ("
+              + {True: "confirmed", False: "DIFFERS from the evaluator",
+                 None: "the evaluator could not decide"}[w.confirmed] + ")")
+    return 1 if w.confirmed is False else 0
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -365,14 +404,23 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="prove the chain's properties from the live rulesets",
                        epilog="examples:\n  sudo netstack audit\n  sudo netstack audit --drift "
                        "--json\n  netstack audit --ruleset saved.json\n"
+                       "  sudo netstack audit --ruleset /etc/nftables.conf --packet "
+                       "'iifname=lan0 ip saddr=192.0.2.7 tcp dport=22' --replay\n"
                        "exit 0 only when every property is proven",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
     p.add_argument("--drift", action="store_true",
                    help="also diff the live rulesets against what the config generates")
-    p.add_argument("--ruleset", metavar="FILE", help="audit one `nft -j list ruleset` file")
+    p.add_argument("--ruleset", metavar="FILE",
+                   help="audit one ruleset: `nft -j list ruleset` JSON, or an nft script "
+                   "(read in a scratch namespace, needs root)")
+    p.add_argument("--packet", metavar="SPEC",
+                   help="with --ruleset: the fate of one packet per hook, e.g. 'iifname=lan0 "
+                   "ip saddr=192.0.2.7 tcp dport=22' (input), add oifname= to forward it, "
+                   "oifname= alone for locally generated (meta skuid=)")
     p.add_argument("--replay", action="store_true",
-                   help="replay each counterexample in scratch namespaces with nftrace")
+                   help="replay each counterexample (or the --packet) in scratch "
+                   "namespaces with nftrace")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="example: sudo netstack exec work -- curl http://web.lab.test/",

@@ -54,6 +54,10 @@ class Kernel:
 
     def nft_list(self, ns: str | None) -> dict[str, Any]: raise NotImplementedError
 
+    def nft_script(self, ns: str, text: str) -> str:
+        """Run an nft script (text syntax); returns nft's error text, "" when it loaded."""
+        raise NotImplementedError
+
     # links, addresses, routes
     def veth(self, ns_a: str | None, if_a: str, ns_b: str, if_b: str) -> None:
         raise NotImplementedError
@@ -218,7 +222,10 @@ class RealKernel(Kernel):
         return h
 
     def nft(self, ns: str | None, commands: dict[str, Any]) -> None:
-        rc, _out, err = self._nft_handle(ns).json_cmd(commands)
+        # entered: nft resolves `iif`/`oif` names to indexes in the caller's namespace
+        h = self._nft_handle(ns)
+        with netns.entered(ns):
+            rc, _out, err = h.json_cmd(commands)
         if rc != 0:
             raise ApplyError(f"nftables refused a change in {ns or 'the host namespace'}: "
                              f"{err.strip()}")
@@ -230,6 +237,16 @@ class RealKernel(Kernel):
         if rc != 0:
             raise ApplyError(f"cannot list the ruleset of {ns}: {err.strip()}")
         return json.loads(out) if out else {"nftables": []}
+
+    def nft_script(self, ns: str, text: str) -> str:
+        h = self._nft_handle(ns)
+        h.set_json_output(False)
+        try:
+            with netns.entered(ns):
+                rc, _out, err = h.cmd(text)
+        finally:
+            h.set_json_output(True)
+        return err.strip() if rc != 0 else ""
 
     # --- links --------------------------------------------------------------------------
     def _ip(self, ns: str | None) -> Any:

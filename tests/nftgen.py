@@ -5,7 +5,7 @@ The rulesets use exactly the constructs the evaluator claims to model (docs/secu
 (ties included) in inet/ip/ip6 tables, regular chains reached by jump and goto (no loops),
 return, policies, verdict maps, named and anonymous sets with intervals and
 concatenations, ct state and status, meta iifname/oifname (with wildcards), mark (with a
-mask), skuid, skgid, l4proto, nfproto, ip/ip6 addresses and prefixes, ports and ranges,
+mask), skuid, skgid, l4proto, nfproto, protocol, ip/ip6 addresses and prefixes, ports and ranges,
 tcp flags, icmp types, mark setting and NAT (dnat, snat, masquerade, redirect).
 
 Constants are drawn from small pools shared with the packets so that rules match often.
@@ -185,6 +185,9 @@ def implied(x: Any) -> tuple[set[str], set[str]]:
         if isinstance(m, dict) and m.get("op") == "==" and m["left"] == {"meta": {"key":
                                                                                "nfproto"}}:
             net.add(m["right"])
+        if isinstance(m, dict) and m.get("op") == "==" and m["left"] == {"meta": {"key":
+                                                                               "protocol"}}:
+            net.add({"ip": "ipv4", "ip6": "ipv6"}.get(m["right"], m["right"]))
         if isinstance(m, dict) and m.get("op") == "==" and isinstance(m["right"], str) and \
                 m["left"] in ({"payload": {"protocol": "ip", "field": "protocol"}},
                               {"payload": {"protocol": "ip6", "field": "nexthdr"}}):
@@ -223,8 +226,11 @@ def _match(draw, c: Ctx) -> tuple[list[dict[str, Any]], set[str]]:
         names = _setof(draw, lambda: draw(st.sampled_from(NAMES)))
         right = names[0] if len(names) == 1 else {"set": names}
         return [m(meta(k + "name"), right, eqne())], set()
-    if k == "nfproto":
-        return [m(meta("nfproto"), draw(st.sampled_from(fams)))], set()
+    if k == "nfproto":  # or the ethertype, which says the same of an IP packet
+        fam = draw(st.sampled_from(fams))
+        if draw(st.booleans()):
+            return [m(meta("protocol"), "ip" if fam == "ipv4" else "ip6")], set()
+        return [m(meta("nfproto"), fam)], set()
     if k == "addr":
         six = draw(st.sampled_from(fams)) == "ipv6"
         left = {"payload": {"protocol": "ip6" if six else "ip",

@@ -355,7 +355,8 @@ class Ruleset:
         if isinstance(e, dict) and "meta" in e:
             k = e["meta"]["key"]
             f = {"iifname": "iif", "iif": "iif", "oifname": "oif", "oif": "oif",
-                 "nfproto": "family", "l4proto": "l4proto", "protocol": "l4proto",
+                 "nfproto": "family", "l4proto": "l4proto",
+                 "protocol": "family",  # the ethertype: ip or ip6 for every IP packet
                  "mark": "mark", "skuid": "skuid", "skgid": "skgid", "length": "length"}.get(k)
             if f is None:
                 raise Unsupported(f"meta {k}")
@@ -422,7 +423,8 @@ class Ruleset:
     def _value_pred_new(self, f: str, values: list[Any], transform: Any, op: str) -> Pred:
         d = self.domains
         if f == "family":
-            names = {{2: "ipv4", 10: "ipv6"}.get(v, v) for v in values}
+            names = {{2: "ipv4", 10: "ipv6", "ip": "ipv4", "ip6": "ipv6", 0x0800: "ipv4",
+                      0x86DD: "ipv6"}.get(v, v) for v in values}
             hit = Pred(lambda x, s=frozenset(names): x in s)
         elif f in ("iif", "oif"):
             exact, wild = set(), []
@@ -573,7 +575,14 @@ class Ruleset:
             if k == {"meta": {"key": "mark"}} and isinstance(v, int):
                 self.domains.interval("mark", v, v)
                 return ("setmark", v)
-            raise Unsupported("a mangle statement")
+            if isinstance(k, dict) and ("tcp option" in k or k == {"ct": {"key": "mark"}}):
+                # MSS clamping, a connection's mark: no field the evaluator reads changes
+                # (a rule that reads them is itself not modelled, and says so)
+                return ("nop",)
+            what = " ".join(str(w) for w in (next(iter(k.values()), {}) or {}).values()) \
+                if isinstance(k, dict) else ""
+            raise Unsupported(f"a mangle statement ({next(iter(k), '?')} {what} set)".replace(
+                "  ", " "))
         if "vmap" in x:
             f_key = x["vmap"]["key"]
             entries = []
@@ -846,13 +855,24 @@ class Evaluator:
                                 self._stmts(r, 0, key, i, trace, nat, tn, k, depth)
                         finally:
                             self.restore(u)
-                    if not r.unknown:  # an unknown match may be false: the rest goes on too
+                    if not r.unknown:
                         self.excl.push(b)
                         pushed += 1
                 if r.boxes == [{}] and not r.unknown:
                     return  # matches everything: nothing gets past it
                 if r.unknown:
-                    taint = tn  # what goes on past a rule we do not understand is tainted
+                    # inside its known matches the unknown one may be false: the rest goes
+                    # on from there tainted; outside them the rule cannot match at all
+                    for b in r.boxes or []:
+                        u = self.narrow(b)
+                        if u is not None:
+                            try:
+                                if self.point() is not None:
+                                    self._chain(key, i + 1, trace, nat, tn, k, depth)
+                            finally:
+                                self.restore(u)
+                        self.excl.push(b)
+                        pushed += 1
             if self.point() is not None:
                 k("none", trace, nat, taint)
         finally:
@@ -970,12 +990,15 @@ class Evaluator:
 
 
 def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str],
-         primary: Callable[[str, str], str | None] | None = None) -> list[tuple[str, str]]:
+         primary: Callable[[str, str], str | None] | None = None,
+         traces: list[tuple[str, list[Step], list[str]]] | None = None
+         ) -> list[tuple[str, str]]:
     """What the evaluator says happens to one packet, hook by hook, as the oracle reports
     the kernel's: incoming (p.iifname set) through prerouting, then input (to a `local`
     address) or forward to the interface `route` gives, then postrouting; locally generated
     through output and postrouting. primary(iface, family): the address redirect (incoming
-    interface, "lo" on output) and masquerade (outgoing interface) write."""
+    interface, "lo" on output) and masquerade (outgoing interface) write. `traces` (if
+    given) gets, per hook, the rules that decided and the constructs not modelled."""
     ev = Evaluator(rs)
     out: list[tuple[str, str]] = []
 
@@ -984,13 +1007,19 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
         ev.local_addr = (lambda fam: primary(nat_iface, fam)) \
             if primary and nat_iface else None
 
+        steps: list[tuple[list[Step], list[str]]] = []
+
         def leaf(e: Evaluator, verdict: str, trace: list, nat: list, taint: list) -> None:
             w = e.point()
             if w is None:
                 return
             after = packet_of(w) if isinstance(w, dict) else pk
             got.append(("unknown" if taint else verdict, after))
+            steps.append((list(trace), list(taint)))
         ev.explore(hook, pk.box(), leaf)
+        if traces is not None:
+            traces.append((hook, steps[0][0] if steps else [],
+                           sorted({t for _, tn in steps for t in tn})))
         if not got:
             return "drop", pk
         verdicts = {v for v, _ in got}

@@ -309,8 +309,9 @@ class KernelLab:
             spec["flags"] = "".join({"syn": "S", "ack": "A", "fin": "F", "rst": "R",
                                      "psh": "P", "urg": "U", "ecn": "E", "cwr": "C"}[f]
                                     for f in sorted(p.tcp_flags)) or ""
-        if p.l4proto == "icmp" and p.icmp_type is not None:
+        if p.l4proto in ("icmp", "ipv6-icmp", "icmpv6") and p.icmp_type is not None:
             spec["icmp_type"] = p.icmp_type
+            spec["icmp_code"] = p.icmp_code or 0
         r = pr.send([spec])
         if r.sent != 1:
             raise RuntimeError(f"could not send {spec}: {'; '.join(r.failed)}")
@@ -366,7 +367,13 @@ class KernelLab:
             if p.sport and (p.iifname or p.saddr in self.local):
                 want.append(f"{p.l4proto} sport {p.sport} ")
         elif p.l4proto in ("icmp", "icmpv6", "ipv6-icmp"):  # not the kernel's echo reply
-            want.append(f"{'icmp' if p.family == 'ipv4' else 'icmpv6'} type echo-request ")
+            from netstack.audit.space import ICMP6_TYPES, ICMP_TYPES
+
+            names = {v: k for k, v in (ICMP_TYPES if p.family == "ipv4" else
+                                       ICMP6_TYPES).items()}
+            t = p.icmp_type if p.icmp_type is not None else (8 if p.family == "ipv4" else 128)
+            want.append(f"{'icmp' if p.family == 'ipv4' else 'icmpv6'} type "
+                        f"{names.get(t, t)} ")
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             line = self.out.next(end - time.monotonic())

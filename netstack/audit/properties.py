@@ -74,6 +74,9 @@ class QubeView:
     ruleset: dict[str, Any]
     interfaces: list[str] = field(default_factory=list)
     tunnel: str | None = None
+    # a ruleset from a file: the host's addresses are unknown, so any destination may be
+    # local (input) or not (forward), and a redirect may go to any of them
+    local_any: bool = False
     _ev: Evaluator | None = field(default=None, repr=False)
 
     @property
@@ -266,6 +269,8 @@ def _gw6(q: QubeView) -> str | None:
 def local_destinations(q: QubeView, family: str) -> Box:
     """The input hook only sees packets routed to this qube: its own addresses, broadcast
     and multicast (after any NAT of prerouting; loopback only from lo)."""
+    if q.local_any:
+        return {f"daddr{4 if family == 'ipv4' else 6}": Pred(lambda a: True)}
     if family == "ipv4":
         own4 = frozenset({int(ipaddress.ip_address(q.address))})
         return box(daddr4=Pred(lambda a, o=own4: a in o or a >> 28 == 0xE
@@ -299,9 +304,14 @@ def _apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -
     if kind not in ("redirect", "dnat"):
         _apply_nat(e, q, rest, then)
         return
-    addr = (q.qube.ipv6 if fam == "ipv6" else q.address) if kind == "redirect" else arg["addr"]
+    addr = (q.qube.ipv6 if fam == "ipv6" else q.address) if kind == "redirect" \
+        else (arg or {}).get("addr")
     port = (arg or {}).get("port")
-    n = int(ipaddress.ip_address(addr))  # in the domains: own address, or a rule's constant
+    try:  # in the domains: own address, or a rule's constant
+        to = eq_pred([int(ipaddress.ip_address(addr))]) if not q.local_any or \
+            kind == "dnat" else local_destinations(q, fam)[d]
+    except (TypeError, ValueError):  # no address of ours in that family, a map, a range
+        to = local_destinations(q, fam)[d] if kind == "redirect" else Pred(lambda v: True)
 
     def status() -> None:
         old = e.box.get("ct_status")
@@ -310,7 +320,7 @@ def _apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -
         e.rewrite("ct_status", with_dnat, (lambda: e.rewrite(
             "dport", one_of("dport", port), lambda: _apply_nat(e, q, rest, then)))
             if port else lambda: _apply_nat(e, q, rest, then))
-    e.rewrite(d, eq_pred([n]), status)
+    e.rewrite(d, to, status)
 
 
 def _then(e: Evaluator, q: QubeView, hook: str, oif: Pred, trace: list[Step],
@@ -318,7 +328,7 @@ def _then(e: Evaluator, q: QubeView, hook: str, oif: Pred, trace: list[Step],
     fam = "ipv6" if not e.box["family"].test("ipv4") else "ipv4"
     local = local_destinations(q, fam)
     (f, p), = local.items()
-    where = p if hook == "input" else Pred(lambda a, t=p.test: not t(a))
+    where = p if hook == "input" or q.local_any else Pred(lambda a, t=p.test: not t(a))
     u = e.narrow({f: where})
     if u is None:
         return
@@ -366,6 +376,19 @@ def not_sockets(hook: str) -> Box:
 
 # --- the shared properties ----------------------------------------------------------------
 
+def all_of(prop: str, q: QubeView, parts: list[tuple[str, Box, Judge]],
+           reason: str) -> Result:
+    """A property made of several checks (hooks, pairs of clients): every part runs, so an
+    UNPROVEN part never hides a FAIL in a later one; FAIL first, then UNPROVEN, else PASS."""
+    results = [check(prop, q, hook, start, judge, "") for hook, start, judge in parts]
+    total = sum(r.classes for r in results)
+    worst = next((r for r in results if r.status == "FAIL"), None) or \
+        next((r for r in results if r.status != "PASS"), None)
+    if worst is not None:
+        return worst
+    return Result(prop, q.name, "PASS", reason, classes=total)
+
+
 def default_drop(q: QubeView) -> Result:
     """No class of packets gets through input, forward or output without a rule accepting
     it: whatever the rules do not accept explicitly meets a drop."""
@@ -373,14 +396,9 @@ def default_drop(q: QubeView) -> Result:
         if verdict == "accept" and not any(s.action == "accept" for s in trace):
             return []
         return None
-    total = 0
-    for hook in ("input", "forward", "output"):
-        r = check("default drop", q, hook, not_sockets(hook), judge, "")
-        total += r.classes
-        if r.status != "PASS":
-            return r
-    return Result("default drop", q.name, "PASS", "input, forward and output drop whatever "
-                  "no rule accepts", classes=total)
+    return all_of("default drop", q, [(h, not_sockets(h), judge)
+                                      for h in ("input", "forward", "output")],
+                  "input, forward and output drop whatever no rule accepts")
 
 
 def invalid_first(q: QubeView) -> Result:
@@ -391,16 +409,11 @@ def invalid_first(q: QubeView) -> Result:
                                                  "redirect") for s in before):
             return []
         return None
-    total = 0
-    for hook in ("prerouting", "output"):
-        start = {**not_sockets(hook), "ct_state": one_of("ct_state", "invalid")}
-        r = check("INVALID dropped first", q, hook, start, judge, "")
-        total += r.classes
-        if r.status != "PASS":
-            return r
-    return Result("INVALID dropped first", q.name, "PASS",
+    return all_of("INVALID dropped first", q,
+                  [(h, {**not_sockets(h), "ct_state": one_of("ct_state", "invalid")}, judge)
+                   for h in ("prerouting", "output")],
                   "ct state invalid is dropped in prerouting and output before any accept or "
-                  "NAT", classes=total)
+                  "NAT")
 
 
 def antispoof(q: QubeView) -> list[Result]:
@@ -429,32 +442,21 @@ def antispoof(q: QubeView) -> list[Result]:
 def no_client_to_client(q: QubeView) -> Result | None:
     if len(q.clients) < 2:
         return None
-    total = 0
-    for a, b in itertools.permutations(q.clients, 2):
-        start = {**not_sockets("forward"), "iif": one_of("iif", a.vif),
-                 "oif": one_of("oif", b.vif),
-                 "ct_state": one_of("ct_state", *NEW_FLOWS, "invalid")}
-        r = check("no path between clients", q, "forward", start, accepted, "")
-        total += r.classes
-        if r.status != "PASS":
-            return r
-    return Result("no path between clients", q.name, "PASS",
+    return all_of("no path between clients", q,
+                  [("forward", {**not_sockets("forward"), "iif": one_of("iif", a.vif),
+                                "oif": one_of("oif", b.vif),
+                                "ct_state": one_of("ct_state", *NEW_FLOWS, "invalid")},
+                    accepted) for a, b in itertools.permutations(q.clients, 2)],
                   "no connection from one client link to another can be opened (replies need "
-                  "one)", classes=total)
+                  "one)")
 
 
 def no_ipv6_egress(q: QubeView) -> Result:
     outs = [q.upstream_if] + ([q.tunnel] if q.tunnel else [])
-    total = 0
-    for hook in ("forward", "output"):
-        start = {**not_sockets(hook), "family": one_of("family", "ipv6"),
-                 "oif": one_of("oif", *outs)}
-        r = check("no IPv6 egress", q, hook, start, accepted, "")
-        total += r.classes
-        if r.status != "PASS":
-            return r
-    return Result("no IPv6 egress", q.name, "PASS", "IPv6 never leaves through forward or "
-                  "output", classes=total)
+    return all_of("no IPv6 egress", q,
+                  [(h, {**not_sockets(h), "family": one_of("family", "ipv6"),
+                        "oif": one_of("oif", *outs)}, accepted) for h in ("forward", "output")],
+                  "IPv6 never leaves through forward or output")
 
 
 def constants(q: QubeView, f: str) -> list[Any]:

@@ -54,6 +54,11 @@ ICMP6_TYPES = {"destination-unreachable": 1, "packet-too-big": 2, "time-exceeded
                "nd-neighbor-advert": 136, "nd-redirect": 137, "router-renumbering": 138,
                "ind-neighbor-solicit": 141, "ind-neighbor-advert": 142,
                "mld2-listener-report": 143}
+ICMP_CODES = {"net-unreachable": 0, "host-unreachable": 1, "prot-unreachable": 2,
+              "port-unreachable": 3, "frag-needed": 4, "net-prohibited": 9,
+              "host-prohibited": 10, "admin-prohibited": 13}
+ICMP6_CODES = {"no-route": 0, "admin-prohibited": 1, "addr-unreachable": 3,
+               "port-unreachable": 4, "policy-fail": 5, "reject-route": 6}
 TCP_FLAG_BITS = ("fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr")
 CT_STATUS_BITS = ("expected", "seen-reply", "assured", "confirmed", "snat", "dnat", "dying")
 
@@ -145,6 +150,10 @@ def int_interval(v: Any, f: str, family: str | None = None) -> tuple[int, int]:
             return L4[v], L4[v]
         if f == "icmp_type":
             table = ICMP6_TYPES if family == "ipv6" else ICMP_TYPES
+            if v in table:
+                return table[v], table[v]
+        if f == "icmp_code":
+            table = ICMP6_CODES if family == "ipv6" else ICMP_CODES
             if v in table:
                 return table[v], table[v]
         if v.isdigit():

@@ -30,7 +30,8 @@ def build6(p: dict[str, Any]) -> Any:
     else:
         mac = "ff:ff:ff:ff:ff:ff"
     proto = p.get("proto", "udp6")
-    nd = proto in ("ns6", "ra6")  # neighbour discovery is only taken with hop limit 255
+    # neighbour discovery is only taken with hop limit 255
+    nd = proto in ("ns6", "ra6") or 133 <= p.get("icmp_type", 0) <= 137
     pkt = Ether(dst=mac) / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"],
                                 hlim=255 if nd else 64)
     if proto == "ns6":
@@ -46,6 +47,11 @@ def build6(p: dict[str, Any]) -> Any:
     elif proto == "tcp6":
         pkt /= TCP(sport=p.get("sport", 40000), dport=p.get("dport", 80),
                    flags=p.get("flags", "S"), seq=p.get("seq", 1000))
+    elif proto == "icmp6" and p.get("icmp_type", 128) != 128:  # any other type, 8 bytes
+        from scapy.layers.inet6 import ICMPv6Unknown
+
+        pkt /= ICMPv6Unknown(type=p["icmp_type"], code=p.get("icmp_code", 0),
+                             msgbody=b"\0\0\0\0")
     elif proto == "icmp6":
         pkt /= ICMPv6EchoRequest()
     else:
@@ -107,7 +113,7 @@ def build(p: dict[str, Any]) -> Any:
     elif proto == "udp":
         pkt /= UDP(sport=p.get("sport", 40000), dport=p.get("dport", 9))
     elif proto == "icmp":
-        pkt /= ICMP(type=p.get("icmp_type", 8))
+        pkt /= ICMP(type=p.get("icmp_type", 8), code=p.get("icmp_code", 0))
     elif proto == "ip":  # another IP protocol: GRE 47, ESP 50, SCTP 132, or any number
         pkt.proto = p["ipproto"]
     else:

@@ -26,6 +26,25 @@ def docs() -> dict[str, dict]:
     return {f: rulesetfile.read(str(DIR / f)) for f in FILES}
 
 
+def listed(doc: dict) -> str:
+    """A listing as kept beside the script: no metainfo (nft's version), no handles' churn."""
+    return json.dumps({"nftables": [i for i in doc["nftables"] if "metainfo" not in i]},
+                      indent=1, sort_keys=True) + "\n"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_kept_json_is_what_the_kernel_lists(docs, name):
+    """tests/real_rulesets/json/ (what the unit tests audit without root) is exactly the
+    kernel's listing of each script; NETSTACK_UPDATE_GOLDEN=1 rewrites it."""
+    import os
+
+    path = DIR / "json" / name.replace(".nft", ".json")
+    if os.environ.get("NETSTACK_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(listed(docs[name]))
+    assert path.read_text() == listed(docs[name])
+
+
 def test_the_corpus_is_what_the_readme_lists():
     assert len(FILES) >= 10 and set(FILES) == set(EXPECT)
     readme = (DIR / "README.md").read_text()

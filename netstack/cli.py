@@ -107,7 +107,15 @@ def cmd_down(args: argparse.Namespace) -> int:
         for pr in problems:
             print(f"netstack: could not remove {pr}", file=sys.stderr)
         return 1
-    print(f"stack {args.stack!r} down")
+    if args.purge:
+        from netstack import sandbox
+
+        gone = sandbox.purge_homes(args.stack)
+        print(f"stack {args.stack!r} down, app qubes' homes removed" if gone else
+              f"stack {args.stack!r} down (no homes to remove)")
+        return 0
+    print(f"stack {args.stack!r} down (app qubes' homes kept in "
+          f"/var/lib/netstack/{args.stack}; --purge removes them)")
     return 0
 
 
@@ -320,7 +328,7 @@ def _what_if(args: argparse.Namespace, doc: dict) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    argv = stack.exec_argv(args.stack, args.qube, args.user, list(args.cmd))
+    argv = stack.exec_argv(args.stack, args.qube, args.user, list(args.cmd), args.root)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
     return 127  # not reached
@@ -375,6 +383,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("down", help="remove everything of a stack (also after a crash)")
+    p.add_argument("--purge", action="store_true",
+                   help="also remove the app qubes' persistent homes")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="qubes, links, addresses, processes")
     p.add_argument("--json", action="store_true")
@@ -423,10 +433,18 @@ def parser() -> argparse.ArgumentParser:
                    "namespaces with nftrace")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("exec", help="run a command inside a qube",
-                       epilog="example: sudo netstack exec work -- curl http://web.lab.test/",
+                       epilog="examples:\n  sudo netstack exec work -- curl http://web.lab.test/"
+                       "\n  sudo netstack exec anon-whonix --root -- id\n"
+                       "An app qube's command runs in its sandbox (bubblewrap: own PID, user,\n"
+                       "IPC, UTS namespaces, system read-only, fresh /tmp and /run, no host\n"
+                       "socket, its persistent home /var/lib/netstack/STACK/QUBE/home) as an\n"
+                       "unprivileged account.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("qube")
-    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo user)")
+    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo user, "
+                   "else the account netstack-qube); never host root")
+    p.add_argument("--root", action="store_true",
+                   help="root inside an app qube's sandbox (its own user namespace only)")
     p.add_argument("cmd", nargs="*", help="the command, after --")
     p.set_defaults(func=cmd_exec)
     return ap

@@ -85,12 +85,20 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec) -> Inpu
     return Inputs(topo, path, providers, host_resolv)
 
 
-def _ns_files(ns: str, nameservers: list[str]) -> dict[str, str]:
+def _ns_files(ns: str, nameservers: list[str], qube: str | None = None) -> dict[str, str]:
+    """What `ip netns exec` binds over /etc inside the namespace: the chain's resolvers,
+    files-then-dns lookups, and for a qube its own hostname and hosts (never the host's
+    name, which would tell a workstation where it runs)."""
     base = f"/etc/netns/{ns}"
-    return {
+    files = {
         f"{base}/resolv.conf": "".join(f"nameserver {n}\n" for n in nameservers),
         f"{base}/nsswitch.conf": NSSWITCH,
     }
+    if qube:
+        files[f"{base}/hostname"] = f"{qube}\n"
+        files[f"{base}/hosts"] = (f"127.0.0.1\tlocalhost\n127.0.1.1\t{qube}\n"
+                                  "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    return files
 
 
 def upstream_dns(topo: Topology, uplink: UplinkSpec, host_resolv: str = "") -> list[str]:
@@ -145,7 +153,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         info = role.info(ctx)
         p.namespaces.append(NsPlan(ns, f"qube:{q.name}", role.sysctls(ctx),
                                    role.ruleset(ctx, info).to_json(),
-                                   _ns_files(ns, list(VIRTUAL_DNS))))
+                                   _ns_files(ns, list(VIRTUAL_DNS), q.name)))
         p.daemons.extend(role.daemons(ctx, info))
         p.qubes.append(QubeInfo(q.name, q.kind, q.netvm, q.label, a.qid, ns, a.ipv4, a.ipv6,
                                 a.gateway4, [up_if] + [c.vif for c in clients], list(clients),

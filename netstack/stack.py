@@ -182,9 +182,15 @@ def tor_of(stack: str, qube: str | None) -> Any:
     raise UsageError(f"--qube {qube!r} is not a tor qube of stack {stack!r}")
 
 
-def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str]) -> list[str]:
-    """`ip netns exec` also bind-mounts /etc/netns/NS/{resolv,nsswitch}.conf over /etc, so
-    name lookups inside never use the host's resolver stubs."""
+def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
+              root_inside: bool = False) -> list[str]:
+    """An app qube's command runs in its sandbox (netstack.sandbox) as an unprivileged
+    account; a service qube's (sys-net, sys-firewall, a VPN or Tor qube: netstack's own) as
+    root in its namespace, for inspection. `ip netns exec` binds /etc/netns/NS/* over /etc,
+    so name lookups inside never use the host's resolver stubs."""
+    from netstack import sandbox
+    from netstack.roles import role_for
+
     st = require(stack)
     assert st.plan is not None
     if not st.plan.has_qube(qube):
@@ -192,9 +198,17 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str]) -> list[s
                          + ", ".join(sorted(q.name for q in st.plan.qubes)))
     if not cmd:
         raise UsageError("exec: give a command after --, e.g. netstack exec work -- curl ...")
-    ns = st.plan.qube(qube).netns
+    q = st.plan.qube(qube)
+    ns = q.netns
     if not os.path.exists(f"/run/netns/{ns}"):
         raise StateError(f"qube {qube!r}: namespace {ns} is gone; run `netstack down` and `up`")
+    if role_for(q.kind).sandboxed:
+        who = sandbox.account(user, os.environ.get("SUDO_USER"))
+        home = sandbox.home_dir(stack, qube)
+        sandbox.make_home(home, who)
+        return sandbox.argv(ns, qube, who, home, cmd, root_inside)
+    if root_inside:
+        raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")
     argv = ["ip", "netns", "exec", ns]
     if user is None:
         user = os.environ.get("SUDO_USER") or None
@@ -206,4 +220,3 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str]) -> list[s
         argv += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
                  "--"]
     return argv + cmd
-

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS=(nftables python3-nftables python3-venv iproute2 tor wireguard-tools wireguard-go
       openvpn openssl tcpdump iputils-ping socat conntrack procps psmisc curl iperf3
-      util-linux)
+      util-linux bubblewrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +18,11 @@ fi
 # Debian starts a tor service on install; netstack runs its own tor processes only.
 if command -v systemctl >/dev/null && systemctl is-active --quiet tor 2>/dev/null; then
   systemctl stop tor || true
+fi
+# app qubes run their commands as this account when no sudo user invoked netstack
+if ! getent passwd netstack-qube >/dev/null; then
+  useradd --system --user-group --home-dir /nonexistent --no-create-home \
+    --shell /usr/sbin/nologin netstack-qube
 fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv

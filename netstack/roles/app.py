@@ -13,6 +13,7 @@ from netstack.rules.nft import Ruleset
 class AppRole(Role):
     kind = "app"
     provides_network = False
+    sandboxed = True  # a workstation: whatever runs in it may be hostile
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.own_output_upstream(rs, ctx.upstream_if)

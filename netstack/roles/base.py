@@ -75,6 +75,7 @@ class Role:
     owns_uplink = False  # the one net qube: the root of the tree
     strict_replies = False
     protection: str | None = None  # "vpn" | "tor": how leaktest names a chain through it
+    sandboxed = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
 
     # --- config and plan (pure) ---------------------------------------------------------
     def validate(self, q: Qube) -> None:

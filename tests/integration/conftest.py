@@ -24,7 +24,7 @@ def own_stack():
 
     yield make
     for s in made:
-        cli("--stack", s, "down", check=False)
+        cli("--stack", s, "down", "--purge", check=False)
         reap_zombies()
 
 

@@ -64,7 +64,7 @@ class TorLab:
     def close(self) -> None:
         if hasattr(self, "prober"):
             self.prober.close()
-        cli("--stack", self.stack, "down", check=False)
+        cli("--stack", self.stack, "down", "--purge", check=False)
         reap_zombies()
         assert not stack_leftovers(self.stack)
 

@@ -126,6 +126,9 @@ def test_two_stacks_side_by_side(basic_stack, own_stack):
         assert out.strip() == "192.0.2.2"
     cli("--stack", s, "down")
     reap_zombies()
+    # the app qube's home is kept across down/up (like an app qube's private volume)...
+    assert stack_leftovers(s) == [f"/var/lib/netstack/{s}"]
+    cli("--stack", s, "down", "--purge")  # ...until purged
     assert not stack_leftovers(s)
     out = cli("--stack", basic_stack, "exec", "work", "--", "curl", "-sS", "--max-time", "5",
               "http://198.51.100.80/").stdout

@@ -53,7 +53,7 @@ class VpnStack:
         try:
             self._init()
         except BaseException:
-            cli("--stack", self.stack, "down", check=False)
+            cli("--stack", self.stack, "down", "--purge", check=False)
             reap_zombies()
             raise
 

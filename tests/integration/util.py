@@ -88,8 +88,9 @@ def stack_leftovers(stack: str) -> list[str]:
     if os.path.isdir("/etc/netns"):
         left += [f"/etc/netns/{d}" for d in os.listdir("/etc/netns")
                  if d.startswith((f"nst-{stack}-", f"nsl-{stack}-"))]
-    if os.path.exists(f"/run/netstack/{stack}"):
-        left.append(f"/run/netstack/{stack}")
+    for d in (f"/run/netstack/{stack}", f"/var/lib/netstack/{stack}"):
+        if os.path.exists(d):
+            left.append(d)
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -189,7 +190,7 @@ def running_stack(config: str, prefix: str):
     try:
         yield s
     finally:
-        cli("--stack", s, "down", check=False)
+        cli("--stack", s, "down", "--purge", check=False)
         reap_zombies()
     assert not stack_leftovers(s)
 

@@ -1,0 +1,113 @@
+"""Every command in an app qube runs in a bubblewrap sandbox (the one Flatpak uses) inside
+the qube's network namespace: its own user, PID, IPC, UTS (hostname = the qube) and cgroup
+namespaces; the system read-only (/usr, /etc with the qube's own resolv.conf,
+nsswitch.conf, hosts and hostname, which `ip netns exec` binds over the host's); a fresh
+/tmp, /run and /dev/shm, a minimal /dev and its own /proc; the qube's persistent home. No
+host unix socket (they live in /run, /tmp and /var, none of which is there), no host state
+directory, no other qube's files. The sandbox is entered as an unprivileged host user with
+no_new_privs and no capabilities: "root" inside (`--root`) is root of the sandbox's user
+namespace only, which owns no network namespace and no host file."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+from dataclasses import dataclass
+
+from netstack.errors import UsageError
+
+DEFAULT_ACCOUNT = "netstack-qube"  # made by scripts/setup.sh when no sudo user is at hand
+HOME_ROOT = "/var/lib/netstack"
+PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def account(user: str | None, sudo_user: str | None) -> Account:
+    """Who the sandbox runs as on the host: --user, else the invoking sudo user, else the
+    dedicated account. Never host root."""
+    name = user or (sudo_user if sudo_user and sudo_user != "root" else None) \
+        or DEFAULT_ACCOUNT
+    if name == "root" or name == "0":
+        raise UsageError("--user root: a qube never runs as host root; use --root for root "
+                         "inside the sandbox (root of its own user namespace only)")
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if name == DEFAULT_ACCOUNT:
+            raise UsageError(f"no user to run as: give --user NAME, run through sudo, or run "
+                             f"scripts/setup.sh (it creates the account {DEFAULT_ACCOUNT})"
+                             ) from None
+        raise UsageError(f"--user {name!r}: no such user") from None
+    if pw.pw_uid == 0:
+        raise UsageError(f"--user {name!r} is uid 0: a qube never runs as host root")
+    return Account(name, pw.pw_uid, pw.pw_gid)
+
+
+def home_dir(stack: str, qube: str) -> str:
+    """The qube's persistent home on the host (kept across `down`/`up`, like an app
+    qube's private volume)."""
+    return os.path.join(HOME_ROOT, stack, qube, "home")
+
+
+def argv(netns: str, qube: str, who: Account, home: str, cmd: list[str],
+         root_inside: bool = False) -> list[str]:
+    """The command line: enter the namespace (as root, to join it), drop to the account
+    with no_new_privs, then bubblewrap."""
+    inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
+    home_in = "/root" if root_inside else "/home/user"
+    fs = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+    for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        target = os.readlink(f"/{link}") if os.path.islink(f"/{link}") else None
+        if target:  # merged /usr: /bin -> usr/bin
+            fs += ["--symlink", target, f"/{link}"]
+        elif os.path.isdir(f"/{link}"):
+            fs += ["--ro-bind", f"/{link}", f"/{link}"]
+    fs += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp",
+           "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
+           "--symlink", "../run", "/var/run", "--bind", home, home_in]
+    env = ["--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", home_in,
+           "--setenv", "USER", "root" if root_inside else who.name,
+           "--setenv", "LANG", os.environ.get("LANG", "C.UTF-8")]
+    if os.environ.get("TERM"):
+        env += ["--setenv", "TERM", os.environ["TERM"]]
+    return ["ip", "netns", "exec", netns,
+            "setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups",
+            "--no-new-privs", "--",
+            "bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--hostname", qube,
+            "--uid", str(inside_uid), "--gid", str(inside_gid),
+            *fs, *env, "--chdir", home_in, "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--", *cmd]
+
+
+def make_home(path: str, who: Account) -> None:
+    """The home exists, owned by the account (created on first use, kept afterwards)."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if not os.path.isdir(path):
+        os.mkdir(path, 0o700)
+    st = os.stat(path)
+    if (st.st_uid, st.st_gid) != (who.uid, who.gid):
+        os.chown(path, who.uid, who.gid)
+
+
+def purge_homes(stack: str) -> bool:
+    """`down --purge`: the stack's homes go too. Only HOME_ROOT/STACK itself, a real
+    directory (never through a symlink), is removed."""
+    from netstack.names import check_stack
+
+    d = os.path.join(HOME_ROOT, check_stack(stack))
+    if not os.path.lexists(d):
+        return False
+    if os.path.islink(d) or os.path.realpath(d) != os.path.join(
+            os.path.realpath(HOME_ROOT), stack):
+        raise UsageError(f"{d} is not netstack's own directory (a symlink?); left alone")
+    shutil.rmtree(d)
+    return True

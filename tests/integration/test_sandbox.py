@@ -1,0 +1,112 @@
+"""An app qube's commands run in a bubblewrap sandbox: no host unix socket, its own PIDs and
+hostname, an unprivileged account (never host root; --root is root of its own user
+namespace only), a persistent home, and still only the chain's network (root)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import socket
+import threading
+
+import pytest
+
+from tests.integration.test_basic_chain import ns
+from tests.integration.util import cli, in_ns
+
+pytestmark = pytest.mark.root
+
+WEB, ISP_ADDR = "198.51.100.80", "192.0.2.2"
+
+
+def run(stack: str, *args: str, check: bool = True):
+    return cli("--stack", stack, "exec", "work", *args, check=check, env={"SUDO_USER": ""})
+
+
+@pytest.fixture
+def host_socket():
+    """A stand-in for a host service on a unix socket (nscd, resolved's varlink, D-Bus, an
+    X server): it answers anyone who connects. Started by the test, removed by it."""
+    path = f"/run/nstk-standin-{secrets.token_hex(3)}.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o666)
+    srv.listen(4)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            with c:
+                c.sendall(b"host-service-answered\n")
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+        os.unlink(path)
+
+
+CONNECT = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+           "print(s.recv(64).decode().strip())")
+
+
+def test_a_host_unix_socket_is_out_of_reach(basic_stack, host_socket):
+    # anti-test: a bare namespace (what app qubes were) reaches the host's service
+    bare = in_ns(ns(basic_stack, "work"), "setpriv", "--reuid=65534", "--regid=65534",
+                 "--clear-groups", "--", "/usr/bin/python3", "-c", CONNECT, host_socket)
+    assert bare.stdout.strip() == "host-service-answered"
+    p = run(basic_stack, "--", "/usr/bin/python3", "-c", CONNECT, host_socket, check=False)
+    assert p.returncode != 0 and "host-service-answered" not in p.stdout
+    assert "No such file" in p.stderr or "FileNotFoundError" in p.stderr
+
+
+def test_the_sandbox_is_its_own_little_machine(basic_stack):
+    out = run(basic_stack, "--", "sh", "-c",
+              "id -u; hostname; cat /etc/hostname; ls /proc | grep -c '^[0-9]'; "
+              "ls -A /run /tmp; test -e /run/netstack && echo STATE-VISIBLE; "
+              "test -e /var/lib/netstack && echo HOMES-VISIBLE; echo end").stdout.split("\n")
+    account = pwd.getpwnam("netstack-qube")
+    assert out[0] == str(account.pw_uid)  # no sudo user: the dedicated account
+    assert out[1] == "work" and out[2] == "work"
+    assert int(out[3]) <= 4  # sh, ls, grep, and bwrap's init: no host process
+    assert "STATE-VISIBLE" not in out and "HOMES-VISIBLE" not in out
+    assert out[-2] == "end"
+
+
+def test_root_inside_is_not_root_outside(basic_stack):
+    p = run(basic_stack, "--root", "--", "sh", "-c",
+            "id -u; cat /etc/shadow >/dev/null 2>&1 && echo READ-SHADOW; "
+            "ip link add nstkx type veth peer name nstky 2>&1 || echo NO-NET-ADMIN; "
+            "ip addr add 10.137.0.99/32 dev eth0 2>&1 || echo NO-ADDR")
+    lines = p.stdout.split("\n")
+    assert lines[0] == "0"
+    assert "READ-SHADOW" not in p.stdout
+    assert "NO-NET-ADMIN" in p.stdout and "NO-ADDR" in p.stdout
+    assert "nstkx" not in in_ns(ns(basic_stack, "work"), "ip", "-o", "link").stdout
+
+
+def test_never_host_root(basic_stack):
+    for user in ("root", "0"):
+        p = run(basic_stack, "--user", user, "--", "id", "-u", check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--root" in p.stderr
+
+
+def test_home_persists_and_the_network_is_the_chain(basic_stack):
+    m = secrets.token_hex(4)
+    run(basic_stack, "--", "sh", "-c", f"echo {m} > ~/note")
+    assert run(basic_stack, "--", "cat", "note").stdout.strip() == m  # cwd is the home
+    host = f"/var/lib/netstack/{basic_stack}/work/home/note"
+    with open(host) as f:
+        assert f.read().strip() == m
+    assert os.stat(host).st_uid == pwd.getpwnam("netstack-qube").pw_uid
+    out = run(basic_stack, "--", "curl", "-sS", "--max-time", "5", f"http://{WEB}/").stdout
+    assert out.strip() == ISP_ADDR

@@ -110,3 +110,17 @@ def test_home_persists_and_the_network_is_the_chain(basic_stack):
     assert os.stat(host).st_uid == pwd.getpwnam("netstack-qube").pw_uid
     out = run(basic_stack, "--", "curl", "-sS", "--max-time", "5", f"http://{WEB}/").stdout
     assert out.strip() == ISP_ADDR
+
+
+def test_state_and_logs_are_root_only(basic_stack):
+    """Even outside a sandbox, an unprivileged user cannot read the stack's state, plan
+    (the ISP-facing address in --uplink mode) or daemon logs."""
+    d = f"/run/netstack/{basic_stack}"
+    for root, _dirs, files in os.walk(d):
+        for name in files:
+            mode = os.stat(os.path.join(root, name)).st_mode
+            assert not mode & 0o044 or root != d and not os.stat(root).st_mode & 0o005, \
+                (root, name, oct(mode))
+    p = in_ns(ns(basic_stack, "work"), "setpriv", "--reuid=65534", "--regid=65534",
+              "--clear-groups", "--", "cat", f"{d}/plan.json", check=False)
+    assert p.returncode != 0 and "Permission denied" in p.stderr

@@ -334,6 +334,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    from netstack import stack
+
+    where = stack.copy(args.stack, args.source, args.dest, args.user)
+    print(f"copied {args.source} to {args.dest}:{where}")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """Usage errors as one line of ours (exit 2), not argparse's usage block."""
 
@@ -347,7 +355,7 @@ def stack_name(s: str) -> str:
     return check_stack(s)
 
 
-ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec"}
+ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -432,6 +440,16 @@ def parser() -> argparse.ArgumentParser:
                    help="replay each counterexample (or the --packet) in scratch "
                    "namespaces with nftrace")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("copy", help="copy a file from one app qube's home to another's",
+                       epilog="example: sudo netstack copy work:report.pdf personal\n"
+                       "The file lands in the destination's ~/Incoming/SOURCE/ (like qvm-copy);\n"
+                       "only a regular file inside the source's home leaves; the source's\n"
+                       "sandbox reads it and the destination's writes it.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE:PATH")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--user", "-u", help="the account both sandboxes run as")
+    p.set_defaults(func=cmd_copy)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="examples:\n  sudo netstack exec work -- curl http://web.lab.test/"
                        "\n  sudo netstack exec anon-whonix --root -- id\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from netstack.errors import UsageError
@@ -111,3 +112,46 @@ def purge_homes(stack: str) -> bool:
         raise UsageError(f"{d} is not netstack's own directory (a symlink?); left alone")
     shutil.rmtree(d)
     return True
+
+
+# Runs inside the source qube's sandbox: only a regular file inside its own home leaves
+# (a symlink may point anywhere in the sandbox's view, so the resolved path is checked).
+READ_SCRIPT = r'''
+r=$(realpath -e -- "$1" 2>/dev/null) || { echo "no such file: $1" >&2; exit 3; }
+case "$r" in "$HOME"/*) ;; *) echo "$1 is outside the home (resolves to $r)" >&2; exit 3;; esac
+[ -f "$r" ] || { echo "$1 is not a regular file" >&2; exit 3; }
+exec cat -- "$r"
+'''
+# Runs inside the destination's sandbox: the file is written beside its final name and only
+# put there (never over an existing one) once the source has sent all of it.
+WRITE_SCRIPT = r'''
+d="$HOME/Incoming/$1"; mkdir -p -- "$d" || exit 3
+[ -e "$d/$2" ] && { echo "$d/$2 exists already" >&2; exit 3; }
+exec cat > "$d/.$2.part"
+'''
+FINISH_SCRIPT = r'''
+d="$HOME/Incoming/$1"
+if [ "$3" = ok ]; then mv -n -- "$d/.$2.part" "$d/$2"; fi
+rm -f -- "$d/.$2.part"
+'''
+
+
+def copy_argvs(src_argv: list[str], dst_argv: list[str],
+               finish: Callable[[bool], None]) -> None:
+    """Qubes' qvm-copy: the source qube's sandbox reads, the destination's writes, joined
+    by a pipe; no host process opens either side's files. finish(ok) puts the file in
+    place, or removes what was written when either side failed."""
+    import subprocess
+
+    reader = subprocess.Popen(src_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None
+    writer = subprocess.run(dst_argv, stdin=reader.stdout, capture_output=True)
+    reader.stdout.close()
+    err = reader.stderr.read().decode(errors="replace").strip() if reader.stderr else ""
+    ok = reader.wait() == 0 and writer.returncode == 0
+    finish(ok)
+    if writer.returncode != 0:  # (then the reader died of the closed pipe)
+        msg = writer.stderr.decode(errors="replace").strip()
+        raise UsageError(f"copy: {msg.splitlines()[-1] if msg else 'the destination refused'}")
+    if reader.returncode != 0:
+        raise UsageError(f"copy: {err.splitlines()[-1] if err else 'the source could not read'}")

@@ -57,10 +57,10 @@ def home_dir(stack: str, qube: str) -> str:
     return os.path.join(HOME_ROOT, stack, qube, "home")
 
 
-def argv(netns: str, qube: str, who: Account, home: str, cmd: list[str],
+def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
          root_inside: bool = False) -> list[str]:
     """The command line: enter the namespace (as root, to join it), drop to the account
-    with no_new_privs, then bubblewrap."""
+    with no_new_privs, then bubblewrap. home None: an empty one, gone at exit."""
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
     home_in = "/root" if root_inside else "/home/user"
     fs = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
@@ -72,7 +72,8 @@ def argv(netns: str, qube: str, who: Account, home: str, cmd: list[str],
             fs += ["--ro-bind", f"/{link}", f"/{link}"]
     fs += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp",
            "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
-           "--symlink", "../run", "/var/run", "--bind", home, home_in]
+           "--symlink", "../run", "/var/run",
+           *(["--bind", home, home_in] if home else ["--tmpfs", home_in])]
     env = ["--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", home_in,
            "--setenv", "USER", "root" if root_inside else who.name,
            "--setenv", "LANG", os.environ.get("LANG", "C.UTF-8")]

@@ -204,8 +204,10 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
         raise StateError(f"qube {qube!r}: namespace {ns} is gone; run `netstack down` and `up`")
     if role_for(q.kind).sandboxed:
         who = sandbox.account(user, os.environ.get("SUDO_USER"))
-        home = sandbox.home_dir(stack, qube)
-        sandbox.make_home(home, who)
+        home: str | None = None
+        if q.settings.get("home", "persistent") == "persistent":
+            home = sandbox.home_dir(stack, qube)
+            sandbox.make_home(home, who)
         return sandbox.argv(ns, qube, who, home, cmd, root_inside)
     if root_inside:
         raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")

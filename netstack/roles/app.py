@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from netstack.config import Qube
+from netstack.errors import ConfigError
 from netstack.roles.base import QubeContext, Role
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
@@ -12,8 +14,16 @@ from netstack.rules.nft import Ruleset
 
 class AppRole(Role):
     kind = "app"
+    config_keys = frozenset({"home"})
     provides_network = False
     sandboxed = True  # a workstation: whatever runs in it may be hostile
+
+    def validate(self, q: Qube) -> None:
+        home = q.settings.get("home", "persistent")
+        if home not in ("persistent", "ephemeral"):
+            raise ConfigError(f"qube {q.name!r} field 'home'", f"{home!r} is not a home",
+                              'use home = "persistent" (kept across down/up) or "ephemeral" '
+                              "(a fresh empty home for every command)")
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.own_output_upstream(rs, ctx.upstream_if)

@@ -150,3 +150,20 @@ def test_copy_between_app_qubes(basic_stack):
     listed = cli("--stack", basic_stack, "exec", "personal", "--", "ls", "Incoming/work",
                  env={"SUDO_USER": ""}).stdout.split()
     assert sorted(listed) == sorted([f"c-{m}", f"in-{m}"])
+
+
+def test_an_ephemeral_home_is_gone_after_each_command(own_stack, tmp_path):
+    from tests.integration.util import ROOT
+
+    cfg = tmp_path / "eph.toml"
+    cfg.write_text((ROOT / "configs" / "basic.toml").read_text().replace(
+        "[qubes.work]\n", '[qubes.work]\nhome = "ephemeral"\n'))
+    s = own_stack("e")
+    cli("--stack", s, "up", str(cfg), "--lab")
+    env = {"SUDO_USER": ""}
+    out = cli("--stack", s, "exec", "work", "--", "sh", "-c",
+              "pwd; ls -A ~ | wc -l; echo x > ~/f && cat ~/f", env=env).stdout.split()
+    assert out == ["/home/user", "0", "x"]
+    assert cli("--stack", s, "exec", "work", "--", "ls", "-A", "/home/user",
+               env=env).stdout == ""
+    assert not os.path.exists(f"/var/lib/netstack/{s}/work")

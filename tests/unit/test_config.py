@@ -134,3 +134,17 @@ def test_missing_file():
     with pytest.raises(ConfigError) as e:
         config.load("/nonexistent/x.toml")
     assert "cannot read" in str(e.value)
+
+
+def test_app_home_is_persistent_or_ephemeral(tmp_path):
+    from netstack.config import load
+    from netstack.errors import ConfigError
+
+    base = (ROOT / "configs" / "basic.toml").read_text()
+    c = tmp_path / "c.toml"
+    c.write_text(base.replace('[qubes.work]\n', '[qubes.work]\nhome = "ephemeral"\n'))
+    t = load(str(c))
+    assert t.qubes[[q.name for q in t.qubes].index("work")].settings["home"] == "ephemeral"
+    c.write_text(base.replace('[qubes.work]\n', '[qubes.work]\nhome = "tmp"\n'))
+    with pytest.raises(ConfigError, match="qube 'work' field 'home'.*ephemeral"):
+        load(str(c))

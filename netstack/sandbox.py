@@ -64,6 +64,8 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
     home_in = "/root" if root_inside else "/home/user"
     fs = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+    if os.path.isdir("/etc/netns"):  # every qube's name and resolvers: not this qube's
+        fs += ["--tmpfs", "/etc/netns"]
     for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         target = os.readlink(f"/{link}") if os.path.islink(f"/{link}") else None
         if target:  # merged /usr: /bin -> usr/bin

@@ -268,6 +268,7 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
     prober = Prober(ctx.ws.netns)
     restore: list = []
     sent: dict[str, Sent] = {}  # marker -> what the sender confirmed
+    local_results: list = []  # the local channels (netstack.leaktest.local)
     after_down: set[str] = set()  # cases sent while `down` tore the stack away
     try:
         for lk in lks:
@@ -296,6 +297,10 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
                     sent[c.marker] = _run_tool(ctx, c.tool)
             if downer:
                 downer.join()
+            elif role_for(ctx.ws.kind).sandboxed:
+                from netstack.leaktest import local
+
+                local_results = local.run(ctx.stack, ctx.ws.name, ctx.ws.netns)
             time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
     finally:
         prober.close()
@@ -304,8 +309,29 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
                 lk.capture.stop()
         for r in reversed(restore):
             r()
-    return _verdict(ctx, cs, lks, scenario, fault.name if fault else None, out_dir, sent,
-                    after_down, time.monotonic() - t0)
+    r = _verdict(ctx, cs, lks, scenario, fault.name if fault else None, out_dir, sent,
+                 after_down, time.monotonic() - t0)
+    _add_local(r, local_results)
+    return r
+
+
+def _add_local(r: Report, results: list) -> None:
+    """One row per local channel and account: LEAK names what was reachable."""
+    from netstack.leaktest.local import CHECKS
+
+    for res in results:
+        for check, what in CHECKS.items():
+            name = f"local-{check}" + ("-root" if res.who == "root" else "")
+            leak = res.leaks.get(check)
+            verdict = "ERROR" if res.error else "LEAK" if leak else "ok"
+            r.cases.append({"case": name, "property": f"no way around the chain: {what}",
+                            "marker": "", "planned": 1, "sent": 0 if res.error else 1,
+                            "send_errors": [res.error] if res.error else [],
+                            "after_down": False, "seen_on": [],
+                            "leaked_on": [leak] if leak else [], "verdict": verdict})
+            r.leaks += 1 if leak else 0
+        if res.error:
+            r.errors.append(f"local channels as {res.who}: {res.error}")
 
 
 def _run_tool(ctx: Ctx, tool: list[str]) -> Sent:

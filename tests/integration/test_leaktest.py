@@ -38,8 +38,10 @@ def check_clean(r) -> None:
     assert len(r.cases) >= 45 and all(c["sent"] >= 1 for c in r.cases)
     src = next(lk for lk in r.links if lk["zone"] == "source")
     assert src["packets"] >= r.packets_sent  # every probe really went out
+    local = [c for c in r.cases if c["case"].startswith("local-")]
+    assert len(local) == 16 and all(c["verdict"] == "ok" for c in local), local
     for c in r.cases:  # and each was seen leaving the workstation
-        if c["case"] not in ("tcp-get-name", "dns-lookup-name"):
+        if c["case"] not in ("tcp-get-name", "dns-lookup-name") and c not in local:
             assert src["link"] in c["seen_on"], c["case"]
     for lk in r.links:
         assert os.path.getsize(lk["pcap"]) >= 24
@@ -194,3 +196,21 @@ def test_down_while_probes_run(tmp_path):
         assert not r.errors, r.errors
         assert any(c["after_down"] for c in r.cases)
         assert all(c["sent"] == c["planned"] for c in r.cases if not c["after_down"])
+
+
+def test_local_channels_anti_test(tor_lab, tmp_path, monkeypatch):
+    """Without the sandbox (a bare namespace, what app qubes were) the battery's stand-in
+    host service answers the workstation, as user and as root, and host processes and
+    namespaces show: the local cases see the leak they guard against."""
+    from netstack.leaktest import local
+
+    monkeypatch.setattr(local, "SANDBOX", False)
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    got = leaked(r)
+    assert {"local-stand-in", "local-stand-in-root", "local-host-processes",
+            "local-host-state-root"} <= got, got
+    assert {"local-mount-root", "local-nftables-root"} <= got
+    assert not got & {"local-mount", "local-nftables"}  # an unprivileged user cannot
+    assert not {c for c in got if not c.startswith("local-")}  # packets: still clean
+    row = next(c for c in r.cases if c["case"] == "local-stand-in")
+    assert row["leaked_on"] and row["verdict"] == "LEAK"

@@ -1,0 +1,177 @@
+"""Local channels out of an app qube: the ways around the chain that are not packets.
+A host service on a filesystem unix socket (nscd, resolved's varlink, D-Bus, an X server)
+does its work in the host's network; host state and other qubes' homes tell where the
+workstation runs; host processes, mounts, setns into another namespace, /proc/sys and
+nftables would let it undo the chain. Each check runs inside the workstation's sandbox, as
+its user and as the sandbox's root, with only the Python standard library (the sandbox
+sees /usr, not netstack). Connecting is all a socket check does: not one byte is sent.
+
+A stand-in host service that the battery itself starts (a unix socket in /run answering
+any client) is the control: `sandbox=False` (tests only) runs the same checks in the bare
+namespace, and the stand-in must be reported reachable there."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# stdlib only: runs as `python3 -c` inside the sandbox; prints one JSON object
+SCRIPT = r'''
+import ctypes, json, os, socket, subprocess, sys
+targets, standin = json.loads(sys.argv[1]), sys.argv[2]
+out = {}
+reached = []
+for path in targets + [standin]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(path)
+        reached.append(path)
+    except OSError:
+        pass
+    finally:
+        s.close()
+out["unix-sockets"] = reached
+out["stand-in"] = standin in reached
+def shown(p):
+    try:
+        return bool(os.listdir(p)) if os.path.isdir(p) else os.path.exists(p)
+    except OSError:
+        return False
+out["host-state"] = [p for p in ("/run/netstack", "/var/lib/netstack", "/run/netns",
+                                 "/etc/netns") if shown(p)]
+mine = os.getpid()
+procs = [d for d in os.listdir("/proc") if d.isdigit()]
+out["host-processes"] = len(procs) > 8
+libc = ctypes.CDLL(None, use_errno=True)
+out["mount"] = libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == 0
+out["setns"] = False
+for d in ("/run/netns", "/var/run/netns"):
+    if os.path.isdir(d):
+        for n in os.listdir(d):
+            try:
+                fd = os.open(os.path.join(d, n), os.O_RDONLY)
+                out["setns"] = out["setns"] or libc.setns(fd, 0x40000000) == 0
+                os.close(fd)
+            except OSError:
+                pass
+try:
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write(open("/proc/sys/net/ipv4/ip_forward").read())
+    out["proc-sys"] = True
+except OSError:
+    out["proc-sys"] = False
+name = "nstk_local_" + str(mine)
+p = subprocess.run(["nft", "add", "table", "inet", name], capture_output=True)
+out["nftables"] = p.returncode == 0
+if out["nftables"]:
+    subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
+print(json.dumps(out))
+'''
+
+# what each check means; a True (or a non-empty list) is a way around the chain
+CHECKS = {
+    "unix-sockets": "a host unix socket answered (its service works in the host's network)",
+    "stand-in": "the stand-in host service answered",
+    "host-state": "the stack's state, homes or namespaces are visible",
+    "host-processes": "host processes are visible",
+    "mount": "mount works",
+    "setns": "setns into another network namespace works",
+    "proc-sys": "/proc/sys is writable",
+    "nftables": "the qube can load nftables rules",
+}
+
+
+@dataclass
+class LocalResult:
+    who: str  # "user" | "root" (the sandbox's root)
+    leaks: dict[str, str]  # check -> what was reachable
+    error: str | None = None
+
+
+def host_unix_sockets() -> list[str]:
+    """Filesystem unix sockets listening in the host's namespace, from /proc/net/unix
+    (abstract ones, '@...', are per network namespace and out of reach anyway)."""
+    out = []
+    with contextlib.suppress(OSError), open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            # Flags 00010000 = __SO_ACCEPTCON (listening); a path is the 8th column
+            if len(parts) >= 8 and parts[3] == "00010000" and parts[7].startswith("/"):
+                out.append(parts[7])
+    return sorted(set(out))
+
+
+@contextlib.contextmanager
+def stand_in() -> Iterator[str]:
+    """A host service on a unix socket, started by the battery and removed by it: it
+    answers anyone who connects (the stand-in for nscd, resolved, D-Bus, X11)."""
+    path = f"/run/nstk-standin-{secrets.token_hex(4)}.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o666)
+    srv.listen(8)
+    srv.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            with c, contextlib.suppress(OSError):
+                c.sendall(b"stand-in host service\n")
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+SANDBOX = True  # tests switch it off (monkeypatch) for the anti-test
+
+
+def run(stack: str, ws: str, netns: str) -> list[LocalResult]:
+    """The checks as the workstation's user and as the sandbox's root."""
+    from netstack.stack import exec_argv
+
+    sandbox = SANDBOX
+    # the bare namespace reaches every host socket: there only the stand-in is tried, so
+    # nothing of a real host service is touched even by the anti-test
+    targets = host_unix_sockets() if sandbox else []
+    results = []
+    with stand_in() as standin:
+        for who in ("user", "root"):
+            cmd = ["/usr/bin/python3", "-c", SCRIPT, json.dumps(targets), standin]
+            if sandbox:
+                argv = exec_argv(stack, ws, None, cmd, root_inside=who == "root")
+            else:  # tests only: the bare namespace, what app qubes were
+                argv = ["ip", "netns", "exec", netns,
+                        *([] if who == "root" else ["setpriv", "--reuid=65534",
+                                                    "--regid=65534", "--clear-groups",
+                                                    "--"]), *cmd]
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            try:
+                got = json.loads(p.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                results.append(LocalResult(who, {}, f"the local checks did not run: "
+                                                    f"{p.stderr.strip()[-200:]}"))
+                continue
+            leaks = {k: (", ".join(v) if isinstance(v, list) else CHECKS[k])
+                     for k, v in got.items() if v and k in CHECKS}
+            results.append(LocalResult(who, leaks))
+    return results

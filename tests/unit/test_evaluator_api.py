@@ -77,3 +77,34 @@ def test_run_hook_reports_nat():
     assert o.verdict == "accept" and o.nat == [{"dnat": {"family": "ip",
                                                          "addr": "198.51.100.5"}}]
     assert [str(s) for s in o.trace][0] == "pre #3 -> dnat"
+
+
+def test_a_portless_packet_is_port_zero_and_other_protocols_keep_theirs():
+    icmp = point(Packet(l4proto="icmp", icmp_type=8, sport=None, dport=None))
+    assert (icmp["sport"], icmp["dport"], icmp["l4proto"]) == (0, 0, 1)
+    assert point(Packet(l4proto="esp", sport=None, dport=None))["l4proto"] == 50
+    assert point(Packet(l4proto="nosuch", sport=None, dport=None))["l4proto"] == 253
+    lite = Packet(l4proto="udplite", sport=5, dport=6).describe()
+    assert (lite["sport"], lite["dport"]) == (5, 6) and "tcp_flags" not in lite
+    back = packet_of({**point(Packet(l4proto="esp", sport=None, dport=None))})
+    assert back.l4proto == "esp" and back.sport is None and back.dport is None
+    assert packet_of({**point(Packet(l4proto="udp")), "l4proto": 200}).l4proto == "200"
+
+
+def test_fate_says_where_a_packet_is_lost():
+    from netstack.audit.evaluator import fate
+
+    rs = Ruleset(DOC)
+    nowhere = lambda d: None  # noqa: E731
+    assert fate(rs, Packet(iifname="lan0", daddr="203.0.113.1"), nowhere, set()) == \
+        [("prerouting", "accept"), ("route", "lost")]
+    assert fate(rs, Packet(daddr="203.0.113.1", skuid=5, skgid=5), nowhere, set()) == \
+        [("route", "lost")]
+    # an input interface never leaks into the prerouting packet's output interface
+    assert fate(rs, Packet(iifname="lan0", oifname="wan0", saddr="192.0.2.7",
+                           daddr="192.0.2.1", dport=22), nowhere, {"192.0.2.1"}) == \
+        [("prerouting", "accept"), ("input", "accept")]
+    out = fate(rs, Packet(daddr="203.0.113.1", skuid=1000, skgid=0), lambda d: "wan0", set())
+    assert out == [("output", "drop")]
+    out = fate(rs, Packet(daddr="203.0.113.1", skuid=1, skgid=0), lambda d: "wan0", set())
+    assert out == [("output", "accept"), ("postrouting", "accept")]

@@ -362,8 +362,8 @@ class Ruleset:
             s = self.sets.get((key[0], key[1], right[1:]))
             if s is None:
                 raise Unsupported(f"set {right} (not in the ruleset)")
-            if s.get("flags") and ("dynamic" in s["flags"] or "timeout" in s["flags"]):
-                pass  # elements as listed now (a dynamic set changes at run time)
+            # a dynamic or timed set: its elements as listed now (the audit of a live
+            # ruleset is a statement about this moment)
             elems = s.get("elem", [])
         elif isinstance(right, dict) and "set" in right:
             elems = right["set"]

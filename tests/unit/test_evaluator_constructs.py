@@ -126,3 +126,85 @@ def test_sets_with_elements_and_dynamic_sets():
         assert run(d, PKT)[0] == "drop"
     v, _, unknown = run(doc(("c", [m(P("ip", "saddr"), "@nosuch"), {"drop": None}])), PKT)
     assert v == "unknown" and "set @nosuch (not in the ruleset)" in unknown[0]
+
+
+def chain_of(name, hook, prio, typ="filter", policy=None, family="inet"):
+    c = {"family": family, "table": "t", "name": name, "type": typ, "hook": hook,
+         "prio": prio}
+    if policy:
+        c["policy"] = policy
+    return {"chain": c}
+
+
+def rule_of(chain, *expr, family="inet"):
+    return {"rule": {"family": family, "table": "t", "chain": chain, "expr": list(expr)}}
+
+
+def fate_of(items, p, route=lambda d: "wan0", local=frozenset({"192.0.2.1"})):
+    from netstack.audit.evaluator import fate
+
+    rs = Ruleset({"nftables": [{"table": {"family": "inet", "name": "t"}}, *items]})
+    return fate(rs, p, route, set(local), lambda i, f: "192.0.2.33" if i == "wan0"
+                else "192.0.2.1")
+
+
+FWD = Packet(iifname="lan0", saddr="198.51.100.7", daddr="203.0.113.9", dport=80)
+
+
+def test_snat_is_seen_by_a_later_chain_as_snat_status():
+    items = [chain_of("nat", "postrouting", 100, "nat", "accept"),
+             chain_of("late", "postrouting", 200, policy="accept"),
+             rule_of("nat", {"snat": {"addr": "192.0.2.50"}}),
+             rule_of("late", m({"ct": {"key": "status"}}, "snat"), m(P("ip", "saddr"),
+                                                                      "192.0.2.50"),
+                     {"drop": None})]
+    assert fate_of(items, FWD) == [("prerouting", "accept"), ("forward", "accept"),
+                                   ("postrouting", "drop")]
+
+
+def test_a_nat_chain_that_binds_nothing_lets_the_next_one_bind():
+    items = [chain_of("n1", "prerouting", -100, "nat", "accept"),
+             chain_of("n2", "prerouting", -90, "nat", "accept"),
+             chain_of("in", "input", 0, policy="drop"),
+             rule_of("n1", m(P("tcp", "dport"), 9999), {"dnat": {"addr": "192.0.2.1"}}),
+             rule_of("n2", m(P("tcp", "dport"), 80), {"dnat": {"addr": "192.0.2.1"}}),
+             rule_of("in", m(P("ip", "daddr"), "192.0.2.1"), {"accept": None})]
+    assert fate_of(items, FWD) == [("prerouting", "accept"), ("input", "accept")]
+
+
+def test_a_base_chain_without_a_policy_accepts():
+    items = [chain_of("f", "forward", 0), rule_of("f", m(P("tcp", "dport"), 22),
+                                                  {"drop": None})]
+    assert fate_of(items, FWD)[1] == ("forward", "accept")
+
+
+@pytest.mark.parametrize("left, right, six_drops, four_drops", [
+    (M("nfproto"), 10, True, False), (M("nfproto"), 2, False, True),
+    (M("protocol"), "ip6", True, False), (M("protocol"), "ip", False, True),
+    (M("nfproto"), "ipv6", True, False),
+])
+def test_family_by_number_name_and_ethertype(left, right, six_drops, four_drops):
+    d = doc(("c", [m(left, right), {"drop": None}]))
+    six = Packet(family="ipv6", iifname="eth0", saddr="2001:db8::7", daddr="2001:db8::1")
+    assert (run(d, six)[0] == "drop") is six_drops
+    assert (run(d, PKT)[0] == "drop") is four_drops
+
+
+def test_comparisons_are_exact_at_the_boundary():
+    for op, at, above in ((">", "accept", "drop"), (">=", "drop", "drop"),
+                          ("<", "accept", "accept"), ("<=", "drop", "accept")):
+        d = doc(("c", [m(P("tcp", "dport"), 1024, op), {"drop": None}]))
+        assert run(d, Packet(**{**PKT.__dict__, "dport": 1024}))[0] == at, op
+        assert run(d, Packet(**{**PKT.__dict__, "dport": 1025}))[0] == above, op
+
+
+def test_ct_state_lists_and_concatenations():
+    d = doc(("c", [m({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                   {"accept": None}]), policy="drop")
+    assert run(d, Packet(**{**PKT.__dict__, "ct_state": "related"}))[0] == "accept"
+    assert run(d, PKT)[0] == "drop"
+    cat = {"concat": [P("ip", "saddr"), P("tcp", "dport")]}
+    d = doc(("c", [m(cat, {"set": [{"concat": ["192.0.2.7", 22]}]}), {"drop": None}]))
+    assert run(d, PKT)[0] == "drop"
+    assert run(d, Packet(**{**PKT.__dict__, "dport": 23}))[0] == "accept"
+    assert run(d, Packet(**{**PKT.__dict__, "saddr": "192.0.2.8"}))[0] == "accept"

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from netstack.errors import NetstackError, UsageError
+from netstack.errors import NetstackError, StateError, UsageError
 from netstack.model import UplinkSpec
 
 EXAMPLES = """examples:
@@ -102,7 +102,17 @@ def _progress_bar(label: str):
 def cmd_down(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    problems = stack.down(args.stack)
+    try:
+        problems = stack.down(args.stack)
+    except StateError:
+        if not args.purge:
+            raise
+        from netstack import sandbox  # a stack that is down: only its homes are left
+
+        if not sandbox.purge_homes(args.stack):
+            raise
+        print(f"stack {args.stack!r} was down; app qubes' homes removed")
+        return 0
     if problems:
         for pr in problems:
             print(f"netstack: could not remove {pr}", file=sys.stderr)

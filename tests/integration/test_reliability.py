@@ -276,7 +276,7 @@ def provider_cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
                                                  "is not up")
     cases["down of a stack that is not up"] = (["--stack", "nosuch", "down"], 3, "is not up")
     cases["audit of a ruleset file that is not JSON"] = (
-        ["audit", "--ruleset", str(latin)], 2, "cannot read JSON")
+        ["audit", "--ruleset", str(latin)], 2, "cannot read it")
     return cases
 
 

@@ -101,7 +101,7 @@ class VpnStack:
 
     def close(self) -> None:
         self.prober.close()
-        cli("--stack", self.stack, "down", check=False)
+        cli("--stack", self.stack, "down", "--purge", check=False)
         reap_zombies()
         assert not stack_leftovers(self.stack)
 

@@ -10,6 +10,7 @@ namespace only, which owns no network namespace and no host file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -114,6 +115,8 @@ def purge_homes(stack: str) -> bool:
             os.path.realpath(HOME_ROOT), stack):
         raise UsageError(f"{d} is not netstack's own directory (a symlink?); left alone")
     shutil.rmtree(d)
+    with contextlib.suppress(OSError):  # the last stack's homes gone: the folder too
+        os.rmdir(HOME_ROOT)
     return True
 
 

@@ -25,5 +25,19 @@ class AppRole(Role):
                               'use home = "persistent" (kept across down/up) or "ephemeral" '
                               "(a fresh empty home for every command)")
 
+    def status(self, q: Any, live: Any) -> dict[str, Any]:
+        """What the qube is given: its sandbox and home; no host resource is granted."""
+        home = q.settings.get("home", "persistent")
+        return {"sandbox": {"kind": "bubblewrap", "home": home,
+                            "home_path": f"/var/lib/netstack/{q.netns.split('-')[1]}/"
+                                         f"{q.name}/home" if home == "persistent" else None,
+                            "grants": []}}
+
+    def status_lines(self, entry: dict[str, Any]) -> list[str]:
+        sb = entry.get("sandbox") or {}
+        where = f" ({sb['home_path']})" if sb.get("home_path") else ""
+        return [f"sandbox: {sb.get('kind')}, {sb.get('home')} home{where}, grants: "
+                + (", ".join(sb.get("grants") or []) or "none")]
+
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.own_output_upstream(rs, ctx.upstream_if)

@@ -167,3 +167,16 @@ def test_an_ephemeral_home_is_gone_after_each_command(own_stack, tmp_path):
     assert cli("--stack", s, "exec", "work", "--", "ls", "-A", "/home/user",
                env=env).stdout == ""
     assert not os.path.exists(f"/var/lib/netstack/{s}/work")
+
+
+def test_status_shows_what_each_app_qube_is_given(basic_stack):
+    import json
+
+    s = json.loads(cli("--stack", basic_stack, "status", "--json").stdout)
+    q = {x["name"]: x for x in s["qubes"]}
+    assert q["work"]["sandbox"] == {"kind": "bubblewrap", "home": "persistent",
+                                    "home_path": f"/var/lib/netstack/{basic_stack}/work/home",
+                                    "grants": []}
+    assert "sandbox" not in q["sys-firewall"]
+    out = cli("--stack", basic_stack, "status").stdout
+    assert "sandbox: bubblewrap, persistent home" in out and "grants: none" in out

@@ -27,11 +27,13 @@ class AppRole(Role):
 
     def status(self, q: Any, live: Any) -> dict[str, Any]:
         """What the qube is given: its sandbox and home; no host resource is granted."""
+        from netstack.sandbox import home_dir
+
         home = q.settings.get("home", "persistent")
+        stack = q.netns.split("-", 2)[1]  # nst-STACK-QUBE
         return {"sandbox": {"kind": "bubblewrap", "home": home,
-                            "home_path": f"/var/lib/netstack/{q.netns.split('-')[1]}/"
-                                         f"{q.name}/home" if home == "persistent" else None,
-                            "grants": []}}
+                            "home_path": home_dir(stack, q.name)
+                            if home == "persistent" else None, "grants": []}}
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         sb = entry.get("sandbox") or {}

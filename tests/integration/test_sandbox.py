@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
-import socket
-import threading
 
 import pytest
 
@@ -27,32 +25,11 @@ def run(stack: str, *args: str, check: bool = True):
 @pytest.fixture
 def host_socket():
     """A stand-in for a host service on a unix socket (nscd, resolved's varlink, D-Bus, an
-    X server): it answers anyone who connects. Started by the test, removed by it."""
-    path = f"/run/nstk-standin-{secrets.token_hex(3)}.sock"
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    os.chmod(path, 0o666)
-    srv.listen(4)
-    srv.settimeout(0.2)
-    stop = threading.Event()
+    X server), the one leaktest starts: it answers anyone who connects."""
+    from netstack.leaktest.local import stand_in
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                continue
-            with c:
-                c.sendall(b"host-service-answered\n")
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with stand_in() as path:
         yield path
-    finally:
-        stop.set()
-        t.join()
-        srv.close()
-        os.unlink(path)
 
 
 CONNECT = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
@@ -63,9 +40,9 @@ def test_a_host_unix_socket_is_out_of_reach(basic_stack, host_socket):
     # anti-test: a bare namespace (what app qubes were) reaches the host's service
     bare = in_ns(ns(basic_stack, "work"), "setpriv", "--reuid=65534", "--regid=65534",
                  "--clear-groups", "--", "/usr/bin/python3", "-c", CONNECT, host_socket)
-    assert bare.stdout.strip() == "host-service-answered"
+    assert bare.stdout.strip() == "stand-in host service"
     p = run(basic_stack, "--", "/usr/bin/python3", "-c", CONNECT, host_socket, check=False)
-    assert p.returncode != 0 and "host-service-answered" not in p.stdout
+    assert p.returncode != 0 and "stand-in host service" not in p.stdout
     assert "No such file" in p.stderr or "FileNotFoundError" in p.stderr
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from netstack.errors import NetstackError, StateError, UsageError
 from netstack.model import UplinkSpec
@@ -58,6 +59,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
           + (f", lab with {len(p.lab.hosts)} hosts" if p.lab else ""))
+    from netstack.roles.app import gui_status
+
+    for q in p.qubes:  # what a display grant means, said where it is made
+        for w in gui_status(q)[1]:
+            print(f"netstack: {q.name}: WARNING: {w}", file=sys.stderr)
     if args.no_wait:
         return 0
     from netstack.roles import role_for
@@ -344,6 +350,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from netstack import disposable
+
+    def started(q: Any) -> None:
+        print(_colour(q.label, f"{q.name}") + f": disposable qube {q.ipv4} behind {q.netvm}",
+              file=sys.stderr)
+
+    return disposable.run(args.stack, args.netvm, args.label, args.gui, args.user,
+                          list(args.cmd), None if args.quiet else started)
+
+
 def cmd_copy(args: argparse.Namespace) -> int:
     from netstack import stack
 
@@ -365,7 +382,7 @@ def stack_name(s: str) -> str:
     return check_stack(s)
 
 
-ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy"}
+ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -460,6 +477,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--user", "-u", help="the account both sandboxes run as")
     p.set_defaults(func=cmd_copy)
+    p = sub.add_parser("run", help="run a command in a new disposable qube",
+                       epilog="examples:\n  sudo netstack run -- curl http://web.lab.test/\n"
+                       "  sudo netstack run --netvm sys-firewall --label orange -- firefox\n"
+                       "A disposable (Qubes' DispVM) is an app qube made for one command: a new\n"
+                       "link to its netvm, its own address, a sandbox with an empty home. When\n"
+                       "the command ends (or on Ctrl-C) the qube, its link, rules and files are\n"
+                       "gone; after a kill -9 the next `run` or `down` removes it.\n"
+                       "The exit code is the command's.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--netvm", help="the qube it gets network from (default: the netvm of "
+                   "the stack's first app qube, e.g. sys-whonix)")
+    p.add_argument("--label", default="red", help="its colour (default red, as Qubes)")
+    p.add_argument("--gui", action="store_true",
+                   help="grant the invoking user's Wayland (or X11) display")
+    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo "
+                   "user, else netstack-qube); never host root")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="do not print the qube's name and address")
+    p.add_argument("cmd", nargs="*", help="the command, after --")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="examples:\n  sudo netstack exec work -- curl http://web.lab.test/"
                        "\n  sudo netstack exec anon-whonix --root -- id\n"
@@ -488,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         if tail:
-            if args.command != "exec":
-                raise UsageError("'--' is only used with exec (see `netstack --help`)")
+            if args.command not in ("exec", "run"):
+                raise UsageError("'--' is only used with exec and run (see `netstack --help`)")
             args.cmd = list(args.cmd) + tail
         if args.command in ROOT_COMMANDS and os.geteuid() != 0 and \
                 not getattr(args, "ruleset", None):

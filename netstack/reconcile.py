@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from netstack.errors import ApplyError, NetstackError, StateError, UsageError
@@ -51,6 +51,7 @@ class LoadRules:
     ns: str
     ruleset: dict[str, Any] = field(hash=False)
     fresh: bool = False  # a namespace just made: plain adds (no replace)
+    extra: tuple[dict[str, Any], ...] = field(default=(), hash=False)  # run-time sets
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,8 @@ def _do(s: Step, k: Kernel, st: State) -> None:
             k.sysctl(s.ns.name, key, value)
         _write_ns_files(s.ns, k, st)
     elif isinstance(s, LoadRules):
-        k.nft(s.ns, commands(s.ruleset, s.fresh))
+        cmds = commands(s.ruleset, s.fresh)
+        k.nft(s.ns, {"nftables": cmds["nftables"] + list(s.extra)})
     elif isinstance(s, WriteFiles):
         for key, value in s.ns.sysctls.items():
             k.sysctl(s.ns.name, key, value)
@@ -280,7 +282,7 @@ def _do(s: Step, k: Kernel, st: State) -> None:
         k.link_del(s.ns, s.ifname)
     elif isinstance(s, DelNs):
         k.netns_delete(s.ns)
-        for rec in st.objects:
+        for rec in reversed(st.objects):  # newest first: files before their directory
             if (isinstance(rec, NetnsRec) and rec.name == s.ns) or (
                     isinstance(rec, FileRec | DirRec) and f"/etc/netns/{s.ns}" in rec.path):
                 if isinstance(rec, FileRec | DirRec):
@@ -378,7 +380,13 @@ def _make_lab(lab: Any, write: Callable[[str, str], None]) -> tuple[str, ...]:
 def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
     """A live change: the plan in force becomes `desired`. The new plan is written first
     (so `down` after a crash knows every object of both), then the steps."""
-    steps = diff(current, desired)
+    from netstack.roles import role_for
+
+    qube_of = {q.netns: q for q in desired.qubes}
+    steps = [replace(s, extra=tuple(role_for(qube_of[s.ns].kind).reload_commands(
+                 qube_of[s.ns], st)))
+             if isinstance(s, LoadRules) and not s.fresh and s.ns in qube_of else s
+             for s in diff(current, desired)]  # a reload keeps what `up` filled in
     st.set_plan(desired)
     apply(steps, k, st)
     record_digests(desired, st, k)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from netstack.errors import UsageError
@@ -52,6 +54,62 @@ def account(user: str | None, sudo_user: str | None) -> Account:
     return Account(name, pw.pw_uid, pw.pw_gid)
 
 
+@dataclass(frozen=True)
+class Grant:
+    """One thing of the host a qube is given (only `gui = true` grants anything): the
+    host socket, where it appears inside, and the environment that tells apps."""
+
+    kind: str  # wayland | x11
+    path: str  # on the host
+    inside: str
+    env: tuple[tuple[str, str], ...]
+    xauthority: str | None = None
+
+    @property
+    def warning(self) -> str | None:
+        return X11_WARNING if self.kind == "x11" else None
+
+    def describe(self) -> str:
+        return f"gui: {self.kind} ({self.path})"
+
+
+X11_WARNING = ("X11 display granted: a qube with gui = true can read other windows' input "
+               "and contents (X11 has no isolation); use a Wayland session")
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def gui_grant(env: Mapping[str, str], who: Account, inside_uid: int | None = None
+              ) -> Grant | None:
+    """The display of the account the sandbox runs as: its Wayland socket when it has one
+    ($XDG_RUNTIME_DIR or /run/user/UID, $WAYLAND_DISPLAY or wayland-0), else its X11
+    socket (/tmp/.X11-unix/XN from $DISPLAY) with its Xauthority. None: no display."""
+    uid = who.uid if inside_uid is None else inside_uid
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{who.uid}"
+    wl = env.get("WAYLAND_DISPLAY") or "wayland-0"
+    path = wl if wl.startswith("/") else os.path.join(runtime, wl)
+    if _is_socket(path):
+        return Grant("wayland", path, f"/run/user/{uid}/wayland-0",
+                     (("XDG_RUNTIME_DIR", f"/run/user/{uid}"), ("WAYLAND_DISPLAY", "wayland-0")))
+    m = re.fullmatch(r"(?:unix)?:(\d{1,4})(?:\.\d+)?", env.get("DISPLAY", ""))
+    if m:
+        path = f"/tmp/.X11-unix/X{m.group(1)}"
+        if _is_socket(path):
+            xauth = env.get("XAUTHORITY") or os.path.join(pwd.getpwuid(who.uid).pw_dir,
+                                                          ".Xauthority")
+            return Grant("x11", path, path,
+                         (("DISPLAY", f":{m.group(1)}"),
+                          *((("XAUTHORITY", "/run/netstack-x11/Xauthority"),)
+                            if os.path.isfile(xauth) else ())),
+                         xauth if os.path.isfile(xauth) else None)
+    return None
+
+
 def home_dir(stack: str, qube: str) -> str:
     """The qube's persistent home on the host (kept across `down`/`up`, like an app
     qube's private volume)."""
@@ -59,7 +117,7 @@ def home_dir(stack: str, qube: str) -> str:
 
 
 def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
-         root_inside: bool = False) -> list[str]:
+         root_inside: bool = False, grants: tuple[Grant, ...] = ()) -> list[str]:
     """The command line: enter the namespace (as root, to join it), drop to the account
     with no_new_privs, then bubblewrap. home None: an empty one, gone at exit."""
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
@@ -82,6 +140,12 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
            "--setenv", "LANG", os.environ.get("LANG", "C.UTF-8")]
     if os.environ.get("TERM"):
         env += ["--setenv", "TERM", os.environ["TERM"]]
+    for g in grants:  # nothing else of the host is ever bound in
+        fs += ["--bind", g.path, g.inside]
+        if g.xauthority:
+            fs += ["--ro-bind", g.xauthority, "/run/netstack-x11/Xauthority"]
+        for k, v in g.env:
+            env += ["--setenv", k, v]
     return ["ip", "netns", "exec", netns,
             "setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups",
             "--no-new-privs", "--",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import sys
 import time
 from typing import Any
 
@@ -208,7 +209,17 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
         if q.settings.get("home", "persistent") == "persistent":
             home = sandbox.home_dir(stack, qube)
             sandbox.make_home(home, who)
-        return sandbox.argv(ns, qube, who, home, cmd, root_inside)
+        grants: tuple[sandbox.Grant, ...] = ()
+        if q.settings.get("gui"):
+            g = sandbox.gui_grant(os.environ, who, 0 if root_inside else None)
+            if g is None:
+                print(f"netstack: {qube}: gui = true, but {who.name} has no Wayland or X11 "
+                      "display here; running without one", file=sys.stderr)
+            else:
+                grants = (g,)
+                if g.warning:
+                    print(f"netstack: {qube}: {g.warning}", file=sys.stderr)
+        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants)
     if root_inside:
         raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")
     argv = ["ip", "netns", "exec", ns]

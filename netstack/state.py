@@ -252,6 +252,23 @@ class State:
         if seq is not None:
             self.record(GoneRec(seq))
 
+    def compact(self) -> None:
+        """Rewrite the intent log with only the live records (atomically): live changes
+        such as disposables append a record and its removal for every object."""
+        live = self.objects
+        tmp = self.log_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(dump(r)) + "\n" for r in live)
+        os.replace(tmp, self.log_path)
+        self._records = list(enumerate(live))
+        self._lines = len(live)
+
+    @property
+    def removed(self) -> int:
+        """Log lines that stand for removed objects (what `compact` would drop)."""
+        return self._lines - len(self.objects)
+
     def replace(self, old: Record, new: Record) -> None:
         """Record `new` (e.g. a process with its pid) and retire `old`."""
         self.record(new)
@@ -278,6 +295,24 @@ class State:
             first = real[len(etc_netns) + 1:].split(os.sep)[0]
             return first.startswith((f"nst-{self.stack}-", f"nsl-{self.stack}-"))
         return False
+
+
+def _flock(fd: int, wait: float) -> OSError | None:
+    """Take the exclusive lock, waiting up to `wait` seconds (flock has no timeout: a
+    poll with a deadline). The error when it could not be taken."""
+    import time
+
+    deadline = time.monotonic() + wait
+    pause = 0.002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                return e
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def make_stack_dir(d: str) -> None:
@@ -310,17 +345,17 @@ class StackLock:
     """One writer per stack: an exclusive flock on the stack's directory, held by every
     command that changes it. A second writer gets "being changed by pid N" (exit 3)."""
 
-    def __init__(self, stack: str) -> None:
+    def __init__(self, stack: str, wait: float = 0.0) -> None:
         self.stack = stack
+        self.wait = wait  # seconds to wait for another writer (disposables queue up)
         self.fd: int | None = None
 
     def __enter__(self) -> StackLock:
         d = checked_stack_dir(self.stack)
         make_stack_dir(d)
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        e = _flock(fd, self.wait)
+        if e is not None:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 holder = _lock_holder(d)

@@ -14,7 +14,7 @@ from netstack.rules.nft import Ruleset
 
 class AppRole(Role):
     kind = "app"
-    config_keys = frozenset({"home"})
+    config_keys = frozenset({"home", "gui"})
     provides_network = False
     sandboxed = True  # a workstation: whatever runs in it may be hostile
 
@@ -24,22 +24,59 @@ class AppRole(Role):
             raise ConfigError(f"qube {q.name!r} field 'home'", f"{home!r} is not a home",
                               'use home = "persistent" (kept across down/up) or "ephemeral" '
                               "(a fresh empty home for every command)")
+        if not isinstance(q.settings.get("gui", False), bool):
+            raise ConfigError(f"qube {q.name!r} field 'gui'", "must be true or false",
+                              "gui = true grants the invoking user's Wayland (or X11) display")
 
     def status(self, q: Any, live: Any) -> dict[str, Any]:
-        """What the qube is given: its sandbox and home; no host resource is granted."""
+        """What the qube is given: its sandbox, its home, and a display if `gui = true`
+        (the only grant there is); for a disposable, the `run` that owns it."""
         from netstack.sandbox import home_dir
 
         home = q.settings.get("home", "persistent")
         stack = q.netns.split("-", 2)[1]  # nst-STACK-QUBE
-        return {"sandbox": {"kind": "bubblewrap", "home": home,
-                            "home_path": home_dir(stack, q.name)
-                            if home == "persistent" else None, "grants": []}}
+        grants, warnings = gui_status(q)
+        out: dict[str, Any] = {"sandbox": {"kind": "bubblewrap", "home": home,
+                                           "home_path": home_dir(stack, q.name)
+                                           if home == "persistent" else None,
+                                           "grants": grants, "warnings": warnings}}
+        if q.settings.get("disposable"):
+            from netstack.disposable import orphaned
+
+            out["disposable"] = {"runner": q.settings.get("runner"), "orphaned": orphaned(q)}
+        return out
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         sb = entry.get("sandbox") or {}
         where = f" ({sb['home_path']})" if sb.get("home_path") else ""
-        return [f"sandbox: {sb.get('kind')}, {sb.get('home')} home{where}, grants: "
-                + (", ".join(sb.get("grants") or []) or "none")]
+        lines = [f"sandbox: {sb.get('kind')}, {sb.get('home')} home{where}, grants: "
+                 + (", ".join(sb.get("grants") or []) or "none")]
+        lines += [f"WARNING: {w}" for w in sb.get("warnings") or []]
+        d = entry.get("disposable")
+        if d:
+            lines.append(f"disposable of `netstack run` pid {d['runner']}" if not d["orphaned"]
+                         else f"disposable, its `netstack run` (pid {d['runner']}) is gone: "
+                         "the next `run` or `down` removes it")
+        return lines
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.own_output_upstream(rs, ctx.upstream_if)
+
+
+def gui_status(q: Any) -> tuple[list[str], list[str]]:
+    """What `gui = true` grants here and now (the invoking user's display), and warnings."""
+    import os
+
+    from netstack import sandbox
+    from netstack.errors import UsageError
+
+    if not q.settings.get("gui"):
+        return [], []
+    try:
+        who = sandbox.account(None, os.environ.get("SUDO_USER"))
+    except UsageError:
+        return ["gui: no account to run as"], []
+    g = sandbox.gui_grant(os.environ, who)
+    if g is None:
+        return [f"gui: none ({who.name} has no Wayland or X11 display here)"], []
+    return [g.describe()], [g.warning] if g.warning else []

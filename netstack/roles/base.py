@@ -113,8 +113,16 @@ class Role:
     def activate(self, q: QubeInfo, rt: Runtime) -> None:
         """After the supervisor started (e.g. resolving through the lab's DNS service)."""
 
+    def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:
+        """nft commands that put back what `up` filled in at run time (named sets), to go in
+        the same transaction as a reload of the qube's ruleset."""
+        return []
+
     def after_reload(self, q: QubeInfo, k: Kernel, st: State) -> None:
         """Restore run-time data (named sets filled after `up`) after a ruleset reload."""
+        cmds = self.reload_commands(q, st)
+        if cmds:
+            k.nft(q.netns, {"nftables": cmds})
 
     def tunnel(self, q: QubeInfo) -> Tunnel | None:
         return None

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from netstack.audit.properties import AuditContext, QubeView, Result
-    from netstack.kernel import Kernel
     from netstack.reconcile import Runtime
     from netstack.state import State
 
@@ -143,11 +142,11 @@ class VpnRole(Role):
         rt.state.set_resolved(q.name, resolved)
         runtime.write_files(rt.kernel, info, rt.provider(q.name), resolved)
 
-    def after_reload(self, q: QubeInfo, k: Kernel, st: State) -> None:
+    def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:
         """A full ruleset reload empties the endpoint sets (filled at run time)."""
         info = q.info
         assert isinstance(info, VpnInfo)
-        k.nft(info.netns, endpoint_set_commands(info, st.data.resolved.get(q.name)))
+        return endpoint_set_commands(info, st.data.resolved.get(q.name))["nftables"]
 
     def tunnel(self, q: QubeInfo) -> Tunnel:
         info = q.info

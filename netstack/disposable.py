@@ -1,0 +1,226 @@
+"""Disposable qubes (Qubes' DispVMs, oniux's and vopono's one-command habit):
+`netstack run [--netvm Q] -- CMD` adds an app qube to a running stack, runs CMD in its
+sandbox with an empty home, and removes the qube when CMD ends.
+
+A disposable is a qube of the plan like any other (kind `app`, settings `disposable`), so
+the one live-change path (reconcile.change) makes and removes it: the new plan is derived
+from the config plus the disposables in force, the netvm's ruleset with anti-spoofing for
+the new client is loaded before the link exists, and everything is in the intent log before
+it is made. The qube records the `run` process that owns it (pid and start time): when that
+process is gone (kill -9), the next `run` removes the orphan, `status` names it, and `down`
+removes it with the rest of the stack."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from netstack.config import LABELS, Qube, Topology
+from netstack.errors import StateError, UsageError
+from netstack.kernel import Kernel, RealKernel, proc_alive, proc_start_time
+from netstack.model import Plan, QubeInfo
+
+PREFIX = "disp"
+LOCK_WAIT = 60.0  # seconds a `run` waits for other writers (20 started at once queue up)
+
+
+def disposables(plan: Plan) -> list[QubeInfo]:
+    return [q for q in plan.qubes if q.settings.get("disposable")]
+
+
+def orphaned(q: QubeInfo) -> bool:
+    """Its `run` process is gone: nothing will remove it but the next `run` or `down`."""
+    pid = q.settings.get("runner")
+    return not (isinstance(pid, int) and proc_alive(pid, q.settings.get("runner_start")))
+
+
+def default_netvm(plan: Plan) -> str:
+    """Where a disposable gets network unless told: the netvm of the stack's first app
+    qube (behind the Tor gateway in the Whonix chain, as Whonix's disposables), else the
+    qube furthest down the chain that provides network."""
+    from netstack.roles import role_for
+
+    for q in plan.qubes:
+        if role_for(q.kind).sandboxed and q.netvm and not q.settings.get("disposable"):
+            return q.netvm
+    providers = [q for q in plan.qubes if role_for(q.kind).provides_network]
+    return max(providers, key=lambda q: len(plan.chain(q.name))).name
+
+
+def new_name(plan: Plan) -> str:
+    """dispN with the lowest free N (names are chosen under the stack's lock)."""
+    used = {q.name for q in plan.qubes}
+    return next(f"{PREFIX}{n}" for n in range(1, 1000) if f"{PREFIX}{n}" not in used)
+
+
+def as_qube(q: QubeInfo) -> Qube:
+    return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings))
+
+
+def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[Qube] = ()
+             ) -> Topology:
+    """The config's qubes plus the disposables to keep and to add (pure)."""
+    return Topology(base.qubes + tuple(as_qube(q) for q in keep) + tuple(add), base.ipv6,
+                    base.source)
+
+
+def check_request(plan: Plan, netvm: str, label: str) -> None:
+    from netstack.roles import role_for
+
+    if label not in LABELS:
+        raise UsageError(f"--label {label!r}: use one of {', '.join(LABELS)}")
+    if not plan.has_qube(netvm):
+        raise UsageError(f"--netvm {netvm!r}: no such qube in stack {plan.stack!r}; qubes: "
+                         + ", ".join(q.name for q in plan.qubes))
+    if not role_for(plan.qube(netvm).kind).provides_network:
+        raise UsageError(f"--netvm {netvm!r} is an app qube and provides no network; use "
+                         "one of " + ", ".join(q.name for q in plan.qubes
+                                               if role_for(q.kind).provides_network))
+
+
+def _rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
+             add: list[Qube]) -> Plan:
+    """The plan with exactly `keep` and `add` as disposables. The plan in force must be
+    what the config still gives (else the live change would carry edits of the config
+    that `up` never applied)."""
+    from netstack.plan import build, load_inputs
+
+    inputs = load_inputs(config, stack, cur.uplink)
+    now = build(replace(inputs, topo=topology(inputs.topo, disposables(cur))), stack,
+                cur.uplink, previous=cur)
+    if now != cur:
+        raise StateError(f"the config {config} changed since `up` of stack {stack!r}: run "
+                         "`netstack down` and `up` to apply it before starting disposables")
+    return build(replace(inputs, topo=topology(inputs.topo, keep, add)), stack, cur.uplink,
+                 previous=cur)
+
+
+def add(stack: str, netvm: str | None, label: str, gui: bool = False,
+        kernel: Kernel | None = None, runner: int | None = None) -> QubeInfo:
+    """Make a disposable qube in a running stack; orphans of killed `run`s go first."""
+    from netstack import reconcile
+    from netstack.stack import require, require_root
+    from netstack.state import StackLock
+
+    require_root("run")
+    k = kernel or RealKernel()
+    pid = runner or os.getpid()
+    try:
+        with StackLock(stack, wait=LOCK_WAIT):
+            st = require(stack)
+            cur = st.plan
+            assert cur is not None
+            if st.data.status != "up":
+                raise StateError(f"stack {stack!r} is half made; run `netstack down` first")
+            netvm = netvm or default_netvm(cur)
+            check_request(cur, netvm, label)
+            name = new_name(cur)
+            settings: dict[str, Any] = {"home": "ephemeral", "disposable": True,
+                                        "runner": pid, "runner_start": proc_start_time(pid)}
+            if gui:
+                settings["gui"] = True
+            keep = [q for q in disposables(cur) if not orphaned(q)]
+            desired = _rebuild(stack, cur, st.data.config, keep,
+                               [Qube(name, "app", netvm, label, settings)])
+            try:
+                reconcile.change(cur, desired, st, k)
+            except BaseException:
+                _undo_add(cur, desired, st, k)
+                raise
+            return desired.qube(name)
+    finally:
+        if kernel is None:
+            k.close()
+
+
+def _undo_add(cur: Plan, desired: Plan, st: Any, k: Kernel) -> None:
+    """A failed add: back to the plan before it (what cannot be undone stays recorded for
+    `down`)."""
+    from netstack import reconcile
+
+    with contextlib.suppress(Exception):  # the first error is the one to report
+        reconcile.change(desired, cur, st, k)
+
+
+def remove(stack: str, names: list[str] | None, kernel: Kernel | None = None) -> list[str]:
+    """Remove the named disposables (None: every orphan). Returns the names removed."""
+    from netstack import reconcile
+    from netstack.stack import require
+    from netstack.state import StackLock
+
+    k = kernel or RealKernel()
+    try:
+        with StackLock(stack, wait=LOCK_WAIT):
+            st = require(stack)
+            cur = st.plan
+            assert cur is not None
+            gone = [q.name for q in disposables(cur)
+                    if (q.name in names if names is not None else orphaned(q))]
+            if not gone:
+                return []
+            keep = [q for q in disposables(cur) if q.name not in gone]
+            desired = _rebuild(stack, cur, st.data.config, keep, [])
+            reconcile.change(cur, desired, st, k)
+            if st.removed > 200:
+                st.compact()
+            return gone
+    finally:
+        if kernel is None:
+            k.close()
+
+
+class _Ended(Exception):
+    """SIGTERM or SIGHUP to `run`: end CMD, remove the qube, exit."""
+
+
+def run(stack: str, netvm: str | None, label: str, gui: bool, user: str | None,
+        cmd: list[str], started: Callable[[QubeInfo], None] | None = None) -> int:
+    """`netstack run`: the qube exists only while CMD runs. Returns CMD's exit code."""
+    from netstack.stack import exec_argv
+
+    if not cmd:
+        raise UsageError("run: give a command after --, e.g. netstack run -- curl ...")
+
+    def ended(signum: int, _frame: Any) -> None:
+        raise _Ended(signum)
+
+    old = {s: signal.signal(s, ended) for s in (signal.SIGTERM, signal.SIGHUP)}
+    q: QubeInfo | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        q = add(stack, netvm, label, gui)
+        if started:
+            started(q)
+        proc = subprocess.Popen(exec_argv(stack, q.name, user, cmd))
+        return proc.wait()
+    except (KeyboardInterrupt, _Ended):
+        _stop(proc)
+        return 130
+    finally:
+        _stop(proc)
+        if q is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up is not interrupted
+            try:
+                remove(stack, [q.name])
+            finally:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """CMD runs in a new session (bubblewrap's --new-session), so Ctrl-C does not reach it:
+    end the sandbox by the pid we started (its processes die with it)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

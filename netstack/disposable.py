@@ -107,7 +107,8 @@ def add(stack: str, netvm: str | None, label: str, gui: bool = False,
     from netstack.stack import require, require_root
     from netstack.state import StackLock
 
-    require_root("run")
+    if kernel is None:
+        require_root("run")
     k = kernel or RealKernel()
     pid = runner or os.getpid()
     try:

@@ -300,7 +300,9 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
             elif role_for(ctx.ws.kind).sandboxed:
                 from netstack.leaktest import local
 
-                local_results = local.run(ctx.stack, ctx.ws.name, ctx.ws.netns)
+                fwd = (local.Forward(ctx.plan.net.netns, ctx.plan.upstream_dns[0])
+                       if ctx.plan.lab else None)  # a real host's resolver is never asked
+                local_results = local.run(ctx.stack, ctx.ws.name, ctx.ws.netns, fwd)
             time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
     finally:
         prober.close()

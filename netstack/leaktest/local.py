@@ -6,9 +6,12 @@ nftables would let it undo the chain. Each check runs inside the workstation's s
 its user and as the sandbox's root, with only the Python standard library (the sandbox
 sees /usr, not netstack). Connecting is all a socket check does: not one byte is sent.
 
-A stand-in host service that the battery itself starts (a unix socket in /run answering
-any client) is the control: `sandbox=False` (tests only) runs the same checks in the bare
-namespace, and the stand-in must be reported reachable there."""
+A stand-in host resolver that the battery itself starts is the control: a unix socket in
+/run that answers a name with its address, looked up from the host's side of the chain
+(in the lab: from sys-net, the ISP address, at the lab's DNS server), as nscd or resolved
+would. A host process the battery starts is the ptrace target. `sandbox=False` (tests
+only) runs the same checks in the bare namespace: there the stand-in must be reported
+reachable with the name it resolved around the chain, and root must ptrace the target."""
 
 from __future__ import annotations
 
@@ -25,10 +28,11 @@ from dataclasses import dataclass
 # stdlib only: runs as `python3 -c` inside the sandbox; prints one JSON object
 SCRIPT = r'''
 import ctypes, json, os, socket, subprocess, sys
-targets, standin = json.loads(sys.argv[1]), sys.argv[2]
+targets, standin, target_pid, marker = (json.loads(sys.argv[1]), sys.argv[2],
+                                         int(sys.argv[3]), sys.argv[4])
 out = {}
 reached = []
-for path in targets + [standin]:
+for path in targets:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1)
     try:
@@ -39,7 +43,16 @@ for path in targets + [standin]:
     finally:
         s.close()
 out["unix-sockets"] = reached
-out["stand-in"] = standin in reached
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+try:  # the stand-in resolver: ask it a name, as glibc asks nscd
+    s.connect(standin)
+    s.sendall(b"web.lab.test\n")
+    out["stand-in"] = s.recv(256).decode(errors="replace").strip() or "connected"
+except OSError:
+    out["stand-in"] = ""
+finally:
+    s.close()
 def shown(p):
     try:
         return bool(os.listdir(p)) if os.path.isdir(p) else os.path.exists(p)
@@ -51,6 +64,19 @@ mine = os.getpid()
 procs = [d for d in os.listdir("/proc") if d.isdigit()]
 out["host-processes"] = len(procs) > 8
 libc = ctypes.CDLL(None, use_errno=True)
+out["ptrace"] = False
+try:  # only the battery's own host process counts (a pid number may mean another here)
+    visible = marker.encode() in open("/proc/%d/cmdline" % target_pid, "rb").read()
+except OSError:
+    visible = False
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+if libc.ptrace(16, target_pid, None, None) == 0:  # PTRACE_ATTACH
+    out["ptrace"] = visible
+    try:
+        os.waitpid(target_pid, 0x40000000)  # __WALL: the tracee's stop
+    except OSError:
+        pass
+    libc.ptrace(17, target_pid, None, None)  # PTRACE_DETACH
 out["mount"] = libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == 0
 out["setns"] = False
 for d in ("/run/netns", "/var/run/netns"):
@@ -79,9 +105,10 @@ print(json.dumps(out))
 # what each check means; a True (or a non-empty list) is a way around the chain
 CHECKS = {
     "unix-sockets": "a host unix socket answered (its service works in the host's network)",
-    "stand-in": "the stand-in host service answered",
+    "stand-in": "the stand-in host resolver answered",
     "host-state": "the stack's state, homes or namespaces are visible",
     "host-processes": "host processes are visible",
+    "ptrace": "a host process could be traced (ptrace)",
     "mount": "mount works",
     "setns": "setns into another network namespace works",
     "proc-sys": "/proc/sys is writable",
@@ -110,10 +137,20 @@ def host_unix_sockets() -> list[str]:
     return sorted(set(out))
 
 
+@dataclass(frozen=True)
+class Forward:
+    """Where the stand-in resolver looks names up: from namespace `netns` (the host's side
+    of the chain) at `server`. Lab stacks only: never a real resolver."""
+
+    netns: str
+    server: str
+
+
 @contextlib.contextmanager
-def stand_in() -> Iterator[str]:
-    """A host service on a unix socket, started by the battery and removed by it: it
-    answers anyone who connects (the stand-in for nscd, resolved, D-Bus, X11)."""
+def stand_in(forward: Forward | None = None) -> Iterator[str]:
+    """A host service on a unix socket, started by the battery and removed by it: the
+    stand-in for nscd, resolved, D-Bus, X11. It answers anyone who connects; with
+    `forward`, a name sent to it gets its address, looked up around the chain."""
     path = f"/run/nstk-standin-{secrets.token_hex(4)}.sock"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
@@ -122,6 +159,22 @@ def stand_in() -> Iterator[str]:
     srv.settimeout(0.1)
     stop = threading.Event()
 
+    def answer(c: socket.socket) -> bytes:
+        if forward is None:
+            return b"stand-in host service\n"
+        c.settimeout(1)
+        name = c.recv(256).decode(errors="replace").strip()
+        if not name:
+            return b"stand-in host service\n"
+        from netstack.dnswire import resolve_in
+        from netstack.errors import NetstackError
+
+        try:
+            return f"{name} is {', '.join(resolve_in(forward.netns, forward.server, name))}" \
+                   f" (resolved by the host)\n".encode()
+        except (NetstackError, OSError) as e:
+            return f"{name}: {e}\n".encode()
+
     def serve() -> None:
         while not stop.is_set():
             try:
@@ -129,7 +182,7 @@ def stand_in() -> Iterator[str]:
             except OSError:
                 continue
             with c, contextlib.suppress(OSError):
-                c.sendall(b"stand-in host service\n")
+                c.sendall(answer(c))
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
@@ -142,10 +195,23 @@ def stand_in() -> Iterator[str]:
             os.unlink(path)
 
 
+@contextlib.contextmanager
+def host_process() -> Iterator[tuple[int, str]]:
+    """A host process for the ptrace check, started by the battery and ended by its pid."""
+    marker = f"nstk-ptrace-target-{secrets.token_hex(4)}"
+    p = subprocess.Popen(["/usr/bin/python3", "-c", "import time; time.sleep(600)", marker])
+    try:
+        yield p.pid, marker
+    finally:
+        p.kill()
+        p.wait()
+
+
 SANDBOX = True  # tests switch it off (monkeypatch) for the anti-test
 
 
-def run(stack: str, ws: str, netns: str) -> list[LocalResult]:
+def run(stack: str, ws: str, netns: str, forward: Forward | None = None
+        ) -> list[LocalResult]:
     """The checks as the workstation's user and as the sandbox's root."""
     from netstack.stack import exec_argv
 
@@ -154,9 +220,10 @@ def run(stack: str, ws: str, netns: str) -> list[LocalResult]:
     # nothing of a real host service is touched even by the anti-test
     targets = host_unix_sockets() if sandbox else []
     results = []
-    with stand_in() as standin:
+    with stand_in(forward) as standin, host_process() as (target, marker):
         for who in ("user", "root"):
-            cmd = ["/usr/bin/python3", "-c", SCRIPT, json.dumps(targets), standin]
+            cmd = ["/usr/bin/python3", "-c", SCRIPT, json.dumps(targets), standin,
+                   str(target), marker]
             if sandbox:
                 argv = exec_argv(stack, ws, None, cmd, root_inside=who == "root")
             else:  # tests only: the bare namespace, what app qubes were
@@ -171,7 +238,8 @@ def run(stack: str, ws: str, netns: str) -> list[LocalResult]:
                 results.append(LocalResult(who, {}, f"the local checks did not run: "
                                                     f"{p.stderr.strip()[-200:]}"))
                 continue
-            leaks = {k: (", ".join(v) if isinstance(v, list) else CHECKS[k])
+            leaks = {k: (", ".join(v) if isinstance(v, list)
+                         else f"{CHECKS[k]}: {v}" if isinstance(v, str) else CHECKS[k])
                      for k, v in got.items() if v and k in CHECKS}
             results.append(LocalResult(who, leaks))
     return results

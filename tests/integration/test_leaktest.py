@@ -39,7 +39,7 @@ def check_clean(r) -> None:
     src = next(lk for lk in r.links if lk["zone"] == "source")
     assert src["packets"] >= r.packets_sent  # every probe really went out
     local = [c for c in r.cases if c["case"].startswith("local-")]
-    assert len(local) == 16 and all(c["verdict"] == "ok" for c in local), local
+    assert len(local) == 18 and all(c["verdict"] == "ok" for c in local), local
     for c in r.cases:  # and each was seen leaving the workstation
         if c["case"] not in ("tcp-get-name", "dns-lookup-name") and c not in local:
             assert src["link"] in c["seen_on"], c["case"]
@@ -205,12 +205,18 @@ def test_local_channels_anti_test(tor_lab, tmp_path, monkeypatch):
     from netstack.leaktest import local
 
     monkeypatch.setattr(local, "SANDBOX", False)
+    dns_before = len(tor_lab.log("lab-dns"))
     r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
     got = leaked(r)
     assert {"local-stand-in", "local-stand-in-root", "local-host-processes",
             "local-host-state-root"} <= got, got
-    assert {"local-mount-root", "local-nftables-root"} <= got
-    assert not got & {"local-mount", "local-nftables"}  # an unprivileged user cannot
+    assert {"local-mount-root", "local-nftables-root", "local-ptrace-root"} <= got
+    # an unprivileged user cannot mount, load rules or trace root's process
+    assert not got & {"local-mount", "local-nftables", "local-ptrace"}
     assert not {c for c in got if not c.startswith("local-")}  # packets: still clean
     row = next(c for c in r.cases if c["case"] == "local-stand-in")
-    assert row["leaked_on"] and row["verdict"] == "LEAK"
+    assert row["verdict"] == "LEAK" and "198.51.100.80" in row["leaked_on"][0], row
+    # the name went around the chain: the lab's DNS was asked from the ISP address, not
+    # from a Tor exit
+    asked = [x for x in tor_lab.log("lab-dns")[dns_before:] if x["name"] == "web.lab.test"]
+    assert {x["client"] for x in asked} == {"192.0.2.2"}, asked

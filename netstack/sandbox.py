@@ -59,7 +59,7 @@ class Grant:
     """One thing of the host a qube is given (only `gui = true` grants anything): the
     host socket, where it appears inside, and the environment that tells apps."""
 
-    kind: str  # wayland | x11
+    display: str  # wayland | x11
     path: str  # on the host
     inside: str
     env: tuple[tuple[str, str], ...]
@@ -67,10 +67,10 @@ class Grant:
 
     @property
     def warning(self) -> str | None:
-        return X11_WARNING if self.kind == "x11" else None
+        return X11_WARNING if self.display == "x11" else None
 
     def describe(self) -> str:
-        return f"gui: {self.kind} ({self.path})"
+        return f"gui: {self.display} ({self.path})"
 
 
 X11_WARNING = ("X11 display granted: a qube with gui = true can read other windows' input "

@@ -176,3 +176,51 @@ def test_run_needs_a_command_and_a_running_stack(basic_stack):
     assert p.returncode == 2 and "give a command" in p.stderr
     p = cli("--stack", "nosuch", "run", "--", "true", check=False)
     assert p.returncode == 3 and p.stderr.count("\n") == 1
+
+
+def test_gui_grants_the_display_and_nothing_without_it(basic_stack):
+    """A stand-in compositor socket in the account's runtime directory: `run --gui` reaches
+    it as $XDG_RUNTIME_DIR/$WAYLAND_DISPLAY inside, a disposable without --gui does not."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    acct = pwd.getpwnam("netstack-qube")
+    rt = Path(tempfile.mkdtemp(prefix="nstk-xdg-"))  # as /run/user/UID: the account's own
+    os.chown(rt, acct.pw_uid, acct.pw_gid)
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(rt / "wayland-7"))
+    os.chown(rt / "wayland-7", acct.pw_uid, acct.pw_gid)
+    srv.listen(4)
+    srv.settimeout(30)
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+            c.sendall(b"stand-in compositor\n")
+            c.close()
+        except OSError:
+            pass
+    t = threading.Thread(target=serve)
+    t.start()
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(rt), WAYLAND_DISPLAY="wayland-7",
+               SUDO_USER="")
+    probe = ("import os,socket; s=socket.socket(socket.AF_UNIX); "
+             "s.connect(os.path.join(os.environ.get('XDG_RUNTIME_DIR','/nonexistent'),"
+             "os.environ.get('WAYLAND_DISPLAY','wayland-0'))); print(s.recv(64).decode())")
+    try:
+        p = subprocess.run(run_argv(basic_stack, "--", "/usr/bin/python3", "-c", probe),
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "compositor" not in p.stdout
+        p = subprocess.run(run_argv(basic_stack, "--gui", "--", "/usr/bin/python3", "-c",
+                                    probe), env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0 and p.stdout.strip() == "stand-in compositor", p.stderr
+    finally:
+        srv.close()
+        t.join()
+        shutil.rmtree(rt)
+    assert leftovers(basic_stack) == []

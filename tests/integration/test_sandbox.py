@@ -153,7 +153,7 @@ def test_status_shows_what_each_app_qube_is_given(basic_stack):
     q = {x["name"]: x for x in s["qubes"]}
     assert q["work"]["sandbox"] == {"kind": "bubblewrap", "home": "persistent",
                                     "home_path": f"/var/lib/netstack/{basic_stack}/work/home",
-                                    "grants": []}
+                                    "grants": [], "warnings": []}
     assert "sandbox" not in q["sys-firewall"]
     out = cli("--stack", basic_stack, "status").stdout
     assert "sandbox: bubblewrap, persistent home" in out and "grants: none" in out

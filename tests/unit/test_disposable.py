@@ -212,7 +212,7 @@ def test_gui_grant_prefers_wayland_and_warns_for_x11(tmp_path, sockets, monkeypa
     wl = sockets(tmp_path / "wayland-1")
     g = sandbox.gui_grant({"XDG_RUNTIME_DIR": str(tmp_path), "WAYLAND_DISPLAY": "wayland-1",
                            "DISPLAY": ":0"}, who)
-    assert g is not None and g.kind == "wayland" and g.path == wl and g.warning is None
+    assert g is not None and g.display == "wayland" and g.path == wl and g.warning is None
     assert g.inside == "/run/user/4242/wayland-0"
     assert ("WAYLAND_DISPLAY", "wayland-0") in g.env
     argv = sandbox.argv("ns", "q", who, None, ["true"], grants=(g,))
@@ -228,7 +228,7 @@ def test_gui_grant_prefers_wayland_and_warns_for_x11(tmp_path, sockets, monkeypa
         "pw_dir": str(tmp_path)}))
     (tmp_path / ".Xauthority").write_text("cookie")
     x = sandbox.gui_grant({"DISPLAY": ":7.0"}, who)
-    assert x is not None and x.kind == "x11" and x.warning == sandbox.X11_WARNING
+    assert x is not None and x.display == "x11" and x.warning == sandbox.X11_WARNING
     assert ("DISPLAY", ":7") in x.env and x.xauthority == str(tmp_path / ".Xauthority")
     assert sandbox.gui_grant({"DISPLAY": "remote:7"}, who) is None  # never a TCP display
     assert not sandbox.argv("ns", "q", who, None, ["true"]).count("--bind")

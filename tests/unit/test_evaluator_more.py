@@ -310,3 +310,52 @@ def test_nat_in_prerouting_is_followed_into_input_and_forward(tmp_path):
     r = default_drop(QubeView(q, bad))
     assert r.status == "FAIL" and r.reason == "forward: accept"
     assert r.trace[-1] == "sys-firewall -> forward -> fw -> policy accept"
+
+
+def test_an_input_counterexample_is_addressed_to_the_qube(tmp_path):
+    from netstack.audit.properties import QubeView, default_drop
+    from tests.unit.test_audit import make_plan
+
+    q = make_plan(tmp_path, "configs/basic.toml").qube("sys-firewall")
+    d = doc(("in", "input", 0, "filter", "accept", []),
+            ("fw", "forward", 0, "filter", "drop", []),
+            ("out", "output", 0, "filter", "drop", []))
+    r = default_drop(QubeView(q, d))
+    assert r.status == "FAIL" and r.reason == "input: accept"
+    assert r.counterexample["daddr"] == q.ipv4
+    assert r.counterexample["saddr"] in {c.ipv4 for c in q.clients} | {q.ipv4}
+
+
+def test_unproven_names_the_first_three_constructs(tmp_path):
+    from netstack.audit.properties import QubeView, default_drop
+    from tests.unit.test_audit import make_plan
+
+    q = make_plan(tmp_path, "configs/basic.toml").qube("sys-firewall")
+    d = doc(("in", "input", 0, "filter", "accept",
+             [[{"xt": {"name": f"x{i}"}}] for i in range(4)]),
+            ("fw", "forward", 0, "filter", "drop", []),
+            ("out", "output", 0, "filter", "drop", []))
+    r = default_drop(QubeView(q, d))
+    assert r.status == "UNPROVEN"
+    assert r.reason == ("not understood: in #10: statement xt; in #11: statement xt; "
+                        "in #12: statement xt")
+
+
+def test_the_gateway_admits_neighbour_discovery_not_all_icmpv6(tmp_path):
+    """With IPv6 on, what clients may reach on the Tor gateway besides Trans/DNSPort is
+    neighbour discovery only: an accept of every ICMPv6 packet fails the property."""
+    import copy
+
+    from tests.unit.test_audit import GW, _insert_rule, _m, make_plan, results, rulesets
+    from tests.unit.test_config import ROOT
+
+    src = tmp_path / "c.toml"
+    src.write_text("[stack]\nipv6 = true\n\n"
+                   + (ROOT / "tests/configs/tor-two-workstations.toml").read_text())
+    p = make_plan(tmp_path, str(src))
+    rs = copy.deepcopy(rulesets(p))
+    _insert_rule(rs, GW, "input", [_m({"meta": {"key": "l4proto"}}, "ipv6-icmp"),
+                                   {"accept": None}])
+    r = results(p, rs)[("sys-whonix", "only TransPort and DNSPort from clients")]
+    assert r.status == "FAIL" and r.counterexample["l4proto"] == "icmpv6"
+    assert r.counterexample["icmp_type"] not in (133, 134, 135, 136)

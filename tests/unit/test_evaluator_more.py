@@ -354,8 +354,73 @@ def test_the_gateway_admits_neighbour_discovery_not_all_icmpv6(tmp_path):
                    + (ROOT / "tests/configs/tor-two-workstations.toml").read_text())
     p = make_plan(tmp_path, str(src))
     rs = copy.deepcopy(rulesets(p))
-    _insert_rule(rs, GW, "input", [_m({"meta": {"key": "l4proto"}}, "ipv6-icmp"),
+    _insert_rule(rs, GW, "input", [_m({"meta": {"key": "nfproto"}}, "ipv6"),
+                                   _m({"meta": {"key": "l4proto"}}, "ipv6-icmp"),
                                    {"accept": None}])
     r = results(p, rs)[("sys-whonix", "only TransPort and DNSPort from clients")]
     assert r.status == "FAIL" and r.counterexample["l4proto"] == "icmpv6"
+    assert r.counterexample["family"] == "ipv6"
     assert r.counterexample["icmp_type"] not in (133, 134, 135, 136)
+
+
+def test_continue_changes_nothing_and_a_concatenation_may_use_in():
+    d = doc(inp([{"continue": None}], [m(P("tcp", "dport"), 22), {"drop": None}]))
+    assert run(d) == ("drop", ["c #11 -> drop"], [])
+    el = {"concat": ["192.0.2.7", 22]}
+    d = doc(inp([m({"concat": [P("ip", "saddr"), P("tcp", "dport")]}, {"set": [el]}, "in"),
+                 {"drop": None}]))
+    assert run(d) == ("drop", ["c #10 -> drop"], [])
+
+
+def _nat_view(tmp_path, chains, local_any=False):
+    from netstack.audit.properties import QubeView
+    from tests.unit.test_audit import make_plan
+
+    q = make_plan(tmp_path, "configs/basic.toml").qube("sys-firewall")
+    return QubeView(q, doc(*chains), local_any=local_any)
+
+
+def test_a_redirect_goes_to_the_qubes_own_address(tmp_path):
+    from netstack.audit import properties as p
+
+    own = "10.137.0.2"
+    v = _nat_view(tmp_path, [
+        ("nat", "prerouting", -100, "nat", "accept",
+         [[m(P("tcp", "dport"), 80), {"redirect": {"port": 8080}}]]),
+        ("in", "input", 0, "filter", "accept",
+         [[m(P("ip", "daddr"), own), m(P("tcp", "dport"), 8080), {"drop": None}]])])
+    assert v.qube.ipv4 == own
+    start = {"l4proto": p.one_of("l4proto", "tcp"), "dport": p.one_of("dport", 80),
+             "family": p.one_of("family", "ipv4"), "ct_state": p.one_of("ct_state", "new")}
+    r = p.check("redirected", v, "input", start, p.accepted, "ok")
+    assert r.status == "PASS", r
+
+
+def test_a_dnat_in_a_file_ruleset_goes_to_its_address(tmp_path):
+    from netstack.audit import properties as p
+
+    v = _nat_view(tmp_path, [
+        ("nat", "prerouting", -100, "nat", "accept",
+         [[m(P("tcp", "dport"), 443), {"dnat": {"family": "ip", "addr": "192.0.2.5"}}]]),
+        ("fw", "forward", 0, "filter", "accept",
+         [[m(P("ip", "daddr"), "192.0.2.5"), {"drop": None}]])], local_any=True)
+    start = {"l4proto": p.one_of("l4proto", "tcp"), "dport": p.one_of("dport", 443),
+             "family": p.one_of("family", "ipv4"), "ct_state": p.one_of("ct_state", "new")}
+    r = p.check("dnatted", v, "forward", start, p.accepted, "ok")
+    assert r.status == "PASS", r
+
+
+def test_prerouting_reads_an_empty_output_interface_name():
+    """Before routing the kernel's oifname is "" (no device yet): a rule that says so
+    matches, and the INVALID property sees it drop."""
+    from netstack.audit.properties import QubeView, invalid_first
+
+    class Q:  # the least of a qube the property looks at
+        name, ipv4, ipv6, gateway, clients, interfaces = "q", "10.137.0.9", None, None, [], []
+        upstream_if = "eth0"
+    d = doc(("pre", "prerouting", -150, "filter", "accept",
+             [[m(M("oifname"), ""), m(CT("state"), "invalid"), {"drop": None}]]),
+            ("out", "output", -150, "filter", "accept",
+             [[m(CT("state"), "invalid"), {"drop": None}]]))
+    r = invalid_first(QubeView(Q(), d, local_any=True))
+    assert r.status == "PASS", r

@@ -20,7 +20,7 @@ LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 QUBE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
-COMMON_KEYS = {"kind", "netvm", "label"}
+COMMON_KEYS = {"kind", "netvm", "label", "firewall"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
 STACK_KEYS = {"ipv6"}
 TOP_KEYS = {"qubes", "stack"}
@@ -165,7 +165,11 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
         elif not isinstance(netvm, str):
             raise ConfigError(f"{where} field 'netvm'", "missing",
                               "name the qube this one gets network from")
-        settings = {k: v for k, v in body.items() if k not in COMMON_KEYS}
+        settings = {k: v for k, v in body.items() if k not in COMMON_KEYS - {"firewall"}}
+        if "firewall" in body:  # Qubes' qvm-firewall rules, enforced in the netvm
+            from netstack.rules.qubefw import parse as parse_firewall
+
+            parse_firewall(name, body["firewall"])
         qubes.append(Qube(name, kind, netvm, label, settings))
 
     by_name = {q.name: q for q in qubes}
@@ -199,4 +203,13 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
             seen.append(cur.name)
     for q in qubes:
         ROLES[q.kind].validate(q)
+        if "firewall" in q.settings:
+            if q.netvm is None:
+                raise ConfigError(f"qube {q.name!r} field 'firewall'", "the net qube has no "
+                                  "netvm to enforce rules", "remove firewall from it")
+            if not ROLES[by_name[q.netvm].kind].enforces_client_rules:
+                raise ConfigError(f"qube {q.name!r} field 'firewall'",
+                                  f"its netvm {q.netvm!r} (kind {by_name[q.netvm].kind}) does "
+                                  "not enforce per-qube rules yet",
+                                  "attach the qube to a firewall qube (kind = \"firewall\")")
     return Topology(tuple(qubes), ipv6=ipv6, source=source)

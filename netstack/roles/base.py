@@ -76,6 +76,7 @@ class Role:
     strict_replies = False
     protection: str | None = None  # "vpn" | "tor": how leaktest names a chain through it
     sandboxed = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
+    enforces_client_rules = False  # clients may have `firewall = [...]` (rules/qubefw.py)
 
     # --- config and plan (pure) ---------------------------------------------------------
     def validate(self, q: Qube) -> None:

@@ -16,6 +16,7 @@ from netstack.rules.nft import (
     iifname,
     ip_daddr,
     ip_saddr,
+    jump,
     l4proto,
     match,
     meta,
@@ -74,12 +75,17 @@ def antispoof(rs: Ruleset, clients: list[Client]) -> None:
                                  comment=f"antispoof {name} (IPv6 off)")
 
 
-def provide_network(rs: Ruleset, client_vifs: list[str], upstream_if: str) -> None:
+def provide_network(rs: Ruleset, client_vifs: list[str], upstream_if: str,
+                    filtered: dict[str, tuple[str, str]] | None = None) -> None:
     """Clients may reach only upstream, never each other; replies come back via conntrack.
     Masquerade at every hop as Qubes does, so each netvm needs routes to its own clients
-    only."""
+    only. filtered: vif -> (qube, chain) of clients with firewall rules (rules/qubefw.py):
+    their new traffic to upstream goes through their own chain, which ends in a drop."""
     if client_vifs:
         no_qubes(rs, client_vifs)
+        for vif, (qube, chain) in sorted((filtered or {}).items()):
+            rs["forward"].add(iifname(vif), oifname(upstream_if), jump(chain),
+                              comment=f"{qube}'s firewall rules")
         rs["forward"].add(iifname(*client_vifs), oifname(upstream_if), ACCEPT,
                           comment="clients -> upstream only")
     rs["nat_postrouting"].add(oifname(upstream_if), MASQUERADE, comment="masquerade upstream")

@@ -128,6 +128,7 @@ class NamedSet:
     name: str
     type: list[str] | str
     elem: list[Any] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # interval, timeout
 
 
 def concat(*parts: Any) -> Expr:
@@ -164,6 +165,8 @@ class Ruleset:
         for s in self.sets.values():
             sd: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": s.name,
                                   "type": s.type}
+            if s.flags:
+                sd["flags"] = list(s.flags)
             if s.elem:
                 sd["elem"] = list(s.elem)
             items.append({"set": sd})

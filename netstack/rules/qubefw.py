@@ -1,0 +1,242 @@
+"""Per-qube firewall rules in Qubes' words (qvm-firewall): an ordered list, first match
+wins, nothing matched is dropped; enforced in the qube's netvm, outside the qube's reach.
+
+    [qubes.work]
+    firewall = [
+      {action = "accept", specialtarget = "dns"},
+      {action = "accept", dsthost = "198.51.100.0/24", proto = "tcp", dstports = "80-443"},
+      {action = "accept", dsthost = "web.lab.test", proto = "tcp", dstports = 80, expire = "+3600"},
+    ]
+
+A qube without a `firewall` key keeps the netvm's plain behaviour. In the netvm, a client
+with rules gets its own chain `fw-QUBE`, jumped to from forward for packets from its link.
+Each rule's destination lives in a named set, so a hostname's addresses (filled in at run
+time; empty until resolved, so the rule matches nothing: fail closed) and an `expire=`
+(an element timeout: the kernel ends the rule on time, netstack running or not) change
+only the set, never the rules."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from netstack.errors import ConfigError
+
+KEYS = {"action", "dsthost", "proto", "dstports", "icmptype", "specialtarget", "expire",
+        "comment"}
+MAX_RULES = 10_000
+HOST_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
+                     r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class FwRule:
+    """One rule of a qube's list, as validated from the config."""
+
+    action: str  # accept | drop
+    dsthost: str | None = None  # an address, a CIDR prefix or a hostname
+    proto: str | None = None  # tcp | udp | icmp
+    dstports: tuple[int, int] | None = None
+    icmptype: int | None = None
+    specialtarget: str | None = None  # dns
+    expire: int | None = None  # seconds after the rules are loaded ("+SECONDS")
+    comment: str | None = None
+
+    @property
+    def host_is_name(self) -> bool:
+        return self.dsthost is not None and not _is_net(self.dsthost)
+
+    def family(self) -> str | None:
+        """ipv4 or ipv6 when the destination says so; None: both (or a name)."""
+        if self.dsthost is None or self.host_is_name:
+            return None
+        return "ipv6" if ipaddress.ip_network(self.dsthost, strict=False).version == 6 \
+            else "ipv4"
+
+    def describe(self) -> str:
+        """The rule as qvm-firewall prints it (key=value pairs)."""
+        parts = [f"action={self.action}"]
+        if self.dsthost:
+            parts.append(f"dsthost={self.dsthost}")
+        if self.proto:
+            parts.append(f"proto={self.proto}")
+        if self.dstports:
+            lo, hi = self.dstports
+            parts.append(f"dstports={lo}" if lo == hi else f"dstports={lo}-{hi}")
+        if self.icmptype is not None:
+            parts.append(f"icmptype={self.icmptype}")
+        if self.specialtarget:
+            parts.append(f"specialtarget={self.specialtarget}")
+        if self.expire is not None:
+            parts.append(f"expire=+{self.expire}")
+        if self.comment:
+            parts.append(f"comment={self.comment}")
+        return " ".join(parts)
+
+
+def _is_net(s: str) -> bool:
+    try:
+        ipaddress.ip_network(s, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+def parse(qube: str, raw: Any) -> tuple[FwRule, ...]:
+    """The config's `firewall = [...]` of `qube`, or a ConfigError naming the rule and the
+    field and saying how to fix it."""
+    base = f"qube {qube!r} field 'firewall'"
+    if not isinstance(raw, list):
+        raise ConfigError(base, "must be a list of rules",
+                          'write firewall = [{action = "accept", dsthost = "..."}]')
+    if len(raw) > MAX_RULES:
+        raise ConfigError(base, f"{len(raw)} rules, at most {MAX_RULES}")
+    return tuple(_rule(f"{base} rule {i + 1}", r) for i, r in enumerate(raw))
+
+
+def _rule(where: str, r: Any) -> FwRule:
+    if not isinstance(r, dict):
+        raise ConfigError(where, "must be a table", '{action = "accept", ...}')
+    for k in r:
+        if k not in KEYS:
+            raise ConfigError(where, f"unknown key {k!r}",
+                              f"allowed keys: {', '.join(sorted(KEYS))}")
+    action = r.get("action")
+    if action not in ("accept", "drop"):
+        raise ConfigError(f"{where} 'action'", f"{action!r} is not an action",
+                          'use action = "accept" or "drop"')
+    host = r.get("dsthost")
+    if host is not None:
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{where} 'dsthost'", "must be an address, prefix or hostname")
+        host = host.strip().lower()
+        if not _is_net(host) and not HOST_RE.match(host.rstrip(".")):
+            raise ConfigError(f"{where} 'dsthost'", f"{host!r} is neither an address, a "
+                              "prefix nor a hostname",
+                              'e.g. "192.0.2.7", "198.51.100.0/24" or "example.org"')
+        if _is_net(host):
+            net = ipaddress.ip_network(host, strict=False)
+            host = str(net) if net.num_addresses > 1 else str(net.network_address)
+    proto = r.get("proto")
+    if proto is not None and proto not in ("tcp", "udp", "icmp"):
+        raise ConfigError(f"{where} 'proto'", f"{proto!r} is not a protocol",
+                          'use proto = "tcp", "udp" or "icmp"')
+    ports = _ports(where, r.get("dstports"))
+    if ports and proto not in ("tcp", "udp"):
+        raise ConfigError(f"{where} 'dstports'", "ports need a protocol with ports",
+                          'add proto = "tcp" or "udp"')
+    icmptype = r.get("icmptype")
+    if icmptype is not None:
+        if proto != "icmp":
+            raise ConfigError(f"{where} 'icmptype'", "an ICMP type needs proto = \"icmp\"")
+        if not isinstance(icmptype, int) or isinstance(icmptype, bool) or \
+                not 0 <= icmptype <= 255:
+            raise ConfigError(f"{where} 'icmptype'", f"{icmptype!r} is not 0-255")
+    special = r.get("specialtarget")
+    if special is not None:
+        if special != "dns":
+            raise ConfigError(f"{where} 'specialtarget'", f"{special!r} is not a target",
+                              'use specialtarget = "dns"')
+        if host or proto or ports:
+            raise ConfigError(f"{where} 'specialtarget'", "stands alone",
+                              "remove dsthost, proto and dstports from this rule")
+    comment = r.get("comment")
+    if comment is not None and (not isinstance(comment, str) or len(comment) > 128
+                                or any(c in comment for c in '"\n\\')):
+        raise ConfigError(f"{where} 'comment'", "must be one line of text (128 characters, "
+                          "no quotes or backslashes)")
+    return FwRule(action, host, proto, ports, icmptype, special, _expire(where,
+                  r.get("expire")), comment)
+
+
+def _ports(where: str, v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    fix = 'a port or a range: dstports = 443 or dstports = "8000-8080"'
+    if isinstance(v, int) and not isinstance(v, bool):
+        lo = hi = v
+    elif isinstance(v, str) and re.fullmatch(r"\d{1,5}(-\d{1,5})?", v):
+        lo, _, hi_s = v.partition("-")
+        lo, hi = int(lo), int(hi_s or lo)
+    else:
+        raise ConfigError(f"{where} 'dstports'", f"{v!r} is not a port or a range", fix)
+    if not (1 <= lo <= hi <= 65535):
+        raise ConfigError(f"{where} 'dstports'", f"{v!r} is outside 1-65535 or backwards",
+                          fix)
+    return lo, hi
+
+
+def _expire(where: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, str) and re.fullmatch(r"\+\d{1,9}", v) and int(v[1:]) > 0:
+        return int(v[1:])
+    raise ConfigError(f"{where} 'expire'", f"{v!r} is not an expiry",
+                      'use expire = "+SECONDS" (from when the rules are loaded)')
+
+
+# --- the netvm's rules ----------------------------------------------------------------
+
+def set_name(qid: int, i: int, six: bool) -> str:
+    return f"fw{qid}_{i}{'_6' if six else ''}"
+
+
+def chain_name(qube: str) -> str:
+    return f"fw-{qube}"
+
+
+def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
+                     dns: tuple[str, ...]) -> None:
+    """The client's chain in its netvm: its rules in order, then drop (Qubes: nothing
+    matched is dropped). common.provide_network jumps to it for the client's packets to
+    upstream, after the drop of every qube address."""
+    from netstack.rules import nft
+
+    c = rs.chain(chain_name(qube))
+    for i, r in enumerate(rules):
+        verdict = nft.ACCEPT if r.action == "accept" else nft.DROP
+        note = f"{qube} rule {i + 1}: {r.describe()}"
+        if r.specialtarget == "dns":
+            for proto in ("udp", "tcp"):
+                c.add(nft.ip_daddr({"set": list(dns)} if len(dns) > 1 else dns[0]),
+                      nft.match(nft.payload(proto, "dport"), 53), nft.COUNTER, verdict,
+                      comment=note)
+            continue
+        fams = [r.family()] if r.family() else ["ipv4", "ipv6"]
+        for fam in fams:
+            six = fam == "ipv6"
+            exprs: list[Any] = []
+            if r.dsthost is not None or r.expire is not None:
+                name = set_name(qid, i + 1, six)
+                if r.host_is_name:
+                    elems: list[Any] = []  # filled in when the name resolves
+                else:
+                    elems = [_elem(r.dsthost or ("::/0" if six else "0.0.0.0/0"), r.expire)]
+                flags = ["interval"] + (["timeout"] if r.expire is not None else [])
+                rs.add_set(nft.NamedSet(name, "ipv6_addr" if six else "ipv4_addr", elems,
+                                        flags))
+                exprs.append(nft.in_set(nft.payload("ip6" if six else "ip", "daddr"), name))
+            else:
+                exprs.append(nft.nfproto(fam))
+            if r.proto in ("tcp", "udp"):
+                exprs.append(nft.l4proto(r.proto))
+                if r.dstports:
+                    lo, hi = r.dstports
+                    exprs.append(nft.match(nft.payload(r.proto, "dport"),
+                                           lo if lo == hi else {"range": [lo, hi]}))
+            elif r.proto == "icmp":
+                exprs.append(nft.l4proto("ipv6-icmp" if six else "icmp"))
+                if r.icmptype is not None:
+                    exprs.append(nft.match(nft.payload("icmpv6" if six else "icmp", "type"),
+                                           r.icmptype))
+            c.add(*exprs, nft.COUNTER, verdict, comment=note)
+    c.add(nft.COUNTER, nft.DROP, comment=f"{qube}: nothing matched")
+
+
+def _elem(host: str, expire: int | None) -> Any:
+    net = ipaddress.ip_network(host, strict=False)
+    val: Any = str(net.network_address) if net.num_addresses == 1 else \
+        {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+    return {"elem": {"val": val, "timeout": expire}} if expire is not None else val

@@ -346,7 +346,7 @@ def test_the_gateway_admits_neighbour_discovery_not_all_icmpv6(tmp_path):
     neighbour discovery only: an accept of every ICMPv6 packet fails the property."""
     import copy
 
-    from tests.unit.test_audit import GW, _insert_rule, _m, make_plan, results, rulesets
+    from tests.unit.test_audit import GW, make_plan, results, rulesets
     from tests.unit.test_config import ROOT
 
     src = tmp_path / "c.toml"
@@ -354,9 +354,11 @@ def test_the_gateway_admits_neighbour_discovery_not_all_icmpv6(tmp_path):
                    + (ROOT / "tests/configs/tor-two-workstations.toml").read_text())
     p = make_plan(tmp_path, str(src))
     rs = copy.deepcopy(rulesets(p))
-    _insert_rule(rs, GW, "input", [_m({"meta": {"key": "nfproto"}}, "ipv6"),
-                                   _m({"meta": {"key": "l4proto"}}, "ipv6-icmp"),
-                                   {"accept": None}])
+    items = rs[GW]["nftables"]  # first in the gateway's input chain
+    at = next(k for k, i in enumerate(items) if "rule" in i and i["rule"]["chain"] == "input")
+    items.insert(at, {"rule": {"family": "inet", "table": "netstack", "chain": "input",
+                               "expr": [m(M("nfproto"), "ipv6"), m(M("l4proto"), "ipv6-icmp"),
+                                        {"accept": None}]}})
     r = results(p, rs)[("sys-whonix", "only TransPort and DNSPort from clients")]
     assert r.status == "FAIL" and r.counterexample["l4proto"] == "icmpv6"
     assert r.counterexample["family"] == "ipv6"

@@ -350,6 +350,43 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def cmd_firewall(args: argparse.Namespace) -> int:
+    from netstack import firewall_live
+
+    if args.action == "list":
+        out = firewall_live.listing(args.stack, args.qube)
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        where = f"(from {out['source']}, enforced in {out['netvm']})"
+        if out["rules"] is None:
+            print(f"{args.qube}: no rules: everything its netvm forwards {where}")
+            return 0
+        print(f"{args.qube}: first match wins, nothing matched is dropped {where}")
+        for r in out["rules"]:
+            print(f"  {r['number']:>3}  {r['rule']}")
+        return 0
+    number = None
+    words = list(args.words)
+    if args.action == "del":
+        if len(words) != 1 or not words[0].isdigit():
+            raise UsageError("firewall del: give the rule's number (see `firewall QUBE list`)")
+        number = int(words[0])
+    elif args.action == "add":
+        number = args.before
+    elif words:
+        raise UsageError(f"firewall {args.action} takes no rule")
+    n, took = firewall_live.change(args.stack, args.qube, args.action, words, number)
+    msg = {"add": "added", "del": "deleted", "reset": "back to the config's list"}
+    if args.json:
+        print(json.dumps({"ok": True, "qube": args.qube, "rules": n,
+                          "applied_s": round(took, 4)}))
+    else:
+        print(f"{args.qube}: {msg[args.action]}; {n} rules in force "
+              f"(applied in {took * 1000:.0f} ms)")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from netstack import disposable
 
@@ -382,7 +419,8 @@ def stack_name(s: str) -> str:
     return check_stack(s)
 
 
-ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run"}
+ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
+                 "firewall"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -477,6 +515,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--user", "-u", help="the account both sandboxes run as")
     p.set_defaults(func=cmd_copy)
+    p = sub.add_parser("firewall", help="a qube's firewall rules (Qubes' qvm-firewall)",
+                       epilog="examples:\n  sudo netstack firewall work list\n"
+                       "  sudo netstack firewall work add action=accept dsthost=192.0.2.7 "
+                       "proto=tcp dstports=443\n"
+                       "  sudo netstack firewall work add --before 1 action=drop "
+                       "dsthost=198.51.100.9\n  sudo netstack firewall work del 2\n"
+                       "  sudo netstack firewall work reset     # back to the config's list\n"
+                       "First match wins; what no rule matches is dropped; the rules live in\n"
+                       "the qube's netvm. Changes apply at once and are kept across down/up\n"
+                       "until `reset` (or `down --purge`).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("qube")
+    p.add_argument("action", choices=["list", "add", "del", "reset"])
+    p.add_argument("words", nargs="*", metavar="RULE",
+                   help="add: key=value words (action, dsthost, proto, dstports, icmptype, "
+                   "specialtarget, expire, comment); del: the rule's number")
+    p.add_argument("--before", type=int, metavar="N", help="add: insert before rule N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_firewall)
     p = sub.add_parser("run", help="run a command in a new disposable qube",
                        epilog="examples:\n  sudo netstack run -- curl http://web.lab.test/\n"
                        "  sudo netstack run --netvm sys-firewall --label orange -- firefox\n"

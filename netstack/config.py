@@ -94,13 +94,15 @@ def read_text(path: str | Path, where: str, fix: str) -> str:
                           "save the file as UTF-8") from None
 
 
-def load(path: str | Path) -> Topology:
-    """Read and validate a TOML config file."""
+def load(path: str | Path, firewall: dict[str, list[Any]] | None = None) -> Topology:
+    """Read and validate a TOML config file. `firewall`: rule lists that replace the
+    config's (`netstack firewall`'s overlay), validated as if they were written there."""
     text = read_text(path, str(path), "give the path of a TOML config")
-    return parse(text, source=str(path))
+    return parse(text, source=str(path), firewall=firewall)
 
 
-def parse(text: str, source: str = "<memory>") -> Topology:
+def parse(text: str, source: str = "<memory>",
+          firewall: dict[str, list[Any]] | None = None) -> Topology:
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
@@ -112,6 +114,13 @@ def parse(text: str, source: str = "<memory>") -> Topology:
             raise ConfigError(f"qube {m.group(1)}", "duplicate qube name",
                               "give every qube a unique name") from None
         raise ConfigError(source, f"not valid TOML: {msg}") from None
+    qubes = data.get("qubes")
+    for name, rules in (firewall or {}).items():
+        if not isinstance(qubes, dict) or not isinstance(qubes.get(name), dict):
+            raise ConfigError(f"qube {name!r} field 'firewall'", "rules were added with "
+                              "`netstack firewall` for a qube the config no longer has",
+                              f"run `netstack firewall {name} reset`")
+        qubes[name]["firewall"] = rules
     return validate(data, source=source)
 
 

@@ -17,7 +17,10 @@ only the set, never the rules."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -240,3 +243,55 @@ def _elem(host: str, expire: int | None) -> Any:
     val: Any = str(net.network_address) if net.num_addresses == 1 else \
         {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
     return {"elem": {"val": val, "timeout": expire}} if expire is not None else val
+
+
+# --- the overlay: what `netstack firewall` changed, kept across down/up until `reset` ------
+
+def overlay_path(stack: str) -> str:
+    from netstack.names import check_stack
+    from netstack.sandbox import HOME_ROOT
+
+    return os.path.join(HOME_ROOT, check_stack(stack), "firewall.json")
+
+
+def load_overlay(stack: str) -> dict[str, list[Any]]:
+    """qube -> its rule list as `netstack firewall` left it (root only; nothing readable:
+    no overlay)."""
+    path = overlay_path(stack)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (FileNotFoundError, PermissionError):
+        return {}
+    except ValueError:
+        raise ConfigError(path, "is damaged", "remove it (every qube's rules go back to the "
+                          "config)") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise ConfigError(path, "is not a table of rule lists", "remove it")
+    return data
+
+
+def save_overlay(stack: str, overlay: dict[str, list[Any]]) -> None:
+    path = overlay_path(stack)
+    if not overlay:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(overlay, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def rule_from_words(words: list[str]) -> dict[str, Any]:
+    """qvm-firewall's `key=value` words as a config table (validated by `parse`)."""
+    out: dict[str, Any] = {}
+    for w in words:
+        k, sep, v = w.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"rule word {w!r}", "is not key=value",
+                              "e.g. action=accept dsthost=192.0.2.7 proto=tcp dstports=443")
+        out[k] = int(v) if k in ("icmptype", "dstports") and v.isdigit() else v
+    return out

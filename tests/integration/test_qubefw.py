@@ -54,3 +54,35 @@ def test_rules_first_match_wins_and_expire_in_the_kernel(own_stack):
         assert audit.returncode == 0, audit.stdout[-1500:]
     finally:
         cli("--stack", s, "down", check=False)
+
+
+def test_firewall_command_changes_rules_live_and_keeps_them_across_down_up(own_stack):
+    import json
+
+    s = own_stack("fl")
+    cli("--stack", s, "up", CFG, "--lab")
+    try:
+        assert curl(s, "work", "http://web.lab.test/") == "ok"
+        out = json.loads(cli("--stack", s, "firewall", "work", "add", "--before", "1",
+                             "action=drop", "dsthost=198.51.100.80", "proto=tcp",
+                             "dstports=80", "--json").stdout)
+        assert out["rules"] == 7 and out["applied_s"] < 1
+        assert curl(s, "work", "http://web.lab.test/") == "dropped"
+        assert curl(s, "personal", "http://web.lab.test/") == "ok"
+        listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
+        assert listed["source"] == "netstack firewall"
+        assert listed["rules"][0]["rule"] == \
+            "action=drop dsthost=198.51.100.80 proto=tcp dstports=80"
+        bad = cli("--stack", s, "firewall", "work", "add", "action=maybe", check=False)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+        cli("--stack", s, "down")
+        cli("--stack", s, "up", CFG, "--lab")  # the overlay outlives the stack
+        assert curl(s, "work", "http://web.lab.test/") == "dropped"
+        cli("--stack", s, "firewall", "work", "del", "1")
+        assert curl(s, "work", "http://web.lab.test/") == "ok"
+        cli("--stack", s, "firewall", "work", "reset")
+        listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
+        assert listed["source"] == "config" and len(listed["rules"]) == 6
+        assert cli("--stack", s, "audit", check=False).returncode == 0
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)

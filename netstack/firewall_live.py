@@ -1,0 +1,100 @@
+"""`netstack firewall QUBE list|add|del|reset` (Qubes' qvm-firewall) on a running stack:
+the qube's new list is validated as if the config said it, kept in the stack's overlay
+(/var/lib/netstack/STACK/firewall.json, root only, survives down/up until `reset` or
+`down --purge`), and applied through the one live-change path: the netvm's ruleset is
+replaced in one transaction (with what `up` filled in at run time)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from netstack.errors import UsageError
+from netstack.kernel import Kernel, RealKernel
+from netstack.model import Plan
+from netstack.rules import qubefw
+
+
+def rules_of(plan: Plan, qube: str) -> tuple[qubefw.FwRule, ...] | None:
+    """The list in force (None: the qube has none, the plain behaviour)."""
+    if not plan.has_qube(qube):
+        raise UsageError(f"no qube {qube!r} in stack {plan.stack!r}; qubes: "
+                         + ", ".join(q.name for q in plan.qubes))
+    raw = plan.qube(qube).settings.get("firewall")
+    return None if raw is None else qubefw.parse(qube, raw)
+
+
+def listing(stack: str, qube: str) -> dict[str, Any]:
+    from netstack.stack import require
+
+    st = require(stack)
+    assert st.plan is not None
+    rules = rules_of(st.plan, qube)
+    overlay = qubefw.load_overlay(stack)
+    return {"qube": qube, "netvm": st.plan.qube(qube).netvm,
+            "source": "netstack firewall" if qube in overlay else "config",
+            "rules": None if rules is None else [
+                {"number": i + 1, "rule": r.describe(), **{k: v for k, v in r.__dict__.items()
+                                                          if v is not None}}
+                for i, r in enumerate(rules)]}
+
+
+def change(stack: str, qube: str, action: str, words: list[str] | None = None,
+           number: int | None = None, kernel: Kernel | None = None) -> tuple[int, float]:
+    """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
+    number of rules now in force and the seconds the apply took (lock to digests)."""
+    from netstack import reconcile
+    from netstack.disposable import LOCK_WAIT, disposables, topology
+    from netstack.plan import build, load_inputs
+    from netstack.stack import require, require_root
+    from netstack.state import StackLock
+
+    if kernel is None:
+        require_root("firewall")
+    k = kernel or RealKernel()
+    try:
+        with StackLock(stack, wait=LOCK_WAIT):
+            t0 = time.perf_counter()
+            st = require(stack)
+            cur = st.plan
+            assert cur is not None
+            current = rules_of(cur, qube)
+            raw = list(cur.qube(qube).settings.get("firewall") or [])
+            old = qubefw.load_overlay(stack)
+            new = dict(old)
+            if action == "reset":
+                new.pop(qube, None)
+            elif action == "add":
+                rule = qubefw.rule_from_words(words or [])
+                at = len(raw) if number is None else _index(number, len(raw) + 1)
+                raw.insert(at, rule)
+                new[qube] = raw
+            elif action == "del":
+                if current is None:
+                    raise UsageError(f"{qube} has no rules to delete")
+                raw.pop(_index(number, len(raw)))
+                new[qube] = raw
+            else:
+                raise UsageError(f"firewall: unknown action {action!r}")
+            inputs = load_inputs(st.data.config, stack, cur.uplink, overlay=new)  # validates
+            desired = build(replace(inputs, topo=topology(inputs.topo, disposables(cur))),
+                            stack, cur.uplink, previous=cur)
+            qubefw.save_overlay(stack, new)
+            try:
+                reconcile.change(cur, desired, st, k)
+            except BaseException:
+                qubefw.save_overlay(stack, old)
+                raise
+            after = desired.qube(qube).settings.get("firewall")
+            return (len(after) if after is not None else 0), time.perf_counter() - t0
+    finally:
+        if kernel is None:
+            k.close()
+
+
+def _index(number: int | None, count: int) -> int:
+    if number is None or not 1 <= number <= count:
+        raise UsageError(f"rule number {number}: give one of 1-{count}" if count else
+                         "the list is empty")
+    return number - 1

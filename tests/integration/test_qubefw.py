@@ -63,9 +63,9 @@ def test_firewall_command_changes_rules_live_and_keeps_them_across_down_up(own_s
     cli("--stack", s, "up", CFG, "--lab")
     try:
         assert curl(s, "work", "http://web.lab.test/") == "ok"
-        out = json.loads(cli("--stack", s, "firewall", "work", "add", "--before", "1",
-                             "action=drop", "dsthost=198.51.100.80", "proto=tcp",
-                             "dstports=80", "--json").stdout)
+        out = json.loads(cli("--stack", s, "firewall", "work", "add", "action=drop",
+                             "dsthost=198.51.100.80", "proto=tcp", "dstports=80",
+                             "--before", "1", "--json").stdout)
         assert out["rules"] == 7 and out["applied_s"] < 1
         assert curl(s, "work", "http://web.lab.test/") == "dropped"
         assert curl(s, "personal", "http://web.lab.test/") == "ok"

@@ -87,10 +87,33 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
                 qubefw.save_overlay(stack, old)
                 raise
             after = desired.qube(qube).settings.get("firewall")
-            return (len(after) if after is not None else 0), time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            cut(desired, qube, k)
+            return (len(after) if after is not None else 0), took
     finally:
         if kernel is None:
             k.close()
+
+
+def cut(plan: Plan, qube: str, k: Kernel) -> list[Any]:
+    """Changed rules cut what they forbid: the qube's connections in its netvm's conntrack
+    that the new list would not let out are removed, so their next packet meets the rules
+    as a new one (and is dropped). Returns the flows removed."""
+    from netstack.addressing import VIRTUAL_DNS
+
+    q = plan.qube(qube)
+    if q.netvm is None:
+        return []
+    rules = rules_of(plan, qube)
+    netvm = plan.qube(q.netvm).netns
+    gone = []
+    for src in (a for a in (q.ipv4, q.ipv6) if a):
+        for f in k.conntrack_list(netvm, src):
+            if f.src == src and not qubefw.allows(rules, f.dst, f.proto, f.dport,
+                                                  f.icmp_type, VIRTUAL_DNS):
+                k.conntrack_delete(netvm, f)
+                gone.append(f)
+    return gone
 
 
 def _index(number: int | None, count: int) -> int:

@@ -104,6 +104,8 @@ class Kernel:
 
     def resolve(self, ns: str, server: str, name: str) -> list[str]: raise NotImplementedError
     def conntrack_flush(self, ns: str) -> None: raise NotImplementedError
+    def conntrack_list(self, ns: str, src: str) -> list[Flow]: raise NotImplementedError
+    def conntrack_delete(self, ns: str, flow: Flow) -> None: raise NotImplementedError
 
     def link_exists(self, ns: str | None, ifname: str) -> bool:
         return any(x.name == ifname for x in self.links(ns))
@@ -142,6 +144,42 @@ def iproute_class() -> Any:
     from pyroute2.iproute.linux import IPRoute
 
     return IPRoute
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A connection as conntrack lists it, in its original direction."""
+
+    proto: str  # tcp | udp | icmp | ...
+    src: str
+    dst: str
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+
+    @classmethod
+    def parse(cls, line: str) -> Flow | None:
+        """One line of `conntrack -L` (the first src=/dst=/ports are the original tuple)."""
+        words = line.split()
+        if len(words) < 3:
+            return None
+        kv: dict[str, str] = {}
+        for w in words:
+            k, sep, v = w.partition("=")
+            if sep and k not in kv:
+                kv[k] = v
+        if "src" not in kv or "dst" not in kv:
+            return None
+
+        def num(k: str) -> int | None:
+            return int(kv[k]) if kv.get(k, "").isdigit() else None
+        return cls(words[0], kv["src"], kv["dst"], num("sport"), num("dport"), num("type"))
+
+    def selector(self) -> list[str]:
+        out = ["-p", self.proto, "-s", self.src, "-d", self.dst]
+        if self.sport is not None and self.dport is not None:
+            out += ["--sport", str(self.sport), "--dport", str(self.dport)]
+        return out
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -475,6 +513,15 @@ class RealKernel(Kernel):
 
     def conntrack_flush(self, ns: str) -> None:
         subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-F"], capture_output=True)
+
+    def conntrack_list(self, ns: str, src: str) -> list[Flow]:
+        p = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L", "-s", src],
+                           capture_output=True, text=True)
+        return [f for line in p.stdout.splitlines() if (f := Flow.parse(line))]
+
+    def conntrack_delete(self, ns: str, flow: Flow) -> None:
+        subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-D", *flow.selector()],
+                       capture_output=True)
 
     def close(self) -> None:
         for h in self._ipr.values():

@@ -40,6 +40,7 @@ class FakeKernel(Kernel):
         self.procs: set[int] = set()
         self.sysctls: dict[tuple[str | None, str], str] = {}
         self.answers = resolve or {}
+        self.flows: dict[str, list] = {}  # ns -> conntrack entries (kernel.Flow)
         self._pids = itertools.count(4_000_000)
 
     def _ev(self, *e: Any) -> None:
@@ -202,6 +203,13 @@ class FakeKernel(Kernel):
 
     def conntrack_flush(self, ns: str) -> None:
         self._ev("conntrack_flush", ns)
+
+    def conntrack_list(self, ns: str, src: str) -> list:
+        return [f for f in self.flows.get(ns, []) if f.src == src]
+
+    def conntrack_delete(self, ns: str, flow) -> None:
+        self._ev("conntrack_delete", ns, flow)
+        self.flows[ns] = [f for f in self.flows.get(ns, []) if f != flow]
 
     # what is left
     def leftovers(self) -> dict[str, Any]:

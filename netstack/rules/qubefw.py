@@ -245,6 +245,39 @@ def _elem(host: str, expire: int | None) -> Any:
     return {"elem": {"val": val, "timeout": expire}} if expire is not None else val
 
 
+# --- what a list allows (to cut the connections a change forbids) ----------------------
+
+def allows(rules: tuple[FwRule, ...] | None, dst: str, proto: str, dport: int | None,
+           icmp_type: int | None, dns: tuple[str, ...]) -> bool:
+    """Would the list let a new connection to (dst, proto, dport) out? First match wins,
+    nothing matched is dropped, no list allows everything. A hostname rule matches
+    nothing here (its addresses are not known to this pure function: fail closed)."""
+    if rules is None:
+        return True
+    addr = ipaddress.ip_address(dst)
+    for r in rules:
+        if r.specialtarget == "dns":
+            if dst in dns and proto in ("udp", "tcp") and dport == 53:
+                return r.action == "accept"
+            continue
+        if r.host_is_name:
+            continue
+        if r.dsthost is not None:
+            net = ipaddress.ip_network(r.dsthost, strict=False)
+            if net.version != addr.version or addr not in net:
+                continue
+        if r.proto is not None and r.proto != ("icmp" if proto in ("icmp", "icmpv6")
+                                               else proto):
+            continue
+        if r.dstports is not None and (dport is None or
+                                       not r.dstports[0] <= dport <= r.dstports[1]):
+            continue
+        if r.icmptype is not None and icmp_type != r.icmptype:
+            continue
+        return r.action == "accept"
+    return False
+
+
 # --- the overlay: what `netstack firewall` changed, kept across down/up until `reset` ------
 
 def overlay_path(stack: str) -> str:

@@ -86,3 +86,57 @@ def test_firewall_command_changes_rules_live_and_keeps_them_across_down_up(own_s
         assert cli("--stack", s, "audit", check=False).returncode == 0
     finally:
         cli("--stack", s, "down", "--purge", check=False)
+
+
+HOLD = r"""
+import socket, sys
+s = socket.create_connection(("198.51.100.80", 80), timeout=5)
+print("connected", flush=True)
+sys.stdin.readline()
+s.settimeout(3)
+try:
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    print("answered" if s.recv(100) else "closed", flush=True)
+except OSError:
+    print("cut", flush=True)
+"""
+
+
+def test_a_change_cuts_the_connections_it_forbids(own_stack):
+    """A connection work holds open to the web server is cut when a rule forbidding it is
+    added (its conntrack entry in sys-firewall goes, its next packet is new and dropped);
+    personal's, held the same way, goes on (the control)."""
+    import subprocess
+    import sys
+
+    s = own_stack("fc")
+    cli("--stack", s, "up", CFG, "--lab")
+    holders = {}
+    try:
+        for q in ("work", "personal"):
+            holders[q] = subprocess.Popen(
+                [sys.executable, "-m", "netstack.cli", "--stack", s, "exec", q, "--",
+                 "/usr/bin/python3", "-c", HOLD], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin",
+                                                        "SUDO_USER": ""})
+            assert holders[q].stdout.readline().strip() == "connected"
+        fw = f"nst-{s}-sys-firewall"
+
+        def entries(src):
+            return in_ns(fw, "conntrack", "-L", "-s", src, "-d", "198.51.100.80",
+                         check=False).stdout
+        assert "dport=80" in entries("10.137.0.4") and "dport=80" in entries("10.137.0.3")
+        cli("--stack", s, "firewall", "work", "add", "action=drop", "dsthost=198.51.100.80",
+            "--before", "1")
+        assert "dport=80" not in entries("10.137.0.4")
+        assert "dport=80" in entries("10.137.0.3")
+        out = {}
+        for q, p in holders.items():
+            out[q] = p.communicate("go\n", timeout=30)[0].strip()
+        assert out == {"work": "cut", "personal": "answered"}, out
+    finally:
+        for p in holders.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cli("--stack", s, "down", "--purge", check=False)

@@ -91,3 +91,53 @@ def test_a_qube_behind_a_vpn_is_refused():
         firewall_live.change("main", "anon-whonix", "add", ["action=accept"], kernel=fk)
     assert qubefw.load_overlay("main") == {}
     assert State.load("main") is not None
+
+
+def test_allows_is_first_match_and_drops_the_rest():
+    rules = qubefw.parse("w", [
+        {"action": "accept", "specialtarget": "dns"},
+        {"action": "drop", "dsthost": "198.51.100.80", "proto": "tcp", "dstports": 8080},
+        {"action": "accept", "dsthost": "198.51.100.0/24", "proto": "tcp",
+         "dstports": "80-443"},
+        {"action": "accept", "dsthost": "web.lab.test"},
+        {"action": "accept", "proto": "icmp", "icmptype": 8}])
+    dns = ("10.139.1.1", "10.139.1.2")
+    a = lambda *x: qubefw.allows(rules, *x, dns)  # noqa: E731
+    assert a("10.139.1.1", "udp", 53, None) and not a("10.139.1.1", "udp", 54, None)
+    assert a("198.51.100.80", "tcp", 80, None) and a("198.51.100.9", "tcp", 443, None)
+    assert not a("198.51.100.80", "tcp", 8080, None)  # the drop comes first
+    assert not a("198.51.100.80", "udp", 80, None) and not a("203.0.113.10", "tcp", 80, None)
+    assert a("203.0.113.10", "icmp", None, 8) and not a("203.0.113.10", "icmp", None, 0)
+    assert not a("2001:db8::1", "tcp", 80, None)  # a name matches nothing, nothing else does
+    assert qubefw.allows(None, "203.0.113.10", "tcp", 1, None, dns)  # no list: everything
+
+
+def test_conntrack_lines_are_read_in_their_original_direction():
+    from netstack.kernel import Flow
+
+    line = ("tcp      6 431999 ESTABLISHED src=10.137.0.4 dst=198.51.100.80 sport=41234 "
+            "dport=80 src=198.51.100.80 dst=10.137.0.2 sport=80 dport=41234 [ASSURED] mark=0")
+    f = Flow.parse(line)
+    assert f == Flow("tcp", "10.137.0.4", "198.51.100.80", 41234, 80)
+    assert f.selector() == ["-p", "tcp", "-s", "10.137.0.4", "-d", "198.51.100.80",
+                            "--sport", "41234", "--dport", "80"]
+    icmp = Flow.parse("icmp     1 29 src=10.137.0.4 dst=203.0.113.10 type=8 code=0 id=7 "
+                      "src=203.0.113.10 dst=10.137.0.2 type=0 code=0 id=7 mark=0")
+    assert icmp == Flow("icmp", "10.137.0.4", "203.0.113.10", None, None, 8)
+    assert Flow.parse("conntrack v1.4.7 (conntrack-tools): 2 flow entries") is None
+
+
+def test_a_change_cuts_exactly_the_connections_it_forbids():
+    from netstack.kernel import Flow
+
+    fk, _ = up("configs/basic.toml")
+    p = plan_of()
+    work, fw = p.qube("work"), p.qube("sys-firewall").netns
+    web = Flow("tcp", work.ipv4, "198.51.100.80", 40000, 80)
+    vpn = Flow("tcp", work.ipv4, "203.0.113.10", 40001, 22)
+    other = Flow("tcp", p.qube("personal").ipv4, "198.51.100.80", 40002, 80)
+    fk.flows[fw] = [web, vpn, other]
+    firewall_live.change("main", "work", "add", ["action=accept", "dsthost=198.51.100.80",
+                                                 "proto=tcp", "dstports=80"], kernel=fk)
+    assert fk.flows[fw] == [web, other]  # ssh to the vpn host is no longer allowed
+    assert [e[2] for e in fk.events if e[0] == "conntrack_delete"] == [vpn]

@@ -88,6 +88,11 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
                 raise
             after = desired.qube(qube).settings.get("firewall")
             took = time.perf_counter() - t0
+            netvm = desired.qube(qube).netvm
+            if netvm:  # names of the new list: through the chain's resolver
+                from netstack.roles.firewall import resolve_rule_names
+
+                resolve_rule_names(desired.qube(netvm), desired, k, st)
             cut(desired, qube, k)
             return (len(after) if after is not None else 0), took
     finally:

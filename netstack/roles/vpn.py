@@ -30,6 +30,7 @@ from netstack.rules.nft import (
     meta,
     oifname,
     payload,
+    set_commands,
 )
 from netstack.vpn.info import ENDPOINT_SET, ENDPOINT_SET6, VpnInfo, set_elements, transport
 
@@ -237,17 +238,6 @@ def endpoint_set_commands(info: VpnInfo, resolved: dict[str, list[str]] | None
     """One transaction: both endpoint sets hold exactly this transport."""
     v4, v6 = set_elements(transport(info, resolved))
     return {"nftables": set_commands(ENDPOINT_SET, v4) + set_commands(ENDPOINT_SET6, v6)}
-
-
-def set_commands(name: str, elems: list[Any]) -> list[dict[str, Any]]:
-    """Replace a named set's elements (flush + add), as part of a transaction."""
-    from netstack.rules.nft import FAMILY, TABLE
-
-    s = {"family": FAMILY, "table": TABLE, "name": name}
-    cmds: list[dict[str, Any]] = [{"flush": {"set": s}}]
-    if elems:
-        cmds.append({"add": {"element": {**s, "elem": list(elems)}}})
-    return cmds
 
 
 def kill_switch(q: QubeView, tun: Tunnel, endpoints: set[tuple[str, str, int]]) -> list[Result]:

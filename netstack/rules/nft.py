@@ -131,6 +131,15 @@ class NamedSet:
     flags: list[str] = field(default_factory=list)  # interval, timeout
 
 
+def set_commands(name: str, elems: list[Any]) -> list[dict[str, Any]]:
+    """Replace a named set's elements (flush + add), as part of a transaction."""
+    s = {"family": FAMILY, "table": TABLE, "name": name}
+    cmds: list[dict[str, Any]] = [{"flush": {"set": s}}]
+    if elems:
+        cmds.append({"add": {"element": {**s, "elem": list(elems)}}})
+    return cmds
+
+
 def concat(*parts: Any) -> Expr:
     return {"concat": list(parts)}
 

@@ -10,8 +10,9 @@ wins, nothing matched is dropped; enforced in the qube's netvm, outside the qube
 
 A qube without a `firewall` key keeps the netvm's plain behaviour. In the netvm, a client
 with rules gets its own chain `fw-QUBE`, jumped to from forward for packets from its link.
-Each rule's destination lives in a named set, so a hostname's addresses (filled in at run
-time; empty until resolved, so the rule matches nothing: fail closed) and an `expire=`
+Each rule's destination lives in a named set, so a hostname's addresses (resolved through
+sys-net's resolver at `up` and on each change; a name that does not resolve leaves the set
+empty, so the rule matches nothing: fail closed) and an `expire=`
 (an element timeout: the kernel ends the rule on time, netstack running or not) change
 only the set, never the rules."""
 
@@ -243,6 +244,49 @@ def _elem(host: str, expire: int | None) -> Any:
     val: Any = str(net.network_address) if net.num_addresses == 1 else \
         {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
     return {"elem": {"val": val, "timeout": expire}} if expire is not None else val
+
+
+# --- hostnames: resolved through the chain, held in the rules' sets ----------------------
+
+def name_sets(plan: Any, netvm: str) -> list[tuple[str, str, int | None]]:
+    """(set, hostname, expire) of every hostname rule of the netvm's clients (IPv4 sets:
+    names are resolved to A records)."""
+    out = []
+    for c in plan.qube(netvm).clients:
+        raw = plan.qube(c.name).settings.get("firewall")
+        for i, r in enumerate(parse(c.name, raw) if raw is not None else ()):
+            if r.host_is_name:
+                out.append((set_name(c.qid, i + 1, False), r.dsthost, r.expire))
+    return out
+
+
+def resolve_names(plan: Any, netvm: str, resolve: Any) -> dict[str, list[str]]:
+    """Each hostname of the netvm's clients' rules, asked through the chain's own resolver
+    (`resolve(name)`: from sys-net at its upstream DNS, never the host's); a name that does
+    not resolve gets no address, so its rule matches nothing (fail closed)."""
+    from netstack.errors import NetstackError
+
+    out: dict[str, list[str]] = {}
+    for _set, host, _exp in name_sets(plan, netvm):
+        if host in out:
+            continue
+        try:
+            out[host] = sorted(a for a in resolve(host) if _is_net(a) and
+                               ipaddress.ip_address(a).version == 4)
+        except (NetstackError, OSError):
+            out[host] = []
+    return out
+
+
+def name_set_commands(plan: Any, netvm: str, resolved: dict[str, list[str]]
+                      ) -> list[dict[str, Any]]:
+    """Fill every hostname set with its name's addresses (flush + add, one transaction)."""
+    from netstack.rules.nft import set_commands
+
+    cmds: list[dict[str, Any]] = []
+    for name, host, expire in name_sets(plan, netvm):
+        cmds += set_commands(name, [_elem(a, expire) for a in resolved.get(host, [])])
+    return cmds
 
 
 # --- what a list allows (to cut the connections a change forbids) ----------------------

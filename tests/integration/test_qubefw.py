@@ -47,9 +47,16 @@ def test_rules_first_match_wins_and_expire_in_the_kernel(own_stack):
             "the kernel to expire rule 5")
         assert time.monotonic() - t0 >= 6
         assert curl(s, "work", "http://203.0.113.10:22/") == "dropped"
-        # rule 4 names a host that is not resolved: its set is empty, it matches nothing
-        assert "elements" not in in_ns(fw, "nft", "list", "set", "inet", "netstack",
+        # rule 4 names the vpn host: resolved through sys-net at the lab DNS into its set;
+        # rule 7's name does not resolve: its set is empty, it matches nothing
+        assert "203.0.113.10" in in_ns(fw, "nft", "list", "set", "inet", "netstack",
                                        "fw4_4").stdout
+        assert curl(s, "work", "http://203.0.113.10:8443/") == "refused"
+        assert "elements" not in in_ns(fw, "nft", "list", "set", "inet", "netstack",
+                                       "fw4_7").stdout
+        status = cli("--stack", s, "status").stdout
+        assert "rule hostname nosuch.lab.test does not resolve" in status
+        assert "vpn.lab.test -> 203.0.113.10" in status
         audit = cli("--stack", s, "audit", check=False)
         assert audit.returncode == 0, audit.stdout[-1500:]
     finally:
@@ -66,7 +73,7 @@ def test_firewall_command_changes_rules_live_and_keeps_them_across_down_up(own_s
         out = json.loads(cli("--stack", s, "firewall", "work", "add", "action=drop",
                              "dsthost=198.51.100.80", "proto=tcp", "dstports=80",
                              "--before", "1", "--json").stdout)
-        assert out["rules"] == 7 and out["applied_s"] < 1
+        assert out["rules"] == 8 and out["applied_s"] < 1
         assert curl(s, "work", "http://web.lab.test/") == "dropped"
         assert curl(s, "personal", "http://web.lab.test/") == "ok"
         listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
@@ -82,7 +89,7 @@ def test_firewall_command_changes_rules_live_and_keeps_them_across_down_up(own_s
         assert curl(s, "work", "http://web.lab.test/") == "ok"
         cli("--stack", s, "firewall", "work", "reset")
         listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
-        assert listed["source"] == "config" and len(listed["rules"]) == 6
+        assert listed["source"] == "config" and len(listed["rules"]) == 7
         assert cli("--stack", s, "audit", check=False).returncode == 0
     finally:
         cli("--stack", s, "down", "--purge", check=False)

@@ -74,7 +74,7 @@ def test_the_netvm_chain_ends_in_a_drop_and_comes_after_the_qube_address_drop():
     chain = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "fw-work"]
     assert chain[-1]["expr"] == [{"counter": None}, {"drop": None}]
     sets = {i["set"]["name"]: i["set"] for i in rs if "set" in i}
-    assert "elem" not in sets["fw4_4"]  # a hostname: empty until resolved
+    assert "elem" not in sets["fw4_4"]  # a hostname: empty until resolved at `up`
     assert sets["fw4_5"]["flags"] == ["interval", "timeout"]
     assert sets["fw4_5"]["elem"] == [{"elem": {"val": "203.0.113.10", "timeout": 6}}]
     personal = [r for r in fwd if "personal" in (r.get("comment") or "")]

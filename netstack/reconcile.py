@@ -383,11 +383,12 @@ def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
     from netstack.roles import role_for
 
     qube_of = {q.netns: q for q in desired.qubes}
+    steps = diff(current, desired)
+    st.set_plan(desired)  # before the reload commands: they fill the desired plan's sets
     steps = [replace(s, extra=tuple(role_for(qube_of[s.ns].kind).reload_commands(
                  qube_of[s.ns], st)))
              if isinstance(s, LoadRules) and not s.fresh and s.ns in qube_of else s
-             for s in diff(current, desired)]  # a reload keeps what `up` filled in
-    st.set_plan(desired)
+             for s in steps]  # a reload keeps what `up` filled in
     apply(steps, k, st)
     record_digests(desired, st, k)
     return steps

@@ -141,3 +141,21 @@ def test_a_change_cuts_exactly_the_connections_it_forbids():
                                                  "proto=tcp", "dstports=80"], kernel=fk)
     assert fk.flows[fw] == [web, other]  # ssh to the vpn host is no longer allowed
     assert [e[2] for e in fk.events if e[0] == "conntrack_delete"] == [vpn]
+
+
+def test_a_reload_fills_the_sets_of_the_new_list():
+    """Inserting a rule renumbers the sets after it: the names refilled in the reload's
+    transaction are those of the new ruleset, with the resolved addresses."""
+    fk, _ = up("tests/configs/firewall-rules.toml")
+    fw = plan_of().qube("sys-firewall").netns
+    n = len(fk.events)
+    firewall_live.change("main", "work", "add", ["action=drop", "dsthost=192.0.2.99"],
+                         number=1, kernel=fk)
+    (load,) = [e for e in fk.events[n:] if e[0] == "nft" and e[1] == fw][:1]
+    cmds = load[2]["nftables"]
+    declared = {c["add"]["set"]["name"] for c in cmds if "set" in c.get("add", {})}
+    filled = {c["flush"]["set"]["name"] for c in cmds if "flush" in c}
+    assert filled and filled <= declared
+    elems = [c["add"]["element"] for c in cmds if "element" in c.get("add", {})]
+    assert {"name": "fw4_5", "elem": ["203.0.113.10"]}.items() <= {
+        k: v for e in elems if e["name"] == "fw4_5" for k, v in e.items()}.items()

@@ -216,7 +216,8 @@ def test_local_channels_anti_test(tor_lab, tmp_path, monkeypatch):
     assert not {c for c in got if not c.startswith("local-")}  # packets: still clean
     row = next(c for c in r.cases if c["case"] == "local-stand-in")
     assert row["verdict"] == "LEAK" and "198.51.100.80" in row["leaked_on"][0], row
-    # the name went around the chain: the lab's DNS was asked from the ISP address, not
-    # from a Tor exit
+    # the name went around the chain: the lab's DNS was asked from the ISP address (the
+    # battery's own lookups through the chain arrive from Tor exits)
     asked = [x for x in tor_lab.log("lab-dns")[dns_before:] if x["name"] == "web.lab.test"]
-    assert {x["client"] for x in asked} == {"192.0.2.2"}, asked
+    assert "192.0.2.2" in {x["client"] for x in asked}, asked
+    assert {x["client"] for x in asked} <= {"192.0.2.2"} | tor_lab.exits, asked

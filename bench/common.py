@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from typing import Any
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    """Wall seconds of one command (which must succeed), and what it printed."""
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, check=True, capture_output=True, text=True)
+    return time.perf_counter() - t0, p.stdout
 
 
 def reap() -> None:

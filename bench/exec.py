@@ -13,19 +13,12 @@ import secrets
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, reap, write  # noqa: E402
+from common import machine, reap, timed, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -48,10 +41,10 @@ def main() -> None:
         whole = [*cli, "exec", "work", "--user", "nobody", "--", "true"]
         s, b, w = [], [], []
         for _ in range(a.runs):
-            s.append(timed(sandboxed))
-            b.append(timed(bare))
+            s.append(timed(sandboxed)[0])
+            b.append(timed(bare)[0])
         for _ in range(5):
-            w.append(timed(whole))
+            w.append(timed(whole)[0])
     finally:
         subprocess.run([*cli, "down", "--purge"], capture_output=True)
         reap()

@@ -16,11 +16,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, reap, write  # noqa: E402
+from common import machine, reap, timed, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASIC = (ROOT / "configs" / "basic.toml").read_text()
@@ -31,12 +30,6 @@ def with_rules(n: int) -> str:
         f'  {{action = "accept", dsthost = "203.0.{113 if i % 2 else 112}.{i % 250 + 1}", '
         f'proto = "tcp", dstports = {1000 + i}}}' for i in range(n))
     return BASIC.replace('label = "blue"', f'label = "blue"\nfirewall = [\n{rules}\n]')
-
-
-def timed(argv: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, check=True, capture_output=True, text=True)
-    return time.perf_counter() - t0, p.stdout
 
 
 def main() -> None:

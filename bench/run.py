@@ -17,15 +17,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, reap, write  # noqa: E402
+from common import machine, reap, timed, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -40,8 +34,8 @@ def main() -> None:
     try:
         run, exe = [], []
         for _ in range(a.runs):
-            run.append(timed([*cli, "run", "-q", "--user", "nobody", "--", "true"]))
-            exe.append(timed([*cli, "exec", "work", "--user", "nobody", "--", "true"]))
+            run.append(timed([*cli, "run", "-q", "--user", "nobody", "--", "true"])[0])
+            exe.append(timed([*cli, "exec", "work", "--user", "nobody", "--", "true"])[0])
         t0 = time.perf_counter()
         procs = [subprocess.Popen([*cli, "run", "-q", "--user", "nobody", "--", "true"])
                  for _ in range(20)]

@@ -413,6 +413,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def command_opts(p: argparse.ArgumentParser) -> None:
+    """What `exec` and `run` share: who the command runs as, and the command."""
+    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo user, "
+                   "else the account netstack-qube); never host root")
+    p.add_argument("cmd", nargs="*", help="the command, after --")
+
+
 def stack_name(s: str) -> str:
     from netstack.names import check_stack
 
@@ -549,11 +556,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="red", help="its colour (default red, as Qubes)")
     p.add_argument("--gui", action="store_true",
                    help="grant the invoking user's Wayland (or X11) display")
-    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo "
-                   "user, else netstack-qube); never host root")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="do not print the qube's name and address")
-    p.add_argument("cmd", nargs="*", help="the command, after --")
+    command_opts(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="examples:\n  sudo netstack exec work -- curl http://web.lab.test/"
@@ -564,11 +569,9 @@ def parser() -> argparse.ArgumentParser:
                        "unprivileged account.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("qube")
-    p.add_argument("--user", "-u", help="run as this user (default: the invoking sudo user, "
-                   "else the account netstack-qube); never host root")
     p.add_argument("--root", action="store_true",
                    help="root inside an app qube's sandbox (its own user namespace only)")
-    p.add_argument("cmd", nargs="*", help="the command, after --")
+    command_opts(p)
     p.set_defaults(func=cmd_exec)
     return ap
 

@@ -83,11 +83,13 @@ def check_request(plan: Plan, netvm: str, label: str) -> None:
                                                if role_for(q.kind).provides_network))
 
 
-def _rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
-             add: list[Qube]) -> Plan:
-    """The plan with exactly `keep` and `add` as disposables. The plan in force must be
-    what the config still gives (else the live change would carry edits of the config
-    that `up` never applied)."""
+def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
+            add: list[Qube] | tuple[Qube, ...] = (),
+            overlay: dict[str, list[Any]] | None = None) -> Plan:
+    """The plan of a live change: the config (with `netstack firewall`'s overlay, or
+    `overlay` in its place) plus exactly the disposables `keep` and `add`. The plan in force
+    must be what the config and overlay still give (else the change would carry edits of
+    the config that `up` never applied)."""
     from netstack.plan import build, load_inputs
 
     inputs = load_inputs(config, stack, cur.uplink)
@@ -95,7 +97,9 @@ def _rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
                 cur.uplink, previous=cur)
     if now != cur:
         raise StateError(f"the config {config} changed since `up` of stack {stack!r}: run "
-                         "`netstack down` and `up` to apply it before starting disposables")
+                         "`netstack down` and `up` to apply it before changing the stack live")
+    if overlay is not None:
+        inputs = load_inputs(config, stack, cur.uplink, overlay=overlay)  # validates it
     return build(replace(inputs, topo=topology(inputs.topo, keep, add)), stack, cur.uplink,
                  previous=cur)
 
@@ -126,7 +130,7 @@ def add(stack: str, netvm: str | None, label: str, gui: bool = False,
             if gui:
                 settings["gui"] = True
             keep = [q for q in disposables(cur) if not orphaned(q)]
-            desired = _rebuild(stack, cur, st.data.config, keep,
+            desired = rebuild(stack, cur, st.data.config, keep,
                                [Qube(name, "app", netvm, label, settings)])
             try:
                 reconcile.change(cur, desired, st, k)
@@ -165,7 +169,7 @@ def remove(stack: str, names: list[str] | None, kernel: Kernel | None = None) ->
             if not gone:
                 return []
             keep = [q for q in disposables(cur) if q.name not in gone]
-            desired = _rebuild(stack, cur, st.data.config, keep, [])
+            desired = rebuild(stack, cur, st.data.config, keep, [])
             reconcile.change(cur, desired, st, k)
             if st.removed > 200:
                 st.compact()
@@ -200,8 +204,7 @@ def run(stack: str, netvm: str | None, label: str, gui: bool, user: str | None,
         proc = subprocess.Popen(exec_argv(stack, q.name, user, cmd))
         return proc.wait()
     except (KeyboardInterrupt, _Ended):
-        _stop(proc)
-        return 130
+        return 130  # the sandbox is ended below
     finally:
         _stop(proc)
         if q is not None:

@@ -7,7 +7,6 @@ replaced in one transaction (with what `up` filled in at run time)."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 from netstack.errors import UsageError
@@ -45,8 +44,7 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
     number of rules now in force and the seconds the apply took (lock to digests)."""
     from netstack import reconcile
-    from netstack.disposable import LOCK_WAIT, disposables, topology
-    from netstack.plan import build, load_inputs
+    from netstack.disposable import LOCK_WAIT, disposables, rebuild
     from netstack.stack import require, require_root
     from netstack.state import StackLock
 
@@ -77,9 +75,7 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
                 new[qube] = raw
             else:
                 raise UsageError(f"firewall: unknown action {action!r}")
-            inputs = load_inputs(st.data.config, stack, cur.uplink, overlay=new)  # validates
-            desired = build(replace(inputs, topo=topology(inputs.topo, disposables(cur))),
-                            stack, cur.uplink, previous=cur)
+            desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new)
             qubefw.save_overlay(stack, new)
             try:
                 reconcile.change(cur, desired, st, k)

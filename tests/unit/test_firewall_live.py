@@ -159,3 +159,23 @@ def test_a_reload_fills_the_sets_of_the_new_list():
     elems = [c["add"]["element"] for c in cmds if "element" in c.get("add", {})]
     assert {"name": "fw4_5", "elem": ["203.0.113.10"]}.items() <= {
         k: v for e in elems if e["name"] == "fw4_5" for k, v in e.items()}.items()
+
+
+def test_a_changed_config_is_refused_before_the_rules_change(tmp_path):
+    """The same guard as a disposable's: a firewall change never carries edits of the
+    config that `up` did not apply."""
+    import shutil
+
+    from tests.unit.test_reconcile import ROOT
+
+    cfg = tmp_path / "basic.toml"
+    shutil.copy(ROOT / "configs/basic.toml", cfg)
+    fk, st = up("configs/basic.toml")
+    st.data.config = str(cfg)
+    st.save()
+    cfg.write_text(cfg.read_text().replace('label = "blue"', 'label = "purple"'))
+    n, before = len(fk.events), plan_of()
+    with pytest.raises(state.StateError, match="changed since `up`"):
+        firewall_live.change("main", "work", "add", ["action=accept"], kernel=fk)
+    assert fk.events[n:] == [] and plan_of() == before
+    assert qubefw.load_overlay("main") == {}

@@ -169,7 +169,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
-        for line in role_for(q["kind"]).status_lines(q):
+        from netstack.rules.names import status_lines as name_lines
+
+        for line in role_for(q["kind"]).status_lines(q) + name_lines(q):
             print(f"      {line}")
     if s.get("lab"):
         lab = s["lab"]

@@ -216,9 +216,24 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
             if q.netvm is None:
                 raise ConfigError(f"qube {q.name!r} field 'firewall'", "the net qube has no "
                                   "netvm to enforce rules", "remove firewall from it")
-            if not ROLES[by_name[q.netvm].kind].enforces_client_rules:
-                raise ConfigError(f"qube {q.name!r} field 'firewall'",
-                                  f"its netvm {q.netvm!r} (kind {by_name[q.netvm].kind}) does "
-                                  "not enforce per-qube rules yet",
-                                  "attach the qube to a firewall qube (kind = \"firewall\")")
+            check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])
     return Topology(tuple(qubes), ipv6=ipv6, source=source)
+
+
+def check_client_rules(qube: str, raw: Any, netvm: Qube) -> None:
+    """The netvm's kind must be able to enforce every rule of the list as written."""
+    from netstack.roles import ROLES
+    from netstack.rules.qubefw import parse
+
+    role = ROLES[netvm.kind]
+    where = f"qube {qube!r} field 'firewall'"
+    if not role.enforces_client_rules:
+        raise ConfigError(where, f"its netvm {netvm.name!r} (kind {netvm.kind}) does not "
+                          "enforce per-qube rules", "attach the qube to a net, firewall, vpn "
+                          "or tor qube")
+    for i, r in enumerate(parse(qube, raw)):
+        why = role.refuse_client_rule(r)
+        if why:
+            raise ConfigError(f"{where} rule {i + 1}", f"cannot be enforced by {netvm.name!r} "
+                              f"(kind {netvm.kind}): {why}", "drop the rule or change the "
+                              "qube's netvm")

@@ -61,26 +61,39 @@ def _skip_name(msg: bytes, off: int) -> int:
 
 def parse_a_answers(msg: bytes, qid: int) -> tuple[int, list[str]]:
     """(rcode, IPv4 addresses) of a response to query `qid`."""
+    rcode, addrs, _ttl = parse_a_ttl(msg, qid)
+    return rcode, addrs
+
+
+def parse_a_ttl(msg: bytes, qid: int) -> tuple[int, list[str], int]:
+    """(rcode, IPv4 addresses, the least TTL of them) of a response to query `qid`."""
     rid, flags, qd, an = struct.unpack("!HHHH", msg[:8])
     if rid != qid or not flags & 0x8000:
         raise ValueError("not our answer")
     off = 12
     for _ in range(qd):
         off = _skip_name(msg, off) + 4
-    out = []
+    out, ttls = [], []
     for _ in range(an):
         off = _skip_name(msg, off)
-        rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
+        rtype, _cls, ttl, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
         off += 10
         if rtype == 1 and rdlen == 4:
             out.append(socket.inet_ntoa(msg[off:off + 4]))
+            ttls.append(ttl)
         off += rdlen
-    return flags & 0xF, out
+    return flags & 0xF, out, min(ttls, default=0)
 
 
 def resolve_in(ns: str, server: str, name: str, timeout: float = 3.0,
                tries: int = 3) -> list[str]:
     """Resolve `name` (A) by asking `server` from inside namespace `ns`."""
+    return lookup_in(ns, server, name, 53, timeout, tries)[0]
+
+
+def lookup_in(ns: str, server: str, name: str, port: int = 53, timeout: float = 3.0,
+              tries: int = 3) -> tuple[list[str], int]:
+    """(A addresses, their TTL) of `name`, asking `server`:`port` from inside `ns`."""
     with netns.entered(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -88,16 +101,16 @@ def resolve_in(ns: str, server: str, name: str, timeout: float = 3.0,
         for _ in range(tries):
             q = query(name)
             qid = struct.unpack("!H", q[:2])[0]
-            s.sendto(q, (server, 53))
+            s.sendto(q, (server, port))
             try:
                 while True:
                     msg, _ = s.recvfrom(4096)
                     try:
-                        rcode, addrs = parse_a_answers(msg, qid)
+                        rcode, addrs, ttl = parse_a_ttl(msg, qid)
                     except (ValueError, struct.error, IndexError):
                         continue
                     if rcode == 0 and addrs:
-                        return addrs
+                        return addrs, ttl
                     raise ApplyError(f"cannot resolve {name!r} via {server} (from {ns}): "
                                      f"rcode {rcode}, {len(addrs)} addresses")
             except TimeoutError:

@@ -64,7 +64,8 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
             if action == "reset":
                 new.pop(qube, None)
             elif action == "add":
-                rule = qubefw.rule_from_words(words or [])
+                rule = qubefw.absolute_expiry(qubefw.rule_from_words(words or []),
+                                              time.time())
                 at = len(raw) if number is None else _index(number, len(raw) + 1)
                 raw.insert(at, rule)
                 new[qube] = raw
@@ -86,17 +87,17 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
             took = time.perf_counter() - t0
             netvm = desired.qube(qube).netvm
             if netvm:  # names of the new list: through the chain's resolver
-                from netstack.roles.firewall import resolve_rule_names
+                from netstack.rules import names
 
-                resolve_rule_names(desired.qube(netvm), desired, k, st)
-            cut(desired, qube, k)
+                names.refresh(st.dir, desired, st.data.started, k, netvms=[netvm])
+            cut(desired, qube, k, st)
             return (len(after) if after is not None else 0), took
     finally:
         if kernel is None:
             k.close()
 
 
-def cut(plan: Plan, qube: str, k: Kernel) -> list[Any]:
+def cut(plan: Plan, qube: str, k: Kernel, st: Any) -> list[Any]:
     """Changed rules cut what they forbid: the qube's connections in its netvm's conntrack
     that the new list would not let out are removed, so their next packet meets the rules
     as a new one (and is dropped). Returns the flows removed."""
@@ -105,13 +106,17 @@ def cut(plan: Plan, qube: str, k: Kernel) -> list[Any]:
     q = plan.qube(qube)
     if q.netvm is None:
         return []
+    from netstack.rules import names
+
     rules = rules_of(plan, qube)
     netvm = plan.qube(q.netvm).netns
+    resolved, now = names.addresses(names.load(st.dir), q.netvm), time.time()
     gone = []
     for src in (a for a in (q.ipv4, q.ipv6) if a):
         for f in k.conntrack_list(netvm, src):
             if f.src == src and not qubefw.allows(rules, f.dst, f.proto, f.dport,
-                                                  f.icmp_type, VIRTUAL_DNS):
+                                                  f.icmp_type, VIRTUAL_DNS, resolved,
+                                                  st.data.started, now):
                 k.conntrack_delete(netvm, f)
                 gone.append(f)
     return gone

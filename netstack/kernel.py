@@ -103,6 +103,8 @@ class Kernel:
         raise NotImplementedError
 
     def resolve(self, ns: str, server: str, name: str) -> list[str]: raise NotImplementedError
+    def lookup(self, ns: str, server: str, port: int, name: str) -> tuple[list[str], int]:
+        raise NotImplementedError
     def conntrack_flush(self, ns: str) -> None: raise NotImplementedError
     def conntrack_list(self, ns: str, src: str) -> list[Flow]: raise NotImplementedError
     def conntrack_delete(self, ns: str, flow: Flow) -> None: raise NotImplementedError
@@ -510,6 +512,11 @@ class RealKernel(Kernel):
         from netstack.dnswire import resolve_in
 
         return resolve_in(ns, server, name)
+
+    def lookup(self, ns: str, server: str, port: int, name: str) -> tuple[list[str], int]:
+        from netstack.dnswire import lookup_in
+
+        return lookup_in(ns, server, name, port)
 
     def conntrack_flush(self, ns: str) -> None:
         subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-F"], capture_output=True)

@@ -322,6 +322,10 @@ def up(plan: Plan, st: State, k: Kernel, providers: dict[str, tuple[str, Any]] |
     for m in plan.moves:
         if not k.link_exists(None, m.dev):
             raise StateError(f"--uplink {m.dev}: no such interface in this namespace")
+    if not st.data.started:  # "+SECONDS" rule expiry counts from here
+        import time
+
+        st.data.started = time.time()
     st.set_plan(plan)
     rt = Runtime(k, st, plan, providers or {}, lab_maker)
     try:
@@ -365,10 +369,15 @@ def run_time(rt: Runtime) -> None:
         crash_point("lab-made")
     for q in plan.qubes:
         role_for(q.kind).prepare(q, rt)
-    if plan.services or plan.daemons:
-        processes.start_supervisor(plan, rt.state, k)
+    from netstack.rules import qubefw
+
+    if plan.services or plan.daemons or qubefw.plan_has_runtime_sets(plan):
+        processes.start_supervisor(plan, rt.state, k)  # also keeps rule names fresh
     for q in plan.qubes:
         role_for(q.kind).activate(q, rt)
+    from netstack.rules import names
+
+    names.refresh(rt.state.dir, plan, rt.state.data.started, k)
 
 
 def _make_lab(lab: Any, write: Callable[[str, str], None]) -> tuple[str, ...]:
@@ -380,14 +389,20 @@ def _make_lab(lab: Any, write: Callable[[str, str], None]) -> tuple[str, ...]:
 def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
     """A live change: the plan in force becomes `desired`. The new plan is written first
     (so `down` after a crash knows every object of both), then the steps."""
+    import time
+
     from netstack.roles import role_for
+    from netstack.rules import names
 
     qube_of = {q.netns: q for q in desired.qubes}
     steps = diff(current, desired)
     st.set_plan(desired)  # before the reload commands: they fill the desired plan's sets
-    steps = [replace(s, extra=tuple(role_for(qube_of[s.ns].kind).reload_commands(
-                 qube_of[s.ns], st)))
-             if isinstance(s, LoadRules) and not s.fresh and s.ns in qube_of else s
+    store, now = names.load(st.dir), time.time()
+    steps = [replace(s, extra=tuple(([] if s.fresh else role_for(qube_of[s.ns].kind)
+                                     .reload_commands(qube_of[s.ns], st))
+                                    + names.fill(desired, qube_of[s.ns].name, store,
+                                                 st.data.started, now)))
+             if isinstance(s, LoadRules) and s.ns in qube_of else s
              for s in steps]  # a reload keeps what `up` filled in
     apply(steps, k, st)
     record_digests(desired, st, k)

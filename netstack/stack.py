@@ -115,6 +115,9 @@ def status(stack: str) -> dict[str, Any]:
     out: dict[str, Any] = {"stack": stack, "status": st.data.status,
                            "config": st.data.config, "uplink": dump(p.uplink), "qubes": []}
     verdicts: dict[str, health.Verdict] = {}
+    from netstack.rules import names
+
+    names_store = names.load(st.dir)
     k = RealKernel()
     try:
         for q in p.qubes:
@@ -130,6 +133,9 @@ def status(stack: str) -> dict[str, Any]:
             role = role_for(q.kind)
             entry.update(role.status(q, LiveFacts(links, kids,
                                                   st.data.resolved.get(q.name, {}))))
+            if q.name in names_store:
+                entry["client_rules"] = {"names": {h: a.to_json() for h, a in
+                                                   names_store[q.name].items()}}
             problems = [f"daemon {d.name} not running" for d in p.daemons
                         if d.netns == q.netns and not (kids.get(d.name) or {}).get("alive")]
             live = health.ruleset_digest(k.nft_list(q.netns)) if running else None

@@ -192,8 +192,12 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        from netstack.rules.names import watch as watch_rule_names
+
         for s in self.spec.services:
             threading.Thread(target=run_service, args=(s,), daemon=True).start()
+        threading.Thread(target=watch_rule_names, args=(self.dir, self.stopping),
+                         daemon=True).start()
         for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
             if d.monitor:

@@ -201,6 +201,10 @@ class FakeKernel(Kernel):
         self._ev("resolve", ns, name)
         return list(self.answers.get(name, []))
 
+    def lookup(self, ns: str, server: str, port: int, name: str) -> tuple[list[str], int]:
+        self._ev("lookup", ns, server, port, name)
+        return list(self.answers.get(name, [])), 60
+
     def conntrack_flush(self, ns: str) -> None:
         self._ev("conntrack_flush", ns)
 

@@ -61,8 +61,40 @@ QTYPE_A, QTYPE_ANY = 1, 255
 RCODE_NOERROR, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_REFUSED = 0, 1, 3, 5
 
 
-def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...]) -> bytes:
-    """Authoritative answers for names in `zone`; NXDOMAIN in our domain; REFUSED outside."""
+ZONE_FILE = "lab-zone.json"  # next to the DNS log: names a test moves, with their TTL
+
+
+class Overrides:
+    """Names whose answer a test changes while the lab runs ({name: {"a": [addresses],
+    "ttl": seconds}} in lab-zone.json beside the log), re-read when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.mtime, self.table = path, None, {}
+
+    def get(self) -> dict[str, tuple[list[str], int]]:
+        import json
+        import os
+
+        try:
+            m = os.stat(self.path).st_mtime_ns
+        except FileNotFoundError:
+            self.mtime, self.table = None, {}
+            return self.table
+        if m != self.mtime:
+            try:
+                with open(self.path) as f:
+                    raw = json.load(f)
+                self.table = {n: (list(v["a"]), int(v.get("ttl", 60))) for n, v in raw.items()}
+                self.mtime = m
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return self.table
+
+
+def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...],
+           moved: dict[str, tuple[list[str], int]] | None = None) -> bytes:
+    """Authoritative answers for names in `zone` (or `moved`, with their TTL); NXDOMAIN in
+    our domain; REFUSED outside."""
     try:
         qid, flags, qname, qtype, end = parse_question(msg)
     except (ValueError, IndexError, UnicodeDecodeError):
@@ -71,23 +103,28 @@ def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...]) -
         return b""
     question = msg[12:end]
     rd = flags & 0x0100
-    addr = zone.get(qname)
-    if addr is not None:
+    addrs, ttl = (moved or {}).get(qname) or ([zone[qname]] if qname in zone else None, 60)
+    if addrs is not None:
         rcode = RCODE_NOERROR
     elif any(qname == s or qname.endswith("." + s) for s in domain_suffixes):
         rcode = RCODE_NXDOMAIN
     else:
         rcode = RCODE_REFUSED
-    answers = b""
-    if addr is not None and qtype in (QTYPE_A, QTYPE_ANY):
-        answers = (b"\xc0\x0c" + struct.pack("!HHIH", QTYPE_A, 1, 60, 4)
-                   + socket.inet_aton(addr))
-    hdr = struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, 1 if answers else 0, 0, 0)
+    answers, count = b"", 0
+    if addrs is not None and qtype in (QTYPE_A, QTYPE_ANY):
+        for addr in addrs:
+            answers += (b"\xc0\x0c" + struct.pack("!HHIH", QTYPE_A, 1, ttl, 4)
+                        + socket.inet_aton(addr))
+        count = len(addrs)
+    hdr = struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, count, 0, 0)
     return hdr + question + answers
 
 
 def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> None:
+    import os
+
     log = _Log(log_path)
+    moved = Overrides(os.path.join(os.path.dirname(log_path), ZONE_FILE))
     suffixes = tuple(sorted({n.split(".", 1)[1] for n in zone if "." in n}))
     udp = socket.socket(fileno=udp_fd)
     tcp = socket.socket(fileno=tcp_fd)
@@ -100,7 +137,7 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
             except (ValueError, IndexError, UnicodeDecodeError):
                 name = None
             log.write(client=peer[0], proto="udp", name=name)
-            reply = answer(msg, zone, suffixes)
+            reply = answer(msg, zone, suffixes, moved.get())
             if reply:
                 udp.sendto(reply, peer)
 
@@ -118,7 +155,7 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
                     except (ValueError, IndexError, UnicodeDecodeError):
                         name = None
                     log.write(client=peer[0], proto="tcp", name=name)
-                    reply = answer(msg, zone, suffixes)
+                    reply = answer(msg, zone, suffixes, moved.get())
                     c.sendall(struct.pack("!H", len(reply)) + reply)
             except OSError:
                 return

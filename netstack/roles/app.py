@@ -16,6 +16,7 @@ class AppRole(Role):
     kind = "app"
     config_keys = frozenset({"home", "gui"})
     provides_network = False
+    enforces_client_rules = False  # it has no clients
     sandboxed = True  # a workstation: whatever runs in it may be hostile
 
     def validate(self, q: Qube) -> None:

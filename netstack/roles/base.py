@@ -76,7 +76,7 @@ class Role:
     strict_replies = False
     protection: str | None = None  # "vpn" | "tor": how leaktest names a chain through it
     sandboxed = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
-    enforces_client_rules = False  # clients may have `firewall = [...]` (rules/qubefw.py)
+    enforces_client_rules = True  # clients may have `firewall = [...]` (rules/qubefw.py)
 
     # --- config and plan (pure) ---------------------------------------------------------
     def validate(self, q: Qube) -> None:
@@ -95,8 +95,22 @@ class Role:
         common.base(rs, ctx.ipv6, self.strict_replies, peers6)
         if self.provides_network:
             common.antispoof(rs, list(ctx.clients))
+        if self.enforces_client_rules:
+            common.client_firewalls(rs, list(ctx.clients), client_lists(ctx), ctx.ipv6)
         self.rules(ctx, info, rs)
         return rs
+
+    def client_resolver(self, q: QubeInfo) -> tuple[str, int]:
+        """(address, port) a client's lookups reach, asked from this qube's namespace: the
+        virtual DNS, which each kind carries onwards as it carries its clients' DNS."""
+        from netstack.addressing import VIRTUAL_DNS
+
+        return VIRTUAL_DNS[0], 53
+
+    def refuse_client_rule(self, rule: Any) -> str | None:
+        """Why this kind cannot enforce a client's rule as written (None: it can). A rule
+        that cannot be enforced is refused at load, never silently ignored."""
+        return None
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         raise NotImplementedError
@@ -161,3 +175,11 @@ class Role:
     def health(self, entry: dict[str, Any]) -> list[str]:
         """Problems of this kind seen in the status entry (e.g. a tunnel down, and why)."""
         return []
+
+
+def client_lists(ctx: QubeContext) -> dict[str, tuple]:
+    """The rule list of each client that has one (no key: the plain behaviour)."""
+    from netstack.rules import qubefw
+
+    return {c.name: qubefw.parse(c.name, raw) for c in ctx.clients
+            if (raw := ctx.topo[c.name].settings.get("firewall")) is not None}

@@ -65,6 +65,26 @@ class TorRole(Role):
                               'e.g. bridges = ["obfs4 192.0.2.7:443 FINGERPRINT cert=... '
                               'iat-mode=0"]')
 
+    def client_resolver(self, q: QubeInfo) -> tuple[str, int]:
+        return q.ipv4, DNS_PORT  # the gateway's own output reaches only tor (and lo)
+
+    def refuse_client_rule(self, rule: Any) -> str | None:
+        """Tor carries TCP and DNS only, never to local ranges: an accept the gateway cannot
+        honour is refused rather than left to mean something it does not."""
+        if rule.action != "accept":
+            return None
+        if rule.proto in ("udp", "icmp"):
+            return f"Tor carries only TCP (and DNS with specialtarget=dns), not {rule.proto}"
+        if rule.dsthost and not rule.host_is_name:
+            import ipaddress
+
+            net = ipaddress.ip_network(rule.dsthost, strict=False)
+            if net.version == 6:
+                return "the gateway carries IPv4 only"
+            if any(net.subnet_of(n) for n in _NOT_VIA):
+                return f"{rule.dsthost} is a local range Tor never carries"
+        return None
+
     def info(self, ctx: QubeContext) -> TorInfo:
         return TorInfo(ctx.qube.name, ctx.netns, ctx.addr.ipv4, ctx.state_dir,
                        lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])))

@@ -75,20 +75,33 @@ def antispoof(rs: Ruleset, clients: list[Client]) -> None:
                                  comment=f"antispoof {name} (IPv6 off)")
 
 
-def provide_network(rs: Ruleset, client_vifs: list[str], upstream_if: str,
-                    filtered: dict[str, tuple[str, str]] | None = None) -> None:
+def provide_network(rs: Ruleset, client_vifs: list[str], upstream_if: str) -> None:
     """Clients may reach only upstream, never each other; replies come back via conntrack.
     Masquerade at every hop as Qubes does, so each netvm needs routes to its own clients
-    only. filtered: vif -> (qube, chain) of clients with firewall rules (rules/qubefw.py):
-    their new traffic to upstream goes through their own chain, which ends in a drop."""
+    only."""
     if client_vifs:
         no_qubes(rs, client_vifs)
-        for vif, (qube, chain) in sorted((filtered or {}).items()):
-            rs["forward"].add(iifname(vif), oifname(upstream_if), jump(chain),
-                              comment=f"{qube}'s firewall rules")
         rs["forward"].add(iifname(*client_vifs), oifname(upstream_if), ACCEPT,
                           comment="clients -> upstream only")
     rs["nat_postrouting"].add(oifname(upstream_if), MASQUERADE, comment="masquerade upstream")
+
+
+def client_firewalls(rs: Ruleset, clients: list[Client], lists: dict[str, tuple],
+                     ipv6: bool) -> None:
+    """Qubes' per-qube rules (rules/qubefw.py), whatever the netvm's kind: each new
+    connection of a client with a list meets its own chain in prerouting, after
+    anti-spoofing and before any NAT, so the rules judge the destination the qube asked for
+    (behind a Tor gateway: before the redirect to TransPort/DNSPort). The chain ends in a
+    drop; an accept only ends prerouting, the netvm's own rules still follow."""
+    from netstack.addressing import VIRTUAL_DNS
+    from netstack.rules import qubefw
+
+    for c in clients:
+        if c.name not in lists:
+            continue
+        qubefw.add_client_rules(rs, c.qid, c.name, lists[c.name], VIRTUAL_DNS, ipv6)
+        rs["prerouting"].add(iifname(c.vif), ct_state("new"), jump(qubefw.chain_name(c.name)),
+                             comment=f"{c.name}'s firewall rules")
 
 
 def no_qubes(rs: Ruleset, client_vifs: list[str]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -45,8 +46,25 @@ class FwRule:
     dstports: tuple[int, int] | None = None
     icmptype: int | None = None
     specialtarget: str | None = None  # dns
-    expire: int | None = None  # seconds after the rules are loaded ("+SECONDS")
+    expire: int | None = None  # seconds after `up` ("+SECONDS"; `firewall add` makes it
+    expire_at: int | None = None  # an absolute Unix time, as qvm-firewall does)
     comment: str | None = None
+
+    @property
+    def expires(self) -> bool:
+        return self.expire is not None or self.expire_at is not None
+
+    def deadline(self, started: float) -> float | None:
+        """The Unix time the rule ends (None: never); "+N" counts from the stack's `up`."""
+        if self.expire_at is not None:
+            return float(self.expire_at)
+        return started + self.expire if self.expire is not None else None
+
+    @property
+    def runtime_set(self) -> bool:
+        """Its set is filled at run time (a name to resolve, a clock to read), so the
+        loaded ruleset holds it empty: the rule matches nothing until then (fail closed)."""
+        return self.host_is_name or self.expires
 
     @property
     def host_is_name(self) -> bool:
@@ -75,6 +93,8 @@ class FwRule:
             parts.append(f"specialtarget={self.specialtarget}")
         if self.expire is not None:
             parts.append(f"expire=+{self.expire}")
+        if self.expire_at is not None:
+            parts.append(f"expire={self.expire_at}")
         if self.comment:
             parts.append(f"comment={self.comment}")
         return " ".join(parts)
@@ -151,8 +171,8 @@ def _rule(where: str, r: Any) -> FwRule:
                                 or any(c in comment for c in '"\n\\')):
         raise ConfigError(f"{where} 'comment'", "must be one line of text (128 characters, "
                           "no quotes or backslashes)")
-    return FwRule(action, host, proto, ports, icmptype, special, _expire(where,
-                  r.get("expire")), comment)
+    rel, at = _expire(where, r.get("expire"))
+    return FwRule(action, host, proto, ports, icmptype, special, rel, at, comment)
 
 
 def _ports(where: str, v: Any) -> tuple[int, int] | None:
@@ -172,13 +192,21 @@ def _ports(where: str, v: Any) -> tuple[int, int] | None:
     return lo, hi
 
 
-def _expire(where: str, v: Any) -> int | None:
+EPOCH_MIN = 1_000_000_000  # 2001: a smaller number is a typo, not a Unix time
+
+
+def _expire(where: str, v: Any) -> tuple[int | None, int | None]:
+    """("+SECONDS" -> relative, or a Unix time -> absolute), as qvm-firewall's expire=."""
     if v is None:
-        return None
+        return None, None
     if isinstance(v, str) and re.fullmatch(r"\+\d{1,9}", v) and int(v[1:]) > 0:
-        return int(v[1:])
+        return int(v[1:]), None
+    if isinstance(v, str) and re.fullmatch(r"\d{10,11}", v):
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool) and EPOCH_MIN <= v < 10**11:
+        return None, v
     raise ConfigError(f"{where} 'expire'", f"{v!r} is not an expiry",
-                      'use expire = "+SECONDS" (from when the rules are loaded)')
+                      'use expire = "+SECONDS" (from `up`) or a Unix time like 1767225600')
 
 
 # --- the netvm's rules ----------------------------------------------------------------
@@ -192,33 +220,40 @@ def chain_name(qube: str) -> str:
 
 
 def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
-                     dns: tuple[str, ...]) -> None:
+                     dns: tuple[str, ...], ipv6: bool = False) -> None:
     """The client's chain in its netvm: its rules in order, then drop (Qubes: nothing
-    matched is dropped). common.provide_network jumps to it for the client's packets to
-    upstream, after the drop of every qube address."""
+    matched is dropped). common.client_firewalls jumps to it for the client's new
+    connections in prerouting. With IPv6 on, neighbour discovery with the netvm returns
+    first: it is the link itself, not a destination."""
     from netstack.rules import nft
+    from netstack.rules.common import ND_TYPES
 
     c = rs.chain(chain_name(qube))
+    if ipv6:
+        c.add(nft.match(nft.payload("icmpv6", "type"), {"set": ND_TYPES}), {"return": None},
+              comment="IPv6 neighbour discovery")
     for i, r in enumerate(rules):
         verdict = nft.ACCEPT if r.action == "accept" else nft.DROP
         note = f"{qube} rule {i + 1}: {r.describe()}"
         if r.specialtarget == "dns":
+            target = nft.ip_daddr({"set": list(dns)} if len(dns) > 1 else dns[0])
+            if r.expires:  # the clock fills the set (fill_commands)
+                name = set_name(qid, i + 1, False)
+                rs.add_set(nft.NamedSet(name, "ipv4_addr", [], ["interval", "timeout"]))
+                target = nft.in_set(nft.payload("ip", "daddr"), name)
             for proto in ("udp", "tcp"):
-                c.add(nft.ip_daddr({"set": list(dns)} if len(dns) > 1 else dns[0]),
-                      nft.match(nft.payload(proto, "dport"), 53), nft.COUNTER, verdict,
-                      comment=note)
+                c.add(target, nft.match(nft.payload(proto, "dport"), 53), nft.COUNTER,
+                      verdict, comment=note)
             continue
         fams = [r.family()] if r.family() else ["ipv4", "ipv6"]
         for fam in fams:
             six = fam == "ipv6"
             exprs: list[Any] = []
-            if r.dsthost is not None or r.expire is not None:
+            if r.dsthost is not None or r.expires:
                 name = set_name(qid, i + 1, six)
-                if r.host_is_name:
-                    elems: list[Any] = []  # filled in when the name resolves
-                else:
-                    elems = [_elem(r.dsthost or ("::/0" if six else "0.0.0.0/0"), r.expire)]
-                flags = ["interval"] + (["timeout"] if r.expire is not None else [])
+                # a name or a clock: filled at run time (fill_commands), empty until then
+                elems = [] if r.runtime_set else [_elem(_literal(r, six), None)]
+                flags = ["interval"] + (["timeout"] if r.expires else [])
                 rs.add_set(nft.NamedSet(name, "ipv6_addr" if six else "ipv4_addr", elems,
                                         flags))
                 exprs.append(nft.in_set(nft.payload("ip6" if six else "ip", "daddr"), name))
@@ -239,6 +274,10 @@ def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
     c.add(nft.COUNTER, nft.DROP, comment=f"{qube}: nothing matched")
 
 
+def _literal(r: FwRule, six: bool) -> str:
+    return r.dsthost or ("::/0" if six else "0.0.0.0/0")
+
+
 def _elem(host: str, expire: int | None) -> Any:
     net = ipaddress.ip_network(host, strict=False)
     val: Any = str(net.network_address) if net.num_addresses == 1 else \
@@ -246,67 +285,84 @@ def _elem(host: str, expire: int | None) -> Any:
     return {"elem": {"val": val, "timeout": expire}} if expire is not None else val
 
 
-# --- hostnames: resolved through the chain, held in the rules' sets ----------------------
+# --- run-time sets: hostnames resolved through the chain, expiry read off the clock --------
 
-def name_sets(plan: Any, netvm: str) -> list[tuple[str, str, int | None]]:
-    """(set, hostname, expire) of every hostname rule of the netvm's clients (IPv4 sets:
-    names are resolved to A records)."""
+def client_lists(plan: Any, netvm: str) -> list[tuple[Any, tuple[FwRule, ...]]]:
+    """(client, its rules) of every client of the netvm that has a list."""
     out = []
     for c in plan.qube(netvm).clients:
         raw = plan.qube(c.name).settings.get("firewall")
-        for i, r in enumerate(parse(c.name, raw) if raw is not None else ()):
-            if r.host_is_name:
-                out.append((set_name(c.qid, i + 1, False), r.dsthost, r.expire))
+        if raw is not None:
+            out.append((c, parse(c.name, raw)))
     return out
 
 
-def resolve_names(plan: Any, netvm: str, resolve: Any) -> dict[str, list[str]]:
-    """Each hostname of the netvm's clients' rules, asked through the chain's own resolver
-    (`resolve(name)`: from sys-net at its upstream DNS, never the host's); a name that does
-    not resolve gets no address, so its rule matches nothing (fail closed)."""
-    from netstack.errors import NetstackError
-
-    out: dict[str, list[str]] = {}
-    for _set, host, _exp in name_sets(plan, netvm):
-        if host in out:
-            continue
-        try:
-            out[host] = sorted(a for a in resolve(host) if _is_net(a) and
-                               ipaddress.ip_address(a).version == 4)
-        except (NetstackError, OSError):
-            out[host] = []
-    return out
+def plan_has_runtime_sets(plan: Any) -> bool:
+    return any(r.host_is_name for q in plan.qubes if q.clients
+               for _c, rules in client_lists(plan, q.name) for r in rules)
 
 
-def name_set_commands(plan: Any, netvm: str, resolved: dict[str, list[str]]
-                      ) -> list[dict[str, Any]]:
-    """Fill every hostname set with its name's addresses (flush + add, one transaction)."""
+def hostnames(plan: Any, netvm: str) -> list[str]:
+    """The hostnames the netvm's clients' rules name (to resolve, each once)."""
+    return sorted({r.dsthost for _c, rules in client_lists(plan, netvm) for r in rules
+                   if r.host_is_name and r.dsthost})
+
+
+def fill_commands(plan: Any, netvm: str, names: dict[str, list[str]], started: float,
+                  now: float) -> list[dict[str, Any]]:
+    """Flush and fill every run-time set of the netvm's clients' rules, in one transaction:
+    a name's addresses (IPv4: names are resolved to A records; unresolved: empty), and an
+    expiring rule's elements with the time it has left (none once it ended). The kernel
+    ends each element on time, netstack running or not."""
     from netstack.rules.nft import set_commands
 
     cmds: list[dict[str, Any]] = []
-    for name, host, expire in name_sets(plan, netvm):
-        cmds += set_commands(name, [_elem(a, expire) for a in resolved.get(host, [])])
+    for c, rules in client_lists(plan, netvm):
+        for i, r in enumerate(rules):
+            if not r.runtime_set:
+                continue
+            end = r.deadline(started)
+            left = None if end is None else math.ceil(end - now)  # never early
+            for six in ([r.family() == "ipv6"] if r.family() else
+                        [False] if r.specialtarget else [False, True]):
+                if r.specialtarget:
+                    from netstack.addressing import VIRTUAL_DNS
+
+                    hosts = list(VIRTUAL_DNS)
+                elif r.host_is_name:
+                    hosts = [] if six else names.get(r.dsthost or "", [])
+                else:
+                    hosts = [_literal(r, six)]
+                elems = [] if left is not None and left < 1 else \
+                    [_elem(h, left) for h in hosts]
+                cmds += set_commands(set_name(c.qid, i + 1, six), elems)
     return cmds
 
 
 # --- what a list allows (to cut the connections a change forbids) ----------------------
 
 def allows(rules: tuple[FwRule, ...] | None, dst: str, proto: str, dport: int | None,
-           icmp_type: int | None, dns: tuple[str, ...]) -> bool:
+           icmp_type: int | None, dns: tuple[str, ...], names: dict[str, list[str]] | None
+           = None, started: float = 0.0, now: float | None = None) -> bool:
     """Would the list let a new connection to (dst, proto, dport) out? First match wins,
-    nothing matched is dropped, no list allows everything. A hostname rule matches
-    nothing here (its addresses are not known to this pure function: fail closed)."""
+    nothing matched is dropped, no list allows everything. A hostname rule matches the
+    addresses its name resolved to (`names`; none known: nothing); an expired rule
+    (at `now`) matches nothing."""
     if rules is None:
         return True
     addr = ipaddress.ip_address(dst)
     for r in rules:
+        end = r.deadline(started)
+        if end is not None and now is not None and end - now < 1:
+            continue
         if r.specialtarget == "dns":
             if dst in dns and proto in ("udp", "tcp") and dport == 53:
                 return r.action == "accept"
             continue
         if r.host_is_name:
-            continue
-        if r.dsthost is not None:
+            if dst not in (names or {}).get(r.dsthost or "", []):
+                continue
+        elif r.dsthost is not None:
             net = ipaddress.ip_network(r.dsthost, strict=False)
             if net.version != addr.version or addr not in net:
                 continue
@@ -372,3 +428,12 @@ def rule_from_words(words: list[str]) -> dict[str, Any]:
                               "e.g. action=accept dsthost=192.0.2.7 proto=tcp dstports=443")
         out[k] = int(v) if k in ("icmptype", "dstports") and v.isdigit() else v
     return out
+
+
+def absolute_expiry(rule: dict[str, Any], now: float) -> dict[str, Any]:
+    """`firewall add ... expire=+N` keeps the Unix time it ends (as qvm-firewall does), so a
+    later reload or `up` never restarts its clock."""
+    v = rule.get("expire")
+    if isinstance(v, str) and re.fullmatch(r"\+\d{1,9}", v):
+        return {**rule, "expire": str(int(now) + int(v[1:]))}
+    return rule

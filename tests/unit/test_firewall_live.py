@@ -85,12 +85,20 @@ def test_bad_changes_are_one_line_and_change_nothing(action, words, number, err,
     assert fk.events[n:] == [] and plan_of() == before
 
 
-def test_a_qube_behind_a_vpn_is_refused():
+def test_a_rule_tor_cannot_carry_is_refused_and_changes_nothing():
     fk, _ = up("configs/tor-over-vpn.toml")
-    with pytest.raises(ConfigError, match="does not enforce per-qube rules yet"):
-        firewall_live.change("main", "anon-whonix", "add", ["action=accept"], kernel=fk)
+    before = len(fk.events)
+    with pytest.raises(ConfigError, match="cannot be enforced by 'sys-whonix'"):
+        firewall_live.change("main", "anon-whonix", "add", ["action=accept", "proto=udp"],
+                             kernel=fk)
     assert qubefw.load_overlay("main") == {}
-    assert State.load("main") is not None
+    assert not [e for e in fk.events[before:] if e[0] == "nft"]
+    n, _ = firewall_live.change("main", "anon-whonix", "add",
+                                ["action=accept", "proto=tcp", "dstports=443"], kernel=fk)
+    assert n == 1
+    ns = "nst-main-sys-whonix"
+    loaded = [e for e in fk.events[before:] if e[0] == "nft" and e[1] == ns]
+    assert loaded and "fw-anon-whonix" in str(loaded[0])
 
 
 def test_allows_is_first_match_and_drops_the_rest():

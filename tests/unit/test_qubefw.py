@@ -38,11 +38,23 @@ def test_each_field_is_checked_with_one_line(rule, words):
     assert "qube 'work' field 'firewall'" in msg and words in msg and "\n" not in msg
 
 
-def test_only_a_firewall_qube_enforces_rules_for_now():
-    text = (ROOT / "configs/tor-over-vpn.toml").read_text().replace(
-        'kind = "app"', 'kind = "app"\nfirewall = [{action = "accept"}]', 1)
-    with pytest.raises(ConfigError, match="does not enforce per-qube rules yet"):
-        parse(text)
+def test_every_netvm_kind_enforces_and_tor_refuses_what_it_cannot_carry():
+    base = (ROOT / "configs/tor-over-vpn.toml").read_text()
+
+    def with_rules(rules: str):
+        return parse(base.replace('kind = "app"', f'kind = "app"\nfirewall = [{rules}]', 1))
+
+    topo = with_rules('{action = "accept", proto = "tcp", dstports = 443}, '
+                      '{action = "drop", proto = "udp"}, {action = "accept", '
+                      'specialtarget = "dns"}')
+    assert topo["anon-whonix"].netvm == "sys-whonix"
+    for rule, why in (('{action = "accept", proto = "udp"}', "Tor carries only TCP"),
+                      ('{action = "accept", proto = "icmp"}', "Tor carries only TCP"),
+                      ('{action = "accept", dsthost = "192.168.1.0/24"}', "local range"),
+                      ('{action = "accept", dsthost = "2001:db8::1"}', "IPv4 only")):
+        with pytest.raises(ConfigError, match=f"rule 1.*cannot be enforced by 'sys-whonix'.*"
+                           f"{why}"):
+            with_rules(rule)
 
 
 def test_rules_are_typed_and_normalised():
@@ -60,24 +72,29 @@ def test_rules_are_typed_and_normalised():
                                    "expire=+60 comment=no")
 
 
-def test_the_netvm_chain_ends_in_a_drop_and_comes_after_the_qube_address_drop():
+def test_the_netvm_chain_ends_in_a_drop_and_is_met_before_any_nat():
     from netstack.model import UplinkSpec
     from netstack.plan import build
 
     text = (ROOT / "tests/configs/firewall-rules.toml").read_text()
     p = build(parse(text), "main", UplinkSpec("lab"))
     rs = p.ns("nst-main-sys-firewall").ruleset["nftables"]
+    pre = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "prerouting"]
+    comments = [r.get("comment") for r in pre]
+    # after anti-spoofing, before any NAT (prerouting filter runs at -150): the destination
+    # the qube asked for, only for new connections
+    assert comments.index("antispoof work") < comments.index("work's firewall rules")
+    jump = pre[comments.index("work's firewall rules")]["expr"]
+    assert {"jump": {"target": "fw-work"}} in jump and any(
+        "ct" in str(e) and "new" in str(e) for e in jump)
     fwd = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "forward"]
-    comments = [r.get("comment") for r in fwd]
-    assert comments.index("no qube addresses") < comments.index("work's firewall rules") \
-        < comments.index("clients -> upstream only")
     chain = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "fw-work"]
     assert chain[-1]["expr"] == [{"counter": None}, {"drop": None}]
     sets = {i["set"]["name"]: i["set"] for i in rs if "set" in i}
     assert "elem" not in sets["fw4_4"]  # a hostname: empty until resolved at `up`
     assert sets["fw4_5"]["flags"] == ["interval", "timeout"]
-    assert sets["fw4_5"]["elem"] == [{"elem": {"val": "203.0.113.10", "timeout": 6}}]
-    personal = [r for r in fwd if "personal" in (r.get("comment") or "")]
+    assert "elem" not in sets["fw4_5"]  # expiring: filled with the time left at run time
+    personal = [r for r in pre + fwd if "personal's firewall" in (r.get("comment") or "")]
     assert personal == []  # no list: the plain behaviour
 
 

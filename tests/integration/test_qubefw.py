@@ -147,3 +147,90 @@ def test_a_change_cuts_the_connections_it_forbids(own_stack):
                 p.kill()
                 p.wait()
         cli("--stack", s, "down", "--purge", check=False)
+
+
+def test_hostnames_follow_their_ttl_and_unresolved_ones_are_retried(own_stack):
+    """The supervisor asks a rule's name again when its TTL runs out: the lab DNS moves
+    moving.lab.test from the web server to the VPN host (TTL 2 s) and the rule follows;
+    nosuch.lab.test starts to resolve and its set fills within the retry interval."""
+    import json
+    from pathlib import Path
+
+    from netstack.lab.services import ZONE_FILE
+    from netstack.rules.names import RETRY
+
+    s = own_stack("fn")
+    cli("--stack", s, "up", CFG, "--lab")
+    zone = Path(f"/run/netstack/{s}") / ZONE_FILE
+    fw = f"nst-{s}-sys-firewall"
+
+    def move(**names):
+        zone.write_text(json.dumps({n.replace("_", ".") + ".lab.test": {"a": [a], "ttl": 2}
+                                    for n, a in names.items()}))
+
+    def set_of(n):
+        return in_ns(fw, "nft", "list", "set", "inet", "netstack", f"fw4_{n}").stdout
+    try:
+        move(moving="198.51.100.80")
+        cli("--stack", s, "firewall", "work", "add", "action=accept",
+            "dsthost=moving.lab.test", "proto=tcp", "dstports=8080", "--before", "1")
+        assert curl(s, "work", "http://198.51.100.80:8080/") == "refused"  # rule 1 now
+        assert curl(s, "work", "http://203.0.113.10:8080/") == "dropped"
+        t0 = time.monotonic()
+        move(moving="203.0.113.10", nosuch="192.0.2.77")
+        wait_for(lambda: "203.0.113.10" in set_of(1), 15, 0.1, "moving.lab.test re-asked")
+        assert time.monotonic() - t0 < 2 + 5 + 1  # TTL + the watcher's idle bound + margin
+        assert curl(s, "work", "http://203.0.113.10:8080/") == "refused"
+        assert curl(s, "work", "http://198.51.100.80:8080/") == "dropped"  # rule 3 again
+        wait_for(lambda: "192.0.2.77" in set_of(8), RETRY + 5, 0.1, "nosuch.lab.test retried")
+        status = cli("--stack", s, "status").stdout
+        assert "rule hostname nosuch.lab.test -> 192.0.2.77 (TTL 2 s" in status
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)
+
+
+def test_rules_behind_a_vpn_qube_are_enforced_there(own_stack):
+    """work sits behind sys-proxyvm: its list lives in the VPN qube, before the DNS DNAT,
+    so specialtarget=dns means the virtual DNS it asks, and a dropped host is dropped
+    before the tunnel."""
+    s = own_stack("fv")
+    cli("--stack", s, "up", str(ROOT / "configs" / "vpn.toml"), "--lab")
+    try:
+        assert curl(s, "work", "http://198.51.100.80:8080/") == "refused"  # via the VPN
+        cli("--stack", s, "firewall", "work", "add", "action=accept", "specialtarget=dns")
+        cli("--stack", s, "firewall", "work", "add", "action=accept",
+            "dsthost=198.51.100.0/24", "proto=tcp", "dstports=80")
+        assert curl(s, "work", "http://web.lab.test/") == "ok"
+        assert curl(s, "work", "http://198.51.100.80:8080/") == "dropped"
+        vpn = f"nst-{s}-sys-proxyvm"
+        chain = in_ns(vpn, "nft", "list", "chain", "inet", "netstack", "fw-work").stdout
+        assert "nothing matched" in chain
+        assert cli("--stack", s, "audit", check=False).returncode == 0
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)
+
+
+def test_rules_behind_the_tor_gateway_judge_the_asked_destination(tor_lab):
+    """Behind sys-whonix the list meets the SYN before its redirect to TransPort: a host the
+    rules drop is a timeout (the SYN never reaches Tor), not Tor's answer; the other
+    workstation (no list) is untouched; a rule Tor cannot carry is refused."""
+    from tests.integration.labs import WEB
+
+    s = tor_lab.stack
+    try:
+        cli("--stack", s, "firewall", "anon-whonix", "add", "action=accept",
+            "dsthost=198.51.100.80", "proto=tcp", "dstports=80")
+        assert tor_lab.get("anon-whonix", WEB) in tor_lab.exits
+        p = in_ns(tor_lab.ns["anon-whonix"], "curl", "-sS", "-m", "3", "http://203.0.113.10/",
+                  check=False)
+        assert p.returncode == 28, p.stderr  # dropped: no answer at all
+        p = in_ns(tor_lab.ns["anon-whonix2"], "curl", "-sS", "-m", "3",
+                  "http://203.0.113.10/", check=False)
+        assert p.returncode != 28, p.stderr  # Tor took it (and its exit found no server)
+        bad = cli("--stack", s, "firewall", "anon-whonix", "add", "action=accept",
+                  "proto=udp", check=False)
+        assert bad.returncode == 2 and "Tor carries only TCP" in bad.stderr
+        assert bad.stderr.count("\n") == 1
+    finally:
+        cli("--stack", s, "firewall", "anon-whonix", "reset")
+    assert tor_lab.get("anon-whonix", WEB) in tor_lab.exits

@@ -11,7 +11,6 @@ from netstack import disposable, firewall_live, sandbox, state
 from netstack.errors import ConfigError, UsageError
 from netstack.plan import build, load_inputs
 from netstack.rules import qubefw
-from netstack.state import State
 from tests.unit.test_disposable import plan_of, up
 from tests.unit.test_reconcile import LAB
 

@@ -61,7 +61,11 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
         net = live_net(plan, k)
     finally:
         k.close()
-    res, secs = audit(plan, live, st.data.resolved, net)
+    from netstack.rules import names
+
+    store = names.load(st.dir)
+    res, secs = audit(plan, live, st.data.resolved, net,
+                      {n: names.addresses(store, n) for n in store}, st.data.started)
     out: dict[str, Any] = {"stack": stack, "seconds": round(secs, 3),
                            "results": [r.to_json() for r in res]}
     if drift:
@@ -136,14 +140,18 @@ def _with_live_sets(gen: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]
 
 def audit(plan: Plan, rulesets: dict[str, dict[str, Any]],
           resolved: dict[str, dict[str, list[str]]] | None,
-          net: dict[str, dict[str, Any]] | None = None) -> tuple[list[Result], float]:
+          net: dict[str, dict[str, Any]] | None = None,
+          rule_names: dict[str, dict[str, list[str]]] | None = None,
+          started: float | None = None) -> tuple[list[Result], float]:
     """net: live links/addresses/routes per namespace (None: the plan's, for generated
-    rulesets)."""
+    rulesets). rule_names, started: the run-time data of per-qube rules of a live stack
+    (None: generated rulesets, whose run-time sets are still empty)."""
     from netstack.audit.e2e import end_to_end
 
     t0 = time.perf_counter()
     eps = all_transport(plan.infos(VpnInfo), resolved)
-    ctx = AuditContext(plan, rulesets, resolved or {}, eps)
+    ctx = AuditContext(plan, rulesets, resolved or {}, eps, rule_names or {},
+                       started or 0.0, None if started is None else time.time())
     res = all_results(views(plan, rulesets, net), ctx)
     res += end_to_end(plan, rulesets, eps, net)
     return res, time.perf_counter() - t0

@@ -156,6 +156,11 @@ class AuditContext:
     rulesets: dict[str, dict[str, Any]]
     resolved: dict[str, dict[str, list[str]]]
     endpoints: set[tuple[str, str, int]]
+    # per-qube rules' run-time data (rules/names.py): netvm -> hostname -> addresses, the
+    # stack's `up` time ("+N" expiry) and now (None: generated rulesets, nothing filled yet)
+    rule_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    started: float = 0.0
+    now: float | None = None
 
 
 @dataclass
@@ -289,11 +294,11 @@ def _after_prerouting(ev: Evaluator, q: QubeView, hook: str, start: Box, leaf: A
     def pre(e: Evaluator, verdict: str, trace: list[Step], nat: list, taint: list[str]) -> None:
         if verdict != "accept":
             return
-        _apply_nat(e, q, list(nat), lambda: _then(e, q, hook, later_oif, trace, taint, leaf))
+        apply_nat(e, q, list(nat), lambda: _then(e, q, hook, later_oif, trace, taint, leaf))
     ev.explore("prerouting", pre_start, pre)
 
 
-def _apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -> None:
+def apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -> None:
     if not nat:
         then()
         return
@@ -302,7 +307,7 @@ def _apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -
     fam = "ipv6" if not e.box["family"].test("ipv4") else "ipv4"
     d = f"daddr{6 if fam == 'ipv6' else 4}"
     if kind not in ("redirect", "dnat"):
-        _apply_nat(e, q, rest, then)
+        apply_nat(e, q, rest, then)
         return
     addr = (q.qube.ipv6 if fam == "ipv6" else q.address) if kind == "redirect" \
         else (arg or {}).get("addr")
@@ -318,8 +323,8 @@ def _apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -
         vals = old.exact if old is not None and old.exact is not None else e.dom["ct_status"]
         with_dnat = eq_pred(frozenset(v) | {"dnat"} for v in vals if v is not None)
         e.rewrite("ct_status", with_dnat, (lambda: e.rewrite(
-            "dport", one_of("dport", port), lambda: _apply_nat(e, q, rest, then)))
-            if port else lambda: _apply_nat(e, q, rest, then))
+            "dport", one_of("dport", port), lambda: apply_nat(e, q, rest, then)))
+            if port else lambda: apply_nat(e, q, rest, then))
     e.rewrite(d, to, status)
 
 

@@ -158,6 +158,10 @@ class Role:
             r = p.no_client_to_client(view)
             if r:
                 res.append(r)
+        if self.enforces_client_rules:
+            from netstack.audit import clientrules
+
+            res += clientrules.for_netvm(view, ctx)
         return res
 
     def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:

@@ -269,6 +269,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             for s in d["semantic"]:
                 print(f"           verdict changed at {s['hook']}: generated {s['generated']}, "
                       f"live {s['live']}, e.g. {s['example']}")
+    for f in r.get("firewall_drift", []):
+        print(f"{'DRIFT' if f['drift'] else 'RULES':<8} {f['qube']:<14} {f['why']}")
     n_bad = sum(1 for x in r["results"] if x["status"] != "PASS")
     print(f"{'PASS' if r['ok'] else 'FAIL'}: {len(r['results'])} properties, {n_bad} not "
           f"proven, audited in {r['seconds']} s")

@@ -83,6 +83,7 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
             sem = semantic_diff(live[ns], want_rs, ifaces) if text else []
             d.append({"qube": q.name, "text": text, "semantic": sem})
         out["drift"] = d
+        out["firewall_drift"] = firewall_drift(stack, plan, st.data.config)
     if replay:
         from netstack.audit.replay import replay as do_replay
 
@@ -96,7 +97,54 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
                     rp["confirmed"] = rp.get("kernel_verdict") == predicted
                     r["replay"] = rp
     bad = [r for r in out["results"] if r["status"] != "PASS"]
-    out["ok"] = not bad and not any(x["text"] for x in out.get("drift", []))
+    out["ok"] = not bad and not any(x["text"] for x in out.get("drift", [])) and \
+        not any(x["drift"] for x in out.get("firewall_drift", []))
+    return out
+
+
+def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str, Any]]:
+    """Per-qube rule lists: where each list in force comes from, and where the kept
+    overlay (firewall.json) or the config no longer says what is enforced. drift: the
+    enforced list is not what `netstack firewall` kept (the file was edited or lost), or
+    not what the config says for a qube `netstack firewall` never changed."""
+    from netstack import config as cfg
+    from netstack.errors import NetstackError
+    from netstack.rules import qubefw
+
+    try:
+        kept = qubefw.load_overlay(stack)
+    except NetstackError as e:
+        return [{"qube": "-", "drift": True, "source": "overlay", "why": str(e)}]
+    try:
+        plain = cfg.load(config, {}) if config else None
+    except (NetstackError, OSError) as e:
+        plain = None
+        problem = f"the config no longer loads: {e}"
+    else:
+        problem = None
+    out = []
+    for q in plan.qubes:
+        if q.settings.get("disposable"):
+            continue
+        now = q.settings.get("firewall")
+        configured = next((c.settings.get("firewall") for c in plain.qubes
+                           if c.name == q.name), None) if plain is not None else None
+        n = "no list" if now is None else f"{len(now)} rules"
+        if q.name in kept:
+            bad = kept[q.name] != now
+            why = (f"firewall.json keeps {len(kept[q.name])} rules but {n} are enforced: "
+                   "`netstack firewall " + q.name + " reset` (or add them again)") if bad \
+                else (f"{n} from `netstack firewall` (the config has "
+                      f"{'none' if configured is None else len(configured)}; "
+                      f"`netstack firewall {q.name} reset` returns to it)")
+            out.append({"qube": q.name, "drift": bad, "source": "netstack firewall",
+                        "why": why})
+        elif now is not None or configured is not None:
+            bad = plain is not None and now != configured
+            says = "no list" if configured is None else f"{len(configured)} rules"
+            why = problem or (f"the config now says {says}, {n} enforced: `netstack down` "
+                              "and `up` to apply it" if bad else f"{n} from the config")
+            out.append({"qube": q.name, "drift": bad, "source": "config", "why": why})
     return out
 
 

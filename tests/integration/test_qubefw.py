@@ -244,3 +244,32 @@ def test_rules_behind_the_tor_gateway_judge_the_asked_destination(tor_lab):
     finally:
         cli("--stack", s, "firewall", "anon-whonix", "reset")
     assert tor_lab.get("anon-whonix", WEB) in tor_lab.exits
+
+
+def test_audit_drift_covers_the_overlay(own_stack):
+    """--drift says where each list in force comes from, and fails when the kept overlay
+    (firewall.json) no longer says what is enforced."""
+    import json
+
+    from netstack.rules.qubefw import load_overlay, overlay_path, save_overlay
+
+    s = own_stack("fd")
+    cli("--stack", s, "up", CFG, "--lab")
+    try:
+        out = json.loads(cli("--stack", s, "audit", "--drift", "--json").stdout)
+        assert {f["qube"]: f["source"] for f in out["firewall_drift"]} == {"work": "config"}
+        cli("--stack", s, "firewall", "work", "add", "action=drop", "dsthost=192.0.2.9")
+        out = json.loads(cli("--stack", s, "audit", "--drift", "--json").stdout)
+        (f,) = out["firewall_drift"]
+        assert f["source"] == "netstack firewall" and not f["drift"] and out["ok"]
+        kept = load_overlay(s)
+        kept["work"] = kept["work"][:-1]  # edited behind netstack's back
+        save_overlay(s, kept)
+        p = cli("--stack", s, "audit", "--drift", check=False)
+        assert p.returncode == 1
+        assert "DRIFT    work           firewall.json keeps 7 rules but 8 rules are " \
+            "enforced" in p.stdout
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)
+        import os
+        assert not os.path.exists(overlay_path(s))

@@ -216,6 +216,8 @@ def cmd_tor(args: argparse.Namespace) -> int:
 def cmd_leaktest(args: argparse.Namespace) -> int:
     from netstack.leaktest import battery
 
+    if args.rules:
+        return _leaktest_rules(args)
     r = battery.run(args.stack, args.qube, args.scenario, pcaps_dir=args.pcaps)
     if args.json:
         print(json.dumps(r.to_json(), indent=2))
@@ -240,6 +242,36 @@ def cmd_leaktest(args: argparse.Namespace) -> int:
               f" {len(r.links)} links captured, {r.leaks} leaks"
               + (f" ({', '.join(bad)})" if bad else "") + f", {r.seconds} s; pcaps in {r.pcaps}")
     return 1 if r.leaks else 6 if r.errors else 0
+
+
+def _leaktest_rules(args: argparse.Namespace) -> int:
+    """--rules: cases from each qube's own rule list, probed from inside the qube."""
+    from netstack.leaktest import rulecases
+    from netstack.stack import require_root
+
+    require_root("leaktest")
+    reps = rulecases.run(args.stack, args.qube, expiry=not args.no_expiry)
+    if args.json:
+        print(json.dumps([r.to_json() for r in reps], indent=2))
+        return 0 if all(r.ok for r in reps) else 1
+    for r in reps:
+        print(f"rules of {r.qube}, enforced in {r.netvm}:")
+        for c in r.cases:
+            want = "reach" if c.expect else "blocked"
+            print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<34} expect {want:<8} {c.got}"
+                  f"   ({c.why})")
+        e = r.expiry
+        if e.get("skipped"):
+            print(f"  --   expiry: {e['skipped']}")
+        elif e:
+            print(f"  {'ok  ' if e['ok'] else 'FAIL'} expire=+{e['expire_s']} on {e['target']}:"
+                  f" open at once {e['open_at_once']}, closed after {e['closed_after_s']} s")
+    bad = sum(1 for r in reps for c in r.cases if not c.ok) + \
+        sum(1 for r in reps if r.expiry and not r.expiry.get("ok", True))
+    n = sum(len(r.cases) for r in reps)
+    print(f"{'PASS' if not bad else 'FAIL'}: {n} rule cases over {len(reps)} qubes, "
+          f"{bad} wrong")
+    return 0 if not bad else 1
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -486,6 +518,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaktest", help="hostile-workstation packet battery with captures",
                        epilog="examples:\n  sudo netstack leaktest\n"
                        "  sudo netstack leaktest --scenario vpn-killed --json\n"
+                       "  sudo netstack leaktest --rules --qube work\n"
                        "exit 0: every probe left and none leaked; 1: a leak; 6: ERROR, some\n"
                        "probe could not be sent or never showed on the workstation's link\n"
                        "(the run proves nothing)",
@@ -493,6 +526,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qube", help="the workstation to probe from (default: one behind Tor)")
     p.add_argument("--scenario", default="steady", choices=SCENARIOS)
     p.add_argument("--pcaps", metavar="DIR", help="where pcaps go (default ./pcaps)")
+    p.add_argument("--rules", action="store_true",
+                   help="cases from each qube's own rule list (netstack firewall): accepted "
+                   "targets reachable, dropped and unlisted ones not, an expire=+3 rule open "
+                   "then closed")
+    p.add_argument("--no-expiry", action="store_true",
+                   help="with --rules: skip the expire=+3 case (it changes the list briefly)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_leaktest)
     p = sub.add_parser("audit", help="prove the chain's properties from the live rulesets",

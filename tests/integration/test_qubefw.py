@@ -273,3 +273,37 @@ def test_audit_drift_covers_the_overlay(own_stack):
         cli("--stack", s, "down", "--purge", check=False)
         import os
         assert not os.path.exists(overlay_path(s))
+
+
+def test_leaktest_rules_probes_each_rule_and_catches_a_chain_bypassed(own_stack):
+    """leaktest --rules: each rule's target reachable exactly when the list accepts it,
+    unlisted ones not, expire=+3 open then closed by the kernel. Anti-test: with the jump
+    to work's chain deleted from the live ruleset, unlisted targets get through and the
+    run fails naming them."""
+    import json
+
+    s = own_stack("fr")
+    cli("--stack", s, "up", CFG, "--lab")
+    try:
+        (rep,) = json.loads(cli("--stack", s, "leaktest", "--rules", "--json").stdout)
+        assert rep["ok"] and rep["qube"] == "work"
+        by = {c["name"]: c for c in rep["cases"]}
+        assert by["rule 3-tcp-198.51.100.80"]["reached"] is True
+        assert by["rule 2-tcp-198.51.100.80"]["reached"] is False
+        assert any(n.startswith("unlisted-") for n in by)
+        e = rep["expiry"]
+        assert e["open_at_once"] and 2 <= e["closed_after_s"] <= 6, e
+        listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
+        assert listed["source"] == "config" and len(listed["rules"]) == 7  # put back
+        fw = f"nst-{s}-sys-firewall"
+        rules = json.loads(in_ns(fw, "nft", "-j", "-a", "list", "chain", "inet", "netstack",
+                                 "prerouting").stdout)["nftables"]
+        (jump,) = [r["rule"]["handle"] for r in rules if "rule" in r
+                   and r["rule"].get("comment") == "work's firewall rules"]
+        in_ns(fw, "nft", "delete", "rule", "inet", "netstack", "prerouting", "handle",
+              str(jump))
+        p = cli("--stack", s, "leaktest", "--rules", "--no-expiry", check=False)
+        assert p.returncode == 1, p.stdout
+        assert "FAIL unlisted-tcp-" in p.stdout and "FAIL rule 2-tcp-198.51.100.80" in p.stdout
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)

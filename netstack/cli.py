@@ -274,6 +274,20 @@ def _leaktest_rules(args: argparse.Namespace) -> int:
     return 0 if not bad else 1
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    from netstack.attach import attach
+
+    r = attach(args.stack, args.qube, args.netvm)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif not r["changed"]:
+        print(f"{args.qube}: already behind {r['netvm'] or 'nothing'}")
+    else:
+        print(f"{args.qube}: netvm {r['from'] or 'none'} -> {r['netvm'] or 'none'} (applied in "
+              f"{r['applied_s'] * 1000:.0f} ms; {r['cut']} connections cut)")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from netstack import audit
 
@@ -463,7 +477,7 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall"}
+                 "firewall", "attach"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -565,6 +579,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--user", "-u", help="the account both sandboxes run as")
     p.set_defaults(func=cmd_copy)
+    p = sub.add_parser("attach", help="move a running qube to another netvm (Qubes' "
+                       "qvm-prefs QUBE netvm)",
+                       epilog="examples:\n  sudo netstack attach work sys-whonix\n"
+                       "  sudo netstack attach work none      # cut it off\n"
+                       "The new netvm's rules for the qube are in place before its link is "
+                       "made;\nits old connections are cut. Holds until `down` (write "
+                       "netvm = ... in the\nconfig to keep it).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("qube")
+    p.add_argument("netvm", help="a qube of the stack that provides network, or none")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_attach)
     p = sub.add_parser("firewall", help="a qube's firewall rules (Qubes' qvm-firewall)",
                        epilog="examples:\n  sudo netstack firewall work list\n"
                        "  sudo netstack firewall work add action=accept dsthost=192.0.2.7 "

@@ -59,7 +59,10 @@ class Topology:
 
     @property
     def root(self) -> Qube:
-        return next(q for q in self.qubes if q.netvm is None)
+        """The net qube (a qube cut off with `netstack attach Q none` has no netvm too)."""
+        from netstack.roles import ROLES
+
+        return next(q for q in self.qubes if q.netvm is None and ROLES[q.kind].owns_uplink)
 
     def children(self, name: str) -> list[Qube]:
         """Qubes whose netvm is `name`, sorted by name so derived data is deterministic."""
@@ -72,7 +75,9 @@ class Topology:
             q = queue.pop(0)
             order.append(q)
             queue.extend(self.children(q.name))
-        return order
+        cut_off = sorted((q for q in self.qubes if q.netvm is None and q is not self.root),
+                         key=lambda q: q.name)
+        return order + cut_off
 
 
 def read_text(path: str | Path, where: str, fix: str) -> str:
@@ -94,15 +99,18 @@ def read_text(path: str | Path, where: str, fix: str) -> str:
                           "save the file as UTF-8") from None
 
 
-def load(path: str | Path, firewall: dict[str, list[Any]] | None = None) -> Topology:
+def load(path: str | Path, firewall: dict[str, list[Any]] | None = None,
+         live: bool = False) -> Topology:
     """Read and validate a TOML config file. `firewall`: rule lists that replace the
-    config's (`netstack firewall`'s overlay), validated as if they were written there."""
+    config's (`netstack firewall`'s overlay), validated as if they were written there.
+    live: for a live change, which moves qubes first and then checks each list against the
+    netvm it will really have (validate_live)."""
     text = read_text(path, str(path), "give the path of a TOML config")
-    return parse(text, source=str(path), firewall=firewall)
+    return parse(text, source=str(path), firewall=firewall, live=live)
 
 
 def parse(text: str, source: str = "<memory>",
-          firewall: dict[str, list[Any]] | None = None) -> Topology:
+          firewall: dict[str, list[Any]] | None = None, live: bool = False) -> Topology:
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
@@ -121,7 +129,7 @@ def parse(text: str, source: str = "<memory>",
                               "`netstack firewall` for a qube the config no longer has",
                               f"run `netstack firewall {name} reset`")
         qubes[name]["firewall"] = rules
-    return validate(data, source=source)
+    return validate(data, source=source, live=live)
 
 
 def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
@@ -131,7 +139,7 @@ def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
                               f"allowed keys: {', '.join(sorted(allowed))}")
 
 
-def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
+def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False) -> Topology:
     """Turn parsed TOML into a Topology, or raise ConfigError naming qube and field."""
     from netstack.roles import ROLES
 
@@ -216,7 +224,8 @@ def validate(data: dict[str, Any], source: str = "<memory>") -> Topology:
             if q.netvm is None:
                 raise ConfigError(f"qube {q.name!r} field 'firewall'", "the net qube has no "
                                   "netvm to enforce rules", "remove firewall from it")
-            check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])
+            if not live:
+                check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])
     return Topology(tuple(qubes), ipv6=ipv6, source=source)
 
 
@@ -237,3 +246,29 @@ def check_client_rules(qube: str, raw: Any, netvm: Qube) -> None:
             raise ConfigError(f"{where} rule {i + 1}", f"cannot be enforced by {netvm.name!r} "
                               f"(kind {netvm.kind}): {why}", "drop the rule or change the "
                               "qube's netvm")
+
+
+def validate_live(topo: Topology) -> None:
+    """A topology changed live (`netstack attach`): every netvm exists and provides
+    network, no chain loops, and every rule list can be enforced by its new netvm."""
+    from netstack.roles import ROLES
+
+    by_name = {q.name: q for q in topo.qubes}
+    for q in topo.qubes:
+        if q.netvm is None:
+            continue
+        where = f"qube {q.name!r} netvm"
+        if q.netvm not in by_name or q.netvm == q.name or \
+                not ROLES[by_name[q.netvm].kind].provides_network:
+            raise ConfigError(where, f"{q.netvm!r} is not a qube that provides network",
+                              "use one of " + ", ".join(sorted(
+                                  n for n, x in by_name.items()
+                                  if ROLES[x.kind].provides_network and n != q.name)))
+        seen, cur = [q.name], q
+        while cur.netvm is not None:
+            cur = by_name[cur.netvm]
+            if cur.name in seen:
+                raise ConfigError(where, "would make a loop", "pick a netvm nearer sys-net")
+            seen.append(cur.name)
+        if "firewall" in q.settings:
+            check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])

@@ -62,11 +62,14 @@ def as_qube(q: QubeInfo) -> Qube:
     return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings))
 
 
-def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[Qube] = ()
-             ) -> Topology:
-    """The config's qubes plus the disposables to keep and to add (pure)."""
-    return Topology(base.qubes + tuple(as_qube(q) for q in keep) + tuple(add), base.ipv6,
-                    base.source)
+def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[Qube] = (),
+             netvms: dict[str, str | None] | None = None) -> Topology:
+    """The config's qubes (each moved to the netvm `netvms` gives it, `netstack attach`)
+    plus the disposables to keep and to add (pure)."""
+    moved = netvms or {}
+    qubes = base.qubes + tuple(as_qube(q) for q in keep) + tuple(add)
+    return Topology(tuple(replace(q, netvm=moved[q.name]) if q.name in moved else q
+                          for q in qubes), base.ipv6, base.source)
 
 
 def check_request(plan: Plan, netvm: str, label: str) -> None:
@@ -85,23 +88,28 @@ def check_request(plan: Plan, netvm: str, label: str) -> None:
 
 def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
             add: list[Qube] | tuple[Qube, ...] = (),
-            overlay: dict[str, list[Any]] | None = None) -> Plan:
+            overlay: dict[str, list[Any]] | None = None,
+            netvms: dict[str, str | None] | None = None,
+            moved: dict[str, str | None] | None = None) -> Plan:
     """The plan of a live change: the config (with `netstack firewall`'s overlay, or
     `overlay` in its place) plus exactly the disposables `keep` and `add`. The plan in force
     must be what the config and overlay still give (else the change would carry edits of
     the config that `up` never applied)."""
     from netstack.plan import build, load_inputs
 
-    inputs = load_inputs(config, stack, cur.uplink)
-    now = build(replace(inputs, topo=topology(inputs.topo, disposables(cur))), stack,
-                cur.uplink, previous=cur)
+    inputs = load_inputs(config, stack, cur.uplink, live=True)
+    now = build(replace(inputs, topo=topology(inputs.topo, disposables(cur), (), netvms)),
+                stack, cur.uplink, previous=cur)
     if now != cur:
         raise StateError(f"the config {config} changed since `up` of stack {stack!r}: run "
                          "`netstack down` and `up` to apply it before changing the stack live")
     if overlay is not None:
-        inputs = load_inputs(config, stack, cur.uplink, overlay=overlay)  # validates it
-    return build(replace(inputs, topo=topology(inputs.topo, keep, add)), stack, cur.uplink,
-                 previous=cur)
+        inputs = load_inputs(config, stack, cur.uplink, overlay=overlay, live=True)
+    topo = topology(inputs.topo, keep, add, {**(netvms or {}), **(moved or {})})
+    from netstack.config import validate_live
+
+    validate_live(topo)  # each list against the netvm it will really have
+    return build(replace(inputs, topo=topo), stack, cur.uplink, previous=cur)
 
 
 def add(stack: str, netvm: str | None, label: str, gui: bool = False,
@@ -131,7 +139,8 @@ def add(stack: str, netvm: str | None, label: str, gui: bool = False,
                 settings["gui"] = True
             keep = [q for q in disposables(cur) if not orphaned(q)]
             desired = rebuild(stack, cur, st.data.config, keep,
-                               [Qube(name, "app", netvm, label, settings)])
+                               [Qube(name, "app", netvm, label, settings)],
+                               netvms=st.data.netvms)
             try:
                 reconcile.change(cur, desired, st, k)
             except BaseException:
@@ -169,7 +178,7 @@ def remove(stack: str, names: list[str] | None, kernel: Kernel | None = None) ->
             if not gone:
                 return []
             keep = [q for q in disposables(cur) if q.name not in gone]
-            desired = rebuild(stack, cur, st.data.config, keep, [])
+            desired = rebuild(stack, cur, st.data.config, keep, [], netvms=st.data.netvms)
             reconcile.change(cur, desired, st, k)
             if st.removed > 200:
                 st.compact()

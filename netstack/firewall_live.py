@@ -76,7 +76,8 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
                 new[qube] = raw
             else:
                 raise UsageError(f"firewall: unknown action {action!r}")
-            desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new)
+            desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new,
+                              netvms=st.data.netvms)
             qubefw.save_overlay(stack, new)
             try:
                 reconcile.change(cur, desired, st, k)

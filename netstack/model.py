@@ -254,7 +254,9 @@ class Plan:
 
     @property
     def net(self) -> QubeInfo:
-        return next(q for q in self.qubes if q.netvm is None)
+        from netstack.roles import role_for
+
+        return next(q for q in self.qubes if q.netvm is None and role_for(q.kind).owns_uplink)
 
     def chain(self, name: str) -> list[QubeInfo]:
         """The qube, then its netvms up to the net qube."""

@@ -57,7 +57,7 @@ class Inputs:
 
 
 def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
-                overlay: dict[str, list[Any]] | None = None) -> Inputs:
+                overlay: dict[str, list[Any]] | None = None, live: bool = False) -> Inputs:
     """Read and validate the config and the provider files it names (no host change), with
     the rule lists `netstack firewall` changed (the stack's overlay, or `overlay`)."""
     from netstack.lab.vpnserver import TEMPLATES
@@ -66,7 +66,7 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
     from netstack.vpn import runtime
 
     path = str(config_path or DEFAULT_CONFIG)
-    topo = config.load(path, load_overlay(stack) if overlay is None else overlay)
+    topo = config.load(path, load_overlay(stack) if overlay is None else overlay, live)
     config_dir = os.path.dirname(os.path.abspath(path))
     lab_files = labplan.lab_files(stack_dir(stack)) if uplink.mode == "lab" else None
     providers: dict[str, tuple[str, Any]] = {}

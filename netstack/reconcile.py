@@ -158,8 +158,12 @@ def diff(current: Plan | None, desired: Plan) -> list[Step]:
             hn = desired.host_nat
             steps.append(HostNatUp(hn.table, host_nat_ruleset(hn.table, hn.veth, hn.dev,
                                                                hn.subnet)))
+    # a link made anew (a qube moved to another netvm) carries its addresses and routes
+    # again, even those equal to the old link's
+    new_ends = {e for v in new_veths for e in ((v.ns_a, v.if_a), (v.ns_b, v.if_b))}
     cur_addrs = set(current.addrs) if current else set()
-    steps += [AddAddr(a) for a in desired.addrs if a not in cur_addrs]
+    steps += [AddAddr(a) for a in desired.addrs if a not in cur_addrs
+              or (a.ns, a.ifname) in new_ends]
     # links up only now: every ruleset is already in place
     ups: list[LinkUp] = [LinkUp(n.name, "lo") for n in new_ns]
     for v in new_veths:
@@ -168,7 +172,8 @@ def diff(current: Plan | None, desired: Plan) -> list[Step]:
         ups += [LinkUp(m.ns, m.new_name) for m in desired.moves]
     steps += ups
     cur_routes = set(current.routes) if current else set()
-    steps += [AddRoute(r) for r in desired.routes if r not in cur_routes]
+    steps += [AddRoute(r) for r in desired.routes if r not in cur_routes
+              or (r.ns, r.dev) in new_ends]
     return steps
 
 

@@ -32,6 +32,7 @@ class FakeKernel(Kernel):
         self.fail = fail or (lambda e: False)
         self.namespaces: set[str] = set()
         self.ifaces: dict[tuple[str | None, str], bool] = {(None, "lo"): True}  # -> up
+        self.peers: dict[tuple[str | None, str], tuple[str | None, str]] = {}
         self.tables: dict[str | None, list[dict[str, Any]]] = {}  # ns -> transactions
         self.files: dict[str, str] = {}
         self.dirs: set[str] = set()
@@ -60,7 +61,10 @@ class FakeKernel(Kernel):
         if name not in self.namespaces:
             return False
         self.namespaces.discard(name)
-        self.ifaces = {k: v for k, v in self.ifaces.items() if k[0] != name}
+        gone = {k for k in self.ifaces if k[0] == name}
+        gone |= {self.peers[k] for k in gone if k in self.peers}  # veth peers go too
+        self.ifaces = {k: v for k, v in self.ifaces.items() if k not in gone}
+        self.peers = {k: v for k, v in self.peers.items() if k not in gone}
         self.tables.pop(name, None)
         self.routes = {r for r in self.routes if r.ns != name}
         self.addresses = {a for a in self.addresses if a[0] != name}
@@ -99,6 +103,8 @@ class FakeKernel(Kernel):
         assert (ns_a, if_a) not in self.ifaces and (ns_b, if_b) not in self.ifaces
         self.ifaces[(ns_a, if_a)] = False
         self.ifaces[(ns_b, if_b)] = False
+        self.peers[(ns_a, if_a)] = (ns_b, if_b)
+        self.peers[(ns_b, if_b)] = (ns_a, if_a)
 
     def link_move(self, dev: str, ns: str, new_name: str) -> None:
         self._ev("link_move", dev, ns, new_name)
@@ -116,6 +122,10 @@ class FakeKernel(Kernel):
 
     def link_del(self, ns: str | None, ifname: str) -> bool:
         self._ev("link_del", ns, ifname)
+        peer = self.peers.pop((ns, ifname), None)
+        if peer is not None:  # as the kernel does: a veth goes with its peer
+            self.peers.pop(peer, None)
+            self.ifaces.pop(peer, None)
         return self.ifaces.pop((ns, ifname), None) is not None
 
     def link_up(self, ns: str | None, ifname: str) -> None:

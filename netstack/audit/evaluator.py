@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +232,42 @@ class Rule:
         return False
 
 
+def _index_rules(rules: list[Rule]) -> tuple[str | None, dict[Any, list[int]], list[int]]:
+    """(field, value -> rules pinned to it, rules not pinned) for a long chain: of the
+    fields at least half its rules pin to a few exact values in every box, the one with
+    the most distinct values. Rules with a construct not
+    understood are never pinned (they must be met, to taint what they may touch)."""
+    best, best_n = None, 1
+    for f in space.FIELDS:  # most distinct values among fields most rules pin
+        pins = [v for r in rules if (v := _pinned(r, f)) is not None]
+        n = len(frozenset().union(*pins)) if 2 * len(pins) >= len(rules) else 0
+        if n > best_n:
+            best, best_n = f, n
+    by_val: dict[Any, list[int]] = {}
+    wild: list[int] = []
+    for i, r in enumerate(rules):
+        vals = _pinned(r, best) if best else None
+        if vals is None:
+            wild.append(i)
+            continue
+        for v in vals:
+            by_val.setdefault(v, []).append(i)
+    return best, by_val, wild
+
+
+def _pinned(r: Rule, f: str) -> frozenset | None:
+    """The values of field f rule r can match, if every box pins them (a few exact ones)."""
+    if r.unknown or not r.boxes:
+        return None
+    out: set = set()
+    for b in r.boxes:
+        p = b.get(f)
+        if p is None or p.exact is None or len(p.exact) > space.SMALL:
+            return None
+        out |= p.exact
+    return frozenset(out)
+
+
 class Ruleset:
     """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
@@ -268,6 +304,7 @@ class Ruleset:
         self.compiled: dict[tuple[str, str, str], list[Rule]] = {
             k: [self._compile(k, r) for r in rs] for k, rs in self.rules.items()}
         self._compiled_pre: dict[tuple[str, str, str], list[Rule]] = {}
+        self._index: dict[tuple[tuple[str, str, str], bool], Any] = {}
 
     def rules_for(self, key: tuple[str, str, str], pre: bool) -> list[Rule]:
         """A chain's compiled rules; `pre`: as seen before connection tracking, where no
@@ -283,6 +320,30 @@ class Ruleset:
             finally:
                 self._pre = False
         return got
+
+    INDEX_FROM = 48  # chains this long are walked through an index (below: every rule)
+
+    def candidates(self, key: tuple[str, str, str], pre: bool, box: Box,
+                   start: int) -> Iterable[int]:
+        """The indices (from `start`, in order) of the chain's rules that may meet the
+        region `box`. A long chain (a thousand per-qube rules) is indexed on the field most
+        of its rules pin to a few exact values: a rule whose every box pins it to values
+        the region does not have cannot match, and is not looked at (linear, not
+        quadratic, when a region is explored against a long chain)."""
+        rules = self.rules_for(key, pre)
+        if len(rules) - start < self.INDEX_FROM:
+            return range(start, len(rules))
+        idx = self._index.get((key, pre))
+        if idx is None:
+            idx = self._index[(key, pre)] = _index_rules(rules)
+        f, by_val, wild = idx
+        p = box.get(f) if f else None
+        if p is None or p.exact is None or len(p.exact) > space.SMALL:
+            return range(start, len(rules))
+        cand = set(wild)
+        for v in p.exact:
+            cand.update(by_val.get(v, ()))
+        return sorted(i for i in cand if i >= start)
 
     def before_conntrack(self, c: dict[str, Any], family: str) -> bool:
         """A base chain that runs before connection tracking looks a packet up (priority
@@ -861,7 +922,7 @@ class Evaluator:
         rules = self.rs.rules_for(key, self.pre_ct)
         pushed = 0
         try:
-            for i in range(start, len(rules)):
+            for i in self.rs.candidates(key, self.pre_ct, self.box, start):
                 r = rules[i]
                 if not r.unknown and all(s[0] == "nop" for s in r.stmts):
                     continue  # counter, log: no effect on any verdict
@@ -869,14 +930,17 @@ class Evaluator:
                 terminal = r.terminal
                 for b in r.boxes or []:
                     u = self.narrow(b)
-                    if u is not None:
-                        try:
-                            # a plain verdict is a leaf: whoever uses it asks for a witness;
-                            # anything that explores further must not start from nothing
-                            if terminal or self.point() is not None:
-                                self._stmts(r, 0, key, i, trace, nat, tn, k, depth)
-                        finally:
-                            self.restore(u)
+                    if u is None:
+                        # disjoint from the region: "not b" is implied by the box (and a
+                        # rewrite of the disjoint field would set the exclusion aside)
+                        continue
+                    try:
+                        # a plain verdict is a leaf: whoever uses it asks for a witness;
+                        # anything that explores further must not start from nothing
+                        if terminal or self.point() is not None:
+                            self._stmts(r, 0, key, i, trace, nat, tn, k, depth)
+                    finally:
+                        self.restore(u)
                     if not r.unknown:
                         self.excl.push(b)
                         pushed += 1

@@ -27,7 +27,7 @@ def chain(seed: int, n: int = 120) -> dict:
         return {"match": {"op": op, "left": left, "right": right}}
     daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
     dport = {"payload": {"protocol": "tcp", "field": "dport"}}
-    for i in range(n):
+    for _i in range(n):
         exprs = []
         kind = rnd.random()
         if kind < 0.6:  # pinned on daddr (one or a few addresses)
@@ -40,7 +40,7 @@ def chain(seed: int, n: int = 120) -> dict:
             exprs.append(m(dport, rnd.choice([80, 443, {"range": [1000, 2000]}])))
         verdict = rnd.choice([{"accept": None}, {"drop": None}, {"jump": {"target": "sub"}}])
         rule("forward", exprs + [verdict])
-    for i in range(60):
+    for _i in range(60):
         rule("sub", [m(daddr, f"203.0.113.{rnd.randrange(1, 20)}"),
                      rnd.choice([{"accept": None}, {"drop": None}, {"return": None}])])
     return {"nftables": items}

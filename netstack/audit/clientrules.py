@@ -125,6 +125,10 @@ def without_nat(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str
     return {"nftables": items}, nats
 
 
+def _compiled(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple[Ruleset, dict[str, Any]]:
+    return Ruleset(pair[0]), pair[1]
+
+
 def reaches_exactly(q: Any, client: Any, rules: tuple[Any, ...], names: dict[str, list[str]],
                     started: float, now: float | None) -> Any:
     """The property for one client of netvm view `q` (see the module's docstring)."""
@@ -139,8 +143,7 @@ def reaches_exactly(q: Any, client: Any, rules: tuple[Any, ...], names: dict[str
     model = Ruleset(model_doc(rules, names, VIRTUAL_DNS, started, now))
     ev = q.evaluator()
     live = ev.rs
-    nonat_doc, nats = without_nat(q.ruleset)
-    nonat = Ruleset(nonat_doc)
+    nonat, nats = q.cached("without NAT", lambda: _compiled(without_nat(q.ruleset)))
     ev.add(model.domains)
     ev.prefer = q.prefer("prerouting")
     found: list[tuple[str, Any, list[str]]] = []
@@ -205,6 +208,9 @@ def reaches_exactly(q: Any, client: Any, rules: tuple[Any, ...], names: dict[str
                    [str(x) for x in trace])
             return
         in_list = [x for x in trace if x.chain == chain]
+        by_list = bool(in_list) and in_list[-1].action in ("drop", "reject")
+        if verdict != "accept" and not by_list:
+            return  # dropped by the netvm's kind: neither way of betraying the list
         listed = [str(x) for x in trace if not (x.comment or "").startswith("nat#")]
         nat = [nats[x.comment] for x in trace if x.comment in nats]
         listed += [f"{x.chain} (NAT) -> {next(iter(nats[x.comment]))}" for x in trace
@@ -216,8 +222,7 @@ def reaches_exactly(q: Any, client: Any, rules: tuple[Any, ...], names: dict[str
                 return
             rule = mtrace[-1].comment if mtrace else "?"
             if mverdict == "accept":
-                if verdict != "accept" and in_list and in_list[-1].action in ("drop",
-                                                                             "reject"):
+                if verdict != "accept" and by_list:
                     report(e2.point(), f"its rules accept it ({rule}), {chain} in {q.name} "
                            "drops it", listed)
             elif verdict == "accept":

@@ -78,6 +78,8 @@ class QubeView:
     # local (input) or not (forward), and a redirect may go to any of them
     local_any: bool = False
     _ev: Evaluator | None = field(default=None, repr=False)
+    _lean: Ruleset | None = field(default=None, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -117,6 +119,23 @@ class QubeView:
             if hook == "input":
                 out["daddr6"] = [int(ipaddress.ip_address(self.qube.ipv6))]
         return out
+
+    def cached(self, what: str, make: Callable[[], Any]) -> Any:
+        """Something derived from this view's ruleset, made once (every client's property
+        in a netvm shares it)."""
+        if what not in self._cache:
+            self._cache[what] = make()
+        return self._cache[what]
+
+    def lean(self) -> Ruleset:
+        """The ruleset as the hooks after prerouting see it, over-approximated: a jump from
+        a prerouting base chain into a chain of plain verdicts (a qube's rule list), with
+        nothing but plain verdicts after it, becomes `accept`, so the list's thousand
+        classes are one. A superset of the packets reach input and forward, unchanged, so
+        a property about what passes there stays sound (it may only get stricter)."""
+        if self._lean is None:
+            self._lean = Ruleset(collapse_lists(self.ruleset))
+        return self._lean
 
     def evaluator(self) -> Evaluator:
         """One evaluator per view: the ruleset compiled once, its domains holding every
@@ -284,6 +303,44 @@ def local_destinations(q: QubeView, family: str) -> Box:
     return box(daddr6=Pred(lambda a, o=own6: a in o or a >> 120 == 0xFF))
 
 
+def collapse_lists(doc: dict[str, Any]) -> dict[str, Any]:
+    """See QubeView.lean."""
+    items = doc.get("nftables", [])
+    rules = [i["rule"] for i in items if "rule" in i]
+    by_chain: dict[tuple, list] = {}
+    for r in rules:
+        by_chain.setdefault((r["family"], r["table"], r["chain"]), []).append(r)
+    base = {(c["family"], c["table"], c["name"]) for i in items if "chain" in i
+            for c in [i["chain"]] if c.get("hook") == "prerouting" and c.get("type") != "nat"}
+
+    def plain(r: dict[str, Any], verdicts: tuple[str, ...]) -> bool:
+        stmts = [x for x in r.get("expr", []) if "match" not in x and "counter" not in x]
+        return len(stmts) == 1 and next(iter(stmts[0])) in verdicts
+    def list_jump(r: dict[str, Any], key: tuple) -> bool:
+        x = r.get("expr", [])
+        target = next((s["jump"]["target"] for s in x if "jump" in s), None)
+        sub_rules = by_chain.get((key[0], key[1], target), []) if target else []
+        return bool(sub_rules) and all(plain(s, ("accept", "drop", "return"))
+                                       for s in sub_rules)
+    swap: set[int] = set()
+    for key in base:  # from the end: after a swapped jump only verdicts (or more of them)
+        for r in reversed(by_chain.get(key, [])):
+            if list_jump(r, key):
+                swap.add(id(r))
+            elif not plain(r, ("accept", "drop")):
+                break
+    if not swap:
+        return doc
+    out = []
+    for i in items:
+        r = i.get("rule")
+        if r is not None and id(r) in swap:
+            i = {"rule": {**r, "expr": [({"accept": None} if "jump" in x else x)
+                                        for x in r["expr"]]}}
+        out.append(i)
+    return {"nftables": out}
+
+
 def _after_prerouting(ev: Evaluator, q: QubeView, hook: str, start: Box, leaf: Any) -> None:
     """Only what prerouting lets through, with its NAT applied, meets input or forward: a
     class it drops (INVALID, spoofed) never gets there, a redirect goes to input."""
@@ -295,7 +352,7 @@ def _after_prerouting(ev: Evaluator, q: QubeView, hook: str, start: Box, leaf: A
         if verdict != "accept":
             return
         apply_nat(e, q, list(nat), lambda: _then(e, q, hook, later_oif, trace, taint, leaf))
-    ev.explore("prerouting", pre_start, pre)
+    ev.explore("prerouting", pre_start, pre, rs=q.lean())
 
 
 def apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -> None:

@@ -161,3 +161,35 @@ def test_behind_tor_a_missing_list_is_reported_as_the_packet_the_client_sent():
     ce = r.counterexample
     assert ce["l4proto"] == "tcp" and not ce["daddr"].startswith(("10.", "198.51.100.")), ce
     assert any("TCP SYN -> TransPort" in t or "redirect" in t for t in r.trace), r.trace
+
+
+def test_the_lean_view_collapses_only_lists_followed_by_plain_verdicts():
+    from netstack.audit.properties import collapse_lists
+
+    p = plan_of(FW)
+    rs = rulesets(p)["nst-main-sys-firewall"]
+    lean = collapse_lists(rs)
+    jumps = [i["rule"] for i in lean["nftables"] if "rule" in i and i["rule"].get(
+        "comment") == "work's firewall rules"]
+    assert jumps and {"accept": None} in jumps[0]["expr"]
+    marked = copy.deepcopy(rs)
+    marked["nftables"].append({"rule": {"family": "inet", "table": "netstack",
+                                        "chain": "prerouting", "expr": [
+                                            {"mangle": {"key": {"meta": {"key": "mark"}},
+                                                        "value": 1}}]}})
+    assert collapse_lists(marked) == marked  # a later rule changes packets: no collapse
+
+
+def test_with_lists_in_place_a_forward_policy_accept_still_fails_default_drop():
+    p = plan_of(FW)
+    rs = rulesets(p)
+    for i in rs["nst-main-sys-firewall"]["nftables"]:
+        if "rule" in i and i["rule"]["chain"] == "forward" and \
+                i["rule"].get("comment") == "clients -> upstream only":
+            i["rule"]["expr"] = i["rule"]["expr"][:-1] + [{"counter": None}]
+    for i in rs["nst-main-sys-firewall"]["nftables"]:
+        if "chain" in i and i["chain"]["name"] == "forward":
+            i["chain"]["policy"] = "accept"
+    res, _ = audit(p, rs, None)
+    (r,) = [r for r in res if r.property == "default drop" and r.qube == "sys-firewall"]
+    assert r.status == "FAIL", r

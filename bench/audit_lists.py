@@ -2,7 +2,7 @@
 the generated rulesets (no root, no stack): seconds per run, and per qube view. The same
 chain as bench/firewall.py (lists on work, personal and sys-firewall).
 
-    .venv/bin/python bench/audit_lists.py [--rules 1000] [--runs 5] [--out bench/results/audit_lists.json]
+    .venv/bin/python bench/audit_lists.py [--rules 1000] [--runs 5] [--out FILE.json]
 """
 
 from __future__ import annotations

@@ -98,8 +98,12 @@ TOR_LAB_HOSTS = [("auth1", "203.0.113.21"), ("auth2", "203.0.113.22"),
                  ("exit1", "203.0.113.41"), ("exit2", "203.0.113.42")]
 
 
-def lab_hosts(tor: bool = False) -> list[LabHost]:
-    """The built-in lab's hosts; with `tor`, also a private Tor network's nodes."""
+SINK = "198.51.100.99"
+
+
+def lab_hosts(tor: bool = False, sink: bool = False) -> list[LabHost]:
+    """The built-in lab's hosts; with `tor`, also a private Tor network's nodes; with
+    `sink`, the offline internet's catch-all host."""
     hosts = [
         LabHost("web", "198.51.100.80", f"web.{LAB_DOMAIN}"),
         LabHost("dns", "198.51.100.53", f"dns.{LAB_DOMAIN}"),
@@ -107,6 +111,8 @@ def lab_hosts(tor: bool = False) -> list[LabHost]:
     ]
     if tor:
         hosts += [LabHost(n, a, f"{n}.tor.{LAB_DOMAIN}") for n, a in TOR_LAB_HOSTS]
+    if sink:
+        hosts.append(LabHost("sink", SINK, f"sink.{LAB_DOMAIN}"))
     return hosts
 
 

@@ -37,8 +37,10 @@ LABEL_COLOURS = {"red": "31", "orange": "38;5;208", "yellow": "33", "green": "32
 def _uplink(args: argparse.Namespace) -> UplinkSpec:
     if args.lab and args.uplink:
         raise UsageError("--lab and --uplink exclude each other: pick one")
+    if getattr(args, "sink", False) and not args.lab:
+        raise UsageError("--sink is a mode of the lab: add --lab")
     if args.lab:
-        return UplinkSpec("lab")
+        return UplinkSpec("lab", sink=getattr(args, "sink", False))
     if args.uplink:
         return UplinkSpec(args.uplink_mode, args.uplink)
     raise UsageError("say where sys-net's uplink is: --lab (simulated internet) or "
@@ -501,6 +503,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="bring a stack up", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     uplink_opts(p)
+    p.add_argument("--sink", action="store_true",
+                   help="with --lab: the offline internet, every name answered by a lab sink "
+                   "host that takes TCP and UDP on any port (HTTP, TLS with a lab CA)")
     p.add_argument("--no-wait", action="store_true",
                    help="do not wait for the tunnels to connect and Tor to bootstrap")
     p.add_argument("--vpn-timeout", type=float, default=30, metavar="S",

@@ -88,7 +88,7 @@ class Service:
 
     name: str
     netns: str
-    type: str  # http | dns
+    type: str  # http | dns | sink
     bind: str
     port: int
     zone: dict[str, str] = field(default_factory=dict, hash=False)
@@ -143,6 +143,7 @@ class QubeInfo:
 class UplinkSpec:
     mode: str  # lab | move | nat
     dev: str | None = None
+    sink: bool = False  # lab only: the offline internet (every name answered by the sink)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         vpn_keys = any(ref.startswith("lab:") for q in topo.qubes
                        if (ref := role_for(q.kind).provider_ref(q)))
         tor = any(role_for(q.kind).protection == "tor" for q in topo.qubes)
-        labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files)
+        labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

@@ -30,7 +30,7 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
             t = k.bind(s.netns, socket.SOCK_STREAM, s.bind, s.port)
             socks.append(t)
             fds["tcp"] = t.fileno()
-            if s.type == "dns":
+            if s.type in ("dns", "sink"):
                 u = k.bind(s.netns, socket.SOCK_DGRAM, s.bind, s.port)
                 socks.append(u)
                 fds["udp"] = u.fileno()

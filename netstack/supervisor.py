@@ -31,7 +31,7 @@ SPEC, STATUS, PIDFILE = "supervisor-spec.json", "supervisor.json", "supervisor.p
 @dataclass
 class ServiceSpec:
     name: str
-    type: str  # http | dns
+    type: str  # http | dns | sink
     netns: str
     fds: dict[str, int]
     zone: dict[str, str]

@@ -39,7 +39,7 @@ def lab_files(state_dir: str) -> dict[str, str]:
 
 
 def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
-             ns_files: Any) -> None:
+             ns_files: Any, sink: bool = False) -> None:
     """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
     the VPN server's keys and runs it; tor: a tor qube needs the private Tor network."""
     stack = p.stack
@@ -54,13 +54,14 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                 Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
     p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
     hosts: dict[str, LabHostInfo] = {}
-    for i, h in enumerate(addressing.lab_hosts(tor=tor)):
+    for i, h in enumerate(addressing.lab_hosts(tor=tor, sink=sink)):
         ns = names.lab_netns(stack, h.name)
         ifr = names.check_ifname(f"h{i}-{h.name}"[:15])
         fwd = "1" if h.name == "vpn" else "0"
         p.namespaces.append(NsPlan(ns, f"lab:{h.name}", {"net/ipv4/ip_forward": fwd,
                                                           **LAB_SYSCTLS},
-                                   _lab_vpn_ruleset() if h.name == "vpn" else None,
+                                   _lab_vpn_ruleset() if h.name == "vpn" else
+                                   _sink_ruleset() if h.name == "sink" else None,
                                    ns_files(ns, [dns])))
         p.veths.append(Veth(isp, ifr, ns, "eth0"))
         gw = addressing.LAB_HOST_GATEWAY
@@ -70,9 +71,15 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
         hosts[h.name] = LabHostInfo(h.name, ns, h.address, h.fqdn)
     p.services.append(Service("lab-http", hosts["web"].netns, "http", hosts["web"].address, 80))
     zone = {h.fqdn: h.address for h in hosts.values()}
+    d = lab_dir(state_dir)
+    if sink:
+        from netstack.lab.sink import PORT
+
+        zone["*"] = hosts["sink"].address
+        p.services.append(Service("lab-sink", hosts["sink"].netns, "sink", "0.0.0.0", PORT,
+                                  {"lab_dir": d}))
     p.services.append(Service("lab-dns", hosts["dns"].netns, "dns", hosts["dns"].address, 53,
                               zone))
-    d = lab_dir(state_dir)
     vs = VpnServer(hosts["vpn"].netns, "eth0", hosts["vpn"].address, WG_PORT, OVPN_PORT,
                    names.check_ifname(f"wgs-{stack}"), lab_files(state_dir))
     if vpn_keys:
@@ -99,6 +106,16 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                     LinkEnd(isp, "cust0", addressing.LAB_ISP_ROUTER),
                     LinkEnd(net_ns, names.UPLINK_IF, addressing.LAB_ISP_CUSTOMER), vs,
                     tor_nodes, vpn_keys)
+
+
+def _sink_ruleset() -> dict[str, Any]:
+    """Every TCP and UDP port of the sink goes to its one service (lab/sink.py)."""
+    from netstack.lab.sink import PORT
+    from netstack.rules.nft import accept_all, l4proto, redirect
+
+    rs = accept_all()
+    rs["nat_prerouting"].add(l4proto("tcp", "udp"), redirect(PORT), comment="any port -> sink")
+    return rs.to_json()
 
 
 def _lab_vpn_ruleset() -> dict[str, Any]:

@@ -104,9 +104,12 @@ def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...],
     question = msg[12:end]
     rd = flags & 0x0100
     addrs, ttl = (moved or {}).get(qname) or ([zone[qname]] if qname in zone else None, 60)
+    ours = any(qname == s or qname.endswith("." + s) for s in domain_suffixes)
+    if addrs is None and not ours and "*" in zone:  # the offline internet: every name
+        addrs, ttl = [zone["*"]], 60
     if addrs is not None:
         rcode = RCODE_NOERROR
-    elif any(qname == s or qname.endswith("." + s) for s in domain_suffixes):
+    elif ours:
         rcode = RCODE_NXDOMAIN
     else:
         rcode = RCODE_REFUSED
@@ -125,7 +128,7 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
 
     log = _Log(log_path)
     moved = Overrides(os.path.join(os.path.dirname(log_path), ZONE_FILE))
-    suffixes = tuple(sorted({n.split(".", 1)[1] for n in zone if "." in n}))
+    suffixes = tuple(sorted({n.split(".", 1)[1] for n in zone if "." in n and n != "*"}))
     udp = socket.socket(fileno=udp_fd)
     tcp = socket.socket(fileno=tcp_fd)
 
@@ -175,5 +178,9 @@ def run_service(spec: Any) -> None:
         serve_http(spec.fds["tcp"], spec.log)
     elif spec.type == "dns":
         serve_dns(spec.fds["udp"], spec.fds["tcp"], spec.zone, spec.log)
+    elif spec.type == "sink":
+        from netstack.lab.sink import serve
+
+        serve(spec.fds["tcp"], spec.fds["udp"], spec.zone["lab_dir"], spec.log)
     else:
         raise ValueError(f"unknown service type {spec.type}")

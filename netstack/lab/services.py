@@ -16,7 +16,7 @@ from typing import Any
 from netstack.dnswire import parse_question
 
 
-class _Log:
+class EventLog:
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._f = os.fdopen(fd, "a", buffering=1)
@@ -29,7 +29,7 @@ class _Log:
 
 
 def serve_http(fd: int, log_path: str) -> None:
-    log = _Log(log_path)
+    log = EventLog(log_path)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "netstack-lab"
@@ -126,7 +126,7 @@ def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...],
 def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> None:
     import os
 
-    log = _Log(log_path)
+    log = EventLog(log_path)
     moved = Overrides(os.path.join(os.path.dirname(log_path), ZONE_FILE))
     suffixes = tuple(sorted({n.split(".", 1)[1] for n in zone if "." in n and n != "*"}))
     udp = socket.socket(fileno=udp_fd)

@@ -19,7 +19,7 @@ import subprocess
 import threading
 from typing import Any
 
-from netstack.lab.services import _Log
+from netstack.lab.services import EventLog
 
 PORT = 9  # every TCP and UDP port of the sink is redirected here
 SO_ORIGINAL_DST = 80
@@ -100,7 +100,7 @@ def _http(data: bytes) -> tuple[str | None, str | None]:
     return host, parts[1]
 
 
-def _serve_tcp(c: socket.socket, peer: tuple[str, int], log: _Log, certs: Certs) -> None:
+def _serve_tcp(c: socket.socket, peer: tuple[str, int], log: EventLog, certs: Certs) -> None:
     rec: dict[str, Any] = {"client": peer[0], "proto": "tcp", "tls": False, "bytes_in": 0,
                            "bytes_out": 0}
     try:
@@ -154,7 +154,7 @@ def _default_pair(certs: Certs) -> tuple[str, str]:
 
 def serve(tcp_fd: int, udp_fd: int, lab_dir: str, log_path: str) -> None:
     """Run the sink (a supervisor service thread; never returns)."""
-    log = _Log(log_path)
+    log = EventLog(log_path)
     make_ca(lab_dir)
     certs = Certs(lab_dir)
     tcp = socket.socket(fileno=tcp_fd)

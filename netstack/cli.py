@@ -290,6 +290,36 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from netstack import check
+
+    cmd = list(args.cmd)
+    running = args.stack if _explicit_stack() else None
+    if running and args.config:
+        raise UsageError("check: a CONFIG is for the lab stack check brings up; with --stack "
+                         "it uses that running stack as it is")
+    say = None if args.json else (lambda m: print(f"netstack check: {m}", file=sys.stderr))
+    r = check.run(cmd, args.config, args.qube, args.expect, running, args.pcaps, args.bypass,
+                  say)
+    if args.junit:
+        with open(args.junit, "w") as f:
+            f.write(check.junit(r))
+    if args.html:
+        with open(args.html, "w") as f:
+            f.write(check.html(r))
+    if args.json:
+        print(json.dumps(r.to_json(), indent=2))
+    else:
+        print(check.table(r))
+    return r.verdict
+
+
+def _explicit_stack() -> bool:
+    """--stack given on the command line (or NETSTACK_STACK): check uses that stack."""
+    return "NETSTACK_STACK" in os.environ or any(
+        a == "--stack" or a.startswith("--stack=") for a in sys.argv[1:])
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from netstack import audit
 
@@ -479,7 +509,7 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall", "attach"}
+                 "firewall", "attach", "check"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -584,6 +614,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--user", "-u", help="the account both sandboxes run as")
     p.set_defaults(func=cmd_copy)
+    p = sub.add_parser("check", help="leak-test any program: run it in a workstation of a "
+                       "lab chain, capture every link, report every flow",
+                       epilog="examples:\n  sudo netstack check -- curl -sS https://example.org/"
+                       "\n  sudo netstack check configs/vpn.toml --expect vpn --junit "
+                       "report.xml -- ./my-client\n  sudo netstack --stack main check "
+                       "--qube anon-whonix -- torsocks-free-app\n"
+                       "exit 0: clean; 1: a leak (something left another way than --expect);"
+                       "\n2: the program tried to get around the chain and was stopped "
+                       "(--bypass warn:\n0); 3: the program itself failed",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="TOML qube table for the lab stack check brings "
+                   "up (default: configs/tor-over-vpn.toml); with --stack, the running one")
+    p.add_argument("--qube", help="the workstation to run in (default: one behind Tor)")
+    p.add_argument("--expect", choices=["tor", "vpn", "direct"],
+                   help="the way everything must leave (default: the workstation's chain)")
+    p.add_argument("--bypass", choices=["fail", "warn"], default="fail",
+                   help="a stopped attempt to get around the chain: exit 2 (fail) or 0 (warn)")
+    p.add_argument("--pcaps", metavar="DIR", help="where the captures go (default "
+                   "./pcaps/TIME-STACK-check)")
+    p.add_argument("--junit", metavar="FILE", help="JUnit XML: one testcase per flow class")
+    p.add_argument("--html", metavar="FILE", help="one self-contained page for CI artifacts")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command and its arguments")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("attach", help="move a running qube to another netvm (Qubes' "
                        "qvm-prefs QUBE netvm)",
                        epilog="examples:\n  sudo netstack attach work sys-whonix\n"
@@ -660,8 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         if tail:
-            if args.command not in ("exec", "run"):
-                raise UsageError("'--' is only used with exec and run (see `netstack --help`)")
+            if args.command not in ("exec", "run", "check"):
+                raise UsageError("'--' is only used with exec, run and check (see `netstack "
+                                 "--help`)")
             args.cmd = list(args.cmd) + tail
         if args.command in ROOT_COMMANDS and os.geteuid() != 0 and \
                 not getattr(args, "ruleset", None):

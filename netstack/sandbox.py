@@ -64,6 +64,7 @@ class Grant:
     inside: str
     env: tuple[tuple[str, str], ...]
     xauthority: str | None = None
+    readonly: bool = False  # a file to read (the lab CA of `netstack check`)
 
     @property
     def warning(self) -> str | None:
@@ -141,7 +142,7 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
     if os.environ.get("TERM"):
         env += ["--setenv", "TERM", os.environ["TERM"]]
     for g in grants:  # nothing else of the host is ever bound in
-        fs += ["--bind", g.path, g.inside]
+        fs += ["--ro-bind" if g.readonly else "--bind", g.path, g.inside]
         if g.xauthority:
             fs += ["--ro-bind", g.xauthority, "/run/netstack-x11/Xauthority"]
         for k, v in g.env:

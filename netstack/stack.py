@@ -190,7 +190,7 @@ def tor_of(stack: str, qube: str | None) -> Any:
 
 
 def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
-              root_inside: bool = False) -> list[str]:
+              root_inside: bool = False, extra: tuple[Any, ...] = ()) -> list[str]:
     """An app qube's command runs in its sandbox (netstack.sandbox) as an unprivileged
     account; a service qube's (sys-net, sys-firewall, a VPN or Tor qube: netstack's own) as
     root in its namespace, for inspection. `ip netns exec` binds /etc/netns/NS/* over /etc,
@@ -225,7 +225,7 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
                 grants = (g,)
                 if g.warning:
                     print(f"netstack: {qube}: {g.warning}", file=sys.stderr)
-        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants)
+        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants + tuple(extra))
     if root_inside:
         raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")
     argv = ["ip", "netns", "exec", ns]

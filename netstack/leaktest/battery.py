@@ -125,8 +125,9 @@ def links(ctx: Ctx) -> list[Link]:
         vs = lab.vpn_server
         if ctx.endpoints:
             out.append(Link("lab:vpn-server", vs.netns, vs.interface, "lab-egress"))
-        for h in ("web", "dns"):
-            out.append(Link(f"lab:{h}", lab.hosts[h].netns, "eth0", "lab-host"))
+        for h in ("web", "dns", "sink"):
+            if h in lab.hosts:
+                out.append(Link(f"lab:{h}", lab.hosts[h].netns, "eth0", "lab-host"))
     # a tunnel device exists only while its daemon runs, and is up once configured (the
     # admin flag: the operstate of a fresh veth lags behind by up to a second)
     live = {(lk.netns, x.name) for lk in out for x in ctx.kernel.links(lk.netns)
@@ -134,7 +135,7 @@ def links(ctx: Ctx) -> list[Link]:
     return [lk for lk in out if (lk.netns, lk.iface) in live]
 
 
-def _flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
+def flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.inet6 import IPv6
 
@@ -365,7 +366,7 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
         for p in pkts:
             raw = bytes(p)
             mk = next((m for m in seen if m.encode() in raw), None)
-            ok = _flow_allowed(ctx, lk.zone, p)
+            ok = flow_allowed(ctx, lk.zone, p)
             if mk:
                 if lk.name not in seen[mk]:
                     seen[mk].append(lk.name)

@@ -28,7 +28,7 @@ class TorLab:
     def __init__(self) -> None:
         self.stack = new_stack_name("tor")
         t0 = time.monotonic()
-        cli("--stack", self.stack, "up", CFG, "--lab", timeout=240)
+        cli("--stack", self.stack, "up", CFG, "--lab", "--sink", timeout=240)
         self.up_s = time.monotonic() - t0
         try:
             self.dir = Path(f"/run/netstack/{self.stack}")

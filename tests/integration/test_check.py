@@ -1,0 +1,86 @@
+"""`netstack check -- CMD` with real programs on the shared Tor lab (its offline internet
+on): curl by name through Tor is clean; a STUN request over UDP and `dig` at a resolver of
+its own are stopped and reported with sys-whonix's rule (exit 2, or 0 with --bypass warn);
+with the gateway broken on purpose the STUN packet leaks and the report names the link, the
+pcap and the frame (exit 1); a failing command is exit 3. Reports: JSON, JUnit, HTML (root)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from netstack import check
+from tests.integration.faults import fault as named
+from tests.integration.util import cli
+
+pytestmark = pytest.mark.root
+
+STUN = ("import os, socket, struct\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+        "s.sendto(struct.pack('!HHI12s', 1, 0, 0x2112A442, os.urandom(12)), "
+        "('stun.example.net', 3478))\n"
+        "try:\n    s.recv(100)\nexcept OSError:\n    pass\n")
+
+
+def by(r, proto, dport):
+    return [f for f in r.flows if f.proto == proto and f.dport == dport]
+
+
+def test_curl_through_tor_is_clean(tor_lab, tmp_path):
+    r = check.run(["curl", "-sS", "-m", "20", "https://www.example.org/"],
+                  stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
+    assert r.verdict == 0, check.table(r)
+    (web,) = by(r, "tcp", 443)
+    assert web.outcome == "left" and web.via == "tor" and "www.example.org" in web.names
+    assert "www.example.org" in r.names_asked and not r.leaks
+    assert r.expect == "tor" and r.exit_status == 0
+
+
+def test_stun_and_its_own_resolver_are_stopped_with_the_gateways_rule(tor_lab, tmp_path):
+    cmd = ["sh", "-c", f"python3 -c \"{STUN}\"; dig +time=2 +tries=1 @198.51.100.53 "
+           "example.com; true"]
+    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
+    assert r.verdict == 2, check.table(r)
+    (stun,) = by(r, "udp", 3478)
+    (dns,) = [f for f in by(r, "udp", 53) if f.dst == "198.51.100.53"]
+    assert (stun.klass, dns.klass) == ("udp", "dns")
+    for f in (stun, dns):
+        assert f.outcome == "stopped" and f.stopped_by["qube"] == "sys-whonix", f
+    junit = ET.fromstring(check.junit(r))
+    failed = {c.get("name") for c in junit if c.find("failure") is not None}
+    assert any(n.startswith("udp:") for n in failed) and any(n.startswith("dns:")
+                                                              for n in failed)
+    page = check.html(r)
+    assert "sys-whonix" in page and "#212121" in page and "stopped by sys-whonix" in page
+    warn = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", bypass="warn",
+                     pcaps=str(tmp_path / "w"))
+    assert warn.verdict == 0
+
+
+def test_a_broken_gateway_leaks_and_the_report_proves_it(tor_lab, tmp_path):
+    cmd = ["python3", "-c", STUN]
+    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path),
+                  fault=named("gateway-redirect-only"))
+    assert r.verdict == 1, check.table(r)
+    assert r.leaks and any(x.link.startswith("sys-whonix") for x in r.leaks), r.leaks
+    x = r.leaks[0]
+    assert x.frame >= 1 and x.pcap.endswith(".pcap") and "UDP" in x.summary
+    assert "LEAK on" in check.table(r)
+    # the chain is whole again: the same program is stopped, not leaked
+    again = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path / "b"))
+    assert again.verdict == 2, check.table(again)
+
+
+def test_the_command_line_writes_every_report_and_exit_3_for_a_failing_command(tor_lab,
+                                                                              tmp_path):
+    out = cli("--stack", tor_lab.stack, "check", "--qube", "anon-whonix", "--json",
+              "--junit", str(tmp_path / "r.xml"), "--html", str(tmp_path / "r.html"),
+              "--pcaps", str(tmp_path / "p"), "--", "sh", "-c", "exit 7", check=False)
+    assert out.returncode == 3, out.stderr
+    r = json.loads(out.stdout)
+    assert r["exit_status"] == 7 and r["verdict"] == 3
+    assert ET.parse(tmp_path / "r.xml").getroot().get("name") == "netstack check"
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+    assert list((tmp_path / "p").glob("*.pcap"))

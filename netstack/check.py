@@ -160,47 +160,85 @@ def wait_ready(stack: str, progress: Any = None, timeout: float = 120) -> None:
         role.wait_ready(q, st, timeout, say)
 
 
+class Watch:
+    """Captures on every link of a workstation's chain and the lab logs' positions, from
+    `start` on; `report` stops the captures and says what happened since (`check` runs
+    one around CMD; the pytest plugin one per `chain.mark()`)."""
+
+    def __init__(self, stack: str, qube: str | None, expect: str | None = None,
+                 pcaps: str | None = None, bypass: str = "fail") -> None:
+        from netstack.kernel import RealKernel
+        from netstack.leaktest import battery
+
+        self.k = RealKernel()
+        self.ctx = battery.context(stack, qube, self.k)
+        self.expect = expect or default_expect(self.ctx.protection)
+        self.bypass = bypass
+        when = time.strftime("%Y%m%d-%H%M%S")
+        self.out_dir = pcaps or os.path.join(os.getcwd(), "pcaps",
+                                             f"{when}-{stack}-check-{secrets.token_hex(2)}")
+        self.lks: list[Any] = []
+        self.logs: dict[str, int] = {}
+        self.t0 = 0.0
+
+    def start(self) -> Watch:
+        from netstack.leaktest import battery
+        from netstack.leaktest.capture import Capture
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.lks = battery.links(self.ctx)
+        self.logs = _log_marks(self.ctx)
+        try:
+            for lk in self.lks:
+                lk.capture = Capture(lk.netns, lk.iface, os.path.join(
+                    self.out_dir, lk.name.replace(":", "_") + ".pcap"))
+                lk.capture.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.t0 = time.monotonic()
+        return self
+
+    def stop(self) -> None:
+        for lk in self.lks:
+            if lk.capture:
+                lk.capture.stop()
+
+    def report(self, cmd: list[str], status: int | None) -> Report:
+        time.sleep(0.2)  # the last replies and tcpdump's buffer reach the pcaps
+        self.stop()
+        secs = time.monotonic() - self.t0
+        try:
+            gw = self.ctx.chain[1]
+            rulesets = {gw.netns: self.k.nft_list(gw.netns)}
+            return _report(self.ctx, self.lks, self.logs, rulesets, cmd, status, secs,
+                           self.out_dir, self.expect, self.bypass)
+        finally:
+            self.k.close()
+
+
 def _run(stack: str, cmd: list[str], qube: str | None, expect: str | None,
          pcaps: str | None, bypass: str, fault: Any) -> Report:
-    from netstack.kernel import RealKernel
-    from netstack.leaktest import battery
-    from netstack.leaktest.capture import Capture
-
-    k = RealKernel()
+    w = Watch(stack, qube, expect, pcaps, bypass).start()
+    status: int | None = None
     try:
-        ctx = battery.context(stack, qube, k)
-        exp = expect or default_expect(ctx.protection)
-        out_dir = pcaps or os.path.join(os.getcwd(), "pcaps",
-                                        f"{time.strftime('%Y%m%d-%H%M%S')}-{stack}-check")
-        os.makedirs(out_dir, exist_ok=True)
-        lks = battery.links(ctx)
-        logs = _log_marks(ctx)
-        for lk in lks:
-            lk.capture = Capture(lk.netns, lk.iface,
-                                 os.path.join(out_dir, lk.name.replace(":", "_") + ".pcap"))
-            lk.capture.start()
-        t0 = time.monotonic()
-        status: int | None = None
-        repair = fault.inject(ctx) if fault else None
+        repair = fault.inject(w.ctx) if fault else None
         try:
-            status = _run_cmd(ctx, cmd)
-            time.sleep(0.2)  # the last replies and tcpdump's buffer reach the pcaps
+            status = run_in(w.ctx, cmd)
         finally:
             if repair:
                 repair()
-            for lk in lks:
-                if lk.capture:
-                    lk.capture.stop()
-        secs = time.monotonic() - t0
-        rulesets = {q.netns: k.nft_list(q.netns) for q in ctx.chain[1:2]}
-        return _report(ctx, lks, logs, rulesets, cmd, status, secs, out_dir, exp, bypass)
-    finally:
-        k.close()
+    except BaseException:
+        w.stop()
+        w.k.close()
+        raise
+    return w.report(cmd, status)
 
 
-def _run_cmd(ctx: Any, cmd: list[str]) -> int:
+def run_in(ctx: Any, cmd: list[str], capture: bool = False) -> Any:
     """CMD in the workstation's sandbox (a service qube: as root in its namespace), with
-    the lab CA where TLS libraries look for it."""
+    the lab CA where TLS libraries look for it. Its exit status (capture: the finished
+    process, its output kept)."""
     from netstack import sandbox
     from netstack.lab.sink import ca_path
     from netstack.stack import exec_argv
@@ -215,6 +253,8 @@ def _run_cmd(ctx: Any, cmd: list[str]) -> int:
         extra = (sandbox.Grant("lab-ca", public, CA_INSIDE,
                                tuple((v, CA_INSIDE) for v in CA_ENV), readonly=True),)
     argv = exec_argv(ctx.stack, ctx.ws.name, None, cmd, extra=extra)
+    if capture:
+        return subprocess.run(argv, capture_output=True, text=True)
     try:
         return subprocess.run(argv).returncode
     except KeyboardInterrupt:
@@ -430,7 +470,7 @@ def junit(r: Report) -> str:
         if not fl:
             continue
         stopped = [f for f in fl if f.outcome == "stopped"]
-        text = "\n".join(_flow_line(f) for f in fl)
+        text = "\n".join(flow_line(f) for f in fl)
         fails = (k != "allowed" and stopped and r.bypass == "fail")
         cases.append((f"{k}: {what}", text if fails else None,
                       "stopped bypass attempt" if fails else ""))
@@ -448,7 +488,7 @@ def junit(r: Report) -> str:
             + "\n".join(body) + "\n</testsuite>\n")
 
 
-def _flow_line(f: Flow) -> str:
+def flow_line(f: Flow) -> str:
     where = f"{f.dst}:{f.dport}" if f.dport is not None else f.dst
     names = f" ({', '.join(f.names)})" if f.names else ""
     if f.outcome == "left":
@@ -467,7 +507,7 @@ def table(r: Report) -> str:
              f"stack {r.stack}, {r.seconds} s, exit status {r.exit_status}"]
     lines.append(f"{'class':<10} {'outcome':<8} flow")
     for f in sorted(r.flows, key=lambda f: (f.outcome != "left", f.klass)):
-        lines.append(f"{f.klass:<10} {f.outcome:<8} {_flow_line(f)}")
+        lines.append(f"{f.klass:<10} {f.outcome:<8} {flow_line(f)}")
     if r.names_asked:
         lines.append("names asked: " + ", ".join(r.names_asked))
     for x in r.leaks:
@@ -509,7 +549,7 @@ def html(r: Report) -> str:
                        '</text>')
     svg.append("</svg>")
     rows = "".join(f"<tr><td>{escape(f.klass)}</td><td>{escape(f.outcome)}</td>"
-                   f"<td>{escape(_flow_line(f))}</td></tr>" for f in r.flows)
+                   f"<td>{escape(flow_line(f))}</td></tr>" for f in r.flows)
     links = "".join(f"<tr><td>{escape(lk['link'])}</td><td>{escape(lk['zone'])}</td>"
                     f"<td>{lk['packets']}</td><td>{lk['violations']}</td></tr>"
                     for lk in r.links)

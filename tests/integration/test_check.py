@@ -84,3 +84,36 @@ def test_the_command_line_writes_every_report_and_exit_3_for_a_failing_command(t
     assert ET.parse(tmp_path / "r.xml").getroot().get("name") == "netstack check"
     assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
     assert list((tmp_path / "p").glob("*.pcap"))
+
+
+def resolve(name: str) -> str:
+    """Runs inside the qube's namespace (chain.call): its resolver is the chain's."""
+    import socket
+
+    return socket.gethostbyname(name)
+
+
+def test_the_pytest_plugin_adopts_the_shared_lab(netstack_chain, tor_lab):
+    chain = netstack_chain(stack=tor_lab.stack, qube="anon-whonix")
+    assert not chain.own
+    mark = chain.mark()
+    p = chain.run(["curl", "-sS", "-m", "20", "https://api.example.com/v1"], check=True)
+    assert "api.example.com/v1" in p.stdout
+    chain.flows(since=mark).only_via("tor")
+    assert chain.call(resolve, "x.example.net") == "198.51.100.99"
+
+
+def test_the_pytest_plugin_brings_up_its_own_chain_and_names_the_offending_flow(
+        netstack_chain):
+    from netstack.pytest_plugin import FlowError
+    from tests.integration.util import ROOT
+
+    chain = netstack_chain(config=str(ROOT / "configs" / "vpn.toml"))
+    assert chain.own and chain.stack.startswith("pt")
+    mark = chain.mark()
+    chain.run(["python3", "-c", STUN])
+    flows = chain.flows(since=mark)
+    flows.only_via("vpn")  # behind a VPN qube, UDP goes through the tunnel
+    with pytest.raises(FlowError, match=r"(?s)expected every flow via tor.*udp 198\.51\.100"
+                       r"\.99:3478.*left via vpn"):
+        flows.only_via("tor")

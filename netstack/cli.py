@@ -636,8 +636,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--junit", metavar="FILE", help="JUnit XML: one testcase per flow class")
     p.add_argument("--html", metavar="FILE", help="one self-contained page for CI artifacts")
     p.add_argument("--json", action="store_true")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command and its arguments")
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=cmd_check, cmd=[])  # the command: everything after --
     p = sub.add_parser("attach", help="move a running qube to another netvm (Qubes' "
                        "qvm-prefs QUBE netvm)",
                        epilog="examples:\n  sudo netstack attach work sys-whonix\n"

@@ -118,7 +118,8 @@ def home_dir(stack: str, qube: str) -> str:
 
 
 def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
-         root_inside: bool = False, grants: tuple[Grant, ...] = ()) -> list[str]:
+         root_inside: bool = False, grants: tuple[Grant, ...] = (),
+         extra_env: dict[str, str] | None = None) -> list[str]:
     """The command line: enter the namespace (as root, to join it), drop to the account
     with no_new_privs, then bubblewrap. home None: an empty one, gone at exit."""
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
@@ -141,6 +142,8 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
            "--setenv", "LANG", os.environ.get("LANG", "C.UTF-8")]
     if os.environ.get("TERM"):
         env += ["--setenv", "TERM", os.environ["TERM"]]
+    for k, v in sorted((extra_env or {}).items()):  # what the qube's netvm offers
+        env += ["--setenv", k, v]
     for g in grants:  # nothing else of the host is ever bound in
         fs += ["--ro-bind" if g.readonly else "--bind", g.path, g.inside]
         if g.xauthority:

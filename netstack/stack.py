@@ -225,7 +225,9 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
                 grants = (g,)
                 if g.warning:
                     print(f"netstack: {qube}: {g.warning}", file=sys.stderr)
-        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants + tuple(extra))
+        env = role_for(st.plan.qube(q.netvm).kind).client_env(st.plan.qube(q.netvm)) \
+            if q.netvm else {}
+        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants + tuple(extra), env)
     if root_inside:
         raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")
     argv = ["ip", "netns", "exec", ns]

@@ -100,6 +100,10 @@ class Role:
         self.rules(ctx, info, rs)
         return rs
 
+    def client_env(self, q: QubeInfo) -> dict[str, str]:
+        """Environment a client's commands get from this netvm (where its services are)."""
+        return {}
+
     def client_resolver(self, q: QubeInfo) -> tuple[str, int]:
         """(address, port) a client's lookups reach, asked from this qube's namespace: the
         virtual DNS, which each kind carries onwards as it carries its clients' DNS."""

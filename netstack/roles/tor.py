@@ -5,6 +5,7 @@ ever forwarded (forwarding is off too). The gateway's own output is only the tor
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,15 @@ from netstack.rules.nft import (
     payload,
     redirect,
 )
-from netstack.tor.gateway import DNS_PORT, TRANS_PORT, TorInfo, tor_uid, torrc
+from netstack.tor.gateway import (
+    CONTROL_PORT,
+    DNS_PORT,
+    SOCKS_PORT,
+    TRANS_PORT,
+    TorInfo,
+    tor_uid,
+    torrc,
+)
 
 if TYPE_CHECKING:
     from netstack.audit.properties import AuditContext, QubeView, Result
@@ -53,17 +62,45 @@ def tcp_syn_only() -> dict:
 
 class TorRole(Role):
     kind = "tor"
-    config_keys = frozenset({"bridges"})
+    config_keys = frozenset({"bridges", "socks_ports"})
     strict_replies = True
     protection = "tor"
 
     def validate(self, q: Qube) -> None:
+        ports = q.settings.get("socks_ports", {})
+        where = f"qube {q.name!r} field 'socks_ports'"
+        fix = "e.g. socks_ports = {apt = 9104, git = 9105}"
+        if not isinstance(ports, dict):
+            raise ConfigError(where, "must be a table of name = port", fix)
+        taken = {SOCKS_PORT: "the general SOCKS port", CONTROL_PORT: "the control port",
+                 TRANS_PORT: "TransPort", DNS_PORT: "DNSPort"}
+        for name, port in ports.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]{0,31}", name):
+                raise ConfigError(f"{where} {name!r}", "is not a name (a-z, 0-9, -)", fix)
+            if not isinstance(port, int) or isinstance(port, bool) or \
+                    not 1024 <= port <= 65535:
+                raise ConfigError(f"{where} {name!r}", f"{port!r} is not a port 1024-65535",
+                                  fix)
+            if port in taken:
+                raise ConfigError(f"{where} {name!r}", f"port {port} is {taken[port]}",
+                                  "pick another port")
+            taken[port] = f"the port of {name}"
         bridges = q.settings.get("bridges", [])
         if not isinstance(bridges, list) or not all(isinstance(b, str) for b in bridges):
             raise ConfigError(f"qube {q.name!r} field 'bridges'",
                               "must be a list of Bridge lines",
                               'e.g. bridges = ["obfs4 192.0.2.7:443 FINGERPRINT cert=... '
                               'iat-mode=0"]')
+
+    def client_env(self, q: QubeInfo) -> dict[str, str]:
+        """Whonix's convention: apps find the gateway's SOCKS port here (torsocks, Tor
+        Browser's TOR_SOCKS_*); named per-application ports too."""
+        info = q.info
+        assert isinstance(info, TorInfo)
+        env = {"TOR_SOCKS_HOST": info.address, "TOR_SOCKS_PORT": str(SOCKS_PORT)}
+        for name, port in sorted(info.socks_ports.items()):
+            env[f"TOR_SOCKS_PORT_{name.upper().replace('-', '_')}"] = str(port)
+        return env
 
     def client_resolver(self, q: QubeInfo) -> tuple[str, int]:
         return q.ipv4, DNS_PORT  # the gateway's own output reaches only tor (and lo)
@@ -87,7 +124,8 @@ class TorRole(Role):
 
     def info(self, ctx: QubeContext) -> TorInfo:
         return TorInfo(ctx.qube.name, ctx.netns, ctx.addr.ipv4, ctx.state_dir,
-                       lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])))
+                       lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])),
+                       socks_ports=dict(ctx.qube.settings.get("socks_ports", {})))
 
     def sysctls(self, ctx: QubeContext) -> dict[str, str]:
         return common.sysctls(False, ctx.ipv6)  # a gateway proxies, it never forwards
@@ -107,6 +145,9 @@ class TorRole(Role):
                                 match(payload(proto, "dport"), port),
                                 match({"ct": {"key": "status"}}, "dnat", "in"), ACCEPT,
                                 comment=f"redirected to {what}")
+            rs["input"].add(iifname(*clients), ip_daddr(info.address), l4proto("tcp"),
+                            match(payload("tcp", "dport"), anon_set(info.all_socks_ports)),
+                            ct_state("new"), ACCEPT, comment="SOCKS ports")
             rs["output"].add(oifname(*clients), ct_state("established", "related"), ACCEPT,
                              comment="replies to clients")
         # by name: nftables resolves it when the ruleset is loaded (the plan stays pure)
@@ -134,7 +175,8 @@ class TorRole(Role):
     def audit(self, view: QubeView, ctx: AuditContext) -> list[Result]:
         info = view.qube.info
         assert isinstance(info, TorInfo)
-        return super().audit(view, ctx) + tor_gateway(view, tor_uid(info.user))
+        return super().audit(view, ctx) + tor_gateway(view, tor_uid(info.user),
+                                                      info.all_socks_ports)
 
     def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
         """From the supervisor's monitor of tor's control port (see tor.control.watch)."""
@@ -172,12 +214,13 @@ class TorRole(Role):
                 f"{t['circuits_built']} circuits built, restarts {t['restarts']}"]
 
 
-def tor_gateway(q: QubeView, uid: int) -> list[Result]:
+def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[Result]:
     from netstack.audit import properties as p
     from netstack.audit.space import Domains
 
     extra = Domains()
-    for port in (TRANS_PORT, DNS_PORT, 9050, 9051):
+    socks = [SOCKS_PORT] if socks is None else socks
+    for port in (TRANS_PORT, DNS_PORT, CONTROL_PORT, *socks):
         extra.interval("dport", port, port)
     for net in _NOT_VIA:
         extra.interval("daddr4", int(net.network_address), int(net.broadcast_address))
@@ -200,16 +243,20 @@ def tor_gateway(q: QubeView, uid: int) -> list[Result]:
     redirected = [p.box(ct_status=p.Pred(lambda s: s is not None and "dnat" in s),
                         l4proto=p.one_of("l4proto", l4), dport=p.one_of("dport", port))
                   for l4, port in (("tcp", TRANS_PORT), ("udp", DNS_PORT))]
-    per_client("only TransPort and DNSPort from clients", "input",
+    own = int(__import__("ipaddress").ip_address(q.address))
+    socks_box = p.box(l4proto=p.one_of("l4proto", "tcp"), dport=p.one_of("dport", *socks),
+                      daddr4=p.Pred(lambda a, o=own: a == o))
+    per_client("only TransPort, DNSPort and the SOCKS ports from clients", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS)},
-               p.dropped_or_allowed(redirected + p.link_nd(q, egress=False)),
-               f"clients reach only redirected TCP to {TRANS_PORT} and DNS to {DNS_PORT}")
+               p.dropped_or_allowed(redirected + [socks_box] + p.link_nd(q, egress=False)),
+               f"clients reach only redirected TCP to {TRANS_PORT}, DNS to {DNS_PORT} and "
+               f"the SOCKS ports {', '.join(map(str, socks))} at the gateway's address")
     per_client("control port unreachable", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS),
                           "l4proto": p.one_of("l4proto", "tcp"),
-                          "dport": p.one_of("dport", 9050, 9051)},
-               p.accepted, "no TCP port 9050/9051 from clients (the control port is a unix "
-               "socket)")
+                          "dport": p.one_of("dport", CONTROL_PORT)},
+               p.accepted, f"no TCP port {CONTROL_PORT} from clients (the control port is a "
+               "unix socket)")
     start = {**p.not_sockets("output"), "oif": p.one_of("oif", q.upstream_if)}
     out.append(p.check("gateway output only from tor", q, "output", start,
                        p.dropped_or_allowed([p.box(skuid=p.one_of("skuid", uid)),

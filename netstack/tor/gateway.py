@@ -14,6 +14,8 @@ from netstack.model import RoleInfo
 from netstack.tor.network import TESTING_OPTIONS
 
 TRANS_PORT, DNS_PORT = 9040, 5400
+SOCKS_PORT = 9050  # Whonix's general SOCKS port: a circuit per SOCKS username (and client)
+CONTROL_PORT = 9051  # never on the network: the control port is a unix socket
 TOR_USER = "debian-tor"
 # Virtual addresses Tor maps .onion and other names to (AutomapHostsOnResolve).
 VIRTUAL_NET = "10.192.0.0/10"
@@ -30,6 +32,11 @@ class TorInfo(RoleInfo):
     user: str = TOR_USER
     lab_network: bool = False  # True: the lab's private Tor network, else the public one
     bridges: list[str] = field(default_factory=list)
+    socks_ports: dict[str, int] = field(default_factory=dict)  # per-application ports
+
+    @property
+    def all_socks_ports(self) -> list[int]:
+        return [SOCKS_PORT, *sorted(self.socks_ports.values())]
 
     @property
     def datadir(self) -> str:
@@ -63,7 +70,13 @@ def torrc(t: TorInfo, dirauths: list[str] | tuple[str, ...] = ()) -> str:
     lines = [
         "# written by netstack; the gateway of " + t.qube,
         f"DataDirectory {t.datadir}", "RunAsDaemon 0", f"User {t.user}", "Log notice stdout",
-        f"ControlSocket {t.control_socket}", "CookieAuthentication 1", "SocksPort 0",
+        f"ControlSocket {t.control_socket}", "CookieAuthentication 1",
+        # Whonix's 9050: a circuit per workstation and per SOCKS username (Tor Browser
+        # isolates each site so); every named port is its own session group, so streams
+        # of two ports never share a circuit
+        f"SocksPort {t.address}:{SOCKS_PORT} IsolateClientAddr IsolateSOCKSAuth",
+        *(f"SocksPort {t.address}:{port} IsolateClientAddr IsolateSOCKSAuth"
+          for _name, port in sorted(t.socks_ports.items())),
         f"TransPort {t.address}:{TRANS_PORT} {iso}",
         f"DNSPort {t.address}:{DNS_PORT} IsolateClientAddr",
         f"VirtualAddrNetworkIPv4 {VIRTUAL_NET}", "AutomapHostsOnResolve 1", "ClientOnly 1",

@@ -117,3 +117,13 @@ def test_the_pytest_plugin_brings_up_its_own_chain_and_names_the_offending_flow(
     with pytest.raises(FlowError, match=r"(?s)expected every flow via tor.*udp 198\.51\.100"
                        r"\.99:3478.*left via vpn"):
         flows.only_via("tor")
+
+
+def test_curl_through_the_gateways_socks_port_is_clean(tor_lab, tmp_path):
+    cmd = ["sh", "-c", 'curl -sS -m 20 --socks5-hostname "$TOR_SOCKS_HOST:$TOR_SOCKS_PORT" '
+           "https://socks.example.org/"]
+    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
+    assert r.verdict == 0, check.table(r)
+    (socks,) = by(r, "tcp", 9050)
+    assert socks.klass == "gateway" and socks.outcome == "left" and socks.via == "tor"
+    assert not r.names_asked  # the name went to Tor inside SOCKS, never to a resolver

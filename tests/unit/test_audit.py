@@ -173,7 +173,7 @@ def mutate(name, rs):
     if name == "transport-without-redirect":  # TransPort straight, not through the NAT
         _insert_rule(rs, GW, "input", [_m(IIF, "vif5"), _m(L4, "tcp"), _m(DPORT, 9040),
                                        {"accept": None}])
-        return ("sys-whonix", "only TransPort and DNSPort from clients")
+        return ("sys-whonix", "only TransPort, DNSPort and the SOCKS ports from clients")
     if name == "redirect-every-tcp":  # the SYN-only match gone: mid-stream TCP too
         for i in rs[GW]["nftables"]:
             r = i.get("rule")

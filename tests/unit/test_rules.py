@@ -212,7 +212,8 @@ def test_tor_gateway_rules(tmp_path):
     excluded = next(e["match"] for e in syn if "match" in e and e["match"]["op"] == "!=")
     assert {"prefix": {"addr": "10.0.0.0", "len": 8}} in excluded["right"]["set"]
     inp = {r["comment"]: r["expr"] for r in rules_of(rs, "input") if r["expr"][-1] == nft.ACCEPT}
-    assert set(inp) == {"replies", "loopback", "redirected to TransPort", "redirected to DNSPort"}
+    assert set(inp) == {"replies", "loopback", "redirected to TransPort", "redirected to DNSPort",
+                        "SOCKS ports"}
     out = {r["comment"]: r["expr"] for r in rules_of(rs, "output") if r["expr"][-1] == nft.ACCEPT}
     assert set(out) == {"loopback", "replies to clients", "tor's own traffic upstream"}
     # by name in the plan (pure); nftables resolves it when loading (the live audit's drift
@@ -228,7 +229,8 @@ def test_torrc(tmp_path):
                ).splitlines()
     assert "TransPort 10.137.0.4:9040 IsolateClientAddr IsolateDestAddr IsolateDestPort" in rc
     assert "DNSPort 10.137.0.4:5400 IsolateClientAddr" in rc
-    assert "SocksPort 0" in rc and "User debian-tor" in rc
+    assert "SocksPort 10.137.0.4:9050 IsolateClientAddr IsolateSOCKSAuth" in rc
+    assert "User debian-tor" in rc and not any(x.startswith("ControlPort") for x in rc)
     assert not [x for x in rc if x.startswith("ControlPort")]  # a unix socket only
     assert f"ControlSocket {t.control_socket}" in rc
     assert "TestingTorNetwork 1" in rc and any(x.startswith("DirAuthority auth1") for x in rc)

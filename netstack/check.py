@@ -38,6 +38,7 @@ CA_ENV = ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_C
           "GIT_SSL_CAINFO")
 CLASSES = {  # class -> what it means, in the report's words
     "allowed": "left through the chain",
+    "proxy": "through the gateway's SOCKS port",
     "dns": "DNS to a resolver of its own (not the chain's)",
     "udp": "direct UDP (STUN, WebRTC, QUIC)",
     "ipv6": "IPv6",
@@ -283,9 +284,22 @@ def _new_log_lines(ctx: Any, marks: dict[str, int], name: str) -> list[dict[str,
 
 # --- the report -----------------------------------------------------------------------------
 
+def proxies(ctx: Any) -> set[tuple[str, int]]:
+    """(address, port) of the proxies the workstation's netvm offers it (a Tor gateway's
+    SOCKS ports), from the environment the netvm gives its clients."""
+    from netstack.roles import role_for
+
+    gw = ctx.chain[1]
+    env = role_for(gw.kind).client_env(gw)
+    host = env.get("TOR_SOCKS_HOST")
+    return {(host, int(v)) for k, v in env.items() if host and k.startswith("TOR_SOCKS_PORT")}
+
+
 def classify(ctx: Any, family: str, proto: str, dst: str, dport: int | None) -> str:
     """The class of a flow by what it is (the outcome says whether the chain carried it)."""
     a = ipaddress.ip_address(dst)
+    if proto == "tcp" and (dst, dport) in proxies(ctx):
+        return "proxy"
     if family == "ipv6":
         return "ipv6"
     if a.is_multicast or dst == "255.255.255.255" or dst.endswith(".255"):
@@ -404,13 +418,17 @@ def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str,
     arrived = _new_log_lines(ctx, marks, "lab-sink") + _new_log_lines(ctx, marks, "lab-http")
     dns_log = _new_log_lines(ctx, marks, "lab-dns")
     gw_rs = rulesets.get(ctx.chain[1].netns, {"nftables": []})
-    for f in flows:
+    claimed: set[int] = set()
+    for f in sorted(flows, key=lambda f: f.klass == "proxy"):  # proxies take what is left
         f.names = sorted(set(answers.get(f.dst, [])))
         hits = [r for r in arrived if r.get("proto") == f.proto and (
             (r.get("dst") in (f.dst, None) and r.get("port") in (f.dport, None))
             or (f.proto == "tcp" and r.get("dst") is None and f.dst == r.get("host")))]
         if f.dst in VIRTUAL_DNS and f.dport == 53:
             hits = [r for r in dns_log if r.get("name") in asked]
+        if f.klass == "proxy":  # what arrived for no direct flow came through the proxy
+            hits = [r for r in arrived if id(r) not in claimed]
+        claimed |= {id(r) for r in hits}
         if hits:
             f.outcome = "left"
             f.via = _via(ctx, hits[-1]["client"])

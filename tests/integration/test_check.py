@@ -125,5 +125,5 @@ def test_curl_through_the_gateways_socks_port_is_clean(tor_lab, tmp_path):
     r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
     assert r.verdict == 0, check.table(r)
     (socks,) = by(r, "tcp", 9050)
-    assert socks.klass == "gateway" and socks.outcome == "left" and socks.via == "tor"
+    assert socks.klass == "proxy" and socks.outcome == "left" and socks.via == "tor"
     assert not r.names_asked  # the name went to Tor inside SOCKS, never to a resolver

@@ -11,7 +11,8 @@ import pytest
 from netstack import check
 from netstack.check import Flow, Leak, Report
 
-CTX = types.SimpleNamespace(exits={"203.0.113.41"}, vpn_server="203.0.113.10")
+CTX = types.SimpleNamespace(exits={"203.0.113.41"}, vpn_server="203.0.113.10",
+                            chain=[None, types.SimpleNamespace(kind="firewall")])
 
 
 @pytest.mark.parametrize("family,proto,dst,dport,klass", [
@@ -29,6 +30,17 @@ CTX = types.SimpleNamespace(exits={"203.0.113.41"}, vpn_server="203.0.113.10")
 ])
 def test_flow_classes(family, proto, dst, dport, klass):
     assert check.classify(CTX, family, proto, dst, dport) == klass
+
+
+def test_a_tor_gateways_socks_ports_are_a_proxy_not_a_bypass():
+    from netstack.tor.gateway import TorInfo
+
+    gw = types.SimpleNamespace(kind="tor", info=TorInfo("sys-whonix", "ns", "10.137.0.4", "/d",
+                                                       socks_ports={"apt": 9104}))
+    ctx = types.SimpleNamespace(chain=[None, gw])
+    assert check.proxies(ctx) == {("10.137.0.4", 9050), ("10.137.0.4", 9104)}
+    assert check.classify(ctx, "ipv4", "tcp", "10.137.0.4", 9104) == "proxy"
+    assert check.classify(ctx, "ipv4", "tcp", "10.137.0.4", 9051) == "gateway"
 
 
 def report(**kw):

@@ -148,6 +148,9 @@ class TorRole(Role):
             rs["input"].add(iifname(*clients), ip_daddr(info.address), l4proto("tcp"),
                             match(payload("tcp", "dport"), anon_set(info.all_socks_ports)),
                             ct_state("new"), ACCEPT, comment="SOCKS ports")
+            rs["input"].add(iifname(*clients), ip_daddr(info.address), l4proto("tcp"),
+                            match(payload("tcp", "dport"), CONTROL_PORT), ct_state("new"),
+                            ACCEPT, comment="control port filter")
             rs["output"].add(oifname(*clients), ct_state("established", "related"), ACCEPT,
                              comment="replies to clients")
         # by name: nftables resolves it when the ruleset is loaded (the plan stays pure)
@@ -155,9 +158,14 @@ class TorRole(Role):
                          comment="tor's own traffic upstream")
 
     def daemons(self, ctx: QubeContext, info: TorInfo) -> list[Daemon]:
+        import sys
+
         return [Daemon(info.daemon_name, info.netns, ("tor", "-f", info.torrc_path), True,
                        requires=info.torrc_path,
-                       monitor=("netstack.tor.control:watch", info.control_socket))]
+                       monitor=("netstack.tor.control:watch", info.control_socket)),
+                Daemon(f"torfilter-{info.qube}", info.netns,
+                       (sys.executable, "-m", "netstack.tor.filter", info.filter_spec), True,
+                       requires=info.filter_spec)]
 
     # --- run time -----------------------------------------------------------------------
     def prepare(self, q: QubeInfo, rt: Runtime) -> None:
@@ -167,6 +175,12 @@ class TorRole(Role):
         assert isinstance(info, TorInfo)
         rt.make_dir(info.datadir, 0o700, owner=info.user)
         rt.write(info.torrc_path, torrc(info, rt.lab_dirauths if info.lab_network else ()))
+        import json
+
+        rt.write(info.filter_spec, json.dumps({  # the control-port filter's go signal
+            "address": info.address, "port": CONTROL_PORT,
+            "control_socket": info.control_socket, "socks": f"{info.address}:{SOCKS_PORT}",
+            "clients": {c.ipv4: c.name for c in q.clients}}))
 
     def leak_zone(self, outer: str) -> str:
         return "tor-out" if outer == "plain" else outer
@@ -246,17 +260,20 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[R
     own = int(__import__("ipaddress").ip_address(q.address))
     socks_box = p.box(l4proto=p.one_of("l4proto", "tcp"), dport=p.one_of("dport", *socks),
                       daddr4=p.Pred(lambda a, o=own: a == o))
+    filt = p.box(l4proto=p.one_of("l4proto", "tcp"), dport=p.one_of("dport", CONTROL_PORT),
+                 daddr4=p.Pred(lambda a, o=own: a == o))
     per_client("only TransPort, DNSPort and the SOCKS ports from clients", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS)},
-               p.dropped_or_allowed(redirected + [socks_box] + p.link_nd(q, egress=False)),
-               f"clients reach only redirected TCP to {TRANS_PORT}, DNS to {DNS_PORT} and "
-               f"the SOCKS ports {', '.join(map(str, socks))} at the gateway's address")
-    per_client("control port unreachable", "input",
+               p.dropped_or_allowed(redirected + [socks_box, filt] + p.link_nd(q, egress=False)),
+               f"clients reach only redirected TCP to {TRANS_PORT}, DNS to {DNS_PORT}, the "
+               f"SOCKS ports {', '.join(map(str, socks))} and the control-port filter at the "
+               "gateway's address")
+    per_client("control port only through the filter", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS),
                           "l4proto": p.one_of("l4proto", "tcp"),
                           "dport": p.one_of("dport", CONTROL_PORT)},
-               p.accepted, f"no TCP port {CONTROL_PORT} from clients (the control port is a "
-               "unix socket)")
+               p.dropped_or_allowed([filt]), f"TCP {CONTROL_PORT} from clients reaches only "
+               "the filter at the gateway's address (tor's own control port is a unix socket)")
     start = {**p.not_sockets("output"), "oif": p.one_of("oif", q.upstream_if)}
     out.append(p.check("gateway output only from tor", q, "output", start,
                        p.dropped_or_allowed([p.box(skuid=p.one_of("skuid", uid)),

@@ -54,6 +54,10 @@ class TorInfo(RoleInfo):
     def daemon_name(self) -> str:
         return f"tor-{self.qube}"
 
+    @property
+    def filter_spec(self) -> str:
+        return os.path.join(self.state_dir, f"torfilter-{self.qube}.json")
+
 
 def tor_uid(user: str = TOR_USER) -> int:
     try:

@@ -74,7 +74,7 @@ def test_broken_live_rule_is_caught_and_drift_shows_it(tor_lab):
         assert p.returncode == 1
         r = json.loads(p.stdout)
         ctl = next(x for x in r["results"] if x["qube"] == "sys-whonix"
-                   and x["property"] == "control port unreachable")
+                   and x["property"] == "control port only through the filter")
         assert ctl["status"] == "FAIL" and ctl["counterexample"]["dport"] == 9051
         assert any("#" in t and "accept" in t for t in ctl["trace"])  # rule handle
         d = next(x for x in r["drift"] if x["qube"] == "sys-whonix")

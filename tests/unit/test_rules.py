@@ -213,7 +213,7 @@ def test_tor_gateway_rules(tmp_path):
     assert {"prefix": {"addr": "10.0.0.0", "len": 8}} in excluded["right"]["set"]
     inp = {r["comment"]: r["expr"] for r in rules_of(rs, "input") if r["expr"][-1] == nft.ACCEPT}
     assert set(inp) == {"replies", "loopback", "redirected to TransPort", "redirected to DNSPort",
-                        "SOCKS ports"}
+                        "SOCKS ports", "control port filter"}
     out = {r["comment"]: r["expr"] for r in rules_of(rs, "output") if r["expr"][-1] == nft.ACCEPT}
     assert set(out) == {"loopback", "replies to clients", "tor's own traffic upstream"}
     # by name in the plan (pure); nftables resolves it when loading (the live audit's drift

@@ -88,7 +88,13 @@ def test_broken_live_rule_is_caught_and_drift_shows_it(tor_lab):
 from tests.unit.test_audit import CASES  # noqa: E402
 
 
-@pytest.mark.parametrize("name", CASES)
+# control-port-exposed: with the control-port filter at the gateway's own address, the only
+# packets the widened rule adds are TCP to a multicast or broadcast destination, which the
+# kernel routes nowhere (replay says "lost"): the property is stricter than the kernel there
+REPLAYED = [c for c in CASES if c != "control-port-exposed"]
+
+
+@pytest.mark.parametrize("name", REPLAYED)
 def test_corpus_counterexamples_replay_in_the_kernel(tmp_path, name):
     """Each broken ruleset's counterexample, sent into the kernel with that ruleset loaded
     (incoming, forwarded, or locally made as its uid and gid; new or mid-connection), gets

@@ -87,7 +87,6 @@ def test_broken_live_rule_is_caught_and_drift_shows_it(tor_lab):
 
 from tests.unit.test_audit import CASES  # noqa: E402
 
-
 # control-port-exposed: with the control-port filter at the gateway's own address, the only
 # packets the widened rule adds are TCP to a multicast or broadcast destination, which the
 # kernel routes nowhere (replay says "lost"): the property is stricter than the kernel there

@@ -226,6 +226,11 @@ def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False)
                                   "netvm to enforce rules", "remove firewall from it")
             if not live:
                 check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])
+        if q.settings.get("onion") and (q.netvm is None or
+                                        not ROLES[by_name[q.netvm].kind].offers_onions):
+            raise ConfigError(f"qube {q.name!r} field 'onion'", "an onion service needs a Tor "
+                              "gateway as the qube's netvm (its keys live there)",
+                              'set netvm to a qube of kind = "tor"')
     return Topology(tuple(qubes), ipv6=ipv6, source=source)
 
 

@@ -77,6 +77,7 @@ class Role:
     protection: str | None = None  # "vpn" | "tor": how leaktest names a chain through it
     sandboxed = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
     enforces_client_rules = True  # clients may have `firewall = [...]` (rules/qubefw.py)
+    offers_onions = False  # clients may have `onion = [...]` (a Tor gateway's services)
 
     # --- config and plan (pure) ---------------------------------------------------------
     def validate(self, q: Qube) -> None:

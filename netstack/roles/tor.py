@@ -5,6 +5,7 @@ ever forwarded (forwarding is off too). The gateway's own output is only the tor
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ class TorRole(Role):
     config_keys = frozenset({"bridges", "socks_ports"})
     strict_replies = True
     protection = "tor"
+    offers_onions = True
 
     def validate(self, q: Qube) -> None:
         ports = q.settings.get("socks_ports", {})
@@ -125,7 +127,8 @@ class TorRole(Role):
     def info(self, ctx: QubeContext) -> TorInfo:
         return TorInfo(ctx.qube.name, ctx.netns, ctx.addr.ipv4, ctx.state_dir,
                        lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])),
-                       socks_ports=dict(ctx.qube.settings.get("socks_ports", {})))
+                       socks_ports=dict(ctx.qube.settings.get("socks_ports", {})),
+                       onions=_onions(ctx))
 
     def sysctls(self, ctx: QubeContext) -> dict[str, str]:
         return common.sysctls(False, ctx.ipv6)  # a gateway proxies, it never forwards
@@ -153,6 +156,12 @@ class TorRole(Role):
                             ACCEPT, comment="control port filter")
             rs["output"].add(oifname(*clients), ct_state("established", "related"), ACCEPT,
                              comment="replies to clients")
+        for client, ports in sorted(info.onions.items()):  # tor to the qube's own service
+            for _p, addr, target in ports:
+                rs["output"].add(oifname(*clients), ip_daddr(addr), l4proto("tcp"),
+                                 match(payload("tcp", "dport"), target),
+                                 match(meta("skuid"), info.user), ct_state("new"), ACCEPT,
+                                 comment=f"onion service of {client}")
         # by name: nftables resolves it when the ruleset is loaded (the plan stays pure)
         rs["output"].add(oifname(ctx.upstream_if), match(meta("skuid"), info.user), ACCEPT,
                          comment="tor's own traffic upstream")
@@ -193,16 +202,24 @@ class TorRole(Role):
                                                       info.all_socks_ports)
 
     def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
-        """From the supervisor's monitor of tor's control port (see tor.control.watch)."""
+        """From the supervisor's monitor of tor's control port (see tor.control.watch), and
+        the .onion addresses of its workstations' services."""
         info = q.info
         assert isinstance(info, TorInfo)
+        onions = {}
+        for client in info.onions:
+            try:
+                with open(os.path.join(info.onion_dir(client), "hostname")) as f:
+                    onions[client] = f.read().strip()
+            except OSError:
+                onions[client] = None  # not made yet (tor makes it at start)
         child = live.children.get(info.daemon_name) or {}
         t = dict(child.get("health") or {"error": "no report from the supervisor yet",
                                          "bootstrap": None})
         if child and not child.get("alive"):
             t = {"error": "tor is not running", "bootstrap": None}
         t["restarts"] = child.get("restarts")
-        return {"tor": t}
+        return {"tor": t, "onions": onions}
 
     def wait_ready(self, q: QubeInfo, st: State, timeout: float,
                    progress: Callable[[int, str], None]) -> float:
@@ -222,10 +239,12 @@ class TorRole(Role):
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         t = entry["tor"]
+        onions = [f"onion service of {c}: {a or 'not made yet'}"
+                  for c, a in sorted((entry.get("onions") or {}).items())]
         if t.get("error"):
-            return [f"tor: {t['error']}"]
+            return [f"tor: {t['error']}", *onions]
         return [f"tor {t['version']}: bootstrap {t['bootstrap']}%, "
-                f"{t['circuits_built']} circuits built, restarts {t['restarts']}"]
+                f"{t['circuits_built']} circuits built, restarts {t['restarts']}", *onions]
 
 
 def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[Result]:
@@ -300,3 +319,14 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[R
 
 
 _NOT_VIA = [__import__("ipaddress").ip_network(n) for n in NOT_VIA_TOR]
+
+
+def _onions(ctx: QubeContext) -> dict[str, list[tuple[int, str, int]]]:
+    from netstack.roles.app import onion_ports
+
+    out = {}
+    for c in ctx.clients:
+        q = ctx.topo[c.name]
+        if q.settings.get("onion"):
+            out[c.name] = [(p, c.ipv4, t) for p, t in onion_ports(q)]
+    return out

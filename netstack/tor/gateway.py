@@ -33,6 +33,11 @@ class TorInfo(RoleInfo):
     lab_network: bool = False  # True: the lab's private Tor network, else the public one
     bridges: list[str] = field(default_factory=list)
     socks_ports: dict[str, int] = field(default_factory=dict)  # per-application ports
+    # client -> [(onion port, client address, client port)]: services whose keys stay here
+    onions: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
+
+    def onion_dir(self, client: str) -> str:
+        return os.path.join(self.datadir, f"onion-{client}")
 
     @property
     def all_socks_ports(self) -> list[int]:
@@ -86,6 +91,9 @@ def torrc(t: TorInfo, dirauths: list[str] | tuple[str, ...] = ()) -> str:
         f"VirtualAddrNetworkIPv4 {VIRTUAL_NET}", "AutomapHostsOnResolve 1", "ClientOnly 1",
         "AvoidDiskWrites 1", "ClientUseIPv6 0",
     ]
+    for client, ports in sorted(t.onions.items()):  # the keys never leave the gateway
+        lines.append(f"HiddenServiceDir {t.onion_dir(client)}")
+        lines += [f"HiddenServicePort {p} {addr}:{target}" for p, addr, target in ports]
     if dirauths:
         lines += TESTING_OPTIONS + list(dirauths)
     if t.bridges:

@@ -18,7 +18,11 @@ TOR = (ROOT / "tests/configs/tor-two-workstations.toml").read_text()
 
 
 def test_the_gateway_serves_it_and_only_tor_reaches_the_workstation():
-    p = build(parse(TOR.replace("# written", "")), "main", UplinkSpec("lab"))
+    from netstack.plan import load_inputs
+
+    lab = UplinkSpec("lab")
+    p = build(load_inputs(str(ROOT / "tests/configs/tor-two-workstations.toml"), "main", lab,
+                          overlay={}), "main", lab)
     gw = p.qube("sys-whonix")
     rc = torrc(gw.info).splitlines()
     assert f"HiddenServiceDir {gw.info.datadir}/onion-anon-whonix" in rc

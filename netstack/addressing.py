@@ -101,7 +101,10 @@ TOR_LAB_HOSTS = [("auth1", "203.0.113.21"), ("auth2", "203.0.113.22"),
 SINK = "198.51.100.99"
 
 
-def lab_hosts(tor: bool = False, sink: bool = False) -> list[LabHost]:
+LAB_BRIDGE = ("bridge1", "203.0.113.51")
+
+
+def lab_hosts(tor: bool = False, sink: bool = False, bridge: bool = False) -> list[LabHost]:
     """The built-in lab's hosts; with `tor`, also a private Tor network's nodes; with
     `sink`, the offline internet's catch-all host."""
     hosts = [
@@ -113,6 +116,9 @@ def lab_hosts(tor: bool = False, sink: bool = False) -> list[LabHost]:
         hosts += [LabHost(n, a, f"{n}.tor.{LAB_DOMAIN}") for n, a in TOR_LAB_HOSTS]
     if sink:
         hosts.append(LabHost("sink", SINK, f"sink.{LAB_DOMAIN}"))
+    if tor and bridge:  # an obfs4 bridge of the private network (a gateway uses lab:obfs4)
+        n, a = LAB_BRIDGE
+        hosts.append(LabHost(n, a, f"{n}.tor.{LAB_DOMAIN}"))
     return hosts
 
 

@@ -168,7 +168,10 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         vpn_keys = any(ref.startswith("lab:") for q in topo.qubes
                        if (ref := role_for(q.kind).provider_ref(q)))
         tor = any(role_for(q.kind).protection == "tor" for q in topo.qubes)
-        labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink)
+        from netstack.tor.obfs4 import LAB_REF
+
+        bridge = any(LAB_REF in q.settings.get("bridges", []) for q in topo.qubes)
+        labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

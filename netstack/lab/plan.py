@@ -39,7 +39,7 @@ def lab_files(state_dir: str) -> dict[str, str]:
 
 
 def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
-             ns_files: Any, sink: bool = False) -> None:
+             ns_files: Any, sink: bool = False, bridge: bool = False) -> None:
     """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
     the VPN server's keys and runs it; tor: a tor qube needs the private Tor network."""
     stack = p.stack
@@ -54,7 +54,7 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                 Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
     p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
     hosts: dict[str, LabHostInfo] = {}
-    for i, h in enumerate(addressing.lab_hosts(tor=tor, sink=sink)):
+    for i, h in enumerate(addressing.lab_hosts(tor=tor, sink=sink, bridge=bridge)):
         ns = names.lab_netns(stack, h.name)
         ifr = names.check_ifname(f"h{i}-{h.name}"[:15])
         fwd = "1" if h.name == "vpn" else "0"

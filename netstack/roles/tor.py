@@ -88,6 +88,11 @@ class TorRole(Role):
                                   "pick another port")
             taken[port] = f"the port of {name}"
         bridges = q.settings.get("bridges", [])
+        if isinstance(bridges, list) and all(isinstance(b, str) for b in bridges):
+            from netstack.tor.obfs4 import parse_line
+
+            for i, b in enumerate(bridges):
+                parse_line(f"qube {q.name!r} field 'bridges' line {i + 1}", b)
         if not isinstance(bridges, list) or not all(isinstance(b, str) for b in bridges):
             raise ConfigError(f"qube {q.name!r} field 'bridges'",
                               "must be a list of Bridge lines",
@@ -125,6 +130,11 @@ class TorRole(Role):
         return None
 
     def info(self, ctx: QubeContext) -> TorInfo:
+        from netstack.tor.obfs4 import LAB_REF
+
+        if LAB_REF in ctx.qube.settings.get("bridges", []) and not ctx.lab:
+            raise ConfigError(f"qube {ctx.qube.name!r} field 'bridges'", f"{LAB_REF} is the "
+                              "lab's own bridge", "use --lab, or real bridge lines")
         return TorInfo(ctx.qube.name, ctx.netns, ctx.addr.ipv4, ctx.state_dir,
                        lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])),
                        socks_ports=dict(ctx.qube.settings.get("socks_ports", {})),
@@ -183,6 +193,17 @@ class TorRole(Role):
         info = q.info
         assert isinstance(info, TorInfo)
         rt.make_dir(info.datadir, 0o700, owner=info.user)
+        from netstack.tor.obfs4 import LAB_REF
+
+        if LAB_REF in info.bridges:  # the lab's obfs4 bridge, made with the lab
+            import dataclasses
+
+            from netstack.tor.network import bridge_line_path
+
+            assert rt.plan.lab is not None
+            line = rt.kernel.read_file(bridge_line_path(rt.plan.lab.tor_dir)).strip()
+            info = dataclasses.replace(info, bridges=[line if b == LAB_REF else b
+                                                      for b in info.bridges])
         rt.write(info.torrc_path, torrc(info, rt.lab_dirauths if info.lab_network else ()))
         import json
 

@@ -27,7 +27,8 @@ TESTING_OPTIONS = [
 
 def node_role(host: str) -> str | None:
     """The lab host names of the private network's nodes say their role."""
-    for prefix, role in (("auth", "authority"), ("relay", "relay"), ("exit", "exit")):
+    for prefix, role in (("auth", "authority"), ("relay", "relay"), ("exit", "exit"),
+                         ("bridge", "bridge")):
         if host.startswith(prefix):
             return role
     return None
@@ -43,10 +44,18 @@ def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str) -> str:
     lines = [f"DataDirectory {node.dir}", "RunAsDaemon 0", f"Nickname {node.name}",
              "Log notice stdout", f"ControlSocket {node.control}", "SocksPort 0",
              f"Address {node.address}", f"ORPort {node.address}:{node.or_port}",
-             f"DirPort {node.address}:{node.dir_port}", "ContactInfo lab@netstack.invalid",
+             *([] if node.role == "bridge" else [f"DirPort {node.address}:{node.dir_port}"]),
+             "ContactInfo lab@netstack.invalid",
              "ServerDNSDetectHijacking 0", "ServerDNSTestAddresses", *TESTING_OPTIONS,
              *dirauths]
-    if node.role == "authority":
+    if node.role == "bridge":  # obfs4 only: its identity was made before it starts
+        from netstack.tor.obfs4 import OBFS4_PORT
+
+        lines += ["BridgeRelay 1", "PublishServerDescriptor 0", "ExitRelay 0",
+                  "ExitPolicy reject *:*", "ExtORPort auto",
+                  "ServerTransportPlugin obfs4 exec /usr/bin/obfs4proxy",
+                  f"ServerTransportListenAddr obfs4 {node.address}:{OBFS4_PORT}"]
+    elif node.role == "authority":
         lines += ["AuthoritativeDirectory 1", "V3AuthoritativeDirectory 1", "ExitRelay 0",
                   "ExitPolicy reject *:*"]
     elif node.role == "exit":
@@ -102,11 +111,23 @@ def generate(nodes: list[TorNode], base: str) -> list[str]:
                                    if n.role == "authority"])
     with open(lab_resolv, "w") as f:
         f.write(lab_resolv_conf_text())
+    from netstack.tor.obfs4 import OBFS4_PORT, make_state
+
+    for n in nodes:
+        if n.role == "bridge":
+            cert = make_state(os.path.join(n.dir, "pt_state"))
+            with open(bridge_line_path(base), "w") as f:
+                f.write(f"obfs4 {n.address}:{OBFS4_PORT} cert={cert} iat-mode=0\n")
     for n in nodes:  # the torrc last: the supervisor starts the node when it appears
         with open(n.torrc + ".tmp", "w") as f:
             f.write(node_torrc(n, dirauths, lab_resolv))
         os.replace(n.torrc + ".tmp", n.torrc)
     return dirauths
+
+
+def bridge_line_path(base: str) -> str:
+    """The lab bridge's line (`lab:obfs4` in a gateway's bridges), made with its identity."""
+    return os.path.join(base, "obfs4-bridgeline")
 
 
 def lab_resolv_conf_text() -> str:

@@ -37,6 +37,11 @@ def fake_lab(lab, write) -> tuple[str, ...]:
     """The lab's key making, faked: provider files from the templates."""
     for ref, path in lab.vpn_server.files.items():
         write(path, TEMPLATES[ref]())
+    if any(n.role == "bridge" for n in lab.tor_nodes.values()):
+        from netstack.tor.network import bridge_line_path
+
+        write(bridge_line_path(lab.tor_dir), "obfs4 203.0.113.51:5443 cert=" + "A" * 70
+              + " iat-mode=0\n")
     return ("DirAuthority fake",) if lab.tor else ()
 
 

@@ -314,6 +314,15 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[R
                           "dport": p.one_of("dport", CONTROL_PORT)},
                p.dropped_or_allowed([filt]), f"TCP {CONTROL_PORT} from clients reaches only "
                "the filter at the gateway's address (tor's own control port is a unix socket)")
+    out.append(p.check("SOCKS and control ports only from workstations", q, "input",
+                       {**p.not_sockets("input"), "iif": p.none_of(
+                           "iif", "lo", *(c.vif for c in q.clients)),  # lo: its own
+                        "ct_state": p.one_of("ct_state", *p.NEW_FLOWS),
+                        "l4proto": p.one_of("l4proto", "tcp"),
+                        "dport": p.one_of("dport", CONTROL_PORT, *socks)},
+                       p.accepted, f"no new TCP to {CONTROL_PORT} or the SOCKS ports "
+                       f"{', '.join(map(str, socks))} from anywhere but the workstations' "
+                       "links (and the gateway's own loopback)", extra))
     start = {**p.not_sockets("output"), "oif": p.one_of("oif", q.upstream_if)}
     out.append(p.check("gateway output only from tor", q, "output", start,
                        p.dropped_or_allowed([p.box(skuid=p.one_of("skuid", uid)),

@@ -110,8 +110,10 @@ def cases(t: Target) -> list[Case]:
         add(f"spoof-{name}", "anti-spoofing at the first hop",
             [{"dst": t.web, "src": src, "proto": "udp", "dport": 9},
              {"dst": t.web, "src": src, "proto": "tcp", "dport": 80, "flags": "S"}])
-    add("gw-control-port", "the control port is unreachable",
-        [{"dst": t.gateway, "proto": "tcp", "dport": 9051, "flags": "S"}])
+    add("gw-control-port", "the control port only through the filter (nothing of it "
+        "goes further)", [{"dst": t.gateway, "proto": "tcp", "dport": 9051, "flags": "S"}])
+    add("gw-socks-port", "the SOCKS port is the gateway's own (nothing of it goes further)",
+        [{"dst": t.gateway, "proto": "tcp", "dport": 9050, "flags": "S"}])
     add("gw-transport-direct", "TransPort only via the redirect",
         [{"dst": t.gateway, "proto": "tcp", "dport": 9040, "flags": "S"}])
     add("gw-dnsport-direct", "DNSPort only via the redirect",

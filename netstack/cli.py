@@ -194,11 +194,14 @@ def cmd_tor(args: argparse.Namespace) -> int:
     sock = t.control_socket
     if args.action == "status":
         s = control.status(sock)
+        s["onions"] = stack.onion_addresses(t)
         if args.json:
             print(json.dumps({"qube": t.qube, **s}, indent=2))
         else:
             print(f"tor {t.qube}: version {s['version']}, bootstrap {s['bootstrap']}% "
                   f"({s['summary']}), {s['circuits_built']} circuits built")
+            for client, addr in sorted(s["onions"].items()):
+                print(f"  onion service of {client}: {addr or 'not made yet'}")
         return 0 if s["bootstrap"] == 100 else 1
     if args.action == "circuits":
         cs = control.circuits(sock)

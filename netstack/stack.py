@@ -170,6 +170,18 @@ def status(stack: str) -> dict[str, Any]:
     return out
 
 
+def onion_addresses(t: Any) -> dict[str, str | None]:
+    """client -> the .onion address of its service (None until tor made it)."""
+    out: dict[str, str | None] = {}
+    for client in t.onions:
+        try:
+            with open(os.path.join(t.onion_dir(client), "hostname")) as f:
+                out[client] = f.read().strip()
+        except OSError:
+            out[client] = None
+    return out
+
+
 def tor_of(stack: str, qube: str | None) -> Any:
     from netstack.tor.gateway import TorInfo
 

@@ -5,7 +5,6 @@ ever forwarded (forwarding is off too). The gateway's own output is only the tor
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -227,13 +226,9 @@ class TorRole(Role):
         the .onion addresses of its workstations' services."""
         info = q.info
         assert isinstance(info, TorInfo)
-        onions = {}
-        for client in info.onions:
-            try:
-                with open(os.path.join(info.onion_dir(client), "hostname")) as f:
-                    onions[client] = f.read().strip()
-            except OSError:
-                onions[client] = None  # not made yet (tor makes it at start)
+        from netstack.stack import onion_addresses
+
+        onions = onion_addresses(info)
         child = live.children.get(info.daemon_name) or {}
         t = dict(child.get("health") or {"error": "no report from the supervisor yet",
                                          "bootstrap": None})

@@ -27,6 +27,7 @@ def test_another_workstation_reaches_the_onion_service(tor_lab, tmp_path):
                      "the onion address")
     assert onion.endswith(".onion") and len(onion) == 62
     assert "onion service of anon-whonix: " + onion in cli("--stack", s, "status").stdout
+    assert "onion service of anon-whonix: " + onion in cli("--stack", s, "tor", "status").stdout
     (tmp_path / "index.html").write_text("hello from anon-whonix\n")
     server = subprocess.Popen(["ip", "netns", "exec", tor_lab.ns["anon-whonix"],
                                sys.executable, "-m", "http.server", "8080", "--bind",

@@ -188,8 +188,16 @@ def run_fault(vs, tmp_path, name, fault, repair=None, duration=2.0):
 
 
 def kill9(vs):
-    c = vs.child()
-    os.kill(c.pid, signal.SIGKILL)
+    """SIGKILL the tunnel daemon now running (if the one just read already died, the
+    supervisor is restarting it: kill the new one once it is up)."""
+    for _ in range(2):
+        c = vs.child()
+        try:
+            os.kill(c.pid, signal.SIGKILL)
+            return
+        except ProcessLookupError:
+            wait_for(lambda old=c.pid: vs.child().pid != old, 20, 0.02, "its restart")
+    raise AssertionError("the tunnel daemon kept dying before it could be killed")
 
 
 def test_vpn_process_killed(vs, tmp_path):

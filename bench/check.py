@@ -49,6 +49,11 @@ def main() -> None:
         res["check_on_running_chain_median_s"] = round(statistics.median(again), 3)
     finally:
         stack.down(s)
+        import shutil
+
+        from netstack.rules.qubefw import overlay_path
+
+        shutil.rmtree(Path(overlay_path(s)).parent, ignore_errors=True)  # its qubes' homes
         reap()
     res.update(machine())
     for k, v in res.items():

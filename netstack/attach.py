@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from netstack.errors import UsageError
-from netstack.kernel import Kernel, RealKernel
+from netstack.kernel import Kernel
 
 NONE = "none"
 
@@ -23,53 +23,41 @@ NONE = "none"
 def attach(stack: str, qube: str, netvm: str, kernel: Kernel | None = None
            ) -> dict[str, Any]:
     from netstack import reconcile
-    from netstack.disposable import LOCK_WAIT, disposables, rebuild
+    from netstack.disposable import disposables, live, rebuild
     from netstack.roles import role_for
     from netstack.rules import names
-    from netstack.stack import require, require_root
-    from netstack.state import StackLock
 
-    if kernel is None:
-        require_root("attach")
-    k = kernel or RealKernel()
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            t0 = time.perf_counter()
-            st = require(stack)
-            cur = st.plan
-            assert cur is not None
-            if not cur.has_qube(qube):
-                raise UsageError(f"no qube {qube!r} in stack {stack!r}; qubes: "
-                                 + ", ".join(q.name for q in cur.qubes))
-            q = cur.qube(qube)
-            if role_for(q.kind).provides_network:
-                raise UsageError(f"{qube} provides network to others; attach moves app "
-                                 "qubes only (move its clients instead)")
-            target = None if netvm == NONE else netvm
-            if target == q.netvm:
-                return {"qube": qube, "netvm": target, "from": q.netvm, "changed": False,
-                        "applied_s": 0.0, "cut": 0}
-            moves = dict(st.data.netvms)
-            moves[qube] = target
-            desired = rebuild(stack, cur, st.data.config, disposables(cur),
-                              netvms=st.data.netvms, moved={qube: target})
-            old = q.netvm
-            st.data.netvms = moves
-            try:
-                reconcile.change(cur, desired, st, k)
-            except BaseException:
-                st.data.netvms = {n: v for n, v in moves.items() if n != qube}
-                st.save()
-                raise
-            took = time.perf_counter() - t0
-            gone = cut(cur, q, old, k)
-            if target is not None:
-                names.refresh(st.dir, desired, st.data.started, k, netvms=[target])
-            return {"qube": qube, "netvm": target, "from": old, "changed": True,
-                    "applied_s": round(took, 4), "cut": gone}
-    finally:
-        if kernel is None:
-            k.close()
+    with live(stack, "attach", kernel) as (st, cur, k):
+        t0 = time.perf_counter()
+        if not cur.has_qube(qube):
+            raise UsageError(f"no qube {qube!r} in stack {stack!r}; qubes: "
+                             + ", ".join(q.name for q in cur.qubes))
+        q = cur.qube(qube)
+        if role_for(q.kind).provides_network:
+            raise UsageError(f"{qube} provides network to others; attach moves app "
+                             "qubes only (move its clients instead)")
+        target = None if netvm == NONE else netvm
+        if target == q.netvm:
+            return {"qube": qube, "netvm": target, "from": q.netvm, "changed": False,
+                    "applied_s": 0.0, "cut": 0}
+        moves = dict(st.data.netvms)
+        moves[qube] = target
+        desired = rebuild(stack, cur, st.data.config, disposables(cur),
+                          netvms=st.data.netvms, moved={qube: target})
+        old = q.netvm
+        st.data.netvms = moves
+        try:
+            reconcile.change(cur, desired, st, k)
+        except BaseException:
+            st.data.netvms = {n: v for n, v in moves.items() if n != qube}
+            st.save()
+            raise
+        took = time.perf_counter() - t0
+        gone = cut(cur, q, old, k)
+        if target is not None:
+            names.refresh(st.dir, desired, st.data.started, k, netvms=[target])
+        return {"qube": qube, "netvm": target, "from": old, "changed": True,
+                "applied_s": round(took, 4), "cut": gone}
 
 
 def cut(cur: Any, q: Any, old: str | None, k: Kernel) -> int:

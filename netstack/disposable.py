@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -86,6 +86,28 @@ def check_request(plan: Plan, netvm: str, label: str) -> None:
                                                if role_for(q.kind).provides_network))
 
 
+@contextlib.contextmanager
+def live(stack: str, command: str, kernel: Kernel | None = None) -> Iterator[tuple[Any, Plan,
+                                                                                  Kernel]]:
+    """The one way into a live change (`run`, `firewall`, `attach`): root unless a kernel is
+    given, the stack's lock (waiting, so several changes queue up), then the state and the
+    plan in force."""
+    from netstack.stack import require, require_root
+    from netstack.state import StackLock
+
+    if kernel is None:
+        require_root(command)
+    k = kernel or RealKernel()
+    try:
+        with StackLock(stack, wait=LOCK_WAIT):
+            st = require(stack)
+            assert st.plan is not None
+            yield st, st.plan, k
+    finally:
+        if kernel is None:
+            k.close()
+
+
 def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
             add: list[Qube] | tuple[Qube, ...] = (),
             overlay: dict[str, list[Any]] | None = None,
@@ -116,40 +138,28 @@ def add(stack: str, netvm: str | None, label: str, gui: bool = False,
         kernel: Kernel | None = None, runner: int | None = None) -> QubeInfo:
     """Make a disposable qube in a running stack; orphans of killed `run`s go first."""
     from netstack import reconcile
-    from netstack.stack import require, require_root
-    from netstack.state import StackLock
 
-    if kernel is None:
-        require_root("run")
-    k = kernel or RealKernel()
     pid = runner or os.getpid()
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            st = require(stack)
-            cur = st.plan
-            assert cur is not None
-            if st.data.status != "up":
-                raise StateError(f"stack {stack!r} is half made; run `netstack down` first")
-            netvm = netvm or default_netvm(cur)
-            check_request(cur, netvm, label)
-            name = new_name(cur)
-            settings: dict[str, Any] = {"home": "ephemeral", "disposable": True,
-                                        "runner": pid, "runner_start": proc_start_time(pid)}
-            if gui:
-                settings["gui"] = True
-            keep = [q for q in disposables(cur) if not orphaned(q)]
-            desired = rebuild(stack, cur, st.data.config, keep,
-                               [Qube(name, "app", netvm, label, settings)],
-                               netvms=st.data.netvms)
-            try:
-                reconcile.change(cur, desired, st, k)
-            except BaseException:
-                _undo_add(cur, desired, st, k)
-                raise
-            return desired.qube(name)
-    finally:
-        if kernel is None:
-            k.close()
+    with live(stack, "run", kernel) as (st, cur, k):
+        if st.data.status != "up":
+            raise StateError(f"stack {stack!r} is half made; run `netstack down` first")
+        netvm = netvm or default_netvm(cur)
+        check_request(cur, netvm, label)
+        name = new_name(cur)
+        settings: dict[str, Any] = {"home": "ephemeral", "disposable": True,
+                                    "runner": pid, "runner_start": proc_start_time(pid)}
+        if gui:
+            settings["gui"] = True
+        keep = [q for q in disposables(cur) if not orphaned(q)]
+        desired = rebuild(stack, cur, st.data.config, keep,
+                           [Qube(name, "app", netvm, label, settings)],
+                           netvms=st.data.netvms)
+        try:
+            reconcile.change(cur, desired, st, k)
+        except BaseException:
+            _undo_add(cur, desired, st, k)
+            raise
+        return desired.qube(name)
 
 
 def _undo_add(cur: Plan, desired: Plan, st: Any, k: Kernel) -> None:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from netstack.errors import UsageError
-from netstack.kernel import Kernel, RealKernel
+from netstack.kernel import Kernel
 from netstack.model import Plan
 from netstack.rules import qubefw
 
@@ -44,58 +44,46 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
     number of rules now in force and the seconds the apply took (lock to digests)."""
     from netstack import reconcile
-    from netstack.disposable import LOCK_WAIT, disposables, rebuild
-    from netstack.stack import require, require_root
-    from netstack.state import StackLock
+    from netstack.disposable import disposables, live, rebuild
 
-    if kernel is None:
-        require_root("firewall")
-    k = kernel or RealKernel()
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            t0 = time.perf_counter()
-            st = require(stack)
-            cur = st.plan
-            assert cur is not None
-            current = rules_of(cur, qube)
-            raw = list(cur.qube(qube).settings.get("firewall") or [])
-            old = qubefw.load_overlay(stack)
-            new = dict(old)
-            if action == "reset":
-                new.pop(qube, None)
-            elif action == "add":
-                rule = qubefw.absolute_expiry(qubefw.rule_from_words(words or []),
-                                              time.time())
-                at = len(raw) if number is None else _index(number, len(raw) + 1)
-                raw.insert(at, rule)
-                new[qube] = raw
-            elif action == "del":
-                if current is None:
-                    raise UsageError(f"{qube} has no rules to delete")
-                raw.pop(_index(number, len(raw)))
-                new[qube] = raw
-            else:
-                raise UsageError(f"firewall: unknown action {action!r}")
-            desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new,
-                              netvms=st.data.netvms)
-            qubefw.save_overlay(stack, new)
-            try:
-                reconcile.change(cur, desired, st, k)
-            except BaseException:
-                qubefw.save_overlay(stack, old)
-                raise
-            after = desired.qube(qube).settings.get("firewall")
-            took = time.perf_counter() - t0
-            netvm = desired.qube(qube).netvm
-            if netvm:  # names of the new list: through the chain's resolver
-                from netstack.rules import names
+    with live(stack, "firewall", kernel) as (st, cur, k):
+        t0 = time.perf_counter()
+        current = rules_of(cur, qube)
+        raw = list(cur.qube(qube).settings.get("firewall") or [])
+        old = qubefw.load_overlay(stack)
+        new = dict(old)
+        if action == "reset":
+            new.pop(qube, None)
+        elif action == "add":
+            rule = qubefw.absolute_expiry(qubefw.rule_from_words(words or []),
+                                          time.time())
+            at = len(raw) if number is None else _index(number, len(raw) + 1)
+            raw.insert(at, rule)
+            new[qube] = raw
+        elif action == "del":
+            if current is None:
+                raise UsageError(f"{qube} has no rules to delete")
+            raw.pop(_index(number, len(raw)))
+            new[qube] = raw
+        else:
+            raise UsageError(f"firewall: unknown action {action!r}")
+        desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new,
+                          netvms=st.data.netvms)
+        qubefw.save_overlay(stack, new)
+        try:
+            reconcile.change(cur, desired, st, k)
+        except BaseException:
+            qubefw.save_overlay(stack, old)
+            raise
+        after = desired.qube(qube).settings.get("firewall")
+        took = time.perf_counter() - t0
+        netvm = desired.qube(qube).netvm
+        if netvm:  # names of the new list: through the chain's resolver
+            from netstack.rules import names
 
-                names.refresh(st.dir, desired, st.data.started, k, netvms=[netvm])
-            cut(desired, qube, k, st)
-            return (len(after) if after is not None else 0), took
-    finally:
-        if kernel is None:
-            k.close()
+            names.refresh(st.dir, desired, st.data.started, k, netvms=[netvm])
+        cut(desired, qube, k, st)
+        return (len(after) if after is not None else 0), took
 
 
 def cut(plan: Plan, qube: str, k: Kernel, st: Any) -> list[Any]:

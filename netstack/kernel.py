@@ -99,6 +99,11 @@ class Kernel:
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
         raise NotImplementedError
 
+    def wait_ready(self, state_dir: str, ready: dict[str, tuple[str, int] | None],
+                   timeout: float) -> None:
+        """Until the supervisor's named daemons answer (processes.wait_daemons_ready)."""
+        raise NotImplementedError
+
     def bind(self, ns: str, kind: int, addr: str, port: int) -> socket.socket:
         raise NotImplementedError
 
@@ -480,6 +485,12 @@ class RealKernel(Kernel):
             os.close(fd)
         p.returncode = 0  # detached on purpose: keep Popen.__del__ quiet
         return p.pid, proc_start_time(p.pid)
+
+    def wait_ready(self, state_dir: str, ready: dict[str, tuple[str, int] | None],
+                   timeout: float) -> None:
+        from netstack.processes import wait_daemons_ready
+
+        wait_daemons_ready(state_dir, ready, timeout)
 
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
         """End a process we started, by PID (checked against its start time)."""

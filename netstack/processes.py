@@ -84,3 +84,49 @@ def supervisor_pid(st: State) -> int | None:
         if isinstance(r, ProcessRec) and r.name == "supervisor" and r.pid is not None:
             return r.pid
     return None
+
+
+def listening(pid: int, proto: str, port: int) -> bool:
+    """Whether a socket of `proto` (udp/tcp) is bound to `port` in the network namespace
+    of process `pid` (its /proc/PID/net view): the daemon answers from now on."""
+    want = f":{port:04X}"
+    for fam in ("", "6"):
+        try:
+            with open(f"/proc/{pid}/net/{proto}{fam}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for r in rows:
+            cols = r.split()
+            if len(cols) > 3 and cols[1].endswith(want) and \
+                    cols[3] == ("07" if proto == "udp" else "0A"):
+                return True
+    return False
+
+
+def wait_daemons_ready(state_dir: str, ready: dict[str, tuple[str, int] | None],
+                       timeout: float) -> None:
+    """Until each named daemon answers: hooked ones once their hook reported `configured`
+    (None), others once their (proto, port) is bound in their namespace. Raises NotReady
+    naming the ones still waiting, with their log."""
+    from netstack.errors import NotReady
+
+    end = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        st = read_status(state_dir)
+        kids = st.children if st else {}
+        waiting = []
+        for name, port in ready.items():
+            c = kids.get(name)
+            ok = c is not None and (c.configured if port is None
+                                    else listening(c.pid, *port))
+            if not ok:
+                waiting.append(name)
+        if not waiting:
+            return
+        if time.monotonic() > end:
+            raise NotReady(f"{', '.join(waiting)} not ready after {timeout:.0f} s; see "
+                           + ", ".join(os.path.join(state_dir, f"{w}.log") for w in waiting))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)

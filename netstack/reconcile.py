@@ -378,6 +378,13 @@ def run_time(rt: Runtime) -> None:
 
     if plan.services or plan.daemons or qubefw.plan_has_runtime_sets(plan):
         processes.start_supervisor(plan, rt.state, k)  # also keeps rule names fresh
+    if plan.lab and plan.lab.vpn_keys:
+        # The lab's VPN servers are the internet's: they answer before any client's go
+        # signal, or the client's first handshake meets a closed port and waits for
+        # WireGuard's 5 s retry.
+        from netstack.lab.vpnserver import READY
+
+        k.wait_ready(rt.state.dir, READY, 10.0)
     for q in plan.qubes:
         role_for(q.kind).activate(q, rt)
     from netstack.rules import names

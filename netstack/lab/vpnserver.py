@@ -21,6 +21,9 @@ WG_SERVER_ADDR, WG_CLIENT_ADDR = "10.66.0.1/24", "10.66.0.2/32"
 OVPN_NET = "10.67.0.0"
 TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24")
 OVPN_SERVER_DEV = "ovs0"
+# what tells each server answers (see processes.wait_daemons_ready)
+READY: dict[str, tuple[str, int] | None] = {"lab-wireguard": None,
+                                            "lab-openvpn": ("udp", OVPN_PORT)}
 LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-openvpn.ovpn"}
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from netstack.codec import load
 from netstack.kernel import iproute_class
-from netstack.vpn.runtime import TunnelSpec
+from netstack.vpn.runtime import HookRoute, TunnelSpec
 
 DEVICE_TIMEOUT = 30.0
 EXITED = "daemon-exited"
@@ -106,6 +106,14 @@ def _last_words(log: str | None, n: int = 3) -> str:
     return ""
 
 
+def _routes(ipr: Any, routes: list[HookRoute]) -> None:
+    for rt in routes:
+        kw: dict[str, Any] = {"dst": rt.dst, "oif": _index(ipr, rt.dev)}
+        if rt.via:
+            kw["gateway"] = rt.via
+        ipr.route("replace", **kw)
+
+
 def run(spec: TunnelSpec, pid: int | None) -> int:
     ev = Events(pid)
     ipr = iproute_class()()
@@ -116,6 +124,11 @@ def run(spec: TunnelSpec, pid: int | None) -> int:
         return 1
     idx = _index(ipr, dev)
     assert idx is not None
+    # Routes to the servers first: WireGuard sends its first handshake the moment the
+    # device is up (PersistentKeepalive), and a send with no route is lost until its 5 s
+    # retry. Routes into the tunnel need the device up and come after.
+    outside = [r for r in spec.routes if r.dev != dev]
+    _routes(ipr, outside)
     if spec.type == "wireguard":
         subprocess.run(["wg", "setconf", dev, spec.setconf], check=True)
         for a in spec.addresses:
@@ -134,11 +147,7 @@ def run(spec: TunnelSpec, pid: int | None) -> int:
             print(f"hook: {dev} got no address: {why}; openvpn said: "
                   f"{_last_words(spec.log) or '-'}", file=sys.stderr)
             return 1
-    for rt in spec.routes:
-        kw: dict[str, Any] = {"dst": rt.dst, "oif": _index(ipr, rt.dev)}
-        if rt.via:
-            kw["gateway"] = rt.via
-        ipr.route("replace", **kw)
+    _routes(ipr, [r for r in spec.routes if r.dev == dev])
     print(f"hook: {dev} configured", file=sys.stderr)
     print("configured", flush=True)
     # Watch: a daemon that lives on without its device (OpenVPN keeps running when its tun

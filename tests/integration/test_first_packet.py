@@ -1,0 +1,114 @@
+"""The first handshake is never lost: the first packet through the tunnel arrives within
+one handshake round trip of the tunnel's start, not after WireGuard's 5 s retry (issue 16).
+The bound is generous (2.5 s from the command's start) yet fails on the retry, and the
+anti-test shows it does: a lab rule drops one handshake initiation and the same
+measurement goes past the bound (root)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from netstack import netns
+from tests.integration.util import (
+    ROOT,
+    cli,
+    in_ns,
+    load_state,
+    new_stack_name,
+    reap_zombies,
+    stack_leftovers,
+)
+
+pytestmark = pytest.mark.root
+
+WEB = "198.51.100.80"
+BOUND = 2.5  # one handshake round trip in the lab is ~1 ms; the retry is 5 s
+RUNS = 3
+
+
+def first_connect(ns: str, t0: float, limit: float = 12.0) -> float:
+    """Seconds from t0 to the first TCP connect from `ns` to the lab web server."""
+    while True:
+        with netns.entered(ns):
+            s = socket.socket()
+        s.settimeout(0.1)
+        try:
+            s.connect((WEB, 80))
+            return time.monotonic() - t0
+        except OSError:
+            if time.monotonic() - t0 > limit:
+                raise
+            time.sleep(0.002)
+        finally:
+            s.close()
+
+
+def up_and_measure(kind: str, tmp_path) -> tuple[str, float]:
+    cfg = (ROOT / "configs" / "vpn.toml").read_text()
+    if kind == "openvpn":
+        cfg = cfg.replace('type = "wireguard"', 'type = "openvpn"').replace(
+            "lab:wireguard", "lab:openvpn")
+    path = tmp_path / f"{kind}.toml"
+    path.write_text(cfg)
+    stack = new_stack_name("fp")
+    t0 = time.monotonic()
+    cli("--stack", stack, "up", str(path), "--lab", "--no-wait")
+    try:
+        return stack, first_connect(f"nst-{stack}-work", t0)
+    except BaseException:
+        down(stack)
+        raise
+
+
+def down(stack: str) -> None:
+    cli("--stack", stack, "down", "--purge", check=False)
+    reap_zombies()
+    assert stack_leftovers(stack) == []
+
+
+@pytest.mark.parametrize("kind", ["wireguard", "openvpn"])
+def test_first_packet_within_a_round_trip_of_up(kind, tmp_path):
+    """From `up` (not waiting for the tunnel) to the first connect through it, each run
+    under the bound: the lab's server answers before the client's go signal and the route
+    to it exists before the tunnel device goes up."""
+    took = []
+    for _ in range(RUNS):
+        stack, t = up_and_measure(kind, tmp_path)
+        down(stack)
+        took.append(round(t, 2))
+    assert max(took) < BOUND, f"first packet after {took} s: a first handshake was lost"
+
+
+def test_anti_a_lost_initiation_is_caught(tmp_path):
+    """The lab's VPN server drops the first handshake initiation of each source once; the
+    client's peer is set again so it must handshake anew: the measurement now passes the
+    bound (WireGuard's retry), and without the drop the same measurement is within it."""
+    stack, _ = up_and_measure("wireguard", tmp_path)
+    try:
+        st = load_state(stack)
+        info = st.plan.qube("sys-proxyvm").info
+        vpn_ns, lab_ns = info.netns, f"nsl-{stack}-vpn"
+        work = f"nst-{stack}-work"
+        peer = in_ns(vpn_ns, "wg", "show", info.dev, "peers").stdout.split()[0]
+
+        def rehandshake() -> float:
+            in_ns(vpn_ns, "wg", "set", info.dev, "peer", peer, "remove")
+            t0 = time.monotonic()
+            in_ns(vpn_ns, "wg", "setconf", info.dev, info.conf_path)
+            return first_connect(work, t0)
+
+        assert rehandshake() < BOUND
+        in_ns(lab_ns, "nft", "-f", "-", input=(
+            "table inet fp {\n set seen { type ipv4_addr; flags dynamic; }\n"
+            " chain in {\n  type filter hook input priority 0;\n"
+            "  udp dport 51820 @th,64,8 1 ip saddr @seen accept\n"
+            "  udp dport 51820 @th,64,8 1 add @seen { ip saddr } drop\n }\n}\n"))
+        lost = rehandshake()
+        assert lost > BOUND, f"a lost initiation went unnoticed ({lost:.2f} s)"
+        dropped = in_ns(lab_ns, "nft", "list", "set", "inet", "fp", "seen").stdout
+        assert "elements" in dropped  # the drop did happen
+    finally:
+        down(stack)

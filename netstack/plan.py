@@ -20,6 +20,7 @@ from netstack import addressing, config, names
 from netstack.addressing import VIRTUAL_DNS
 from netstack.config import Topology
 from netstack.errors import ConfigError
+from netstack.hostcaps import HostCaps
 from netstack.lab import plan as labplan
 from netstack.model import (
     Addr,
@@ -54,10 +55,12 @@ class Inputs:
     config_path: str
     providers: dict[str, tuple[str, Any]] = field(default_factory=dict)
     host_resolv: str = ""
+    caps: HostCaps = field(default_factory=HostCaps)  # what the kernel offers (probed)
 
 
 def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
-                overlay: dict[str, list[Any]] | None = None, live: bool = False) -> Inputs:
+                overlay: dict[str, list[Any]] | None = None, live: bool = False,
+                probe: bool = True) -> Inputs:
     """Read and validate the config and the provider files it names (no host change), with
     the rule lists `netstack firewall` changed (the stack's overlay, or `overlay`)."""
     from netstack.lab.vpnserver import TEMPLATES
@@ -85,7 +88,12 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
     if uplink.mode != "lab":
         with contextlib.suppress(OSError):
             host_resolv = Path("/etc/resolv.conf").read_text()
-    return Inputs(topo, path, providers, host_resolv)
+    from netstack import hostcaps
+
+    wants_wg = any(q.kind == "vpn" and q.settings.get("type") == "wireguard"
+                   and q.settings.get("backend", "auto") != "wireguard-go" for q in topo.qubes)
+    caps = hostcaps.probe(wireguard=wants_wg) if probe else HostCaps()
+    return Inputs(topo, path, providers, host_resolv, caps)
 
 
 def _ns_files(ns: str, nameservers: list[str], qube: str | None = None) -> dict[str, str]:
@@ -152,7 +160,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         up_if = names.UPLINK_IF if role.owns_uplink else names.UPSTREAM_IF
         ctx = QubeContext(topo, q, a, stack, ns, up_if, clients, sdir, lab,
                           tuple(resolvers) if role.owns_uplink else (),
-                          inputs.providers.get(q.name))
+                          inputs.providers.get(q.name), inputs.caps)
         info = role.info(ctx)
         p.namespaces.append(NsPlan(ns, f"qube:{q.name}", role.sysctls(ctx),
                                    role.ruleset(ctx, info).to_json(),

@@ -6,11 +6,12 @@ is one module plus a line in roles/__init__.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from netstack.addressing import QubeAddr
 from netstack.config import Qube, Topology
+from netstack.hostcaps import HostCaps
 from netstack.model import Client, Daemon, QubeInfo, RoleInfo
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
@@ -35,6 +36,7 @@ class QubeContext:
     lab: bool  # the uplink is the built-in lab
     upstream_dns: tuple[str, ...] = ()  # real resolvers, net qube only
     provider: Any = None  # a VPN qube's parsed provider file
+    caps: HostCaps = field(default_factory=HostCaps)  # what the host's kernel offers
 
     @property
     def client_vifs(self) -> list[str]:

@@ -47,7 +47,7 @@ SET_TYPE6 = ["ipv6_addr", "inet_proto", "inet_service"]
 
 class VpnRole(Role):
     kind = "vpn"
-    config_keys = frozenset({"type", "config", "dns"})
+    config_keys = frozenset({"type", "config", "dns", "backend"})
     strict_replies = True
     protection = "vpn"
 
@@ -59,6 +59,12 @@ class VpnRole(Role):
         if not isinstance(s.get("config"), str) or not s["config"]:
             raise ConfigError(f"{where} field 'config'", "missing",
                               "give the path of the provider's .conf or .ovpn file")
+        if "backend" in s and (s["type"] != "wireguard"
+                               or s["backend"] not in ("auto", "kernel", "wireguard-go")):
+            raise ConfigError(f"{where} field 'backend'", f"{s['backend']!r} is not a "
+                              f"{s['type']} backend",
+                              'for WireGuard use "auto", "kernel" or "wireguard-go"; '
+                              "OpenVPN has none")
         dns = s.get("dns", [])
         if not isinstance(dns, list) or not all(isinstance(d, str) for d in dns):
             raise ConfigError(f"{where} field 'dns'", "must be a list of addresses",
@@ -77,7 +83,8 @@ class VpnRole(Role):
 
         path, cfg = ctx.provider
         return runtime.vpn_info(ctx.qube, cfg, path, ctx.addr.qid, ctx.stack,
-                                ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir)
+                                ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir,
+                                ctx.caps.wireguard)
 
     def rules(self, ctx: QubeContext, info: VpnInfo, rs: Ruleset) -> None:
         # Literal endpoints are in the set from the first transaction on; names are added
@@ -228,7 +235,9 @@ class VpnRole(Role):
         eps = ", ".join(f"{e['host']}:{e['port']}/{e['proto']}" for e in v["endpoints"])
         extra = (f"handshake {v['handshake_age_s']}s ago" if v.get("handshake_age_s")
                  is not None else f"state {v.get('state') or '-'}")
-        return [f"{v['type']} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
+        kind = v["type"] if v.get("backend", v["type"]) == v["type"] \
+            else f"{v['type']} ({v['backend']})"
+        return [f"{kind} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
                 f"rx {v['rx_bytes'] or 0} B tx {v['tx_bytes'] or 0} B, "
                 f"restarts {v['restarts']}"]
 

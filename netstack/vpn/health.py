@@ -54,7 +54,7 @@ def health(vpn: VpnInfo, links: list[Any], child: dict[str, Any] | None,
     link = next((x for x in links if x.name == vpn.dev), None)
     known = {**(resolved or {}), **vpn.literal()}
     out: dict[str, Any] = {
-        "type": vpn.type, "dev": vpn.dev,
+        "type": vpn.type, "backend": vpn.backend, "dev": vpn.dev,
         "endpoints": [{"host": e.host, "port": e.port, "proto": e.proto,
                        "addresses": known.get(e.host, [])} for e in vpn.endpoints],
         "dns": vpn.dns, "tunnel": "up" if link and link.addresses else "down",

@@ -42,6 +42,7 @@ class VpnInfo(RoleInfo):
     state_dir: str
     routes: list[str] = field(default_factory=lambda: ["0.0.0.0/0"])
     gateway6: str | None = None
+    backend: str = "wireguard-go"  # kernel | wireguard-go (WireGuard); openvpn
 
     def _path(self, ext: str) -> str:
         return os.path.join(self.state_dir, f"vpn-{self.qube}.{ext}")

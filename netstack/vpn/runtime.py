@@ -72,8 +72,23 @@ def read_provider(q: Qube, path: str) -> Provider:
     return parse_provider(q.settings["type"], text, path, where)
 
 
+def backend(q: Qube, kernel_wireguard: bool) -> str:
+    """Kernel WireGuard where the kernel has it, wireguard-go otherwise (as wg-quick
+    chooses); `backend` in the qube's table forces one."""
+    if q.settings["type"] != "wireguard":
+        return "openvpn"
+    want = q.settings.get("backend", "auto")
+    if want == "kernel" and not kernel_wireguard:
+        raise ConfigError(f"qube {q.name!r} field 'backend'",
+                          "this kernel has no WireGuard (no generic netlink family "
+                          "'wireguard')", 'use backend = "auto" or "wireguard-go"')
+    if want == "auto":
+        return "kernel" if kernel_wireguard else "wireguard-go"
+    return want
+
+
 def vpn_info(q: Qube, cfg: Provider, path: str, qid: int, stack: str, gateway: str,
-             gateway6: str | None, state_dir: str) -> VpnInfo:
+             gateway6: str | None, state_dir: str, kernel_wireguard: bool = False) -> VpnInfo:
     """Everything about the VPN qube that the rules and status need, without secrets."""
     if isinstance(cfg, wgconf.WgConfig):
         eps = [VpnEndpoint(e.host, e.port, "udp") for e in cfg.endpoints]
@@ -95,7 +110,7 @@ def vpn_info(q: Qube, cfg: Provider, path: str, qid: int, stack: str, gateway: s
     return VpnInfo(q.name, names.qube_netns(stack, q.name), q.settings["type"],
                    names.tunnel_if(stack, qid, q.settings["type"]), FWMARK, path, eps, v4_dns,
                    [a for a in addrs if ":" not in a], mtu, gateway, names.UPSTREAM_IF,
-                   state_dir, routes, gateway6)
+                   state_dir, routes, gateway6, backend(q, kernel_wireguard))
 
 
 def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, list[str]]
@@ -137,6 +152,13 @@ def resolve_endpoints(info: VpnInfo, resolve) -> dict[str, list[str]]:
 
 
 def daemon_argv(info: VpnInfo) -> tuple[str, ...]:
+    """The tunnel's owner: kernel WireGuard's keeper makes the device and deletes it when
+    ended, as wireguard-go's device goes with its process, so supervision, restarts and
+    the kill switch are the same for both."""
+    if info.backend == "kernel":
+        import sys
+
+        return (sys.executable, "-m", "netstack.vpn.kernelwg", info.dev)
     if info.type == "wireguard":
         return ("wireguard-go", "-f", info.dev)
     return ("openvpn", "--config", info.conf_path)

@@ -1,0 +1,14 @@
+"""Unit tests derive plans from their inputs only: the host's kernel (does it have
+WireGuard, flowtables?) is pinned to "neither", and a test that wants the other answer
+passes HostCaps itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from netstack import hostcaps
+
+
+@pytest.fixture(autouse=True)
+def _no_host_caps(monkeypatch):
+    monkeypatch.setattr(hostcaps, "probe", lambda **_: hostcaps.HostCaps())

@@ -55,7 +55,10 @@ def _colour(label: str, text: str) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from netstack import stack
+    from netstack.service import Notifier
 
+    sd = Notifier()  # under systemd (Type=notify): progress, then the hand-over
+    sd.send(status="bringing the chain up")
     p, note = stack.up(args.config, args.stack, _uplink(args))
     if note:
         print(note, file=sys.stderr)
@@ -66,20 +69,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     for q in p.qubes:  # what a display grant means, said where it is made
         for w in gui_status(q)[1]:
             print(f"netstack: {q.name}: WARNING: {w}", file=sys.stderr)
-    if args.no_wait:
-        return 0
     from netstack.roles import role_for
     from netstack.state import State
 
     st = State.load(args.stack)
     assert st is not None
+    if args.no_wait:
+        _ready(sd, st, "up (not waiting for tunnels)")
+        return 0
     left_up = (f"stack {args.stack!r} is left up (`netstack --stack {args.stack} status` shows "
                f"it, `netstack --stack {args.stack} down` removes it)")
     try:  # in tree order: a VPN below a Tor gateway is ready first
         for q in p.qubes:
             role = role_for(q.kind)
             timeout = args.tor_timeout if role.protection == "tor" else args.vpn_timeout
-            took = role.wait_ready(q, st, timeout, _progress_bar(f"{q.kind} {q.name}"))
+            took = role.wait_ready(q, st, timeout, _progress_bar(f"{q.kind} {q.name}", sd))
             if took is not None:
                 print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
     except KeyboardInterrupt:
@@ -88,10 +92,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     except NetstackError as e:
         print(file=sys.stderr)
         return _fail(args, f"{e}; {left_up}", e.exit_code)
+    _ready(sd, st, "chain up")
     return 0
 
 
-def _progress_bar(label: str):
+def _ready(sd: Any, st: Any, status: str) -> None:
+    """Hand the unit over to the supervisor (systemd watches it from now on), then say
+    ready: only once the chain does its job."""
+    from netstack.processes import supervisor_pid
+
+    pid = supervisor_pid(st)
+    if pid is not None:
+        sd.send(mainpid=pid)
+    sd.send(ready=1, status=status)
+
+
+def _progress_bar(label: str, sd: Any = None):
     tty = sys.stderr.isatty()
     last = [-1]
 
@@ -99,6 +115,8 @@ def _progress_bar(label: str):
         if pct == last[0]:
             return
         last[0] = pct
+        if sd is not None:
+            sd.send(status=f"{label}: {pct}% {summary}")
         bar = "#" * (pct // 5) + "." * (20 - pct // 5)
         end = "" if tty else "\n"
         print(f"\r{label} [{bar}] {pct:3d}% {summary[:40]:<40}", end=end, file=sys.stderr,
@@ -184,6 +202,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     for pr in s["processes"]:
         print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
     return 0 if ok else 1
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from netstack import service
+
+    unit_dir = args.unit_dir or service.UNIT_DIR
+    if args.action == "list":
+        units = sorted(f for f in os.listdir(unit_dir)
+                       if f.startswith("netstack-") and f.endswith(".service")) \
+            if os.path.isdir(unit_dir) else []
+        if args.json:
+            print(json.dumps([{"unit": u, "path": os.path.join(unit_dir, u)} for u in units]))
+        else:
+            print("\n".join(units) or f"no netstack units in {unit_dir}")
+        return 0
+    if os.geteuid() != 0 and args.action != "show" and not args.unit_dir:
+        raise UsageError(f"netstack service {args.action} writes {unit_dir}: run it with sudo")
+    if args.action == "remove":
+        for line in service.remove(args.stack, unit_dir):
+            print(line)
+        return 0
+    from netstack import stack
+
+    uplink = _uplink(args)
+    p = stack.plan_only(args.config, args.stack, uplink)  # a bad config writes nothing
+    from netstack.plan import DEFAULT_CONFIG
+
+    spec = service.UnitSpec(args.stack, os.path.abspath(args.config or DEFAULT_CONFIG), uplink,
+                            bool(p.daemons or p.services))
+    if args.action == "show":
+        print(service.unit_text(spec), end="")
+        return 0
+    for line in service.install(spec, unit_dir, enable=not args.no_enable):
+        print(line)
+    import shutil
+
+    if shutil.which("systemd-analyze"):
+        complaints = service.verify(os.path.join(unit_dir, spec.name))
+        print("systemd-analyze verify: " + (complaints or "clean"))
+    return 0
 
 
 def cmd_tor(args: argparse.Namespace) -> int:
@@ -546,6 +604,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tor-timeout", type=float, default=120, metavar="S",
                    help="deadline for Tor bootstrap (default 120 s)")
     p.set_defaults(func=cmd_up)
+    p = sub.add_parser(
+        "service", help="start the chain at boot: a systemd unit (install, remove, show, list)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  sudo netstack service install configs/vpn.toml --uplink wlan0   # move mode\n"
+        "  sudo netstack service install configs/vpn.toml --uplink eth0 --uplink-mode nat\n"
+        "  netstack service show configs/vpn.toml --uplink wlan0           # print the unit\n"
+        "  sudo netstack service remove                                    # stop, disable\n"
+        "The unit's main process is the stack's supervisor; it is ready once tunnels are\n"
+        "connected and Tor has bootstrapped; move mode orders it before network-pre.target\n"
+        "so no network manager touches the device first. See docs/host.md.")
+    p.add_argument("action", choices=["install", "remove", "show", "list"])
+    uplink_opts(p)
+    p.add_argument("--unit-dir", metavar="DIR",
+                   help="write the unit here instead of /etc/systemd/system (not enabled)")
+    p.add_argument("--no-enable", action="store_true", help="write the unit only")
+    p.add_argument("--json", action="store_true", help="with list")
+    p.set_defaults(func=cmd_service)
     p = sub.add_parser("plan", help="print what `up` would make (pure, no root)")
     uplink_opts(p)
     p.add_argument("--json", action="store_true")

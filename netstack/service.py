@@ -1,0 +1,165 @@
+"""Start the chain at boot: a systemd unit whose main process is the stack's supervisor,
+ready once the chain is (tunnels connected, Tor bootstrapped), `down` on stop, restarted on
+failure. In move mode it is ordered before network-pre.target and bound to the device, so
+no network manager of the host configures the uplink before sys-net owns it: closed before
+it is open.
+
+`up` speaks systemd's notify protocol itself when NOTIFY_SOCKET is set (STATUS lines while
+it waits, then MAINPID = the supervisor and READY=1), so the unit needs no wrapper."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from netstack.errors import UsageError
+from netstack.model import UplinkSpec
+
+UNIT_DIR = "/etc/systemd/system"
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                    "host.md")
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    stack: str
+    config: str  # absolute
+    uplink: UplinkSpec
+    supervised: bool  # the stack has a supervisor (daemons or services) to be the main pid
+    python: str = sys.executable
+
+    @property
+    def name(self) -> str:
+        return unit_name(self.stack)
+
+
+def unit_name(stack: str) -> str:
+    return f"netstack-{stack}.service"
+
+
+def _cmd(spec: UnitSpec, *args: str) -> str:
+    return shlex.join([spec.python, "-m", "netstack.cli", "--stack", spec.stack, *args])
+
+
+def _device_unit(dev: str) -> str:
+    """systemd's device unit for a network interface (its name escaped as systemd does)."""
+    esc = "".join(c if c.isalnum() or c in ":_." else f"\\x{ord(c):02x}" for c in dev)
+    return f"sys-subsystem-net-devices-{esc}.device"
+
+
+def unit_text(spec: UnitSpec) -> str:
+    """The unit file (pure). Move mode: before network-pre.target and bound to the device;
+    nat mode: after the host's network is online (it NATs to it); lab: nothing of the
+    host's network at all."""
+    up = ["up", spec.config]
+    unit = [f"Description=netstack chain {spec.stack!r} ({os.path.basename(spec.config)})",
+            f"Documentation=file://{DOCS}",
+            "After=local-fs.target"]
+    if spec.uplink.mode == "lab":
+        up.append("--lab")
+    else:
+        dev = spec.uplink.dev or ""
+        up += ["--uplink", dev, "--uplink-mode", spec.uplink.mode]
+        if spec.uplink.mode == "move":
+            d = _device_unit(dev)
+            unit += ["DefaultDependencies=no", f"BindsTo={d}", f"After={d}",
+                     "Before=network-pre.target", "Wants=network-pre.target",
+                     "Conflicts=shutdown.target", "Before=shutdown.target"]
+        else:
+            unit += ["After=network-online.target", "Wants=network-online.target"]
+    service = [
+        "Type=notify",
+        "NotifyAccess=all",  # `up` hands over: MAINPID=<the supervisor>, then READY=1
+        f"ExecStartPre=-{_cmd(spec, 'down')}",  # what a crash of the whole unit left
+        f"ExecStart={_cmd(spec, *up)}",
+        f"ExecStop={_cmd(spec, 'down')}",
+        f"ExecStopPost=-{_cmd(spec, 'down')}",  # after a failure: nothing stays half made
+        "Restart=on-failure",
+        "RestartSec=2",
+        "TimeoutStartSec=300",
+        "KillMode=mixed",
+    ]
+    if not spec.supervised:  # nothing runs once the chain is made: active while it exists
+        service.append("RemainAfterExit=yes")
+    return ("# written by `netstack service install`; `netstack service remove` deletes it\n"
+            "[Unit]\n" + "\n".join(unit) + "\n\n[Service]\n" + "\n".join(service)
+            + "\n\n[Install]\nWantedBy=multi-user.target\n")
+
+
+def systemd_running() -> bool:
+    return os.path.isdir("/run/systemd/system")
+
+
+def install(spec: UnitSpec, unit_dir: str = UNIT_DIR, enable: bool = True) -> list[str]:
+    """Write the unit (0644, atomically); with systemd running, reload and enable it.
+    Returns what was done, one line each."""
+    if not os.path.isdir(unit_dir):
+        raise UsageError(f"--unit-dir {unit_dir}: no such directory")
+    path = os.path.join(unit_dir, spec.name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(unit_text(spec))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    done = [f"wrote {path}"]
+    if enable and unit_dir == UNIT_DIR and systemd_running():
+        _systemctl("daemon-reload")
+        _systemctl("enable", spec.name)
+        done.append(f"enabled {spec.name} (starts at boot; `systemctl start {spec.name}` "
+                    "starts it now)")
+    elif enable and unit_dir == UNIT_DIR:
+        done.append("systemd is not running here: the unit is written but not enabled")
+    return done
+
+
+def remove(stack: str, unit_dir: str = UNIT_DIR) -> list[str]:
+    path = os.path.join(unit_dir, unit_name(stack))
+    if not os.path.exists(path):
+        raise UsageError(f"no unit {path}: nothing to remove (see `netstack service list`)")
+    done = []
+    if unit_dir == UNIT_DIR and systemd_running():
+        _systemctl("disable", "--now", unit_name(stack))
+        done.append(f"stopped and disabled {unit_name(stack)}")
+    os.unlink(path)
+    done.append(f"removed {path}")
+    if unit_dir == UNIT_DIR and systemd_running():
+        _systemctl("daemon-reload")
+    return done
+
+
+def _systemctl(*args: str) -> None:
+    p = subprocess.run(["systemctl", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise UsageError(f"systemctl {' '.join(args)}: {p.stderr.strip() or p.returncode}")
+
+
+def verify(path: str) -> str:
+    """`systemd-analyze verify` of a written unit: its complaints, or "" when clean."""
+    p = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True)
+    lines = [x for x in (p.stdout + p.stderr).splitlines() if x.strip()]
+    return "\n".join(lines) if p.returncode != 0 or lines else ""
+
+
+class Notifier:
+    """systemd's notify protocol (sd_notify(3)) without libsystemd: datagrams to
+    NOTIFY_SOCKET; silent when there is none (not started by systemd)."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        """Takes NOTIFY_SOCKET out of the environment: the daemons `up` starts (openvpn,
+        tor) speak the protocol too and would say READY for the whole unit."""
+        addr = (env if env is not None else os.environ).pop("NOTIFY_SOCKET", "")
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]
+        self.addr = addr or None
+
+    def send(self, **fields: object) -> None:
+        if not self.addr:
+            return
+        msg = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(self.addr)
+            s.sendall(msg)

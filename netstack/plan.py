@@ -90,9 +90,11 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
             host_resolv = Path("/etc/resolv.conf").read_text()
     from netstack import hostcaps
 
-    wants_wg = any(q.kind == "vpn" and q.settings.get("type") == "wireguard"
-                   and q.settings.get("backend", "auto") != "wireguard-go" for q in topo.qubes)
-    caps = hostcaps.probe(wireguard=wants_wg) if probe else HostCaps()
+    wants: dict[str, bool] = {}
+    for q in topo.qubes:  # probe only what some qube could use
+        for cap in role_for(q.kind).host_caps(q):
+            wants[cap] = True
+    caps = hostcaps.probe(**wants) if probe else HostCaps()
     return Inputs(topo, path, providers, host_resolv, caps)
 
 
@@ -112,14 +114,23 @@ def _ns_files(ns: str, nameservers: list[str], qube: str | None = None) -> dict[
     return files
 
 
+def dhcp_uplink(topo: Topology, uplink: UplinkSpec) -> bool:
+    """A moved uplink without a static address takes its address from DHCP."""
+    s = topo.root.settings
+    return uplink.mode == "move" and "address" not in s and "gateway" not in s
+
+
 def upstream_dns(topo: Topology, uplink: UplinkSpec, host_resolv: str = "") -> list[str]:
-    """Real resolvers for the net qube: the lab DNS server, the config, or the host's
-    resolv.conf (loopback stubs like systemd-resolved's cannot be reached from a namespace)."""
+    """Real resolvers for the net qube: the lab DNS server, the config, the DHCP lease's
+    (known at run time: none here), or the host's resolv.conf (loopback stubs like
+    systemd-resolved's cannot be reached from a namespace)."""
     if uplink.mode == "lab":
         return [addressing.lab_dns_server()]
     net = topo.root
     if "dns" in net.settings:
         return list(net.settings["dns"])
+    if dhcp_uplink(topo, uplink):
+        return []
     found = []
     for line in host_resolv.splitlines():
         parts = line.split()
@@ -160,7 +171,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         up_if = names.UPLINK_IF if role.owns_uplink else names.UPSTREAM_IF
         ctx = QubeContext(topo, q, a, stack, ns, up_if, clients, sdir, lab,
                           tuple(resolvers) if role.owns_uplink else (),
-                          inputs.providers.get(q.name), inputs.caps)
+                          inputs.providers.get(q.name), inputs.caps,
+                          role.owns_uplink and dhcp_uplink(topo, uplink))
         info = role.info(ctx)
         p.namespaces.append(NsPlan(ns, f"qube:{q.name}", role.sysctls(ctx),
                                    role.ruleset(ctx, info).to_json(),
@@ -215,10 +227,13 @@ def _plan_move(p: Plan, topo: Topology, uplink: UplinkSpec, net_ns: str) -> None
     net = topo.root
     p.moves.append(MoveDev(uplink.dev, net_ns, names.UPLINK_IF))
     address, gateway = net.settings.get("address"), net.settings.get("gateway")
+    if dhcp_uplink(topo, uplink):
+        return  # the DHCP client in sys-net sets address and default route
     if not address or not gateway:
-        raise ConfigError(f"qube {net.name!r} field 'address'",
-                          "a moved uplink needs a static address and gateway",
-                          'set address = "192.168.1.50/24" and gateway = "192.168.1.1"')
+        raise ConfigError(f"qube {net.name!r} field {'gateway' if address else 'address'!r}",
+                          "a static uplink needs both address and gateway",
+                          'set address = "192.168.1.50/24" and gateway = "192.168.1.1", or '
+                          "neither for DHCP")
     p.addrs.append(Addr(net_ns, names.UPLINK_IF, address))
     p.routes.append(Route(net_ns, "default", names.UPLINK_IF, gateway))
 

@@ -45,7 +45,7 @@ def _cmd(spec: UnitSpec, *args: str) -> str:
     return shlex.join([spec.python, "-m", "netstack.cli", "--stack", spec.stack, *args])
 
 
-def _device_unit(dev: str) -> str:
+def device_unit(dev: str) -> str:
     """systemd's device unit for a network interface (its name escaped as systemd does)."""
     esc = "".join(c if c.isalnum() or c in ":_." else f"\\x{ord(c):02x}" for c in dev)
     return f"sys-subsystem-net-devices-{esc}.device"
@@ -65,7 +65,7 @@ def unit_text(spec: UnitSpec) -> str:
         dev = spec.uplink.dev or ""
         up += ["--uplink", dev, "--uplink-mode", spec.uplink.mode]
         if spec.uplink.mode == "move":
-            d = _device_unit(dev)
+            d = device_unit(dev)
             unit += ["DefaultDependencies=no", f"BindsTo={d}", f"After={d}",
                      "Before=network-pre.target", "Wants=network-pre.target",
                      "Conflicts=shutdown.target", "Before=shutdown.target"]

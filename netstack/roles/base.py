@@ -37,6 +37,7 @@ class QubeContext:
     upstream_dns: tuple[str, ...] = ()  # real resolvers, net qube only
     provider: Any = None  # a VPN qube's parsed provider file
     caps: HostCaps = field(default_factory=HostCaps)  # what the host's kernel offers
+    dhcp: bool = False  # net qube only: a moved uplink without a static address
 
     @property
     def client_vifs(self) -> list[str]:
@@ -84,6 +85,10 @@ class Role:
     # --- config and plan (pure) ---------------------------------------------------------
     def validate(self, q: Qube) -> None:
         """Kind-specific settings; raise ConfigError naming the qube and field."""
+
+    def host_caps(self, q: Qube) -> set[str]:
+        """Kernel features (HostCaps fields) this qube could use: probed at plan time."""
+        return set()
 
     def provider_ref(self, q: Qube) -> str | None:
         """A provider file this qube's config points at (read once per command)."""

@@ -75,6 +75,11 @@ class VpnRole(Role):
                                   "give the VPN resolver's IPv4 address (the virtual DNS "
                                   "is IPv4)")
 
+    def host_caps(self, q: Qube) -> set[str]:
+        wants = q.settings.get("type") == "wireguard" and \
+            q.settings.get("backend", "auto") != "wireguard-go"
+        return {"wireguard"} if wants else set()
+
     def provider_ref(self, q: Qube) -> str | None:
         return q.settings["config"]
 
@@ -139,10 +144,11 @@ class VpnRole(Role):
         info = q.info
         assert isinstance(info, VpnInfo)
         net = rt.plan.net
+        from netstack.dhcp import upstream_resolver
         from netstack.vpn.checks import check_address
 
         resolved = runtime.resolve_endpoints(
-            info, lambda h: rt.kernel.resolve(net.netns, rt.plan.upstream_dns[0], h))
+            info, lambda h: rt.kernel.resolve(net.netns, upstream_resolver(rt.plan), h))
         for host, addrs in resolved.items():  # a name may answer what a literal may not be
             for a in addrs:
                 check_address(a, f"qube {q.name!r} endpoint {host!r} (resolved)")

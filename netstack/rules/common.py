@@ -10,6 +10,7 @@ from netstack.rules.nft import (
     COUNTER,
     DROP,
     MASQUERADE,
+    NamedSet,
     Ruleset,
     ct_state,
     dnat4,
@@ -127,6 +128,23 @@ def dns_dnat(rs: Ruleset, client_vifs: list[str], resolvers: list[str]) -> None:
             rs["nat_prerouting"].add(iifname(*client_vifs), *sel, COUNTER, dnat4(target),
                                      comment=f"virtual DNS {vaddr} -> {target}")
         rs["nat_output"].add(*sel, dnat4(target), comment=f"own DNS {vaddr} -> {target}")
+
+
+def dns_dnat_map(rs: Ruleset, client_vifs: list[str], map_name: str) -> None:
+    """The virtual DNS addresses go to resolvers known only at run time (a DHCP lease):
+    a map filled and emptied with the lease. With the map empty nothing is rewritten, and
+    a lookup still addressed to a virtual DNS address is dropped, never routed on."""
+    rs.add_set(NamedSet(map_name, "ipv4_addr", map="ipv4_addr"))
+    sel = [ip_daddr({"set": list(VIRTUAL_DNS)}), l4proto("tcp", "udp"), th_dport(53)]
+    to = {"dnat": {"family": "ip", "addr": {"map": {"key": payload("ip", "daddr"),
+                                                    "data": f"@{map_name}"}}}}
+    if client_vifs:
+        rs["nat_prerouting"].add(iifname(*client_vifs), *sel, COUNTER, to,
+                                 comment="virtual DNS -> the lease's resolvers")
+    rs["nat_output"].add(*sel, to, comment="own DNS -> the lease's resolvers")
+    for chain in ("forward", "output"):
+        rs[chain].add(ip_daddr({"set": list(VIRTUAL_DNS)}), COUNTER, DROP,
+                      comment="virtual DNS without a lease: dropped")
 
 
 def sysctls(provides_network: bool, ipv6: bool) -> dict[str, str]:

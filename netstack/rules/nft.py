@@ -129,12 +129,14 @@ class NamedSet:
     type: list[str] | str
     elem: list[Any] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)  # interval, timeout
+    map: str | None = None  # a map's data type (its elements are [key, value])
 
 
-def set_commands(name: str, elems: list[Any]) -> list[dict[str, Any]]:
-    """Replace a named set's elements (flush + add), as part of a transaction."""
+def set_commands(name: str, elems: list[Any], kind: str = "set") -> list[dict[str, Any]]:
+    """Replace a named set's (or map's) elements (flush + add), as part of a
+    transaction."""
     s = {"family": FAMILY, "table": TABLE, "name": name}
-    cmds: list[dict[str, Any]] = [{"flush": {"set": s}}]
+    cmds: list[dict[str, Any]] = [{"flush": {kind: s}}]
     if elems:
         cmds.append({"add": {"element": {**s, "elem": list(elems)}}})
     return cmds
@@ -174,11 +176,13 @@ class Ruleset:
         for s in self.sets.values():
             sd: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": s.name,
                                   "type": s.type}
+            if s.map:
+                sd["map"] = s.map
             if s.flags:
                 sd["flags"] = list(s.flags)
             if s.elem:
                 sd["elem"] = list(s.elem)
-            items.append({"set": sd})
+            items.append({"map" if s.map else "set": sd})
         rules: list[dict[str, Any]] = []
         for c in self.chains.values():
             if c.type == "nat" and not c.rules:

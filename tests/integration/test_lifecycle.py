@@ -3,11 +3,8 @@ nothing, stacks side by side, a moved uplink (root)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from tests.integration.util import (
     reap_zombies,
     snapshot_host,
     stack_leftovers,
+    stand_in_host,
 )
 
 pytestmark = pytest.mark.root
@@ -133,37 +131,6 @@ def test_two_stacks_side_by_side(basic_stack, own_stack):
     out = cli("--stack", basic_stack, "exec", "work", "--", "curl", "-sS", "--max-time", "5",
               "http://198.51.100.80/").stdout
     assert out.strip() == "192.0.2.2"
-
-
-@contextlib.contextmanager
-def stand_in_host(s: str):
-    """A throwaway 'host' namespace holding a veth `standin0` whose peer sits in a
-    'router' namespace (192.0.2.1/24). netstack runs in the host namespace through
-    nsenter, which switches only the network namespace: netstack must share the real mount
-    namespace for its /run/netns mounts to be seen by later commands. Yields (run, host,
-    router) where run(*args) is the netstack CLI there."""
-    host, router = f"nsx-{s}-host", f"nsx-{s}-rtr"
-    argv = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
-            "--stack", s]
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(argv + list(args), capture_output=True, text=True)
-
-    for n in (host, router):
-        subprocess.run(["ip", "netns", "add", n], check=True)
-    try:
-        in_ns(host, "ip", "link", "add", "standin0", "type", "veth", "peer", "name", "rtr0",
-              "netns", router)
-        in_ns(router, "ip", "addr", "add", "192.0.2.1/24", "dev", "rtr0")
-        in_ns(router, "ip", "link", "set", "rtr0", "up")
-        yield run, host, router
-        reap_zombies()
-        assert not stack_leftovers(s)
-    finally:
-        if State.load(s):
-            run("down")
-        for n in (host, router):
-            subprocess.run(["ip", "netns", "del", n], check=False)
 
 
 def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):

@@ -196,3 +196,36 @@ def running_stack(config: str, prefix: str):
 
 
 VPN_CFG = str(ROOT / "configs" / "vpn.toml")
+
+
+@contextlib.contextmanager
+def stand_in_host(s: str):
+    """A throwaway 'host' namespace holding a veth `standin0` whose peer sits in a
+    'router' namespace (192.0.2.1/24). netstack runs in the host namespace through
+    nsenter, which switches only the network namespace: netstack must share the real mount
+    namespace for its /run/netns mounts to be seen by later commands. Yields (run, host,
+    router) where run(*args) is the netstack CLI there."""
+    host, router = f"nsx-{s}-host", f"nsx-{s}-rtr"
+    argv = ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "netstack.cli",
+            "--stack", s]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(argv + list(args), capture_output=True, text=True)
+
+    for n in (host, router):
+        subprocess.run(["ip", "netns", "add", n], check=True)
+    try:
+        in_ns(host, "ip", "link", "add", "standin0", "type", "veth", "peer", "name", "rtr0",
+              "netns", router)
+        in_ns(router, "ip", "addr", "add", "192.0.2.1/24", "dev", "rtr0")
+        in_ns(router, "ip", "link", "set", "rtr0", "up")
+        yield run, host, router
+        reap_zombies()
+        assert not stack_leftovers(s)
+    finally:
+        from netstack.state import State
+
+        if State.load(s):
+            run("down")
+        for n in (host, router):
+            subprocess.run(["ip", "netns", "del", n], check=False)

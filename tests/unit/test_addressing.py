@@ -71,19 +71,41 @@ def test_lab_uses_documentation_addresses_only():
 
 def test_host_mode_resolvers():
     t = basic()
-    up = plan.UplinkSpec("move", "eth9")
+    up = plan.UplinkSpec("nat", "eth9")
     assert plan.upstream_dns(t, up, "nameserver 127.0.0.53\nnameserver 192.0.2.9\n") == \
         ["192.0.2.9"]
     with pytest.raises(ConfigError) as e:
         plan.upstream_dns(t, up, "nameserver 127.0.0.53\n")
     assert "field 'dns'" in str(e.value)
+    # a moved uplink without a static address: the DHCP lease's resolvers, never the host's
+    assert plan.upstream_dns(t, plan.UplinkSpec("move", "eth9"), "nameserver 192.0.2.9\n") \
+        == []
 
 
-def test_moved_uplink_needs_static_address():
+def test_moved_uplink_static_needs_both_address_and_gateway():
+    t = basic()
+    t.root.settings["address"] = "192.0.2.7/24"
     with pytest.raises(ConfigError) as e:
-        plan.build(plan.Inputs(basic(), "<memory>", host_resolv="nameserver 192.0.2.9\n"),
+        plan.build(plan.Inputs(t, "<memory>", host_resolv="nameserver 192.0.2.9\n"), "s",
+                   plan.UplinkSpec("move", "eth9"))
+    assert "field 'gateway'" in str(e.value) and "neither for DHCP" in str(e.value)
+
+
+def test_moved_uplink_without_address_runs_dhcp():
+    from netstack.dhcp import DNS_MAP, DhcpInfo
+
+    p = plan.build(plan.Inputs(basic(), "<memory>", host_resolv="nameserver 192.0.2.9\n"),
                    "s", plan.UplinkSpec("move", "eth9"))
-    assert "field 'address'" in str(e.value)
+    net = p.qube("sys-net")
+    assert isinstance(net.info, DhcpInfo) and net.info.dynamic_dns
+    assert [d.name for d in p.daemons] == ["dhcp-sys-net"]
+    assert "dhcpcd" in p.daemons[0].argv and p.daemons[0].requires == net.info.script
+    assert not [a for a in p.addrs if a.ifname == names.UPLINK_IF]  # dhcpcd sets them
+    assert not [r for r in p.routes if r.ns == net.netns and r.dev == names.UPLINK_IF]
+    rs = p.ns(net.netns).ruleset["nftables"]
+    assert {"map": {"family": "inet", "table": "netstack", "name": DNS_MAP,
+                    "type": "ipv4_addr", "map": "ipv4_addr"}} in rs
+    assert p.upstream_dns == []
 
 
 @pytest.mark.parametrize("stack", ["main", "t1", "abcdefgh"])

@@ -58,8 +58,8 @@ def test_service_section():
 
 
 def test_device_names_are_escaped_as_systemd_does():
-    assert service._device_unit("wl-an0") == "sys-subsystem-net-devices-wl\\x2dan0.device"
-    assert service._device_unit("enp0s31f6") == "sys-subsystem-net-devices-enp0s31f6.device"
+    assert service.device_unit("wl-an0") == "sys-subsystem-net-devices-wl\\x2dan0.device"
+    assert service.device_unit("enp0s31f6") == "sys-subsystem-net-devices-enp0s31f6.device"
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed "

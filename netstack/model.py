@@ -189,6 +189,7 @@ class VpnServer:
     openvpn_port: int
     wg_dev: str
     files: dict[str, str] = field(default_factory=dict, hash=False)  # lab:REF -> path
+    wg2_dev: str | None = None  # a second WireGuard server (lab:wireguard2, port + 1)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Inputs:
 
     topo: Topology
     config_path: str
-    providers: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    providers: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     host_resolv: str = ""
     caps: HostCaps = field(default_factory=HostCaps)  # what the kernel offers (probed)
 
@@ -72,18 +72,16 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
     topo = config.load(path, load_overlay(stack) if overlay is None else overlay, live)
     config_dir = os.path.dirname(os.path.abspath(path))
     lab_files = labplan.lab_files(stack_dir(stack)) if uplink.mode == "lab" else None
-    providers: dict[str, tuple[str, Any]] = {}
+    providers: dict[str, list[tuple[str, Any]]] = {}
     for q in topo.qubes:
-        ref = role_for(q.kind).provider_ref(q)
-        if ref is None:
-            continue
-        p = runtime.provider_path(q, config_dir, lab_files)
-        if ref.startswith("lab:"):
-            where = f"qube {q.name!r} field 'config'"
-            providers[q.name] = (p, runtime.parse_provider(q.settings["type"], TEMPLATES[ref](),
-                                                           p, where))
-        else:
-            providers[q.name] = (p, runtime.read_provider(q, p))
+        for ref in role_for(q.kind).provider_refs(q):
+            p = runtime.provider_path(q, ref, config_dir, lab_files)
+            if ref.startswith("lab:"):
+                where = f"qube {q.name!r} field 'config'"
+                cfg = runtime.parse_provider(q.settings["type"], TEMPLATES[ref](), p, where)
+            else:
+                cfg = runtime.read_provider(q, p)
+            providers.setdefault(q.name, []).append((p, cfg))
     host_resolv = ""
     if uplink.mode != "lab":
         with contextlib.suppress(OSError):
@@ -185,13 +183,14 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
             _plan_link(p, topo, stack, q.netvm, ns, a, addrs[q.netvm])
     net_ns = p.net.netns
     if lab:
-        vpn_keys = any(ref.startswith("lab:") for q in topo.qubes
-                       if (ref := role_for(q.kind).provider_ref(q)))
+        refs = {ref for q in topo.qubes for ref in role_for(q.kind).provider_refs(q)}
+        vpn_keys = any(ref.startswith("lab:") for ref in refs)
         tor = any(role_for(q.kind).protection == "tor" for q in topo.qubes)
         from netstack.tor.obfs4 import LAB_REF
 
         bridge = any(LAB_REF in q.settings.get("bridges", []) for q in topo.qubes)
-        labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge)
+        labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
+                         second_wg="lab:wireguard2" in refs)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

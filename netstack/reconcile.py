@@ -202,7 +202,7 @@ class Runtime:
     kernel: Kernel
     state: State
     plan: Plan
-    providers: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    providers: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     lab_maker: Callable[..., tuple[str, ...]] | None = None
     lab_dirauths: tuple[str, ...] = ()
     _parsed: dict[str, Any] = field(default_factory=dict)
@@ -219,11 +219,12 @@ class Runtime:
             self.state.record(DirRec(path))
         self.kernel.make_dir(path, mode, owner)
 
-    def provider(self, qube: str) -> Any:
-        """A VPN qube's parsed provider file. A lab file is parsed from what `up` wrote
-        (the plan parsed its placeholder template)."""
-        if qube not in self._parsed:
-            path, cfg = self.providers[qube]
+    def provider(self, qube: str, server: int = 0) -> Any:
+        """A VPN qube's parsed provider file (of its server i). A lab file is parsed from
+        what `up` wrote (the plan parsed its placeholder template)."""
+        key = f"{qube}#{server}"
+        if key not in self._parsed:
+            path, cfg = self.providers[qube][server]
             lab = self.plan.lab
             if lab and path in lab.vpn_server.files.values():
                 from netstack.vpn import runtime
@@ -231,8 +232,8 @@ class Runtime:
                 q = self.plan.qube(qube)
                 cfg = runtime.parse_provider(q.settings["type"], self.kernel.read_file(path),
                                              path, f"qube {qube!r} field 'config'")
-            self._parsed[qube] = cfg
-        return self._parsed[qube]
+            self._parsed[key] = cfg
+        return self._parsed[key]
 
 
 def _in(path: str, d: str) -> bool:
@@ -316,7 +317,7 @@ def _dir_known(d: str, k: Kernel, st: State) -> bool:
     return DirRec(d) in st.objects or k.is_dir(d)
 
 
-def up(plan: Plan, st: State, k: Kernel, providers: dict[str, tuple[str, Any]] | None = None,
+def up(plan: Plan, st: State, k: Kernel, providers: dict[str, list[tuple[str, Any]]] | None = None,
        lab_maker: Callable[..., tuple[str, ...]] | None = None) -> None:
     """Bring the plan up; on any failure undo what was made and raise, naming what could
     not be undone."""
@@ -384,7 +385,8 @@ def run_time(rt: Runtime) -> None:
         # WireGuard's 5 s retry.
         from netstack.lab.vpnserver import READY
 
-        k.wait_ready(rt.state.dir, READY, 10.0)
+        mine = {d.name for d in plan.daemons}
+        k.wait_ready(rt.state.dir, {n: r for n, r in READY.items() if n in mine}, 10.0)
     for q in plan.qubes:
         role_for(q.kind).activate(q, rt)
     from netstack.rules import names

@@ -88,6 +88,7 @@ class Supervisor:
         self.lock = threading.Lock()
         self.status_lock = threading.Lock()
         self.hooks: dict[str, subprocess.Popen] = {}
+        self.quick: set[str] = set()  # daemons a monitor restarted: no backoff
 
     def write_status(self) -> None:
         """Atomic and serialised: several watcher threads report at once."""
@@ -135,6 +136,11 @@ class Supervisor:
                 return
             if time.monotonic() - started > 30:
                 backoff = BACKOFF_MIN
+            with self.lock:
+                quick = d.name in self.quick
+                self.quick.discard(d.name)
+            if quick:
+                continue
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -179,8 +185,15 @@ class Supervisor:
                 if c is not None:
                     c.health = {**h, "updated": round(time.time(), 1)}
                     self.write_status()
+        def restart() -> None:
+            """End the daemon now; it comes back at once (no backoff): a monitor asked."""
+            with self.lock:
+                p = self.procs.get(d.name)
+                self.quick.add(d.name)
+            if p is not None and p.poll() is None:
+                p.kill()
         try:
-            watch(*d.monitor[1:], report=report, stopping=self.stopping)
+            watch(*d.monitor[1:], report=report, stopping=self.stopping, restart=restart)
         except Exception as e:  # noqa: BLE001 - a broken monitor must not stop the daemons
             report({"error": f"monitor failed: {e}"})
 

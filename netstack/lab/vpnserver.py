@@ -18,13 +18,15 @@ if TYPE_CHECKING:
 
 WG_PORT, OVPN_PORT = 51820, 1194
 WG_SERVER_ADDR, WG_CLIENT_ADDR = "10.66.0.1/24", "10.66.0.2/32"
+WG2_SERVER_ADDR, WG2_CLIENT_ADDR = "10.68.0.1/24", "10.68.0.2/32"
 OVPN_NET = "10.67.0.0"
-TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24")
+TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24", "10.68.0.0/24")
 OVPN_SERVER_DEV = "ovs0"
 # what tells each server answers (see processes.wait_daemons_ready)
-READY: dict[str, tuple[str, int] | None] = {"lab-wireguard": None,
+READY: dict[str, tuple[str, int] | None] = {"lab-wireguard": None, "lab-wireguard2": None,
                                             "lab-openvpn": ("udp", OVPN_PORT)}
-LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-openvpn.ovpn"}
+LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-openvpn.ovpn",
+             "lab:wireguard2": "client-wireguard2.conf"}
 
 
 PLACEHOLDER_KEY = "A" * 43 + "="  # `netstack plan`: where a key will go (32 zero bytes)
@@ -39,15 +41,22 @@ def _run(argv: list[str], **kw) -> str:
 
 
 def wireguard_client(cli_key: str = PLACEHOLDER_KEY, srv_pub: str = PLACEHOLDER_KEY,
-                     psk: str = PLACEHOLDER_KEY) -> str:
-    """The lab's WireGuard client file, as providers ship them (CRLF and all)."""
+                     psk: str = PLACEHOLDER_KEY, second: bool = False) -> str:
+    """The lab's WireGuard client file, as providers ship them (CRLF and all); `second`:
+    for the second server (its own port, keys and tunnel subnet)."""
     vpn_host = next(h for h in addressing.lab_hosts() if h.name == "vpn")
+    addr, port = (WG2_CLIENT_ADDR, WG_PORT + 1) if second else (WG_CLIENT_ADDR, WG_PORT)
     return ("# netstack lab VPN (throwaway keys) - a wg-quick file as providers ship them\r\n"
-            f"[Interface]\r\nPrivateKey = {cli_key}\r\nAddress = {WG_CLIENT_ADDR}\r\n"
+            f"[Interface]\r\nPrivateKey = {cli_key}\r\nAddress = {addr}\r\n"
             f"DNS = {addressing.lab_dns_server()}\r\nMTU = 1420\r\n\r\n[Peer]\r\n"
             f"PublicKey = {srv_pub}\r\nPresharedKey = {psk}\r\n"
-            f"Endpoint = {vpn_host.fqdn}:{WG_PORT}\r\n"
+            f"Endpoint = {vpn_host.fqdn}:{port}\r\n"
             "AllowedIPs = 0.0.0.0/0, ::/0\r\nPersistentKeepalive = 25\r\n")
+
+
+def wireguard_client2(cli_key: str = PLACEHOLDER_KEY, srv_pub: str = PLACEHOLDER_KEY,
+                      psk: str = PLACEHOLDER_KEY) -> str:
+    return wireguard_client(cli_key, srv_pub, psk, second=True)
 
 
 def openvpn_client(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
@@ -63,7 +72,8 @@ def openvpn_client(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
         f"<key>\n{key}\n</key>", f"<tls-crypt>\n{tls_crypt}\n</tls-crypt>", ""])
 
 
-TEMPLATES = {"lab:wireguard": wireguard_client, "lab:openvpn": openvpn_client}
+TEMPLATES = {"lab:wireguard": wireguard_client, "lab:openvpn": openvpn_client,
+             "lab:wireguard2": wireguard_client2}
 
 
 def generate(lab: LabPlan, write) -> tuple[str, ...]:
@@ -102,16 +112,20 @@ def _generate_vpn(lab: LabPlan, write) -> None:
 
     vs = lab.vpn_server
     vpn_host = next(h for h in addressing.lab_hosts() if h.name == "vpn")
-    # WireGuard
-    srv_key, cli_key = _run(["wg", "genkey"]).strip(), _run(["wg", "genkey"]).strip()
-    srv_pub = _run(["wg", "pubkey"], input=srv_key).strip()
-    psk = _run(["wg", "genpsk"]).strip()
-    cli_pub = _run(["wg", "pubkey"], input=cli_key).strip()
-    write(p("wg-server.setconf"),
-          f"[Interface]\nPrivateKey = {srv_key}\nListenPort = {WG_PORT}\n\n[Peer]\n"
-          f"PublicKey = {cli_pub}\nPresharedKey = {psk}\nAllowedIPs = {WG_CLIENT_ADDR}\n")
-    write(p("wg-server.pub"), srv_pub + "\n")
-    write(vs.files["lab:wireguard"], wireguard_client(cli_key, srv_pub, psk))
+    # WireGuard (and a second server to fail over to, when a qube names it)
+    for second in (False, True) if vs.wg2_dev else (False,):
+        srv_key, cli_key = _run(["wg", "genkey"]).strip(), _run(["wg", "genkey"]).strip()
+        srv_pub = _run(["wg", "pubkey"], input=srv_key).strip()
+        psk = _run(["wg", "genpsk"]).strip()
+        cli_pub = _run(["wg", "pubkey"], input=cli_key).strip()
+        n, port, cli_addr = ("wg2", WG_PORT + 1, WG2_CLIENT_ADDR) if second else \
+            ("wg", WG_PORT, WG_CLIENT_ADDR)
+        write(p(f"{n}-server.setconf"),
+              f"[Interface]\nPrivateKey = {srv_key}\nListenPort = {port}\n\n[Peer]\n"
+              f"PublicKey = {cli_pub}\nPresharedKey = {psk}\nAllowedIPs = {cli_addr}\n")
+        write(p(f"{n}-server.pub"), srv_pub + "\n")
+        write(vs.files["lab:wireguard2" if second else "lab:wireguard"],
+              wireguard_client(cli_key, srv_pub, psk, second))
     # OpenVPN: throwaway P-256 CA, server and client certificates, tls-crypt key
     ossl = ["openssl"]
     for name in ("ca", "server", "client"):
@@ -149,5 +163,8 @@ def _generate_vpn(lab: LabPlan, write) -> None:
     from netstack.codec import dump
     from netstack.vpn.runtime import TunnelSpec
 
+    if vs.wg2_dev:
+        write(p("wg2-server-hook.json"), json.dumps(dump(TunnelSpec(
+            "wireguard", vs.wg2_dev, p("wg2-server.setconf"), [WG2_SERVER_ADDR], 1420, []))))
     write(p("wg-server-hook.json"), json.dumps(dump(TunnelSpec(
         "wireguard", vs.wg_dev, p("wg-server.setconf"), [WG_SERVER_ADDR], 1420, []))))

@@ -35,7 +35,7 @@ class QubeContext:
     state_dir: str
     lab: bool  # the uplink is the built-in lab
     upstream_dns: tuple[str, ...] = ()  # real resolvers, net qube only
-    provider: Any = None  # a VPN qube's parsed provider file
+    provider: Any = None  # a VPN qube's provider files: [(path, parsed)], one per server
     caps: HostCaps = field(default_factory=HostCaps)  # what the host's kernel offers
     dhcp: bool = False  # net qube only: a moved uplink without a static address
 
@@ -90,9 +90,9 @@ class Role:
         """Kernel features (HostCaps fields) this qube could use: probed at plan time."""
         return set()
 
-    def provider_ref(self, q: Qube) -> str | None:
-        """A provider file this qube's config points at (read once per command)."""
-        return None
+    def provider_refs(self, q: Qube) -> list[str]:
+        """Provider files this qube's config points at (read once per command)."""
+        return []
 
     def info(self, ctx: QubeContext) -> RoleInfo | None:
         return None

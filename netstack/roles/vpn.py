@@ -47,7 +47,7 @@ SET_TYPE6 = ["ipv6_addr", "inet_proto", "inet_service"]
 
 class VpnRole(Role):
     kind = "vpn"
-    config_keys = frozenset({"type", "config", "dns", "backend"})
+    config_keys = frozenset({"type", "config", "dns", "backend", "failover_after"})
     strict_replies = True
     protection = "vpn"
 
@@ -56,9 +56,22 @@ class VpnRole(Role):
         if s.get("type") not in ("wireguard", "openvpn"):
             raise ConfigError(f"{where} field 'type'", f"{s.get('type')!r} is not a VPN type",
                               'use type = "wireguard" or type = "openvpn"')
-        if not isinstance(s.get("config"), str) or not s["config"]:
+        c = s.get("config")
+        if isinstance(c, list):
+            if not c or not all(isinstance(x, str) and x for x in c):
+                raise ConfigError(f"{where} field 'config'", "must be a non-empty list of "
+                                  "paths", 'e.g. config = ["se-1.conf", "se-2.conf"]')
+            if len(set(c)) != len(c):
+                raise ConfigError(f"{where} field 'config'", "names a file twice",
+                                  "list each server's file once")
+        elif not isinstance(c, str) or not c:
             raise ConfigError(f"{where} field 'config'", "missing",
-                              "give the path of the provider's .conf or .ovpn file")
+                              "give the path of the provider's .conf or .ovpn file, or a "
+                              "list of them (servers to fail over between)")
+        fa = s.get("failover_after", 20)
+        if isinstance(fa, bool) or not isinstance(fa, int | float) or not 2 <= fa <= 3600:
+            raise ConfigError(f"{where} field 'failover_after'", f"{fa!r} is not seconds "
+                              "(2-3600)", "e.g. failover_after = 20")
         if "backend" in s and (s["type"] != "wireguard"
                                or s["backend"] not in ("auto", "kernel", "wireguard-go")):
             raise ConfigError(f"{where} field 'backend'", f"{s['backend']!r} is not a "
@@ -80,14 +93,15 @@ class VpnRole(Role):
             q.settings.get("backend", "auto") != "wireguard-go"
         return {"wireguard"} if wants else set()
 
-    def provider_ref(self, q: Qube) -> str | None:
-        return q.settings["config"]
+    def provider_refs(self, q: Qube) -> list[str]:
+        from netstack.vpn.runtime import provider_refs
+
+        return provider_refs(q)
 
     def info(self, ctx: QubeContext) -> VpnInfo:
         from netstack.vpn import runtime
 
-        path, cfg = ctx.provider
-        return runtime.vpn_info(ctx.qube, cfg, path, ctx.addr.qid, ctx.stack,
+        return runtime.vpn_info(ctx.qube, ctx.provider, ctx.addr.qid, ctx.stack,
                                 ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir,
                                 ctx.caps.wireguard)
 
@@ -123,9 +137,11 @@ class VpnRole(Role):
     def daemons(self, ctx: QubeContext, info: VpnInfo) -> list[Daemon]:
         from netstack.vpn import runtime
 
+        monitor = ("netstack.vpn.failover:watch", failover_spec_path(info)) \
+            if info.servers else ()
         return [Daemon(info.daemon_name, info.netns, runtime.daemon_argv(info), True,
                        (sys.executable, "-m", "netstack.vpn.hook", info.spec_path),
-                       requires=info.spec_path)]
+                       requires=info.spec_path, monitor=monitor)]
 
     # --- run time -----------------------------------------------------------------------
     def prepare(self, q: QubeInfo, rt: Runtime) -> None:
@@ -147,20 +163,27 @@ class VpnRole(Role):
         from netstack.dhcp import upstream_resolver
         from netstack.vpn.checks import check_address
 
-        resolved = runtime.resolve_endpoints(
-            info, lambda h: rt.kernel.resolve(net.netns, upstream_resolver(rt.plan), h))
+        servers = [info.server(i) for i in range(len(info.servers))] or [info]
+        resolved: dict[str, list[str]] = {}
+        for srv in servers:  # every server's names now: a failover asks no DNS
+            resolved.update(runtime.resolve_endpoints(
+                srv, lambda h: rt.kernel.resolve(net.netns, upstream_resolver(rt.plan), h)))
         for host, addrs in resolved.items():  # a name may answer what a literal may not be
             for a in addrs:
                 check_address(a, f"qube {q.name!r} endpoint {host!r} (resolved)")
-        rt.kernel.nft(info.netns, endpoint_set_commands(info, resolved))
+        rt.kernel.nft(info.netns, endpoint_set_commands(info, resolved))  # the first only
         rt.state.set_resolved(q.name, resolved)
+        if info.servers:
+            write_failover(rt, info, servers, resolved)
         runtime.write_files(rt.kernel, info, rt.provider(q.name), resolved)
 
     def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:
-        """A full ruleset reload empties the endpoint sets (filled at run time)."""
+        """A full ruleset reload empties the endpoint sets (filled at run time): the
+        current server's transport again."""
         info = q.info
         assert isinstance(info, VpnInfo)
-        return endpoint_set_commands(info, st.data.resolved.get(q.name))["nftables"]
+        return endpoint_set_commands(info.current(),
+                                     st.data.resolved.get(q.name))["nftables"]
 
     def tunnel(self, q: QubeInfo) -> Tunnel:
         info = q.info
@@ -174,7 +197,7 @@ class VpnRole(Role):
     def audit(self, view: QubeView, ctx: AuditContext) -> list[Result]:
         info = view.qube.info
         assert isinstance(info, VpnInfo)
-        want = set(transport(info, ctx.resolved.get(view.qube.name)))
+        want = set(transport(info.current(), ctx.resolved.get(view.qube.name)))
         return super().audit(view, ctx) + kill_switch(view, self.tunnel(view.qube),
                                                       ctx.endpoints) \
             + [endpoint_set(view, want)]
@@ -184,8 +207,19 @@ class VpnRole(Role):
 
         info = q.info
         assert isinstance(info, VpnInfo)
-        return {"vpn": health(info, live.links, live.children.get(info.daemon_name),
-                              live.resolved)}
+        from netstack.vpn.info import current_index
+
+        i = current_index(info)
+        out = health(info.server(i), live.links, live.children.get(info.daemon_name),
+                     live.resolved)
+        if info.servers:
+            from netstack.vpn.failover import read_state
+
+            fs = read_state(info.server_file)
+            out["failover"] = {"current": i, "servers": [s.provider for s in info.servers],
+                               "after_s": info.failover_after,
+                               "switches": fs.history if fs else []}
+        return {"vpn": out}
 
     def wait_ready(self, q: QubeInfo, st: State, timeout: float,
                    progress: Callable[[int, str], None]) -> float:
@@ -243,16 +277,55 @@ class VpnRole(Role):
                  is not None else f"state {v.get('state') or '-'}")
         kind = v["type"] if v.get("backend", v["type"]) == v["type"] \
             else f"{v['type']} ({v['backend']})"
-        return [f"{kind} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
-                f"rx {v['rx_bytes'] or 0} B tx {v['tx_bytes'] or 0} B, "
-                f"restarts {v['restarts']}"]
+        lines = [f"{kind} {eps}: tunnel {v['tunnel'].upper()}, {extra}, "
+                 f"rx {v['rx_bytes'] or 0} B tx {v['tx_bytes'] or 0} B, "
+                 f"restarts {v['restarts']}"]
+        f = v.get("failover")
+        if f:
+            import os
+
+            names = [os.path.basename(x) for x in f["servers"]]
+            lines.append(f"server {f['current'] + 1}/{len(names)} ({names[f['current']]}); "
+                         f"fails over after {f['after_s']:.0f} s silent; "
+                         f"{len(f['switches'])} switches"
+                         + (f", last: {f['switches'][-1]['why']}" if f["switches"] else ""))
+        return lines
 
 
 def endpoint_set_commands(info: VpnInfo, resolved: dict[str, list[str]] | None
                           ) -> dict[str, Any]:
-    """One transaction: both endpoint sets hold exactly this transport."""
-    v4, v6 = set_elements(transport(info, resolved))
+    """One transaction: both endpoint sets hold exactly this (server's) transport."""
+    return endpoint_set_commands_for(transport(info, resolved))
+
+
+def endpoint_set_commands_for(triples: list[Any]) -> dict[str, Any]:
+    v4, v6 = set_elements(triples)
     return {"nftables": set_commands(ENDPOINT_SET, v4) + set_commands(ENDPOINT_SET6, v6)}
+
+
+def failover_spec_path(info: VpnInfo) -> str:
+    return info.server_path(info.spec_path, 0).replace(".s0.", ".failover.")
+
+
+def write_failover(rt: Runtime, info: VpnInfo, servers: list[VpnInfo],
+                   resolved: dict[str, list[str]]) -> None:
+    """Each server's daemon config and hook spec (secrets 0600), and what the failover
+    watcher needs; the current files are written after, by the caller (the go signal)."""
+    import json
+
+    from netstack.codec import dump
+    from netstack.vpn import runtime
+    from netstack.vpn.failover import FailoverSpec, ServerFiles
+
+    files = []
+    for i, srv in enumerate(servers):
+        runtime.write_files(rt.kernel, srv, rt.provider(info.qube, i), resolved, server=i)
+        files.append(ServerFiles([list(t) for t in transport(srv, resolved)],
+                                 info.server_path(info.conf_path, i),
+                                 info.server_path(info.spec_path, i), srv.provider))
+    spec = FailoverSpec(info.qube, info.netns, info.dns[0], info.failover_after,
+                        info.conf_path, info.spec_path, info.server_file, files)
+    rt.kernel.write_file(failover_spec_path(info), json.dumps(dump(spec)), 0o600)
 
 
 def kill_switch(q: QubeView, tun: Tunnel, endpoints: set[tuple[str, str, int]]) -> list[Result]:
@@ -315,5 +388,5 @@ def endpoint_set(q: QubeView, want: set[tuple[str, str, int]]) -> Result:
     return Result("VPN endpoints exactly as resolved", q.name, status,
                   f"set {ENDPOINT_SET} = {sorted(got)}; resolved {sorted(want)}",
                   {"unexpected": [list(e) for e in sorted(extra)]} if extra else None,
-                  [f"{q.name} -> set {ENDPOINT_SET} -> element {a} . {pr} . {po}: not resolved"
-                   for a, pr, po in sorted(extra)])
+                  [f"{q.name} -> set {ENDPOINT_SET} -> element {a} . {pr} . {po}: not the "
+                   "current server's transport" for a, pr, po in sorted(extra)])

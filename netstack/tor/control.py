@@ -92,7 +92,7 @@ def status(socket_path: str) -> dict[str, Any]:
 
 
 def watch(socket_path: str, *, report: Callable[[dict[str, Any]], None],
-          stopping: threading.Event, refresh: float = 10.0) -> None:
+          stopping: threading.Event, refresh: float = 10.0, **_: Any) -> None:
     """The supervisor's health monitor of a gateway's tor: a fresh status on every
     bootstrap or circuit event (and every `refresh` seconds), reconnecting when tor
     restarts. `netstack status` reads what this reports instead of importing stem."""

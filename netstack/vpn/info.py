@@ -4,6 +4,8 @@ resolution into the transport the kill switch admits."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +23,17 @@ class VpnEndpoint:
     host: str  # IP literal or hostname
     port: int
     proto: str  # udp | tcp
+
+
+@dataclass(frozen=True)
+class VpnServerInfo:
+    """One of several servers a VPN qube may fail over between (one provider file each)."""
+
+    provider: str
+    endpoints: list[VpnEndpoint]
+    tunnel_addresses: list[str]
+    mtu: int | None
+    routes: list[str]
 
 
 @dataclass
@@ -43,6 +56,10 @@ class VpnInfo(RoleInfo):
     routes: list[str] = field(default_factory=lambda: ["0.0.0.0/0"])
     gateway6: str | None = None
     backend: str = "wireguard-go"  # kernel | wireguard-go (WireGuard); openvpn
+    # several provider files: the servers, in order (the fields above are the first's);
+    # the supervisor moves to the next when the current one stops answering
+    servers: list[VpnServerInfo] = field(default_factory=list)
+    failover_after: float = 20.0
 
     def _path(self, ext: str) -> str:
         return os.path.join(self.state_dir, f"vpn-{self.qube}.{ext}")
@@ -67,6 +84,28 @@ class VpnInfo(RoleInfo):
     @property
     def daemon_name(self) -> str:
         return f"vpn-{self.qube}"
+
+    @property
+    def server_file(self) -> str:
+        """Which server is current (written by the failover watcher; none: the first)."""
+        return self._path("server")
+
+    def server_path(self, path: str, i: int) -> str:
+        """Server i's copy of a run-time file (its config, its hook spec)."""
+        base, ext = os.path.splitext(path)
+        return f"{base}.s{i}{ext}"
+
+    def server(self, i: int) -> VpnInfo:
+        """This qube as it runs with server i (the kill switch admits only its transport)."""
+        if not self.servers:
+            return self
+        s = self.servers[i % len(self.servers)]
+        return dataclasses.replace(self, provider=s.provider, endpoints=list(s.endpoints),
+                                   tunnel_addresses=list(s.tunnel_addresses), mtu=s.mtu,
+                                   routes=list(s.routes))
+
+    def current(self) -> VpnInfo:
+        return self.server(current_index(self))
 
     def literal(self) -> dict[str, list[str]]:
         """Endpoints given as addresses resolve to themselves, without any DNS."""
@@ -95,8 +134,21 @@ def set_elements(triples: list[Transport]) -> tuple[list[dict], list[dict]]:
 
 def all_transport(infos: list[VpnInfo], resolved: dict[str, dict[str, list[str]]] | None
                   ) -> set[Transport]:
-    """Every VPN qube's transport, as resolved at `up` (state: qube -> name -> addrs)."""
+    """Every VPN qube's transport to its current server, as resolved at `up` (state:
+    qube -> name -> addrs)."""
     out: set[Transport] = set()
     for info in infos:
-        out |= set(transport(info, (resolved or {}).get(info.qube)))
+        out |= set(transport(info.current(), (resolved or {}).get(info.qube)))
     return out
+
+
+def current_index(info: VpnInfo) -> int:
+    """The current server's index (0 without failover, or before any)."""
+    if len(info.servers) < 2:
+        return 0
+    try:
+        with open(info.server_file) as f:
+            i = int(json.load(f)["current"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return i % len(info.servers)

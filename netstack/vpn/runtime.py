@@ -14,7 +14,7 @@ from netstack.codec import dump
 from netstack.config import Qube
 from netstack.errors import ConfigError
 from netstack.vpn import ovpnconf, wgconf
-from netstack.vpn.info import FWMARK, VpnEndpoint, VpnInfo
+from netstack.vpn.info import FWMARK, VpnEndpoint, VpnInfo, VpnServerInfo
 
 if TYPE_CHECKING:
     from netstack.kernel import Kernel
@@ -43,8 +43,13 @@ class TunnelSpec:
     connect_timeout: float = 60.0
 
 
-def provider_path(q: Qube, config_dir: str, lab_files: dict[str, str] | None) -> str:
-    ref = q.settings["config"]
+def provider_refs(q: Qube) -> list[str]:
+    """`config` is one provider file, or a list of them: servers to fail over between."""
+    c = q.settings["config"]
+    return [c] if isinstance(c, str) else list(c)
+
+
+def provider_path(q: Qube, ref: str, config_dir: str, lab_files: dict[str, str] | None) -> str:
     if ref.startswith("lab:"):
         if lab_files is None:
             raise ConfigError(f"qube {q.name!r} field 'config'", f"{ref!r} exists only in the lab",
@@ -87,9 +92,7 @@ def backend(q: Qube, kernel_wireguard: bool) -> str:
     return want
 
 
-def vpn_info(q: Qube, cfg: Provider, path: str, qid: int, stack: str, gateway: str,
-             gateway6: str | None, state_dir: str, kernel_wireguard: bool = False) -> VpnInfo:
-    """Everything about the VPN qube that the rules and status need, without secrets."""
+def server_info(cfg: Provider, path: str) -> VpnServerInfo:
     if isinstance(cfg, wgconf.WgConfig):
         eps = [VpnEndpoint(e.host, e.port, "udp") for e in cfg.endpoints]
         addrs, mtu = cfg.addresses, cfg.mtu
@@ -98,7 +101,23 @@ def vpn_info(q: Qube, cfg: Provider, path: str, qid: int, stack: str, gateway: s
     else:
         eps = [VpnEndpoint(r.endpoint.host, r.endpoint.port, r.proto) for r in cfg.remotes]
         addrs, mtu, routes = [], None, ["0.0.0.0/0"]
-    dns = list(q.settings.get("dns") or cfg.dns)
+    return VpnServerInfo(path, eps, [a for a in addrs if ":" not in a], mtu, routes)
+
+
+def vpn_info(q: Qube, providers: list[tuple[str, Provider]], qid: int, stack: str,
+             gateway: str, gateway6: str | None, state_dir: str,
+             kernel_wireguard: bool = False) -> VpnInfo:
+    """Everything about the VPN qube that the rules and status need, without secrets.
+    Several provider files are servers to fail over between: the same resolvers for all
+    (the rules point the virtual DNS at them), the first is where the tunnel starts."""
+    servers = [server_info(cfg, path) for path, cfg in providers]
+    first = servers[0]
+    dnss = [list(q.settings.get("dns") or cfg.dns) for _, cfg in providers]
+    if any(d != dnss[0] for d in dnss):
+        raise ConfigError(f"qube {q.name!r} field 'dns'",
+                          "the provider files name different DNS servers",
+                          "set dns = [...] to the resolver every server answers on")
+    dns = dnss[0]
     if not dns:
         raise ConfigError(f"qube {q.name!r} field 'dns'",
                           "the provider file names no DNS server",
@@ -108,30 +127,38 @@ def vpn_info(q: Qube, cfg: Provider, path: str, qid: int, stack: str, gateway: s
         raise ConfigError(f"qube {q.name!r} field 'dns'", "no IPv4 resolver",
                           "give an IPv4 DNS address reachable through the tunnel")
     return VpnInfo(q.name, names.qube_netns(stack, q.name), q.settings["type"],
-                   names.tunnel_if(stack, qid, q.settings["type"]), FWMARK, path, eps, v4_dns,
-                   [a for a in addrs if ":" not in a], mtu, gateway, names.UPSTREAM_IF,
-                   state_dir, routes, gateway6, backend(q, kernel_wireguard))
+                   names.tunnel_if(stack, qid, q.settings["type"]), FWMARK, first.provider,
+                   list(first.endpoints), v4_dns, list(first.tunnel_addresses), first.mtu,
+                   gateway, names.UPSTREAM_IF, state_dir, list(first.routes), gateway6,
+                   backend(q, kernel_wireguard), servers if len(servers) > 1 else [],
+                   float(q.settings.get("failover_after", 20)))
 
 
-def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, list[str]]
-                ) -> None:
+def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, list[str]],
+                server: int | None = None) -> None:
     """The daemon's config (secrets, 0600), then the hook's spec: the daemon's go signal,
-    written only once the kill switch admits the endpoints."""
+    written only once the kill switch admits the endpoints. `server`: write server i's
+    copies instead (server_path), for the failover watcher to put in place."""
+    def dest(path: str) -> str:
+        return path if server is None else info.server_path(path, server)
+
     if isinstance(cfg, wgconf.WgConfig):
-        k.write_file(info.conf_path, wgconf.setconf_text(cfg, resolved, info.fwmark), 0o600)
+        k.write_file(dest(info.conf_path), wgconf.setconf_text(cfg, resolved, info.fwmark),
+                     0o600)
     else:
         creds = None
         if cfg.credentials:
-            k.write_file(info.creds_path, cfg.credentials, 0o600)
-            creds = info.creds_path
-        k.write_file(info.conf_path, ovpnconf.render(
+            creds = dest(info.creds_path)  # referenced where it is: not switched
+            k.write_file(creds, cfg.credentials, 0o600)
+        k.write_file(dest(info.conf_path), ovpnconf.render(
             cfg, dev=info.dev, fwmark=info.fwmark, resolved=resolved, creds_path=creds,
             mgmt_sock=info.mgmt_sock), 0o600)
+    mine = {a for e in info.endpoints for a in resolved.get(e.host, [])}  # this server's
     routes = [HookRoute(f"{ip}/32", info.upstream_if, info.gateway)
-              for ips in resolved.values() for ip in ips if ip_version(ip) == 4]
+              for ip in sorted(mine) if ip_version(ip) == 4]
     if info.gateway6:
         routes += [HookRoute(f"{ip}/128", info.upstream_if, info.gateway6)
-                   for ips in resolved.values() for ip in ips if ip_version(ip) == 6]
+                   for ip in sorted(mine) if ip_version(ip) == 6]
     routes += [HookRoute(r, info.dev) for r in info.routes]
     spec = TunnelSpec(info.type, info.dev,
                       info.conf_path if info.type == "wireguard" else None,
@@ -139,7 +166,7 @@ def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, lis
                       os.path.join(info.state_dir, f"{info.daemon_name}.log"))
     import json
 
-    k.write_file(info.spec_path, json.dumps(dump(spec)), 0o600)
+    k.write_file(dest(info.spec_path), json.dumps(dump(spec)), 0o600)
 
 
 def resolve_endpoints(info: VpnInfo, resolve) -> dict[str, list[str]]:

@@ -36,7 +36,20 @@ def test_socks_isolation_by_username_and_by_port(tor_lab):
         if ev.status == "SUCCEEDED" and ev.circ_id:
             circ_of[ev.id] = ev.circ_id
 
+    closed: set[str] = set()  # circuits tor closed (expired, failed) or dirtied (NEWNYM)
+    newnym: list[bool] = []
+
+    def on_circ(ev) -> None:
+        if ev.status in ("CLOSED", "FAILED"):
+            closed.add(ev.id)
+
+    def on_signal(ev) -> None:
+        if ev.signal == "NEWNYM":
+            newnym.append(True)
+
     c.add_event_listener(on_stream, EventType.STREAM)
+    c.add_event_listener(on_circ, EventType.CIRC)
+    c.add_event_listener(on_signal, EventType.SIGNAL)
     runs = [("a", 9050), ("b", 9050), ("a", 9050), ("x", 9104), ("x", 9105)]
     circs = []
     try:
@@ -51,7 +64,9 @@ def test_socks_isolation_by_username_and_by_port(tor_lab):
         c.close()
     a1, b, a2, apt, git = circs
     assert a1 != b, "two SOCKS usernames shared a circuit"
-    assert a1 == a2, "the same SOCKS username got a new circuit"
+    # the same username keeps its circuit while tor keeps it (a circuit tor closed, or a
+    # NEWNYM some earlier test asked for and tor applied late, is a new one legitimately)
+    assert a1 == a2 or a1 in closed or newnym, "the same SOCKS username got a new circuit"
     assert apt != git and {apt, git}.isdisjoint({a1, b}), "named ports shared a circuit"
     # the transparent path works beside them
     assert tor_lab.get("anon-whonix", WEB) in tor_lab.exits

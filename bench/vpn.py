@@ -1,14 +1,19 @@
 """VPN ProxyVM benchmark: throughput from the app qube through the whole chain
-(work -> sys-proxyvm -> WireGuard -> lab VPN server -> web) versus wireguard-go between two
-bare namespaces, in the same run, as a ratio; and the time from `up` to the first packet
-through the tunnel. Prints a table and writes JSON.
+(work -> sys-proxyvm -> WireGuard -> lab VPN server -> web) versus WireGuard between two
+bare namespaces, in the same run, as a ratio; CPU seconds per GB moved for both (softirq,
+system, user of the whole machine, and each wireguard-go's own); and the time from `up`
+to the first packet through the tunnel. Prints a table and writes JSON.
 
     sudo .venv/bin/python bench/vpn.py [--seconds 3] [--runs 3] [--out bench/results/vpn.json]
+
+The bare baseline uses the backend the chain uses (kernel WireGuard where the kernel has
+it, else wireguard-go), so the ratio compares like with like.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +39,44 @@ def sh(*a: str, **kw) -> subprocess.CompletedProcess:
     if p.returncode != 0:
         raise RuntimeError(f"{a}: {p.stderr.strip()}")
     return p
+
+
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq")
+
+
+def cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """Seconds of CPU so far: the machine's by kind (/proc/stat) and each named process's
+    (utime + stime of /proc/PID/stat, its threads included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        vals = f.readline().split()[1:8]
+    out = {k: int(v) / tick for k, v in zip(CPU_FIELDS, vals, strict=True)}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+            out[name] = (int(st[11]) + int(st[12])) / tick
+        except OSError:
+            out[name] = 0.0
+    return out
+
+
+def per_gb(before: dict[str, float], after: dict[str, float], gbytes: float
+           ) -> dict[str, float]:
+    d = {k: after[k] - before[k] for k in after}
+    busy = sum(d[k] for k in CPU_FIELDS if k not in ("idle", "iowait"))
+    out = {"total": busy / gbytes}
+    out.update({k: d[k] / gbytes for k in ("softirq", "system", "user")})
+    out.update({k: d[k] / gbytes for k in d if k not in CPU_FIELDS})
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def measured(fn, pids: dict[str, int], seconds: int) -> tuple[float, dict[str, float]]:
+    """(Gbit/s, CPU seconds per GB moved) of one iperf run."""
+    before = cpu_now(pids)
+    gbit = fn()
+    after = cpu_now(pids)
+    return gbit, per_gb(before, after, gbit * seconds / 8)
 
 
 def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float:
@@ -64,8 +107,9 @@ def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float
         srv.wait()
 
 
-def bare_wireguard(seconds: int) -> float:
-    """wireguard-go between two bare namespaces joined by a veth: the ceiling."""
+def bare_wireguard(seconds: int, kernel: bool = False) -> tuple[float, dict[str, float]]:
+    """WireGuard between two bare namespaces joined by a veth: the ceiling. Kernel
+    WireGuard (kernel=True) or wireguard-go."""
     a, b = "nsb-wga", "nsb-wgb"
     procs = []
     for n in (a, b):
@@ -84,13 +128,19 @@ def bare_wireguard(seconds: int) -> float:
             keys[n] = (k, sh("wg", "pubkey", input=k).stdout.strip())
         for n, dev, me, peer, peer_ip in ((a, "wgbench-a", "10.99.0.1", b, "192.0.2.102"),
                                           (b, "wgbench-b", "10.99.0.2", a, "192.0.2.101")):
-            procs.append(subprocess.Popen(["ip", "netns", "exec", n, "wireguard-go", "-f", dev],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            deadline = time.monotonic() + 5
-            while not os.path.exists(f"/var/run/wireguard/{dev}.sock"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("wireguard-go did not start")
-                time.sleep(0.01)
+            if kernel:
+                sh("ip", "-n", n, "link", "add", dev, "type", "wireguard")
+            else:
+                with contextlib.suppress(FileNotFoundError):  # left by a killed run
+                    os.unlink(f"/var/run/wireguard/{dev}.sock")
+                procs.append(subprocess.Popen(["ip", "netns", "exec", n, "wireguard-go", "-f",
+                                               dev], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+                deadline = time.monotonic() + 5
+                while not os.path.exists(f"/var/run/wireguard/{dev}.sock"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("wireguard-go did not start")
+                    time.sleep(0.01)
             kf = f"/tmp/{dev}.key"
             fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, keys[n][0].encode())
@@ -108,10 +158,11 @@ def bare_wireguard(seconds: int) -> float:
             os.unlink(kf)
             sh("ip", "-n", n, "addr", "add", f"{me}/24", "dev", dev)
             sh("ip", "-n", n, "link", "set", dev, "mtu", "1420", "up")
-        return iperf(a, b, "10.99.0.2", seconds)
+        pids = {"wg_client": procs[0].pid, "wg_server": procs[1].pid} if procs else {}
+        return measured(lambda: iperf(a, b, "10.99.0.2", seconds), pids, seconds)
     finally:
         for p in procs:
-            p.kill()
+            p.terminate()  # a clean exit removes its control socket
             p.wait()
         for n in (a, b):
             netns.delete(n)
@@ -157,19 +208,41 @@ def main() -> None:
             stack.down(f"bv{i}")
             reap()
     name = f"bv{a.runs - 1}"
+    from netstack.processes import children
+    from netstack.state import State
+
+    st = State.load(name)
+    assert st is not None
+    info = st.plan.qube("sys-proxyvm").info
+    kernel = info.backend == "kernel"
+    kids = children(st)
+    pids = {"wg_client": kids["vpn-sys-proxyvm"].pid, "wg_server": kids["lab-wireguard"].pid}
     try:
-        chain, bare = [], []
+        chain, bare, chain_cpu, bare_cpu = [], [], [], []
         for _ in range(a.runs):
-            bare.append(bare_wireguard(a.seconds))
-            chain.append(iperf(f"nst-{name}-work", f"nsl-{name}-web", WEB, a.seconds))
+            g, c = bare_wireguard(a.seconds, kernel)
+            bare.append(g)
+            bare_cpu.append(c)
+            g, c = measured(lambda: iperf(f"nst-{name}-work", f"nsl-{name}-web", WEB,
+                                          a.seconds), pids, a.seconds)
+            chain.append(g)
+            chain_cpu.append(c)
     finally:
         stack.down(name)
         reap()
+
+    def med(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+
+    res["backend"] = info.backend
     res["up_s_median"] = round(statistics.median(ups), 3)
     res["up_to_first_packet_s_median"] = round(statistics.median(firsts), 3)
+    res["up_to_first_packet_s_max"] = round(max(firsts), 3)
     res["chain_gbit_s_median"] = round(statistics.median(chain), 3)
-    res["bare_wireguard_go_gbit_s_median"] = round(statistics.median(bare), 3)
-    res["ratio"] = round(res["chain_gbit_s_median"] / res["bare_wireguard_go_gbit_s_median"], 3)
+    res["bare_gbit_s_median"] = round(statistics.median(bare), 3)
+    res["ratio"] = round(res["chain_gbit_s_median"] / res["bare_gbit_s_median"], 3)
+    res["chain_cpu_s_per_gb"] = med(chain_cpu)
+    res["bare_cpu_s_per_gb"] = med(bare_cpu)
     res["chain_runs"] = [round(x, 3) for x in chain]
     res["bare_runs"] = [round(x, 3) for x in bare]
     for k, v in res.items():

@@ -33,6 +33,6 @@ def kernel_wireguard() -> bool:
 
 def probe(wireguard: bool = False, flowtable: bool = False) -> HostCaps:
     """Only what is asked is probed (each probe costs a netlink round trip or two)."""
-    from netstack import flowtable as ft
+    from netstack import fastpath
 
-    return HostCaps(wireguard and kernel_wireguard(), flowtable and ft.supported())
+    return HostCaps(wireguard and kernel_wireguard(), flowtable and fastpath.supported())

@@ -69,6 +69,7 @@ class Kernel:
 
     def link_del(self, ns: str | None, ifname: str) -> bool: raise NotImplementedError
     def link_up(self, ns: str | None, ifname: str) -> None: raise NotImplementedError
+
     def links(self, ns: str | None) -> list[LinkState]: raise NotImplementedError
     def addr_add(self, ns: str | None, ifname: str, cidr: str) -> None:
         raise NotImplementedError

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from netstack.errors import ApplyError, NetstackError, StateError, UsageError
+from netstack.fastpath import has_offload, without_offload
 from netstack.kernel import Kernel
 from netstack.model import Addr, MoveDev, NsPlan, Plan, Route, Veth
 from netstack.rules.nft import commands
@@ -137,15 +138,20 @@ def diff(current: Plan | None, desired: Plan) -> list[Step]:
     # namespaces, then every ruleset, before any link
     for n in new_ns:
         steps.append(MakeNs(n))
+    offload_later: list[str] = []  # a flowtable names its devices: loaded once they exist
     for n in new_ns:
         if n.ruleset is not None:
-            steps.append(LoadRules(n.name, n.ruleset, fresh=True))
+            steps.append(LoadRules(n.name, without_offload(n.ruleset), fresh=True))
+            if has_offload(n.ruleset):
+                offload_later.append(n.name)
     for name, n in want_ns.items():
         old = cur_ns.get(name)
         if old is None:
             continue
         if n.ruleset != old.ruleset and n.ruleset is not None:
-            steps.append(LoadRules(name, n.ruleset))
+            steps.append(LoadRules(name, without_offload(n.ruleset)))
+            if has_offload(n.ruleset):
+                offload_later.append(name)
         if n.files != old.files or n.sysctls != old.sysctls:
             steps.append(WriteFiles(n))
     # links, made down; moved devices; the host's NAT table
@@ -158,6 +164,7 @@ def diff(current: Plan | None, desired: Plan) -> list[Step]:
             hn = desired.host_nat
             steps.append(HostNatUp(hn.table, host_nat_ruleset(hn.table, hn.veth, hn.dev,
                                                                hn.subnet)))
+    steps += [LoadRules(name, want_ns[name].ruleset) for name in offload_later]
     # a link made anew (a qube moved to another netvm) carries its addresses and routes
     # again, even those equal to the old link's
     new_ends = {e for v in new_veths for e in ((v.ns_a, v.if_a), (v.ns_b, v.if_b))}

@@ -648,6 +648,8 @@ class Ruleset:
             return (kind, x[kind]["target"])
         if "counter" in x or "log" in x:
             return ("nop",)
+        if "flow" in x and x["flow"].get("op") == "add":
+            return ("offload", x["flow"].get("flowtable", "?"))
         for nk in NAT_KINDS:
             if nk in x:
                 return ("nat", {nk: x[nk]})
@@ -979,6 +981,13 @@ class Evaluator:
                 v = "drop" if s[1] == "reject" else s[1]
                 k(v, trace + [r.step(s[1])], nat, taint)
                 return
+            if kind == "offload":
+                # this packet goes on through the rules; its flow's later packets skip the
+                # hooks on the flowtable: for them, accept (fastpath.py keeps this rule to
+                # flows the ruleset has already accepted, so nothing new opens)
+                k("accept", trace + [r.step(f"flow add {s[1]}")], nat, taint)
+                j += 1
+                continue
             if kind == "return":
                 k("return", trace + [r.step("return")], nat, taint)
                 return

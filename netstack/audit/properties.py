@@ -455,7 +455,9 @@ def default_drop(q: QubeView) -> Result:
     """No class of packets gets through input, forward or output without a rule accepting
     it: whatever the rules do not accept explicitly meets a drop."""
     def judge(verdict: str, trace: list[Step], nat: list) -> list[Box] | None:
-        if verdict == "accept" and not any(s.action == "accept" for s in trace):
+        # a flowtable's `flow add` accepts its flow's later packets: a rule, explicitly
+        if verdict == "accept" and not any(s.action == "accept" or
+                                           s.action.startswith("flow add") for s in trace):
             return []
         return None
     return all_of("default drop", q, [(h, not_sockets(h), judge)

@@ -77,6 +77,7 @@ class Role:
     provides_network = True
     owns_uplink = False  # the one net qube: the root of the tree
     strict_replies = False
+    fast_path = False  # plain forwarding: established flows may go on a flowtable
     protection: str | None = None  # "vpn" | "tor": how leaktest names a chain through it
     sandboxed = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
     enforces_client_rules = True  # clients may have `firewall = [...]` (rules/qubefw.py)
@@ -88,7 +89,7 @@ class Role:
 
     def host_caps(self, q: Qube) -> set[str]:
         """Kernel features (HostCaps fields) this qube could use: probed at plan time."""
-        return set()
+        return {"flowtable"} if self.fast_path else set()
 
     def provider_refs(self, q: Qube) -> list[str]:
         """Provider files this qube's config points at (read once per command)."""
@@ -100,7 +101,9 @@ class Role:
     def ruleset(self, ctx: QubeContext, info: RoleInfo | None) -> Ruleset:
         rs = Ruleset()
         peers6 = [a for a in (ctx.addr.gateway6, *(c.ipv6 for c in ctx.clients)) if a]
-        common.base(rs, ctx.ipv6, self.strict_replies, peers6)
+        offload = [ctx.upstream_if, *ctx.client_vifs] \
+            if self.fast_path and ctx.caps.flowtable and ctx.clients else None
+        common.base(rs, ctx.ipv6, self.strict_replies, peers6, offload)
         if self.provides_network:
             common.antispoof(rs, list(ctx.clients))
         if self.enforces_client_rules:

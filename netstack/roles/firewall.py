@@ -13,6 +13,7 @@ from netstack.rules.nft import Ruleset
 
 class FirewallRole(Role):
     kind = "firewall"
+    fast_path = True
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.provide_network(rs, ctx.client_vifs, ctx.upstream_if)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 class NetRole(Role):
     kind = "net"
+    fast_path = True
     config_keys = frozenset({"address", "gateway", "dns"})
     owns_uplink = True
 

@@ -175,6 +175,10 @@ class VpnRole(Role):
         rt.state.set_resolved(q.name, resolved)
         if info.servers:
             write_failover(rt, info, servers, resolved)
+        if info.backend == "wireguard-go":  # its control socket outlives a kill -9: ours
+            from netstack.state import FileRec
+
+            rt.state.record(FileRec(runtime.uapi_socket(info.dev)))
         runtime.write_files(rt.kernel, info, rt.provider(q.name), resolved)
 
     def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:

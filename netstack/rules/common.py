@@ -36,24 +36,32 @@ LINK_SCOPE6 = [{"prefix": {"addr": "fe80::", "len": 10}},
 
 
 def base(rs: Ruleset, ipv6: bool, strict_replies: bool = False,
-         peers6: list[str] | None = None) -> None:
+         peers6: list[str] | None = None, offload: list[str] | None = None) -> None:
     """Default-drop input/forward/output (the chain policies), INVALID dropped before any
     accept or NAT, replies and loopback allowed, IPv6 dropped unless configured.
     strict_replies: forward/output accept replies only on the interfaces the role names
     (a kill switch must not let an old connection out another way when its route changes).
     peers6: the global IPv6 addresses of the qube's link peers (netvm, clients): neighbour
     discovery goes out only to them and to link-scope addresses, never to a routed one."""
+    # Every forwarded packet came through prerouting, where INVALID and (off) IPv6 are
+    # dropped: forward does not ask again, so an established packet meets its accept
+    # first (the hot path of the chain: one rule per packet per hop).
     rs["prerouting"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
-    rs["forward"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
     rs["output"].add(ct_state("invalid"), COUNTER, DROP, comment="drop INVALID")
     if not ipv6:
-        for chain in ("prerouting", "forward", "output"):
+        for chain in ("prerouting", "output"):
             rs[chain].add(nfproto("ipv6"), COUNTER, DROP, comment="IPv6 is off")
     else:
         nd = match(payload("icmpv6", "type"), {"set": ND_TYPES})
         rs["input"].add(nd, ACCEPT, comment="IPv6 neighbour discovery")
         rs["output"].add(nd, ip_daddr({"set": LINK_SCOPE6 + sorted(peers6 or [])}, six=True),
                          ACCEPT, comment="IPv6 neighbour discovery")
+    if offload:  # established flows on the fast path, right before they are accepted
+        from netstack import fastpath
+
+        rs.flowtables[fastpath.FLOWTABLE] = list(offload)
+        rs["forward"].add(*fastpath.offload_rule(),
+                          comment="established flows to the fast path (flowtable)")
     for chain in ("input",) if strict_replies else ("input", "forward", "output"):
         rs[chain].add(ct_state("established", "related"), ACCEPT, comment="replies")
     rs["input"].add(match(meta("iif"), "lo"), ACCEPT, comment="loopback")

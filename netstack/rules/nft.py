@@ -158,6 +158,7 @@ class Ruleset:
             name: Chain(name, t, h, p, pol) for name, t, h, p, pol in BASE_CHAINS
         }
         self.sets: dict[str, NamedSet] = {}
+        self.flowtables: dict[str, list[str]] = {}  # name -> devices (fastpath.py)
 
     def add_set(self, s: NamedSet) -> NamedSet:
         self.sets[s.name] = s
@@ -183,6 +184,9 @@ class Ruleset:
             if s.elem:
                 sd["elem"] = list(s.elem)
             items.append({"map" if s.map else "set": sd})
+        for name, devs in self.flowtables.items():
+            items.append({"flowtable": {"family": FAMILY, "table": TABLE, "name": name,
+                                        "hook": "ingress", "prio": 0, "dev": list(devs)}})
         rules: list[dict[str, Any]] = []
         for c in self.chains.values():
             if c.type == "nat" and not c.rules:

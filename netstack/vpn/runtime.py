@@ -178,6 +178,11 @@ def resolve_endpoints(info: VpnInfo, resolve) -> dict[str, list[str]]:
     return out
 
 
+def uapi_socket(dev: str) -> str:
+    """wireguard-go's control socket: one directory for every namespace (FIELD-NOTES)."""
+    return f"/var/run/wireguard/{dev}.sock"
+
+
 def daemon_argv(info: VpnInfo) -> tuple[str, ...]:
     """The tunnel's owner: kernel WireGuard's keeper makes the device and deletes it when
     ended, as wireguard-go's device goes with its process, so supervision, restarts and

@@ -91,6 +91,9 @@ def stack_leftovers(stack: str) -> list[str]:
     for d in (f"/run/netstack/{stack}", f"/var/lib/netstack/{stack}"):
         if os.path.exists(d):
             left.append(d)
+    if os.path.isdir("/var/run/wireguard"):  # wireguard-go's control sockets (wg3-STACK)
+        left += [f"/var/run/wireguard/{f}" for f in os.listdir("/var/run/wireguard")
+                 if f.endswith(f"-{stack}.sock")]
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue

@@ -47,12 +47,17 @@ def test_default_drop_and_invalid_first(qube):
     rs = basic_plan().ns(f"nst-main-{qube}").ruleset
     for name in ("input", "forward", "output"):
         assert chain_of(rs, name)["policy"] == "drop"
-    for name in ("prerouting", "forward", "output"):
+    for name in ("prerouting", "output"):
         first = rules_of(rs, name)[0]
         assert first["comment"] == "drop INVALID"
         assert first["expr"][0] == nft.ct_state("invalid")
         assert first["expr"][-1] == nft.DROP
     assert chain_of(rs, "prerouting")["prio"] > -200  # after conntrack, else state unknown
+    # forward sees only what prerouting let through: replies meet their accept first
+    fwd = rules_of(rs, "forward")
+    assert not any(r.get("comment") == "drop INVALID" for r in fwd)
+    if qube != "work":
+        assert fwd[0]["comment"] == "replies"
 
 
 def test_firewall_forwards_clients_only_upstream():
@@ -81,7 +86,7 @@ def test_ipv6_is_dropped_everywhere_when_off():
     for ns in basic_plan().namespaces:
         if not ns.owner.startswith("qube:"):
             continue
-        for chain in ("prerouting", "forward", "output"):
+        for chain in ("prerouting", "output"):  # forward: only what prerouting passed
             assert any(r["expr"][0] == nft.nfproto("ipv6") and r["expr"][-1] == nft.DROP
                        for r in rules_of(ns.ruleset, chain)), (ns.name, chain)
 

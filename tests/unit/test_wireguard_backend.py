@@ -95,10 +95,10 @@ def test_the_probe_asks_only_when_a_qube_could_use_it(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(hostcaps, "probe", lambda **kw: asked.append(kw) or HostCaps())
     vpn_plan(tmp_path)
-    assert asked == [{"wireguard": True}]
+    assert asked == [{"flowtable": True, "wireguard": True}]  # forwarding qubes: flowtable
     asked.clear()
     cfg = tmp_path / "vpn.toml"
     cfg.write_text(cfg.read_text().replace('\ntype = "wireguard"',
                                            '\ntype = "wireguard"\nbackend = "wireguard-go"'))
     stack.plan_only(str(cfg), "main", LAB)
-    assert asked == [{}]
+    assert asked == [{"flowtable": True}]

@@ -283,8 +283,8 @@ class State:
             shutil.rmtree(d)
 
     def owns_path(self, path: str) -> bool:
-        """Paths netstack may write and delete for this stack: its state directory and its
-        namespaces' /etc/netns directories."""
+        """Paths netstack may write and delete for this stack: its state directory, its
+        namespaces' /etc/netns directories and its tunnels' wireguard-go sockets."""
         real = os.path.realpath(path)
         if not hasattr(self, "_roots"):
             self._roots = (os.path.realpath(self.dir), os.path.realpath("/etc/netns"))
@@ -296,7 +296,9 @@ class State:
         if real.startswith(etc_netns + os.sep):
             first = real[len(etc_netns) + 1:].split(os.sep)[0]
             return first.startswith((f"nst-{self.stack}-", f"nsl-{self.stack}-"))
-        return False
+        # wireguard-go's control socket of one of this stack's tunnels (names.tunnel_if)
+        return os.path.dirname(real) == os.path.realpath("/var/run/wireguard") and \
+            os.path.basename(real).endswith(f"-{self.stack}.sock")
 
 
 def _flock(fd: int, wait: float) -> OSError | None:

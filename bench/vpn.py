@@ -243,6 +243,9 @@ def main() -> None:
     res["ratio"] = round(res["chain_gbit_s_median"] / res["bare_gbit_s_median"], 3)
     res["chain_cpu_s_per_gb"] = med(chain_cpu)
     res["bare_cpu_s_per_gb"] = med(bare_cpu)
+    # the same, as CPU cores busy per Gbit/s moved (1 Gbit/s = 0.125 GB/s)
+    res["chain_cores_per_gbit_s"] = round(res["chain_cpu_s_per_gb"]["total"] * 0.125, 2)
+    res["bare_cores_per_gbit_s"] = round(res["bare_cpu_s_per_gb"]["total"] * 0.125, 2)
     res["chain_runs"] = [round(x, 3) for x in chain]
     res["bare_runs"] = [round(x, 3) for x in bare]
     for k, v in res.items():

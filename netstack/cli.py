@@ -74,8 +74,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     st = State.load(args.stack)
     assert st is not None
+    # Under systemd the unit is ready now: the chain exists and is closed (what units
+    # ordered after it, and network-pre.target in move mode, need). Connecting is
+    # reported as STATUS; a tunnel that cannot connect is a state, not a failed start.
+    _ready(sd, st, "chain made and closed" + ("" if args.no_wait else "; connecting"))
     if args.no_wait:
-        _ready(sd, st, "up (not waiting for tunnels)")
         return 0
     left_up = (f"stack {args.stack!r} is left up (`netstack --stack {args.stack} status` shows "
                f"it, `netstack --stack {args.stack} down` removes it)")
@@ -91,14 +94,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _fail(args, f"stopped waiting; {left_up}", 130)
     except NetstackError as e:
         print(file=sys.stderr)
+        sd.send(status=f"chain closed, not connected: {e}")
         return _fail(args, f"{e}; {left_up}", e.exit_code)
-    _ready(sd, st, "chain up")
+    sd.send(status="chain up: tunnels connected, Tor bootstrapped")
     return 0
 
 
 def _ready(sd: Any, st: Any, status: str) -> None:
     """Hand the unit over to the supervisor (systemd watches it from now on), then say
-    ready: only once the chain does its job."""
+    ready."""
     from netstack.processes import supervisor_pid
 
     pid = supervisor_pid(st)
@@ -612,9 +616,10 @@ def parser() -> argparse.ArgumentParser:
         "  sudo netstack service install configs/vpn.toml --uplink eth0 --uplink-mode nat\n"
         "  netstack service show configs/vpn.toml --uplink wlan0           # print the unit\n"
         "  sudo netstack service remove                                    # stop, disable\n"
-        "The unit's main process is the stack's supervisor; it is ready once tunnels are\n"
-        "connected and Tor has bootstrapped; move mode orders it before network-pre.target\n"
-        "so no network manager touches the device first. See docs/host.md.")
+        "The unit's main process is the stack's supervisor; it is ready once the chain is\n"
+        "made and closed (tunnels and Tor are reported as they connect); move mode orders\n"
+        "it before network-pre.target so no network manager touches the device first.\n"
+        "See docs/host.md.")
     p.add_argument("action", choices=["install", "remove", "show", "list"])
     uplink_opts(p)
     p.add_argument("--unit-dir", metavar="DIR",

@@ -1,11 +1,13 @@
 """Start the chain at boot: a systemd unit whose main process is the stack's supervisor,
-ready once the chain is (tunnels connected, Tor bootstrapped), `down` on stop, restarted on
-failure. In move mode it is ordered before network-pre.target and bound to the device, so
-no network manager of the host configures the uplink before sys-net owns it: closed before
-it is open.
+`down` on stop, restarted on failure. In move mode it is ordered before network-pre.target
+and bound to the device, so no network manager of the host configures the uplink before
+sys-net owns it: closed before it is open.
 
-`up` speaks systemd's notify protocol itself when NOTIFY_SOCKET is set (STATUS lines while
-it waits, then MAINPID = the supervisor and READY=1), so the unit needs no wrapper."""
+`up` speaks systemd's notify protocol itself when NOTIFY_SOCKET is set, so the unit needs
+no wrapper: MAINPID = the supervisor and READY=1 as soon as the chain exists and is closed
+(what network-pre.target and units after it need; waiting for Tor's bootstrap there would
+hold the whole boot for minutes, and a laptop without a network would never start), then
+STATUS lines while tunnels connect and Tor bootstraps, and a last one when they have."""
 
 from __future__ import annotations
 

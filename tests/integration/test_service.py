@@ -1,5 +1,6 @@
-"""`up` under systemd (Type=notify): STATUS lines while it waits, then MAINPID = the
-stack's supervisor and READY=1, only once the tunnel carries traffic (root)."""
+"""`up` under systemd (Type=notify): MAINPID = the stack's supervisor and READY=1 once the
+chain exists and is closed, then STATUS lines while the tunnel connects, and a last
+STATUS once it carries traffic (root)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def test_up_notifies_systemd_once_the_chain_is_up(tmp_path):
             reap_zombies()
     assert stack_leftovers(stack) == []
     assert msgs[0] == {"STATUS": "bringing the chain up"}
-    assert any(m.get("STATUS", "").startswith("vpn sys-proxyvm: ") for m in msgs)
-    assert msgs[-2] == {"MAINPID": str(sup)}  # systemd watches the supervisor from now on
-    assert msgs[-1] == {"READY": "1", "STATUS": "chain up"}
-    assert sum("READY" in m for m in msgs) == 1
+    assert msgs[1] == {"MAINPID": str(sup)}  # systemd watches the supervisor from now on
+    assert msgs[2] == {"READY": "1", "STATUS": "chain made and closed; connecting"}
+    assert sum("READY" in m for m in msgs) == 1  # and nobody else (openvpn, tor) says it
+    assert any(m.get("STATUS", "").startswith("vpn sys-proxyvm: ") for m in msgs[3:])
+    assert msgs[-1] == {"STATUS": "chain up: tunnels connected, Tor bootstrapped"}

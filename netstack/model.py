@@ -190,6 +190,7 @@ class VpnServer:
     wg_dev: str
     files: dict[str, str] = field(default_factory=dict, hash=False)  # lab:REF -> path
     wg2_dev: str | None = None  # a second WireGuard server (lab:wireguard2, port + 1)
+    openvpn2: bool = False  # a second OpenVPN server (lab:openvpn2, port + 1)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def lab_files(state_dir: str) -> dict[str, str]:
 
 def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
              ns_files: Any, sink: bool = False, bridge: bool = False,
-             second_wg: bool = False) -> None:
+             second_wg: bool = False, second_ovpn: bool = False) -> None:
     """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
     the VPN server's keys and runs it; tor: a tor qube needs the private Tor network."""
     stack = p.stack
@@ -83,12 +83,16 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                               zone))
     vs = VpnServer(hosts["vpn"].netns, "eth0", hosts["vpn"].address, WG_PORT, OVPN_PORT,
                    names.check_ifname(f"wgs-{stack}"), lab_files(state_dir),
-                   names.check_ifname(f"wgt-{stack}") if second_wg else None)
+                   names.check_ifname(f"wgt-{stack}") if second_wg else None, second_ovpn)
     if vpn_keys and vs.wg2_dev:  # a second server to fail over to (lab:wireguard2)
         p.daemons.append(Daemon("lab-wireguard2", vs.netns, ("wireguard-go", "-f", vs.wg2_dev),
                                 True, (sys.executable, "-m", "netstack.vpn.hook",
                                        os.path.join(d, "wg2-server-hook.json")),
                                 requires=os.path.join(d, "wg2-server-hook.json")))
+    if vpn_keys and vs.openvpn2:  # a second OpenVPN server (lab:openvpn2)
+        p.daemons.append(Daemon("lab-openvpn2", vs.netns,
+                                ("openvpn", "--config", os.path.join(d, "ovpn2-server.conf")),
+                                requires=os.path.join(d, "ovpn2-server.conf")))
     if vpn_keys:
         p.daemons.append(Daemon("lab-wireguard", vs.netns, ("wireguard-go", "-f", vs.wg_dev),
                                 True, (sys.executable, "-m", "netstack.vpn.hook",

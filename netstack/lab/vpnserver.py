@@ -19,14 +19,16 @@ if TYPE_CHECKING:
 WG_PORT, OVPN_PORT = 51820, 1194
 WG_SERVER_ADDR, WG_CLIENT_ADDR = "10.66.0.1/24", "10.66.0.2/32"
 WG2_SERVER_ADDR, WG2_CLIENT_ADDR = "10.68.0.1/24", "10.68.0.2/32"
-OVPN_NET = "10.67.0.0"
-TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24", "10.68.0.0/24")
+OVPN_NET, OVPN2_NET = "10.67.0.0", "10.69.0.0"
+TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24", "10.68.0.0/24", "10.69.0.0/24")
 OVPN_SERVER_DEV = "ovs0"
 # what tells each server answers (see processes.wait_daemons_ready)
 READY: dict[str, tuple[str, int] | None] = {"lab-wireguard": None, "lab-wireguard2": None,
-                                            "lab-openvpn": ("udp", OVPN_PORT)}
+                                            "lab-openvpn": ("udp", OVPN_PORT),
+                                            "lab-openvpn2": ("udp", OVPN_PORT + 1)}
 LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-openvpn.ovpn",
-             "lab:wireguard2": "client-wireguard2.conf"}
+             "lab:wireguard2": "client-wireguard2.conf",
+             "lab:openvpn2": "client-openvpn2.ovpn"}
 
 
 PLACEHOLDER_KEY = "A" * 43 + "="  # `netstack plan`: where a key will go (32 zero bytes)
@@ -60,11 +62,13 @@ def wireguard_client2(cli_key: str = PLACEHOLDER_KEY, srv_pub: str = PLACEHOLDER
 
 
 def openvpn_client(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
-                   key: str = PLACEHOLDER_PEM, tls_crypt: str = PLACEHOLDER_PEM) -> str:
+                   key: str = PLACEHOLDER_PEM, tls_crypt: str = PLACEHOLDER_PEM,
+                   second: bool = False) -> str:
     vpn_host = next(h for h in addressing.lab_hosts() if h.name == "vpn")
+    port = OVPN_PORT + 1 if second else OVPN_PORT
     return "\n".join([
         "# netstack lab VPN (throwaway CA) - an .ovpn as providers ship them", "client",
-        "dev tun", "proto udp", f"remote {vpn_host.fqdn} {OVPN_PORT}", "resolv-retry infinite",
+        "dev tun", "proto udp", f"remote {vpn_host.fqdn} {port}", "resolv-retry infinite",
         "nobind", "persist-key", "persist-tun", "remote-cert-tls server",
         "verify-x509-name server name", "data-ciphers AES-256-GCM:CHACHA20-POLY1305",
         f"dhcp-option DNS {addressing.lab_dns_server()}", "redirect-gateway def1",
@@ -72,8 +76,13 @@ def openvpn_client(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
         f"<key>\n{key}\n</key>", f"<tls-crypt>\n{tls_crypt}\n</tls-crypt>", ""])
 
 
+def openvpn_client2(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
+                    key: str = PLACEHOLDER_PEM, tls_crypt: str = PLACEHOLDER_PEM) -> str:
+    return openvpn_client(ca, cert, key, tls_crypt, second=True)
+
+
 TEMPLATES = {"lab:wireguard": wireguard_client, "lab:openvpn": openvpn_client,
-             "lab:wireguard2": wireguard_client2}
+             "lab:wireguard2": wireguard_client2, "lab:openvpn2": openvpn_client2}
 
 
 def generate(lab: LabPlan, write) -> tuple[str, ...]:
@@ -145,20 +154,25 @@ def _generate_vpn(lab: LabPlan, write) -> None:
                      "-out", p(f"{name}.crt")])
     _run(["openvpn", "--genkey", "tls-crypt", p("tls-crypt.key")])
     os.chmod(p("tls-crypt.key"), 0o600)
-    write(p("ovpn-server.conf"), "\n".join([
-        f"dev {OVPN_SERVER_DEV}", "dev-type tun", "proto udp", f"port {OVPN_PORT}",
-        f"local {vpn_host.address}", "topology subnet", f"server {OVPN_NET} 255.255.255.0",
-        f"ca {p('ca.crt')}", f"cert {p('server.crt')}", f"key {p('server.key')}", "dh none",
-        f"tls-crypt {p('tls-crypt.key')}", "data-ciphers AES-256-GCM:CHACHA20-POLY1305",
-        "keepalive 2 10", "disable-dco", "duplicate-cn", "verb 3", "persist-key",
-        "script-security 1", ""]))
+    for n, port, net, dev in (("ovpn", OVPN_PORT, OVPN_NET, OVPN_SERVER_DEV),
+                              ("ovpn2", OVPN_PORT + 1, OVPN2_NET, "ovs1"))[
+                                  :2 if vs.openvpn2 else 1]:
+        write(p(f"{n}-server.conf"), "\n".join([
+            f"dev {dev}", "dev-type tun", "proto udp", f"port {port}",
+            f"local {vpn_host.address}", "topology subnet", f"server {net} 255.255.255.0",
+            f"ca {p('ca.crt')}", f"cert {p('server.crt')}", f"key {p('server.key')}",
+            "dh none", f"tls-crypt {p('tls-crypt.key')}",
+            "data-ciphers AES-256-GCM:CHACHA20-POLY1305", "keepalive 2 10", "disable-dco",
+            "duplicate-cn", "verb 3", "persist-key", "script-security 1", ""]))
 
     def read(n: str) -> str:
         with open(p(n)) as f:
             return f.read().strip()
 
-    write(vs.files["lab:openvpn"], openvpn_client(read("ca.crt"), read("client.crt"),
-                                                  read("client.key"), read("tls-crypt.key")))
+    creds = (read("ca.crt"), read("client.crt"), read("client.key"), read("tls-crypt.key"))
+    write(vs.files["lab:openvpn"], openvpn_client(*creds))
+    if vs.openvpn2:
+        write(vs.files["lab:openvpn2"], openvpn_client2(*creds))
     # the hook's spec goes last: it is lab-wireguard's go signal
     from netstack.codec import dump
     from netstack.vpn.runtime import TunnelSpec

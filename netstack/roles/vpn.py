@@ -246,8 +246,11 @@ class VpnRole(Role):
             while True:
                 c = children(st).get(info.daemon_name)
                 child = {**dump(c), "alive": proc_alive(c.pid, c.start)} if c else None
-                h = health(info, k.links(info.netns), child, st.data.resolved.get(q.name))
-                if h["tunnel"] == "up":
+                h = health(info.current(), k.links(info.netns), child,
+                           st.data.resolved.get(q.name))
+                # up: connected, and the hook has set the routes into the tunnel (OpenVPN
+                # reports CONNECTED before them)
+                if h["tunnel"] == "up" and child and child.get("configured"):
                     progress(100, "tunnel up")
                     return time.monotonic() - t0
                 if time.monotonic() - t0 > timeout:

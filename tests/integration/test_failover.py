@@ -18,9 +18,14 @@ from tests.integration.util import ROOT, cli, in_ns, load_state, wait_for
 pytestmark = pytest.mark.root
 
 VPN, WEB = "203.0.113.10", "198.51.100.80"
-CFG = (ROOT / "configs" / "vpn.toml").read_text().replace(
-    'config = "lab:wireguard"',
-    'config = ["lab:wireguard", "lab:wireguard2"]\nfailover_after = 3')
+PORTS = {"wireguard": (51820, 51821), "openvpn": (1194, 1195)}
+
+
+def config(kind: str) -> str:
+    text = (ROOT / "configs" / "vpn.toml").read_text().replace(
+        'config = "lab:wireguard"',
+        f'config = ["lab:{kind}", "lab:{kind}2"]\nfailover_after = 3')
+    return text.replace('\ntype = "wireguard"', f'\ntype = "{kind}"')
 
 
 def fetch(ns: str) -> str | None:
@@ -28,17 +33,19 @@ def fetch(ns: str) -> str | None:
     return p.stdout.strip() if p.returncode == 0 else None
 
 
-def test_failover_to_the_second_server(own_stack, tmp_path):
+@pytest.mark.parametrize("kind", ["wireguard", "openvpn"])
+def test_failover_to_the_second_server(own_stack, tmp_path, kind):
+    first_port, second_port = PORTS[kind]
     s = own_stack("f")
     cfg = tmp_path / "failover.toml"
-    cfg.write_text(CFG)
+    cfg.write_text(config(kind))
     cli("--stack", s, "up", str(cfg), "--lab")
     work, net, lab = f"nst-{s}-work", f"nst-{s}-sys-net", f"nsl-{s}-vpn"
     assert fetch(work) == VPN
     with Capture(net, "uplink", str(tmp_path / "isp.pcap")) as cap:
         assert fetch(work) == VPN  # through the first server
         in_ns(lab, "nft", "add table inet blk; add chain inet blk in { type filter hook "
-              "prerouting priority -300; }; add rule inet blk in udp dport 51820 drop")
+              f"prerouting priority -300; }}; add rule inet blk in udp dport {first_port} drop")
         t0 = time.monotonic()
         back = wait_for(lambda: fetch(work), 30, 0.05, "traffic through the second server")
         took = time.monotonic() - t0
@@ -51,26 +58,28 @@ def test_failover_to_the_second_server(own_stack, tmp_path):
     start, end = switches[0]["swap_start"], switches[0]["swap_end"]
     out = [(float(p.time), p[UDP].dport) for p in cap.packets()
            if IP in p and p[IP].dst == VPN and UDP in p]
-    assert any(port == 51820 for _, port in out) and any(port == 51821 for _, port in out)
-    early = [(t, port) for t, port in out if port == 51821 and t < start]
-    late = [(t, port) for t, port in out if port == 51820 and t > end]
+    assert any(port == first_port for _, port in out)
+    assert any(port == second_port for _, port in out)
+    early = [(t, port) for t, port in out if port == second_port and t < start]
+    late = [(t, port) for t, port in out if port == first_port and t > end]
     assert not early, f"transport to the second server before the switch: {early[:3]}"
     assert not late, f"transport to the first server after the switch: {late[:3]}"
     clear = [p.summary() for p in cap.packets() if IP in p and not (
         UDP in p and VPN in (p[IP].src, p[IP].dst) and
-        {p[UDP].sport, p[UDP].dport} & {51820, 51821})]
+        {p[UDP].sport, p[UDP].dport} & {first_port, second_port})]
     assert not clear, clear[:5]
     assert took < 3 + 8, f"{took:.1f} s to the second server"  # bound + restart
     st = json.loads(cli("--stack", s, "status", "--json").stdout)
     v = next(q for q in st["qubes"] if q["name"] == "sys-proxyvm")["vpn"]
-    assert v["failover"]["current"] == 1 and v["endpoints"][0]["port"] == 51821
-    assert "elements = { 203.0.113.10 . udp . 51821 }" in in_ns(
+    assert v["failover"]["current"] == 1 and v["endpoints"][0]["port"] == second_port
+    assert f"elements = {{ 203.0.113.10 . udp . {second_port} }}" in in_ns(
         info.netns, "nft", "list", "set", "inet", "netstack", "vpn_endpoints").stdout
     a = cli("--stack", s, "audit", check=False)
     assert a.returncode == 0, a.stdout[-2000:]
     # anti-test: the kill switch admitting the old server too is caught by the audit
     in_ns(info.netns, "nft", "add", "element", "inet", "netstack", "vpn_endpoints",
-          "{ 203.0.113.10 . udp . 51820 }")
+          f"{{ 203.0.113.10 . udp . {first_port} }}")
     a = cli("--stack", s, "audit", check=False)
     assert a.returncode == 1
-    assert "203.0.113.10 . udp . 51820: not the current server's transport" in a.stdout
+    assert f"203.0.113.10 . udp . {first_port}: not the current server's transport" in \
+        a.stdout

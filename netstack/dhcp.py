@@ -143,7 +143,7 @@ def hook(lease_file: str, mode: str, env: dict[str, str]) -> int:
     """Called by dhcpcd for every event, inside sys-net: the DNS map first (emptied when
     the lease is gone), then the state file."""
     from netstack.codec import dump
-    from netstack.kernel import RealKernel
+    from netstack.kernel import RealKernel, atomic_write
 
     prev = read_lease(lease_file)
     lease = apply_event(prev, env, time.time())
@@ -154,11 +154,7 @@ def hook(lease_file: str, mode: str, env: dict[str, str]) -> int:
             k.nft(None, {"nftables": map_commands(lease.dns if lease.bound else [])})
         finally:
             k.close()
-    tmp = f"{lease_file}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dump(lease), f)
-    os.replace(tmp, lease_file)
+    atomic_write(lease_file, json.dumps(dump(lease)))
     print(f"dhcp: {lease.history[-1]}: " + (f"{lease.address} via {','.join(lease.routers)}"
                                              f" dns {','.join(lease.dns) or '-'}"
                                              if lease.bound else "no lease"),

@@ -12,6 +12,8 @@ from netstack.errors import ApplyError
 
 
 def encode_name(name: str) -> bytes:
+    if name == ".":
+        return b"\0"  # the root
     out = b""
     for label in name.rstrip(".").split("."):
         raw = label.encode("idna") if label else b""

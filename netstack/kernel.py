@@ -36,6 +36,17 @@ class LinkState:
     flags: int = 0  # IFF_*: admin up 0x1, carrier (lower up) 0x10000
 
 
+
+def atomic_write(path: str, text: str, mode: int = 0o600) -> None:
+    """Write a file whole or not at all (a reader sees the old or the new one), with its
+    mode from the start; never through a symlink."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
 class Kernel:
     """The interface. Every method either does what it says or raises (ApplyError for a
     refusal by the system); removals return False when there was nothing to remove."""
@@ -100,8 +111,7 @@ class Kernel:
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
         raise NotImplementedError
 
-    def wait_ready(self, state_dir: str, ready: dict[str, tuple[str, int] | None],
-                   timeout: float) -> None:
+    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float) -> None:
         """Until the supervisor's named daemons answer (processes.wait_daemons_ready)."""
         raise NotImplementedError
 
@@ -440,12 +450,7 @@ class RealKernel(Kernel):
 
     # --- files --------------------------------------------------------------------------
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        atomic_write(path, text, mode)
 
     def make_dir(self, path: str, mode: int = 0o755, owner: str | None = None) -> None:
         os.mkdir(path, mode)
@@ -487,8 +492,7 @@ class RealKernel(Kernel):
         p.returncode = 0  # detached on purpose: keep Popen.__del__ quiet
         return p.pid, proc_start_time(p.pid)
 
-    def wait_ready(self, state_dir: str, ready: dict[str, tuple[str, int] | None],
-                   timeout: float) -> None:
+    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float) -> None:
         from netstack.processes import wait_daemons_ready
 
         wait_daemons_ready(state_dir, ready, timeout)

@@ -105,6 +105,9 @@ class Daemon:
     post_start: tuple[str, ...] = ()  # run in the namespace after each start; failure kills
     requires: str = ""  # a file `up` writes when the daemon may start (its go signal)
     monitor: tuple[str, ...] = ()  # "module:function", args: the supervisor watches health
+    # what says it answers, for a daemon others need before they start (the lab's VPN
+    # servers): "hook" (its post-start hook is done) or "udp/PORT" (the port is bound)
+    ready: str = ""
 
 
 class RoleInfo(Tagged):

@@ -104,11 +104,10 @@ def listening(pid: int, proto: str, port: int) -> bool:
     return False
 
 
-def wait_daemons_ready(state_dir: str, ready: dict[str, tuple[str, int] | None],
-                       timeout: float) -> None:
-    """Until each named daemon answers: hooked ones once their hook reported `configured`
-    (None), others once their (proto, port) is bound in their namespace. Raises NotReady
-    naming the ones still waiting, with their log."""
+def wait_daemons_ready(state_dir: str, ready: dict[str, str], timeout: float) -> None:
+    """Until each named daemon answers as its Daemon.ready says: "hook" once its hook
+    reported `configured`, "udp/PORT" (or tcp) once the port is bound in its namespace.
+    Raises NotReady naming the ones still waiting, with their log."""
     from netstack.errors import NotReady
 
     end = time.monotonic() + timeout
@@ -117,10 +116,11 @@ def wait_daemons_ready(state_dir: str, ready: dict[str, tuple[str, int] | None],
         st = read_status(state_dir)
         kids = st.children if st else {}
         waiting = []
-        for name, port in ready.items():
+        for name, how in ready.items():
             c = kids.get(name)
-            ok = c is not None and (c.configured if port is None
-                                    else listening(c.pid, *port))
+            proto, _, port = how.partition("/")
+            ok = c is not None and (c.configured if how == "hook"
+                                    else listening(c.pid, proto, int(port)))
             if not ok:
                 waiting.append(name)
         if not waiting:

@@ -386,14 +386,11 @@ def run_time(rt: Runtime) -> None:
 
     if plan.services or plan.daemons or qubefw.plan_has_runtime_sets(plan):
         processes.start_supervisor(plan, rt.state, k)  # also keeps rule names fresh
-    if plan.lab and plan.lab.vpn_keys:
-        # The lab's VPN servers are the internet's: they answer before any client's go
-        # signal, or the client's first handshake meets a closed port and waits for
-        # WireGuard's 5 s retry.
-        from netstack.lab.vpnserver import READY
-
-        mine = {d.name for d in plan.daemons}
-        k.wait_ready(rt.state.dir, {n: r for n, r in READY.items() if n in mine}, 10.0)
+    ready = {d.name: d.ready for d in plan.daemons if d.ready}
+    if ready:
+        # Daemons others need (the lab's VPN servers) answer before any qube's go signal,
+        # or a client's first handshake meets a closed port and waits WireGuard's 5 s retry.
+        k.wait_ready(rt.state.dir, ready, 10.0)
     for q in plan.qubes:
         role_for(q.kind).activate(q, rt)
     from netstack.rules import names

@@ -101,12 +101,10 @@ def install(spec: UnitSpec, unit_dir: str = UNIT_DIR, enable: bool = True) -> li
     Returns what was done, one line each."""
     if not os.path.isdir(unit_dir):
         raise UsageError(f"--unit-dir {unit_dir}: no such directory")
+    from netstack.kernel import atomic_write
+
     path = os.path.join(unit_dir, spec.name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(unit_text(spec))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, unit_text(spec), 0o644)
     done = [f"wrote {path}"]
     if enable and unit_dir == UNIT_DIR and systemd_running():
         _systemctl("daemon-reload")

@@ -88,19 +88,23 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
         p.daemons.append(Daemon("lab-wireguard2", vs.netns, ("wireguard-go", "-f", vs.wg2_dev),
                                 True, (sys.executable, "-m", "netstack.vpn.hook",
                                        os.path.join(d, "wg2-server-hook.json")),
-                                requires=os.path.join(d, "wg2-server-hook.json")))
+                                requires=os.path.join(d, "wg2-server-hook.json"),
+                                ready="hook"))
     if vpn_keys and vs.openvpn2:  # a second OpenVPN server (lab:openvpn2)
         p.daemons.append(Daemon("lab-openvpn2", vs.netns,
                                 ("openvpn", "--config", os.path.join(d, "ovpn2-server.conf")),
-                                requires=os.path.join(d, "ovpn2-server.conf")))
+                                requires=os.path.join(d, "ovpn2-server.conf"),
+                                ready=f"udp/{OVPN_PORT + 1}"))
     if vpn_keys:
         p.daemons.append(Daemon("lab-wireguard", vs.netns, ("wireguard-go", "-f", vs.wg_dev),
                                 True, (sys.executable, "-m", "netstack.vpn.hook",
                                        os.path.join(d, "wg-server-hook.json")),
-                                requires=os.path.join(d, "wg-server-hook.json")))
+                                requires=os.path.join(d, "wg-server-hook.json"),
+                                ready="hook"))
         p.daemons.append(Daemon("lab-openvpn", vs.netns,
                                 ("openvpn", "--config", os.path.join(d, "ovpn-server.conf")),
-                                requires=os.path.join(d, "ovpn-server.conf")))
+                                requires=os.path.join(d, "ovpn-server.conf"),
+                                ready=f"udp/{OVPN_PORT}"))
     tor_nodes: dict[str, TorNode] = {}
     if tor:
         from netstack.tor.network import DIR_PORT, OR_PORT, node_role

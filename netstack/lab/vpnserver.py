@@ -22,10 +22,6 @@ WG2_SERVER_ADDR, WG2_CLIENT_ADDR = "10.68.0.1/24", "10.68.0.2/32"
 OVPN_NET, OVPN2_NET = "10.67.0.0", "10.69.0.0"
 TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24", "10.68.0.0/24", "10.69.0.0/24")
 OVPN_SERVER_DEV = "ovs0"
-# what tells each server answers (see processes.wait_daemons_ready)
-READY: dict[str, tuple[str, int] | None] = {"lab-wireguard": None, "lab-wireguard2": None,
-                                            "lab-openvpn": ("udp", OVPN_PORT),
-                                            "lab-openvpn2": ("udp", OVPN_PORT + 1)}
 LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-openvpn.ovpn",
              "lab:wireguard2": "client-wireguard2.conf",
              "lab:openvpn2": "client-openvpn2.ovpn"}

@@ -57,12 +57,10 @@ def load(stack_dir: str) -> Store:
 
 
 def _save(stack_dir: str, store: Store) -> None:
-    tmp = path(stack_dir) + f".{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({n: {h: a.to_json() for h, a in hosts.items()} for n, hosts in store.items()},
-                  f)
-    os.replace(tmp, path(stack_dir))
+    from netstack.kernel import atomic_write
+
+    atomic_write(path(stack_dir), json.dumps(
+        {n: {h: a.to_json() for h, a in hosts.items()} for n, hosts in store.items()}))
 
 
 @contextlib.contextmanager

@@ -411,11 +411,9 @@ def save_overlay(stack: str, overlay: dict[str, list[Any]]) -> None:
             os.unlink(path)
         return
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(overlay, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    from netstack.kernel import atomic_write
+
+    atomic_write(path, json.dumps(overlay, indent=1, sort_keys=True))
 
 
 def rule_from_words(words: list[str]) -> dict[str, Any]:

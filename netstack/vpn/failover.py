@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -56,13 +55,14 @@ class ServerState:
 def answers(ns: str | None, server: str, timeout: float) -> bool:
     """Whether `server` answers a DNS query (any answer, even an error) from inside `ns`."""
     from netstack import netns
+    from netstack.dnswire import query
 
     with netns.entered(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.settimeout(timeout)
-        qid = os.urandom(2)  # NS of the root (name "."): every resolver has it cached
-        q = qid + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x00\x00\x02\x00\x01"
+        q = query(".", 2)  # NS of the root: every resolver has it cached
+        qid = q[:2]
         s.sendto(q, (server, 53))
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -95,19 +95,16 @@ def read_state(path: str) -> ServerState | None:
 
 def write_state(path: str, st: ServerState) -> None:
     from netstack.codec import dump
+    from netstack.kernel import atomic_write
 
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dump(st), f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(dump(st)))
 
 
 def _put(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp"
-    shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, dst)
+    from netstack.kernel import atomic_write
+
+    with open(src) as f:
+        atomic_write(dst, f.read())
 
 
 def switch(spec: FailoverSpec, st: ServerState, why: str, nft: Callable[[dict], None]

@@ -342,3 +342,19 @@ def test_ipv6_literal_endpoint_is_admitted_without_dns(tmp_path):
     assert {"dst": "2001:db8::10/128", "dev": "eth0", "via": info.gateway6} in spec["routes"]
     setconf = fk.files[info.conf_path]
     assert "Endpoint = [2001:db8::10]:51820" in setconf
+
+
+def test_lab_servers_answer_before_any_clients_go_signal():
+    """The first handshake is never lost (issue 16): `up` waits for the daemons others
+    need (the lab's VPN servers, as their Daemon.ready says) before it writes a VPN
+    qube's hook spec, the tunnel daemon's go signal."""
+    fk = FakeKernel(resolve=RESOLVE)
+    plan, _ = bring_up("configs/vpn.toml", fk)
+    ready = {d.name: d.ready for d in plan.daemons if d.ready}
+    assert ready == {"lab-wireguard": "hook", "lab-openvpn": "udp/1194"}
+    info = plan.qube("sys-proxyvm").info
+    kinds = [e[0] if e[0] != "write_file" else ("go" if e[1] == info.spec_path else "write")
+             for e in fk.events]
+    assert kinds.index("wait_ready") < kinds.index("go")
+    assert [e for e in fk.events if e[0] == "wait_ready"] == \
+        [("wait_ready", ("lab-openvpn", "lab-wireguard"))]

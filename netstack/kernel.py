@@ -225,7 +225,7 @@ def proc_alive(pid: int, start: int | None) -> bool:
 
 class RealKernel(Kernel):
     """pyroute2 (one IPRoute per namespace, opened inside it), the nftables binding (one
-    handle per namespace, bound at creation: FIELD-NOTES), /proc/sys, subprocess."""
+    handle per namespace, bound at creation: docs/field-notes.md), /proc/sys, subprocess."""
 
     def __init__(self) -> None:
         self._ipr: dict[str | None, Any] = {}

@@ -219,7 +219,7 @@ class TorRole(Role):
         info = view.qube.info
         assert isinstance(info, TorInfo)
         return super().audit(view, ctx) + tor_gateway(view, tor_uid(info.user),
-                                                      info.all_socks_ports)
+                                                      info.all_socks_ports, info.user)
 
     def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
         """From the supervisor's monitor of tor's control port (see tor.control.watch), and
@@ -263,7 +263,12 @@ class TorRole(Role):
                 f"{t['circuits_built']} circuits built, restarts {t['restarts']}", *onions]
 
 
-def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[Result]:
+def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
+                user: str = "debian-tor") -> list[Result]:
+    """The gateway's properties. `uid` is `user`'s on this host; the reasons name the
+    account, never the number: system accounts' uids differ between machines (a fresh
+    Debian installs dhcpcd before tor: docs/field-notes.md), and results are compared
+    across machines (goldens, a CI run against a laptop's)."""
     from netstack.audit import properties as p
     from netstack.audit.space import Domains
 
@@ -322,7 +327,7 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None) -> list[R
     out.append(p.check("gateway output only from tor", q, "output", start,
                        p.dropped_or_allowed([p.box(skuid=p.one_of("skuid", uid)),
                                              *p.link_nd(q)]),
-                       f"to {q.upstream_if} only processes of uid {uid} (tor) send", extra))
+                       f"to {q.upstream_if} only processes of {user} (tor) send", extra))
     # NAT: exactly the bare SYNs of new connections to the outside are redirected
     mask = frozenset({"fin", "syn", "rst", "ack"})
     bare = p.Pred(lambda f, m=mask: f & m == frozenset({"syn"}))

@@ -13,8 +13,9 @@ from netstack.model import TorNode
 
 OR_PORT, DIR_PORT = 5000, 7000
 
-# Facts measured on this kind of machine (FIELD-NOTES): fast voting brings a client to 100 %
-# in about 10 s; TestingTorNetwork allows the private and documentation addresses we use.
+# Facts measured on this kind of machine (docs/field-notes.md, Tor): fast voting brings a
+# client to 100 % in about 10 s; TestingTorNetwork allows the private and documentation
+# addresses we use.
 TESTING_OPTIONS = [
     "TestingTorNetwork 1", "AssumeReachable 1", "PathsNeededToBuildCircuits 0.67",
     "TestingDirAuthVoteExit *", "TestingDirAuthVoteGuard *", "TestingDirAuthVoteHSDir *",

@@ -179,7 +179,8 @@ def resolve_endpoints(info: VpnInfo, resolve) -> dict[str, list[str]]:
 
 
 def uapi_socket(dev: str) -> str:
-    """wireguard-go's control socket: one directory for every namespace (FIELD-NOTES)."""
+    """wireguard-go's control socket: one directory for every namespace
+    (docs/field-notes.md, WireGuard)."""
     return f"/var/run/wireguard/{dev}.sock"
 
 

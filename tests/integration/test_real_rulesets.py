@@ -26,9 +26,37 @@ def docs() -> dict[str, dict]:
     return {f: rulesetfile.read(str(DIR / f)) for f in FILES}
 
 
+def by_name(x):
+    """`meta skuid "debian-tor"` comes back from the kernel as this host's number; the
+    kept listing names the account again, so it holds no fact of this machine (a fresh
+    Debian gives debian-tor another uid: docs/field-notes.md). The audit resolves the name
+    on whatever host it runs."""
+    import grp
+    import pwd
+
+    if isinstance(x, list):
+        return [by_name(i) for i in x]
+    if not isinstance(x, dict):
+        return x
+    m = x.get("match")
+    if isinstance(m, dict) and isinstance(m.get("right"), int) and m["right"] > 0:
+        key = (m.get("left") or {}).get("meta", {}).get("key") \
+            if isinstance(m.get("left"), dict) else None
+        look = {"skuid": lambda n: pwd.getpwuid(n).pw_name,
+                "skgid": lambda n: grp.getgrgid(n).gr_name}.get(key)
+        if look:
+            try:
+                return {"match": {**m, "right": look(m["right"])}}
+            except KeyError:
+                pass
+    return {k: by_name(v) for k, v in x.items()}
+
+
 def listed(doc: dict) -> str:
-    """A listing as kept beside the script: no metainfo (nft's version), no handles' churn."""
-    return json.dumps({"nftables": [i for i in doc["nftables"] if "metainfo" not in i]},
+    """A listing as kept beside the script: no metainfo (nft's version), no handles' churn,
+    accounts by name."""
+    return json.dumps({"nftables": [by_name(i) for i in doc["nftables"]
+                                    if "metainfo" not in i]},
                       indent=1, sort_keys=True) + "\n"
 
 

@@ -42,3 +42,10 @@ class ApplyError(NetstackError):
     """The system refused a change while bringing a stack up."""
 
     exit_code = 4
+
+
+class CannotCheck(NetstackError):
+    """What a check compares against cannot be loaded (a config, a recorded state, the
+    kernel's live sets): the check could not run, so it has failed (exit 1), never PASS."""
+
+    exit_code = 1

@@ -20,13 +20,14 @@ from netstack.kernel import Kernel, RealKernel, proc_alive
 from netstack.leaktest import SCENARIOS
 from netstack.leaktest.capture import Capture
 from netstack.leaktest.catalogue import Case, Target, cases, stamp
+from netstack.leaktest.endpoints import Timeline, VpnSource, source
 from netstack.leaktest.prober import Prober, Sent
 from netstack.model import Plan, QubeInfo
 from netstack.processes import children, supervisor_pid
 from netstack.roles import role_for
 from netstack.rules.nft import commands
 from netstack.state import State
-from netstack.vpn.info import VpnInfo, all_transport
+from netstack.vpn.info import VpnInfo
 
 
 @dataclass
@@ -53,6 +54,27 @@ class Ctx:
     exits: set[str]
     vpn_server: str | None
     kernel: Kernel
+    # what each VPN qube's kill switch admitted over time (the live set, then its failover
+    # history): `endpoints` is the union at the start, kept for the links it decides
+    vpn: list[VpnSource] = field(default_factory=list)
+    timelines: list[Timeline] = field(default_factory=list)
+
+    def transport_at(self, t: float) -> set[tuple[str, str, int]]:
+        """The VPN transport the kill switches admitted at wall-clock time t."""
+        out: set[tuple[str, str, int]] = set()
+        for tl in self.timelines:
+            out |= tl.at(t)
+        return out
+
+    def servers(self) -> set[tuple[str, str, int]]:
+        """Every server's transport of every VPN qube, whichever is current."""
+        return {t for v in self.vpn for srv in v.servers for t in srv}
+
+    def refresh_transport(self) -> None:
+        """After a run: the failover swaps made during it join the timelines."""
+        for v in self.vpn:
+            v.refresh()
+        self.timelines = [v.timeline() for v in self.vpn]
 
 
 def _protection(q: QubeInfo) -> str | None:
@@ -81,12 +103,17 @@ def context(stack: str, ws_name: str | None, k: Kernel) -> Ctx:
     chain = plan.chain(ws.name)
     kinds = {_protection(q) for q in chain[1:]}
     kind = "tor" if "tor" in kinds else "vpn" if "vpn" in kinds else "plain"
-    endpoints = all_transport(plan.infos(VpnInfo), st.data.resolved)
+    # what the kill switches admit live, not what `up` resolved: a failover moves them
+    vpn = [source(i, st.data.resolved.get(i.qube), k) for i in plan.infos(VpnInfo)]
+    timelines = [v.timeline() for v in vpn]
+    now = time.time()
+    endpoints = {t for tl in timelines for t in tl.at(now)}
     lab = plan.lab
     relays = lab.relay_ports if lab else set()
     exits = lab.exits if lab else set()
     vs = lab.vpn_server.address if lab else None
-    return Ctx(stack, plan, st, ws, chain, kind, endpoints, relays, exits, vs, k)
+    return Ctx(stack, plan, st, ws, chain, kind, endpoints, relays, exits, vs, k, vpn,
+               timelines)
 
 
 def target(ctx: Ctx) -> Target:
@@ -166,20 +193,27 @@ def flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
     proto = "tcp" if TCP in p else "udp" if UDP in p else None
 
     def transport() -> bool:
-        if any((ip.dst == a and proto == pr and dport == po)
-               or (ip.src == a and proto == pr and sport == po)
-               for a, pr, po in ctx.endpoints):
+        """To a VPN server: only the transport its kill switch admitted at the packet's
+        time. From one: any server the VPN qube knows (an old server retries to an
+        endpoint it learned before a failover; what our side sends back is judged as
+        "to")."""
+        eps = ctx.transport_at(float(p.time))
+        known = eps | ctx.servers()
+        if any(ip.dst == a and proto == pr and dport == po for a, pr, po in eps) or any(
+                ip.src == a and proto == pr and sport == po for a, pr, po in known):
             return True
-        return icmp_error_about(lambda a, pr, po: (a, pr, po) in ctx.endpoints)
+        return icmp_error_about(lambda a, pr, po: (a, pr, po) in eps,
+                                lambda a, pr, po: (a, pr, po) in known)
 
     def relay() -> bool:
         if TCP in p:
             return (ip.dst, dport) in ctx.relays or (ip.src, sport) in ctx.relays
         return icmp_error_about(lambda a, pr, po: pr == "tcp" and (a, po) in ctx.relays)
 
-    def icmp_error_about(pred) -> bool:
+    def icmp_error_about(pred, pred_src=None) -> bool:
         """An ICMP error (a dead tunnel's "unreachable") quoting an allowed flow, whichever
-        end of the quoted packet the allowed peer is."""
+        end of the quoted packet the allowed peer is (`pred_src`: the test when the peer
+        sent the quoted packet, if it differs)."""
         from scapy.layers.inet import ICMP, IPerror, TCPerror, UDPerror
 
         if ICMP not in p or p[ICMP].type not in (3, 11) or IPerror not in p:
@@ -189,7 +223,7 @@ def flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
         if inner is None:
             return False
         pr = "tcp" if TCPerror in p else "udp"
-        return pred(q.dst, pr, inner.dport) or pred(q.src, pr, inner.sport)
+        return pred(q.dst, pr, inner.dport) or (pred_src or pred)(q.src, pr, inner.sport)
 
     if zone == "sibling":
         return True  # markers decide: nothing of the battery may show up here
@@ -358,6 +392,7 @@ def _verdict(ctx: Ctx, cs: list[Case], lks: list[Link], scenario: str, fault: st
     seen: dict[str, list[str]] = {c.marker: [] for c in cs}
     leaked: dict[str, list[str]] = {c.marker: [] for c in cs}
     legit = {c.marker: ctx.protection in c.legit for c in cs}
+    ctx.refresh_transport()
     unattributed = 0
     for lk in lks:
         assert lk.capture is not None

@@ -47,10 +47,14 @@ def _uplink(args: argparse.Namespace) -> UplinkSpec:
                      "--uplink DEV")
 
 
-def _colour(label: str, text: str) -> str:
+def _colour(label: str, text: str, width: int = 0) -> str:
+    """`text` in its label's colour, padded to `width` visible columns: the padding goes
+    outside the escape codes, which take no column (`f"{...:<22}"` would count them, and
+    black's background would paint the padding)."""
+    pad = " " * max(0, width - len(text))
     if not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
-        return text
-    return f"\033[{LABEL_COLOURS.get(label, '0')}m{text}\033[0m"
+        return text + pad
+    return f"\033[{LABEL_COLOURS.get(label, '0')}m{text}\033[0m{pad}"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -190,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for q in s["qubes"]:
         ifs = ", ".join(f"{i['name']}[{i['state']}]" for i in q["interfaces"]) or "-"
         mark = "" if q["health"]["state"] == "up" else f"  ({q['health']['state']})"
-        print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name']):<22} "
+        print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name'], 22)} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
         from netstack.rules.names import status_lines as name_lines
@@ -356,6 +360,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """The report goes to stdout (and the files asked for); the program's own output
+    too, except with --json, where it goes to stderr so stdout parses."""
     from netstack import check
 
     cmd = list(args.cmd)
@@ -364,8 +370,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError("check: a CONFIG is for the lab stack check brings up; with --stack "
                          "it uses that running stack as it is")
     say = None if args.json else (lambda m: print(f"netstack check: {m}", file=sys.stderr))
+    sys.stdout.flush()
     r = check.run(cmd, args.config, args.qube, args.expect, running, args.pcaps, args.bypass,
-                  say)
+                  say, timeout=getattr(args, "timeout", None),
+                  stdout=sys.stderr.fileno() if args.json else None)
     if args.junit:
         with open(args.junit, "w") as f:
             f.write(check.junit(r))
@@ -704,9 +712,12 @@ def parser() -> argparse.ArgumentParser:
                        "\n  sudo netstack check configs/vpn.toml --expect vpn --junit "
                        "report.xml -- ./my-client\n  sudo netstack --stack main check "
                        "--qube anon-whonix -- torsocks-free-app\n"
-                       "exit 0: clean; 1: a leak (something left another way than --expect);"
-                       "\n2: the program tried to get around the chain and was stopped "
-                       "(--bypass warn:\n0); 3: the program itself failed",
+                       "exit 0: clean; 1: a leak (something left another way than --expect)"
+                       "\nor a flow whose outcome is unknown (the report says why); 2: the "
+                       "program\ntried to get around the chain and was stopped (--bypass "
+                       "warn: 0); 3: the\nprogram failed, ran past --timeout, or was ended "
+                       "because check got\nSIGINT/SIGTERM/SIGHUP (the report is written and "
+                       "the stack taken down\nall the same)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML qube table for the lab stack check brings "
                    "up (default: configs/tor-over-vpn.toml); with --stack, the running one")
@@ -717,7 +728,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a stopped attempt to get around the chain: exit 2 (fail) or 0 (warn)")
     p.add_argument("--pcaps", metavar="DIR", help="where the captures go (default "
                    "./pcaps/TIME-STACK-check)")
-    p.add_argument("--junit", metavar="FILE", help="JUnit XML: one testcase per flow class")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="end the program after "
+                   "this long (for programs that never exit; the report says so, exit 3)")
+    p.add_argument("--junit", metavar="FILE", help="JUnit XML: a testcase per flow, a "
+                   "failure for each that made the exit code non-zero")
     p.add_argument("--html", metavar="FILE", help="one self-contained page for CI artifacts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check, cmd=[])  # the command: everything after --

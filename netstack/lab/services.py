@@ -1,11 +1,20 @@
 """Lab services on sockets handed over by `up`: an HTTP server that answers each request with
 the client address it sees, and a small authoritative DNS server for the lab domain. Both
-log who asked, so tests can tell which address reached them."""
+log who asked, so tests can tell which address reached them.
+
+Every lab service logs one record per connection (TCP) or datagram (UDP) in the same
+shape (`conn_record`): proto, the client's address and port and the local (destination)
+address and port as this host saw them after NAT, bytes, and the payload mark: the first
+up-to-64 bytes the server received, as their length and a short sha256. Tor exits and the
+VPN server's NAT rewrite the source tuple but not the stream's bytes, so `netstack check`
+finds the flow on the workstation's link by computing the same digest there."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -28,17 +37,65 @@ class EventLog:
             self._f.write(json.dumps(rec) + "\n")
 
 
+MARK_BYTES = 64  # the payload mark covers at most this many first bytes
+
+
+def mark(data: bytes) -> dict[str, Any]:
+    """The payload mark of the first bytes a server received: their length (at most
+    MARK_BYTES) and the first 16 hex digits of their sha256."""
+    head = data[:MARK_BYTES]
+    return {"mark_len": len(head), "mark": hashlib.sha256(head).hexdigest()[:16]}
+
+
+def conn_record(proto: str, client: tuple[Any, ...], local: tuple[Any, ...] | None,
+                first: bytes, **extra: Any) -> dict[str, Any]:
+    """The record every lab service writes for a connection or datagram (see the module
+    docstring): `check` matches flows on it, so all services must agree on it."""
+    rec: dict[str, Any] = {"proto": proto, "client": client[0], "cport": client[1],
+                           "dst": local[0] if local else None,
+                           "dport": local[1] if local else None}
+    rec.update(mark(first))
+    rec.update(extra)
+    return rec
+
+
+def peek_first(s: socket.socket, wait: float = 5.0, more: float = 0.03) -> bytes:
+    """The first up-to-MARK_BYTES bytes a TCP client sent, left in the socket (MSG_PEEK):
+    waits `wait` for the first byte, then up to `more` for the rest of a split first write
+    (the mark carries its length, so a shorter one still matches, only less strongly)."""
+    try:
+        if not select.select([s], [], [], wait)[0]:
+            return b""
+        got = s.recv(MARK_BYTES, socket.MSG_PEEK)
+        end = time.monotonic() + more
+        while 0 < len(got) < MARK_BYTES and time.monotonic() < end:
+            time.sleep(0.005)
+            try:
+                got = max(got, s.recv(MARK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT),
+                          key=len)
+            except BlockingIOError:
+                continue
+        return got
+    except OSError:
+        return b""
+
+
 def serve_http(fd: int, log_path: str) -> None:
     log = EventLog(log_path)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "netstack-lab"
 
+        def setup(self) -> None:
+            self.first = peek_first(self.request)  # before the handler reads a byte
+            super().setup()
+
         def do_GET(self) -> None:  # noqa: N802
             client = self.client_address[0]
-            log.write(client=client, port=self.client_address[1], path=self.path,
-                      host=self.headers.get("Host"))
             body = f"{client}\n".encode()
+            log.write(**conn_record("tcp", self.client_address, self.request.getsockname(),
+                                    self.first, path=self.path,
+                                    host=self.headers.get("Host"), bytes_out=len(body)))
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
@@ -131,6 +188,7 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
     suffixes = tuple(sorted({n.split(".", 1)[1] for n in zone if "." in n and n != "*"}))
     udp = socket.socket(fileno=udp_fd)
     tcp = socket.socket(fileno=tcp_fd)
+    local = udp.getsockname()  # bound to the DNS host's own address (plan.py)
 
     def udp_loop() -> None:
         while True:
@@ -139,7 +197,7 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
                 name = parse_question(msg)[2]
             except (ValueError, IndexError, UnicodeDecodeError):
                 name = None
-            log.write(client=peer[0], proto="udp", name=name)
+            log.write(**conn_record("udp", peer, local, msg, name=name, bytes_in=len(msg)))
             reply = answer(msg, zone, suffixes, moved.get())
             if reply:
                 udp.sendto(reply, peer)
@@ -147,6 +205,7 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
     def tcp_conn(c: socket.socket, peer: tuple[str, int]) -> None:
         with c:
             c.settimeout(5)
+            first = True
             try:
                 while True:
                     hdr = c.recv(2, socket.MSG_WAITALL)
@@ -157,7 +216,12 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
                         name = parse_question(msg)[2]
                     except (ValueError, IndexError, UnicodeDecodeError):
                         name = None
-                    log.write(client=peer[0], proto="tcp", name=name)
+                    if first:
+                        log.write(**conn_record("tcp", peer, c.getsockname(), hdr + msg,
+                                                name=name, bytes_in=len(hdr) + len(msg)))
+                        first = False
+                    else:  # later queries on the same connection: no mark of their own
+                        log.write(proto="tcp", client=peer[0], cport=peer[1], name=name)
                     reply = answer(msg, zone, suffixes, moved.get())
                     c.sendall(struct.pack("!H", len(reply)) + reply)
             except OSError:

@@ -4,9 +4,11 @@ every TCP connection and UDP datagram, whatever its port, to this one service
 (INetSim-style). TCP: HTTP answered with 200; TLS (a first byte 0x16) terminated with a
 certificate for the name the client asked (SNI), signed by a lab CA made at the first start
 (`check` hands it to the program under test through the usual environment variables);
-anything else gets a short banner. UDP: answered with a short datagram. Every connection is
-logged with who came (a Tor exit, the VPN server, sys-net's ISP address), the port asked,
-the name (Host or SNI) and the bytes, which is what `check` reports."""
+anything else gets a short banner. UDP: answered with a short datagram. Every connection
+and datagram is logged in the lab's common record (services.conn_record): who came (a Tor
+exit, the VPN server, sys-net's ISP address) from which port, the address and port the
+client asked for (SO_ORIGINAL_DST, before the redirect), the payload mark, the name (Host
+or SNI) and the bytes, which is what `check` reports."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import subprocess
 import threading
 from typing import Any
 
-from netstack.lab.services import EventLog
+from netstack.lab.services import EventLog, conn_record, peek_first
 
 PORT = 9  # every TCP and UDP port of the sink is redirected here
 SO_ORIGINAL_DST = 80
@@ -101,13 +103,13 @@ def _http(data: bytes) -> tuple[str | None, str | None]:
 
 
 def _serve_tcp(c: socket.socket, peer: tuple[str, int], log: EventLog, certs: Certs) -> None:
-    rec: dict[str, Any] = {"client": peer[0], "proto": "tcp", "tls": False, "bytes_in": 0,
-                           "bytes_out": 0}
     try:
-        rec["dst"], rec["port"] = original_dst(c)
+        local: tuple[str, int] | None = original_dst(c)
     except OSError:
-        rec["dst"], rec["port"] = None, None
+        local = None
+    rec = conn_record("tcp", peer, local, peek_first(c), tls=False, bytes_in=0, bytes_out=0)
     conn: Any = c
+    logged = False
     try:
         c.settimeout(5)
         first = c.recv(1, socket.MSG_PEEK)
@@ -136,12 +138,15 @@ def _serve_tcp(c: socket.socket, peer: tuple[str, int], log: EventLog, certs: Ce
             rec.update(host=host, path=path)
         else:
             reply = BANNER
-        conn.sendall(reply)
         rec["bytes_out"] = len(reply)
+        log.write(**rec)  # before the reply: the client may exit (and check read) at once
+        logged = True
+        conn.sendall(reply)
     except (OSError, ssl.SSLError, ValueError) as e:
         rec["error"] = str(e)[:120]
     finally:
-        log.write(**rec)
+        if not logged:
+            log.write(**rec)
         with contextlib.suppress(OSError):
             conn.close()
 
@@ -163,7 +168,9 @@ def serve(tcp_fd: int, udp_fd: int, lab_dir: str, log_path: str) -> None:
     def udp_loop() -> None:
         while True:
             msg, peer = udp.recvfrom(65535)
-            log.write(client=peer[0], proto="udp", bytes_in=len(msg))
+            # the redirect rewrote the destination and the kernel keeps the original only
+            # in conntrack (SO_ORIGINAL_DST is TCP's): datagrams match by their mark
+            log.write(**conn_record("udp", peer, None, msg, bytes_in=len(msg)))
             with contextlib.suppress(OSError):
                 udp.sendto(BANNER, peer)
 

@@ -2,16 +2,66 @@
 
 A capture is ready only once tcpdump says it is listening (an event, not a sleep); it is
 stopped with SIGINT so the pcap is complete and readable by tshark and Wireshark.
+
+A capture in a stack's namespace (`nst-STACK-*`, `nsl-STACK-*`) is recorded in that stack's
+intent log as a process (pid and start time) while it runs, and forgotten once stopped: if
+`check` or `leaktest` dies without stopping it (SIGKILL, a crash), `down` ends it by PID like
+the stack's other processes, never by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import select
 import signal
 import subprocess
 import time
 from typing import Any
+
+LOCK_WAIT = 10.0  # seconds to wait for another writer of the stack's state
+
+
+def stack_of(netns: str) -> str | None:
+    """The stack a namespace belongs to (names.qube_netns / lab_netns), or None."""
+    parts = netns.split("-", 2)
+    if len(parts) == 3 and parts[0] in ("nst", "nsl") and parts[1]:
+        return parts[1]
+    return None
+
+
+def _register(netns: str, iface: str, pid: int) -> Any:
+    """Record the running tcpdump in its stack's intent log (so `down` ends it); the
+    record, or None when the namespace is no stack's or the state cannot be written."""
+    from netstack.kernel import proc_start_time
+    from netstack.state import ProcessRec, StackLock, State
+
+    stack = stack_of(netns)
+    if stack is None:
+        return None
+    rec = ProcessRec(f"capture {netns}/{iface}", secrets.token_hex(8), "", pid,
+                     proc_start_time(pid))
+    try:
+        with StackLock(stack, wait=LOCK_WAIT):
+            st = State.load(stack)
+            if st is None:
+                return None
+            st.record(rec)
+    except Exception:  # noqa: BLE001 - a capture must work without it (the PID is ours)
+        return None
+    return (stack, rec)
+
+
+def _unregister(reg: Any) -> None:
+    """Retire the record once the capture has ended (a fresh load: others append too)."""
+    from netstack.state import StackLock, State
+
+    stack, rec = reg
+    with contextlib.suppress(Exception), StackLock(stack, wait=LOCK_WAIT):
+        st = State.load(stack)
+        if st is not None and st.seq_of(rec) is not None:
+            st.forget(rec)
 
 
 class Capture:
@@ -19,6 +69,8 @@ class Capture:
         self.netns, self.iface, self.path, self.bpf = netns, iface, path, bpf
         self.proc: subprocess.Popen | None = None
         self._pkts: list[Any] | None = None
+        self._reg: Any = None
+        self.pid: int | None = None  # of the last tcpdump started (tests check it ended)
 
     def start(self, timeout: float = 5.0) -> Capture:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -27,6 +79,8 @@ class Capture:
         if self.bpf:
             argv.append(self.bpf)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.pid = self.proc.pid  # `ip netns exec` execs tcpdump: the same process
+        self._reg = _register(self.netns, self.iface, self.proc.pid)
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         buf = b""
@@ -57,6 +111,9 @@ class Capture:
         if self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
+        if self._reg is not None:
+            _unregister(self._reg)
+            self._reg = None
 
     def packets(self) -> list[Any]:
         import scapy.layers.inet  # noqa: F401  (register Ethernet/IP dissectors, else Raw)

@@ -507,6 +507,8 @@ def packets(draw) -> Packet:
     if proto == "tcp":
         est, flags, status = False, frozenset({"syn"}), frozenset()
     daddr = draw(st.sampled_from(addrs(six)))
+    if proto == "tcp" and source_for(daddr) == daddr and sport == dport:
+        sport = 40000 if dport != 40000 else 40001  # a socket cannot connect to itself (99)
     uid, gid = draw(st.sampled_from(IDS)), draw(st.sampled_from(IDS))
     return Packet(family=fam, saddr=source_for(daddr), daddr=daddr, l4proto=proto,
                   sport=sport, dport=dport, tcp_flags=flags,

@@ -55,7 +55,10 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                 Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
     p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
     hosts: dict[str, LabHostInfo] = {}
-    for i, h in enumerate(addressing.lab_hosts(tor=tor, sink=sink, bridge=bridge)):
+    from netstack.lab import content
+
+    extra = content.hosts() if sink else []  # what real programs fetch (lab/content.py)
+    for i, h in enumerate(addressing.lab_hosts(tor=tor, sink=sink, bridge=bridge) + extra):
         ns = names.lab_netns(stack, h.name)
         ifr = names.check_ifname(f"h{i}-{h.name}"[:15])
         fwd = "1" if h.name == "vpn" else "0"
@@ -79,6 +82,7 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
         zone["*"] = hosts["sink"].address
         p.services.append(Service("lab-sink", hosts["sink"].netns, "sink", "0.0.0.0", PORT,
                                   {"lab_dir": d}))
+        content.plan(p.daemons, zone, {n: h.netns for n, h in hosts.items()}, d, state_dir)
     p.services.append(Service("lab-dns", hosts["dns"].netns, "dns", hosts["dns"].address, 53,
                               zone))
     vs = VpnServer(hosts["vpn"].netns, "eth0", hosts["vpn"].address, WG_PORT, OVPN_PORT,

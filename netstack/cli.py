@@ -1,9 +1,12 @@
 """The netstack command line. Errors of ours print as one line (and, with --json, as a JSON
 object on stdout); exit codes:
   0 ok
-  1 a check failed: leaks, an unproven property, a degraded stack; or a runtime error
+  1 a check failed: leaks, an unproven property, a degraded stack, or what it compares
+    against cannot be loaded (the config for `audit --drift`, the kill switch's live sets
+    or the failover state for `leaktest`); or a runtime error
   2 bad config, bad input or usage, or root needed
-  3 stack state: not up, already up, half made, being changed by another netstack
+  3 stack state: not up, already up, half made, damaged state files, being changed by
+    another netstack
   4 the system refused a change (rolled back)
   5 Tor's control port unreachable
   6 inconclusive: leaktest could not send a probe or saw no answer to a control case

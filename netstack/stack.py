@@ -56,7 +56,8 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
                                      + "; ".join(problems))
                 note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
             st = State(stack)
-            st.data.config = str(config_path or DEFAULT_CONFIG)
+            # absolute: `audit --drift` compares with this file from any directory
+            st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
             st.data.started = time.time()
             st.create()  # from here on `down` knows the stack
             reconcile.up(p, st, k, inputs.providers)
@@ -138,6 +139,10 @@ def status(stack: str) -> dict[str, Any]:
                                                    names_store[q.name].items()}}
             problems = [f"daemon {d.name} not running" for d in p.daemons
                         if d.netns == q.netns and not (kids.get(d.name) or {}).get("alive")]
+            if st.data.status == "up" and q.netns not in st.data.digests:
+                # nothing to compare its live ruleset with: unknown is not healthy
+                problems.append(f"no ruleset recorded in {st.path} to compare with; fix: "
+                                f"`netstack --stack {stack} down` and `up` again")
             live = health.ruleset_digest(k.nft_list(q.netns)) if running else None
             v = health.qube_verdict(entry, q.interfaces, st.data.digests.get(q.netns), live,
                                     problems + (role.health(entry) if running else []))

@@ -175,8 +175,16 @@ class State:
         """The plan in force, read on first use (`down` needs only the intent log)."""
         if not self._plan_loaded:
             self._plan_loaded = True
-            with contextlib.suppress(FileNotFoundError), open(self.plan_path) as f:
-                self._plan = load(Plan, json.load(f), "plan.json")
+            try:
+                with open(self.plan_path) as f:
+                    self._plan = load(Plan, json.load(f), "plan.json")
+            except FileNotFoundError:
+                pass
+            except ValueError:  # what status, audit and leaktest compare against is gone
+                raise StateError(f"{self.plan_path} is damaged, so nothing can be compared "
+                                 f"with it; fix: `netstack --stack {self.stack} down` (the "
+                                 "intent log still knows every object) and `up` again"
+                                 ) from None
         return self._plan
 
     @staticmethod

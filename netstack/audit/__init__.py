@@ -115,14 +115,18 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
         kept = qubefw.load_overlay(stack)
     except NetstackError as e:
         return [{"qube": "-", "drift": True, "source": "overlay", "why": str(e)}]
-    try:
-        plain = cfg.load(config, {}) if config else None
-    except (NetstackError, OSError) as e:
-        plain = None
-        problem = f"the config no longer loads: {e}"
-    else:
-        problem = None
     out = []
+    plain, problem = None, _config_problem(stack, config)
+    if problem is None:
+        try:
+            plain = cfg.load(str(config), {})
+        except (NetstackError, OSError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problem = (f"config {config} no longer loads ({why}): the lists cannot be "
+                       f"compared; fix it, or `netstack --stack {stack} down` and `up` with "
+                       "the config you want")
+    if problem:  # a comparison that cannot run has failed: never a quiet PASS
+        out.append({"qube": "-", "drift": True, "source": "config", "why": problem})
     for q in plan.qubes:
         if q.settings.get("disposable"):
             continue
@@ -139,13 +143,28 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
                       f"`netstack firewall {q.name} reset` returns to it)")
             out.append({"qube": q.name, "drift": bad, "source": "netstack firewall",
                         "why": why})
-        elif now is not None or configured is not None:
-            bad = plain is not None and now != configured
+        elif plain is not None and (now is not None or configured is not None):
+            bad = now != configured
             says = "no list" if configured is None else f"{len(configured)} rules"
-            why = problem or (f"the config now says {says}, {n} enforced: `netstack down` "
-                              "and `up` to apply it" if bad else f"{n} from the config")
+            why = (f"the config now says {says}, {n} enforced: `netstack down` and `up` to "
+                   "apply it") if bad else f"{n} from the config"
             out.append({"qube": q.name, "drift": bad, "source": "config", "why": why})
     return out
+
+
+def _config_problem(stack: str, config: str | None) -> str | None:
+    """Why the recorded config path cannot be what `up` read, or None. A relative path
+    (recorded by an older netstack) names a file relative to wherever `up` ran: read from
+    here it could be another file, or none."""
+    import os
+
+    fix = f"`netstack --stack {stack} down` and `up` again (the path is then kept absolute)"
+    if not config:
+        return f"stack {stack!r} records no config to compare with; fix: {fix}"
+    if not os.path.isabs(config):
+        return (f"config path {config!r} was recorded relative to the directory `up` ran in, "
+                f"unknown here; fix: {fix}")
+    return None
 
 
 def canonical(rulesets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ tunnel starts and stay when it dies: a dead VPN means dropped traffic, never cle
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -223,6 +224,12 @@ class VpnRole(Role):
             out["failover"] = {"current": i, "servers": [s.provider for s in info.servers],
                                "after_s": info.failover_after,
                                "switches": fs.history if fs else []}
+            if fs is None and os.path.exists(info.server_file):
+                # the current server is then a guess (the first): say so, never show it as
+                # known
+                out["failover"]["error"] = (
+                    f"{info.server_file} is damaged: which server the kill switch admits is "
+                    "unknown; fix: `netstack down` and `up` again")
         return {"vpn": out}
 
     def wait_ready(self, q: QubeInfo, st: State, timeout: float,
@@ -266,8 +273,9 @@ class VpnRole(Role):
 
     def health(self, entry: dict[str, Any]) -> list[str]:
         v = entry["vpn"]
+        unknown = [v["failover"]["error"]] if (v.get("failover") or {}).get("error") else []
         if v["tunnel"] == "up":
-            return []
+            return unknown
         if not v["process_alive"]:
             why = "its daemon is not running"
         elif v["type"] == "wireguard":
@@ -275,7 +283,8 @@ class VpnRole(Role):
             why = "no handshake yet" if age is None else f"last handshake {age:.0f} s ago"
         else:
             why = f"OpenVPN state {v.get('state') or 'unknown'}"
-        return [f"tunnel {v['dev']} down: {why} (the kill switch holds: nothing leaves)"]
+        return unknown + [f"tunnel {v['dev']} down: {why} (the kill switch holds: nothing "
+                          "leaves)"]
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         v = entry["vpn"]

@@ -76,3 +76,12 @@ def test_leaktest_after_failover(own_stack, tmp_path):
     assert r.leaks >= 1
     assert stale["sys-proxyvm:eth0"] and stale["isp-link"], stale
     assert all(f":{SECOND}" not in v for lk in r.links for v in lk["violations"]), r.links
+
+    # fail closed: which server the kill switch admits cannot be read
+    Path(info.server_file).write_text("{damaged")
+    p = cli("--stack", s, "leaktest", check=False)
+    assert p.returncode == 1, p.stdout[-500:]
+    assert "cannot read which server VPN qube sys-proxyvm uses" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = cli("--stack", s, "status", check=False)
+    assert p.returncode == 1 and "is damaged" in p.stdout, p.stdout

@@ -514,6 +514,19 @@ def classify(ctx: Any, family: str, proto: str, dst: str, dport: int | None) -> 
     return "allowed"
 
 
+def _name(host: Any) -> str | None:
+    """A name from a Host header or SNI (its port dropped); None for an address literal."""
+    if not isinstance(host, str) or not host:
+        return None
+    h = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    h = h.strip("[]")
+    try:
+        ipaddress.ip_address(h)
+        return None
+    except ValueError:
+        return h
+
+
 def _via(ctx: Any, client: str) -> str:
     if client in ctx.exits:
         return "tor"
@@ -658,29 +671,43 @@ def _marked(f: Flow, r: dict[str, Any], anywhere: bool) -> bool:
     return False
 
 
+def _route(netns: str, dst: str, src: str, iif: str) -> tuple[str | None, str]:
+    """Where the netvm's kernel routes a packet forwarded from `iif` (`ip route get`, the
+    live table, policy rules included): (device, "") or (None, why not)."""
+    p = subprocess.run(["ip", "-n", netns, "-j", "route", "get", dst, "from", src, "iif",
+                        iif], capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, (p.stderr.strip().splitlines() or ["no route"])[-1]
+    try:
+        return json.loads(p.stdout)[0].get("dev"), ""
+    except (ValueError, IndexError, AttributeError):
+        return None, "unreadable answer from ip route get"
+
+
 def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
     """Run the flow's first packet through the workstation's netvm's live ruleset (the
-    audit's evaluator): the hook and rule that drop it, or None if it passes there. The
-    packet is routed as the netvm routes it: into its tunnel when it has one, else up."""
+    audit's evaluator), routed as that netvm's kernel routes it (`ip route get`: into a
+    tunnel, or up, per family): the hook and rule that drop it, or None if it passes
+    there (or its fate cannot be told: then the outcome stays unknown)."""
     from netstack.audit.evaluator import Packet, Ruleset, Step, fate
-    from netstack.roles import role_for
 
     gw = ctx.chain[1]
     vif = next((c.vif for c in gw.clients if c.name == ctx.ws.name), None)
     if vif is None:
         return None
-    try:
-        tun = role_for(gw.kind).tunnel(gw)
-    except Exception:  # noqa: BLE001 - a role without tunnels
-        tun = None
-    out_if = tun.dev if tun else gw.upstream_if
-    p = Packet(family=f.family, iifname=vif, saddr=f.src or (
-        ctx.ws.ipv4 if f.family == "ipv4" else (ctx.ws.ipv6 or "::")), daddr=f.dst,
+    saddr = f.src or (ctx.ws.ipv4 if f.family == "ipv4" else (ctx.ws.ipv6 or "::"))
+    local = {a for a in (gw.ipv4, gw.ipv6) if a}
+    out_if, why = (None, "") if f.dst in local else _route(gw.netns, f.dst, saddr, vif)
+    if f.dst not in local and out_if is None:
+        if "unreachable" in why.lower() or "no route" in why.lower():
+            return {"qube": gw.name, "hook": "routing", "rule": f"no route ({why})",
+                    "chain": None, "handle": None}
+        return None
+    p = Packet(family=f.family, iifname=vif, saddr=saddr, daddr=f.dst,
                l4proto=f.proto if not f.proto.startswith("ip-proto-") else
                f.proto.split("-")[-1], dport=f.dport,
                sport=(f.sport or 40000) if f.dport is not None else None,
                icmp_type=(8 if f.family == "ipv4" else 128) if f.proto == "icmp" else None)
-    local = {a for a in (gw.ipv4, gw.ipv6) if a}
     traces: list[tuple[str, list[Step], list[str]]] = []
     try:
         hooks = fate(Ruleset(rs), p, lambda _d: out_if, local, None, traces)
@@ -760,8 +787,8 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
         claimed.add(id(r))
         f.outcome = "left"
         f.via = _via(ctx, r["client"])
-        f.names = sorted(set(f.names) | {n for n in (r.get("host"), r.get("sni"))
-                                         if isinstance(n, str) and n})
+        f.names = sorted(set(f.names) | {n for n in (_name(r.get("host")), _name(r.get("sni")))
+                                         if n})
         where = f"{r.get('dst')}:{r.get('dport')}" if r.get("dst") else "its port"
         f.evidence.append(Evidence(
             "lab-log", link=r.get("service"), detail=f"{r.get('service')} saw "
@@ -863,6 +890,19 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
                         "(it went somewhere the lab does not log)")
         else:
             f.reason = "no lab host saw it"
+
+
+def _name(host: Any) -> str | None:
+    """A name from a Host header or SNI (its port dropped); None for an address literal."""
+    if not isinstance(host, str) or not host:
+        return None
+    h = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    h = h.strip("[]")
+    try:
+        ipaddress.ip_address(h)
+        return None
+    except ValueError:
+        return h
 
 
 def _via(ctx: Any, client: str) -> str:
@@ -970,7 +1010,7 @@ def junit(r: Report) -> str:
     cases: list[tuple[str, str, str | None, str]] = []
     for f in sorted(r.flows, key=lambda f: (f.klass, f.first_frame)):
         why = flow_fails(r, f)
-        where = f"{f.dst}:{f.dport}" if f.dport is not None else f.dst
+        where = _where(f)
         text = flow_line(f) + "\n" + "\n".join(_evidence_line(e) for e in f.evidence)
         if f.reason:
             text += f"\nreason: {f.reason}"
@@ -1001,8 +1041,15 @@ def _evidence_line(e: Evidence) -> str:
     return f"  evidence ({e.kind}) {where}: {e.detail}"
 
 
+def _where(f: Flow) -> str:
+    """dst:port ([dst]:port for IPv6), or the address alone."""
+    if f.dport is None:
+        return f.dst
+    return f"[{f.dst}]:{f.dport}" if ":" in f.dst else f"{f.dst}:{f.dport}"
+
+
 def flow_line(f: Flow) -> str:
-    where = f"{f.dst}:{f.dport}" if f.dport is not None else f.dst
+    where = _where(f)
     if f.echo_id is not None:
         where += f" echo id {f.echo_id}"
     names = f" ({', '.join(f.names)})" if f.names else ""

@@ -2,18 +2,31 @@
 on): curl by name through Tor is clean; a STUN request over UDP and `dig` at a resolver of
 its own are stopped and reported with sys-whonix's rule (exit 2, or 0 with --bypass warn);
 with the gateway broken on purpose the STUN packet leaks and the report names the link, the
-pcap and the frame (exit 1); a failing command is exit 3. Reports: JSON, JUnit, HTML (root)."""
+pcap and the frame (exit 1); a failing command is exit 3. Reports: JSON, JUnit, HTML (root).
+
+On a VPN stack of their own (cheap to bring up): the README's example verbatim is CLEAN;
+an address without a name, ICMP echo, TCP and UDP through the sink are all attributed to
+the way they left; IPv6 is stopped with the VPN qube's rule; `--timeout` ends a program
+that never exits; SIGTERM to `check` writes the report, takes its stack down and ends
+every capture; after a SIGKILL of `check`, `down` ends the captures it recorded."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from netstack import check
+from netstack.kernel import proc_alive
 from tests.integration.faults import fault as named
-from tests.integration.util import cli
+from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
 
 pytestmark = pytest.mark.root
 
@@ -127,3 +140,209 @@ def test_curl_through_the_gateways_socks_port_is_clean(tor_lab, tmp_path):
     (socks,) = by(r, "tcp", 9050)
     assert socks.klass == "proxy" and socks.outcome == "left" and socks.via == "tor"
     assert not r.names_asked  # the name went to Tor inside SOCKS, never to a resolver
+
+
+# --- on a VPN stack of their own ----------------------------------------------------------------
+
+VPN = str(ROOT / "configs" / "vpn.toml")
+
+
+@pytest.fixture(scope="module")
+def vpn_lab():
+    s = new_stack_name("hc")
+    cli("--stack", s, "up", VPN, "--lab", "--sink")
+    try:
+        yield s
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)
+        reap_zombies()
+    assert not stack_leftovers(s)
+
+
+def test_the_readmes_example_verbatim_is_clean_on_vpn():
+    """README: `sudo .venv/bin/netstack check configs/vpn.toml --expect vpn -- curl -s -m 8
+    http://web.lab.test/` (as root already, so without sudo)."""
+    p = subprocess.run([".venv/bin/netstack", "check", "configs/vpn.toml", "--expect", "vpn",
+                        "--", "curl", "-s", "-m", "8", "http://web.lab.test/"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    pcaps = p.stdout.rsplit("pcaps in ", 1)[-1].strip()
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.startswith("203.0.113.10\n")  # the page, through the VPN server
+        assert "tcp 198.51.100.80:80 (web.lab.test)" in p.stdout
+        row = next(x for x in p.stdout.splitlines() if "198.51.100.80:80" in x)
+        assert row.split()[:2] == ["allowed", "left"] and row.endswith("left via vpn"), row
+        assert "\nCLEAN: " in p.stdout and "0 unknown" in p.stdout
+    finally:
+        if pcaps.startswith(str(ROOT / "pcaps")):
+            import shutil
+
+            shutil.rmtree(pcaps, ignore_errors=True)
+
+
+def test_an_address_without_a_name_is_attributed(vpn_lab, tmp_path):
+    r = check.run(["curl", "-sS", "-m", "8", "http://198.51.100.80/"], stack=vpn_lab,
+                  qube="work", pcaps=str(tmp_path))
+    assert r.verdict == 0, check.table(r)
+    (web,) = by(r, "tcp", 80)
+    assert (web.dst, web.outcome, web.via, web.names) == ("198.51.100.80", "left", "vpn", [])
+    assert not r.names_asked
+    assert any(e.kind == "lab-log" and e.link == "lab-http" for e in web.evidence)
+
+
+def test_tcp_and_udp_through_the_sink_are_attributed(vpn_lab, tmp_path):
+    cmd = ["sh", "-c", f"curl -sS -m 8 https://www.example.org/ && python3 -c \"{STUN}\""]
+    r = check.run(cmd, stack=vpn_lab, qube="work", pcaps=str(tmp_path))
+    assert r.verdict == 0, check.table(r)
+    (tls,) = by(r, "tcp", 443)
+    (stun,) = by(r, "udp", 3478)
+    for f in (tls, stun):
+        assert f.dst == "198.51.100.99" and (f.outcome, f.via) == ("left", "vpn"), f
+        assert any(e.link == "lab-sink" for e in f.evidence), f.evidence
+    assert "www.example.org" in tls.names and stun.klass == "udp"
+
+
+def test_icmp_echo_is_attributed_by_the_lab_hosts_capture(vpn_lab, tmp_path):
+    """The sandbox may not ping (no raw sockets): root pings from the qube's namespace,
+    watched the way the pytest plugin watches."""
+    w = check.Watch(vpn_lab, "work", pcaps=str(tmp_path)).start()
+    p = subprocess.run(["ip", "netns", "exec", f"nst-{vpn_lab}-work", "ping", "-c", "2",
+                        "-i", "0.2", "-W", "2", "198.51.100.80"], capture_output=True)
+    r = w.report(["ping"], p.returncode)
+    assert r.verdict == 0, check.table(r)
+    (f,) = [f for f in r.flows if f.proto == "icmp"]
+    assert (f.klass, f.outcome, f.via, f.dst) == ("icmp", "left", "vpn", "198.51.100.80")
+    ev = f.evidence[-1]
+    assert ev.link == "lab:web" and ev.frame >= 1 and ev.pcap.endswith("lab_web.pcap")
+
+
+def test_ipv6_is_stopped_with_the_vpn_qubes_rule(tmp_path):
+    cfg = tmp_path / "vpn6.toml"
+    cfg.write_text(Path(VPN).read_text() + "\n[stack]\nipv6 = true\n")
+    s = new_stack_name("hc")
+    cli("--stack", s, "up", str(cfg), "--lab", "--sink")
+    try:
+        r = check.run(["sh", "-c", "curl -s -m 3 'http://[2001:db8::80]/'; true"], stack=s,
+                      qube="work", pcaps=str(tmp_path / "p"))
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)
+        reap_zombies()
+    assert r.verdict == 2, check.table(r)
+    (f,) = [f for f in r.flows if f.family == "ipv6" and f.dport == 80]
+    assert (f.klass, f.outcome) == ("ipv6", "stopped")
+    assert f.stopped_by["qube"] == "sys-proxyvm" and f.stopped_by["hook"] == "forward"
+    assert [e.kind for e in f.evidence] == ["capture", "rule"]
+    assert not stack_leftovers(s)
+
+
+def test_timeout_ends_a_program_that_never_exits(vpn_lab, tmp_path):
+    t0 = time.monotonic()
+    r = check.run(["sleep", "60"], stack=vpn_lab, qube="work", pcaps=str(tmp_path),
+                  timeout=1.0)
+    assert time.monotonic() - t0 < 20
+    assert r.ended_by == "timeout" and r.verdict == 3, check.table(r)
+    assert "ran past --timeout" in check.table(r)
+    junit = ET.fromstring(check.junit(r))
+    (cmd,) = [c for c in junit if c.get("name") == "the command"]
+    assert cmd.find("failure") is not None
+    assert all(not proc_alive(c["pid"], None) for c in r.captures)
+
+
+def _captures(stack: str) -> list:
+    """The tcpdump processes recorded in the stack's state (leaktest/capture.py)."""
+    from netstack.state import ProcessRec, State
+
+    st = State.load(stack)
+    return [o for o in (st.objects if st else []) if isinstance(o, ProcessRec)
+            and o.name.startswith("capture ")]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(")") + 2:].split()[1])
+
+
+def _program_started(check_pid: int) -> bool:
+    """check has started the program (its sandbox is a child of check): every capture
+    was started before it."""
+    for d in os.listdir("/proc"):
+        if d.isdigit() and _ppid(int(d)) == check_pid:
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"bwrap" in f.read():
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def _wait(pred, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_writes_the_report_takes_the_stack_down_and_ends_every_capture(tmp_path):
+    from netstack.state import State
+
+    before = set(State.stacks())
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "check", VPN, "--json",
+                          "--junit", str(tmp_path / "r.xml"), "--pcaps", str(tmp_path / "p"),
+                          "--", "sleep", "120"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        def mine() -> tuple[str, list] | None:
+            for s in set(State.stacks()) - before:
+                caps = _captures(s)
+                if caps and all(_ppid(c.pid) == p.pid for c in caps):
+                    return s, caps
+            return None
+        _wait(lambda: _program_started(p.pid), 120, "check to start the program")
+        stack, caps = _wait(mine, 10, "the captures in the stack's state")
+        assert len(caps) >= 6  # every link of the VPN chain and the lab hosts
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 3, err
+    r = json.loads(out)
+    assert r["ended_by"] == "SIGTERM" and r["verdict"] == 3
+    assert "the command was ended by check's SIGTERM" in r["reasons"]
+    assert {c["pid"] for c in r["captures"]} == {c.pid for c in caps}
+    junit = ET.parse(tmp_path / "r.xml").getroot()
+    assert int(junit.get("failures")) >= 1
+    assert all(not proc_alive(c.pid, c.start) for c in caps)
+    assert not os.path.exists(f"/run/netstack/{stack}") and not stack_leftovers(stack)
+
+
+def test_down_ends_the_captures_of_a_check_killed_with_sigkill(tmp_path):
+    s = new_stack_name("hc")
+    cli("--stack", s, "up", VPN, "--lab", "--sink")
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "check",
+                          "--qube", "work", "--pcaps", str(tmp_path), "--", "sleep", "120"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: _program_started(p.pid), 60, "check to start the program")
+        caps = _captures(s)
+        assert len(caps) >= 6 and all(_ppid(c.pid) == p.pid for c in caps)
+        p.kill()
+        p.wait()
+        assert any(proc_alive(c.pid, c.start) for c in caps)  # orphans, still capturing
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        cli("--stack", s, "down", "--purge", check=False)
+        reap_zombies()
+    assert all(not proc_alive(c.pid, c.start) for c in caps)
+    assert not stack_leftovers(s)

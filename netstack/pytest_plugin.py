@@ -41,8 +41,9 @@ class Flows:
         return len(self.report.flows)
 
     def only_via(self, way: str) -> Flows:
-        """Every flow left `way` (tor | vpn | direct), nothing was stopped, nothing leaked;
-        else a FlowError naming each offending flow."""
+        """Every flow left `way` (tor | vpn | direct), nothing was stopped, nothing leaked,
+        no outcome is unknown (a flow no evidence settles is never taken as fine); else a
+        FlowError naming each offending flow with its reason."""
         from netstack.check import flow_line
 
         bad = [f"  {f.klass}: {flow_line(f)}" for f in self.report.flows
@@ -64,6 +65,10 @@ class Flows:
 
     def stopped(self, klass: str | None = None) -> list[Any]:
         return [f for f in self.report.stopped if klass is None or f.klass == klass]
+
+    def unknown(self) -> list[Any]:
+        """Flows whose outcome no evidence settles (each with its `reason`)."""
+        return self.report.unknown
 
     @property
     def leaks(self) -> list[Any]:

@@ -568,22 +568,27 @@ def _flows(ctx: Any, pkts: list[Any]) -> tuple[list[Flow], list[str], dict[str, 
             continue
         qnames: list[str] = []
         if DNS in p:
-            d = p[DNS]
-            qds = list(d.qd) if isinstance(d.qd, list) else [d.qd] if d.qd else []
-            ans = list(d.an) if isinstance(d.an, list) else \
-                [d.an[j] for j in range(d.ancount)] if d.an else []
-            if d.qr == 0:
-                for q in qds:
-                    qn = q.qname.decode(errors="replace").rstrip(".")
-                    qnames.append(qn)
-                    if qn not in asked and ip.src in own:
-                        asked.append(qn)
-            for rr in ans if d.qr == 1 else []:
-                if getattr(rr, "type", 0) == 1:
-                    names = answers.setdefault(str(rr.rdata), [])
-                    n = rr.rrname.decode(errors="replace").rstrip(".")
-                    if n not in names:
-                        names.append(n)
+            try:
+                d = p[DNS]
+                qds = list(d.qd) if isinstance(d.qd, list) else [d.qd] if d.qd else []
+                ans = list(d.an) if isinstance(d.an, list) else \
+                    [d.an[j] for j in range(d.ancount)] if d.an else []
+                if d.qr == 0:
+                    for q in qds:
+                        qn = q.qname.decode(errors="replace").rstrip(".")
+                        if not qn:
+                            continue
+                        qnames.append(qn)
+                        if qn not in asked and ip.src in own:
+                            asked.append(qn)
+                for rr in ans if d.qr == 1 else []:
+                    if getattr(rr, "type", 0) == 1:
+                        names = answers.setdefault(str(rr.rdata), [])
+                        n = rr.rrname.decode(errors="replace").rstrip(".")
+                        if n not in names:
+                            names.append(n)
+            except Exception:  # noqa: BLE001 - not DNS after all (a port-53/5353 payload)
+                qnames = []
         six = isinstance(ip, IPv6)
         if ip.src not in own and not (six and not ip.src.startswith("fe80:")
                                       and ip.src != "::"):
@@ -673,15 +678,19 @@ def _marked(f: Flow, r: dict[str, Any], anywhere: bool) -> bool:
 
 def _route(netns: str, dst: str, src: str, iif: str) -> tuple[str | None, str]:
     """Where the netvm's kernel routes a packet forwarded from `iif` (`ip route get`, the
-    live table, policy rules included): (device, "") or (None, why not)."""
+    live table, policy rules included): (device, "") with "lo" for what it delivers to
+    itself (its own, broadcast and multicast addresses), or (None, why not)."""
+    if ipaddress.ip_address(dst).is_multicast:
+        return "lo", ""  # not routed: delivered locally or nowhere (no multicast routing)
     p = subprocess.run(["ip", "-n", netns, "-j", "route", "get", dst, "from", src, "iif",
                         iif], capture_output=True, text=True)
     if p.returncode != 0:
         return None, (p.stderr.strip().splitlines() or ["no route"])[-1]
     try:
-        return json.loads(p.stdout)[0].get("dev"), ""
-    except (ValueError, IndexError, AttributeError):
+        r = json.loads(p.stdout)[0]
+    except (ValueError, IndexError):
         return None, "unreadable answer from ip route get"
+    return ("lo" if r.get("type") in ("local", "broadcast", "multicast") else r.get("dev")), ""
 
 
 def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
@@ -698,7 +707,9 @@ def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
     saddr = f.src or (ctx.ws.ipv4 if f.family == "ipv4" else (ctx.ws.ipv6 or "::"))
     local = {a for a in (gw.ipv4, gw.ipv6) if a}
     out_if, why = (None, "") if f.dst in local else _route(gw.netns, f.dst, saddr, vif)
-    if f.dst not in local and out_if is None:
+    if out_if == "lo":
+        local.add(f.dst)  # the evaluator runs it through input, as the kernel does
+    elif f.dst not in local and out_if is None:
         if "unreachable" in why.lower() or "no route" in why.lower():
             return {"qube": gw.name, "hook": "routing", "rule": f"no route ({why})",
                     "chain": None, "handle": None}

@@ -381,3 +381,16 @@ def test_a_capture_knows_the_stack_of_its_namespace():
 
     assert stack_of("nst-hc1-sys-net") == "hc1" and stack_of("nsl-ck12ab34-web") == "ck12ab34"
     assert stack_of("myns") is None and stack_of("nst-") is None
+
+
+def test_a_payload_on_a_dns_port_that_is_not_dns_does_not_break_the_flows():
+    pkts = [udp_pkt(WS, 40000, "224.0.0.251", 5353, b"hello multicast 123")]
+    r, fl = model(pkts, stop=lambda f: RULE)
+    f = fl[("udp", "224.0.0.251", 5353, 40000)]
+    assert (f.klass, f.outcome, r.names_asked) == ("multicast", "stopped", [])
+
+
+def test_multicast_is_run_through_input_as_the_kernel_delivers_it():
+    """Not routed (no multicast routing): the evaluator must see it where the kernel
+    takes it, else the flow would be judged on a forward path it never takes."""
+    assert check._route("no-such-netns", "224.0.0.251", WS, "vif4") == ("lo", "")

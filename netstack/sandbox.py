@@ -117,11 +117,66 @@ def home_dir(stack: str, qube: str) -> str:
     return os.path.join(HOME_ROOT, stack, qube, "home")
 
 
+# Whonix gives every workstation this same machine-id, so that it tells nothing apart
+# (Whonix's dist-base-files); a Tor workstation here does the same.
+WHONIX_MACHINE_ID = "b08dfa6083e7567a1921a715000001fb"
+# the one directory of a stack's state that sandboxes read (as their unprivileged account):
+# identity files and the seccomp filter, nothing secret; everything else there is root's
+PUBLIC = "public"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a program may read to tell one machine from another, as the qube shows it:
+    files bound over /etc/machine-id, /proc/sys/kernel/random/boot_id and /proc/cmdline
+    (the host's are the same in every qube, so any program that reports them would link a
+    Tor workstation to the user's other qubes)."""
+
+    machine_id: str  # a file holding the qube's machine-id
+    boot_id: str  # a file holding the qube's boot_id (new at each `up`)
+    cmdline: str  # an empty file: the host's kernel command line is none of its business
+
+
+def make_identity(public_dir: str, persist_dir: str | None, qube: str, whonix: bool,
+                  ) -> Identity:
+    """The qube's identity files, made on first use: a Tor workstation's machine-id is
+    Whonix's generic one; any other qube's is its own, random once and kept beside its home
+    (persist_dir; None: a disposable's, gone with the stack's run directory, whose
+    world-readable part public_dir is); its boot_id is random once per `up` (the stack's
+    run directory goes at `down`). Files are world-readable
+    (the sandbox starts as an unprivileged account), in directories only root writes."""
+    import uuid
+
+    def put(path: str, text: str) -> str:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            with contextlib.suppress(FileExistsError):  # two first uses: the first one wins
+                os.link(tmp, path)
+            os.unlink(tmp)
+        return path
+
+    ids = public_dir
+    if whonix:
+        mid = put(os.path.join(ids, "whonix-machine-id"), WHONIX_MACHINE_ID + "\n")
+    else:
+        mid = put(os.path.join(persist_dir or ids, f"{qube}.machine-id" if not persist_dir
+                               else "machine-id"), uuid.uuid4().hex + "\n")
+    return Identity(mid, put(os.path.join(ids, f"{qube}.boot_id"), str(uuid.uuid4()) + "\n"),
+                    put(os.path.join(ids, "empty"), ""))
+
+
 def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
          root_inside: bool = False, grants: tuple[Grant, ...] = (),
-         extra_env: dict[str, str] | None = None) -> list[str]:
+         extra_env: dict[str, str] | None = None, identity: Identity | None = None,
+         seccomp_bpf: str | None = None) -> list[str]:
     """The command line: enter the namespace (as root, to join it), drop to the account
-    with no_new_privs, then bubblewrap. home None: an empty one, gone at exit."""
+    with no_new_privs, then bubblewrap, with no nested user namespaces
+    (`--disable-userns`) and, given seccomp_bpf, the seccomp filter of netstack.seccomp.
+    home None: an empty one, gone at exit."""
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
     home_in = "/root" if root_inside else "/home/user"
     fs = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
@@ -137,6 +192,11 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
            "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
            "--symlink", "../run", "/var/run",
            *(["--bind", home, home_in] if home else ["--tmpfs", home_in])]
+    if identity is not None:  # after /etc and /proc: these files are bound over theirs
+        if os.path.exists("/etc/machine-id"):
+            fs += ["--ro-bind", identity.machine_id, "/etc/machine-id"]
+        fs += ["--ro-bind", identity.boot_id, "/proc/sys/kernel/random/boot_id",
+               "--ro-bind", identity.cmdline, "/proc/cmdline"]
     env = ["--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", home_in,
            "--setenv", "USER", "root" if root_inside else who.name,
            "--setenv", "LANG", os.environ.get("LANG", "C.UTF-8")]
@@ -150,14 +210,18 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
             fs += ["--ro-bind", g.xauthority, "/run/netstack-x11/Xauthority"]
         for k, v in g.env:
             env += ["--setenv", k, v]
+    bw = ["bwrap", "--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-ipc",
+          "--unshare-uts", "--unshare-cgroup-try", "--hostname", qube,
+          "--uid", str(inside_uid), "--gid", str(inside_gid),
+          *fs, *env, "--chdir", home_in, "--die-with-parent", "--new-session",
+          "--cap-drop", "ALL", "--", *cmd]
+    if seccomp_bpf:
+        from netstack import seccomp
+
+        bw = seccomp.wrap(seccomp_bpf, bw)
     return ["ip", "netns", "exec", netns,
             "setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups",
-            "--no-new-privs", "--",
-            "bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--hostname", qube,
-            "--uid", str(inside_uid), "--gid", str(inside_gid),
-            *fs, *env, "--chdir", home_in, "--die-with-parent", "--new-session",
-            "--cap-drop", "ALL", "--", *cmd]
+            "--no-new-privs", "--", *bw]
 
 
 def make_home(path: str, who: Account) -> None:

@@ -244,7 +244,15 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
                     print(f"netstack: {qube}: {g.warning}", file=sys.stderr)
         env = role_for(st.plan.qube(q.netvm).kind).client_env(st.plan.qube(q.netvm)) \
             if q.netvm else {}
-        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants + tuple(extra), env)
+        from netstack import seccomp
+
+        whonix = any(role_for(x.kind).protection == "tor" for x in st.plan.chain(qube)[1:])
+        public = os.path.join(st.dir, sandbox.PUBLIC)
+        ident = sandbox.make_identity(public, os.path.dirname(home) if home else None, qube,
+                                      whonix)
+        bpf = seccomp.compile_filter(seccomp.path(public))
+        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants + tuple(extra), env,
+                            ident, bpf)
     if root_inside:
         raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")
     argv = ["ip", "netns", "exec", ns]

@@ -94,6 +94,31 @@ try:
     out["proc-sys"] = True
 except OSError:
     out["proc-sys"] = False
+def rd(p):
+    try:
+        with open(p) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+out["ids"] = {"machine-id": rd("/etc/machine-id"),
+              "boot_id": rd("/proc/sys/kernel/random/boot_id"), "cmdline": rd("/proc/cmdline")}
+kid = os.fork()  # a nested user namespace: root over a fresh network namespace's nf_tables
+if kid == 0:
+    os._exit(0 if libc.unshare(0x10000000) == 0 else 1)  # CLONE_NEWUSER
+out["userns"] = os.waitpid(kid, 0)[1] == 0
+import errno, platform
+NR = {"x86_64": {"io_uring_setup": 425, "bpf": 321, "perf_event_open": 298,
+                 "userfaultfd": 323, "keyctl": 250},
+      "aarch64": {"io_uring_setup": 425, "bpf": 280, "perf_event_open": 241,
+                  "userfaultfd": 282, "keyctl": 219}}.get(platform.machine(), {})
+libc.syscall.restype = ctypes.c_long
+reached = []
+for call, nr in NR.items():  # harmless arguments: each fails in the kernel if it gets there
+    ctypes.set_errno(0)
+    r = libc.syscall(nr, 0, 0, 0, 0, 0)
+    if not (r == -1 and ctypes.get_errno() == errno.ENOSYS):
+        reached.append(call)
+out["kernel-surface"] = reached
 name = "nstk_local_" + str(mine)
 p = subprocess.run(["nft", "add", "table", "inet", name], capture_output=True)
 out["nftables"] = p.returncode == 0
@@ -113,7 +138,41 @@ CHECKS = {
     "setns": "setns into another network namespace works",
     "proc-sys": "/proc/sys is writable",
     "nftables": "the qube can load nftables rules",
+    "userns": "a nested user namespace (root over nf_tables of a fresh network namespace)",
+    "kernel-surface": "kernel interfaces a sandbox refuses reached the kernel",
+    "identity": "an identifier (machine-id, boot_id, kernel command line) is the host's or "
+                "another qube's",
 }
+IDS = ("machine-id", "boot_id", "cmdline")
+
+
+def host_ids() -> dict[str, str | None]:
+    """The host's own identifiers, as a qube would read them without its own."""
+    out: dict[str, str | None] = {}
+    for k, p in (("machine-id", "/etc/machine-id"),
+                 ("boot_id", "/proc/sys/kernel/random/boot_id"), ("cmdline", "/proc/cmdline")):
+        try:
+            with open(p) as f:
+                out[k] = f.read().strip()
+        except OSError:
+            out[k] = None
+    return out
+
+
+def shared_ids(mine: dict[str, str | None], others: dict[str, dict[str, str | None]]
+               ) -> list[str]:
+    """Which of the qube's identifiers equal the host's or another qube's ('boot_id = host');
+    an empty kernel command line tells nothing and is never shared, nor does Whonix's
+    generic machine-id, which every Tor workstation shows on purpose."""
+    from netstack.sandbox import WHONIX_MACHINE_ID
+
+    out = []
+    for k in IDS:
+        v = mine.get(k)
+        if not v or (k == "machine-id" and v == WHONIX_MACHINE_ID):
+            continue
+        out += [f"{k} = {who}" for who, ids in others.items() if ids.get(k) == v]
+    return out
 
 
 @dataclass
@@ -210,9 +269,26 @@ def host_process() -> Iterator[tuple[int, str]]:
 SANDBOX = True  # tests switch it off (monkeypatch) for the anti-test
 
 
-def run(stack: str, ws: str, netns: str, forward: Forward | None = None
-        ) -> list[LocalResult]:
-    """The checks as the workstation's user and as the sandbox's root."""
+def ids_in(stack: str, qube: str) -> dict[str, str | None]:
+    """Another app qube's identifiers, read in its sandbox."""
+    from netstack.stack import exec_argv
+
+    cmd = ["/usr/bin/python3", "-c", "import json\ndef rd(p):\n try:\n  return open(p).read()"
+           ".strip()\n except OSError:\n  return None\nprint(json.dumps({'machine-id': rd("
+           "'/etc/machine-id'), 'boot_id': rd('/proc/sys/kernel/random/boot_id'), 'cmdline': "
+           "rd('/proc/cmdline')}))"]
+    p = subprocess.run(exec_argv(stack, qube, None, cmd), capture_output=True, text=True,
+                       timeout=60)
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+
+
+def run(stack: str, ws: str, netns: str, forward: Forward | None = None,
+        others: tuple[str, ...] = ()) -> list[LocalResult]:
+    """The checks as the workstation's user and as the sandbox's root; `others`: app qubes
+    whose identifiers must differ from the workstation's (as the host's must)."""
     from netstack.stack import exec_argv
 
     sandbox = SANDBOX
@@ -238,6 +314,9 @@ def run(stack: str, ws: str, netns: str, forward: Forward | None = None
                 results.append(LocalResult(who, {}, f"the local checks did not run: "
                                                     f"{p.stderr.strip()[-200:]}"))
                 continue
+            ids = {"host": host_ids(), **{q: ids_in(stack, q) for q in others}} \
+                if who == "user" else {"host": host_ids()}
+            got["identity"] = shared_ids(got.get("ids") or {}, ids)
             leaks = {k: (", ".join(v) if isinstance(v, list)
                          else f"{CHECKS[k]}: {v}" if isinstance(v, str) else CHECKS[k])
                      for k, v in got.items() if v and k in CHECKS}

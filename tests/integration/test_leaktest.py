@@ -39,7 +39,7 @@ def check_clean(r) -> None:
     src = next(lk for lk in r.links if lk["zone"] == "source")
     assert src["packets"] >= r.packets_sent  # every probe really went out
     local = [c for c in r.cases if c["case"].startswith("local-")]
-    assert len(local) == 18 and all(c["verdict"] == "ok" for c in local), local
+    assert len(local) == 24 and all(c["verdict"] == "ok" for c in local), local
     for c in r.cases:  # and each was seen leaving the workstation
         if c["case"] not in ("tcp-get-name", "dns-lookup-name") and c not in local:
             assert src["link"] in c["seen_on"], c["case"]
@@ -211,6 +211,10 @@ def test_local_channels_anti_test(tor_lab, tmp_path, monkeypatch):
     assert {"local-stand-in", "local-stand-in-root", "local-host-processes",
             "local-host-state-root"} <= got, got
     assert {"local-mount-root", "local-nftables-root", "local-ptrace-root"} <= got
+    # the host's identifiers, nested user namespaces and the kernel interfaces the
+    # sandbox's seccomp filter refuses are all there without it
+    assert {"local-identity", "local-identity-root", "local-userns", "local-userns-root",
+            "local-kernel-surface", "local-kernel-surface-root"} <= got, got
     # an unprivileged user cannot mount, load rules or trace root's process
     assert not got & {"local-mount", "local-nftables", "local-ptrace"}
     assert not {c for c in got if not c.startswith("local-")}  # packets: still clean

@@ -62,6 +62,8 @@ def _unregister(reg: Any) -> None:
         st = State.load(stack)
         if st is not None and st.seq_of(rec) is not None:
             st.forget(rec)
+            if st.removed > 200:  # a long-lived stack checked many times: as disposables do
+                st.compact()
 
 
 class Capture:

@@ -25,6 +25,7 @@ import io
 import os
 import shutil
 import socket
+import socketserver
 import subprocess
 import sys
 import time
@@ -181,32 +182,10 @@ pc.createOffer().then((o) => pc.setLocalDescription(o)).then(() => say('offer se
 
 # --- the files host's server ---------------------------------------------------------------
 
-try:  # the lab services' shared record (one per connection or datagram), where it exists
-    from netstack.lab.services import conn_record, peek_first
-except ImportError:  # before that record landed: the same shape, written here
-    def conn_record(proto: str, client: tuple[Any, ...], local: tuple[Any, ...] | None,
-                    first: bytes, **extra: Any) -> dict[str, Any]:
-        head = first[:64]
-        return {"proto": proto, "client": client[0], "cport": client[1],
-                "dst": local[0] if local else None, "dport": local[1] if local else None,
-                "mark_len": len(head), "mark": hashlib.sha256(head).hexdigest()[:16],
-                **extra}
-
-    def peek_first(s: socket.socket, wait: float = 5.0, more: float = 0.03) -> bytes:
-        import select
-
-        try:
-            if not select.select([s], [], [], wait)[0]:
-                return b""
-            return s.recv(64, socket.MSG_PEEK)
-        except OSError:
-            return b""
-
-
 def serve(root: str, bind: str, log_path: str, port: int = HTTP_PORT) -> None:
     """Static files from `root` (directories answer with their index.html), each request
     logged with the 5-tuple as this host saw it."""
-    from netstack.lab.services import EventLog
+    from netstack.lab.services import EventLog, conn_record, peek_first
 
     log = EventLog(log_path)
 
@@ -248,7 +227,10 @@ def serve(root: str, bind: str, log_path: str, port: int = HTTP_PORT) -> None:
 
     srv = ThreadingHTTPServer((bind, port), Handler, bind_and_activate=False)
     srv.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.server_bind()
+    # TCPServer's bind, not HTTPServer's: that one asks DNS for our own name (a reverse
+    # lookup in the lab's log before any program ran, and a wait if DNS is not up yet)
+    socketserver.TCPServer.server_bind(srv)
+    srv.server_name, srv.server_port = FILES.fqdn, port
     srv.server_activate()
     srv.daemon_threads = True
     srv.serve_forever()

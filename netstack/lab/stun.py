@@ -64,8 +64,7 @@ def mapped_address(resp: bytes) -> tuple[str, int] | None:
 
 
 def serve(bind: str, log_path: str, port: int = PORT) -> None:
-    from netstack.lab.content import conn_record
-    from netstack.lab.services import EventLog
+    from netstack.lab.services import EventLog, conn_record
 
     log = EventLog(log_path)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -112,6 +112,8 @@ def generate(lab: LabPlan, write) -> tuple[str, ...]:
 
 
 def _generate_vpn(lab: LabPlan, write) -> None:
+    from netstack.lab import pki
+
     def p(name: str) -> str:
         return os.path.join(lab.dir, name)
 
@@ -119,10 +121,8 @@ def _generate_vpn(lab: LabPlan, write) -> None:
     vpn_host = next(h for h in addressing.lab_hosts() if h.name == "vpn")
     # WireGuard (and a second server to fail over to, when a qube names it)
     for second in (False, True) if vs.wg2_dev else (False,):
-        srv_key, cli_key = _run(["wg", "genkey"]).strip(), _run(["wg", "genkey"]).strip()
-        srv_pub = _run(["wg", "pubkey"], input=srv_key).strip()
-        psk = _run(["wg", "genpsk"]).strip()
-        cli_pub = _run(["wg", "pubkey"], input=cli_key).strip()
+        (srv_key, srv_pub), (cli_key, cli_pub) = pki.wg_keypair(), pki.wg_keypair()
+        psk = pki.wg_psk()
         n, port, cli_addr = ("wg2", WG_PORT + 1, WG2_CLIENT_ADDR) if second else \
             ("wg", WG_PORT, WG_CLIENT_ADDR)
         write(p(f"{n}-server.setconf"),
@@ -132,22 +132,12 @@ def _generate_vpn(lab: LabPlan, write) -> None:
         write(vs.files["lab:wireguard2" if second else "lab:wireguard"],
               wireguard_client(cli_key, srv_pub, psk, second))
     # OpenVPN: throwaway P-256 CA, server and client certificates, tls-crypt key
-    ossl = ["openssl"]
-    for name in ("ca", "server", "client"):
-        _run(ossl + ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out",
-                     p(f"{name}.key")])
-        os.chmod(p(f"{name}.key"), 0o600)
-    _run(ossl + ["req", "-x509", "-new", "-key", p("ca.key"), "-sha256", "-days", "2",
-                 "-subj", "/CN=netstack-lab-ca", "-out", p("ca.crt")])
-    for name, usage in (("server", "serverAuth"), ("client", "clientAuth")):
-        _run(ossl + ["req", "-new", "-key", p(f"{name}.key"), "-subj", f"/CN={name}",
-                     "-out", p(f"{name}.csr")])
-        ext = p(f"{name}.ext")
-        write(ext, f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyAgreement\n"
-                   f"extendedKeyUsage={usage}\n")
-        _run(ossl + ["x509", "-req", "-in", p(f"{name}.csr"), "-CA", p("ca.crt"), "-CAkey",
-                     p("ca.key"), "-CAcreateserial", "-days", "2", "-sha256", "-extfile", ext,
-                     "-out", p(f"{name}.crt")])
+    ca = pki.make_ca("netstack-lab-ca", days=2)
+    write(p("ca.crt"), ca.cert_pem.decode())
+    for name in ("server", "client"):
+        leaf = pki.issue(ca, name, days=2, usage=name)
+        write(p(f"{name}.key"), leaf.key_pem.decode())
+        write(p(f"{name}.crt"), leaf.cert_pem.decode())
     _run(["openvpn", "--genkey", "tls-crypt", p("tls-crypt.key")])
     os.chmod(p("tls-crypt.key"), 0o600)
     for n, port, net, dev in (("ovpn", OVPN_PORT, OVPN_NET, OVPN_SERVER_DEV),

@@ -21,6 +21,9 @@ from a guess:
 - stopped: its packets are on the link into the workstation's netvm and on no link beyond
   it, and the audit's evaluator, running its first packet through that netvm's live
   ruleset, names the hook and rule that drop it.
+- answered: the netvm's own service answered it (a Tor gateway's DNSPort answering from
+  its cache): the evaluator delivers it to the netvm itself (input accepted), a reply is on
+  the workstation's link, and no link beyond carried it. Not a leak, not a bypass.
 - unknown: anything else (no lab host saw it, yet the evaluator lets it through, or its
   packets are seen beyond the hop the evaluator names), always with the reason.
 
@@ -101,7 +104,7 @@ class Flow:
     packets: int = 0
     bytes: int = 0
     klass: str = "allowed"
-    outcome: str = "unknown"  # left | stopped | unknown
+    outcome: str = "unknown"  # left | answered | stopped | unknown
     via: str | None = None  # tor | vpn | direct (how it reached the lab, when it did)
     names: list[str] = field(default_factory=list)
     stopped_by: dict[str, Any] | None = None
@@ -116,6 +119,7 @@ class Flow:
     _stream: bytes = field(default=b"", repr=False)
     _datagrams: list[bytes] = field(default_factory=list, repr=False)
     _asked: list[str] = field(default_factory=list, repr=False)
+    _replied: bool = field(default=False, repr=False)
 
 
 @dataclass
@@ -560,6 +564,7 @@ def _flows(ctx: Any, pkts: list[Any]) -> tuple[list[Flow], list[str], dict[str, 
     segs: dict[tuple, dict[int, bytes]] = {}
     isn: dict[tuple, int] = {}
     starts: dict[tuple, bool] = {}  # a packet other than a bare RST was sent
+    replied: set[tuple] = set()  # (client, its port, server, its port) that answered
     asked: list[str] = []
     answers: dict[str, list[str]] = {}
     for i, p in enumerate(pkts, start=1):
@@ -592,6 +597,10 @@ def _flows(ctx: Any, pkts: list[Any]) -> tuple[list[Flow], list[str], dict[str, 
         six = isinstance(ip, IPv6)
         if ip.src not in own and not (six and not ip.src.startswith("fe80:")
                                       and ip.src != "::"):
+            if ip.dst in own:  # a reply: its flow got an answer on the workstation's link
+                r_sport = p[TCP].dport if TCP in p else p[UDP].dport if UDP in p else None
+                r_dport = p[TCP].sport if TCP in p else p[UDP].sport if UDP in p else None
+                replied.add((ip.dst, r_sport, ip.src, r_dport))
             continue  # replies, and the link's own neighbour discovery
         icmp = ICMP in p or (six and getattr(ip, "nh", 0) == 58)
         proto = "tcp" if TCP in p else "udp" if UDP in p else "icmp" if icmp else \
@@ -640,6 +649,7 @@ def _flows(ctx: Any, pkts: list[Any]) -> tuple[list[Flow], list[str], dict[str, 
             continue  # bare RSTs: the answer to someone else's packet
         if key in segs:
             f._stream = _assemble(segs[key], isn.get(key))
+        f._replied = (f.src, f.sport, f.dst, f.dport) in replied
         out.append(f)
     return out, asked, answers
 
@@ -695,9 +705,11 @@ def _route(netns: str, dst: str, src: str, iif: str) -> tuple[str | None, str]:
 
 def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
     """Run the flow's first packet through the workstation's netvm's live ruleset (the
-    audit's evaluator), routed as that netvm's kernel routes it (`ip route get`: into a
-    tunnel, or up, per family): the hook and rule that drop it, or None if it passes
-    there (or its fate cannot be told: then the outcome stays unknown)."""
+    audit's evaluator, NAT included), routed as that netvm's kernel routes the address
+    after NAT (`ip route get`: into a tunnel, or up, per family). Its fate there: "drop"
+    with the hook and rule, "routing" when the kernel has no route for it, "local" when
+    it is delivered to the netvm's own service (a Tor gateway's DNSPort), or None when it
+    is passed on (or its fate cannot be told: the outcome then rests on other evidence)."""
     from netstack.audit.evaluator import Packet, Ruleset, Step, fate
 
     gw = ctx.chain[1]
@@ -706,14 +718,14 @@ def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
         return None
     saddr = f.src or (ctx.ws.ipv4 if f.family == "ipv4" else (ctx.ws.ipv6 or "::"))
     local = {a for a in (gw.ipv4, gw.ipv6) if a}
-    out_if, why = (None, "") if f.dst in local else _route(gw.netns, f.dst, saddr, vif)
-    if out_if == "lo":
-        local.add(f.dst)  # the evaluator runs it through input, as the kernel does
-    elif f.dst not in local and out_if is None:
-        if "unreachable" in why.lower() or "no route" in why.lower():
-            return {"qube": gw.name, "hook": "routing", "rule": f"no route ({why})",
-                    "chain": None, "handle": None}
-        return None
+    routes: dict[str, tuple[str | None, str]] = {}
+
+    def route(d: str) -> str | None:
+        if d not in routes:
+            routes[d] = _route(gw.netns, d, saddr, vif)
+        return routes[d][0]
+    if f.dst not in local and route(f.dst) == "lo":
+        local.add(f.dst)  # its own, broadcast or multicast: through input, as the kernel
     p = Packet(family=f.family, iifname=vif, saddr=saddr, daddr=f.dst,
                l4proto=f.proto if not f.proto.startswith("ip-proto-") else
                f.proto.split("-")[-1], dport=f.dport,
@@ -721,16 +733,25 @@ def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
                icmp_type=(8 if f.family == "ipv4" else 128) if f.proto == "icmp" else None)
     traces: list[tuple[str, list[Step], list[str]]] = []
     try:
-        hooks = fate(Ruleset(rs), p, lambda _d: out_if, local, None, traces)
+        hooks = fate(Ruleset(rs), p, route, local,
+                     lambda _i, fam: gw.ipv4 if fam == "ipv4" else gw.ipv6, traces)
     except Exception:  # noqa: BLE001 - a report line must not break the report
         return None
     for (hook, verdict), (_h, steps, _t) in zip(hooks, traces, strict=False):
+        last = steps[-1] if steps else None
+        rule = {"qube": gw.name, "hook": hook,
+                "rule": (last.comment or f"{last.chain} policy") if last else "policy",
+                "chain": last.chain if last else None,
+                "handle": last.handle if last else None}
         if verdict == "drop":
-            last = steps[-1] if steps else None
-            return {"qube": gw.name, "hook": hook,
-                    "rule": (last.comment or f"{last.chain} policy") if last else "policy",
-                    "chain": last.chain if last else None,
-                    "handle": last.handle if last else None}
+            return {"fate": "drop", **rule}
+        if hook == "input" and verdict == "accept":
+            return {"fate": "local", **rule}
+    if hooks and hooks[-1] == ("route", "lost"):
+        why = next((w for _d, (dev, w) in routes.items() if dev is None and w), "no route")
+        if "unreachable" in why.lower() or "no route" in why.lower():
+            return {"fate": "routing", "qube": gw.name, "hook": "routing",
+                    "rule": f"no route ({why})", "chain": None, "handle": None}
     return None
 
 
@@ -879,6 +900,22 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
         past = next(((x, i) for x in beyond for i, p in enumerate(x.pkts, start=1)
                      if _same_flow(f, p)), None)
         rule = stop(f)
+        if rule and rule.get("fate") == "local":
+            if f._replied and past is None and f.dport == 53:  # its resolver, nothing else
+                f.outcome = "answered"
+                f.evidence.append(Evidence(
+                    "rule", rule["qube"], None, None, f"{rule['hook']}: {rule['rule']}"
+                    + (f" (handle {rule['handle']})" if rule.get("handle") is not None
+                       else "") + ": delivered to its own service, which replied"))
+                f.reason = (f"{rule['qube']}'s own service answered it (e.g. Tor's DNSPort "
+                            "from its cache) and no link beyond carried it")
+                continue
+            f.outcome = "unknown"
+            f.reason = (f"{rule['qube']} hands it to its own service ({rule['hook']}: "
+                        f"{rule['rule']}; a transparent proxy, a resolver) and no lab host "
+                        "saw it" + (f"; seen on {past[0].link} (frame {past[1]})" if past
+                                    else ""))
+            continue
         f.stopped_by = rule
         if rule and past is None:
             f.outcome = "stopped"
@@ -1066,6 +1103,8 @@ def flow_line(f: Flow) -> str:
     names = f" ({', '.join(f.names)})" if f.names else ""
     if f.outcome == "left":
         how = f"left via {f.via}"
+    elif f.outcome == "answered":
+        how = f"answered by the chain itself: {f.reason}"
     elif f.outcome == "stopped" and f.stopped_by:
         s = f.stopped_by
         how = (f"stopped by {s['qube']} {s['hook']}: {s['rule']}"

@@ -394,3 +394,38 @@ def test_multicast_is_run_through_input_as_the_kernel_delivers_it():
     """Not routed (no multicast routing): the evaluator must see it where the kernel
     takes it, else the flow would be judged on a forward path it never takes."""
     assert check._route("no-such-netns", "224.0.0.251", WS, "vif4") == ("lo", "")
+
+
+def _dns_exchange(reply: bool):
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    q = Ether() / IP(src=WS, dst="10.139.1.1") / UDP(sport=5300, dport=53) / DNS(
+        id=7, rd=1, qd=DNSQR(qname="cached.example.org"))
+    a = Ether() / IP(src="10.139.1.1", dst=WS) / UDP(sport=53, dport=5300) / DNS(
+        id=7, qr=1, qd=DNSQR(qname="cached.example.org"))
+    return [q, a] if reply else [q]
+
+
+LOCAL = {"fate": "local", "qube": "sys-whonix", "hook": "input", "rule": "DNS to Tor",
+         "chain": "input", "handle": 9}
+
+
+def test_dns_the_gateway_answers_itself_is_answered_not_stopped_nor_unknown():
+    """Tor's DNSPort answering from its cache: no lab host saw a query, the evaluator
+    delivers it to sys-whonix itself, and the reply is on the workstation's link."""
+    r, fl = model(_dns_exchange(reply=True), stop=lambda f: LOCAL)
+    f = fl[("udp", "10.139.1.1", 53, 5300)]
+    assert (f.outcome, f.stopped_by, r.verdict) == ("answered", None, 0)
+    assert "answered by the chain itself" in check.flow_line(f)
+    r, fl = model(_dns_exchange(reply=False), stop=lambda f: LOCAL)
+    assert fl[("udp", "10.139.1.1", 53, 5300)].outcome == "unknown" and r.verdict == 1
+
+
+def test_other_traffic_the_gateway_takes_for_itself_is_not_answered():
+    pkts = tcp_conn(WS, 41000, "203.0.113.77", 80, REQ)
+    r, fl = model(pkts, stop=lambda f: LOCAL)
+    f = fl[("tcp", "203.0.113.77", 80, 41000)]
+    assert f.outcome == "unknown" and "hands it to its own service" in f.reason
+    assert r.verdict == 1

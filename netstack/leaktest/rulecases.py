@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,13 +176,15 @@ def probe(ns: str, c: RuleCase, timeout: float = TIMEOUT) -> tuple[bool, str]:
 
 
 def _ping(ns: str, dst: str, timeout: float) -> tuple[bool, str]:
+    """One ICMP echo from inside `ns` (scapy builds it, checksum included, and reads the
+    reply); a raw socket of the namespace sends it, so the qube's own rules see it."""
+    from scapy.layers.inet import ICMP, IP
+
     with netns.entered(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     try:
         ident = int(time.monotonic() * 1000) & 0xFFFF
-        body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"netstack"
-        csum = _checksum(body)
-        s.sendto(body[:2] + struct.pack("!H", csum) + body[4:], (dst, 0))
+        s.sendto(bytes(ICMP(type=8, id=ident, seq=1) / b"netstack"), (dst, 0))
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
             s.settimeout(left)
@@ -191,23 +192,13 @@ def _ping(ns: str, dst: str, timeout: float) -> tuple[bool, str]:
                 pkt, (src, _) = s.recvfrom(1500)
             except TimeoutError:
                 break
-            ihl = (pkt[0] & 0xF) * 4
-            typ = pkt[ihl]
-            if typ == 0 and src == dst and struct.unpack("!H", pkt[ihl + 4:ihl + 6])[0] == \
-                    ident:
+            reply = IP(pkt)
+            if src == dst and ICMP in reply and reply[ICMP].type == 0 and \
+                    reply[ICMP].id == ident:
                 return True, "echo reply"
         return False, "no answer"
     finally:
         s.close()
-
-
-def _checksum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
 
 
 # --- the run ------------------------------------------------------------------------------

@@ -119,19 +119,33 @@ def test_allows_is_first_match_and_drops_the_rest():
     assert qubefw.allows(None, "203.0.113.10", "tcp", 1, None, dns)  # no list: everything
 
 
-def test_conntrack_lines_are_read_in_their_original_direction():
+def test_conntrack_entries_are_read_in_their_original_direction():
+    """pyroute2's entry (original and reply tuples) becomes a Flow of the original
+    direction, and the Flow names the same tuple back to the kernel for a delete."""
+    import socket
+
+    from pyroute2.conntrack import NFCTAttrTuple
+
     from netstack.kernel import Flow
 
-    line = ("tcp      6 431999 ESTABLISHED src=10.137.0.4 dst=198.51.100.80 sport=41234 "
-            "dport=80 src=198.51.100.80 dst=10.137.0.2 sport=80 dport=41234 [ASSURED] mark=0")
-    f = Flow.parse(line)
+    class Entry:
+        def __init__(self, orig, reply):
+            self.tuple_orig, self.tuple_reply = orig, reply
+
+    tcp = NFCTAttrTuple(saddr="10.137.0.4", daddr="198.51.100.80", proto=6, sport=41234,
+                        dport=80)
+    f = Flow.from_entry(Entry(tcp, tcp.reverse()))
     assert f == Flow("tcp", "10.137.0.4", "198.51.100.80", 41234, 80)
-    assert f.selector() == ["-p", "tcp", "-s", "10.137.0.4", "-d", "198.51.100.80",
-                            "--sport", "41234", "--dport", "80"]
-    icmp = Flow.parse("icmp     1 29 src=10.137.0.4 dst=203.0.113.10 type=8 code=0 id=7 "
-                      "src=203.0.113.10 dst=10.137.0.2 type=0 code=0 id=7 mark=0")
-    assert icmp == Flow("icmp", "10.137.0.4", "203.0.113.10", None, None, 8)
-    assert Flow.parse("conntrack v1.4.7 (conntrack-tools): 2 flow entries") is None
+    t = f.tuple()
+    assert (t.saddr, t.daddr, t.proto, t.sport, t.dport, t.family) == \
+        ("10.137.0.4", "198.51.100.80", 6, 41234, 80, socket.AF_INET)
+    icmp = NFCTAttrTuple(saddr="10.137.0.4", daddr="203.0.113.10", proto=1, icmp_id=7,
+                         icmp_type=8, icmp_code=0)
+    g = Flow.from_entry(Entry(icmp, icmp))
+    assert g == Flow("icmp", "10.137.0.4", "203.0.113.10", None, None, 8, 7, 0)
+    assert (g.tuple().icmp_id, g.tuple().proto) == (7, 1)
+    six = Flow("icmp", "fd09:24ef:4179::a89:4", "2001:db8::1", icmp_type=128, icmp_id=3)
+    assert (six.tuple().family, six.tuple().proto) == (socket.AF_INET6, 58)
 
 
 def test_a_change_cuts_exactly_the_connections_it_forbids():

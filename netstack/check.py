@@ -243,7 +243,9 @@ def run(cmd: list[str], config: str | None = None, qube: str | None = None,
             return _run(name, cmd, qube, expect, pcaps, bypass, fault, timeout, stdout, sig)
         finally:
             sig.defer()
-            if own:
+            from netstack.state import State
+
+            if own and State.load(name) is not None:  # `up` cleans up what it half made
                 if progress:
                     progress(f"taking stack {name} down")
                 stacks.down(name)

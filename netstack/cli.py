@@ -374,9 +374,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                          "it uses that running stack as it is")
     say = None if args.json else (lambda m: print(f"netstack check: {m}", file=sys.stderr))
     sys.stdout.flush()
-    r = check.run(cmd, args.config, args.qube, args.expect, running, args.pcaps, args.bypass,
-                  say, timeout=getattr(args, "timeout", None),
-                  stdout=sys.stderr.fileno() if args.json else None)
+    try:
+        r = check.run(cmd, args.config, args.qube, args.expect, running, args.pcaps,
+                      args.bypass, say, timeout=getattr(args, "timeout", None),
+                      stdout=sys.stderr.fileno() if args.json else None)
+    except check.Interrupted as e:  # before the program ran: nothing to report
+        print(f"netstack check: {e} before the program started; its lab stack is down",
+              file=sys.stderr)
+        return 128 + e.signum
     if args.junit:
         with open(args.junit, "w") as f:
             f.write(check.junit(r))

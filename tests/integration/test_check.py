@@ -346,3 +346,21 @@ def test_down_ends_the_captures_of_a_check_killed_with_sigkill(tmp_path):
         reap_zombies()
     assert all(not proc_alive(c.pid, c.start) for c in caps)
     assert not stack_leftovers(s)
+
+
+def test_sigterm_while_the_lab_stack_comes_up_exits_143_and_leaves_nothing():
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "check", VPN, "--", "true"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()  # "bringing up lab stack NAME": up is under way
+        stack = line.split("lab stack ", 1)[1].split()[0]
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143, err
+    assert "SIGTERM before the program started" in err and out == ""
+    assert not os.path.exists(f"/run/netstack/{stack}") and not stack_leftovers(stack)

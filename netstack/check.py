@@ -819,6 +819,10 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
 
     def take(f: Flow, r: dict[str, Any], how: str) -> None:
         claimed.add(id(r))
+        if r.get("proto") == "tcp":  # later requests on the same connection are its too
+            claimed.update(id(x) for x in records if x.get("proto") == "tcp" and
+                           (x.get("service"), x.get("client"), x.get("cport")) ==
+                           (r.get("service"), r.get("client"), r.get("cport")))
         f.outcome = "left"
         f.via = _via(ctx, r["client"])
         f.names = sorted(set(f.names) | {n for n in (_name(r.get("host")), _name(r.get("sni")))

@@ -429,3 +429,13 @@ def test_other_traffic_the_gateway_takes_for_itself_is_not_answered():
     f = fl[("tcp", "203.0.113.77", 80, 41000)]
     assert f.outcome == "unknown" and "hands it to its own service" in f.reason
     assert r.verdict == 1
+
+
+def test_a_second_request_on_a_kept_alive_connection_is_not_another_flows():
+    """lab-http logs each request with its connection's mark: both belong to the first
+    connection; the second connection (same request bytes) was not seen by any lab host."""
+    pkts = tcp_conn(WS, 41000, WEB, 80, REQ) + tcp_conn(WS, 41002, WEB, 80, REQ, isn=9000)
+    recs = [record("tcp", EXIT, 5000, WEB, 80, REQ), record("tcp", EXIT, 5000, WEB, 80, REQ)]
+    r, fl = model(pkts, recs)
+    assert fl[("tcp", WEB, 80, 41000)].outcome == "left"
+    assert fl[("tcp", WEB, 80, 41002)].outcome == "unknown" and r.verdict == 1

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OPEN = frozenset({"vpn", "plain"})
+# an address of Tor's automap range (VirtualAddrNetworkIPv4 10.192.0.0/10), as DNSPort
+# answers a .onion name with (netstack.tor.gateway.VIRTUAL_NET)
+AUTOMAPPED = "10.192.0.5"
 ALL = frozenset({"vpn", "plain", "tor"})
 NONE: frozenset[str] = frozenset()
 
@@ -53,6 +56,11 @@ def cases(t: Target) -> list[Case]:
 
     add("tcp-syn-ip", "TCP only through the chain", [{"dst": t.web, "proto": "tcp",
                                                      "dport": 80, "flags": "S"}], OPEN)
+    # an address of Tor's automap range, as DNSPort answers NAME.onion: behind a Tor gateway
+    # the SYN goes to TransPort (which refuses an address it never handed out), so its
+    # marker never leaves the workstation's link; forwarded, it would
+    add("tcp-syn-automap", "a SYN to Tor's automap range goes only to TransPort, never "
+        "forwarded", [{"dst": AUTOMAPPED, "proto": "tcp", "dport": 80, "flags": "S"}], OPEN)
     add("tcp-get-name", "a real HTTP GET by name leaves only through the chain", [],
         ALL, ["curl", "-sS", "-o", "/dev/null", "--max-time", "4",
               f"http://{t.web_name}/MARKER"])

@@ -35,6 +35,7 @@ from netstack.tor.gateway import (
     DNS_PORT,
     SOCKS_PORT,
     TRANS_PORT,
+    VIRTUAL_NET,
     TorInfo,
     tor_uid,
     torrc,
@@ -46,9 +47,19 @@ if TYPE_CHECKING:
     from netstack.state import State
 
 # Never sent into Tor: the gateway itself and local ranges (a TestingTorNetwork exit would
-# connect to them; on the public network they are a LAN probe).
+# connect to them; on the public network they are a LAN probe). One part of 10/8 is the
+# exception, AUTOMAP_VIA_TOR below.
 NOT_VIA_TOR = ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
                "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3"]
+
+
+# Tor's own virtual addresses (DNSPort answers a .onion name with one of them, as
+# AutomapHostsOnResolve and VirtualAddrNetworkIPv4 in the torrc say): a SYN to one goes to
+# TransPort, where tor maps it back to the name. An address it never handed out is refused
+# by tor itself ("Missing mapping for virtual address"), so nothing of the range is ever
+# asked of an exit; the rest of 10/8 (the qubes' 10.137/16, the virtual DNS 10.139/16, the
+# gateway's own address) stays excluded.
+AUTOMAP_VIA_TOR = VIRTUAL_NET
 
 
 def _prefixes(nets: list[str]) -> dict:
@@ -151,6 +162,13 @@ class TorRole(Role):
             rs["nat_prerouting"].add(iifname(*clients), l4proto("tcp"),
                                      ip_daddr(_prefixes(NOT_VIA_TOR), "!="), tcp_syn_only(),
                                      COUNTER, redirect(TRANS_PORT), comment="TCP SYN -> TransPort")
+            # its own rule (and counter): the automap range lies inside the excluded 10/8
+            net, bits = AUTOMAP_VIA_TOR.split("/")
+            rs["nat_prerouting"].add(iifname(*clients), l4proto("tcp"),
+                                     ip_daddr({"prefix": {"addr": net, "len": int(bits)}}),
+                                     tcp_syn_only(), COUNTER, redirect(TRANS_PORT),
+                                     comment="TCP SYN to Tor's automapped addresses -> "
+                                             "TransPort")
             for port, proto, what in ((TRANS_PORT, "tcp", "TransPort"),
                                       (DNS_PORT, "udp", "DNSPort")):
                 rs["input"].add(iifname(*clients), l4proto(proto),
@@ -276,20 +294,26 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
     socks = [SOCKS_PORT] if socks is None else socks
     for port in (TRANS_PORT, DNS_PORT, CONTROL_PORT, *socks):
         extra.interval("dport", port, port)
-    for net in _NOT_VIA:
+    for net in (*_NOT_VIA, _AUTOMAP):  # the automap range is a class of its own in 10/8
         extra.interval("daddr4", int(net.network_address), int(net.broadcast_address))
     extra.interval("skuid", uid, uid)
     out = []
 
-    def per_client(name: str, hook: str, start_of, judge, reason: str) -> None:
+    def per_client(name: str, hook: str, start_of, judge, reason: str,
+                   more: tuple = ()) -> None:
+        """One result for every client and part ((start_of, judge) pairs beyond the
+        first: a judge sees a class after its NAT, so a claim about the destination the
+        client asked for is a part of its own, with that destination in its start)."""
         total = 0
         for c in q.clients:
-            r = p.check(name, q, hook, {**p.not_sockets(hook), "iif": p.one_of("iif", c.vif),
-                                        **start_of(c)}, judge, "", extra)
-            total += r.classes
-            if r.status != "PASS":
-                out.append(r)
-                return
+            for so, jd in ((start_of, judge), *more):
+                r = p.check(name, q, hook, {**p.not_sockets(hook),
+                                            "iif": p.one_of("iif", c.vif), **so(c)},
+                            jd, "", extra)
+                total += r.classes
+                if r.status != "PASS":
+                    out.append(r)
+                    return
         out.append(p.Result(name, q.name, "PASS", reason, classes=total))
 
     per_client("Tor gateway forwards nothing", "forward", lambda c: {}, p.accepted,
@@ -305,9 +329,10 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
     per_client("only TransPort, DNSPort and the SOCKS ports from clients", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS)},
                p.dropped_or_allowed(redirected + [socks_box, filt] + p.link_nd(q, egress=False)),
-               f"clients reach only redirected TCP to {TRANS_PORT}, DNS to {DNS_PORT}, the "
-               f"SOCKS ports {', '.join(map(str, socks))} and the control-port filter at the "
-               "gateway's address")
+               f"clients reach only redirected TCP to {TRANS_PORT} (SYNs to the outside and to "
+               f"Tor's automap range {AUTOMAP_VIA_TOR}), DNS to {DNS_PORT}, the SOCKS ports "
+               f"{', '.join(map(str, socks))} and the control-port filter at the gateway's "
+               "address")
     per_client("control port only through the filter", "input",
                lambda c: {"ct_state": p.one_of("ct_state", *p.NEW_FLOWS),
                           "l4proto": p.one_of("l4proto", "tcp"),
@@ -328,7 +353,9 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
                        p.dropped_or_allowed([p.box(skuid=p.one_of("skuid", uid)),
                                              *p.link_nd(q)]),
                        f"to {q.upstream_if} only processes of {user} (tor) send", extra))
-    # NAT: exactly the bare SYNs of new connections to the outside are redirected
+    # NAT: exactly the bare SYNs of new connections to the outside, or to Tor's automap
+    # range (onion services by name), are redirected; none to the rest of 10/8 and the other
+    # local ranges (the gateway's and the qubes' own addresses, the virtual DNS)
     mask = frozenset({"fin", "syn", "rst", "ack"})
     bare = p.Pred(lambda f, m=mask: f & m == frozenset({"syn"}))
     not_bare = p.Pred(lambda f, m=mask: f & m != frozenset({"syn"}))
@@ -337,18 +364,38 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
         if any("redirect" in n for n in nat):
             return [p.box(tcp_flags=bare)]  # redirected: must be a bare SYN
         return [p.box(tcp_flags=not_bare)]  # not redirected: must not be one
-    outside = p.Pred(lambda a: not any(int(net.network_address) <= a <=
-                                       int(net.broadcast_address) for net in _NOT_VIA))
-    per_client("only new SYNs are redirected", "prerouting",
-               lambda c: {"l4proto": p.one_of("l4proto", "tcp"), "family": p.one_of(
-                   "family", "ipv4"), "ct_state": p.one_of("ct_state", "new"),
-                   "saddr4": p.one_of("saddr4", c.ipv4), "daddr4": outside},
+
+    def never_redirected(verdict, trace, nat) -> list | None:
+        return [] if any("redirect" in n for n in nat) else None
+
+    def tcp_from(c, dest: Callable[[int], bool]) -> dict:
+        return {"l4proto": p.one_of("l4proto", "tcp"), "family": p.one_of("family", "ipv4"),
+                "ct_state": p.one_of("ct_state", "new"), "saddr4": p.one_of("saddr4", c.ipv4),
+                "daddr4": p.Pred(dest)}
+    per_client("only new SYNs are redirected", "prerouting", lambda c: tcp_from(c, via_tor),
                redirect_judge, "a TCP packet is redirected to TransPort only if it is a bare "
-               "SYN, and every bare SYN of a new connection to the outside is")
+               "SYN, and every bare SYN of a new connection to the outside or to Tor's "
+               f"automap range {AUTOMAP_VIA_TOR} (onion services by name) is; none to the "
+               "rest of 10/8 (the qubes' own addresses, the virtual DNS) or the other local "
+               "ranges",
+               more=((lambda c: tcp_from(c, lambda a: not via_tor(a)), never_redirected),))
     return out
 
 
 _NOT_VIA = [__import__("ipaddress").ip_network(n) for n in NOT_VIA_TOR]
+_AUTOMAP = __import__("ipaddress").ip_network(AUTOMAP_VIA_TOR)
+
+
+_AUTOMAP_SPAN = (int(_AUTOMAP.network_address), int(_AUTOMAP.broadcast_address))
+_NOT_VIA_SPANS = [(int(n.network_address), int(n.broadcast_address)) for n in _NOT_VIA]
+
+
+def via_tor(addr: int) -> bool:
+    """Whether the gateway sends a SYN to this IPv4 address (as an int) into Tor: the
+    automap range, or anything outside the local ranges. Plain integers: the audit's
+    witness search calls it for every class it tries."""
+    lo, hi = _AUTOMAP_SPAN
+    return lo <= addr <= hi or not any(a <= addr <= b for a, b in _NOT_VIA_SPANS)
 
 
 def _onions(ctx: QubeContext) -> dict[str, list[tuple[int, str, int]]]:

@@ -206,14 +206,18 @@ def test_tor_gateway_rules(tmp_path):
     assert not [r for r in rules_of(rs, "forward") if r["expr"][-1] == nft.ACCEPT]
     assert p.ns("nst-main-sys-whonix").sysctls["net/ipv4/ip_forward"] == "0"
     nat = {r["comment"]: r["expr"] for r in rules_of(rs, "nat_prerouting")}
-    assert set(nat) == {"DNS -> DNSPort", "TCP SYN -> TransPort"}
+    onion = "TCP SYN to Tor's automapped addresses -> TransPort"
+    assert set(nat) == {"DNS -> DNSPort", "TCP SYN -> TransPort", onion}
     assert nat["TCP SYN -> TransPort"][-1] == nft.redirect(9040)
+    assert nat[onion][-1] == nft.redirect(9040)  # .onion by name: 10.192.0.0/10 from DNSPort
+    assert nft.ip_daddr({"prefix": {"addr": "10.192.0.0", "len": 10}}) in nat[onion]
     assert nat["DNS -> DNSPort"][-1] == nft.redirect(5400)
     for expr in nat.values():
         assert expr[0] == nft.iifname("vif5")  # only from the workstation's link
     syn = nat["TCP SYN -> TransPort"]
-    assert {"&": [nft.payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]} in \
-        [e["match"]["left"] for e in syn if "match" in e]
+    for rule in (syn, nat[onion]):
+        assert {"&": [nft.payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]} in \
+            [e["match"]["left"] for e in rule if "match" in e]
     excluded = next(e["match"] for e in syn if "match" in e and e["match"]["op"] == "!=")
     assert {"prefix": {"addr": "10.0.0.0", "len": 8}} in excluded["right"]["set"]
     inp = {r["comment"]: r["expr"] for r in rules_of(rs, "input") if r["expr"][-1] == nft.ACCEPT}

@@ -34,11 +34,15 @@ def live_rulesets(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
 def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
     """Links, addresses and routes of each qube as the kernel has them now, for the
     end-to-end walk: it then follows the real routing, tunnel up or down."""
+    from netstack.audit.paths import kernel_facts
+
     out: dict[str, dict[str, Any]] = {}
     for q in plan.qubes:
         links = k.links(q.netns)
         out[q.netns] = {"routes": k.routes(q.netns), "links": sorted(x.name for x in links),
-                        "addrs": [a.split("/")[0] for x in links for a in x.addresses]}
+                        "addrs": [a.split("/")[0] for x in links for a in x.addresses],
+                        # tc, XDP, link kinds, ip rules: paths beside nftables
+                        "paths": kernel_facts(k._ip(q.netns))}
     return out
 
 
@@ -214,11 +218,17 @@ def audit(plan: Plan, rulesets: dict[str, dict[str, Any]],
     rulesets). rule_names, started: the run-time data of per-qube rules of a live stack
     (None: generated rulesets, whose run-time sets are still empty)."""
     from netstack.audit.e2e import end_to_end
+    from netstack.audit.paths import paths_result, unproven_beside
 
     t0 = time.perf_counter()
     eps = all_transport(plan.infos(VpnInfo), resolved)
     ctx = AuditContext(plan, rulesets, resolved or {}, eps, rule_names or {},
                        started or 0.0, None if started is None else time.time())
-    res = all_results(views(plan, rulesets, net), ctx)
+    vs = views(plan, rulesets, net)
+    res = all_results(vs, ctx)
     res += end_to_end(plan, rulesets, eps, net)
+    paths = {v.name: paths_result(v, (net or {}).get(v.qube.netns, {}).get("paths")
+                                  if net else None) for v in vs}
+    chains = {q.name: [c.name for c in plan.chain(q.name)[1:]] for q in plan.qubes}
+    res = unproven_beside(res, paths, chains) + list(paths.values())
     return res, time.perf_counter() - t0

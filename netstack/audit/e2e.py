@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack.audit.evaluator import Evaluator, Explosion, Packet, Ruleset, packet_of
+from netstack.audit.evaluator import MOVES, Evaluator, Explosion, Packet, Ruleset, packet_of
 from netstack.audit.properties import Result
 from netstack.audit.space import NO_IFACE, Domains, Pred, Unsupported, eq_pred
 from netstack.model import Plan, QubeInfo, Route
@@ -103,13 +103,32 @@ class Walk:
             return
         rs = self.rulesets[q.netns]
 
-        def pre(ev: Evaluator, verdict: str, tr: list, nat: list, tn: list[str]) -> None:
-            t = trace + [f"{q.name}: prerouting {verdict}" + (f" ({tr[-1]})" if tr else "")]
-            if verdict != "accept":
+        def prerouting(trace: list[str], taint: list[str]) -> None:
+            def pre(ev: Evaluator, verdict: str, tr: list, nat: list, tn: list[str]) -> None:
+                t = trace + [f"{q.name}: prerouting {verdict}" + (f" ({tr[-1]})" if tr else "")]
+                if verdict != "accept":
+                    self.end("blocked", t, taint + tn)
+                    return
+                self.after_nat(q, list(nat), t, taint + tn, depth)
+            self.ev.explore("prerouting", {"oif": eq_pred([NO_IFACE])}, pre, rs=rs)
+
+        if not rs.has_hook("ingress"):
+            prerouting(trace, taint)
+            return
+
+        def ingress(ev: Evaluator, verdict: str, tr: list, nat: list, tn: list[str]) -> None:
+            # the device's ingress chains come first: drop ends the packet, fwd sends it
+            # out of another device past every other hook here, dup sends a copy so
+            t = trace + [f"{q.name}: ingress {verdict}" + (f" ({tr[-1]})" if tr else "")]
+            if verdict == "accept":
+                prerouting(trace + ([t[-1]] if tr else []), taint + tn)
+            elif verdict.startswith(MOVES):
+                dev = verdict.split(" ", 1)[1]
+                self.set_field("oif", dev, lambda: self.leave(q, dev, t, taint + tn, depth,
+                                                              egress=False))
+            else:
                 self.end("blocked", t, taint + tn)
-                return
-            self.after_nat(q, list(nat), t, taint + tn, depth)
-        self.ev.explore("prerouting", {"oif": eq_pred([NO_IFACE])}, pre, rs=rs)
+        self.ev.explore("ingress", {"oif": eq_pred([NO_IFACE])}, ingress, rs=rs)
 
     def after_nat(self, q: QubeInfo, nat: list, trace: list[str], taint: list[str],
                   depth: int) -> None:
@@ -212,7 +231,24 @@ class Walk:
                 self.ev.box["oif"] = u
 
     def leave(self, q: QubeInfo, oif: str, trace: list[str], taint: list[str],
-              depth: int) -> None:
+              depth: int, egress: bool = True) -> None:
+        """Out of `oif`: first its egress chains (not for what a fwd or dup sent: the
+        kernel skips egress for those), then into the tunnel, the next qube or the ISP."""
+        rs = self.rulesets[q.netns]
+        if egress and rs.has_hook("egress"):
+            def eg(ev: Evaluator, verdict: str, tr: list, nat: list, tn: list[str]) -> None:
+                t = trace + [f"{q.name}: egress {oif} {verdict}" + (f" ({tr[-1]})" if tr
+                                                                     else "")]
+                if verdict == "accept":
+                    self.leave(q, oif, trace, taint + tn, depth, egress=False)
+                elif verdict.startswith(MOVES):
+                    dev = verdict.split(" ", 1)[1]
+                    self.set_field("oif", dev, lambda: self.leave(q, dev, t, taint + tn,
+                                                                  depth, egress=False))
+                else:
+                    self.end("blocked", t, taint + tn)
+            self.ev.explore("egress", {"oif": eq_pred([oif])}, eg, rs=rs)
+            return
         tun = role_for(q.kind).tunnel(q)
         if tun and oif == tun.dev:
             self.encapsulate(q, tun, trace, taint, depth)

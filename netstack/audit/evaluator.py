@@ -40,7 +40,15 @@ from netstack.audit.space import (
     intersect,
 )
 
-HOOK_FAMILIES = {"inet": ("ipv4", "ipv6"), "ip": ("ipv4",), "ip6": ("ipv6",)}
+HOOK_FAMILIES = {"inet": ("ipv4", "ipv6"), "ip": ("ipv4",), "ip6": ("ipv6",),
+                 # a netdev chain sees every frame of its device; of those the evaluator
+                 # models IP packets (anything else it reads, `ether type arp`, is UNPROVEN)
+                 "netdev": ("ipv4", "ipv6")}
+DEVICE_HOOKS = ("ingress", "egress")  # base chains bound to devices (netdev, inet ingress)
+# statements that move a packet out of a device past this namespace's inet hooks (fwd) or
+# copy it there (dup): leaves of their own, "fwd DEV" / "dup DEV", only where a consumer
+# asked for them (Evaluator.moves); anywhere else they stay UNPROVEN
+MOVES = ("fwd", "dup")
 NAT_CORE = {"prerouting": -100, "output": -100, "postrouting": 100, "input": 100}
 CONNTRACK_PRIO = -200  # where connection tracking looks packets up (prerouting, output)
 NAT_KINDS = ("dnat", "snat", "masquerade", "redirect")
@@ -50,6 +58,14 @@ NAT_KINDS = ("dnat", "snat", "masquerade", "redirect")
 # by domain): made once, not once per match of a 10,000-rule ruleset
 FAMILY4, FAMILY6 = eq_pred(["ipv4"]), eq_pred(["ipv6"])
 L4_IS = {p: eq_pred([n]) for p, n in L4.items()}
+
+
+def chain_devices(c: dict[str, Any]) -> list[str]:
+    """The devices a base chain of a device hook is bound to (`dev` is a name or a list)."""
+    d = c.get("dev")
+    if d is None:
+        return []
+    return [d] if isinstance(d, str) else [x for x in d if isinstance(x, str)]
 
 
 def _frozen(x: Any) -> Any:
@@ -272,6 +288,7 @@ class Ruleset:
     """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
+        self._devs: set[str] = set()
         self.chains: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rules: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         self.sets: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -282,6 +299,8 @@ class Ruleset:
                 key = (c["family"], c["table"], c["name"])
                 self.chains[key] = c
                 self.order[key] = len(self.order)
+                for dev in chain_devices(c):
+                    self._devs.add(dev)
                 self.rules.setdefault(key, [])
             elif "rule" in item:
                 r = item["rule"]
@@ -299,6 +318,9 @@ class Ruleset:
         # `th` is rare: look for it in the rules only if the document has it at all
         self._any_th = '"protocol": "th"' in json.dumps(list(self.rules.values()))
         self.domains = Domains()
+        for dev in sorted(self._devs):  # a device chain's packets are a class of their own
+            self.domains.name("iif", dev)
+            self.domains.name("oif", dev)
         self._preds: dict[str, Pred] = {}
         self._pre = False  # compiling for a chain that runs before connection tracking
         self.compiled: dict[tuple[str, str, str], list[Rule]] = {
@@ -347,9 +369,18 @@ class Ruleset:
 
     def before_conntrack(self, c: dict[str, Any], family: str) -> bool:
         """A base chain that runs before connection tracking looks a packet up (priority
-        under -200 at prerouting and output)."""
+        under -200 at prerouting and output; every ingress chain: the device hands the
+        frame over before the IP stack, so no packet has a connection yet)."""
+        if c.get("hook") == "ingress":
+            return True
         return c.get("hook") in ("prerouting", "output") and c.get("type") != "nat" and \
             c.get("prio", 0) < CONNTRACK_PRIO and family in self.conntrack
+
+    def has_hook(self, hook: str) -> bool:
+        """Whether any base chain of the document hangs on `hook` (the device hooks are
+        explored only then: most rulesets have none)."""
+        return any(c.get("hook") == hook for k, c in self.chains.items()
+                   if k[0] in HOOK_FAMILIES)
 
     def base_chains(self, hook: str, family: str) -> list[tuple[tuple[str, str, str], dict]]:
         """The base chains a packet of `family` meets at `hook`, in the kernel's order:
@@ -393,8 +424,11 @@ class Ruleset:
         return None
 
     # --- compiling ----------------------------------------------------------------------
+    _device_table = False  # compiling a netdev table's rule (frames of any ethertype)
+
     def _compile(self, key: tuple[str, str, str], r: dict[str, Any]) -> Rule:
         rule = Rule(key[1], key[2], r.get("handle"), r.get("comment"), [{}], [])
+        self._device_table = key[0] == "netdev"
         exprs = r.get("expr", [])
         # `th sport/dport` reads the first bytes of ANY transport header (ICMP's type and
         # code, its checksum...): exact only where the rule's other matches restrict the
@@ -497,7 +531,8 @@ class Ruleset:
         """The predicate `f op values` (any of the values; op == / != / in / comparisons),
         registering the constants with the domains. Shared by equal matches."""
 
-        key = (f, _frozen(values), _frozen(transform), op)
+        key = (f, _frozen(values), _frozen(transform), op,
+               self._device_table and f == "family")
         p = self._preds.get(key)
         if p is None:
             p = self._preds[key] = self._value_pred_new(f, values, transform, op)
@@ -508,6 +543,9 @@ class Ruleset:
         if f == "family":
             names = {{2: "ipv4", 10: "ipv6", "ip": "ipv4", "ip6": "ipv6", 0x0800: "ipv4",
                       0x86DD: "ipv6"}.get(v, v) for v in values}
+            if self._device_table and not names <= {"ipv4", "ipv6"}:
+                # a netdev chain sees ARP, VLAN, any ethertype: outside the IP classes
+                raise Unsupported(f"a frame that is not IP ({', '.join(map(str, values))})")
             hit = Pred(lambda x, s=frozenset(names): x in s)
         elif f in ("iif", "oif"):
             exact, wild = set(), []
@@ -680,6 +718,18 @@ class Ruleset:
                                      not in f_key else {"set": [k]}}, key)
                 entries.append((boxes, self._stmt(verdict, key)))
             return ("vmap", entries)
+        for mv in MOVES:
+            if mv in x:
+                arg = x[mv] or {}
+                dev = arg.get("dev")
+                if key[0] != "netdev":
+                    raise Unsupported(f"statement {mv} in a {key[0]} table (a copy or move "
+                                      "the evaluator does not follow there)")
+                if not isinstance(dev, str) or "addr" in arg:
+                    raise Unsupported(f"statement {mv} to {json.dumps(arg)} (a device from an "
+                                      "expression, or a neighbour address)")
+                self.domains.name("oif", dev)
+                return ("move", mv, dev)
         if "limit" in x or "quota" in x:
             raise Unsupported("limit/quota: may match")
         name = list(x)[0]
@@ -725,6 +775,8 @@ class Evaluator:
         self.excl = Exclusions()
         self._dom: dict[str, tuple] | None = None
         self.steps = 0
+        # the leaf of the device hook being explored: a fwd or dup is a leaf of its own
+        self._leaf: Leaf | None = None
 
     @property
     def dom(self) -> dict[str, tuple]:
@@ -795,6 +847,7 @@ class Evaluator:
         undo = self.narrow(start)
         if undo is None:
             return
+        outer_leaf, self._leaf = self._leaf, (leaf if hook in DEVICE_HOOKS else None)
         # a packet has a socket (an owner AND a group) or none: never one without the other;
         # it has a connection (and a status) unless it is invalid or untracked
         for b in PAIRINGS:
@@ -814,6 +867,7 @@ class Evaluator:
                 finally:
                     self.restore(u2)
         finally:
+            self._leaf = outer_leaf
             for _ in PAIRINGS:
                 self.excl.pop()
             self.restore(undo)
@@ -824,6 +878,25 @@ class Evaluator:
             leaf(self, "accept", trace, nat, taint)
             return
         key, c = chains[i]
+        devs = chain_devices(c) if c.get("hook") in DEVICE_HOOKS else []
+        if devs and not c.get("_bound"):
+            # a device chain meets only the packets of its devices (iif at ingress, oif at
+            # egress): the region splits, and the rest goes on to the next chain
+            f = "iif" if c.get("hook") == "ingress" else "oif"
+            for b, then in (({f: eq_pred(devs)}, lambda: self._base(
+                    chains[:i] + [(key, {**c, "_bound": True})] + chains[i + 1:], i, trace,
+                    nat, taint, leaf)),
+                    ({f: Pred(lambda x, s=frozenset(devs): x not in s)},
+                     lambda: self._base(chains, i + 1, trace, nat, taint, leaf))):
+                u = self.narrow(b)
+                if u is None:
+                    continue
+                try:
+                    if self.point() is not None:
+                        then()
+                finally:
+                    self.restore(u)
+            return
         if c.get("type") == "nat":  # only a connection's first packet meets NAT chains
             u = self.narrow({"ct_state": eq_pred(["new"])})
             if u is not None:
@@ -991,6 +1064,18 @@ class Evaluator:
             if kind == "return":
                 k("return", trace + [r.step("return")], nat, taint)
                 return
+            if kind == "move":
+                _, mv, dev = s
+                step = r.step(f"{mv} to {dev}")
+                if self._leaf is None:  # nobody follows the copy: not proven either way
+                    self._stmts(r, j + 1, key, i, trace, nat,
+                                taint + [f"{r.chain} #{r.handle}: {mv} to {dev}"], k, depth)
+                    return
+                self._leaf(self, f"{mv} {dev}", trace + [step], nat, taint)
+                if mv == "fwd":  # stolen: out of dev, no later chain or hook sees it
+                    return
+                j += 1  # dup: the original goes on
+                continue
             if kind == "nat":
                 (nk, arg), = s[1].items()
                 want = (arg or {}).get("family")

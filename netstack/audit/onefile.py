@@ -89,6 +89,11 @@ def audit(doc: dict[str, Any], path: str) -> FileAudit:
         except Exception as e:  # noqa: BLE001
             results.append(Result(prop, name, "UNPROVEN", f"the evaluator failed here "
                                   f"({type(e).__name__}: {e})"))
+    # device hooks and tables of other families: a path beside the three hooks above
+    from netstack.audit.paths import paths_result, unproven_beside
+
+    paths = paths_result(q, None)
+    results = unproven_beside(results, {name: paths}, {}) + [paths]
     return FileAudit(name, results, unmodelled(rs))
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack.audit.evaluator import Evaluator, Explosion, Ruleset, Step, packet_of
+from netstack.audit.evaluator import MOVES, Evaluator, Explosion, Ruleset, Step, packet_of
 from netstack.audit.space import (
     CT_STATES,
     FIELDS,
@@ -244,10 +244,11 @@ def check(prop: str, q: QubeView, hook: str, start: Box, judge: Judge, reason: s
 
     try:
         for s in starts:
+            lf = _egress(q, leaf) if hook in ("forward", "output") else leaf
             if hook in ("forward", "input"):
-                _after_prerouting(ev, q, hook, s, leaf)
+                _after_prerouting(ev, q, hook, s, lf)
             else:
-                ev.explore(hook, s, leaf)
+                ev.explore(hook, s, lf)
     except _Stop:
         pass
     except (Explosion, Unsupported) as e:
@@ -343,16 +344,81 @@ def collapse_lists(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _after_prerouting(ev: Evaluator, q: QubeView, hook: str, start: Box, leaf: Any) -> None:
     """Only what prerouting lets through, with its NAT applied, meets input or forward: a
-    class it drops (INVALID, spoofed) never gets there, a redirect goes to input."""
+    class it drops (INVALID, spoofed) never gets there, a redirect goes to input. Before
+    prerouting, the device's ingress chains (netdev, inet ingress): a drop ends the packet,
+    `fwd to DEV` sends it out of DEV past every hook here (forwarded, for the properties:
+    accepted out of DEV), `dup to DEV` does so with a copy while the original goes on."""
     pre_start = {f: p for f, p in start.items() if f != "oif"}
     pre_start["oif"] = one_of("oif", NO_IFACE)
     later_oif = start.get("oif", one_of("oif", NO_IFACE))
 
-    def pre(e: Evaluator, verdict: str, trace: list[Step], nat: list, taint: list[str]) -> None:
-        if verdict != "accept":
+    def prerouting(e: Evaluator, first: list[Step], taint0: list[str], region: Box) -> None:
+        def pre(e: Evaluator, verdict: str, trace: list[Step], nat: list,
+                taint: list[str]) -> None:
+            if verdict != "accept":
+                return
+            apply_nat(e, q, list(nat), lambda: _then(e, q, hook, later_oif, first + trace,
+                                                     taint0 + taint, leaf))
+        e.explore("prerouting", region, pre, rs=q.lean())
+
+    if not ev.rs.has_hook("ingress"):
+        prerouting(ev, [], [], pre_start)
+        return
+
+    def ingress(e: Evaluator, verdict: str, trace: list[Step], nat: list,
+                taint: list[str]) -> None:
+        if verdict == "accept":
+            prerouting(e, trace, taint, {})
+        elif verdict.startswith(MOVES) and hook == "forward":
+            moved_out(e, verdict, trace, taint, later_oif, leaf)
+    ev.explore("ingress", pre_start, ingress)
+
+
+def moved_out(e: Evaluator, verdict: str, trace: list[Step], taint: list[str], oif: Pred,
+              leaf: Any) -> None:
+    """A packet a device hook sent (fwd) or copied (dup) out of a device: for a property
+    about what leaves, accepted out of that device."""
+    dev = verdict.split(" ", 1)[1]
+
+    def out() -> None:
+        u = e.narrow({"oif": oif})
+        if u is None:
             return
-        apply_nat(e, q, list(nat), lambda: _then(e, q, hook, later_oif, trace, taint, leaf))
-    ev.explore("prerouting", pre_start, pre, rs=q.lean())
+        try:
+            if e.point() is not None:
+                leaf(e, "accept", trace, [], taint)
+        finally:
+            e.restore(u)
+    e.rewrite("oif", one_of("oif", dev), out)
+
+
+def _egress(q: QubeView, leaf: Any) -> Any:
+    """The leaf of a forward or output exploration followed by the egress chains of the
+    packet's device (netdev egress runs after postrouting): a drop ends it, a fwd or dup
+    sends it (or a copy) out of another device. Postrouting NAT in between is not
+    followed: egress chains after a masquerade or snat are UNPROVEN."""
+    ev = q.evaluator()
+    if not ev.rs.has_hook("egress"):
+        return leaf
+    nat_after = any(c.get("hook") == "postrouting" and c.get("type") == "nat"
+                    for c in ev.rs.chains.values())
+
+    def first(e: Evaluator, verdict: str, trace: list[Step], nat: list,
+              taint: list[str]) -> None:
+        if verdict != "accept":
+            leaf(e, verdict, trace, nat, taint)
+            return
+        oif = e.box.get("oif", Pred(lambda v: True))
+
+        def eg(e2: Evaluator, v2: str, tr2: list[Step], nat2: list, tn2: list[str]) -> None:
+            tn = taint + tn2 + (["netdev egress after postrouting NAT (the rewritten "
+                                 "packet is not followed)"] if nat_after and tr2 else [])
+            if v2.startswith(MOVES):
+                moved_out(e2, v2, trace + tr2, tn, Pred(lambda v: True), leaf)
+            else:
+                leaf(e2, v2, trace + tr2, nat, tn)
+        e.explore("egress", {"oif": oif}, eg)
+    return first
 
 
 def apply_nat(e: Evaluator, q: QubeView, nat: list, then: Callable[[], None]) -> None:

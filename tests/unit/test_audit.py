@@ -187,6 +187,17 @@ def mutate(name, rs):
             if s and s["name"] == "vpn_endpoints":
                 s["elem"] = s["elem"] + [{"concat": ["198.51.100.53", "udp", 53]}]
         return ("sys-proxyvm", "VPN endpoints exactly as resolved")
+    if name == "fwd-around-kill-switch":  # the issue's: the client's link straight to eth0
+        netdev_table(rs, VPN, "ingress", "vif4", [{"fwd": {"dev": "eth0"}}])
+        return ("sys-proxyvm", "kill switch (forward)")
+    if name == "dup-to-uplink":  # a copy of what enters the tunnel, in clear on the uplink
+        netdev_table(rs, VPN, "egress", "wg3-main", [{"dup": {"dev": "eth0"}}])
+        return ("sys-proxyvm", "every path through the qube is modelled")
+    if name == "fwd-between-clients":  # the issue's, in the Tor gateway: to the other's link
+        netdev_table(rs, GW, "ingress", "vif5", [
+            _m({"payload": {"protocol": "ip", "field": "daddr"}}, "10.137.0.6"),
+            {"fwd": {"dev": "vif6"}}])
+        return ("sys-whonix", "Tor gateway forwards nothing")
     if name == "established-in-forward":  # a generic "replies" accept in a kill switch
         _insert_rule(rs, VPN, "forward", [_m({"ct": {"key": "state"}}, ["established"], "in"),
                                           {"accept": None}])
@@ -199,7 +210,17 @@ CASES = ["invalid-not-dropped", "ipv6-falls-through-ip-saddr", "kill-switch-miss
          "control-port-exposed", "wildcard-interface-mistake", "rule-after-goto",
          "verdict-map-hole", "default-accept-policy", "ipv6-egress-by-uid",
          "kill-switch-uid-hole", "tor-output-any-gid", "transport-without-redirect",
-         "redirect-every-tcp", "endpoint-set-widened", "established-in-forward"]
+         "redirect-every-tcp", "endpoint-set-widened", "established-in-forward",
+         "fwd-around-kill-switch", "dup-to-uplink", "fwd-between-clients"]
+
+
+def netdev_table(rs, ns, hook, dev, expr, table="evil"):
+    """A netdev table netstack never makes: one base chain on `dev`'s hook, one rule."""
+    rs[ns]["nftables"] += [
+        {"table": {"family": "netdev", "name": table}},
+        {"chain": {"family": "netdev", "table": table, "name": hook, "type": "filter",
+                   "hook": hook, "prio": 0, "dev": dev, "policy": "accept"}},
+        {"rule": {"family": "netdev", "table": table, "chain": hook, "expr": expr}}]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -243,6 +264,13 @@ def test_broken_ruleset_is_caught_with_a_counterexample(tmp_path, name):
         assert ce == {"unexpected": [["198.51.100.53", "udp", 53]]}
     if name == "established-in-forward":
         assert ce["ct_state"] == "established" and ce["oifname"] != "wg3-main"
+    if name == "fwd-around-kill-switch":
+        assert ce["iifname"] == "vif4" and ce["oifname"] == "eth0"
+        assert any("fwd to eth0" in t for t in r.trace)
+    if name == "dup-to-uplink":
+        assert ce["oifname"] == "wg3-main" and r.reason == "egress: dup eth0"
+    if name == "fwd-between-clients":
+        assert (ce["iifname"], ce["oifname"], ce["daddr"]) == ("vif5", "vif6", "10.137.0.6")
     if name == "default-accept-policy":
         assert not any(t.endswith("-> accept") and "policy" not in t for t in r.trace)
     # the corpus on disk is this exact ruleset (regenerate with NETSTACK_UPDATE_GOLDEN=1)

@@ -79,7 +79,10 @@ def audit(doc: dict[str, Any], path: str) -> FileAudit:
         rs = Ruleset(doc)
     except Exception as e:  # noqa: BLE001 (a file from anywhere: never a traceback)
         why = f"the evaluator cannot read this ruleset ({type(e).__name__}: {e})"
-        return FileAudit(name, [Result(p, name, "UNPROVEN", why) for p, _ in CHECKS],
+        from netstack.audit.paths import PROPERTY
+
+        return FileAudit(name, [Result(p, name, "UNPROVEN", why) for p, _ in CHECKS]
+                         + [Result(PROPERTY, name, "UNPROVEN", why)],
                          [{"construct": why, "where": []}])
     q = view(doc, name)
     results = []

@@ -409,18 +409,37 @@ def run_cmd(ctx: Any, cmd: list[str], timeout: float | None = None, stdout: Any 
             ) -> tuple[int, str | None]:
     """CMD in the workstation's sandbox until it exits, runs past `timeout` or check is
     interrupted (Ctrl-C, SIGTERM, SIGHUP): then it is ended (SIGTERM, SIGKILL after
-    TERM_GRACE; the sandbox's PID namespace ends with it). (status, what ended it)."""
-    p = subprocess.Popen(_argv(ctx, cmd), stdout=stdout)
+    TERM_GRACE; the sandbox's PID namespace ends with it). (status, what ended it). It
+    is recorded in the stack's state while it runs, and dies with check: after a
+    `kill -9` of check, `down` ends whatever is left of it by PID."""
+    from netstack.leaktest.capture import register_process, unregister_process
+
+    p = subprocess.Popen(_argv(ctx, cmd), stdout=stdout, preexec_fn=_die_with_us)
+    reg = register_process(ctx.ws.netns, f"check program in {ctx.ws.name}", p.pid)
     try:
-        return p.wait(timeout), None
-    except subprocess.TimeoutExpired:
-        why = "timeout"
-    except Interrupted as e:
-        why = signal.Signals(e.signum).name
-    except KeyboardInterrupt:
-        why = "SIGINT"
-    _end(p)
-    return p.returncode, why
+        try:
+            return p.wait(timeout), None
+        except subprocess.TimeoutExpired:
+            why = "timeout"
+        except Interrupted as e:
+            why = signal.Signals(e.signum).name
+        except KeyboardInterrupt:
+            why = "SIGINT"
+        _end(p)
+        return p.returncode, why
+    finally:
+        if reg is not None:
+            unregister_process(reg)
+
+
+def _die_with_us() -> None:
+    """In CMD's process before exec: SIGKILL when check dies (`kill -9` of check must not
+    leave the program running in a namespace `down` is about to remove). bwrap's own
+    --die-with-parent then takes the sandbox with it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def _end(p: subprocess.Popen) -> None:

@@ -31,8 +31,9 @@ def stack_of(netns: str) -> str | None:
     return None
 
 
-def _register(netns: str, iface: str, pid: int) -> Any:
-    """Record the running tcpdump in its stack's intent log (so `down` ends it); the
+def register_process(netns: str, name: str, pid: int) -> Any:
+    """Record a process started in a stack's namespace (a tcpdump, the program `check`
+    runs) in that stack's intent log, so `down` ends it by PID and start time; the
     record, or None when the namespace is no stack's or the state cannot be written."""
     from netstack.kernel import proc_start_time
     from netstack.state import ProcessRec, StackLock, State
@@ -40,8 +41,7 @@ def _register(netns: str, iface: str, pid: int) -> Any:
     stack = stack_of(netns)
     if stack is None:
         return None
-    rec = ProcessRec(f"capture {netns}/{iface}", secrets.token_hex(8), "", pid,
-                     proc_start_time(pid))
+    rec = ProcessRec(name, secrets.token_hex(8), "", pid, proc_start_time(pid))
     try:
         with StackLock(stack, wait=LOCK_WAIT):
             st = State.load(stack)
@@ -53,8 +53,8 @@ def _register(netns: str, iface: str, pid: int) -> Any:
     return (stack, rec)
 
 
-def _unregister(reg: Any) -> None:
-    """Retire the record once the capture has ended (a fresh load: others append too)."""
+def unregister_process(reg: Any) -> None:
+    """Retire the record once the process has ended (a fresh load: others append too)."""
     from netstack.state import StackLock, State
 
     stack, rec = reg
@@ -82,7 +82,8 @@ class Capture:
             argv.append(self.bpf)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.pid = self.proc.pid  # `ip netns exec` execs tcpdump: the same process
-        self._reg = _register(self.netns, self.iface, self.proc.pid)
+        self._reg = register_process(self.netns, f"capture {self.netns}/{self.iface}",
+                                     self.proc.pid)
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         buf = b""
@@ -114,7 +115,7 @@ class Capture:
             self.proc.stderr.close()
         self.proc = None
         if self._reg is not None:
-            _unregister(self._reg)
+            unregister_process(self._reg)
             self._reg = None
 
     def packets(self) -> list[Any]:

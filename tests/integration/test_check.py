@@ -248,13 +248,14 @@ def test_timeout_ends_a_program_that_never_exits(vpn_lab, tmp_path):
     assert all(not proc_alive(c["pid"], None) for c in r.captures)
 
 
-def _captures(stack: str) -> list:
-    """The tcpdump processes recorded in the stack's state (leaktest/capture.py)."""
+def _captures(stack: str, prefix: str = "capture ") -> list:
+    """The tcpdump processes (or with prefix "check program", the program) recorded in
+    the stack's state (leaktest/capture.py register_process)."""
     from netstack.state import ProcessRec, State
 
     st = State.load(stack)
     return [o for o in (st.objects if st else []) if isinstance(o, ProcessRec)
-            and o.name.startswith("capture ")]
+            and o.name.startswith(prefix)]
 
 
 def _ppid(pid: int) -> int | None:
@@ -325,7 +326,7 @@ def test_sigterm_writes_the_report_takes_the_stack_down_and_ends_every_capture(t
     assert not os.path.exists(f"/run/netstack/{stack}") and not stack_leftovers(stack)
 
 
-def test_down_ends_the_captures_of_a_check_killed_with_sigkill(tmp_path):
+def test_down_ends_the_captures_and_program_of_a_check_killed_with_sigkill(tmp_path):
     s = new_stack_name("hc")
     cli("--stack", s, "up", VPN, "--lab", "--sink")
     p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "check",
@@ -335,6 +336,9 @@ def test_down_ends_the_captures_of_a_check_killed_with_sigkill(tmp_path):
         _wait(lambda: _program_started(p.pid), 60, "check to start the program")
         caps = _captures(s)
         assert len(caps) >= 6 and all(_ppid(c.pid) == p.pid for c in caps)
+        (prog,) = _captures(s, "check program in work")
+        assert _ppid(prog.pid) == p.pid
+        caps.append(prog)
         p.kill()
         p.wait()
         assert any(proc_alive(c.pid, c.start) for c in caps)  # orphans, still capturing
@@ -345,7 +349,8 @@ def test_down_ends_the_captures_of_a_check_killed_with_sigkill(tmp_path):
         cli("--stack", s, "down", "--purge", check=False)
         reap_zombies()
     assert all(not proc_alive(c.pid, c.start) for c in caps)
-    assert not stack_leftovers(s)
+    # the program died with check (its parent-death signal); its sandbox may take a moment
+    _wait(lambda: not stack_leftovers(s), 10, f"nothing of {s} left: {stack_leftovers(s)}")
 
 
 def test_sigterm_while_the_lab_stack_comes_up_exits_143_and_leaves_nothing():

@@ -71,3 +71,158 @@ def stack_verdict(qubes: dict[str, Verdict], extra: list[str]) -> Verdict:
         return Verdict("down", ["no qube of the stack is there"] + extra)
     problems = [f"{name}: {p}" for name, v in qubes.items() for p in v.problems] + extra
     return Verdict("degraded" if problems else "up", problems)
+
+
+# --- what status cannot afford to miss: rules one by one, run-time sets, other tables -------
+
+def _our_items(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    from netstack.rules.nft import TABLE
+
+    out = []
+    for item in doc.get("nftables", []):
+        if "metainfo" in item:
+            continue
+        (kind, body), = item.items()
+        if body.get("family") == "inet" and body.get("table", body.get("name")) == TABLE:
+            out.append((kind, body))
+    return out
+
+
+def _rule_digest(r: dict[str, Any]) -> str:
+    """One rule as listed, without its handle and counter values (they change by
+    themselves)."""
+    body = {k: v for k, v in r.items() if k != "handle"}
+    body["expr"] = [{"counter": None} if "counter" in e else e for e in body.get("expr", [])]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def rule_digests(doc: dict[str, Any]) -> dict[str, list[str]]:
+    """Our table's chains, each with the digests of its rules in order: what `up` (and
+    every live change) records, so `status` can name the rule that changed."""
+    out: dict[str, list[str]] = {}
+    for kind, body in _our_items(doc):
+        if kind == "chain":
+            out.setdefault(body["name"], [])
+        elif kind == "rule":
+            out.setdefault(body["chain"], []).append(_rule_digest(body))
+    return out
+
+
+def rule_problems(want: dict[str, list[str]], doc: dict[str, Any]) -> list[str]:
+    """Each chain and rule of our table that is not what was recorded: a chain added or
+    gone, a rule added, gone or changed (by its handle and comment, as `nft -a list`
+    shows it)."""
+    import difflib
+
+    rules: dict[str, list[dict[str, Any]]] = {}
+    for kind, body in _our_items(doc):
+        if kind == "chain":
+            rules.setdefault(body["name"], [])
+        elif kind == "rule":
+            rules.setdefault(body["chain"], []).append(body)
+
+    def name(r: dict[str, Any]) -> str:
+        c = f" \"{r['comment']}\"" if r.get("comment") else ""
+        return f"rule #{r.get('handle', '?')}{c}"
+    out = []
+    for chain in sorted(set(want) | set(rules)):
+        if chain not in rules:
+            out.append(f"chain {chain} is gone")
+            continue
+        if chain not in want:
+            out.append(f"chain {chain} ({len(rules[chain])} rules) not made by netstack")
+            continue
+        live = [_rule_digest(r) for r in rules[chain]]
+        sm = difflib.SequenceMatcher(a=want[chain], b=live, autojunk=False)
+        for op, a0, a1, b0, b1 in sm.get_opcodes():
+            if op == "equal":
+                continue
+            for r in rules[chain][b0:b1]:
+                out.append(f"chain {chain}: {name(r)} "
+                           + ("changed" if op == "replace" else "not made by netstack"))
+            if a1 - a0 > b1 - b0:
+                out.append(f"chain {chain}: {a1 - a0 - (b1 - b0)} rule(s) netstack loaded "
+                           f"are gone (from position {a0 + 1})")
+    return out
+
+
+def element_text(e: Any) -> str:
+    """A set element as `nft list set` prints it (timeouts left out: they run down)."""
+    if isinstance(e, dict) and "elem" in e:
+        e = e["elem"].get("val")
+    if isinstance(e, dict) and "concat" in e:
+        return " . ".join(element_text(x) for x in e["concat"])
+    if isinstance(e, dict) and "prefix" in e:
+        return f"{e['prefix']['addr']}/{e['prefix']['len']}"
+    if isinstance(e, dict) and "range" in e:
+        return "-".join(element_text(x) for x in e["range"])
+    return str(e)
+
+
+def live_sets(doc: dict[str, Any]) -> dict[str, tuple[set[str], bool]]:
+    """Our table's named sets: elements, and whether elements time out (then one may be
+    gone by itself: only an element more is wrong)."""
+    return {b["name"]: ({element_text(e) for e in b.get("elem", [])},
+                        "timeout" in b.get("flags", []))
+            for kind, b in _our_items(doc) if kind == "set"}
+
+
+def sets_from_commands(cmds: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """The sets a transaction of flush + add element commands leaves (set_commands)."""
+    out: dict[str, set[str]] = {}
+    for c in cmds:
+        if "flush" in c and "set" in c["flush"]:
+            out[c["flush"]["set"]["name"]] = set()
+        elif "add" in c and "element" in c["add"]:
+            el = c["add"]["element"]
+            out.setdefault(el["name"], set()).update(element_text(e) for e in el["elem"])
+    return out
+
+
+def set_problems(want: dict[str, set[str]], doc: dict[str, Any]) -> list[str]:
+    """Each element a set holds that netstack did not put there (the kill switch would
+    admit it), and each it put there that is gone."""
+    out = []
+    live = live_sets(doc)
+    for name in sorted(want):
+        if name not in live:
+            out.append(f"set {name} is gone")
+            continue
+        got, timeouts = live[name]
+        for e in sorted(got - want[name]):
+            out.append(f"set {name} holds {e}, which netstack did not set")
+        if not timeouts:
+            for e in sorted(want[name] - got):
+                out.append(f"set {name} lacks {e}, which netstack set")
+    for name in sorted(set(live) - set(want)):
+        out.append(f"set {name} not made by netstack")
+    return out
+
+
+def expected_sets(plan: Any, resolved: dict[str, dict[str, list[str]]], store: Any,
+                  started: float, now: float) -> dict[str, dict[str, set[str]]]:
+    """Per namespace, each named set as netstack last filled it: the generated ruleset's
+    elements, the VPN kill switch's endpoint sets as the current server's transport (what
+    `up` and the failover watcher load), the per-qube rules' run-time sets as the names
+    store and the clock fill them (what the supervisor's watcher loads)."""
+    from netstack.roles import role_for
+    from netstack.rules import names
+    from netstack.vpn.info import VpnInfo, current_index, transport
+
+    out: dict[str, dict[str, set[str]]] = {}
+    for n in plan.namespaces:
+        if n.qube is None or not n.ruleset:
+            continue
+        out[n.name] = {i["set"]["name"]: {element_text(e) for e in i["set"].get("elem", [])}
+                       for i in n.ruleset.get("nftables", []) if "set" in i}
+    for q in plan.qubes:
+        want = out.setdefault(q.netns, {})
+        if isinstance(q.info, VpnInfo):
+            from netstack.roles.vpn import endpoint_set_commands_for
+
+            info = q.info.server(current_index(q.info))
+            want.update(sets_from_commands(endpoint_set_commands_for(
+                transport(info, resolved.get(q.name, {})))["nftables"]))
+        if q.clients and role_for(q.kind).provides_network:
+            want.update(sets_from_commands(names.fill(plan, q.name, store, started, now)))
+    return out

@@ -362,9 +362,11 @@ def up(plan: Plan, st: State, k: Kernel, providers: dict[str, list[tuple[str, An
 
 def record_digests(plan: Plan, st: State, k: Kernel) -> None:
     """What each qube's ruleset is, as the kernel lists it once loaded: `status` compares."""
-    from netstack.health import ruleset_digest
+    from netstack.health import rule_digests, ruleset_digest
 
-    st.data.digests = {q.netns: ruleset_digest(k.nft_list(q.netns)) for q in plan.qubes}
+    docs = {q.netns: k.nft_list(q.netns) for q in plan.qubes}
+    st.data.digests = {ns: ruleset_digest(d) for ns, d in docs.items()}
+    st.data.rule_digests = {ns: rule_digests(d) for ns, d in docs.items()}
     st.save()
 
 

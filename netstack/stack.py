@@ -95,7 +95,7 @@ def require(stack: str) -> State:
 
 def status(stack: str) -> dict[str, Any]:
     """Recorded plan plus live facts read from each namespace, and the verdict on them."""
-    from netstack import health
+    from netstack import health, pathfacts
     from netstack.codec import dump
     from netstack.processes import children, supervisor_pid
     from netstack.roles import role_for
@@ -119,6 +119,8 @@ def status(stack: str) -> dict[str, Any]:
     from netstack.rules import names
 
     names_store = names.load(st.dir)
+    want_sets = health.expected_sets(p, st.data.resolved, names_store, st.data.started,
+                                     time.time())
     k = RealKernel()
     try:
         for q in p.qubes:
@@ -143,7 +145,10 @@ def status(stack: str) -> dict[str, Any]:
                 # nothing to compare its live ruleset with: unknown is not healthy
                 problems.append(f"no ruleset recorded in {st.path} to compare with; fix: "
                                 f"`netstack --stack {stack} down` and `up` again")
-            live = health.ruleset_digest(k.nft_list(q.netns)) if running else None
+            doc = pathfacts.list_ruleset(k, q.netns) if running else None
+            live = health.ruleset_digest(doc) if doc is not None else None
+            if doc is not None:
+                problems += _what_moved(st, q, doc, k, want_sets)
             v = health.qube_verdict(entry, q.interfaces, st.data.digests.get(q.netns), live,
                                     problems + (role.health(entry) if running else []))
             entry["health"] = v.to_json()
@@ -172,6 +177,28 @@ def status(stack: str) -> dict[str, Any]:
                         for o in sup if o.pid == supervisor_pid(st)]
     out["processes"] += [{"name": c["name"], "pid": c["pid"], "alive": c["alive"],
                           "restarts": c["restarts"]} for c in kids.values()]
+    return out
+
+
+def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,
+                want_sets: dict[str, dict[str, set[str]]]) -> list[str]:
+    """What status cannot afford to miss in a qube, each named: a rule or chain of our
+    table that is not what netstack loaded, a set element it did not set (a widened kill
+    switch), a table it did not make, and a packet path beside nftables (tc filters, XDP,
+    links it did not make, policy routing rules)."""
+    from netstack import health, pathfacts
+    from netstack.roles import role_for
+
+    out = []
+    want = st.data.rule_digests.get(q.netns)
+    if want is not None and health.ruleset_digest(doc) != st.data.digests.get(q.netns):
+        out += health.rule_problems(want, doc)
+    out += health.set_problems(want_sets.get(q.netns, {}), doc)
+    out += pathfacts.foreign_objects(doc)
+    tun = role_for(q.kind).tunnel(q)
+    planned = list(q.interfaces) + ([tun.dev] if tun else [])
+    out += [str(f) for f in pathfacts.kernel_findings(pathfacts.kernel_facts(k._ip(q.netns)),
+                                                      planned)]
     return out
 
 

@@ -121,6 +121,9 @@ class StackState:
     resolved: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     dirauths: list[str] = field(default_factory=list)
     digests: dict[str, str | None] = field(default_factory=dict)  # ns -> ruleset loaded
+    # ns -> chain -> each rule's digest, in order (health.rule_digests): status names the
+    # rule that changed
+    rule_digests: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     # `netstack attach`: qube -> the netvm it was moved to (None: cut off), until `down`
     netvms: dict[str, str | None] = field(default_factory=dict)
     schema: int = SCHEMA

@@ -28,7 +28,9 @@ def views(plan: Plan, rulesets: dict[str, dict[str, Any]],
 
 def live_rulesets(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
     """Each qube's ruleset as the kernel has it now, read with the nftables binding."""
-    return {q.netns: k.nft_list(q.netns) for q in plan.qubes}
+    from netstack.pathfacts import list_ruleset
+
+    return {q.netns: list_ruleset(k, q.netns) for q in plan.qubes}
 
 
 def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:

@@ -897,6 +897,14 @@ class Evaluator:
                 finally:
                     self.restore(u)
             return
+        if c.get("hook") in DEVICE_HOOKS and not devs and not c.get("_bound"):
+            # the listing does not say which devices (nft 1.0.6's JSON leaves them out):
+            # run it for every packet, and say nothing it decides is proven
+            taint = taint + [f"{key[0]} {key[1]} {key[2]}: a device chain whose devices "
+                             "the listing does not name"]
+            chains = chains[:i] + [(key, {**c, "_bound": True})] + chains[i + 1:]
+            self._base(chains, i, trace, nat, taint, leaf)
+            return
         if c.get("type") == "nat":  # only a connection's first packet meets NAT chains
             u = self.narrow({"ct_state": eq_pred(["new"])})
             if u is not None:

@@ -532,7 +532,7 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     number = None
     words = list(args.words)
     if args.action == "del":
-        if len(words) != 1 or not words[0].isdigit():
+        if len(words) != 1 or not (words[0].isascii() and words[0].isdigit()):
             raise UsageError("firewall del: give the rule's number (see `firewall QUBE list`)")
         number = int(words[0])
     elif args.action == "add":

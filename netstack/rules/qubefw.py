@@ -136,7 +136,11 @@ def _rule(where: str, r: Any) -> FwRule:
         if not isinstance(host, str) or not host:
             raise ConfigError(f"{where} 'dsthost'", "must be an address, prefix or hostname")
         host = host.strip().lower()
-        if not _is_net(host) and not HOST_RE.match(host.rstrip(".")):
+        if "%" in host:
+            raise ConfigError(f"{where} 'dsthost'", f"{host!r} has an IPv6 scope (%...): a "
+                              "rule's destination is beyond the netvm, never on one of its "
+                              "links", "drop the %... part, or use a global address")
+        if not host.isascii() or (not _is_net(host) and not HOST_RE.match(host.rstrip("."))):
             raise ConfigError(f"{where} 'dsthost'", f"{host!r} is neither an address, a "
                               "prefix nor a hostname",
                               'e.g. "192.0.2.7", "198.51.100.0/24" or "example.org"')
@@ -167,10 +171,13 @@ def _rule(where: str, r: Any) -> FwRule:
             raise ConfigError(f"{where} 'specialtarget'", "stands alone",
                               "remove dsthost, proto and dstports from this rule")
     comment = r.get("comment")
-    if comment is not None and (not isinstance(comment, str) or len(comment) > 128
-                                or any(c in comment for c in '"\n\\')):
-        raise ConfigError(f"{where} 'comment'", "must be one line of text (128 characters, "
-                          "no quotes or backslashes)")
+    if comment is not None and (not isinstance(comment, str)
+                                or len(comment.encode()) > COMMENT_BYTES
+                                or not comment.isprintable()
+                                or any(c in comment for c in '"\\')):
+        raise ConfigError(f"{where} 'comment'", f"must be one line of text, printable, at "
+                          f"most {COMMENT_BYTES} bytes in UTF-8, no quotes or backslashes",
+                          "shorten it (a non-ASCII letter takes 2-4 bytes)")
     rel, at = _expire(where, r.get("expire"))
     return FwRule(action, host, proto, ports, icmptype, special, rel, at, comment)
 
@@ -181,7 +188,7 @@ def _ports(where: str, v: Any) -> tuple[int, int] | None:
     fix = 'a port or a range: dstports = 443 or dstports = "8000-8080"'
     if isinstance(v, int) and not isinstance(v, bool):
         lo = hi = v
-    elif isinstance(v, str) and re.fullmatch(r"\d{1,5}(-\d{1,5})?", v):
+    elif isinstance(v, str) and re.fullmatch(r"[0-9]{1,5}(-[0-9]{1,5})?", v):
         lo, _, hi_s = v.partition("-")
         lo, hi = int(lo), int(hi_s or lo)
     else:
@@ -193,26 +200,45 @@ def _ports(where: str, v: Any) -> tuple[int, int] | None:
 
 
 EPOCH_MIN = 1_000_000_000  # 2001: a smaller number is a typo, not a Unix time
+# The kernel takes a set element's timeout in milliseconds below 2**64 / 10**6 (about 584
+# years: nf_msecs_to_jiffies64, ERANGE above); a Unix time below 2**32 (the year 2106)
+# keeps every expiry far inside that, whenever it is loaded.
+EPOCH_MAX = 2**32
+RELATIVE_MAX = 10**9 - 1  # "+SECONDS": about 31 years
+# nftables keeps a rule's comment in its userdata, at most 256 bytes with its own framing
+# (NFT_USERDATA_MAXLEN); libnftables aborts the whole process on a longer one. A user's
+# comment gets half of it, and the rule's generated comment is cut to RULE_NOTE_BYTES.
+COMMENT_BYTES = 128
+RULE_NOTE_BYTES = 200
 
 
 def _expire(where: str, v: Any) -> tuple[int | None, int | None]:
     """("+SECONDS" -> relative, or a Unix time -> absolute), as qvm-firewall's expire=."""
     if v is None:
         return None, None
-    if isinstance(v, str) and re.fullmatch(r"\+\d{1,9}", v) and int(v[1:]) > 0:
+    if isinstance(v, str) and re.fullmatch(r"\+[0-9]{1,9}", v) and int(v[1:]) > 0:
         return int(v[1:]), None
-    if isinstance(v, str) and re.fullmatch(r"\d{10,11}", v):
+    if isinstance(v, str) and re.fullmatch(r"[0-9]{10}", v):
         v = int(v)
-    if isinstance(v, int) and not isinstance(v, bool) and EPOCH_MIN <= v < 10**11:
+    if isinstance(v, int) and not isinstance(v, bool) and EPOCH_MIN <= v < EPOCH_MAX:
         return None, v
     raise ConfigError(f"{where} 'expire'", f"{v!r} is not an expiry",
-                      'use expire = "+SECONDS" (from `up`) or a Unix time like 1767225600')
+                      f'use expire = "+SECONDS" (1-{RELATIVE_MAX}, from `up`) or a Unix time '
+                      f"from {EPOCH_MIN} to {EPOCH_MAX - 1}, like 1767225600")
 
 
 # --- the netvm's rules ----------------------------------------------------------------
 
-def set_name(qid: int, i: int, six: bool) -> str:
-    return f"fw{qid}_{i}{'_6' if six else ''}"
+def set_name(qid: int, i: int, six: bool, r: FwRule) -> str:
+    """The rule's set: its qube, its number and a digest of the rule itself. A set's name
+    changes with its content: a reload (one transaction deleting and re-adding the table)
+    never re-creates a set under a name whose old elements or flags differ, which
+    libnftables can refuse ("interval overlaps", "File exists") although the new list is
+    valid (found by tests/integration/test_qubefw_limits.py)."""
+    import hashlib
+
+    digest = hashlib.sha256(r.describe().encode()).hexdigest()[:6]
+    return f"fw{qid}_{i}_{digest}{'_6' if six else ''}"
 
 
 def chain_name(qube: str) -> str:
@@ -234,11 +260,11 @@ def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
               comment="IPv6 neighbour discovery")
     for i, r in enumerate(rules):
         verdict = nft.ACCEPT if r.action == "accept" else nft.DROP
-        note = f"{qube} rule {i + 1}: {r.describe()}"
+        note = rule_note(qube, i + 1, r)
         if r.specialtarget == "dns":
             target = nft.ip_daddr({"set": list(dns)} if len(dns) > 1 else dns[0])
             if r.expires:  # the clock fills the set (fill_commands)
-                name = set_name(qid, i + 1, False)
+                name = set_name(qid, i + 1, False, r)
                 rs.add_set(nft.NamedSet(name, "ipv4_addr", [], ["interval", "timeout"]))
                 target = nft.in_set(nft.payload("ip", "daddr"), name)
             for proto in ("udp", "tcp"):
@@ -250,7 +276,7 @@ def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
             six = fam == "ipv6"
             exprs: list[Any] = []
             if r.dsthost is not None or r.expires:
-                name = set_name(qid, i + 1, six)
+                name = set_name(qid, i + 1, six, r)
                 # a name or a clock: filled at run time (fill_commands), empty until then
                 elems = [] if r.runtime_set else [_elem(_literal(r, six), None)]
                 flags = ["interval"] + (["timeout"] if r.expires else [])
@@ -272,6 +298,17 @@ def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
                                            r.icmptype))
             c.add(*exprs, nft.COUNTER, verdict, comment=note)
     c.add(nft.COUNTER, nft.DROP, comment=f"{qube}: nothing matched")
+
+
+def rule_note(qube: str, number: int, r: FwRule) -> str:
+    """The rule's nftables comment: its number and its words, cut (at a character, with
+    "...") to RULE_NOTE_BYTES of UTF-8 so that no valid rule can exceed what libnftables
+    takes (the whole rule stays in firewall.json and `firewall list`)."""
+    note = f"{qube} rule {number}: {r.describe()}"
+    if len(note.encode()) <= RULE_NOTE_BYTES:
+        return note
+    cut = note.encode()[:RULE_NOTE_BYTES - 3].decode(errors="ignore")
+    return cut + "..."
 
 
 def _literal(r: FwRule, six: bool) -> str:
@@ -335,7 +372,7 @@ def fill_commands(plan: Any, netvm: str, names: dict[str, list[str]], started: f
                     hosts = [_literal(r, six)]
                 elems = [] if left is not None and left < 1 else \
                     [_elem(h, left) for h in hosts]
-                cmds += set_commands(set_name(c.qid, i + 1, six), elems)
+                cmds += set_commands(set_name(c.qid, i + 1, six, r), elems)
     return cmds
 
 
@@ -424,7 +461,9 @@ def rule_from_words(words: list[str]) -> dict[str, Any]:
         if not sep or not k:
             raise ConfigError(f"rule word {w!r}", "is not key=value",
                               "e.g. action=accept dsthost=192.0.2.7 proto=tcp dstports=443")
-        out[k] = int(v) if k in ("icmptype", "dstports") and v.isdigit() else v
+        # ASCII digits only: str.isdigit() is true of "²", which int() refuses
+        out[k] = int(v) if k in ("icmptype", "dstports") and v.isascii() and v.isdigit() \
+            else v
     return out
 
 
@@ -432,6 +471,6 @@ def absolute_expiry(rule: dict[str, Any], now: float) -> dict[str, Any]:
     """`firewall add ... expire=+N` keeps the Unix time it ends (as qvm-firewall does), so a
     later reload or `up` never restarts its clock."""
     v = rule.get("expire")
-    if isinstance(v, str) and re.fullmatch(r"\+\d{1,9}", v):
+    if isinstance(v, str) and re.fullmatch(r"\+[0-9]{1,9}", v) and int(v[1:]) > 0:
         return {**rule, "expire": str(int(now) + int(v[1:]))}
-    return rule
+    return rule  # anything else is judged by `parse` as the config's would be ("+0": no)

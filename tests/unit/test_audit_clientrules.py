@@ -136,7 +136,7 @@ def test_an_ended_rule_still_in_its_set_passes_what_its_rules_now_drop():
     p = plan_of(FW)
     rs = rulesets(p)
     for i in rs["nst-main-sys-firewall"]["nftables"]:
-        if "set" in i and i["set"]["name"] == "fw4_5":
+        if "set" in i and i["set"]["name"].startswith("fw4_5_"):
             i["set"]["elem"] = [{"elem": {"val": "203.0.113.10", "timeout": 6}}]
     r = result(p, rs, {"sys-firewall": {}}, time.time() - 60)  # up a minute ago: ended
     assert r.status == "FAIL" and "its rules drop it" in r.reason, r

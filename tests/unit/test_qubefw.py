@@ -10,6 +10,7 @@ from netstack.errors import ConfigError
 from netstack.rules.qubefw import FwRule
 from netstack.rules.qubefw import parse as parse_rules
 from tests.unit.test_config import ROOT
+from tests.unit.test_rule_names import short
 
 BASIC = (ROOT / "configs/basic.toml").read_text()
 
@@ -90,7 +91,7 @@ def test_the_netvm_chain_ends_in_a_drop_and_is_met_before_any_nat():
     fwd = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "forward"]
     chain = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "fw-work"]
     assert chain[-1]["expr"] == [{"counter": None}, {"drop": None}]
-    sets = {i["set"]["name"]: i["set"] for i in rs if "set" in i}
+    sets = {short(i["set"]["name"]): i["set"] for i in rs if "set" in i}
     assert "elem" not in sets["fw4_4"]  # a hostname: empty until resolved at `up`
     assert sets["fw4_5"]["flags"] == ["interval", "timeout"]
     assert "elem" not in sets["fw4_5"]  # expiring: filled with the time left at run time

@@ -124,7 +124,9 @@ class TorRole(Role):
 
     def refuse_client_rule(self, rule: Any) -> str | None:
         """Tor carries TCP and DNS only, never to local ranges: an accept the gateway cannot
-        honour is refused rather than left to mean something it does not."""
+        honour is refused rather than left to mean something it does not. Tor's automap
+        range is carried (a list that accepts it lets the qube open .onion names on the
+        transparent path)."""
         if rule.action != "accept":
             return None
         if rule.proto in ("udp", "icmp"):
@@ -135,6 +137,8 @@ class TorRole(Role):
             net = ipaddress.ip_network(rule.dsthost, strict=False)
             if net.version == 6:
                 return "the gateway carries IPv4 only"
+            if net.subnet_of(_AUTOMAP):  # onion services by name: redirected like the rest
+                return None
             if any(net.subnet_of(n) for n in _NOT_VIA):
                 return f"{rule.dsthost} is a local range Tor never carries"
         return None
@@ -360,9 +364,15 @@ def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
     bare = p.Pred(lambda f, m=mask: f & m == frozenset({"syn"}))
     not_bare = p.Pred(lambda f, m=mask: f & m != frozenset({"syn"}))
 
+    from netstack.rules.qubefw import chain_name
+
+    lists = {chain_name(c.name) for c in q.clients}
+
     def redirect_judge(verdict, trace, nat) -> list | None:
         if any("redirect" in n for n in nat):
             return [p.box(tcp_flags=bare)]  # redirected: must be a bare SYN
+        if verdict == "drop" and trace and trace[-1].chain in lists:
+            return None  # the client's own rule list refused it ("reaches exactly ...")
         return [p.box(tcp_flags=not_bare)]  # not redirected: must not be one
 
     def never_redirected(verdict, trace, nat) -> list | None:

@@ -183,3 +183,34 @@ def test_leaktest_sends_to_an_automapped_address():
     assert pkt["dst"].startswith("10.192.") and pkt["proto"] == "tcp" and pkt["flags"] == "S"
     assert "tor" not in c.legit  # behind Tor its marker never leaves the workstation's link
     assert c.legit == frozenset({"vpn", "plain"})
+
+
+def test_a_rule_list_may_accept_the_automap_range(tmp_path):
+    """A workstation with its own list opens onions by name only if the list accepts the
+    automap range: the gateway carries it, so the accept is not refused as a local range
+    (the rest of 10/8 still is), and the audit proves the list as written."""
+    from netstack.errors import ConfigError
+    from tests.unit.test_config import ROOT
+
+    base = (ROOT / "tests/configs/tor-two-workstations.toml").read_text()
+
+    def with_rules(rules: str) -> str:
+        c = tmp_path / "fw.toml"
+        c.write_text(base.replace('label = "purple"', f'label = "purple"\nfirewall = [{rules}]'))
+        return str(c)
+
+    dns = '{action = "accept", specialtarget = "dns"}'
+    p = make_plan(tmp_path, with_rules(f'{dns}, {{action = "accept", dsthost = "10.192.0.0/10",'
+                                       ' proto = "tcp", dstports = "80-443"}'))
+    res = results(p, rulesets(p))
+    bad = {k: (r.status, r.counterexample) for k, r in res.items() if r.status != "PASS"}
+    assert not bad and ("sys-whonix", "anon-whonix2 reaches exactly what its rules allow") \
+        in res
+    ev = gateway(rulesets(p))
+    two = Packet(iifname="vif6", saddr="10.137.0.6", daddr="10.192.0.5", dport=80)
+    assert ev.run_hook("prerouting", two).nat == [{"redirect": {"port": 9040}}]
+    out = Packet(iifname="vif6", saddr="10.137.0.6", daddr="198.51.100.80", dport=80)
+    assert ev.run_hook("prerouting", out).verdict == "drop"  # not in its list
+    for net in ("10.0.0.0/8", "10.137.0.0/16", "10.128.0.0/9"):
+        with pytest.raises(ConfigError, match="local range"):
+            make_plan(tmp_path, with_rules(f'{{action = "accept", dsthost = "{net}"}}'))

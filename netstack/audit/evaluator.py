@@ -721,13 +721,18 @@ class Ruleset:
         for mv in MOVES:
             if mv in x:
                 arg = x[mv] or {}
-                dev = arg.get("dev")
                 if key[0] != "netdev":
                     raise Unsupported(f"statement {mv} in a {key[0]} table (a copy or move "
                                       "the evaluator does not follow there)")
-                if not isinstance(dev, str) or "addr" in arg:
+                # netdev: `fwd to DEV`, `fwd ip to ADDR device DEV` (the address only picks
+                # the neighbour: the packet still leaves by DEV); `dup to DEV`, which nft
+                # 1.0.6's JSON lists as {"dup": {"addr": DEV}}
+                dev = arg.get("dev")
+                if dev is None and mv == "dup":
+                    dev = arg.get("addr")
+                if not isinstance(dev, str):
                     raise Unsupported(f"statement {mv} to {json.dumps(arg)} (a device from an "
-                                      "expression, or a neighbour address)")
+                                      "expression)")
                 self.domains.name("oif", dev)
                 return ("move", mv, dev)
         if "limit" in x or "quota" in x:

@@ -206,3 +206,24 @@ def test_foreign_objects_name_table_chain_hook_and_device():
     d = netdev_doc("ingress", "vif3", [{"fwd": {"dev": "vif4"}}])
     assert paths.foreign_objects(d) == [
         "table netdev t not made by netstack: chains c (ingress on vif3)"]
+
+
+def test_the_json_shapes_nft_lists_for_moves():
+    """nft 1.0.6 lists netdev `dup to DEV` as {"dup": {"addr": DEV}} and `fwd ip to ADDR
+    device DEV` with the address beside the device: both leave by DEV."""
+    d = netdev_doc("egress", "wg3-main", [{"dup": {"addr": "eth0"}}])
+    assert [v for v, _ in leaves(d, "egress", Packet(oifname="wg3-main"))] == \
+        ["accept", "dup eth0"]
+    d = netdev_doc("ingress", "vif3", [{"fwd": {"dev": "vif4", "family": "ip",
+                                                "addr": "10.137.0.4"}}])
+    assert leaves(d, "ingress", Packet(iifname="vif3"))[0][0] == "fwd vif4"
+
+
+def test_a_device_chain_without_its_devices_proves_nothing():
+    """A listing without the chain's devices (nft 1.0.6's JSON): the chain runs for
+    every packet, tainted, so a drop there cannot make a property PASS."""
+    d = netdev_doc("ingress", "vif3", [{"drop": None}])
+    del d["nftables"][1]["chain"]["dev"]
+    got = leaves(d, "ingress", Packet(iifname="vif9"))
+    assert got and all(v == "drop" and any("devices the listing does not name" in t
+                                           for t in tr) for v, tr in got)

@@ -79,6 +79,10 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
 
         gen = canonical({n.name: n.ruleset for n in plan.namespaces
                          if n.ruleset and n.qube is not None})
+        from netstack import health, pathfacts
+
+        want_sets = health.expected_sets(plan, st.data.resolved, store, st.data.started,
+                                         time.time())
         d = []
         for q in plan.qubes:
             ns = q.netns
@@ -87,7 +91,13 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
             want_rs = _with_live_sets(gen[ns], live[ns])
             text = text_diff(live[ns], want_rs, q.name)
             sem = semantic_diff(live[ns], want_rs, ifaces) if text else []
-            d.append({"qube": q.name, "text": text, "semantic": sem})
+            # what netstack did not make, named: set elements (the text diff takes the
+            # live sets as they are), tables, and packet paths beside nftables
+            named = health.set_problems(want_sets.get(ns, {}), live[ns]) + \
+                pathfacts.foreign_objects(live[ns]) + \
+                [str(f) for f in pathfacts.kernel_findings(net[ns]["paths"], ifaces)]
+            d.append({"qube": q.name, "text": text + [f"! {x}" for x in named],
+                      "semantic": sem, "named": named})
         out["drift"] = d
         out["firewall_drift"] = firewall_drift(stack, plan, st.data.config)
     if replay:

@@ -73,6 +73,9 @@ def test_a_widened_endpoint_set_is_degraded_and_fails(vpn_stack):
                                 "53, which netstack did not set"]
             r = results(vpn_stack)[("sys-proxyvm", "VPN endpoints exactly as resolved")]
             assert r["status"] == "FAIL"
+            d = {x["qube"]: x for x in audit.run(vpn_stack, drift=True)["drift"]}
+            assert d["sys-proxyvm"]["named"] == [
+                "set vpn_endpoints holds 198.51.100.53 . udp . 53, which netstack did not set"]
         finally:
             sh(ns, "nft", "delete", "element", "inet", "netstack", "vpn_endpoints",
                "{ 198.51.100.53 . udp . 53 }")
@@ -160,6 +163,9 @@ def test_a_path_beside_nftables_is_named(vpn_stack, what):
             assert all(r["status"] != "PASS" for r in mine)
             rc, problems = status(vpn_stack)
             assert rc == 1 and any(named in x for x in problems), problems
+            d = {x["qube"]: x for x in audit.run(vpn_stack, drift=True)["drift"]}
+            assert any(named in x for x in d["sys-firewall"]["named"])
+            assert any(named in x for x in d["sys-firewall"]["text"])
         finally:
             for argv in undo:
                 subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True)

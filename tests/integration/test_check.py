@@ -341,7 +341,8 @@ def test_down_ends_the_captures_and_program_of_a_check_killed_with_sigkill(tmp_p
         _wait(lambda: _program_started(p.pid), 60, "check to start the program")
         caps = _captures(s)
         assert len(caps) >= 6 and all(_ppid(c.pid) == p.pid for c in caps)
-        (prog,) = _captures(s, "check program in work")
+        (prog,) = _wait(lambda: _captures(s, "check program in work"), 10,
+                        "the program in the stack's state")
         assert _ppid(prog.pid) == p.pid
         caps.append(prog)
         p.kill()

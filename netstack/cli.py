@@ -204,6 +204,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         for line in role_for(q["kind"]).status_lines(q) + name_lines(q):
             print(f"      {line}")
+    if s.get("dispvm"):
+        d = s["dispvm"]
+        print(f"  disposables (`run`): behind {d['netvm']}, label "
+              f"{_colour(d['label'], d['label'])}: {d['why']}")
     if s.get("lab"):
         lab = s["lab"]
         hosts = ", ".join(f"{n}={h['address']}" for n, h in lab["hosts"].items())
@@ -558,7 +562,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
 
     return disposable.run(args.stack, args.netvm, args.label, args.gui, args.user,
-                          list(args.cmd), None if args.quiet else started)
+                          list(args.cmd), None if args.quiet else started, args.like)
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -778,15 +782,19 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a command in a new disposable qube",
                        epilog="examples:\n  sudo netstack run -- curl http://web.lab.test/\n"
                        "  sudo netstack run --netvm sys-firewall --label orange -- firefox\n"
+                       "  sudo netstack run --like work -- evince report.pdf\n"
                        "A disposable (Qubes' DispVM) is an app qube made for one command: a new\n"
                        "link to its netvm, its own address, a sandbox with an empty home. When\n"
                        "the command ends (or on Ctrl-C) the qube, its link, rules and files are\n"
                        "gone; after a kill -9 the next `run` or `down` removes it.\n"
                        "The exit code is the command's.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--netvm", help="the qube it gets network from (default: the netvm of "
-                   "the stack's first app qube, e.g. sys-whonix)")
-    p.add_argument("--label", default="red", help="its colour (default red, as Qubes)")
+    p.add_argument("--netvm", help="the qube it gets network from (default: as --like, or "
+                   "the config's [stack] default_dispvm, else the most private path: a Tor "
+                   "gateway, else a VPN, else the firewall; `status` shows it)")
+    p.add_argument("--like", metavar="QUBE", help="make it like this app qube: its netvm "
+                   "and label (Qubes' disposable template)")
+    p.add_argument("--label", help="its colour (default: its template's, else red)")
     p.add_argument("--gui", action="store_true",
                    help="grant the invoking user's Wayland (or X11) display")
     p.add_argument("--quiet", "-q", action="store_true",

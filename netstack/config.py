@@ -22,7 +22,7 @@ MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
 COMMON_KEYS = {"kind", "netvm", "label", "firewall"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
-STACK_KEYS = {"ipv6"}
+STACK_KEYS = {"ipv6", "default_dispvm"}
 TOP_KEYS = {"qubes", "stack"}
 
 
@@ -50,6 +50,7 @@ class Topology:
     qubes: tuple[Qube, ...]
     ipv6: bool = False
     source: str = "<memory>"
+    default_dispvm: str | None = None  # disposables are made like this app qube (Qubes)
 
     def __getitem__(self, name: str) -> Qube:
         for q in self.qubes:
@@ -231,7 +232,14 @@ def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False)
             raise ConfigError(f"qube {q.name!r} field 'onion'", "an onion service needs a Tor "
                               "gateway as the qube's netvm (its keys live there)",
                               'set netvm to a qube of kind = "tor"')
-    return Topology(tuple(qubes), ipv6=ipv6, source=source)
+    dispvm = stack.get("default_dispvm")
+    if dispvm is not None and (not isinstance(dispvm, str) or dispvm not in by_name
+                               or not ROLES[by_name[dispvm].kind].sandboxed):
+        apps = sorted(q.name for q in qubes if ROLES[q.kind].sandboxed)
+        raise ConfigError("[stack] field 'default_dispvm'", f"{dispvm!r} is not an app qube "
+                          "of this config", f"name one of {', '.join(apps) or '(none)'}: "
+                          "disposables get its netvm and label")
+    return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm)
 
 
 def check_client_rules(qube: str, raw: Any, netvm: Qube) -> None:

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from netstack.config import LABELS, Qube, Topology
@@ -39,17 +39,47 @@ def orphaned(q: QubeInfo) -> bool:
     return not (isinstance(pid, int) and proc_alive(pid, q.settings.get("runner_start")))
 
 
-def default_netvm(plan: Plan) -> str:
-    """Where a disposable gets network unless told: the netvm of the stack's first app
-    qube (behind the Tor gateway in the Whonix chain, as Whonix's disposables), else the
-    qube furthest down the chain that provides network."""
+@dataclass(frozen=True)
+class Template:
+    """What a new disposable is made like: its netvm, its label, and why (for `status`)."""
+
+    netvm: str
+    label: str
+    why: str
+
+
+def template(plan: Plan, like: str | None = None) -> Template:
+    """Where a disposable gets network unless told, as Qubes does: like `like` (`run
+    --like QUBE`), else like the config's `[stack] default_dispvm` (that qube's netvm as it
+    is now, its label), else the most private path the stack has (a Tor gateway, else a
+    VPN, else the firewall furthest from the uplink), label red. Never the netvm of
+    whichever app qube happens to come first: `attach` of an unrelated qube changes nothing
+    here."""
     from netstack.roles import role_for
 
-    for q in plan.qubes:
-        if role_for(q.kind).sandboxed and q.netvm and not q.settings.get("disposable"):
-            return q.netvm
+    name = like or plan.default_dispvm
+    if name is not None:
+        if not plan.has_qube(name) or not role_for(plan.qube(name).kind).sandboxed:
+            apps = sorted(q.name for q in plan.qubes if role_for(q.kind).sandboxed
+                          and not q.settings.get("disposable"))
+            raise UsageError(f"--like {name!r}: not an app qube of stack {plan.stack!r}; use "
+                             f"one of {', '.join(apps) or '(none)'}")
+        q = plan.qube(name)
+        if q.netvm is None:
+            raise UsageError(f"{name} is cut off (attach {name} none): give --netvm, or "
+                             f"attach it to a netvm first")
+        why = "run --like" if like else "[stack] default_dispvm"
+        return Template(q.netvm, q.label, f"like {name} ({why})")
+    rank = {"tor": 2, "vpn": 1}
     providers = [q for q in plan.qubes if role_for(q.kind).provides_network]
-    return max(providers, key=lambda q: len(plan.chain(q.name))).name
+    best = max(providers, key=lambda q: (rank.get(role_for(q.kind).protection or "", 0),
+                                         len(plan.chain(q.name))))
+    return Template(best.name, "red", "the most private path (no default_dispvm)")
+
+
+def default_netvm(plan: Plan) -> str:
+    """The netvm a disposable gets unless told (see `template`)."""
+    return template(plan).netvm
 
 
 def new_name(plan: Plan) -> str:
@@ -68,8 +98,8 @@ def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[
     plus the disposables to keep and to add (pure)."""
     moved = netvms or {}
     qubes = base.qubes + tuple(as_qube(q) for q in keep) + tuple(add)
-    return Topology(tuple(replace(q, netvm=moved[q.name]) if q.name in moved else q
-                          for q in qubes), base.ipv6, base.source)
+    return replace(base, qubes=tuple(replace(q, netvm=moved[q.name]) if q.name in moved
+                                     else q for q in qubes))
 
 
 def check_request(plan: Plan, netvm: str, label: str) -> None:
@@ -134,16 +164,21 @@ def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
     return build(replace(inputs, topo=topo), stack, cur.uplink, previous=cur)
 
 
-def add(stack: str, netvm: str | None, label: str, gui: bool = False,
-        kernel: Kernel | None = None, runner: int | None = None) -> QubeInfo:
-    """Make a disposable qube in a running stack; orphans of killed `run`s go first."""
+def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
+        kernel: Kernel | None = None, runner: int | None = None,
+        like: str | None = None) -> QubeInfo:
+    """Make a disposable qube in a running stack; orphans of killed `run`s go first. netvm
+    and label None: from its template (`like`, the config's default_dispvm, or the most
+    private path)."""
     from netstack import reconcile
 
     pid = runner or os.getpid()
     with live(stack, "run", kernel) as (st, cur, k):
         if st.data.status != "up":
             raise StateError(f"stack {stack!r} is half made; run `netstack down` first")
-        netvm = netvm or default_netvm(cur)
+        if netvm is None or label is None:
+            t = template(cur, like)
+            netvm, label = netvm or t.netvm, label or t.label
         check_request(cur, netvm, label)
         name = new_name(cur)
         settings: dict[str, Any] = {"home": "ephemeral", "disposable": True,
@@ -202,8 +237,9 @@ class _Ended(Exception):
     """SIGTERM or SIGHUP to `run`: end CMD, remove the qube, exit."""
 
 
-def run(stack: str, netvm: str | None, label: str, gui: bool, user: str | None,
-        cmd: list[str], started: Callable[[QubeInfo], None] | None = None) -> int:
+def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str | None,
+        cmd: list[str], started: Callable[[QubeInfo], None] | None = None,
+        like: str | None = None) -> int:
     """`netstack run`: the qube exists only while CMD runs. Returns CMD's exit code."""
     from netstack.stack import exec_argv
 
@@ -217,7 +253,7 @@ def run(stack: str, netvm: str | None, label: str, gui: bool, user: str | None,
     q: QubeInfo | None = None
     proc: subprocess.Popen[bytes] | None = None
     try:
-        q = add(stack, netvm, label, gui)
+        q = add(stack, netvm, label, gui, like=like)
         if started:
             started(q)
         proc = subprocess.Popen(exec_argv(stack, q.name, user, cmd))

@@ -245,6 +245,7 @@ class Plan:
     upstream_dns: list[str] = field(default_factory=list)
     ipv6: bool = False
     schema: int = SCHEMA
+    default_dispvm: str | None = None  # [stack] default_dispvm: disposables are made like it
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

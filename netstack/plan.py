@@ -157,7 +157,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     addrs = addressing.plan_addresses(topo, pinned)
     resolvers = upstream_dns(topo, uplink, inputs.host_resolv)
     sdir = stack_dir(stack)
-    p = Plan(stack, uplink, [], [], upstream_dns=resolvers, ipv6=topo.ipv6)
+    p = Plan(stack, uplink, [], [], upstream_dns=resolvers, ipv6=topo.ipv6,
+             default_dispvm=topo.default_dispvm)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]

@@ -3,6 +3,7 @@ command holds the stack's lock; each reads its inputs once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import sys
@@ -10,7 +11,7 @@ import time
 from typing import Any
 
 from netstack import names
-from netstack.errors import StateError, UsageError
+from netstack.errors import NetstackError, StateError, UsageError
 from netstack.kernel import Kernel, RealKernel, proc_alive
 from netstack.model import Plan, UplinkSpec
 from netstack.state import StackLock, State, stack_dir
@@ -169,6 +170,11 @@ def status(stack: str) -> dict[str, Any]:
     finally:
         k.close()
     out["health"] = health.stack_verdict(verdicts, extra).to_json()
+    from netstack.disposable import template
+
+    with contextlib.suppress(NetstackError):  # a default_dispvm that was cut off: none
+        t = template(p)
+        out["dispvm"] = {"netvm": t.netvm, "label": t.label, "why": t.why}
     if p.lab:
         lab = dump(p.lab)
         lab["capture"] = {"isp_link": dump(p.lab.isp_link)}

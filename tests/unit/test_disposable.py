@@ -242,3 +242,49 @@ def test_gui_must_be_a_boolean():
     parse(base.replace('label = "blue"', 'label = "blue"\ngui = true'))
     with pytest.raises(ConfigError, match="'gui'"):
         parse(base.replace('label = "blue"', 'label = "blue"\ngui = "yes"'))
+
+
+def test_a_disposable_goes_where_the_user_means():
+    """Regression (issue 26): without --netvm a disposable went behind the first app qube's
+    netvm in plan order (behind sys-firewall, in clear, when a clear-net qube came first;
+    behind sys-net after an unrelated `attach`). Now: --like, the config's default_dispvm,
+    else the most private path; never the order of the config."""
+    import pytest as _pytest
+
+    from netstack.config import parse
+    from netstack.errors import ConfigError, UsageError
+
+    tov = (ROOT / "configs/tor-over-vpn.toml").read_text()
+    clear_first = tov.replace("[qubes.anon-whonix]", '[qubes.aaa]\nkind = "app"\nnetvm = '
+                              '"sys-firewall"\nlabel = "green"\n\n[qubes.anon-whonix]', 1)
+
+    def plan(text, moved=None):
+        import dataclasses
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+            f.write(text)
+            f.flush()
+            inputs = load_inputs(f.name, "main", LAB)
+        if moved:
+            inputs = dataclasses.replace(inputs, topo=disposable.topology(inputs.topo, [], (),
+                                                                          moved))
+        return build(inputs, "main", LAB)
+
+    assert disposable.template(plan(clear_first)).netvm == "sys-whonix"
+    # an unrelated qube moved: still the gateway
+    assert disposable.template(plan(clear_first, {"aaa": "sys-net"})).netvm == "sys-whonix"
+    named = clear_first.replace("[qubes.", '[stack]\ndefault_dispvm = "aaa"\n\n[qubes.', 1)
+    t = disposable.template(plan(named))
+    assert (t.netvm, t.label) == ("sys-firewall", "green") and "default_dispvm" in t.why
+    # the default qube itself moved: disposables follow it, as Qubes' do their template
+    assert disposable.template(plan(named, {"aaa": "sys-proxyvm"})).netvm == "sys-proxyvm"
+    like = disposable.template(plan(named), like="anon-whonix")
+    assert like.netvm == "sys-whonix" and "--like" in like.why
+    with _pytest.raises(UsageError, match="--like 'sys-whonix'"):
+        disposable.template(plan(named), like="sys-whonix")
+    basic = (ROOT / "configs/basic.toml").read_text()
+    assert disposable.template(plan(basic)).netvm == "sys-firewall"  # no Tor, no VPN
+    for bad in ('"sys-net"', '"nosuch"', "3"):
+        with _pytest.raises(ConfigError, match="default_dispvm"):
+            parse(f"[stack]\ndefault_dispvm = {bad}\n\n" + basic)

@@ -348,7 +348,10 @@ class RealKernel(Kernel):
     def link_return(self, ns: str, names: list[str], dev: str, home: str | None) -> bool:
         if not netns.exists(ns) or (home and not netns.exists(home)):
             return False  # a physical device returns to the host when its namespace goes
-        target = netns.path(home) if home else "/proc/1/ns/net"
+        # home None: the namespace this netstack runs in, the one `up` moved the device
+        # from when it ran there too; never PID 1's, which may be another namespace or not
+        # readable at all (a container, hardened /proc)
+        target = netns.path(home) if home else "/proc/self/ns/net"
         ipr = self._ip(ns)
         for name in names:
             found = ipr.link_lookup(ifname=name)

@@ -190,3 +190,31 @@ def test_uplink_nat_mode_inside_a_stand_in_host(own_stack, tmp_path):
         p = run("down")
         assert p.returncode == 0, p.stderr
         assert host_state() == before
+
+
+def test_move_mode_gives_the_device_back_to_netstacks_own_namespace(own_stack, tmp_path):
+    """Regression (issue 26): `down` gave a moved device to PID 1's namespace, and failed
+    ("Permission denied: '/proc/1/ns/net'") where that is not readable. Here netstack runs
+    in an unnamed namespace of its own (unshare --net) with PID 1's /proc entry hidden: the
+    device comes back there, under its own name, and nothing of the stack is left."""
+    import subprocess
+    import sys
+
+    s = own_stack("g")
+    cfg = tmp_path / "moved.toml"
+    cfg.write_text((Path(BASIC).read_text()).replace(
+        'kind = "net"', 'kind = "net"\naddress = "192.0.2.2/24"\ngateway = "192.0.2.1"\n'
+        'dns = ["192.0.2.1"]', 1))
+    ns = [sys.executable, "-m", "netstack.cli", "--stack", s]
+    script = (
+        "set -u; mount -t tmpfs none /proc/1; "
+        "ip link add standin0 type veth peer name standin0p; "
+        f"trap '{' '.join(ns)} down >/dev/null 2>&1' EXIT; "
+        f"{' '.join(ns)} up {cfg} --uplink standin0 || exit 11; "
+        "ip -o link | grep -q standin0: && exit 12; "
+        f"{' '.join(ns)} down || exit 13; trap - EXIT; "
+        "ip -o link | grep -q 'standin0@' || exit 14; echo back")
+    p = subprocess.run(["unshare", "--net", "--mount", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("back"), (p.returncode, p.stderr)
+    assert not stack_leftovers(s)

@@ -439,3 +439,23 @@ def test_a_second_request_on_a_kept_alive_connection_is_not_another_flows():
     r, fl = model(pkts, recs)
     assert fl[("tcp", WEB, 80, 41000)].outcome == "left"
     assert fl[("tcp", WEB, 80, 41002)].outcome == "unknown" and r.verdict == 1
+
+
+def test_a_tor_gateway_is_ready_for_the_program_once_a_circuit_is_built(monkeypatch):
+    from netstack.tor import control
+    from netstack.tor.gateway import TorInfo
+
+    answers = iter([{"circuit_established": False, "circuits_built": 0},
+                    {"circuit_established": True, "circuits_built": 0},
+                    {"circuit_established": True, "circuits_built": 3}])
+    asked: list[str] = []
+
+    def status(sock):
+        asked.append(sock)
+        return next(answers)
+    monkeypatch.setattr(control, "status", status)
+    gw = types.SimpleNamespace(name="sys-whonix", info=TorInfo("sys-whonix", "ns", GW, "/d"))
+    said: list[str] = []
+    check._wait_circuit(gw, 5, lambda pct, what: said.append(what))
+    assert len(asked) == 3 and said == ["3 circuits built"]
+    check._wait_circuit(types.SimpleNamespace(name="sys-net", info=None), 5, None)  # no tor

@@ -2,7 +2,8 @@
 
 The rulesets use exactly the constructs the evaluator claims to model (docs/security.md,
 "What the audit models"): base chains of every hook, type and a spread of priorities
-(ties included) in inet/ip/ip6 tables, regular chains reached by jump and goto (no loops),
+(ties included) in inet/ip/ip6 tables, netdev ingress chains on the lab's links with
+accept, drop, fwd and dup (netdev_table), regular chains reached by jump and goto (no loops),
 return, policies, verdict maps, named and anonymous sets with intervals and
 concatenations, ct state and status, meta iifname/oifname (with wildcards), mark (with a
 mask), skuid, skgid, l4proto, nfproto, protocol, ip/ip6 addresses and prefixes, ports and ranges,
@@ -462,7 +463,55 @@ def rulesets(draw) -> dict[str, Any]:
         items += [{"set": s} for s in sets.values()]
         items += [{"chain": ch} for ch, _ in chains]
         items += rules
+    if draw(st.integers(0, 2)) == 0:
+        items += netdev_table(draw)
     return {"nftables": items}
+
+
+def _netdev_match(draw) -> list[dict[str, Any]]:
+    """What a device's ingress chain is given to read here: addresses (which imply the
+    ethertype), the transport protocol and its destination port."""
+    def m(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+        return {"match": {"op": op, "left": left, "right": right}}
+    six = draw(st.booleans())
+    ip = "ip6" if six else "ip"
+    kind = draw(st.sampled_from(["saddr", "daddr", "daddr", "dport"]))
+    if kind == "dport":
+        proto = draw(st.sampled_from(["tcp", "udp"]))
+        return [m({"meta": {"key": "l4proto"}}, proto),
+                m({"payload": {"protocol": proto, "field": "dport"}},
+                  draw(st.sampled_from(PORTS)), draw(st.sampled_from(["==", "!="])))]
+    return [m({"payload": {"protocol": ip, "field": kind}},
+              draw(st.sampled_from(addrs(six))), draw(st.sampled_from(["==", "==", "!="])))]
+
+
+def netdev_table(draw) -> list[dict[str, Any]]:
+    """A netdev table with ingress chains on the lab's links (distinct priorities per
+    device: equal ones run in registration order), each rule a match or two and accept,
+    drop, `fwd to` or `dup to` a link (the oracle sees where a moved packet arrives)."""
+    items: list[dict[str, Any]] = [{"table": {"family": "netdev", "name": "nd"}}]
+    used: set[tuple[str, int]] = set()
+    for b in range(draw(st.integers(1, 2))):
+        dev = draw(st.sampled_from(IFACES))
+        prio = draw(st.sampled_from([p for p in (-300, -5, 0, 10, 300)
+                                     if (dev, p) not in used]))
+        used.add((dev, prio))
+        name = f"i{b}"
+        items.append({"chain": {"family": "netdev", "table": "nd", "name": name,
+                                "type": "filter", "hook": "ingress", "dev": dev,
+                                "prio": prio,
+                                "policy": draw(st.sampled_from(["accept", "accept", "drop"]))}})
+        for _ in range(draw(st.integers(0, 3))):
+            expr = [] if draw(st.integers(0, 3)) == 0 else _netdev_match(draw)
+            stmt = draw(st.sampled_from(["accept", "drop", "fwd", "fwd", "dup"]))
+            if stmt in ("fwd", "dup"):  # nft 1.0.6 takes (and lists) netdev dup's device
+                expr.append({stmt: {"dev" if stmt == "fwd" else "addr":  # as "addr"
+                                    draw(st.sampled_from(IFACES))}})
+            else:
+                expr.append({stmt: None})
+            items.append({"rule": {"family": "netdev", "table": "nd", "chain": name,
+                                   "expr": expr}})
+    return items
 
 
 # --- packets -------------------------------------------------------------------------------

@@ -1219,6 +1219,24 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
         return (got[0][0] if len(verdicts) == 1 else "unknown"), got[0][1]
 
     pk = p
+    if p.iifname and rs.has_hook("ingress"):
+        # the device's ingress chains first: a fwd ends the packet's way here, a dup's
+        # copy leaves by its device while the original goes on
+        got: list[tuple[str, str]] = []
+
+        def ing(e: Evaluator, verdict: str, trace: list, nat: list, taint: list) -> None:
+            if e.point() is not None:
+                got.append(("unknown" if taint else verdict, ""))
+        ev.explore("ingress", dataclasses.replace(p, oifname=None).box(), ing)
+        moved = [v for v, _ in got if v.startswith(MOVES)]
+        ends = sorted({v for v, _ in got if not v.startswith(MOVES)})
+        out += [("ingress", v) for v in moved]
+        if any(v.startswith("fwd") for v in moved):
+            return out
+        verdict = ends[0] if len(ends) == 1 else "unknown"
+        out.append(("ingress", verdict))
+        if verdict != "accept":
+            return out
     if p.iifname:
         v, pk = run("prerouting", dataclasses.replace(p, oifname=None), p.iifname)
         out.append(("prerouting", v))

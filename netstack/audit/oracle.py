@@ -53,6 +53,22 @@ def trace_table() -> dict[str, Any]:
     return {"nftables": cmds}
 
 
+def netdev_trace(dev: str) -> dict[str, Any]:
+    """nftrace on at the device's ingress (before any chain a ruleset can have there) and
+    an observer last, as trace_table does for the inet hooks."""
+    t = {"family": "netdev", "name": TRACE}
+    cmds: list[dict[str, Any]] = [{"add": {"table": t}}]
+    for name, prio in ((f"on_ingress_{dev}", -2_000_000_000), (f"obs_ingress_{dev}", OBS_PRIO)):
+        cmds.append({"add": {"chain": {"family": "netdev", "table": TRACE, "name": name,
+                                       "type": "filter", "hook": "ingress", "dev": dev,
+                                       "prio": prio, "policy": "accept"}}})
+    cmds.append({"add": {"rule": {"family": "netdev", "table": TRACE,
+                                  "chain": f"on_ingress_{dev}",
+                                  "expr": [{"mangle": {"key": {"meta": {"key": "nftrace"}},
+                                                       "value": 1}}]}}})
+    return {"nftables": cmds}
+
+
 _LINE = re.compile(r"trace id (\S+) (\S+) (\S+) (\S+) (?:(?:unknown )?rule .*\(verdict (\w+)|"
                    r"verdict (\w+)|policy (\w+))")
 
@@ -138,6 +154,7 @@ class KernelLab:
         self.probers: dict[str, Any] = {}
         self.senders: dict[tuple[int, int], subprocess.Popen] = {}
         self.local: set[str] = set()
+        self.ingress = False  # the ruleset under test has ingress chains
         self._hooks: dict[tuple[str, str, str], str] | None = None
         try:
             self._make(ifaces)
@@ -215,6 +232,28 @@ class KernelLab:
         self.ifaces[name] = {"nbr": nbr, "dut4": dut4, "nbr4": nbr4, "dut6": dut6,
                              "nbr6": nbr6, "mac": mac}
         self.local |= {dut4, dut6}
+        k.nft(self.dut, netdev_trace(name))
+        # the neighbour counts the frames the DUT did not make itself that carry the
+        # oracle's payload: a `fwd to` or `dup to` this link keeps the sender's Ethernet
+        # source (what the DUT's stack sends carries its own); the payload keeps the
+        # neighbours' own ARP and ND, moved by a rule without matches, out of the count
+        mark = int.from_bytes(b"nstkoracle", "big")
+        rules = []
+        for protos, offset in ((["udp", "icmp", "ipv6-icmp"], 64), (["tcp"], 160)):
+            rules.append({"add": {"rule": {"family": "netdev", "table": "nsobs",
+                                           "chain": "moved", "expr": [
+                {"match": {"op": "!=", "left": {"payload": {"protocol": "ether",
+                                                            "field": "saddr"}}, "right": mac}},
+                {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                           "right": {"set": protos}}},
+                {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": offset,
+                                                            "len": 80}}, "right": hex(mark)}},
+                {"counter": None}]}}})
+        k.nft(nbr, {"nftables": [
+            {"add": {"table": {"family": "netdev", "name": "nsobs"}}},
+            {"add": {"chain": {"family": "netdev", "table": "nsobs", "name": "moved",
+                               "type": "filter", "hook": "ingress", "dev": "p0", "prio": 0,
+                               "policy": "accept"}}}, *rules]})
 
     def route(self, daddr: str, oif: str) -> None:
         """daddr reached through oif's neighbour (or, for "", not routed at all)."""
@@ -239,6 +278,10 @@ class KernelLab:
         flush = [{"delete": {"table": {"family": t["family"], "name": t["name"]}}}
                  for t in self._tables() if t["name"] != TRACE]
         self._hooks = None
+        # the device hook is part of the fate only where the ruleset has chains there (as
+        # the evaluator's fate() reports it)
+        self.ingress = any(i.get("chain", {}).get("hook") == "ingress"
+                           for i in doc["nftables"])
         self.k.nft(self.dut, {"nftables": flush + [{"add": i} for i in doc["nftables"]]})
 
     def _tables(self) -> list[dict[str, Any]]:
@@ -260,11 +303,41 @@ class KernelLab:
         if p.ct_state == "established":
             self._connection(p)
         self._drain()
+        before = self._moved() if self.ingress else {}
         if p.iifname:
             self._send_in(p)
         else:
             self._send_out(p)
-        return self._read_fate(p, timeout)
+        fate = self._read_fate(p, timeout)
+        if not self.ingress:
+            return fate
+        # where the packet (fwd) or a copy (dup) arrived: a neighbour's counter rose
+        rose: list[str] = []
+        end = time.monotonic() + (timeout if ("ingress", "stolen") in fate else 0.05)
+        while True:
+            now = self._moved()
+            rose = sorted(n for n in now if now[n] > before.get(n, 0))
+            if rose or time.monotonic() > end:
+                break
+        out: list[tuple[str, str]] = []
+        for hook, verdict in fate:
+            if (hook, verdict) == ("ingress", "stolen"):
+                out.append(("ingress", f"fwd {rose[0]}" if len(rose) == 1 else "stolen"))
+                continue
+            if hook == "ingress" and verdict in ("accept", "drop") and rose:
+                out += [("ingress", f"dup {n}") for n in rose]
+                rose = []
+            out.append((hook, verdict))
+        return out
+
+    def _moved(self) -> dict[str, int]:
+        """Per DUT link: the frames its neighbour got that the DUT's stack did not send."""
+        out = {}
+        for name, nb in self.ifaces.items():
+            doc = self.k.nft_list(nb["nbr"])
+            out[name] = sum(e["counter"]["packets"] for i in doc["nftables"] if "rule" in i
+                            for e in i["rule"]["expr"] if "counter" in e)
+        return out
 
     def _flush_conntrack(self) -> None:
         subprocess.run(["ip", "netns", "exec", self.dut, "conntrack", "-F"],
@@ -395,11 +468,17 @@ class KernelLab:
                 continue
             table, chain = m.group(3), m.group(4)
             verdict = m.group(5) or m.group(6) or m.group(7)
+            if hook == "ingress" and not self.ingress:
+                continue  # the lab's own trace chains: not part of this ruleset's fate
+            if verdict == "stolen":  # fwd: gone from this namespace's hooks
+                fate.append((hook, "stolen"))
+                return fate
             if verdict in ("drop", "reject"):
                 fate.append((hook, "drop"))
                 dropped.add(hook)
                 return fate
-            if table == TRACE and chain == f"obs_{hook}" and verdict == "accept":
+            if table == TRACE and (chain == f"obs_{hook}" or chain.startswith(
+                    f"obs_{hook}_")) and verdict == "accept":
                 fate.append((hook, "accept"))
                 if hook in ("input", "postrouting"):
                     return fate

@@ -28,6 +28,8 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any]) -> dict[str, 
     p = packet_from(ce)
     if p.ct_state in NOT_REPLAYABLE:
         return {"replayable": False, "why": NOT_REPLAYABLE[p.ct_state]}
+    if hook == "egress":
+        return {"replayable": False, "why": "the oracle traces the ingress hook, not egress"}
     if hook in ("output", "postrouting") and not p.iifname and p.skuid is None:
         return {"replayable": False, "why": "a packet without a socket (made by the kernel)"}
     ifaces = [x for x in (p.iifname, p.oifname) if x]
@@ -45,5 +47,9 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any]) -> dict[str, 
     finally:
         lab.close()
     verdict = next((v for h, v in fate if h == hook), None)
+    moved = [v.split(" ", 1)[1] for h, v in fate if h == "ingress" and
+             v.startswith(("fwd ", "dup "))]
+    if verdict is None and hook == "forward" and p.oifname in moved:
+        verdict = "accept"  # an ingress chain sent it out of oifname past forward
     return {"replayable": True, "kernel_verdict": verdict or f"not reached ({fate})",
             "fate": fate, "lines": lines[:40]}

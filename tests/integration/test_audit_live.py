@@ -90,7 +90,9 @@ from tests.unit.test_audit import CASES  # noqa: E402
 # control-port-exposed: with the control-port filter at the gateway's own address, the only
 # packets the widened rule adds are TCP to a multicast or broadcast destination, which the
 # kernel routes nowhere (replay says "lost"): the property is stricter than the kernel there
-REPLAYED = [c for c in CASES if c != "control-port-exposed"]
+# dup-to-uplink: a copy made at egress, which the oracle does not trace (its ingress
+# twin, fwd around the kill switch, replays: the packet is seen arriving past forward)
+REPLAYED = [c for c in CASES if c not in ("control-port-exposed", "dup-to-uplink")]
 
 
 @pytest.mark.parametrize("name", REPLAYED)

@@ -33,6 +33,7 @@ from netstack.rules.nft import (
 from netstack.tor.gateway import (
     CONTROL_PORT,
     DNS_PORT,
+    ONION_CAP,
     SOCKS_PORT,
     TRANS_PORT,
     VIRTUAL_NET,
@@ -73,7 +74,7 @@ def tcp_syn_only() -> dict:
 
 class TorRole(Role):
     kind = "tor"
-    config_keys = frozenset({"bridges", "socks_ports"})
+    config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation"})
     strict_replies = True
     protection = "tor"
     offers_onions = True
@@ -97,6 +98,11 @@ class TorRole(Role):
                 raise ConfigError(f"{where} {name!r}", f"port {port} is {taken[port]}",
                                   "pick another port")
             taken[port] = f"the port of {name}"
+        cap = q.settings.get("onions_per_workstation", ONION_CAP)
+        if not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 64:
+            raise ConfigError(f"qube {q.name!r} field 'onions_per_workstation'",
+                              f"{cap!r} is not 0-64", "e.g. onions_per_workstation = 4 (0: "
+                              "workstations make none through the control port)")
         bridges = q.settings.get("bridges", [])
         if isinstance(bridges, list) and all(isinstance(b, str) for b in bridges):
             from netstack.tor.obfs4 import parse_line
@@ -152,7 +158,8 @@ class TorRole(Role):
         return TorInfo(ctx.qube.name, ctx.netns, ctx.addr.ipv4, ctx.state_dir,
                        lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])),
                        socks_ports=dict(ctx.qube.settings.get("socks_ports", {})),
-                       onions=_onions(ctx))
+                       onions=_onions(ctx), onions_per_workstation=int(
+                           ctx.qube.settings.get("onions_per_workstation", ONION_CAP)))
 
     def sysctls(self, ctx: QubeContext) -> dict[str, str]:
         return common.sysctls(False, ctx.ipv6)  # a gateway proxies, it never forwards
@@ -231,7 +238,8 @@ class TorRole(Role):
         rt.write(info.filter_spec, json.dumps({  # the control-port filter's go signal
             "address": info.address, "port": CONTROL_PORT,
             "control_socket": info.control_socket, "socks": f"{info.address}:{SOCKS_PORT}",
-            "clients": {c.ipv4: c.name for c in q.clients}}))
+            "clients": {c.ipv4: c.name for c in q.clients},
+            "onions_per_workstation": info.onions_per_workstation}))
 
     def leak_zone(self, outer: str) -> str:
         return "tor-out" if outer == "plain" else outer

@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from netstack.tor.gateway import ONION_CAP  # config: onions_per_workstation
+
 MAX_LINE = 4096
 IDLE = 60.0  # seconds a client may stay silent
 FILTERED = "510 Command filtered"
@@ -32,8 +34,42 @@ ALLOWLIST = os.path.join(os.path.dirname(__file__), "control_allowlist.json")
 KEYWORD = re.compile(r"[A-Z_+]{1,32}")
 
 
-class Upstream(Protocol):
+
+
+class Asker(Protocol):
     def ask(self, line: str) -> str: ...
+
+
+class Conversation(Asker, Protocol):
+    def close(self) -> None: ...
+
+
+class Upstream(Asker, Protocol):
+    def session(self) -> Conversation:
+        """A control connection of one workstation's session: the onion services it makes
+        are tied to it, and tor removes them when it closes (no Flags=Detach)."""
+        ...
+
+
+class Ledger:
+    """How many onion services each workstation holds now, across its sessions: at most
+    `cap` (ADD_ONION beyond it is refused before tor sees it)."""
+
+    def __init__(self, cap: int = ONION_CAP) -> None:
+        self.cap = cap
+        self.held: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def take(self, client: str) -> bool:
+        with self.lock:
+            if self.held.get(client, 0) >= self.cap:
+                return False
+            self.held[client] = self.held.get(client, 0) + 1
+            return True
+
+    def give(self, client: str, n: int = 1) -> None:
+        with self.lock:
+            self.held[client] = max(0, self.held.get(client, 0) - n)
 
 
 @dataclass
@@ -66,6 +102,7 @@ class Session:
     client: str = ""  # the workstation's address: its onions may point only at it
     onions: set[str] = field(default_factory=set)
     authenticated: bool = False
+    conversation: Any = None  # its own control connection to tor, for its onion services
 
 
 def decide(line: str, s: Session) -> tuple[str, str | None]:
@@ -118,8 +155,33 @@ def _answer(kw: str, s: Session) -> str:
     return FILTERED
 
 
+class TorConversation:
+    """One workstation session's own control connection to tor (made at its first onion
+    command): what it makes lives as long as the session."""
+
+    def __init__(self, control_socket: str) -> None:
+        self.path = control_socket
+        self.c: Any = None
+
+    def ask(self, line: str) -> str:
+        from netstack.tor.control import connect
+
+        if self.c is None:
+            self.c = connect(self.path)
+        return "\r\n".join(_lines(self.c.msg(line)))
+
+    def close(self) -> None:
+        if self.c is not None:
+            with contextlib.suppress(Exception):
+                self.c.close()
+            self.c = None
+
+
 class TorUpstream:
     """tor's real control socket, through stem (one Controller, asked under a lock)."""
+
+    def session(self) -> TorConversation:
+        return TorConversation(self.path)
 
     def __init__(self, control_socket: str, timeout: float = 10.0) -> None:
         from netstack.tor.control import connect
@@ -156,8 +218,22 @@ def _lines(reply: Any) -> list[str]:
     return out
 
 
-def serve_client(conn: socket.socket, s: Session, up: Upstream) -> None:
-    """One workstation's connection, until it quits, misbehaves or idles out."""
+def serve_client(conn: socket.socket, s: Session, up: Upstream,
+                 ledger: Ledger | None = None) -> None:
+    """One workstation's connection, until it quits, misbehaves or idles out. Its onion
+    services are made on a control connection of its own, closed when it ends (tor then
+    removes them), and count against its workstation's cap."""
+    ledger = ledger or Ledger()
+    try:
+        _serve(conn, s, up, ledger)
+    finally:
+        if s.onions:
+            ledger.give(s.client, len(s.onions))
+        if s.conversation is not None:
+            s.conversation.close()
+
+
+def _serve(conn: socket.socket, s: Session, up: Upstream, ledger: Ledger) -> None:
     conn.settimeout(IDLE)
     buf = b""
     with contextlib.suppress(OSError):
@@ -186,12 +262,40 @@ def serve_client(conn: socket.socket, s: Session, up: Upstream) -> None:
             what, text = decide(line.strip(), s)
             if what == "ask":
                 assert text is not None
-                text = up.ask(text)
-                if text.startswith("250-ServiceID="):
-                    s.onions.add(text.split("=", 1)[1].split("\r\n")[0])
+                text = _ask(text, s, up, ledger)
             conn.sendall(((text or FILTERED) + "\r\n").encode())
             if line.strip().upper() == "QUIT":
                 return
+
+
+def _ask(line: str, s: Session, up: Upstream, ledger: Ledger) -> str:
+    """Tor's reply to an allowed line: onion commands on the session's own connection,
+    within the workstation's cap; the rest on the shared one."""
+    if line.startswith(("ADD_ONION", "DEL_ONION")):
+        if s.conversation is None:
+            s.conversation = up.session()
+        if line.startswith("ADD_ONION"):
+            if not ledger.take(s.client):
+                return (f"451 Resource exhausted: at most {ledger.cap} onion services per "
+                        "workstation")
+            try:
+                text = s.conversation.ask(line)
+            except Exception:  # noqa: BLE001 - tor gone: nothing was made
+                ledger.give(s.client)
+                return "451 Resource exhausted"
+            if text.startswith("250-ServiceID="):
+                s.onions.add(text.split("=", 1)[1].split("\r\n")[0])
+            else:
+                ledger.give(s.client)
+            return text
+        text = s.conversation.ask(line)
+        if text.startswith("250"):
+            gone = line.split(" ", 1)[1]
+            if gone in s.onions:
+                s.onions.discard(gone)
+                ledger.give(s.client)
+        return text
+    return up.ask(line)
 
 
 def _refuse_and_close(conn: socket.socket, reply: bytes) -> None:
@@ -208,8 +312,10 @@ def _refuse_and_close(conn: socket.socket, reply: bytes) -> None:
 
 def serve(listener: socket.socket, up: Upstream, socks: str,
           client_of: Any = lambda addr: None, path: str = ALLOWLIST,
-          stopping: threading.Event | None = None) -> None:
-    """Accept workstations until `stopping`; each is judged by its own allowlist."""
+          stopping: threading.Event | None = None, cap: int = ONION_CAP) -> None:
+    """Accept workstations until `stopping`; each is judged by its own allowlist, and
+    holds at most `cap` onion services at a time."""
+    ledger = Ledger(cap)
     listener.settimeout(0.5)
     while stopping is None or not stopping.is_set():
         try:
@@ -220,7 +326,7 @@ def serve(listener: socket.socket, up: Upstream, socks: str,
 
         def run(c: socket.socket = conn, sess: Session = s) -> None:
             with c:
-                serve_client(c, sess, up)
+                serve_client(c, sess, up, ledger)
         threading.Thread(target=run, daemon=True).start()
 
 
@@ -236,7 +342,8 @@ def main() -> None:
     clients = spec.get("clients", {})
     up = TorUpstream(spec["control_socket"], timeout=10.0)
     print("control filter listening", flush=True)
-    serve(lst, up, spec["socks"], lambda a: clients.get(a))
+    serve(lst, up, spec["socks"], lambda a: clients.get(a),
+          cap=int(spec.get("onions_per_workstation", ONION_CAP)))
 
 
 if __name__ == "__main__":

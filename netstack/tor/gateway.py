@@ -21,6 +21,9 @@ TOR_USER = "debian-tor"
 VIRTUAL_NET = "10.192.0.0/10"
 
 
+ONION_CAP = 4  # onion services one workstation may hold through the control-port filter
+
+
 @dataclass
 class TorInfo(RoleInfo):
     tag = "tor"
@@ -35,6 +38,9 @@ class TorInfo(RoleInfo):
     socks_ports: dict[str, int] = field(default_factory=dict)  # per-application ports
     # client -> [(onion port, client address, client port)]: services whose keys stay here
     onions: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
+    # onion services a workstation may make through the control-port filter at once (each
+    # lives as long as the filter session that made it)
+    onions_per_workstation: int = ONION_CAP
 
     def onion_dir(self, client: str) -> str:
         return os.path.join(self.datadir, f"onion-{client}")

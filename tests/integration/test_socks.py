@@ -85,7 +85,11 @@ def ask(line):
         if len(r) < 4 or r[3] == " ":
             return " | ".join(out)
 for line in sys.argv[2:]:
-    print(line, "=>", ask(line))
+    if line == "WAIT":  # hold the session open until told to end it
+        print("waiting", flush=True)
+        sys.stdin.readline()
+        continue
+    print(line, "=>", ask(line), flush=True)
 """
 
 
@@ -113,3 +117,45 @@ def test_the_workstation_is_told_where_socks_is_and_talks_to_the_filter_only(tor
     assert audit.returncode == 0, audit.stdout[-1500:]
     assert "only TransPort, DNSPort and the SOCKS ports from clients" in audit.stdout
     assert "control port only through the filter" in audit.stdout
+
+
+def test_a_workstations_onions_end_with_its_session_and_are_capped(tor_lab):
+    """Regression (issue 26): onions a workstation made through the filter lived on the
+    filter's one shared tor connection, outlived the session and could not be removed after
+    a reconnect; and a workstation could make any number. Now at most 4 at a time (the
+    default cap), each on the session's own control connection: tor removes them when the
+    session ends, and a new session may make new ones."""
+    import subprocess
+    import sys
+
+    from stem.control import Controller
+
+    gw, ws = tor_lab.tor.address, tor_lab.plan.qube("anon-whonix").ipv4
+    adds = [f"ADD_ONION NEW:ED25519-V3 Port={80 + i},{ws}:8080" for i in range(5)]
+    p = subprocess.Popen(["ip", "netns", "exec", tor_lab.ns["anon-whonix"], sys.executable,
+                          "-c", TALK, gw, "AUTHENTICATE", *adds, "WAIT"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    said = []
+    try:
+        while (line := p.stdout.readline().strip()) != "waiting":
+            assert line, "the session ended early"
+            said.append(line)
+        ids = [x.split("ServiceID=")[1].split(" ")[0] for x in said if "ServiceID=" in x]
+        assert len(ids) == 4 and "451 Resource exhausted: at most 4" in said[-1], said
+
+        def alive(i: str) -> bool:
+            with Controller.from_socket_file(tor_lab.tor.control_socket) as c:
+                c.authenticate()
+                return c.msg(f"GETINFO hs/service/desc/id/{i}").is_ok()
+        # tor builds each service's descriptor a moment after ADD_ONION
+        wait_for(lambda: all(alive(i) for i in ids), 20, 0.2, "tor serving the onions")
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(10)
+        wait_for(lambda: not any(alive(i) for i in ids), 15, 0.2, "tor removed the onions")
+    finally:
+        p.kill()
+        p.wait()
+    again = in_ns(tor_lab.ns["anon-whonix"], sys.executable, "-c", TALK, gw, "AUTHENTICATE",
+                  adds[0])
+    assert "ServiceID=" in again.stdout, again.stdout

@@ -34,9 +34,29 @@ class Recorder:
     def ask(self, line: str) -> str:
         with self.lock:
             self.asked.append(line)
+            n = len(self.asked)
         if line.startswith("ADD_ONION"):
-            return "250-ServiceID=abcdefghijklmnop\r\n250 OK"
+            return f"250-ServiceID=onion{n:03d}\r\n250 OK"
         return "250 OK"
+
+    def session(self) -> Conversation:
+        return Conversation(self)
+
+
+class Conversation:
+    """One session's own control connection: tor drops what it made when it closes."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec, self.closed = rec, False
+
+    def ask(self, line: str) -> str:
+        assert not self.closed
+        return self.rec.ask(line)
+
+    def close(self) -> None:
+        self.closed = True
+        with self.rec.lock:
+            self.rec.asked.append("(session closed)")
 
 
 def allowed_upstream(line: str) -> bool:
@@ -163,3 +183,75 @@ def test_a_silent_client_does_not_stall_another():
         stop.set()
         t.join(3)
         lst.close()
+
+
+def talk(lines: list[str], up, ledger, client: str = WS) -> list[str]:
+    """One workstation session over a socket pair: the filter's replies, in order."""
+    from netstack.tor.filter import serve_client
+
+    a, b = socket.socketpair()
+    s = Session(Allowlist.load(None), f"{GW}:9050", client)
+
+    def run() -> None:
+        with b:  # as `serve` does: the connection closes when the session ends
+            serve_client(b, s, up, ledger)
+    t = threading.Thread(target=run)
+    t.start()
+    a.sendall(("".join(f"{x}\r\n" for x in lines)).encode())
+    a.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := a.recv(65536):
+        out += chunk
+    t.join(5)
+    a.close()
+    return out.decode().split("\r\n")
+
+
+ADD = f"ADD_ONION NEW:ED25519-V3 Port=80,{WS}:8080"
+
+
+def test_onions_live_as_long_as_the_session_that_made_them():
+    """Regression (issue 26): onions were made on the filter's one shared tor connection,
+    outlived the workstation's session, and DEL_ONION could not remove them after a
+    reconnect. Now each session's onions are made on its own connection, closed (so tor
+    removes them) when the session ends."""
+    from netstack.tor.filter import Ledger
+
+    rec, ledger = Recorder(), Ledger(4)
+    got = talk(["AUTHENTICATE", ADD, ADD], rec, ledger)
+    assert sum(x.startswith("250-ServiceID=") for x in got) == 2
+    assert rec.asked[-1] == "(session closed)" and ledger.held[WS] == 0
+    # a reconnect starts from nothing: the old onions are gone, and the cap is free again
+    got = talk(["AUTHENTICATE", ADD], rec, ledger)
+    assert any(x.startswith("250-ServiceID=") for x in got)
+
+
+def test_a_workstation_holds_at_most_its_cap_of_onions():
+    from netstack.tor.filter import Ledger
+
+    rec, ledger = Recorder(), Ledger(2)
+    a, b = socket.socketpair()  # a first session that stays open, holding two
+    from netstack.tor.filter import serve_client
+
+    s = Session(Allowlist.load(None), f"{GW}:9050", WS)
+    t = threading.Thread(target=serve_client, args=(b, s, rec, ledger))
+    t.start()
+    a.sendall(f"AUTHENTICATE\r\n{ADD}\r\n{ADD}\r\n{ADD}\r\n".encode())
+    replies = b""
+    while replies.count(b"\r\n250 OK") + replies.count(b"451") < 3:
+        replies += a.recv(4096)
+    assert b"451 Resource exhausted: at most 2 onion services" in replies
+    asked = sum(x.startswith("ADD_ONION") for x in rec.asked)
+    assert asked == 2  # the third never reached tor
+    # another session of the same workstation: still at the cap; another workstation: not
+    assert any(x.startswith("451") for x in talk(["AUTHENTICATE", ADD], rec, ledger))
+    other = "10.137.0.9"
+    assert any(x.startswith("250-ServiceID=") for x in talk(
+        ["AUTHENTICATE", f"ADD_ONION NEW:ED25519-V3 Port=80,{other}:8080"], rec, ledger,
+        client=other))
+    a.close()  # the first session ends
+    t.join(5)
+    b.close()
+    assert ledger.held[WS] == 0  # the session ended: its onions are gone
+    got = talk(["AUTHENTICATE", ADD, "DEL_ONION onion999"], rec, ledger)
+    assert any(x.startswith("250-ServiceID=") for x in got)

@@ -272,10 +272,10 @@ def wait_ready(stack: str, progress: Any = None, timeout: float = 120) -> None:
                 last.append(line)
                 progress(line)
         role.wait_ready(q, st, timeout, say)
-        _wait_circuit(q, timeout, say)
+        wait_circuit(q, timeout, say)
 
 
-def _wait_circuit(q: Any, timeout: float, say: Any) -> None:
+def wait_circuit(q: Any, timeout: float, say: Any) -> None:
     """A Tor gateway is ready for the program once it has a BUILT circuit, not at 100 %
     bootstrap: the first stream right after bootstrap can fail (FIELD-NOTES; the check
     corpus saw curl fail its first TLS stream 1 run in 4), and the program must not be
@@ -599,7 +599,7 @@ def _is_reply_icmp(six: bool, typ: int) -> bool:
     return typ not in (8, 13, 15, 17)
 
 
-def _flows(ctx: Any, pkts: list[Any]) -> tuple[list[Flow], list[str], dict[str, list[str]]]:
+def flows_of(ctx: Any, pkts: list[Any]) -> tuple[list[Flow], list[str], dict[str, list[str]]]:
     """CMD's flows on its own link (one per 5-tuple; ICMP echo per identifier), the names
     it asked, and address -> names answered."""
     from scapy.layers.dns import DNS
@@ -733,7 +733,7 @@ def _marked(f: Flow, r: dict[str, Any], anywhere: bool) -> bool:
     return False
 
 
-def _route(netns: str, dst: str, src: str, iif: str) -> tuple[str | None, str]:
+def route_of(netns: str, dst: str, src: str, iif: str) -> tuple[str | None, str]:
     """Where the netvm's kernel routes a packet forwarded from `iif` (`ip route get`, the
     live table, policy rules included): (device, "") with "lo" for what it delivers to
     itself (its own, broadcast and multicast addresses), or (None, why not)."""
@@ -769,7 +769,7 @@ def _stopped_by(ctx: Any, rs: dict[str, Any], f: Flow) -> dict[str, Any] | None:
 
     def route(d: str) -> str | None:
         if d not in routes:
-            routes[d] = _route(gw.netns, d, saddr, vif)
+            routes[d] = route_of(gw.netns, d, saddr, vif)
         return routes[d][0]
     if f.dst not in local and route(f.dst) == "lo":
         local.add(f.dst)  # its own, broadcast or multicast: through input, as the kernel
@@ -1022,7 +1022,7 @@ def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str,
     seen = [Seen(lk.name, lk.zone, lk.capture.path if lk.capture else "",
                  lk.capture.packets() if lk.capture else []) for lk in lks]
     src = next(x for x in seen if x.zone == "source")
-    flows, asked, answers = _flows(ctx, src.pkts)
+    flows, asked, answers = flows_of(ctx, src.pkts)
     for f in flows:
         f.names = sorted(set(answers.get(f.dst, [])))
     gw_rs = rulesets.get(ctx.chain[1].netns, {"nftables": []})

@@ -50,7 +50,7 @@ def _uplink(args: argparse.Namespace) -> UplinkSpec:
                      "--uplink DEV")
 
 
-def _colour(label: str, text: str, width: int = 0) -> str:
+def colour(label: str, text: str, width: int = 0) -> str:
     """`text` in its label's colour, padded to `width` visible columns: the padding goes
     outside the escape codes, which take no column (`f"{...:<22}"` would count them, and
     black's background would paint the padding)."""
@@ -176,7 +176,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(dump(p), indent=2))
         return 0
     for q in p.qubes:
-        print(f"{_colour(q.label, q.name):<24} {q.kind:<9} netvm={q.netvm or '-':<14} "
+        print(f"{colour(q.label, q.name):<24} {q.kind:<9} netvm={q.netvm or '-':<14} "
               f"{q.ipv4:<13} ns={q.netns}")
     return 0
 
@@ -197,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for q in s["qubes"]:
         ifs = ", ".join(f"{i['name']}[{i['state']}]" for i in q["interfaces"]) or "-"
         mark = "" if q["health"]["state"] == "up" else f"  ({q['health']['state']})"
-        print(f"  {_colour(q['label'], '■')} {_colour(q['label'], q['name'], 22)} "
+        print(f"  {colour(q['label'], '■')} {colour(q['label'], q['name'], 22)} "
               f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
         from netstack.rules.names import status_lines as name_lines
@@ -207,7 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if s.get("dispvm"):
         d = s["dispvm"]
         print(f"  disposables (`run`): behind {d['netvm']}, label "
-              f"{_colour(d['label'], d['label'])}: {d['why']}")
+              f"{colour(d['label'], d['label'])}: {d['why']}")
     if s.get("lab"):
         lab = s["lab"]
         hosts = ", ".join(f"{n}={h['address']}" for n, h in lab["hosts"].items())
@@ -558,7 +558,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from netstack import disposable
 
     def started(q: Any) -> None:
-        print(_colour(q.label, f"{q.name}") + f": disposable qube {q.ipv4} behind {q.netvm}",
+        print(colour(q.label, f"{q.name}") + f": disposable qube {q.ipv4} behind {q.netvm}",
               file=sys.stderr)
 
     return disposable.run(args.stack, args.netvm, args.label, args.gui, args.user,

@@ -68,7 +68,7 @@ class FwRule:
 
     @property
     def host_is_name(self) -> bool:
-        return self.dsthost is not None and not _is_net(self.dsthost)
+        return self.dsthost is not None and not is_net(self.dsthost)
 
     def family(self) -> str | None:
         """ipv4 or ipv6 when the destination says so; None: both (or a name)."""
@@ -100,7 +100,7 @@ class FwRule:
         return " ".join(parts)
 
 
-def _is_net(s: str) -> bool:
+def is_net(s: str) -> bool:
     try:
         ipaddress.ip_network(s, strict=False)
         return True
@@ -140,11 +140,11 @@ def _rule(where: str, r: Any) -> FwRule:
             raise ConfigError(f"{where} 'dsthost'", f"{host!r} has an IPv6 scope (%...): a "
                               "rule's destination is beyond the netvm, never on one of its "
                               "links", "drop the %... part, or use a global address")
-        if not host.isascii() or (not _is_net(host) and not HOST_RE.match(host.rstrip("."))):
+        if not host.isascii() or (not is_net(host) and not HOST_RE.match(host.rstrip("."))):
             raise ConfigError(f"{where} 'dsthost'", f"{host!r} is neither an address, a "
                               "prefix nor a hostname",
                               'e.g. "192.0.2.7", "198.51.100.0/24" or "example.org"')
-        if _is_net(host):
+        if is_net(host):
             net = ipaddress.ip_network(host, strict=False)
             host = str(net) if net.num_addresses > 1 else str(net.network_address)
     proto = r.get("proto")

@@ -109,7 +109,7 @@ def test_every_list_the_validator_accepts_the_kernel_loads(scratch, tmp_path_fac
         p = plan_with(tmp, rules)
         fw = next(n for n in p.namespaces if n.qube == "sys-firewall")
         names = {r["dsthost"]: ["192.0.2.7"] for r in rules
-                 if "dsthost" in r and not qubefw._is_net(r["dsthost"])}
+                 if "dsthost" in r and not qubefw.is_net(r["dsthost"])}
         now = time.time()
         fill = qubefw.fill_commands(p, "sys-firewall", names, now, now)
         doc = commands(fw.ruleset, fresh=True)

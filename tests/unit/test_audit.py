@@ -82,11 +82,11 @@ def _rules(rs, ns):
     return rs[ns]["nftables"]
 
 
-def _drop_rules(rs, ns, pred):
+def drop_rules(rs, ns, pred):
     rs[ns]["nftables"] = [i for i in rs[ns]["nftables"] if not ("rule" in i and pred(i["rule"]))]
 
 
-def _insert_rule(rs, ns, chain, expr, comment=None, first=True):
+def insert_rule(rs, ns, chain, expr, comment=None, first=True):
     items = rs[ns]["nftables"]
     rule = {"rule": {"family": "inet", "table": "netstack", "chain": chain, "expr": expr,
                      **({"comment": comment} if comment else {})}}
@@ -95,7 +95,7 @@ def _insert_rule(rs, ns, chain, expr, comment=None, first=True):
     items.insert(idx, rule)
 
 
-def _m(left, right, op="=="):
+def match(left, right, op="=="):
     return {"match": {"op": op, "left": left, "right": right}}
 
 
@@ -111,47 +111,47 @@ BFW = "nst-main-sys-firewall"
 def mutate(name, rs):
     """One leak class each. Returns (qube, property) expected to FAIL."""
     if name == "invalid-not-dropped":
-        _drop_rules(rs, FW, lambda r: r.get("comment") == "drop INVALID")
+        drop_rules(rs, FW, lambda r: r.get("comment") == "drop INVALID")
         return ("sys-firewall", "INVALID dropped first")
     if name == "ipv6-falls-through-ip-saddr":
-        _drop_rules(rs, GW, lambda r: "IPv6" in str(r.get("comment")) and
+        drop_rules(rs, GW, lambda r: "IPv6" in str(r.get("comment")) and
                     r["chain"] == "prerouting")
         return ("sys-whonix", "anti-spoofing anon-whonix")
     if name == "kill-switch-missing-in-forward":
-        _insert_rule(rs, VPN, "forward", [_m(IIF, "vif4"), {"accept": None}], "oops")
+        insert_rule(rs, VPN, "forward", [match(IIF, "vif4"), {"accept": None}], "oops")
         return ("sys-proxyvm", "kill switch (forward)")
     if name == "redirect-without-drop":
         for i in rs[GW]["nftables"]:
             if "chain" in i and i["chain"]["name"] == "forward":
                 i["chain"]["policy"] = "accept"
-        _drop_rules(rs, GW, lambda r: r["chain"] == "forward")
+        drop_rules(rs, GW, lambda r: r["chain"] == "forward")
         return ("sys-whonix", "Tor gateway forwards nothing")
     if name == "spoof-check-missing":
-        _drop_rules(rs, GW, lambda r: r.get("comment") == "antispoof anon-whonix")
+        drop_rules(rs, GW, lambda r: r.get("comment") == "antispoof anon-whonix")
         return ("sys-whonix", "anti-spoofing anon-whonix")
     if name == "inter-qube-hole":
-        _insert_rule(rs, GW, "forward", [_m(IIF, "vif5"), _m(OIF, "vif6"), {"accept": None}])
+        insert_rule(rs, GW, "forward", [match(IIF, "vif5"), match(OIF, "vif6"), {"accept": None}])
         return ("sys-whonix", "no path between clients")
     if name == "control-port-exposed":
-        _insert_rule(rs, GW, "input", [_m({"meta": {"key": "l4proto"}}, "tcp"),
-                                       _m(DPORT, 9051), {"accept": None}])
+        insert_rule(rs, GW, "input", [match({"meta": {"key": "l4proto"}}, "tcp"),
+                                       match(DPORT, 9051), {"accept": None}])
         return ("sys-whonix", "control port only through the filter")
     if name == "wildcard-interface-mistake":
         for i in rs[VPN]["nftables"]:
             r = i.get("rule")
             if r and r.get("comment") == "clients -> tunnel only":
-                r["expr"][1] = _m(OIF, "e*")  # "every ethX uplink": a wildcard into eth0
+                r["expr"][1] = match(OIF, "e*")  # "every ethX uplink": a wildcard into eth0
         return ("sys-proxyvm", "kill switch (forward)")
     if name == "rule-after-goto":
         rs[VPN]["nftables"].insert(1, {"chain": {"family": "inet", "table": "netstack",
                                                  "name": "clients"}})
         rs[VPN]["nftables"].append({"rule": {"family": "inet", "table": "netstack",
                                              "chain": "clients", "expr": [{"accept": None}]}})
-        _insert_rule(rs, VPN, "forward", [_m(IIF, "vif4"), {"goto": {"target": "clients"}}])
+        insert_rule(rs, VPN, "forward", [match(IIF, "vif4"), {"goto": {"target": "clients"}}])
         return ("sys-proxyvm", "kill switch (forward)")
     if name == "verdict-map-hole":
-        _insert_rule(rs, GW, "input", [
-            _m({"meta": {"key": "l4proto"}}, "tcp"),
+        insert_rule(rs, GW, "input", [
+            match({"meta": {"key": "l4proto"}}, "tcp"),
             {"vmap": {"key": DPORT, "data": {"set": [[9040, {"accept": None}],
                                                       [9051, {"accept": None}]]}}}])
         # TransPort reached straight (not through the redirect) by the map's 9040
@@ -163,16 +163,16 @@ def mutate(name, rs):
                 i["chain"]["policy"] = "accept"
         return ("sys-firewall", "default drop")
     if name == "ipv6-egress-by-uid":  # the issue's example: any process but root
-        _insert_rule(rs, FW, "output", [_m(SKUID, 0, "!="), {"accept": None}])
+        insert_rule(rs, FW, "output", [match(SKUID, 0, "!="), {"accept": None}])
         return ("sys-firewall", "no IPv6 egress")
     if name == "kill-switch-uid-hole":  # the issue's example: uid 1000 in clear
-        _insert_rule(rs, VPN, "output", [_m(OIF, "eth0"), _m(SKUID, 1000), {"accept": None}])
+        insert_rule(rs, VPN, "output", [match(OIF, "eth0"), match(SKUID, 1000), {"accept": None}])
         return ("sys-proxyvm", "kill switch (own output)")
     if name == "tor-output-any-gid":
-        _insert_rule(rs, GW, "output", [_m(SKGID, 0), {"accept": None}])
+        insert_rule(rs, GW, "output", [match(SKGID, 0), {"accept": None}])
         return ("sys-whonix", "gateway output only from tor")
     if name == "transport-without-redirect":  # TransPort straight, not through the NAT
-        _insert_rule(rs, GW, "input", [_m(IIF, "vif5"), _m(L4, "tcp"), _m(DPORT, 9040),
+        insert_rule(rs, GW, "input", [match(IIF, "vif5"), match(L4, "tcp"), match(DPORT, 9040),
                                        {"accept": None}])
         return ("sys-whonix", "only TransPort, DNSPort and the SOCKS ports from clients")
     if name == "redirect-every-tcp":  # the SYN-only match gone: mid-stream TCP too
@@ -195,11 +195,11 @@ def mutate(name, rs):
         return ("sys-proxyvm", "every path through the qube is modelled")
     if name == "fwd-between-clients":  # the issue's, in the Tor gateway: to the other's link
         netdev_table(rs, GW, "ingress", "vif5", [
-            _m({"payload": {"protocol": "ip", "field": "daddr"}}, "10.137.0.6"),
+            match({"payload": {"protocol": "ip", "field": "daddr"}}, "10.137.0.6"),
             {"fwd": {"dev": "vif6"}}])
         return ("sys-whonix", "Tor gateway forwards nothing")
     if name == "established-in-forward":  # a generic "replies" accept in a kill switch
-        _insert_rule(rs, VPN, "forward", [_m({"ct": {"key": "state"}}, ["established"], "in"),
+        insert_rule(rs, VPN, "forward", [match({"ct": {"key": "state"}}, ["established"], "in"),
                                           {"accept": None}])
         return ("sys-proxyvm", "kill switch (forward)")
     raise KeyError(name)
@@ -288,7 +288,7 @@ def test_broken_ruleset_is_caught_with_a_counterexample(tmp_path, name):
 def test_unknown_construct_is_unproven_never_pass(tmp_path):
     p = make_plan(tmp_path)
     rs = copy.deepcopy(rulesets(p))
-    _insert_rule(rs, GW, "forward", [{"match": {"op": "==", "left": {"fib": {
+    insert_rule(rs, GW, "forward", [{"match": {"op": "==", "left": {"fib": {
         "result": "oif", "flags": ["daddr"]}}, "right": "eth0"}}, {"accept": None}])
     r = results(p, rs)[("sys-whonix", "Tor gateway forwards nothing")]
     assert r.status == "UNPROVEN" and "fib" in r.reason
@@ -297,7 +297,7 @@ def test_unknown_construct_is_unproven_never_pass(tmp_path):
 def test_limit_is_may_match(tmp_path):
     p = make_plan(tmp_path)
     rs = copy.deepcopy(rulesets(p))
-    _insert_rule(rs, GW, "input", [_m({"meta": {"key": "l4proto"}}, "tcp"), _m(DPORT, 9051),
+    insert_rule(rs, GW, "input", [match({"meta": {"key": "l4proto"}}, "tcp"), match(DPORT, 9051),
                                    {"limit": {"rate": 1, "per": "second"}}, {"accept": None}])
     r = results(p, rs)[("sys-whonix", "control port only through the filter")]
     assert r.status in ("FAIL", "UNPROVEN") and r.status != "PASS"
@@ -320,12 +320,12 @@ def test_end_to_end_catches_a_missing_kill_switch(tmp_path):
     firewall's anti-spoofing would still stop it: the walk sees that too."""
     p = make_plan(tmp_path, "configs/vpn.toml")
     rs = copy.deepcopy(rulesets(p))
-    _insert_rule(rs, "nst-main-sys-proxyvm", "forward",
-                 [_m(IIF, "vif4"), _m(OIF, "eth0"), {"accept": None}])
+    insert_rule(rs, "nst-main-sys-proxyvm", "forward",
+                 [match(IIF, "vif4"), match(OIF, "eth0"), {"accept": None}])
     r = results(p, rs)[("work", "end to end: only VPN transport on the ISP link")]
     assert r.status == "PASS" and "blocked" in r.reason  # anti-spoofing one hop up
-    _insert_rule(rs, "nst-main-sys-proxyvm", "nat_postrouting",
-                 [_m(OIF, "eth0"), {"masquerade": None}])
+    insert_rule(rs, "nst-main-sys-proxyvm", "nat_postrouting",
+                 [match(OIF, "eth0"), {"masquerade": None}])
     r = results(p, rs)[("work", "end to end: only VPN transport on the ISP link")]
     assert r.status == "FAIL"
     assert r.counterexample["daddr"] == "203.0.113.10"

@@ -14,9 +14,9 @@ from netstack.audit.properties import Result
 from tests.unit.test_audit import (
     FW,
     VPN,
-    _insert_rule,
-    _m,
+    insert_rule,
     make_plan,
+    match,
     netdev_table,
     results,
     rulesets,
@@ -46,7 +46,7 @@ def leaves(doc: dict, hook: str, p: Packet) -> list[tuple[str, list[str]]]:
 
 
 def test_fwd_on_ingress_is_a_leaf_of_its_own_and_ends_the_packet():
-    d = netdev_doc("ingress", "vif3", [_m(DADDR, "10.137.0.4"), {"fwd": {"dev": "vif4"}}])
+    d = netdev_doc("ingress", "vif3", [match(DADDR, "10.137.0.4"), {"fwd": {"dev": "vif4"}}])
     p = Packet(iifname="vif3", saddr="10.137.0.3", daddr="10.137.0.4")
     assert leaves(d, "ingress", p) == [("fwd vif4", ["c #10 -> fwd to vif4"])]
     # another destination: the rule does not match, the chain's policy accepts
@@ -72,14 +72,14 @@ def test_dup_copies_and_the_original_goes_on():
 def test_ingress_is_before_conntrack():
     """No packet has a connection at ingress: `ct state established accept` there accepts
     nothing, so an INVALID-looking witness is what a device rule sees."""
-    d = netdev_doc("ingress", "vif3", [_m({"ct": {"key": "state"}}, ["established"], "in"),
+    d = netdev_doc("ingress", "vif3", [match({"ct": {"key": "state"}}, ["established"], "in"),
                                        {"fwd": {"dev": "eth0"}}])
     p = Packet(iifname="vif3", ct_state="established")
     assert leaves(d, "ingress", p) == [("accept", ["c -> policy accept"])]
 
 
 def test_non_ip_frames_and_moves_outside_netdev_are_unproven():
-    d = netdev_doc("ingress", "vif3", [_m({"meta": {"key": "protocol"}}, "arp"),
+    d = netdev_doc("ingress", "vif3", [match({"meta": {"key": "protocol"}}, "arp"),
                                        {"fwd": {"dev": "vif4"}}])
     got = leaves(d, "ingress", Packet(iifname="vif3"))  # both ways, each tainted
     assert [v for v, _ in got] == ["accept", "fwd vif4"]
@@ -120,7 +120,7 @@ def test_a_drop_only_device_chain_is_modelled_not_unproven(tmp_path):
     netdev ingress drop of everything from the client's link makes it hold again."""
     p = make_plan(tmp_path)
     rs = copy.deepcopy(rulesets(p))
-    _insert_rule(rs, VPN, "forward", [_m({"meta": {"key": "iifname"}}, "vif4"),
+    insert_rule(rs, VPN, "forward", [match({"meta": {"key": "iifname"}}, "vif4"),
                                       {"accept": None}])
     assert results(p, rs)[("sys-proxyvm", "kill switch (forward)")].status == "FAIL"
     netdev_table(rs, VPN, "ingress", "vif4", [{"drop": None}])

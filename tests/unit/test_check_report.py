@@ -162,7 +162,7 @@ def record(proto, client, cport, dst, dport, first, service="lab-http", **extra)
 def model(pkts, records=(), seen=(), stop=None, expect="tor"):
     """Flows from the workstation link's packets, attributed, and the report's verdict."""
     c = ctx()
-    flows, asked, _answers = check._flows(c, pkts)
+    flows, asked, _answers = check.flows_of(c, pkts)
     src = check.Seen("anon-whonix:eth0", "source", "/p/src.pcap", pkts)
     check.attribute(c, flows, list(records), [src, *seen], stop or (lambda f: None), src)
     leaks = [Leak(src.link, src.pcap, f.first_frame, "wrong way", kind="flow")
@@ -214,7 +214,7 @@ def test_through_the_socks_port_the_mark_is_found_past_the_handshake():
     import unittest.mock as mock
 
     with mock.patch.object(check, "proxies", lambda _c: {(GW, 9050)}):
-        flows, _a, _n = check._flows(c, pkts)
+        flows, _a, _n = check.flows_of(c, pkts)
         check.attribute(c, flows, [record("tcp", EXIT, 5000, SINK, 80, REQ, "lab-sink")],
                         [check.Seen("ws", "source", "/p", pkts)], lambda f: None)
     (f,) = flows
@@ -393,7 +393,7 @@ def test_a_payload_on_a_dns_port_that_is_not_dns_does_not_break_the_flows():
 def test_multicast_is_run_through_input_as_the_kernel_delivers_it():
     """Not routed (no multicast routing): the evaluator must see it where the kernel
     takes it, else the flow would be judged on a forward path it never takes."""
-    assert check._route("no-such-netns", "224.0.0.251", WS, "vif4") == ("lo", "")
+    assert check.route_of("no-such-netns", "224.0.0.251", WS, "vif4") == ("lo", "")
 
 
 def _dns_exchange(reply: bool):
@@ -456,6 +456,6 @@ def test_a_tor_gateway_is_ready_for_the_program_once_a_circuit_is_built(monkeypa
     monkeypatch.setattr(control, "status", status)
     gw = types.SimpleNamespace(name="sys-whonix", info=TorInfo("sys-whonix", "ns", GW, "/d"))
     said: list[str] = []
-    check._wait_circuit(gw, 5, lambda pct, what: said.append(what))
+    check.wait_circuit(gw, 5, lambda pct, what: said.append(what))
     assert len(asked) == 3 and said == ["3 circuits built"]
-    check._wait_circuit(types.SimpleNamespace(name="sys-net", info=None), 5, None)  # no tor
+    check.wait_circuit(types.SimpleNamespace(name="sys-net", info=None), 5, None)  # no tor

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("netstack", "tests", "bench") for p in (ROOT / d).rglob("*.py"))
 
@@ -59,17 +61,47 @@ def test_the_check_sees_a_private_import():
 
 
 def test_no_branch_on_kind_outside_roles():
-    """`if q.kind == "vpn"` belongs in roles/: elsewhere, ask the role."""
+    """`if q.kind == "vpn"` belongs in roles/: elsewhere, ask the role. A comparison of a
+    `kind` (attribute or key) with the name of a qube kind is a branch on the kind; other
+    kinds (a link's "veth", a leak's "link") are not qube kinds."""
+    from netstack.roles import ROLES
+
+    def names(x: ast.AST) -> set[str]:
+        if isinstance(x, ast.Constant) and isinstance(x.value, str):
+            return {x.value}
+        if isinstance(x, ast.Tuple | ast.List | ast.Set):
+            return {e.value for e in x.elts if isinstance(e, ast.Constant)}
+        return set()
+
     bad = []
     for path in (ROOT / "netstack").rglob("*.py"):
         if "roles" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and any(
-                    isinstance(x, ast.Attribute | ast.Subscript) and
-                    ((isinstance(x, ast.Attribute) and x.attr == "kind") or
-                     (isinstance(x, ast.Subscript) and isinstance(x.slice, ast.Constant)
-                      and x.slice.value == "kind"))
-                    for x in [node.left, *node.comparators]):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            if any(isinstance(x, ast.Attribute | ast.Subscript) and
+                   ((isinstance(x, ast.Attribute) and x.attr == "kind") or
+                    (isinstance(x, ast.Subscript) and isinstance(x.slice, ast.Constant)
+                     and x.slice.value == "kind")) for x in sides) and \
+                    any(names(x) & set(ROLES) for x in sides):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not bad, bad
+
+
+def test_the_kind_check_sees_a_branch_on_a_qube_kind(tmp_path, monkeypatch):
+    """The check above fails on the branch it forbids (and not on a link's kind)."""
+    import netstack
+
+    root = tmp_path / "netstack"
+    root.mkdir()
+    (root / "bad.py").write_text('def f(q):\n    return q.kind == "vpn" or q["kind"] in '
+                                 '("tor",)\n')
+    (root / "fine.py").write_text('def g(x):\n    return x["kind"] not in ("veth",)\n')
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="bad.py"):
+        test_no_branch_on_kind_outside_roles()
+    assert netstack  # the registry still imports from the real tree

@@ -19,10 +19,10 @@ from netstack.tor.gateway import VIRTUAL_NET, torrc
 from tests.unit.test_audit import (
     GW,
     IIF,
-    _drop_rules,
-    _insert_rule,
-    _m,
+    drop_rules,
+    insert_rule,
     make_plan,
+    match,
     results,
     rulesets,
 )
@@ -106,7 +106,7 @@ def test_the_audit_proves_the_nat_property_over_the_range(plan):
 
 
 def _without_automap_rule(rs: dict) -> None:
-    _drop_rules(rs, GW, lambda r: "automapped" in str(r.get("comment")))
+    drop_rules(rs, GW, lambda r: "automapped" in str(r.get("comment")))
 
 
 def test_anti_a_gateway_without_the_automap_redirect_fails(plan):
@@ -122,7 +122,7 @@ def test_anti_a_gateway_without_the_automap_redirect_fails(plan):
 def test_anti_a_gateway_that_drops_the_range_first_fails(plan):
     """A drop of the range in prerouting, before the NAT (a well-meant "no 10/8" rule)."""
     rs = copy.deepcopy(rulesets(plan))
-    _insert_rule(rs, GW, "prerouting", [_m(IIF, "vif5"), _m(DADDR, AUTOMAP), {"drop": None}],
+    insert_rule(rs, GW, "prerouting", [match(IIF, "vif5"), match(DADDR, AUTOMAP), {"drop": None}],
                  "no automap", first=False)
     items = rs[GW]["nftables"]  # before the chain's final accepts: right after anti-spoofing
     rule = items.pop()
@@ -139,7 +139,7 @@ def test_anti_a_gateway_that_forwards_the_range_fails(plan):
     """The range forwarded with its real destination instead of redirected."""
     rs = copy.deepcopy(rulesets(plan))
     _without_automap_rule(rs)
-    _insert_rule(rs, GW, "forward", [_m(IIF, "vif5"), _m(DADDR, AUTOMAP), {"accept": None}],
+    insert_rule(rs, GW, "forward", [match(IIF, "vif5"), match(DADDR, AUTOMAP), {"accept": None}],
                  "automap forwarded")
     res = results(plan, rs)
     assert res[("sys-whonix", NAT)].status == "FAIL"

@@ -55,6 +55,6 @@ def test_label_columns_align_on_visible_width(monkeypatch, colour):
 def test_padding_is_outside_the_colour(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Tty())
     monkeypatch.delenv("NO_COLOR", raising=False)
-    s = cli._colour("black", "work", 8)
+    s = cli.colour("black", "work", 8)
     assert s == "\x1b[30;47mwork\x1b[0m    "  # black's white background stops at the name
-    assert cli._colour("black", "a-very-long-name", 4).endswith("name\x1b[0m")
+    assert cli.colour("black", "a-very-long-name", 4).endswith("name\x1b[0m")

@@ -9,7 +9,7 @@ import copy
 import time
 
 from netstack import health
-from tests.unit.test_audit import VPN, _insert_rule, _m, make_plan, netdev_table, rulesets
+from tests.unit.test_audit import VPN, insert_rule, make_plan, match, netdev_table, rulesets
 
 
 def _widen(doc):
@@ -52,7 +52,7 @@ def test_each_changed_rule_and_chain_is_named(tmp_path):
     want = health.rule_digests(base)
     assert health.rule_problems(want, base) == []
     doc = copy.deepcopy({VPN: base})
-    _insert_rule(doc, VPN, "forward", [_m({"meta": {"key": "iifname"}}, "vif4"),
+    insert_rule(doc, VPN, "forward", [match({"meta": {"key": "iifname"}}, "vif4"),
                                        {"accept": None}], "oops")
     got = health.rule_problems(want, doc[VPN])
     assert got == ['chain forward: rule #? "oops" not made by netstack']

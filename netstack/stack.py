@@ -107,7 +107,8 @@ def status(stack: str) -> dict[str, Any]:
     st = require(stack)
     p = st.plan
     assert p is not None
-    sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid is not None]
+    sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid is not None
+           and o.name == "supervisor"]  # (captures of check and leaktest are recorded too)
     sup_alive = any(proc_alive(o.pid, o.start) for o in sup)
     kids = {n: {**dump(c), "alive": proc_alive(c.pid, c.start)}
             for n, c in children(st).items()}

@@ -39,7 +39,8 @@ def read(path: str) -> dict[str, Any]:
     return load_script(text, path)
 
 
-_IFACE = re.compile(r'\b(?:iif|oif)\s+(?:!=\s*)?("[^"]{1,15}"|[A-Za-z0-9_.@-]{1,15}|\{[^}]*\})')
+_IFACE = re.compile(r'\b(?:iif|oif|device|devices\s*=|fwd to|dup to)\s+(?:!=\s*)?'
+                    r'("[^"]{1,15}"|[A-Za-z0-9_.@-]{1,15}|\{[^}]*\})')
 
 
 def load_script(text: str, path: str = "-") -> dict[str, Any]:
@@ -56,15 +57,18 @@ def load_script(text: str, path: str = "-") -> dict[str, Any]:
             lines = err.splitlines()
             raise UsageError(f"--ruleset {path}: nft cannot load it: "
                              f"{lines[0].split('Error:', 1)[-1].strip()}")
-        return k.nft_list(ns)
+        from netstack.pathfacts import list_ruleset
+
+        return list_ruleset(k, ns)  # device chains with their devices (JSON omits them)
     finally:
         k.netns_delete(ns)
         k.close()
 
 
 def interfaces(text: str) -> set[str]:
-    """Names the script matches by index (`iif`/`oif`, also in anonymous sets), which
-    must exist for it to load. ($variables are left to nft.)"""
+    """Names the script matches by index (`iif`/`oif`, also in anonymous sets) or binds
+    to (a device chain's `device`/`devices`, `fwd to`, `dup to`), which must exist for it
+    to load. ($variables are left to nft.)"""
     out: set[str] = set()
     for m in _IFACE.finditer(text):
         for w in re.split(r"[\s,{}]+", m.group(1)):

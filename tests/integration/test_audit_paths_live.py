@@ -186,3 +186,17 @@ def test_a_rule_changed_in_place_is_named(vpn_stack):
                                  text=True).stdout
             h = next(ln.rsplit("handle ", 1)[1] for ln in out.splitlines() if "oops" in ln)
             sh(ns, "nft", "delete", "rule", "inet", "netstack", "forward", "handle", h)
+
+
+def test_a_script_with_the_issues_fwd_fails(tmp_path):
+    """`audit --ruleset` on a script with a device chain on two links and the issue's
+    `fwd ip to ADDR device DEV`: loaded with its devices, read back with them, FAIL."""
+    f = tmp_path / "nd.nft"
+    f.write_text('table netdev evil {\n chain ing {\n  type filter hook ingress devices = '
+                 '{ "lan0", wan0 } priority 0; policy accept;\n  ip daddr 10.137.0.4 fwd ip '
+                 'to 10.137.0.4 device "vif4"\n }\n}\n')
+    p = cli("audit", "--ruleset", str(f), "--json", check=False)
+    assert p.returncode == 1, p.stderr
+    r = {x["property"]: x for x in json.loads(p.stdout)["results"]}
+    assert r[PATHS]["status"] == "FAIL" and r[PATHS]["reason"] == "ingress: fwd vif4"
+    assert r[PATHS]["counterexample"]["iifname"] in ("lan0", "wan0")

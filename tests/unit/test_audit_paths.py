@@ -227,3 +227,13 @@ def test_a_device_chain_without_its_devices_proves_nothing():
     got = leaves(d, "ingress", Packet(iifname="vif9"))
     assert got and all(v == "drop" and any("devices the listing does not name" in t
                                            for t in tr) for v, tr in got)
+
+
+def test_a_scripts_device_names_are_made_for_it_to_load():
+    from netstack.audit.rulesetfile import interfaces
+
+    text = ('table netdev t { chain c { type filter hook ingress devices = { "lan0", wan0 } '
+            'priority 0; ip daddr 10.137.0.4 fwd ip to 10.137.0.4 device "vif4"\n'
+            'dup to "vif5"\n fwd to eth1\n } }\n'
+            'table netdev u { chain e { type filter hook egress device "wg0" priority 0; } }')
+    assert interfaces(text) == {"lan0", "wan0", "vif4", "vif5", "eth1", "wg0"}

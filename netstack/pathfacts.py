@@ -45,7 +45,7 @@ def _statements(x: Any) -> list[str]:
     """The kinds of the statements of a rule that move, copy or hand off a packet."""
     out: list[str] = []
     if isinstance(x, dict):
-        for k in ("fwd", "dup", "queue", "tproxy"):
+        for k in ("fwd", "dup", "queue", "tproxy", "xt"):
             if k in x:
                 out.append(k)
         for v in x.values():
@@ -87,6 +87,8 @@ def nft_findings(doc: dict[str, Any]) -> list[Finding]:
                     f"statement {s} in {r['family']} {r['table']} {r['chain']} "
                     f"#{r.get('handle', '?')}: " + ("the packet goes to a program in user "
                                                     "space" if s == "queue" else
+                                                    "an iptables extension (iptables-nft), "
+                                                    "not modelled" if s == "xt" else
                                                     "not modelled")))
     return out
 
@@ -185,6 +187,23 @@ def _actions(opts: Any) -> list[str]:
     return out
 
 
+def legacy_tables(ns: str) -> list[str]:
+    """The x_tables (iptables-legacy, ip6tables, arptables) tables a namespace has: rules
+    a root could load with its own binary, run by the kernel beside nftables and absent
+    from its listing. Read from the namespace's own /proc/net (the reading thread's)."""
+    from netstack import netns
+
+    out = []
+    with netns.entered(ns):
+        for fam in ("ip", "ip6", "arp"):
+            try:
+                with open(f"/proc/thread-self/net/{fam}_tables_names") as f:
+                    out += [f"{fam} {t}" for t in f.read().split()]
+            except OSError:
+                continue  # no x_tables in this kernel: nothing can be loaded there
+    return out
+
+
 def kernel_findings(facts: dict[str, Any], planned: list[str]) -> list[Finding]:
     """Each packet path outside nftables, named: a tc filter (and its actions) on a link,
     an XDP program, a link netstack did not make or of a kind it never makes, a link
@@ -207,6 +226,9 @@ def kernel_findings(facts: dict[str, Any], planned: list[str]) -> list[Finding]:
         acts = f" with action {', '.join(f['actions'])}" if f["actions"] else ""
         out.append(Finding(f"tc filter {f['kind']}{acts} on {f['where']} of link "
                            f"{f['link']}: it may redirect, mirror or drop past nftables"))
+    for t in facts.get("legacy", []):
+        out.append(Finding(f"x_tables table {t} (iptables-legacy): rules nftables does not "
+                           "list"))
     for r in facts.get("rules", []):
         out.append(Finding(f"ip rule (IPv{r['family']}) priority {r['priority']} to table "
                            f"{r['table']}: routing the properties do not follow"))

@@ -36,7 +36,7 @@ def live_rulesets(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
 def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
     """Links, addresses and routes of each qube as the kernel has them now, for the
     end-to-end walk: it then follows the real routing, tunnel up or down."""
-    from netstack.audit.paths import kernel_facts
+    from netstack.pathfacts import kernel_facts, legacy_tables
 
     out: dict[str, dict[str, Any]] = {}
     for q in plan.qubes:
@@ -44,7 +44,8 @@ def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
         out[q.netns] = {"routes": k.routes(q.netns), "links": sorted(x.name for x in links),
                         "addrs": [a.split("/")[0] for x in links for a in x.addresses],
                         # tc, XDP, link kinds, ip rules: paths beside nftables
-                        "paths": kernel_facts(k._ip(q.netns))}
+                        "paths": {**kernel_facts(k._ip(q.netns)),
+                                  "legacy": legacy_tables(q.netns)}}
     return out
 
 

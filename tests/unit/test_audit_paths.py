@@ -149,6 +149,14 @@ def test_other_families_are_named_and_no_property_of_the_qube_passes(tmp_path):
         assert res[("sys-net", "default drop")].status == "PASS"
 
 
+def test_an_iptables_extension_is_named():
+    d = {"nftables": [{"rule": {"family": "ip", "table": "filter", "chain": "FORWARD",
+                                "handle": 9, "expr": [{"xt": {"type": "target",
+                                                              "name": "TEE"}}]}}]}
+    [f] = paths.nft_findings(d)
+    assert "statement xt in ip filter FORWARD #9" in str(f) and "iptables" in str(f)
+
+
 def test_queue_and_tproxy_are_named():
     d = {"nftables": [{"table": {"family": "inet", "name": "t"}},
                       {"chain": {"family": "inet", "table": "t", "name": "c", "type": "filter",
@@ -174,6 +182,7 @@ def test_the_kernels_other_paths_are_each_named():
     f["filters"].append({"link": "vif3", "where": "ingress", "kind": "u32",
                          "actions": ["mirred"]})
     f["rules"].append({"family": 4, "priority": 100, "table": 100})
+    f["legacy"] = ["ip filter"]
     got = [str(x) for x in paths.kernel_findings(f, ["eth0", "vif3"])]
     assert any(s.startswith("XDP program attached to link vif3") for s in got)
     assert any(s.startswith("link br9 (bridge) not made by netstack") for s in got)
@@ -181,7 +190,8 @@ def test_the_kernels_other_paths_are_each_named():
     assert any(s.startswith("tc filter u32 with action mirred on ingress of link vif3")
                for s in got)
     assert any(s.startswith("ip rule (IPv4) priority 100 to table 100") for s in got)
-    assert len(got) == 5
+    assert any(s.startswith("x_tables table ip filter (iptables-legacy)") for s in got)
+    assert len(got) == 6
 
 
 def test_a_planned_link_of_a_kind_netstack_never_makes_is_named():

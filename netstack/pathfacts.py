@@ -253,7 +253,11 @@ def list_ruleset(k: Any, ns: str) -> dict[str, Any]:
     import re
 
     from netstack import netns
+    from netstack.errors import StateError
 
+    if not netns.exists(ns):
+        raise StateError(f"namespace {ns} is gone: nothing to audit there; `netstack status` "
+                         "names what is missing, `netstack down` and `up` rebuild it")
     with netns.entered(ns):
         doc = k.nft_list(ns)
         for item in doc.get("nftables", []):

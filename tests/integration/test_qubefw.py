@@ -6,6 +6,7 @@ clean (root)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -16,6 +17,14 @@ pytestmark = pytest.mark.root
 
 CFG = str(ROOT / "tests" / "configs" / "firewall-rules.toml")
 
+
+def rule_set(ns: str, base: str) -> str:
+    """The live listing of a rule's set (its name: base, then a digest of the rule, as
+    qubefw.set_name makes it; the IPv4 one)."""
+    names = re.findall(r"set (" + base + r"_[0-9a-f]{6})\s", in_ns(ns, "nft", "list", "sets",
+                                                                   "inet").stdout)
+    assert len(names) == 1, (base, names)
+    return in_ns(ns, "nft", "list", "set", "inet", "netstack", names[0]).stdout
 
 def curl(stack: str, qube: str, url: str) -> str:
     """'ok' (an answer), 'refused' (the host was reached and said no) or 'dropped'."""
@@ -40,20 +49,17 @@ def test_rules_first_match_wins_and_expire_in_the_kernel(own_stack):
         for url in ("http://198.51.100.80:8080/", "http://203.0.113.10/"):
             assert curl(s, "personal", url) == "refused"  # no rules: the plain behaviour
         fw = f"nst-{s}-sys-firewall"
-        listed = in_ns(fw, "nft", "list", "set", "inet", "netstack", "fw4_5").stdout
+        listed = rule_set(fw, "fw4_5")
         assert "203.0.113.10" in listed and "expires" in listed
-        wait_for(lambda: "203.0.113.10" not in in_ns(
-            fw, "nft", "list", "set", "inet", "netstack", "fw4_5").stdout, 15, 0.2,
+        wait_for(lambda: "203.0.113.10" not in rule_set(fw, "fw4_5"), 15, 0.2,
             "the kernel to expire rule 5")
         assert time.monotonic() - t0 >= 6
         assert curl(s, "work", "http://203.0.113.10:22/") == "dropped"
         # rule 4 names the vpn host: resolved through sys-net at the lab DNS into its set;
         # rule 7's name does not resolve: its set is empty, it matches nothing
-        assert "203.0.113.10" in in_ns(fw, "nft", "list", "set", "inet", "netstack",
-                                       "fw4_4").stdout
+        assert "203.0.113.10" in rule_set(fw, "fw4_4")
         assert curl(s, "work", "http://203.0.113.10:8443/") == "refused"
-        assert "elements" not in in_ns(fw, "nft", "list", "set", "inet", "netstack",
-                                       "fw4_7").stdout
+        assert "elements" not in rule_set(fw, "fw4_7")
         status = cli("--stack", s, "status").stdout
         assert "rule hostname nosuch.lab.test does not resolve" in status
         assert "vpn.lab.test -> 203.0.113.10" in status
@@ -169,7 +175,7 @@ def test_hostnames_follow_their_ttl_and_unresolved_ones_are_retried(own_stack):
                                     for n, a in names.items()}))
 
     def set_of(n):
-        return in_ns(fw, "nft", "list", "set", "inet", "netstack", f"fw4_{n}").stdout
+        return rule_set(fw, f"fw4_{n}")
     try:
         move(moving="198.51.100.80")
         cli("--stack", s, "firewall", "work", "add", "action=accept",
@@ -189,7 +195,9 @@ def test_hostnames_follow_their_ttl_and_unresolved_ones_are_retried(own_stack):
         # set emptied behind netstack's back is a destination its rules accept but the
         # chain drops (the anti-test of the property)
         assert cli("--stack", s, "audit", check=False).returncode == 0
-        in_ns(fw, "nft", "flush", "set", "inet", "netstack", "fw4_1")
+        (first,) = re.findall(r"set (fw4_1_[0-9a-f]{6})\s",
+                              in_ns(fw, "nft", "list", "sets", "inet").stdout)
+        in_ns(fw, "nft", "flush", "set", "inet", "netstack", first)
         out = json.loads(cli("--stack", s, "audit", "--json", check=False).stdout)
         (bad,) = [r for r in out["results"] if r["status"] != "PASS"]
         assert bad["property"] == "work reaches exactly what its rules allow"

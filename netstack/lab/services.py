@@ -114,8 +114,7 @@ def serve_http(fd: int, log_path: str) -> None:
 
 # --- DNS --------------------------------------------------------------------------------
 
-QTYPE_A, QTYPE_ANY = 1, 255
-RCODE_NOERROR, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_REFUSED = 0, 1, 3, 5
+RCODE_FORMERR = 1  # the reply to what is not a DNS query (written by hand: no message)
 
 
 ZONE_FILE = "lab-zone.json"  # next to the DNS log: names a test moves, with their TTL
@@ -151,33 +150,38 @@ class Overrides:
 def answer(msg: bytes, zone: dict[str, str], domain_suffixes: tuple[str, ...],
            moved: dict[str, tuple[list[str], int]] | None = None) -> bytes:
     """Authoritative answers for names in `zone` (or `moved`, with their TTL); NXDOMAIN in
-    our domain; REFUSED outside."""
+    our domain; REFUSED outside; FORMERR for what is not one query. Messages are read and
+    written by dnspython."""
+    import dns.exception
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rrset
+
     try:
-        qid, flags, qname, qtype, end = parse_question(msg)
-    except (ValueError, IndexError, UnicodeDecodeError):
+        q = dns.message.from_wire(msg)
+        if len(q.question) != 1 or q.flags & dns.flags.QR:
+            raise ValueError("one query expected")
+    except (dns.exception.DNSException, ValueError, UnicodeError):
         if len(msg) >= 2:
             return msg[:2] + struct.pack("!HHHHH", 0x8000 | RCODE_FORMERR, 0, 0, 0, 0)
         return b""
-    question = msg[12:end]
-    rd = flags & 0x0100
+    question = q.question[0]
+    qname = question.name.to_text(omit_final_dot=True).lower()
     addrs, ttl = (moved or {}).get(qname) or ([zone[qname]] if qname in zone else None, 60)
     ours = any(qname == s or qname.endswith("." + s) for s in domain_suffixes)
     if addrs is None and not ours and "*" in zone:  # the offline internet: every name
         addrs, ttl = [zone["*"]], 60
-    if addrs is not None:
-        rcode = RCODE_NOERROR
-    elif ours:
-        rcode = RCODE_NXDOMAIN
-    else:
-        rcode = RCODE_REFUSED
-    answers, count = b"", 0
-    if addrs is not None and qtype in (QTYPE_A, QTYPE_ANY):
-        for addr in addrs:
-            answers += (b"\xc0\x0c" + struct.pack("!HHIH", QTYPE_A, 1, ttl, 4)
-                        + socket.inet_aton(addr))
-        count = len(addrs)
-    hdr = struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, count, 0, 0)
-    return hdr + question + answers
+    r = dns.message.make_response(q)
+    r.flags |= dns.flags.AA
+    r.set_rcode(dns.rcode.NOERROR if addrs is not None else
+                dns.rcode.NXDOMAIN if ours else dns.rcode.REFUSED)
+    if addrs is not None and question.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY):
+        r.answer.append(dns.rrset.from_text_list(question.name, ttl, dns.rdataclass.IN,
+                                                 dns.rdatatype.A, list(addrs)))
+    return r.to_wire()
 
 
 def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> None:

@@ -17,7 +17,6 @@ import os
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 from typing import Any
 
@@ -33,21 +32,19 @@ def ca_path(lab_dir: str) -> str:
     return os.path.join(lab_dir, CA_CERT)
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 def make_ca(lab_dir: str) -> None:
-    """The lab CA (EC P-256, ten days): made once per lab; only `check` hands it out."""
+    """The lab CA (EC P-256, ten days; netstack.lab.pki): made once per lab; only `check`
+    hands it out."""
+    from netstack.lab import pki
+
     cert, key = ca_path(lab_dir), os.path.join(lab_dir, CA_KEY)
     if os.path.exists(cert) and os.path.exists(key):
         return
     os.makedirs(lab_dir, mode=0o700, exist_ok=True)  # in the stack's directory: gone at down
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", key, "-out", cert, "-days", "10", "-subj",
-             "/CN=netstack lab CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    os.chmod(key, 0o600)
+    ca = pki.make_ca("netstack lab CA", days=10)
+    pki.write_private(key, ca.key_pem)
+    with open(cert, "wb") as f:
+        f.write(ca.cert_pem)
     os.chmod(cert, 0o644)
 
 
@@ -60,24 +57,26 @@ class Certs:
         self.lab_dir = lab_dir
         self.lock = threading.Lock()
         self.contexts: dict[str, ssl.SSLContext] = {}
+        self.ca: Any = None
 
     def context(self, name: str) -> ssl.SSLContext:
+        from netstack.lab import pki
+
         name = name if name and all(c.isalnum() or c in ".-" for c in name) and \
             len(name) < 254 else "sink.lab.test"
         with self.lock:
             ctx = self.contexts.get(name)
             if ctx is not None:
                 return ctx
-            key, csr, crt = (os.path.join(self.dir, f"{name}.{x}") for x in ("key", "csr",
-                                                                              "pem"))
-            _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                     "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
-            ext = os.path.join(self.dir, f"{name}.ext")
-            with open(ext, "w") as f:
-                f.write(f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n")
-            _openssl("x509", "-req", "-in", csr, "-CA", ca_path(self.lab_dir), "-CAkey",
-                     os.path.join(self.lab_dir, CA_KEY), "-CAcreateserial", "-out", crt,
-                     "-days", "10", "-extfile", ext)
+            if self.ca is None:
+                with open(ca_path(self.lab_dir), "rb") as c, \
+                        open(os.path.join(self.lab_dir, CA_KEY), "rb") as k:
+                    self.ca = pki.Issued(k.read(), c.read())
+            leaf = pki.issue(self.ca, name, days=10, usage="server", dns_names=(name,))
+            key, crt = (os.path.join(self.dir, f"{name}.{x}") for x in ("key", "pem"))
+            pki.write_private(key, leaf.key_pem)
+            with open(crt, "wb") as f:
+                f.write(leaf.cert_pem)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(crt, key)
             self.contexts[name] = ctx

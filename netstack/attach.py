@@ -1,13 +1,14 @@
 """`netstack attach QUBE NETVM|none` (Qubes' `qvm-prefs QUBE netvm OTHER`): move a running
 qube to another netvm of the stack, or cut it off.
 
-Through the one live-change path (reconcile.change): the qube's old link goes first (from
-then on nothing of it reaches the old netvm), the rulesets of both netvms and of the qube
-are reloaded (the new netvm's anti-spoofing and the qube's own rule list, enforced there,
-before any link to it exists), then the new link is made and brought up. The qube's
-connections are cut: their entries in the old netvm's and its own conntrack are deleted,
-so nothing it opened before continues as if it had not moved. The move holds until
-`down` (the config is the one that `up` reads: write `netvm = ...` there to keep it)."""
+Through the one live-change path (netstack.live, a transaction): the qube's old link goes
+first (from then on nothing of it reaches the old netvm), the rulesets of both netvms and
+of the qube are reloaded (the new netvm's anti-spoofing and the qube's own rule list,
+enforced there, before any link to it exists), then the new link is made and brought up.
+The qube's connections are cut: their entries in the old netvm's and its own conntrack are
+deleted, so nothing it opened before continues as if it had not moved. The move holds
+until `down` (the config is the one that `up` reads: write `netvm = ...` there to keep
+it)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ NONE = "none"
 
 def attach(stack: str, qube: str, netvm: str, kernel: Kernel | None = None
            ) -> dict[str, Any]:
-    from netstack import reconcile
-    from netstack.disposable import disposables, live, rebuild
+    from netstack.disposable import disposables, rebuild
+    from netstack.live import commit, live
     from netstack.roles import role_for
     from netstack.rules import names
 
@@ -45,13 +46,7 @@ def attach(stack: str, qube: str, netvm: str, kernel: Kernel | None = None
         desired = rebuild(stack, cur, st.data.config, disposables(cur),
                           netvms=st.data.netvms, moved={qube: target})
         old = q.netvm
-        st.data.netvms = moves
-        try:
-            reconcile.change(cur, desired, st, k)
-        except BaseException:
-            st.data.netvms = {n: v for n, v in moves.items() if n != qube}
-            st.save()
-            raise
+        commit(st, cur, desired, k, f"attach {qube} {netvm}", netvms=moves)
         took = time.perf_counter() - t0
         gone = cut(cur, q, old, k)
         if target is not None:

@@ -3,30 +3,29 @@
 sandbox with an empty home, and removes the qube when CMD ends.
 
 A disposable is a qube of the plan like any other (kind `app`, settings `disposable`), so
-the one live-change path (reconcile.change) makes and removes it: the new plan is derived
-from the config plus the disposables in force, the netvm's ruleset with anti-spoofing for
-the new client is loaded before the link exists, and everything is in the intent log before
-it is made. The qube records the `run` process that owns it (pid and start time): when that
-process is gone (kill -9), the next `run` removes the orphan, `status` names it, and `down`
-removes it with the rest of the stack."""
+the one live-change path (netstack.live, a transaction) makes and removes it: the new plan
+is derived from the config plus the disposables in force, the netvm's ruleset with anti-
+spoofing for the new client is loaded before the link exists, and everything is in the
+intent log before it is made. The qube records the `run` process that owns it (pid and
+start time): when that process is gone (kill -9), the next `run` removes the orphan,
+`status` names it, and `down` removes it with the rest of the stack."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from netstack.config import LABELS, Qube, Topology
 from netstack.errors import StateError, UsageError
-from netstack.kernel import Kernel, RealKernel, proc_alive, proc_start_time
+from netstack.kernel import Kernel, proc_alive, proc_start_time
+from netstack.live import commit, live
 from netstack.model import Plan, QubeInfo
 
 PREFIX = "disp"
-LOCK_WAIT = 60.0  # seconds a `run` waits for other writers (20 started at once queue up)
 
 
 def disposables(plan: Plan) -> list[QubeInfo]:
@@ -116,28 +115,6 @@ def check_request(plan: Plan, netvm: str, label: str) -> None:
                                                if role_for(q.kind).provides_network))
 
 
-@contextlib.contextmanager
-def live(stack: str, command: str, kernel: Kernel | None = None) -> Iterator[tuple[Any, Plan,
-                                                                                  Kernel]]:
-    """The one way into a live change (`run`, `firewall`, `attach`): root unless a kernel is
-    given, the stack's lock (waiting, so several changes queue up), then the state and the
-    plan in force."""
-    from netstack.stack import require, require_root
-    from netstack.state import StackLock
-
-    if kernel is None:
-        require_root(command)
-    k = kernel or RealKernel()
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            st = require(stack)
-            assert st.plan is not None
-            yield st, st.plan, k
-    finally:
-        if kernel is None:
-            k.close()
-
-
 def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
             add: list[Qube] | tuple[Qube, ...] = (),
             overlay: dict[str, list[Any]] | None = None,
@@ -170,8 +147,6 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
     """Make a disposable qube in a running stack; orphans of killed `run`s go first. netvm
     and label None: from its template (`like`, the config's default_dispvm, or the most
     private path)."""
-    from netstack import reconcile
-
     pid = runner or os.getpid()
     with live(stack, "run", kernel) as (st, cur, k):
         if st.data.status != "up":
@@ -189,48 +164,23 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
         desired = rebuild(stack, cur, st.data.config, keep,
                            [Qube(name, "app", netvm, label, settings)],
                            netvms=st.data.netvms)
-        try:
-            reconcile.change(cur, desired, st, k)
-        except BaseException:
-            _undo_add(cur, desired, st, k)
-            raise
+        commit(st, cur, desired, k, f"run ({name})")  # all or nothing
         return desired.qube(name)
-
-
-def _undo_add(cur: Plan, desired: Plan, st: Any, k: Kernel) -> None:
-    """A failed add: back to the plan before it (what cannot be undone stays recorded for
-    `down`)."""
-    from netstack import reconcile
-
-    with contextlib.suppress(Exception):  # the first error is the one to report
-        reconcile.change(desired, cur, st, k)
 
 
 def remove(stack: str, names: list[str] | None, kernel: Kernel | None = None) -> list[str]:
     """Remove the named disposables (None: every orphan). Returns the names removed."""
-    from netstack import reconcile
-    from netstack.stack import require
-    from netstack.state import StackLock
-
-    k = kernel or RealKernel()
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            st = require(stack)
-            cur = st.plan
-            assert cur is not None
-            gone = [q.name for q in disposables(cur)
-                    if (q.name in names if names is not None else orphaned(q))]
-            if not gone:
-                return []
-            keep = [q for q in disposables(cur) if q.name not in gone]
-            desired = rebuild(stack, cur, st.data.config, keep, [], netvms=st.data.netvms)
-            reconcile.change(cur, desired, st, k)
-            if st.removed > 200:
-                st.compact()
-            return gone
-    finally:
-        if kernel is None:
-            k.close()
+    with live(stack, "run", kernel) as (st, cur, k):
+        gone = [q.name for q in disposables(cur)
+                if (q.name in names if names is not None else orphaned(q))]
+        if not gone:
+            return []
+        keep = [q for q in disposables(cur) if q.name not in gone]
+        desired = rebuild(stack, cur, st.data.config, keep, [], netvms=st.data.netvms)
+        commit(st, cur, desired, k, f"removal of {', '.join(gone)}")
+        if st.removed > 200:
+            st.compact()
+        return gone
 
 
 class _Ended(Exception):

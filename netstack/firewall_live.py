@@ -43,8 +43,8 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
            number: int | None = None, kernel: Kernel | None = None) -> tuple[int, float]:
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
     number of rules now in force and the seconds the apply took (lock to digests)."""
-    from netstack import reconcile
-    from netstack.disposable import disposables, live, rebuild
+    from netstack.disposable import disposables, rebuild
+    from netstack.live import commit, live
 
     with live(stack, "firewall", kernel) as (st, cur, k):
         t0 = time.perf_counter()
@@ -69,12 +69,7 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
             raise UsageError(f"firewall: unknown action {action!r}")
         desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new,
                           netvms=st.data.netvms)
-        qubefw.save_overlay(stack, new)
-        try:
-            reconcile.change(cur, desired, st, k)
-        except BaseException:
-            qubefw.save_overlay(stack, old)
-            raise
+        commit(st, cur, desired, k, f"firewall {qube} {action}", overlay=new)
         after = desired.qube(qube).settings.get("firewall")
         took = time.perf_counter() - t0
         netvm = desired.qube(qube).netvm

@@ -406,9 +406,13 @@ def _make_lab(lab: Any, write: Callable[[str, str], None]) -> tuple[str, ...]:
     return vpnserver.generate(lab, write)
 
 
-def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
-    """A live change: the plan in force becomes `desired`. The new plan is written first
-    (so `down` after a crash knows every object of both), then the steps."""
+def change(current: Plan, desired: Plan, st: State, k: Kernel, tolerant: bool = False
+           ) -> list[Step]:
+    """The kernel steps of a live change from `current` to `desired` (netstack.live writes
+    the intent before and the plan after; every object made is recorded as it is made, so
+    `down` after a crash knows it). tolerant: from a state between the two (a crashed
+    change rolled back): what exists already is not made again, what is gone already is not
+    removed, and rules are loaded whatever failed before them."""
     import time
 
     from netstack.roles import role_for
@@ -416,7 +420,6 @@ def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
 
     qube_of = {q.netns: q for q in desired.qubes}
     steps = diff(current, desired)
-    st.set_plan(desired)  # before the reload commands: they fill the desired plan's sets
     store, now = names.load(st.dir), time.time()
     steps = [replace(s, extra=tuple(([] if s.fresh else role_for(qube_of[s.ns].kind)
                                      .reload_commands(qube_of[s.ns], st))
@@ -424,9 +427,32 @@ def change(current: Plan, desired: Plan, st: State, k: Kernel) -> list[Step]:
                                                  st.data.started, now)))
              if isinstance(s, LoadRules) and s.ns in qube_of else s
              for s in steps]  # a reload keeps what `up` filled in
-    apply(steps, k, st)
-    record_digests(desired, st, k)
+    if tolerant:
+        _apply_tolerant(steps, k, st)
+    else:
+        apply(steps, k, st)
     return steps
+
+
+def _apply_tolerant(steps: list[Step], k: Kernel, st: State) -> None:
+    """Every step, skipping what the kernel already has (a namespace, a veth end) and
+    going on past what fails; a ruleset that did not load is raised at the end (the
+    namespace would keep rules the plan does not say)."""
+    failed: list[str] = []
+    for s in steps:
+        if isinstance(s, MakeNs) and k.netns_exists(s.ns.name):
+            continue
+        if isinstance(s, AddVeth) and s.veth.ns_a is not None and \
+                k.netns_exists(s.veth.ns_a) and \
+                any(x.name == s.veth.if_a for x in k.links(s.veth.ns_a)):
+            continue
+        try:
+            _do(s, k, st)
+        except Exception as e:  # noqa: BLE001 - half-made state: go on, judge rules below
+            if isinstance(s, LoadRules):
+                failed.append(f"rules of {s.ns}: {e}")
+    if failed:
+        raise ApplyError("; ".join(failed))
 
 
 # --- teardown --------------------------------------------------------------------------

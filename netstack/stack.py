@@ -94,6 +94,18 @@ def require(stack: str) -> State:
     return st
 
 
+def interrupted(st: Any) -> str | None:
+    """A live change a crash left half done (netstack.live), as a status problem."""
+    from netstack.live import pending
+
+    intent = pending(st)
+    if intent is None:
+        return None
+    return (f"a live change ({intent.command}) was interrupted "
+            f"({'kernel changed, files not' if intent.phase == 'applied' else 'midway'}): "
+            "the next firewall, attach or run finishes or undoes it")
+
+
 def status(stack: str) -> dict[str, Any]:
     """Recorded plan plus live facts read from each namespace, and the verdict on them."""
     from netstack import health, pathfacts
@@ -160,6 +172,8 @@ def status(stack: str) -> dict[str, Any]:
         if st.data.status != "up":
             extra.append("half made: an interrupted `up` (run `netstack down`, or `up` to "
                          "repair)")
+        if (why := interrupted(st)) is not None:
+            extra.append(why)
         if (p.services or p.daemons) and not sup_alive:
             extra.append("supervisor not running: nothing restarts the daemons")
         for n in p.namespaces:

@@ -290,10 +290,12 @@ def test_live_change_on_the_fake_then_down():
     extra = '\n[qubes.disp1]\nkind = "app"\nnetvm = "sys-firewall"\n'
     b = build(config.parse((ROOT / "configs/basic.toml").read_text() + extra), "main", LAB,
               previous=a)
-    reconcile.change(a, b, st, fk)
+    from netstack import live
+
+    live.commit(st, a, b, fk, "test")
     assert "nst-main-disp1" in fk.namespaces and fk.ifaces[("nst-main-disp1", "eth0")]
     assert State.load("main").plan == b
-    reconcile.change(b, a, st, fk)  # and away again
+    live.commit(st, b, a, fk, "test")  # and away again
     assert "nst-main-disp1" not in fk.namespaces
     assert not any("disp1" in f for f in fk.files)
     assert reconcile.teardown(State.load("main"), fk) == []

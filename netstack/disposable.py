@@ -45,6 +45,7 @@ class Template:
     netvm: str
     label: str
     why: str
+    firewall: list[Any] | None = None  # its template's rule list (Qubes copies it too)
 
 
 def template(plan: Plan, like: str | None = None) -> Template:
@@ -68,7 +69,9 @@ def template(plan: Plan, like: str | None = None) -> Template:
             raise UsageError(f"{name} is cut off (attach {name} none): give --netvm, or "
                              f"attach it to a netvm first")
         why = "run --like" if like else "[stack] default_dispvm"
-        return Template(q.netvm, q.label, f"like {name} ({why})")
+        fw = q.settings.get("firewall")
+        return Template(q.netvm, q.label, f"like {name} ({why})",
+                        None if fw is None else list(fw))
     rank = {"tor": 2, "vpn": 1}
     providers = [q for q in plan.qubes if role_for(q.kind).provides_network]
     best = max(providers, key=lambda q: (rank.get(role_for(q.kind).protection or "", 0),
@@ -151,15 +154,16 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
     with live(stack, "run", kernel) as (st, cur, k):
         if st.data.status != "up":
             raise StateError(f"stack {stack!r} is half made; run `netstack down` first")
-        if netvm is None or label is None:
-            t = template(cur, like)
-            netvm, label = netvm or t.netvm, label or t.label
+        t = template(cur, like)
+        netvm, label = netvm or t.netvm, label or t.label
         check_request(cur, netvm, label)
         name = new_name(cur)
         settings: dict[str, Any] = {"home": "ephemeral", "disposable": True,
                                     "runner": pid, "runner_start": proc_start_time(pid)}
         if gui:
             settings["gui"] = True
+        if t.firewall is not None:  # made like a qube with rules: the same rules, enforced
+            settings["firewall"] = t.firewall  # in its netvm (Qubes copies them too)
         keep = [q for q in disposables(cur) if not orphaned(q)]
         desired = rebuild(stack, cur, st.data.config, keep,
                            [Qube(name, "app", netvm, label, settings)],

@@ -193,8 +193,12 @@ class Flow:
 
         six = ":" in self.src
         num = {"tcp": 6, "udp": 17, "icmp": 58 if six else 1}.get(self.proto)
-        if num is None:
-            num = socket.getprotobyname(self.proto)
+        if num is None:  # a raw protocol: named in /etc/protocols, or by its number
+            try:
+                num = int(self.proto) if self.proto.isdigit() else \
+                    socket.getprotobyname(self.proto)
+            except OSError:
+                num = None  # a name this host does not know: the entry is listed, not named
         return NFCTAttrTuple(family=socket.AF_INET6 if six else socket.AF_INET,
                              saddr=self.src, daddr=self.dst, proto=num, sport=self.sport,
                              dport=self.dport, icmp_id=self.icmp_id,

@@ -12,3 +12,12 @@ from netstack import hostcaps
 @pytest.fixture(autouse=True)
 def _no_host_caps(monkeypatch):
     monkeypatch.setattr(hostcaps, "probe", lambda **_: hostcaps.HostCaps())
+
+
+@pytest.fixture(autouse=True)
+def _own_dirs(tmp_path, monkeypatch):
+    """Unit tests never write the host's homes: firewall.json and the qubes' homes live in
+    the test's own directory (tests that write state set the run directory themselves)."""
+    from netstack import sandbox
+
+    monkeypatch.setattr(sandbox, "HOME_ROOT", str(tmp_path / "lib"))

@@ -288,3 +288,22 @@ def test_a_disposable_goes_where_the_user_means():
     for bad in ('"sys-net"', '"nosuch"', "3"):
         with _pytest.raises(ConfigError, match="default_dispvm"):
             parse(f"[stack]\ndefault_dispvm = {bad}\n\n" + basic)
+
+
+def test_a_disposable_made_like_a_qube_gets_its_firewall_rules(tmp_path, monkeypatch):
+    """Regression (review): `run --like work` (or default_dispvm = "work") made a
+    disposable with work's netvm but none of work's rules: it could reach what work may
+    not. Now it carries the same list, enforced in its netvm."""
+    from netstack import firewall_live, sandbox
+
+    monkeypatch.setattr(sandbox, "HOME_ROOT", str(tmp_path / "lib"))
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=drop", "dsthost=198.51.100.53"],
+                         kernel=fk)
+    d = disposable.add("main", None, None, kernel=fk, like="work")
+    rules = plan_of().qube(d.name).settings["firewall"]
+    assert rules == plan_of().qube("work").settings["firewall"]
+    fw = plan_of().qube("sys-firewall")
+    assert f"fw-{d.name}" in str(plan_of().ns(fw.netns).ruleset)
+    plain = disposable.add("main", "sys-firewall", None, kernel=fk)  # like no qube: none
+    assert plan_of().qube(plain.name).settings.get("firewall") is None

@@ -144,6 +144,11 @@ def test_conntrack_entries_are_read_in_their_original_direction():
     g = Flow.from_entry(Entry(icmp, icmp))
     assert g == Flow("icmp", "10.137.0.4", "203.0.113.10", None, None, 8, 7, 0)
     assert (g.tuple().icmp_id, g.tuple().proto) == (7, 1)
+    raw = NFCTAttrTuple(saddr="10.137.0.4", daddr="203.0.113.10", proto=253)
+    r = Flow.from_entry(Entry(raw, raw.reverse()))  # leaktest's raw-IP probe leaves these
+    assert r.proto in ("253", "ip-proto-253") or r.proto.isalpha()
+    assert Flow("253", "10.137.0.4", "203.0.113.10").tuple().proto == 253
+    assert Flow("no-such-proto", "10.137.0.4", "203.0.113.10").tuple().proto is None
     six = Flow("icmp", "fd09:24ef:4179::a89:4", "2001:db8::1", icmp_type=128, icmp_id=3)
     assert (six.tuple().family, six.tuple().proto) == (socket.AF_INET6, 58)
 

@@ -155,7 +155,7 @@ class Report:
         for f in d["flows"]:
             for k in [k for k in f if k.startswith("_")]:
                 del f[k]
-        d["verdict_word"] = WORDS[self.verdict]
+        d["verdict_word"] = word(self)
         d["reasons"] = reasons(self)
         return d
 
@@ -1054,14 +1054,29 @@ def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str,
 
 
 def flow_fails(r: Report, f: Flow) -> str | None:
-    """Why this flow makes the run fail (the JUnit failure's message), or None."""
-    if f.outcome == "unknown":
-        return "unknown outcome"
-    if f.outcome == "left" and f.via != r.expect:
-        return "leak"
-    if f.outcome == "stopped" and r.bypass == "fail":
+    """Why this flow made the exit code what it is (the JUnit failure's message), or None:
+    only the flows behind the verdict fail (under a leak or an unknown outcome, exit 1, a
+    stopped attempt is reported but does not fail: it did not decide the code)."""
+    v = verdict(r)
+    if v == 1:
+        if f.outcome == "unknown":
+            return "unknown outcome"
+        if f.outcome == "left" and f.via != r.expect:
+            return "leak"
+        return None
+    if v == 2 and f.outcome == "stopped" and r.bypass == "fail":
         return "stopped bypass attempt"
     return None
+
+
+def word(r: Report) -> str:
+    """The verdict in one word: LEAK only when something leaked (an unknown outcome alone is
+    UNKNOWN, exit 1 all the same)."""
+    v = verdict(r)
+    if v == 1 and not r.leaks and not any(f.outcome == "left" and f.via != r.expect
+                                          for f in r.flows):
+        return "UNKNOWN"
+    return WORDS[v]
 
 
 def command_fails(r: Report) -> str | None:
@@ -1120,7 +1135,7 @@ def junit(r: Report) -> str:
     cases.append(("netstack.check.links", "no packet where the chain forbids it",
                   "\n".join(f"{x.link} {os.path.basename(x.pcap)} frame {x.frame}: "
                             f"{x.summary}" for x in link_leaks) or None, "leak"))
-    c = command_fails(r)
+    c = command_fails(r) if verdict(r) == 3 else None  # failed, but not what decided
     cases.append(("netstack.check.command", "the command", c, "command failed"))
     body = []
     for cls, name, failure, kind in cases:
@@ -1179,7 +1194,7 @@ def table(r: Report) -> str:
     c = command_fails(r)
     if c:
         lines.append(f"COMMAND: {c}")
-    lines.append(f"{WORDS[r.verdict]}: {len(r.flows)} flows, {len(r.stopped)} stopped, "
+    lines.append(f"{word(r)}: {len(r.flows)} flows, {len(r.stopped)} stopped, "
                  f"{len(r.unknown)} unknown, {len(r.leaks)} leaks; pcaps in {r.pcaps}")
     return "\n".join(lines)
 
@@ -1225,11 +1240,11 @@ def html(r: Report) -> str:
                     f"{x.frame}: <code>{escape(x.summary)}</code></li>" for x in r.leaks)
     leaks += "".join(f"<li>{escape(x)}</li>" for x in reasons(r)
                      if not x.startswith("LEAK"))
-    word = WORDS[r.verdict]
-    return (f"<!doctype html><meta charset='utf-8'><title>netstack check: {word}</title>"
+    w = word(r)
+    return (f"<!doctype html><meta charset='utf-8'><title>netstack check: {w}</title>"
             "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 8px;"
             "border-bottom:1px solid #ddd}code{font-size:90%}</style>"
-            f"<h1>netstack check: {word}</h1><p><code>{escape(' '.join(r.command))}</code> "
+            f"<h1>netstack check: {w}</h1><p><code>{escape(' '.join(r.command))}</code> "
             f"in {escape(r.qube)}, expected {escape(r.expect)}, exit status "
             f"{r.exit_status}, {r.seconds} s</p>{''.join(svg)}<h2>Flows</h2><table>"
             f"<tr><th>class</th><th>outcome</th><th>flow</th></tr>{rows}</table>"

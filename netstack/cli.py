@@ -376,6 +376,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     if running and args.config:
         raise UsageError("check: a CONFIG is for the lab stack check brings up; with --stack "
                          "it uses that running stack as it is")
+    _writable("--junit", args.junit)  # before the lab comes up, not after the run
+    _writable("--html", args.html)
+    if args.pcaps:
+        try:
+            os.makedirs(args.pcaps, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--pcaps {args.pcaps}: cannot make that directory "
+                             f"({e.strerror}); give a directory you can write") from None
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not (0 < timeout < float("inf")):
+        raise UsageError(f"--timeout {timeout}: give a number of seconds above 0")
     say = None if args.json else (lambda m: print(f"netstack check: {m}", file=sys.stderr))
     sys.stdout.flush()
     try:
@@ -397,6 +408,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(check.table(r))
     return r.verdict
+
+
+def _writable(opt: str, path: str | None) -> None:
+    """A report file can be written where asked (its directory exists, it is no
+    directory itself), or a one-line error naming the option."""
+    if path is None:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise UsageError(f"{opt} {path}: cannot write a file there (is its directory there "
+                         "and writable, and the path not a directory?)")
 
 
 def _explicit_stack() -> bool:
@@ -525,13 +547,15 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out))
             return 0
-        where = f"(from {out['source']}, enforced in {out['netvm']})"
+        where = (f"(from {out['source']}, enforced in {out['netvm']})" if out["netvm"] else
+                 f"(from {out['source']}; cut off: enforced once it is attached to a netvm)")
         if out["rules"] is None:
             print(f"{args.qube}: no rules: everything its netvm forwards {where}")
             return 0
         print(f"{args.qube}: first match wins, nothing matched is dropped {where}")
         for r in out["rules"]:
-            print(f"  {r['number']:>3}  {r['rule']}")
+            print(f"  {r['number']:>3}  {r['rule']}"
+                  + ("  (expired: matches nothing)" if r.get("expired") else ""))
         return 0
     number = None
     words = list(args.words)

@@ -31,11 +31,16 @@ def listing(stack: str, qube: str) -> dict[str, Any]:
     assert st.plan is not None
     rules = rules_of(st.plan, qube)
     overlay = qubefw.load_overlay(stack)
+    now = time.time()
+
+    def ended(r: qubefw.FwRule) -> bool:
+        end = r.deadline(st.data.started)
+        return end is not None and end <= now
     return {"qube": qube, "netvm": st.plan.qube(qube).netvm,
             "source": "netstack firewall" if qube in overlay else "config",
             "rules": None if rules is None else [
-                {"number": i + 1, "rule": r.describe(), **{k: v for k, v in r.__dict__.items()
-                                                          if v is not None}}
+                {"number": i + 1, "rule": r.describe(), "expired": ended(r),
+                 **{k: v for k, v in r.__dict__.items() if v is not None}}
                 for i, r in enumerate(rules)]}
 
 
@@ -57,6 +62,10 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
         elif action == "add":
             rule = qubefw.absolute_expiry(qubefw.rule_from_words(words or []),
                                           time.time())
+            at_ = qubefw.parse(qube, [rule])[0].expire_at  # (validated again below)
+            if at_ is not None and at_ <= time.time():
+                raise UsageError(f"firewall add: expire={at_} is in the past; give a later "
+                                 "Unix time or expire=+SECONDS")
             at = len(raw) if number is None else _index(number, len(raw) + 1)
             raw.insert(at, rule)
             new[qube] = raw

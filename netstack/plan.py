@@ -178,7 +178,9 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
                                    _ns_files(ns, list(VIRTUAL_DNS), q.name)))
         p.daemons.extend(role.daemons(ctx, info))
         p.qubes.append(QubeInfo(q.name, q.kind, q.netvm, q.label, a.qid, ns, a.ipv4, a.ipv6,
-                                a.gateway4, [up_if] + [c.vif for c in clients], list(clients),
+                                # a qube cut off (`attach Q none`) has no link upstream
+                                a.gateway4, ([up_if] if q.netvm or role.owns_uplink else [])
+                                + [c.vif for c in clients], list(clients),
                                 info, dict(q.settings)))
         if q.netvm:  # the link to the netvm: /32 point-to-point both ends
             _plan_link(p, topo, stack, q.netvm, ns, a, addrs[q.netvm])

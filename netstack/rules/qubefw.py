@@ -140,12 +140,27 @@ def _rule(where: str, r: Any) -> FwRule:
             raise ConfigError(f"{where} 'dsthost'", f"{host!r} has an IPv6 scope (%...): a "
                               "rule's destination is beyond the netvm, never on one of its "
                               "links", "drop the %... part, or use a global address")
-        if not host.isascii() or (not is_net(host) and not HOST_RE.match(host.rstrip("."))):
+        last = host.rstrip(".").rsplit(".", 1)[-1]
+        if not host.isascii() or (not is_net(host) and (
+                not HOST_RE.match(host.rstrip("."))
+                # a top-level label is never a number: "1.2.3" and "0x7f.1" are addresses
+                # that inet_aton would read, not names
+                or last.isdigit() or re.fullmatch(r"0x[0-9a-f]+", last))):
             raise ConfigError(f"{where} 'dsthost'", f"{host!r} is neither an address, a "
                               "prefix nor a hostname",
                               'e.g. "192.0.2.7", "198.51.100.0/24" or "example.org"')
         if is_net(host):
-            net = ipaddress.ip_network(host, strict=False)
+            try:  # host bits are a typo (198.51.100.80/0 would accept everything)
+                net = ipaddress.ip_network(host, strict=True)
+            except ValueError:
+                raise ConfigError(f"{where} 'dsthost'", f"{host!r} has host bits set",
+                                  f"write the network: {ipaddress.ip_network(host, False)}"
+                                  ) from None
+            if net.version == 6 and (net.network_address.ipv4_mapped is not None
+                                     or net.network_address in ipaddress.ip_network(
+                                         "::ffff:0:0/96")):
+                raise ConfigError(f"{where} 'dsthost'", f"{host!r} is an IPv4 address "
+                                  "written as IPv6", "write the IPv4 address itself")
             host = str(net) if net.num_addresses > 1 else str(net.network_address)
     proto = r.get("proto")
     if proto is not None and proto not in ("tcp", "udp", "icmp"):
@@ -177,7 +192,8 @@ def _rule(where: str, r: Any) -> FwRule:
                                 or any(c in comment for c in '"\\')):
         raise ConfigError(f"{where} 'comment'", f"must be one line of text, printable, at "
                           f"most {COMMENT_BYTES} bytes in UTF-8, no quotes or backslashes",
-                          "shorten it (a non-ASCII letter takes 2-4 bytes)")
+                          "one line without quotes or backslashes, shorter if long (a "
+                          "non-ASCII letter takes 2-4 bytes)")
     rel, at = _expire(where, r.get("expire"))
     return FwRule(action, host, proto, ports, icmptype, special, rel, at, comment)
 
@@ -461,6 +477,8 @@ def rule_from_words(words: list[str]) -> dict[str, Any]:
         if not sep or not k:
             raise ConfigError(f"rule word {w!r}", "is not key=value",
                               "e.g. action=accept dsthost=192.0.2.7 proto=tcp dstports=443")
+        if k in out:
+            raise ConfigError(f"rule word {w!r}", f"gives {k} twice", "give each key once")
         # ASCII digits only: str.isdigit() is true of "²", which int() refuses
         out[k] = int(v) if k in ("icmptype", "dstports") and v.isascii() and v.isdigit() \
             else v

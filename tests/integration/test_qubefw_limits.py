@@ -132,6 +132,15 @@ def test_every_list_the_validator_accepts_the_kernel_loads(scratch, tmp_path_fac
     ({"action": "accept", "proto": "tcp", "dstports": "١٢"}, "dstports"),
     ({"action": "accept", "dsthost": "192.0.2.10", "expire": "+0"}, "expire"),
     ({"action": "accept", "comment": "two\nlines"}, "comment"),
+    # the hostile review's: an IPv4 address written as IPv6, host bits that widen a rule to
+    # everything, numbers that inet_aton reads as addresses
+    ({"action": "accept", "dsthost": "::ffff:198.51.100.80"}, "dsthost"),
+    ({"action": "accept", "dsthost": "::ffff:198.51.100.0/120"}, "dsthost"),
+    ({"action": "accept", "dsthost": "198.51.100.80/0"}, "dsthost"),
+    ({"action": "accept", "dsthost": "1.2.3"}, "dsthost"),
+    ({"action": "accept", "dsthost": "0x7f.1"}, "dsthost"),
+    ({"action": "accept", "dsthost": "2130706433"}, "dsthost"),
+    ({"action": "accept", "dsthost": "198.51.100.080"}, "dsthost"),
 ])
 def test_what_once_broke_a_stack_is_refused_with_one_line(rule, field):
     with pytest.raises(ConfigError) as e:
@@ -148,3 +157,8 @@ def test_a_valid_253_character_name_and_a_full_comment_load(scratch, tmp_path):
     fw = next(n for n in p.namespaces if n.qube == "sys-firewall")
     r = load(scratch, commands(fw.ruleset, fresh=True))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match="gives action twice"):
+        qubefw.rule_from_words(["action=accept", "action=drop", "dsthost=198.51.100.80"])

@@ -78,15 +78,19 @@ def test_the_verdict_puts_a_leak_first_then_the_command_then_a_stopped_attempt()
 
 
 def test_junit_has_a_testcase_per_flow_and_the_evidence_in_failures():
+    # a leak decides exit 1: the leak fails; the stopped attempt is listed, not failed
     root = ET.fromstring(check.junit(report(flows=[LEFT, STOPPED], leaks=[LEAK])))
     cases = {c.get("name"): c.find("failure") for c in root}
     links = cases["no packet where the chain forbids it"]
     assert links is not None and "frame 3" in links.text
-    udp = next(v for k, v in cases.items() if k.startswith("udp:"))
+    assert next(v for k, v in cases.items() if k.startswith("udp:")) is None
+    assert next(v for k, v in cases.items() if k.startswith("allowed:")) is None
+    assert root.get("failures") == "1"
+    # the stopped attempt alone decides exit 2: it fails, with the rule that stopped it
+    root = ET.fromstring(check.junit(report(flows=[LEFT, STOPPED])))
+    udp = next(c.find("failure") for c in root if c.get("name").startswith("udp:"))
     assert udp is not None and "stopped by sys-whonix forward" in udp.text
-    allowed = next(v for k, v in cases.items() if k.startswith("allowed:"))
-    assert allowed is None
-    assert root.get("failures") == "2"
+    assert root.get("failures") == "1"
 
 
 def test_the_html_page_draws_the_chain_in_label_colours_and_lists_leaks():
@@ -337,7 +341,8 @@ def test_junit_fails_exactly_what_made_the_exit_code_non_zero(kw, code):
     assert (command.find("failure") is not None) == (code == 3)
     has_unknown = any(f is UNKNOWN for f in r.flows)
     assert ("outcome unknown: no lab host saw it" in check.table(r)) == has_unknown
-    assert check.table(r).splitlines()[-1].startswith(check.WORDS[code])
+    assert check.table(r).splitlines()[-1].startswith(check.word(r))
+    assert check.word(r) == ("UNKNOWN" if code == 1 and not r.leaks else check.WORDS[code])
 
 
 def test_json_is_the_only_thing_on_stdout_with_the_programs_output_around(monkeypatch,
@@ -355,7 +360,7 @@ def test_json_is_the_only_thing_on_stdout_with_the_programs_output_around(monkey
     code = cli.main(["check", "--json", "--", "curl", "http://198.51.100.80/"])
     out, err = capfd.readouterr()
     r = json.loads(out)
-    assert code == 1 and r["verdict"] == 1 and r["verdict_word"] == "LEAK"
+    assert code == 1 and r["verdict"] == 1 and r["verdict_word"] == "UNKNOWN"
     assert "program output" in err and "program output" not in out
     (unk,) = [f for f in r["flows"] if f["outcome"] == "unknown"]
     assert unk["reason"] == "no lab host saw it" and not any(k.startswith("_") for k in unk)

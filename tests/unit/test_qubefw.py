@@ -60,7 +60,7 @@ def test_every_netvm_kind_enforces_and_tor_refuses_what_it_cannot_carry():
 
 def test_rules_are_typed_and_normalised():
     rules = parse_rules("work", [
-        {"action": "accept", "dsthost": "198.51.100.7/24", "proto": "tcp",
+        {"action": "accept", "dsthost": "198.51.100.0/24", "proto": "tcp",
          "dstports": "80-443"},
         {"action": "drop", "dsthost": "Web.Lab.Test", "proto": "udp", "dstports": 53,
          "expire": "+60", "comment": "no"},

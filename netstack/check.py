@@ -1033,7 +1033,10 @@ def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str,
     for x in seen:
         bad = 0
         if x.zone != "source":
+            opened = opened_conns(x.pkts)
             for i, p in enumerate(x.pkts, start=1):
+                if predates(p, opened):
+                    continue  # a connection of before the run (a late FIN): not the program's
                 if not flow_allowed(ctx, x.zone, p):
                     bad += 1
                     if len(leaks) < 50:
@@ -1051,6 +1054,33 @@ def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str,
                flows, leaks, asked, chain, link_rows, bypass=bypass, ended_by=ended_by)
     r.verdict = verdict(r)
     return r
+
+
+def _conn(p: Any) -> frozenset | None:
+    """A TCP packet's connection, either direction (None: not TCP)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+
+    ip = p.getlayer(IP) or p.getlayer(IPv6)
+    if ip is None or TCP not in p:
+        return None
+    return frozenset({(ip.src, p[TCP].sport), (ip.dst, p[TCP].dport)})
+
+
+def opened_conns(pkts: list[Any]) -> set[frozenset]:
+    """The TCP connections whose SYN this capture saw (they began during the run)."""
+    from scapy.layers.inet import TCP
+
+    return {c for p in pkts if TCP in p and p[TCP].flags & 0x02
+            and (c := _conn(p)) is not None}
+
+
+def predates(p: Any, opened: set[frozenset]) -> bool:
+    """A TCP packet of a connection that began before the capture (no SYN of it seen): a
+    shared lab's late FIN or retransmission from an earlier program, not this one's. A leak
+    of this run begins with its SYN on the link, which is judged."""
+    c = _conn(p)
+    return c is not None and c not in opened
 
 
 def flow_fails(r: Report, f: Flow) -> str | None:

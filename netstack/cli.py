@@ -416,9 +416,13 @@ def _writable(opt: str, path: str | None) -> None:
     if path is None:
         return
     d = os.path.dirname(os.path.abspath(path))
+    import contextlib
+
+    with contextlib.suppress(OSError):  # (a CI job's artifacts folder need not exist yet)
+        os.makedirs(d, exist_ok=True)
     if os.path.isdir(path) or not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise UsageError(f"{opt} {path}: cannot write a file there (is its directory there "
-                         "and writable, and the path not a directory?)")
+        raise UsageError(f"{opt} {path}: cannot write a file there (its directory cannot be "
+                         "made or written, or the path is a directory)")
 
 
 def _explicit_stack() -> bool:

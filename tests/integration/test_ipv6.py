@@ -26,7 +26,9 @@ def test_shipped_config_with_ipv6_on(tmp_path, cfg):
         spoof = [x for k, x in props.items() if k[1].startswith("anti-spoofing")]
         assert spoof and all("fe80::a89:" in x["reason"] for x in spoof)
         rep = battery.run(s, pcaps_dir=str(tmp_path))
-        assert rep.leaks == 0 and rep.errors == [], [c for c in rep.cases if c["leaked_on"]]
+        assert rep.leaks == 0 and rep.errors == [], (
+            [c for c in rep.cases if c["leaked_on"]],
+            [(lk["link"], lk["violations"][:5]) for lk in rep.links if lk["violations"]])
         case = {c["case"]: c for c in rep.cases}
         assert case["ipv6-nd-gateway"]["verdict"] == "ok"
         own = case["ipv6-own-global"]["seen_on"]

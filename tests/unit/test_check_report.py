@@ -464,3 +464,19 @@ def test_a_tor_gateway_is_ready_for_the_program_once_a_circuit_is_built(monkeypa
     check.wait_circuit(gw, 5, lambda pct, what: said.append(what))
     assert len(asked) == 3 and said == ["3 circuits built"]
     check.wait_circuit(types.SimpleNamespace(name="sys-net", info=None), 5, None)  # no tor
+
+
+def test_a_connection_from_before_the_run_is_not_the_programs():
+    """Regression (a full run): a shared lab's web server retransmitted FINs of an earlier
+    test's connections on the ISP link while check ran, and check called them leaks of the
+    program. A TCP packet whose connection's SYN the capture never saw predates the run;
+    one whose SYN it saw is judged (a leak begins with its SYN)."""
+    from scapy.layers.inet import IP, TCP
+
+    old = IP(src=WEB, dst=ISP) / TCP(sport=80, dport=52278, flags="FPA")
+    syn = IP(src=ISP, dst=WEB) / TCP(sport=40000, dport=80, flags="S")
+    later = IP(src=WEB, dst=ISP) / TCP(sport=80, dport=40000, flags="FPA")
+    opened = check.opened_conns([syn, later, old])
+    assert check.predates(old, opened)
+    assert not check.predates(syn, opened) and not check.predates(later, opened)
+    assert not check.predates(IP(src=WS, dst=WEB) / b"x", opened)  # not TCP: judged

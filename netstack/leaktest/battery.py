@@ -177,9 +177,12 @@ def flow_allowed(ctx: Ctx, zone: str, p: Any) -> bool:
         if own & {p[IPv6].src, p[IPv6].dst}:
             return False  # the workstation's own IPv6 never appears beyond its link
         src, dst = ipaddress.ip_address(p[IPv6].src), ipaddress.ip_address(p[IPv6].dst)
-        if ctx.plan.ipv6 and src.is_link_local and (dst.is_link_local or (
-                dst.is_multicast and (int(dst) >> 112) & 0xF == 2)):
-            return True  # a qube's own link-scope chatter (MLD, ND) on its own link
+        if ctx.plan.ipv6 and (src.is_link_local or src.is_unspecified) and (
+                dst.is_link_local or (dst.is_multicast and (int(dst) >> 112) & 0xF == 2)):
+            # a qube's own link-scope chatter (MLD, ND) on its own link; from "::" while an
+            # interface is still checking its address (DAD), e.g. an MLD report right
+            # after `up`
+            return True
         # beyond a VPN or Tor gateway never; in a plain chain only with IPv6 on (masqueraded)
         return ctx.plan.ipv6 and zone == "plain"
     if IP not in p:

@@ -480,3 +480,24 @@ def test_a_connection_from_before_the_run_is_not_the_programs():
     assert check.predates(old, opened)
     assert not check.predates(syn, opened) and not check.predates(later, opened)
     assert not check.predates(IP(src=WS, dst=WEB) / b"x", opened)  # not TCP: judged
+
+
+def test_an_interfaces_own_mld_from_the_unspecified_address_is_link_chatter():
+    """Regression (a full run): right after `up` with IPv6 on, an uplink's MLD report from
+    "::" (sent while its address is still tentative) was called a leak on the ISP link.
+    Link-scope chatter from "::" is allowed like that from fe80::/10; anything else from
+    "::" or to a wider scope is still judged."""
+    import types
+
+    from scapy.layers.inet6 import ICMPv6MLReport2, IPv6, IPv6ExtHdrHopByHop
+
+    from netstack.leaktest.battery import flow_allowed
+
+    ctx = types.SimpleNamespace(ws=types.SimpleNamespace(ipv4=WS, ipv6=WS6),
+                                plan=types.SimpleNamespace(ipv6=True))
+    mld = IPv6(src="::", dst="ff02::16") / IPv6ExtHdrHopByHop() / ICMPv6MLReport2()
+    assert flow_allowed(ctx, "vpn-out", mld)
+    wide = IPv6(src="::", dst="ff0e::16") / IPv6ExtHdrHopByHop() / ICMPv6MLReport2()
+    assert not flow_allowed(ctx, "vpn-out", wide)
+    ctx.plan.ipv6 = False
+    assert not flow_allowed(ctx, "vpn-out", mld)

@@ -991,27 +991,6 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
             f.reason = "no lab host saw it"
 
 
-def _name(host: Any) -> str | None:
-    """A name from a Host header or SNI (its port dropped); None for an address literal."""
-    if not isinstance(host, str) or not host:
-        return None
-    h = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    h = h.strip("[]")
-    try:
-        ipaddress.ip_address(h)
-        return None
-    except ValueError:
-        return h
-
-
-def _via(ctx: Any, client: str) -> str:
-    if client in ctx.exits:
-        return "tor"
-    if ctx.vpn_server and client == ctx.vpn_server:
-        return "vpn"
-    return "direct"
-
-
 def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str, Any],
             cmd: list[str], status: int | None, secs: float, out_dir: str, expect: str,
             bypass: str, ended_by: str | None = None) -> Report:

@@ -69,6 +69,16 @@ class Kernel:
         """Run an nft script (text syntax); returns nft's error text, "" when it loaded."""
         raise NotImplementedError
 
+    def nft_text(self, ns: str | None, command: str) -> tuple[int, str]:
+        """(rc, output) of one nft command with text output (what the JSON leaves out,
+        such as a device chain's devices in nft 1.0.6)."""
+        raise NotImplementedError
+
+    def netlink(self, ns: str | None) -> Any:
+        """The namespace's netlink handle (pyroute2 IPRoute), for reads the seam does not
+        wrap one by one (tc, XDP, ip rules: netstack.pathfacts)."""
+        raise NotImplementedError
+
     # links, addresses, routes
     def veth(self, ns_a: str | None, if_a: str, ns_b: str, if_b: str) -> None:
         raise NotImplementedError
@@ -298,6 +308,18 @@ class RealKernel(Kernel):
         if rc != 0:
             raise ApplyError(f"cannot list the ruleset of {ns}: {err.strip()}")
         return json.loads(out) if out else {"nftables": []}
+
+    def nft_text(self, ns: str | None, command: str) -> tuple[int, str]:
+        h = self._nft_handle(ns)
+        h.set_json_output(False)
+        try:
+            rc, out, _err = h.cmd(command)
+        finally:
+            h.set_json_output(True)
+        return rc, out
+
+    def netlink(self, ns: str | None) -> Any:
+        return self._ip(ns)
 
     def nft_script(self, ns: str, text: str) -> str:
         h = self._nft_handle(ns)

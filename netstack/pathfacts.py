@@ -264,12 +264,7 @@ def list_ruleset(k: Any, ns: str) -> dict[str, Any]:
             c = item.get("chain")
             if not c or c.get("hook") not in DEVICE_HOOKS or "dev" in c:
                 continue
-            h = k._nft_handle(ns)
-            h.set_json_output(False)
-            try:
-                rc, out, _err = h.cmd(f"list chain {c['family']} {c['table']} {c['name']}")
-            finally:
-                h.set_json_output(True)
+            rc, out = k.nft_text(ns, f"list chain {c['family']} {c['table']} {c['name']}")
             m = re.search(r'hook \w+ (?:devices = \{([^}]*)\}|device "?([^"\s;]+)"?)', out) \
                 if rc == 0 else None
             if m:

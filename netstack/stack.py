@@ -218,7 +218,8 @@ def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,
     out += pathfacts.foreign_objects(doc)
     tun = role_for(q.kind).tunnel(q)
     planned = list(q.interfaces) + ([tun.dev] if tun else [])
-    facts = {**pathfacts.kernel_facts(k._ip(q.netns)), "legacy": pathfacts.legacy_tables(q.netns)}
+    facts = {**pathfacts.kernel_facts(k.netlink(q.netns)),
+             "legacy": pathfacts.legacy_tables(q.netns)}
     out += [str(f) for f in pathfacts.kernel_findings(facts, planned)]
     return out
 

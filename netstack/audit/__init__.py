@@ -44,7 +44,7 @@ def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
         out[q.netns] = {"routes": k.routes(q.netns), "links": sorted(x.name for x in links),
                         "addrs": [a.split("/")[0] for x in links for a in x.addresses],
                         # tc, XDP, link kinds, ip rules: paths beside nftables
-                        "paths": {**kernel_facts(k._ip(q.netns)),
+                        "paths": {**kernel_facts(k.netlink(q.netns)),
                                   "legacy": legacy_tables(q.netns)}}
     return out
 

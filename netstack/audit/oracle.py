@@ -282,6 +282,11 @@ class KernelLab:
         # the evaluator's fate() reports it)
         self.ingress = any(i.get("chain", {}).get("hook") == "ingress"
                            for i in doc["nftables"])
+        # the links a `fwd` of the ruleset names: where a stolen packet can have gone (the
+        # other neighbours whose counters rise got copies, `dup`)
+        self.fwd_devs = {str(e["fwd"].get("dev")) for i in doc["nftables"]
+                         for e in i.get("rule", {}).get("expr", [])
+                         if isinstance(e, dict) and isinstance(e.get("fwd"), dict)}
         self.k.nft(self.dut, {"nftables": flush + [{"add": i} for i in doc["nftables"]]})
 
     def _tables(self) -> list[dict[str, Any]]:
@@ -322,13 +327,46 @@ class KernelLab:
         out: list[tuple[str, str]] = []
         for hook, verdict in fate:
             if (hook, verdict) == ("ingress", "stolen"):
-                out.append(("ingress", f"fwd {rose[0]}" if len(rose) == 1 else "stolen"))
+                to = [n for n in rose if n == self._stolen_to()] or \
+                    [n for n in rose if n in getattr(self, "fwd_devs", set())]
+                if len(rose) == 1:
+                    out.append(("ingress", f"fwd {rose[0]}"))
+                elif len(to) == 1:  # copies first (a dup goes on; fwd ends the packet)
+                    out += [("ingress", f"dup {n}") for n in rose if n != to[0]]
+                    out.append(("ingress", f"fwd {to[0]}"))
+                else:
+                    out.append(("ingress", "stolen"))
                 continue
             if hook == "ingress" and verdict in ("accept", "drop") and rose:
                 out += [("ingress", f"dup {n}") for n in rose]
                 rose = []
             out.append((hook, verdict))
         return out
+
+    def _stolen_to(self) -> str | None:
+        """The link the rule that stole our packet (trace: "rule handle N (verdict
+        stolen)") sends it to: its `fwd` as the kernel lists the rule."""
+        import re
+
+        for line in reversed(getattr(self, "lines", [])):
+            m = re.search(r"trace id \S+ (\w+) (\S+) (\S+) .*handle (\d+) \(verdict stolen\)",
+                          line)
+            if not m:
+                continue
+            fam, table, chain, handle = m.group(1), m.group(2), m.group(3), int(m.group(4))
+            from netstack import netns
+
+            with netns.entered(self.dut):  # a fwd's ifindex named by the DUT's own links
+                listed = self.k.nft_list(self.dut)
+            for i in listed.get("nftables", []):
+                r = i.get("rule")
+                if r and (r.get("family"), r.get("table"), r.get("chain"), r.get("handle")) \
+                        == (fam, table, chain, handle):
+                    for e in r.get("expr", []):
+                        if isinstance(e, dict) and isinstance(e.get("fwd"), dict):
+                            return str(e["fwd"].get("dev"))
+            return None
+        return None
 
     def _moved(self) -> dict[str, int]:
         """Per DUT link: the frames its neighbour got that the DUT's stack did not send."""

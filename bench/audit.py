@@ -23,6 +23,7 @@ from common import write  # noqa: E402
 from netstack import plan  # noqa: E402
 from netstack.audit import audit  # noqa: E402
 from netstack.audit.properties import AuditContext, QubeView, for_qube  # noqa: E402
+from netstack.kinds.registry import SPECS  # noqa: E402
 from netstack.model import Plan  # noqa: E402
 
 WG = """[Interface]
@@ -43,7 +44,7 @@ def chain_plan(d: str) -> Plan:
     cfg = Path(d, "chain.toml")
     cfg.write_text((ROOT / "configs" / "tor-over-vpn.toml").read_text().replace(
         '"lab:wireguard"', f'"{d}/client-wireguard.conf"'))
-    return plan.build(plan.load_inputs(str(cfg), "main", plan.UplinkSpec("lab")), "main",
+    return plan.build(plan.load_inputs(str(cfg), "main", plan.UplinkSpec("lab"), SPECS), "main",
                       plan.UplinkSpec("lab"))
 
 

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from netstack.kinds.registry import SPECS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, write  # noqa: E402
@@ -35,7 +37,7 @@ def main() -> None:
     d = Path(tempfile.mkdtemp())
     (d / "c.toml").write_text(with_rules(a.rules))
     lab = UplinkSpec("lab")
-    plan = build(load_inputs(str(d / "c.toml"), "bench", lab, overlay={}), "bench", lab)
+    plan = build(load_inputs(str(d / "c.toml"), "bench", lab, SPECS, overlay={}), "bench", lab)
     rulesets = {n.name: n.ruleset for n in plan.namespaces if n.ruleset}
     secs = []
     for _ in range(a.runs):

@@ -22,7 +22,6 @@ from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
 from netstack.leaktest import battery  # noqa: E402
-from netstack.roles import role_for  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
 from netstack.tor.gateway import TorInfo  # noqa: E402
 
@@ -41,7 +40,7 @@ def main() -> None:
                 wait_bootstrap(t.control_socket, 120)
             # first streams after 100 % can fail: wait (deadline 30 s) for a page through the
             # chain before timing the battery
-            ws = next(q.netns for q in p.qubes if not role_for(q.kind).provides_network)
+            ws = next(q.netns for q in p.qubes if not q.traits.provides_network)
             end = time.monotonic() + 30
             while subprocess.run(["ip", "netns", "exec", ws, "curl", "-sf", "--max-time", "3",
                                   "-o", "/dev/null", "http://198.51.100.80/"]).returncode:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from netstack.config import Topology
+if TYPE_CHECKING:
+    from netstack.config import Topology
+
 
 QUBE_PREFIX = ipaddress.ip_network("10.137.0.0/16")
 IPV6_PREFIX = ipaddress.ip_network("fd09:24ef:4179::/64")

@@ -25,7 +25,6 @@ def attach(stack: str, qube: str, netvm: str, kernel: Kernel | None = None
            ) -> dict[str, Any]:
     from netstack.disposable import disposables, rebuild
     from netstack.live import commit, live
-    from netstack.roles import role_for
     from netstack.rules import names
 
     with live(stack, "attach", kernel) as (st, cur, k):
@@ -34,7 +33,7 @@ def attach(stack: str, qube: str, netvm: str, kernel: Kernel | None = None
             raise UsageError(f"no qube {qube!r} in stack {stack!r}; qubes: "
                              + ", ".join(q.name for q in cur.qubes))
         q = cur.qube(qube)
-        if role_for(q.kind).provides_network:
+        if q.traits.provides_network:
             raise UsageError(f"{qube} provides network to others; attach moves app "
                              "qubes only (move its clients instead)")
         target = None if netvm == NONE else netvm

@@ -58,6 +58,7 @@ from typing import Any
 
 from netstack.addressing import VIRTUAL_DNS
 from netstack.errors import UsageError
+from netstack.kernel import Kernel
 
 EXPECT = ("tor", "vpn", "direct")
 CA_INSIDE = "/run/netstack-lab-ca.pem"
@@ -213,7 +214,7 @@ def default_expect(protection: str) -> str:
 def run(cmd: list[str], config: str | None = None, qube: str | None = None,
         expect: str | None = None, stack: str | None = None, pcaps: str | None = None,
         bypass: str = "fail", progress: Any = None, fault: Any = None,
-        timeout: float | None = None, stdout: Any = None) -> Report:
+        timeout: float | None = None, stdout: Any = None, *, kernel: Kernel) -> Report:
     """fault: a protection broken on purpose while CMD runs (tests only: the leak test's
     Fault), to show the report catches what the chain guards. timeout: seconds CMD may
     run before it is ended (the report says so, verdict 3). stdout: where CMD's output
@@ -238,9 +239,10 @@ def run(cmd: list[str], config: str | None = None, qube: str | None = None,
             if own:
                 if progress:
                     progress(f"bringing up lab stack {name} (offline internet)")
-                stacks.up(config, name, UplinkSpec("lab", sink=True))
-                wait_ready(name, progress)
-            return _run(name, cmd, qube, expect, pcaps, bypass, fault, timeout, stdout, sig)
+                stacks.up(config, name, UplinkSpec("lab", sink=True), kernel)
+                wait_ready(name, kernel, progress)
+            return _run(name, cmd, qube, expect, pcaps, bypass, fault, timeout, stdout, sig,
+                        kernel)
         finally:
             sig.defer()
             from netstack.state import State
@@ -248,22 +250,22 @@ def run(cmd: list[str], config: str | None = None, qube: str | None = None,
             if own and State.load(name) is not None:  # `up` cleans up what it half made
                 if progress:
                     progress(f"taking stack {name} down")
-                stacks.down(name)
+                stacks.down(name, kernel)
                 from netstack.rules.qubefw import overlay_path
 
                 with contextlib.suppress(OSError):
                     shutil.rmtree(os.path.dirname(overlay_path(name)))
 
 
-def wait_ready(stack: str, progress: Any = None, timeout: float = 120) -> None:
+def wait_ready(stack: str, k: Kernel, progress: Any = None, timeout: float = 120) -> None:
     """Every VPN carries traffic and every Tor gateway bootstrapped (as `up` waits)."""
-    from netstack.roles import role_for
+    from netstack.kinds.registry import RUNTIMES
     from netstack.state import State
 
     st = State.load(stack)
     assert st is not None and st.plan is not None
     for q in st.plan.qubes:
-        role = role_for(q.kind)
+        role = RUNTIMES[q.kind]
         last: list[str] = []
 
         def say(pct: int, what: str, q: Any = q, last: list[str] = last) -> None:
@@ -271,7 +273,7 @@ def wait_ready(stack: str, progress: Any = None, timeout: float = 120) -> None:
             if progress and (not last or last[-1] != line):
                 last.append(line)
                 progress(line)
-        role.wait_ready(q, st, timeout, say)
+        role.wait_ready(q, st, k, timeout, say)
         wait_circuit(q, timeout, say)
 
 
@@ -307,12 +309,11 @@ class Watch:
     the stack's state while it runs (leaktest/capture.py), so `down` ends it even if this
     process is killed."""
 
-    def __init__(self, stack: str, qube: str | None, expect: str | None = None,
+    def __init__(self, stack: str, qube: str | None, k: Kernel, expect: str | None = None,
                  pcaps: str | None = None, bypass: str = "fail") -> None:
-        from netstack.kernel import RealKernel
         from netstack.leaktest import battery
 
-        self.k = RealKernel()
+        self.k = k.fork()  # its own handles: the captures' threads use them
         self.ctx = battery.context(stack, qube, self.k)
         self.expect = expect or default_expect(self.ctx.protection)
         self.bypass = bypass
@@ -385,8 +386,10 @@ def _settle_logs(ctx: Any, quiet: float = 0.15, deadline: float = 2.0) -> None:
 
 def _run(stack: str, cmd: list[str], qube: str | None, expect: str | None,
          pcaps: str | None, bypass: str, fault: Any, timeout: float | None = None,
-         stdout: Any = None, sig: Signals | None = None) -> Report:
-    w = Watch(stack, qube, expect, pcaps, bypass).start()
+         stdout: Any = None, sig: Signals | None = None, kernel: Kernel | None = None
+         ) -> Report:
+    assert kernel is not None
+    w = Watch(stack, qube, kernel, expect, pcaps, bypass).start()
     status: int | None = None
     ended_by: str | None = None
     try:
@@ -532,10 +535,8 @@ def _new_records(ctx: Any, marks: dict[str, int]) -> list[dict[str, Any]]:
 def proxies(ctx: Any) -> set[tuple[str, int]]:
     """(address, port) of the proxies the workstation's netvm offers it (a Tor gateway's
     SOCKS ports), from the environment the netvm gives its clients."""
-    from netstack.roles import role_for
-
     gw = ctx.chain[1]
-    env = role_for(gw.kind).client_env(gw)
+    env = gw.client_env
     host = env.get("TOR_SOCKS_HOST")
     return {(host, int(v)) for k, v in env.items() if host and k.startswith("TOR_SOCKS_PORT")}
 

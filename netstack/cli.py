@@ -71,12 +71,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
           + (f", lab with {len(p.lab.hosts)} hosts" if p.lab else ""))
-    from netstack.roles.app import gui_status
+    from netstack.kinds.app_runtime import gui_status
 
     for q in p.qubes:  # what a display grant means, said where it is made
         for w in gui_status(q)[1]:
             print(f"netstack: {q.name}: WARNING: {w}", file=sys.stderr)
-    from netstack.roles import role_for
+    from netstack.kinds.registry import RUNTIMES
     from netstack.state import State
 
     st = State.load(args.stack)
@@ -91,9 +91,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                f"it, `netstack --stack {args.stack} down` removes it)")
     try:  # in tree order: a VPN below a Tor gateway is ready first
         for q in p.qubes:
-            role = role_for(q.kind)
-            timeout = args.tor_timeout if role.protection == "tor" else args.vpn_timeout
-            took = role.wait_ready(q, st, timeout, _progress_bar(f"{q.kind} {q.name}", sd))
+            timeout = args.tor_timeout if q.traits.protection == "tor" else args.vpn_timeout
+            took = RUNTIMES[q.kind].wait_ready(q, st, args.kernel, timeout,
+                                               _progress_bar(f"{q.kind} {q.name}", sd))
             if took is not None:
                 print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
     except KeyboardInterrupt:
@@ -183,9 +183,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from netstack import stack
-    from netstack.roles import role_for
+    from netstack.kinds.registry import RUNTIMES
 
-    s = stack.status(args.stack)
+    s = stack.status(args.stack, args.kernel)
     ok = s["health"]["state"] == "up"
     if args.json:
         print(json.dumps(s, indent=2))
@@ -202,7 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
         from netstack.rules.names import status_lines as name_lines
 
-        for line in role_for(q["kind"]).status_lines(q) + name_lines(q):
+        for line in RUNTIMES[q["kind"]].status_lines(q) + name_lines(q):
             print(f"      {line}")
     if s.get("dispvm"):
         d = s["dispvm"]
@@ -267,7 +267,9 @@ def cmd_tor(args: argparse.Namespace) -> int:
     sock = t.control_socket
     if args.action == "status":
         s = control.status(sock)
-        s["onions"] = stack.onion_addresses(t)
+        from netstack.tor.gateway import onion_addresses
+
+        s["onions"] = onion_addresses(t)
         if args.json:
             print(json.dumps({"qube": t.qube, **s}, indent=2))
         else:
@@ -392,7 +394,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         r = check.run(cmd, args.config, args.qube, args.expect, running, args.pcaps,
                       args.bypass, say, timeout=getattr(args, "timeout", None),
-                      stdout=sys.stderr.fileno() if args.json else None)
+                      stdout=sys.stderr.fileno() if args.json else None,
+                      kernel=args.kernel)
     except check.Interrupted as e:  # before the program ran: nothing to report
         print(f"netstack check: {e} before the program started; its lab stack is down",
               file=sys.stderr)
@@ -852,8 +855,12 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1:]
     args = argparse.Namespace(json="--json" in argv)
+    from netstack.kernel import RealKernel
+
+    kernel = RealKernel()  # the one kernel of this command: passed down, never made below
     try:
         args = parser().parse_args(argv)
+        args.kernel = kernel
         if tail:
             if args.command not in ("exec", "run", "check"):
                 raise UsageError("'--' is only used with exec, run and check (see `netstack "
@@ -872,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    finally:
+        kernel.close()
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -10,6 +10,7 @@ A tagged union is a base class with a `registry` of subclasses keyed by a class 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -18,6 +19,7 @@ from netstack.errors import StateError
 
 T = TypeVar("T")
 TAG = "@type"  # never a field name
+MODULE = "@module"  # where a member of a union with `by_module` is defined
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -27,6 +29,10 @@ class Tagged:
 
     tag: ClassVar[str] = ""
     registry: ClassVar[dict[str, type]] = {}
+    # members are defined in modules the base's module must not import (a kind's info,
+    # defined beside the kind, above the model): each dumped object names its module and
+    # `load` imports it, only from this package (the files are root's own)
+    by_module: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -43,7 +49,8 @@ def dump(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {f.name: dump(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         if isinstance(obj, Tagged) and obj.tag:
-            out = {TAG: obj.tag, **out}
+            out = {TAG: obj.tag, **({MODULE: type(obj).__module__} if obj.by_module else {}),
+                   **out}
         return out
     if isinstance(obj, (list, tuple)):
         return [dump(x) for x in obj]
@@ -104,7 +111,11 @@ def _load(tp: Any, data: Any, where: str) -> Any:
         cls = tp
         if issubclass(tp, Tagged) and TAG in data:
             if data[TAG] not in tp.registry:
-                tp.load_registry()
+                mod = data.get(MODULE)
+                if tp.by_module and isinstance(mod, str) and mod.startswith("netstack."):
+                    importlib.import_module(mod)
+                else:
+                    tp.load_registry()
             cls = tp.registry.get(data[TAG])
             if cls is None or not issubclass(cls, tp):
                 raise TypeError(f"{where}: unknown {tp.__name__} type {data[TAG]!r}")

@@ -1,18 +1,26 @@
 """The qube table: load a TOML config and validate it into a Topology.
 
 The topology is the one source of truth; everything else is derived from it by pure
-functions. Validation never touches the host, so an invalid config changes nothing.
+functions. Validation never touches the host, so an invalid config changes nothing. The
+kinds a config may name are handed in (`kinds`: kind name -> its spec, from
+netstack/kinds/registry.py by the command layer): this module never looks one up itself.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ConfigError
+
+if TYPE_CHECKING:
+    from netstack.kinds.spec import KindSpec
+
+    Kinds = Mapping[str, KindSpec]
 
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 # A qube name becomes part of a namespace name (nst-STACK-QUBE) and of file paths under
@@ -36,12 +44,6 @@ class Qube:
     label: str
     settings: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
-    @property
-    def provides_network(self) -> bool:
-        from netstack.roles import role_for
-
-        return role_for(self.kind).provides_network
-
 
 @dataclass(frozen=True)
 class Topology:
@@ -51,6 +53,8 @@ class Topology:
     ipv6: bool = False
     source: str = "<memory>"
     default_dispvm: str | None = None  # disposables are made like this app qube (Qubes)
+    # the kinds it was validated with (kind -> spec): plan.build derives each qube with it
+    kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __getitem__(self, name: str) -> Qube:
         for q in self.qubes:
@@ -61,9 +65,8 @@ class Topology:
     @property
     def root(self) -> Qube:
         """The net qube (a qube cut off with `netstack attach Q none` has no netvm too)."""
-        from netstack.roles import ROLES
-
-        return next(q for q in self.qubes if q.netvm is None and ROLES[q.kind].owns_uplink)
+        return next(q for q in self.qubes
+                    if q.netvm is None and self.kinds[q.kind].traits.owns_uplink)
 
     def children(self, name: str) -> list[Qube]:
         """Qubes whose netvm is `name`, sorted by name so derived data is deterministic."""
@@ -100,17 +103,17 @@ def read_text(path: str | Path, where: str, fix: str) -> str:
                           "save the file as UTF-8") from None
 
 
-def load(path: str | Path, firewall: dict[str, list[Any]] | None = None,
+def load(path: str | Path, kinds: Kinds, firewall: dict[str, list[Any]] | None = None,
          live: bool = False) -> Topology:
     """Read and validate a TOML config file. `firewall`: rule lists that replace the
     config's (`netstack firewall`'s overlay), validated as if they were written there.
     live: for a live change, which moves qubes first and then checks each list against the
     netvm it will really have (validate_live)."""
     text = read_text(path, str(path), "give the path of a TOML config")
-    return parse(text, source=str(path), firewall=firewall, live=live)
+    return parse(text, kinds, source=str(path), firewall=firewall, live=live)
 
 
-def parse(text: str, source: str = "<memory>",
+def parse(text: str, kinds: Kinds, source: str = "<memory>",
           firewall: dict[str, list[Any]] | None = None, live: bool = False) -> Topology:
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -130,7 +133,7 @@ def parse(text: str, source: str = "<memory>",
                               "`netstack firewall` for a qube the config no longer has",
                               f"run `netstack firewall {name} reset`")
         qubes[name]["firewall"] = rules
-    return validate(data, source=source, live=live)
+    return validate(data, kinds, source=source, live=live)
 
 
 def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
@@ -140,10 +143,9 @@ def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
                               f"allowed keys: {', '.join(sorted(allowed))}")
 
 
-def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False) -> Topology:
+def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
+             live: bool = False) -> Topology:
     """Turn parsed TOML into a Topology, or raise ConfigError naming qube and field."""
-    from netstack.roles import ROLES
-
     _check_keys("top level", data, TOP_KEYS)
     stack = data.get("stack", {})
     if not isinstance(stack, dict):
@@ -167,16 +169,16 @@ def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False)
         if not isinstance(body, dict):
             raise ConfigError(where, "must be a table", f"write [qubes.{name}]")
         kind = body.get("kind")
-        if kind not in ROLES:
+        if kind not in kinds:
             raise ConfigError(f"{where} field 'kind'", f"{kind!r} is not a kind",
-                              f"use one of {', '.join(ROLES)}")
-        _check_keys(where, body, COMMON_KEYS | ROLES[kind].config_keys)
+                              f"use one of {', '.join(kinds)}")
+        _check_keys(where, body, COMMON_KEYS | kinds[kind].config_keys)
         label = body.get("label", "gray")
         if label not in LABELS:
             raise ConfigError(f"{where} field 'label'", f"{label!r} is not a label",
                               f"use one of {', '.join(LABELS)}")
         netvm = body.get("netvm")
-        if ROLES[kind].owns_uplink:
+        if kinds[kind].traits.owns_uplink:
             if netvm is not None:
                 raise ConfigError(f"{where} field 'netvm'", "a net qube owns the uplink",
                                   "remove netvm from the net qube")
@@ -191,7 +193,7 @@ def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False)
         qubes.append(Qube(name, kind, netvm, label, settings))
 
     by_name = {q.name: q for q in qubes}
-    nets = [q.name for q in qubes if ROLES[q.kind].owns_uplink]
+    nets = [q.name for q in qubes if kinds[q.kind].traits.owns_uplink]
     if not nets:
         raise ConfigError("qubes", "no qube of kind 'net'", "add one net qube (the uplink)")
     if len(nets) > 1:
@@ -206,7 +208,7 @@ def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False)
                               f"use one of {', '.join(sorted(by_name))}")
         if q.netvm == q.name:
             raise ConfigError(where, "a qube cannot be its own netvm")
-        if not ROLES[by_name[q.netvm].kind].provides_network:
+        if not kinds[by_name[q.netvm].kind].traits.provides_network:
             raise ConfigError(where, f"{q.netvm!r} is an app qube and provides no network",
                               "use a net, firewall, vpn or tor qube as netvm")
     for q in qubes:  # every chain must end at the net qube, else there is a cycle
@@ -220,36 +222,36 @@ def validate(data: dict[str, Any], source: str = "<memory>", live: bool = False)
                                   "make the netvm chain end at the net qube")
             seen.append(cur.name)
     for q in qubes:
-        ROLES[q.kind].validate(q)
+        kinds[q.kind].validate(q)
         if "firewall" in q.settings:
             if q.netvm is None:
                 raise ConfigError(f"qube {q.name!r} field 'firewall'", "the net qube has no "
                                   "netvm to enforce rules", "remove firewall from it")
             if not live:
-                check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])
+                check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm], kinds)
         if q.settings.get("onion") and (q.netvm is None or
-                                        not ROLES[by_name[q.netvm].kind].offers_onions):
+                                        not kinds[by_name[q.netvm].kind].traits.offers_onions):
             raise ConfigError(f"qube {q.name!r} field 'onion'", "an onion service needs a Tor "
                               "gateway as the qube's netvm (its keys live there)",
                               'set netvm to a qube of kind = "tor"')
     dispvm = stack.get("default_dispvm")
     if dispvm is not None and (not isinstance(dispvm, str) or dispvm not in by_name
-                               or not ROLES[by_name[dispvm].kind].sandboxed):
-        apps = sorted(q.name for q in qubes if ROLES[q.kind].sandboxed)
+                               or not kinds[by_name[dispvm].kind].traits.sandboxed):
+        apps = sorted(q.name for q in qubes if kinds[q.kind].traits.sandboxed)
         raise ConfigError("[stack] field 'default_dispvm'", f"{dispvm!r} is not an app qube "
                           "of this config", f"name one of {', '.join(apps) or '(none)'}: "
                           "disposables get its netvm and label")
-    return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm)
+    return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
+                    kinds=kinds)
 
 
-def check_client_rules(qube: str, raw: Any, netvm: Qube) -> None:
+def check_client_rules(qube: str, raw: Any, netvm: Qube, kinds: Kinds) -> None:
     """The netvm's kind must be able to enforce every rule of the list as written."""
-    from netstack.roles import ROLES
     from netstack.rules.qubefw import parse
 
-    role = ROLES[netvm.kind]
+    role = kinds[netvm.kind]
     where = f"qube {qube!r} field 'firewall'"
-    if not role.enforces_client_rules:
+    if not role.traits.enforces_client_rules:
         raise ConfigError(where, f"its netvm {netvm.name!r} (kind {netvm.kind}) does not "
                           "enforce per-qube rules", "attach the qube to a net, firewall, vpn "
                           "or tor qube")
@@ -264,19 +266,18 @@ def check_client_rules(qube: str, raw: Any, netvm: Qube) -> None:
 def validate_live(topo: Topology) -> None:
     """A topology changed live (`netstack attach`): every netvm exists and provides
     network, no chain loops, and every rule list can be enforced by its new netvm."""
-    from netstack.roles import ROLES
-
+    kinds = topo.kinds
     by_name = {q.name: q for q in topo.qubes}
     for q in topo.qubes:
         if q.netvm is None:
             continue
         where = f"qube {q.name!r} netvm"
         if q.netvm not in by_name or q.netvm == q.name or \
-                not ROLES[by_name[q.netvm].kind].provides_network:
+                not kinds[by_name[q.netvm].kind].traits.provides_network:
             raise ConfigError(where, f"{q.netvm!r} is not a qube that provides network",
                               "use one of " + ", ".join(sorted(
                                   n for n, x in by_name.items()
-                                  if ROLES[x.kind].provides_network and n != q.name)))
+                                  if kinds[x.kind].traits.provides_network and n != q.name)))
         seen, cur = [q.name], q
         while cur.netvm is not None:
             cur = by_name[cur.netvm]
@@ -284,4 +285,4 @@ def validate_live(topo: Topology) -> None:
                 raise ConfigError(where, "would make a loop", "pick a netvm nearer sys-net")
             seen.append(cur.name)
         if "firewall" in q.settings:
-            check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm])
+            check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm], topo.kinds)

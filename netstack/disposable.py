@@ -21,7 +21,9 @@ from typing import Any
 
 from netstack.config import LABELS, Qube, Topology
 from netstack.errors import StateError, UsageError
-from netstack.kernel import Kernel, proc_alive, proc_start_time
+from netstack.kernel import Kernel, proc_start_time
+from netstack.kinds.app_runtime import orphaned
+from netstack.kinds.registry import SPECS
 from netstack.live import commit, live
 from netstack.model import Plan, QubeInfo
 
@@ -30,12 +32,6 @@ PREFIX = "disp"
 
 def disposables(plan: Plan) -> list[QubeInfo]:
     return [q for q in plan.qubes if q.settings.get("disposable")]
-
-
-def orphaned(q: QubeInfo) -> bool:
-    """Its `run` process is gone: nothing will remove it but the next `run` or `down`."""
-    pid = q.settings.get("runner")
-    return not (isinstance(pid, int) and proc_alive(pid, q.settings.get("runner_start")))
 
 
 @dataclass(frozen=True)
@@ -55,12 +51,10 @@ def template(plan: Plan, like: str | None = None) -> Template:
     VPN, else the firewall furthest from the uplink), label red. Never the netvm of
     whichever app qube happens to come first: `attach` of an unrelated qube changes nothing
     here."""
-    from netstack.roles import role_for
-
     name = like or plan.default_dispvm
     if name is not None:
-        if not plan.has_qube(name) or not role_for(plan.qube(name).kind).sandboxed:
-            apps = sorted(q.name for q in plan.qubes if role_for(q.kind).sandboxed
+        if not plan.has_qube(name) or not plan.qube(name).traits.sandboxed:
+            apps = sorted(q.name for q in plan.qubes if q.traits.sandboxed
                           and not q.settings.get("disposable"))
             raise UsageError(f"--like {name!r}: not an app qube of stack {plan.stack!r}; use "
                              f"one of {', '.join(apps) or '(none)'}")
@@ -73,8 +67,8 @@ def template(plan: Plan, like: str | None = None) -> Template:
         return Template(q.netvm, q.label, f"like {name} ({why})",
                         None if fw is None else list(fw))
     rank = {"tor": 2, "vpn": 1}
-    providers = [q for q in plan.qubes if role_for(q.kind).provides_network]
-    best = max(providers, key=lambda q: (rank.get(role_for(q.kind).protection or "", 0),
+    providers = [q for q in plan.qubes if q.traits.provides_network]
+    best = max(providers, key=lambda q: (rank.get(q.traits.protection or "", 0),
                                          len(plan.chain(q.name))))
     return Template(best.name, "red", "the most private path (no default_dispvm)")
 
@@ -105,17 +99,15 @@ def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[
 
 
 def check_request(plan: Plan, netvm: str, label: str) -> None:
-    from netstack.roles import role_for
-
     if label not in LABELS:
         raise UsageError(f"--label {label!r}: use one of {', '.join(LABELS)}")
     if not plan.has_qube(netvm):
         raise UsageError(f"--netvm {netvm!r}: no such qube in stack {plan.stack!r}; qubes: "
                          + ", ".join(q.name for q in plan.qubes))
-    if not role_for(plan.qube(netvm).kind).provides_network:
+    if not plan.qube(netvm).traits.provides_network:
         raise UsageError(f"--netvm {netvm!r} is an app qube and provides no network; use "
                          "one of " + ", ".join(q.name for q in plan.qubes
-                                               if role_for(q.kind).provides_network))
+                                               if q.traits.provides_network))
 
 
 def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
@@ -129,14 +121,14 @@ def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
     the config that `up` never applied)."""
     from netstack.plan import build, load_inputs
 
-    inputs = load_inputs(config, stack, cur.uplink, live=True)
+    inputs = load_inputs(config, stack, cur.uplink, SPECS, live=True)
     now = build(replace(inputs, topo=topology(inputs.topo, disposables(cur), (), netvms)),
                 stack, cur.uplink, previous=cur)
     if now != cur:
         raise StateError(f"the config {config} changed since `up` of stack {stack!r}: run "
                          "`netstack down` and `up` to apply it before changing the stack live")
     if overlay is not None:
-        inputs = load_inputs(config, stack, cur.uplink, overlay=overlay, live=True)
+        inputs = load_inputs(config, stack, cur.uplink, SPECS, overlay=overlay, live=True)
     topo = topology(inputs.topo, keep, add, {**(netvms or {}), **(moved or {})})
     from netstack.config import validate_live
 

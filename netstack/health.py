@@ -205,7 +205,6 @@ def expected_sets(plan: Any, resolved: dict[str, dict[str, list[str]]], store: A
     elements, the VPN kill switch's endpoint sets as the current server's transport (what
     `up` and the failover watcher load), the per-qube rules' run-time sets as the names
     store and the clock fill them (what the supervisor's watcher loads)."""
-    from netstack.roles import role_for
     from netstack.rules import names
     from netstack.vpn.info import VpnInfo, current_index, transport
 
@@ -218,11 +217,11 @@ def expected_sets(plan: Any, resolved: dict[str, dict[str, list[str]]], store: A
     for q in plan.qubes:
         want = out.setdefault(q.netns, {})
         if isinstance(q.info, VpnInfo):
-            from netstack.roles.vpn import endpoint_set_commands_for
+            from netstack.vpn.info import endpoint_set_commands_for
 
             info = q.info.server(current_index(q.info))
             want.update(sets_from_commands(endpoint_set_commands_for(
                 transport(info, resolved.get(q.name, {})))["nftables"]))
-        if q.clients and role_for(q.kind).provides_network:
+        if q.clients and q.traits.provides_network:
             want.update(sets_from_commands(names.fill(plan, q.name, store, started, now)))
     return out

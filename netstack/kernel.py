@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +122,10 @@ class Kernel:
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
         raise NotImplementedError
 
-    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float) -> None:
-        """Until the supervisor's named daemons answer (processes.wait_daemons_ready)."""
+    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float,
+                   waiting: Callable[[], list[str]]) -> None:
+        """Until the supervisor's named daemons answer: `waiting()` names those that do
+        not yet (processes.daemons_waiting); NotReady naming them after `timeout`."""
         raise NotImplementedError
 
     def bind(self, ns: str, kind: int, addr: str, port: int) -> socket.socket:
@@ -140,6 +143,12 @@ class Kernel:
 
     def close(self) -> None:
         pass
+
+    def fork(self) -> Kernel:
+        """A kernel of the same kind with handles of its own, for another thread (netlink
+        and libnftables handles are not shared between threads). The command entry makes
+        the first kernel; everything below derives others from it, so a fake stays a fake."""
+        return self
 
 
 def iproute_class() -> Any:
@@ -522,10 +531,21 @@ class RealKernel(Kernel):
         p.returncode = 0  # detached on purpose: keep Popen.__del__ quiet
         return p.pid, proc_start_time(p.pid)
 
-    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float) -> None:
-        from netstack.processes import wait_daemons_ready
+    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float,
+                   waiting: Callable[[], list[str]]) -> None:
+        from netstack.errors import NotReady
 
-        wait_daemons_ready(state_dir, ready, timeout)
+        end = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            left = waiting()
+            if not left:
+                return
+            if time.monotonic() > end:
+                raise NotReady(f"{', '.join(left)} not ready after {timeout:.0f} s; see "
+                               + ", ".join(os.path.join(state_dir, f"{w}.log") for w in left))
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
         """End a process we started, by PID (checked against its start time)."""
@@ -598,6 +618,9 @@ class RealKernel(Kernel):
             with contextlib.suppress(NetlinkError):  # gone already (it timed out)
                 ct.entry("del", tuple_orig=flow.tuple())
         self._conntrack(ns, delete)
+
+    def fork(self) -> Kernel:
+        return RealKernel()
 
     def close(self) -> None:
         for h in self._ipr.values():

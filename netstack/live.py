@@ -30,6 +30,7 @@ from typing import Any
 
 from netstack.errors import ApplyError
 from netstack.kernel import Kernel, RealKernel
+from netstack.kinds.registry import RUNTIMES
 from netstack.model import Plan
 
 LOCK_WAIT = 60.0  # seconds a live change waits for others (20 `run`s started at once queue up)
@@ -79,8 +80,7 @@ def live(stack: str, command: str, kernel: Kernel | None = None
     """The one way into a live change (`run`, `firewall`, `attach`): root unless a kernel is
     given, the stack's lock (waiting, so several changes queue up), a crashed change
     repaired, then the state and the plan in force."""
-    from netstack.stack import require, require_root
-    from netstack.state import StackLock
+    from netstack.state import StackLock, require, require_root
 
     if kernel is None:
         require_root(command)
@@ -111,7 +111,7 @@ def commit(st: Any, cur: Plan, desired: Plan, k: Kernel, command: str,
                     pid=os.getpid())
     _write(st, intent)
     try:
-        reconcile.change(cur, desired, st, k)
+        reconcile.change(cur, desired, st, k, RUNTIMES)
     except BaseException:
         _abort(st, intent, k)
         raise
@@ -134,7 +134,7 @@ def _abort(st: Any, intent: Intent, k: Kernel) -> None:
 def _back(st: Any, intent: Intent, k: Kernel) -> None:
     from netstack import reconcile
 
-    reconcile.change(intent.new, intent.old, st, k, tolerant=True)
+    reconcile.change(intent.new, intent.old, st, k, RUNTIMES, tolerant=True)
 
 
 def _finish(st: Any, intent: Intent, k: Kernel, forward: bool) -> None:

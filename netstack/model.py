@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from netstack.codec import Tagged
 
-SCHEMA = 2
+SCHEMA = 3
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,38 @@ class Daemon:
 
 
 class RoleInfo(Tagged):
-    """What a role knows of its qube beyond the common fields (VPN endpoints, Tor paths).
-    Subclasses are dataclasses with a `tag` (their kind); the codec picks them by it."""
+    """What a kind knows of its qube beyond the common fields (VPN endpoints, Tor paths).
+    Subclasses are dataclasses with a `tag` (their kind); the codec picks them by it (and
+    imports the module the file names for it: this module never imports a kind)."""
 
     registry: ClassVar[dict[str, type]] = {}
+    by_module: ClassVar[bool] = True
 
-    @classmethod
-    def load_registry(cls) -> None:
-        import netstack.roles  # noqa: F401  (each role module defines its info)
+
+@dataclass(frozen=True)
+class KindTraits:
+    """What every layer may know of a qube's kind, copied into the plan by plan.build from
+    the kind's spec (netstack/kinds/): lower layers read these, never the registry."""
+
+    provides_network: bool = True
+    owns_uplink: bool = False  # the one net qube: the root of the tree
+    strict_replies: bool = False
+    fast_path: bool = False  # plain forwarding: established flows may go on a flowtable
+    protection: str | None = None  # "vpn" | "tor": how leaktest and check name a chain
+    sandboxed: bool = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
+    enforces_client_rules: bool = True  # clients may have `firewall = [...]`
+    offers_onions: bool = False  # clients may have `onion = [...]` (a Tor gateway's)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A qube that encapsulates its clients' traffic (the audit's end-to-end walk and the
+    leak test follow it): the device, the transport's mark and the routes into it."""
+
+    dev: str
+    fwmark: int
+    routes: tuple[str, ...]
+    upstream_if: str
 
 
 @dataclass
@@ -136,6 +160,11 @@ class QubeInfo:
     clients: list[Client] = field(default_factory=list)
     info: RoleInfo | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    traits: KindTraits = field(default_factory=KindTraits)  # from the kind's spec
+    tunnel: Tunnel | None = None  # its tunnel, if its kind encapsulates
+    # where a client's lookups go when asked from this qube's namespace: (address, port)
+    client_resolver: tuple[str, int] | None = None
+    client_env: dict[str, str] = field(default_factory=dict)  # what clients' commands get
 
     @property
     def upstream_if(self) -> str:
@@ -261,9 +290,7 @@ class Plan:
 
     @property
     def net(self) -> QubeInfo:
-        from netstack.roles import role_for
-
-        return next(q for q in self.qubes if q.netvm is None and role_for(q.kind).owns_uplink)
+        return next(q for q in self.qubes if q.netvm is None and q.traits.owns_uplink)
 
     def chain(self, name: str) -> list[QubeInfo]:
         """The qube, then its netvms up to the net qube."""

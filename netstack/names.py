@@ -8,6 +8,7 @@ the stack name.
 
 from __future__ import annotations
 
+import os
 import re
 
 from netstack.errors import UsageError
@@ -53,3 +54,11 @@ def check_ifname(name: str) -> str:
             or name in (".", "..") or any(c.isspace() for c in name):
         raise ValueError(f"invalid interface name {name!r}")
     return name
+
+
+RUN_DIR = os.environ.get("NETSTACK_RUN_DIR", "/run/netstack")
+
+
+def stack_dir(stack: str) -> str:
+    """A stack's run-time directory (the state, the plan, the daemons' files)."""
+    return os.path.join(RUN_DIR, stack)

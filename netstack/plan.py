@@ -4,6 +4,11 @@
 resolv.conf): once per command. `build` is pure: no subprocess, no key, no passwd or state
 read; keys are generated at `up` (lab placeholders stand in for them here). `netstack plan
 --json` prints the result; the state file holds it; every reader gets it back typed.
+
+Each qube is derived by its kind's spec (the topology carries the kinds it was validated
+with); `build` copies what other layers need to know of a kind into the plan (its traits,
+its tunnel, where its clients resolve, what their commands are told), so no reader of the
+plan ever looks a kind up.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from netstack.addressing import VIRTUAL_DNS
 from netstack.config import Topology
 from netstack.errors import ConfigError
 from netstack.hostcaps import HostCaps
+from netstack.kinds.spec import QubeContext
 from netstack.lab import plan as labplan
 from netstack.model import (
     Addr,
@@ -34,8 +40,6 @@ from netstack.model import (
     UplinkSpec,
     Veth,
 )
-from netstack.roles import role_for
-from netstack.roles.base import QubeContext
 
 NSSWITCH = ("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
             "networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n")
@@ -59,22 +63,22 @@ class Inputs:
 
 
 def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
-                overlay: dict[str, list[Any]] | None = None, live: bool = False,
-                probe: bool = True) -> Inputs:
+                kinds: config.Kinds, overlay: dict[str, list[Any]] | None = None,
+                live: bool = False, probe: bool = True) -> Inputs:
     """Read and validate the config and the provider files it names (no host change), with
     the rule lists `netstack firewall` changed (the stack's overlay, or `overlay`)."""
     from netstack.lab.vpnserver import TEMPLATES
+    from netstack.names import stack_dir
     from netstack.rules.qubefw import load_overlay
-    from netstack.state import stack_dir
     from netstack.vpn import runtime
 
     path = str(config_path or DEFAULT_CONFIG)
-    topo = config.load(path, load_overlay(stack) if overlay is None else overlay, live)
+    topo = config.load(path, kinds, load_overlay(stack) if overlay is None else overlay, live)
     config_dir = os.path.dirname(os.path.abspath(path))
     lab_files = labplan.lab_files(stack_dir(stack)) if uplink.mode == "lab" else None
     providers: dict[str, list[tuple[str, Any]]] = {}
     for q in topo.qubes:
-        for ref in role_for(q.kind).provider_refs(q):
+        for ref in kinds[q.kind].provider_refs(q):
             p = runtime.provider_path(q, ref, config_dir, lab_files)
             if ref.startswith("lab:"):
                 where = f"qube {q.name!r} field 'config'"
@@ -90,7 +94,7 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
 
     wants: dict[str, bool] = {}
     for q in topo.qubes:  # probe only what some qube could use
-        for cap in role_for(q.kind).host_caps(q):
+        for cap in kinds[q.kind].host_caps(q):
             wants[cap] = True
     caps = hostcaps.probe(**wants) if probe else HostCaps()
     return Inputs(topo, path, providers, host_resolv, caps)
@@ -147,7 +151,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     """The whole stack as data (pure). A bare Topology stands for inputs without provider
     files. `previous`: the plan in force, whose qubes keep their ids and so their
     addresses and links (a live change)."""
-    from netstack.state import stack_dir
+    from netstack.names import stack_dir
 
     names.check_stack(stack)
     if isinstance(inputs, Topology):
@@ -163,32 +167,38 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     for q in topo.tree_order():
         a = addrs[q.name]
         ns = names.qube_netns(stack, q.name)
-        role = role_for(q.kind)
+        role = topo.kinds[q.kind]
+        t = role.traits
         clients = tuple(Client(c.name, addrs[c.name].qid, names.vif(addrs[c.name].qid),
                                addrs[c.name].ipv4, addrs[c.name].ipv6, addrs[c.name].ll)
                         for c in topo.children(q.name))
-        up_if = names.UPLINK_IF if role.owns_uplink else names.UPSTREAM_IF
+        up_if = names.UPLINK_IF if t.owns_uplink else names.UPSTREAM_IF
         ctx = QubeContext(topo, q, a, stack, ns, up_if, clients, sdir, lab,
-                          tuple(resolvers) if role.owns_uplink else (),
+                          tuple(resolvers) if t.owns_uplink else (),
                           inputs.providers.get(q.name), inputs.caps,
-                          role.owns_uplink and dhcp_uplink(topo, uplink))
+                          t.owns_uplink and dhcp_uplink(topo, uplink))
         info = role.info(ctx)
         p.namespaces.append(NsPlan(ns, f"qube:{q.name}", role.sysctls(ctx),
                                    role.ruleset(ctx, info).to_json(),
                                    _ns_files(ns, list(VIRTUAL_DNS), q.name)))
         p.daemons.extend(role.daemons(ctx, info))
-        p.qubes.append(QubeInfo(q.name, q.kind, q.netvm, q.label, a.qid, ns, a.ipv4, a.ipv6,
-                                # a qube cut off (`attach Q none`) has no link upstream
-                                a.gateway4, ([up_if] if q.netvm or role.owns_uplink else [])
-                                + [c.vif for c in clients], list(clients),
-                                info, dict(q.settings)))
+        qi = QubeInfo(q.name, q.kind, q.netvm, q.label, a.qid, ns, a.ipv4, a.ipv6,
+                      # a qube cut off (`attach Q none`) has no link upstream
+                      a.gateway4, ([up_if] if q.netvm or t.owns_uplink else [])
+                      + [c.vif for c in clients], list(clients),
+                      info, dict(q.settings), t)
+        qi.tunnel = role.tunnel(qi)
+        if t.provides_network:
+            qi.client_resolver = role.client_resolver(qi)
+            qi.client_env = role.client_env(qi)
+        p.qubes.append(qi)
         if q.netvm:  # the link to the netvm: /32 point-to-point both ends
             _plan_link(p, topo, stack, q.netvm, ns, a, addrs[q.netvm])
     net_ns = p.net.netns
     if lab:
-        refs = {ref for q in topo.qubes for ref in role_for(q.kind).provider_refs(q)}
+        refs = {ref for q in topo.qubes for ref in topo.kinds[q.kind].provider_refs(q)}
         vpn_keys = any(ref.startswith("lab:") for ref in refs)
-        tor = any(role_for(q.kind).protection == "tor" for q in topo.qubes)
+        tor = any(topo.kinds[q.kind].traits.protection == "tor" for q in topo.qubes)
         from netstack.tor.obfs4 import LAB_REF
 
         bridge = any(LAB_REF in q.settings.get("bridges", []) for q in topo.qubes)

@@ -104,29 +104,18 @@ def listening(pid: int, proto: str, port: int) -> bool:
     return False
 
 
-def wait_daemons_ready(state_dir: str, ready: dict[str, str], timeout: float) -> None:
-    """Until each named daemon answers as its Daemon.ready says: "hook" once its hook
-    reported `configured`, "udp/PORT" (or tcp) once the port is bound in its namespace.
-    Raises NotReady naming the ones still waiting, with their log."""
-    from netstack.errors import NotReady
-
-    end = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        st = read_status(state_dir)
-        kids = st.children if st else {}
-        waiting = []
-        for name, how in ready.items():
-            c = kids.get(name)
-            proto, _, port = how.partition("/")
-            ok = c is not None and (c.configured if how == "hook"
-                                    else listening(c.pid, proto, int(port)))
-            if not ok:
-                waiting.append(name)
-        if not waiting:
-            return
-        if time.monotonic() > end:
-            raise NotReady(f"{', '.join(waiting)} not ready after {timeout:.0f} s; see "
-                           + ", ".join(os.path.join(state_dir, f"{w}.log") for w in waiting))
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+def daemons_waiting(state_dir: str, ready: dict[str, str]) -> list[str]:
+    """The named daemons that do not answer yet as their Daemon.ready says: "hook" until
+    its hook reported `configured`, "udp/PORT" (or tcp) until the port is bound in its
+    namespace (Kernel.wait_ready polls this)."""
+    st = read_status(state_dir)
+    kids = st.children if st else {}
+    waiting = []
+    for name, how in ready.items():
+        c = kids.get(name)
+        proto, _, port = how.partition("/")
+        ok = c is not None and (c.configured if how == "hook"
+                                else listening(c.pid, proto, int(port)))
+        if not ok:
+            waiting.append(name)
+    return waiting

@@ -79,8 +79,9 @@ class Flows:
 class Chain:
     """A running lab chain a test talks to through one workstation."""
 
-    def __init__(self, stack: str, qube: str | None, own: bool) -> None:
+    def __init__(self, stack: str, qube: str | None, own: bool, kernel: Any) -> None:
         self.stack, self.qube, self.own = stack, qube, own
+        self.kernel = kernel  # the plugin's one kernel (made by the fixture, its entry)
         self._watch: Any = None
 
     def mark(self, expect: str | None = None) -> Any:
@@ -89,7 +90,7 @@ class Chain:
 
         if self._watch is not None:
             self._watch.stop()
-        self._watch = Watch(self.stack, self.qube, expect).start()
+        self._watch = Watch(self.stack, self.qube, self.kernel, expect).start()
         return self._watch
 
     def flows(self, since: Any = None) -> Flows:
@@ -103,15 +104,10 @@ class Chain:
     def run(self, cmd: list[str], check: bool = False) -> subprocess.CompletedProcess:
         """The command in the workstation's sandbox (output captured)."""
         from netstack.check import run_in
-        from netstack.kernel import RealKernel
         from netstack.leaktest import battery
 
-        k = RealKernel()
-        try:
-            ctx = battery.context(self.stack, self.qube, k)
-            p = run_in(ctx, cmd, capture=True)
-        finally:
-            k.close()
+        ctx = battery.context(self.stack, self.qube, self.kernel)
+        p = run_in(ctx, cmd, capture=True)
         if check and p.returncode != 0:
             raise AssertionError(f"{cmd} exited {p.returncode}: {p.stderr.strip()[-500:]}")
         return p
@@ -119,14 +115,9 @@ class Chain:
     def call(self, fn: Any, *args: Any) -> Any:
         """A Python callable (importable by name) run in the workstation's namespace, in a
         child process; its return value comes back pickled."""
-        from netstack.kernel import RealKernel
         from netstack.leaktest import battery
 
-        k = RealKernel()
-        try:
-            ns = battery.context(self.stack, self.qube, k).ws.netns
-        finally:
-            k.close()
+        ns = battery.context(self.stack, self.qube, self.kernel).ws.netns
         payload = pickle.dumps((fn, args))
         p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
                             "import pickle, sys; fn, a = pickle.loads(sys.stdin.buffer.read());"
@@ -142,7 +133,10 @@ class Chain:
 def netstack_chain() -> Any:
     """Factory: netstack_chain(config=..., qube=..., stack=...) -> Chain (one per config
     for the session; all brought down at its end)."""
+    from netstack.kernel import RealKernel
+
     made: dict[tuple[str | None, str | None], Chain] = {}
+    k = RealKernel()  # this entry's one kernel (the plugin is a command of its own)
 
     def get(config: str | None = None, qube: str | None = None,
             stack: str | None = None) -> Chain:
@@ -152,7 +146,7 @@ def netstack_chain() -> Any:
         if key in made:
             return made[key]
         if stack is not None:
-            made[key] = Chain(stack, qube, own=False)
+            made[key] = Chain(stack, qube, own=False, kernel=k)
             return made[key]
         from netstack import stack as stacks
         from netstack.check import wait_ready
@@ -160,20 +154,21 @@ def netstack_chain() -> Any:
 
         name = "pt" + secrets.token_hex(3)
         try:
-            stacks.up(config, name, UplinkSpec("lab", sink=True))
-            wait_ready(name)
+            stacks.up(config, name, UplinkSpec("lab", sink=True), k)
+            wait_ready(name, k)
         except BaseException:
-            stacks.down(name)
+            stacks.down(name, k)
             raise
-        made[key] = Chain(name, qube, own=True)
+        made[key] = Chain(name, qube, own=True, kernel=k)
         return made[key]
     yield get
     from netstack import stack as stacks
 
     for c in made.values():
         if c.own:
-            stacks.down(c.stack)
+            stacks.down(c.stack, k)
             _purge(c.stack)
+    k.close()
 
 
 def _purge(stack: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -209,6 +209,7 @@ class Runtime:
     kernel: Kernel
     state: State
     plan: Plan
+    runtimes: Mapping[str, Any]  # kind -> its runtime (kinds/runtime.py), from the caller
     providers: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     lab_maker: Callable[..., tuple[str, ...]] | None = None
     lab_dirauths: tuple[str, ...] = ()
@@ -324,7 +325,8 @@ def _dir_known(d: str, k: Kernel, st: State) -> bool:
     return DirRec(d) in st.objects or k.is_dir(d)
 
 
-def up(plan: Plan, st: State, k: Kernel, providers: dict[str, list[tuple[str, Any]]] | None = None,
+def up(plan: Plan, st: State, k: Kernel, runtimes: Mapping[str, Any],
+       providers: dict[str, list[tuple[str, Any]]] | None = None,
        lab_maker: Callable[..., tuple[str, ...]] | None = None) -> None:
     """Bring the plan up; on any failure undo what was made and raise, naming what could
     not be undone."""
@@ -340,7 +342,7 @@ def up(plan: Plan, st: State, k: Kernel, providers: dict[str, list[tuple[str, An
 
         st.data.started = time.time()
     st.set_plan(plan)
-    rt = Runtime(k, st, plan, providers or {}, lab_maker)
+    rt = Runtime(k, st, plan, runtimes, providers or {}, lab_maker)
     try:
         apply(diff(None, plan), k, st)
         run_time(rt)
@@ -372,7 +374,6 @@ def record_digests(plan: Plan, st: State, k: Kernel) -> None:
 
 def run_time(rt: Runtime) -> None:
     from netstack import processes
-    from netstack.roles import role_for
 
     plan, k = rt.plan, rt.kernel
     if plan.lab and (plan.lab.vpn_keys or plan.lab.tor):
@@ -383,7 +384,7 @@ def run_time(rt: Runtime) -> None:
         rt.state.save()
         crash_point("lab-made")
     for q in plan.qubes:
-        role_for(q.kind).prepare(q, rt)
+        rt.runtimes[q.kind].prepare(q, rt)
     from netstack.rules import qubefw
 
     if plan.services or plan.daemons or qubefw.plan_has_runtime_sets(plan):
@@ -392,9 +393,10 @@ def run_time(rt: Runtime) -> None:
     if ready:
         # Daemons others need (the lab's VPN servers) answer before any qube's go signal,
         # or a client's first handshake meets a closed port and waits WireGuard's 5 s retry.
-        k.wait_ready(rt.state.dir, ready, 10.0)
+        k.wait_ready(rt.state.dir, ready, 10.0,
+                     lambda: processes.daemons_waiting(rt.state.dir, ready))
     for q in plan.qubes:
-        role_for(q.kind).activate(q, rt)
+        rt.runtimes[q.kind].activate(q, rt)
     from netstack.rules import names
 
     names.refresh(rt.state.dir, plan, rt.state.data.started, k)
@@ -406,8 +408,8 @@ def _make_lab(lab: Any, write: Callable[[str, str], None]) -> tuple[str, ...]:
     return vpnserver.generate(lab, write)
 
 
-def change(current: Plan, desired: Plan, st: State, k: Kernel, tolerant: bool = False
-           ) -> list[Step]:
+def change(current: Plan, desired: Plan, st: State, k: Kernel, runtimes: Mapping[str, Any],
+           tolerant: bool = False) -> list[Step]:
     """The kernel steps of a live change from `current` to `desired` (netstack.live writes
     the intent before and the plan after; every object made is recorded as it is made, so
     `down` after a crash knows it). tolerant: from a state between the two (a crashed
@@ -415,13 +417,12 @@ def change(current: Plan, desired: Plan, st: State, k: Kernel, tolerant: bool = 
     removed, and rules are loaded whatever failed before them."""
     import time
 
-    from netstack.roles import role_for
     from netstack.rules import names
 
     qube_of = {q.netns: q for q in desired.qubes}
     steps = diff(current, desired)
     store, now = names.load(st.dir), time.time()
-    steps = [replace(s, extra=tuple(([] if s.fresh else role_for(qube_of[s.ns].kind)
+    steps = [replace(s, extra=tuple(([] if s.fresh else runtimes[qube_of[s.ns].kind]
                                      .reload_commands(qube_of[s.ns], st))
                                     + names.fill(desired, qube_of[s.ns].name, store,
                                                  st.data.started, now)))

@@ -13,8 +13,9 @@ from typing import Any
 from netstack import names
 from netstack.errors import NetstackError, StateError, UsageError
 from netstack.kernel import Kernel, RealKernel, proc_alive
+from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.model import Plan, UplinkSpec
-from netstack.state import StackLock, State, stack_dir
+from netstack.state import StackLock, State, require, require_root, stack_dir
 
 
 def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
@@ -22,13 +23,7 @@ def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
     from netstack.plan import build, load_inputs
 
     names.check_stack(stack)
-    return build(load_inputs(config_path, stack, uplink), stack, uplink)
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise UsageError(f"netstack {what} needs root (namespaces and nftables): run it "
-                         "with sudo")
+    return build(load_inputs(config_path, stack, uplink, SPECS), stack, uplink)
 
 
 def up(config_path: str | None, stack: str, uplink: UplinkSpec,
@@ -39,7 +34,7 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     from netstack.plan import DEFAULT_CONFIG, build, load_inputs
 
     names.check_stack(stack)
-    inputs = load_inputs(config_path, stack, uplink)  # bad input stops here: host untouched
+    inputs = load_inputs(config_path, stack, uplink, SPECS)  # bad input: host untouched
     p = build(inputs, stack, uplink)
     require_root("up")
     k = kernel or RealKernel()
@@ -61,7 +56,7 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
             st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
             st.data.started = time.time()
             st.create()  # from here on `down` knows the stack
-            reconcile.up(p, st, k, inputs.providers)
+            reconcile.up(p, st, k, RUNTIMES, inputs.providers)
     finally:
         if kernel is None:
             k.close()
@@ -85,15 +80,6 @@ def down(stack: str, kernel: Kernel | None = None) -> list[str]:
             k.close()
 
 
-def require(stack: str) -> State:
-    names.check_stack(stack)
-    st = State.load(stack)
-    if st is None or st.plan is None:
-        raise StateError(f"stack {stack!r} is not up; start it with `netstack --stack {stack} "
-                         "up --lab`")
-    return st
-
-
 def interrupted(st: Any) -> str | None:
     """A live change a crash left half done (netstack.live), as a status problem."""
     from netstack.live import pending
@@ -110,9 +96,8 @@ def status(stack: str) -> dict[str, Any]:
     """Recorded plan plus live facts read from each namespace, and the verdict on them."""
     from netstack import health, pathfacts
     from netstack.codec import dump
+    from netstack.kinds.runtime import LiveFacts
     from netstack.processes import children, supervisor_pid
-    from netstack.roles import role_for
-    from netstack.roles.base import LiveFacts
     from netstack.state import ProcessRec
 
     require_root("status")
@@ -147,9 +132,9 @@ def status(stack: str) -> dict[str, Any]:
                 "interfaces": [{"name": x.name, "state": x.state, "flags": x.flags,
                                 "addresses": x.addresses, "rx_bytes": x.rx_bytes,
                                 "tx_bytes": x.tx_bytes} for x in links if x.name != "lo"]}
-            role = role_for(q.kind)
+            role = RUNTIMES[q.kind]
             entry.update(role.status(q, LiveFacts(links, kids,
-                                                  st.data.resolved.get(q.name, {}))))
+                                                  st.data.resolved.get(q.name, {})), k))
             if q.name in names_store:
                 entry["client_rules"] = {"names": {h: a.to_json() for h, a in
                                                    names_store[q.name].items()}}
@@ -208,7 +193,6 @@ def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,
     switch), a table it did not make, and a packet path beside nftables (tc filters, XDP,
     links it did not make, policy routing rules)."""
     from netstack import health, pathfacts
-    from netstack.roles import role_for
 
     out = []
     want = st.data.rule_digests.get(q.netns)
@@ -216,23 +200,11 @@ def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,
         out += health.rule_problems(want, doc)
     out += health.set_problems(want_sets.get(q.netns, {}), doc)
     out += pathfacts.foreign_objects(doc)
-    tun = role_for(q.kind).tunnel(q)
+    tun = q.tunnel
     planned = list(q.interfaces) + ([tun.dev] if tun else [])
     facts = {**pathfacts.kernel_facts(k.netlink(q.netns)),
              "legacy": pathfacts.legacy_tables(q.netns)}
     out += [str(f) for f in pathfacts.kernel_findings(facts, planned)]
-    return out
-
-
-def onion_addresses(t: Any) -> dict[str, str | None]:
-    """client -> the .onion address of its service (None until tor made it)."""
-    out: dict[str, str | None] = {}
-    for client in t.onions:
-        try:
-            with open(os.path.join(t.onion_dir(client), "hostname")) as f:
-                out[client] = f.read().strip()
-        except OSError:
-            out[client] = None
     return out
 
 
@@ -262,8 +234,6 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
     root in its namespace, for inspection. `ip netns exec` binds /etc/netns/NS/* over /etc,
     so name lookups inside never use the host's resolver stubs."""
     from netstack import sandbox
-    from netstack.roles import role_for
-
     st = require(stack)
     assert st.plan is not None
     if not st.plan.has_qube(qube):
@@ -275,7 +245,7 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
     ns = q.netns
     if not os.path.exists(f"/run/netns/{ns}"):
         raise StateError(f"qube {qube!r}: namespace {ns} is gone; run `netstack down` and `up`")
-    if role_for(q.kind).sandboxed:
+    if q.traits.sandboxed:
         who = sandbox.account(user, os.environ.get("SUDO_USER"))
         home: str | None = None
         if q.settings.get("home", "persistent") == "persistent":
@@ -291,11 +261,11 @@ def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
                 grants = (g,)
                 if g.warning:
                     print(f"netstack: {qube}: {g.warning}", file=sys.stderr)
-        env = role_for(st.plan.qube(q.netvm).kind).client_env(st.plan.qube(q.netvm)) \
+        env = st.plan.qube(q.netvm).client_env \
             if q.netvm else {}
         from netstack import seccomp
 
-        whonix = any(role_for(x.kind).protection == "tor" for x in st.plan.chain(qube)[1:])
+        whonix = any(x.traits.protection == "tor" for x in st.plan.chain(qube)[1:])
         public = os.path.join(st.dir, sandbox.PUBLIC)
         ident = sandbox.make_identity(public, os.path.dirname(home) if home else None, qube,
                                       whonix)

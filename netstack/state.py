@@ -15,16 +15,11 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from netstack import names as _names  # RUN_DIR is read at each call (tests move it)
 from netstack.codec import Tagged, dump, load
-from netstack.errors import StateError
+from netstack.errors import StateError, UsageError
 from netstack.model import SCHEMA, Plan
-
-RUN_DIR = os.environ.get("NETSTACK_RUN_DIR", "/run/netstack")
-
-
-def stack_dir(stack: str) -> str:
-    return os.path.join(RUN_DIR, stack)
-
+from netstack.names import check_stack, stack_dir  # noqa: F401  (stack_dir: re-exported)
 
 # --- intent records -------------------------------------------------------------------
 
@@ -193,8 +188,8 @@ class State:
     @staticmethod
     def stacks() -> list[str]:
         try:
-            return sorted(d for d in os.listdir(RUN_DIR)
-                          if os.path.exists(os.path.join(RUN_DIR, d, "state.json")))
+            return sorted(d for d in os.listdir(_names.RUN_DIR)
+                          if os.path.exists(os.path.join(_names.RUN_DIR, d, "state.json")))
         except (FileNotFoundError, PermissionError):
             return []
 
@@ -334,7 +329,7 @@ def make_stack_dir(d: str) -> None:
     """0711: daemons that drop root (tor as debian-tor) must traverse to their own
     directory; nothing here can be listed, and every file inside is 0600 or in a 0700
     directory."""
-    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    os.makedirs(_names.RUN_DIR, mode=0o755, exist_ok=True)
     if os.path.islink(d):
         raise StateError(f"{d} is a symlink; netstack keeps its state only in a directory "
                          "of its own")
@@ -346,11 +341,9 @@ def make_stack_dir(d: str) -> None:
 def checked_stack_dir(stack: str) -> str:
     """The stack's own directory, refused when it is not exactly RUN_DIR/STACK (a symlink,
     a name with a path in it)."""
-    from netstack.names import check_stack
-
     check_stack(stack)
     d = stack_dir(stack)
-    want = os.path.join(os.path.realpath(RUN_DIR), stack)
+    want = os.path.join(os.path.realpath(_names.RUN_DIR), stack)
     if os.path.islink(d) or (os.path.exists(d) and os.path.realpath(d) != want):
         raise StateError(f"{d} is not netstack's own directory (a symlink?); not touching it")
     return d
@@ -432,3 +425,18 @@ def _crash_point(n: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"netstack {what} needs root (namespaces and nftables): run it "
+                         "with sudo")
+
+
+def require(stack: str) -> State:
+    check_stack(stack)
+    st = State.load(stack)
+    if st is None or st.plan is None:
+        raise StateError(f"stack {stack!r} is not up; start it with `netstack --stack {stack} "
+                         "up --lab`")
+    return st

@@ -201,7 +201,7 @@ class Supervisor:
         self.stopping.set()
 
     def run(self) -> None:
-        from netstack.lab.services import run_service
+        from netstack.lab.serve import run_service
 
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)

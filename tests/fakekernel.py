@@ -199,7 +199,8 @@ class FakeKernel(Kernel):
         self.procs.add(pid)
         return pid, 1
 
-    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float) -> None:
+    def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float,
+                   waiting: Any = None) -> None:
         self._ev("wait_ready", tuple(sorted(ready)))
 
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 from netstack.audit.properties import AuditContext, QubeView, Result, all_results
+from netstack.kinds.registry import SPECS
 from netstack.model import Plan
-from netstack.roles import role_for
 from netstack.vpn.info import VpnInfo, all_transport
 
 
@@ -18,7 +18,7 @@ def views(plan: Plan, rulesets: dict[str, dict[str, Any]],
     from the typed plan; interfaces from the kernel when `net` (live facts) is given."""
     out = []
     for q in plan.qubes:
-        tun = role_for(q.kind).tunnel(q)
+        tun = q.tunnel
         ifaces = list(q.interfaces)
         if net and q.netns in net:
             ifaces = sorted(set(ifaces) | {x for x in net[q.netns]["links"] if x != "lo"})
@@ -87,7 +87,7 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
         d = []
         for q in plan.qubes:
             ns = q.netns
-            tun = role_for(q.kind).tunnel(q)
+            tun = q.tunnel
             ifaces = list(q.interfaces) + ([tun.dev] if tun else [])
             want_rs = _with_live_sets(gen[ns], live[ns])
             text = text_diff(live[ns], want_rs, q.name)
@@ -136,7 +136,7 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
     plain, problem = None, _config_problem(stack, config)
     if problem is None:
         try:
-            plain = cfg.load(str(config), {})
+            plain = cfg.load(str(config), SPECS, {})
         except (NetstackError, OSError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             problem = (f"config {config} no longer loads ({why}): the lists cannot be "
@@ -236,7 +236,7 @@ def audit(plan: Plan, rulesets: dict[str, dict[str, Any]],
     t0 = time.perf_counter()
     eps = all_transport(plan.infos(VpnInfo), resolved)
     ctx = AuditContext(plan, rulesets, resolved or {}, eps, rule_names or {},
-                       started or 0.0, None if started is None else time.time())
+                       started or 0.0, None if started is None else time.time(), SPECS)
     vs = views(plan, rulesets, net)
     res = all_results(vs, ctx)
     res += end_to_end(plan, rulesets, eps, net)

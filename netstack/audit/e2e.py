@@ -20,7 +20,6 @@ from netstack.audit.properties import Result
 from netstack.audit.space import NO_IFACE, Domains, Pred, Unsupported, eq_pred
 from netstack.model import Plan, QubeInfo, Route
 from netstack.names import vif
-from netstack.roles import role_for
 
 
 def _net(dst: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -55,7 +54,7 @@ class Walk:
         if self.net:  # the kernel's routes: the tunnel's are there only while it runs
             return list(self.net[q.netns]["routes"])
         routes = [r for r in self.plan.routes if r.ns == q.netns]
-        tun = role_for(q.kind).tunnel(q)
+        tun = q.tunnel
         if tun:  # the tunnel's routes, set by its post-start hook
             extra = [Route(q.netns, r, tun.dev) for r in tun.routes]
             extra += [Route(q.netns, f"{e[0]}/32", tun.upstream_if) for e in self.endpoints]
@@ -249,7 +248,7 @@ class Walk:
                     self.end("blocked", t, taint + tn)
             self.ev.explore("egress", {"oif": eq_pred([oif])}, eg, rs=rs)
             return
-        tun = role_for(q.kind).tunnel(q)
+        tun = q.tunnel
         if tun and oif == tun.dev:
             self.encapsulate(q, tun, trace, taint, depth)
             return
@@ -340,10 +339,10 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
     out = []
     compiled = {ns: Ruleset(rs) for ns, rs in rulesets.items()}
     for ws in plan.qubes:
-        if role_for(ws.kind).provides_network:
+        if ws.traits.provides_network:
             continue
         chain = plan.chain(ws.name)[1:]
-        if not any(role_for(c.kind).tunnel(c) for c in chain):
+        if not any(c.tunnel for c in chain):
             continue
         doms = Domains()
         for c in chain:
@@ -394,7 +393,7 @@ def _constants(d: Domains, plan: Plan, chain: list[QubeInfo],
 
     for q in chain:
         routes = net[q.netns]["routes"] if net else [r for r in plan.routes if r.ns == q.netns]
-        tun = role_for(q.kind).tunnel(q)
+        tun = q.tunnel
         dsts = [r.dst for r in routes] + (list(tun.routes) if tun else [])
         for dst in dsts:
             n = _net(dst)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,8 @@ class AuditContext:
     rule_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     started: float = 0.0
     now: float | None = None
+    # kind -> its spec, whose `audit` names the qube's properties (handed in by the entry)
+    kinds: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -600,9 +602,7 @@ __all__ = ["CT_STATES", "FIELDS", "AuditContext", "QubeView", "Result", "accepte
 
 
 def for_qube(q: QubeView, ctx: AuditContext) -> list[Result]:
-    from netstack.roles import role_for
-
-    return role_for(q.qube.kind).audit(q, ctx)
+    return ctx.kinds[q.qube.kind].audit(q, ctx)
 
 
 def all_results(views: list[QubeView], ctx: AuditContext) -> list[Result]:

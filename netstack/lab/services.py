@@ -238,17 +238,3 @@ def serve_dns(udp_fd: int, tcp_fd: int, zone: dict[str, str], log_path: str) -> 
 
     threading.Thread(target=udp_loop, daemon=True).start()
     tcp_loop()
-
-
-def run_service(spec: Any) -> None:
-    """spec: a supervisor.ServiceSpec."""
-    if spec.type == "http":
-        serve_http(spec.fds["tcp"], spec.log)
-    elif spec.type == "dns":
-        serve_dns(spec.fds["udp"], spec.fds["tcp"], spec.zone, spec.log)
-    elif spec.type == "sink":
-        from netstack.lab.sink import serve
-
-        serve(spec.fds["tcp"], spec.fds["udp"], spec.zone["lab_dir"], spec.log)
-    else:
-        raise ValueError(f"unknown service type {spec.type}")

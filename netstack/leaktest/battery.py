@@ -17,6 +17,7 @@ from typing import Any
 
 from netstack.errors import StateError, UsageError
 from netstack.kernel import Kernel, RealKernel, proc_alive
+from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.leaktest import SCENARIOS
 from netstack.leaktest.capture import Capture
 from netstack.leaktest.catalogue import Case, Target, cases, stamp
@@ -24,7 +25,6 @@ from netstack.leaktest.endpoints import Timeline, VpnSource, source
 from netstack.leaktest.prober import Prober, Sent
 from netstack.model import Plan, QubeInfo
 from netstack.processes import children, supervisor_pid
-from netstack.roles import role_for
 from netstack.rules.nft import commands
 from netstack.state import State
 from netstack.vpn.info import VpnInfo
@@ -78,7 +78,7 @@ class Ctx:
 
 
 def _protection(q: QubeInfo) -> str | None:
-    return role_for(q.kind).protection
+    return q.traits.protection
 
 
 def context(stack: str, ws_name: str | None, k: Kernel) -> Ctx:
@@ -90,13 +90,13 @@ def context(stack: str, ws_name: str | None, k: Kernel) -> Ctx:
                          "up --lab`")
     plan = st.plan
     assert plan is not None
-    apps = [q for q in plan.qubes if not role_for(q.kind).provides_network]
+    apps = [q for q in plan.qubes if not q.traits.provides_network]
     if ws_name is None:
         if not apps:
             raise UsageError("the stack has no app qube to probe from")
         ws = next((q for q in apps if any(_protection(x) == "tor"
                                           for x in plan.chain(q.name)[1:])), apps[0])
-    elif not plan.has_qube(ws_name) or role_for(plan.qube(ws_name).kind).provides_network:
+    elif not plan.has_qube(ws_name) or plan.qube(ws_name).traits.provides_network:
         raise UsageError(f"--qube {ws_name!r} is not an app qube of stack {stack!r}")
     else:
         ws = plan.qube(ws_name)
@@ -137,9 +137,8 @@ def links(ctx: Ctx) -> list[Link]:
     on_chain = {q.name for q in ctx.chain}
     outer = "plain"
     for q in ctx.chain[1:]:
-        role = role_for(q.kind)
-        outer = role.leak_zone(outer)
-        tun = role.tunnel(q)
+        outer = SPECS[q.kind].leak_zone(outer)
+        tun = q.tunnel
         if tun:
             out.append(Link(f"{q.name}:{tun.dev}", q.netns, tun.dev, "vpn-inner"))
         name = "isp-link" if q.netvm is None else f"{q.name}:{q.upstream_if}"
@@ -335,13 +334,13 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
                     sent[c.marker] = _run_tool(ctx, c.tool)
             if downer:
                 downer.join()
-            elif role_for(ctx.ws.kind).sandboxed:
+            elif ctx.ws.traits.sandboxed:
                 from netstack.leaktest import local
 
                 fwd = (local.Forward(ctx.plan.net.netns, ctx.plan.upstream_dns[0])
                        if ctx.plan.lab else None)  # a real host's resolver is never asked
                 others = tuple(q.name for q in ctx.plan.qubes if q.name != ctx.ws.name
-                               and role_for(q.kind).sandboxed)[:2]  # ids must differ
+                               and q.traits.sandboxed)[:2]  # ids must differ
                 local_results = local.run(ctx.stack, ctx.ws.name, ctx.ws.netns, fwd, others)
             time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
     finally:
@@ -563,6 +562,6 @@ def _scenario(ctx: Ctx, scenario: str):
 def reload_runtime(ctx: Ctx) -> None:
     """After full reloads: each role restores what it fills at run time."""
     for q in ctx.plan.qubes:
-        role_for(q.kind).after_reload(q, ctx.kernel, ctx.state)
+        RUNTIMES[q.kind].after_reload(q, ctx.kernel, ctx.state)
 
 

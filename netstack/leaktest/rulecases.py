@@ -225,9 +225,7 @@ def run(stack: str, qube: str | None = None, expiry: bool = True) -> list[QubeRe
     out = []
     for q in with_lists:
         rules = qubefw.parse(q.name, q.settings["firewall"])
-        from netstack.roles import role_for
-
-        tor = role_for(plan.qube(q.netvm).kind).protection == "tor"  # TCP and DNS only
+        tor = plan.qube(q.netvm).traits.protection == "tor"  # TCP and DNS only
         rep = QubeReport(q.name, q.netvm)
         rep.cases = derive(rules, rnames.addresses(store, q.netvm), hosts, st.data.started,
                            time.time(), tor)

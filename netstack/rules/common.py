@@ -10,6 +10,7 @@ from netstack.rules.nft import (
     COUNTER,
     DROP,
     MASQUERADE,
+    ND_TYPES,
     NamedSet,
     Ruleset,
     ct_state,
@@ -26,10 +27,6 @@ from netstack.rules.nft import (
     payload,
     th_dport,
 )
-
-ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
-            "nd-neighbor-advert"]
-
 
 LINK_SCOPE6 = [{"prefix": {"addr": "fe80::", "len": 10}},
                {"prefix": {"addr": "ff02::", "len": 16}}]

@@ -224,3 +224,7 @@ def commands(ruleset_json: dict[str, Any], fresh: bool = False) -> dict[str, Any
     cmds: list[dict[str, Any]] = [] if fresh else [{"add": table}, {"delete": table}]
     cmds += [{"add": obj} for obj in ruleset_json["nftables"]]
     return {"nftables": cmds}
+
+# IPv6 neighbour discovery: what every link needs (rules/common.py, rules/qubefw.py)
+ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
+            "nd-neighbor-advert"]

@@ -268,7 +268,7 @@ def add_client_rules(rs: Any, qid: int, qube: str, rules: tuple[FwRule, ...],
     connections in prerouting. With IPv6 on, neighbour discovery with the netvm returns
     first: it is the link itself, not a destination."""
     from netstack.rules import nft
-    from netstack.rules.common import ND_TYPES
+    from netstack.rules.nft import ND_TYPES
 
     c = rs.chain(chain_name(qube))
     if ipv6:

@@ -106,3 +106,15 @@ def torrc(t: TorInfo, dirauths: list[str] | tuple[str, ...] = ()) -> str:
         lines += ["UseBridges 1", "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"]
         lines += [f"Bridge {b}" for b in t.bridges]
     return "\n".join(lines) + "\n"
+
+
+def onion_addresses(t: TorInfo) -> dict[str, str | None]:
+    """client -> the .onion address of its service (None until tor made it)."""
+    out: dict[str, str | None] = {}
+    for client in t.onions:
+        try:
+            with open(os.path.join(t.onion_dir(client), "hostname")) as f:
+                out[client] = f.read().strip()
+        except OSError:
+            out[client] = None
+    return out

@@ -78,7 +78,7 @@ def answers(ns: str | None, server: str, timeout: float) -> bool:
 
 def set_commands(servers: list[ServerFiles], i: int) -> dict[str, Any]:
     """The endpoint sets hold exactly server i's transport (one transaction)."""
-    from netstack.roles.vpn import endpoint_set_commands_for
+    from netstack.vpn.info import endpoint_set_commands_for
 
     return endpoint_set_commands_for([tuple(t) for t in servers[i].transport])
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from netstack.addressing import ip_version, is_ip
 from netstack.model import RoleInfo
@@ -152,3 +153,16 @@ def current_index(info: VpnInfo) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         return 0
     return i % len(info.servers)
+
+
+def endpoint_set_commands(info: VpnInfo, resolved: dict[str, list[str]] | None
+                          ) -> dict[str, Any]:
+    """One transaction: both endpoint sets hold exactly this (server's) transport."""
+    return endpoint_set_commands_for(transport(info, resolved))
+
+
+def endpoint_set_commands_for(triples: list[Any]) -> dict[str, Any]:
+    from netstack.rules.nft import set_commands
+
+    v4, v6 = set_elements(triples)
+    return {"nftables": set_commands(ENDPOINT_SET, v4) + set_commands(ENDPOINT_SET6, v6)}

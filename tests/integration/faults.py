@@ -13,12 +13,11 @@ from netstack.errors import UsageError
 from netstack.kernel import RealKernel
 from netstack.leaktest.battery import Ctx, Fault, context, hold_dead, reload_runtime
 from netstack.model import QubeInfo, Route
-from netstack.roles import role_for
 from netstack.rules.nft import accept_all, commands
 
 
 def _by_protection(ctx: Ctx, protection: str) -> QubeInfo:
-    q = next((q for q in ctx.chain if role_for(q.kind).protection == protection), None)
+    q = next((q for q in ctx.chain if q.traits.protection == protection), None)
     if q is None:
         raise UsageError(f"this fault needs a {protection} qube in the chain")
     return q
@@ -75,7 +74,7 @@ def inject(ctx: Ctx, fault: str) -> Callable[[], None]:
         undo.append(lambda: (reload(gw), reload_runtime(ctx)))
     elif fault == "ipv6-allowed":
         without(gw, lambda c: c.startswith("IPv6 is off") or "(IPv6" in c)
-        tun = role_for(gw.kind).tunnel(gw)
+        tun = gw.tunnel
         out_if = tun.dev if tun else gw.upstream_if  # where its forward rule leads
         ifs = ["all", "default", *gw.interfaces, out_if]
         for i in ifs:

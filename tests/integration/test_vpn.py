@@ -307,7 +307,7 @@ def test_anti_without_kill_switch_clear_packets_leak(vs, tmp_path):
         os.kill(supervisor_pid(vs.stack), signal.SIGCONT)
         st = load_state(vs.stack)
         load_ruleset(vs.vpn, st.plan.ns(vs.vpn).ruleset)
-        from netstack.roles.vpn import endpoint_set_commands
+        from netstack.vpn.info import endpoint_set_commands
 
         assert st.data.resolved["sys-proxyvm"] == {"vpn.lab.test": [VPN_SERVER]}
         k = kernel()

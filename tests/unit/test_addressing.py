@@ -5,11 +5,12 @@ import pytest
 from netstack import addressing, config, names, plan
 from netstack.codec import dump
 from netstack.errors import ConfigError, UsageError
+from netstack.kinds.registry import SPECS
 from tests.unit.test_config import ROOT
 
 
 def basic():
-    return config.load(ROOT / "configs" / "basic.toml")
+    return config.load(ROOT / "configs" / "basic.toml", SPECS)
 
 
 def test_qube_addresses_follow_tree_order():
@@ -27,13 +28,14 @@ def test_plan_is_deterministic_and_independent_of_table_order():
     text = (ROOT / "configs" / "basic.toml").read_text()
     blocks = text.split("\n\n")
     shuffled = "\n\n".join([blocks[0]] + list(reversed(blocks[1:])))
-    p1 = dump(plan.build(config.parse(text), "s", plan.UplinkSpec("lab")))
-    p2 = dump(plan.build(config.parse(shuffled), "s", plan.UplinkSpec("lab")))
+    p1 = dump(plan.build(config.parse(text, SPECS), "s", plan.UplinkSpec("lab")))
+    p2 = dump(plan.build(config.parse(shuffled, SPECS), "s", plan.UplinkSpec("lab")))
     assert p1["qubes"] == p2["qubes"] and p1["addrs"] == p2["addrs"]
 
 
 def test_ipv6_plan_follows_qubes():
-    t = config.parse((ROOT / "configs" / "basic.toml").read_text() + "\n[stack]\nipv6 = true\n")
+    t = config.parse((ROOT / "configs" / "basic.toml").read_text()
+                     + "\n[stack]\nipv6 = true\n", SPECS)
     a = addressing.plan_addresses(t)
     assert a["work"].ipv6 == "fd09:24ef:4179::a89:4"
     assert a["work"].gateway6 == "fd09:24ef:4179::a89:2"
@@ -139,7 +141,7 @@ def test_check_ifname():
 
 def test_nat_uplink_plan():
     t = config.parse((ROOT / "configs" / "basic.toml").read_text().replace(
-        'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]', 1))
+        'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]', 1), SPECS)
     p = plan.build(t, "s1", plan.UplinkSpec("nat", "eth7"))
     assert p.host_nat and p.host_nat.dev == "eth7" and p.host_nat.veth == "nsu-s1"
     assert plan.nat_subnet("s1") == p.host_nat.subnet

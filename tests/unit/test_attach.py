@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from netstack import disposable, firewall_live, sandbox, state
+from netstack import disposable, firewall_live, sandbox
 from netstack.attach import attach
 from netstack.errors import ConfigError, UsageError
 from tests.unit.test_disposable import plan_of, up
@@ -15,7 +15,7 @@ from tests.unit.test_disposable import plan_of, up
 
 @pytest.fixture(autouse=True)
 def dirs(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(sandbox, "HOME_ROOT", str(tmp_path / "lib"))
 
 

@@ -9,6 +9,7 @@ import copy
 import pytest
 
 from netstack.audit import audit
+from netstack.kinds.registry import SPECS
 from netstack.model import UplinkSpec
 from netstack.plan import build
 from tests.unit.test_reconcile import ROOT
@@ -27,7 +28,7 @@ def plan_of(text: str, tmp=None):
         cfg = Path(d) / "c.toml"
         cfg.write_text(text)
         lab = UplinkSpec("lab")
-        return build(load_inputs(str(cfg), "main", lab, overlay={}), "main", lab)
+        return build(load_inputs(str(cfg), "main", lab, SPECS, overlay={}), "main", lab)
 
 
 def rulesets(p):

@@ -17,7 +17,8 @@ from netstack import check
 from netstack.check import Flow, Leak, Report
 
 CTX = types.SimpleNamespace(exits={"203.0.113.41"}, vpn_server="203.0.113.10",
-                            chain=[None, types.SimpleNamespace(kind="firewall")])
+                            chain=[None, types.SimpleNamespace(kind="firewall",
+                                                                  client_env={})])
 
 
 @pytest.mark.parametrize("family,proto,dst,dport,klass", [
@@ -42,6 +43,9 @@ def test_a_tor_gateways_socks_ports_are_a_proxy_not_a_bypass():
 
     gw = types.SimpleNamespace(kind="tor", info=TorInfo("sys-whonix", "ns", "10.137.0.4", "/d",
                                                        socks_ports={"apt": 9104}))
+    from netstack.kinds.tor import TorSpec
+
+    gw.client_env = TorSpec().client_env(gw)  # what plan.build puts in the plan
     ctx = types.SimpleNamespace(chain=[None, gw])
     assert check.proxies(ctx) == {("10.137.0.4", 9050), ("10.137.0.4", 9104)}
     assert check.classify(ctx, "ipv4", "tcp", "10.137.0.4", 9104) == "proxy"
@@ -113,7 +117,7 @@ RULE = {"qube": "sys-whonix", "hook": "forward", "rule": "forward policy", "chai
 
 def ctx():
     ws = types.SimpleNamespace(name="anon-whonix", ipv4=WS, ipv6=WS6)
-    gw = types.SimpleNamespace(name="sys-whonix", kind="firewall", netns="ns-gw")
+    gw = types.SimpleNamespace(name="sys-whonix", kind="firewall", netns="ns-gw", client_env={})
     return types.SimpleNamespace(ws=ws, chain=[ws, gw], exits={EXIT}, vpn_server=VPN_SERVER)
 
 

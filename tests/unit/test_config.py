@@ -6,6 +6,7 @@ import pytest
 
 from netstack import config
 from netstack.errors import ConfigError
+from netstack.kinds.registry import SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,19 +24,19 @@ netvm = "sys-firewall"
 
 def err(text: str) -> str:
     with pytest.raises(ConfigError) as e:
-        config.parse(text)
+        config.parse(text, SPECS)
     return str(e.value)
 
 
 def test_basic_config_parses():
-    t = config.load(ROOT / "configs" / "basic.toml")
+    t = config.load(ROOT / "configs" / "basic.toml", SPECS)
     assert [q.name for q in t.tree_order()] == ["sys-net", "sys-firewall", "personal", "work"]
     assert t["work"].label == "blue" and t["work"].netvm == "sys-firewall"
     assert [q.name for q in t.children("sys-firewall")] == ["personal", "work"]
 
 
 def test_several_qubes_may_share_a_netvm():
-    t = config.parse(BASE + '[qubes.home]\nkind = "app"\nnetvm = "sys-firewall"\n')
+    t = config.parse(BASE + '[qubes.home]\nkind = "app"\nnetvm = "sys-firewall"\n', SPECS)
     assert len(t.children("sys-firewall")) == 2
 
 
@@ -132,7 +133,7 @@ def test_vpn_needs_type_and_config():
 
 def test_missing_file():
     with pytest.raises(ConfigError) as e:
-        config.load("/nonexistent/x.toml")
+        config.load("/nonexistent/x.toml", SPECS)
     assert "cannot read" in str(e.value)
 
 
@@ -143,8 +144,8 @@ def test_app_home_is_persistent_or_ephemeral(tmp_path):
     base = (ROOT / "configs" / "basic.toml").read_text()
     c = tmp_path / "c.toml"
     c.write_text(base.replace('[qubes.work]\n', '[qubes.work]\nhome = "ephemeral"\n'))
-    t = load(str(c))
+    t = load(str(c), SPECS)
     assert t.qubes[[q.name for q in t.qubes].index("work")].settings["home"] == "ephemeral"
     c.write_text(base.replace('[qubes.work]\n', '[qubes.work]\nhome = "tmp"\n'))
     with pytest.raises(ConfigError, match="qube 'work' field 'home'.*ephemeral"):
-        load(str(c))
+        load(str(c), SPECS)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from netstack import dhcp
-from netstack.roles import role_for
+from netstack.kinds.registry import RUNTIMES
 
 BOUND = {"reason": "BOUND", "new_ip_address": "192.0.2.7", "new_subnet_cidr": "24",
          "new_routers": "192.0.2.1", "new_domain_name_servers": "192.0.2.53 192.0.2.54",
@@ -67,7 +67,7 @@ def test_hook_writes_state_and_map(tmp_path, monkeypatch):
 
 
 def test_status_lines_and_health():
-    role = role_for("net")
+    role = RUNTIMES["net"]
     up = {"dhcp": {"dev": "uplink", "bound": True, "address": "192.0.2.7/24",
                    "routers": ["192.0.2.1"], "dns": ["192.0.2.53"], "lease_s": 120,
                    "renewals": 2, "reason": "RENEW", "age_s": 3.2}}

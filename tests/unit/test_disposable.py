@@ -13,6 +13,7 @@ import pytest
 
 from netstack import disposable, reconcile, sandbox, state
 from netstack.errors import StateError, UsageError
+from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.plan import build, load_inputs
 from netstack.state import StackLock, State
 from netstack.vpn.info import VpnInfo
@@ -24,7 +25,7 @@ DEAD_PID = 2 ** 22 + 12345  # above pid_max's default: never a live process
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
 
 
 def up(cfg: str) -> tuple[FakeKernel, State]:
@@ -111,12 +112,12 @@ def test_a_changed_config_is_refused_before_anything_changes(tmp_path):
     cfg = tmp_path / "basic.toml"
     cfg.write_text((ROOT / "configs/basic.toml").read_text())
     fk = FakeKernel(resolve=RESOLVE)
-    plan = build(load_inputs(str(cfg), "main", LAB), "main", LAB)
+    plan = build(load_inputs(str(cfg), "main", LAB, SPECS), "main", LAB)
     st = State("main")
     st.create()
     st.data.config = str(cfg)
     fk.state_root = st.dir
-    reconcile.up(plan, st, fk)
+    reconcile.up(plan, st, fk, RUNTIMES)
     cfg.write_text(cfg.read_text().replace('label = "blue"', 'label = "purple"'))
     n = len(fk.events)
     with pytest.raises(StateError, match="changed since `up`"):
@@ -140,11 +141,12 @@ def test_default_netvm_and_names():
     from netstack.config import parse
 
     def plan(text):
-        return build(parse(text), "main", LAB)
+        return build(parse(text, SPECS), "main", LAB)
 
     base = (ROOT / "configs/basic.toml").read_text()
     assert disposable.default_netvm(plan(base)) == "sys-firewall"
-    tov = build(load_inputs(str(ROOT / "configs/tor-over-vpn.toml"), "main", LAB), "main", LAB)
+    tov = build(load_inputs(str(ROOT / "configs/tor-over-vpn.toml"), "main", LAB, SPECS),
+                "main", LAB)
     assert disposable.default_netvm(tov) == "sys-whonix"
     noapp = "\n".join(base.split("[qubes.work]")[0].splitlines())
     assert disposable.default_netvm(plan(noapp)) == "sys-firewall"
@@ -239,9 +241,9 @@ def test_gui_must_be_a_boolean():
     from netstack.errors import ConfigError
 
     base = (ROOT / "configs/basic.toml").read_text()
-    parse(base.replace('label = "blue"', 'label = "blue"\ngui = true'))
+    parse(base.replace('label = "blue"', 'label = "blue"\ngui = true'), SPECS)
     with pytest.raises(ConfigError, match="'gui'"):
-        parse(base.replace('label = "blue"', 'label = "blue"\ngui = "yes"'))
+        parse(base.replace('label = "blue"', 'label = "blue"\ngui = "yes"'), SPECS)
 
 
 def test_a_disposable_goes_where_the_user_means():
@@ -265,7 +267,7 @@ def test_a_disposable_goes_where_the_user_means():
         with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
             f.write(text)
             f.flush()
-            inputs = load_inputs(f.name, "main", LAB)
+            inputs = load_inputs(f.name, "main", LAB, SPECS)
         if moved:
             inputs = dataclasses.replace(inputs, topo=disposable.topology(inputs.topo, [], (),
                                                                           moved))
@@ -287,7 +289,7 @@ def test_a_disposable_goes_where_the_user_means():
     assert disposable.template(plan(basic)).netvm == "sys-firewall"  # no Tor, no VPN
     for bad in ('"sys-net"', '"nosuch"', "3"):
         with _pytest.raises(ConfigError, match="default_dispvm"):
-            parse(f"[stack]\ndefault_dispvm = {bad}\n\n" + basic)
+            parse(f"[stack]\ndefault_dispvm = {bad}\n\n" + basic, SPECS)
 
 
 def test_a_disposable_made_like_a_qube_gets_its_firewall_rules(tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ import pytest
 from netstack import state
 from netstack.audit import firewall_drift
 from netstack.errors import StateError
+from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.model import UplinkSpec
 from netstack.plan import build, load_inputs
-from netstack.roles import role_for
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = UplinkSpec("lab")
@@ -23,10 +23,11 @@ LAB = UplinkSpec("lab")
 
 @pytest.fixture
 def basic(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))  # no overlay of a real stack
+    # no overlay of a real stack
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     cfg = tmp_path / "basic.toml"
     shutil.copy(ROOT / "configs" / "basic.toml", cfg)
-    return cfg, build(load_inputs(str(cfg), "u1", LAB, overlay={}), "u1", LAB)
+    return cfg, build(load_inputs(str(cfg), "u1", LAB, SPECS, overlay={}), "u1", LAB)
 
 
 def test_a_config_that_loads_compares(basic):
@@ -58,7 +59,7 @@ def test_a_config_that_cannot_be_compared_is_drift(basic, case):
 
 
 def test_a_damaged_plan_is_a_state_error_not_a_traceback(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path))
     st = state.State("u2")
     st.create()
     Path(st.plan_path).write_text("{damaged")
@@ -68,28 +69,29 @@ def test_a_damaged_plan_is_a_state_error_not_a_traceback(tmp_path, monkeypatch):
 
 
 def test_a_damaged_failover_file_is_a_status_problem(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     text = (ROOT / "configs" / "vpn.toml").read_text().replace(
         'config = "lab:wireguard"', 'config = ["lab:wireguard", "lab:wireguard2"]')
     cfg = tmp_path / "fo.toml"
     cfg.write_text(text)
-    plan = build(load_inputs(str(cfg), "u3", LAB, overlay={}), "u3", LAB)
+    plan = build(load_inputs(str(cfg), "u3", LAB, SPECS, overlay={}), "u3", LAB)
     q = plan.qube("sys-proxyvm")
     info = q.info
     assert info.state_dir.startswith(str(tmp_path))
     Path(info.state_dir).mkdir(parents=True, exist_ok=True)
     Path(info.server_file).write_text("{damaged")
     try:
-        from netstack.roles.base import LiveFacts
+        from netstack.kinds.runtime import LiveFacts
+        from tests.fakekernel import FakeKernel
 
-        role = role_for(q.kind)
-        entry = role.status(q, LiveFacts([], {}, {}))
+        role = RUNTIMES[q.kind]
+        entry = role.status(q, LiveFacts([], {}, {}), FakeKernel())
         assert "is damaged" in entry["vpn"]["failover"]["error"]
         problems = role.health(entry)
         assert any("which server the kill switch admits is unknown" in p for p in problems)
         Path(info.server_file).write_text(json.dumps({"current": 1, "since": 1.0,
                                                       "history": []}))
-        entry = role.status(q, LiveFacts([], {}, {}))
+        entry = role.status(q, LiveFacts([], {}, {}), FakeKernel())
         assert "error" not in entry["vpn"]["failover"]
     finally:
         Path(info.server_file).unlink(missing_ok=True)

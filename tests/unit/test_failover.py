@@ -11,7 +11,7 @@ import pytest
 
 from netstack import plan, stack
 from netstack.errors import ConfigError
-from netstack.roles.vpn import ENDPOINT_SET, endpoint_set
+from netstack.kinds.vpn import ENDPOINT_SET, endpoint_set
 from netstack.vpn import failover
 from netstack.vpn.info import current_index
 from tests.unit.test_rules import ROOT

@@ -11,6 +11,7 @@ import dataclasses
 from netstack import fastpath, plan
 from netstack.audit import audit
 from netstack.hostcaps import HostCaps
+from netstack.kinds.registry import SPECS
 from netstack.reconcile import AddVeth, LinkUp, LoadRules, diff
 from tests.unit.test_audit import make_plan, rulesets
 from tests.unit.test_rules import rules_of
@@ -20,7 +21,7 @@ LAB = plan.UplinkSpec("lab")
 
 def with_caps(tmp_path, caps: HostCaps, cfg="configs/vpn.toml"):
     p = make_plan(tmp_path, cfg)  # writes config.toml with a literal VPN endpoint
-    inputs = plan.load_inputs(str(tmp_path / "config.toml"), "main", LAB)
+    inputs = plan.load_inputs(str(tmp_path / "config.toml"), "main", LAB, SPECS)
     return plan.build(dataclasses.replace(inputs, caps=caps), "main", LAB), p
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from netstack import disposable, firewall_live, sandbox, state
 from netstack.errors import ConfigError, UsageError
+from netstack.kinds.registry import SPECS
 from netstack.plan import build, load_inputs
 from netstack.rules import qubefw
 from tests.unit.test_disposable import plan_of, up
@@ -17,7 +18,7 @@ from tests.unit.test_reconcile import LAB
 
 @pytest.fixture(autouse=True)
 def dirs(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(sandbox, "HOME_ROOT", str(tmp_path / "lib"))
 
 
@@ -58,7 +59,7 @@ def test_the_overlay_is_what_the_next_up_and_a_disposable_see():
     fk, st = up("configs/basic.toml")
     firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
                          kernel=fk)
-    again = build(load_inputs(st.data.config, "main", LAB), "main", LAB)
+    again = build(load_inputs(st.data.config, "main", LAB, SPECS), "main", LAB)
     assert "fw-work" in str(again.ns(plan_of().qube("sys-firewall").netns).ruleset)
     q = disposable.add("main", None, "red", kernel=fk)  # the rebuild agrees with the plan
     assert "fw-work" in str(plan_of().ns(plan_of().qube("sys-firewall").netns).ruleset)

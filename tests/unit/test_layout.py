@@ -61,10 +61,10 @@ def test_the_check_sees_a_private_import():
 
 
 def test_no_branch_on_kind_outside_roles():
-    """`if q.kind == "vpn"` belongs in roles/: elsewhere, ask the role. A comparison of a
+    """`if q.kind == "vpn"` belongs in kinds/: elsewhere, read the plan's traits. A comparison of a
     `kind` (attribute or key) with the name of a qube kind is a branch on the kind; other
     kinds (a link's "veth", a leak's "link") are not qube kinds."""
-    from netstack.roles import ROLES
+    from netstack.kinds.registry import KINDS as ROLES
 
     def names(x: ast.AST) -> set[str]:
         if isinstance(x, ast.Constant) and isinstance(x.value, str):
@@ -75,7 +75,7 @@ def test_no_branch_on_kind_outside_roles():
 
     bad = []
     for path in (ROOT / "netstack").rglob("*.py"):
-        if "roles" in path.parts:
+        if "kinds" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Compare):

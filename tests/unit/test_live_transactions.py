@@ -26,7 +26,7 @@ class Died(BaseException):
 
 @pytest.fixture(autouse=True)
 def dirs(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(sandbox, "HOME_ROOT", str(tmp_path / "lib"))
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from netstack.config import parse
 from netstack.errors import ConfigError
+from netstack.kinds.registry import SPECS
 from netstack.model import UplinkSpec
 from netstack.plan import build
 from netstack.tor.gateway import torrc
@@ -21,7 +22,7 @@ def test_the_gateway_serves_it_and_only_tor_reaches_the_workstation():
     from netstack.plan import load_inputs
 
     lab = UplinkSpec("lab")
-    p = build(load_inputs(str(ROOT / "tests/configs/tor-two-workstations.toml"), "main", lab,
+    p = build(load_inputs(str(ROOT / "tests/configs/tor-two-workstations.toml"), "main", lab, SPECS,
                           overlay={}), "main", lab)
     gw = p.qube("sys-whonix")
     rc = torrc(gw.info).splitlines()
@@ -46,4 +47,4 @@ def test_the_gateway_serves_it_and_only_tor_reaches_the_workstation():
 ])
 def test_bad_onion_tables_are_one_line(cfg, err):
     with pytest.raises(ConfigError, match=err):
-        parse(cfg)
+        parse(cfg, SPECS)

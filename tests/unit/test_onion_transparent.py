@@ -13,8 +13,8 @@ import ipaddress
 import pytest
 
 from netstack.audit.evaluator import Evaluator, Packet, Ruleset
+from netstack.kinds.tor import NOT_VIA_TOR, via_tor
 from netstack.leaktest.catalogue import Target, cases
-from netstack.roles.tor import NOT_VIA_TOR, via_tor
 from netstack.tor.gateway import VIRTUAL_NET, torrc
 from tests.unit.test_audit import (
     GW,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netstack import cli, state
+from netstack import cli, names
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p) for p in [*ROOT.glob("configs/*.toml"), *ROOT.glob("tests/configs/*.toml")])
@@ -31,7 +31,7 @@ def sealed(monkeypatch, tmp_path):
     monkeypatch.setattr(pwd, "getpwuid", refuse)
     monkeypatch.setattr(os, "fork", refuse)
     monkeypatch.setenv("PATH", str(tmp_path))  # no wg, openssl, tor on PATH
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     real_open = builtins.open
 
     def guarded(path, *a, **kw):
@@ -48,7 +48,7 @@ def test_plan_is_pure(sealed, cfg, capsys):
     assert cli.main(["plan", cfg, "--lab", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["schema"] and p["qubes"]
-    assert not (Path(state.RUN_DIR)).exists()
+    assert not (Path(names.RUN_DIR)).exists()
 
 
 @pytest.mark.parametrize("args,needle", [

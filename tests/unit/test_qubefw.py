@@ -7,6 +7,7 @@ import pytest
 
 from netstack.config import parse
 from netstack.errors import ConfigError
+from netstack.kinds.registry import SPECS
 from netstack.rules.qubefw import FwRule
 from netstack.rules.qubefw import parse as parse_rules
 from tests.unit.test_config import ROOT
@@ -34,7 +35,7 @@ BASIC = (ROOT / "configs/basic.toml").read_text()
 def test_each_field_is_checked_with_one_line(rule, words):
     text = BASIC.replace('label = "blue"', f'label = "blue"\nfirewall = [{rule}]')
     with pytest.raises(ConfigError) as e:
-        parse(text)
+        parse(text, SPECS)
     msg = str(e.value)
     assert "qube 'work' field 'firewall'" in msg and words in msg and "\n" not in msg
 
@@ -43,7 +44,7 @@ def test_every_netvm_kind_enforces_and_tor_refuses_what_it_cannot_carry():
     base = (ROOT / "configs/tor-over-vpn.toml").read_text()
 
     def with_rules(rules: str):
-        return parse(base.replace('kind = "app"', f'kind = "app"\nfirewall = [{rules}]', 1))
+        return parse(base.replace('kind = "app"', f'kind = "app"\nfirewall = [{rules}]', 1), SPECS)
 
     topo = with_rules('{action = "accept", proto = "tcp", dstports = 443}, '
                       '{action = "drop", proto = "udp"}, {action = "accept", '
@@ -78,7 +79,7 @@ def test_the_netvm_chain_ends_in_a_drop_and_is_met_before_any_nat():
     from netstack.plan import build
 
     text = (ROOT / "tests/configs/firewall-rules.toml").read_text()
-    p = build(parse(text), "main", UplinkSpec("lab"))
+    p = build(parse(text, SPECS), "main", UplinkSpec("lab"))
     rs = p.ns("nst-main-sys-firewall").ruleset["nftables"]
     pre = [i["rule"] for i in rs if "rule" in i and i["rule"]["chain"] == "prerouting"]
     comments = [r.get("comment") for r in pre]
@@ -106,7 +107,7 @@ def test_the_audit_follows_a_clients_chain(tmp_path):
     from netstack.model import UplinkSpec
     from netstack.plan import build
 
-    p = build(parse((ROOT / "tests/configs/firewall-rules.toml").read_text()), "main",
+    p = build(parse((ROOT / "tests/configs/firewall-rules.toml").read_text(), SPECS), "main",
               UplinkSpec("lab"))
     res, _ = audit(p, {n.name: n.ruleset for n in p.namespaces if n.ruleset}, None)
     assert res and all(r.status == "PASS" for r in res), [r for r in res

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from netstack import reconcile, state
+import netstack.names
+from netstack import reconcile
 from netstack.errors import NetstackError
+from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.lab.vpnserver import TEMPLATES
 from netstack.model import Plan, UplinkSpec
 from netstack.plan import build, load_inputs
@@ -30,7 +32,7 @@ RESOLVE = {"vpn.lab.test": ["203.0.113.10"]}
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
 
 
 def fake_lab(lab, write) -> tuple[str, ...]:
@@ -58,12 +60,12 @@ def config_path(cfg: str) -> str:
 
 
 def bring_up(cfg: str, fk: FakeKernel, stack: str = "main") -> tuple[Plan, State]:
-    inputs = load_inputs(config_path(cfg), stack, LAB)
+    inputs = load_inputs(config_path(cfg), stack, LAB, SPECS)
     plan = build(inputs, stack, LAB)
     st = State(stack)
     st.create()
     fk.state_root = st.dir
-    reconcile.up(plan, st, fk, inputs.providers, lab_maker=fake_lab)
+    reconcile.up(plan, st, fk, RUNTIMES, inputs.providers, lab_maker=fake_lab)
     return plan, st
 
 
@@ -203,7 +205,7 @@ def probe_plan(cfg: str) -> list[list[str]]:
     from netstack.config import load
     from netstack.rules.qubefw import parse
 
-    topo = load(config_path(cfg))
+    topo = load(config_path(cfg), SPECS)
     return [[r.dsthost for r in parse(q.name, q.settings["firewall"]) if r.host_is_name]
             for q in topo.qubes if "firewall" in q.settings]
 
@@ -228,7 +230,7 @@ def test_a_failure_at_any_step_rolls_back_everything(cfg):
             bring_up(cfg, fk, "s")
         assert "injected failure" in str(exc.value)
         assert fk.leftovers() == {}, (n, mutating[n])
-        assert not os.path.exists(os.path.join(state.RUN_DIR, "s", "state.json"))
+        assert not os.path.exists(os.path.join(netstack.names.RUN_DIR, "s", "state.json"))
 
 
 def test_rollback_reports_what_it_could_not_undo():
@@ -253,8 +255,8 @@ def two_plans(extra: str) -> tuple[Plan, Plan]:
     from netstack import config
 
     base = (ROOT / "configs/basic.toml").read_text()
-    a = build(config.parse(base), "main", LAB)
-    b = build(config.parse(base + extra), "main", LAB, previous=a)
+    a = build(config.parse(base, SPECS), "main", LAB)
+    b = build(config.parse(base + extra, SPECS), "main", LAB, previous=a)
     return a, b
 
 
@@ -288,7 +290,7 @@ def test_live_change_on_the_fake_then_down():
     from netstack import config
 
     extra = '\n[qubes.disp1]\nkind = "app"\nnetvm = "sys-firewall"\n'
-    b = build(config.parse((ROOT / "configs/basic.toml").read_text() + extra), "main", LAB,
+    b = build(config.parse((ROOT / "configs/basic.toml").read_text() + extra, SPECS), "main", LAB,
               previous=a)
     from netstack import live
 
@@ -309,7 +311,7 @@ def test_live_change_refuses_what_it_cannot_do():
     from netstack.errors import UsageError
     from netstack.model import Daemon
 
-    a = build(config.parse((ROOT / "configs/basic.toml").read_text()), "main", LAB)
+    a = build(config.parse((ROOT / "configs/basic.toml").read_text(), SPECS), "main", LAB)
     c = dataclasses.replace(a, daemons=[Daemon("x", "nst-main-work", ("true",))])
     with pytest.raises(UsageError) as e:
         reconcile.diff(a, c)

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from netstack import firewall_live, sandbox, state
+from netstack import firewall_live, sandbox
 from netstack.errors import ConfigError
+from netstack.kinds.registry import SPECS
 from netstack.rules import names, qubefw
 from tests.unit.test_disposable import plan_of, up
 from tests.unit.test_reconcile import ROOT
@@ -17,7 +18,7 @@ from tests.unit.test_reconcile import ROOT
 
 @pytest.fixture(autouse=True)
 def dirs(tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(sandbox, "HOME_ROOT", str(tmp_path / "lib"))
 
 
@@ -70,7 +71,7 @@ def test_fill_gives_each_expiring_rule_the_time_it_has_left_and_ended_ones_nothi
 def qubefw_config(text):
     from netstack.config import parse
 
-    return parse(text)
+    return parse(text, SPECS)
 
 
 def test_dns_with_expiry_lives_in_a_set_of_the_virtual_dns():

@@ -10,6 +10,7 @@ import pytest
 
 from netstack import config, plan, stack
 from netstack.codec import dump
+from netstack.kinds.registry import SPECS
 from netstack.rules import nft
 from tests.unit.test_config import ROOT
 
@@ -20,7 +21,7 @@ def basic_plan(ipv6=False):
     text = (ROOT / "configs" / "basic.toml").read_text()
     if ipv6:
         text += "\n[stack]\nipv6 = true\n"
-    return plan.build(config.parse(text), "main", plan.UplinkSpec("lab"))
+    return plan.build(config.parse(text, SPECS), "main", plan.UplinkSpec("lab"))
 
 
 def rules_of(ruleset, chain):

@@ -32,11 +32,11 @@ def fake_status(_stack: str) -> dict:
 
 @pytest.mark.parametrize("colour", [True, False])
 def test_label_columns_align_on_visible_width(monkeypatch, colour):
-    monkeypatch.setattr(stack, "status", fake_status)
+    monkeypatch.setattr(stack, "status", lambda name, k=None: fake_status(name))
     out = Tty() if colour else io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.delenv("NO_COLOR", raising=False)
-    assert cli.cmd_status(argparse.Namespace(stack="t", json=False)) == 0
+    assert cli.cmd_status(argparse.Namespace(stack="t", json=False, kernel=None)) == 0
     lines = [x for x in out.getvalue().splitlines() if "q-" in x]
     assert len(lines) == len(cli.LABEL_COLOURS)
     for label, line in zip(cli.LABEL_COLOURS, lines, strict=True):

@@ -12,7 +12,7 @@ from netstack import plan, stack
 from netstack.codec import dump
 from netstack.errors import ConfigError
 from netstack.hostcaps import HostCaps
-from netstack.roles import role_for
+from netstack.kinds.registry import RUNTIMES, SPECS
 from tests.unit.test_rules import vpn_plan
 
 LAB = plan.UplinkSpec("lab")
@@ -24,7 +24,7 @@ def build(tmp_path, caps: HostCaps, backend: str | None = None):
     if backend:
         cfg.write_text(cfg.read_text().replace('\ntype = "wireguard"',
                                                f'\ntype = "wireguard"\nbackend = "{backend}"'))
-    inputs = plan.load_inputs(str(cfg), "main", LAB)
+    inputs = plan.load_inputs(str(cfg), "main", LAB, SPECS)
     inputs = dataclasses.replace(inputs, caps=caps)
     assert p is not None
     return plan.build(inputs, "main", LAB)
@@ -79,7 +79,7 @@ def test_openvpn_has_no_backend(tmp_path):
 
 
 def test_status_names_the_backend():
-    role = role_for("vpn")
+    role = RUNTIMES["vpn"]
     entry = {"vpn": {"type": "wireguard", "backend": "kernel", "dev": "wg3-main",
                      "endpoints": [{"host": "203.0.113.10", "port": 51820, "proto": "udp"}],
                      "tunnel": "up", "handshake_age_s": 3, "rx_bytes": 1, "tx_bytes": 2,

@@ -7,26 +7,21 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from netstack.config import Qube
 from netstack.dhcp import DNS_MAP, DhcpInfo
 from netstack.errors import ConfigError
-from netstack.model import Daemon, QubeInfo
-from netstack.roles.base import LiveFacts, QubeContext, Role
+from netstack.kinds.spec import KindSpec, KindTraits, QubeContext
+from netstack.model import Daemon
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from netstack.reconcile import Runtime
-    from netstack.state import State
+    from netstack.config import Qube
 
 
-class NetRole(Role):
+class NetSpec(KindSpec):
     kind = "net"
-    fast_path = True
     config_keys = frozenset({"address", "gateway", "dns"})
-    owns_uplink = True
+    traits = KindTraits(fast_path=True, owns_uplink=True)
 
     def validate(self, q: Qube) -> None:
         where, s = f"qube {q.name!r}", q.settings
@@ -74,56 +69,3 @@ class NetRole(Role):
             return []
         return [Daemon(info.daemon_name, info.netns, dhcp.argv(info), True,
                        requires=info.script)]
-
-    # --- run time -----------------------------------------------------------------------
-    def prepare(self, q: QubeInfo, rt: Runtime) -> None:
-        """The client's private lease directory, then its hook: the go signal."""
-        from netstack import dhcp
-
-        info = q.info
-        if isinstance(info, DhcpInfo):
-            rt.make_dir(info.lease_dir, 0o700)
-            rt.write(info.script, dhcp.script_text(info), 0o700)
-
-    def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:
-        """A full ruleset reload empties the map: the current lease fills it again."""
-        from netstack import dhcp
-
-        info = q.info
-        if not isinstance(info, DhcpInfo) or not info.dynamic_dns:
-            return []
-        lease = dhcp.read_lease(info.lease_file)
-        return dhcp.map_commands(lease.dns if lease and lease.bound else [])
-
-    def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
-        from netstack import dhcp
-
-        info = q.info
-        return {"dhcp": dhcp.status(info)} if isinstance(info, DhcpInfo) else {}
-
-    def status_lines(self, entry: dict[str, Any]) -> list[str]:
-        d = entry.get("dhcp")
-        if not d:
-            return []
-        if not d["bound"]:
-            return [f"dhcp {d['dev']}: NO LEASE (last event {d.get('reason', '-')}): the "
-                    "chain is closed, nothing leaves"]
-        return [f"dhcp {d['dev']}: {d['address']} via {', '.join(d['routers']) or '-'}, "
-                f"dns {', '.join(d['dns']) or '-'} (lease {d['lease_s']} s, "
-                f"{d['renewals']} renewals, last {d['reason']} {d['age_s']:.0f} s ago)"]
-
-    def health(self, entry: dict[str, Any]) -> list[str]:
-        d = entry.get("dhcp")
-        if d and not d["bound"]:
-            return [f"no DHCP lease on {d['dev']} (last event {d.get('reason', '-')}): "
-                    "nothing leaves until one comes"]
-        return []
-
-    def wait_ready(self, q: QubeInfo, st: State, timeout: float,
-                   progress: Callable[[int, str], None]) -> float | None:
-        from netstack import dhcp
-
-        info = q.info
-        if not isinstance(info, DhcpInfo):
-            return None
-        return dhcp.wait_bound(info, timeout, progress)

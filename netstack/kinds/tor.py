@@ -10,10 +10,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from netstack.addressing import VIRTUAL_DNS
-from netstack.config import Qube
 from netstack.errors import ConfigError
+from netstack.kinds.spec import KindSpec, KindTraits, QubeContext
 from netstack.model import Daemon, QubeInfo
-from netstack.roles.base import LiveFacts, QubeContext, Role
 from netstack.rules import common
 from netstack.rules.nft import (
     ACCEPT,
@@ -39,13 +38,11 @@ from netstack.tor.gateway import (
     VIRTUAL_NET,
     TorInfo,
     tor_uid,
-    torrc,
 )
 
 if TYPE_CHECKING:
     from netstack.audit.properties import AuditContext, QubeView, Result
-    from netstack.reconcile import Runtime
-    from netstack.state import State
+    from netstack.config import Qube
 
 # Never sent into Tor: the gateway itself and local ranges (a TestingTorNetwork exit would
 # connect to them; on the public network they are a LAN probe). One part of 10/8 is the
@@ -72,12 +69,10 @@ def tcp_syn_only() -> dict:
     return match({"&": [payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn")
 
 
-class TorRole(Role):
+class TorSpec(KindSpec):
     kind = "tor"
     config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation"})
-    strict_replies = True
-    protection = "tor"
-    offers_onions = True
+    traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True)
 
     def validate(self, q: Qube) -> None:
         ports = q.settings.get("socks_ports", {})
@@ -214,83 +209,15 @@ class TorRole(Role):
                        (sys.executable, "-m", "netstack.tor.filter", info.filter_spec), True,
                        requires=info.filter_spec)]
 
-    # --- run time -----------------------------------------------------------------------
-    def prepare(self, q: QubeInfo, rt: Runtime) -> None:
-        """The DataDirectory belongs to the tor user (tor drops root after binding its
-        ports); the torrc goes last: the supervisor starts tor when it appears."""
-        info = q.info
-        assert isinstance(info, TorInfo)
-        rt.make_dir(info.datadir, 0o700, owner=info.user)
-        from netstack.tor.obfs4 import LAB_REF
-
-        if LAB_REF in info.bridges:  # the lab's obfs4 bridge, made with the lab
-            import dataclasses
-
-            from netstack.tor.network import bridge_line_path
-
-            assert rt.plan.lab is not None
-            line = rt.kernel.read_file(bridge_line_path(rt.plan.lab.tor_dir)).strip()
-            info = dataclasses.replace(info, bridges=[line if b == LAB_REF else b
-                                                      for b in info.bridges])
-        rt.write(info.torrc_path, torrc(info, rt.lab_dirauths if info.lab_network else ()))
-        import json
-
-        rt.write(info.filter_spec, json.dumps({  # the control-port filter's go signal
-            "address": info.address, "port": CONTROL_PORT,
-            "control_socket": info.control_socket, "socks": f"{info.address}:{SOCKS_PORT}",
-            "clients": {c.ipv4: c.name for c in q.clients},
-            "onions_per_workstation": info.onions_per_workstation}))
-
     def leak_zone(self, outer: str) -> str:
         return "tor-out" if outer == "plain" else outer
 
-    # --- proofs and status --------------------------------------------------------------
+    # --- proofs -------------------------------------------------------------------------
     def audit(self, view: QubeView, ctx: AuditContext) -> list[Result]:
         info = view.qube.info
         assert isinstance(info, TorInfo)
         return super().audit(view, ctx) + tor_gateway(view, tor_uid(info.user),
                                                       info.all_socks_ports, info.user)
-
-    def status(self, q: QubeInfo, live: LiveFacts) -> dict[str, Any]:
-        """From the supervisor's monitor of tor's control port (see tor.control.watch), and
-        the .onion addresses of its workstations' services."""
-        info = q.info
-        assert isinstance(info, TorInfo)
-        from netstack.stack import onion_addresses
-
-        onions = onion_addresses(info)
-        child = live.children.get(info.daemon_name) or {}
-        t = dict(child.get("health") or {"error": "no report from the supervisor yet",
-                                         "bootstrap": None})
-        if child and not child.get("alive"):
-            t = {"error": "tor is not running", "bootstrap": None}
-        t["restarts"] = child.get("restarts")
-        return {"tor": t, "onions": onions}
-
-    def wait_ready(self, q: QubeInfo, st: State, timeout: float,
-                   progress: Callable[[int, str], None]) -> float:
-        from netstack.tor.control import wait_bootstrap
-
-        info = q.info
-        assert isinstance(info, TorInfo)
-        return wait_bootstrap(info.control_socket, timeout, progress)
-
-    def health(self, entry: dict[str, Any]) -> list[str]:
-        t = entry["tor"]
-        if t.get("error"):
-            return [f"tor: {t['error']}"]
-        if t.get("bootstrap") != 100:
-            return [f"tor bootstrapped {t.get('bootstrap')}% only"]
-        return []
-
-    def status_lines(self, entry: dict[str, Any]) -> list[str]:
-        t = entry["tor"]
-        onions = [f"onion service of {c}: {a or 'not made yet'}"
-                  for c, a in sorted((entry.get("onions") or {}).items())]
-        if t.get("error"):
-            return [f"tor: {t['error']}", *onions]
-        return [f"tor {t['version']}: bootstrap {t['bootstrap']}%, "
-                f"{t['circuits_built']} circuits built, restarts {t['restarts']}", *onions]
 
 
 def tor_gateway(q: QubeView, uid: int, socks: list[int] | None = None,
@@ -417,7 +344,7 @@ def via_tor(addr: int) -> bool:
 
 
 def _onions(ctx: QubeContext) -> dict[str, list[tuple[int, str, int]]]:
-    from netstack.roles.app import onion_ports
+    from netstack.kinds.app import onion_ports
 
     out = {}
     for c in ctx.clients:

@@ -1,19 +1,20 @@
 """`firewall` (sys-firewall): per-client anti-spoofing and client-to-client isolation; clients
 reach only upstream. DNS to the virtual addresses is forwarded upstream unchanged. Each
-client's own rules (Qubes' qvm-firewall) are enforced by every netvm kind: rules/qubefw.py."""
+client's own rules (Qubes' qvm-firewall) are enforced by every netvm kind: rules/qubefw.py.
+It has nothing to do at run time: its runtime is the default KindRuntime."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from netstack.roles.base import QubeContext, Role
+from netstack.kinds.spec import KindSpec, KindTraits, QubeContext
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
 
 
-class FirewallRole(Role):
+class FirewallSpec(KindSpec):
     kind = "firewall"
-    fast_path = True
+    traits = KindTraits(fast_path=True)
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.provide_network(rs, ctx.client_vifs, ctx.upstream_if)

@@ -1,0 +1,63 @@
+"""`net` at run time: the DHCP client's files before it starts, its lease in `status`, and
+the wait for a lease."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from netstack import dhcp
+from netstack.dhcp import DhcpInfo
+from netstack.kernel import Kernel
+from netstack.kinds.runtime import KindRuntime, LiveFacts
+from netstack.model import QubeInfo
+
+if TYPE_CHECKING:
+    from netstack.reconcile import Runtime
+    from netstack.state import State
+
+
+class NetRuntime(KindRuntime):
+    def prepare(self, q: QubeInfo, rt: Runtime) -> None:
+        """The client's private lease directory, then its hook: the go signal."""
+        info = q.info
+        if isinstance(info, DhcpInfo):
+            rt.make_dir(info.lease_dir, 0o700)
+            rt.write(info.script, dhcp.script_text(info), 0o700)
+
+    def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:
+        """A full ruleset reload empties the map: the current lease fills it again."""
+        info = q.info
+        if not isinstance(info, DhcpInfo) or not info.dynamic_dns:
+            return []
+        lease = dhcp.read_lease(info.lease_file)
+        return dhcp.map_commands(lease.dns if lease and lease.bound else [])
+
+    def status(self, q: QubeInfo, live: LiveFacts, k: Kernel) -> dict[str, Any]:
+        info = q.info
+        return {"dhcp": dhcp.status(info)} if isinstance(info, DhcpInfo) else {}
+
+    def status_lines(self, entry: dict[str, Any]) -> list[str]:
+        d = entry.get("dhcp")
+        if not d:
+            return []
+        if not d["bound"]:
+            return [f"dhcp {d['dev']}: NO LEASE (last event {d.get('reason', '-')}): the "
+                    "chain is closed, nothing leaves"]
+        return [f"dhcp {d['dev']}: {d['address']} via {', '.join(d['routers']) or '-'}, "
+                f"dns {', '.join(d['dns']) or '-'} (lease {d['lease_s']} s, "
+                f"{d['renewals']} renewals, last {d['reason']} {d['age_s']:.0f} s ago)"]
+
+    def health(self, entry: dict[str, Any]) -> list[str]:
+        d = entry.get("dhcp")
+        if d and not d["bound"]:
+            return [f"no DHCP lease on {d['dev']} (last event {d.get('reason', '-')}): "
+                    "nothing leaves until one comes"]
+        return []
+
+    def wait_ready(self, q: QubeInfo, st: State, k: Kernel, timeout: float,
+                   progress: Callable[[int, str], None]) -> float | None:
+        info = q.info
+        if not isinstance(info, DhcpInfo):
+            return None
+        return dhcp.wait_bound(info, timeout, progress)

@@ -1,0 +1,82 @@
+"""`tor` at run time: the gateway's DataDirectory, torrc and control-port filter spec before
+the supervisor starts tor; tor's bootstrap and circuits and the onion services' addresses
+in `status`; the wait for 100 % bootstrap."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from netstack.kernel import Kernel
+from netstack.kinds.runtime import KindRuntime, LiveFacts
+from netstack.model import QubeInfo
+from netstack.tor.gateway import CONTROL_PORT, SOCKS_PORT, TorInfo, onion_addresses, torrc
+
+if TYPE_CHECKING:
+    from netstack.reconcile import Runtime
+    from netstack.state import State
+
+
+class TorRuntime(KindRuntime):
+    def prepare(self, q: QubeInfo, rt: Runtime) -> None:
+        """The DataDirectory belongs to the tor user (tor drops root after binding its
+        ports); the torrc goes last: the supervisor starts tor when it appears."""
+        info = q.info
+        assert isinstance(info, TorInfo)
+        rt.make_dir(info.datadir, 0o700, owner=info.user)
+        from netstack.tor.obfs4 import LAB_REF
+
+        if LAB_REF in info.bridges:  # the lab's obfs4 bridge, made with the lab
+            from netstack.tor.network import bridge_line_path
+
+            assert rt.plan.lab is not None
+            line = rt.kernel.read_file(bridge_line_path(rt.plan.lab.tor_dir)).strip()
+            info = dataclasses.replace(info, bridges=[line if b == LAB_REF else b
+                                                      for b in info.bridges])
+        rt.write(info.torrc_path, torrc(info, rt.lab_dirauths if info.lab_network else ()))
+        rt.write(info.filter_spec, json.dumps({  # the control-port filter's go signal
+            "address": info.address, "port": CONTROL_PORT,
+            "control_socket": info.control_socket, "socks": f"{info.address}:{SOCKS_PORT}",
+            "clients": {c.ipv4: c.name for c in q.clients},
+            "onions_per_workstation": info.onions_per_workstation}))
+
+    def status(self, q: QubeInfo, live: LiveFacts, k: Kernel) -> dict[str, Any]:
+        """From the supervisor's monitor of tor's control port (see tor.control.watch), and
+        the .onion addresses of its workstations' services."""
+        info = q.info
+        assert isinstance(info, TorInfo)
+        onions = onion_addresses(info)
+        child = live.children.get(info.daemon_name) or {}
+        t = dict(child.get("health") or {"error": "no report from the supervisor yet",
+                                         "bootstrap": None})
+        if child and not child.get("alive"):
+            t = {"error": "tor is not running", "bootstrap": None}
+        t["restarts"] = child.get("restarts")
+        return {"tor": t, "onions": onions}
+
+    def wait_ready(self, q: QubeInfo, st: State, k: Kernel, timeout: float,
+                   progress: Callable[[int, str], None]) -> float:
+        from netstack.tor.control import wait_bootstrap
+
+        info = q.info
+        assert isinstance(info, TorInfo)
+        return wait_bootstrap(info.control_socket, timeout, progress)
+
+    def health(self, entry: dict[str, Any]) -> list[str]:
+        t = entry["tor"]
+        if t.get("error"):
+            return [f"tor: {t['error']}"]
+        if t.get("bootstrap") != 100:
+            return [f"tor bootstrapped {t.get('bootstrap')}% only"]
+        return []
+
+    def status_lines(self, entry: dict[str, Any]) -> list[str]:
+        t = entry["tor"]
+        onions = [f"onion service of {c}: {a or 'not made yet'}"
+                  for c, a in sorted((entry.get("onions") or {}).items())]
+        if t.get("error"):
+            return [f"tor: {t['error']}", *onions]
+        return [f"tor {t['version']}: bootstrap {t['bootstrap']}%, "
+                f"{t['circuits_built']} circuits built, restarts {t['restarts']}", *onions]

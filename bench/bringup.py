@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
+from netstack.kernel import RealKernel  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
 
 
 def gen_config(apps: int) -> str:
@@ -41,9 +44,9 @@ def measure(cfg: str, runs: int) -> dict:
     for i in range(runs):
         s = f"bn{i}"
         t0 = time.perf_counter()
-        stack.up(cfg, s, plan.UplinkSpec("lab"))
+        stack.up(cfg, s, plan.UplinkSpec("lab"), KERNEL)
         t1 = time.perf_counter()
-        problems = stack.down(s)
+        problems = stack.down(s, KERNEL)
         t2 = time.perf_counter()
         assert not problems, problems
         reap()

@@ -17,6 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, reap, timed, write  # noqa: E402
 
+from netstack.kernel import RealKernel  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +41,7 @@ def main() -> None:
     from netstack.model import UplinkSpec
 
     s = "bc" + str(int(time.time()) % 100000)
-    stack.up(str(ROOT / "configs" / "tor-over-vpn.toml"), s, UplinkSpec("lab", sink=True))
+    stack.up(str(ROOT / "configs" / "tor-over-vpn.toml"), s, UplinkSpec("lab", sink=True), KERNEL)
     try:
         check.wait_ready(s)
         again = []
@@ -48,7 +52,7 @@ def main() -> None:
             assert r.verdict == 0, check.table(r)
         res["check_on_running_chain_median_s"] = round(statistics.median(again), 3)
     finally:
-        stack.down(s)
+        stack.down(s, KERNEL)
         import shutil
 
         from netstack.rules.qubefw import overlay_path

@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
+from netstack.kernel import RealKernel  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
 
 AFTER = 3
 WEB = "198.51.100.80"
@@ -35,7 +38,7 @@ def fetch(ns: str) -> bool:
 
 
 def one(cfg: str, name: str) -> float:
-    stack.up(cfg, name, plan.UplinkSpec("lab"))
+    stack.up(cfg, name, plan.UplinkSpec("lab"), KERNEL)
     try:
         work = f"nst-{name}-work"
         end = time.monotonic() + 20
@@ -52,7 +55,7 @@ def one(cfg: str, name: str) -> float:
                 raise RuntimeError("no failover within 60 s")
         return time.monotonic() - t0
     finally:
-        stack.down(name)
+        stack.down(name, KERNEL)
         reap()
 
 

@@ -21,9 +21,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, reap, write  # noqa: E402
 
 from netstack import plan, stack  # noqa: E402
+from netstack.kernel import RealKernel  # noqa: E402
 from netstack.leaktest import battery  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
 from netstack.tor.gateway import TorInfo  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
 
 
 def main() -> None:
@@ -34,7 +37,7 @@ def main() -> None:
     res: dict = {"machine": machine()}
     for cfg in ("tor-over-vpn", "vpn"):
         name = "bl" + cfg[:3].replace("-", "")
-        p, _ = stack.up(str(ROOT / "configs" / f"{cfg}.toml"), name, plan.UplinkSpec("lab"))
+        p, _ = stack.up(str(ROOT / "configs" / f"{cfg}.toml"), name, plan.UplinkSpec("lab"), KERNEL)
         try:
             for t in p.infos(TorInfo):
                 wait_bootstrap(t.control_socket, 120)
@@ -50,7 +53,7 @@ def main() -> None:
             times, reports = [], []
             with tempfile.TemporaryDirectory() as d:
                 for _ in range(a.runs):
-                    r = battery.run(name, pcaps_dir=d)
+                    r = battery.run(name, pcaps_dir=d, kernel=KERNEL)
                     times.append(r.seconds)
                     reports.append(r)
             r = reports[-1]
@@ -59,7 +62,7 @@ def main() -> None:
                         "seconds_median": round(statistics.median(times), 2),
                         "seconds_max": round(max(times), 2), "runs": a.runs}
         finally:
-            stack.down(name)
+            stack.down(name, KERNEL)
             reap()
     for k, v in res.items():
         print(f"{k:<14} {v}")

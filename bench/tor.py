@@ -21,10 +21,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, reap, write  # noqa: E402
 
 from netstack import netns, plan, stack  # noqa: E402
+from netstack.kernel import RealKernel  # noqa: E402
 from netstack.processes import children  # noqa: E402
 from netstack.state import ProcessRec, State  # noqa: E402
 from netstack.tor.control import wait_bootstrap  # noqa: E402
 from netstack.tor.gateway import TorInfo  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
 
 WEB = "198.51.100.80"
 
@@ -65,7 +68,7 @@ def first_byte(ns: str, deadline: float) -> None:
 def one_run(name: str, measure_memory: bool) -> dict:
     cfg = str(ROOT / "configs" / "tor-over-vpn.toml")
     t0 = time.monotonic()
-    p, _ = stack.up(cfg, name, plan.UplinkSpec("lab"))
+    p, _ = stack.up(cfg, name, plan.UplinkSpec("lab"), KERNEL)
     t_up = time.monotonic() - t0
     try:
         wait_bootstrap(p.infos(TorInfo)[0].control_socket, 120)
@@ -84,7 +87,7 @@ def one_run(name: str, measure_memory: bool) -> dict:
                        processes=len(pids))
         return out
     finally:
-        stack.down(name)
+        stack.down(name, KERNEL)
         reap()
 
 

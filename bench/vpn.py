@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine, reap, write  # noqa: E402
 
 from netstack import netns, plan, stack  # noqa: E402
+from netstack.kernel import RealKernel  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
 
 WEB = "198.51.100.80"
 
@@ -172,7 +175,7 @@ def first_packet(cfg: str, name: str) -> tuple[float, float]:
     """(seconds from up() start to up() return, to the first TCP connect through the
     tunnel from the app qube to the lab web server)."""
     t0 = time.perf_counter()
-    stack.up(cfg, name, plan.UplinkSpec("lab"))
+    stack.up(cfg, name, plan.UplinkSpec("lab"), KERNEL)
     t1 = time.perf_counter()
     while True:
         with netns.entered(f"nst-{name}-work"):
@@ -205,7 +208,7 @@ def main() -> None:
         ups.append(u)
         firsts.append(f)
         if i < a.runs - 1:
-            stack.down(f"bv{i}")
+            stack.down(f"bv{i}", KERNEL)
             reap()
     name = f"bv{a.runs - 1}"
     from netstack.processes import children
@@ -228,7 +231,7 @@ def main() -> None:
             chain.append(g)
             chain_cpu.append(c)
     finally:
-        stack.down(name)
+        stack.down(name, KERNEL)
         reap()
 
     def med(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from netstack.kernel import Kernel
 NONE = "none"
 
 
-def attach(stack: str, qube: str, netvm: str, kernel: Kernel | None = None
+def attach(stack: str, qube: str, netvm: str, kernel: Kernel
            ) -> dict[str, Any]:
     from netstack.disposable import disposables, rebuild
     from netstack.live import commit, live

@@ -66,7 +66,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     sd = Notifier()  # under systemd (Type=notify): progress, then the hand-over
     sd.send(status="bringing the chain up")
-    p, note = stack.up(args.config, args.stack, _uplink(args))
+    p, note = stack.up(args.config, args.stack, _uplink(args), args.kernel)
     if note:
         print(note, file=sys.stderr)
     print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
@@ -140,7 +140,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from netstack import stack
 
     try:
-        problems = stack.down(args.stack)
+        problems = stack.down(args.stack, args.kernel)
     except StateError:
         if not args.purge:
             raise
@@ -298,7 +298,8 @@ def cmd_leaktest(args: argparse.Namespace) -> int:
 
     if args.rules:
         return _leaktest_rules(args)
-    r = battery.run(args.stack, args.qube, args.scenario, pcaps_dir=args.pcaps)
+    r = battery.run(args.stack, args.qube, args.scenario, pcaps_dir=args.pcaps,
+                    kernel=args.kernel)
     if args.json:
         print(json.dumps(r.to_json(), indent=2))
     else:
@@ -330,7 +331,7 @@ def _leaktest_rules(args: argparse.Namespace) -> int:
     from netstack.stack import require_root
 
     require_root("leaktest")
-    reps = rulecases.run(args.stack, args.qube, expiry=not args.no_expiry)
+    reps = rulecases.run(args.stack, args.qube, expiry=not args.no_expiry, kernel=args.kernel)
     if args.json:
         print(json.dumps([r.to_json() for r in reps], indent=2))
         return 0 if all(r.ok for r in reps) else 1
@@ -357,7 +358,7 @@ def _leaktest_rules(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     from netstack.attach import attach
 
-    r = attach(args.stack, args.qube, args.netvm)
+    r = attach(args.stack, args.qube, args.netvm, args.kernel)
     if args.json:
         print(json.dumps(r, indent=2))
     elif not r["changed"]:
@@ -441,7 +442,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _audit_file(args)
     if args.packet:
         raise UsageError("--packet needs --ruleset FILE (the what-if of one ruleset)")
-    r = audit.run(args.stack, args.drift, args.replay)
+    r = audit.run(args.stack, args.kernel, args.drift, args.replay)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1
@@ -482,7 +483,7 @@ def _audit_file(args: argparse.Namespace) -> int:
     or with --packet the fate of one packet, hook by hook."""
     from netstack.audit import onefile, rulesetfile
 
-    doc = rulesetfile.read(args.ruleset)
+    doc = rulesetfile.read(args.ruleset, args.kernel)
     if args.packet:
         return _what_if(args, doc)
     a = onefile.audit(doc, args.ruleset)
@@ -508,7 +509,7 @@ def _what_if(args: argparse.Namespace, doc: dict) -> int:
     p, path = whatif.parse(args.packet)
     w = whatif.judge(doc, p, path)
     if args.replay:
-        whatif.replay(doc, w, p)
+        whatif.replay(doc, w, p, args.kernel)
     if args.json:
         print(json.dumps(w.to_json(), indent=2))
         return 1 if w.confirmed is False else 0
@@ -574,7 +575,8 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         number = args.before
     elif words:
         raise UsageError(f"firewall {args.action} takes no rule")
-    n, took = firewall_live.change(args.stack, args.qube, args.action, words, number)
+    n, took = firewall_live.change(args.stack, args.qube, args.action, words, number,
+                                   kernel=args.kernel)
     msg = {"add": "added", "del": "deleted", "reset": "back to the config's list"}
     if args.json:
         print(json.dumps({"ok": True, "qube": args.qube, "rules": n,
@@ -593,7 +595,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
 
     return disposable.run(args.stack, args.netvm, args.label, args.gui, args.user,
-                          list(args.cmd), None if args.quiet else started, args.like)
+                          list(args.cmd), None if args.quiet else started, args.like,
+                          kernel=args.kernel)
 
 
 def cmd_copy(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.addressing import VIRTUAL_DNS, ip_version
+from netstack.kernel import Kernel
 from netstack.model import RoleInfo
 
 DNS_MAP = "upstream_dns"
@@ -139,21 +140,18 @@ def apply_event(prev: Lease | None, env: dict[str, str], now: float) -> Lease:
     return Lease(reason, False, now, history=hist)
 
 
-def hook(lease_file: str, mode: str, env: dict[str, str]) -> int:
+def hook(lease_file: str, mode: str, env: dict[str, str], k: Kernel) -> int:
     """Called by dhcpcd for every event, inside sys-net: the DNS map first (emptied when
     the lease is gone), then the state file."""
     from netstack.codec import dump
-    from netstack.kernel import RealKernel, atomic_write
+    from netstack.kernel import atomic_write
 
     prev = read_lease(lease_file)
     lease = apply_event(prev, env, time.time())
     changed = prev is None or (lease.bound, lease.dns) != (prev.bound, prev.dns)
     if mode == "dynamic" and changed:
-        k = RealKernel()  # dhcpcd runs in sys-net: its namespace is ours (None: stay)
-        try:
-            k.nft(None, {"nftables": map_commands(lease.dns if lease.bound else [])})
-        finally:
-            k.close()
+        # dhcpcd runs in sys-net: its namespace is ours (None: stay)
+        k.nft(None, {"nftables": map_commands(lease.dns if lease.bound else [])})
     atomic_write(lease_file, json.dumps(dump(lease)))
     print(f"dhcp: {lease.history[-1]}: " + (f"{lease.address} via {','.join(lease.routers)}"
                                              f" dns {','.join(lease.dns) or '-'}"
@@ -178,8 +176,14 @@ def main() -> None:
     if len(sys.argv) != 4 or sys.argv[1] != "hook":
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(hook(sys.argv[2], sys.argv[3], dict(os.environ)))
+    from netstack.kernel import RealKernel
+
+    k = RealKernel()  # this program's entry (dhcpcd runs it for every event)
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            sys.exit(hook(sys.argv[2], sys.argv[3], dict(os.environ), k))
+    finally:
+        k.close()
 
 
 if __name__ == "__main__":

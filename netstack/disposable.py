@@ -137,7 +137,7 @@ def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
 
 
 def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
-        kernel: Kernel | None = None, runner: int | None = None,
+        *, kernel: Kernel, runner: int | None = None,
         like: str | None = None) -> QubeInfo:
     """Make a disposable qube in a running stack; orphans of killed `run`s go first. netvm
     and label None: from its template (`like`, the config's default_dispvm, or the most
@@ -164,7 +164,7 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
         return desired.qube(name)
 
 
-def remove(stack: str, names: list[str] | None, kernel: Kernel | None = None) -> list[str]:
+def remove(stack: str, names: list[str] | None, kernel: Kernel) -> list[str]:
     """Remove the named disposables (None: every orphan). Returns the names removed."""
     with live(stack, "run", kernel) as (st, cur, k):
         gone = [q.name for q in disposables(cur)
@@ -185,7 +185,7 @@ class _Ended(Exception):
 
 def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str | None,
         cmd: list[str], started: Callable[[QubeInfo], None] | None = None,
-        like: str | None = None) -> int:
+        like: str | None = None, *, kernel: Kernel) -> int:
     """`netstack run`: the qube exists only while CMD runs. Returns CMD's exit code."""
     from netstack.stack import exec_argv
 
@@ -199,7 +199,7 @@ def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str |
     q: QubeInfo | None = None
     proc: subprocess.Popen[bytes] | None = None
     try:
-        q = add(stack, netvm, label, gui, like=like)
+        q = add(stack, netvm, label, gui, like=like, kernel=kernel)
         if started:
             started(q)
         proc = subprocess.Popen(exec_argv(stack, q.name, user, cmd))
@@ -211,7 +211,7 @@ def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str |
         if q is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up is not interrupted
             try:
-                remove(stack, [q.name])
+                remove(stack, [q.name], kernel)
             finally:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
         for s, h in old.items():

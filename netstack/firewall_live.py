@@ -45,7 +45,7 @@ def listing(stack: str, qube: str) -> dict[str, Any]:
 
 
 def change(stack: str, qube: str, action: str, words: list[str] | None = None,
-           number: int | None = None, kernel: Kernel | None = None) -> tuple[int, float]:
+           number: int | None = None, *, kernel: Kernel) -> tuple[int, float]:
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
     number of rules now in force and the seconds the apply took (lock to digests)."""
     from netstack.disposable import disposables, rebuild

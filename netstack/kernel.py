@@ -52,6 +52,8 @@ class Kernel:
     """The interface. Every method either does what it says or raises (ApplyError for a
     refusal by the system); removals return False when there was nothing to remove."""
 
+    real = False  # the host's own kernel (root needed), not a recording fake
+
     # namespaces and sysctls
     def netns_create(self, name: str) -> None: raise NotImplementedError
     def netns_delete(self, name: str) -> bool: raise NotImplementedError
@@ -250,6 +252,8 @@ def proc_alive(pid: int, start: int | None) -> bool:
 class RealKernel(Kernel):
     """pyroute2 (one IPRoute per namespace, opened inside it), the nftables binding (one
     handle per namespace, bound at creation: docs/field-notes.md), /proc/sys, subprocess."""
+
+    real = True
 
     def __init__(self) -> None:
         self._ipr: dict[str | None, Any] = {}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.errors import ApplyError
-from netstack.kernel import Kernel, RealKernel
+from netstack.kernel import Kernel
 from netstack.kinds.registry import RUNTIMES
 from netstack.model import Plan
 
@@ -75,25 +75,19 @@ def _write(st: Any, intent: Intent) -> None:
 
 
 @contextlib.contextmanager
-def live(stack: str, command: str, kernel: Kernel | None = None
-         ) -> Iterator[tuple[Any, Plan, Kernel]]:
-    """The one way into a live change (`run`, `firewall`, `attach`): root unless a kernel is
-    given, the stack's lock (waiting, so several changes queue up), a crashed change
+def live(stack: str, command: str, kernel: Kernel) -> Iterator[tuple[Any, Plan, Kernel]]:
+    """The one way into a live change (`run`, `firewall`, `attach`): root for the host's
+    kernel, the stack's lock (waiting, so several changes queue up), a crashed change
     repaired, then the state and the plan in force."""
     from netstack.state import StackLock, require, require_root
 
-    if kernel is None:
+    if kernel.real:
         require_root(command)
-    k = kernel or RealKernel()
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            st = require(stack)
-            repair(st, k)
-            assert st.plan is not None
-            yield st, st.plan, k
-    finally:
-        if kernel is None:
-            k.close()
+    with StackLock(stack, wait=LOCK_WAIT):
+        st = require(stack)
+        repair(st, kernel)
+        assert st.plan is not None
+        yield st, st.plan, kernel
 
 
 def commit(st: Any, cur: Plan, desired: Plan, k: Kernel, command: str,

@@ -12,7 +12,7 @@ from typing import Any
 
 from netstack import names
 from netstack.errors import NetstackError, StateError, UsageError
-from netstack.kernel import Kernel, RealKernel, proc_alive
+from netstack.kernel import Kernel, proc_alive
 from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.model import Plan, UplinkSpec
 from netstack.state import StackLock, State, require, require_root, stack_dir
@@ -27,7 +27,7 @@ def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
 
 
 def up(config_path: str | None, stack: str, uplink: UplinkSpec,
-       kernel: Kernel | None = None) -> tuple[Plan, str]:
+       kernel: Kernel) -> tuple[Plan, str]:
     """Validate everything first (an invalid config changes nothing), then apply. A stack
     left half-made by a crash is removed first (repair); a running one is reported."""
     from netstack import reconcile
@@ -36,48 +36,41 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     names.check_stack(stack)
     inputs = load_inputs(config_path, stack, uplink, SPECS)  # bad input: host untouched
     p = build(inputs, stack, uplink)
-    require_root("up")
-    k = kernel or RealKernel()
+    if kernel.real:
+        require_root("up")
+    k = kernel
     note = ""
-    try:
-        with StackLock(stack):
-            st = State.load(stack)
-            if st is not None:
-                if st.data.status == "up":
-                    raise StateError(f"stack {stack!r} is already up; run `netstack --stack "
-                                     f"{stack} down` first, or pick another --stack")
-                problems = reconcile.teardown(st, k)
-                if problems:
-                    raise StateError(f"stack {stack!r} was half made and could not be cleaned: "
-                                     + "; ".join(problems))
-                note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
-            st = State(stack)
-            # absolute: `audit --drift` compares with this file from any directory
-            st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
-            st.data.started = time.time()
-            st.create()  # from here on `down` knows the stack
-            reconcile.up(p, st, k, RUNTIMES, inputs.providers)
-    finally:
-        if kernel is None:
-            k.close()
+    with StackLock(stack):
+        st = State.load(stack)
+        if st is not None:
+            if st.data.status == "up":
+                raise StateError(f"stack {stack!r} is already up; run `netstack --stack "
+                                 f"{stack} down` first, or pick another --stack")
+            problems = reconcile.teardown(st, k)
+            if problems:
+                raise StateError(f"stack {stack!r} was half made and could not be cleaned: "
+                                 + "; ".join(problems))
+            note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
+        st = State(stack)
+        # absolute: `audit --drift` compares with this file from any directory
+        st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
+        st.data.started = time.time()
+        st.create()  # from here on `down` knows the stack
+        reconcile.up(p, st, k, RUNTIMES, inputs.providers)
     return p, note
 
 
-def down(stack: str, kernel: Kernel | None = None) -> list[str]:
+def down(stack: str, kernel: Kernel) -> list[str]:
     from netstack import reconcile
 
     names.check_stack(stack)
-    require_root("down")
-    k = kernel or RealKernel()
-    try:
-        with StackLock(stack):
-            st = State.load(stack)
-            if st is None:
-                raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
-            return reconcile.teardown(st, k)
-    finally:
-        if kernel is None:
-            k.close()
+    if kernel.real:
+        require_root("down")
+    with StackLock(stack):
+        st = State.load(stack)
+        if st is None:
+            raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
+        return reconcile.teardown(st, kernel)
 
 
 def interrupted(st: Any) -> str | None:
@@ -92,7 +85,7 @@ def interrupted(st: Any) -> str | None:
             "the next firewall, attach or run finishes or undoes it")
 
 
-def status(stack: str) -> dict[str, Any]:
+def status(stack: str, k: Kernel) -> dict[str, Any]:
     """Recorded plan plus live facts read from each namespace, and the verdict on them."""
     from netstack import health, pathfacts
     from netstack.codec import dump
@@ -120,55 +113,51 @@ def status(stack: str) -> dict[str, Any]:
     names_store = names.load(st.dir)
     want_sets = health.expected_sets(p, st.data.resolved, names_store, st.data.started,
                                      time.time())
-    k = RealKernel()
-    try:
-        for q in p.qubes:
-            running = k.netns_exists(q.netns)
-            links = k.links(q.netns) if running else []
-            entry: dict[str, Any] = {
-                "name": q.name, "kind": q.kind, "netvm": q.netvm, "label": q.label,
-                "netns": q.netns, "addresses": [a for a in (q.ipv4, q.ipv6) if a],
-                "gateway": q.gateway, "running": running,
-                "interfaces": [{"name": x.name, "state": x.state, "flags": x.flags,
-                                "addresses": x.addresses, "rx_bytes": x.rx_bytes,
-                                "tx_bytes": x.tx_bytes} for x in links if x.name != "lo"]}
-            role = RUNTIMES[q.kind]
-            entry.update(role.status(q, LiveFacts(links, kids,
-                                                  st.data.resolved.get(q.name, {})), k))
-            if q.name in names_store:
-                entry["client_rules"] = {"names": {h: a.to_json() for h, a in
-                                                   names_store[q.name].items()}}
-            problems = [f"daemon {d.name} not running" for d in p.daemons
-                        if d.netns == q.netns and not (kids.get(d.name) or {}).get("alive")]
-            if st.data.status == "up" and q.netns not in st.data.digests:
-                # nothing to compare its live ruleset with: unknown is not healthy
-                problems.append(f"no ruleset recorded in {st.path} to compare with; fix: "
-                                f"`netstack --stack {stack} down` and `up` again")
-            doc = pathfacts.list_ruleset(k, q.netns) if running else None
-            live = health.ruleset_digest(doc) if doc is not None else None
-            if doc is not None:
-                problems += _what_moved(st, q, doc, k, want_sets)
-            v = health.qube_verdict(entry, q.interfaces, st.data.digests.get(q.netns), live,
-                                    problems + (role.health(entry) if running else []))
-            entry["health"] = v.to_json()
-            verdicts[q.name] = v
-            out["qubes"].append(entry)
-        extra = []
-        if st.data.status != "up":
-            extra.append("half made: an interrupted `up` (run `netstack down`, or `up` to "
-                         "repair)")
-        if (why := interrupted(st)) is not None:
-            extra.append(why)
-        if (p.services or p.daemons) and not sup_alive:
-            extra.append("supervisor not running: nothing restarts the daemons")
-        for n in p.namespaces:
-            if n.qube is None and not k.netns_exists(n.name):
-                extra.append(f"lab namespace {n.name} missing")
-        extra += [f"daemon {d.name} not running" for d in p.daemons
-                  if not any(d.netns == q.netns for q in p.qubes)
-                  and not (kids.get(d.name) or {}).get("alive")]
-    finally:
-        k.close()
+    for q in p.qubes:
+        running = k.netns_exists(q.netns)
+        links = k.links(q.netns) if running else []
+        entry: dict[str, Any] = {
+            "name": q.name, "kind": q.kind, "netvm": q.netvm, "label": q.label,
+            "netns": q.netns, "addresses": [a for a in (q.ipv4, q.ipv6) if a],
+            "gateway": q.gateway, "running": running,
+            "interfaces": [{"name": x.name, "state": x.state, "flags": x.flags,
+                            "addresses": x.addresses, "rx_bytes": x.rx_bytes,
+                            "tx_bytes": x.tx_bytes} for x in links if x.name != "lo"]}
+        role = RUNTIMES[q.kind]
+        entry.update(role.status(q, LiveFacts(links, kids,
+                                              st.data.resolved.get(q.name, {})), k))
+        if q.name in names_store:
+            entry["client_rules"] = {"names": {h: a.to_json() for h, a in
+                                               names_store[q.name].items()}}
+        problems = [f"daemon {d.name} not running" for d in p.daemons
+                    if d.netns == q.netns and not (kids.get(d.name) or {}).get("alive")]
+        if st.data.status == "up" and q.netns not in st.data.digests:
+            # nothing to compare its live ruleset with: unknown is not healthy
+            problems.append(f"no ruleset recorded in {st.path} to compare with; fix: "
+                            f"`netstack --stack {stack} down` and `up` again")
+        doc = pathfacts.list_ruleset(k, q.netns) if running else None
+        live = health.ruleset_digest(doc) if doc is not None else None
+        if doc is not None:
+            problems += _what_moved(st, q, doc, k, want_sets)
+        v = health.qube_verdict(entry, q.interfaces, st.data.digests.get(q.netns), live,
+                                problems + (role.health(entry) if running else []))
+        entry["health"] = v.to_json()
+        verdicts[q.name] = v
+        out["qubes"].append(entry)
+    extra = []
+    if st.data.status != "up":
+        extra.append("half made: an interrupted `up` (run `netstack down`, or `up` to "
+                     "repair)")
+    if (why := interrupted(st)) is not None:
+        extra.append(why)
+    if (p.services or p.daemons) and not sup_alive:
+        extra.append("supervisor not running: nothing restarts the daemons")
+    for n in p.namespaces:
+        if n.qube is None and not k.netns_exists(n.name):
+            extra.append(f"lab namespace {n.name} missing")
+    extra += [f"daemon {d.name} not running" for d in p.daemons
+              if not any(d.netns == q.netns for q in p.qubes)
+              and not (kids.get(d.name) or {}).get("alive")]
     out["health"] = health.stack_verdict(verdicts, extra).to_json()
     from netstack.disposable import template
 

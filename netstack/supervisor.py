@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.codec import dump, load
-from netstack.kernel import proc_start_time
+from netstack.kernel import Kernel, proc_start_time
 from netstack.model import Daemon
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
@@ -78,8 +78,9 @@ def _private_append(path: str) -> int:
 
 
 class Supervisor:
-    def __init__(self, stack_dir: str) -> None:
+    def __init__(self, stack_dir: str, kernel: Kernel) -> None:
         self.dir = stack_dir
+        self.kernel = kernel  # made by main(), this program's entry; each thread forks it
         with open(os.path.join(stack_dir, SPEC)) as f:
             self.spec = load(SupervisorSpec, json.load(f), SPEC)
         self.children: dict[str, Child] = {}
@@ -193,7 +194,8 @@ class Supervisor:
             if p is not None and p.poll() is None:
                 p.kill()
         try:
-            watch(*d.monitor[1:], report=report, stopping=self.stopping, restart=restart)
+            watch(*d.monitor[1:], report=report, stopping=self.stopping, restart=restart,
+                  kernel=self.kernel.fork())
         except Exception as e:  # noqa: BLE001 - a broken monitor must not stop the daemons
             report({"error": f"monitor failed: {e}"})
 
@@ -209,7 +211,8 @@ class Supervisor:
 
         for s in self.spec.services:
             threading.Thread(target=run_service, args=(s,), daemon=True).start()
-        threading.Thread(target=watch_rule_names, args=(self.dir, self.stopping),
+        threading.Thread(target=watch_rule_names,
+                         args=(self.dir, self.stopping, self.kernel.fork()),
                          daemon=True).start()
         for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
@@ -250,7 +253,9 @@ def main() -> None:
     write_pidfile(stack_dir, token)  # first: from now on `down` finds us
     if not os.path.exists(os.path.join(stack_dir, "state.json")):
         return  # the stack was taken down while we started
-    Supervisor(stack_dir).run()
+    from netstack.kernel import RealKernel
+
+    Supervisor(stack_dir, RealKernel()).run()
 
 
 if __name__ == "__main__":

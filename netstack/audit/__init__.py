@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from netstack.audit.properties import AuditContext, QubeView, Result, all_results
+from netstack.kernel import Kernel
 from netstack.kinds.registry import SPECS
 from netstack.model import Plan
 from netstack.vpn.info import VpnInfo, all_transport
@@ -49,11 +50,11 @@ def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]:
-    from netstack.kernel import RealKernel
+def run(stack: str, k: Kernel, drift: bool = False, replay: bool = False) -> dict[str, Any]:
     from netstack.stack import require, require_root
 
-    require_root("audit")
+    if k.real:
+        require_root("audit")
     st = require(stack)
     if st.data.status != "up":
         from netstack.errors import StateError
@@ -62,12 +63,8 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
                          f"--stack {stack} down`, or `up` to repair, before auditing it")
     plan = st.plan
     assert plan is not None
-    k = RealKernel()
-    try:
-        live = live_rulesets(plan, k)
-        net = live_net(plan, k)
-    finally:
-        k.close()
+    live = live_rulesets(plan, k)
+    net = live_net(plan, k)
     from netstack.rules import names
 
     store = names.load(st.dir)
@@ -79,7 +76,7 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
         from netstack.audit.drift import semantic_diff, text_diff
 
         gen = canonical({n.name: n.ruleset for n in plan.namespaces
-                         if n.ruleset and n.qube is not None})
+                         if n.ruleset and n.qube is not None}, k)
         from netstack import health, pathfacts
 
         want_sets = health.expected_sets(plan, st.data.resolved, store, st.data.started,
@@ -110,7 +107,7 @@ def run(stack: str, drift: bool = False, replay: bool = False) -> dict[str, Any]
                     and ": " in r["reason"]:
                 hook, predicted = r["reason"].split(": ", 1)
                 if hook in ("prerouting", "input", "forward", "output"):
-                    rp = do_replay(live[by_qube[r["qube"]]], hook, r["counterexample"])
+                    rp = do_replay(live[by_qube[r["qube"]]], hook, r["counterexample"], k)
                     rp["confirmed"] = rp.get("kernel_verdict") == predicted
                     r["replay"] = rp
     bad = [r for r in out["results"] if r["status"] != "PASS"]
@@ -184,16 +181,14 @@ def _config_problem(stack: str, config: str | None) -> str | None:
     return None
 
 
-def canonical(rulesets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def canonical(rulesets: dict[str, dict[str, Any]], k: Kernel) -> dict[str, dict[str, Any]]:
     """The generated rulesets as the kernel would print them (nft drops implied matches and
     merges others): load each into a scratch namespace and read it back."""
     import os
 
-    from netstack.kernel import RealKernel
     from netstack.rules.nft import commands
 
     scratch = f"nsaudit-{os.getpid()}"
-    k = RealKernel()
     k.netns_create(scratch)
     try:
         out = {}
@@ -203,7 +198,6 @@ def canonical(rulesets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return out
     finally:
         k.netns_delete(scratch)
-        k.close()
 
 
 def _with_live_sets(gen: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:

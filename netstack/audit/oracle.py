@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from netstack.audit.evaluator import Packet
-from netstack.kernel import RealKernel
+from netstack.kernel import Kernel
 from netstack.model import Route
 from netstack.rules.nft import commands
 
@@ -143,9 +143,9 @@ class KernelLab:
     """A device under test with one link per interface name it is asked for, each to a
     neighbour namespace; one ruleset at a time."""
 
-    def __init__(self, ifaces: list[str], tag: str | None = None) -> None:
+    def __init__(self, ifaces: list[str], k: Kernel, tag: str | None = None) -> None:
         self.tag = tag or f"{os.getpid() % 100000}"
-        self.k = RealKernel()
+        self.k = k.fork()  # handles of its own (closed with the lab)
         self.dut = f"nso{self.tag}d"
         self.made: list[str] = []
         self.ifaces: dict[str, dict[str, Any]] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from netstack.audit.evaluator import Packet
+from netstack.kernel import Kernel
 
 NOT_REPLAYABLE = {"related": "a related packet needs the connection it relates to",
                   "untracked": "an untracked packet needs a notrack rule"}
@@ -21,7 +22,8 @@ def packet_from(ce: dict[str, Any]) -> Packet:
     return Packet(**kw)
 
 
-def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any]) -> dict[str, Any]:
+def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any], k: Kernel
+           ) -> dict[str, Any]:
     """{'replayable', 'kernel_verdict', 'fate'} for one counterexample at `hook`."""
     from netstack.audit.oracle import KernelLab
 
@@ -33,7 +35,7 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any]) -> dict[str, 
     if hook in ("output", "postrouting") and not p.iifname and p.skuid is None:
         return {"replayable": False, "why": "a packet without a socket (made by the kernel)"}
     ifaces = [x for x in (p.iifname, p.oifname) if x]
-    lab = KernelLab(ifaces or ["eth9"])
+    lab = KernelLab(ifaces or ["eth9"], k)
     try:
         lab.load(ruleset)
         if hook == "input":

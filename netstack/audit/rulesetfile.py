@@ -14,9 +14,10 @@ import secrets
 from typing import Any
 
 from netstack.errors import UsageError
+from netstack.kernel import Kernel
 
 
-def read(path: str) -> dict[str, Any]:
+def read(path: str, k: Kernel) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -36,17 +37,14 @@ def read(path: str) -> dict[str, Any]:
         raise UsageError(f"--ruleset {path}: an nft script is read by loading it into a "
                          "scratch namespace, which needs root; run with sudo, or give "
                          "`nft -j list ruleset` JSON")
-    return load_script(text, path)
+    return load_script(text, k, path)
 
 
 _IFACE = re.compile(r'\b(?:iif|oif|device|devices\s*=|fwd to|dup to)\s+(?:!=\s*)?'
                     r'("[^"]{1,15}"|[A-Za-z0-9_.@-]{1,15}|\{[^}]*\})')
 
 
-def load_script(text: str, path: str = "-") -> dict[str, Any]:
-    from netstack.kernel import RealKernel
-
-    k = RealKernel()
+def load_script(text: str, k: Kernel, path: str = "-") -> dict[str, Any]:
     ns = f"nsr{secrets.token_hex(3)}"
     k.netns_create(ns)
     try:
@@ -62,7 +60,6 @@ def load_script(text: str, path: str = "-") -> dict[str, Any]:
         return list_ruleset(k, ns)  # device chains with their devices (JSON omits them)
     finally:
         k.netns_delete(ns)
-        k.close()
 
 
 def interfaces(text: str) -> set[str]:

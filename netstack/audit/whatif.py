@@ -16,6 +16,7 @@ from typing import Any
 from netstack.audit.evaluator import Packet, Ruleset, fate
 from netstack.audit.space import CT_STATES, ICMP6_TYPES, ICMP_TYPES, L4, TCP_FLAG_BITS
 from netstack.errors import UsageError
+from netstack.kernel import Kernel
 
 PATHS = ("input", "forward", "output")
 KEYS = ("iifname", "oifname", "ip saddr", "ip daddr", "ip6 saddr", "ip6 daddr",
@@ -206,11 +207,11 @@ def judge(doc: dict[str, Any], p: Packet, path: str) -> WhatIf:
     return WhatIf(p.describe(), path, hooks, verdict)
 
 
-def replay(doc: dict[str, Any], w: WhatIf, p: Packet) -> WhatIf:
+def replay(doc: dict[str, Any], w: WhatIf, p: Packet, k: Kernel) -> WhatIf:
     """The same packet through the kernel (scratch namespaces, removed afterwards)."""
     from netstack.audit.oracle import KernelLab
 
-    lab = KernelLab([i for i in dict.fromkeys([p.iifname, p.oifname]) if i])
+    lab = KernelLab([i for i in dict.fromkeys([p.iifname, p.oifname]) if i], k)
     try:
         if w.path == "input":
             lab.make_local(p.daddr, p.iifname or "")

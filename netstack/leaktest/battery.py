@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.errors import StateError, UsageError
-from netstack.kernel import Kernel, RealKernel, proc_alive
+from netstack.kernel import Kernel, proc_alive
 from netstack.kinds.registry import RUNTIMES, SPECS
 from netstack.leaktest import SCENARIOS
 from netstack.leaktest.capture import Capture
@@ -281,14 +281,11 @@ class Report:
 
 
 def run(stack: str, ws_name: str | None = None, scenario: str = "steady",
-        fault: Fault | None = None, pcaps_dir: str | None = None) -> Report:
+        fault: Fault | None = None, pcaps_dir: str | None = None, *, kernel: Kernel
+        ) -> Report:
     if scenario not in SCENARIOS:
         raise UsageError(f"--scenario {scenario!r}: use one of {', '.join(SCENARIOS)}")
-    k = RealKernel()
-    try:
-        return _run(context(stack, ws_name, k), scenario, fault, pcaps_dir)
-    finally:
-        k.close()
+    return _run(context(stack, ws_name, kernel), scenario, fault, pcaps_dir)
 
 
 def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) -> Report:
@@ -324,7 +321,8 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
                     # (ours stay alive only as long as a capture or the prober is inside)
                     from netstack.reconcile import teardown
 
-                    downer = threading.Thread(target=teardown, args=(ctx.state, RealKernel()))
+                    downer = threading.Thread(target=teardown,
+                                              args=(ctx.state, ctx.kernel.fork()))
                     downer.start()
                 if downer:
                     after_down.add(c.marker)
@@ -541,7 +539,7 @@ def _scenario(ctx: Ctx, scenario: str):
         stop = threading.Event()
         targets = [n for n in ctx.plan.namespaces if n.qube and n.ruleset
                    and n.qube != ctx.ws.name]
-        k = RealKernel()  # this thread's own handles
+        k = ctx.kernel.fork()  # this thread's own handles
 
         def loop() -> None:
             while not stop.is_set():

@@ -22,6 +22,7 @@ from typing import Any
 
 from netstack import netns
 from netstack.addressing import VIRTUAL_DNS
+from netstack.kernel import Kernel
 from netstack.rules import qubefw
 
 TIMEOUT = 1.5  # seconds of silence that mean "dropped" (the lab answers in milliseconds)
@@ -203,7 +204,8 @@ def _ping(ns: str, dst: str, timeout: float) -> tuple[bool, str]:
 
 # --- the run ------------------------------------------------------------------------------
 
-def run(stack: str, qube: str | None = None, expiry: bool = True) -> list[QubeReport]:
+def run(stack: str, qube: str | None = None, expiry: bool = True, *, kernel: Kernel
+        ) -> list[QubeReport]:
     """The rule cases of every qube with a list (or `qube`), on a running lab stack."""
     from netstack.errors import UsageError
     from netstack.rules import names as rnames
@@ -232,13 +234,13 @@ def run(stack: str, qube: str | None = None, expiry: bool = True) -> list[QubeRe
         for c in rep.cases:
             c.reached, c.got = probe(q.netns, c)
         if expiry:
-            rep.expiry = expiry_case(stack, q.name, q.netns, rep.cases, hosts, tor)
+            rep.expiry = expiry_case(stack, q.name, q.netns, rep.cases, hosts, tor, kernel)
         out.append(rep)
     return out
 
 
 def expiry_case(stack: str, qube: str, ns: str, cases: list[RuleCase], hosts: list[str],
-                tor: bool) -> dict[str, Any]:
+                tor: bool, kernel: Kernel) -> dict[str, Any]:
     """A rule with expire=+3 in front, for a target the list drops: open at once, closed
     by the kernel on time (polled with a deadline); then the list is put back."""
     from netstack import firewall_live
@@ -250,7 +252,7 @@ def expiry_case(stack: str, qube: str, ns: str, cases: list[RuleCase], hosts: li
     had_overlay = qube in load_overlay(stack)
     firewall_live.change(stack, qube, "add", [
         "action=accept", f"dsthost={blocked.dst}", "proto=tcp", f"dstports={blocked.dport}",
-        f"expire=+{EXPIRE}", "comment=leaktest expiry"], number=1)
+        f"expire=+{EXPIRE}", "comment=leaktest expiry"], number=1, kernel=kernel)
     t0 = time.monotonic()
     try:
         opened, seen = probe(ns, blocked)
@@ -263,9 +265,9 @@ def expiry_case(stack: str, qube: str, ns: str, cases: list[RuleCase], hosts: li
             time.sleep(0.2)  # the next probe: the kernel's element timeout is the event
     finally:
         if had_overlay:
-            firewall_live.change(stack, qube, "del", number=1)
+            firewall_live.change(stack, qube, "del", number=1, kernel=kernel)
         else:
-            firewall_live.change(stack, qube, "reset")
+            firewall_live.change(stack, qube, "reset", kernel=kernel)
     ok = opened and closed_after is not None and closed_after >= EXPIRE - 1
     return {"ok": ok, "target": f"{blocked.dst}:{blocked.dport}", "open_at_once": opened,
             "seen": seen, "closed_after_s": closed_after, "expire_s": EXPIRE}

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from netstack.kernel import Kernel
+
 FILE = "rule-names.json"
 RETRY = 5.0  # seconds between tries of a name that does not resolve
 MIN_TTL, MAX_TTL = 2, 3600  # a TTL of 0 would ask in a loop; a huge one never again
@@ -139,14 +141,12 @@ def refresh(stack_dir: str, plan: Any, started: float, k: Any, now: float | None
     return nxt
 
 
-def watch(stack_dir: str, stopping: Any) -> None:
+def watch(stack_dir: str, stopping: Any, k: Kernel) -> None:
     """The supervisor's thread: re-resolve names as their TTLs run out (and retry the
     unresolved), reading the plan in force each round so live changes are followed."""
     from netstack.codec import load as load_typed
-    from netstack.kernel import RealKernel
     from netstack.model import Plan
 
-    k = RealKernel()
     try:
         while not stopping.is_set():
             nxt = time.time() + IDLE

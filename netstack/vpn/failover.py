@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from netstack.kernel import Kernel
+
 PROBE_EVERY = 1.0
 
 
@@ -126,13 +128,11 @@ def switch(spec: FailoverSpec, st: ServerState, why: str, nft: Callable[[dict], 
 
 def watch(spec_path: str, *, report: Callable[[dict[str, Any]], None],
           stopping: threading.Event, restart: Callable[[], None] = lambda: None,
-          **_: Any) -> None:
+          kernel: Kernel, **_: Any) -> None:
     """The supervisor's monitor: probe, and switch when the current server has not
     answered for `after` seconds (counted from its start: a server that never answers
     is left as surely as one that stops)."""
     from netstack.codec import load
-    from netstack.kernel import RealKernel
-
     while not os.path.exists(spec_path):  # `up` writes it with the daemon's go signal
         if stopping.wait(0.05):
             return
@@ -141,7 +141,7 @@ def watch(spec_path: str, *, report: Callable[[dict[str, Any]], None],
     st = read_state(spec.server_file) or ServerState(0, time.time())
     write_state(spec.server_file, st)
     last_ok = time.monotonic()
-    k = RealKernel()
+    k = kernel
     try:
         while not stopping.wait(PROBE_EVERY):
             if answers(spec.netns, spec.dns, min(1.0, spec.after / 2)):

@@ -18,12 +18,13 @@ from tests.integration.util import (
     running_stack,
     supervisor_pid,
 )
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
 
 def test_tor_over_vpn_chain_audits_clean(tor_lab):
-    r = audit.run(tor_lab.stack, drift=True)
+    r = audit.run(tor_lab.stack, KERNEL, drift=True)
     bad = [x for x in r["results"] if x["status"] != "PASS"]
     assert not bad and r["ok"]
     props = {(x["qube"], x["property"]) for x in r["results"]}
@@ -41,7 +42,7 @@ def test_vpn_chain_audits_clean():
 
         wait_for(lambda: (c := children(s).get("vpn-sys-proxyvm")) and c.configured, 20, 0.05,
                  "the tunnel configured")
-        r = audit.run(s, drift=True)
+        r = audit.run(s, KERNEL, drift=True)
         assert r["ok"], [x for x in r["results"] if x["status"] != "PASS"]
         e2e = next(x for x in r["results"] if x["property"].startswith("end to end"))
         assert "transport" in e2e["reason"]
@@ -57,7 +58,7 @@ def test_vpn_chain_audits_clean():
             wait_for(lambda: subprocess.run(["ip", "-n", f"nst-{s}-sys-proxyvm", "link", "show",
                                              "dev", f"wg3-{s}"], capture_output=True
                                             ).returncode != 0, 5, 0.01, "tunnel gone")
-            r = audit.run(s)
+            r = audit.run(s, KERNEL)
             e2e = next(x for x in r["results"] if x["property"].startswith("end to end"))
             assert e2e["status"] == "PASS" and "transport" not in e2e["reason"], e2e
         finally:
@@ -82,7 +83,7 @@ def test_broken_live_rule_is_caught_and_drift_shows_it(tor_lab):
         assert any(s["hook"] == "input" and s["live"] == "accept" for s in d["semantic"])
     finally:
         load_ruleset(ns, good)
-    assert audit.run(tor_lab.stack)["ok"]
+    assert audit.run(tor_lab.stack, KERNEL)["ok"]
 
 
 from tests.unit.test_audit import CASES  # noqa: E402
@@ -118,7 +119,7 @@ def test_corpus_counterexamples_replay_in_the_kernel(tmp_path, name):
     else:
         ce = r.counterexample
         hook, predicted = r.reason.split(": ", 1)
-    out = replay(rs[ns], hook, ce)
+    out = replay(rs[ns], hook, ce, KERNEL)
     assert out["replayable"], out
     assert out["kernel_verdict"] == predicted == "accept", out.get("lines")
     if name == "redirect-every-tcp":  # a NAT rule fired on a packet that is no bare SYN
@@ -133,7 +134,7 @@ def test_audit_replay_flag_on_a_live_break(tor_lab):
     subprocess.run(["ip", "netns", "exec", ns, "nft", "insert", "rule", "inet", "netstack",
                     "forward", "iifname", "vif5", "accept"], check=True)
     try:
-        r = audit.run(tor_lab.stack, replay=True)
+        r = audit.run(tor_lab.stack, KERNEL, replay=True)
         fwd = next(x for x in r["results"] if x["qube"] == "sys-whonix"
                    and x["property"] == "Tor gateway forwards nothing")
         assert fwd["status"] == "FAIL" and fwd["replay"]["confirmed"], fwd

@@ -14,6 +14,7 @@ import pytest
 
 from netstack import audit
 from tests.integration.util import VPN_CFG, children, cli, running_stack, wait_for
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 PATHS = "every path through the qube is modelled"
@@ -43,7 +44,7 @@ def status(s: str) -> tuple[int, list[str]]:
 
 
 def results(s: str) -> dict[tuple[str, str], dict]:
-    return {(r["qube"], r["property"]): r for r in audit.run(s)["results"]}
+    return {(r["qube"], r["property"]): r for r in audit.run(s, KERNEL)["results"]}
 
 
 @contextlib.contextmanager
@@ -52,7 +53,7 @@ def clean_after(s: str):
     yield
     rc, problems = status(s)
     assert rc == 0 and problems == [], problems
-    r = audit.run(s)
+    r = audit.run(s, KERNEL)
     assert r["ok"], [x for x in r["results"] if x["status"] != "PASS"]
 
 
@@ -73,7 +74,7 @@ def test_a_widened_endpoint_set_is_degraded_and_fails(vpn_stack):
                                 "53, which netstack did not set"]
             r = results(vpn_stack)[("sys-proxyvm", "VPN endpoints exactly as resolved")]
             assert r["status"] == "FAIL"
-            d = {x["qube"]: x for x in audit.run(vpn_stack, drift=True)["drift"]}
+            d = {x["qube"]: x for x in audit.run(vpn_stack, KERNEL, drift=True)["drift"]}
             assert d["sys-proxyvm"]["named"] == [
                 "set vpn_endpoints holds 198.51.100.53 . udp . 53, which netstack did not set"]
         finally:
@@ -163,7 +164,7 @@ def test_a_path_beside_nftables_is_named(vpn_stack, what):
             assert all(r["status"] != "PASS" for r in mine)
             rc, problems = status(vpn_stack)
             assert rc == 1 and any(named in x for x in problems), problems
-            d = {x["qube"]: x for x in audit.run(vpn_stack, drift=True)["drift"]}
+            d = {x["qube"]: x for x in audit.run(vpn_stack, KERNEL, drift=True)["drift"]}
             assert any(named in x for x in d["sys-firewall"]["named"])
             assert any(named in x for x in d["sys-firewall"]["text"])
         finally:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from netstack.audit.evaluator import Packet, Ruleset, fate
 from tests import nftgen
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -31,7 +32,7 @@ CASES = Path(__file__).parent.parent / "differential_cases"
 def dut():
     from netstack.audit.oracle import KernelLab
 
-    lab = KernelLab(list(nftgen.IFACES))
+    lab = KernelLab(list(nftgen.IFACES), KERNEL)
     try:
         for table in (nftgen.FAR4, nftgen.FAR6):
             for addr, oif in table.items():

@@ -10,6 +10,7 @@ import pytest
 from netstack import audit
 from netstack.leaktest import battery
 from tests.integration.util import ROOT, cli, running_stack
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -19,13 +20,13 @@ def test_shipped_config_with_ipv6_on(tmp_path, cfg):
     v6 = tmp_path / cfg
     v6.write_text("[stack]\nipv6 = true\n\n" + (ROOT / "configs" / cfg).read_text())
     with running_stack(str(v6), "six") as s:
-        r = audit.run(s, drift=True)
+        r = audit.run(s, KERNEL, drift=True)
         assert r["ok"], [x for x in r["results"] if x["status"] != "PASS"]
         props = {(x["qube"], x["property"]): x for x in r["results"]}
         assert not [k for k in props if k[1] == "no IPv6 egress"]
         spoof = [x for k, x in props.items() if k[1].startswith("anti-spoofing")]
         assert spoof and all("fe80::a89:" in x["reason"] for x in spoof)
-        rep = battery.run(s, pcaps_dir=str(tmp_path))
+        rep = battery.run(s, pcaps_dir=str(tmp_path), kernel=KERNEL)
         assert rep.leaks == 0 and rep.errors == [], (
             [c for c in rep.cases if c["leaked_on"]],
             [(lk["link"], lk["violations"][:5]) for lk in rep.links if lk["violations"]])
@@ -41,7 +42,7 @@ def test_shipped_config_with_ipv6_on(tmp_path, cfg):
 
 def test_with_ipv6_off_the_gateway_does_not_answer(basic_stack, tmp_path):
     """The same control with IPv6 off is a negative one: no answer, no error."""
-    rep = battery.run(basic_stack, pcaps_dir=str(tmp_path))
+    rep = battery.run(basic_stack, pcaps_dir=str(tmp_path), kernel=KERNEL)
     case = {c["case"]: c for c in rep.cases}
     assert case["ipv6-nd-gateway"]["verdict"] == "ok" and rep.errors == []
     p = cli("--stack", basic_stack, "leaktest", "--json", "--pcaps", str(tmp_path),

@@ -15,6 +15,7 @@ from netstack.leaktest.catalogue import Case
 from tests.integration.faults import broken
 from tests.integration.faults import fault as named
 from tests.integration.util import VPN_CFG, cli, running_stack
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -48,7 +49,7 @@ def check_clean(r) -> None:
 
 
 def test_tor_chain_steady(tor_lab, tmp_path):
-    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path), kernel=KERNEL)
     check_clean(r)
     names = {lk["link"] for lk in r.links}
     assert {"isp-link", "sys-whonix:eth0", "lab:vpn-server", "lab:web", "lab:dns",
@@ -58,14 +59,15 @@ def test_tor_chain_steady(tor_lab, tmp_path):
 
 @pytest.mark.parametrize("scenario", ["tor-killed", "vpn-killed", "firewall-reload"])
 def test_tor_chain_scenarios(tor_lab, tmp_path, scenario):
-    r = battery.run(tor_lab.stack, "anon-whonix", scenario=scenario, pcaps_dir=str(tmp_path))
+    r = battery.run(tor_lab.stack, "anon-whonix", scenario=scenario, pcaps_dir=str(tmp_path),
+                    kernel=KERNEL)
     check_clean(r)
     tor_lab.get("anon-whonix", "198.51.100.80")  # and the chain recovered
 
 
 def test_tor_chain_fault_gateway_redirect_only_is_caught(tor_lab, tmp_path):
     r = battery.run(tor_lab.stack, "anon-whonix", fault=named("gateway-redirect-only"),
-                    pcaps_dir=str(tmp_path))
+                    pcaps_dir=str(tmp_path), kernel=KERNEL)
     got = leaked(r)
     assert got >= INVALID and got >= NOT_TCP
     assert {"spoof-sibling", "spoof-upstream"} <= got
@@ -73,7 +75,7 @@ def test_tor_chain_fault_gateway_redirect_only_is_caught(tor_lab, tmp_path):
     assert not got & {"tcp-syn-ip", "tcp-syn-automap", "tcp-get-name", "ipv6-global", "dhcp",
                       "mdns"}
     assert r.leaks > 0
-    check_clean(battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path)))
+    check_clean(battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path), kernel=KERNEL))
 
 
 def test_cli_exit_codes_and_json(tor_lab, tmp_path):
@@ -102,7 +104,7 @@ def _with_case(monkeypatch, name: str, packet: dict) -> None:
 def test_a_probe_that_cannot_be_sent_is_an_error_not_a_pass(tor_lab, tmp_path, monkeypatch):
     _with_case(monkeypatch, "unsendable", {"dst": "ff02::1", "proto": "udp6",
                                            "iface": "nosuch0"})
-    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path), kernel=KERNEL)
     row = next(c for c in r.cases if c["case"] == "unsendable")
     assert row["sent"] == 0 and row["planned"] == 1 and row["verdict"] == "ERROR"
     assert "nosuch0" in row["send_errors"][0] or "No such device" in row["send_errors"][0]
@@ -116,7 +118,7 @@ def test_a_probe_sent_elsewhere_than_the_workstation_link_is_an_error(tor_lab, t
     """Anti-test of the capture check: the sender confirms a probe that went out on the
     loopback, not the workstation's link; the battery must not believe it."""
     _with_case(monkeypatch, "elsewhere", {"dst": "ff02::1", "proto": "udp6", "iface": "lo"})
-    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path), kernel=KERNEL)
     row = next(c for c in r.cases if c["case"] == "elsewhere")
     assert row["sent"] == 1 and row["verdict"] == "ERROR"
     assert [e for e in r.errors if e.startswith("elsewhere:") and "never carried" in e]
@@ -124,7 +126,8 @@ def test_a_probe_sent_elsewhere_than_the_workstation_link_is_an_error(tor_lab, t
 
 def test_vpn_chain_steady_and_scenarios(vpn_stack, tmp_path):
     for scenario in ("steady", "vpn-killed", "firewall-reload"):
-        r = battery.run(vpn_stack, "work", scenario=scenario, pcaps_dir=str(tmp_path))
+        r = battery.run(vpn_stack, "work", scenario=scenario, pcaps_dir=str(tmp_path),
+                        kernel=KERNEL)
         assert r.chain_kind == "vpn"
         check_clean(r)
 
@@ -135,7 +138,7 @@ def test_vpn_chain_steady_and_scenarios(vpn_stack, tmp_path):
     ("ipv6-allowed", {"ipv6-global"}),
 ])
 def test_vpn_chain_faults_are_caught(vpn_stack, tmp_path, fault, expect):
-    r = battery.run(vpn_stack, "work", fault=named(fault), pcaps_dir=str(tmp_path))
+    r = battery.run(vpn_stack, "work", fault=named(fault), pcaps_dir=str(tmp_path), kernel=KERNEL)
     got = leaked(r)
     assert expect <= got, got
     if fault != "no-kill-switch":
@@ -191,7 +194,7 @@ def test_down_while_probes_run(tmp_path):
     """`netstack down` in the middle of the battery: nothing leaks while the stack is torn
     down around the probes, and nothing of the stack is left afterwards."""
     with running_stack(VPN_CFG, "ld") as s:
-        r = battery.run(s, "work", scenario="down", pcaps_dir=str(tmp_path))
+        r = battery.run(s, "work", scenario="down", pcaps_dir=str(tmp_path), kernel=KERNEL)
         assert r.leaks == 0, (leaked(r), [lk for lk in r.links if lk["violations"]])
         assert r.packets_sent >= 40  # some need neighbours that `down` removed
         # what was sent before `down` began left and was seen; only later cases may not
@@ -208,7 +211,7 @@ def test_local_channels_anti_test(tor_lab, tmp_path, monkeypatch):
 
     monkeypatch.setattr(local, "SANDBOX", False)
     dns_before = len(tor_lab.log("lab-dns"))
-    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path))
+    r = battery.run(tor_lab.stack, "anon-whonix", pcaps_dir=str(tmp_path), kernel=KERNEL)
     got = leaked(r)
     assert {"local-stand-in", "local-stand-in-root", "local-host-processes",
             "local-host-state-root"} <= got, got

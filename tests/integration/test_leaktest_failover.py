@@ -15,6 +15,7 @@ from netstack.leaktest import battery
 from netstack.leaktest.battery import Ctx, Fault
 from tests.integration.test_failover import VPN, config, fetch
 from tests.integration.util import cli, in_ns, load_state, send, wait_for
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -57,7 +58,7 @@ def test_leaktest_after_failover(own_stack, tmp_path):
     _on_second(s, info.server_file)
     before = len(json.loads(Path(info.server_file).read_text())["history"])
 
-    r = battery.run(s, "work", scenario="vpn-killed", pcaps_dir=str(tmp_path))
+    r = battery.run(s, "work", scenario="vpn-killed", pcaps_dir=str(tmp_path), kernel=KERNEL)
     bad = {lk["link"]: lk["violations"][:3] for lk in r.links if lk["violations"]}
     assert r.leaks == 0 and not r.errors, (bad, r.errors)
     isp = next(lk for lk in r.links if lk["link"] == "isp-link")
@@ -70,7 +71,7 @@ def test_leaktest_after_failover(own_stack, tmp_path):
     live = in_ns(info.netns, "nft", "list", "set", "inet", "netstack", "vpn_endpoints").stdout
     assert f"{VPN} . udp . {SECOND}" in live and f". {FIRST} " not in live
     r = battery.run(s, "work", fault=Fault("stale-server", _stale_datagram),
-                    pcaps_dir=str(tmp_path))
+                    pcaps_dir=str(tmp_path), kernel=KERNEL)
     stale = {lk["link"]: [v for v in lk["violations"] if f"{VPN}:{FIRST}" in v]
              for lk in r.links}
     assert r.leaks >= 1

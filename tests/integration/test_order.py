@@ -15,6 +15,7 @@ from netstack import netns, stack
 from netstack.kernel import RealKernel
 from netstack.model import UplinkSpec
 from tests.integration.util import ROOT, new_stack_name, reap_zombies, stack_leftovers
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -107,6 +108,6 @@ def test_kernel_announces_rules_before_links(cfg):
         assert ups and min(ups) > last_ruleset
     finally:
         k.close()
-        stack.down(s)
+        stack.down(s, KERNEL)
         reap_zombies()
     assert not stack_leftovers(s)

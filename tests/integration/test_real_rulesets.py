@@ -13,6 +13,7 @@ import pytest
 
 from netstack.audit import onefile, rulesetfile, whatif
 from tests.integration.util import cli
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -23,7 +24,7 @@ FILES = sorted(p.name for p in DIR.glob("*.nft"))
 
 @pytest.fixture(scope="module")
 def docs() -> dict[str, dict]:
-    return {f: rulesetfile.read(str(DIR / f)) for f in FILES}
+    return {f: rulesetfile.read(str(DIR / f), KERNEL) for f in FILES}
 
 
 def by_name(x):
@@ -149,7 +150,7 @@ UNDECIDED = {("mullvad-app.nft", "ct mark"), ("openwrt-fw4.nft", "limit/quota")}
 @pytest.mark.parametrize("name, spec, verdict", WHAT_IF)
 def test_what_if_agrees_with_the_kernel(docs, name, spec, verdict):
     p, path = whatif.parse(spec)
-    w = whatif.replay(docs[name], whatif.judge(docs[name], p, path), p)
+    w = whatif.replay(docs[name], whatif.judge(docs[name], p, path), p, KERNEL)
     assert w.kernel and w.kernel[-1][1] == verdict, (w.kernel, w.hooks)
     if w.verdict == "unknown":
         named = {u for h in w.hooks for u in h.unknown}

@@ -52,17 +52,14 @@ def test_hook_writes_state_and_map(tmp_path, monkeypatch):
         def close(self):
             pass
 
-    import netstack.kernel
-
-    monkeypatch.setattr(netstack.kernel, "RealKernel", K)
     f = str(tmp_path / "lease.json")
-    dhcp.hook(f, "dynamic", BOUND)
+    dhcp.hook(f, "dynamic", BOUND, K())
     assert dhcp.read_lease(f).bound and applied[-1][0] is None  # in dhcpcd's namespace
-    dhcp.hook(f, "dynamic", {**BOUND, "reason": "RENEW"})
+    dhcp.hook(f, "dynamic", {**BOUND, "reason": "RENEW"}, K())
     assert len(applied) == 1  # same resolvers: the map is not touched
-    dhcp.hook(f, "dynamic", {"reason": "EXPIRE"})
+    dhcp.hook(f, "dynamic", {"reason": "EXPIRE"}, K())
     assert applied[-1][1]["nftables"] == dhcp.map_commands([])
-    dhcp.hook(f, "static", BOUND)  # `dns` in the config: the map is not ours to fill
+    dhcp.hook(f, "static", BOUND, K())  # `dns` in the config: the map is not ours to fill
     assert len(applied) == 2 and dhcp.read_lease(f).bound
 
 

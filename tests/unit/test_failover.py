@@ -135,9 +135,6 @@ def test_a_silent_server_is_left(monkeypatch, tmp_path):
         def close(self):
             pass
 
-    import netstack.kernel
-
-    monkeypatch.setattr(netstack.kernel, "RealKernel", K)
     monkeypatch.setattr(failover, "PROBE_EVERY", 0.01)
     monkeypatch.setattr(failover, "answers", lambda *a: False)
 
@@ -145,12 +142,14 @@ def test_a_silent_server_is_left(monkeypatch, tmp_path):
         restarts.append(1)
         if len(restarts) == 2:
             stop.set()
-    failover.watch(str(path), report=lambda h: None, stopping=stop, restart=restart)
+    failover.watch(str(path), report=lambda h: None, stopping=stop, restart=restart,
+                   kernel=K())
     assert len(restarts) == 2 and failover.read_state(str(tmp_path / "server")).current == 0
     stop.clear()
     monkeypatch.setattr(failover, "answers", lambda *a: True)
     seen = []
     t = threading.Timer(0.3, stop.set)
     t.start()
-    failover.watch(str(path), report=seen.append, stopping=stop, restart=restart)
+    failover.watch(str(path), report=seen.append, stopping=stop, restart=restart,
+                   kernel=K())
     assert len(restarts) == 2 and seen and all(h["answering"] for h in seen)

@@ -14,6 +14,10 @@ kind runtimes, everything the kernel), never an import."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+from typing import Any
+
 import grimp
 import pytest
 
@@ -139,3 +143,46 @@ def test_upward_import_is_caught(graph: grimp.ImportGraph) -> None:
                                        imported="netstack.kinds.registry")
     assert details, "expected check's function-level import of the registry in the graph"
     assert LAYER_OF["netstack.kinds.registry"] < LAYER_OF["netstack.check"]
+
+
+# Where a RealKernel may be made: the entry of each program (the CLI, the supervisor, the
+# DHCP client's hook, the pytest plugin's fixture) and Kernel.fork (another thread's own
+# handles, derived from the entry's). Everything else is handed the kernel.
+KERNEL_ENTRIES = {("netstack/cli.py", "main"), ("netstack/supervisor.py", "main"),
+                  ("netstack/dhcp.py", "main"), ("netstack/pytest_plugin.py", "netstack_chain"),
+                  ("netstack/kernel.py", "fork")}
+
+
+def kernel_made(root: Any) -> list[tuple[str, str, int]]:
+    """(file, enclosing function, line) of every RealKernel() call under `root`."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root.parent))
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "RealKernel":
+                    out.append((rel, fn.name, node.lineno))
+        for node in tree.body:  # module level
+            for sub in ast.walk(node):
+                if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                    break
+                if isinstance(sub, ast.Call) and getattr(sub.func, "id", None) == "RealKernel":
+                    out.append((rel, "<module>", sub.lineno))
+    return out
+
+
+def test_the_kernel_is_made_only_at_entries() -> None:
+    made = kernel_made(Path(__file__).resolve().parents[2] / "netstack")
+    stray = [m for m in made if (m[0], m[1]) not in KERNEL_ENTRIES]
+    assert not stray, f"RealKernel() made below a program's entry (pass it down): {stray}"
+    assert {(f, fn) for f, fn, _ in made} == KERNEL_ENTRIES  # the list is not stale
+
+
+def test_the_kernel_check_sees_a_stray_kernel(tmp_path: Path) -> None:
+    pkg = tmp_path / "netstack"
+    pkg.mkdir()
+    (pkg / "deep.py").write_text("def helper():\n    k = RealKernel()\n    return k\n")
+    assert kernel_made(pkg) == [("netstack/deep.py", "helper", 2)]

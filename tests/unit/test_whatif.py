@@ -11,6 +11,7 @@ import pytest
 from netstack import cli
 from netstack.audit import onefile, rulesetfile, whatif
 from netstack.errors import UsageError
+from tests.fakekernel import FakeKernel
 
 
 def chain(name: str, hook: str, policy: str, prio: int = 0) -> dict:
@@ -131,9 +132,9 @@ def test_files_that_are_not_rulesets(tmp_path, text, says):
     f = tmp_path / "r.json"
     f.write_text(text)
     with pytest.raises(UsageError, match=says):
-        rulesetfile.read(str(f))
+        rulesetfile.read(str(f), FakeKernel())
     with pytest.raises(UsageError, match="cannot read"):
-        rulesetfile.read(str(tmp_path / "missing.json"))
+        rulesetfile.read(str(tmp_path / "missing.json"), FakeKernel())
 
 
 def test_interfaces_an_nft_script_matches_by_index():

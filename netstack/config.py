@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ConfigError
+from netstack.model import FwRule
 
 if TYPE_CHECKING:
     from netstack.kinds.spec import KindSpec
@@ -43,6 +44,8 @@ class Qube:
     netvm: str | None
     label: str
     settings: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # its Qubes-style rule list, validated (None: no list); enforced in its netvm
+    firewall: tuple[FwRule, ...] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -185,12 +188,13 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         elif not isinstance(netvm, str):
             raise ConfigError(f"{where} field 'netvm'", "missing",
                               "name the qube this one gets network from")
-        settings = {k: v for k, v in body.items() if k not in COMMON_KEYS - {"firewall"}}
+        settings = {k: v for k, v in body.items() if k not in COMMON_KEYS}
+        rules = None
         if "firewall" in body:  # Qubes' qvm-firewall rules, enforced in the netvm
             from netstack.rules.qubefw import parse as parse_firewall
 
-            parse_firewall(name, body["firewall"])
-        qubes.append(Qube(name, kind, netvm, label, settings))
+            rules = parse_firewall(name, body["firewall"])
+        qubes.append(Qube(name, kind, netvm, label, settings, rules))
 
     by_name = {q.name: q for q in qubes}
     nets = [q.name for q in qubes if kinds[q.kind].traits.owns_uplink]
@@ -223,12 +227,12 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
             seen.append(cur.name)
     for q in qubes:
         kinds[q.kind].validate(q)
-        if "firewall" in q.settings:
+        if q.firewall is not None:
             if q.netvm is None:
                 raise ConfigError(f"qube {q.name!r} field 'firewall'", "the net qube has no "
                                   "netvm to enforce rules", "remove firewall from it")
             if not live:
-                check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm], kinds)
+                check_client_rules(q.name, q.firewall, by_name[q.netvm], kinds)
         if q.settings.get("onion") and (q.netvm is None or
                                         not kinds[by_name[q.netvm].kind].traits.offers_onions):
             raise ConfigError(f"qube {q.name!r} field 'onion'", "an onion service needs a Tor "
@@ -245,17 +249,16 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
                     kinds=kinds)
 
 
-def check_client_rules(qube: str, raw: Any, netvm: Qube, kinds: Kinds) -> None:
+def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,
+                       kinds: Kinds) -> None:
     """The netvm's kind must be able to enforce every rule of the list as written."""
-    from netstack.rules.qubefw import parse
-
     role = kinds[netvm.kind]
     where = f"qube {qube!r} field 'firewall'"
     if not role.traits.enforces_client_rules:
         raise ConfigError(where, f"its netvm {netvm.name!r} (kind {netvm.kind}) does not "
                           "enforce per-qube rules", "attach the qube to a net, firewall, vpn "
                           "or tor qube")
-    for i, r in enumerate(parse(qube, raw)):
+    for i, r in enumerate(rules):
         why = role.refuse_client_rule(r)
         if why:
             raise ConfigError(f"{where} rule {i + 1}", f"cannot be enforced by {netvm.name!r} "
@@ -284,5 +287,5 @@ def validate_live(topo: Topology) -> None:
             if cur.name in seen:
                 raise ConfigError(where, "would make a loop", "pick a netvm nearer sys-net")
             seen.append(cur.name)
-        if "firewall" in q.settings:
-            check_client_rules(q.name, q.settings["firewall"], by_name[q.netvm], topo.kinds)
+        if q.firewall is not None:
+            check_client_rules(q.name, q.firewall, by_name[q.netvm], topo.kinds)

@@ -25,7 +25,7 @@ from netstack.kernel import Kernel, proc_start_time
 from netstack.kinds.app_runtime import orphaned
 from netstack.kinds.registry import SPECS
 from netstack.live import commit, live
-from netstack.model import Plan, QubeInfo
+from netstack.model import FwRule, Plan, QubeInfo
 
 PREFIX = "disp"
 
@@ -41,7 +41,7 @@ class Template:
     netvm: str
     label: str
     why: str
-    firewall: list[Any] | None = None  # its template's rule list (Qubes copies it too)
+    firewall: tuple[FwRule, ...] | None = None  # its template's list (Qubes copies it too)
 
 
 def template(plan: Plan, like: str | None = None) -> Template:
@@ -63,9 +63,7 @@ def template(plan: Plan, like: str | None = None) -> Template:
             raise UsageError(f"{name} is cut off (attach {name} none): give --netvm, or "
                              f"attach it to a netvm first")
         why = "run --like" if like else "[stack] default_dispvm"
-        fw = q.settings.get("firewall")
-        return Template(q.netvm, q.label, f"like {name} ({why})",
-                        None if fw is None else list(fw))
+        return Template(q.netvm, q.label, f"like {name} ({why})", q.firewall)
     rank = {"tor": 2, "vpn": 1}
     providers = [q for q in plan.qubes if q.traits.provides_network]
     best = max(providers, key=lambda q: (rank.get(q.traits.protection or "", 0),
@@ -85,7 +83,7 @@ def new_name(plan: Plan) -> str:
 
 
 def as_qube(q: QubeInfo) -> Qube:
-    return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings))
+    return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings), q.firewall)
 
 
 def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[Qube] = (),
@@ -119,7 +117,7 @@ def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
     `overlay` in its place) plus exactly the disposables `keep` and `add`. The plan in force
     must be what the config and overlay still give (else the change would carry edits of
     the config that `up` never applied)."""
-    from netstack.plan import build, load_inputs
+    from netstack.plan import build, load_inputs, with_overlay
 
     inputs = load_inputs(config, stack, cur.uplink, SPECS, live=True)
     now = build(replace(inputs, topo=topology(inputs.topo, disposables(cur), (), netvms)),
@@ -128,7 +126,7 @@ def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
         raise StateError(f"the config {config} changed since `up` of stack {stack!r}: run "
                          "`netstack down` and `up` to apply it before changing the stack live")
     if overlay is not None:
-        inputs = load_inputs(config, stack, cur.uplink, SPECS, overlay=overlay, live=True)
+        inputs = with_overlay(inputs, overlay, live=True)
     topo = topology(inputs.topo, keep, add, {**(netvms or {}), **(moved or {})})
     from netstack.config import validate_live
 
@@ -154,11 +152,11 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
                                     "runner": pid, "runner_start": proc_start_time(pid)}
         if gui:
             settings["gui"] = True
-        if t.firewall is not None:  # made like a qube with rules: the same rules, enforced
-            settings["firewall"] = t.firewall  # in its netvm (Qubes copies them too)
+        # made like a qube with rules: the same rules, enforced in its netvm (Qubes copies
+        # them too)
         keep = [q for q in disposables(cur) if not orphaned(q)]
         desired = rebuild(stack, cur, st.data.config, keep,
-                           [Qube(name, "app", netvm, label, settings)],
+                           [Qube(name, "app", netvm, label, settings, t.firewall)],
                            netvms=st.data.netvms)
         commit(st, cur, desired, k, f"run ({name})")  # all or nothing
         return desired.qube(name)

@@ -20,8 +20,7 @@ def rules_of(plan: Plan, qube: str) -> tuple[qubefw.FwRule, ...] | None:
     if not plan.has_qube(qube):
         raise UsageError(f"no qube {qube!r} in stack {plan.stack!r}; qubes: "
                          + ", ".join(q.name for q in plan.qubes))
-    raw = plan.qube(qube).settings.get("firewall")
-    return None if raw is None else qubefw.parse(qube, raw)
+    return plan.qube(qube).firewall
 
 
 def listing(stack: str, qube: str) -> dict[str, Any]:
@@ -54,7 +53,7 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
     with live(stack, "firewall", kernel) as (st, cur, k):
         t0 = time.perf_counter()
         current = rules_of(cur, qube)
-        raw = list(cur.qube(qube).settings.get("firewall") or [])
+        raw = [r.to_raw() for r in cur.qube(qube).firewall or ()]
         old = qubefw.load_overlay(stack)
         new = dict(old)
         if action == "reset":
@@ -79,7 +78,7 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
         desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new,
                           netvms=st.data.netvms)
         commit(st, cur, desired, k, f"firewall {qube} {action}", overlay=new)
-        after = desired.qube(qube).settings.get("firewall")
+        after = desired.qube(qube).firewall
         took = time.perf_counter() - t0
         netvm = desired.qube(qube).netvm
         if netvm:  # names of the new list: through the chain's resolver

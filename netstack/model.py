@@ -7,6 +7,7 @@ these same classes; SCHEMA changes whenever their shape does.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -110,6 +111,95 @@ class Daemon:
     ready: str = ""
 
 
+@dataclass(frozen=True)
+class FwRule:
+    """One rule of a qube's list (Qubes' qvm-firewall), as validated from the config by
+    rules/qubefw.parse: typed from the config to the kernel (config.Qube.firewall,
+    QubeInfo.firewall); `to_raw` gives the table the config and the overlay write."""
+
+    action: str  # accept | drop
+    dsthost: str | None = None  # an address, a CIDR prefix or a hostname
+    proto: str | None = None  # tcp | udp | icmp
+    dstports: tuple[int, int] | None = None
+    icmptype: int | None = None
+    specialtarget: str | None = None  # dns
+    expire: int | None = None  # seconds after `up` ("+SECONDS"; `firewall add` makes it
+    expire_at: int | None = None  # an absolute Unix time, as qvm-firewall does)
+    comment: str | None = None
+
+    @property
+    def expires(self) -> bool:
+        return self.expire is not None or self.expire_at is not None
+
+    def deadline(self, started: float) -> float | None:
+        """The Unix time the rule ends (None: never); "+N" counts from the stack's `up`."""
+        if self.expire_at is not None:
+            return float(self.expire_at)
+        return started + self.expire if self.expire is not None else None
+
+    @property
+    def runtime_set(self) -> bool:
+        """Its set is filled at run time (a name to resolve, a clock to read), so the
+        loaded ruleset holds it empty: the rule matches nothing until then (fail closed)."""
+        return self.host_is_name or self.expires
+
+    @property
+    def host_is_name(self) -> bool:
+        return self.dsthost is not None and not is_net(self.dsthost)
+
+    def family(self) -> str | None:
+        """ipv4 or ipv6 when the destination says so; None: both (or a name)."""
+        if self.dsthost is None or self.host_is_name:
+            return None
+        return "ipv6" if ipaddress.ip_network(self.dsthost, strict=False).version == 6 \
+            else "ipv4"
+
+    def to_raw(self) -> dict[str, Any]:
+        """The rule as a config table: qubefw.parse(to_raw) gives the same rule back."""
+        out: dict[str, Any] = {"action": self.action}
+        for k in ("dsthost", "proto", "icmptype", "specialtarget", "comment"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        if self.dstports:
+            lo, hi = self.dstports
+            out["dstports"] = lo if lo == hi else f"{lo}-{hi}"
+        if self.expire is not None:
+            out["expire"] = f"+{self.expire}"
+        if self.expire_at is not None:
+            out["expire"] = self.expire_at
+        return out
+
+    def describe(self) -> str:
+        """The rule as qvm-firewall prints it (key=value pairs)."""
+        parts = [f"action={self.action}"]
+        if self.dsthost:
+            parts.append(f"dsthost={self.dsthost}")
+        if self.proto:
+            parts.append(f"proto={self.proto}")
+        if self.dstports:
+            lo, hi = self.dstports
+            parts.append(f"dstports={lo}" if lo == hi else f"dstports={lo}-{hi}")
+        if self.icmptype is not None:
+            parts.append(f"icmptype={self.icmptype}")
+        if self.specialtarget:
+            parts.append(f"specialtarget={self.specialtarget}")
+        if self.expire is not None:
+            parts.append(f"expire=+{self.expire}")
+        if self.expire_at is not None:
+            parts.append(f"expire={self.expire_at}")
+        if self.comment:
+            parts.append(f"comment={self.comment}")
+        return " ".join(parts)
+
+
+def is_net(s: str) -> bool:
+    try:
+        ipaddress.ip_network(s, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
 class RoleInfo(Tagged):
     """What a kind knows of its qube beyond the common fields (VPN endpoints, Tor paths).
     Subclasses are dataclasses with a `tag` (their kind); the codec picks them by it (and
@@ -165,6 +255,8 @@ class QubeInfo:
     # where a client's lookups go when asked from this qube's namespace: (address, port)
     client_resolver: tuple[str, int] | None = None
     client_env: dict[str, str] = field(default_factory=dict)  # what clients' commands get
+    # its own rule list (enforced in its netvm); None: no list, the plain behaviour
+    firewall: tuple[FwRule, ...] | None = None
 
     @property
     def upstream_if(self) -> str:

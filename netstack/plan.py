@@ -60,6 +60,7 @@ class Inputs:
     providers: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     host_resolv: str = ""
     caps: HostCaps = field(default_factory=HostCaps)  # what the kernel offers (probed)
+    text: str = ""  # the config file as read (a live change re-parses it, never re-reads)
 
 
 def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
@@ -73,7 +74,9 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
     from netstack.vpn import runtime
 
     path = str(config_path or DEFAULT_CONFIG)
-    topo = config.load(path, kinds, load_overlay(stack) if overlay is None else overlay, live)
+    text = config.read_text(path, path, "give the path of a TOML config")
+    topo = config.parse(text, kinds, path, load_overlay(stack) if overlay is None else overlay,
+                        live)
     config_dir = os.path.dirname(os.path.abspath(path))
     lab_files = labplan.lab_files(stack_dir(stack)) if uplink.mode == "lab" else None
     providers: dict[str, list[tuple[str, Any]]] = {}
@@ -97,7 +100,17 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
         for cap in kinds[q.kind].host_caps(q):
             wants[cap] = True
     caps = hostcaps.probe(**wants) if probe else HostCaps()
-    return Inputs(topo, path, providers, host_resolv, caps)
+    return Inputs(topo, path, providers, host_resolv, caps, text)
+
+
+def with_overlay(inputs: Inputs, overlay: dict[str, list[Any]], live: bool = False) -> Inputs:
+    """The same inputs with other rule lists (`netstack firewall`'s change): the config
+    text is parsed again, nothing is read or probed again (one read per command). Rule
+    lists change no provider file and no host capability."""
+    from dataclasses import replace
+
+    topo = config.parse(inputs.text, inputs.topo.kinds, inputs.config_path, overlay, live)
+    return replace(inputs, topo=topo)
 
 
 def _ns_files(ns: str, nameservers: list[str], qube: str | None = None) -> dict[str, str]:
@@ -186,7 +199,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
                       # a qube cut off (`attach Q none`) has no link upstream
                       a.gateway4, ([up_if] if q.netvm or t.owns_uplink else [])
                       + [c.vif for c in clients], list(clients),
-                      info, dict(q.settings), t)
+                      info, dict(q.settings), t, firewall=q.firewall)
         qi.tunnel = role.tunnel(qi)
         if t.provides_network:
             qi.client_resolver = role.client_resolver(qi)

@@ -144,12 +144,15 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
     for q in plan.qubes:
         if q.settings.get("disposable"):
             continue
-        now = q.settings.get("firewall")
-        configured = next((c.settings.get("firewall") for c in plain.qubes
+        now = q.firewall
+        configured = next((c.firewall for c in plain.qubes
                            if c.name == q.name), None) if plain is not None else None
         n = "no list" if now is None else f"{len(now)} rules"
         if q.name in kept:
-            bad = kept[q.name] != now
+            try:
+                bad = qubefw.parse(q.name, kept[q.name]) != now
+            except NetstackError:  # a kept list that no longer validates is drift too
+                bad = True
             why = (f"firewall.json keeps {len(kept[q.name])} rules but {n} are enforced: "
                    "`netstack firewall " + q.name + " reset` (or add them again)") if bad \
                 else (f"{n} from `netstack firewall` (the config has "

@@ -269,14 +269,12 @@ def reaches_exactly(q: Any, client: Any, rules: tuple[Any, ...], names: dict[str
 
 def for_netvm(q: Any, ctx: Any) -> list[Any]:
     """The property for every client of the netvm view `q` that has a list."""
-    from netstack.rules import qubefw
 
     out = []
     names = (ctx.rule_names or {}).get(q.name, {})
     for c in q.clients:
-        raw = ctx.plan.qube(c.name).settings.get("firewall")
-        if raw is None:
+        rules = ctx.plan.qube(c.name).firewall
+        if rules is None:
             continue
-        out.append(reaches_exactly(q, c, qubefw.parse(c.name, raw), names, ctx.started,
-                                   ctx.now))
+        out.append(reaches_exactly(q, c, rules, names, ctx.started, ctx.now))
     return out

@@ -137,7 +137,5 @@ class KindSpec:
 
 def client_lists(ctx: QubeContext) -> dict[str, tuple]:
     """The rule list of each client that has one (no key: the plain behaviour)."""
-    from netstack.rules import qubefw
-
-    return {c.name: qubefw.parse(c.name, raw) for c in ctx.clients
-            if (raw := ctx.topo[c.name].settings.get("firewall")) is not None}
+    return {c.name: rules for c in ctx.clients
+            if (rules := ctx.topo[c.name].firewall) is not None}

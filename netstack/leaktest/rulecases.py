@@ -219,14 +219,14 @@ def run(stack: str, qube: str | None = None, expiry: bool = True, *, kernel: Ker
                          "with --lab")
     hosts = sorted(h.address for h in plan.lab.hosts.values())
     store = rnames.load(st.dir)
-    with_lists = [q for q in plan.qubes if q.settings.get("firewall") is not None
+    with_lists = [q for q in plan.qubes if q.firewall is not None
                   and q.netvm and (qube is None or q.name == qube)]
     if qube is not None and not with_lists:
         raise UsageError(f"--qube {qube!r} has no rule list (see `netstack firewall {qube} "
                          "list`)")
     out = []
     for q in with_lists:
-        rules = qubefw.parse(q.name, q.settings["firewall"])
+        rules = q.firewall
         tor = plan.qube(q.netvm).traits.protection == "tor"  # TCP and DNS only
         rep = QubeReport(q.name, q.netvm)
         rep.cases = derive(rules, rnames.addresses(store, q.netvm), hosts, st.data.started,

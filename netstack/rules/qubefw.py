@@ -24,88 +24,16 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from netstack.errors import ConfigError
+from netstack.model import FwRule, is_net  # noqa: F401  (re-exported: the rule's type)
 
 KEYS = {"action", "dsthost", "proto", "dstports", "icmptype", "specialtarget", "expire",
         "comment"}
 MAX_RULES = 10_000
 HOST_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
                      r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-@dataclass(frozen=True)
-class FwRule:
-    """One rule of a qube's list, as validated from the config."""
-
-    action: str  # accept | drop
-    dsthost: str | None = None  # an address, a CIDR prefix or a hostname
-    proto: str | None = None  # tcp | udp | icmp
-    dstports: tuple[int, int] | None = None
-    icmptype: int | None = None
-    specialtarget: str | None = None  # dns
-    expire: int | None = None  # seconds after `up` ("+SECONDS"; `firewall add` makes it
-    expire_at: int | None = None  # an absolute Unix time, as qvm-firewall does)
-    comment: str | None = None
-
-    @property
-    def expires(self) -> bool:
-        return self.expire is not None or self.expire_at is not None
-
-    def deadline(self, started: float) -> float | None:
-        """The Unix time the rule ends (None: never); "+N" counts from the stack's `up`."""
-        if self.expire_at is not None:
-            return float(self.expire_at)
-        return started + self.expire if self.expire is not None else None
-
-    @property
-    def runtime_set(self) -> bool:
-        """Its set is filled at run time (a name to resolve, a clock to read), so the
-        loaded ruleset holds it empty: the rule matches nothing until then (fail closed)."""
-        return self.host_is_name or self.expires
-
-    @property
-    def host_is_name(self) -> bool:
-        return self.dsthost is not None and not is_net(self.dsthost)
-
-    def family(self) -> str | None:
-        """ipv4 or ipv6 when the destination says so; None: both (or a name)."""
-        if self.dsthost is None or self.host_is_name:
-            return None
-        return "ipv6" if ipaddress.ip_network(self.dsthost, strict=False).version == 6 \
-            else "ipv4"
-
-    def describe(self) -> str:
-        """The rule as qvm-firewall prints it (key=value pairs)."""
-        parts = [f"action={self.action}"]
-        if self.dsthost:
-            parts.append(f"dsthost={self.dsthost}")
-        if self.proto:
-            parts.append(f"proto={self.proto}")
-        if self.dstports:
-            lo, hi = self.dstports
-            parts.append(f"dstports={lo}" if lo == hi else f"dstports={lo}-{hi}")
-        if self.icmptype is not None:
-            parts.append(f"icmptype={self.icmptype}")
-        if self.specialtarget:
-            parts.append(f"specialtarget={self.specialtarget}")
-        if self.expire is not None:
-            parts.append(f"expire=+{self.expire}")
-        if self.expire_at is not None:
-            parts.append(f"expire={self.expire_at}")
-        if self.comment:
-            parts.append(f"comment={self.comment}")
-        return " ".join(parts)
-
-
-def is_net(s: str) -> bool:
-    try:
-        ipaddress.ip_network(s, strict=False)
-        return True
-    except ValueError:
-        return False
 
 
 def parse(qube: str, raw: Any) -> tuple[FwRule, ...]:
@@ -344,9 +272,9 @@ def client_lists(plan: Any, netvm: str) -> list[tuple[Any, tuple[FwRule, ...]]]:
     """(client, its rules) of every client of the netvm that has a list."""
     out = []
     for c in plan.qube(netvm).clients:
-        raw = plan.qube(c.name).settings.get("firewall")
-        if raw is not None:
-            out.append((c, parse(c.name, raw)))
+        rules = plan.qube(c.name).firewall
+        if rules is not None:
+            out.append((c, rules))
     return out
 
 

@@ -303,9 +303,9 @@ def test_a_disposable_made_like_a_qube_gets_its_firewall_rules(tmp_path, monkeyp
     firewall_live.change("main", "work", "add", ["action=drop", "dsthost=198.51.100.53"],
                          kernel=fk)
     d = disposable.add("main", None, None, kernel=fk, like="work")
-    rules = plan_of().qube(d.name).settings["firewall"]
-    assert rules == plan_of().qube("work").settings["firewall"]
+    rules = plan_of().qube(d.name).firewall
+    assert rules == plan_of().qube("work").firewall
     fw = plan_of().qube("sys-firewall")
     assert f"fw-{d.name}" in str(plan_of().ns(fw.netns).ruleset)
     plain = disposable.add("main", "sys-firewall", None, kernel=fk)  # like no qube: none
-    assert plan_of().qube(plain.name).settings.get("firewall") is None
+    assert plan_of().qube(plain.name).firewall is None

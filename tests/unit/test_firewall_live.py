@@ -209,3 +209,18 @@ def test_a_changed_config_is_refused_before_the_rules_change(tmp_path):
         firewall_live.change("main", "work", "add", ["action=accept"], kernel=fk)
     assert fk.events[n:] == [] and plan_of() == before
     assert qubefw.load_overlay("main") == {}
+
+
+def test_one_change_reads_the_config_and_probes_the_host_once(monkeypatch):
+    """`firewall add` once read the config twice, built the plan twice and ran the host
+    probe (a subprocess) twice: now one read, one probe, the text parsed again."""
+    from netstack import config, hostcaps
+
+    fk, _ = up("configs/basic.toml")
+    reads, probes = [], []
+    real_read, real_probe = config.read_text, hostcaps.probe
+    monkeypatch.setattr(config, "read_text", lambda *a: reads.append(a[0]) or real_read(*a))
+    monkeypatch.setattr(hostcaps, "probe", lambda **kw: probes.append(kw) or real_probe(**kw))
+    firewall_live.change("main", "work", "add", ["action=drop", "dsthost=192.0.2.9"],
+                         kernel=fk)
+    assert len(reads) == 1 and len(probes) == 1, (reads, probes)

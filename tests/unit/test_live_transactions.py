@@ -71,8 +71,9 @@ def consistent(fk) -> str:
     assert st is not None and live.pending(st) is None
     p = st.plan
     overlay = qubefw.load_overlay("main")
-    listed = p.qube("work").settings.get("firewall")
-    assert (overlay.get("work") is None and listed is None) or overlay.get("work") == listed
+    listed = p.qube("work").firewall
+    assert (overlay.get("work") is None and listed is None) or \
+        qubefw.parse("work", overlay["work"]) == listed
     assert st.data.netvms.get("work", p.qube("work").netvm) == p.qube("work").netvm
     for n in p.namespaces:  # every namespace of the plan exists, with its latest rules
         assert n.name in fk.namespaces, n.name
@@ -158,4 +159,4 @@ def test_an_interrupted_change_is_named_by_status(monkeypatch):
     from netstack.stack import interrupted
 
     assert "firewall work add" in interrupted(state.State.load("main"))
-    assert plan_of().qube("work").settings.get("firewall") is None  # old until repaired
+    assert plan_of().qube("work").firewall is None  # old until repaired

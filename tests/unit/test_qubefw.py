@@ -112,3 +112,21 @@ def test_the_audit_follows_a_clients_chain(tmp_path):
     res, _ = audit(p, {n.name: n.ruleset for n in p.namespaces if n.ruleset}, None)
     assert res and all(r.status == "PASS" for r in res), [r for r in res
                                                           if r.status != "PASS"]
+
+
+@pytest.mark.parametrize("raw", [
+    {"action": "accept", "dsthost": "192.0.2.7", "proto": "tcp", "dstports": 443},
+    {"action": "drop", "dsthost": "198.51.100.0/24", "proto": "udp", "dstports": "8000-8080"},
+    {"action": "accept", "proto": "icmp", "icmptype": 8, "comment": "ping"},
+    {"action": "accept", "specialtarget": "dns"},
+    {"action": "accept", "dsthost": "example.org", "expire": "+60"},
+    {"action": "drop", "dsthost": "2001:db8::/32", "expire": 1767225600},
+])
+def test_a_typed_rule_gives_its_table_back(raw):
+    """The list is typed from the config to the kernel; `netstack firewall` edits it as
+    config tables again (the overlay) with FwRule.to_raw, which must lose nothing."""
+    from netstack.rules.qubefw import parse as parse_rules
+
+    (rule,) = parse_rules("q", [raw])
+    assert parse_rules("q", [rule.to_raw()]) == (rule,)
+    assert rule.to_raw() == raw

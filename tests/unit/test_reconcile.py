@@ -203,11 +203,10 @@ MUTATING = ("netns_create", "sysctl", "nft", "veth", "link_up", "addr_add", "rou
 def probe_plan(cfg: str) -> list[list[str]]:
     """The hostnames of every qube's firewall rules in the config."""
     from netstack.config import load
-    from netstack.rules.qubefw import parse
 
     topo = load(config_path(cfg), SPECS)
-    return [[r.dsthost for r in parse(q.name, q.settings["firewall"]) if r.host_is_name]
-            for q in topo.qubes if "firewall" in q.settings]
+    return [[r.dsthost for r in q.firewall if r.host_is_name]
+            for q in topo.qubes if q.firewall is not None]
 
 
 @pytest.mark.parametrize("cfg", BASE_CONFIGS)

@@ -37,15 +37,31 @@ class LinkState:
 
 
 
-def atomic_write(path: str, text: str, mode: int = 0o600) -> None:
+def atomic_write(path: str, data: str | bytes, mode: int = 0o600, sync: bool = False) -> None:
     """Write a file whole or not at all (a reader sees the old or the new one), with its
-    mode from the start; never through a symlink."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    mode from the start; never through a symlink. The temporary file is in the same
+    directory (a rename never crosses a filesystem), named per process and thread (the
+    supervisor's watchers write at once), and removed when the write fails. `sync`: the
+    data reaches the disk before the rename (nothing of ours lives outside tmpfs /run yet,
+    so no caller asks for it today)."""
+    import threading
+
+    raw = data if isinstance(data, bytes) else data.encode()
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_native_id()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
 
 class Kernel:
     """The interface. Every method either does what it says or raises (ApplyError for a

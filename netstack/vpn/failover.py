@@ -13,7 +13,6 @@ The choice is kept in `vpn-QUBE.server` (status, audit and reloads read it)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -46,10 +45,24 @@ class FailoverSpec:
 
 
 @dataclass
+class Switch:
+    """One move to the next server; the kill switch's swap ran from swap_start to swap_end
+    (wall clock, as a capture's timestamps)."""
+
+    from_: int = field(metadata={"json": "from"})
+    to: int
+    why: str
+    swap_start: float
+    swap_end: float
+
+
+@dataclass
 class ServerState:
+    """`vpn-QUBE.server`: the server in force, written by the failover watcher."""
+
     current: int
     since: float  # when this server became current
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[Switch] = field(default_factory=list)
 
 
 def answers(ns: str | None, server: str, timeout: float) -> bool:
@@ -84,20 +97,21 @@ def set_commands(servers: list[ServerFiles], i: int) -> dict[str, Any]:
 
 
 def read_state(path: str) -> ServerState | None:
-    from netstack.codec import load
+    """None when it cannot be read (not written yet, or damaged: the watcher starts on the
+    first server; status tells a damaged file by its existence)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
 
     try:
-        with open(path) as f:
-            return load(ServerState, json.load(f), path)
-    except (OSError, ValueError):
+        return codec.read(path, ServerState)
+    except (OSError, DamagedFile):
         return None
 
 
 def write_state(path: str, st: ServerState) -> None:
-    from netstack.codec import dump
-    from netstack.kernel import atomic_write
+    from netstack import codec
 
-    atomic_write(path, json.dumps(dump(st)))
+    codec.write(path, st)
 
 
 def _put(src: str, dst: str) -> None:
@@ -118,8 +132,7 @@ def switch(spec: FailoverSpec, st: ServerState, why: str, nft: Callable[[dict], 
     s = spec.servers[nxt]
     _put(s.conf, spec.conf_path)
     _put(s.spec, spec.spec_path)
-    new = ServerState(nxt, t1, (st.history + [{"from": st.current, "to": nxt, "why": why,
-                                               "swap_start": t0, "swap_end": t1}])[-20:])
+    new = ServerState(nxt, t1, (st.history + [Switch(st.current, nxt, why, t0, t1)])[-20:])
     write_state(spec.server_file, new)
     return new
 
@@ -130,14 +143,13 @@ def watch(spec_path: str, *, report: Callable[[dict[str, Any]], None],
     """The supervisor's monitor: probe, and switch when the current server has not
     answered for `after` seconds (counted from its start: a server that never answers
     is left as surely as one that stops)."""
-    from netstack.codec import load
+    from netstack import codec
     from netstack.kernel import RealKernel
 
     while not os.path.exists(spec_path):  # `up` writes it with the daemon's go signal
         if stopping.wait(0.05):
             return
-    with open(spec_path) as f:
-        spec = load(FailoverSpec, json.load(f), spec_path)
+    spec = codec.read(spec_path, FailoverSpec)
     st = read_state(spec.server_file) or ServerState(0, time.time())
     write_state(spec.server_file, st)
     last_ok = time.monotonic()

@@ -5,7 +5,6 @@ resolution into the transport the kill switch admits."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -146,9 +145,7 @@ def current_index(info: VpnInfo) -> int:
     """The current server's index (0 without failover, or before any)."""
     if len(info.servers) < 2:
         return 0
-    try:
-        with open(info.server_file) as f:
-            i = int(json.load(f)["current"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return i % len(info.servers)
+    from netstack.vpn.failover import read_state
+
+    st = read_state(info.server_file)
+    return st.current % len(info.servers) if st else 0

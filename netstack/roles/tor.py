@@ -233,13 +233,12 @@ class TorRole(Role):
             info = dataclasses.replace(info, bridges=[line if b == LAB_REF else b
                                                       for b in info.bridges])
         rt.write(info.torrc_path, torrc(info, rt.lab_dirauths if info.lab_network else ()))
-        import json
+        from netstack.codec import encode
+        from netstack.tor.filter import FilterSpec
 
-        rt.write(info.filter_spec, json.dumps({  # the control-port filter's go signal
-            "address": info.address, "port": CONTROL_PORT,
-            "control_socket": info.control_socket, "socks": f"{info.address}:{SOCKS_PORT}",
-            "clients": {c.ipv4: c.name for c in q.clients},
-            "onions_per_workstation": info.onions_per_workstation}))
+        rt.write(info.filter_spec, encode(FilterSpec(  # the control-port filter's go signal
+            info.address, CONTROL_PORT, info.control_socket, f"{info.address}:{SOCKS_PORT}",
+            {c.ipv4: c.name for c in q.clients}, info.onions_per_workstation)))
 
     def leak_zone(self, outer: str) -> str:
         return "tor-out" if outer == "plain" else outer

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from netstack.errors import CannotCheck
 from netstack.codec import dump
+from netstack.errors import CannotCheck
 from netstack.leaktest.endpoints import live_set, read_server_state, timeline
 from netstack.vpn.failover import Switch
 

@@ -402,7 +402,6 @@ def read_pidfile(path: str) -> PidFile | None:
         return None
 
 
-
 def crash_point(name: str) -> None:
     """Test hook: NETSTACK_TEST_CRASH_AT=NAME kills this process (SIGKILL) at a named point
     between two records (e.g. a process started but its pid not yet recorded)."""

@@ -466,7 +466,7 @@ def save_overlay(stack: str, overlay: dict[str, list[Any]]) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     from netstack.kernel import atomic_write
 
-    atomic_write(path, json.dumps(overlay, indent=1, sort_keys=True))  # see load_overlay
+    atomic_write(path, json.dumps(overlay, indent=1, sort_keys=True))  # not codec: above
 
 
 def rule_from_words(words: list[str]) -> dict[str, Any]:

@@ -3,24 +3,63 @@ values, `load(cls, data)` reads it back into the same dataclasses (nested datacl
 lists, tuples, dicts, frozensets, optionals and tagged unions), so no reader of the state
 file ever indexes dict keys.
 
+`read(path, cls)` and `write(path, obj)` are the one way a typed file of ours (state, plan,
+intent log rewrite, supervisor status and pid file, rule names, VPN server state, DHCP
+lease, live transaction intent) reaches the disk and comes back: written atomically (the
+reader sees the old file or the new one), read into the same dataclass, and a file that
+does not fit is one line naming it (errors.DamagedFile, or OtherSchema for a dataclass
+with a `schema` field whose number differs).
+
+A field whose JSON key is not a Python name (`from`) says so: field(metadata={"json": ...}).
+
 A tagged union is a base class with a `registry` of subclasses keyed by a class attribute
 `tag`: dumped objects carry {"@type": tag}, and `load(Base, ...)` picks the subclass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import json
+import os
 import types
 import typing
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from netstack.errors import StateError
+from netstack.errors import DamagedFile, OtherSchema, StateError
 
 T = TypeVar("T")
 TAG = "@type"  # never a field name
 MODULE = "@module"  # where a member of a union with `by_module` is defined
 _HINTS: dict[type, dict[str, Any]] = {}
+
+
+
+def atomic_write(path: str, data: str | bytes, mode: int = 0o600, sync: bool = False) -> None:
+    """Write a file whole or not at all (a reader sees the old or the new one), with its
+    mode from the start; never through a symlink. The temporary file is in the same
+    directory (a rename never crosses a filesystem), named per process and thread (the
+    supervisor's watchers write at once), and removed when the write fails. `sync`: the
+    data reaches the disk before the rename (nothing of ours lives outside tmpfs /run yet,
+    so no caller asks for it today)."""
+    import threading
+
+    raw = data if isinstance(data, bytes) else data.encode()
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_native_id()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class Tagged:
@@ -47,7 +86,7 @@ class Tagged:
 def dump(obj: Any) -> Any:
     """JSON-ready values; dataclass fields in declaration order."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: dump(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {_key(f): dump(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         if isinstance(obj, Tagged) and obj.tag:
             out = {TAG: obj.tag, **({MODULE: type(obj).__module__} if obj.by_module else {}),
                    **out}
@@ -59,6 +98,10 @@ def dump(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: dump(v) for k, v in obj.items()}
     return obj
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("json", f.name)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -124,10 +167,11 @@ def _load(tp: Any, data: Any, where: str) -> Any:
         hints = _hints(cls)
         kw = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in data:
-                kw[f.name] = _load(hints[f.name], data[f.name], f"{where}.{f.name}")
+            key = _key(f)
+            if key in data:
+                kw[f.name] = _load(hints[f.name], data[key], f"{where}.{key}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise KeyError(f"{where}.{f.name} missing")
+                raise KeyError(f"{where}.{key} missing")
         return cls(**kw)
     if tp is float and isinstance(data, int):
         return float(data)
@@ -144,3 +188,59 @@ def _fits(tp: Any, data: Any) -> bool:
                                                      or issubclass(tp, Tagged))):
         return isinstance(data, dict)
     return isinstance(tp, type) and isinstance(data, tp)
+
+
+# --- typed files ----------------------------------------------------------------------
+
+def encode(obj: Any) -> str:
+    """The text `write` puts in a file (for files written through the Kernel seam)."""
+    return json.dumps(dump(obj))
+
+
+def _schema(cls: Any) -> int | None:
+    """The schema number a dataclass declares with a `schema: int = N` field."""
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            if f.name == "schema" and isinstance(f.default, int):
+                return f.default
+    return None
+
+
+def decode(cls: type[T] | Any, text: str | bytes, path: str) -> T:
+    """`text` (the content of `path`) as `cls`; DamagedFile / OtherSchema naming `path`."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedFile(path, f"not JSON: {e}") from None
+    want = _schema(cls)
+    if want is not None:
+        found = raw.get("schema") if isinstance(raw, dict) else None
+        if found != want:
+            raise OtherSchema(path, found if found is not None else "?", want)
+    try:
+        return _load(cls, raw, os.path.basename(path))
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise DamagedFile(path, f"not what this version writes: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    text = text.replace("\n", " ")
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def read(path: str, cls: type[T] | Any) -> T:
+    """The file at `path` read back as `cls` (a dataclass, or a container of them).
+    OSError as open raises it (FileNotFoundError: not written yet); DamagedFile when the
+    content does not fit (OtherSchema: another version's)."""
+    with open(path, "rb") as f:
+        text = f.read()
+    return decode(cls, text, path)
+
+
+def write(path: str, obj: Any, mode: int = 0o600, *, sync: bool = False) -> None:
+    """`obj` to `path` atomically: a temporary file in the same directory, made with
+    `mode`, then renamed over `path` (a crash leaves the old file or the new one, never a
+    part). `sync`: fsync before the rename."""
+
+    atomic_write(path, encode(obj), mode, sync=sync)

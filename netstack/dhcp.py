@@ -16,7 +16,6 @@ never sent to an old resolver in clear.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -109,12 +108,13 @@ def map_commands(dns: list[str]) -> list[dict[str, Any]]:
 
 
 def read_lease(path: str) -> Lease | None:
-    from netstack.codec import load
+    """None before the first event (or a damaged file: the next event rewrites it)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
 
     try:
-        with open(path) as f:
-            return load(Lease, json.load(f), path)
-    except (OSError, ValueError):
+        return codec.read(path, Lease)
+    except (OSError, DamagedFile):
         return None
 
 
@@ -143,8 +143,7 @@ def apply_event(prev: Lease | None, env: dict[str, str], now: float) -> Lease:
 def hook(lease_file: str, mode: str, env: dict[str, str], k: Kernel) -> int:
     """Called by dhcpcd for every event, inside sys-net: the DNS map first (emptied when
     the lease is gone), then the state file."""
-    from netstack.codec import dump
-    from netstack.kernel import atomic_write
+    from netstack import codec
 
     prev = read_lease(lease_file)
     lease = apply_event(prev, env, time.time())
@@ -152,7 +151,7 @@ def hook(lease_file: str, mode: str, env: dict[str, str], k: Kernel) -> int:
     if mode == "dynamic" and changed:
         # dhcpcd runs in sys-net: its namespace is ours (None: stay)
         k.nft(None, {"nftables": map_commands(lease.dns if lease.bound else [])})
-    atomic_write(lease_file, json.dumps(dump(lease)))
+    codec.write(lease_file, lease)
     print(f"dhcp: {lease.history[-1]}: " + (f"{lease.address} via {','.join(lease.routers)}"
                                              f" dns {','.join(lease.dns) or '-'}"
                                              if lease.bound else "no lease"),

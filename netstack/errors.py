@@ -32,6 +32,32 @@ class StateError(NetstackError):
     exit_code = 3
 
 
+class DamagedFile(StateError):
+    """A file of ours that cannot be read back: not JSON, cut short, or of a shape another
+    version of netstack wrote. Names the file; `fix` says what to do."""
+
+    def __init__(self, path: str, problem: str,
+                 fix: str = "`netstack down` and `up` again") -> None:
+        self.path, self.problem, self.fix = path, problem, fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return f"{self.path} is damaged ({self.problem}); fix: {self.fix}"
+
+
+class OtherSchema(DamagedFile):
+    """A file whose `schema` is not the one this version reads."""
+
+    def __init__(self, path: str, found: object, want: int) -> None:
+        self.found, self.want = found, want
+        super().__init__(path, f"schema {found}, this one reads {want}",
+                         "take it down with the version of netstack that made it")
+
+    def render(self) -> str:
+        return (f"{self.path} was written by another version of netstack ({self.problem}); "
+                f"fix: {self.fix}")
+
+
 class NotReady(NetstackError):
     """The stack is up but a qube does not do its job yet (tunnel, Tor): a check failed."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack import netns
+from netstack.codec import atomic_write  # noqa: F401  (re-exported: callers use it here)
 from netstack.errors import ApplyError, StateError
 from netstack.model import Route
 
@@ -37,16 +38,6 @@ class LinkState:
     flags: int = 0  # IFF_*: admin up 0x1, carrier (lower up) 0x10000
 
 
-
-def atomic_write(path: str, text: str, mode: int = 0o600) -> None:
-    """Write a file whole or not at all (a reader sees the old or the new one), with its
-    mode from the start; never through a symlink."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 class Kernel:
     """The interface. Every method either does what it says or raises (ApplyError for a

@@ -22,7 +22,6 @@ changed": the files that define the plan in force are written only together."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,20 +57,18 @@ def intent_path(st: Any) -> str:
 
 def pending(st: Any) -> Intent | None:
     """The intent a crashed change left behind, or None."""
-    from netstack.codec import load
+    from netstack import codec
 
     try:
-        with open(intent_path(st)) as f:
-            return load(Intent, json.load(f))
+        return codec.read(intent_path(st), Intent)
     except FileNotFoundError:
         return None
 
 
 def _write(st: Any, intent: Intent) -> None:
-    from netstack.codec import dump
-    from netstack.kernel import atomic_write
+    from netstack import codec
 
-    atomic_write(intent_path(st), json.dumps(dump(intent)))
+    codec.write(intent_path(st), intent)
 
 
 @contextlib.contextmanager

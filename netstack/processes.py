@@ -5,14 +5,13 @@ file, the daemons it runs."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import secrets
 import socket
 import sys
 import time
 
-from netstack.codec import dump
+from netstack.codec import encode
 from netstack.kernel import Kernel
 from netstack.model import Plan
 from netstack.state import ProcessRec, State, crash_point, read_pidfile
@@ -37,7 +36,7 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
             services.append(ServiceSpec(s.name, s.type, s.netns, fds, dict(s.zone),
                                         os.path.join(st.dir, f"{s.name}.log")))
         spec = SupervisorSpec(plan.stack, services, list(plan.daemons))
-        k.write_file(os.path.join(st.dir, SPEC), json.dumps(dump(spec)), 0o600)
+        k.write_file(os.path.join(st.dir, SPEC), encode(spec), 0o600)
         rec = ProcessRec("supervisor", secrets.token_hex(8), os.path.join(st.dir, PIDFILE))
         st.record(rec)  # before it exists: a crash from here on leaves it findable
         pid, start = k.spawn([sys.executable, "-m", "netstack.supervisor", st.dir, rec.token],

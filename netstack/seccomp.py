@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 
 from netstack.errors import NetstackError
 
@@ -50,11 +51,13 @@ def compile_filter(out: str) -> str:
     for name in REFUSED:
         f.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
     os.makedirs(os.path.dirname(out), mode=0o711, exist_ok=True)
-    tmp = f"{out}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
+    with tempfile.TemporaryFile() as fh:  # libseccomp writes to a descriptor
         f.export_bpf(fh)
-    os.chmod(tmp, 0o644)  # read by the unprivileged account the sandbox starts as
-    os.replace(tmp, out)
+        fh.seek(0)
+        bpf = fh.read()
+    from netstack.codec import atomic_write
+
+    atomic_write(out, bpf, 0o644)  # read by the unprivileged account the sandbox starts as
     return out
 
 

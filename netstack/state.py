@@ -9,15 +9,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from netstack import codec
 from netstack import names as _names  # RUN_DIR is read at each call (tests move it)
-from netstack.codec import Tagged, dump, load
-from netstack.errors import StateError, UsageError
+from netstack.codec import Tagged
+from netstack.errors import DamagedFile, OtherSchema, StateError, UsageError
+from netstack.kernel import atomic_write
 from netstack.model import SCHEMA, Plan
 from netstack.names import check_stack, stack_dir  # noqa: F401  (stack_dir: re-exported)
 
@@ -146,26 +147,24 @@ class State:
     def load(cls, stack: str) -> State | None:
         d = stack_dir(stack)
         try:
-            with open(os.path.join(d, "state.json")) as f:
-                raw = json.load(f)
+            data = codec.read(os.path.join(d, "state.json"), StackState)
         except FileNotFoundError:
             return None
         except PermissionError:
             raise StateError(f"cannot read the state of stack {stack!r}: it belongs to root "
                              "(run with sudo)") from None
-        except ValueError:
-            raise StateError(f"{d}/state.json is damaged; remove the stack by hand") from None
-        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        except OtherSchema as e:
             raise StateError(f"stack {stack!r} was made by another version of netstack "
-                             f"(state schema {raw.get('schema') if isinstance(raw, dict) else '?'}"
-                             f", this one reads {SCHEMA}); take it down with that version")
-        data = load(StackState, raw, "state.json")
+                             f"({e.path}: state schema {e.found}, this one reads {e.want}); "
+                             "take it down with that version") from None
+        except DamagedFile as e:
+            raise DamagedFile(e.path, e.problem, "remove the stack by hand") from None
         records: list[tuple[int, Record]] = []
         lines = 0
         with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "objects.jsonl")) as f:
             for lines, line in enumerate(f, start=1):  # noqa: B007
                 with contextlib.suppress(ValueError, StateError):  # a line cut by a crash
-                    records.append((lines - 1, load(Record, json.loads(line), "objects.jsonl")))
+                    records.append((lines - 1, codec.decode(Record, line, "objects.jsonl")))
         return cls(stack, data, None, records, lines)
 
     @property
@@ -174,15 +173,14 @@ class State:
         if not self._plan_loaded:
             self._plan_loaded = True
             try:
-                with open(self.plan_path) as f:
-                    self._plan = load(Plan, json.load(f), "plan.json")
+                self._plan = codec.read(self.plan_path, Plan)
             except FileNotFoundError:
                 pass
-            except ValueError:  # what status, audit and leaktest compare against is gone
-                raise StateError(f"{self.plan_path} is damaged, so nothing can be compared "
-                                 f"with it; fix: `netstack --stack {self.stack} down` (the "
-                                 "intent log still knows every object) and `up` again"
-                                 ) from None
+            except DamagedFile as e:  # what status, audit and leaktest compare against is gone
+                raise DamagedFile(self.plan_path, f"{e.problem}, so nothing can be compared "
+                                  "with it", f"`netstack --stack {self.stack} down` (the "
+                                  "intent log still knows every object) and `up` again"
+                                  ) from None
         return self._plan
 
     @staticmethod
@@ -214,19 +212,11 @@ class State:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dump(self.data), f)
-        os.replace(tmp, self.path)
+        codec.write(self.path, self.data)
 
     def set_plan(self, plan: Plan) -> None:
         self._plan, self._plan_loaded = plan, True
-        tmp = self.plan_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dump(plan), f)
-        os.replace(tmp, self.plan_path)
+        codec.write(self.plan_path, plan)
 
     def set_status(self, status: str) -> None:
         self.data.status = status
@@ -247,7 +237,7 @@ class State:
                         r.seek(-1, os.SEEK_END)
                         if r.read(1) != b"\n":
                             f.write("\n")
-            f.write(json.dumps(dump(rec)) + "\n")
+            f.write(codec.encode(rec) + "\n")
         seq = self._lines
         self._records.append((seq, rec))
         self._lines += 1
@@ -264,11 +254,7 @@ class State:
         """Rewrite the intent log with only the live records (atomically): live changes
         such as disposables append a record and its removal for every object."""
         live = self.objects
-        tmp = self.log_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(dump(r)) + "\n" for r in live)
-        os.replace(tmp, self.log_path)
+        atomic_write(self.log_path, "".join(codec.encode(r) + "\n" for r in live))
         self._records = list(enumerate(live))
         self._lines = len(live)
 
@@ -401,10 +387,11 @@ def _lock_holder(path: str) -> int | None:
 
 
 def read_pidfile(path: str) -> PidFile | None:
+    """None when there is none yet, or a part of one (`down` then ends the process by the
+    pid recorded in the intent log)."""
     try:
-        with open(path) as f:
-            return load(PidFile, json.load(f), path)
-    except (FileNotFoundError, ValueError, StateError):
+        return codec.read(path, PidFile)
+    except (FileNotFoundError, DamagedFile):
         return None
 
 

@@ -10,7 +10,6 @@ before starting it, so a crash of `up` at any moment leaves it findable.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack.codec import dump, load
+from netstack import codec
+from netstack.errors import DamagedFile
 from netstack.kernel import Kernel, proc_start_time
 from netstack.model import Daemon
 
@@ -66,10 +66,11 @@ class SupervisorStatus:
 
 
 def read_status(stack_dir: str) -> SupervisorStatus | None:
+    """None when the supervisor has not written it yet or it cannot be read (`down` then
+    ends the supervisor by its pid file; its children die with their process group)."""
     try:
-        with open(os.path.join(stack_dir, STATUS)) as f:
-            return load(SupervisorStatus, json.load(f), STATUS)
-    except (FileNotFoundError, ValueError):
+        return codec.read(os.path.join(stack_dir, STATUS), SupervisorStatus)
+    except (FileNotFoundError, DamagedFile):
         return None
 
 
@@ -81,8 +82,7 @@ class Supervisor:
     def __init__(self, stack_dir: str, kernel: Kernel) -> None:
         self.dir = stack_dir
         self.kernel = kernel  # made by main(), this program's entry; each thread forks it
-        with open(os.path.join(stack_dir, SPEC)) as f:
-            self.spec = load(SupervisorSpec, json.load(f), SPEC)
+        self.spec = codec.read(os.path.join(stack_dir, SPEC), SupervisorSpec)
         self.children: dict[str, Child] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = threading.Event()
@@ -94,12 +94,9 @@ class Supervisor:
     def write_status(self) -> None:
         """Atomic and serialised: several watcher threads report at once."""
         with self.status_lock:
-            tmp = os.path.join(self.dir, f"{STATUS}.{threading.get_ident()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(dump(SupervisorStatus(os.getpid(), proc_start_time(os.getpid()),
-                                                self.children)), f)
-            os.replace(tmp, os.path.join(self.dir, STATUS))
+            codec.write(os.path.join(self.dir, STATUS),
+                        SupervisorStatus(os.getpid(), proc_start_time(os.getpid()),
+                                         self.children))
 
     def start_daemon(self, d: Daemon) -> None:
         argv = ["ip", "netns", "exec", d.netns, *d.argv]
@@ -241,11 +238,8 @@ class Supervisor:
 def write_pidfile(stack_dir: str, token: str) -> None:
     from netstack.state import PidFile
 
-    tmp = os.path.join(stack_dir, f"{PIDFILE}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dump(PidFile(os.getpid(), proc_start_time(os.getpid()), token)), f)
-    os.replace(tmp, os.path.join(stack_dir, PIDFILE))
+    codec.write(os.path.join(stack_dir, PIDFILE),
+                PidFile(os.getpid(), proc_start_time(os.getpid()), token))
 
 
 def main() -> None:

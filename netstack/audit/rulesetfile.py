@@ -25,7 +25,7 @@ def read(path: str, k: Kernel) -> dict[str, Any]:
         raise UsageError(f"--ruleset {path}: cannot read it ({e})") from None
     if text.lstrip().startswith("{"):
         try:
-            doc = json.loads(text)
+            doc = json.loads(text)  # nft's format (the user's --ruleset), not ours
         except ValueError as e:
             raise UsageError(f"--ruleset {path}: not valid JSON ({e}); give `nft -j list "
                              "ruleset` output or an nft script") from None

@@ -5,13 +5,14 @@ in `status`; the wait for 100 % bootstrap."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from netstack.codec import encode
 from netstack.kernel import Kernel
 from netstack.kinds.runtime import KindRuntime, LiveFacts
 from netstack.model import QubeInfo
+from netstack.tor.filter import FilterSpec
 from netstack.tor.gateway import CONTROL_PORT, SOCKS_PORT, TorInfo, onion_addresses, torrc
 
 if TYPE_CHECKING:
@@ -36,11 +37,9 @@ class TorRuntime(KindRuntime):
             info = dataclasses.replace(info, bridges=[line if b == LAB_REF else b
                                                       for b in info.bridges])
         rt.write(info.torrc_path, torrc(info, rt.lab_dirauths if info.lab_network else ()))
-        rt.write(info.filter_spec, json.dumps({  # the control-port filter's go signal
-            "address": info.address, "port": CONTROL_PORT,
-            "control_socket": info.control_socket, "socks": f"{info.address}:{SOCKS_PORT}",
-            "clients": {c.ipv4: c.name for c in q.clients},
-            "onions_per_workstation": info.onions_per_workstation}))
+        rt.write(info.filter_spec, encode(FilterSpec(  # the control-port filter's go signal
+            info.address, CONTROL_PORT, info.control_socket, f"{info.address}:{SOCKS_PORT}",
+            {c.ipv4: c.name for c in q.clients}, info.onions_per_workstation)))
 
     def status(self, q: QubeInfo, live: LiveFacts, k: Kernel) -> dict[str, Any]:
         """From the supervisor's monitor of tor's control port (see tor.control.watch), and

@@ -76,12 +76,13 @@ class VpnRuntime(KindRuntime):
         out = health(info.server(i), live.links, live.children.get(info.daemon_name),
                      live.resolved)
         if info.servers:
+            from netstack.codec import dump
             from netstack.vpn.failover import read_state
 
             fs = read_state(info.server_file)
             out["failover"] = {"current": i, "servers": [s.provider for s in info.servers],
                                "after_s": info.failover_after,
-                               "switches": fs.history if fs else []}
+                               "switches": dump(fs.history) if fs else []}
             if fs is None and os.path.exists(info.server_file):
                 # the current server is then a guess (the first): say so, never show it as
                 # known
@@ -166,9 +167,7 @@ def write_failover(rt: Runtime, info: VpnInfo, servers: list[VpnInfo],
                    resolved: dict[str, list[str]]) -> None:
     """Each server's daemon config and hook spec (secrets 0600), and what the failover
     watcher needs; the current files are written after, by the caller (the go signal)."""
-    import json
-
-    from netstack.codec import dump
+    from netstack.codec import encode
     from netstack.vpn import runtime
     from netstack.vpn.failover import FailoverSpec, ServerFiles
 
@@ -180,4 +179,4 @@ def write_failover(rt: Runtime, info: VpnInfo, servers: list[VpnInfo],
                                  info.server_path(info.spec_path, i), srv.provider))
     spec = FailoverSpec(info.qube, info.netns, info.dns[0], info.failover_after,
                         info.conf_path, info.spec_path, info.server_file, files)
-    rt.kernel.write_file(failover_spec_path(info), json.dumps(dump(spec)), 0o600)
+    rt.kernel.write_file(failover_spec_path(info), encode(spec), 0o600)

@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -34,7 +35,7 @@ class EventLog:
     def write(self, **rec: Any) -> None:
         rec["t"] = round(time.time(), 3)
         with self._lock:
-            self._f.write(json.dumps(rec) + "\n")
+            self._f.write(json.dumps(rec) + "\n")  # a log, appended a line at a time
 
 
 MARK_BYTES = 64  # the payload mark covers at most this many first bytes
@@ -120,6 +121,12 @@ RCODE_FORMERR = 1  # the reply to what is not a DNS query (written by hand: no m
 ZONE_FILE = "lab-zone.json"  # next to the DNS log: names a test moves, with their TTL
 
 
+@dataclass
+class ZoneEntry:
+    a: list[str]
+    ttl: int = 60
+
+
 class Overrides:
     """Names whose answer a test changes while the lab runs ({name: {"a": [addresses],
     "ttl": seconds}} in lab-zone.json beside the log), re-read when the file changes."""
@@ -128,7 +135,6 @@ class Overrides:
         self.path, self.mtime, self.table = path, None, {}
 
     def get(self) -> dict[str, tuple[list[str], int]]:
-        import json
         import os
 
         try:
@@ -137,12 +143,14 @@ class Overrides:
             self.mtime, self.table = None, {}
             return self.table
         if m != self.mtime:
+            from netstack import codec
+            from netstack.errors import DamagedFile
+
             try:
-                with open(self.path) as f:
-                    raw = json.load(f)
-                self.table = {n: (list(v["a"]), int(v.get("ttl", 60))) for n, v in raw.items()}
+                raw = codec.read(self.path, dict[str, ZoneEntry])
+                self.table = {n: (list(v.a), v.ttl) for n, v in raw.items()}
                 self.mtime = m
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, DamagedFile):  # mid-write by a test: the last table holds
                 pass
         return self.table
 

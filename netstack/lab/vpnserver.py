@@ -5,7 +5,6 @@ formats, so the lab exercises the same import path a user's downloaded file take
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from typing import TYPE_CHECKING
@@ -160,11 +159,11 @@ def _generate_vpn(lab: LabPlan, write) -> None:
     if vs.openvpn2:
         write(vs.files["lab:openvpn2"], openvpn_client2(*creds))
     # the hook's spec goes last: it is lab-wireguard's go signal
-    from netstack.codec import dump
+    from netstack.codec import encode
     from netstack.vpn.runtime import TunnelSpec
 
     if vs.wg2_dev:
-        write(p("wg2-server-hook.json"), json.dumps(dump(TunnelSpec(
-            "wireguard", vs.wg2_dev, p("wg2-server.setconf"), [WG2_SERVER_ADDR], 1420, []))))
-    write(p("wg-server-hook.json"), json.dumps(dump(TunnelSpec(
-        "wireguard", vs.wg_dev, p("wg-server.setconf"), [WG_SERVER_ADDR], 1420, []))))
+        write(p("wg2-server-hook.json"), encode(TunnelSpec(
+            "wireguard", vs.wg2_dev, p("wg2-server.setconf"), [WG2_SERVER_ADDR], 1420, [])))
+    write(p("wg-server-hook.json"), encode(TunnelSpec(
+        "wireguard", vs.wg_dev, p("wg-server.setconf"), [WG_SERVER_ADDR], 1420, [])))

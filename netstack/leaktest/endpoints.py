@@ -10,13 +10,13 @@ cannot be read stops the run (CannotCheck) instead of guessing."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from netstack.errors import CannotCheck, NetstackError
+from netstack.vpn.failover import ServerState, Switch
 from netstack.vpn.info import ENDPOINT_SET, ENDPOINT_SET6, Transport, VpnInfo, transport
 
 INF = math.inf
@@ -47,7 +47,7 @@ class Timeline:
         return out
 
 
-def timeline(servers: list[set[Transport]], current: int, history: list[dict[str, Any]],
+def timeline(servers: list[set[Transport]], current: int, history: list[Switch],
              live: set[Transport] | None = None, live_at: float | None = None) -> Timeline:
     """Pure: the endpoint set in force over time, from each server's transport (index ->
     triples), the current index, the failover history (`from`, `to`, `swap_start`,
@@ -63,12 +63,12 @@ def timeline(servers: list[set[Transport]], current: int, history: list[dict[str
     spans: list[Span] = []
     before = -INF
     prev = None
-    for h in sorted(history, key=lambda h: float(h["swap_start"])):
-        start, end = float(h["swap_start"]), float(h["swap_end"])
-        held = srv(h["from"]) if prev is None else srv(prev) & srv(h["from"])
+    for h in sorted(history, key=lambda h: h.swap_start):
+        start, end = h.swap_start, h.swap_end
+        held = srv(h.from_) if prev is None else srv(prev) & srv(h.from_)
         spans.append(Span(before, start, held))
-        spans.append(Span(start, end, srv(h["from"]) | srv(h["to"]), swap=True))
-        before, prev = end, h["to"]
+        spans.append(Span(start, end, srv(h.from_) | srv(h.to), swap=True))
+        before, prev = end, h.to
     last = srv(current) if prev is None else srv(prev) & srv(current)
     spans.append(Span(before, INF, last))
     if live is not None and live_at is not None:
@@ -88,7 +88,7 @@ class VpnSource:
     servers: list[set[Transport]]
     server_file: str | None  # None: a single server, nothing ever swaps
     current: int
-    history: list[dict[str, Any]]
+    history: list[Switch]
     live: set[Transport]
     live_at: float
 
@@ -108,16 +108,14 @@ class VpnSource:
             self.current, self.history = got
 
 
-def read_server_state(path: str, qube: str) -> tuple[int, list[dict[str, Any]]] | None:
+def read_server_state(path: str, qube: str) -> tuple[int, list[Switch]] | None:
     """(current index, history) from `vpn-QUBE.server`; None when it does not exist yet
     (the watcher starts on the first server). A damaged file is CannotCheck: which server
     the kill switch admits is then unknown."""
-    from netstack.codec import load
-    from netstack.vpn.failover import ServerState
+    from netstack import codec
 
     try:
-        with open(path) as f:
-            st = load(ServerState, json.load(f), path)
+        st = codec.read(path, ServerState)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, NetstackError) as e:

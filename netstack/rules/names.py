@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,9 @@ class Answer:
         return dict(self.__dict__)
 
 
-Store = dict[str, dict[str, Answer]]  # netvm -> hostname -> answer
+# netvm -> hostname -> answer: the whole of rule-names.json (a table at its top, as every
+# version wrote it; codec reads the answers back as Answer)
+Store = dict[str, dict[str, Answer]]
 
 
 def path(stack_dir: str) -> str:
@@ -50,19 +51,20 @@ def path(stack_dir: str) -> str:
 
 
 def load(stack_dir: str) -> Store:
+    """Nothing asked yet, or a damaged file: every name is due (asked again at once)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+
     try:
-        with open(path(stack_dir)) as f:
-            raw = json.load(f)
-    except (FileNotFoundError, ValueError):
+        return codec.read(path(stack_dir), Store)
+    except (FileNotFoundError, DamagedFile):
         return {}
-    return {n: {h: Answer(**a) for h, a in hosts.items()} for n, hosts in raw.items()}
 
 
 def _save(stack_dir: str, store: Store) -> None:
-    from netstack.kernel import atomic_write
+    from netstack import codec
 
-    atomic_write(path(stack_dir), json.dumps(
-        {n: {h: a.to_json() for h, a in hosts.items()} for n, hosts in store.items()}))
+    codec.write(path(stack_dir), store)
 
 
 @contextlib.contextmanager
@@ -144,20 +146,19 @@ def refresh(stack_dir: str, plan: Any, started: float, k: Any, now: float | None
 def watch(stack_dir: str, stopping: Any, k: Kernel) -> None:
     """The supervisor's thread: re-resolve names as their TTLs run out (and retry the
     unresolved), reading the plan in force each round so live changes are followed."""
-    from netstack.codec import load as load_typed
+    from netstack import codec
+    from netstack.errors import NetstackError
     from netstack.model import Plan
+    from netstack.state import StackState
 
     try:
         while not stopping.is_set():
             nxt = time.time() + IDLE
             try:
-                with open(os.path.join(stack_dir, "state.json")) as f:
-                    data = json.load(f)
-                with open(os.path.join(stack_dir, "plan.json")) as f:
-                    plan = load_typed(Plan, json.load(f), "plan.json")
-                nxt = refresh(stack_dir, plan, float(data.get("started") or 0.0), k,
-                              only_due=True)
-            except (OSError, ValueError, KeyError) as e:  # between a change's writes
+                data = codec.read(os.path.join(stack_dir, "state.json"), StackState)
+                plan = codec.read(os.path.join(stack_dir, "plan.json"), Plan)
+                nxt = refresh(stack_dir, plan, data.started, k, only_due=True)
+            except (OSError, ValueError, KeyError, NetstackError) as e:  # between writes
                 print(f"rule names: {e}", flush=True)
             k.close()
             stopping.wait(max(0.2, nxt - time.time()))

@@ -373,8 +373,8 @@ def load_overlay(stack: str) -> dict[str, list[Any]]:
     no overlay)."""
     path = overlay_path(stack)
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path) as f:  # not codec: rule tables in the config's own syntax (users
+            data = json.load(f)  # may read them), checked by `parse` like the config
     except (FileNotFoundError, PermissionError):
         return {}
     except ValueError:
@@ -394,7 +394,7 @@ def save_overlay(stack: str, overlay: dict[str, list[Any]]) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     from netstack.kernel import atomic_write
 
-    atomic_write(path, json.dumps(overlay, indent=1, sort_keys=True))
+    atomic_write(path, json.dumps(overlay, indent=1, sort_keys=True))  # not codec: above
 
 
 def rule_from_words(words: list[str]) -> dict[str, Any]:

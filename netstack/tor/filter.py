@@ -82,8 +82,8 @@ class Allowlist:
 
     @classmethod
     def load(cls, client: str | None, path: str = ALLOWLIST) -> Allowlist:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path) as f:  # not codec: a policy file shipped beside this module
+            data = json.load(f)  # (tor's command names as keys), never written by us
         merged: dict[str, set[str]] = {}
         for part in (data.get("default", {}), data.get("clients", {}).get(client or "", {})):
             for k, v in part.items():
@@ -330,20 +330,32 @@ def serve(listener: socket.socket, up: Upstream, socks: str,
         threading.Thread(target=run, daemon=True).start()
 
 
+@dataclass
+class FilterSpec:
+    """The filter's spec file, written by `up` (its go signal)."""
+
+    address: str  # listened on, with `port`
+    port: int
+    control_socket: str  # tor's
+    socks: str  # address:port the workstations' SOCKS goes to
+    clients: dict[str, str] = field(default_factory=dict)  # workstation address -> qube
+    onions_per_workstation: int = ONION_CAP
+
+
 def main() -> None:
     """`python -m netstack.tor.filter SPEC.json`, run by the supervisor in the gateway's
     namespace: listen on the gateway's address, port 9051, ask tor's unix socket."""
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
+    from netstack import codec
+
+    spec = codec.read(sys.argv[1], FilterSpec)
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lst.bind((spec["address"], spec["port"]))
+    lst.bind((spec.address, spec.port))
     lst.listen(16)
-    clients = spec.get("clients", {})
-    up = TorUpstream(spec["control_socket"], timeout=10.0)
+    clients = spec.clients
+    up = TorUpstream(spec.control_socket, timeout=10.0)
     print("control filter listening", flush=True)
-    serve(lst, up, spec["socks"], lambda a: clients.get(a),
-          cap=int(spec.get("onions_per_workstation", ONION_CAP)))
+    serve(lst, up, spec.socks, lambda a: clients.get(a), cap=spec.onions_per_workstation)
 
 
 if __name__ == "__main__":

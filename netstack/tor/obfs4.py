@@ -26,6 +26,7 @@ def make_state(pt_state: str) -> str:
     node_id, seed = os.urandom(20), os.urandom(24)
     priv, pub = x25519_pair()
     os.makedirs(pt_state, mode=0o700, exist_ok=True)
+    # not codec: obfs4proxy's/lyrebird's own state file, in its format (read by it)
     with open(os.path.join(pt_state, "obfs4_state.json"), "w") as f:
         json.dump({"node-id": node_id.hex(), "private-key": priv.hex(),
                    "public-key": pub.hex(), "drbg-seed": seed.hex(), "iat-mode": 0}, f)

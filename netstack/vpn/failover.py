@@ -13,7 +13,6 @@ The choice is kept in `vpn-QUBE.server` (status, audit and reloads read it)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.kernel import Kernel
+from netstack.vpn.info import ServerState, Switch, read_state, write_state  # noqa: F401
 
 PROBE_EVERY = 1.0
 
@@ -45,13 +45,6 @@ class FailoverSpec:
     spec_path: str
     server_file: str
     servers: list[ServerFiles] = field(default_factory=list)
-
-
-@dataclass
-class ServerState:
-    current: int
-    since: float  # when this server became current
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def answers(ns: str | None, server: str, timeout: float) -> bool:
@@ -85,23 +78,6 @@ def set_commands(servers: list[ServerFiles], i: int) -> dict[str, Any]:
     return endpoint_set_commands_for([tuple(t) for t in servers[i].transport])
 
 
-def read_state(path: str) -> ServerState | None:
-    from netstack.codec import load
-
-    try:
-        with open(path) as f:
-            return load(ServerState, json.load(f), path)
-    except (OSError, ValueError):
-        return None
-
-
-def write_state(path: str, st: ServerState) -> None:
-    from netstack.codec import dump
-    from netstack.kernel import atomic_write
-
-    atomic_write(path, json.dumps(dump(st)))
-
-
 def _put(src: str, dst: str) -> None:
     from netstack.kernel import atomic_write
 
@@ -120,8 +96,7 @@ def switch(spec: FailoverSpec, st: ServerState, why: str, nft: Callable[[dict], 
     s = spec.servers[nxt]
     _put(s.conf, spec.conf_path)
     _put(s.spec, spec.spec_path)
-    new = ServerState(nxt, t1, (st.history + [{"from": st.current, "to": nxt, "why": why,
-                                               "swap_start": t0, "swap_end": t1}])[-20:])
+    new = ServerState(nxt, t1, (st.history + [Switch(st.current, nxt, why, t0, t1)])[-20:])
     write_state(spec.server_file, new)
     return new
 
@@ -132,12 +107,12 @@ def watch(spec_path: str, *, report: Callable[[dict[str, Any]], None],
     """The supervisor's monitor: probe, and switch when the current server has not
     answered for `after` seconds (counted from its start: a server that never answers
     is left as surely as one that stops)."""
-    from netstack.codec import load
+    from netstack import codec
+
     while not os.path.exists(spec_path):  # `up` writes it with the daemon's go signal
         if stopping.wait(0.05):
             return
-    with open(spec_path) as f:
-        spec = load(FailoverSpec, json.load(f), spec_path)
+    spec = codec.read(spec_path, FailoverSpec)
     st = read_state(spec.server_file) or ServerState(0, time.time())
     write_state(spec.server_file, st)
     last_ok = time.monotonic()

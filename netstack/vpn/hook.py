@@ -13,7 +13,6 @@ no connection in time) makes the supervisor end the daemon so it restarts.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import select
@@ -25,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from netstack.codec import load
+from netstack import codec
 from netstack.kernel import iproute_class
 from netstack.vpn.runtime import HookRoute, TunnelSpec
 
@@ -162,8 +161,7 @@ def run(spec: TunnelSpec, pid: int | None) -> int:
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
-        spec = load(TunnelSpec, json.load(f), sys.argv[1])
+    spec = codec.read(sys.argv[1], TunnelSpec)
     pid_s = os.environ.get("NETSTACK_DAEMON_PID")
     sys.exit(run(spec, int(pid_s) if pid_s else None))
 

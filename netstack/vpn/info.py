@@ -5,7 +5,6 @@ resolution into the transport the kill switch admits."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,12 +146,8 @@ def current_index(info: VpnInfo) -> int:
     """The current server's index (0 without failover, or before any)."""
     if len(info.servers) < 2:
         return 0
-    try:
-        with open(info.server_file) as f:
-            i = int(json.load(f)["current"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return i % len(info.servers)
+    st = read_state(info.server_file)
+    return st.current % len(info.servers) if st else 0
 
 
 def endpoint_set_commands(info: VpnInfo, resolved: dict[str, list[str]] | None
@@ -166,3 +161,45 @@ def endpoint_set_commands_for(triples: list[Any]) -> dict[str, Any]:
 
     v4, v6 = set_elements(triples)
     return {"nftables": set_commands(ENDPOINT_SET, v4) + set_commands(ENDPOINT_SET6, v6)}
+
+
+# --- the failover watcher's state file (written by vpn/failover.py, read here by status
+# and the kill switch's current server) ---
+
+@dataclass
+class Switch:
+    """One move to the next server; the kill switch's swap ran from swap_start to swap_end
+    (wall clock, as a capture's timestamps)."""
+
+    from_: int = field(metadata={"json": "from"})
+    to: int
+    why: str
+    swap_start: float
+    swap_end: float
+
+
+@dataclass
+class ServerState:
+    """`vpn-QUBE.server`: the server in force, written by the failover watcher."""
+
+    current: int
+    since: float  # when this server became current
+    history: list[Switch] = field(default_factory=list)
+
+
+def read_state(path: str) -> ServerState | None:
+    """None when it cannot be read (not written yet, or damaged: the watcher starts on the
+    first server; status tells a damaged file by its existence)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+
+    try:
+        return codec.read(path, ServerState)
+    except (OSError, DamagedFile):
+        return None
+
+
+def write_state(path: str, st: ServerState) -> None:
+    from netstack import codec
+
+    codec.write(path, st)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from netstack import names
 from netstack.addressing import ip_version, is_ip
-from netstack.codec import dump
+from netstack.codec import encode
 from netstack.config import Qube
 from netstack.errors import ConfigError
 from netstack.vpn import ovpnconf, wgconf
@@ -164,9 +164,7 @@ def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, lis
                       info.conf_path if info.type == "wireguard" else None,
                       info.tunnel_addresses, info.mtu, routes,
                       os.path.join(info.state_dir, f"{info.daemon_name}.log"))
-    import json
-
-    k.write_file(dest(info.spec_path), json.dumps(dump(spec)), 0o600)
+    k.write_file(dest(info.spec_path), encode(spec), 0o600)
 
 
 def resolve_endpoints(info: VpnInfo, resolve) -> dict[str, list[str]]:

@@ -8,17 +8,18 @@ import json
 
 import pytest
 
+from netstack.codec import dump
 from netstack.errors import CannotCheck
 from netstack.leaktest.endpoints import live_set, read_server_state, timeline
+from netstack.vpn.failover import Switch
 
 A = ("203.0.113.10", "udp", 51820)
 B = ("203.0.113.10", "udp", 51821)
 SERVERS = [{A}, {B}]
 
 
-def swap(f: int, t: int, start: float) -> dict:
-    return {"from": f, "to": t, "why": "silent", "swap_start": start,
-            "swap_end": start + 0.001}
+def swap(f: int, t: int, start: float) -> Switch:
+    return Switch(f, t, "silent", start, start + 0.001)
 
 
 def test_without_history_the_current_server_at_every_time():
@@ -62,7 +63,7 @@ def test_an_inconsistent_history_is_read_fail_closed():
 def test_server_state_file(tmp_path):
     p = tmp_path / "vpn-q.server"
     assert read_server_state(str(p), "q") is None  # not written yet: the first server
-    p.write_text(json.dumps({"current": 1, "since": 1.0, "history": [swap(0, 1, 1)]}))
+    p.write_text(json.dumps({"current": 1, "since": 1.0, "history": [dump(swap(0, 1, 1))]}))
     assert read_server_state(str(p), "q") == (1, [swap(0, 1, 1)])
     p.write_text("{not json")
     with pytest.raises(CannotCheck, match="cannot read which server VPN qube q uses"):

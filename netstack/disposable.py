@@ -64,9 +64,8 @@ def template(plan: Plan, like: str | None = None) -> Template:
                              f"attach it to a netvm first")
         why = "run --like" if like else "[stack] default_dispvm"
         return Template(q.netvm, q.label, f"like {name} ({why})", q.firewall)
-    rank = {"tor": 2, "vpn": 1}
     providers = [q for q in plan.qubes if q.traits.provides_network]
-    best = max(providers, key=lambda q: (rank.get(q.traits.protection or "", 0),
+    best = max(providers, key=lambda q: (q.traits.privacy,
                                          len(plan.chain(q.name))))
     return Template(best.name, "red", "the most private path (no default_dispvm)")
 

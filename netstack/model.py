@@ -222,6 +222,7 @@ class KindTraits:
     sandboxed: bool = False  # its commands run in a bubblewrap sandbox (netstack.sandbox)
     enforces_client_rules: bool = True  # clients may have `firewall = [...]`
     offers_onions: bool = False  # clients may have `onion = [...]` (a Tor gateway's)
+    privacy: int = 0  # how private a path through it is (a disposable's default netvm)
 
 
 @dataclass(frozen=True)

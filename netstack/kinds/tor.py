@@ -72,7 +72,7 @@ def tcp_syn_only() -> dict:
 class TorSpec(KindSpec):
     kind = "tor"
     config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation"})
-    traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True)
+    traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True, privacy=2)
 
     def validate(self, q: Qube) -> None:
         ports = q.settings.get("socks_ports", {})

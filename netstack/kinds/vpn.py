@@ -43,7 +43,7 @@ SET_TYPE6 = ["ipv6_addr", "inet_proto", "inet_service"]
 class VpnSpec(KindSpec):
     kind = "vpn"
     config_keys = frozenset({"type", "config", "dns", "backend", "failover_after"})
-    traits = KindTraits(strict_replies=True, protection="vpn")
+    traits = KindTraits(strict_replies=True, protection="vpn", privacy=1)
 
     def validate(self, q: Qube) -> None:
         where, s = f"qube {q.name!r}", q.settings

@@ -279,7 +279,7 @@ def wait_ready(stack: str, k: Kernel, progress: Any = None, timeout: float = 120
 
 def wait_circuit(q: Any, timeout: float, say: Any) -> None:
     """A Tor gateway is ready for the program once it has a BUILT circuit, not at 100 %
-    bootstrap: the first stream right after bootstrap can fail (FIELD-NOTES; the check
+    bootstrap: the first stream right after bootstrap can fail (docs/field-notes.md, Tor; the check
     corpus saw curl fail its first TLS stream 1 run in 4), and the program must not be
     judged by the lab's readiness."""
     from netstack.tor.gateway import TorInfo

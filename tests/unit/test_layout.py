@@ -105,3 +105,12 @@ def test_the_kind_check_sees_a_branch_on_a_qube_kind(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="bad.py"):
         test_no_branch_on_kind_outside_roles()
     assert netstack  # the registry still imports from the real tree
+
+
+def test_comments_cite_the_projects_own_field_notes():
+    """Facts measured on the host live in docs/field-notes.md (the project's own); a
+    comment citing another file (the old FIELD-NOTES) points nowhere a reader can go."""
+    bad = [f"{p.relative_to(ROOT)}:{i + 1}" for p in (ROOT / "netstack").rglob("*.py")
+           for i, line in enumerate(p.read_text().splitlines()) if "FIELD-NOTES" in line]
+    assert not bad, bad
+    assert (ROOT / "docs" / "field-notes.md").exists()

@@ -223,6 +223,7 @@ class KindTraits:
     enforces_client_rules: bool = True  # clients may have `firewall = [...]`
     offers_onions: bool = False  # clients may have `onion = [...]` (a Tor gateway's)
     privacy: int = 0  # how private a path through it is (a disposable's default netvm)
+    lab_tor: bool = False  # on the lab it needs the lab's private Tor network
 
 
 @dataclass(frozen=True)

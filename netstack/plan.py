@@ -211,7 +211,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     if lab:
         refs = {ref for q in topo.qubes for ref in topo.kinds[q.kind].provider_refs(q)}
         vpn_keys = any(ref.startswith("lab:") for ref in refs)
-        tor = any(topo.kinds[q.kind].traits.protection == "tor" for q in topo.qubes)
+        tor = any(topo.kinds[q.kind].traits.lab_tor for q in topo.qubes)
         from netstack.tor.obfs4 import LAB_REF
 
         bridge = any(LAB_REF in q.settings.get("bridges", []) for q in topo.qubes)

@@ -72,7 +72,8 @@ def tcp_syn_only() -> dict:
 class TorSpec(KindSpec):
     kind = "tor"
     config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation"})
-    traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True, privacy=2)
+    traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True, privacy=2,
+                        lab_tor=True)
 
     def validate(self, q: Qube) -> None:
         ports = q.settings.get("socks_ports", {})

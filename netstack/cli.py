@@ -537,10 +537,8 @@ def _what_if(args: argparse.Namespace, doc: dict) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    argv = stack.exec_argv(args.stack, args.qube, args.user, list(args.cmd), args.root)
-    sys.stdout.flush()
-    os.execvp(argv[0], argv)
-    return 127  # not reached
+    return stack.run_in(args.stack, args.qube, list(args.cmd), user=args.user,
+                        root_inside=args.root, name=f"exec in {args.qube}").code
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:

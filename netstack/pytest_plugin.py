@@ -109,9 +109,12 @@ class Chain:
         k = RealKernel()
         try:
             ctx = battery.context(self.stack, self.qube, k)
-            p = run_in(ctx, cmd, capture=True)
+            # pytest's Ctrl-C stays pytest's: the command is ended, the session stopped
+            o = run_in(ctx, cmd, capture=True, forward=(), name=f"pytest command in "
+                       f"{ctx.ws.name}")
         finally:
             k.close()
+        p = subprocess.CompletedProcess(cmd, o.code, o.stdout, o.stderr)
         if check and p.returncode != 0:
             raise AssertionError(f"{cmd} exited {p.returncode}: {p.stderr.strip()[-500:]}")
         return p

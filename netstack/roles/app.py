@@ -12,6 +12,9 @@ from netstack.rules import common
 from netstack.rules.nft import Ruleset
 
 
+PING_GROUPS = "0 2147483647"  # every group (systemd's default on the host)
+
+
 class AppRole(Role):
     kind = "app"
     config_keys = frozenset({"home", "gui", "onion"})
@@ -39,6 +42,12 @@ class AppRole(Role):
                 rs["input"].add(iifname(ctx.upstream_if), ip_saddr(ctx.addr.gateway4),
                                 match(payload("tcp", "dport"), target), ct_state("new"),
                                 ACCEPT, comment=f"onion service port {port}")
+
+    def sysctls(self, ctx: QubeContext) -> dict[str, str]:
+        """ping works as in a Qubes app qube: the sandbox's account (no_new_privs drops
+        ping's file capability) may open ICMP echo sockets, which send echo requests only
+        (no raw packets); where they may go is the netvm's firewall's to decide."""
+        return {**super().sysctls(ctx), "net/ipv4/ping_group_range": PING_GROUPS}
 
     def status(self, q: Any, live: Any) -> dict[str, Any]:
         """What the qube is given: its sandbox, its home, and a display if `gui = true`

@@ -1,0 +1,390 @@
+"""The one executor of a user's command in a qube: `exec`, `run` (disposables), `check` and
+the pytest plugin all come here.
+
+Given the plan's qube and the kernel and state it is handed (it never makes a kernel of its
+own), it builds the command line (an app qube: its bubblewrap sandbox, netstack.sandbox;
+a service qube: its namespace, as root or --user), starts it with the caller's stdin and
+stdout (or captured), records its pid in the stack's state while it runs (so `down` ends
+it by pid and start time if netstack dies), forwards SIGTERM, SIGHUP and SIGINT to it, and
+returns one exit code, the shell's:
+
+  the program's own status         its exit code
+  killed by signal N               128+N (143 for SIGTERM, 130 for SIGINT, 137 SIGKILL)
+  program not found                127
+  found, not executable            126
+
+The program is started through `env --` inside the sandbox (the same environment, no shell
+in between): env tells "not found" (127) from "cannot run" (126) where bubblewrap's own
+execvp says 1 for both. A program that itself exits 126 or 127 looks the same (as in a
+shell).
+
+Signals: netstack gets them (the terminal's Ctrl-C included: the sandbox runs in a process
+group of its own, so bubblewrap never dies of it and SIGKILLs the program) and hands them on
+to the program's own process group inside the sandbox (bubblewrap --new-session made it a
+session leader); before the program exists, to bubblewrap, which takes the sandbox with it.
+A program that is still there GRACE seconds after the first signal, or at a second one, is
+killed. A service qube's command with a terminal gets the terminal's foreground, as a
+shell's job does (an interactive shell in sys-net works as before)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from netstack.errors import StateError, UsageError
+from netstack.kernel import Kernel
+from netstack.model import QubeInfo
+
+NOT_FOUND = 127
+NOT_EXECUTABLE = 126
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+GRACE = 3.0  # seconds the program gets after a forwarded signal (or a timeout) before SIGKILL
+LAUNCHER = ("env", "--")  # exits 127 (not found) or 126 (not executable), else execs
+
+
+def exit_code(returncode: int) -> int:
+    """Popen's returncode as a shell reports it: -N (killed by signal N) is 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def qube(st: Any, name: str) -> QubeInfo:
+    """The qube of the stack's plan by name, or a usage error listing the qubes."""
+    plan = st.plan
+    if plan is None or not plan.has_qube(name):
+        qubes = ", ".join(sorted(q.name for q in plan.qubes)) if plan else "(none)"
+        raise UsageError(f"no qube {name!r} in stack {st.stack!r}; qubes: {qubes}")
+    return plan.qube(name)
+
+
+def argv(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], user: str | None = None,
+         root_inside: bool = False, extra: tuple[Any, ...] = (),
+         environ: Mapping[str, str] | None = None,
+         warn: Callable[[str], None] | None = None) -> list[str]:
+    """The command line of `cmd` in qube `q` of the stack whose state is `st`. An app
+    qube's command runs in its sandbox (netstack.sandbox) as an unprivileged account; a
+    service qube's (sys-net, sys-firewall, a VPN or Tor qube: netstack's own) as root in
+    its namespace, for inspection, or as --user. `ip netns exec` binds /etc/netns/NS/* over
+    /etc, so name lookups inside never use the host's resolver stubs. `extra`: grants
+    beyond the qube's own (check's lab CA)."""
+    from netstack import sandbox
+    from netstack.roles import role_for
+
+    env = os.environ if environ is None else environ
+    say = warn or (lambda m: print(f"netstack: {m}", file=sys.stderr))
+    if not cmd:
+        raise UsageError("exec: give a command after --, e.g. netstack exec work -- curl ...")
+    if not k.netns_exists(q.netns):
+        raise StateError(f"qube {q.name!r}: namespace {q.netns} is gone; run `netstack down` "
+                         "and `up`")
+    plan = st.plan
+    run = [*LAUNCHER, *cmd]
+    if role_for(q.kind).sandboxed:
+        who = sandbox.account(user, env.get("SUDO_USER"))
+        home: str | None = None
+        if q.settings.get("home", "persistent") == "persistent":
+            home = sandbox.home_dir(st.stack, q.name)
+            sandbox.make_home(home, who)
+        grants: tuple[sandbox.Grant, ...] = ()
+        if q.settings.get("gui"):
+            g = sandbox.gui_grant(env, who, 0 if root_inside else None)
+            if g is None:
+                say(f"{q.name}: gui = true, but {who.name} has no Wayland or X11 display "
+                    "here; running without one")
+            else:
+                grants = (g,)
+                if g.warning:
+                    say(f"{q.name}: {g.warning}")
+        netvm = plan.qube(q.netvm) if q.netvm else None
+        client_env = role_for(netvm.kind).client_env(netvm) if netvm else {}
+        from netstack import seccomp
+
+        whonix = any(role_for(x.kind).protection == "tor" for x in plan.chain(q.name)[1:])
+        public = os.path.join(st.dir, sandbox.PUBLIC)
+        ident = sandbox.make_identity(public, os.path.dirname(home) if home else None,
+                                      q.name, whonix)
+        bpf = seccomp.compile_filter(seccomp.path(public))
+        return sandbox.argv(q.netns, q.name, who, home, run, root_inside,
+                            grants + tuple(extra), client_env, ident, bpf)
+    if root_inside:
+        raise UsageError(f"--root: {q.name} is a service qube; its commands run as root "
+                         "already")
+    out = ["ip", "netns", "exec", q.netns]
+    if user is None:
+        user = env.get("SUDO_USER") or None
+    if user and user != "root":
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"--user {user!r}: no such user") from None
+        out += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+                "--"]
+    return out + run
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int  # as a shell reports it (see the module's table)
+    pid: int  # of the process started (bubblewrap for an app qube)
+    ended_by: str | None = None  # "SIGTERM", "SIGINT", "SIGHUP", "timeout": netstack ended it
+    stdout: Any = None  # with capture
+    stderr: Any = None
+
+
+def run(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], *, user: str | None = None,
+        root_inside: bool = False, extra: tuple[Any, ...] = (), stdin: Any = None,
+        stdout: Any = None, stderr: Any = None, capture: bool = False, text: bool = True,
+        input: Any = None, timeout: float | None = None,
+        forward: tuple[int, ...] = FORWARDED, name: str | None = None,
+        environ: Mapping[str, str] | None = None) -> Outcome:
+    """Run `cmd` in qube `q` until it exits, runs past `timeout` (then it is ended: SIGTERM,
+    SIGKILL after GRACE) or netstack gets a signal of `forward` (handed on, see the module).
+    stdin/stdout/stderr: as subprocess's (None: netstack's own); capture: both kept in the
+    Outcome (text: decoded), `input` written to stdin. Any exception (a signal not
+    forwarded: KeyboardInterrupt in pytest) ends the program before it propagates."""
+    line = argv(k, st, q, cmd, user, root_inside, extra, environ)
+    sandboxed = "bwrap" in line
+    if capture:
+        stdout = stderr = subprocess.PIPE
+    if input is not None:
+        stdin = subprocess.PIPE
+    tty = None if sandboxed or capture else _terminal(stdin)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fw = _Forwarding(sandboxed, forward, tty)
+    reg: Any = None
+    out: tuple[Any, Any] = (None, None)
+    ended_by: str | None = None
+    fw.install()  # before the start: a signal from now on is handed on (or ends the start)
+    try:
+        try:
+            p = subprocess.Popen(line, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
+                                 preexec_fn=lambda: _child(tty))
+        except FileNotFoundError as e:  # `ip` itself missing: the host lacks iproute2
+            raise StateError(f"cannot start {line[0]}: {e.strerror} (run scripts/setup.sh)"
+                             ) from None
+        fw.started(p)
+        try:
+            reg = _record(q.netns, name or f"command in {q.name}", p.pid)
+            try:
+                fw.arm()
+                out = _wait(p, capture, input, timeout)
+                fw.armed = False  # it has exited: a signal now changes nothing
+            except subprocess.TimeoutExpired:
+                ended_by = "timeout"
+                fw.first = fw.first or 0  # a signal from now on kills
+                fw.send(signal.SIGTERM)
+            except _Signalled as s:
+                ended_by = signal_name(s.signum)
+            if ended_by is not None:
+                out = _finish(p, capture, fw)
+        except BaseException:
+            fw.kill()
+            p.wait()
+            raise
+    finally:
+        fw.restore()
+        if reg is not None:
+            from netstack.leaktest.capture import unregister_process
+
+            unregister_process(reg)
+    return Outcome(exit_code(p.returncode), p.pid, ended_by, *out)
+
+
+def _record(netns: str, name: str, pid: int) -> Any:
+    """The process in the stack's state while it runs (leaktest/capture.py's records):
+    `down` ends it by pid and start time if netstack dies without ending it."""
+    from netstack.leaktest.capture import register_process
+
+    return register_process(netns, name, pid)
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _wait(p: subprocess.Popen, capture: bool, input: Any, timeout: float | None
+          ) -> tuple[Any, Any]:
+    if capture or input is not None:
+        return p.communicate(input, timeout)
+    p.wait(timeout)
+    return None, None
+
+
+def _finish(p: subprocess.Popen, capture: bool, fw: _Forwarding) -> tuple[Any, Any]:
+    """After the first signal: GRACE for the program, then SIGKILL (a second signal kills
+    at once, in the handler); what it wrote meanwhile is kept."""
+    try:
+        if capture:
+            return p.communicate(timeout=GRACE)
+        p.wait(GRACE)
+        return None, None
+    except subprocess.TimeoutExpired:
+        fw.kill()
+        if capture:
+            return p.communicate()
+        p.wait()
+        return None, None
+
+
+def _terminal(stdin: Any) -> int | None:
+    """The descriptor of the terminal a service qube's command is given the foreground of:
+    our stdin when it is our controlling terminal and we are in its foreground."""
+    if stdin is not None:
+        return None
+    try:
+        fd = sys.stdin.fileno()
+        if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _child(tty: int | None) -> None:
+    """In the child before exec: a process group of its own (the terminal's Ctrl-C reaches
+    netstack, which hands it on, not bubblewrap), the terminal's foreground when it is
+    given one, and SIGKILL should netstack die (`kill -9`): nothing runs on in a namespace
+    `down` is about to remove. bubblewrap's --die-with-parent takes the sandbox along."""
+    import ctypes
+
+    os.setpgid(0, 0)
+    if tty is not None:
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(tty, os.getpgrp())
+        signal.signal(signal.SIGTTOU, old)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+class _Forwarding:
+    """While the program runs: the signals of `forward` handed on to it (the first one
+    interrupts the wait with _Signalled, a later one kills); for a program given the
+    terminal, the terminal back to netstack at the end."""
+
+    def __init__(self, sandboxed: bool, forward: tuple[int, ...], tty: int | None) -> None:
+        self.p: subprocess.Popen | None = None
+        self.sandboxed, self.tty = sandboxed, tty
+        self.forward = forward if threading.current_thread() is threading.main_thread() \
+            else ()
+        self.old: dict[int, Any] = {}
+        self.first: int | None = None  # the first signal handed on (0: a timeout)
+        self.armed = False
+
+    def install(self) -> None:
+        for s in self.forward:
+            self.old[s] = signal.signal(s, self._on)
+
+    def started(self, p: subprocess.Popen) -> None:
+        self.p = p
+        if self.tty is not None:  # (the child did it too: whichever runs first)
+            self._foreground(p.pid)
+        if self.first is not None:  # a signal came while it was being started
+            self.send(self.first)
+
+    def arm(self) -> None:
+        """From now on the first signal interrupts the wait; one that came before does so
+        now."""
+        self.armed = True
+        if self.first is not None:
+            raise _Signalled(self.first)
+
+    def restore(self) -> None:
+        self.armed = False
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+        if self.tty is not None and self.p is not None:
+            self._foreground(os.getpgrp())
+
+    def _foreground(self, pgid: int) -> None:
+        assert self.tty is not None
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(self.tty, pgid)
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+
+    def _on(self, signum: int, _frame: Any) -> None:
+        if self.first is not None:  # a second signal: no more waiting
+            self.kill()
+            return
+        self.first = signum
+        self.send(signum)
+        if self.armed:
+            raise _Signalled(signum)
+
+    def send(self, signum: int) -> None:
+        """Hand `signum` on: in a sandbox to the program's process group (the session
+        bubblewrap made), else to the child's group (the child leads it)."""
+        if self.p is None or self.p.poll() is not None:
+            return
+        target = sandbox_group(self.p.pid) if self.sandboxed else self.p.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if target is None:  # the program not there yet: bubblewrap ends the sandbox
+                os.kill(self.p.pid, signum)
+            else:
+                os.killpg(target, signum)
+
+    def kill(self) -> None:
+        """SIGKILL to what we started (bubblewrap's sandbox dies with it)."""
+        if self.p is None or self.p.poll() is not None:
+            return
+        for pg in (sandbox_group(self.p.pid) if self.sandboxed else None, self.p.pid):
+            if pg is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pg, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before children (/proc/PID/task/TID/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        cur = todo.pop(0)
+        kids: list[int] = []
+        try:
+            for tid in os.listdir(f"/proc/{cur}/task"):
+                with open(f"/proc/{cur}/task/{tid}/children") as f:
+                    kids += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def session_id(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(")") + 2:].split()[3])  # field 6: session
+
+
+def sandbox_group(pid: int) -> int | None:
+    """The process group of the program bubblewrap (`pid`) runs: the first process below it
+    that leads a session of its own (--new-session), None before it exists."""
+    for d in descendants(pid):
+        if session_id(d) == d:
+            return d
+    return None

@@ -373,12 +373,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def session_id(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(")") + 2:].split()[3])  # field 6: session
+    from netstack.kernel import proc_fields
+
+    rest = proc_fields(pid)
+    return None if rest is None else int(rest[3])
 
 
 def sandbox_group(pid: int) -> int | None:

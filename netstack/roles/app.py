@@ -11,7 +11,6 @@ from netstack.roles.base import QubeContext, Role
 from netstack.rules import common
 from netstack.rules.nft import Ruleset
 
-
 PING_GROUPS = "0 2147483647"  # every group (systemd's default on the host)
 
 

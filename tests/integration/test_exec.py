@@ -90,14 +90,11 @@ def test_sigterm_is_handed_on_and_the_code_is_143_for_exec_and_run(basic_stack, 
 
 
 def _ancestors(pid: int) -> list[int]:
+    from netstack.kernel import proc_fields
+
     out = []
-    while pid > 1:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                data = f.read()
-        except OSError:
-            break
-        pid = int(data[data.rindex(")") + 2:].split()[1])
+    while pid > 1 and (rest := proc_fields(pid)) is not None:
+        pid = int(rest[1])
         out.append(pid)
     return out
 

@@ -16,20 +16,12 @@ import pytest
 
 from netstack import executor, state
 from netstack.errors import StateError, UsageError
-from netstack.state import State
-from tests.fakekernel import FakeKernel
-from tests.unit.test_reconcile import RESOLVE, bring_up
+from tests.unit.test_disposable import up
 
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(state, "RUN_DIR", str(tmp_path / "run"))
-
-
-def up(cfg: str) -> tuple[FakeKernel, State]:
-    fk = FakeKernel(resolve=RESOLVE)
-    _, st = bring_up(cfg, fk)
-    return fk, st
 
 
 # --- exit codes -------------------------------------------------------------------------

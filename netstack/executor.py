@@ -23,8 +23,10 @@ group of its own, so bubblewrap never dies of it and SIGKILLs the program) and h
 to the program's own process group inside the sandbox (bubblewrap --new-session made it a
 session leader); before the program exists, to bubblewrap, which takes the sandbox with it.
 A program that is still there GRACE seconds after the first signal, or at a second one, is
-killed. A service qube's command with a terminal gets the terminal's foreground, as a
-shell's job does (an interactive shell in sys-net works as before)."""
+killed. A service qube's command at netstack's terminal stays in netstack's process group,
+as when `exec` exec'd it: the terminal's Ctrl-C, Ctrl-backslash and hang-up reach it
+directly (netstack outlives them), Ctrl-Z stops both, an interactive shell in sys-net works
+as before; SIGTERM is handed on."""
 
 from __future__ import annotations
 
@@ -162,10 +164,11 @@ def run(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], *, user: str | None = N
         stdout = stderr = subprocess.PIPE
     if input is not None:
         stdin = subprocess.PIPE
-    tty = None if sandboxed or capture else _terminal(stdin)
+    # a service qube's command at netstack's terminal: the terminal's own job (see _Forwarding)
+    shared = not sandboxed and not capture and _at_terminal(stdin)
     sys.stdout.flush()
     sys.stderr.flush()
-    fw = _Forwarding(sandboxed, forward, tty)
+    fw = _Forwarding(sandboxed, forward, shared)
     reg: Any = None
     out: tuple[Any, Any] = (None, None)
     ended_by: str | None = None
@@ -173,7 +176,7 @@ def run(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], *, user: str | None = N
     try:
         try:
             p = subprocess.Popen(line, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
-                                 preexec_fn=lambda: _child(tty))
+                                 preexec_fn=lambda: _child(shared))
         except FileNotFoundError as e:  # `ip` itself missing: the host lacks iproute2
             raise StateError(f"cannot start {line[0]}: {e.strerror} (run scripts/setup.sh)"
                              ) from None
@@ -213,6 +216,10 @@ def _record(netns: str, name: str, pid: int) -> Any:
     return register_process(netns, name, pid)
 
 
+def _outlive(_signum: int, _frame: Any) -> None:
+    """The terminal's signal: its job, the command, has it too."""
+
+
 class _Signalled(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -243,45 +250,43 @@ def _finish(p: subprocess.Popen, capture: bool, fw: _Forwarding) -> tuple[Any, A
         return None, None
 
 
-def _terminal(stdin: Any) -> int | None:
-    """The descriptor of the terminal a service qube's command is given the foreground of:
-    our stdin when it is our controlling terminal and we are in its foreground."""
+def _at_terminal(stdin: Any) -> bool:
+    """Our stdin (the command's) is our controlling terminal, and we are its foreground."""
     if stdin is not None:
-        return None
+        return False
     try:
         fd = sys.stdin.fileno()
-        if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
-            return fd
+        return os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
     except (OSError, ValueError, AttributeError):
-        pass
-    return None
+        return False
 
 
-def _child(tty: int | None) -> None:
-    """In the child before exec: a process group of its own (the terminal's Ctrl-C reaches
-    netstack, which hands it on, not bubblewrap), the terminal's foreground when it is
-    given one, and SIGKILL should netstack die (`kill -9`): nothing runs on in a namespace
-    `down` is about to remove. bubblewrap's --die-with-parent takes the sandbox along."""
+def _child(shared: bool) -> None:
+    """In the child before exec: a process group of its own unless `shared` (the
+    terminal's Ctrl-C then reaches netstack, which hands it on, and never bubblewrap, whose
+    death would SIGKILL the sandbox), and SIGKILL should netstack die (`kill -9`): nothing
+    runs on in a namespace `down` is about to remove. bubblewrap's --die-with-parent takes
+    the sandbox along."""
     import ctypes
 
-    os.setpgid(0, 0)
-    if tty is not None:
-        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(tty, os.getpgrp())
-        signal.signal(signal.SIGTTOU, old)
+    if not shared:
+        os.setpgid(0, 0)
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 class _Forwarding:
     """While the program runs: the signals of `forward` handed on to it (the first one
-    interrupts the wait with _Signalled, a later one kills); for a program given the
-    terminal, the terminal back to netstack at the end."""
+    interrupts the wait with _Signalled, a later one kills). `shared`: a service qube's
+    command in netstack's process group at its terminal, as `exec` once exec'd it: the
+    terminal's signals (Ctrl-C, Ctrl-backslash, hang-up) reach it directly and netstack only
+    outlives them, Ctrl-Z stops both; SIGTERM is handed on."""
 
-    def __init__(self, sandboxed: bool, forward: tuple[int, ...], tty: int | None) -> None:
+    TERMINAL = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+
+    def __init__(self, sandboxed: bool, forward: tuple[int, ...], shared: bool) -> None:
         self.p: subprocess.Popen | None = None
-        self.sandboxed, self.tty = sandboxed, tty
+        self.sandboxed, self.shared = sandboxed, shared
         self.forward = forward if threading.current_thread() is threading.main_thread() \
             else ()
         self.old: dict[int, Any] = {}
@@ -290,12 +295,14 @@ class _Forwarding:
 
     def install(self) -> None:
         for s in self.forward:
-            self.old[s] = signal.signal(s, self._on)
+            if not (self.shared and s in self.TERMINAL):
+                self.old[s] = signal.signal(s, self._on)
+        if self.shared and self.forward:
+            for s in self.TERMINAL:  # (a handler, not SIG_IGN: the child must not inherit it)
+                self.old[s] = signal.signal(s, _outlive)
 
     def started(self, p: subprocess.Popen) -> None:
         self.p = p
-        if self.tty is not None:  # (the child did it too: whichever runs first)
-            self._foreground(p.pid)
         if self.first is not None:  # a signal came while it was being started
             self.send(self.first)
 
@@ -311,17 +318,6 @@ class _Forwarding:
         for s, h in self.old.items():
             signal.signal(s, h)
         self.old = {}
-        if self.tty is not None and self.p is not None:
-            self._foreground(os.getpgrp())
-
-    def _foreground(self, pgid: int) -> None:
-        assert self.tty is not None
-        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        try:
-            with contextlib.suppress(OSError):
-                os.tcsetpgrp(self.tty, pgid)
-        finally:
-            signal.signal(signal.SIGTTOU, old)
 
     def _on(self, signum: int, _frame: Any) -> None:
         if self.first is not None:  # a second signal: no more waiting
@@ -337,16 +333,21 @@ class _Forwarding:
         bubblewrap made), else to the child's group (the child leads it)."""
         if self.p is None or self.p.poll() is not None:
             return
-        target = sandbox_group(self.p.pid) if self.sandboxed else self.p.pid
+        target = sandbox_group(self.p.pid) if self.sandboxed else \
+            None if self.shared else self.p.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if target is None:  # the program not there yet: bubblewrap ends the sandbox
-                os.kill(self.p.pid, signum)
+            if target is None:  # bubblewrap before the program exists (it ends the
+                os.kill(self.p.pid, signum)  # sandbox), or a command in our own group
             else:
                 os.killpg(target, signum)
 
     def kill(self) -> None:
         """SIGKILL to what we started (bubblewrap's sandbox dies with it)."""
         if self.p is None or self.p.poll() is not None:
+            return
+        if self.shared:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.p.pid, signal.SIGKILL)
             return
         for pg in (sandbox_group(self.p.pid) if self.sandboxed else None, self.p.pid):
             if pg is not None:

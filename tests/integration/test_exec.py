@@ -7,6 +7,7 @@ kernel's default as the anti-test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -137,3 +138,51 @@ def test_an_app_qube_pings_a_lab_host_and_the_kernels_default_would_refuse(basic
     # a disposable is an app qube: it pings too
     d = code(basic_stack, "run", "-q", "--", "ping", "-c", "1", "-W", "3", WEB)
     assert d.returncode == 0, d.stdout + d.stderr
+
+
+def at_terminal(stack: str, args: list[str], keys: bytes, after: float = 1.5
+                ) -> tuple[int | None, bytes]:
+    """`netstack ARGS` on a terminal of its own (a pty), `keys` typed after a moment: its
+    exit code (None: still running after 30 s, then killed) and what the terminal showed."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child (SUDO_USER empty, as cli() runs it)
+        os.environ["SUDO_USER"] = ""
+        os.execv(sys.executable, netstack(stack, *args))
+    out, code, end = b"", None, time.monotonic() + 30
+    try:
+        time.sleep(after)
+        os.write(fd, keys)
+        while time.monotonic() < end:
+            if select.select([fd], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):  # every holder of the terminal is gone
+                    chunk = os.read(fd, 4096)
+                    out += chunk
+                    if chunk:
+                        continue
+            if code is not None:  # exited, and what it wrote has been read
+                break
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+    finally:
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return code, out
+
+
+@pytest.mark.parametrize("qube", ["work", "sys-net"])
+def test_at_a_terminal_ctrl_c_ends_the_command_and_input_reaches_it(basic_stack, qube):
+    """A service qube's command is the terminal's job (Ctrl-C reaches it directly), an app
+    qube's sandbox is not (netstack hands Ctrl-C on): 130 either way, and what is typed is
+    read by the command."""
+    assert at_terminal(basic_stack, ["exec", qube, "--", "sleep", "600"], b"\x03") == \
+        (130, b"^C")
+    code, out = at_terminal(basic_stack, ["exec", qube, "--", "sh", "-c",
+                                          "read x; echo got $x"], b"typed\n")
+    assert code == 0 and b"got typed" in out

@@ -20,8 +20,10 @@ shell).
 
 Signals: netstack gets them (the terminal's Ctrl-C included: the sandbox runs in a process
 group of its own, so bubblewrap never dies of it and SIGKILLs the program) and hands them on
-to the program's own process group inside the sandbox (bubblewrap --new-session made it a
-session leader); before the program exists, to bubblewrap, which takes the sandbox with it.
+to the program's process group inside the sandbox (with --new-session bubblewrap makes the
+sandbox's init a session leader and forks the program into its group); one that comes
+before the program exists is handed on once it does (bubblewrap itself is never signalled
+while it starts: killed in its first milliseconds it leaves the sandbox running).
 A program that is still there GRACE seconds after the first signal, or at a second one, is
 killed. A service qube's command at netstack's terminal stays in netstack's process group,
 as when `exec` exec'd it: the terminal's Ctrl-C, Ctrl-backslash and hang-up reach it
@@ -37,6 +39,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -235,19 +238,27 @@ def _wait(p: subprocess.Popen, capture: bool, input: Any, timeout: float | None
 
 
 def _finish(p: subprocess.Popen, capture: bool, fw: _Forwarding) -> tuple[Any, Any]:
-    """After the first signal: GRACE for the program, then SIGKILL (a second signal kills
-    at once, in the handler); what it wrote meanwhile is kept."""
-    try:
-        if capture:
-            return p.communicate(timeout=GRACE)
-        p.wait(GRACE)
-        return None, None
-    except subprocess.TimeoutExpired:
-        fw.kill()
-        if capture:
-            return p.communicate()
-        p.wait()
-        return None, None
+    """After the first signal: GRACE for the program (a signal that came before the
+    sandbox's program existed is handed on once it does), then SIGKILL (a second signal
+    kills at once, in the handler); what it wrote meanwhile is kept."""
+    end = time.monotonic() + GRACE
+    while True:
+        step = 0.02 if fw.pending is not None else max(0.0, end - time.monotonic())
+        try:
+            if capture:
+                return p.communicate(timeout=step)
+            p.wait(step)
+            return None, None
+        except subprocess.TimeoutExpired:
+            if fw.pending is not None:
+                fw.send(fw.pending)
+            if time.monotonic() >= end:
+                break
+    fw.kill()
+    if capture:
+        return p.communicate()
+    p.wait()
+    return None, None
 
 
 def _at_terminal(stdin: Any) -> bool:
@@ -291,6 +302,7 @@ class _Forwarding:
             else ()
         self.old: dict[int, Any] = {}
         self.first: int | None = None  # the first signal handed on (0: a timeout)
+        self.pending: int | None = None  # one for a sandbox whose program is not there yet
         self.armed = False
 
     def install(self) -> None:
@@ -330,16 +342,22 @@ class _Forwarding:
 
     def send(self, signum: int) -> None:
         """Hand `signum` on: in a sandbox to the program's process group (the session
-        bubblewrap made), else to the child's group (the child leads it)."""
+        bubblewrap made), kept pending until the program is there (bubblewrap is never
+        signalled while it starts: killed in its first milliseconds, it leaves the sandbox
+        running, field notes); else to the child's group (the child leads it), or the
+        child alone when it shares netstack's."""
+        self.pending = None
         if self.p is None or self.p.poll() is not None:
             return
-        target = sandbox_group(self.p.pid) if self.sandboxed else \
-            None if self.shared else self.p.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if target is None:  # bubblewrap before the program exists (it ends the
-                os.kill(self.p.pid, signum)  # sandbox), or a command in our own group
+            if self.shared:
+                os.kill(self.p.pid, signum)
+            elif not self.sandboxed:
+                os.killpg(self.p.pid, signum)
+            elif (group := sandbox_group(self.p.pid)) is not None:
+                os.killpg(group, signum)
             else:
-                os.killpg(target, signum)
+                self.pending = signum
 
     def kill(self) -> None:
         """SIGKILL to what we started (bubblewrap's sandbox dies with it)."""
@@ -382,8 +400,14 @@ def session_id(pid: int) -> int | None:
 
 def sandbox_group(pid: int) -> int | None:
     """The process group of the program bubblewrap (`pid`) runs: the first process below it
-    that leads a session of its own (--new-session), None before it exists."""
-    for d in descendants(pid):
+    that leads a session of its own (--new-session makes the sandbox's init one, and the
+    program is forked into its group), once a process other than the leader is in it; None
+    before."""
+    from netstack.kernel import proc_fields
+
+    below = descendants(pid)
+    for d in below:
         if session_id(d) == d:
-            return d
+            return d if any(x != d and (f := proc_fields(x)) is not None and int(f[2]) == d
+                            for x in below) else None
     return None

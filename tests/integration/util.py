@@ -198,7 +198,8 @@ def running_stack(config: str, prefix: str):
     finally:
         cli("--stack", s, "down", "--purge", check=False)
         reap_zombies()
-    assert not stack_leftovers(s)
+    left = stack_leftovers(s)
+    assert not left, left
 
 
 VPN_CFG = str(ROOT / "configs" / "vpn.toml")

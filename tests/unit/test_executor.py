@@ -174,27 +174,46 @@ def test_without_forwarding_an_interrupt_ends_the_command_and_propagates(local, 
 
 
 def test_the_sandboxed_programs_group_is_found_below_bubblewrap():
-    """What a signal is handed to in a sandbox: the session leader below bubblewrap's pid
-    (--new-session); before it exists, nothing (bubblewrap itself is signalled)."""
-    p = subprocess.Popen(["sh", "-c", "setsid sleep 30 & wait"])
-    try:
-        leader = None
-        for _ in range(200):
-            leader = executor.sandbox_group(p.pid)
-            if leader:
-                break
+    """What a signal is handed to in a sandbox: the group of the session leader below
+    bubblewrap's pid (its init, with --new-session) once the program is in it; before,
+    nothing (the signal waits: bubblewrap is not signalled while it starts)."""
+    def leader_of(argv: list[str], want: bytes) -> tuple[subprocess.Popen, int | None]:
+        p = subprocess.Popen(argv)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            for d in executor.descendants(p.pid):
+                with contextlib.suppress(OSError), open(f"/proc/{d}/cmdline", "rb") as f:
+                    if f.read() == want:  # the program itself, exec'd
+                        return p, executor.sandbox_group(p.pid)
             time.sleep(0.01)
+        raise AssertionError(f"{want!r} never started")
+
+    def end(p: subprocess.Popen) -> None:
+        for d in executor.descendants(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(d, signal.SIGKILL)
+        p.kill()
+        p.wait()
+        for d in executor.descendants(p.pid):  # ours again if we are a subreaper
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(d, 0)
+
+    # an init that leads its session, the program in its group
+    p, leader = leader_of(["sh", "-c", "setsid sh -c 'sleep 31 & wait' & wait"],
+                          b"sleep\x0031\x00")
+    try:
         assert leader is not None and leader != p.pid
         assert executor.session_id(leader) == leader
         with open(f"/proc/{leader}/cmdline", "rb") as f:
-            assert f.read().split(b"\0")[0] == b"sleep"
+            assert f.read().split(b"\0")[:2] == [b"sh", b"-c"]
     finally:
-        if leader:
-            os.kill(leader, signal.SIGKILL)
-        p.wait()
-        if leader:
-            with contextlib.suppress(ChildProcessError):  # ours if we are a subreaper
-                os.waitpid(leader, 0)
+        end(p)
+    # a session leader alone in its group: no program yet
+    p, leader = leader_of(["sh", "-c", "setsid sleep 32 & wait"], b"sleep\x0032\x00")
+    try:
+        assert leader is None
+    finally:
+        end(p)
     assert executor.sandbox_group(2 ** 22 + 12345) is None  # no such process
 
 

@@ -18,6 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, reap, timed, write  # noqa: E402
 
+from netstack.kernel import RealKernel  # noqa: E402
+
+KERNEL = RealKernel()  # this program's one kernel
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +39,7 @@ def main() -> None:
         from netstack.stack import exec_argv
 
         # the command lines `netstack exec` runs (the CLI's own start is the same for both)
-        sandboxed = exec_argv(stack, "work", "nobody", ["true"])
+        sandboxed = exec_argv(KERNEL, stack, "work", "nobody", ["true"])
         bare = ["ip", "netns", "exec", ns, "setpriv", "--reuid=65534", "--regid=65534",
                 "--init-groups", "--", "true"]  # what exec ran before the sandbox
         whole = [*cli, "exec", "work", "--user", "nobody", "--", "true"]

@@ -79,7 +79,6 @@ CLASSES = {  # class -> what it means, in the report's words
 WORDS = {0: "CLEAN", 1: "LEAK", 2: "STOPPED", 3: "COMMAND FAILED"}
 STREAM_MAX = 4096  # client bytes of a TCP flow kept to look for a payload mark
 MARK_BYTES = 64  # as lab/services.MARK_BYTES
-TERM_GRACE = 3.0  # seconds CMD gets after SIGTERM before SIGKILL
 
 
 @dataclass
@@ -407,84 +406,42 @@ def _run(stack: str, cmd: list[str], qube: str | None, expect: str | None,
     return w.report(cmd, status, ended_by)
 
 
-def _argv(ctx: Any, cmd: list[str]) -> list[str]:
-    """CMD in the workstation's sandbox (a service qube: as root in its namespace), with
-    the lab CA where TLS libraries look for it."""
+def lab_ca(ctx: Any) -> tuple[Any, ...]:
+    """The lab CA, where TLS libraries look for it, as a grant of the workstation's sandbox
+    (none without a lab)."""
     from netstack import sandbox
     from netstack.lab.sink import ca_path
-    from netstack.stack import exec_argv
 
-    extra: tuple[Any, ...] = ()
     lab = ctx.plan.lab
     ca = ca_path(lab.dir) if lab else ""
-    if ca and os.path.exists(ca):
-        public = os.path.join(ctx.state.dir, "lab-ca.pem")  # the stack dir is 0711
-        shutil.copyfile(ca, public)
-        os.chmod(public, 0o644)
-        extra = (sandbox.Grant("lab-ca", public, CA_INSIDE,
-                               tuple((v, CA_INSIDE) for v in CA_ENV), readonly=True),)
-    return exec_argv(ctx.stack, ctx.ws.name, None, cmd, extra=extra)
+    if not (ca and os.path.exists(ca)):
+        return ()
+    public = os.path.join(ctx.state.dir, "lab-ca.pem")  # the stack dir is 0711
+    shutil.copyfile(ca, public)
+    os.chmod(public, 0o644)
+    return (sandbox.Grant("lab-ca", public, CA_INSIDE, tuple((v, CA_INSIDE) for v in CA_ENV),
+                          readonly=True),)
 
 
-def run_in(ctx: Any, cmd: list[str], capture: bool = False) -> Any:
-    """CMD in the workstation's sandbox; its exit status (capture: the finished process,
-    its output kept)."""
-    if capture:
-        return subprocess.run(_argv(ctx, cmd), capture_output=True, text=True)
-    return run_cmd(ctx, cmd)[0]
+def run_in(ctx: Any, cmd: list[str], capture: bool = False, **how: Any) -> Any:
+    """CMD in the workstation's sandbox (a service qube: as root in its namespace) with the
+    lab CA handed over, through netstack.executor: its Outcome (capture: its output kept)."""
+    from netstack import executor
+
+    return executor.run(ctx.kernel, ctx.state, ctx.ws, cmd, extra=lab_ca(ctx),
+                        capture=capture, **how)
 
 
 def run_cmd(ctx: Any, cmd: list[str], timeout: float | None = None, stdout: Any = None
             ) -> tuple[int, str | None]:
     """CMD in the workstation's sandbox until it exits, runs past `timeout` or check is
-    interrupted (Ctrl-C, SIGTERM, SIGHUP): then it is ended (SIGTERM, SIGKILL after
-    TERM_GRACE; the sandbox's PID namespace ends with it). (status, what ended it). It
-    is recorded in the stack's state while it runs, and dies with check: after a
-    `kill -9` of check, `down` ends whatever is left of it by PID."""
-    from netstack.leaktest.capture import register_process, unregister_process
-
-    p = subprocess.Popen(_argv(ctx, cmd), stdout=stdout, preexec_fn=_die_with_us)
-    reg = register_process(ctx.ws.netns, f"check program in {ctx.ws.name}", p.pid)
-    try:
-        try:
-            return p.wait(timeout), None
-        except subprocess.TimeoutExpired:
-            why = "timeout"
-        except Interrupted as e:
-            why = signal.Signals(e.signum).name
-        except KeyboardInterrupt:
-            why = "SIGINT"
-        _end(p)
-        return p.returncode, why
-    finally:
-        if reg is not None:
-            unregister_process(reg)
-
-
-def _die_with_us() -> None:
-    """In CMD's process before exec: SIGKILL when check dies (`kill -9` of check must not
-    leave the program running in a namespace `down` is about to remove). bwrap's own
-    --die-with-parent then takes the sandbox with it."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
-def _end(p: subprocess.Popen) -> None:
-    """End CMD by its PID (ours, still unreaped: it cannot have been reused)."""
-    for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 10.0)):
-        if p.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(sig)
-        try:
-            p.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except KeyboardInterrupt:  # a second Ctrl-C: straight to SIGKILL
-            continue
+    interrupted (Ctrl-C, SIGTERM, SIGHUP, handed on to it): then it is ended (SIGKILL after
+    executor.GRACE; the sandbox's PID namespace ends with it). (status, what ended it). It is
+    recorded in the stack's state while it runs, and dies with check: after a `kill -9` of
+    check, `down` ends whatever is left of it by PID."""
+    o = run_in(ctx, cmd, timeout=timeout, stdout=stdout,
+               name=f"check program in {ctx.ws.name}")
+    return o.code, o.ended_by
 
 
 def _lab_logs(ctx: Any) -> list[str]:

@@ -10,7 +10,9 @@ object on stdout); exit codes:
   4 the system refused a change (rolled back)
   5 Tor's control port unreachable
   6 inconclusive: leaktest could not send a probe or saw no answer to a control case
-  130 interrupted (Ctrl-C); 141 output closed (a pipe)"""
+  130 interrupted (Ctrl-C); 141 output closed (a pipe)
+exec and run exit with the command's code, as a shell does (netstack.executor): 127 not
+found, 126 not executable, 128+N killed by signal N."""
 
 from __future__ import annotations
 
@@ -541,10 +543,8 @@ def _what_if(args: argparse.Namespace, doc: dict) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    argv = stack.exec_argv(args.stack, args.qube, args.user, list(args.cmd), args.root)
-    sys.stdout.flush()
-    os.execvp(argv[0], argv)
-    return 127  # not reached
+    return stack.run_in(args.kernel, args.stack, args.qube, list(args.cmd), user=args.user,
+                        root_inside=args.root, name=f"exec in {args.qube}").code
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:
@@ -602,7 +602,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     from netstack import stack
 
-    where = stack.copy(args.stack, args.source, args.dest, args.user)
+    where = stack.copy(args.kernel, args.stack, args.source, args.dest, args.user)
     print(f"copied {args.source} to {args.dest}:{where}")
     return 0
 
@@ -821,7 +821,7 @@ def parser() -> argparse.ArgumentParser:
                        "link to its netvm, its own address, a sandbox with an empty home. When\n"
                        "the command ends (or on Ctrl-C) the qube, its link, rules and files are\n"
                        "gone; after a kill -9 the next `run` or `down` removes it.\n"
-                       "The exit code is the command's.",
+                       "The exit code is the command's, as `exec`'s.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--netvm", help="the qube it gets network from (default: as --like, or "
                    "the config's [stack] default_dispvm, else the most private path: a Tor "
@@ -841,7 +841,9 @@ def parser() -> argparse.ArgumentParser:
                        "An app qube's command runs in its sandbox (bubblewrap: own PID, user,\n"
                        "IPC, UTS namespaces, system read-only, fresh /tmp and /run, no host\n"
                        "socket, its persistent home /var/lib/netstack/STACK/QUBE/home) as an\n"
-                       "unprivileged account.",
+                       "unprivileged account. SIGTERM, SIGHUP and SIGINT are handed on to\n"
+                       "the command. The exit code is the command's: 127 program not found,\n"
+                       "126 not executable, 128+N killed by signal N (143 SIGTERM).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("qube")
     p.add_argument("--root", action="store_true",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -177,14 +176,21 @@ def remove(stack: str, names: list[str] | None, kernel: Kernel) -> list[str]:
 
 
 class _Ended(Exception):
-    """SIGTERM or SIGHUP to `run`: end CMD, remove the qube, exit."""
+    """SIGTERM or SIGHUP to `run` while the qube is being made: remove it, exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str | None,
         cmd: list[str], started: Callable[[QubeInfo], None] | None = None,
         like: str | None = None, *, kernel: Kernel) -> int:
-    """`netstack run`: the qube exists only while CMD runs. Returns CMD's exit code."""
-    from netstack.stack import exec_argv
+    """`netstack run`: the qube exists only while CMD runs (netstack.executor runs it and
+    hands signals on). Returns CMD's exit code (128+N when it died of signal N; 128+N too
+    for a signal before it started)."""
+    from netstack import executor
+    from netstack.state import State
 
     if not cmd:
         raise UsageError("run: give a command after --, e.g. netstack run -- curl ...")
@@ -192,19 +198,26 @@ def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str |
     def ended(signum: int, _frame: Any) -> None:
         raise _Ended(signum)
 
+    if kernel.real:
+        from netstack.state import require_root
+
+        require_root("run")
     old = {s: signal.signal(s, ended) for s in (signal.SIGTERM, signal.SIGHUP)}
     q: QubeInfo | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    k = kernel
     try:
         q = add(stack, netvm, label, gui, like=like, kernel=kernel)
         if started:
             started(q)
-        proc = subprocess.Popen(exec_argv(stack, q.name, user, cmd))
-        return proc.wait()
-    except (KeyboardInterrupt, _Ended):
-        return 130  # the sandbox is ended below
+        st = State.load(stack)
+        if st is None:
+            raise StateError(f"stack {stack!r} went down while {q.name} was made")
+        return executor.run(k, st, q, cmd, user=user, name=f"run in {q.name}").code
+    except _Ended as e:
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
     finally:
-        _stop(proc)
         if q is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up is not interrupted
             try:
@@ -213,16 +226,3 @@ def run(stack: str, netvm: str | None, label: str | None, gui: bool, user: str |
                 signal.signal(signal.SIGINT, signal.default_int_handler)
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """CMD runs in a new session (bubblewrap's --new-session), so Ctrl-C does not reach it:
-    end the sandbox by the pid we started (its processes die with it)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -217,24 +217,28 @@ class Flow:
                              icmp_type=self.icmp_type, icmp_code=self.icmp_code)
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: with the pid it identifies a process across pid reuse."""
+def proc_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on: [0] state, [1] ppid, [3] session, [19]
+    start time; None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
-    return int(data[data.rindex(")") + 2:].split()[19])
+    return data[data.rindex(")") + 2:].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: with the pid it identifies a process across pid reuse."""
+    rest = proc_fields(pid)
+    return None if rest is None else int(rest[19])
 
 
 def proc_alive(pid: int, start: int | None) -> bool:
     """True if `pid` is still the process we started (and not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
+    rest = proc_fields(pid)
+    if rest is None:
         return False
-    rest = data[data.rindex(")") + 2:].split()
     if start is not None and int(rest[19]) != start:
         return False
     return rest[0] != "Z"

@@ -107,7 +107,10 @@ class Chain:
         from netstack.leaktest import battery
 
         ctx = battery.context(self.stack, self.qube, self.kernel)
-        p = run_in(ctx, cmd, capture=True)
+        # pytest's Ctrl-C stays pytest's: the command is ended, the session stopped
+        o = run_in(ctx, cmd, capture=True, forward=(), name=f"pytest command in "
+                   f"{ctx.ws.name}")
+        p = subprocess.CompletedProcess(cmd, o.code, o.stdout, o.stderr)
         if check and p.returncode != 0:
             raise AssertionError(f"{cmd} exited {p.returncode}: {p.stderr.strip()[-500:]}")
         return p

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
-import sys
 import time
 from typing import Any
 
@@ -216,67 +214,29 @@ def tor_of(stack: str, qube: str | None) -> Any:
     raise UsageError(f"--qube {qube!r} is not a tor qube of stack {stack!r}")
 
 
-def exec_argv(stack: str, qube: str, user: str | None, cmd: list[str],
+def exec_argv(k: Kernel, stack: str, qube: str, user: str | None, cmd: list[str],
               root_inside: bool = False, extra: tuple[Any, ...] = ()) -> list[str]:
-    """An app qube's command runs in its sandbox (netstack.sandbox) as an unprivileged
-    account; a service qube's (sys-net, sys-firewall, a VPN or Tor qube: netstack's own) as
-    root in its namespace, for inspection. `ip netns exec` binds /etc/netns/NS/* over /etc,
-    so name lookups inside never use the host's resolver stubs."""
-    from netstack import sandbox
+    """The command line of `cmd` in a qube of a running stack, by name, for callers that
+    join processes themselves (copy's pipe, the leak test's local checks); running a
+    user's command is netstack.executor's."""
+    from netstack import executor
+
     st = require(stack)
-    assert st.plan is not None
-    if not st.plan.has_qube(qube):
-        raise UsageError(f"no qube {qube!r} in stack {stack!r}; qubes: "
-                         + ", ".join(sorted(q.name for q in st.plan.qubes)))
-    if not cmd:
-        raise UsageError("exec: give a command after --, e.g. netstack exec work -- curl ...")
-    q = st.plan.qube(qube)
-    ns = q.netns
-    if not os.path.exists(f"/run/netns/{ns}"):
-        raise StateError(f"qube {qube!r}: namespace {ns} is gone; run `netstack down` and `up`")
-    if q.traits.sandboxed:
-        who = sandbox.account(user, os.environ.get("SUDO_USER"))
-        home: str | None = None
-        if q.settings.get("home", "persistent") == "persistent":
-            home = sandbox.home_dir(stack, qube)
-            sandbox.make_home(home, who)
-        grants: tuple[sandbox.Grant, ...] = ()
-        if q.settings.get("gui"):
-            g = sandbox.gui_grant(os.environ, who, 0 if root_inside else None)
-            if g is None:
-                print(f"netstack: {qube}: gui = true, but {who.name} has no Wayland or X11 "
-                      "display here; running without one", file=sys.stderr)
-            else:
-                grants = (g,)
-                if g.warning:
-                    print(f"netstack: {qube}: {g.warning}", file=sys.stderr)
-        env = st.plan.qube(q.netvm).client_env \
-            if q.netvm else {}
-        from netstack import seccomp
-
-        whonix = any(x.traits.protection == "tor" for x in st.plan.chain(qube)[1:])
-        public = os.path.join(st.dir, sandbox.PUBLIC)
-        ident = sandbox.make_identity(public, os.path.dirname(home) if home else None, qube,
-                                      whonix)
-        bpf = seccomp.compile_filter(seccomp.path(public))
-        return sandbox.argv(ns, qube, who, home, cmd, root_inside, grants + tuple(extra), env,
-                            ident, bpf)
-    if root_inside:
-        raise UsageError(f"--root: {qube} is a service qube; its commands run as root already")
-    argv = ["ip", "netns", "exec", ns]
-    if user is None:
-        user = os.environ.get("SUDO_USER") or None
-    if user and user != "root":
-        try:
-            pw = pwd.getpwnam(user)
-        except KeyError:
-            raise UsageError(f"--user {user!r}: no such user") from None
-        argv += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-                 "--"]
-    return argv + cmd
+    q = executor.qube(st, qube)
+    return executor.argv(k, st, q, cmd, user, root_inside, extra)
 
 
-def copy(stack: str, src: str, dst: str, user: str | None = None) -> str:
+def run_in(k: Kernel, stack: str, qube: str, cmd: list[str], **how: Any) -> Any:
+    """`netstack exec`: `cmd` in a qube of a running stack, by name (netstack.executor.run
+    with the stack's state and a kernel of its own); its Outcome."""
+    from netstack import executor
+
+    st = require(stack)
+    q = executor.qube(st, qube)
+    return executor.run(k, st, q, cmd, **how)
+
+
+def copy(k: Kernel, stack: str, src: str, dst: str, user: str | None = None) -> str:
     """`netstack copy SRC:PATH DST`: a file from app qube SRC's home into DST's
     ~/Incoming/SRC/ (Qubes' qvm-copy). Returns where it landed (inside DST)."""
     from netstack import sandbox
@@ -289,15 +249,15 @@ def copy(stack: str, src: str, dst: str, user: str | None = None) -> str:
     name = os.path.basename(path.rstrip("/"))
     if name in ("", ".", ".."):
         raise UsageError(f"copy {src!r}: name a file, not a directory")
-    src_argv = exec_argv(stack, qube, user, ["sh", "-c", sandbox.READ_SCRIPT, "read", path])
-    dst_argv = exec_argv(stack, dst, user, ["sh", "-c", sandbox.WRITE_SCRIPT, "write", qube,
+    src_argv = exec_argv(k, stack, qube, user, ["sh", "-c", sandbox.READ_SCRIPT, "read", path])
+    dst_argv = exec_argv(k, stack, dst, user, ["sh", "-c", sandbox.WRITE_SCRIPT, "write", qube,
                                             name])
     if "bwrap" not in src_argv or "bwrap" not in dst_argv:
         raise UsageError("copy: both qubes must be app qubes")
     def finish(ok: bool) -> None:
         import subprocess
 
-        subprocess.run(exec_argv(stack, dst, user, ["sh", "-c", sandbox.FINISH_SCRIPT,
+        subprocess.run(exec_argv(k, stack, dst, user, ["sh", "-c", sandbox.FINISH_SCRIPT,
                                                     "finish", qube, name,
                                                     "ok" if ok else "failed"]),
                        capture_output=True)

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from netstack.config import Qube
 
 
+PING_GROUPS = "0 2147483647"  # every group (systemd's default on the host)
+
+
 class AppSpec(KindSpec):
     kind = "app"
     config_keys = frozenset({"home", "gui", "onion"})
@@ -30,6 +33,12 @@ class AppSpec(KindSpec):
             raise ConfigError(f"qube {q.name!r} field 'gui'", "must be true or false",
                               "gui = true grants the invoking user's Wayland (or X11) display")
         onion_ports(q)
+
+    def sysctls(self, ctx: QubeContext) -> dict[str, str]:
+        """ping works as in a Qubes app qube: the sandbox's account (no_new_privs drops
+        ping's file capability) may open ICMP echo sockets, which send echo requests only
+        (no raw packets); where they may go is the netvm's firewall's to decide."""
+        return {**super().sysctls(ctx), "net/ipv4/ping_group_range": PING_GROUPS}
 
     def rules(self, ctx: QubeContext, info: Any, rs: Ruleset) -> None:
         common.own_output_upstream(rs, ctx.upstream_if)

@@ -339,7 +339,8 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
                        if ctx.plan.lab else None)  # a real host's resolver is never asked
                 others = tuple(q.name for q in ctx.plan.qubes if q.name != ctx.ws.name
                                and q.traits.sandboxed)[:2]  # ids must differ
-                local_results = local.run(ctx.stack, ctx.ws.name, ctx.ws.netns, fwd, others)
+                local_results = local.run(ctx.kernel, ctx.stack, ctx.ws.name, ctx.ws.netns,
+                                          fwd, others)
             time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
     finally:
         prober.close()

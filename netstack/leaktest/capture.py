@@ -11,59 +11,14 @@ the stack's other processes, never by name.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import select
 import signal
 import subprocess
 import time
 from typing import Any
 
-LOCK_WAIT = 10.0  # seconds to wait for another writer of the stack's state
-
-
-def stack_of(netns: str) -> str | None:
-    """The stack a namespace belongs to (names.qube_netns / lab_netns), or None."""
-    parts = netns.split("-", 2)
-    if len(parts) == 3 and parts[0] in ("nst", "nsl") and parts[1]:
-        return parts[1]
-    return None
-
-
-def register_process(netns: str, name: str, pid: int) -> Any:
-    """Record a process started in a stack's namespace (a tcpdump, the program `check`
-    runs) in that stack's intent log, so `down` ends it by PID and start time; the
-    record, or None when the namespace is no stack's or the state cannot be written."""
-    from netstack.kernel import proc_start_time
-    from netstack.state import ProcessRec, StackLock, State
-
-    stack = stack_of(netns)
-    if stack is None:
-        return None
-    rec = ProcessRec(name, secrets.token_hex(8), "", pid, proc_start_time(pid))
-    try:
-        with StackLock(stack, wait=LOCK_WAIT):
-            st = State.load(stack)
-            if st is None:
-                return None
-            st.record(rec)
-    except Exception:  # noqa: BLE001 - a capture must work without it (the PID is ours)
-        return None
-    return (stack, rec)
-
-
-def unregister_process(reg: Any) -> None:
-    """Retire the record once the process has ended (a fresh load: others append too)."""
-    from netstack.state import StackLock, State
-
-    stack, rec = reg
-    with contextlib.suppress(Exception), StackLock(stack, wait=LOCK_WAIT):
-        st = State.load(stack)
-        if st is not None and st.seq_of(rec) is not None:
-            st.forget(rec)
-            if st.removed > 200:  # a long-lived stack checked many times: as disposables do
-                st.compact()
+from netstack.processes import register_process, stack_of, unregister_process  # noqa: F401
 
 
 class Capture:

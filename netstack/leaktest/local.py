@@ -25,6 +25,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from netstack.kernel import Kernel
+
 # stdlib only: runs as `python3 -c` inside the sandbox; prints one JSON object
 SCRIPT = r'''
 import ctypes, json, os, socket, subprocess, sys
@@ -269,7 +271,7 @@ def host_process() -> Iterator[tuple[int, str]]:
 SANDBOX = True  # tests switch it off (monkeypatch) for the anti-test
 
 
-def ids_in(stack: str, qube: str) -> dict[str, str | None]:
+def ids_in(k: Kernel, stack: str, qube: str) -> dict[str, str | None]:
     """Another app qube's identifiers, read in its sandbox."""
     from netstack.stack import exec_argv
 
@@ -277,7 +279,7 @@ def ids_in(stack: str, qube: str) -> dict[str, str | None]:
            ".strip()\n except OSError:\n  return None\nprint(json.dumps({'machine-id': rd("
            "'/etc/machine-id'), 'boot_id': rd('/proc/sys/kernel/random/boot_id'), 'cmdline': "
            "rd('/proc/cmdline')}))"]
-    p = subprocess.run(exec_argv(stack, qube, None, cmd), capture_output=True, text=True,
+    p = subprocess.run(exec_argv(k, stack, qube, None, cmd), capture_output=True, text=True,
                        timeout=60)
     try:
         return json.loads(p.stdout.strip().splitlines()[-1])
@@ -285,7 +287,7 @@ def ids_in(stack: str, qube: str) -> dict[str, str | None]:
         return {}
 
 
-def run(stack: str, ws: str, netns: str, forward: Forward | None = None,
+def run(k: Kernel, stack: str, ws: str, netns: str, forward: Forward | None = None,
         others: tuple[str, ...] = ()) -> list[LocalResult]:
     """The checks as the workstation's user and as the sandbox's root; `others`: app qubes
     whose identifiers must differ from the workstation's (as the host's must)."""
@@ -301,7 +303,7 @@ def run(stack: str, ws: str, netns: str, forward: Forward | None = None,
             cmd = ["/usr/bin/python3", "-c", SCRIPT, json.dumps(targets), standin,
                    str(target), marker]
             if sandbox:
-                argv = exec_argv(stack, ws, None, cmd, root_inside=who == "root")
+                argv = exec_argv(k, stack, ws, None, cmd, root_inside=who == "root")
             else:  # tests only: the bare namespace, what app qubes were
                 argv = ["ip", "netns", "exec", netns,
                         *([] if who == "root" else ["setpriv", "--reuid=65534",
@@ -314,7 +316,7 @@ def run(stack: str, ws: str, netns: str, forward: Forward | None = None,
                 results.append(LocalResult(who, {}, f"the local checks did not run: "
                                                     f"{p.stderr.strip()[-200:]}"))
                 continue
-            ids = {"host": host_ids(), **{q: ids_in(stack, q) for q in others}} \
+            ids = {"host": host_ids(), **{q: ids_in(k, stack, q) for q in others}} \
                 if who == "user" else {"host": host_ids()}
             got["identity"] = shared_ids(got.get("ids") or {}, ids)
             leaks = {k: (", ".join(v) if isinstance(v, list)

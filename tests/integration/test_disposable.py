@@ -126,14 +126,15 @@ def test_twenty_at_once_are_distinct_isolated_and_all_gone(basic_stack):
     assert leftovers(basic_stack) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_and_sigterm_remove_the_qube(basic_stack, sig):
+    """The signal is handed on to the command, which dies of it: 128+signal, as `exec`."""
     p = subprocess.Popen(run_argv(basic_stack, "--", "sleep", "600"), stderr=subprocess.PIPE,
                          text=True)
     q = wait_for(lambda: disposables(basic_stack), 30, 0.05, "the disposable")[0]
     wait_for(lambda: len(ns_processes(q.netns)) >= 2, 30, 0.05, "its sandbox")
     p.send_signal(sig)
-    assert p.wait(30) == 130
+    assert p.wait(30) == 128 + sig
     assert leftovers(basic_stack) == []
     assert not os.path.exists(f"/run/netns/{q.netns}")
 

@@ -15,6 +15,7 @@ import pytest
 from netstack import sandbox
 from netstack.stack import exec_argv
 from tests.integration.util import cli
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -64,7 +65,7 @@ def unprotected(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("root", [False, True], ids=["user", "sandbox-root"])
 def test_the_sandbox_refuses_the_kernels_attack_surface(basic_stack, root):
-    argv = exec_argv(basic_stack, "work", None, ["/usr/bin/python3", "-c", PROBE],
+    argv = exec_argv(KERNEL, basic_stack, "work", None, ["/usr/bin/python3", "-c", PROBE],
                      root_inside=root)
     got = probe(argv)
     assert {c: got[c] for c in CALLS} == dict.fromkeys(CALLS, "ENOSYS"), got
@@ -92,7 +93,7 @@ def test_each_qube_has_its_own_identity(basic_stack):
     # stable: the same machine-id next time (the boot_id too, until the next `up`)
     assert ids("work")[:2] == work[:2]
     # anti-test: without the override the sandbox shows the host's
-    argv = exec_argv(basic_stack, "work", None, ["sh", "-c", IDS])
+    argv = exec_argv(KERNEL, basic_stack, "work", None, ["sh", "-c", IDS])
     plain = [a for a in argv]
     for target in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id", "/proc/cmdline"):
         j = plain.index(target)

@@ -27,6 +27,7 @@ from netstack import check
 from netstack.kernel import proc_alive
 from tests.integration.faults import fault as named
 from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -43,7 +44,7 @@ def by(r, proto, dport):
 
 def test_curl_through_tor_is_clean(tor_lab, tmp_path):
     r = check.run(["curl", "-sS", "-m", "20", "https://www.example.org/"],
-                  stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
+                  stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path), kernel=KERNEL)
     assert r.verdict == 0, check.table(r)
     (web,) = by(r, "tcp", 443)
     assert web.outcome == "left" and web.via == "tor" and "www.example.org" in web.names
@@ -54,7 +55,7 @@ def test_curl_through_tor_is_clean(tor_lab, tmp_path):
 def test_stun_and_its_own_resolver_are_stopped_with_the_gateways_rule(tor_lab, tmp_path):
     cmd = ["sh", "-c", f"python3 -c \"{STUN}\"; dig +time=2 +tries=1 @198.51.100.53 "
            "example.com; true"]
-    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
+    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path), kernel=KERNEL)
     assert r.verdict == 2, check.table(r)
     (stun,) = by(r, "udp", 3478)
     (dns,) = [f for f in by(r, "udp", 53) if f.dst == "198.51.100.53"]
@@ -68,21 +69,22 @@ def test_stun_and_its_own_resolver_are_stopped_with_the_gateways_rule(tor_lab, t
     page = check.html(r)
     assert "sys-whonix" in page and "#212121" in page and "stopped by sys-whonix" in page
     warn = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", bypass="warn",
-                     pcaps=str(tmp_path / "w"))
+                     pcaps=str(tmp_path / "w"), kernel=KERNEL)
     assert warn.verdict == 0
 
 
 def test_a_broken_gateway_leaks_and_the_report_proves_it(tor_lab, tmp_path):
     cmd = ["python3", "-c", STUN]
     r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path),
-                  fault=named("gateway-redirect-only"))
+                  fault=named("gateway-redirect-only"), kernel=KERNEL)
     assert r.verdict == 1, check.table(r)
     assert r.leaks and any(x.link.startswith("sys-whonix") for x in r.leaks), r.leaks
     x = r.leaks[0]
     assert x.frame >= 1 and x.pcap.endswith(".pcap") and "UDP" in x.summary
     assert "LEAK on" in check.table(r)
     # the chain is whole again: the same program is stopped, not leaked
-    again = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path / "b"))
+    again = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path / "b"),
+                      kernel=KERNEL)
     assert again.verdict == 2, check.table(again)
 
 
@@ -135,7 +137,7 @@ def test_the_pytest_plugin_brings_up_its_own_chain_and_names_the_offending_flow(
 def test_curl_through_the_gateways_socks_port_is_clean(tor_lab, tmp_path):
     cmd = ["sh", "-c", 'curl -sS -m 20 --socks5-hostname "$TOR_SOCKS_HOST:$TOR_SOCKS_PORT" '
            "https://socks.example.org/"]
-    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path))
+    r = check.run(cmd, stack=tor_lab.stack, qube="anon-whonix", pcaps=str(tmp_path), kernel=KERNEL)
     assert r.verdict == 0, check.table(r)
     (socks,) = by(r, "tcp", 9050)
     assert socks.klass == "proxy" and socks.outcome == "left" and socks.via == "tor"
@@ -182,7 +184,7 @@ def test_the_readmes_example_verbatim_is_clean_on_vpn():
 
 def test_an_address_without_a_name_is_attributed(vpn_lab, tmp_path):
     r = check.run(["curl", "-sS", "-m", "8", "http://198.51.100.80/"], stack=vpn_lab,
-                  qube="work", pcaps=str(tmp_path))
+                  qube="work", pcaps=str(tmp_path), kernel=KERNEL)
     assert r.verdict == 0, check.table(r)
     (web,) = by(r, "tcp", 80)
     assert (web.dst, web.outcome, web.via, web.names) == ("198.51.100.80", "left", "vpn", [])
@@ -192,7 +194,7 @@ def test_an_address_without_a_name_is_attributed(vpn_lab, tmp_path):
 
 def test_tcp_and_udp_through_the_sink_are_attributed(vpn_lab, tmp_path):
     cmd = ["sh", "-c", f"curl -sS -m 8 https://www.example.org/ && python3 -c \"{STUN}\""]
-    r = check.run(cmd, stack=vpn_lab, qube="work", pcaps=str(tmp_path))
+    r = check.run(cmd, stack=vpn_lab, qube="work", pcaps=str(tmp_path), kernel=KERNEL)
     assert r.verdict == 0, check.table(r)
     (tls,) = by(r, "tcp", 443)
     (stun,) = by(r, "udp", 3478)
@@ -205,7 +207,7 @@ def test_tcp_and_udp_through_the_sink_are_attributed(vpn_lab, tmp_path):
 def test_icmp_echo_is_attributed_by_the_lab_hosts_capture(vpn_lab, tmp_path):
     """The sandbox may not ping (no raw sockets): root pings from the qube's namespace,
     watched the way the pytest plugin watches."""
-    w = check.Watch(vpn_lab, "work", pcaps=str(tmp_path)).start()
+    w = check.Watch(vpn_lab, "work", KERNEL, pcaps=str(tmp_path)).start()
     p = subprocess.run(["ip", "netns", "exec", f"nst-{vpn_lab}-work", "ping", "-c", "2",
                         "-i", "0.2", "-W", "2", "198.51.100.80"], capture_output=True)
     r = w.report(["ping"], p.returncode)
@@ -223,7 +225,7 @@ def test_ipv6_is_stopped_with_the_vpn_qubes_rule(tmp_path):
     cli("--stack", s, "up", str(cfg), "--lab", "--sink")
     try:
         r = check.run(["sh", "-c", "curl -s -m 3 'http://[2001:db8::80]/'; true"], stack=s,
-                      qube="work", pcaps=str(tmp_path / "p"))
+                      qube="work", pcaps=str(tmp_path / "p"), kernel=KERNEL)
     finally:
         cli("--stack", s, "down", "--purge", check=False)
         reap_zombies()
@@ -238,7 +240,7 @@ def test_ipv6_is_stopped_with_the_vpn_qubes_rule(tmp_path):
 def test_timeout_ends_a_program_that_never_exits(vpn_lab, tmp_path):
     t0 = time.monotonic()
     r = check.run(["sleep", "60"], stack=vpn_lab, qube="work", pcaps=str(tmp_path),
-                  timeout=1.0)
+                  timeout=1.0, kernel=KERNEL)
     assert time.monotonic() - t0 < 20
     assert r.ended_by == "timeout" and r.verdict == 3, check.table(r)
     assert "ran past --timeout" in check.table(r)

@@ -31,6 +31,7 @@ from netstack import check
 from netstack.addressing import VIRTUAL_DNS
 from netstack.lab import content
 from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.realkernel import KERNEL
 
 pytestmark = pytest.mark.root
 
@@ -227,7 +228,8 @@ def assert_row(r: check.Report, row: Row) -> None:
 @pytest.mark.parametrize(("chain", "row"), [
     pytest.param(r.chain, r, id=f"{r.chain}-{r.id}") for r in CORPUS], indirect=["chain"])
 def test_corpus(chain: Chain, row: Row, tmp_path: Path) -> None:
-    r = check.run(list(row.argv), stack=chain.stack, qube=chain.qube, pcaps=str(tmp_path))
+    r = check.run(list(row.argv), stack=chain.stack, qube=chain.qube, pcaps=str(tmp_path),
+                  kernel=KERNEL)
     assert r.expect == VIA[row.chain]
     assert_row(r, row)
     if row.id == "curl-socks5-hostname":  # through the gateway's SOCKS port: class proxy

@@ -50,6 +50,15 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
             x.close()
 
 
+def ask_to_end(recs: list[ProcessRec], k: Kernel) -> None:
+    """SIGTERM every recorded process whose pid is known, without waiting: `end_all`
+    waits for them later (teardown removes the namespaces meanwhile; the supervisor takes
+    about 12 ms to exit, docs/field-notes.md "Processes")."""
+    for r in recs:
+        if r.pid is not None:
+            k.kill_start(r.pid, r.start)
+
+
 def end_all(recs: list[ProcessRec], st: State, k: Kernel, wait_pidfile: float = 1.0) -> None:
     """End every recorded process by PID (checked against its start time), then every
     child the supervisor reported: it may have died without them."""

@@ -61,6 +61,9 @@ def colour(label: str, text: str, width: int = 0) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from netstack import fastpath
+
+    fastpath.start_probe()  # the kernel's answer comes while the config is read
     from netstack import stack
     from netstack.service import Notifier
 

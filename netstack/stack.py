@@ -35,7 +35,9 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
        kernel: Kernel | None = None) -> tuple[Plan, str]:
     """Validate everything first (an invalid config changes nothing), then apply. A stack
     left half-made by a crash is removed first (repair); a running one is reported."""
-    from netstack import reconcile
+    from netstack import fastpath, reconcile
+
+    fastpath.start_probe()  # (cli started it already) answered while the config is read
     from netstack.plan import DEFAULT_CONFIG, build, load_inputs
 
     names.check_stack(stack)

@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.errors import NetstackError, StateError, UsageError
-from netstack.model import UplinkSpec
+
+if TYPE_CHECKING:  # `down` and `status` do without the model's import (~13 ms)
+    from netstack.model import UplinkSpec
 
 EXAMPLES = """examples:
   sudo netstack up --lab                         # the chain over the built-in lab internet
@@ -38,6 +40,8 @@ LABEL_COLOURS = {"red": "31", "orange": "38;5;208", "yellow": "33", "green": "32
 
 
 def _uplink(args: argparse.Namespace) -> UplinkSpec:
+    from netstack.model import UplinkSpec
+
     if args.lab and args.uplink:
         raise UsageError("--lab and --uplink exclude each other: pick one")
     if getattr(args, "sink", False) and not args.lab:

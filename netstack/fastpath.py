@@ -53,8 +53,7 @@ def _probe_now() -> bool:
     try:
         from netstack import netns
 
-        if netns._libc.unshare(netns.CLONE_NEWNET) != 0:
-            return False
+        netns.unshare_thread()  # raises when it fails: never a handle of the host's
         import nftables
 
         h = nftables.Nftables()

@@ -7,21 +7,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from netstack.codec import dump
 from netstack.kernel import Kernel
-from netstack.model import Plan
 from netstack.state import ProcessRec, State, crash_point, read_pidfile
 from netstack.supervisor import PIDFILE, SPEC, Child, ServiceSpec, SupervisorSpec, read_status
+
+if TYPE_CHECKING:  # `down` imports this module: not the model's dataclasses
+    from netstack.model import Plan
 
 
 def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
     """Open the lab services' sockets in their namespaces (so they accept from now on) and
     hand them to a detached supervisor that serves them and runs the daemons."""
+    import secrets  # (hmac and _hashlib: ~4 ms that `down` does not need)
+
     socks: list[socket.socket] = []
     services = []
     try:

@@ -8,12 +8,14 @@ import os
 import pwd
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack import names
 from netstack.errors import NetstackError, StateError, UsageError
 from netstack.kernel import Kernel, RealKernel, proc_alive
-from netstack.model import Plan, UplinkSpec
+
+if TYPE_CHECKING:
+    from netstack.model import Plan, UplinkSpec
 from netstack.state import StackLock, State, stack_dir
 
 

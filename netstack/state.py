@@ -13,11 +13,14 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from netstack.codec import Tagged, dump, load
 from netstack.errors import StateError
-from netstack.model import SCHEMA, Plan
+from netstack.schema import SCHEMA
+
+if TYPE_CHECKING:  # read on first use of the plan: `down` never imports the model
+    from netstack.model import Plan
 
 RUN_DIR = os.environ.get("NETSTACK_RUN_DIR", "/run/netstack")
 
@@ -178,6 +181,8 @@ class State:
         """The plan in force, read on first use (`down` needs only the intent log)."""
         if not self._plan_loaded:
             self._plan_loaded = True
+            from netstack.model import Plan
+
             try:
                 with open(self.plan_path) as f:
                     self._plan = load(Plan, json.load(f), "plan.json")

@@ -18,11 +18,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.codec import dump, load
 from netstack.kernel import proc_start_time
-from netstack.model import Daemon
+
+if TYPE_CHECKING:  # see _model_names
+    from netstack.model import Daemon
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 SPEC, STATUS, PIDFILE = "supervisor-spec.json", "supervisor.json", "supervisor.pid"
@@ -77,8 +79,18 @@ def _private_append(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
+def _model_names() -> None:
+    """SupervisorSpec names model.Daemon, and codec resolves it in this module: imported
+    when a spec is read. Readers of the status file only (`down`, `status`) do without the
+    model's dataclasses (~13 ms, docs/field-notes.md "Python start-up")."""
+    from netstack.model import Daemon
+
+    globals()["Daemon"] = Daemon
+
+
 class Supervisor:
     def __init__(self, stack_dir: str) -> None:
+        _model_names()
         self.dir = stack_dir
         with open(os.path.join(stack_dir, SPEC)) as f:
             self.spec = load(SupervisorSpec, json.load(f), SPEC)

@@ -7,12 +7,13 @@ functions. Validation never touches the host, so an invalid config changes nothi
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ConfigError
+
+if TYPE_CHECKING:  # status imports this module (through roles) and reads no TOML: tomllib
+    from pathlib import Path  # and pathlib cost it ~15 ms (docs/field-notes.md)
 
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 # A qube name becomes part of a namespace name (nst-STACK-QUBE) and of file paths under
@@ -112,6 +113,8 @@ def load(path: str | Path, firewall: dict[str, list[Any]] | None = None,
 
 def parse(text: str, source: str = "<memory>",
           firewall: dict[str, list[Any]] | None = None, live: bool = False) -> Topology:
+    import tomllib
+
     if text.startswith("\ufeff"):
         text = text[1:]
     try:

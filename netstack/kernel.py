@@ -284,7 +284,7 @@ class RealKernel(Kernel):
             if h is not None and hasattr(h, "close"):
                 with contextlib.suppress(Exception):
                     h.close()
-        self._index = {k: v for k, v in self._index.items() if k[0] != name}
+        self._index.clear()  # its veths' peers in other namespaces go with it
         return netns.delete(name)
 
     def netns_exists(self, name: str) -> bool:
@@ -383,6 +383,7 @@ class RealKernel(Kernel):
         return h
 
     def _forget(self, ns: str | None) -> None:
+        """Indexes of `ns` are read again at next use (its links changed)."""
         self._index = {k: v for k, v in self._index.items() if k[0] != ns}
 
     def _idx(self, ns: str | None, ifname: str) -> int:
@@ -418,6 +419,8 @@ class RealKernel(Kernel):
                 reqs, what = per_ns.setdefault(ns_a, ([], []))
                 reqs.append(rtnl.veth(if_a, if_b, fds[ns_b]))
                 what.append(f"veth {if_a} (peer {if_b} in {ns_b})")
+                self._forget(ns_a)  # a name may come back with another index (a moved qube)
+                self._forget(ns_b)
             self._send(per_ns)
         finally:
             for fd in fds.values():
@@ -468,7 +471,7 @@ class RealKernel(Kernel):
 
         if ns is not None and not netns.exists(ns):
             return False
-        self._forget(ns)
+        self._index.clear()  # a veth's peer, in another namespace, goes with it
         h = self._nl(ns)
         idx = h.link_index(ifname)
         if idx is None:

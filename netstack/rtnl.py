@@ -120,7 +120,7 @@ class Msg:
         return self.attrs.get(name, default)
 
 
-def _link(buf: bytes, off: int, end: int) -> Msg:
+def parse_link(buf: bytes, off: int, end: int) -> Msg:
     fam, kind, index, flags, _change = _IFI.unpack_from(buf, off)
     a = parse_attrs(buf, off + _IFI.size, end)
     attrs: dict[str, Any] = {"IFLA_IFNAME": _str(a.get(IFLA_IFNAME)),
@@ -144,7 +144,7 @@ def _link(buf: bytes, off: int, end: int) -> Msg:
     return Msg({"family": fam, "ifi_type": kind, "index": index, "flags": flags}, attrs)
 
 
-def _addr(buf: bytes, off: int, end: int) -> Msg:
+def parse_addr(buf: bytes, off: int, end: int) -> Msg:
     fam, plen, flags, scope, index = _IFA.unpack_from(buf, off)
     a = parse_attrs(buf, off + _IFA.size, end)
     return Msg({"family": fam, "prefixlen": plen, "flags": flags, "scope": scope,
@@ -153,7 +153,7 @@ def _addr(buf: bytes, off: int, end: int) -> Msg:
                 "IFA_LOCAL": _ip(fam, a.get(IFA_LOCAL))})
 
 
-def _route(buf: bytes, off: int, end: int) -> Msg:
+def parse_route(buf: bytes, off: int, end: int) -> Msg:
     fam, dlen, slen, tos, table, proto, scope, kind, flags = _RTM.unpack_from(buf, off)
     a = parse_attrs(buf, off + _RTM.size, end)
     return Msg({"family": fam, "dst_len": dlen, "src_len": slen, "tos": tos, "table": table,
@@ -164,7 +164,7 @@ def _route(buf: bytes, off: int, end: int) -> Msg:
                 "RTA_TABLE": _u32(a.get(RTA_TABLE))})
 
 
-def _rule(buf: bytes, off: int, end: int) -> Msg:
+def parse_rule(buf: bytes, off: int, end: int) -> Msg:
     fam, dlen, slen, tos, table, _r1, _r2, action, flags = _RTM.unpack_from(buf, off)
     a = parse_attrs(buf, off + _RTM.size, end)
     return Msg({"family": fam, "dst_len": dlen, "src_len": slen, "tos": tos, "table": table,
@@ -172,7 +172,7 @@ def _rule(buf: bytes, off: int, end: int) -> Msg:
                {"FRA_PRIORITY": _u32(a.get(FRA_PRIORITY)), "FRA_TABLE": _u32(a.get(FRA_TABLE))})
 
 
-def _qdisc(buf: bytes, off: int, end: int) -> Msg:
+def parse_qdisc(buf: bytes, off: int, end: int) -> Msg:
     fam, index, handle, parent, info = _TCM.unpack_from(buf, off)
     a = parse_attrs(buf, off + _TCM.size, end)
     return Msg({"family": fam, "index": index, "handle": handle, "parent": parent,
@@ -274,28 +274,25 @@ class Rtnl:
         if not requests:
             return
         first_seq = self.seq + 1
-        chunks, buf = [], bytearray()
-        for kind, flags, body in requests:
-            self.seq += 1
-            msg = _HDR.pack(_HDR.size + len(body), kind, flags | F_REQUEST | F_ACK,
-                            self.seq, 0) + body
-            if buf and len(buf) + len(msg) > MAX_BATCH:
-                chunks.append(bytes(buf))
-                buf = bytearray()
-            buf += msg
-        chunks.append(bytes(buf))
         failed: dict[int, tuple[int, str]] = {}
-        pending = set(range(first_seq, self.seq + 1))
-        for chunk in chunks:
-            self.sock.send(chunk)
-        while pending:
-            for kind, flags, seq, data, off, end in self._recv():
-                if kind != NLMSG_ERROR or seq not in pending:
-                    continue
-                pending.discard(seq)
-                code = -struct.unpack_from("=i", data, off)[0]
-                if code:
-                    failed[seq] = (code, _ext_msg(data, off, end, flags))
+        buf, pending = bytearray(), set()
+        for i, (kind, flags, body) in enumerate(requests):
+            self.seq += 1
+            buf += _HDR.pack(_HDR.size + len(body), kind, flags | F_REQUEST | F_ACK,
+                             self.seq, 0) + body
+            pending.add(self.seq)
+            if len(buf) >= MAX_BATCH or i == len(requests) - 1:
+                # each write's acks are read before the next: they never fill the socket
+                self.sock.send(bytes(buf))
+                buf = bytearray()
+                while pending:
+                    for mkind, mflags, seq, data, off, end in self._recv():
+                        if mkind != NLMSG_ERROR or seq not in pending:
+                            continue
+                        pending.discard(seq)
+                        code = -struct.unpack_from("=i", data, off)[0]
+                        if code:
+                            failed[seq] = (code, _ext_msg(data, off, end, mflags))
         if failed:
             seq = min(failed)
             code, msg = failed[seq]
@@ -327,24 +324,24 @@ class Rtnl:
 
     # --- reads, named as pyroute2's IPRoute names them (the subset netstack uses) ---------
     def get_links(self) -> list[Msg]:
-        return [_link(*m) for m in self.dump(RTM_GETLINK, _IFI.pack(0, 0, 0, 0, 0))]
+        return [parse_link(*m) for m in self.dump(RTM_GETLINK, _IFI.pack(0, 0, 0, 0, 0))]
 
     def get_addr(self) -> list[Msg]:
-        return [_addr(*m) for m in self.dump(RTM_GETADDR, _IFA.pack(0, 0, 0, 0, 0))]
+        return [parse_addr(*m) for m in self.dump(RTM_GETADDR, _IFA.pack(0, 0, 0, 0, 0))]
 
     def get_routes(self, family: int = 0, table: int | None = None) -> list[Msg]:
-        out = [_route(*m) for m in self.dump(RTM_GETROUTE,
+        out = [parse_route(*m) for m in self.dump(RTM_GETROUTE,
                                              _RTM.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
         if table is not None:
             out = [r for r in out if (r.get_attr("RTA_TABLE") or r["table"]) == table]
         return out
 
     def get_rules(self, family: int = 0) -> list[Msg]:
-        return [_rule(*m) for m in self.dump(RTM_GETRULE,
+        return [parse_rule(*m) for m in self.dump(RTM_GETRULE,
                                              _RTM.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
 
     def get_qdiscs(self) -> list[Msg]:
-        return [_qdisc(*m) for m in self.dump(RTM_GETQDISC, _TCM.pack(0, 0, 0, 0, 0))]
+        return [parse_qdisc(*m) for m in self.dump(RTM_GETQDISC, _TCM.pack(0, 0, 0, 0, 0))]
 
     def get_filters(self, index: int, parent: int) -> Any:
         """tc filters with their classifiers' options parsed: pyroute2's, opened in this

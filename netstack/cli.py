@@ -635,7 +635,8 @@ ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "
 class _Unused:
     """What parser(only=NAME) hands back for every other subcommand: its arguments are
     not made (the first ~85 add_argument calls of a process cost ~15 ms: argparse builds a
-    help formatter and looks gettext catalogues up for each)."""
+    help formatter and looks gettext catalogues up for each; docs/field-notes.md, "Python
+    start-up")."""
 
     def __getattr__(self, _name: str) -> Any:
         return lambda *_a, **_kw: self

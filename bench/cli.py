@@ -6,6 +6,12 @@ between the two so the machine's noise hits both alike.
 
     sudo .venv/bin/python bench/cli.py [--runs 15] [--out bench/results/cli.json]
     sudo .venv/bin/python bench/cli.py --root /path/to/other/checkout   # e.g. an old commit
+    sudo .venv/bin/python bench/cli.py --compare /path/to/old/checkout  # both, one loop
+
+--prefix pf names the stacks pfbc, pfhw, ... instead of bc, hw, ... (a shared machine).
+--compare runs the other checkout's netstack (as --root does: `python -m netstack.cli` in
+it) in the same loop as this one and the script, in turn, so the machine's load hits all
+three alike; its figures are printed with the prefix `other_`.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ BASIC = str(ROOT / "configs" / "basic.toml")
 CWD: str | None = None
 
 
-def wall(argv: list[str]) -> float:
+def wall(argv: list[str], cwd: str | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True, cwd=CWD if argv == NETSTACK or
-                   argv[:len(NETSTACK)] == NETSTACK else None)
+    subprocess.run(argv, check=True, capture_output=True, cwd=cwd or (
+        CWD if argv == NETSTACK or argv[:len(NETSTACK)] == NETSTACK else None))
     return time.perf_counter() - t0
 
 
@@ -52,16 +58,24 @@ def rules_dir(d: str, stack: str) -> None:
             Path(d, f"{n.name}.json").write_text(json.dumps(commands(n.ruleset, fresh=True)))
 
 
-def status_runs(cfg: str, stack: str, runs: int) -> list[float]:
-    subprocess.run(NETSTACK + ["--stack", stack, "up", cfg, "--lab"], check=True,
-                   capture_output=True, cwd=CWD)
+def status_runs(cfg: str, stack: str, runs: int, ns: list[str] | None = None,
+                cwd: str | None = None) -> list[float]:
+    ns, cwd = ns or NETSTACK, cwd or CWD
+    subprocess.run(ns + ["--stack", stack, "up", cfg, "--lab"], check=True,
+                   capture_output=True, cwd=cwd)
     try:
-        wall(NETSTACK + ["--stack", stack, "status"])  # warm the page cache
-        return [wall(NETSTACK + ["--stack", stack, "status"]) for _ in range(runs)]
+        wall(ns + ["--stack", stack, "status"], cwd)  # warm the page cache
+        return [wall(ns + ["--stack", stack, "status"], cwd) for _ in range(runs)]
     finally:
-        subprocess.run(NETSTACK + ["--stack", stack, "down"], check=True, capture_output=True,
-                       cwd=CWD)
+        subprocess.run(ns + ["--stack", stack, "down"], check=True, capture_output=True,
+                       cwd=cwd)
         reap()
+
+
+def medians(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    return {"up_median": round(statistics.median(u for u, _ in pairs), 3),
+            "down_median": round(statistics.median(x for _, x in pairs), 3),
+            "total_median": round(statistics.median(u + x for u, x in pairs), 3)}
 
 
 def main() -> None:
@@ -69,39 +83,55 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cli.json"))
     ap.add_argument("--root", help="measure the netstack of another checkout (python -m)")
+    ap.add_argument("--compare", help="also measure another checkout's netstack (python -m "
+                    "in it) in the same loop")
+    ap.add_argument("--prefix", default="", help="put this before every stack name the run "
+                    "makes (bc, bs, bo, bp and the script's hw), e.g. to keep clear of other "
+                    "users' stacks on a shared machine")
     a = ap.parse_args()
+    P = a.prefix
     global CWD
     if a.root:
         NETSTACK[:] = [sys.executable, "-m", "netstack.cli"]
         CWD = a.root
     res_root = a.root or str(ROOT)
     res: dict = {"machine": machine(), "runs": a.runs, "checkout": res_root}
-    ours, script = [], []
+    other = [sys.executable, "-m", "netstack.cli"]
+    if a.compare:
+        res["other_checkout"] = a.compare
+    ours, script, theirs = [], [], []
     with tempfile.TemporaryDirectory() as d:
-        rules_dir(d, "hw")
+        rules_dir(d, P + "hw")
         for _ in range(a.runs):
-            up = wall(NETSTACK + ["--stack", "bc", "up", BASIC, "--lab"])
-            down = wall(NETSTACK + ["--stack", "bc", "down"])
+            up = wall(NETSTACK + ["--stack", P + "bc", "up", BASIC, "--lab"])
+            down = wall(NETSTACK + ["--stack", P + "bc", "down"])
             reap()
             ours.append((up, down))
-            up = wall([SCRIPT, "up", "hw", d])
-            down = wall([SCRIPT, "down", "hw"])
+            up = wall([SCRIPT, "up", P + "hw", d])
+            down = wall([SCRIPT, "down", P + "hw"])
             script.append((up, down))
-    tot_ours = [u + d for u, d in ours]
-    tot_script = [u + d for u, d in script]
-    res["up_down_netstack_s"] = {"up_median": round(statistics.median(u for u, _ in ours), 3),
-                                 "down_median": round(statistics.median(x for _, x in ours), 3),
-                                 "total_median": round(statistics.median(tot_ours), 3)}
-    res["up_down_script_s"] = {"up_median": round(statistics.median(u for u, _ in script), 3),
-                               "down_median": round(statistics.median(x for _, x in script), 3),
-                               "total_median": round(statistics.median(tot_script), 3)}
-    res["ratio_netstack_to_script"] = round(statistics.median(tot_ours)
-                                            / statistics.median(tot_script), 2)
+            if a.compare:
+                up = wall(other + ["--stack", P + "bo", "up", BASIC, "--lab"], a.compare)
+                down = wall(other + ["--stack", P + "bo", "down"], a.compare)
+                reap()
+                theirs.append((up, down))
+    tot_script = statistics.median(u + d for u, d in script)
+    res["up_down_netstack_s"] = medians(ours)
+    res["up_down_script_s"] = medians(script)
+    res["ratio_netstack_to_script"] = round(medians(ours)["total_median"] / tot_script, 2)
+    if a.compare:
+        res["other_up_down_netstack_s"] = medians(theirs)
+        res["other_ratio_netstack_to_script"] = round(medians(theirs)["total_median"]
+                                                      / tot_script, 2)
     for name, cfg in (("basic", BASIC), ("tor-over-vpn", str(ROOT / "configs" /
                                                              "tor-over-vpn.toml"))):
-        t = status_runs(cfg, "bs", a.runs)
+        t = status_runs(cfg, P + "bs", a.runs)
         res[f"status_{name}_s"] = {"median": round(statistics.median(t), 3),
                                    "max": round(max(t), 3)}
+        if a.compare:
+            t = status_runs(cfg, P + "bp", a.runs, other, a.compare)
+            res[f"other_status_{name}_s"] = {"median": round(statistics.median(t), 3),
+                                             "max": round(max(t), 3)}
     for k, v in res.items():
         print(f"{k:<28} {v}")
     write(a.out, res)

@@ -20,10 +20,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.errors import NetstackError, StateError, UsageError
-from netstack.model import UplinkSpec
+
+if TYPE_CHECKING:  # `down` and `status` do without the model's import (~13 ms)
+    from netstack.model import UplinkSpec
 
 EXAMPLES = """examples:
   sudo netstack up --lab                         # the chain over the built-in lab internet
@@ -40,6 +42,8 @@ LABEL_COLOURS = {"red": "31", "orange": "38;5;208", "yellow": "33", "green": "32
 
 
 def _uplink(args: argparse.Namespace) -> UplinkSpec:
+    from netstack.model import UplinkSpec
+
     if args.lab and args.uplink:
         raise UsageError("--lab and --uplink exclude each other: pick one")
     if getattr(args, "sink", False) and not args.lab:
@@ -63,6 +67,9 @@ def colour(label: str, text: str, width: int = 0) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from netstack import fastpath
+
+    fastpath.start_probe()  # the kernel's answer comes while the config is read
     from netstack import stack
     from netstack.service import Notifier
 
@@ -631,14 +638,53 @@ ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "
                  "firewall", "attach", "check"}
 
 
-def parser() -> argparse.ArgumentParser:
+class _Unused:
+    """What parser(only=NAME) hands back for every other subcommand: its arguments are
+    not made (the first ~85 add_argument calls of a process cost ~15 ms: argparse builds a
+    help formatter and looks gettext catalogues up for each; docs/field-notes.md, "Python
+    start-up")."""
+
+    def __getattr__(self, _name: str) -> Any:
+        return lambda *_a, **_kw: self
+
+
+class _OneCommand:
+    """The subcommands of parser(only=NAME): NAME is made, the others are _Unused."""
+
+    def __init__(self, sub: Any, only: str) -> None:
+        self.sub, self.only, self.found = sub, only, False
+
+    def add_parser(self, name: str, **kw: Any) -> Any:
+        if name != self.only:
+            return _Unused()
+        self.found = True
+        return self.sub.add_parser(name, **kw)
+
+
+def command_word(argv: list[str]) -> str | None:
+    """The subcommand named on a command line, if it comes after global options only
+    (--stack); None for anything else (help, no command), which needs the whole parser."""
+    it = iter(argv)
+    for tok in it:
+        if tok == "--stack":
+            next(it, None)
+        elif not tok.startswith("--stack="):
+            return None if tok.startswith("-") else tok
+    return None
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; only=NAME: with NAME's subcommand alone (what parsing a
+    line that names it needs), or all of them when NAME is not one."""
     ap = Parser(
         prog="netstack", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A Qubes-OS-style chain of network compartments (namespaces + nftables).")
     ap.add_argument("--stack", default=os.environ.get("NETSTACK_STACK", "main"),
                     type=stack_name, help="stack name, 1-8 chars [a-z0-9] (default: main)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                            parser_class=Parser)
+    sub: Any = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                 parser_class=Parser)
+    if only is not None:
+        sub = _OneCommand(sub, only)
 
     def uplink_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", nargs="?",
@@ -850,10 +896,29 @@ def parser() -> argparse.ArgumentParser:
                    help="root inside an app qube's sandbox (its own user namespace only)")
     command_opts(p)
     p.set_defaults(func=cmd_exec)
+    if isinstance(sub, _OneCommand) and not sub.found:
+        return parser()  # not a command: argparse names the valid ones
     return ap
 
 
+# Commands that end with nothing left to finish but stdout and stderr: run as a program
+# (not called with an argv, as tests do), they skip the interpreter's teardown of their
+# ~300 modules (~8 ms each; docs/field-notes.md "Python start-up"). No thread of theirs
+# outlives them and every file they write is closed (`with`) before they return.
+QUICK_EXIT = ("up", "down", "status")
+
+
+def _exit_now(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # as main's: the reader went away
+        code = 141
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     tail: list[str] = []
     if "--" in argv:  # everything after -- is the command of `exec`, untouched
@@ -864,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kernel = RealKernel()  # the one kernel of this command: passed down, never made below
     try:
-        args = parser().parse_args(argv)
+        args = parser(command_word(argv)).parse_args(argv)
         args.kernel = kernel
         if tail:
             if args.command not in ("exec", "run", "check"):
@@ -875,7 +940,10 @@ def main(argv: list[str] | None = None) -> int:
                 not getattr(args, "ruleset", None):
             raise UsageError(f"netstack {args.command} needs root (namespaces and nftables): "
                              "run it with sudo")
-        return args.func(args)
+        code = args.func(args)
+        if program and args.command in QUICK_EXIT:
+            _exit_now(code)
+        return code
     except NetstackError as e:
         return _fail(args, str(e), e.exit_code)
     except KeyboardInterrupt:

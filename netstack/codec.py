@@ -107,7 +107,9 @@ def _key(f: dataclasses.Field) -> str:
 def _hints(cls: type) -> dict[str, Any]:
     h = _HINTS.get(cls)
     if h is None:
-        h = _HINTS[cls] = get_type_hints(cls)
+        # a class whose field types live in a module its own imports lazily names them
+        names = getattr(cls, "codec_names", None)
+        h = _HINTS[cls] = get_type_hints(cls, localns=names() if names else None)
     return h
 
 

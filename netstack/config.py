@@ -9,10 +9,8 @@ netstack/kinds/registry.py by the command layer): this module never looks one up
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ConfigError
@@ -22,6 +20,9 @@ if TYPE_CHECKING:
     from netstack.kinds.spec import KindSpec
 
     Kinds = Mapping[str, KindSpec]
+
+if TYPE_CHECKING:  # status imports this module (through roles) and reads no TOML: tomllib
+    from pathlib import Path  # and pathlib cost it ~15 ms (docs/field-notes.md)
 
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 # A qube name becomes part of a namespace name (nst-STACK-QUBE) and of file paths under
@@ -118,6 +119,8 @@ def load(path: str | Path, kinds: Kinds, firewall: dict[str, list[Any]] | None =
 
 def parse(text: str, kinds: Kinds, source: str = "<memory>",
           firewall: dict[str, list[Any]] | None = None, live: bool = False) -> Topology:
+    import tomllib
+
     if text.startswith("\ufeff"):
         text = text[1:]
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 from typing import Any
 
 FLOWTABLE = "fastpath"
@@ -27,18 +26,53 @@ PROBE = ("table inet netstack_probe {\n"
          " flowtable ft { hook ingress priority 0; devices = { lo }; }\n}\n")
 
 
+_probe: dict[str, Any] = {}
+
+
+def start_probe() -> None:
+    """Start the probe in a thread of its own now; `supported()` takes its answer. The
+    kernel takes ~15 ms to abort the probe's transaction (docs/field-notes.md, "nftables
+    binding"): `up` starts it first and reads the config meanwhile."""
+    if "thread" in _probe or os.geteuid() != 0:
+        return
+    import threading
+
+    t = threading.Thread(target=_probe_thread, name="flowtable-probe", daemon=True)
+    _probe["thread"] = t
+    t.start()
+
+
+def _probe_thread() -> None:
+    _probe["answer"] = _probe_now()
+
+
+def _probe_now() -> bool:
+    """`nft --check` of a flowtable in a network namespace of this thread's own (unshare
+    switches only the calling thread, and the thread ends after): no ruleset of the host is
+    touched, and the handle is made only once the thread is in the new namespace."""
+    try:
+        from netstack import netns
+
+        netns.unshare_thread()  # raises when it fails: never a handle of the host's
+        import nftables
+
+        h = nftables.Nftables()
+        h.set_dry_run(True)  # nft -c: the kernel validates the batch and aborts it
+        rc, _out, _err = h.cmd(PROBE)
+        return rc == 0
+    except Exception:  # noqa: BLE001 - no binding, no namespace: the slow path is correct
+        return False
+
+
 def supported() -> bool:
-    """Whether the kernel accepts a flowtable: `nft --check` (the kernel validates the
-    batch and aborts it) in a network namespace of its own, so no ruleset of the host is
-    touched. Needs root; without it the answer is no (the slow path is always correct)."""
+    """Whether the kernel accepts a flowtable (the probe above, in-process: forking
+    `unshare --net nft -c` cost ~20 ms). Needs root; without it the answer is no (the
+    slow path is always correct)."""
     if os.geteuid() != 0:
         return False
-    try:
-        p = subprocess.run(["unshare", "--net", "nft", "-c", "-f", "-"], input=PROBE,
-                           capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return p.returncode == 0
+    start_probe()
+    _probe["thread"].join(10)
+    return bool(_probe.get("answer"))
 
 
 def offload_rule() -> list[dict[str, Any]]:

@@ -18,12 +18,15 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack import netns
 from netstack.codec import atomic_write  # noqa: F401  (re-exported: callers use it here)
 from netstack.errors import ApplyError, StateError
-from netstack.model import Route
+from netstack.rtnl import iproute_class  # noqa: F401  (pyroute2, cheaply; hook.py uses it)
+
+if TYPE_CHECKING:  # model's ~50 dataclasses cost ~13 ms to import: `down` never needs them
+    from netstack.model import Route
 
 
 @dataclass
@@ -69,8 +72,9 @@ class Kernel:
         raise NotImplementedError
 
     def netlink(self, ns: str | None) -> Any:
-        """The namespace's netlink handle (pyroute2 IPRoute), for reads the seam does not
-        wrap one by one (tc, XDP, ip rules: netstack.pathfacts)."""
+        """The namespace's netlink handle, for reads the seam does not wrap one by one (tc,
+        XDP, ip rules: netstack.pathfacts): RealKernel's is a netstack.rtnl.Rtnl, which
+        answers get_links/get_qdiscs/get_filters/get_rules as pyroute2's IPRoute does."""
         raise NotImplementedError
 
     # links, addresses, routes
@@ -115,6 +119,10 @@ class Kernel:
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
         raise NotImplementedError
 
+    def kill_start(self, pid: int, start: int | None) -> None:
+        """Ask a process we started to end (SIGTERM) without waiting: `kill` later waits
+        for it, so the caller can do other work while it exits (teardown)."""
+
     def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float,
                    waiting: Callable[[], list[str]]) -> None:
         """Until the supervisor's named daemons answer: `waiting()` names those that do
@@ -131,6 +139,25 @@ class Kernel:
     def conntrack_list(self, ns: str, src: str) -> list[Flow]: raise NotImplementedError
     def conntrack_delete(self, ns: str, flow: Flow) -> None: raise NotImplementedError
 
+    # batches: what bring-up makes in one go. RealKernel sends each namespace's share as
+    # one netlink write; the defaults here (and the recording fake) do them one by one, in
+    # the order given. A failure raises after the kernel saw the whole batch.
+    def veth_many(self, veths: list[tuple[str | None, str, str, str]]) -> None:
+        for v in veths:
+            self.veth(*v)
+
+    def addr_add_many(self, addrs: list[tuple[str | None, str, str]]) -> None:
+        for a in addrs:
+            self.addr_add(*a)
+
+    def link_up_many(self, links: list[tuple[str | None, str]]) -> None:
+        for ns, ifname in links:
+            self.link_up(ns, ifname)
+
+    def route_add_many(self, routes: list[Route]) -> None:
+        for r in routes:
+            self.route_add(r)
+
     def link_exists(self, ns: str | None, ifname: str) -> bool:
         return any(x.name == ifname for x in self.links(ns))
 
@@ -142,38 +169,6 @@ class Kernel:
         and libnftables handles are not shared between threads). The command entry makes
         the first kernel; everything below derives others from it, so a fake stays a fake."""
         return self
-
-
-def iproute_class() -> Any:
-    """pyroute2's IPRoute without running pyroute2/__init__ (it imports ipdb, ndb and
-    conntrack: ~35 ms more per command). A later `from pyroute2 import X` still works: the
-    package stub runs the real __init__ on first attribute access."""
-    import importlib.util
-    import sys
-    import types
-
-    if "pyroute2" not in sys.modules:
-        spec = importlib.util.find_spec("pyroute2")
-        assert spec and spec.loader and spec.submodule_search_locations is not None
-        stub = types.ModuleType("pyroute2")
-        stub.__path__ = list(spec.submodule_search_locations)
-        stub.__spec__ = spec
-        stub.__file__ = spec.origin
-
-        def full(name: str) -> Any:
-            if name.startswith("__"):
-                raise AttributeError(name)
-            if importlib.util.find_spec(f"pyroute2.{name}") is not None:
-                return importlib.import_module(f"pyroute2.{name}")  # a submodule: no more
-            del stub.__dict__["__getattr__"]
-            spec.loader.exec_module(stub)  # type: ignore[union-attr]
-            return getattr(stub, name)
-
-        stub.__getattr__ = full  # type: ignore[attr-defined]
-        sys.modules["pyroute2"] = stub
-    from pyroute2.iproute.linux import IPRoute
-
-    return IPRoute
 
 
 @dataclass(frozen=True)
@@ -245,12 +240,14 @@ def proc_alive(pid: int, start: int | None) -> bool:
 
 
 class RealKernel(Kernel):
-    """pyroute2 (one IPRoute per namespace, opened inside it), the nftables binding (one
-    handle per namespace, bound at creation: docs/field-notes.md), /proc/sys, subprocess."""
+    """rtnetlink (netstack.rtnl: one socket per namespace, opened inside it), the nftables
+    binding (one handle per namespace, bound at creation: docs/field-notes.md), /proc/sys,
+    subprocess; pyroute2 only for moving devices and conntrack."""
 
     real = True
 
     def __init__(self) -> None:
+        self._rtnl: dict[str | None, Any] = {}
         self._ipr: dict[str | None, Any] = {}
         self._nft: dict[str | None, Any] = {}
         self._index: dict[tuple[str | None, str], int] = {}
@@ -260,12 +257,12 @@ class RealKernel(Kernel):
         netns.create(name)
 
     def netns_delete(self, name: str) -> bool:
-        for cache in (self._ipr, self._nft):
+        for cache in (self._rtnl, self._ipr, self._nft):
             h = cache.pop(name, None)
             if h is not None and hasattr(h, "close"):
                 with contextlib.suppress(Exception):
                     h.close()
-        self._index = {k: v for k, v in self._index.items() if k[0] != name}
+        self._index.clear()  # its veths' peers in other namespaces go with it
         return netns.delete(name)
 
     def netns_exists(self, name: str) -> bool:
@@ -327,7 +324,7 @@ class RealKernel(Kernel):
         return rc, out
 
     def netlink(self, ns: str | None) -> Any:
-        return self._ip(ns)
+        return self._nl(ns)
 
     def nft_script(self, ns: str, text: str) -> str:
         h = self._nft_handle(ns)
@@ -340,7 +337,21 @@ class RealKernel(Kernel):
         return err.strip() if rc != 0 else ""
 
     # --- links --------------------------------------------------------------------------
+    # Our own rtnetlink client (netstack/rtnl.py): pyroute2's IPRoute costs ~60 ms to import
+    # and an asyncio round per call (docs/field-notes.md, "pyroute2 0.9"). pyroute2 stays
+    # for moving a physical device (link_move/link_return), imported only there.
+    def _nl(self, ns: str | None) -> Any:
+        h = self._rtnl.get(ns)
+        if h is None:
+            from netstack.rtnl import Rtnl
+
+            with netns.entered(ns):
+                h = Rtnl(ns)
+            self._rtnl[ns] = h
+        return h
+
     def _ip(self, ns: str | None) -> Any:
+        """pyroute2's IPRoute in `ns` (the rare paths only)."""
         h = self._ipr.get(ns)
         if h is None:
             cls = iproute_class()
@@ -349,35 +360,66 @@ class RealKernel(Kernel):
             self._ipr[ns] = h
         return h
 
+    def _forget(self, ns: str | None) -> None:
+        """Indexes of `ns` are read again at next use (its links changed)."""
+        self._index = {k: v for k, v in self._index.items() if k[0] != ns}
+
     def _idx(self, ns: str | None, ifname: str) -> int:
         key = (ns, ifname)
-        if key not in self._index:
-            found = self._ip(ns).link_lookup(ifname=ifname)
-            if not found:
+        if key not in self._index:  # one dump names every link of the namespace
+            for link in self._nl(ns).get_links():
+                self._index[(ns, link.get_attr("IFLA_IFNAME"))] = link["index"]
+            if key not in self._index:
                 raise ApplyError(f"interface {ifname} not found in {ns or 'the host namespace'}")
-            self._index[key] = found[0]
         return self._index[key]
 
+    def _send(self, per_ns: dict[str | None, tuple[list[Any], list[str]]]) -> None:
+        from netstack.rtnl import NetlinkError
+
+        for ns, (reqs, what) in per_ns.items():
+            try:
+                self._nl(ns).batch(reqs, what)
+            except NetlinkError as e:
+                raise ApplyError(f"{e.strerror} in {ns or 'the host namespace'}") from e
+
     def veth(self, ns_a: str | None, if_a: str, ns_b: str, if_b: str) -> None:
-        fd = os.open(netns.path(ns_b), os.O_RDONLY)
+        self.veth_many([(ns_a, if_a, ns_b, if_b)])
+
+    def veth_many(self, veths: list[tuple[str | None, str, str, str]]) -> None:
+        from netstack import rtnl
+
+        fds: dict[str, int] = {}
+        per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
         try:
-            self._ip(ns_a).link("add", ifname=if_a, kind="veth",
-                                peer={"ifname": if_b, "net_ns_fd": fd})
+            for ns_a, if_a, ns_b, if_b in veths:
+                if ns_b not in fds:
+                    fds[ns_b] = os.open(netns.path(ns_b), os.O_RDONLY)
+                reqs, what = per_ns.setdefault(ns_a, ([], []))
+                reqs.append(rtnl.veth(if_a, if_b, fds[ns_b]))
+                what.append(f"veth {if_a} (peer {if_b} in {ns_b})")
+                self._forget(ns_a)  # a name may come back with another index (a moved qube)
+                self._forget(ns_b)
+            self._send(per_ns)
         finally:
-            os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
 
     def link_move(self, dev: str, ns: str, new_name: str) -> None:
-        idx = self._idx(None, dev)
-        self._index.pop((None, dev), None)
+        self._forget(None)
         ipr = self._ip(None)
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            raise ApplyError(f"interface {dev} not found in the host namespace")
+        idx = found[0]
         ipr.link("set", index=idx, state="down")
         fd = os.open(netns.path(ns), os.O_RDONLY)
         try:
             ipr.link("set", index=idx, net_ns_fd=fd)
         finally:
             os.close(fd)
-        self._ip(ns).link("set", index=self._idx(ns, dev), ifname=new_name)
-        self._index.pop((ns, dev), None)
+        inside = self._ip(ns)
+        inside.link("set", index=inside.link_lookup(ifname=dev)[0], ifname=new_name)
+        self._forget(ns)
 
     def link_return(self, ns: str, names: list[str], dev: str, home: str | None) -> bool:
         if not netns.exists(ns) or (home and not netns.exists(home)):
@@ -397,33 +439,52 @@ class RealKernel(Kernel):
                     ipr.link("set", index=found[0], net_ns_fd=fd)
                 finally:
                     os.close(fd)
-                self._index = {k: v for k, v in self._index.items() if k[0] != ns}
+                self._forget(ns)
+                self._forget(home)
                 return True
         return False
 
     def link_del(self, ns: str | None, ifname: str) -> bool:
+        from netstack import rtnl
+
         if ns is not None and not netns.exists(ns):
             return False
-        found = self._ip(ns).link_lookup(ifname=ifname)
-        self._index.pop((ns, ifname), None)
-        if not found:
+        self._index.clear()  # a veth's peer, in another namespace, goes with it
+        h = self._nl(ns)
+        idx = h.link_index(ifname)
+        if idx is None:
             return False
-        self._ip(ns).link("del", index=found[0])
+        try:
+            h.request(*rtnl.link_del(idx), f"delete {ifname}")
+        except rtnl.NetlinkError as e:
+            if rtnl.is_missing(e):  # gone with its peer meanwhile
+                return False
+            raise
         return True
 
     def link_up(self, ns: str | None, ifname: str) -> None:
-        self._ip(ns).link("set", index=self._idx(ns, ifname), state="up")
+        self.link_up_many([(ns, ifname)])
+
+    def link_up_many(self, links: list[tuple[str | None, str]]) -> None:
+        from netstack import rtnl
+
+        per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
+        for ns, ifname in links:
+            reqs, what = per_ns.setdefault(ns, ([], []))
+            reqs.append(rtnl.link_up(self._idx(ns, ifname)))
+            what.append(f"set {ifname} up")
+        self._send(per_ns)
 
     def links(self, ns: str | None) -> list[LinkState]:
         if ns is not None and not netns.exists(ns):
             return []
-        ipr = self._ip(ns)
+        nl = self._nl(ns)
         addrs: dict[int, list[str]] = {}
-        for a in ipr.get_addr():
+        for a in nl.get_addr():
             addrs.setdefault(a["index"], []).append(
                 f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
         out = []
-        for link in ipr.get_links():
+        for link in nl.get_links():
             stats = link.get_attr("IFLA_STATS64") or {}
             out.append(LinkState(link.get_attr("IFLA_IFNAME"), link["index"],
                                  link.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
@@ -433,49 +494,52 @@ class RealKernel(Kernel):
         return out
 
     def addr_add(self, ns: str | None, ifname: str, cidr: str) -> None:
-        ip, plen = cidr.split("/")
-        kw: dict[str, Any] = {}
-        if ":" in ip:
-            kw["flags"] = 0x02  # IFA_F_NODAD: our fixed addresses are unique by design
-        self._ip(ns).addr("add", index=self._idx(ns, ifname), address=ip, prefixlen=int(plen),
-                          **kw)
+        self.addr_add_many([(ns, ifname, cidr)])
+
+    def addr_add_many(self, addrs: list[tuple[str | None, str, str]]) -> None:
+        from netstack import rtnl
+
+        per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
+        for ns, ifname, cidr in addrs:
+            reqs, what = per_ns.setdefault(ns, ([], []))
+            reqs.append(rtnl.addr_add(self._idx(ns, ifname), cidr))
+            what.append(f"address {cidr} on {ifname}")
+        self._send(per_ns)
 
     def addrs(self, ns: str | None) -> list[tuple[str, str]]:
         return [(x.name, a) for x in self.links(ns) for a in x.addresses]
 
-    def _route_kw(self, r: Route) -> dict[str, Any]:
-        kw: dict[str, Any] = {"oif": self._idx(r.ns, r.dev)}
-        if r.dst in ("default", "default6"):
-            kw["dst"] = "::/0" if r.dst == "default6" else "0.0.0.0/0"
-        else:
-            kw["dst"] = r.dst
-        if r.via:
-            kw["gateway"] = r.via
-        else:
-            kw["scope"] = 253  # link: a /32 peer reached directly on a point-to-point link
-        if r.metric is not None:
-            kw["priority"] = r.metric
-        return kw
-
     def route_add(self, r: Route) -> None:
-        try:
-            self._ip(r.ns).route("replace", **self._route_kw(r))
-        except Exception as e:
-            raise ApplyError(f"route {r.dst} dev {r.dev} in {r.ns}: {e}") from e
+        self.route_add_many([r])
+
+    def route_add_many(self, routes: list[Route]) -> None:
+        from netstack import rtnl
+
+        per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
+        for r in routes:
+            reqs, what = per_ns.setdefault(r.ns, ([], []))
+            reqs.append(rtnl.route(True, self._idx(r.ns, r.dev), r.dst, r.via, r.metric))
+            what.append(f"route {r.dst} dev {r.dev} in {r.ns}")
+        self._send(per_ns)
 
     def route_del(self, r: Route) -> bool:
+        from netstack import rtnl
+
         try:
-            self._ip(r.ns).route("del", **self._route_kw(r))
+            self._nl(r.ns).request(*rtnl.route(False, self._idx(r.ns, r.dev), r.dst, r.via,
+                                               r.metric), f"route {r.dst}")
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - not there (or its link is gone): nothing removed
             return False
 
     def routes(self, ns: str | None) -> list[Route]:
-        ipr = self._ip(ns)
-        names = {x["index"]: x.get_attr("IFLA_IFNAME") for x in ipr.get_links()}
+        from netstack.model import Route
+
+        nl = self._nl(ns)
+        names = {x["index"]: x.get_attr("IFLA_IFNAME") for x in nl.get_links()}
         out = []
         for fam in (socket.AF_INET, socket.AF_INET6):
-            for r in ipr.get_routes(family=fam, table=254):
+            for r in nl.get_routes(family=fam, table=254):
                 dst = r.get_attr("RTA_DST")
                 if dst is None:
                     dst = "default" if fam == socket.AF_INET else "default6"
@@ -547,22 +611,38 @@ class RealKernel(Kernel):
             delay = min(delay * 2, 0.05)
 
     def kill(self, pid: int, start: int | None, deadline: float = 3.0) -> None:
-        """End a process we started, by PID (checked against its start time)."""
+        """End a process we started, by PID (checked against its start time): SIGTERM,
+        then SIGKILL after `deadline`. Waits on a pidfd, which the kernel makes readable
+        the moment the process exits (polling with sleeps overslept: 14-18 ms for a
+        supervisor that exits in about 12 ms, docs/field-notes.md "Processes")."""
         if not proc_alive(pid, start):
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + deadline
-        delay = 0.002
-        while time.monotonic() < end:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone between the check and here
+        try:
             if not proc_alive(pid, start):
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+                return  # the pid was reused meanwhile: not ours
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+            import select
+
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if not p.poll(max(0, int(deadline * 1000))):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                p.poll(1000)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # our own child (a rolled-back `up`): reap it
+        finally:
+            os.close(fd)
+
+    def kill_start(self, pid: int, start: int | None) -> None:
+        if proc_alive(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def bind(self, ns: str, kind: int, addr: str, port: int) -> socket.socket:
         with netns.entered(ns):
@@ -622,9 +702,10 @@ class RealKernel(Kernel):
         return RealKernel()
 
     def close(self) -> None:
-        for h in self._ipr.values():
+        for h in [*self._rtnl.values(), *self._ipr.values()]:
             with contextlib.suppress(Exception):
                 h.close()
+        self._rtnl.clear()
         self._ipr.clear()
         self._nft.clear()
         self._index.clear()

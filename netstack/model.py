@@ -2,7 +2,7 @@
 reconcile and every reader (status, audit, leaktest) import it; plan.py builds it.
 
 The state file holds a Plan written with codec.dump and read back with codec.load into
-these same classes; SCHEMA changes whenever their shape does.
+these same classes; SCHEMA (netstack/schema.py) changes whenever their shape does.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from netstack.codec import Tagged
-
-SCHEMA = 3
+from netstack.schema import SCHEMA  # noqa: F401 - re-exported; bump it in schema.py
 
 
 @dataclass(frozen=True)

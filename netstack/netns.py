@@ -78,6 +78,12 @@ def create(name: str) -> None:
         os.close(saved)
 
 
+def unshare_thread() -> None:
+    """Move the calling thread (only it: setns semantics) into a new unnamed namespace,
+    gone when the last thing in it is (a probe's thread that ends)."""
+    _check(_libc.unshare(CLONE_NEWNET), "unshare")
+
+
 def delete(name: str) -> bool:
     """Unmount and remove a named namespace. Returns False if it did not exist."""
     p = path(name)

@@ -11,18 +11,22 @@ import secrets
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.codec import encode
 from netstack.kernel import Kernel
-from netstack.model import Plan
 from netstack.state import ProcessRec, State, crash_point, read_pidfile
 from netstack.supervisor import PIDFILE, SPEC, Child, ServiceSpec, SupervisorSpec, read_status
+
+if TYPE_CHECKING:  # `down` imports this module: not the model's dataclasses
+    from netstack.model import Plan
 
 
 def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
     """Open the lab services' sockets in their namespaces (so they accept from now on) and
     hand them to a detached supervisor that serves them and runs the daemons."""
+    import secrets  # (hmac and _hashlib: ~4 ms that `down` does not need)
+
     socks: list[socket.socket] = []
     services = []
     try:
@@ -49,6 +53,15 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
     finally:
         for x in socks:
             x.close()
+
+
+def ask_to_end(recs: list[ProcessRec], k: Kernel) -> None:
+    """SIGTERM every recorded process whose pid is known, without waiting: `end_all`
+    waits for them later (teardown removes the namespaces meanwhile; the supervisor takes
+    about 12 ms to exit, docs/field-notes.md "Processes")."""
+    for r in recs:
+        if r.pid is not None:
+            k.kill_start(r.pid, r.start)
 
 
 def end_all(recs: list[ProcessRec], st: State, k: Kernel, wait_pidfile: float = 1.0) -> None:

@@ -19,12 +19,11 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ApplyError, NetstackError, StateError, UsageError
 from netstack.fastpath import has_offload, without_offload
 from netstack.kernel import Kernel
-from netstack.model import Addr, MoveDev, NsPlan, Plan, Route, Veth
 from netstack.rules.nft import commands
 from netstack.state import (
     DirRec,
@@ -39,6 +38,9 @@ from netstack.state import (
     State,
     crash_point,
 )
+
+if TYPE_CHECKING:  # annotations only: `down` does not import the model's dataclasses
+    from netstack.model import Addr, MoveDev, NsPlan, Plan, Route, Veth
 
 # --- steps (pure data) -----------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class DelNs:
 
 Step = (MakeNs | LoadRules | WriteFiles | AddVeth | MoveIn | HostNatUp | AddAddr | LinkUp
         | AddRoute | DelRoute | DelLink | DelNs)
+_BATCHED = (AddVeth, AddAddr, LinkUp, AddRoute)  # apply() hands runs of these over whole
 
 
 def diff(current: Plan | None, desired: Plan) -> list[Step]:
@@ -249,9 +252,41 @@ def _in(path: str, d: str) -> bool:
 
 
 def apply(steps: list[Step], k: Kernel, st: State) -> None:
-    """Carry out steps in order, each object recorded before it is made."""
-    for s in steps:
-        _do(s, k, st)
+    """Carry out steps in order, each object recorded before it is made. A run of
+    consecutive link, address, link-up or route steps goes to the kernel as one batch
+    (one netlink write per namespace): the order between runs is kept, and inside a run
+    nothing depends on another of its steps but a namespace's routes, which keep their
+    order within it."""
+    i = 0
+    while i < len(steps):
+        kind = type(steps[i])
+        j = i + 1
+        if kind in _BATCHED:
+            while j < len(steps) and type(steps[j]) is kind:
+                j += 1
+        if j - i > 1:
+            _do_many(steps[i:j], k, st)
+        else:
+            _do(steps[i], k, st)
+        i = j
+
+
+def _do_many(run: list[Any], k: Kernel, st: State) -> None:
+    """Steps of one kind, as one batch of the kernel seam."""
+    s0 = run[0]
+    if isinstance(s0, AddVeth):
+        for s in run:  # recorded before made: a host end outlives the namespaces
+            if s.veth.ns_a is None:
+                st.record(HostLinkRec(s.veth.if_a, k.home_ns()))
+        k.veth_many([(s.veth.ns_a, s.veth.if_a, s.veth.ns_b, s.veth.if_b) for s in run])
+    elif isinstance(s0, AddAddr):
+        k.addr_add_many([(s.addr.ns, s.addr.ifname, s.addr.cidr) for s in run])
+    elif isinstance(s0, LinkUp):
+        k.link_up_many([(s.ns, s.ifname) for s in run])
+    elif isinstance(s0, AddRoute):
+        k.route_add_many([s.route for s in run])
+    else:  # pragma: no cover - _BATCHED lists the kinds above
+        raise TypeError(s0)
 
 
 def _do(s: Step, k: Kernel, st: State) -> None:
@@ -465,8 +500,12 @@ def teardown(st: State, k: Kernel) -> list[str]:
 
     problems: list[str] = []
     objs = st.objects
+    procs = [o for o in objs if isinstance(o, ProcessRec)]
+    # The processes are asked to end first and waited for last: they exit while the
+    # namespaces and files go (nothing below needs them gone; the state directory, which
+    # they write, is removed only after the wait).
     try:
-        processes.end_all([o for o in objs if isinstance(o, ProcessRec)], st, k)
+        processes.ask_to_end(procs, k)
     except Exception as e:  # noqa: BLE001 - keep removing the rest
         problems.append(f"processes: {e}")
     for o in reversed(objs):
@@ -474,8 +513,12 @@ def teardown(st: State, k: Kernel) -> list[str]:
             continue
         try:
             _undo(o, k, st)
-        except Exception as e:  # noqa: BLE001 - pyroute2 and OS errors alike
+        except Exception as e:  # noqa: BLE001 - netlink and OS errors alike
             problems.append(f"{type(o).__name__} {_name(o)}: {e}")
+    try:
+        processes.end_all(procs, st, k)
+    except Exception as e:  # noqa: BLE001 - report with the rest
+        problems.append(f"processes: {e}")
     if not problems:
         st.remove()
     return problems

@@ -6,18 +6,20 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack import names
 from netstack.errors import NetstackError, StateError, UsageError
 from netstack.kernel import Kernel, proc_alive
-from netstack.kinds.registry import RUNTIMES, SPECS
-from netstack.model import Plan, UplinkSpec
+
+if TYPE_CHECKING:
+    from netstack.model import Plan, UplinkSpec
 from netstack.state import StackLock, State, require, require_root, stack_dir
 
 
 def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
     """What `up` would make (pure: lab keys are placeholders)."""
+    from netstack.kinds.registry import SPECS
     from netstack.plan import build, load_inputs
 
     names.check_stack(stack)
@@ -28,7 +30,10 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
        kernel: Kernel) -> tuple[Plan, str]:
     """Validate everything first (an invalid config changes nothing), then apply. A stack
     left half-made by a crash is removed first (repair); a running one is reported."""
-    from netstack import reconcile
+    from netstack import fastpath, reconcile
+
+    fastpath.start_probe()  # (cli started it already) answered while the config is read
+    from netstack.kinds.registry import RUNTIMES, SPECS
     from netstack.plan import DEFAULT_CONFIG, build, load_inputs
 
     names.check_stack(stack)
@@ -87,6 +92,7 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     """Recorded plan plus live facts read from each namespace, and the verdict on them."""
     from netstack import health, pathfacts
     from netstack.codec import dump
+    from netstack.kinds.registry import RUNTIMES
     from netstack.kinds.runtime import LiveFacts
     from netstack.processes import children, supervisor_pid
     from netstack.state import ProcessRec

@@ -12,15 +12,18 @@ import fcntl
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from netstack import codec
 from netstack import names as _names  # RUN_DIR is read at each call (tests move it)
 from netstack.codec import Tagged
 from netstack.errors import DamagedFile, OtherSchema, StateError, UsageError
 from netstack.kernel import atomic_write
-from netstack.model import SCHEMA, Plan
 from netstack.names import check_stack, stack_dir  # noqa: F401  (stack_dir: re-exported)
+from netstack.schema import SCHEMA
+
+if TYPE_CHECKING:  # read on first use of the plan: `down` never imports the model
+    from netstack.model import Plan
 
 # --- intent records -------------------------------------------------------------------
 
@@ -172,6 +175,8 @@ class State:
         """The plan in force, read on first use (`down` needs only the intent log)."""
         if not self._plan_loaded:
             self._plan_loaded = True
+            from netstack.model import Plan
+
             try:
                 self._plan = codec.read(self.plan_path, Plan)
             except FileNotFoundError:

@@ -17,12 +17,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netstack import codec
 from netstack.errors import DamagedFile
 from netstack.kernel import Kernel, proc_start_time
-from netstack.model import Daemon
+
+if TYPE_CHECKING:  # see _model_names
+    from netstack.model import Daemon
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 SPEC, STATUS, PIDFILE = "supervisor-spec.json", "supervisor.json", "supervisor.pid"
@@ -43,6 +45,13 @@ class SupervisorSpec:
     stack: str
     services: list[ServiceSpec]
     daemons: list[Daemon]
+
+    @classmethod
+    def codec_names(cls) -> dict[str, Any]:
+        """The model's Daemon, for codec (this module imports the model lazily)."""
+        from netstack.model import Daemon
+
+        return {"Daemon": Daemon}
 
 
 @dataclass
@@ -78,8 +87,18 @@ def _private_append(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
+def _model_names() -> None:
+    """SupervisorSpec names model.Daemon, and codec resolves it in this module: imported
+    when a spec is read. Readers of the status file only (`down`, `status`) do without the
+    model's dataclasses (~13 ms, docs/field-notes.md "Python start-up")."""
+    from netstack.model import Daemon
+
+    globals()["Daemon"] = Daemon
+
+
 class Supervisor:
     def __init__(self, stack_dir: str, kernel: Kernel) -> None:
+        _model_names()
         self.dir = stack_dir
         self.kernel = kernel  # made by main(), this program's entry; each thread forks it
         self.spec = codec.read(os.path.join(stack_dir, SPEC), SupervisorSpec)
@@ -250,6 +269,12 @@ def main() -> None:
     from netstack.kernel import RealKernel
 
     Supervisor(stack_dir, RealKernel()).run()
+    # Every daemon is ended and waited for, the logs are line-buffered: what is left is the
+    # interpreter's teardown, ~15 ms that `down` would wait out (docs/field-notes.md,
+    # "Processes"); the service threads are daemon threads, which it would not join.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

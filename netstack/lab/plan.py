@@ -55,9 +55,11 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                 Addr(net_ns, names.UPLINK_IF, f"{addressing.LAB_ISP_CUSTOMER}/{plen}")]
     p.routes.append(Route(net_ns, "default", names.UPLINK_IF, addressing.LAB_ISP_ROUTER))
     hosts: dict[str, LabHostInfo] = {}
-    from netstack.lab import content
+    extra = []  # what real programs fetch (lab/content.py; it imports http.server, ~20 ms)
+    if sink:
+        from netstack.lab import content
 
-    extra = content.hosts() if sink else []  # what real programs fetch (lab/content.py)
+        extra = content.hosts()
     for i, h in enumerate(addressing.lab_hosts(tor=tor, sink=sink, bridge=bridge) + extra):
         ns = names.lab_netns(stack, h.name)
         ifr = names.check_ifname(f"h{i}-{h.name}"[:15])

@@ -85,7 +85,8 @@ def _wrap(name: str):
     return call
 
 
-for _m in ("nft", "veth", "link_move", "link_up", "addr_add", "route_add", "sysctl"):
+for _m in ("nft", "veth", "link_move", "link_up", "addr_add", "route_add", "sysctl",
+           "veth_many", "addr_add_many", "link_up_many", "route_add_many"):  # the batches
     setattr(Observed, _m, _wrap(_m))
 
 

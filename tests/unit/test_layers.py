@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["netstack", "errors", "codec", "names", "netns", "seccomp", "rules",
                     "rules.nft", "audit.space", "leaktest", "leaktest.catalogue",
                     "leaktest.prober", "leaktest.send", "vpn", "vpn.kernelwg", "vpn.checks",
-                    "tor", "tor.control", "lab", "lab.pki", "kinds"]),
+                    "tor", "tor.control", "lab", "lab.pki", "kinds", "schema", "rtnl"]),
     ("model and kernel seam", ["model", "fastpath", "hostcaps", "dnswire", "pathfacts",
                                "sandbox", "kernel"]),
     ("pure derivations", ["addressing", "config", "rules.common", "rules.qubefw",

@@ -361,3 +361,42 @@ def test_lab_servers_answer_before_any_clients_go_signal():
     assert kinds.index("wait_ready") < kinds.index("go")
     assert [e for e in fk.events if e[0] == "wait_ready"] == \
         [("wait_ready", ("lab-openvpn", "lab-wireguard"))]
+
+
+class Batching(FakeKernel):
+    """The fake, also noting each batch call of the seam (what RealKernel sends as one
+    netlink write per namespace)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.batches: list[tuple[str, int]] = []
+
+    def veth_many(self, veths):
+        self.batches.append(("veth", len(veths)))
+        super().veth_many(veths)
+
+    def addr_add_many(self, addrs):
+        self.batches.append(("addr_add", len(addrs)))
+        super().addr_add_many(addrs)
+
+    def link_up_many(self, links):
+        self.batches.append(("link_up", len(links)))
+        super().link_up_many(links)
+
+    def route_add_many(self, routes):
+        self.batches.append(("route_add", len(routes)))
+        super().route_add_many(routes)
+
+
+@pytest.mark.parametrize("cfg", BASE_CONFIGS)
+def test_links_addresses_and_routes_go_as_one_batch_each(cfg):
+    """apply() hands each run of link, address, link-up and route steps over whole, and
+    the batches cover exactly what the plan makes."""
+    fk = Batching(resolve=RESOLVE)
+    plan, _st = bring_up(cfg, fk)
+    kinds = [k for k, _ in fk.batches]
+    assert kinds == ["veth", "addr_add", "link_up", "route_add"], kinds
+    sizes = dict(fk.batches)
+    assert sizes["veth"] == len(plan.veths) and sizes["addr_add"] == len(plan.addrs)
+    assert sizes["route_add"] == len(plan.routes)
+    assert sizes["link_up"] == len([e for e in fk.events if e[0] == "link_up"])

@@ -16,15 +16,17 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from netstack.config import LABELS, Qube, Topology
 from netstack.errors import StateError, UsageError
 from netstack.kernel import Kernel, proc_start_time
 from netstack.kinds.app_runtime import orphaned
 from netstack.kinds.registry import SPECS
 from netstack.live import commit, live
 from netstack.model import FwRule, Plan, QubeInfo
+
+if TYPE_CHECKING:  # status reads a disposable's template without parsing a config
+    from netstack.config import Qube, Topology
 
 PREFIX = "disp"
 
@@ -81,6 +83,8 @@ def new_name(plan: Plan) -> str:
 
 
 def as_qube(q: QubeInfo) -> Qube:
+    from netstack.config import Qube
+
     return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings), q.firewall)
 
 
@@ -95,6 +99,8 @@ def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[
 
 
 def check_request(plan: Plan, netvm: str, label: str) -> None:
+    from netstack.config import LABELS
+
     if label not in LABELS:
         raise UsageError(f"--label {label!r}: use one of {', '.join(LABELS)}")
     if not plan.has_qube(netvm):
@@ -138,6 +144,8 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
     """Make a disposable qube in a running stack; orphans of killed `run`s go first. netvm
     and label None: from its template (`like`, the config's default_dispvm, or the most
     private path)."""
+    from netstack import config
+
     pid = runner or os.getpid()
     with live(stack, "run", kernel) as (st, cur, k):
         if st.data.status != "up":
@@ -154,7 +162,7 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
         # them too)
         keep = [q for q in disposables(cur) if not orphaned(q)]
         desired = rebuild(stack, cur, st.data.config, keep,
-                           [Qube(name, "app", netvm, label, settings, t.firewall)],
+                           [config.Qube(name, "app", netvm, label, settings, t.firewall)],
                            netvms=st.data.netvms)
         commit(st, cur, desired, k, f"run ({name})")  # all or nothing
         return desired.qube(name)

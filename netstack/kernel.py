@@ -123,6 +123,17 @@ class Kernel:
         """Ask a process we started to end (SIGTERM) without waiting: `kill` later waits
         for it, so the caller can do other work while it exits (teardown)."""
 
+    def netns_inode(self, name: str) -> int | None:
+        """The namespace's identity (the inode of /run/netns/NAME), None when it is gone:
+        it outlives the name, so what still runs inside can be found after the delete."""
+        return None
+
+    def end_inside(self, inodes: set[int]) -> list[int]:
+        """SIGKILL every process whose network namespace is one of `inodes` (namespaces
+        the stack made: whatever runs there is the stack's own, a sandbox that outlived
+        its `run` or `exec`, see docs/field-notes.md, bubblewrap). The pids ended."""
+        return []
+
     def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float,
                    waiting: Callable[[], list[str]]) -> None:
         """Until the supervisor's named daemons answer: `waiting()` names those that do
@@ -248,6 +259,7 @@ class RealKernel(Kernel):
 
     def __init__(self) -> None:
         self._rtnl: dict[str | None, Any] = {}
+        self._held: dict[int, int] = {}  # namespace inode -> an fd keeping it (netns_inode)
         self._ipr: dict[str | None, Any] = {}
         self._nft: dict[str | None, Any] = {}
         self._index: dict[tuple[str | None, str], int] = {}
@@ -594,6 +606,41 @@ class RealKernel(Kernel):
         p.returncode = 0  # detached on purpose: keep Popen.__del__ quiet
         return p.pid, proc_start_time(p.pid)
 
+    def netns_inode(self, name: str) -> int | None:
+        """Held open until end_inside: a namespace's inode number is reused once it is
+        gone, and another stack's new namespace must never be taken for ours."""
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        ino = os.fstat(fd).st_ino
+        if ino in self._held:
+            os.close(fd)
+        else:
+            self._held[ino] = fd
+        return ino
+
+    def end_inside(self, inodes: set[int]) -> list[int]:
+        out = []
+        me = os.getpid()
+        try:
+            for d in os.listdir("/proc") if inodes else ():
+                if not d.isdigit() or int(d) == me:
+                    continue
+                try:
+                    if os.stat(f"/proc/{d}/ns/net").st_ino not in inodes:
+                        continue
+                    os.kill(int(d), signal.SIGKILL)
+                    out.append(int(d))
+                except OSError:  # gone meanwhile, or a kernel thread's
+                    continue
+        finally:
+            for ino in inodes:
+                fd = self._held.pop(ino, None)
+                if fd is not None:
+                    os.close(fd)
+        return out
+
     def wait_ready(self, state_dir: str, ready: dict[str, str], timeout: float,
                    waiting: Callable[[], list[str]]) -> None:
         from netstack.errors import NotReady
@@ -702,6 +749,10 @@ class RealKernel(Kernel):
         return RealKernel()
 
     def close(self) -> None:
+        for fd in self._held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held.clear()
         for h in [*self._rtnl.values(), *self._ipr.values()]:
             with contextlib.suppress(Exception):
                 h.close()

@@ -330,7 +330,10 @@ def _do(s: Step, k: Kernel, st: State) -> None:
     elif isinstance(s, DelLink):
         k.link_del(s.ns, s.ifname)
     elif isinstance(s, DelNs):
+        ino = k.netns_inode(s.ns)
         k.netns_delete(s.ns)
+        if ino is not None:  # a sandbox that outlived its killed `run` (bubblewrap's start)
+            k.end_inside({ino})
         for rec in reversed(st.objects):  # newest first: files before their directory
             if (isinstance(rec, NetnsRec) and rec.name == s.ns) or (
                     isinstance(rec, FileRec | DirRec) and f"/etc/netns/{s.ns}" in rec.path):
@@ -501,6 +504,10 @@ def teardown(st: State, k: Kernel) -> list[str]:
     problems: list[str] = []
     objs = st.objects
     procs = [o for o in objs if isinstance(o, ProcessRec)]
+    # the namespaces' identities, which outlive their names: what still runs inside one
+    # once the recorded processes ended is a leftover of the stack (ended last, below)
+    inodes = {i for o in objs if isinstance(o, NetnsRec)
+              if (i := k.netns_inode(o.name)) is not None}
     # The processes are asked to end first and waited for last: they exit while the
     # namespaces and files go (nothing below needs them gone; the state directory, which
     # they write, is removed only after the wait).
@@ -519,6 +526,7 @@ def teardown(st: State, k: Kernel) -> list[str]:
         processes.end_all(procs, st, k)
     except Exception as e:  # noqa: BLE001 - report with the rest
         problems.append(f"processes: {e}")
+    k.end_inside(inodes)
     if not problems:
         st.remove()
     return problems

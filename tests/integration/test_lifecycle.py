@@ -218,3 +218,27 @@ def test_move_mode_gives_the_device_back_to_netstacks_own_namespace(own_stack, t
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip().endswith("back"), (p.returncode, p.stderr)
     assert not stack_leftovers(s)
+
+
+def test_down_ends_what_still_runs_inside_its_namespaces(own_stack, tmp_path):
+    """A process the stack never recorded but that runs inside one of its namespaces (a
+    sandbox whose `run` was killed while bubblewrap was starting: docs/field-notes.md) is
+    ended by `down`; a process in a namespace of another stack is not (the anti-test)."""
+    import subprocess
+
+    s, other = own_stack("e"), own_stack("e")
+    cli("--stack", s, "up", BASIC, "--lab", "--no-wait")
+    cli("--stack", other, "up", BASIC, "--lab", "--no-wait")
+    stray = subprocess.Popen(["ip", "netns", "exec", f"nst-{s}-work", "sleep", "600"])
+    theirs = subprocess.Popen(["ip", "netns", "exec", f"nst-{other}-work", "sleep", "600"])
+    try:
+        cli("--stack", s, "down")
+        assert stray.wait(timeout=10) == -9  # SIGKILLed by down, inside its namespace
+        assert theirs.poll() is None  # the other stack's namespace was not swept
+    finally:
+        for p in (stray, theirs):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        reap_zombies()
+    assert not stack_leftovers(s)

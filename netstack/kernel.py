@@ -123,6 +123,15 @@ class Kernel:
         """Ask a process we started to end (SIGTERM) without waiting: `kill` later waits
         for it, so the caller can do other work while it exits (teardown)."""
 
+    def inside(self, ns: str | None) -> contextlib.AbstractContextManager[None]:
+        """This thread inside the namespace for the block (a listing's interface names are
+        the namespace's then: docs/field-notes.md, nftables binding)."""
+        return contextlib.nullcontext()
+
+    def x_tables(self, ns: str) -> list[str]:
+        """The x_tables (iptables-legacy, ip6tables, arptables) tables the namespace has."""
+        return []
+
     def netns_inode(self, name: str) -> int | None:
         """The namespace's identity (the inode of /run/netns/NAME), None when it is gone:
         it outlives the name, so what still runs inside can be found after the delete."""
@@ -605,6 +614,14 @@ class RealKernel(Kernel):
             os.close(fd)
         p.returncode = 0  # detached on purpose: keep Popen.__del__ quiet
         return p.pid, proc_start_time(p.pid)
+
+    def inside(self, ns: str | None) -> contextlib.AbstractContextManager[None]:
+        return netns.entered(ns)
+
+    def x_tables(self, ns: str) -> list[str]:
+        from netstack.pathfacts import legacy_tables
+
+        return legacy_tables(ns)
 
     def netns_inode(self, name: str) -> int | None:
         """Held open until end_inside: a namespace's inode number is reused once it is

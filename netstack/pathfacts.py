@@ -252,13 +252,12 @@ def list_ruleset(k: Any, ns: str) -> dict[str, Any]:
       listing has them): without them a chain would seem to run on every link."""
     import re
 
-    from netstack import netns
     from netstack.errors import StateError
 
-    if not netns.exists(ns):
+    if not k.netns_exists(ns):
         raise StateError(f"namespace {ns} is gone: nothing to audit there; `netstack status` "
                          "names what is missing, `netstack down` and `up` rebuild it")
-    with netns.entered(ns):
+    with k.inside(ns):
         doc = k.nft_list(ns)
         for item in doc.get("nftables", []):
             c = item.get("chain")

@@ -196,7 +196,7 @@ def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,
     tun = q.tunnel
     planned = list(q.interfaces) + ([tun.dev] if tun else [])
     facts = {**pathfacts.kernel_facts(k.netlink(q.netns)),
-             "legacy": pathfacts.legacy_tables(q.netns)}
+             "legacy": k.x_tables(q.netns)}
     out += [str(f) for f in pathfacts.kernel_findings(facts, planned)]
     return out
 

@@ -25,6 +25,20 @@ class FakeSocket:
         pass
 
 
+class _NoPaths:
+    """A namespace's netlink reads as the fake knows them: no qdisc, no rule beyond the
+    defaults, links as the fake made them are listed by FakeKernel.links."""
+
+    def get_links(self) -> list[Any]:
+        return []
+
+    def get_qdiscs(self) -> list[Any]:
+        return []
+
+    def get_rules(self, family: int = 0) -> list[Any]:
+        return []
+
+
 class FakeKernel(Kernel):
     def __init__(self, fail: Callable[[Event], bool] | None = None,
                  resolve: dict[str, list[str]] | None = None) -> None:
@@ -91,6 +105,12 @@ class FakeKernel(Kernel):
 
     def nft_list(self, ns: str | None) -> dict[str, Any]:
         return {"nftables": []}
+
+    def nft_text(self, ns: str | None, command: str) -> tuple[int, str]:
+        return 1, ""
+
+    def netlink(self, ns: str | None) -> Any:
+        return _NoPaths()
 
     # links
     def _has_ns(self, ns: str | None) -> None:

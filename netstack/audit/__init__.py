@@ -37,7 +37,7 @@ def live_rulesets(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
 def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
     """Links, addresses and routes of each qube as the kernel has them now, for the
     end-to-end walk: it then follows the real routing, tunnel up or down."""
-    from netstack.pathfacts import kernel_facts, legacy_tables
+    from netstack.pathfacts import kernel_facts
 
     out: dict[str, dict[str, Any]] = {}
     for q in plan.qubes:
@@ -46,7 +46,7 @@ def live_net(plan: Plan, k: Any) -> dict[str, dict[str, Any]]:
                         "addrs": [a.split("/")[0] for x in links for a in x.addresses],
                         # tc, XDP, link kinds, ip rules: paths beside nftables
                         "paths": {**kernel_facts(k.netlink(q.netns)),
-                                  "legacy": legacy_tables(q.netns)}}
+                                  "legacy": k.x_tables(q.netns)}}
     return out
 
 

@@ -95,3 +95,20 @@ def test_a_damaged_failover_file_is_a_status_problem(tmp_path, monkeypatch):
         assert "error" not in entry["vpn"]["failover"]
     finally:
         Path(info.server_file).unlink(missing_ok=True)
+
+
+def test_status_takes_the_kernel_it_is_given(tmp_path, monkeypatch):
+    """status once made its own RealKernel and could not run on the recording fake; now it
+    is handed the entry's kernel, and on the fake it reads what the fake made (an empty
+    listing where rules were loaded: named as a changed ruleset, never healthy)."""
+    from netstack import stack
+    from tests.fakekernel import FakeKernel
+    from tests.unit.test_reconcile import bring_up
+
+    monkeypatch.setattr("netstack.names.RUN_DIR", str(tmp_path / "run"))
+    fk = FakeKernel()
+    bring_up("configs/basic.toml", fk)
+    s = stack.status("main", fk)
+    assert [q["name"] for q in s["qubes"]] == ["sys-net", "sys-firewall", "personal", "work"]
+    assert all(q["running"] for q in s["qubes"])
+    assert s["health"]["state"] != "up"  # the fake lists no rules: not what was loaded

@@ -271,7 +271,8 @@ def restore(nodes: list[TorNode]) -> list[str] | None:
     d = cache_dir(nodes)
     with _locked():
         dirauths = _kept_dirauths(nodes, d)
-        if dirauths is None:
+        if dirauths is None:  # one not to use (broken, certificate ending): made anew
+            shutil.rmtree(d, ignore_errors=True)  # and kept at this stack's down
             return None
         for n in nodes:
             shutil.copytree(os.path.join(d, "nodes", n.name), n.dir, symlinks=True,

@@ -22,13 +22,13 @@ def nodes(base: str, exit_addr: str = "203.0.113.41") -> list[TorNode]:
                     os.path.join(base, n)) for n, r, a in spec]
 
 
-def fake_run(ns: list[TorNode], expires: float | None = None) -> list[str]:
+def fake_run(ns: list[TorNode], expires: float | None = None, salt: int = 0) -> list[str]:
     """What a lab's nodes leave after a run: keys, fingerprints, a consensus, a lock."""
     auths = []
     exp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires or time.time() + 300 * 86400))
     for i, n in enumerate(ns):
         os.makedirs(os.path.join(n.dir, "keys"), mode=0o700, exist_ok=True)
-        fp = f"{i:040X}"
+        fp = f"{i + salt:040X}"
         with open(os.path.join(n.dir, "fingerprint"), "w") as f:
             f.write(f"{n.name} {fp}\n")
         for x in ("cached-certs", "cached-microdesc-consensus", "cached-microdescs.new",
@@ -36,7 +36,7 @@ def fake_run(ns: list[TorNode], expires: float | None = None) -> list[str]:
             with open(os.path.join(n.dir, x), "w") as f:
                 f.write(f"{x} of {n.name}\n")
         if n.role == "authority":
-            v3 = f"{i + 100:040X}"
+            v3 = f"{i + salt + 100:040X}"
             with open(os.path.join(n.dir, "keys", "authority_certificate"), "w") as f:
                 f.write(f"dir-key-certificate-version 3\nfingerprint {v3}\n"
                         f"dir-key-expires {exp}\n")
@@ -89,6 +89,12 @@ def test_other_shape_or_expiring_certificate_or_tampered_keys_are_not_restored(c
               "w") as f:
         f.write("auth2 " + "F" * 40 + "\n")  # no longer what the DirAuthority lines say
     assert network.restore(nodes(str(tmp_path / "y" / "tor"))) is None
+
+    # the broken one went at that restore: the keys made instead are kept at down
+    fresh = nodes(str(tmp_path / "y2" / "tor"))
+    lines = fake_run(fresh, salt=1000)  # other keys than the broken cache's
+    assert network.save(fresh, str(tmp_path / "y2" / "tor"))
+    assert network.restore(nodes(str(tmp_path / "y3" / "tor"))) == lines
 
     soon = nodes(str(tmp_path / "two" / "tor"))
     fake_run(soon, expires=time.time() + 86400)

@@ -14,6 +14,7 @@ the runs after it are warm. Medians and maxima are given for both.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -117,9 +118,11 @@ def main() -> None:
     cache = purge_lab_cache()
     runs = []
     for i in range(a.runs):
+        load = os.getloadavg()[0]  # other work on the host slows tor's start and key making
         r = one_run(f"{a.prefix}{i}", i == 0)
         r["start"] = "cold" if i == 0 or cache == "none" else "warm"
-        print(f"run {i} ({r['start']}): " + ", ".join(
+        r["load1"] = round(load, 2)
+        print(f"run {i} ({r['start']}, load {load:.2f}): " + ", ".join(
             f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")), flush=True)
         runs.append(r)
     res: dict = {"machine": machine(), "code": str(CODE), "lab_cache": cache,

@@ -190,8 +190,8 @@ CACHE_ROOT = os.environ.get("NETSTACK_LAB_TOR_CACHE", "/var/lib/netstack/lab-tor
 CACHE_FORMAT = 1  # raise when what is kept changes meaning
 DIRAUTHS = "dirauths"  # the network's DirAuthority lines, beside the nodes' directories
 # Not kept: the lock and control socket of a running tor, its torrc (it names the stack's
-# paths: written at every up), and logs.
-_NOT_KEPT = {"lock", "control", "torrc", "torrc.tmp"}
+# paths: written at every up), half-written files and logs.
+_NOT_KEPT = {"lock", "control", "torrc"}
 # Kept authority certificates expire (tor-gencert -m 12): a cache whose certificate ends
 # within this many seconds is made again rather than restored.
 CERT_MARGIN_S = 30 * 86400
@@ -324,7 +324,8 @@ def _ignore(src: str, names: list[str]) -> list[str]:
     out = []
     for x in names:
         st = os.lstat(os.path.join(src, x))
-        if x in _NOT_KEPT or stat.S_ISSOCK(st.st_mode) or x.endswith(".log"):
+        if x in _NOT_KEPT or stat.S_ISSOCK(st.st_mode) or x.endswith(".log") or \
+                ".tmp" in x:
             out.append(x)
     return out
 
@@ -365,13 +366,15 @@ def seed_client(nodes: Iterable[TorNode], datadir: str, user: str) -> list[str]:
         s = os.path.join(src, name)
         if not os.path.isfile(s) or os.path.islink(s):
             continue
+        try:
+            with open(s, encoding="utf-8") as f:  # tor's directory documents are text
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue  # the client fetches what it lacks
         dst = os.path.join(datadir, name)
-        tmp = f"{dst}.tmp{os.getpid()}"
-        shutil.copyfile(s, tmp, follow_symlinks=False)
+        atomic_write(dst, text, 0o600)  # before tor starts: nothing reads it yet
         u = pwd.getpwnam(user)
-        os.chown(tmp, u.pw_uid, u.pw_gid)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, dst)
+        os.chown(dst, u.pw_uid, u.pw_gid, follow_symlinks=False)
         done.append(name)
     return done
 

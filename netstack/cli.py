@@ -155,9 +155,12 @@ def cmd_down(args: argparse.Namespace) -> int:
             raise
         from netstack import sandbox  # a stack that is down: only its homes are left
 
-        if not sandbox.purge_homes(args.stack):
+        homes, lab = sandbox.purge_homes(args.stack), _purge_lab_tor()
+        if not (homes or lab):
             raise
-        print(f"stack {args.stack!r} was down; app qubes' homes removed")
+        print(f"stack {args.stack!r} was down; removed: "
+              + ", ".join(w for w, x in (("app qubes' homes", homes),
+                                          ("the kept lab Tor network", lab)) if x))
         return 0
     if problems:
         for pr in problems:
@@ -166,13 +169,22 @@ def cmd_down(args: argparse.Namespace) -> int:
     if args.purge:
         from netstack import sandbox
 
-        gone = sandbox.purge_homes(args.stack)
-        print(f"stack {args.stack!r} down, app qubes' homes removed" if gone else
-              f"stack {args.stack!r} down (no homes to remove)")
+        gone = [w for w, x in (("app qubes' homes", sandbox.purge_homes(args.stack)),
+                               ("the kept lab Tor network", _purge_lab_tor())) if x]
+        print(f"stack {args.stack!r} down, removed: {', '.join(gone)}" if gone else
+              f"stack {args.stack!r} down (no homes or kept lab to remove)")
         return 0
     print(f"stack {args.stack!r} down (app qubes' homes kept in "
-          f"/var/lib/netstack/{args.stack}; --purge removes them)")
+          f"/var/lib/netstack/{args.stack}, the lab's Tor network in "
+          "/var/lib/netstack/lab-tor; --purge removes them)")
     return 0
+
+
+def _purge_lab_tor() -> bool:
+    """The lab's private Tor network kept for a warm `up --lab` (netstack.tor.network)."""
+    from netstack.tor.network import purge_cache
+
+    return purge_cache()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -733,7 +745,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("down", help="remove everything of a stack (also after a crash)")
     p.add_argument("--purge", action="store_true",
-                   help="also remove the app qubes' persistent homes")
+                   help="also remove the app qubes' persistent homes and the lab's kept "
+                        "private Tor network (keys, consensus: /var/lib/netstack/lab-tor)")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="qubes, links, addresses, processes")
     p.add_argument("--json", action="store_true")

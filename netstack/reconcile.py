@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -515,6 +516,8 @@ def teardown(st: State, k: Kernel) -> list[str]:
         processes.ask_to_end(procs, k)
     except Exception as e:  # noqa: BLE001 - keep removing the rest
         problems.append(f"processes: {e}")
+    else:
+        _keep_lab_tor(st)
     for o in reversed(objs):
         if isinstance(o, ProcessRec):
             continue
@@ -530,6 +533,21 @@ def teardown(st: State, k: Kernel) -> list[str]:
     if not problems:
         st.remove()
     return problems
+
+
+def _keep_lab_tor(st: State) -> None:
+    """The lab's private Tor network is kept for the next `up --lab` of its shape (its
+    nodes have ended: their files are whole). A cache that cannot be written costs only
+    the next up's speed, never the teardown."""
+    lab = st.plan.lab if st.plan is not None else None
+    if lab is None or not lab.tor:
+        return
+    from netstack.tor import network
+
+    try:
+        network.save(list(lab.tor_nodes.values()), lab.tor_dir)
+    except OSError as e:
+        print(f"netstack: lab Tor network not kept for the next up: {e}", file=sys.stderr)
 
 
 def _name(o: Record) -> str:

@@ -27,6 +27,10 @@ class TorRuntime(KindRuntime):
         info = q.info
         assert isinstance(info, TorInfo)
         rt.make_dir(info.datadir, 0o700, owner=info.user)
+        if info.lab_network and rt.plan.lab is not None:  # the lab's network only, never
+            from netstack.tor.network import seed_client  # the public one's: a warm lab
+
+            seed_client(rt.plan.lab.tor_nodes.values(), info.datadir, info.user)
         from netstack.tor.obfs4 import LAB_REF
 
         if LAB_REF in info.bridges:  # the lab's obfs4 bridge, made with the lab

@@ -18,9 +18,9 @@ BASIC = str(ROOT / "configs" / "basic.toml")
 
 
 def new_stack_name(prefix: str = "t") -> str:
-    """PREFIX and random hex, 8 characters; NETSTACK_TEST_STACK_PREFIX goes first (engineers
-    sharing a host each keep to a prefix of their own)."""
-    prefix = os.environ.get("NETSTACK_TEST_STACK_PREFIX", "") + prefix
+    """PREFIX + random; NETSTACK_TEST_STACK_PREFIX goes first (e.g. `tw`: every stack of
+    one developer's run is told apart from another's on a shared host)."""
+    prefix = (os.environ.get("NETSTACK_TEST_STACK_PREFIX", "") + prefix)[:6]
     return prefix + secrets.token_hex(3)[: 8 - len(prefix)]
 
 

@@ -1,0 +1,73 @@
+"""A warm lab (root, own stacks, own cache directory): `down` keeps the lab's private Tor
+network (keys, consensus, descriptors) for the next `up --lab` of the same shape, which
+reuses the authorities' keys (the same DirAuthority lines) and bootstraps from the kept
+consensus; a lab of another shape (with the obfs4 bridge) makes its own keys; `down
+--purge` removes everything kept."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.integration.util import ROOT, cli, in_ns, load_state, wait_for
+
+pytestmark = pytest.mark.root
+
+WEB = "198.51.100.80"
+
+
+def _page(ws: str) -> str | None:
+    p = in_ns(ws, "curl", "-sS", "--max-time", "10", f"http://{WEB}/", check=False,
+              timeout=20)
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def _up(stack: str, cfg: str, env: dict) -> tuple[list[str], float, object]:
+    """up --lab; (DirAuthority lines, seconds to the first page, plan)."""
+    t0 = time.monotonic()
+    cli("--stack", stack, "up", cfg, "--lab", "--no-wait", env=env, timeout=120)
+    st = load_state(stack)
+    ws = st.plan.qube("anon-whonix").netns
+    got = wait_for(lambda: _page(ws), 90, 0.2, f"a page through Tor in {stack}")
+    assert got in st.plan.lab.exits
+    return list(st.data.dirauths), time.monotonic() - t0, st.plan
+
+
+def test_warm_up_reuses_keys_other_shape_does_not_purge_removes(own_stack, tmp_path):
+    from netstack.tor import network
+
+    cache = str(tmp_path / "lab-tor")
+    env = {"NETSTACK_LAB_TOR_CACHE": cache}
+    cfg = str(ROOT / "configs" / "tor-over-vpn.toml")
+    s = own_stack("w")
+
+    cold, cold_s, plan = _up(s, cfg, env)
+    assert len(cold) == 3 and all(x.startswith("DirAuthority auth") for x in cold)
+    cli("--stack", s, "down", env=env)
+    nodes = list(plan.lab.tor_nodes.values())
+    kept = os.path.join(cache, os.path.basename(network.cache_dir(nodes)))
+    assert os.path.isdir(kept), "down kept nothing"
+    with open(os.path.join(kept, network.DIRAUTHS)) as f:
+        assert f.read().split("\n")[:3] == cold
+    assert os.path.isfile(os.path.join(kept, "nodes", "auth1", "cached-microdesc-consensus"))
+    assert not os.path.exists(os.path.join(kept, "nodes", "auth1", "lock"))
+
+    warm, warm_s, plan = _up(s, cfg, env)
+    assert warm == cold, "the warm up made new authority keys"
+    # the gateway started from the lab's consensus, not from an empty DataDirectory
+    gw = plan.qube("sys-whonix").info.datadir
+    assert os.path.exists(os.path.join(gw, "cached-microdesc-consensus"))
+    assert warm_s < cold_s + 5, (warm_s, cold_s)
+    cli("--stack", s, "down", env=env)
+
+    # another shape (the lab's obfs4 bridge joins the network): its own keys, never the
+    # kept ones, and a cache of its own beside the first
+    b = own_stack("w")
+    other, _, bplan = _up(b, str(ROOT / "configs" / "tor.toml"), env)
+    assert not set(x.split()[-1] for x in other) & set(x.split()[-1] for x in cold)
+    assert network.cache_dir(bplan.lab.tor_nodes.values()) != network.cache_dir(nodes)
+    p = cli("--stack", b, "down", "--purge", env=env)
+    assert "the kept lab Tor network" in p.stdout
+    assert not os.path.exists(cache)

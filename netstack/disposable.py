@@ -90,12 +90,22 @@ def as_qube(q: QubeInfo) -> Qube:
 
 def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[Qube] = (),
              netvms: dict[str, str | None] | None = None) -> Topology:
-    """The config's qubes (each moved to the netvm `netvms` gives it, `netstack attach`)
-    plus the disposables to keep and to add (pure)."""
+    """The config's qubes and the disposables to keep, each moved to the netvm `netvms`
+    gives it (`netstack attach`), plus the disposables to add with the netvm they were
+    asked for (pure). A move belongs to the qube that was moved: a new disposable that
+    takes the name of a gone one never inherits its move."""
     moved = netvms or {}
-    qubes = base.qubes + tuple(as_qube(q) for q in keep) + tuple(add)
+    qubes = base.qubes + tuple(as_qube(q) for q in keep)
     return replace(base, qubes=tuple(replace(q, netvm=moved[q.name]) if q.name in moved
-                                     else q for q in qubes))
+                                     else q for q in qubes) + tuple(add))
+
+
+def live_moves(netvms: dict[str, str | None], cur: Plan, keep: list[QubeInfo]
+               ) -> dict[str, str | None]:
+    """The `attach` moves still in force: of the config's qubes and the disposables kept;
+    a disposable's move goes with it."""
+    disp = {q.name for q in disposables(cur)} - {q.name for q in keep}
+    return {n: v for n, v in netvms.items() if cur.has_qube(n) and n not in disp}
 
 
 def check_request(plan: Plan, netvm: str, label: str) -> None:
@@ -161,10 +171,11 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
         # made like a qube with rules: the same rules, enforced in its netvm (Qubes copies
         # them too)
         keep = [q for q in disposables(cur) if not orphaned(q)]
+        moves = live_moves(st.data.netvms, cur, keep)
         desired = rebuild(stack, cur, st.data.config, keep,
-                           [config.Qube(name, "app", netvm, label, settings, t.firewall)],
-                           netvms=st.data.netvms)
-        commit(st, cur, desired, k, f"run ({name})")  # all or nothing
+                          [config.Qube(name, "app", netvm, label, settings, t.firewall)],
+                          netvms=st.data.netvms)
+        commit(st, cur, desired, k, f"run ({name})", netvms=moves)  # all or nothing
         return desired.qube(name)
 
 
@@ -177,7 +188,8 @@ def remove(stack: str, names: list[str] | None, kernel: Kernel) -> list[str]:
             return []
         keep = [q for q in disposables(cur) if q.name not in gone]
         desired = rebuild(stack, cur, st.data.config, keep, [], netvms=st.data.netvms)
-        commit(st, cur, desired, k, f"removal of {', '.join(gone)}")
+        commit(st, cur, desired, k, f"removal of {', '.join(gone)}",
+               netvms=live_moves(st.data.netvms, cur, keep))
         if st.removed > 200:
             st.compact()
         return gone

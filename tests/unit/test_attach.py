@@ -81,3 +81,35 @@ def test_a_list_the_new_netvm_cannot_enforce_refuses_the_move():
         attach("main", "anon-whonix", "sys-whonix", kernel=fk)
     assert not [e for e in fk.events[n:] if e[0] in ("nft", "veth", "link_del")]
     assert plan_of() == before
+
+
+def test_a_disposables_move_dies_with_it_and_never_reaches_the_next_one():
+    """Regression (a hostile review): `attach disp1 sys-firewall` was kept by name after
+    disp1 was gone, so the next disposable named disp1 went behind sys-firewall, around Tor
+    and the VPN, even with `--netvm sys-whonix`."""
+    from netstack import state
+
+    fk, _ = up("configs/tor-over-vpn.toml")
+    d = disposable.add("main", "sys-whonix", "red", kernel=fk)
+    attach("main", d.name, "sys-firewall", kernel=fk)
+    assert state.State.load("main").data.netvms == {d.name: "sys-firewall"}
+    disposable.remove("main", [d.name], kernel=fk)
+    assert state.State.load("main").data.netvms == {}  # the move went with the qube
+    again = disposable.add("main", "sys-whonix", "red", kernel=fk)
+    assert again.name == d.name and plan_of().qube(again.name).netvm == "sys-whonix"
+    default = disposable.add("main", None, None, kernel=fk)  # the most private path
+    assert plan_of().qube(default.name).netvm == "sys-whonix"
+
+
+def test_a_stale_move_never_applies_to_a_new_disposable():
+    """Even a move left in the state by an older netstack (or a crash) under a name a new
+    disposable takes is not applied to it: a move is the moved qube's only."""
+    from netstack import state
+
+    fk, st = up("configs/tor-over-vpn.toml")
+    st = state.State.load("main")
+    st.data.netvms = {"disp1": "sys-firewall"}
+    st.save()
+    d = disposable.add("main", "sys-whonix", "red", kernel=fk)
+    assert d.name == "disp1" and plan_of().qube("disp1").netvm == "sys-whonix"
+    assert state.State.load("main").data.netvms == {}

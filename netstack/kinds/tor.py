@@ -155,7 +155,8 @@ class TorSpec(KindSpec):
                        lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])),
                        socks_ports=dict(ctx.qube.settings.get("socks_ports", {})),
                        onions=_onions(ctx), onions_per_workstation=int(
-                           ctx.qube.settings.get("onions_per_workstation", ONION_CAP)))
+                           ctx.qube.settings.get("onions_per_workstation", ONION_CAP)),
+                       keep_dir=keep_dir(ctx.stack, ctx.qube.name))
 
     def sysctls(self, ctx: QubeContext) -> dict[str, str]:
         return common.sysctls(False, ctx.ipv6)  # a gateway proxies, it never forwards
@@ -342,6 +343,16 @@ def via_tor(addr: int) -> bool:
     witness search calls it for every class it tries."""
     lo, hi = _AUTOMAP_SPAN
     return lo <= addr <= hi or not any(a <= addr <= b for a, b in _NOT_VIA_SPANS)
+
+
+def keep_dir(stack: str, qube: str) -> str:
+    """Where a gateway keeps what outlives `down` (beside app qubes' homes, removed with
+    them by `down --purge`)."""
+    import os
+
+    from netstack.sandbox import HOME_ROOT
+
+    return os.path.join(HOME_ROOT, stack, qube, "tor")
 
 
 def _onions(ctx: QubeContext) -> dict[str, list[tuple[int, str, int]]]:

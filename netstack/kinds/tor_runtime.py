@@ -5,6 +5,7 @@ in `status`; the wait for 100 % bootstrap."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +21,37 @@ if TYPE_CHECKING:
     from netstack.state import State
 
 
+def keep(keep_dir: str, inside: list[str], user: str) -> None:
+    """The gateway's kept directory beside the stack's homes (HOME_ROOT/STACK/QUBE/tor, made
+    like sandbox.make_home, outside the intent log: `down` keeps it, `down --purge` removes
+    it with the homes): its parent root's and passable (0711), itself and `inside` the tor
+    user's, 0700, as tor insists."""
+    import pwd
+
+    parent = os.path.dirname(keep_dir)
+    os.makedirs(os.path.dirname(parent), mode=0o755, exist_ok=True)
+    if not os.path.isdir(parent):
+        os.mkdir(parent, 0o711)
+    os.chmod(parent, 0o711)
+    pw = pwd.getpwnam(user)
+    for d in (keep_dir, *inside):
+        if not os.path.isdir(d):
+            os.mkdir(d, 0o700)
+        os.chmod(d, 0o700)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+
+
 class TorRuntime(KindRuntime):
     def prepare(self, q: QubeInfo, rt: Runtime) -> None:
         """The DataDirectory belongs to the tor user (tor drops root after binding its
         ports); the torrc goes last: the supervisor starts tor when it appears."""
         info = q.info
         assert isinstance(info, TorInfo)
-        rt.make_dir(info.datadir, 0o700, owner=info.user)
+        kept = bool(info.keep_dir) and info.datadir.startswith(info.keep_dir + os.sep)
+        if info.keep_dir:  # kept across down (as app qubes' homes are): never recorded
+            keep(info.keep_dir, [info.datadir] if kept else [], info.user)
+        if not kept:
+            rt.make_dir(info.datadir, 0o700, owner=info.user)
         if info.lab_network and rt.plan.lab is not None:  # the lab's network only, never
             from netstack.tor.network import seed_client  # the public one's: a warm lab
 

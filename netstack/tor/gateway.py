@@ -41,9 +41,13 @@ class TorInfo(RoleInfo):
     # onion services a workstation may make through the control-port filter at once (each
     # lives as long as the filter session that made it)
     onions_per_workstation: int = ONION_CAP
+    # kept across down/up (as Whonix keeps /var/lib/tor): the onion services' keys, so an
+    # address stays the same, and on the public network tor's own state too (its guards:
+    # new guards at every up would weaken what guards are for). `down --purge` removes it.
+    keep_dir: str = ""
 
     def onion_dir(self, client: str) -> str:
-        return os.path.join(self.datadir, f"onion-{client}")
+        return os.path.join(self.keep_dir or self.datadir, f"onion-{client}")
 
     @property
     def all_socks_ports(self) -> list[int]:
@@ -51,6 +55,8 @@ class TorInfo(RoleInfo):
 
     @property
     def datadir(self) -> str:
+        if self.keep_dir and not self.lab_network:  # the lab's network lives with the lab
+            return os.path.join(self.keep_dir, "data")
         return os.path.join(self.state_dir, f"tor-{self.qube}")
 
     @property

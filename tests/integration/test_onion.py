@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from netstack.leaktest.capture import Capture
+from tests.integration.labs import CFG
 from tests.integration.util import cli, in_ns, wait_for
 
 pytestmark = pytest.mark.root
@@ -59,7 +61,8 @@ def test_another_workstation_reaches_the_onion_service(tor_lab, tmp_path):
     # the shared lab may leave TransPort's answers to their own probes on this link)
     tor_nodes = {n.address for n in tor_lab.plan.lab.tor_nodes.values()}
     assert not tor_nodes & {a for ip in ips for a in (ip.src, ip.dst)}
-    keys = tor_lab.dir / "tor-sys-whonix" / "onion-anon-whonix" / "hs_ed25519_secret_key"
+    keep = tor_lab.plan.qube("sys-whonix").info.keep_dir
+    keys = Path(keep) / "onion-anon-whonix" / "hs_ed25519_secret_key"
     assert keys.exists()  # the key is the gateway's; the workstation never had it
 
 
@@ -138,3 +141,28 @@ def test_workstations_open_the_onion_by_name_on_the_transparent_path(tor_lab, tm
     finally:
         server.terminate()
         server.wait(5)
+
+
+def _onion_of(stack: str) -> str | None:
+    st = json.loads(cli("--stack", stack, "status", "--json", check=False).stdout or "{}")
+    gw = next((q for q in st.get("qubes", []) if q["name"] == "sys-whonix"), {})
+    return (gw.get("onions") or {}).get("anon-whonix")
+
+
+def test_an_onion_address_outlives_down_and_purge_ends_it(own_stack):
+    """As Whonix keeps /var/lib/tor: the service's keys are kept beside the stack's homes, so
+    the address is the same after `down` and `up`; `down --purge` removes them (a hostile
+    review saw a new address at every up)."""
+    from netstack.kinds.tor import keep_dir
+
+    s = own_stack("on")
+    cli("--stack", s, "up", CFG, "--lab", "--no-wait")
+    first = wait_for(lambda: _onion_of(s), 60, 0.2, "the onion address")
+    cli("--stack", s, "down")
+    kept = Path(keep_dir(s, "sys-whonix"))
+    assert (kept / "onion-anon-whonix" / "hs_ed25519_secret_key").exists()
+    assert oct(kept.stat().st_mode & 0o777) == "0o700"
+    cli("--stack", s, "up", CFG, "--lab", "--no-wait")
+    assert wait_for(lambda: _onion_of(s), 60, 0.2, "the onion address again") == first
+    cli("--stack", s, "down", "--purge")
+    assert not kept.exists()

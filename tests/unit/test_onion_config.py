@@ -26,7 +26,11 @@ def test_the_gateway_serves_it_and_only_tor_reaches_the_workstation():
                           overlay={}), "main", lab)
     gw = p.qube("sys-whonix")
     rc = torrc(gw.info).splitlines()
-    assert f"HiddenServiceDir {gw.info.datadir}/onion-anon-whonix" in rc
+    # the keys are kept beside the stack's homes (the same address after down/up), not in
+    # the run-time directory the lab's tor uses
+    assert f"HiddenServiceDir {gw.info.keep_dir}/onion-anon-whonix" in rc
+    assert gw.info.keep_dir.endswith("/main/sys-whonix/tor") and not \
+        gw.info.keep_dir.startswith("/run/")
     assert "HiddenServicePort 80 10.137.0.5:8080" in rc
     out = [i["rule"] for i in p.ns(gw.netns).ruleset["nftables"] if "rule" in i
            and i["rule"].get("comment") == "onion service of anon-whonix"]

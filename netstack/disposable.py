@@ -137,8 +137,9 @@ def rebuild(stack: str, cur: Plan, config: str | None, keep: list[QubeInfo],
     now = build(replace(inputs, topo=topology(inputs.topo, disposables(cur), (), netvms)),
                 stack, cur.uplink, previous=cur)
     if now != cur:
-        raise StateError(f"the config {config} changed since `up` of stack {stack!r}: run "
-                         "`netstack down` and `up` to apply it before changing the stack live")
+        raise StateError(f"the config {config} (or netstack itself, after an upgrade) gives "
+                         f"another plan than the one `up` of stack {stack!r} made: run "
+                         "`netstack down` and `up` before changing the stack live")
     if overlay is not None:
         inputs = with_overlay(inputs, overlay, live=True)
     topo = topology(inputs.topo, keep, add, {**(netvms or {}), **(moved or {})})

@@ -65,5 +65,8 @@ def onion_ports(q: Qube) -> list[tuple[int, int]]:
                 isinstance(x[k], int) and not isinstance(x[k], bool) and 0 < x[k] < 65536
                 for k in ("port", "target")):
             raise ConfigError(where, f"{x!r} needs port and target, each 1-65535", fix)
+        if any(p == x["port"] for p, _t in out):
+            raise ConfigError(where, f"port {x['port']} is given twice (one service answers "
+                              "on a port)", "give each onion port once")
         out.append((x["port"], x["target"]))
     return out

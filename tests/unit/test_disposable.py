@@ -120,7 +120,7 @@ def test_a_changed_config_is_refused_before_anything_changes(tmp_path):
     reconcile.up(plan, st, fk, RUNTIMES)
     cfg.write_text(cfg.read_text().replace('label = "blue"', 'label = "purple"'))
     n = len(fk.events)
-    with pytest.raises(StateError, match="changed since `up`"):
+    with pytest.raises(StateError, match="another plan than the one `up`"):
         disposable.add("main", None, "red", kernel=fk)
     assert fk.events[n:] == [] and plan_of() == plan
 

@@ -205,7 +205,7 @@ def test_a_changed_config_is_refused_before_the_rules_change(tmp_path):
     st.save()
     cfg.write_text(cfg.read_text().replace('label = "blue"', 'label = "purple"'))
     n, before = len(fk.events), plan_of()
-    with pytest.raises(state.StateError, match="changed since `up`"):
+    with pytest.raises(state.StateError, match="another plan than the one `up`"):
         firewall_live.change("main", "work", "add", ["action=accept"], kernel=fk)
     assert fk.events[n:] == [] and plan_of() == before
     assert qubefw.load_overlay("main") == {}

@@ -52,3 +52,12 @@ def test_the_gateway_serves_it_and_only_tor_reaches_the_workstation():
 def test_bad_onion_tables_are_one_line(cfg, err):
     with pytest.raises(ConfigError, match=err):
         parse(cfg, SPECS)
+
+
+def test_an_onion_port_given_twice_is_refused():
+    base = (ROOT / "tests/configs/tor-two-workstations.toml").read_text()
+    bad = base.replace("onion = [{port = 80, target = 8080}]",
+                       "onion = [{port = 80, target = 8080}, {port = 80, target = 8081}]")
+    assert bad != base
+    with pytest.raises(ConfigError, match="port 80 is given twice"):
+        parse(bad, SPECS)

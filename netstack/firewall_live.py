@@ -48,7 +48,7 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
     number of rules now in force and the seconds the apply took (lock to digests)."""
     from netstack.disposable import disposables, rebuild
-    from netstack.live import commit, live
+    from netstack.live import after_applied, commit, live
 
     with live(stack, "firewall", kernel) as (st, cur, k):
         t0 = time.perf_counter()
@@ -84,8 +84,11 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
         if netvm:  # names of the new list: through the chain's resolver
             from netstack.rules import names
 
-            names.refresh(st.dir, desired, st.data.started, k, netvms=[netvm])
-        cut(desired, qube, k, st)
+            after_applied(f"asking the names of {qube}'s rules",
+                          lambda: names.refresh(st.dir, desired, st.data.started, k,
+                                                netvms=[netvm]))
+        after_applied(f"cutting {qube}'s connections the new rules forbid",
+                      lambda: cut(desired, qube, k, st), [])
         return (len(after) if after is not None else 0), took
 
 

@@ -260,7 +260,15 @@ class QubeInfo:
     firewall: tuple[FwRule, ...] | None = None
 
     @property
+    def cut_off(self) -> bool:
+        """`attach QUBE none`: no netvm and no uplink of its own, so no link upstream."""
+        return self.netvm is None and not self.traits.owns_uplink
+
+    @property
     def upstream_if(self) -> str:
+        if self.cut_off:
+            raise ValueError(f"qube {self.name!r} is cut off (no netvm): it has no link "
+                             "upstream; callers check `cut_off` first")
         return self.interfaces[0]
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from netstack.errors import NetstackError, StateError, UsageError
+from netstack.errors import NetstackError, StateError, UsageError, count
 
 if TYPE_CHECKING:  # `down` and `status` do without the model's import (~13 ms)
     from netstack.model import UplinkSpec
@@ -78,8 +78,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     p, note = stack.up(args.config, args.stack, _uplink(args), args.kernel)
     if note:
         print(note, file=sys.stderr)
-    print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
-          + (f", lab with {len(p.lab.hosts)} hosts" if p.lab else ""))
+    print(f"stack {args.stack!r} up: {count(len(p.qubes), 'qube')}"
+          + (f", lab with {count(len(p.lab.hosts), 'host')}" if p.lab else ""))
     from netstack.kinds.app_runtime import gui_status
 
     for q in p.qubes:  # what a display grant means, said where it is made
@@ -295,7 +295,7 @@ def cmd_tor(args: argparse.Namespace) -> int:
             print(json.dumps({"qube": t.qube, **s}, indent=2))
         else:
             print(f"tor {t.qube}: version {s['version']}, bootstrap {s['bootstrap']}% "
-                  f"({s['summary']}), {s['circuits_built']} circuits built")
+                  f"({s['summary']}), {count(s['circuits_built'], 'circuit')} built")
             for client, addr in sorted(s["onions"].items()):
                 print(f"  onion service of {client}: {addr or 'not made yet'}")
         return 0 if s["bootstrap"] == 100 else 1
@@ -340,8 +340,8 @@ def cmd_leaktest(args: argparse.Namespace) -> int:
         for e in r.errors:
             print(f"ERROR: {e}")
         word = "LEAK" if r.leaks else "ERROR" if r.errors else "PASS"
-        print(f"{word}: {len(r.cases)} cases, {r.packets_sent} packets,"
-              f" {len(r.links)} links captured, {r.leaks} leaks"
+        print(f"{word}: {count(len(r.cases), 'case')}, {count(r.packets_sent, 'packet')},"
+              f" {count(len(r.links), 'link')} captured, {count(r.leaks, 'leak')}"
               + (f" ({', '.join(bad)})" if bad else "") + f", {r.seconds} s; pcaps in {r.pcaps}")
     return 1 if r.leaks else 6 if r.errors else 0
 
@@ -371,8 +371,8 @@ def _leaktest_rules(args: argparse.Namespace) -> int:
     bad = sum(1 for r in reps for c in r.cases if not c.ok) + \
         sum(1 for r in reps if r.expiry and not r.expiry.get("ok", True))
     n = sum(len(r.cases) for r in reps)
-    print(f"{'PASS' if not bad else 'FAIL'}: {n} rule cases over {len(reps)} qubes, "
-          f"{bad} wrong")
+    print(f"{'PASS' if not bad else 'FAIL'}: {count(n, 'rule case')} over "
+          f"{count(len(reps), 'qube')}, {bad} wrong")
     return 0 if not bad else 1
 
 
@@ -386,7 +386,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         print(f"{args.qube}: already behind {r['netvm'] or 'nothing'}")
     else:
         print(f"{args.qube}: netvm {r['from'] or 'none'} -> {r['netvm'] or 'none'} (applied in "
-              f"{r['applied_s'] * 1000:.0f} ms; {r['cut']} connections cut)")
+              f"{r['applied_s'] * 1000:.0f} ms; {count(r['cut'], 'connection')} cut)")
     return 0
 
 
@@ -486,8 +486,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for f in r.get("firewall_drift", []):
         print(f"{'DRIFT' if f['drift'] else 'RULES':<8} {f['qube']:<14} {f['why']}")
     n_bad = sum(1 for x in r["results"] if x["status"] != "PASS")
-    print(f"{'PASS' if r['ok'] else 'FAIL'}: {len(r['results'])} properties, {n_bad} not "
-          f"proven, audited in {r['seconds']} s")
+    print(f"{'PASS' if r['ok'] else 'FAIL'}: "
+          f"{count(len(r['results']), 'property', 'properties')}, {n_bad} not proven, "
+          f"audited in {r['seconds']} s")
     return 0 if r["ok"] else 1
 
 
@@ -519,8 +520,9 @@ def _audit_file(args: argparse.Namespace) -> int:
         print(f"{'UNPROVEN':<8} {u['construct']}: not modelled, in {where}; a property it "
               "can change is UNPROVEN, never PASS")
     n_bad = sum(1 for x in a.results if x.status != "PASS")
-    print(f"{'PASS' if a.ok else 'FAIL'}: {len(a.results)} properties of {a.name}, {n_bad} "
-          f"not proven, {len(a.unmodelled)} constructs not modelled")
+    print(f"{'PASS' if a.ok else 'FAIL'}: {count(len(a.results), 'property', 'properties')} "
+          f"of {a.name}, {n_bad} not proven, {count(len(a.unmodelled), 'construct')} not "
+          "modelled")
     return 0 if a.ok else 1
 
 
@@ -601,7 +603,7 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": True, "qube": args.qube, "rules": n,
                           "applied_s": round(took, 4)}))
     else:
-        print(f"{args.qube}: {msg[args.action]}; {n} rules in force "
+        print(f"{args.qube}: {msg[args.action]}; {count(n, 'rule')} in force "
               f"(applied in {took * 1000:.0f} ms)")
     return 0
 

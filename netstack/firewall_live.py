@@ -53,14 +53,23 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
     with live(stack, "firewall", kernel) as (st, cur, k):
         t0 = time.perf_counter()
         current = rules_of(cur, qube)
+        if cur.qube(qube).settings.get("disposable"):
+            raise UsageError(
+                f"{qube} is a disposable: it takes its template's rules when `run` makes it "
+                f"and cannot be given rules live (fix: give the rules to an app qube and "
+                f"start the disposable with `netstack run --like QUBE -- CMD`)")
         raw = [r.to_raw() for r in cur.qube(qube).firewall or ()]
         old = qubefw.load_overlay(stack)
         new = dict(old)
         if action == "reset":
             new.pop(qube, None)
         elif action == "add":
-            rule = qubefw.absolute_expiry(qubefw.rule_from_words(words or []),
-                                          time.time())
+            given = qubefw.rule_from_words(words or [])
+            if "action" not in given:
+                raise UsageError("firewall add: give action=accept or action=drop, then what "
+                                 "it matches (e.g. action=accept dsthost=192.0.2.7 proto=tcp "
+                                 "dstports=443)")
+            rule = qubefw.absolute_expiry(given, time.time())
             at_ = qubefw.parse(qube, [rule])[0].expire_at  # (validated again below)
             if at_ is not None and at_ <= time.time():
                 raise UsageError(f"firewall add: expire={at_} is in the past; give a later "

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from netstack.audit.properties import AuditContext, QubeView, Result, all_results
+from netstack.errors import count
 from netstack.kernel import Kernel
 from netstack.kinds.registry import SPECS
 from netstack.model import Plan
@@ -147,14 +148,16 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
         now = q.firewall
         configured = next((c.firewall for c in plain.qubes
                            if c.name == q.name), None) if plain is not None else None
-        n = "no list" if now is None else f"{len(now)} rules"
+        n = "no list" if now is None else count(len(now), "rule")
         if q.name in kept:
             try:
                 bad = qubefw.parse(q.name, kept[q.name]) != now
             except NetstackError:  # a kept list that no longer validates is drift too
                 bad = True
-            why = (f"firewall.json keeps {len(kept[q.name])} rules but {n} are enforced: "
-                   "`netstack firewall " + q.name + " reset` (or add them again)") if bad \
+            verb = "are" if now is not None and len(now) != 1 else "is"
+            why = (f"firewall.json keeps {count(len(kept[q.name]), 'rule')} but {n} {verb} "
+                   "enforced: `netstack firewall " + q.name + " reset` (or add them again)") \
+                if bad \
                 else (f"{n} from `netstack firewall` (the config has "
                       f"{'none' if configured is None else len(configured)}; "
                       f"`netstack firewall {q.name} reset` returns to it)")
@@ -162,7 +165,7 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
                         "why": why})
         elif plain is not None and (now is not None or configured is not None):
             bad = now != configured
-            says = "no list" if configured is None else f"{len(configured)} rules"
+            says = "no list" if configured is None else count(len(configured), "rule")
             why = (f"the config now says {says}, {n} enforced: `netstack down` and `up` to "
                    "apply it") if bad else f"{n} from the config"
             out.append({"qube": q.name, "drift": bad, "source": "config", "why": why})

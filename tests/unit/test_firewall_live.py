@@ -224,3 +224,61 @@ def test_one_change_reads_the_config_and_probes_the_host_once(monkeypatch):
     firewall_live.change("main", "work", "add", ["action=drop", "dsthost=192.0.2.9"],
                          kernel=fk)
     assert len(reads) == 1 and len(probes) == 1, (reads, probes)
+
+
+@pytest.mark.parametrize("action,words,number", [("add", ["action=accept"], None),
+                                                 ("del", [], 1), ("reset", [], None)])
+def test_a_disposable_cannot_be_given_rules_live_and_is_told_why(action, words, number):
+    """A disposable takes its template's rules (`run --like`); a live change of its list
+    says so in one line (it used to blame a qube the config no longer has) and changes
+    nothing."""
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    q = disposable.add("main", None, "red", like="work", kernel=fk)
+    before, n = plan_of(), len(fk.events)
+    with pytest.raises(UsageError, match=f"^{q.name} is a disposable: it takes its "
+                       "template's rules .*run --like QUBE"):
+        firewall_live.change("main", q.name, action, words, number, kernel=fk)
+    assert plan_of() == before and fk.events[n:] == []
+    assert firewall_live.listing("main", q.name)["rules"][0]["rule"] == \
+        "action=accept specialtarget=dns"
+    disposable.remove("main", [q.name], kernel=fk)
+
+
+@pytest.mark.parametrize("words", [[], ["dsthost=192.0.2.7"]])
+def test_firewall_add_without_an_action_asks_for_one(words):
+    fk, _ = up("configs/basic.toml")
+    with pytest.raises(UsageError, match="^firewall add: give action=accept or action=drop"):
+        firewall_live.change("main", "work", "add", words, kernel=fk)
+
+
+def test_counts_in_output_agree_with_their_number():
+    from netstack.errors import count
+
+    assert [count(n, "rule") for n in (0, 1, 2)] == ["0 rules", "1 rule", "2 rules"]
+    assert count(1, "property", "properties") == "1 property"
+    assert count(3, "property", "properties") == "3 properties"
+
+
+def test_the_cli_says_1_rule_and_1_connection(capsys):
+    import argparse
+
+    from netstack import cli
+
+    fk, _ = up("configs/basic.toml")
+    ns = argparse.Namespace(stack="main", qube="work", action="add", before=None, json=False,
+                            words=["action=accept", 'comment="web only"'], kernel=fk)
+    assert cli.cmd_firewall(ns) == 0
+    assert "work: added; 1 rule in force" in capsys.readouterr().out
+    ns = argparse.Namespace(stack="main", qube="work", action="list", json=False, kernel=fk)
+    assert cli.cmd_firewall(ns) == 0
+    assert '1  action=accept comment="web only"' in capsys.readouterr().out
+    from netstack.kernel import Flow
+
+    p = plan_of()
+    fk.flows[p.qube("sys-firewall").netns] = [
+        Flow("tcp", p.qube("work").ipv4, "198.51.100.80", 40000, 80)]
+    ns = argparse.Namespace(stack="main", qube="work", netvm="none", json=False, kernel=fk)
+    assert cli.cmd_attach(ns) == 0
+    assert "; 1 connection cut)" in capsys.readouterr().out

@@ -569,9 +569,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:
+    import time
+
     from netstack import firewall_live
 
     if args.action == "list":
+        # a temporary rule of a `leaktest --rules` killed midway, expired: gone first
+        gone = firewall_live.drop_leaktest_rules(args.stack, kernel=args.kernel,
+                                                 qubes=[args.qube], now=time.time())
+        if gone and not args.json:
+            print(f"{args.qube}: removed {count(gone[args.qube], 'expired rule')} an "
+                  "interrupted `leaktest --rules` left", file=sys.stderr)
         out = firewall_live.listing(args.stack, args.qube)
         if args.json:
             print(json.dumps(out))

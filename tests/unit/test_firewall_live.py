@@ -5,6 +5,8 @@ root)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from netstack import disposable, firewall_live, sandbox, state
@@ -282,3 +284,64 @@ def test_the_cli_says_1_rule_and_1_connection(capsys):
     ns = argparse.Namespace(stack="main", qube="work", netvm="none", json=False, kernel=fk)
     assert cli.cmd_attach(ns) == 0
     assert "; 1 connection cut)" in capsys.readouterr().out
+
+
+def _leaktest_rule(fk, qube="work", expire="+3"):
+    """What `leaktest --rules` adds in front of the list (then it is killed)."""
+    firewall_live.change("main", qube, "add", [
+        "action=accept", "dsthost=203.0.113.10", "proto=tcp", "dstports=22",
+        f"expire={expire}", f"comment={firewall_live.LEAKTEST_MARK}"], number=1, kernel=fk)
+
+
+def test_killed_leaktest_rules_are_removed_once_expired_and_the_list_is_as_before():
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    before = firewall_live.rules_of(plan_of(), "work")
+    for _ in range(3):  # three killed runs piled up
+        _leaktest_rule(fk)
+    assert len(qubefw.load_overlay("main")["work"]) == 4
+    # not expired yet: a running leaktest's own rule stays
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk, now=0) == {}
+    later = time.time() + 10
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk, now=later) == {"work": 3}
+    assert firewall_live.rules_of(plan_of(), "work") == before
+    assert len(qubefw.load_overlay("main")["work"]) == 1
+    n = len(fk.events)
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk, now=later) == {}
+    assert fk.events[n:] == []  # nothing to do: no transaction
+
+
+def test_leaktest_rule_dropped_from_a_config_list_gives_it_back_to_the_config(tmp_path):
+    """The list was the config's: without the leaktest rule it is the config's again (as
+    `reset`); a user's rule with the same comment but no expiry is never touched."""
+    fk, _ = up("tests/configs/firewall-rules.toml")
+    before = firewall_live.rules_of(plan_of(), "work")
+    _leaktest_rule(fk)
+    firewall_live.change("main", "personal", "add", [
+        "action=drop", f"comment={firewall_live.LEAKTEST_MARK}"], kernel=fk)
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk,
+                                             now=time.time() + 100) == {"work": 1}
+    assert "work" not in qubefw.load_overlay("main")
+    assert firewall_live.listing("main", "work")["source"] == "config"
+    assert firewall_live.rules_of(plan_of(), "work") == before
+    assert len(qubefw.load_overlay("main")["personal"]) == 1
+
+
+def test_firewall_list_drops_an_expired_leaktest_rule(capsys, monkeypatch):
+    import argparse
+
+    from netstack import cli
+
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    _leaktest_rule(fk)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 10)
+    ns = argparse.Namespace(stack="main", qube="work", action="list", json=False, kernel=fk)
+    assert cli.cmd_firewall(ns) == 0
+    out = capsys.readouterr()
+    assert "removed 1 expired rule an interrupted `leaktest --rules` left" in out.err
+    assert "leaktest expiry" not in out.out
+    assert "  1  action=accept specialtarget=dns" in out.out and "  2  " not in out.out

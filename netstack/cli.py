@@ -469,12 +469,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0 if r["ok"] else 1
     for x in r["results"]:
         _print_result(x, f"{x['qube']:<14} ")
-        if x["status"] != "PASS":
-            rp = x.get("replay")
-            if rp:
-                print("         replay in the kernel: " + (
-                    f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
-                    if rp.get("replayable") else f"not replayed ({rp['why']})"))
     for d in r.get("drift", []):
         if d["text"]:
             print(f"DRIFT    {d['qube']}:")
@@ -498,22 +492,33 @@ def _print_result(x: dict, where: str = "") -> None:
         print(f"         counterexample: {x['counterexample']}")
         for t in x.get("trace", []):
             print(f"           {t}")
+        rp = x.get("replay")
+        if rp:
+            print("         replay in the kernel: " + (
+                f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
+                if rp.get("replayable") else f"not replayed ({rp['why']})"))
 
 
 def _audit_file(args: argparse.Namespace) -> int:
     """--ruleset FILE: generic properties of one namespace's ruleset (no chain context),
     or with --packet the fate of one packet, hook by hook."""
-    from netstack.audit import onefile, rulesetfile
+    from netstack.audit import onefile, replay_failures, rulesetfile
 
+    if args.replay and os.geteuid() != 0:
+        raise UsageError("--replay needs root: it loads the ruleset in scratch namespaces "
+                         "and sends the packets there (run it with sudo)")
     doc = rulesetfile.read(args.ruleset, args.kernel)
     if args.packet:
         return _what_if(args, doc)
     a = onefile.audit(doc, args.ruleset)
+    out = a.to_json()
+    if args.replay:  # each counterexample into the kernel, as the live audit's --replay
+        replay_failures(out["results"], lambda _: doc, args.kernel)
     if args.json:
-        print(json.dumps(a.to_json(), indent=2))
+        print(json.dumps(out, indent=2))
         return 0 if a.ok else 1
-    for x in a.results:
-        _print_result(x.to_json())
+    for x in out["results"]:
+        _print_result(x)
     for u in a.unmodelled:
         where = ", ".join(u["where"][:3]) + (f" (+{len(u['where']) - 3})"
                                              if len(u["where"]) > 3 else "")
@@ -808,8 +813,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    "ip saddr=192.0.2.7 tcp dport=22' (input), add oifname= to forward it, "
                    "oifname= alone for locally generated (meta skuid=)")
     p.add_argument("--replay", action="store_true",
-                   help="replay each counterexample (or the --packet) in scratch "
-                   "namespaces with nftrace")
+                   help="replay each counterexample in the kernel (scratch namespaces with "
+                   "nftrace, root), of the live audit or of --ruleset FILE, or the --packet; "
+                   "a counterexample the kernel cannot be given (a related or untracked "
+                   "packet, one at egress or without a socket) is named, not replayed")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("copy", help="copy a file from one app qube's home to another's",
                        epilog="example: sudo netstack copy work:report.pdf personal\n"

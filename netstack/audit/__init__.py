@@ -4,6 +4,7 @@ sending a packet; show a counterexample packet and its path through the rules ot
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from netstack.audit.properties import AuditContext, QubeView, Result, all_results
@@ -100,21 +101,44 @@ def run(stack: str, k: Kernel, drift: bool = False, replay: bool = False) -> dic
         out["drift"] = d
         out["firewall_drift"] = firewall_drift(stack, plan, st.data.config)
     if replay:
-        from netstack.audit.replay import replay as do_replay
-
         by_qube = {q.name: q.netns for q in plan.qubes}
-        for r in out["results"]:
-            if r["status"] == "FAIL" and r["counterexample"] and r["qube"] in by_qube \
-                    and ": " in r["reason"]:
-                hook, predicted = r["reason"].split(": ", 1)
-                if hook in ("prerouting", "input", "forward", "output"):
-                    rp = do_replay(live[by_qube[r["qube"]]], hook, r["counterexample"], k)
-                    rp["confirmed"] = rp.get("kernel_verdict") == predicted
-                    r["replay"] = rp
+        replay_failures(out["results"],
+                        lambda q: live[by_qube[q]] if q in by_qube else None, k)
     bad = [r for r in out["results"] if r["status"] != "PASS"]
     out["ok"] = not bad and not any(x["text"] for x in out.get("drift", [])) and \
         not any(x["drift"] for x in out.get("firewall_drift", []))
     return out
+
+
+REPLAYED_HOOKS = ("prerouting", "input", "forward", "output")
+
+
+def replay_failures(results: list[dict[str, Any]],
+                    ruleset_of: Callable[[str], dict[str, Any] | None], k: Kernel) -> None:
+    """--replay: each FAIL's counterexample sent into the kernel with its ruleset loaded
+    (scratch namespaces, audit/replay.py); `replay` is added to the result: the kernel's
+    verdict and whether it confirms the evaluator's, or why it was not replayed."""
+    from netstack.audit.replay import replay as do_replay
+
+    for r in results:
+        if r["status"] != "FAIL" or not r.get("counterexample") or ": " not in r["reason"]:
+            continue
+        rs = ruleset_of(r["qube"])
+        if rs is None:
+            continue
+        hook, predicted = r["reason"].split(": ", 1)
+        if hook not in REPLAYED_HOOKS:
+            r["replay"] = {"replayable": False, "why": f"a counterexample at {hook}: the "
+                           f"replay sends packets through {', '.join(REPLAYED_HOOKS)}"}
+            continue
+        try:
+            rp = do_replay(rs, hook, r["counterexample"], k)
+        except Exception as e:  # noqa: BLE001 - one counterexample not replayed, said so
+            rp = {"replayable": False, "why": f"the scratch namespaces could not send it "
+                  f"({type(e).__name__}: {e})"}
+        if rp.get("replayable"):
+            rp["confirmed"] = rp.get("kernel_verdict") == predicted
+        r["replay"] = rp
 
 
 def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str, Any]]:

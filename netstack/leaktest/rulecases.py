@@ -228,6 +228,11 @@ def run(stack: str, qube: str | None = None, expiry: bool = True, *, kernel: Ker
     store = rnames.load(st.dir)
     with_lists = [q for q in plan.qubes if q.firewall is not None
                   and q.netvm and (qube is None or q.name == qube)]
+    if qube is not None and not with_lists and plan.has_qube(qube) \
+            and plan.qube(qube).cut_off:
+        raise UsageError(f"--qube {qube!r} has no netvm (cut off with `attach {qube} none`): "
+                         f"its rules are enforced nowhere until it is attached (fix: netstack "
+                         f"--stack {stack} attach {qube} NETVM first)")
     if qube is not None and not with_lists:
         raise UsageError(f"--qube {qube!r} has no rule list (see `netstack firewall {qube} "
                          "list`)")

@@ -68,3 +68,16 @@ def test_a_cut_off_qube_has_no_upstream_link_and_says_why():
     with pytest.raises(ValueError, match="cut off"):
         _ = q.upstream_if
     assert not p.qube("sys-net").cut_off and not p.qube("personal").cut_off
+
+
+def test_leaktest_rules_of_a_cut_off_qube_says_it_has_no_netvm():
+    from netstack import firewall_live
+    from netstack.errors import UsageError
+    from netstack.leaktest import rulecases
+
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    attach("main", "work", "none", kernel=fk)
+    with pytest.raises(UsageError, match="'work' has no netvm .*enforced nowhere"):
+        rulecases.run("main", "work", kernel=fk)

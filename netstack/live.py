@@ -109,7 +109,12 @@ def commit(st: Any, cur: Plan, desired: Plan, k: Kernel, command: str,
         raise
     intent.phase = "applied"
     _write(st, intent)
-    _finish(st, intent, k, forward=True)
+    try:
+        _finish(st, intent, k, forward=True)
+    except Exception as e:  # noqa: BLE001 - the kernel holds it; the intent finishes it later
+        raise ApplyError(f"the change is in force, but writing its files failed: "
+                         f"{str(e) or type(e).__name__}; the next live change (or `down`) "
+                         "finishes it, and `status` names it meanwhile") from None
 
 
 def after_applied(what: str, step: Callable[[], Any], default: Any = None) -> Any:

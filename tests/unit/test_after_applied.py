@@ -49,3 +49,30 @@ def test_attach_holds_when_the_cut_fails(capsys):
     r = attach("main", "work", "none", kernel=fk)
     assert r["changed"] and r["cut"] == 0 and plan_of().qube("work").netvm is None
     assert "but cutting work's connections failed" in capsys.readouterr().err
+
+
+def test_files_that_cannot_be_written_after_the_kernel_changed_are_one_line(monkeypatch):
+    """The kernel holds the change; writing its files fails (here: reading the digests
+    back): one ApplyError line, never a traceback, and the next live change finishes it."""
+    from netstack import live, reconcile
+    from netstack.errors import ApplyError
+    from netstack.state import State
+
+    fk, _ = up("configs/basic.toml")
+    real = reconcile.record_digests
+    calls = []
+
+    def failing(plan, st, k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("No space left on device")
+        return real(plan, st, k)
+    monkeypatch.setattr(reconcile, "record_digests", failing)
+    with pytest.raises(ApplyError, match="^the change is in force, but writing its files "
+                       "failed: No space left on device; the next live change"):
+        firewall_live.change("main", "work", "add", ["action=accept"], kernel=fk)
+    st = State.load("main")
+    assert live.pending(st) is not None  # the intent stays, phase applied
+    firewall_live.change("main", "work", "add", ["action=drop"], kernel=fk)
+    assert live.pending(State.load("main")) is None
+    assert [r.action for r in firewall_live.rules_of(plan_of(), "work")] == ["accept", "drop"]

@@ -24,7 +24,7 @@ NONE = "none"
 def attach(stack: str, qube: str, netvm: str, kernel: Kernel
            ) -> dict[str, Any]:
     from netstack.disposable import disposables, rebuild
-    from netstack.live import commit, live
+    from netstack.live import after_applied, commit, live
     from netstack.rules import names
 
     with live(stack, "attach", kernel) as (st, cur, k):
@@ -47,9 +47,11 @@ def attach(stack: str, qube: str, netvm: str, kernel: Kernel
         old = q.netvm
         commit(st, cur, desired, k, f"attach {qube} {netvm}", netvms=moves)
         took = time.perf_counter() - t0
-        gone = cut(cur, q, old, k)
+        gone = after_applied(f"cutting {qube}'s connections", lambda: cut(cur, q, old, k), 0)
         if target is not None:
-            names.refresh(st.dir, desired, st.data.started, k, netvms=[target])
+            after_applied(f"asking the names of {qube}'s rules",
+                          lambda: names.refresh(st.dir, desired, st.data.started, k,
+                                                netvms=[target]))
         return {"qube": qube, "netvm": target, "from": old, "changed": True,
                 "applied_s": round(took, 4), "cut": gone}
 

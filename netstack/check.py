@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from netstack.addressing import VIRTUAL_DNS
-from netstack.errors import UsageError
+from netstack.errors import UsageError, count
 from netstack.kernel import Kernel
 
 EXPECT = ("tor", "vpn", "direct")
@@ -292,7 +292,7 @@ def wait_circuit(q: Any, timeout: float, say: Any) -> None:
         try:
             s = status(q.info.control_socket)
             if s["circuit_established"] and s["circuits_built"] > 0:
-                say(100, f"{s['circuits_built']} circuits built")
+                say(100, f"{count(s['circuits_built'], 'circuit')} built")
                 return
         except TorError:
             pass
@@ -905,7 +905,7 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
         if f.outcome == "left":
             continue
         f.evidence.append(Evidence("capture", src_link, src_pcap, f.first_frame,
-                                   f"{f.packets} packets on the workstation's link"))
+                                   f"{count(f.packets, 'packet')} on the workstation's link"))
         past = next(((x, i) for x in beyond for i, p in enumerate(x.pkts, start=1)
                      if _same_flow(f, p)), None)
         rule = stop(f)
@@ -1144,7 +1144,8 @@ def flow_line(f: Flow) -> str:
                + (f" (handle {s['handle']})" if s.get("handle") else ""))
     else:
         how = f"outcome unknown: {f.reason or 'no evidence'}"
-    return f"{f.proto} {where}{names}: {f.packets} packets, {f.bytes} bytes, {how}"
+    return (f"{f.proto} {where}{names}: {count(f.packets, 'packet')}, "
+            f"{count(f.bytes, 'byte')}, {how}")
 
 
 def table(r: Report) -> str:
@@ -1161,8 +1162,8 @@ def table(r: Report) -> str:
     c = command_fails(r)
     if c:
         lines.append(f"COMMAND: {c}")
-    lines.append(f"{word(r)}: {len(r.flows)} flows, {len(r.stopped)} stopped, "
-                 f"{len(r.unknown)} unknown, {len(r.leaks)} leaks; pcaps in {r.pcaps}")
+    lines.append(f"{word(r)}: {count(len(r.flows), 'flow')}, {len(r.stopped)} stopped, "
+                 f"{len(r.unknown)} unknown, {count(len(r.leaks), 'leak')}; pcaps in {r.pcaps}")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from netstack.errors import NetstackError, StateError, UsageError
+from netstack.errors import NetstackError, StateError, UsageError, count
 
 if TYPE_CHECKING:  # `down` and `status` do without the model's import (~13 ms)
     from netstack.model import UplinkSpec
@@ -78,8 +78,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     p, note = stack.up(args.config, args.stack, _uplink(args), args.kernel)
     if note:
         print(note, file=sys.stderr)
-    print(f"stack {args.stack!r} up: {len(p.qubes)} qubes"
-          + (f", lab with {len(p.lab.hosts)} hosts" if p.lab else ""))
+    print(f"stack {args.stack!r} up: {count(len(p.qubes), 'qube')}"
+          + (f", lab with {count(len(p.lab.hosts), 'host')}" if p.lab else ""))
     from netstack.kinds.app_runtime import gui_status
 
     for q in p.qubes:  # what a display grant means, said where it is made
@@ -295,7 +295,7 @@ def cmd_tor(args: argparse.Namespace) -> int:
             print(json.dumps({"qube": t.qube, **s}, indent=2))
         else:
             print(f"tor {t.qube}: version {s['version']}, bootstrap {s['bootstrap']}% "
-                  f"({s['summary']}), {s['circuits_built']} circuits built")
+                  f"({s['summary']}), {count(s['circuits_built'], 'circuit')} built")
             for client, addr in sorted(s["onions"].items()):
                 print(f"  onion service of {client}: {addr or 'not made yet'}")
         return 0 if s["bootstrap"] == 100 else 1
@@ -340,8 +340,8 @@ def cmd_leaktest(args: argparse.Namespace) -> int:
         for e in r.errors:
             print(f"ERROR: {e}")
         word = "LEAK" if r.leaks else "ERROR" if r.errors else "PASS"
-        print(f"{word}: {len(r.cases)} cases, {r.packets_sent} packets,"
-              f" {len(r.links)} links captured, {r.leaks} leaks"
+        print(f"{word}: {count(len(r.cases), 'case')}, {count(r.packets_sent, 'packet')},"
+              f" {count(len(r.links), 'link')} captured, {count(r.leaks, 'leak')}"
               + (f" ({', '.join(bad)})" if bad else "") + f", {r.seconds} s; pcaps in {r.pcaps}")
     return 1 if r.leaks else 6 if r.errors else 0
 
@@ -371,8 +371,8 @@ def _leaktest_rules(args: argparse.Namespace) -> int:
     bad = sum(1 for r in reps for c in r.cases if not c.ok) + \
         sum(1 for r in reps if r.expiry and not r.expiry.get("ok", True))
     n = sum(len(r.cases) for r in reps)
-    print(f"{'PASS' if not bad else 'FAIL'}: {n} rule cases over {len(reps)} qubes, "
-          f"{bad} wrong")
+    print(f"{'PASS' if not bad else 'FAIL'}: {count(n, 'rule case')} over "
+          f"{count(len(reps), 'qube')}, {bad} wrong")
     return 0 if not bad else 1
 
 
@@ -386,7 +386,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         print(f"{args.qube}: already behind {r['netvm'] or 'nothing'}")
     else:
         print(f"{args.qube}: netvm {r['from'] or 'none'} -> {r['netvm'] or 'none'} (applied in "
-              f"{r['applied_s'] * 1000:.0f} ms; {r['cut']} connections cut)")
+              f"{r['applied_s'] * 1000:.0f} ms; {count(r['cut'], 'connection')} cut)")
     return 0
 
 
@@ -469,12 +469,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0 if r["ok"] else 1
     for x in r["results"]:
         _print_result(x, f"{x['qube']:<14} ")
-        if x["status"] != "PASS":
-            rp = x.get("replay")
-            if rp:
-                print("         replay in the kernel: " + (
-                    f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
-                    if rp.get("replayable") else f"not replayed ({rp['why']})"))
     for d in r.get("drift", []):
         if d["text"]:
             print(f"DRIFT    {d['qube']}:")
@@ -486,8 +480,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for f in r.get("firewall_drift", []):
         print(f"{'DRIFT' if f['drift'] else 'RULES':<8} {f['qube']:<14} {f['why']}")
     n_bad = sum(1 for x in r["results"] if x["status"] != "PASS")
-    print(f"{'PASS' if r['ok'] else 'FAIL'}: {len(r['results'])} properties, {n_bad} not "
-          f"proven, audited in {r['seconds']} s")
+    print(f"{'PASS' if r['ok'] else 'FAIL'}: "
+          f"{count(len(r['results']), 'property', 'properties')}, {n_bad} not proven, "
+          f"audited in {r['seconds']} s")
     return 0 if r["ok"] else 1
 
 
@@ -497,30 +492,42 @@ def _print_result(x: dict, where: str = "") -> None:
         print(f"         counterexample: {x['counterexample']}")
         for t in x.get("trace", []):
             print(f"           {t}")
+        rp = x.get("replay")
+        if rp:
+            print("         replay in the kernel: " + (
+                f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
+                if rp.get("replayable") else f"not replayed ({rp['why']})"))
 
 
 def _audit_file(args: argparse.Namespace) -> int:
     """--ruleset FILE: generic properties of one namespace's ruleset (no chain context),
     or with --packet the fate of one packet, hook by hook."""
-    from netstack.audit import onefile, rulesetfile
+    from netstack.audit import onefile, replay_failures, rulesetfile
 
+    if args.replay and os.geteuid() != 0:
+        raise UsageError("--replay needs root: it loads the ruleset in scratch namespaces "
+                         "and sends the packets there (run it with sudo)")
     doc = rulesetfile.read(args.ruleset, args.kernel)
     if args.packet:
         return _what_if(args, doc)
     a = onefile.audit(doc, args.ruleset)
+    out = a.to_json()
+    if args.replay:  # each counterexample into the kernel, as the live audit's --replay
+        replay_failures(out["results"], lambda _: doc, args.kernel)
     if args.json:
-        print(json.dumps(a.to_json(), indent=2))
+        print(json.dumps(out, indent=2))
         return 0 if a.ok else 1
-    for x in a.results:
-        _print_result(x.to_json())
+    for x in out["results"]:
+        _print_result(x)
     for u in a.unmodelled:
         where = ", ".join(u["where"][:3]) + (f" (+{len(u['where']) - 3})"
                                              if len(u["where"]) > 3 else "")
         print(f"{'UNPROVEN':<8} {u['construct']}: not modelled, in {where}; a property it "
               "can change is UNPROVEN, never PASS")
     n_bad = sum(1 for x in a.results if x.status != "PASS")
-    print(f"{'PASS' if a.ok else 'FAIL'}: {len(a.results)} properties of {a.name}, {n_bad} "
-          f"not proven, {len(a.unmodelled)} constructs not modelled")
+    print(f"{'PASS' if a.ok else 'FAIL'}: {count(len(a.results), 'property', 'properties')} "
+          f"of {a.name}, {n_bad} not proven, {count(len(a.unmodelled), 'construct')} not "
+          "modelled")
     return 0 if a.ok else 1
 
 
@@ -567,9 +574,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:
+    import time
+
     from netstack import firewall_live
 
     if args.action == "list":
+        # a temporary rule of a `leaktest --rules` killed midway, expired: gone first
+        gone = firewall_live.drop_leaktest_rules(args.stack, kernel=args.kernel,
+                                                 qubes=[args.qube], now=time.time())
+        if gone and not args.json:
+            print(f"{args.qube}: removed {count(gone[args.qube], 'expired rule')} an "
+                  "interrupted `leaktest --rules` left", file=sys.stderr)
         out = firewall_live.listing(args.stack, args.qube)
         if args.json:
             print(json.dumps(out))
@@ -601,7 +616,7 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": True, "qube": args.qube, "rules": n,
                           "applied_s": round(took, 4)}))
     else:
-        print(f"{args.qube}: {msg[args.action]}; {n} rules in force "
+        print(f"{args.qube}: {msg[args.action]}; {count(n, 'rule')} in force "
               f"(applied in {took * 1000:.0f} ms)")
     return 0
 
@@ -798,8 +813,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    "ip saddr=192.0.2.7 tcp dport=22' (input), add oifname= to forward it, "
                    "oifname= alone for locally generated (meta skuid=)")
     p.add_argument("--replay", action="store_true",
-                   help="replay each counterexample (or the --packet) in scratch "
-                   "namespaces with nftrace")
+                   help="replay each counterexample in the kernel (scratch namespaces with "
+                   "nftrace, root), of the live audit or of --ruleset FILE, or the --packet; "
+                   "a counterexample the kernel cannot be given (a related or untracked "
+                   "packet, one at egress or without a socket) is named, not replayed")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("copy", help="copy a file from one app qube's home to another's",
                        epilog="example: sudo netstack copy work:report.pdf personal\n"

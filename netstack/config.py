@@ -175,6 +175,9 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         if not isinstance(body, dict):
             raise ConfigError(where, "must be a table", f"write [qubes.{name}]")
         kind = body.get("kind")
+        if kind is None:
+            raise ConfigError(f"{where} field 'kind'", "missing",
+                              f"add kind = one of {', '.join(kinds)}")
         if kind not in kinds:
             raise ConfigError(f"{where} field 'kind'", f"{kind!r} is not a kind",
                               f"use one of {', '.join(kinds)}")
@@ -188,9 +191,13 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
             if netvm is not None:
                 raise ConfigError(f"{where} field 'netvm'", "a net qube owns the uplink",
                                   "remove netvm from the net qube")
-        elif not isinstance(netvm, str):
+        elif netvm is None:
             raise ConfigError(f"{where} field 'netvm'", "missing",
                               "name the qube this one gets network from")
+        elif not isinstance(netvm, str):
+            raise ConfigError(f"{where} field 'netvm'", f"{netvm!r} must be a qube name",
+                              'name the qube this one gets network from, e.g. netvm = '
+                              '"sys-firewall"')
         settings = {k: v for k, v in body.items() if k not in COMMON_KEYS}
         rules = None
         if "firewall" in body:  # Qubes' qvm-firewall rules, enforced in the netvm

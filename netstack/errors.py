@@ -75,3 +75,8 @@ class CannotCheck(NetstackError):
     kernel's live sets): the check could not run, so it has failed (exit 1), never PASS."""
 
     exit_code = 1
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 rule`, `2 rules`, `0 rules`: a number and its noun, for lines a user reads."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

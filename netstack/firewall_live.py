@@ -48,19 +48,28 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the
     number of rules now in force and the seconds the apply took (lock to digests)."""
     from netstack.disposable import disposables, rebuild
-    from netstack.live import commit, live
+    from netstack.live import after_applied, commit, live
 
     with live(stack, "firewall", kernel) as (st, cur, k):
         t0 = time.perf_counter()
         current = rules_of(cur, qube)
+        if cur.qube(qube).settings.get("disposable"):
+            raise UsageError(
+                f"{qube} is a disposable: it takes its template's rules when `run` makes it "
+                f"and cannot be given rules live (fix: give the rules to an app qube and "
+                f"start the disposable with `netstack run --like QUBE -- CMD`)")
         raw = [r.to_raw() for r in cur.qube(qube).firewall or ()]
         old = qubefw.load_overlay(stack)
         new = dict(old)
         if action == "reset":
             new.pop(qube, None)
         elif action == "add":
-            rule = qubefw.absolute_expiry(qubefw.rule_from_words(words or []),
-                                          time.time())
+            given = qubefw.rule_from_words(words or [])
+            if "action" not in given:
+                raise UsageError("firewall add: give action=accept or action=drop, then what "
+                                 "it matches (e.g. action=accept dsthost=192.0.2.7 proto=tcp "
+                                 "dstports=443)")
+            rule = qubefw.absolute_expiry(given, time.time())
             at_ = qubefw.parse(qube, [rule])[0].expire_at  # (validated again below)
             if at_ is not None and at_ <= time.time():
                 raise UsageError(f"firewall add: expire={at_} is in the past; give a later "
@@ -84,9 +93,67 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
         if netvm:  # names of the new list: through the chain's resolver
             from netstack.rules import names
 
-            names.refresh(st.dir, desired, st.data.started, k, netvms=[netvm])
-        cut(desired, qube, k, st)
+            after_applied(f"asking the names of {qube}'s rules",
+                          lambda: names.refresh(st.dir, desired, st.data.started, k,
+                                                netvms=[netvm]))
+        after_applied(f"cutting {qube}'s connections the new rules forbid",
+                      lambda: cut(desired, qube, k, st), [])
         return (len(after) if after is not None else 0), took
+
+
+# the comment of the temporary rule `leaktest --rules` puts in front of a list (an
+# expire=+N rule it removes when done): a run killed before that leaves it behind
+LEAKTEST_MARK = "leaktest expiry"
+
+
+def is_leaktest_rule(raw: dict[str, Any], now: float | None) -> bool:
+    """A rule of the overlay (a config table) that `leaktest --rules` put there: its comment
+    and an expiry, passed by `now` (None: passed or not)."""
+    at = raw.get("expire")
+    if raw.get("comment") != LEAKTEST_MARK or not isinstance(at, str | int) \
+            or not str(at).isascii() or not str(at).isdigit():
+        return False
+    return now is None or int(at) <= now
+
+
+def drop_leaktest_rules(stack: str, *, kernel: Kernel, qubes: list[str] | None = None,
+                        now: float | None = None) -> dict[str, int]:
+    """Remove from the kept lists (of `qubes`, or all) the temporary rules `leaktest --rules`
+    made and left behind when it was killed (and, with `now`, only those whose expiry has
+    passed: a running leaktest's own rule stays until it removes it). A list that is then
+    the config's again goes back to being the config's (as `reset`). One live change for
+    all of them; {qube: rules removed}."""
+    from netstack.disposable import disposables, rebuild
+    from netstack.live import commit, live
+
+    old = qubefw.load_overlay(stack)
+    if not any(is_leaktest_rule(r, now) for q, rules in old.items()
+               if qubes is None or q in qubes for r in rules):
+        return {}  # nothing to do: no lock, no transaction
+    with live(stack, "firewall", kernel) as (st, cur, k):
+        old = qubefw.load_overlay(stack)
+        new = dict(old)
+        gone: dict[str, int] = {}
+        for q, rules in old.items():
+            if qubes is not None and q not in qubes or not cur.has_qube(q):
+                continue
+            keep = [r for r in rules if not is_leaktest_rule(r, now)]
+            if len(keep) == len(rules):
+                continue
+            gone[q] = len(rules) - len(keep)
+            plain = {x: v for x, v in new.items() if x != q}
+            configured = rebuild(stack, cur, st.data.config, disposables(cur), overlay=plain,
+                                 netvms=st.data.netvms).qube(q).firewall
+            new[q] = keep
+            if configured is not None and configured == qubefw.parse(q, keep):
+                del new[q]  # the config's list again: its source is the config (an empty
+                # list is never taken for no list: that would let everything through)
+        if not gone:
+            return {}
+        desired = rebuild(stack, cur, st.data.config, disposables(cur), overlay=new,
+                          netvms=st.data.netvms)
+        commit(st, cur, desired, k, "firewall drop leaktest rules", overlay=new)
+        return gone
 
 
 def cut(plan: Plan, qube: str, k: Kernel, st: Any) -> list[Any]:

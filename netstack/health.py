@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from netstack.errors import count
+
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 
 
@@ -130,7 +132,7 @@ def rule_problems(want: dict[str, list[str]], doc: dict[str, Any]) -> list[str]:
             out.append(f"chain {chain} is gone")
             continue
         if chain not in want:
-            out.append(f"chain {chain} ({len(rules[chain])} rules) not made by netstack")
+            out.append(f"chain {chain} ({count(len(rules[chain]), 'rule')}) not made by netstack")
             continue
         live = [_rule_digest(r) for r in rules[chain]]
         sm = difflib.SequenceMatcher(a=want[chain], b=live, autojunk=False)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +109,25 @@ def commit(st: Any, cur: Plan, desired: Plan, k: Kernel, command: str,
         raise
     intent.phase = "applied"
     _write(st, intent)
-    _finish(st, intent, k, forward=True)
+    try:
+        _finish(st, intent, k, forward=True)
+    except Exception as e:  # noqa: BLE001 - the kernel holds it; the intent finishes it later
+        raise ApplyError(f"the change is in force, but writing its files failed: "
+                         f"{str(e) or type(e).__name__}; the next live change (or `down`) "
+                         "finishes it, and `status` names it meanwhile") from None
+
+
+def after_applied(what: str, step: Callable[[], Any], default: Any = None) -> Any:
+    """A step after a change is in force (cutting its connections, asking its names): its
+    failure does not undo the change, so it is one warning line on stderr naming what was
+    left undone, never a traceback; `default` is the step's result then."""
+    try:
+        return step()
+    except Exception as e:  # noqa: BLE001 - the change holds whatever this step does
+        reason = str(e) or type(e).__name__
+        print(f"netstack: warning: the change is in force, but {what} failed: {reason}",
+              file=sys.stderr)
+        return default
 
 
 def _abort(st: Any, intent: Intent, k: Kernel) -> None:

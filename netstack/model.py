@@ -186,9 +186,24 @@ class FwRule:
             parts.append(f"expire=+{self.expire}")
         if self.expire_at is not None:
             parts.append(f"expire={self.expire_at}")
-        if self.comment:
-            parts.append(f"comment={self.comment}")
+        if self.comment is not None:
+            parts.append(f"comment={quote_comment(self.comment)}")
         return " ".join(parts)
+
+
+# a comment of these characters reads and pastes back as one word, unquoted
+_BARE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.,:/+@%-")
+
+
+def quote_comment(comment: str) -> str:
+    """A rule's comment as `describe` writes it: bare when it is one plain word, else in
+    double quotes, so `comment=x dsthost=1.2.3.4` can never read as a second condition and
+    the line pastes back into a shell as one word (a comment holds no `"` or backslash:
+    rules/qubefw.parse refuses them; `$` and a backquote are escaped, as in the shell).
+    rules/qubefw.rule_from_words takes the quoted form back."""
+    if comment and all(c in _BARE for c in comment):
+        return comment
+    return '"' + comment.replace("$", "\\$").replace("`", "\\`") + '"'
 
 
 def is_net(s: str) -> bool:
@@ -260,7 +275,15 @@ class QubeInfo:
     firewall: tuple[FwRule, ...] | None = None
 
     @property
+    def cut_off(self) -> bool:
+        """`attach QUBE none`: no netvm and no uplink of its own, so no link upstream."""
+        return self.netvm is None and not self.traits.owns_uplink
+
+    @property
     def upstream_if(self) -> str:
+        if self.cut_off:
+            raise ValueError(f"qube {self.name!r} is cut off (no netvm): it has no link "
+                             "upstream; callers check `cut_off` first")
         return self.interfaces[0]
 
 

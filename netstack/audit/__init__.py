@@ -4,9 +4,11 @@ sending a packet; show a counterexample packet and its path through the rules ot
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from netstack.audit.properties import AuditContext, QubeView, Result, all_results
+from netstack.errors import count
 from netstack.kernel import Kernel
 from netstack.kinds.registry import SPECS
 from netstack.model import Plan
@@ -99,21 +101,44 @@ def run(stack: str, k: Kernel, drift: bool = False, replay: bool = False) -> dic
         out["drift"] = d
         out["firewall_drift"] = firewall_drift(stack, plan, st.data.config)
     if replay:
-        from netstack.audit.replay import replay as do_replay
-
         by_qube = {q.name: q.netns for q in plan.qubes}
-        for r in out["results"]:
-            if r["status"] == "FAIL" and r["counterexample"] and r["qube"] in by_qube \
-                    and ": " in r["reason"]:
-                hook, predicted = r["reason"].split(": ", 1)
-                if hook in ("prerouting", "input", "forward", "output"):
-                    rp = do_replay(live[by_qube[r["qube"]]], hook, r["counterexample"], k)
-                    rp["confirmed"] = rp.get("kernel_verdict") == predicted
-                    r["replay"] = rp
+        replay_failures(out["results"],
+                        lambda q: live[by_qube[q]] if q in by_qube else None, k)
     bad = [r for r in out["results"] if r["status"] != "PASS"]
     out["ok"] = not bad and not any(x["text"] for x in out.get("drift", [])) and \
         not any(x["drift"] for x in out.get("firewall_drift", []))
     return out
+
+
+REPLAYED_HOOKS = ("prerouting", "input", "forward", "output")
+
+
+def replay_failures(results: list[dict[str, Any]],
+                    ruleset_of: Callable[[str], dict[str, Any] | None], k: Kernel) -> None:
+    """--replay: each FAIL's counterexample sent into the kernel with its ruleset loaded
+    (scratch namespaces, audit/replay.py); `replay` is added to the result: the kernel's
+    verdict and whether it confirms the evaluator's, or why it was not replayed."""
+    from netstack.audit.replay import replay as do_replay
+
+    for r in results:
+        if r["status"] != "FAIL" or not r.get("counterexample") or ": " not in r["reason"]:
+            continue
+        rs = ruleset_of(r["qube"])
+        if rs is None:
+            continue
+        hook, predicted = r["reason"].split(": ", 1)
+        if hook not in REPLAYED_HOOKS:
+            r["replay"] = {"replayable": False, "why": f"a counterexample at {hook}: the "
+                           f"replay sends packets through {', '.join(REPLAYED_HOOKS)}"}
+            continue
+        try:
+            rp = do_replay(rs, hook, r["counterexample"], k)
+        except Exception as e:  # noqa: BLE001 - one counterexample not replayed, said so
+            rp = {"replayable": False, "why": f"the scratch namespaces could not send it "
+                  f"({type(e).__name__}: {e})"}
+        if rp.get("replayable"):
+            rp["confirmed"] = rp.get("kernel_verdict") == predicted
+        r["replay"] = rp
 
 
 def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str, Any]]:
@@ -147,14 +172,16 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
         now = q.firewall
         configured = next((c.firewall for c in plain.qubes
                            if c.name == q.name), None) if plain is not None else None
-        n = "no list" if now is None else f"{len(now)} rules"
+        n = "no list" if now is None else count(len(now), "rule")
         if q.name in kept:
             try:
                 bad = qubefw.parse(q.name, kept[q.name]) != now
             except NetstackError:  # a kept list that no longer validates is drift too
                 bad = True
-            why = (f"firewall.json keeps {len(kept[q.name])} rules but {n} are enforced: "
-                   "`netstack firewall " + q.name + " reset` (or add them again)") if bad \
+            verb = "are" if now is not None and len(now) != 1 else "is"
+            why = (f"firewall.json keeps {count(len(kept[q.name]), 'rule')} but {n} {verb} "
+                   "enforced: `netstack firewall " + q.name + " reset` (or add them again)") \
+                if bad \
                 else (f"{n} from `netstack firewall` (the config has "
                       f"{'none' if configured is None else len(configured)}; "
                       f"`netstack firewall {q.name} reset` returns to it)")
@@ -162,7 +189,7 @@ def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str,
                         "why": why})
         elif plain is not None and (now is not None or configured is not None):
             bad = now != configured
-            says = "no list" if configured is None else f"{len(configured)} rules"
+            says = "no list" if configured is None else count(len(configured), "rule")
             why = (f"the config now says {says}, {n} enforced: `netstack down` and `up` to "
                    "apply it") if bad else f"{n} from the config"
             out.append({"qube": q.name, "drift": bad, "source": "config", "why": why})

@@ -69,7 +69,7 @@ class FileAudit:
 def view(doc: dict[str, Any], name: str) -> QubeView:
     """The file as a qube with no place in a chain: its interfaces are the names its rules
     use (the evaluator's classes come from the rules), eth0 its way out."""
-    return QubeView(QubeInfo(name, "app", None, "gray", 0, "-", "0.0.0.0", None, None,
+    return QubeView(QubeInfo(name, "app", None, "gray", 0, "-", "192.0.2.7", None, None,
                              ["eth0"]), doc, local_any=True)
 
 

@@ -598,11 +598,31 @@ def constants(q: QubeView, f: str) -> list[Any]:
 
 __all__ = ["CT_STATES", "FIELDS", "AuditContext", "QubeView", "Result", "accepted", "antispoof",
            "box", "check", "default_drop", "dropped_or_allowed", "invalid_first", "ifaces",
-           "no_client_to_client", "no_ipv6_egress", "none_of", "not_sockets", "one_of"]
+           "cut_off", "no_client_to_client", "no_ipv6_egress", "none_of", "not_sockets",
+           "one_of"]
 
 
 def for_qube(q: QubeView, ctx: AuditContext) -> list[Result]:
+    if q.qube.cut_off:
+        return cut_off(q)
     return ctx.kinds[q.qube.kind].audit(q, ctx)
+
+
+def cut_off(q: QubeView) -> list[Result]:
+    """A qube cut off (`attach QUBE none`): it has no netvm, so it reaches nothing and its
+    kind's promises about a netvm mean nothing. What is left to prove: its own rules
+    still drop by default and INVALID first, and no link leaves its namespace (the live
+    links when the audit reads the kernel; the plan's otherwise)."""
+    links = sorted(x for x in q.interfaces if x != "lo")
+    if links:
+        link = Result("cut off: no link", q.name, "FAIL",
+                      f"cut off (no netvm), yet its namespace has the link(s) "
+                      f"{', '.join(links)}: it may reach what they lead to")
+    else:
+        link = Result("cut off: no link", q.name, "PASS",
+                      "cut off (attach none): no link leaves its namespace, so it reaches "
+                      "nothing; its netvm's promises do not apply until it is attached")
+    return [link, default_drop(q), invalid_first(q)]
 
 
 def all_results(views: list[QubeView], ctx: AuditContext) -> list[Result]:

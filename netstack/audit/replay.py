@@ -35,6 +35,9 @@ def replay(ruleset: dict[str, Any], hook: str, ce: dict[str, Any], k: Kernel
     if hook in ("output", "postrouting") and not p.iifname and p.skuid is None:
         return {"replayable": False, "why": "a packet without a socket (made by the kernel)"}
     ifaces = [x for x in (p.iifname, p.oifname) if x]
+    if "lo" in ifaces:
+        return {"replayable": False, "why": "a packet on lo: the replay sends packets on "
+                "links of its own, and a namespace's lo is not one"}
     lab = KernelLab(ifaces or ["eth9"], k)
     try:
         lab.load(ruleset)

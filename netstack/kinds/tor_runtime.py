@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from netstack.codec import encode
+from netstack.errors import count
 from netstack.kernel import Kernel
 from netstack.kinds.runtime import KindRuntime, LiveFacts
 from netstack.model import QubeInfo
@@ -107,4 +108,4 @@ class TorRuntime(KindRuntime):
         if t.get("error"):
             return [f"tor: {t['error']}", *onions]
         return [f"tor {t['version']}: bootstrap {t['bootstrap']}%, "
-                f"{t['circuits_built']} circuits built, restarts {t['restarts']}", *onions]
+                f"{count(t['circuits_built'], 'circuit')} built, restarts {t['restarts']}", *onions]

@@ -48,7 +48,8 @@ class VpnSpec(KindSpec):
     def validate(self, q: Qube) -> None:
         where, s = f"qube {q.name!r}", q.settings
         if s.get("type") not in ("wireguard", "openvpn"):
-            raise ConfigError(f"{where} field 'type'", f"{s.get('type')!r} is not a VPN type",
+            raise ConfigError(f"{where} field 'type'", "missing" if s.get("type") is None
+                              else f"{s.get('type')!r} is not a VPN type",
                               'use type = "wireguard" or type = "openvpn"')
         c = s.get("config")
         if isinstance(c, list):
@@ -59,7 +60,8 @@ class VpnSpec(KindSpec):
                 raise ConfigError(f"{where} field 'config'", "names a file twice",
                                   "list each server's file once")
         elif not isinstance(c, str) or not c:
-            raise ConfigError(f"{where} field 'config'", "missing",
+            raise ConfigError(f"{where} field 'config'", "missing" if c is None else
+                              f"{c!r} must be a path or a list of paths",
                               "give the path of the provider's .conf or .ovpn file, or a "
                               "list of them (servers to fail over between)")
         fa = s.get("failover_after", 20)

@@ -90,14 +90,18 @@ def context(stack: str, ws_name: str | None, k: Kernel) -> Ctx:
                          "up --lab`")
     plan = st.plan
     assert plan is not None
-    apps = [q for q in plan.qubes if not q.traits.provides_network]
+    apps = [q for q in plan.qubes if not q.traits.provides_network and not q.cut_off]
     if ws_name is None:
         if not apps:
-            raise UsageError("the stack has no app qube to probe from")
+            raise UsageError("the stack has no app qube with a netvm to probe from")
         ws = next((q for q in apps if any(_protection(x) == "tor"
                                           for x in plan.chain(q.name)[1:])), apps[0])
     elif not plan.has_qube(ws_name) or plan.qube(ws_name).traits.provides_network:
         raise UsageError(f"--qube {ws_name!r} is not an app qube of stack {stack!r}")
+    elif plan.qube(ws_name).cut_off:
+        raise UsageError(f"--qube {ws_name!r} has no netvm (cut off with `attach {ws_name} "
+                         f"none`): nothing leaves it to test (fix: netstack --stack {stack} "
+                         f"attach {ws_name} NETVM first)")
     else:
         ws = plan.qube(ws_name)
     chain = plan.chain(ws.name)

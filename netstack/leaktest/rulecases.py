@@ -207,6 +207,7 @@ def _ping(ns: str, dst: str, timeout: float) -> tuple[bool, str]:
 def run(stack: str, qube: str | None = None, expiry: bool = True, *, kernel: Kernel
         ) -> list[QubeReport]:
     """The rule cases of every qube with a list (or `qube`), on a running lab stack."""
+    from netstack import firewall_live
     from netstack.errors import UsageError
     from netstack.rules import names as rnames
     from netstack.stack import require
@@ -217,10 +218,21 @@ def run(stack: str, qube: str | None = None, expiry: bool = True, *, kernel: Ker
     if plan.lab is None:
         raise UsageError("leaktest --rules probes the lab's hosts only: bring the stack up "
                          "with --lab")
+    # what an earlier run killed midway left: its temporary rule, expired (then the plan
+    # in force is the one without it)
+    if firewall_live.drop_leaktest_rules(stack, kernel=kernel, now=time.time()):
+        st = require(stack)
+        plan = st.plan
+        assert plan is not None
     hosts = sorted(h.address for h in plan.lab.hosts.values())
     store = rnames.load(st.dir)
     with_lists = [q for q in plan.qubes if q.firewall is not None
                   and q.netvm and (qube is None or q.name == qube)]
+    if qube is not None and not with_lists and plan.has_qube(qube) \
+            and plan.qube(qube).cut_off:
+        raise UsageError(f"--qube {qube!r} has no netvm (cut off with `attach {qube} none`): "
+                         f"its rules are enforced nowhere until it is attached (fix: netstack "
+                         f"--stack {stack} attach {qube} NETVM first)")
     if qube is not None and not with_lists:
         raise UsageError(f"--qube {qube!r} has no rule list (see `netstack firewall {qube} "
                          "list`)")
@@ -244,15 +256,16 @@ def expiry_case(stack: str, qube: str, ns: str, cases: list[RuleCase], hosts: li
     """A rule with expire=+3 in front, for a target the list drops: open at once, closed
     by the kernel on time (polled with a deadline); then the list is put back."""
     from netstack import firewall_live
-    from netstack.rules.qubefw import load_overlay
 
     blocked = next((c for c in cases if c.proto == "tcp" and not c.expect and c.ok), None)
     if blocked is None:
         return {"ok": True, "skipped": "no dropped TCP target to open for a while"}
-    had_overlay = qube in load_overlay(stack)
+    # marked as leaktest's (its comment) with an expiry: if this run is killed before the
+    # `finally`, the next `leaktest --rules` or `firewall QUBE list` removes it
     firewall_live.change(stack, qube, "add", [
         "action=accept", f"dsthost={blocked.dst}", "proto=tcp", f"dstports={blocked.dport}",
-        f"expire=+{EXPIRE}", "comment=leaktest expiry"], number=1, kernel=kernel)
+        f"expire=+{EXPIRE}", f"comment={firewall_live.LEAKTEST_MARK}"], number=1,
+        kernel=kernel)
     t0 = time.monotonic()
     try:
         opened, seen = probe(ns, blocked)
@@ -263,11 +276,9 @@ def expiry_case(stack: str, qube: str, ns: str, cases: list[RuleCase], hosts: li
                 closed_after = round(time.monotonic() - t0, 2)
                 break
             time.sleep(0.2)  # the next probe: the kernel's element timeout is the event
-    finally:
-        if had_overlay:
-            firewall_live.change(stack, qube, "del", number=1, kernel=kernel)
-        else:
-            firewall_live.change(stack, qube, "reset", kernel=kernel)
+    finally:  # by its mark, not its number (the list back as it was, the config's again
+        # if it was the config's)
+        firewall_live.drop_leaktest_rules(stack, kernel=kernel, qubes=[qube])
     ok = opened and closed_after is not None and closed_after >= EXPIRE - 1
     return {"ok": ok, "target": f"{blocked.dst}:{blocked.dport}", "open_at_once": opened,
             "seen": seen, "closed_after_s": closed_after, "expire_s": EXPIRE}

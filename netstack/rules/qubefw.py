@@ -56,6 +56,8 @@ def _rule(where: str, r: Any) -> FwRule:
             raise ConfigError(where, f"unknown key {k!r}",
                               f"allowed keys: {', '.join(sorted(KEYS))}")
     action = r.get("action")
+    if action is None:
+        raise ConfigError(f"{where} 'action'", "missing", 'add action = "accept" or "drop"')
     if action not in ("accept", "drop"):
         raise ConfigError(f"{where} 'action'", f"{action!r} is not an action",
                           'use action = "accept" or "drop"')
@@ -248,7 +250,9 @@ def rule_note(qube: str, number: int, r: FwRule) -> str:
     """The rule's nftables comment: its number and its words, cut (at a character, with
     "...") to RULE_NOTE_BYTES of UTF-8 so that no valid rule can exceed what libnftables
     takes (the whole rule stays in firewall.json and `firewall list`)."""
-    note = f"{qube} rule {number}: {r.describe()}"
+    # single quotes around a comment here: nft's text listing of a comment does not escape
+    # a double quote, and what it prints must read back (`audit --ruleset` of a saved one)
+    note = f"{qube} rule {number}: {r.describe()}".replace('"', "'")
     if len(note.encode()) <= RULE_NOTE_BYTES:
         return note
     cut = note.encode()[:RULE_NOTE_BYTES - 3].decode(errors="ignore")
@@ -409,8 +413,17 @@ def rule_from_words(words: list[str]) -> dict[str, Any]:
             raise ConfigError(f"rule word {w!r}", f"gives {k} twice", "give each key once")
         # ASCII digits only: str.isdigit() is true of "²", which int() refuses
         out[k] = int(v) if k in ("icmptype", "dstports") and v.isascii() and v.isdigit() \
-            else v
+            else unquote_comment(v) if k == "comment" else v
     return out
+
+
+def unquote_comment(v: str) -> str:
+    """`comment="web only"` as `firewall list` shows it (model.quote_comment), given as one
+    word with its quotes (quoted again, or not through a shell): the comment inside. A
+    comment never holds a `"` itself (parse refuses it), so the quotes are never its own."""
+    if len(v) >= 2 and v[0] == v[-1] == '"':
+        return v[1:-1].replace("\\$", "$").replace("\\`", "`")
+    return v
 
 
 def absolute_expiry(rule: dict[str, Any], now: float) -> dict[str, Any]:

@@ -63,3 +63,32 @@ def test_list_delete_and_flush_in_one_namespace(scratch):
     finally:
         listener.kill()
         listener.wait()
+
+
+def test_ipv6_sources_are_listed_deleted_and_flushed(scratch):
+    """An IPv6 source is dumped with the IPv6 nfgen family (pyroute2's default AF_INET made
+    the kernel refuse the dump's filter with EINVAL on every `[stack] ipv6 = true` stack),
+    its entries deleted with it, and a flush clears both families."""
+    ns, run = scratch
+    run("ip", "addr", "add", "2001:db8::7/128", "dev", "lo", "nodad")
+    run("ping", "-c", "1", "-W", "1", "-I", "192.0.2.7", "127.0.0.1")
+    run("ping", "-6", "-c", "1", "-W", "1", "-I", "2001:db8::7", "::1")
+    run("python3", "-c", "import socket; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM);"
+        " s.bind(('2001:db8::7', 40124)); s.sendto(b'x', ('::1', 9))")
+    k = RealKernel()
+    try:
+        six = k.conntrack_list(ns, "2001:db8::7")
+        assert {(f.proto, f.dport, f.icmp_type) for f in six} >= {
+            ("icmp", None, 128), ("udp", 9, None)}, six
+        assert all(f.src == "2001:db8::7" for f in six)
+        assert [f.src for f in k.conntrack_list(ns, "192.0.2.7")] == ["192.0.2.7"]
+        udp = next(f for f in six if f.proto == "udp")
+        k.conntrack_delete(ns, udp)
+        left = k.conntrack_list(ns, "2001:db8::7")
+        assert udp not in left and any(f.proto == "icmp" for f in left)
+        k.conntrack_delete(ns, udp)  # gone already: no error
+        k.conntrack_flush(ns)
+        assert not k.conntrack_list(ns, "2001:db8::7")
+        assert not k.conntrack_list(ns, "192.0.2.7")
+    finally:
+        k.close()

@@ -315,3 +315,40 @@ def test_leaktest_rules_probes_each_rule_and_catches_a_chain_bypassed(own_stack)
         assert "FAIL unlisted-tcp-" in p.stdout and "FAIL rule 2-tcp-198.51.100.80" in p.stdout
     finally:
         cli("--stack", s, "down", "--purge", check=False)
+
+
+def test_a_leaktest_rules_run_killed_midway_leaves_nothing_that_lasts(own_stack):
+    """`leaktest --rules` killed (-9) while its temporary expire=+3 rule is in the list: the
+    rule stays in firewall.json only until the next `firewall work list` (or leaktest
+    --rules) after it expired; then the list is the config's again, and two killed runs do
+    not pile up."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from netstack.rules.qubefw import load_overlay
+
+    s = own_stack("fk")
+    cli("--stack", s, "up", CFG, "--lab")
+    try:
+        def marked() -> int:
+            return sum(1 for r in load_overlay(s).get("work", [])
+                       if r.get("comment") == "leaktest expiry")
+        for _ in range(2):
+            p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s,
+                                  "leaktest", "--rules"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            try:
+                wait_for(lambda: marked() > 0, 60, 0.05, "leaktest's temporary rule")
+            finally:
+                os.kill(p.pid, signal.SIGKILL)  # our own child, by its pid
+                p.wait()
+        assert 1 <= marked() <= 2, load_overlay(s)
+        time.sleep(4)  # its expire=+3 has passed
+        listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
+        assert listed["source"] == "config" and len(listed["rules"]) == 7
+        assert marked() == 0 and "work" not in load_overlay(s)
+    finally:
+        cli("--stack", s, "down", "--purge", check=False)

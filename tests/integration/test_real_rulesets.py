@@ -179,3 +179,29 @@ def test_a_script_nft_cannot_load_is_one_line_and_leaves_nothing(tmp_path):
     assert "nft cannot load it" in p.stderr and "Traceback" not in p.stderr
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert before == after
+
+
+def test_ruleset_file_replay_sends_each_counterexample_into_the_kernel(tmp_path):
+    """`audit --ruleset FILE --replay` (it used to ignore --replay without --packet): every
+    FAIL's counterexample is replayed as the live audit's are, confirmed by the kernel, or
+    named as not replayable (a packet on lo); the same in --json."""
+    f = tmp_path / "leaky.nft"
+    f.write_text("table inet filter {\n"
+                 " chain input { type filter hook input priority 0; policy drop;\n"
+                 "  iifname \"lo\" accept\n  tcp dport 22 accept\n }\n"
+                 " chain forward { type filter hook forward priority 0; policy accept; }\n"
+                 " chain output { type filter hook output priority 0; policy accept; }\n}\n")
+    p = cli("audit", "--ruleset", str(f), "--replay", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = [ln.strip() for ln in p.stdout.splitlines() if "replay in the kernel" in ln]
+    fails = [ln for ln in p.stdout.splitlines() if ln.startswith("FAIL ")]
+    assert len(lines) == len(fails) == 3, p.stdout
+    assert lines.count("replay in the kernel: accept (confirmed)") == 2, p.stdout
+    assert any("not replayed (a packet on lo" in ln for ln in lines), p.stdout
+    r = json.loads(cli("audit", "--ruleset", str(f), "--replay", "--json",
+                       check=False).stdout)
+    rp = {x["property"]: x["replay"] for x in r["results"] if x["status"] == "FAIL"}
+    assert rp["default drop"]["confirmed"] and rp["no IPv6 egress"]["confirmed"]
+    assert rp["INVALID dropped"]["replayable"] is False
+    p = cli("audit", "--ruleset", str(f), check=False)  # without it: no replay
+    assert "replay in the kernel" not in p.stdout

@@ -149,3 +149,23 @@ def test_app_home_is_persistent_or_ephemeral(tmp_path):
     c.write_text(base.replace('[qubes.work]\n', '[qubes.work]\nhome = "tmp"\n'))
     with pytest.raises(ConfigError, match="qube 'work' field 'home'.*ephemeral"):
         load(str(c), SPECS)
+
+
+@pytest.mark.parametrize("edit,says", [
+    (('netvm = "sys-firewall"', "netvm = 5"), "field 'netvm': 5 must be a qube name"),
+    (('netvm = "sys-firewall"', ""), "field 'netvm': missing"),
+    (('kind = "app"', ""), "field 'kind': missing (fix: add kind = one of "),
+    (('kind = "app"', 'kind = "vm"'), "field 'kind': 'vm' is not a kind"),
+    (('kind = "app"', "kind = 5"), "field 'kind': 5 is not a kind"),
+])
+def test_a_wrong_or_missing_field_says_which(edit, says):
+    """`netvm = 5` is not "missing", a missing kind is not "None is not a kind"."""
+    m = err(BASE.replace(*edit))
+    assert says in m and "None" not in m, m
+
+
+def test_a_vpn_qube_missing_its_type_or_config_says_so():
+    vpn = BASE + '[qubes.vpn]\nkind = "vpn"\nnetvm = "sys-firewall"\n'
+    assert "field 'type': missing" in err(vpn)
+    assert "field 'config': missing" in err(vpn + 'type = "wireguard"\n')
+    assert "field 'config': 5 must be a path" in err(vpn + 'type = "wireguard"\nconfig = 5\n')

@@ -5,6 +5,8 @@ root)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from netstack import disposable, firewall_live, sandbox, state
@@ -224,3 +226,122 @@ def test_one_change_reads_the_config_and_probes_the_host_once(monkeypatch):
     firewall_live.change("main", "work", "add", ["action=drop", "dsthost=192.0.2.9"],
                          kernel=fk)
     assert len(reads) == 1 and len(probes) == 1, (reads, probes)
+
+
+@pytest.mark.parametrize("action,words,number", [("add", ["action=accept"], None),
+                                                 ("del", [], 1), ("reset", [], None)])
+def test_a_disposable_cannot_be_given_rules_live_and_is_told_why(action, words, number):
+    """A disposable takes its template's rules (`run --like`); a live change of its list
+    says so in one line (it used to blame a qube the config no longer has) and changes
+    nothing."""
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    q = disposable.add("main", None, "red", like="work", kernel=fk)
+    before, n = plan_of(), len(fk.events)
+    with pytest.raises(UsageError, match=f"^{q.name} is a disposable: it takes its "
+                       "template's rules .*run --like QUBE"):
+        firewall_live.change("main", q.name, action, words, number, kernel=fk)
+    assert plan_of() == before and fk.events[n:] == []
+    assert firewall_live.listing("main", q.name)["rules"][0]["rule"] == \
+        "action=accept specialtarget=dns"
+    disposable.remove("main", [q.name], kernel=fk)
+
+
+@pytest.mark.parametrize("words", [[], ["dsthost=192.0.2.7"]])
+def test_firewall_add_without_an_action_asks_for_one(words):
+    fk, _ = up("configs/basic.toml")
+    with pytest.raises(UsageError, match="^firewall add: give action=accept or action=drop"):
+        firewall_live.change("main", "work", "add", words, kernel=fk)
+
+
+def test_counts_in_output_agree_with_their_number():
+    from netstack.errors import count
+
+    assert [count(n, "rule") for n in (0, 1, 2)] == ["0 rules", "1 rule", "2 rules"]
+    assert count(1, "property", "properties") == "1 property"
+    assert count(3, "property", "properties") == "3 properties"
+
+
+def test_the_cli_says_1_rule_and_1_connection(capsys):
+    import argparse
+
+    from netstack import cli
+
+    fk, _ = up("configs/basic.toml")
+    ns = argparse.Namespace(stack="main", qube="work", action="add", before=None, json=False,
+                            words=["action=accept", 'comment="web only"'], kernel=fk)
+    assert cli.cmd_firewall(ns) == 0
+    assert "work: added; 1 rule in force" in capsys.readouterr().out
+    ns = argparse.Namespace(stack="main", qube="work", action="list", json=False, kernel=fk)
+    assert cli.cmd_firewall(ns) == 0
+    assert '1  action=accept comment="web only"' in capsys.readouterr().out
+    from netstack.kernel import Flow
+
+    p = plan_of()
+    fk.flows[p.qube("sys-firewall").netns] = [
+        Flow("tcp", p.qube("work").ipv4, "198.51.100.80", 40000, 80)]
+    ns = argparse.Namespace(stack="main", qube="work", netvm="none", json=False, kernel=fk)
+    assert cli.cmd_attach(ns) == 0
+    assert "; 1 connection cut)" in capsys.readouterr().out
+
+
+def _leaktest_rule(fk, qube="work", expire="+3"):
+    """What `leaktest --rules` adds in front of the list (then it is killed)."""
+    firewall_live.change("main", qube, "add", [
+        "action=accept", "dsthost=203.0.113.10", "proto=tcp", "dstports=22",
+        f"expire={expire}", f"comment={firewall_live.LEAKTEST_MARK}"], number=1, kernel=fk)
+
+
+def test_killed_leaktest_rules_are_removed_once_expired_and_the_list_is_as_before():
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    before = firewall_live.rules_of(plan_of(), "work")
+    for _ in range(3):  # three killed runs piled up
+        _leaktest_rule(fk)
+    assert len(qubefw.load_overlay("main")["work"]) == 4
+    # not expired yet: a running leaktest's own rule stays
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk, now=0) == {}
+    later = time.time() + 10
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk, now=later) == {"work": 3}
+    assert firewall_live.rules_of(plan_of(), "work") == before
+    assert len(qubefw.load_overlay("main")["work"]) == 1
+    n = len(fk.events)
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk, now=later) == {}
+    assert fk.events[n:] == []  # nothing to do: no transaction
+
+
+def test_leaktest_rule_dropped_from_a_config_list_gives_it_back_to_the_config(tmp_path):
+    """The list was the config's: without the leaktest rule it is the config's again (as
+    `reset`); a user's rule with the same comment but no expiry is never touched."""
+    fk, _ = up("tests/configs/firewall-rules.toml")
+    before = firewall_live.rules_of(plan_of(), "work")
+    _leaktest_rule(fk)
+    firewall_live.change("main", "personal", "add", [
+        "action=drop", f"comment={firewall_live.LEAKTEST_MARK}"], kernel=fk)
+    assert firewall_live.drop_leaktest_rules("main", kernel=fk,
+                                             now=time.time() + 100) == {"work": 1}
+    assert "work" not in qubefw.load_overlay("main")
+    assert firewall_live.listing("main", "work")["source"] == "config"
+    assert firewall_live.rules_of(plan_of(), "work") == before
+    assert len(qubefw.load_overlay("main")["personal"]) == 1
+
+
+def test_firewall_list_drops_an_expired_leaktest_rule(capsys, monkeypatch):
+    import argparse
+
+    from netstack import cli
+
+    fk, _ = up("configs/basic.toml")
+    firewall_live.change("main", "work", "add", ["action=accept", "specialtarget=dns"],
+                         kernel=fk)
+    _leaktest_rule(fk)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 10)
+    ns = argparse.Namespace(stack="main", qube="work", action="list", json=False, kernel=fk)
+    assert cli.cmd_firewall(ns) == 0
+    out = capsys.readouterr()
+    assert "removed 1 expired rule an interrupted `leaktest --rules` left" in out.err
+    assert "leaktest expiry" not in out.out
+    assert "  1  action=accept specialtarget=dns" in out.out and "  2  " not in out.out

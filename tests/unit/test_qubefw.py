@@ -8,7 +8,7 @@ import pytest
 from netstack.config import parse
 from netstack.errors import ConfigError
 from netstack.kinds.registry import SPECS
-from netstack.rules.qubefw import FwRule
+from netstack.rules.qubefw import FwRule, rule_note
 from netstack.rules.qubefw import parse as parse_rules
 from tests.unit.test_config import ROOT
 from tests.unit.test_rule_names import short
@@ -130,3 +130,40 @@ def test_a_typed_rule_gives_its_table_back(raw):
     (rule,) = parse_rules("q", [raw])
     assert parse_rules("q", [rule.to_raw()]) == (rule,)
     assert rule.to_raw() == raw
+
+
+@pytest.mark.parametrize("comment,shown", [
+    ("web", "comment=web"),
+    ("web only", 'comment="web only"'),
+    ("x dsthost=1.2.3.4", 'comment="x dsthost=1.2.3.4"'),
+    ("a=b", 'comment="a=b"'),
+    ("cost $5 `now`", 'comment="cost \\$5 \\`now\\`"'),
+    ("it's", 'comment="it\'s"'),
+    ("", 'comment=""'),
+])
+def test_a_comment_is_shown_so_it_cannot_pass_for_a_condition_and_pastes_back(comment,
+                                                                             shown):
+    """`firewall list` shows a comment with spaces or `=` quoted (an unquoted
+    `comment=x dsthost=1.2.3.4` read as a rule restricted to 1.2.3.4 that accepts
+    everything), and `firewall add` takes the shown words back: through a shell (which
+    removes the quotes) and as one word with its quotes."""
+    import subprocess
+
+    from netstack.rules.qubefw import rule_from_words
+
+    r = parse_rules("work", [{"action": "accept", "comment": comment}])[0]
+    line = r.describe()
+    assert line == f"action=accept {shown}"
+    pasted = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True,
+                            text=True, check=True).stdout.split("\0")[:-1]
+    assert parse_rules("work", [rule_from_words(pasted)])[0] == r
+    assert parse_rules("work", [rule_from_words(line.split(" ", 1))])[0] == r
+    note = rule_note("work", 1, r)
+    assert '"' not in note  # nft's text listing would not escape it
+
+
+def test_a_rule_without_an_action_says_so():
+    with pytest.raises(ConfigError, match="'action': missing .*accept"):
+        parse_rules("work", [{"dsthost": "192.0.2.7"}])
+    with pytest.raises(ConfigError, match="'action': 'allow' is not an action"):
+        parse_rules("work", [{"action": "allow"}])

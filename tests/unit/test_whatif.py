@@ -141,3 +141,20 @@ def test_interfaces_an_nft_script_matches_by_index():
     text = 'iif lo accept\niif != "wg0" drop\noif { "a", b } accept\niifname "x" accept\n' \
            "meta iif $dev accept\n"
     assert rulesetfile.interfaces(text) == {"lo", "wg0", "a", "b"}
+
+
+def test_ruleset_replay_without_root_is_one_line(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(DOC))
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert cli.main(["audit", "--ruleset", str(f), "--replay"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["netstack: --replay needs root: it loads the ruleset in scratch namespaces "
+                   "and sends the packets there (run it with sudo)"]
+
+
+def test_help_says_replay_works_with_a_ruleset_file(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["audit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "of --ruleset FILE" in out and "is named, not replayed" in out

@@ -259,6 +259,25 @@ def proc_alive(pid: int, start: int | None) -> bool:
     return rest[0] != "Z"
 
 
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` for a short-lived child (key making at `up`): SIGKILL when the
+    thread that started it dies (PR_SET_PDEATHSIG), so a `kill -9` of netstack leaves no
+    child writing into a directory the next `up` makes again. libc is looked up here, in
+    the parent: the child only makes the call, and ends itself when its parent was already
+    gone before the call took effect."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return child
+
+
 class RealKernel(Kernel):
     """rtnetlink (netstack.rtnl: one socket per namespace, opened inside it), the nftables
     binding (one handle per namespace, bound at creation: docs/field-notes.md), /proc/sys,

@@ -371,10 +371,12 @@ def up(plan: Plan, st: State, k: Kernel, runtimes: Mapping[str, Any],
     not be undone."""
     for n in plan.namespaces:
         if k.netns_exists(n.name):
+            st.remove()  # nothing was made: no state left behind either
             raise StateError(f"namespace {n.name} already exists but is not part of a recorded "
                              f"stack; remove it with `ip netns del {n.name}`")
     for m in plan.moves:
         if not k.link_exists(None, m.dev):
+            st.remove()
             raise StateError(f"--uplink {m.dev}: no such interface in this namespace")
     if not st.data.started:  # "+SECONDS" rule expiry counts from here
         import time

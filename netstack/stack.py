@@ -42,6 +42,7 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     if kernel.real:
         require_root("up")
     k = kernel
+    check_uplink(uplink, k)  # before anything is made: a missing device changes nothing
     note = ""
     with StackLock(stack):
         st = State.load(stack)
@@ -61,6 +62,16 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
         st.create()  # from here on `down` knows the stack
         reconcile.up(p, st, k, RUNTIMES, inputs.providers)
     return p, note
+
+
+def check_uplink(uplink: UplinkSpec, k: Kernel) -> None:
+    """--uplink names a device of the namespace netstack runs in (moved into sys-net, or
+    NATed from there): one that does not exist is refused before the stack is made, so
+    nothing of the host (forwarding, a veth, a table) changes for it."""
+    if uplink.mode in ("move", "nat") and uplink.dev and not k.link_exists(None, uplink.dev):
+        raise UsageError(f"--uplink {uplink.dev}: no such network device in the namespace "
+                         "netstack runs in; fix: name an existing one (`ip -o link` lists "
+                         "them)")
 
 
 def down(stack: str, kernel: Kernel) -> list[str]:

@@ -132,6 +132,17 @@ class Kernel:
         """The x_tables (iptables-legacy, ip6tables, arptables) tables the namespace has."""
         return []
 
+    def netns_list(self) -> list[str]:
+        """Every named namespace (`down` finds those named for a stack its log lost)."""
+        return []
+
+    def etc_netns_dirs(self) -> list[str]:
+        """The directories under /etc/netns (a namespace's resolv.conf and hosts)."""
+        return []
+
+    def remove_tree(self, path: str) -> None:
+        """A directory and everything in it (one of a stack's /etc/netns directories)."""
+
     def netns_inode(self, name: str) -> int | None:
         """The namespace's identity (the inode of /run/netns/NAME), None when it is gone:
         it outlives the name, so what still runs inside can be found after the delete."""
@@ -641,6 +652,22 @@ class RealKernel(Kernel):
         from netstack.pathfacts import legacy_tables
 
         return legacy_tables(ns)
+
+    def netns_list(self) -> list[str]:
+        return netns.list_names()
+
+    def etc_netns_dirs(self) -> list[str]:
+        try:
+            return [os.path.join("/etc/netns", d) for d in sorted(os.listdir("/etc/netns"))]
+        except OSError:
+            return []
+
+    def remove_tree(self, path: str) -> None:
+        import shutil
+
+        if os.path.islink(path):
+            raise StateError(f"{path} is a symlink; left alone")
+        shutil.rmtree(path)
 
     def netns_inode(self, name: str) -> int | None:
         """Held open until end_inside: a namespace's inode number is reused once it is

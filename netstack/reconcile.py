@@ -507,10 +507,17 @@ def teardown(st: State, k: Kernel) -> list[str]:
     problems: list[str] = []
     objs = st.objects
     procs = [o for o in objs if isinstance(o, ProcessRec)]
+    # the supervisor as its pidfile names it, when the intent log lost its record (a
+    # damaged log): ended by pid and start time like a recorded one
+    pf = processes.pidfile_supervisor(st)
+    if pf is not None and not any(p.token == pf.token for p in procs):
+        procs.append(pf)
     # the namespaces' identities, which outlive their names: what still runs inside one
-    # once the recorded processes ended is a leftover of the stack (ended last, below)
-    inodes = {i for o in objs if isinstance(o, NetnsRec)
-              if (i := k.netns_inode(o.name)) is not None}
+    # once the recorded processes ended is a leftover of the stack (ended last, below);
+    # the stack's own names count too (a namespace the damaged log no longer names)
+    named = stack_namespaces(st.stack, k)
+    inodes = {i for n in {o.name for o in objs if isinstance(o, NetnsRec)} | set(named)
+              if (i := k.netns_inode(n)) is not None}
     # The processes are asked to end first and waited for last: they exit while the
     # namespaces and files go (nothing below needs them gone; the state directory, which
     # they write, is removed only after the wait).
@@ -527,13 +534,44 @@ def teardown(st: State, k: Kernel) -> list[str]:
             _undo(o, k, st)
         except Exception as e:  # noqa: BLE001 - netlink and OS errors alike
             problems.append(f"{type(o).__name__} {_name(o)}: {e}")
+    problems += sweep(st, k)
     try:
         processes.end_all(procs, st, k)
     except Exception as e:  # noqa: BLE001 - report with the rest
         problems.append(f"processes: {e}")
     k.end_inside(inodes)
+    if k.real:  # (a recording fake's pids are no processes of this host)
+        problems += [f"process {p.name} pid {p.pid}: still running" for p in procs
+                     if processes.alive(p)]
     if not problems:
         st.remove()
+    return problems
+
+
+def stack_namespaces(stack: str, k: Kernel) -> list[str]:
+    """The namespaces named for the stack (names.qube_netns, names.lab_netns): a stack
+    name has no '-', so the prefix is the stack's alone."""
+    own = (f"nst-{stack}-", f"nsl-{stack}-")
+    return [n for n in k.netns_list() if n.startswith(own)]
+
+
+def sweep(st: State, k: Kernel) -> list[str]:
+    """The last resort after the recorded objects are gone: the namespaces still named for
+    the stack and their /etc/netns directories (what a damaged or lost intent log no
+    longer names). Returns what could not be removed."""
+    problems: list[str] = []
+    for n in stack_namespaces(st.stack, k):
+        try:
+            k.netns_delete(n)
+        except Exception as e:  # noqa: BLE001 - report, go on
+            problems.append(f"namespace {n}: {e}")
+    for path in k.etc_netns_dirs():
+        if os.path.basename(path).startswith((f"nst-{st.stack}-", f"nsl-{st.stack}-")) \
+                and st.owns_path(path):
+            try:
+                k.remove_tree(path)
+            except (OSError, StateError) as e:
+                problems.append(f"{path}: {e}")
     return problems
 
 
@@ -541,7 +579,10 @@ def _keep_lab_tor(st: State) -> None:
     """The lab's private Tor network is kept for the next `up --lab` of its shape (its
     nodes have ended: their files are whole). A cache that cannot be written costs only
     the next up's speed, never the teardown."""
-    lab = st.plan.lab if st.plan is not None else None
+    try:
+        lab = st.plan.lab if st.plan is not None else None
+    except StateError:  # a damaged plan.json: nothing to keep, the rest goes all the same
+        return
     if lab is None or not lab.tor:
         return
     from netstack.tor import network

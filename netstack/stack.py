@@ -74,17 +74,53 @@ def check_uplink(uplink: UplinkSpec, k: Kernel) -> None:
                          "them)")
 
 
-def down(stack: str, kernel: Kernel) -> list[str]:
+def down(stack: str, kernel: Kernel, notes: list[str] | None = None) -> list[str]:
+    """Remove everything of the stack; returns what could not be removed. A damaged or
+    lost state.json, or a damaged intent log, does not stop it: it removes what the log's
+    readable lines name, the supervisor its pidfile names, and the namespaces named for
+    the stack with what runs inside them (reconcile.teardown). `notes` gets what it had to
+    do without (a damaged file, skipped lines)."""
     from netstack import reconcile
+    from netstack.errors import DamagedFile, OtherSchema
 
     names.check_stack(stack)
     if kernel.real:
         require_root("down")
+    said = notes if notes is not None else []
     with StackLock(stack):
-        st = State.load(stack)
+        try:
+            st = State.load(stack)
+        except DamagedFile as e:
+            if isinstance(e, OtherSchema):
+                raise
+            said.append(f"{e.path} is damaged ({e.problem}): removing what the intent log "
+                        "and the stack's names still show")
+            st = State.from_log(stack)
         if st is None:
-            raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
+            st = State.from_log(stack)
+            if not _any_left(st, kernel):
+                raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
+            said.append(f"{st.path} is missing: removing what the intent log and the "
+                        "stack's names still show")
+        if st.bad_lines:
+            said.append(f"{st.log_path}: skipped {len(st.bad_lines)} unreadable line(s) "
+                        f"({', '.join(map(str, st.bad_lines[:5]))}"
+                        f"{', ...' if len(st.bad_lines) > 5 else ''}); what they named is "
+                        "found by the stack's names only (its namespaces, /etc/netns)")
         return reconcile.teardown(st, kernel)
+
+
+def _any_left(st: State, k: Kernel) -> bool:
+    """Anything of a stack without state.json: its directory's files, a namespace or
+    /etc/netns directory named for it."""
+    from netstack import reconcile
+
+    with contextlib.suppress(OSError):
+        if os.listdir(st.dir):
+            return True
+    own = (f"nst-{st.stack}-", f"nsl-{st.stack}-")
+    return bool(reconcile.stack_namespaces(st.stack, k)) or any(
+        os.path.basename(d).startswith(own) for d in k.etc_netns_dirs())
 
 
 def interrupted(st: Any) -> str | None:
@@ -105,7 +141,7 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     from netstack.codec import dump
     from netstack.kinds.registry import RUNTIMES
     from netstack.kinds.runtime import LiveFacts
-    from netstack.processes import children, supervisor_pid
+    from netstack.processes import children, pidfile_supervisor, supervisor_pid
     from netstack.state import ProcessRec
 
     require_root("status")
@@ -114,6 +150,9 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     assert p is not None
     sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid is not None
            and o.name == "supervisor"]  # (captures of check and leaktest are recorded too)
+    pf = pidfile_supervisor(st)  # its own word, when the intent log lost the record
+    if pf is not None and not any(o.token == pf.token for o in sup):
+        sup.append(pf)
     sup_alive = any(proc_alive(o.pid, o.start) for o in sup)
     kids = {n: {**dump(c), "alive": proc_alive(c.pid, c.start)}
             for n, c in children(st).items()}
@@ -165,6 +204,10 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
                      "repair)")
     if (why := interrupted(st)) is not None:
         extra.append(why)
+    if st.bad_lines:
+        extra.append(f"intent log {st.log_path} damaged: {len(st.bad_lines)} unreadable "
+                     f"line(s) (line {st.bad_lines[0]} first); fix: `netstack --stack "
+                     f"{stack} down` removes the stack by its names too")
     if (p.services or p.daemons) and not sup_alive:
         extra.append("supervisor not running: nothing restarts the daemons")
     for n in p.namespaces:

@@ -27,9 +27,11 @@ def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
 
 
 def up(config_path: str | None, stack: str, uplink: UplinkSpec,
-       kernel: Kernel) -> tuple[Plan, str]:
+       kernel: Kernel, owner: int | None = None) -> tuple[Plan, str]:
     """Validate everything first (an invalid config changes nothing), then apply. A stack
-    left half-made by a crash is removed first (repair); a running one is reported."""
+    left half-made by a crash is removed first (repair); a running one is reported.
+    `owner`: the pid of the process the stack lives for (check's lab stack), recorded
+    with its start time in the state from the start."""
     from netstack import fastpath, reconcile
 
     fastpath.start_probe()  # (cli started it already) answered while the config is read
@@ -59,6 +61,10 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
         # absolute: `audit --drift` compares with this file from any directory
         st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
         st.data.started = time.time()
+        if owner is not None:
+            from netstack.kernel import proc_start_time
+
+            st.data.owner, st.data.owner_start = owner, proc_start_time(owner)
         st.create()  # from here on `down` knows the stack
         reconcile.up(p, st, k, RUNTIMES, inputs.providers)
     return p, note
@@ -204,6 +210,15 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
                      "repair)")
     if (why := interrupted(st)) is not None:
         extra.append(why)
+    if st.data.owner is not None:
+        from netstack.state import owner_gone
+
+        gone = owner_gone(st.data)
+        out["owner"] = {"pid": st.data.owner, "alive": not gone}
+        if gone:
+            extra.append(f"orphaned: made for `netstack check` pid {st.data.owner}, which is "
+                         f"gone; fix: the next `netstack check` removes it, or `netstack "
+                         f"--stack {stack} down`")
     if st.bad_lines:
         extra.append(f"intent log {st.log_path} damaged: {len(st.bad_lines)} unreadable "
                      f"line(s) (line {st.bad_lines[0]} first); fix: `netstack --stack "

@@ -125,7 +125,18 @@ class StackState:
     rule_digests: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     # `netstack attach`: qube -> the netvm it was moved to (None: cut off), until `down`
     netvms: dict[str, str | None] = field(default_factory=dict)
+    # the process the stack lives for (`netstack check`'s own lab stack): pid and start
+    # time; when it is gone (kill -9) the stack is an orphan (owner_gone)
+    owner: int | None = None
+    owner_start: int | None = None
     schema: int = SCHEMA
+
+
+def owner_gone(data: StackState) -> bool:
+    """A stack made for a process (check's lab stack) whose process no longer runs."""
+    from netstack.kernel import proc_alive
+
+    return data.owner is not None and not proc_alive(data.owner, data.owner_start)
 
 
 class State:

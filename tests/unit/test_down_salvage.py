@@ -103,3 +103,33 @@ def test_an_uplink_device_that_does_not_exist_is_refused(mode):
     k.ifaces[(None, "eth7")] = True  # anti-test: a device that exists is taken
     stack.check_uplink(UplinkSpec(mode, "eth7"), k)
     stack.check_uplink(UplinkSpec("lab"), k)
+
+
+def test_check_removes_only_the_lab_stacks_whose_check_is_gone():
+    """check's orphans (state.owner gone) go; a live check's stack, a ck stack that names
+    no owner (a user's `--stack ck1`) and another stack with a dead owner stay."""
+    import subprocess
+
+    from netstack import check
+    from netstack.kernel import proc_start_time
+    from netstack.state import owner_gone
+
+    dead = subprocess.Popen(["true"])
+    dead_start = proc_start_time(dead.pid)
+    dead.wait()
+    k = FakeKernel()
+    owners = {"ckdead": (dead.pid, dead_start), "cklive": (os.getpid(),
+                                                          proc_start_time(os.getpid())),
+              "cknone": (None, None), "userdead": (dead.pid, dead_start)}
+    for name, (pid, start) in owners.items():
+        st = State(name)
+        st.data.owner, st.data.owner_start = pid, start
+        st.create()
+        st.record(NetnsRec(f"nst-{name}-work"))
+        k.netns_create(f"nst-{name}-work")
+    assert [n for n in owners if owner_gone(State.load(n).data)] == ["ckdead", "userdead"]
+    said: list[str] = []
+    assert check.remove_orphans(k, said.append) == ["ckdead"]
+    assert f"pid {dead.pid}" in said[0] and "is gone" in said[0]
+    assert State.stacks() == ["cklive", "cknone", "userdead"]
+    assert k.namespaces == {"nst-cklive-work", "nst-cknone-work", "nst-userdead-work"}

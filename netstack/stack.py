@@ -151,6 +151,15 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     from netstack.state import ProcessRec
 
     require_root("status")
+    from netstack.state import check_stack
+
+    check_stack(stack)
+    if State.load(stack) is None:  # state.json gone: not up, unless something is left
+        left = State.from_log(stack)
+        if _any_left(left, k):
+            raise StateError(f"stack {stack!r} has no {left.path} but something of it is "
+                             f"left (namespaces, files); fix: `netstack --stack {stack} "
+                             "down` removes what it finds")
     st = require(stack)
     p = st.plan
     assert p is not None

@@ -69,13 +69,17 @@ def test_down_removes_a_stack_whose_state_json_was_deleted(own_stack):
     s = own_stack("fm")
     sup = _up(s)
     os.unlink(f"/run/netstack/{s}/state.json")
+    p = cli("--stack", s, "status", check=False)
+    assert p.returncode == 3 and "something of it is left" in p.stderr, p.stderr
+    assert f"`netstack --stack {s} down`" in p.stderr
     p = cli("--stack", s, "down", check=False)
     assert p.returncode == 0, p.stderr
     assert "state.json is missing" in p.stderr
     _gone(s, sup)
-    # anti-test: nothing of the stack left, so `down` says "not up" as before
-    p = cli("--stack", s, "down", check=False)
-    assert p.returncode == 3 and "is not up" in p.stderr
+    # anti-test: nothing of the stack left, so `down` and `status` say "not up" as before
+    for cmd in ("down", "status"):
+        p = cli("--stack", s, cmd, check=False)
+        assert p.returncode == 3 and "is not up" in p.stderr, p.stderr
 
 
 def test_garbage_in_the_intent_log_status_tells_and_down_removes_it_all(own_stack):

@@ -572,7 +572,34 @@ def sweep(st: State, k: Kernel) -> list[str]:
                 k.remove_tree(path)
             except (OSError, StateError) as e:
                 problems.append(f"{path}: {e}")
+    if st.lost and not any(isinstance(o, HostTableRec) for o in st.objects):
+        problems += _sweep_host_table(st, k)
     return problems
+
+
+def _sweep_host_table(st: State, k: Kernel) -> list[str]:
+    """--uplink-mode nat's table in the namespace netstack runs in (plan.py names it
+    netstack_STACK), when the records that named it are lost: removed by its name. The
+    host's ip_forward it set cannot be put back (its old value was in the lost record):
+    said, not guessed."""
+    table = f"netstack_{st.stack}"
+    try:
+        doc = k.nft_list(None)
+    except Exception:  # noqa: BLE001 - nothing listed: nothing known to remove
+        return []
+    if not any((i.get("table") or {}).get("name") == table and i["table"].get("family") == "ip"
+               for i in doc.get("nftables", [])):
+        return []
+    from netstack.rules.host import host_table_commands
+
+    try:
+        k.nft(None, host_table_commands(table, None))
+    except Exception as e:  # noqa: BLE001 - report with the rest
+        return [f"host table ip {table}: {e}"]
+    st.notes.append(f"removed the host's table ip {table} by its name; the host's "
+                    "net.ipv4.ip_forward it set to 1 is left as it is (its old value was in "
+                    "the lost record)")
+    return []
 
 
 def _keep_lab_tor(st: State) -> None:

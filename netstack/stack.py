@@ -102,18 +102,23 @@ def down(stack: str, kernel: Kernel, notes: list[str] | None = None) -> list[str
             said.append(f"{e.path} is damaged ({e.problem}): removing what the intent log "
                         "and the stack's names still show")
             st = State.from_log(stack)
+            st.lost = True
         if st is None:
             st = State.from_log(stack)
             if not _any_left(st, kernel):
                 raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
             said.append(f"{st.path} is missing: removing what the intent log and the "
                         "stack's names still show")
+            st.lost = True
+        st.lost = st.lost or bool(st.bad_lines)
         if st.bad_lines:
             said.append(f"{st.log_path}: skipped {len(st.bad_lines)} unreadable line(s) "
                         f"({', '.join(map(str, st.bad_lines[:5]))}"
                         f"{', ...' if len(st.bad_lines) > 5 else ''}); what they named is "
                         "found by the stack's names only (its namespaces, /etc/netns)")
-        return reconcile.teardown(st, kernel)
+        problems = reconcile.teardown(st, kernel)
+        said += st.notes
+        return problems
 
 
 def _any_left(st: State, k: Kernel) -> bool:

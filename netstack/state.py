@@ -156,6 +156,8 @@ class State:
         self._lines = lines
         self._tail_checked = False
         self.bad_lines: list[int] = []  # lines of objects.jsonl that could not be read
+        self.lost = False  # state.json damaged or gone: its records may be incomplete
+        self.notes: list[str] = []  # what a teardown from such a state could not know
 
     # --- reading --------------------------------------------------------------------
     @classmethod

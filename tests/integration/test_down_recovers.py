@@ -136,3 +136,33 @@ def test_another_schema_number_is_another_version_and_down_leaves_it(own_stack):
     state.write_text(good)
     cli("--stack", s, "down")
     _gone(s, sup)
+
+
+def test_a_lost_log_of_a_nat_stack_still_takes_its_host_table_and_says_what_it_cannot(
+        own_stack, tmp_path):
+    """--uplink-mode nat inside a throwaway 'host' namespace (nsenter: the real host is
+    never touched): with the intent log garbage, `down` removes the host table by its
+    name (netstack_STACK) and says that the host's ip_forward, whose old value was in the
+    lost record, stays as it is. Anti-test: with the log whole nothing is said of it."""
+    from tests.integration.util import in_ns, stand_in_host
+
+    s = own_stack("fn")
+    cfg = tmp_path / "nat.toml"
+    cfg.write_text(Path(BASIC).read_text().replace(
+        'kind = "net"', 'kind = "net"\ndns = ["192.0.2.1"]', 1))
+    for damaged in (False, True):
+        with stand_in_host(s) as (run, host, _router):
+            in_ns(host, "ip", "addr", "add", "192.0.2.2/24", "dev", "standin0")
+            in_ns(host, "ip", "link", "set", "standin0", "up")
+            p = run("up", str(cfg), "--uplink", "standin0", "--uplink-mode", "nat",
+                    "--no-wait")
+            assert p.returncode == 0, p.stderr
+            assert f"table ip netstack_{s}" in in_ns(host, "nft", "list", "ruleset").stdout
+            if damaged:
+                Path(f"/run/netstack/{s}/objects.jsonl").write_bytes(b"garbage\x00{")
+            p = run("down")
+            assert p.returncode == 0, p.stderr
+            assert f"netstack_{s}" not in in_ns(host, "nft", "list", "ruleset").stdout
+            assert f"nsu-{s}" not in in_ns(host, "ip", "-o", "link").stdout
+            assert ("ip_forward it set to 1 is left as it is" in p.stderr) is damaged, \
+                p.stderr

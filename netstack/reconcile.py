@@ -373,7 +373,8 @@ def up(plan: Plan, st: State, k: Kernel, runtimes: Mapping[str, Any],
         if k.netns_exists(n.name):
             st.remove()  # nothing was made: no state left behind either
             raise StateError(f"namespace {n.name} already exists but is not part of a recorded "
-                             f"stack; remove it with `ip netns del {n.name}`")
+                             f"stack; fix: `netstack --stack {plan.stack} down` removes what "
+                             f"is left of the stack (or `ip netns del {n.name}`)")
     for m in plan.moves:
         if not k.link_exists(None, m.dev):
             st.remove()

@@ -48,6 +48,10 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     note = ""
     with StackLock(stack):
         st = State.load(stack)
+        if st is None and _any_left(State.from_log(stack), k):
+            raise StateError(f"stack {stack!r} has no {stack_dir(stack)}/state.json but "
+                             "something of it is left (namespaces, files); fix: `netstack "
+                             f"--stack {stack} down` removes what it finds")
         if st is not None:
             if st.data.status == "up":
                 raise StateError(f"stack {stack!r} is already up; run `netstack --stack "

@@ -72,6 +72,9 @@ def test_down_removes_a_stack_whose_state_json_was_deleted(own_stack):
     p = cli("--stack", s, "status", check=False)
     assert p.returncode == 3 and "something of it is left" in p.stderr, p.stderr
     assert f"`netstack --stack {s} down`" in p.stderr
+    p = cli("--stack", s, "up", BASIC, "--lab", check=False)  # refused, nothing touched
+    assert p.returncode == 3 and "something of it is left" in p.stderr, p.stderr
+    assert os.path.exists(f"/run/netstack/{s}/objects.jsonl")
     p = cli("--stack", s, "down", check=False)
     assert p.returncode == 0, p.stderr
     assert "state.json is missing" in p.stderr

@@ -238,7 +238,9 @@ def run(cmd: list[str], config: str | None = None, qube: str | None = None,
             if own:
                 if progress:
                     progress(f"bringing up lab stack {name} (offline internet)")
-                stacks.up(config, name, UplinkSpec("lab", sink=True), kernel)
+                remove_orphans(kernel, progress)
+                stacks.up(config, name, UplinkSpec("lab", sink=True), kernel,
+                          owner=os.getpid())
                 wait_ready(name, kernel, progress)
             return _run(name, cmd, qube, expect, pcaps, bypass, fault, timeout, stdout, sig,
                         kernel)
@@ -250,10 +252,43 @@ def run(cmd: list[str], config: str | None = None, qube: str | None = None,
                 if progress:
                     progress(f"taking stack {name} down")
                 stacks.down(name, kernel)
-                from netstack.rules.qubefw import overlay_path
+                _remove_overlay(name)
 
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(os.path.dirname(overlay_path(name)))
+
+def _remove_overlay(name: str) -> None:
+    from netstack.rules.qubefw import overlay_path
+
+    with contextlib.suppress(OSError):
+        shutil.rmtree(os.path.dirname(overlay_path(name)))
+
+
+def remove_orphans(kernel: Kernel, progress: Any = None) -> list[str]:
+    """Take down the lab stacks of earlier checks whose process is gone (a `kill -9`
+    leaves its stack up: nothing else would ever remove it). Only stacks that name their
+    owning check (state.owner) are touched: never a user's stack, never a live check's.
+    Returns the stacks removed."""
+    from netstack import stack as stacks
+    from netstack.errors import NetstackError
+    from netstack.state import State, owner_gone
+
+    gone = []
+    for name in State.stacks():
+        if not name.startswith("ck"):
+            continue
+        try:
+            st = State.load(name)
+            if st is None or not owner_gone(st.data):
+                continue
+            if progress:
+                progress(f"taking down lab stack {name}: its check (pid {st.data.owner}) "
+                         "is gone")
+            if stacks.down(name, kernel):
+                continue  # what is left stays named by `status`
+        except NetstackError:  # damaged, or being changed by another netstack: not ours now
+            continue
+        _remove_overlay(name)
+        gone.append(name)
+    return gone
 
 
 def wait_ready(stack: str, k: Kernel, progress: Any = None, timeout: float = 120) -> None:

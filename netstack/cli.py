@@ -148,8 +148,9 @@ def _progress_bar(label: str, sd: Any = None):
 def cmd_down(args: argparse.Namespace) -> int:
     from netstack import stack
 
+    notes: list[str] = []
     try:
-        problems = stack.down(args.stack, args.kernel)
+        problems = stack.down(args.stack, args.kernel, notes)
     except StateError:
         if not args.purge:
             raise
@@ -162,9 +163,13 @@ def cmd_down(args: argparse.Namespace) -> int:
               + ", ".join(w for w, x in (("app qubes' homes", homes),
                                           ("the kept lab Tor network", lab)) if x))
         return 0
+    for n in notes:
+        print(f"netstack: {n}", file=sys.stderr)
     if problems:
         for pr in problems:
             print(f"netstack: could not remove {pr}", file=sys.stderr)
+        print(f"netstack: stack {args.stack!r} is not wholly down: {len(problems)} thing(s) "
+              "left (above)", file=sys.stderr)
         return 1
     if args.purge:
         from netstack import sandbox

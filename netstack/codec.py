@@ -217,12 +217,23 @@ def decode(cls: type[T] | Any, text: str | bytes, path: str) -> T:
     want = _schema(cls)
     if want is not None:
         found = raw.get("schema") if isinstance(raw, dict) else None
+        if not isinstance(found, int) or isinstance(found, bool):  # no number says so
+            raise DamagedFile(path, f"not what this version writes: no schema number in "
+                              f"{_shape(raw)}")
         if found != want:
-            raise OtherSchema(path, found if found is not None else "?", want)
+            raise OtherSchema(path, found, want)
     try:
         return _load(cls, raw, os.path.basename(path))
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise DamagedFile(path, f"not what this version writes: {_one_line(e)}") from None
+
+
+def _shape(raw: Any) -> str:
+    """What a JSON value is, in a few words (a message never quotes the file)."""
+    if isinstance(raw, dict):
+        return "an object with keys " + ", ".join(sorted(str(k) for k in raw)[:5]) \
+            if raw else "an empty object"
+    return f"a JSON {type(raw).__name__}"
 
 
 def _one_line(e: BaseException) -> str:

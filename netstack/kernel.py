@@ -133,6 +133,17 @@ class Kernel:
         """The x_tables (iptables-legacy, ip6tables, arptables) tables the namespace has."""
         return []
 
+    def netns_list(self) -> list[str]:
+        """Every named namespace (`down` finds those named for a stack its log lost)."""
+        return []
+
+    def etc_netns_dirs(self) -> list[str]:
+        """The directories under /etc/netns (a namespace's resolv.conf and hosts)."""
+        return []
+
+    def remove_tree(self, path: str) -> None:
+        """A directory and everything in it (one of a stack's /etc/netns directories)."""
+
     def netns_inode(self, name: str) -> int | None:
         """The namespace's identity (the inode of /run/netns/NAME), None when it is gone:
         it outlives the name, so what still runs inside can be found after the delete."""
@@ -258,6 +269,25 @@ def proc_alive(pid: int, start: int | None) -> bool:
     if start is not None and int(rest[19]) != start:
         return False
     return rest[0] != "Z"
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` for a short-lived child (key making at `up`): SIGKILL when the
+    thread that started it dies (PR_SET_PDEATHSIG), so a `kill -9` of netstack leaves no
+    child writing into a directory the next `up` makes again. libc is looked up here, in
+    the parent: the child only makes the call, and ends itself when its parent was already
+    gone before the call took effect."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return child
 
 
 class RealKernel(Kernel):
@@ -623,6 +653,22 @@ class RealKernel(Kernel):
         from netstack.pathfacts import legacy_tables
 
         return legacy_tables(ns)
+
+    def netns_list(self) -> list[str]:
+        return netns.list_names()
+
+    def etc_netns_dirs(self) -> list[str]:
+        try:
+            return [os.path.join("/etc/netns", d) for d in sorted(os.listdir("/etc/netns"))]
+        except OSError:
+            return []
+
+    def remove_tree(self, path: str) -> None:
+        import shutil
+
+        if os.path.islink(path):
+            raise StateError(f"{path} is a symlink; left alone")
+        shutil.rmtree(path)
 
     def netns_inode(self, name: str) -> int | None:
         """Held open until end_inside: a namespace's inode number is reused once it is

@@ -97,7 +97,23 @@ def supervisor_pid(st: State) -> int | None:
     for r in reversed(st.objects):
         if isinstance(r, ProcessRec) and r.name == "supervisor" and r.pid is not None:
             return r.pid
-    return None
+    pf = pidfile_supervisor(st)  # its record lost (a damaged intent log)
+    return pf.pid if pf is not None and alive(pf) else None
+
+
+def pidfile_supervisor(st: State) -> ProcessRec | None:
+    """The supervisor as its own pidfile names it (pid, start time, token), or None."""
+    path = os.path.join(st.dir, PIDFILE)
+    pf = read_pidfile(path)
+    if pf is None:
+        return None
+    return ProcessRec("supervisor", pf.token, path, pf.pid, pf.start)
+
+
+def alive(r: ProcessRec) -> bool:
+    from netstack.kernel import proc_alive
+
+    return r.pid is not None and proc_alive(r.pid, r.start)
 
 
 def listening(pid: int, proto: str, port: int) -> bool:

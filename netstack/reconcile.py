@@ -371,10 +371,13 @@ def up(plan: Plan, st: State, k: Kernel, runtimes: Mapping[str, Any],
     not be undone."""
     for n in plan.namespaces:
         if k.netns_exists(n.name):
+            st.remove()  # nothing was made: no state left behind either
             raise StateError(f"namespace {n.name} already exists but is not part of a recorded "
-                             f"stack; remove it with `ip netns del {n.name}`")
+                             f"stack; fix: `netstack --stack {plan.stack} down` removes what "
+                             f"is left of the stack (or `ip netns del {n.name}`)")
     for m in plan.moves:
         if not k.link_exists(None, m.dev):
+            st.remove()
             raise StateError(f"--uplink {m.dev}: no such interface in this namespace")
     if not st.data.started:  # "+SECONDS" rule expiry counts from here
         import time
@@ -505,10 +508,17 @@ def teardown(st: State, k: Kernel) -> list[str]:
     problems: list[str] = []
     objs = st.objects
     procs = [o for o in objs if isinstance(o, ProcessRec)]
+    # the supervisor as its pidfile names it, when the intent log lost its record (a
+    # damaged log): ended by pid and start time like a recorded one
+    pf = processes.pidfile_supervisor(st)
+    if pf is not None and not any(p.token == pf.token for p in procs):
+        procs.append(pf)
     # the namespaces' identities, which outlive their names: what still runs inside one
-    # once the recorded processes ended is a leftover of the stack (ended last, below)
-    inodes = {i for o in objs if isinstance(o, NetnsRec)
-              if (i := k.netns_inode(o.name)) is not None}
+    # once the recorded processes ended is a leftover of the stack (ended last, below);
+    # the stack's own names count too (a namespace the damaged log no longer names)
+    named = stack_namespaces(st.stack, k)
+    inodes = {i for n in {o.name for o in objs if isinstance(o, NetnsRec)} | set(named)
+              if (i := k.netns_inode(n)) is not None}
     # The processes are asked to end first and waited for last: they exit while the
     # namespaces and files go (nothing below needs them gone; the state directory, which
     # they write, is removed only after the wait).
@@ -525,21 +535,82 @@ def teardown(st: State, k: Kernel) -> list[str]:
             _undo(o, k, st)
         except Exception as e:  # noqa: BLE001 - netlink and OS errors alike
             problems.append(f"{type(o).__name__} {_name(o)}: {e}")
+    problems += sweep(st, k)
     try:
         processes.end_all(procs, st, k)
     except Exception as e:  # noqa: BLE001 - report with the rest
         problems.append(f"processes: {e}")
     k.end_inside(inodes)
+    if k.real:  # (a recording fake's pids are no processes of this host)
+        problems += [f"process {p.name} pid {p.pid}: still running" for p in procs
+                     if processes.alive(p)]
     if not problems:
         st.remove()
     return problems
+
+
+def stack_namespaces(stack: str, k: Kernel) -> list[str]:
+    """The namespaces named for the stack (names.qube_netns, names.lab_netns): a stack
+    name has no '-', so the prefix is the stack's alone."""
+    own = (f"nst-{stack}-", f"nsl-{stack}-")
+    return [n for n in k.netns_list() if n.startswith(own)]
+
+
+def sweep(st: State, k: Kernel) -> list[str]:
+    """The last resort after the recorded objects are gone: the namespaces still named for
+    the stack and their /etc/netns directories (what a damaged or lost intent log no
+    longer names). Returns what could not be removed."""
+    problems: list[str] = []
+    for n in stack_namespaces(st.stack, k):
+        try:
+            k.netns_delete(n)
+        except Exception as e:  # noqa: BLE001 - report, go on
+            problems.append(f"namespace {n}: {e}")
+    for path in k.etc_netns_dirs():
+        if os.path.basename(path).startswith((f"nst-{st.stack}-", f"nsl-{st.stack}-")) \
+                and st.owns_path(path):
+            try:
+                k.remove_tree(path)
+            except (OSError, StateError) as e:
+                problems.append(f"{path}: {e}")
+    if st.lost and not any(isinstance(o, HostTableRec) for o in st.objects):
+        problems += _sweep_host_table(st, k)
+    return problems
+
+
+def _sweep_host_table(st: State, k: Kernel) -> list[str]:
+    """--uplink-mode nat's table in the namespace netstack runs in (plan.py names it
+    netstack_STACK), when the records that named it are lost: removed by its name. The
+    host's ip_forward it set cannot be put back (its old value was in the lost record):
+    said, not guessed."""
+    table = f"netstack_{st.stack}"
+    try:
+        doc = k.nft_list(None)
+    except Exception:  # noqa: BLE001 - nothing listed: nothing known to remove
+        return []
+    if not any((i.get("table") or {}).get("name") == table and i["table"].get("family") == "ip"
+               for i in doc.get("nftables", [])):
+        return []
+    from netstack.rules.host import host_table_commands
+
+    try:
+        k.nft(None, host_table_commands(table, None))
+    except Exception as e:  # noqa: BLE001 - report with the rest
+        return [f"host table ip {table}: {e}"]
+    st.notes.append(f"removed the host's table ip {table} by its name; the host's "
+                    "net.ipv4.ip_forward it set to 1 is left as it is (its old value was in "
+                    "the lost record)")
+    return []
 
 
 def _keep_lab_tor(st: State) -> None:
     """The lab's private Tor network is kept for the next `up --lab` of its shape (its
     nodes have ended: their files are whole). A cache that cannot be written costs only
     the next up's speed, never the teardown."""
-    lab = st.plan.lab if st.plan is not None else None
+    try:
+        lab = st.plan.lab if st.plan is not None else None
+    except StateError:  # a damaged plan.json: nothing to keep, the rest goes all the same
+        return
     if lab is None or not lab.tor:
         return
     from netstack.tor import network

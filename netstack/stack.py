@@ -27,9 +27,11 @@ def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
 
 
 def up(config_path: str | None, stack: str, uplink: UplinkSpec,
-       kernel: Kernel) -> tuple[Plan, str]:
+       kernel: Kernel, owner: int | None = None) -> tuple[Plan, str]:
     """Validate everything first (an invalid config changes nothing), then apply. A stack
-    left half-made by a crash is removed first (repair); a running one is reported."""
+    left half-made by a crash is removed first (repair); a running one is reported.
+    `owner`: the pid of the process the stack lives for (check's lab stack), recorded
+    with its start time in the state from the start."""
     from netstack import fastpath, reconcile
 
     fastpath.start_probe()  # (cli started it already) answered while the config is read
@@ -42,9 +44,14 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     if kernel.real:
         require_root("up")
     k = kernel
+    check_uplink(uplink, k)  # before anything is made: a missing device changes nothing
     note = ""
     with StackLock(stack):
         st = State.load(stack)
+        if st is None and _any_left(State.from_log(stack), k):
+            raise StateError(f"stack {stack!r} has no {stack_dir(stack)}/state.json but "
+                             "something of it is left (namespaces, files); fix: `netstack "
+                             f"--stack {stack} down` removes what it finds")
         if st is not None:
             if st.data.status == "up":
                 raise StateError(f"stack {stack!r} is already up; run `netstack --stack "
@@ -58,22 +65,77 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
         # absolute: `audit --drift` compares with this file from any directory
         st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
         st.data.started = time.time()
+        if owner is not None:
+            from netstack.kernel import proc_start_time
+
+            st.data.owner, st.data.owner_start = owner, proc_start_time(owner)
         st.create()  # from here on `down` knows the stack
         reconcile.up(p, st, k, RUNTIMES, inputs.providers)
     return p, note
 
 
-def down(stack: str, kernel: Kernel) -> list[str]:
+def check_uplink(uplink: UplinkSpec, k: Kernel) -> None:
+    """--uplink names a device of the namespace netstack runs in (moved into sys-net, or
+    NATed from there): one that does not exist is refused before the stack is made, so
+    nothing of the host (forwarding, a veth, a table) changes for it."""
+    if uplink.mode in ("move", "nat") and uplink.dev and not k.link_exists(None, uplink.dev):
+        raise UsageError(f"--uplink {uplink.dev}: no such network device in the namespace "
+                         "netstack runs in; fix: name an existing one (`ip -o link` lists "
+                         "them)")
+
+
+def down(stack: str, kernel: Kernel, notes: list[str] | None = None) -> list[str]:
+    """Remove everything of the stack; returns what could not be removed. A damaged or
+    lost state.json, or a damaged intent log, does not stop it: it removes what the log's
+    readable lines name, the supervisor its pidfile names, and the namespaces named for
+    the stack with what runs inside them (reconcile.teardown). `notes` gets what it had to
+    do without (a damaged file, skipped lines)."""
     from netstack import reconcile
+    from netstack.errors import DamagedFile, OtherSchema
 
     names.check_stack(stack)
     if kernel.real:
         require_root("down")
+    said = notes if notes is not None else []
     with StackLock(stack):
-        st = State.load(stack)
+        try:
+            st = State.load(stack)
+        except DamagedFile as e:
+            if isinstance(e, OtherSchema):
+                raise
+            said.append(f"{e.path} is damaged ({e.problem}): removing what the intent log "
+                        "and the stack's names still show")
+            st = State.from_log(stack)
+            st.lost = True
         if st is None:
-            raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
-        return reconcile.teardown(st, kernel)
+            st = State.from_log(stack)
+            if not _any_left(st, kernel):
+                raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
+            said.append(f"{st.path} is missing: removing what the intent log and the "
+                        "stack's names still show")
+            st.lost = True
+        st.lost = st.lost or bool(st.bad_lines)
+        if st.bad_lines:
+            said.append(f"{st.log_path}: skipped {len(st.bad_lines)} unreadable line(s) "
+                        f"({', '.join(map(str, st.bad_lines[:5]))}"
+                        f"{', ...' if len(st.bad_lines) > 5 else ''}); what they named is "
+                        "found by the stack's names only (its namespaces, /etc/netns)")
+        problems = reconcile.teardown(st, kernel)
+        said += st.notes
+        return problems
+
+
+def _any_left(st: State, k: Kernel) -> bool:
+    """Anything of a stack without state.json: its directory's files, a namespace or
+    /etc/netns directory named for it."""
+    from netstack import reconcile
+
+    with contextlib.suppress(OSError):
+        if os.listdir(st.dir):
+            return True
+    own = (f"nst-{st.stack}-", f"nsl-{st.stack}-")
+    return bool(reconcile.stack_namespaces(st.stack, k)) or any(
+        os.path.basename(d).startswith(own) for d in k.etc_netns_dirs())
 
 
 def interrupted(st: Any) -> str | None:
@@ -94,15 +156,27 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     from netstack.codec import dump
     from netstack.kinds.registry import RUNTIMES
     from netstack.kinds.runtime import LiveFacts
-    from netstack.processes import children, supervisor_pid
+    from netstack.processes import children, pidfile_supervisor, supervisor_pid
     from netstack.state import ProcessRec
 
     require_root("status")
+    from netstack.state import check_stack
+
+    check_stack(stack)
+    if State.load(stack) is None:  # state.json gone: not up, unless something is left
+        left = State.from_log(stack)
+        if _any_left(left, k):
+            raise StateError(f"stack {stack!r} has no {left.path} but something of it is "
+                             f"left (namespaces, files); fix: `netstack --stack {stack} "
+                             "down` removes what it finds")
     st = require(stack)
     p = st.plan
     assert p is not None
     sup = [o for o in st.objects if isinstance(o, ProcessRec) and o.pid is not None
            and o.name == "supervisor"]  # (captures of check and leaktest are recorded too)
+    pf = pidfile_supervisor(st)  # its own word, when the intent log lost the record
+    if pf is not None and not any(o.token == pf.token for o in sup):
+        sup.append(pf)
     sup_alive = any(proc_alive(o.pid, o.start) for o in sup)
     kids = {n: {**dump(c), "alive": proc_alive(c.pid, c.start)}
             for n, c in children(st).items()}
@@ -154,6 +228,19 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
                      "repair)")
     if (why := interrupted(st)) is not None:
         extra.append(why)
+    if st.data.owner is not None:
+        from netstack.state import owner_gone
+
+        gone = owner_gone(st.data)
+        out["owner"] = {"pid": st.data.owner, "alive": not gone}
+        if gone:
+            extra.append(f"orphaned: made for `netstack check` pid {st.data.owner}, which is "
+                         f"gone; fix: the next `netstack check` removes it, or `netstack "
+                         f"--stack {stack} down`")
+    if st.bad_lines:
+        extra.append(f"intent log {st.log_path} damaged: {len(st.bad_lines)} unreadable "
+                     f"line(s) (line {st.bad_lines[0]} first); fix: `netstack --stack "
+                     f"{stack} down` removes the stack by its names too")
     if (p.services or p.daemons) and not sup_alive:
         extra.append("supervisor not running: nothing restarts the daemons")
     for n in p.namespaces:

@@ -125,7 +125,18 @@ class StackState:
     rule_digests: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     # `netstack attach`: qube -> the netvm it was moved to (None: cut off), until `down`
     netvms: dict[str, str | None] = field(default_factory=dict)
+    # the process the stack lives for (`netstack check`'s own lab stack): pid and start
+    # time; when it is gone (kill -9) the stack is an orphan (owner_gone)
+    owner: int | None = None
+    owner_start: int | None = None
     schema: int = SCHEMA
+
+
+def owner_gone(data: StackState) -> bool:
+    """A stack made for a process (check's lab stack) whose process no longer runs."""
+    from netstack.kernel import proc_alive
+
+    return data.owner is not None and not proc_alive(data.owner, data.owner_start)
 
 
 class State:
@@ -144,6 +155,9 @@ class State:
         self._records = records or []
         self._lines = lines
         self._tail_checked = False
+        self.bad_lines: list[int] = []  # lines of objects.jsonl that could not be read
+        self.lost = False  # state.json damaged or gone: its records may be incomplete
+        self.notes: list[str] = []  # what a teardown from such a state could not know
 
     # --- reading --------------------------------------------------------------------
     @classmethod
@@ -161,14 +175,28 @@ class State:
                              f"({e.path}: state schema {e.found}, this one reads {e.want}); "
                              "take it down with that version") from None
         except DamagedFile as e:
-            raise DamagedFile(e.path, e.problem, "remove the stack by hand") from None
+            raise DamagedFile(e.path, e.problem, f"`netstack --stack {stack} down` removes "
+                              "what it finds of the stack") from None
+        return cls.from_log(stack, data)
+
+    @classmethod
+    def from_log(cls, stack: str, data: StackState | None = None) -> State:
+        """The stack with the records of its intent log, read line by line: a line that
+        cannot be read (cut by a crash, damaged) is skipped and named in `bad_lines`.
+        Without `data` (state.json gone or damaged): what `down` removes from."""
         records: list[tuple[int, Record]] = []
+        bad: list[int] = []
         lines = 0
-        with contextlib.suppress(FileNotFoundError), open(os.path.join(d, "objects.jsonl")) as f:
+        with contextlib.suppress(FileNotFoundError), \
+                open(os.path.join(stack_dir(stack), "objects.jsonl"), "rb") as f:
             for lines, line in enumerate(f, start=1):  # noqa: B007
-                with contextlib.suppress(ValueError, StateError):  # a line cut by a crash
+                try:
                     records.append((lines - 1, codec.decode(Record, line, "objects.jsonl")))
-        return cls(stack, data, None, records, lines)
+                except (ValueError, StateError):
+                    bad.append(lines)
+        st = cls(stack, data, None, records, lines)
+        st.bad_lines = bad
+        return st
 
     @property
     def plan(self) -> Plan | None:

@@ -6,6 +6,7 @@ rollback are checked without touching the host."""
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,17 @@ class FakeKernel(Kernel):
         assert name not in self.namespaces
         self.namespaces.add(name)
         self.ifaces[(name, "lo")] = False
+
+    def netns_list(self) -> list[str]:
+        return sorted(self.namespaces)
+
+    def etc_netns_dirs(self) -> list[str]:
+        return sorted(d for d in self.dirs if os.path.dirname(d) == "/etc/netns")
+
+    def remove_tree(self, path: str) -> None:
+        self._ev("remove_tree", path)
+        self.dirs = {d for d in self.dirs if d != path and not d.startswith(path + "/")}
+        self.files = {f: t for f, t in self.files.items() if not f.startswith(path + "/")}
 
     def netns_delete(self, name: str) -> bool:
         self._ev("netns_delete", name)

@@ -31,7 +31,10 @@ PLACEHOLDER_PEM = "-----BEGIN PLACEHOLDER-----\nmade at `up`\n-----END PLACEHOLD
 
 
 def _run(argv: list[str], **kw) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, **kw)
+    from netstack.kernel import die_with_parent
+
+    p = subprocess.run(argv, capture_output=True, text=True, preexec_fn=die_with_parent(),
+                       **kw)
     if p.returncode != 0:
         raise ApplyError(f"lab VPN setup: {argv[0]} failed: {p.stderr.strip()[:200]}")
     return p.stdout

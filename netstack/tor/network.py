@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from netstack.errors import ApplyError
-from netstack.kernel import atomic_write
+from netstack.kernel import atomic_write, die_with_parent
 from netstack.model import TorNode
 
 OR_PORT, DIR_PORT = 5000, 7000
@@ -97,8 +97,11 @@ def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str,
 
 
 def _start(argv: list[str], stdin: str | None = None) -> subprocess.Popen:
+    """A key-making child of `up`: it dies with `up` (a `kill -9` of `up` left tor-gencert
+    running, writing keys into the directory the next `up` made again)."""
     return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=die_with_parent())
 
 
 def _finish(p: subprocess.Popen, stdin: str | None, what: str) -> str:
@@ -147,6 +150,9 @@ def _make_keys(nodes: list[TorNode]) -> list[str]:
         if n.role != "authority":
             continue
         k = os.path.join(d, "keys")
+        for f in ("authority_identity_key", "authority_signing_key", "authority_certificate"):
+            with contextlib.suppress(FileNotFoundError):  # half made by an interrupted up:
+                os.unlink(os.path.join(k, f))  # tor-gencert refuses to overwrite it
         argv = ["tor-gencert", "--create-identity-key", "--passphrase-fd", "0", "-i",
                 f"{k}/authority_identity_key", "-s", f"{k}/authority_signing_key", "-c",
                 f"{k}/authority_certificate", "-m", "12", "-a", f"{n.address}:{n.dir_port}"]

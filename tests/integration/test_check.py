@@ -377,3 +377,57 @@ def test_sigterm_while_the_lab_stack_comes_up_exits_143_and_leaves_nothing():
     assert p.returncode == 143, err
     assert "SIGTERM before the program started" in err and out == ""
     assert not os.path.exists(f"/run/netstack/{stack}") and not stack_leftovers(stack)
+
+
+def _check_stack_of(pid: int) -> str | None:
+    """The lab stack check `pid` made for itself (its state names its owner)."""
+    from netstack.state import State
+
+    for s in State.stacks():
+        if s.startswith("ck"):
+            try:  # other engineers' stacks come and go meanwhile
+                st = State.load(s)
+            except Exception:  # noqa: BLE001
+                continue
+            if st is not None and st.data.owner == pid:
+                return s
+    return None
+
+
+def test_the_lab_stack_of_a_check_killed_with_sigkill_is_named_and_the_next_check_removes_it():
+    """kill -9 of `check` left its own lab stack up for good. Its state names the owning
+    check (pid, start time): `status` calls it orphaned once that check is gone, and the
+    next `check` takes it down. Anti-test: while its check runs, the stack is no orphan and
+    another check leaves it alone."""
+    from tests.integration.util import BASIC
+
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "check", BASIC, "--",
+                          "sleep", "600"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    s = None
+    try:
+        _wait(lambda: _program_started(p.pid), 120, "check to start the program")
+        s = _wait(lambda: _check_stack_of(p.pid), 10, "check's stack naming its owner")
+        st = json.loads(cli("--stack", s, "status", "--json", check=False).stdout)
+        assert st["owner"] == {"pid": p.pid, "alive": True}
+        assert not any("orphaned" in x for x in st["health"]["problems"])
+        other = cli("check", BASIC, "--", "true", check=False)
+        assert f"taking down lab stack {s}" not in other.stderr
+        assert os.path.exists(f"/run/netstack/{s}/state.json")  # a live check's: kept
+        p.kill()
+        p.wait()
+        st = json.loads(cli("--stack", s, "status", "--json", check=False).stdout)
+        assert st["owner"] == {"pid": p.pid, "alive": False}
+        assert any(f"orphaned: made for `netstack check` pid {p.pid}" in x
+                   for x in st["health"]["problems"]), st["health"]["problems"]
+        r = cli("check", BASIC, "--", "true", check=False)
+        assert f"taking down lab stack {s}: its check (pid {p.pid}) is gone" in r.stderr
+        assert "Traceback" not in r.stderr
+        _wait(lambda: not stack_leftovers(s), 10, f"nothing of {s} left")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if s is not None and os.path.exists(f"/run/netstack/{s}"):
+            cli("--stack", s, "down", check=False)
+        reap_zombies()

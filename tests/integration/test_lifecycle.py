@@ -192,6 +192,31 @@ def test_uplink_nat_mode_inside_a_stand_in_host(own_stack, tmp_path):
         assert host_state() == before
 
 
+@pytest.mark.parametrize("mode", ["move", "nat"])
+def test_an_uplink_device_that_does_not_exist_is_refused_before_anything_is_made(
+        monkeypatch, tmp_path, own_stack, mode):
+    """--uplink of a device the namespace netstack runs in does not have: one line naming
+    --uplink and the fix, exit 2, and nothing made (no state, no namespace, the host's
+    forwarding, links, routes and ruleset as they were). The device never exists, so the
+    check fires before anything of the host is read for NAT. The stand-in tests above are
+    the anti-tests: a device that exists is taken."""
+    monkeypatch.setenv("NETSTACK_LAB_TOR_CACHE", str(tmp_path))  # own_stack purges it
+    s = own_stack("x")
+    dev = "nosuchdev0"
+    assert dev not in snapshot_host()["link_names"]
+    before = snapshot_host()
+    fwd = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    p = cli("--stack", s, "up", BASIC, "--uplink", dev, "--uplink-mode", mode, check=False)
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith(f"netstack: --uplink {dev}: no such network device")
+    assert "fix:" in p.stderr
+    assert not os.path.exists(f"/run/netstack/{s}")
+    assert not stack_leftovers(s)
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == fwd
+    assert snapshot_host() == before
+
+
 def test_move_mode_gives_the_device_back_to_netstacks_own_namespace(own_stack, tmp_path):
     """Regression (issue 26): `down` gave a moved device to PID 1's namespace, and failed
     ("Permission denied: '/proc/1/ns/net'") where that is not readable. Here netstack runs

@@ -183,9 +183,14 @@ def test_another_schema_names_the_file_and_both_numbers(tmp_path):
     msg = str(e.value)
     assert str(p) in msg and f"schema {SCHEMA + 1}" in msg and f"reads {SCHEMA}" in msg
     assert "\n" not in msg
-    p.write_text(json.dumps({"stack": "cd0"}))  # before schemas: no number at all
-    with pytest.raises(OtherSchema, match="schema \\?"):
-        codec.read(str(p), StackState)
+    # no schema number: damaged, never "another version" (nothing says so)
+    for text in (json.dumps({"stack": "cd0"}), "[]", '{"schema": "1"}', "{}", "7",
+                 json.dumps({"schema": True})):
+        p.write_text(text)
+        with pytest.raises(DamagedFile) as d:
+            codec.read(str(p), StackState)
+        assert not isinstance(d.value, OtherSchema), text
+        assert "is damaged" in str(d.value) and "another version" not in str(d.value)
 
 
 def test_state_load_reports_damage_and_other_versions_in_one_line(tmp_path, monkeypatch):
@@ -198,8 +203,13 @@ def test_state_load_reports_damage_and_other_versions_in_one_line(tmp_path, monk
                                          r"state.json: state schema 1, this one reads"):
         state.State.load("cd1")
     Path(st.path).write_text('{"stack": "cd1", "sta')
-    with pytest.raises(DamagedFile, match=f"{st.path} is damaged .*remove the stack by hand"):
+    with pytest.raises(DamagedFile, match=f"{st.path} is damaged .*`netstack --stack cd1 "
+                                          "down` removes what it finds"):
         state.State.load("cd1")
+    Path(st.path).write_text('{"stack": "cd1"}')  # valid JSON of the wrong shape: damaged
+    with pytest.raises(DamagedFile, match="is damaged") as e:
+        state.State.load("cd1")
+    assert "another version" not in str(e.value)
 
 
 def test_readers_of_files_a_crash_may_leave_half_made(tmp_path):

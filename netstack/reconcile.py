@@ -607,6 +607,8 @@ def _keep_lab_tor(st: State) -> None:
     """The lab's private Tor network is kept for the next `up --lab` of its shape (its
     nodes have ended: their files are whole). A cache that cannot be written costs only
     the next up's speed, never the teardown."""
+    if not os.path.isdir(os.path.join(st.dir, "lab", "tor")):  # (lab.plan.lab_dir): no
+        return  # Tor network was made, and the plan (the model: ~20 ms) need not be read
     try:
         lab = st.plan.lab if st.plan is not None else None
     except StateError:  # a damaged plan.json: nothing to keep, the rest goes all the same

@@ -10,6 +10,7 @@
 # with chroot (it fetches its packages and the venv's wheels then, so the VM needs no network).
 set -euo pipefail
 project=$1 out=$2 work=$3
+mkdir -p "$work"
 root="$work/root"
 mirror=http://deb.debian.org/debian
 # the kernel and what a systemd boot needs; setup.sh installs the rest

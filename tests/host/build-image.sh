@@ -30,7 +30,7 @@ cp "$r/$bundle" "$r/$bundle.debian"
 cp /"$bundle" "$r/$bundle"
 chroot "$r" /opt/netstack/scripts/setup.sh
 mv "$r/$bundle.debian" "$r/$bundle"
-printf '/dev/vda / ext4 rw,noatime 0 1\n' >"$r/etc/fstab"
+printf 'LABEL=nstroot / ext4 rw,noatime 0 1\n' >"$r/etc/fstab"
 # the boot runner: extracts the run's input disk (a tar of the project at HEAD) and runs
 # tests/host/vm-run.sh from it, so a change of the tests needs no new image
 cat >"$r/usr/local/sbin/netstack-test-host-boot" <<'EOS'

@@ -97,6 +97,37 @@ def test_mac80211_hwsim_loads():
         sh("modprobe", "-r", "mac80211_hwsim", check=False)
 
 
+def diagnose(stack: str, name: str) -> None:
+    """What a failed stack test needs to be understood from the host: each namespace's
+    links, routes, rules, WireGuard state and ruleset, the stack's run files and the
+    kernel's log, into the results (NETSTACK_TEST_HOST_OUT, set by vm-run.sh)."""
+    out = os.environ.get("NETSTACK_TEST_HOST_OUT")
+    if not out:
+        return
+    parts = []
+
+    def run(*cmd: str) -> None:
+        p = sh(*cmd, check=False, timeout=60)
+        parts.append(f"$ {' '.join(cmd)}  -> {p.returncode}\n{p.stdout}{p.stderr}")
+
+    run(NETSTACK, "--stack", stack, "status")
+    for ns in sh("ip", "netns", "list").stdout.split():
+        if f"-{stack}-" not in ns:
+            continue
+        run("ip", "-n", ns, "-d", "-s", "addr")
+        run("ip", "-n", ns, "route", "show", "table", "all")
+        run("ip", "-n", ns, "rule")
+        run("ip", "netns", "exec", ns, "wg", "show", "all", "dump")
+        run("ip", "netns", "exec", ns, "nft", "list", "ruleset")
+    run("ps", "-eo", "pid,ppid,stat,cmd")
+    for d in (f"/run/netstack/{stack}", f"/var/lib/netstack/{stack}"):
+        for f in sorted(Path(d).rglob("*")) if os.path.isdir(d) else []:
+            if f.is_file() and f.stat().st_size < 200_000:
+                parts.append(f"== {f}\n{f.read_text(errors='replace')}")
+    run("dmesg")
+    Path(out, f"diag-{name}.txt").write_text("\n".join(parts))
+
+
 def _vpn_entry(status: dict) -> dict:
     found = []
 
@@ -128,7 +159,11 @@ def test_vpn_kernel_backend_up_status_down(tmp_path):
     before = host_view()
     t0 = time.monotonic()
     try:
-        sh(NETSTACK, "--stack", stack, "up", str(path), "--lab", timeout=600)
+        try:
+            sh(NETSTACK, "--stack", stack, "up", str(path), "--lab", timeout=600)
+        except AssertionError:
+            diagnose(stack, "vpn-kernel-up")
+            raise
         up_s = time.monotonic() - t0
         st = sh(NETSTACK, "--stack", stack, "status", check=False)
         print(st.stdout)

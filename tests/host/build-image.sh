@@ -70,10 +70,11 @@ mmdebstrap --mode=root --variant=apt --include="$inc" \
   bookworm "$root" \
   "deb $mirror bookworm main" "deb $mirror bookworm-updates main" \
   "deb http://deb.debian.org/debian-security bookworm-security main"
-# mmdebstrap copies the host's hostname and resolv.conf in; the VM has its own, no network
+# mmdebstrap copies the host's hostname and resolv.conf in; the VM has its own (a host
+# always has a resolv.conf: `ip netns exec` binds /etc/netns/NS/resolv.conf over it)
 echo netstack-vm >"$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 netstack-vm\n' >"$root/etc/hosts"
-rm -f "$root/etc/resolv.conf"
+printf '# scripts/test-host: the VM has no network\n' >"$root/etc/resolv.conf"
 cp "$root"/boot/vmlinuz-* "$out/vmlinuz"
 cp "$root"/boot/initrd.img-* "$out/initrd.img"
 rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*_Packages

@@ -133,7 +133,7 @@ def _vpn_entry(status: dict) -> dict:
 
     def walk(x):
         if isinstance(x, dict):
-            if isinstance(x.get("vpn"), dict):
+            if isinstance(x.get("vpn"), dict) and "backend" in x["vpn"]:  # not the lab's
                 found.append(x["vpn"])
             for v in x.values():
                 walk(v)

@@ -14,12 +14,12 @@ cd /opt/netstack
 find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.egg-info' -exec rm -rf {} +
 cp -a "$in"/. /opt/netstack/
 .venv/bin/python -m compileall -q netstack >/dev/null
-args=$(cat "$in/tests/host/.args" 2>/dev/null || true)
+set --  # scripts/test-host's pytest arguments, one a line
+while IFS= read -r a; do [ -z "$a" ] || set -- "$@" "$a"; done <"$in/tests/host/.args"
 export NETSTACK_TEST_HOST=1 NETSTACK_TEST_HOST_OUT="$out" NETSTACK_REQUIRE_ROOT=1 PYTHONUNBUFFERED=1
 t0=$(cut -d' ' -f1 /proc/uptime)
-# shellcheck disable=SC2086
 .venv/bin/python -m pytest -p no:cacheprovider -rA --junitxml="$out/junit.xml" \
-  tests/host $args >"$out/pytest.log" 2>&1
+  tests/host "$@" >"$out/pytest.log" 2>&1
 echo $? >"$out/rc"
 t1=$(cut -d' ' -f1 /proc/uptime)
 awk -v a="$t0" -v b="$t1" 'BEGIN { printf "uptime_at_tests_s=%.1f tests_s=%.1f\n", a, b - a }' \

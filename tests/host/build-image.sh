@@ -8,6 +8,8 @@
 # initramfs (virtio_blk and ext4 are modules in Debian's kernel) come from Debian's packages.
 # The project is installed by the README's own set-up step, scripts/setup.sh, run in the root
 # with chroot (it fetches its packages and the venv's wheels then, so the VM needs no network).
+# What this relies on (initramfs, disk order, the proxy CA, mkfs.ext4 -d) was measured:
+# docs/field-notes.md, "qemu and Debian's kernel".
 set -euo pipefail
 project=$1 out=$2 work=$3
 mkdir -p "$work"

@@ -10,6 +10,10 @@ import pytest
 
 PR_SET_CHILD_SUBREAPER = 36
 
+# tests/host runs only inside scripts/test-host's VM (a Debian kernel with modules, systemd
+# as PID 1): tests/host/vm-run.sh sets NETSTACK_TEST_HOST=1 there
+collect_ignore = [] if os.environ.get("NETSTACK_TEST_HOST") == "1" else ["host"]
+
 if os.geteuid() == 0:
     # Daemons that `netstack up` detaches are re-parented to us rather than to a PID 1 that
     # may never reap them; tests reap them after `down` (see reap_zombies).

@@ -12,8 +12,18 @@ from typing import Any
 from netstack.vpn.info import VpnInfo
 
 
-def _wg_dump(dev: str) -> dict[str, Any]:
-    p = subprocess.run(["wg", "show", dev, "dump"], capture_output=True, text=True)
+def _wg_dump(dev: str, ns: str | None = None) -> dict[str, Any]:
+    """`wg show DEV dump`, run inside `ns`: a kernel WireGuard device exists only in its
+    namespace (wireguard-go's control socket is a path every namespace sees, so `wg` found
+    it from anywhere; the kernel's device was never found and its tunnel always showed
+    "no handshake": seen in scripts/test-host's VM, docs/field-notes.md)."""
+    from netstack import netns
+
+    try:
+        with netns.entered(ns):  # the child is forked from this thread, in `ns`
+            p = subprocess.run(["wg", "show", dev, "dump"], capture_output=True, text=True)
+    except OSError:  # the namespace is gone
+        return {}
     if p.returncode != 0:
         return {}
     lines = p.stdout.strip().splitlines()
@@ -64,7 +74,8 @@ def health(vpn: VpnInfo, links: list[Any], child: dict[str, Any] | None,
         "process_alive": bool(child and child.get("alive")),
     }
     if vpn.type == "wireguard" and link:
-        peers = _wg_dump(vpn.dev).get("peers", [])
+        peers = _wg_dump(vpn.dev, vpn.netns if vpn.backend == "kernel" else None) \
+            .get("peers", [])
         ages = [p["handshake_age_s"] for p in peers if p["handshake_age_s"] is not None]
         out["handshake_age_s"] = min(ages) if ages else None
         if out["handshake_age_s"] is None or out["handshake_age_s"] > 180:

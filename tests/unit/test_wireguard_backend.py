@@ -102,3 +102,42 @@ def test_the_probe_asks_only_when_a_qube_could_use_it(tmp_path, monkeypatch):
                                            '\ntype = "wireguard"\nbackend = "wireguard-go"'))
     stack.plan_only(str(cfg), "main", LAB)
     assert asked == [{"flowtable": True}]
+
+
+@pytest.mark.parametrize("backend,want_ns", [("kernel", "nst-main-sys-proxyvm"),
+                                             ("wireguard-go", None)])
+def test_health_reads_a_kernel_device_in_its_namespace(tmp_path, monkeypatch, backend,
+                                                       want_ns):
+    """A kernel WireGuard device exists only in the qube's namespace: `wg show` run from
+    the caller's found none, and status said "no handshake" for a tunnel that had one
+    (scripts/test-host's VM). wireguard-go's control socket is seen from anywhere."""
+    import contextlib
+    import subprocess
+    import time
+
+    from netstack import netns
+    from netstack.vpn import health
+
+    info = dataclasses.replace(
+        build(tmp_path, HostCaps(wireguard=True), backend).qube("sys-proxyvm").info)
+    seen = []
+
+    @contextlib.contextmanager
+    def entered(ns):
+        seen.append(("enter", ns))
+        yield
+
+    def run(argv, **kw):
+        seen.append(("run", tuple(argv)))
+        now = int(time.time())
+        out = (f"{info.dev}\tpriv\tpub\t51820\toff\n"
+               f"peer\t(none)\t203.0.113.10:51820\t0.0.0.0/0\t{now}\t92\t212\t25\n")
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    monkeypatch.setattr(netns, "entered", entered)
+    monkeypatch.setattr(health.subprocess, "run", run)
+    link = type("L", (), {"name": info.dev, "addresses": ["10.66.0.2/32"], "rx_bytes": 92,
+                          "tx_bytes": 212})()
+    h = health.health(info, [link], {"alive": True}, {})
+    assert seen == [("enter", want_ns), ("run", ("wg", "show", info.dev, "dump"))]
+    assert h["tunnel"] == "up" and h["handshake_age_s"] is not None

@@ -299,7 +299,4 @@ def validate_live(topo: Topology) -> None:
             seen.append(cur.name)
         if q.firewall is not None:
             check_client_rules(q.name, q.firewall, by_name[q.netvm], topo.kinds)
-        if q.settings.get("onion") and not kinds[by_name[q.netvm].kind].traits.offers_onions:
-            raise ConfigError(where, f"{q.netvm!r} cannot serve {q.name}'s onion service (its "
-                              "keys live in a Tor gateway)", "attach it to a tor qube, or "
-                              "remove onion from its table and `up` again")
+

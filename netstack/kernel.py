@@ -43,6 +43,21 @@ class LinkState:
 
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is among pid's parents (read from /proc; False once it is gone)."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+        seen += 1
+    return False
+
+
 class Kernel:
     """The interface. Every method either does what it says or raises (ApplyError for a
     refusal by the system); removals return False when there was nothing to remove."""
@@ -518,6 +533,7 @@ class RealKernel(Kernel):
         self.link_up_many([(ns, ifname)])
 
     def link_up_many(self, links: list[tuple[str | None, str]]) -> None:
+        self._index.clear()  # indexes of one call only: a long-lived kernel sees links remade
         from netstack import rtnl
 
         per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
@@ -549,6 +565,7 @@ class RealKernel(Kernel):
         self.addr_add_many([(ns, ifname, cidr)])
 
     def addr_add_many(self, addrs: list[tuple[str | None, str, str]]) -> None:
+        self._index.clear()  # indexes of one call only: a long-lived kernel sees links remade
         from netstack import rtnl
 
         per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
@@ -565,6 +582,7 @@ class RealKernel(Kernel):
         self.route_add_many([r])
 
     def route_add_many(self, routes: list[Route]) -> None:
+        self._index.clear()  # indexes of one call only: a long-lived kernel sees links remade
         from netstack import rtnl
 
         per_ns: dict[str | None, tuple[list[Any], list[str]]] = {}
@@ -575,6 +593,7 @@ class RealKernel(Kernel):
         self._send(per_ns)
 
     def route_del(self, r: Route) -> bool:
+        self._index.clear()  # indexes of one call only: a long-lived kernel sees links remade
         from netstack import rtnl
 
         try:
@@ -692,8 +711,9 @@ class RealKernel(Kernel):
                 if not d.isdigit() or int(d) == me:
                     continue
                 try:
-                    if os.stat(f"/proc/{d}/ns/net").st_ino not in inodes:
-                        continue
+                    if os.stat(f"/proc/{d}/ns/net").st_ino not in inodes \
+                            or _descends_from(int(d), me):
+                        continue  # our own children are their owner's to end (leaktest's)
                     os.kill(int(d), signal.SIGKILL)
                     out.append(int(d))
                 except OSError:  # gone meanwhile, or a kernel thread's

@@ -575,7 +575,24 @@ def sweep(st: State, k: Kernel) -> list[str]:
                 problems.append(f"{path}: {e}")
     if st.lost and not any(isinstance(o, HostTableRec) for o in st.objects):
         problems += _sweep_host_table(st, k)
+        problems += _sweep_host_veth(st, k)
     return problems
+
+
+def _sweep_host_veth(st: State, k: Kernel) -> list[str]:
+    """--uplink-mode nat's veth end in the namespace netstack runs in (names.root_uplink_
+    veth), when the records that named it are lost: deleted by its name at once (the
+    kernel removes a pair whose other end's namespace is gone only later, and an `up` right
+    after would meet it)."""
+    from netstack.names import root_uplink_veth
+
+    veth = root_uplink_veth(st.stack)
+    try:
+        if k.link_exists(None, veth):
+            k.link_del(None, veth)
+    except Exception as e:  # noqa: BLE001 - report with the rest
+        return [f"host link {veth}: {e}"]
+    return []
 
 
 def _sweep_host_table(st: State, k: Kernel) -> list[str]:

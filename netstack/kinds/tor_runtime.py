@@ -49,7 +49,8 @@ class TorRuntime(KindRuntime):
         info = q.info
         assert isinstance(info, TorInfo)
         kept = bool(info.keep_dir) and info.datadir.startswith(info.keep_dir + os.sep)
-        if info.keep_dir:  # kept across down (as app qubes' homes are): never recorded
+        if info.keep_dir and (kept or info.onions):  # kept across down, as app qubes' homes
+            # are (never recorded); a lab gateway without onion services keeps nothing
             keep(info.keep_dir, [info.datadir] if kept else [], info.user)
         if not kept:
             rt.make_dir(info.datadir, 0o700, owner=info.user)

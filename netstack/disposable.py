@@ -177,6 +177,7 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
                           [config.Qube(name, "app", netvm, label, settings, t.firewall)],
                           netvms=st.data.netvms)
         commit(st, cur, desired, k, f"run ({name})", netvms=moves)  # all or nothing
+        _forget_dead_commands(st, [q.name for q in disposables(cur) if orphaned(q)])
         return desired.qube(name)
 
 
@@ -191,9 +192,22 @@ def remove(stack: str, names: list[str] | None, kernel: Kernel) -> list[str]:
         desired = rebuild(stack, cur, st.data.config, keep, [], netvms=st.data.netvms)
         commit(st, cur, desired, k, f"removal of {', '.join(gone)}",
                netvms=live_moves(st.data.netvms, cur, keep))
+        _forget_dead_commands(st, gone)
         if st.removed > 200:
             st.compact()
         return gone
+
+
+def _forget_dead_commands(st: Any, gone: list[str]) -> None:
+    """The records of commands that ran in the removed disposables and are gone (a `run`
+    killed with -9 could not retire its own): nothing is left for `down` to end there."""
+    from netstack.kernel import proc_alive
+    from netstack.state import ProcessRec
+
+    for o in list(st.objects):
+        if isinstance(o, ProcessRec) and o.pid is not None and \
+                any(o.name.endswith(f" in {n}") for n in gone) and not proc_alive(o.pid, o.start):
+            st.forget(o)
 
 
 class _Ended(Exception):

@@ -114,10 +114,3 @@ def test_a_stale_move_never_applies_to_a_new_disposable():
     assert d.name == "disp1" and plan_of().qube("disp1").netvm == "sys-whonix"
     assert state.State.load("main").data.netvms == {}
 
-
-def test_a_qube_with_an_onion_service_stays_behind_a_tor_gateway(tmp_path):
-    """The config refuses `onion` behind a netvm that is no Tor gateway; attach did not."""
-    fk, _ = up("tests/configs/tor-two-workstations.toml")
-    with pytest.raises(ConfigError, match="cannot serve anon-whonix's onion service"):
-        attach("main", "anon-whonix", "sys-firewall", kernel=fk)
-    assert plan_of().qube("anon-whonix").netvm == "sys-whonix"

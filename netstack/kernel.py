@@ -47,11 +47,10 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     """Whether `ancestor` is among pid's parents (read from /proc; False once it is gone)."""
     seen = 0
     while pid > 1 and seen < 64:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        rest = proc_fields(pid)
+        if rest is None:
             return False
+        pid = int(rest[1])
         if pid == ancestor:
             return True
         seen += 1

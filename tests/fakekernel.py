@@ -242,22 +242,7 @@ class FakeKernel(Kernel):
     def kill_start(self, pid: int, start: int | None) -> None:
         self._ev("kill_start", pid)  # asked to end; `kill` ends it
 
-    # batches: one by one, in order, so the event log reads as before (each call logged)
-    def veth_many(self, veths: list[tuple[str | None, str, str, str]]) -> None:
-        for v in veths:
-            self.veth(*v)
-
-    def addr_add_many(self, addrs: list[tuple[str | None, str, str]]) -> None:
-        for a in addrs:
-            self.addr_add(*a)
-
-    def link_up_many(self, links: list[tuple[str | None, str]]) -> None:
-        for ns, ifname in links:
-            self.link_up(ns, ifname)
-
-    def route_add_many(self, routes: list[Route]) -> None:
-        for r in routes:
-            self.route_add(r)
+    # batches: the seam's defaults (one by one, in order: each call is logged as before)
 
     def bind(self, ns: str, kind: int, addr: str, port: int) -> socket.socket:
         self._ev("bind", ns, addr, port)

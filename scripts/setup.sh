@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PKGS=(nftables python3-nftables python3-venv iproute2 tor wireguard-tools wireguard-go
       openvpn openssl tcpdump iputils-ping socat conntrack procps psmisc curl iperf3
       util-linux bubblewrap python3-seccomp python3-cryptography python3-dnspython
-      bind9-dnsutils obfs4proxy systemd dhcpcd-base dnsmasq-base
+      bind9-dnsutils obfs4proxy systemd dhcpcd-base dnsmasq-base wpasupplicant iw hostapd
       git chromium)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -55,6 +55,9 @@ class KindSpec:
     kind = ""
     config_keys: frozenset[str] = frozenset()
     traits = KindTraits()
+    # whether its clients' UDP gets through it (a Tor gateway carries TCP and DNS only, so
+    # a VPN whose transport is UDP can never connect behind one)
+    carries_udp = True
 
     # --- config and plan (pure) ---------------------------------------------------------
     def validate(self, q: Qube) -> None:

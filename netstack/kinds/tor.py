@@ -72,6 +72,7 @@ def tcp_syn_only() -> dict:
 class TorSpec(KindSpec):
     kind = "tor"
     config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation"})
+    carries_udp = False  # Tor carries TCP streams (and DNS through its DNSPort) only
     traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True, privacy=2,
                         lab_tor=True)
 

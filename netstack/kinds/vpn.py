@@ -97,9 +97,11 @@ class VpnSpec(KindSpec):
     def info(self, ctx: QubeContext) -> VpnInfo:
         from netstack.vpn import runtime
 
-        return runtime.vpn_info(ctx.qube, ctx.provider, ctx.addr.qid, ctx.stack,
+        info = runtime.vpn_info(ctx.qube, ctx.provider, ctx.addr.qid, ctx.stack,
                                 ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir,
                                 ctx.caps.wireguard)
+        udp_blocker(ctx, info)
+        return info
 
     def rules(self, ctx: QubeContext, info: VpnInfo, rs: Ruleset) -> None:
         # Literal endpoints are in the set from the first transaction on; names are added
@@ -155,6 +157,26 @@ class VpnSpec(KindSpec):
         return super().audit(view, ctx) + kill_switch(view, self.tunnel(view.qube),
                                                       ctx.endpoints) \
             + [endpoint_set(view, want)]
+
+
+def udp_blocker(ctx: QubeContext, info: VpnInfo) -> None:
+    """A transport over UDP (WireGuard always, OpenVPN's `proto udp`) behind a gateway
+    that carries no UDP (Tor) could never connect: refused when the plan is made (`up`,
+    `plan`, `attach`), before anything changes, instead of a tunnel that never comes up."""
+    protos = {e.proto for srv in (info.servers or [info]) for e in srv.endpoints}
+    if "udp" not in protos:
+        return
+    by_name = {q.name: q for q in ctx.topo.qubes}
+    cur = ctx.qube
+    while cur.netvm is not None and cur.netvm in by_name:
+        cur = by_name[cur.netvm]
+        if not ctx.topo.kinds[cur.kind].carries_udp:
+            what = "WireGuard" if info.type == "wireguard" else "this OpenVPN server (proto udp)"
+            raise ConfigError(f"qube {ctx.qube.name!r} field 'netvm'",
+                              f"{what} needs UDP, and {cur.name!r} (kind {cur.kind}) "
+                              "carries TCP only",
+                              "put the VPN qube before the Tor gateway (Tor over VPN), or "
+                              "use an OpenVPN server with proto tcp")
 
 
 def failover_spec_path(info: VpnInfo) -> str:

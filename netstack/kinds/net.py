@@ -40,6 +40,19 @@ class NetSpec(KindSpec):
                     parse(s[key])
                 except ValueError as e:
                     raise ConfigError(f"{where} field {key!r}", f"bad address: {e}") from None
+        if "gateway" in s and "address" not in s:
+            raise ConfigError(f"{where} field 'gateway'", "a gateway without an address",
+                              'give address = "IP/PREFIX" too, or neither (DHCP)')
+        if "gateway" in s:
+            addr = ipaddress.ip_interface(s["address"])
+            gw = ipaddress.ip_address(s["gateway"])
+            # the default route goes via the gateway on the uplink's subnet (no onlink
+            # routes): outside it, the kernel would refuse the route halfway through `up`
+            if gw.version != addr.version or gw == addr.ip or gw not in addr.network:
+                raise ConfigError(f"{where} field 'gateway'", f"{s['gateway']} is not a "
+                                  f"router on {addr.network} (the address's subnet)",
+                                  "give the router's address in that subnet, or fix the "
+                                  "address's prefix length")
         for d in s.get("dns", []):
             try:
                 a = ipaddress.ip_address(d)

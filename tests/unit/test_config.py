@@ -126,6 +126,25 @@ def test_bad_net_addresses():
     assert "sys-net" in m and "bad address" in m
 
 
+@pytest.mark.parametrize("addr,gw,needle", [
+    (None, "192.0.2.1", "a gateway without an address"),
+    ("192.0.2.2/24", "198.51.100.1", "not a router on 192.0.2.0/24"),
+    ("192.0.2.2/24", "192.0.2.2", "not a router on 192.0.2.0/24"),
+    ("192.0.2.2/24", "2001:db8::1", "not a router"),
+    ("192.0.2.2/32", "192.0.2.1", "not a router on 192.0.2.2/32"),
+])
+def test_net_gateway_outside_its_subnet(addr, gw, needle):
+    extra = (f'address = "{addr}"\n' if addr else "") + f'gateway = "{gw}"\n'
+    m = err(f'[qubes.sys-net]\nkind = "net"\n{extra}')
+    assert "field 'gateway'" in m and needle in m
+
+
+@pytest.mark.parametrize("addr,gw", [("192.0.2.2/24", "192.0.2.1"),
+                                     ("198.51.100.9/30", "198.51.100.10")])
+def test_net_gateway_on_its_subnet(addr, gw):
+    config.parse(f'[qubes.sys-net]\nkind = "net"\naddress = "{addr}"\ngateway = "{gw}"\n', SPECS)
+
+
 def test_vpn_needs_type_and_config():
     m = err(BASE + '[qubes.vpn]\nkind = "vpn"\nnetvm = "sys-firewall"\ntype = "ipsec"\n')
     assert "field 'type'" in m

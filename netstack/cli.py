@@ -614,6 +614,14 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         number = args.before
     elif words:
         raise UsageError(f"firewall {args.action} takes no rule")
+    if args.action == "reset" and args.kernel.real and \
+            firewall_live.reset_down(args.stack, args.qube):
+        if args.json:
+            print(json.dumps({"ok": True, "qube": args.qube, "rules": None, "applied_s": 0}))
+        else:
+            print(f"{args.qube}: back to the config's list (the stack is down: the next `up` "
+                  "uses it)")
+        return 0
     n, took = firewall_live.change(args.stack, args.qube, args.action, words, number,
                                    kernel=args.kernel)
     msg = {"add": "added", "del": "deleted", "reset": "back to the config's list"}

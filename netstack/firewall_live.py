@@ -43,6 +43,28 @@ def listing(stack: str, qube: str) -> dict[str, Any]:
                 for i, r in enumerate(rules)]}
 
 
+def reset_down(stack: str, qube: str) -> bool:
+    """`firewall QUBE reset` on a stack that is down: the qube's list goes back to the
+    config's in the kept overlay, so the next `up` uses it. Without this, a list kept for a
+    qube the config no longer has (or whose new netvm cannot enforce it) would refuse `up`,
+    and `reset` would refuse a stack that is not up. Returns False when the stack is up (the
+    caller makes a live change instead). Under the stack's lock, as `up` takes it."""
+    from netstack.state import StackLock, State, require_root
+
+    require_root("firewall reset")
+    with StackLock(stack):
+        st = State.load(stack)
+        if st is not None and st.plan is not None:
+            return False
+        overlay = qubefw.load_overlay(stack)
+        if qube not in overlay:
+            raise UsageError(f"{qube} has no rules kept from `netstack firewall`: the stack is "
+                             "down and the config's list is already the one `up` uses")
+        del overlay[qube]
+        qubefw.save_overlay(stack, overlay)
+        return True
+
+
 def change(stack: str, qube: str, action: str, words: list[str] | None = None,
            number: int | None = None, *, kernel: Kernel) -> tuple[int, float]:
     """add (at the end, or before rule `number`), del (rule `number`) or reset. Returns the

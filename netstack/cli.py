@@ -41,6 +41,17 @@ LABEL_COLOURS = {"red": "31", "orange": "38;5;208", "yellow": "33", "green": "32
                  "gray": "90", "blue": "34", "purple": "35", "black": "30;47"}
 
 
+def _seconds(text: str) -> float:
+    """A --wait: seconds from 0 to a day (argparse names the option in its error)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v <= 86400:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not seconds from 0 to 86400")
+    return v
+
+
 def _uplink(args: argparse.Namespace) -> UplinkSpec:
     from netstack.model import UplinkSpec
 
@@ -150,7 +161,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     try:
-        problems = stack.down(args.stack, args.kernel, notes)
+        problems = stack.down(
+            args.stack, args.kernel, notes, wait=args.wait,
+            on_wait=lambda pid: print(f"netstack: waiting up to {args.wait:g} s for "
+                                      f"{'pid ' + str(pid) if pid else 'another netstack'}"
+                                      " to finish its change of the stack", file=sys.stderr))
     except StateError:
         if not args.purge:
             raise
@@ -775,6 +790,9 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--purge", action="store_true",
                    help="also remove the app qubes' persistent homes and the lab's kept "
                         "private Tor network (keys, consensus: /var/lib/netstack/lab-tor)")
+    p.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="wait this long for another netstack changing the stack (a "
+                        "disposable being made, a firewall change) to finish (default 60)")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="qubes, links, addresses, processes")
     p.add_argument("--json", action="store_true")

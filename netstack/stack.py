@@ -13,6 +13,8 @@ from netstack.errors import NetstackError, StateError, UsageError
 from netstack.kernel import Kernel, proc_alive
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from netstack.model import Plan, UplinkSpec
 from netstack.state import StackLock, State, require, require_root, stack_dir
 
@@ -84,12 +86,15 @@ def check_uplink(uplink: UplinkSpec, k: Kernel) -> None:
                          "them)")
 
 
-def down(stack: str, kernel: Kernel, notes: list[str] | None = None) -> list[str]:
+def down(stack: str, kernel: Kernel, notes: list[str] | None = None, wait: float = 0.0,
+         on_wait: Callable[[int | None], None] | None = None) -> list[str]:
     """Remove everything of the stack; returns what could not be removed. A damaged or
     lost state.json, or a damaged intent log, does not stop it: it removes what the log's
     readable lines name, the supervisor its pidfile names, and the namespaces named for
     the stack with what runs inside them (reconcile.teardown). `notes` gets what it had to
-    do without (a damaged file, skipped lines)."""
+    do without (a damaged file, skipped lines). `wait`: seconds to wait for another
+    netstack changing the stack (a live change, a disposable being made: `systemctl stop`
+    may come at any time), `on_wait` told its pid when it has to."""
     from netstack import reconcile
     from netstack.errors import DamagedFile, OtherSchema
 
@@ -97,7 +102,7 @@ def down(stack: str, kernel: Kernel, notes: list[str] | None = None) -> list[str
     if kernel.real:
         require_root("down")
     said = notes if notes is not None else []
-    with StackLock(stack):
+    with StackLock(stack, wait=wait, on_wait=on_wait):
         try:
             st = State.load(stack)
         except DamagedFile as e:

@@ -23,6 +23,8 @@ from netstack.names import check_stack, stack_dir  # noqa: F401  (stack_dir: re-
 from netstack.schema import SCHEMA
 
 if TYPE_CHECKING:  # read on first use of the plan: `down` never imports the model
+    from collections.abc import Callable
+
     from netstack.model import Plan
 
 # --- intent records -------------------------------------------------------------------
@@ -372,16 +374,22 @@ class StackLock:
     """One writer per stack: an exclusive flock on the stack's directory, held by every
     command that changes it. A second writer gets "being changed by pid N" (exit 3)."""
 
-    def __init__(self, stack: str, wait: float = 0.0) -> None:
+    def __init__(self, stack: str, wait: float = 0.0,
+                 on_wait: Callable[[int | None], None] | None = None) -> None:
         self.stack = stack
         self.wait = wait  # seconds to wait for another writer (disposables queue up)
+        self.on_wait = on_wait  # told the holder's pid once, when it has to wait
         self.fd: int | None = None
 
     def __enter__(self) -> StackLock:
         d = checked_stack_dir(self.stack)
         make_stack_dir(d)
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        e = _flock(fd, self.wait)
+        e = _flock(fd, 0.0)
+        if e is not None and self.wait > 0 and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            if self.on_wait is not None:
+                self.on_wait(_lock_holder(d))
+            e = _flock(fd, self.wait)
         if e is not None:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):

@@ -85,12 +85,33 @@ def test_one_writer_per_stack(own_stack):
     s = own_stack("l")
     before = snapshot_host()
     with StackLock(s):  # another netstack is changing the stack
-        for args in (("up", BASIC, "--lab"), ("down",)):
+        for args in (("up", BASIC, "--lab"), ("down", "--wait", "0")):
             p = cli("--stack", s, *args, check=False)
             assert p.returncode == 3, p.stderr
             assert f"stack {s!r} is being changed by pid {os.getpid()}" in p.stderr
             assert len(p.stderr.strip().splitlines()) == 1
     assert snapshot_host() == before
+
+
+def test_down_waits_for_a_change_in_progress(own_stack):
+    """`down` (`systemctl stop`, a user) during a live change or a disposable being made
+    waits for it, saying whose it is, then takes the stack down: never "being changed"."""
+    s = own_stack("w")
+    cli("--stack", s, "up", BASIC, "--lab")
+    lock = StackLock(s).__enter__()  # another netstack is changing the stack
+    down = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "down",
+                             "--wait", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = down.stderr.readline()  # it says it waits before it waits
+        assert f"waiting up to 30 s for pid {os.getpid()}" in line, line
+        assert down.poll() is None
+    finally:
+        lock.__exit__(None, None, None)
+    out, err = down.communicate(timeout=60)
+    assert down.returncode == 0, err
+    reap_zombies()
+    assert not stack_leftovers(s)
 
 
 def test_two_ups_at_once_never_interleave(own_stack):

@@ -96,6 +96,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     for q in p.qubes:  # what a display grant means, said where it is made
         for w in gui_status(q)[1]:
             print(f"netstack: {q.name}: WARNING: {w}", file=sys.stderr)
+    from netstack.firewall_live import shadow_warnings
+
+    for w in shadow_warnings(p):
+        print(f"netstack: WARNING: {w}", file=sys.stderr)
     from netstack.kinds.registry import RUNTIMES
     from netstack.state import State
 
@@ -219,6 +223,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for q in p.qubes:
         print(f"{colour(q.label, q.name):<24} {q.kind:<9} netvm={q.netvm or '-':<14} "
               f"{q.ipv4:<13} ns={q.netns}")
+    from netstack.firewall_live import shadow_warnings
+
+    for w in shadow_warnings(p):
+        print(f"netstack: WARNING: {w}", file=sys.stderr)
     return 0
 
 
@@ -617,7 +625,9 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         print(f"{args.qube}: first match wins, nothing matched is dropped {where}")
         for r in out["rules"]:
             print(f"  {r['number']:>3}  {r['rule']}"
-                  + ("  (expired: matches nothing)" if r.get("expired") else ""))
+                  + ("  (expired: matches nothing)" if r.get("expired") else "")
+                  + (f"  (never matches: rule {r['shadowed_by']} comes first)"
+                     if r.get("shadowed_by") else ""))
         return 0
     number = None
     words = list(args.words)

@@ -6,6 +6,7 @@ replaced in one transaction (with what `up` filled in at run time)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -35,12 +36,32 @@ def listing(stack: str, qube: str) -> dict[str, Any]:
     def ended(r: qubefw.FwRule) -> bool:
         end = r.deadline(st.data.started)
         return end is not None and end <= now
+    from netstack.addressing import VIRTUAL_DNS
+
+    dead = dict(qubefw.shadowed(rules, tuple(VIRTUAL_DNS)))
     return {"qube": qube, "netvm": st.plan.qube(qube).netvm,
             "source": "netstack firewall" if qube in overlay else "config",
             "rules": None if rules is None else [
                 {"number": i + 1, "rule": r.describe(), "expired": ended(r),
+                 "shadowed_by": dead.get(i + 1),
                  **{k: v for k, v in r.__dict__.items() if v is not None}}
                 for i, r in enumerate(rules)]}
+
+
+def shadow_warnings(plan: Plan, qubes: list[str] | None = None) -> list[str]:
+    """One line per rule that can never match (qubefw.shadowed), for `plan`, `up` and
+    `firewall add`: a rule put where it can never act is a mistake worth saying at once."""
+    from netstack.addressing import VIRTUAL_DNS
+
+    out = []
+    for q in plan.qubes:
+        if qubes is not None and q.name not in qubes:
+            continue
+        rules = q.firewall or ()
+        for j, i in qubefw.shadowed(rules, tuple(VIRTUAL_DNS)):
+            out.append(f"{q.name}: rule {j} ({rules[j - 1].describe()}) can never match: rule "
+                       f"{i} ({rules[i - 1].describe()}) comes first and matches all it would")
+    return out
 
 
 def reset_down(stack: str, qube: str) -> bool:
@@ -120,6 +141,9 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
                                                 netvms=[netvm]))
         after_applied(f"cutting {qube}'s connections the new rules forbid",
                       lambda: cut(desired, qube, k, st), [])
+        if action == "add":
+            for w in shadow_warnings(desired, [qube]):
+                print(f"netstack: WARNING: {w}", file=sys.stderr)
         return (len(after) if after is not None else 0), took
 
 

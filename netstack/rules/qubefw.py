@@ -324,6 +324,59 @@ def fill_commands(plan: Any, netvm: str, names: dict[str, list[str]], started: f
     return cmds
 
 
+# --- rules that can never match --------------------------------------------------------
+
+def shadowed(rules: tuple[FwRule, ...] | None, dns: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(j, i), 1-based: rule j can never match because an earlier rule i, which never
+    expires, matches every connection j would (first match wins). A typo Qubes users make
+    (a catch-all `action=drop` put first with `firewall add --before 1`, an accept for a
+    port inside an earlier drop of its range) is shown by `plan`, `up` and `firewall`
+    instead of found later. A rule with a hostname is judged only by a catch-all (its
+    addresses come at run time); an expiring rule shadows nothing (it ends)."""
+    out: list[tuple[int, int]] = []
+    for j, rj in enumerate(rules or ()):
+        for i, ri in enumerate((rules or ())[:j]):
+            if _covers(ri, rj, dns):
+                out.append((j + 1, i + 1))
+                break
+    return out
+
+
+def _covers(a: FwRule, b: FwRule, dns: tuple[str, ...]) -> bool:
+    """Does rule `a` match every connection rule `b` matches?"""
+    if a.expires:
+        return False
+    if a.specialtarget == "dns":
+        return b.specialtarget == "dns"
+    if b.specialtarget == "dns":  # udp and tcp port 53 to the virtual DNS addresses
+        return a.proto is None and a.dstports is None and all(
+            _host_covers(a.dsthost, d) for d in dns)
+    if a.proto is not None and a.proto != b.proto:
+        return False
+    if a.dstports is not None and (b.dstports is None or not (
+            a.dstports[0] <= b.dstports[0] and b.dstports[1] <= a.dstports[1])):
+        return False
+    if a.icmptype is not None and a.icmptype != b.icmptype:
+        return False
+    if a.dsthost is None:
+        return True
+    if b.host_is_name:  # its addresses are IPv4 (A records), known at run time only
+        return a.dsthost == "0.0.0.0/0"
+    if b.dsthost is None or a.host_is_name:
+        return False
+    return _host_covers(a.dsthost, b.dsthost)
+
+
+def _host_covers(a: str | None, b: str) -> bool:
+    """Does destination `a` (None: any; a name: not judged) hold every address of `b`?"""
+    if a is None:
+        return True
+    if not is_net(a) or not is_net(b):
+        return False
+    na, nb = ipaddress.ip_network(a), ipaddress.ip_network(b)
+    return na.version == nb.version and nb.subnet_of(na)  # type: ignore[arg-type]
+
+
 # --- what a list allows (to cut the connections a change forbids) ----------------------
 
 def allows(rules: tuple[FwRule, ...] | None, dst: str, proto: str, dport: int | None,

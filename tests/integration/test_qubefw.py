@@ -88,6 +88,17 @@ def test_firewall_command_changes_rules_live_and_keeps_them_across_down_up(own_s
             "action=drop dsthost=198.51.100.80 proto=tcp dstports=80"
         bad = cli("--stack", s, "firewall", "work", "add", "action=maybe", check=False)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+        # a rule put behind one that matches all it would: added, and said at once
+        dead = cli("--stack", s, "firewall", "work", "add", "action=accept",
+                   "dsthost=198.51.100.80", "proto=tcp", "dstports=80")
+        assert "rule 9 (action=accept dsthost=198.51.100.80 proto=tcp dstports=80) can never " \
+               "match: rule 1 " in dead.stderr, dead.stderr
+        listed = json.loads(cli("--stack", s, "firewall", "work", "list", "--json").stdout)
+        assert [r["shadowed_by"] for r in listed["rules"]][8] == 1
+        assert "(never matches: rule 1 comes first)" in \
+            cli("--stack", s, "firewall", "work", "list").stdout
+        assert curl(s, "work", "http://web.lab.test/") == "dropped"
+        cli("--stack", s, "firewall", "work", "del", "9")
         cli("--stack", s, "down")
         cli("--stack", s, "up", CFG, "--lab")  # the overlay outlives the stack
         assert curl(s, "work", "http://web.lab.test/") == "dropped"

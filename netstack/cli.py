@@ -220,8 +220,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         print(json.dumps(dump(p), indent=2))
         return 0
+    wn = max((len(q.name) for q in p.qubes), default=0)  # names are up to 31 characters
+    wv = max((len(q.netvm or "-") for q in p.qubes), default=0)
     for q in p.qubes:
-        print(f"{colour(q.label, q.name):<24} {q.kind:<9} netvm={q.netvm or '-':<14} "
+        print(f"{colour(q.label, q.name, wn)} {q.kind:<9} netvm={q.netvm or '-':<{wv}} "
               f"{q.ipv4:<13} ns={q.netns}")
     from netstack.firewall_live import shadow_warnings
 
@@ -243,11 +245,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"stack {s['stack']}: {h['state'].upper()}  (config {s['config']})")
     for pr in h["problems"]:
         print(f"  ! {pr}")
+    wn = max((len(q["name"]) for q in s["qubes"]), default=0)  # up to 31 characters
+    wv = max((len(q["netvm"] or "-") for q in s["qubes"]), default=0)
     for q in s["qubes"]:
         ifs = ", ".join(f"{i['name']}[{i['state']}]" for i in q["interfaces"]) or "-"
         mark = "" if q["health"]["state"] == "up" else f"  ({q['health']['state']})"
-        print(f"  {colour(q['label'], '■')} {colour(q['label'], q['name'], 22)} "
-              f"{q['kind']:<9} netvm={q['netvm'] or '-':<14} "
+        print(f"  {colour(q['label'], '■')} {colour(q['label'], q['name'], wn)} "
+              f"{q['kind']:<9} netvm={q['netvm'] or '-':<{wv}} "
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
         from netstack.rules.names import status_lines as name_lines
 
@@ -495,8 +499,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1
+    wq = max((len(x["qube"]) for x in r["results"]), default=0)
     for x in r["results"]:
-        _print_result(x, f"{x['qube']:<14} ")
+        _print_result(x, f"{x['qube']:<{wq}} ")
     for d in r.get("drift", []):
         if d["text"]:
             print(f"DRIFT    {d['qube']}:")
@@ -506,7 +511,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 print(f"           verdict changed at {s['hook']}: generated {s['generated']}, "
                       f"live {s['live']}, e.g. {s['example']}")
     for f in r.get("firewall_drift", []):
-        print(f"{'DRIFT' if f['drift'] else 'RULES':<8} {f['qube']:<14} {f['why']}")
+        print(f"{'DRIFT' if f['drift'] else 'RULES':<8} {f['qube']:<{wq}} {f['why']}")
     n_bad = sum(1 for x in r["results"] if x["status"] != "PASS")
     print(f"{'PASS' if r['ok'] else 'FAIL'}: "
           f"{count(len(r['results']), 'property', 'properties')}, {n_bad} not proven, "

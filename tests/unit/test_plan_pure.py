@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -75,3 +76,21 @@ def test_plan_accepts_a_byte_order_mark(sealed, tmp_path, capsys):
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf" + (ROOT / "configs/basic.toml").read_bytes())
     assert cli.main(["plan", str(bom), "--lab"]) == 0
+
+
+def test_plan_columns_line_up_for_long_names_coloured_or_not(sealed, tmp_path, capsys,
+                                                              monkeypatch):
+    cfg = tmp_path / "long.toml"
+    cfg.write_text('[qubes.sys-net]\nkind = "net"\n[qubes.a-very-long-firewall-name-x]\n'
+                   'kind = "firewall"\nnetvm = "sys-net"\nlabel = "black"\n[qubes.w]\n'
+                   'kind = "app"\nnetvm = "a-very-long-firewall-name-x"\n')
+    for tty in (False, True):
+        monkeypatch.setattr(cli.sys.stdout, "isatty", lambda tty=tty: tty)
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        assert cli.main(["plan", str(cfg), "--lab"]) == 0
+
+        rows = [re.sub(r"\033\[[0-9;]*m", "", x)
+                for x in capsys.readouterr().out.splitlines()]
+        assert len(rows) == 3
+        assert len({r.index("netvm=") for r in rows}) == 1, rows  # after the name column
+        assert len({r.index(" 10.137.") for r in rows}) == 1, rows  # after the netvm column

@@ -461,7 +461,11 @@ class RealKernel(Kernel):
                 if ns_b not in fds:
                     fds[ns_b] = os.open(netns.path(ns_b), os.O_RDONLY)
                 reqs, what = per_ns.setdefault(ns_a, ([], []))
-                reqs.append(rtnl.veth(if_a, if_b, fds[ns_b]))
+                # an end in the host namespace keeps the kernel's choice (the host's
+                # own devices hold indexes we cannot know)
+                ia = rtnl.fixed_index(if_a) if ns_a is not None else 0
+                reqs.append(rtnl.veth(if_a, if_b, fds[ns_b], ia,
+                                      rtnl.fixed_index(if_b) if ia else 0))
                 what.append(f"veth {if_a} (peer {if_b} in {ns_b})")
                 self._forget(ns_a)  # a name may come back with another index (a moved qube)
                 self._forget(ns_b)

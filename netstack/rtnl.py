@@ -181,15 +181,42 @@ def parse_qdisc(buf: bytes, off: int, end: int) -> Msg:
 
 # --- requests --------------------------------------------------------------------------------
 
-def veth(if_a: str, if_b: str, ns_b_fd: int) -> tuple[int, int, bytes]:
+def fixed_index(name: str) -> int:
+    """The interface index a veth end of ours asks for (0: the kernel's choice).
+
+    Why: the kernel treats a link event as urgent, and gives the device its queue at
+    once, only when its index differs from its peer's (linkwatch_urgent_event). Both ends
+    of a veth between two fresh namespaces get index 2 (the first after lo), so the
+    carrier of a qube's eth0 was handled on linkwatch's 1-s tick: for up to a second
+    after `up` (and after every `run`, `attach`) it dropped what it sent (noop qdisc) and
+    `status` said DOWN (measured: docs/field-notes.md, "veth links and the kernel's
+    linkwatch"). Each name below occurs once in a namespace of ours, and its number is
+    different from every other's, so two ends never share an index."""
+    if name in _FIXED:
+        return _FIXED[name]
+    for prefix, base in (("vif", 1_100_000), ("h", 1_200_000)):
+        rest = name[len(prefix):].split("-", 1)[0]
+        if name.startswith(prefix) and rest.isascii() and rest.isdigit() and \
+                (prefix == "vif" or "-" in name) and len(rest) <= 5:
+            return base + int(rest)
+    return 0
+
+
+_FIXED = {"eth0": 1_000_000, "uplink": 1_000_001, "cust0": 1_000_002}
+
+
+def veth(if_a: str, if_b: str, ns_b_fd: int, index_a: int = 0,
+         index_b: int = 0) -> tuple[int, int, bytes]:
     """A veth pair made down: if_a in the socket's namespace, its peer if_b in the
-    namespace of the open file ns_b_fd."""
-    peer = _IFI.pack(0, 0, 0, 0, 0) + name_attr(IFLA_IFNAME, if_b) + \
+    namespace of the open file ns_b_fd; with the indexes asked for (0: the kernel's
+    choice; the peer's is taken only when if_a's is given)."""
+    peer = _IFI.pack(0, 0, index_b, 0, 0) + name_attr(IFLA_IFNAME, if_b) + \
         u32_attr(IFLA_NET_NS_FD, ns_b_fd)
     info = name_attr(IFLA_INFO_KIND, "veth") + attr(IFLA_INFO_DATA,
                                                       attr(VETH_INFO_PEER, peer))
     return (RTM_NEWLINK, F_CREATE | F_EXCL,
-            _IFI.pack(0, 0, 0, 0, 0) + name_attr(IFLA_IFNAME, if_a) + attr(IFLA_LINKINFO, info))
+            _IFI.pack(0, 0, index_a, 0, 0) + name_attr(IFLA_IFNAME, if_a)
+            + attr(IFLA_LINKINFO, info))
 
 
 def link_up(index: int) -> tuple[int, int, bytes]:

@@ -153,3 +153,23 @@ def test_invalid_tcp_never_leaves_sys_net(basic_stack):
 
     assert seen[0][IP].src == ISP_ADDR  # masqueraded at sys-net
     assert nft_counter(fw, "drop INVALID") - before >= 3
+
+
+def test_no_veth_end_shares_its_peers_index(basic_stack):
+    """The kernel gives a veth its queue at once only when its index differs from its
+    peer's: with the same index (2 and 2, the first device after lo in two fresh
+    namespaces) a qube's eth0 dropped what it sent for up to a second after `up`
+    (rtnl.fixed_index; docs/field-notes.md "veth links and the kernel's linkwatch")."""
+    from netstack import netns
+
+    seen = 0
+    for name in netns.list_names():
+        if not name.startswith((f"nst-{basic_stack}-", f"nsl-{basic_stack}-")):
+            continue
+        links = json.loads(in_ns(name, "ip", "-j", "-d", "link", "show").stdout)
+        for lk in links:
+            if lk.get("linkinfo", {}).get("info_kind") == "veth":
+                assert lk["ifindex"] != lk.get("link_index"), (name, lk["ifname"])
+                assert lk["operstate"] == "UP", (name, lk["ifname"], lk["operstate"])
+                seen += 1
+    assert seen >= 6

@@ -49,7 +49,8 @@ def test_label_columns_align_on_visible_width(monkeypatch, colour):
     kind_col = {v.index("firewall") for v in visible}
     netvm_col = {v.index("netvm=") for v in visible}
     assert len(kind_col) == 1 and len(netvm_col) == 1, visible
-    assert kind_col == {2 + 1 + 1 + 22 + 1}  # "  ■ " + the 22-column name + " "
+    longest = max(len(f"q-{label}") for label in cli.LABEL_COLOURS)
+    assert kind_col == {2 + 1 + 1 + longest + 1}  # "  ■ " + the longest name + " "
 
 
 def test_padding_is_outside_the_colour(monkeypatch):

@@ -488,6 +488,51 @@ def _explicit_stack() -> bool:
         a == "--stack" or a.startswith("--stack=") for a in sys.argv[1:])
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from netstack import metrics
+
+    addr = metrics.listen_address(args.listen) if args.listen else None
+    if args.all:
+        from netstack.names import RUN_DIR
+
+        try:
+            stacks = sorted(d for d in os.listdir(RUN_DIR)
+                            if os.path.isfile(os.path.join(RUN_DIR, d, "state.json")))
+        except FileNotFoundError:
+            stacks = []
+    else:
+        stacks = [args.stack]
+    if addr is None:
+        text = metrics.render(stacks, args.kernel)
+        if args.textfile:
+            from netstack.codec import atomic_write
+
+            _writable("--textfile", args.textfile)
+            atomic_write(args.textfile, text, 0o644)
+        else:
+            sys.stdout.write(text)
+        return 0
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(addr[1], addr[0],
+                                            registry=metrics.registry(stacks, args.kernel))
+    except OSError as e:
+        raise UsageError(f"metrics --listen: cannot listen on {args.listen}: "
+                         f"{e.strerror}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving metrics of {', '.join(stacks) or 'no stack'} on "
+          f"http://{args.listen}/metrics", file=sys.stderr, flush=True)
+    stop.wait()
+    server.shutdown()
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from netstack import audit
 
@@ -705,7 +750,7 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall", "attach", "check"}
+                 "firewall", "attach", "check", "metrics"}
 
 
 class _Unused:
@@ -864,6 +909,22 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    "a counterexample the kernel cannot be given (a related or untracked "
                    "packet, one at egress or without a socket) is named, not replayed")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("metrics", help="the chain's health in Prometheus' text format",
+                       epilog="examples:\n  sudo netstack metrics\n"
+                       "  sudo netstack metrics --all --listen 127.0.0.1:9853   # for Prometheus\n"
+                       "  sudo netstack metrics --textfile /var/lib/prometheus/node-exporter/"
+                       "netstack.prom\n"
+                       "links' bytes and packets, tunnels, failovers, Tor, daemons' restarts,\n"
+                       "per-qube firewall rule hits, the last audit (docs/metrics.md)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--all", action="store_true", help="every stack on this host, not --stack")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--listen", metavar="ADDR:PORT",
+                   help="serve /metrics on the host's loopback until stopped")
+    g.add_argument("--textfile", metavar="FILE",
+                   help="write the metrics to FILE (atomically), for node_exporter's "
+                   "textfile collector")
+    p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("copy", help="copy a file from one app qube's home to another's",
                        epilog="example: sudo netstack copy work:report.pdf personal\n"
                        "The file lands in the destination's ~/Incoming/SOURCE/ (like qvm-copy);\n"

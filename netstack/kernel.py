@@ -40,6 +40,8 @@ class LinkState:
     tx_bytes: int | None = None
     mac: str | None = None
     flags: int = 0  # IFF_*: admin up 0x1, carrier (lower up) 0x10000
+    rx_packets: int | None = None
+    tx_packets: int | None = None
 
 
 
@@ -561,7 +563,8 @@ class RealKernel(Kernel):
                                  link.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
                                  addrs.get(link["index"], []), stats.get("rx_bytes"),
                                  stats.get("tx_bytes"), link.get_attr("IFLA_ADDRESS"),
-                                 link["flags"]))
+                                 link["flags"], stats.get("rx_packets"),
+                                 stats.get("tx_packets")))
         return out
 
     def addr_add(self, ns: str | None, ifname: str, cidr: str) -> None:

@@ -205,7 +205,8 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
             "gateway": q.gateway, "running": running,
             "interfaces": [{"name": x.name, "state": x.state, "flags": x.flags,
                             "addresses": x.addresses, "rx_bytes": x.rx_bytes,
-                            "tx_bytes": x.tx_bytes} for x in links if x.name != "lo"]}
+                            "tx_bytes": x.tx_bytes, "rx_packets": x.rx_packets,
+                            "tx_packets": x.tx_packets} for x in links if x.name != "lo"]}
         role = RUNTIMES[q.kind]
         entry.update(role.status(q, LiveFacts(links, kids,
                                               st.data.resolved.get(q.name, {})), k))

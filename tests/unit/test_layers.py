@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                       "executor"]),
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
                 "leaktest.battery", "leaktest.rulecases", "leaktest.local",
-                "leaktest.capture", "leaktest.endpoints", "check"]),
+                "leaktest.capture", "leaktest.endpoints", "check", "metrics"]),
     ("commands", ["cli", "pytest_plugin"]),
 ]
 

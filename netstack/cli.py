@@ -803,7 +803,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
 
     def uplink_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", nargs="?",
-                       help="TOML qube table (default: configs/tor-over-vpn.toml)")
+                       help="TOML qube table: a path, or a NAME for /etc/netstack/NAME.toml "
+                       "or a shipped configs/NAME.toml (default: configs/tor-over-vpn.toml)")
         p.add_argument("--lab", action="store_true", help="uplink into the built-in lab internet")
         p.add_argument("--uplink", metavar="DEV", help="move host interface DEV into sys-net")
         p.add_argument("--uplink-mode", choices=["move", "nat"], default="move",

@@ -88,6 +88,31 @@ class Topology:
         return order + cut_off
 
 
+ETC_DIR = "/etc/netstack"  # a host's configs: `netstack up NAME` reads ETC_DIR/NAME.toml
+CONFIG_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def resolve(arg: str | Path, shipped: str | Path) -> str:
+    """The config file a command means: a path as given; else a bare NAME, as a system
+    tool's users write it (`netstack up work`), is NAME.toml in /etc/netstack
+    ($NETSTACK_CONFIG_DIR when set), then in the configs shipped with netstack (`shipped`,
+    so `netstack up tor-over-vpn --lab` works from any directory)."""
+    import os
+
+    text = str(arg)
+    if os.path.exists(text) or "/" in text or text.endswith(".toml") or \
+            not CONFIG_NAME.fullmatch(text):
+        return text
+    dirs = [os.environ.get("NETSTACK_CONFIG_DIR") or ETC_DIR, str(shipped)]
+    for d in dirs:
+        p = os.path.join(d, f"{text}.toml")
+        if os.path.isfile(p):
+            return p
+    raise ConfigError(repr(text), f"no such file, and no {text}.toml in "
+                      f"{' or '.join(dirs)}",
+                      f"give the config's path, or put it at {dirs[0]}/{text}.toml")
+
+
 def read_text(path: str | Path, where: str, fix: str) -> str:
     """A UTF-8 text file of a sane size (a UTF-8 byte order mark is accepted), or a
     ConfigError naming `where`."""

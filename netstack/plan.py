@@ -73,7 +73,7 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
     from netstack.rules.qubefw import load_overlay
     from netstack.vpn import runtime
 
-    path = str(config_path or DEFAULT_CONFIG)
+    path = config.resolve(config_path, CONFIG_DIR) if config_path else str(DEFAULT_CONFIG)
     text = config.read_text(path, path, "give the path of a TOML config")
     topo = config.parse(text, kinds, path, load_overlay(stack) if overlay is None else overlay,
                         live)

@@ -188,3 +188,22 @@ def test_a_vpn_qube_missing_its_type_or_config_says_so():
     assert "field 'type': missing" in err(vpn)
     assert "field 'config': missing" in err(vpn + 'type = "wireguard"\n')
     assert "field 'config': 5 must be a path" in err(vpn + 'type = "wireguard"\nconfig = 5\n')
+
+
+def test_a_bare_name_is_a_config_of_the_host_then_a_shipped_one(tmp_path, monkeypatch):
+    etc, shipped = tmp_path / "etc", tmp_path / "shipped"
+    etc.mkdir()
+    shipped.mkdir()
+    (shipped / "basic.toml").write_text("x")
+    monkeypatch.setenv("NETSTACK_CONFIG_DIR", str(etc))
+    monkeypatch.chdir(tmp_path)
+    assert config.resolve("basic", shipped) == str(shipped / "basic.toml")
+    (etc / "basic.toml").write_text("y")  # the host's own wins over the shipped one
+    assert config.resolve("basic", shipped) == str(etc / "basic.toml")
+    (tmp_path / "basic").write_text("z")  # a file of that name here is that file
+    assert config.resolve("basic", shipped) == "basic"
+    for given in ("./x.toml", "x.toml", "a/b", "Bad Name"):  # paths stay paths
+        assert config.resolve(given, shipped) == given
+    with pytest.raises(ConfigError) as e:
+        config.resolve("nosuch", shipped)
+    assert f"put it at {etc}/nosuch.toml" in str(e.value) and "\n" not in str(e.value)

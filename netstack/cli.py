@@ -488,6 +488,34 @@ def _explicit_stack() -> bool:
         a == "--stack" or a.startswith("--stack=") for a in sys.argv[1:])
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from netstack import completion
+
+    if args.what != "man":
+        if args.dir:
+            raise UsageError(f"completion {args.what} takes no DIR")
+        sys.stdout.write(completion.shell_hook(args.what))
+        return 0
+    if not args.dir:
+        raise UsageError("completion man: give the directory the pages go to, e.g. "
+                         "/usr/local/share/man/man1")
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("netstack")
+    except PackageNotFoundError:
+        ver = "0"
+    pages = completion.man_pages(parser(), ver, time.strftime("%Y-%m-%d"))
+    _writable("completion man", os.path.join(args.dir, "netstack.1"))
+    from netstack.codec import atomic_write
+
+    for name, text in pages.items():
+        atomic_write(os.path.join(args.dir, name), text, 0o644)
+    print(f"{len(pages)} pages in {args.dir} (man netstack, man netstack-COMMAND)")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from netstack import metrics
 
@@ -926,6 +954,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="write the metrics to FILE (atomically), for node_exporter's "
                    "textfile collector")
     p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("completion", help="shell completion (bash, zsh) and manual pages",
+                       epilog="examples:\n"
+                       "  eval \"$(netstack completion bash)\"      # in ~/.bashrc\n"
+                       "  netstack completion zsh > ~/.zfunc/_netstack\n"
+                       "  sudo netstack completion man /usr/local/share/man/man1\n"
+                       "qube names complete from the stacks running on this host",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["bash", "zsh", "man"])
+    p.add_argument("dir", nargs="?", metavar="DIR", help="man: where the pages go")
+    p.set_defaults(func=cmd_completion)
     p = sub.add_parser("copy", help="copy a file from one app qube's home to another's",
                        epilog="example: sudo netstack copy work:report.pdf personal\n"
                        "The file lands in the destination's ~/Incoming/SOURCE/ (like qvm-copy);\n"
@@ -1063,6 +1101,10 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1:]
     args = argparse.Namespace(json="--json" in argv)
+    if program and "_ARGCOMPLETE" in os.environ:  # the shell asks for completions
+        from netstack.completion import complete
+
+        complete(parser())
     from netstack.kernel import RealKernel
 
     kernel = RealKernel()  # the one kernel of this command: passed down, never made below

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
                 "leaktest.battery", "leaktest.rulecases", "leaktest.local",
                 "leaktest.capture", "leaktest.endpoints", "check", "metrics"]),
-    ("commands", ["cli", "pytest_plugin"]),
+    ("commands", ["cli", "pytest_plugin", "completion"]),
 ]
 
 

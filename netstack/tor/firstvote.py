@@ -27,7 +27,7 @@ WAIT_S = 20.0  # then the vote is released with what is there (a loaded host, a 
 POLL_S = 0.1
 PUBLISH_WAIT_S = 30.0  # for the first consensus after the release (then the clients' own
 # schedule fetches it)
-NUDGE_S, NUDGE_EVERY_S = 10.0, 0.5  # how long and how often a client is told to fetch
+NUDGE_WAIT_S = 15.0  # a told client's control connection (and its RESOLVE) stays this long
 
 
 def release_time(now: float) -> tuple[int, int]:
@@ -122,19 +122,19 @@ def nudge_clients(auth: str, v: int, clients: list[str],
     finally:
         c.close()
     sent = 0
-    every = [connect(s, timeout=1.0) for s in clients]
-    gs = list(every)
+    gs = [connect(s, timeout=1.0) for s in clients]
     try:
-        end = time.monotonic() + NUDGE_S
-        while gs and time.monotonic() < end:
-            # below 40 % (loading_keys) a client still waits for its first consensus
-            gs = [g for g in gs if bootstrap_phase(g)[0] < 40]
-            for g in gs:
+        for g in gs:
+            if bootstrap_phase(g)[0] < 40:  # below loading_keys: no consensus yet
+                # one is enough: tor retries its pending stream, and with it the fetches,
+                # until it has circuits; kept open (with its stream) until then
                 g.msg(f"RESOLVE web.{LAB_DOMAIN}")  # a lab name, resolved by a lab exit
                 sent += 1
-            time.sleep(NUDGE_EVERY_S)
+        end = time.monotonic() + NUDGE_WAIT_S
+        while any(bootstrap_phase(g)[0] < 40 for g in gs) and time.monotonic() < end:
+            time.sleep(POLL_S)
     finally:
-        for g in every:
+        for g in gs:
             g.close()
     _log(t0, f"consensus {_iso(v)} published; RESOLVEs sent to its clients: {sent}")
     return sent

@@ -98,33 +98,40 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
 
 
-def nudge_clients(auth: str, v: int, clients: list[str],
+def nudge_clients(auths: list[str], v: int, clients: list[str],
                   wait_s: float = PUBLISH_WAIT_S) -> int:
-    """Once the consensus of valid-after `v` is published, make each lab client (a lab
-    gateway) that has no consensus yet fetch it now. A client that met 404s before the
-    first consensus backs off (at random, up to 3 times its last delay) and fetched it up
-    to 6 s late; an application request while it lacks directory information and has no
-    directory fetch under way makes tor retry its fetches at once (circuituse.c), and a
-    controller's RESOLVE is one (docs/field-notes.md, "The first consensus"). SIGNAL
-    RELOAD does the same but reopens the ControlSocket and cuts every control connection
-    (the gateway's monitor, a `netstack up` waiting for 100 %). Returns the RESOLVEs sent."""
+    """Once every authority has published the consensus of valid-after `v`, make each lab
+    client (a lab gateway) that has no consensus yet fetch it now. A client that met 404s
+    before the first consensus backs off (at random, up to 3 times its last delay, no cap)
+    and fetched it up to 6 s late; an application request while it lacks directory
+    information and has no directory fetch under way makes tor retry its fetches at once
+    (circuituse.c), and a controller's RESOLVE is one (docs/field-notes.md, "The first
+    consensus"). SIGNAL RELOAD retries too, but reopens the ControlSocket and cuts every
+    control connection (the gateway's monitor, a `netstack up` waiting for 100 %).
+    Returns the RESOLVEs sent."""
+    from stem.control import EventType
+
     from netstack.addressing import LAB_DOMAIN
     from netstack.tor.control import bootstrap_phase
 
     t0 = time.monotonic()
-    c = connect(auth, timeout=wait_s)
-    try:
-        while c.get_info("consensus/valid-after", "") < _iso(v):
+    cs = [connect(a, timeout=wait_s) for a in auths]
+    try:  # each publishes at V by its own clock and loop: a fetch before that meets a 404
+        while any(c.get_info("consensus/valid-after", "") < _iso(v) for c in cs):
             if time.monotonic() - t0 > wait_s:
                 _log(t0, f"no consensus of {_iso(v)} within {wait_s:.0f} s; clients not told")
                 return 0
             time.sleep(POLL_S)
     finally:
-        c.close()
+        for c in cs:
+            c.close()
+    _log(t0, f"consensus {_iso(v)} published by every authority")
     sent = 0
     gs = [connect(s, timeout=1.0) for s in clients]
     try:
         for g in gs:
+            # the answer comes as an ADDRMAP event (tor warns when nobody listens)
+            g.add_event_listener(lambda _e: None, EventType.ADDRMAP)
             if bootstrap_phase(g)[0] < 40:  # below loading_keys: no consensus yet
                 # one is enough: tor retries its pending stream, and with it the fetches,
                 # until it has circuits; kept open (with its stream) until then
@@ -136,7 +143,8 @@ def nudge_clients(auth: str, v: int, clients: list[str],
     finally:
         for g in gs:
             g.close()
-    _log(t0, f"consensus {_iso(v)} published; RESOLVEs sent to its clients: {sent}")
+    _log(t0, f"RESOLVEs sent: {sent}; every client has a consensus" if sent else
+         "every client had a consensus already")
     return sent
 
 
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         v = release(a.auth, set(a.expect), a.wait)
         if v is not None and a.client:
-            nudge_clients(a.auth[0], v, a.client)
+            nudge_clients(a.auth, v, a.client)
     except Exception as e:  # noqa: BLE001 - stem's errors too (tor went away mid-query)
         # exit 0 all the same: a failing hook ends the authority (the supervisor restarts
         # it), and the held schedule votes within HOLD_VOTING_INTERVAL s anyway

@@ -244,6 +244,7 @@ def test_torrc(tmp_path):
     assert not [x for x in rc if x.startswith("ControlPort")]  # a unix socket only
     assert f"ControlSocket {t.control_socket}" in rc
     assert "TestingTorNetwork 1" in rc and any(x.startswith("DirAuthority auth1") for x in rc)
+    assert "FetchDirInfoEarly 1" in rc  # the lab's gateway asks the lab's authorities
 
 
 def test_torrc_on_a_real_host_uses_the_public_network_and_bridges():
@@ -252,6 +253,7 @@ def test_torrc_on_a_real_host_uses_the_public_network_and_bridges():
     rc = torrc(TorInfo("gw", "ns", "10.137.0.4", "/run/netstack/x", "debian-tor", False,
                        ["obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0"]))
     assert "TestingTorNetwork" not in rc and "DirAuthority" not in rc
+    assert "FetchDirInfo" not in rc  # never loads the public network's authorities
     assert "UseBridges 1" in rc and "Bridge obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0" in rc
 
 

@@ -9,6 +9,7 @@ the runs after it are warm. Medians and maxima are given for both.
     sudo .venv/bin/python bench/tor.py [--runs 5] [--out bench/results/tor.json]
         [--root CHECKOUT]  # another checkout's netstack (e.g. an older commit), same bench
         [--prefix tw]      # stack names: PREFIX + run number
+        [--logs DIR]       # keep each run's daemon logs (tor's own timeline) in DIR/RUN
 """
 
 from __future__ import annotations
@@ -85,8 +86,23 @@ def purge_lab_cache() -> str:
     return "purged"
 
 
-def one_run(name: str, measure_memory: bool) -> dict:
+def keep_logs(name: str, dst: str, t0_wall: float) -> None:
+    """The run's daemon logs (every tor logs to its supervisor's file), copied before `down`
+    removes them, with the wall time `up` began: what a slow first byte waited for."""
+    import glob
+    import shutil
+
+    os.makedirs(dst, exist_ok=True)
+    for f in glob.glob(os.path.join(stack.stack_dir(name), "*.log")):
+        shutil.copy(f, dst)
+    with open(os.path.join(dst, "t0"), "w") as f:
+        f.write(time.strftime("%H:%M:%S", time.gmtime(t0_wall)) + f"{t0_wall % 1:.3f}"[1:] +
+                "\n")
+
+
+def one_run(name: str, measure_memory: bool, logs: str = "") -> dict:
     cfg = str(CODE / "configs" / "tor-over-vpn.toml")
+    t0_wall = time.time()
     t0 = time.monotonic()
     p, _ = stack.up(cfg, name, plan.UplinkSpec("lab"), KERNEL)
     t_up = time.monotonic() - t0
@@ -107,6 +123,8 @@ def one_run(name: str, measure_memory: bool) -> dict:
                        processes=len(pids))
         return out
     finally:
+        if logs:
+            keep_logs(name, os.path.join(logs, name), t0_wall)
         stack.down(name, KERNEL)
         reap()
 
@@ -117,12 +135,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tor.json"))
     ap.add_argument("--root", default=str(ROOT), help="checkout whose netstack is measured")
     ap.add_argument("--prefix", default="tw", help="stack names: PREFIX + run number")
+    ap.add_argument("--logs", default="", help="keep each run's daemon logs under this dir")
     a = ap.parse_args()
     cache = purge_lab_cache()
     runs = []
     for i in range(a.runs):
         load = os.getloadavg()[0]  # other work on the host slows tor's start and key making
-        r = one_run(f"{a.prefix}{i}", i == 0)
+        r = one_run(f"{a.prefix}{i}", i == 0, a.logs)
         r["start"] = "cold" if i == 0 or cache == "none" else "warm"
         r["load1"] = round(load, 2)
         print(f"run {i} ({r['start']}, load {load:.2f}): " + ", ".join(

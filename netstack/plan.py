@@ -215,9 +215,12 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         from netstack.tor.obfs4 import LAB_REF
 
         bridge = any(LAB_REF in q.settings.get("bridges", []) for q in topo.qubes)
+        # the lab network's clients (gateways): told to fetch its first consensus at once
+        tor_clients = [s for q in p.qubes if topo.kinds[q.kind].traits.lab_tor
+                       and (s := getattr(q.info, "control_socket", None))]
         labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
                          second_wg="lab:wireguard2" in refs,
-                         second_ovpn="lab:openvpn2" in refs)
+                         second_ovpn="lab:openvpn2" in refs, tor_clients=tor_clients)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

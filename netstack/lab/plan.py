@@ -40,9 +40,11 @@ def lab_files(state_dir: str) -> dict[str, str]:
 
 def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
              ns_files: Any, sink: bool = False, bridge: bool = False,
-             second_wg: bool = False, second_ovpn: bool = False) -> None:
+             second_wg: bool = False, second_ovpn: bool = False,
+             tor_clients: list[str] | None = None) -> None:
     """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
-    the VPN server's keys and runs it; tor: a tor qube needs the private Tor network."""
+    the VPN server's keys and runs it; tor: a tor qube needs the private Tor network;
+    tor_clients: the control sockets of the gateways on it (told of its first consensus)."""
     stack = p.stack
     net_ns = p.net.netns
     isp = names.lab_netns(stack, "isp")
@@ -118,11 +120,21 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
         for h in hosts.values():
             role = node_role(h.name)
             if role:
-                node = TorNode(h.name, role, h.address, OR_PORT, DIR_PORT, h.netns,
-                               os.path.join(d, "tor", h.name))
-                tor_nodes[h.name] = node
-                p.daemons.append(Daemon(f"lab-tor-{h.name}", h.netns,
-                                        ("tor", "-f", node.torrc), requires=node.torrc))
+                tor_nodes[h.name] = TorNode(h.name, role, h.address, OR_PORT, DIR_PORT,
+                                            h.netns, os.path.join(d, "tor", h.name))
+        auths = [n for n in tor_nodes.values() if n.role == "authority"]
+        for node in tor_nodes.values():
+            # the first authority's hook releases the held first vote once every relay is
+            # in (netstack.tor.firstvote; docs/field-notes.md, "The first consensus")
+            hook = (sys.executable, "-m", "netstack.tor.firstvote",
+                    *(x for a in auths for x in ("--auth", a.control)),
+                    *(x for n in tor_nodes.values() if n.role != "bridge"
+                      for x in ("--expect", n.name)),
+                    *(x for c in tor_clients or () for x in ("--client", c))) \
+                if auths and node is auths[0] else ()
+            p.daemons.append(Daemon(f"lab-tor-{node.name}", node.netns,
+                                    ("tor", "-f", node.torrc), post_start=hook,
+                                    requires=node.torrc))
     p.lab = LabPlan(d, addressing.LAB_DOMAIN, hosts,
                     LinkEnd(isp, "cust0", addressing.LAB_ISP_ROUTER),
                     LinkEnd(net_ns, names.UPLINK_IF, addressing.LAB_ISP_CUSTOMER), vs,

@@ -21,6 +21,13 @@ TOR_USER = "debian-tor"
 VIRTUAL_NET = "10.192.0.0/10"
 
 
+# A lab gateway fetches its directory documents from the lab's authorities, as caches do:
+# a cold lab's relays fetch the first consensus late (they back off while there is none),
+# and a gateway that asked them for the microdescriptors of the first consensus waited
+# 10 s more (docs/field-notes.md, "The first consensus"). Never on the public network,
+# where it would load the authorities.
+LAB_CLIENT_OPTIONS = ["FetchDirInfoEarly 1"]
+
 ONION_CAP = 4  # onion services one workstation may hold through the control-port filter
 
 
@@ -106,8 +113,8 @@ def torrc(t: TorInfo, dirauths: list[str] | tuple[str, ...] = ()) -> str:
     for client, ports in sorted(t.onions.items()):  # the keys never leave the gateway
         lines.append(f"HiddenServiceDir {t.onion_dir(client)}")
         lines += [f"HiddenServicePort {p} {addr}:{target}" for p, addr, target in ports]
-    if dirauths:
-        lines += TESTING_OPTIONS + list(dirauths)
+    if dirauths:  # the lab's private network only, never the public one
+        lines += TESTING_OPTIONS + LAB_CLIENT_OPTIONS + list(dirauths)
     if t.bridges:
         lines += ["UseBridges 1", "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"]
         lines += [f"Bridge {b}" for b in t.bridges]

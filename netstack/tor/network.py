@@ -55,18 +55,24 @@ def dirauthority_lines(auths: list[tuple[TorNode, str, str]]) -> list[str]:
 
 
 INITIAL_VOTING_INTERVAL = 5  # TestingV3AuthInitialVotingInterval above
-# From writing the authorities' torrc to the first valid-after time they can make a
-# consensus for: they schedule voting about 3.2 s after their torrc appears (the supervisor
-# starts them, tor's start-up takes 2 s with the other nodes starting beside it) and vote
-# for a valid-after time V at V-2; a second of margin (docs/field-notes.md, "A warm lab").
-FIRST_ROUND_LEAD_S = 7
+# The authorities start with their first vote held: an initial voting interval this long
+# puts their first valid-after time up to 5 min away, and netstack.tor.firstvote (run by
+# the supervisor beside the first authority) moves them all to the 5-s schedule once every
+# authority holds every relay's descriptor, so the first consensus lists the exits and
+# guards (docs/field-notes.md, "The first consensus"). If that hook never ran, the network
+# still votes at the held time (30 min divides by it, as tor requires).
+HOLD_VOTING_INTERVAL = 300
+HOLD_MARGIN_S = 30  # a held valid-after time nearer than this is moved on by MAX_OFFSET
+MAX_OFFSET = 10  # tor: the offset may not exceed the voting intervals (V3AuthVotingInterval)
 
 
-def voting_offset(now: float, lead: float = FIRST_ROUND_LEAD_S) -> int:
-    """TestingV3AuthVotingStartOffset that puts a valid-after time `lead` seconds from
-    `now` (voting times are otherwise multiples of the interval since midnight UTC, and a
-    start just past one waited up to a whole interval more for the first consensus)."""
-    return int(now + lead) % INITIAL_VOTING_INTERVAL
+def hold_offset(now: float) -> int:
+    """TestingV3AuthVotingStartOffset for the held schedule: the held valid-after time (a
+    multiple of HOLD_VOTING_INTERVAL since midnight UTC, plus this) is at least MAX_OFFSET
+    s away (HOLD_MARGIN_S or more in 9 of 10 starts), so the first vote waits for the
+    release, which comes 4-8 s after the torrc."""
+    left = HOLD_VOTING_INTERVAL - int(now) % HOLD_VOTING_INTERVAL
+    return MAX_OFFSET if left < HOLD_MARGIN_S else 0
 
 
 def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str,
@@ -85,9 +91,12 @@ def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str,
                   "ExitPolicy reject *:*", "ExtORPort auto",
                   "ServerTransportPlugin obfs4 exec /usr/bin/obfs4proxy",
                   f"ServerTransportListenAddr obfs4 {node.address}:{OBFS4_PORT}"]
-    elif node.role == "authority":
+    elif node.role == "authority":  # the first vote held until the relays are in
+        lines = [x for x in lines if not x.startswith("TestingV3AuthInitialVotingInterval ")]
         lines += ["AuthoritativeDirectory 1", "V3AuthoritativeDirectory 1", "ExitRelay 0",
-                  "ExitPolicy reject *:*", f"TestingV3AuthVotingStartOffset {offset}"]
+                  "ExitPolicy reject *:*",
+                  f"TestingV3AuthInitialVotingInterval {HOLD_VOTING_INTERVAL}",
+                  f"TestingV3AuthVotingStartOffset {offset}"]
     elif node.role == "exit":
         lines += ["ExitRelay 1", "ExitPolicy accept *:*",
                   f"ServerDNSResolvConfFile {resolv_conf}", "ServerDNSAllowNonRFC953Hostnames 1"]
@@ -130,7 +139,7 @@ def generate(nodes: list[TorNode], base: str) -> list[str]:
             atomic_write(bridge_line_path(base),
                          f"obfs4 {n.address}:{OBFS4_PORT} cert={cert} iat-mode=0\n")
     atomic_write(os.path.join(base, DIRAUTHS), "\n".join(dirauths) + "\n")
-    offset = voting_offset(time.time())
+    offset = hold_offset(time.time())
     for n in nodes:  # the torrc last: the supervisor starts the node when it appears
         atomic_write(n.torrc, node_torrc(n, dirauths, lab_resolv, offset))
     return dirauths

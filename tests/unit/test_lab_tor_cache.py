@@ -144,13 +144,40 @@ def test_seed_client_copies_only_the_lab_authoritys_directory_files(tmp_path):
     assert network.seed_client([n for n in ns if n.role != "authority"], str(gw), me) == []
 
 
-def test_first_round_offset_puts_a_valid_after_time_lead_seconds_ahead():
-    for now in (1000.0, 1001.2, 1003.9, 1004.99):
-        off = network.voting_offset(now, 7)
-        v = int(now + 7)
-        assert 0 <= off < network.INITIAL_VOTING_INTERVAL
-        assert (v - off) % network.INITIAL_VOTING_INTERVAL == 0
-    auth = nodes("/d")[0]
-    assert "TestingV3AuthVotingStartOffset 3" in network.node_torrc(auth, [], "/r", 3)
-    assert "TestingV3AuthVotingStartOffset" not in network.node_torrc(nodes("/d")[2], [],
-                                                                        "/r", 3)
+def _next_valid_after(now: int, interval: int, offset: int) -> int:
+    """tor's voting_sched_get_start_of_interval_after (networkstatus.c), from midnight UTC."""
+    midnight = now - now % 86400
+    nxt = midnight + ((now - midnight) // interval + 1) * interval + offset
+    return nxt - interval if nxt - interval > now else nxt
+
+
+def test_authorities_start_with_the_first_vote_held_far_enough_ahead():
+    """The held first valid-after time is at least MAX_OFFSET s away whatever the start
+    (so the release, 4-8 s after the torrc, comes first), and the offset is one tor
+    accepts (at most the voting interval)."""
+    for now in range(86400 - 3000, 86400 + 3000, 7):
+        off = network.hold_offset(now)
+        assert 0 <= off <= network.MAX_OFFSET
+        v = _next_valid_after(now, network.HOLD_VOTING_INTERVAL, off)
+        assert v - now >= network.MAX_OFFSET, (now, off, v)
+    auth, relay = nodes("/d")[0], nodes("/d")[2]
+    rc = network.node_torrc(auth, [], "/r", 3)
+    assert "TestingV3AuthVotingStartOffset 3" in rc
+    assert f"TestingV3AuthInitialVotingInterval {network.HOLD_VOTING_INTERVAL}" in rc
+    assert "TestingV3AuthInitialVotingInterval 5" not in rc  # one value, the held one
+    rr = network.node_torrc(relay, [], "/r", 3)
+    assert "TestingV3AuthVotingStartOffset" not in rr
+    assert "TestingV3AuthInitialVotingInterval 5" in rr
+    assert (1800 % network.HOLD_VOTING_INTERVAL) == 0  # tor: it divides 30 minutes
+
+
+def test_release_puts_the_first_vote_after_every_authority_moved():
+    """tor votes at V-2 on the 5-s schedule: the release's V leaves at least 0.7 s for the
+    three SETCONFs, and is the first grid time after the release (tor takes that one)."""
+    from netstack.tor import firstvote
+
+    for now in (1000.0, 1000.05, 1001.3, 1002.99, 1003.5, 1004.999):
+        v, off = firstvote.release_time(now)
+        assert v - 2 >= now + 0.7 - 1e-9
+        assert _next_valid_after(int(now), network.INITIAL_VOTING_INTERVAL, off) == v
+        assert _next_valid_after(int(now) + 1, network.INITIAL_VOTING_INTERVAL, off) == v

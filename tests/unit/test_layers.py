@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                "sandbox", "kernel"]),
     ("pure derivations", ["addressing", "config", "rules.common", "rules.qubefw",
                           "rules.host", "vpn.wgconf", "vpn.ovpnconf", "vpn.info", "vpn.health",
-                          "vpn.runtime", "tor.obfs4", "tor.network", "tor.gateway",
+                          "vpn.runtime", "tor.obfs4", "tor.network", "tor.firstvote", "tor.gateway",
                           "tor.filter", "dhcp", "audit.evaluator", "audit.properties",
                           "audit.clientrules", "audit.paths", "audit.e2e", "audit.drift",
                           "audit.onefile", "lab.services", "lab.sink", "lab.serve",

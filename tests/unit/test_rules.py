@@ -244,6 +244,7 @@ def test_torrc(tmp_path):
     assert not [x for x in rc if x.startswith("ControlPort")]  # a unix socket only
     assert f"ControlSocket {t.control_socket}" in rc
     assert "TestingTorNetwork 1" in rc and any(x.startswith("DirAuthority auth1") for x in rc)
+    assert "FetchDirInfoEarly 1" in rc  # the lab's gateway asks the lab's authorities
 
 
 def test_torrc_on_a_real_host_uses_the_public_network_and_bridges():
@@ -252,7 +253,28 @@ def test_torrc_on_a_real_host_uses_the_public_network_and_bridges():
     rc = torrc(TorInfo("gw", "ns", "10.137.0.4", "/run/netstack/x", "debian-tor", False,
                        ["obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0"]))
     assert "TestingTorNetwork" not in rc and "DirAuthority" not in rc
+    assert "FetchDirInfo" not in rc  # never loads the public network's authorities
     assert "UseBridges 1" in rc and "Bridge obfs4 192.0.2.7:443 AAAA cert=x iat-mode=0" in rc
+
+
+def test_lab_first_authority_runs_the_first_vote_release(tmp_path):
+    """Only the first authority has the hook that releases the held first vote; it waits
+    for every node that publishes a descriptor at every authority, and tells the lab's
+    gateway of the first consensus (docs/field-notes.md, "The first consensus")."""
+    p = tor_plan(tmp_path)
+    nodes = p.lab.tor_nodes
+    hooks = {d.name: d.post_start for d in p.daemons if d.name.startswith("lab-tor-")}
+    assert [n for n, h in hooks.items() if h] == ["lab-tor-auth1"]
+    argv = list(hooks["lab-tor-auth1"])
+    assert argv[1:3] == ["-m", "netstack.tor.firstvote"]
+
+    def values(flag: str) -> list[str]:
+        return [argv[i + 1] for i, x in enumerate(argv) if x == flag]
+
+    assert values("--auth") == [nodes[n].control for n in ("auth1", "auth2", "auth3")]
+    assert sorted(values("--expect")) == sorted(n for n, x in nodes.items()
+                                                if x.role != "bridge")
+    assert values("--client") == [p.qube("sys-whonix").info.control_socket]
 
 
 def test_lab_tor_network_torrc(tmp_path):

@@ -35,6 +35,15 @@ GROUPS = {
 }
 
 
+def _say(line: str) -> None:
+    """A progress line on the VM's console: scripts/test-host shows it as it comes."""
+    try:
+        with open("/dev/ttyS0", "w") as tty:
+            tty.write(f"NETSTACK-TEST-HOST: {line}\n")
+    except OSError:
+        pass
+
+
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_kernel_wireguard_integration(group, tmp_path):
     args, fewest = GROUPS[group]
@@ -64,6 +73,8 @@ def test_kernel_wireguard_integration(group, tmp_path):
         if c.find("failure") is not None or c.find("error") is not None:
             failed.append(name)
     print(f"{group}: {len(ran)} tests in {took:.0f} s")
+    _say(f"kernel WireGuard {group}: {len(ran)} tests, {len(failed)} failed, "
+         f"{len(skipped)} skipped, {took:.0f} s")
     for name, t in ran:
         print(f"  {t:7.1f} s  {name}")
     assert not skipped, f"skipped in the VM (the kernel has WireGuard): {skipped}"

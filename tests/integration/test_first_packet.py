@@ -124,8 +124,37 @@ def test_first_packet_within_a_round_trip_of_up(kind, tmp_path):
         assert v["backend"] == {"wireguard": "wireguard-go", "openvpn": "openvpn",
                                 "wireguard-kernel": "kernel"}[kind]
     print(f"{kind}: phases (s after `up` began): {phases}")
-    assert max(took) < BOUND, f"first packet after {took} s: a first handshake was lost " \
+    # The lost initiation's signature: WireGuard retries 5 s after it, so the first packet
+    # comes 5 s after the tunnel's start instead of one round trip (~ms) after it. Measured
+    # from the hook's "configured" (device up, routes set), this holds on any host, however
+    # slow: not scaled.
+    after = [round(p["connect"] - p["configured"], 2) for p in phases
+             if p.get("configured") is not None]
+    assert len(after) == RUNS and max(after) < BOUND, \
+        f"first packet {after} s after the tunnel's start: a first handshake was lost " \
         f"(phases, s after `up` began: {phases})"
+    # From `up`'s start: on the development machine the bound itself; in scripts/test-host's
+    # VM (TCG, every process start ~5-10x slower) scaled by this run's own slowness, the
+    # time `up` took to start the tunnel's daemon against the development machine's
+    # (docs/field-notes.md, "qemu and Debian's kernel").
+    scale = vm_factor([p["daemon"] for p in phases if p.get("daemon") is not None])
+    assert max(took) < BOUND * scale, \
+        f"first packet after {took} s (bound {BOUND} x {scale:.1f}): a first handshake " \
+        f"was lost (phases, s after `up` began: {phases})"
+
+
+DEV_DAEMON_S = 1.7  # `up --no-wait` to the tunnel daemon's start, development machine median
+
+
+def vm_factor(daemon_s: list[float]) -> float:
+    """1 off the VM; in scripts/test-host's VM how much slower `up` reached the tunnel's
+    daemon than on the development machine (median of this test's runs)."""
+    import os
+    import statistics
+
+    if os.environ.get("NETSTACK_TEST_HOST") != "1" or not daemon_s:
+        return 1.0
+    return max(1.0, statistics.median(daemon_s) / DEV_DAEMON_S)
 
 
 def test_anti_a_lost_initiation_is_caught(tmp_path):

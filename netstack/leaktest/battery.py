@@ -510,6 +510,15 @@ def hold_dead(ctx: Ctx, protection: str):
             if time.monotonic() > end:
                 break
             time.sleep(0.01)
+        # A kernel WireGuard device outlives its keeper: the keeper's post-start hook (not
+        # paused) deletes it when the keeper exits. Until it is gone the tunnel still
+        # carries traffic, and the scenario would not be the one it names.
+        devs = [(q.netns, q.tunnel.dev) for q in ctx.chain
+                if _protection(q) == protection and q.tunnel is not None]
+        while any(x.name == dev for ns, dev in devs for x in ctx.kernel.links(ns)):
+            if time.monotonic() > end:
+                break
+            time.sleep(0.01)
         yield
     finally:
         os.kill(sup, signal.SIGCONT)

@@ -6,8 +6,10 @@ watch it. Driven by netlink events (pyroute2) and the daemon's pidfd, never by p
 
 SPEC is a runtime.TunnelSpec. For OpenVPN the daemon sets the address itself once
 connected; the hook waits for it until `connect_timeout` and then reports the daemon's own
-last words. Prints "configured" when done; a non-zero exit (device never came, vanished, or
-no connection in time) makes the supervisor end the daemon so it restarts.
+last words. A kernel WireGuard keeper's device is configured only once it bears that
+keeper's mark, and deleted when the keeper exits (netstack/vpn/kernelwg.py).
+Prints "configured" when done; a non-zero exit (device never came, vanished, or no
+connection in time) makes the supervisor end the daemon so it restarts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from netstack import codec
 from netstack.kernel import iproute_class
+from netstack.vpn import kernelwg
 from netstack.vpn.runtime import HookRoute, TunnelSpec
 
 DEVICE_TIMEOUT = 30.0
@@ -113,16 +116,56 @@ def _routes(ipr: Any, routes: list[HookRoute]) -> None:
         ipr.route("replace", **kw)
 
 
+def _alias(ipr: Any, idx: int) -> str | None:
+    with contextlib.suppress(Exception):  # gone since: no alias
+        return ipr.link("get", index=idx)[0].get_attr("IFLA_IFALIAS")
+    return None
+
+
 def run(spec: TunnelSpec, pid: int | None) -> int:
+    """Configure and watch the daemon's device. A keeper's device (kernel WireGuard) is
+    the one with its keeper's mark, and it goes when the hook ends: the keeper exited
+    (a kill -9 leaves the kernel's device behind, configured and carrying traffic with
+    nobody supervising it), or the hook failed and the supervisor ends the keeper."""
     ev = Events(pid)
     ipr = iproute_class()()
-    dev = spec.dev
-    r = ev.wait(lambda: _index(ipr, dev) is not None, DEVICE_TIMEOUT)
+    want = kernelwg.mark(pid) if spec.keeper and pid is not None else None
+
+    def ours() -> int | None:
+        """The device's index once it is this daemon's: a device a dead keeper left under
+        the same name is not (its successor deletes it first and makes its own)."""
+        idx = _index(ipr, spec.dev)
+        if idx is None or (want is not None and _alias(ipr, idx) != want):
+            return None
+        return idx
+
+    r = ev.wait(lambda: ours() is not None, DEVICE_TIMEOUT)
     if r != "ok":
-        print(f"hook: {dev} never appeared ({r})", file=sys.stderr)
+        print(f"hook: {spec.dev} never appeared ({r})", file=sys.stderr)
+        _delete(ipr, ours(), want)
         return 1
-    idx = _index(ipr, dev)
+    idx = ours()
     assert idx is not None
+    try:
+        return _configure_and_watch(spec, ev, ipr, idx)
+    finally:
+        # the keeper is gone or about to be ended: its device goes with it, as
+        # wireguard-go's TUN device goes with its process; the kill switch holds meanwhile
+        _delete(ipr, idx, want)
+
+
+def _delete(ipr: Any, idx: int | None, want: str | None) -> None:
+    """Delete the keeper's device, only if it still bears that keeper's mark."""
+    if want is None or idx is None or _alias(ipr, idx) != want:
+        return
+    with contextlib.suppress(Exception):  # gone meanwhile (its keeper's SIGTERM path)
+        ipr.link("del", index=idx)
+        print(f"hook: deleted the device of keeper {want.rsplit(' ', 1)[-1]} "
+              "(it exited)", file=sys.stderr)
+
+
+def _configure_and_watch(spec: TunnelSpec, ev: Events, ipr: Any, idx: int) -> int:
+    dev = spec.dev
     # Routes to the servers first: WireGuard sends its first handshake the moment the
     # device is up (PersistentKeepalive), and a send with no route is lost until its 5 s
     # retry. Routes into the tunnel need the device up and come after.

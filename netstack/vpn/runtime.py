@@ -41,6 +41,10 @@ class TunnelSpec:
     routes: list[HookRoute]
     log: str | None = None  # the daemon's own log: its last words when it cannot connect
     connect_timeout: float = 60.0
+    # The device is kernel WireGuard's, made by netstack.vpn.kernelwg: it outlives a keeper
+    # killed with -9, so the hook configures only the device with its keeper's mark and
+    # deletes it when that keeper exits (netstack/vpn/kernelwg.py).
+    keeper: bool = False
 
 
 def provider_refs(q: Qube) -> list[str]:
@@ -163,7 +167,8 @@ def write_files(k: Kernel, info: VpnInfo, cfg: Provider, resolved: dict[str, lis
     spec = TunnelSpec(info.type, info.dev,
                       info.conf_path if info.type == "wireguard" else None,
                       info.tunnel_addresses, info.mtu, routes,
-                      os.path.join(info.state_dir, f"{info.daemon_name}.log"))
+                      os.path.join(info.state_dir, f"{info.daemon_name}.log"),
+                      keeper=info.backend == "kernel")
     k.write_file(dest(info.spec_path), encode(spec), 0o600)
 
 

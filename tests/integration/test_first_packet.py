@@ -48,20 +48,50 @@ def first_connect(ns: str, t0: float, limit: float = 12.0) -> float:
 
 
 def up_and_measure(kind: str, tmp_path) -> tuple[str, float]:
+    stack, t, _ = up_and_phases(kind, tmp_path)
+    return stack, t
+
+
+def up_and_phases(kind: str, tmp_path) -> tuple[str, float, dict[str, float | None]]:
+    """`up --no-wait`, then the first connect through the tunnel; with the phases in
+    seconds after `up` began (where the time went when the bound is missed): `up`
+    returned, the tunnel's daemon started, its hook configured the device, the latest
+    handshake (WireGuard, whole seconds), the first connect."""
+    backend = "openvpn" if kind == "openvpn" else (kind.partition("-")[2] or "wireguard-go")
     cfg = (ROOT / "configs" / "vpn.toml").read_text()
     if kind == "openvpn":
         cfg = cfg.replace('type = "wireguard"', 'type = "openvpn"').replace(
             "lab:wireguard", "lab:openvpn")
+    else:
+        cfg = cfg.replace('\ntype = "wireguard"',
+                          f'\ntype = "wireguard"\nbackend = "{backend}"')
     path = tmp_path / f"{kind}.toml"
     path.write_text(cfg)
     stack = new_stack_name("fp")
-    t0 = time.monotonic()
+    t0, w0 = time.monotonic(), time.time()
     cli("--stack", stack, "up", str(path), "--lab", "--no-wait")
+    up_s = time.monotonic() - t0
     try:
-        return stack, first_connect(f"nst-{stack}-work", t0)
+        t = first_connect(f"nst-{stack}-work", t0)
     except BaseException:
         down(stack)
         raise
+    phases: dict[str, float | None] = {"up": up_s}
+    try:
+        from tests.integration.util import children
+
+        c = children(stack)["vpn-sys-proxyvm"]
+        phases["daemon"] = c.started_at - w0
+        phases["configured"] = c.configured_at - w0 if c.configured_at else None
+        if kind != "openvpn":
+            info = load_state(stack).plan.qube("sys-proxyvm").info
+            hs = in_ns(info.netns, "wg", "show", info.dev, "latest-handshakes").stdout.split()
+            phases["handshake"] = int(hs[1]) - w0 if len(hs) > 1 and hs[1] != "0" else None
+    except Exception as e:  # the phases explain; the measurement is what is asserted
+        phases["error"] = None
+        print(f"phases of {stack}: {e!r}")
+    phases["connect"] = t
+    return stack, t, {k: round(v, 2) if v is not None else None for k, v in phases.items()}
 
 
 def down(stack: str) -> None:
@@ -70,26 +100,61 @@ def down(stack: str) -> None:
     assert stack_leftovers(stack) == []
 
 
-@pytest.mark.parametrize("kind", ["wireguard", "openvpn"])
+@pytest.mark.parametrize("kind", ["wireguard", "openvpn", "wireguard-kernel"])
 def test_first_packet_within_a_round_trip_of_up(kind, tmp_path):
     """From `up` (not waiting for the tunnel) to the first connect through it, each run
     under the bound: the lab's server answers before the client's go signal and the route
-    to it exists before the tunnel device goes up."""
-    from netstack.hostcaps import kernel_wireguard
+    to it exists before the tunnel device goes up. "wireguard" is wireguard-go, proven on
+    every host; "wireguard-kernel" the kernel's WireGuard, where the kernel has it."""
+    if kind == "wireguard-kernel":
+        from tests.integration.test_vpn import kernel_wireguard
 
-    took = []
+        if why := kernel_wireguard():
+            pytest.skip(why)
+    took, phases = [], []
     for _ in range(RUNS):
-        stack, t = up_and_measure(kind, tmp_path)
+        stack, t, ph = up_and_phases(kind, tmp_path)
         try:
             s = json.loads(cli("--stack", stack, "status", "--json").stdout)
         finally:
             down(stack)
         took.append(round(t, 2))
-        # backend "auto": the kernel's WireGuard where it has it, else wireguard-go
+        phases.append(ph)
         v = next(q for q in s["qubes"] if q["name"] == "sys-proxyvm")["vpn"]
-        assert v["backend"] == ("openvpn" if kind == "openvpn" else
-                                "kernel" if kernel_wireguard() else "wireguard-go")
-    assert max(took) < BOUND, f"first packet after {took} s: a first handshake was lost"
+        assert v["backend"] == {"wireguard": "wireguard-go", "openvpn": "openvpn",
+                                "wireguard-kernel": "kernel"}[kind]
+    print(f"{kind}: phases (s after `up` began): {phases}")
+    # The lost initiation's signature: WireGuard retries 5 s after it, so the first packet
+    # comes 5 s after the tunnel's start instead of one round trip (~ms) after it. Measured
+    # from the hook's "configured" (device up, routes set), this holds on any host, however
+    # slow: not scaled.
+    after = [round(p["connect"] - p["configured"], 2) for p in phases
+             if p.get("configured") is not None]
+    assert len(after) == RUNS and max(after) < BOUND, \
+        f"first packet {after} s after the tunnel's start: a first handshake was lost " \
+        f"(phases, s after `up` began: {phases})"
+    # From `up`'s start: on the development machine the bound itself; in scripts/test-host's
+    # VM (TCG, every process start ~5-10x slower) scaled by this run's own slowness, the
+    # time `up` took to start the tunnel's daemon against the development machine's
+    # (docs/field-notes.md, "qemu and Debian's kernel").
+    scale = vm_factor([p["daemon"] for p in phases if p.get("daemon") is not None])
+    assert max(took) < BOUND * scale, \
+        f"first packet after {took} s (bound {BOUND} x {scale:.1f}): a first handshake " \
+        f"was lost (phases, s after `up` began: {phases})"
+
+
+DEV_DAEMON_S = 1.7  # `up --no-wait` to the tunnel daemon's start, development machine median
+
+
+def vm_factor(daemon_s: list[float]) -> float:
+    """1 off the VM; in scripts/test-host's VM how much slower `up` reached the tunnel's
+    daemon than on the development machine (median of this test's runs)."""
+    import os
+    import statistics
+
+    if os.environ.get("NETSTACK_TEST_HOST") != "1" or not daemon_s:
+        return 1.0
+    return max(1.0, statistics.median(daemon_s) / DEV_DAEMON_S)
 
 
 def test_anti_a_lost_initiation_is_caught(tmp_path):

@@ -91,3 +91,60 @@ def test_daemon_exit_ends_the_watch(scratch, tmp_path):
     daemon.kill()
     daemon.wait()
     assert p.wait(timeout=10) == 0 and time.monotonic() - t0 < 2
+
+
+def test_keeper_device_is_ours_only_and_goes_with_its_keeper(scratch, tmp_path):
+    """Kernel WireGuard's keeper (netstack/vpn/kernelwg.py) marks its device; the kernel
+    keeps a device whose keeper was killed with -9. The hook of the next keeper never
+    configures the dead keeper's device (its successor deletes it and makes its own), only
+    the one with its keeper's mark, and deletes that one the moment its keeper dies.
+    Stand-ins: a TUN device for the kernel's, `sleep` for the keeper."""
+    import select
+
+    from netstack.vpn.kernelwg import mark
+
+    def device(alias: str) -> None:
+        in_ns(scratch, "ip", "tuntap", "add", "tun6", "mode", "tun")
+        in_ns(scratch, "ip", "link", "set", "dev", "tun6", "alias", alias)
+        in_ns(scratch, "ip", "addr", "add", "10.67.0.9/24", "dev", "tun6")
+
+    device(mark(4194304))  # above pid_max: a keeper that cannot be alive
+    keeper = subprocess.Popen(["sleep", "30"])
+    try:
+        p = hook(scratch, TunnelSpec("openvpn", "tun6", None, [], None, [], None, 10.0,
+                                     keeper=True), tmp_path, keeper.pid)
+        # the dead keeper's device has an address (what the hook waits for): not ours
+        ready, _, _ = select.select([p.stdout], [], [], 1.5)
+        assert not ready and p.poll() is None
+        in_ns(scratch, "ip", "link", "del", "tun6")  # what the new keeper does first
+        device(mark(keeper.pid))
+        assert p.stdout.readline().strip() == "configured"
+        t0 = time.monotonic()
+        keeper.kill()  # -9: no keeper's own clean-up
+        keeper.wait()
+        assert p.wait(timeout=10) == 0
+        took = time.monotonic() - t0
+        assert "tun6" not in in_ns(scratch, "ip", "-o", "link").stdout
+        assert took < 2, f"the device went {took:.2f} s after its keeper"
+        assert f"deleted the device of keeper {keeper.pid}" in p.stderr.read()
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
+def test_keeper_device_is_left_alone_by_a_hook_without_the_mark(scratch, tmp_path):
+    """The anti-test: another keeper's device (its mark) outlives this hook's keeper."""
+    from netstack.vpn.kernelwg import mark
+
+    in_ns(scratch, "ip", "tuntap", "add", "tun5", "mode", "tun")
+    keeper = subprocess.Popen(["sleep", "30"])
+    in_ns(scratch, "ip", "link", "set", "dev", "tun5", "alias", mark(keeper.pid))
+    in_ns(scratch, "ip", "addr", "add", "10.67.0.9/24", "dev", "tun5")
+    p = hook(scratch, TunnelSpec("openvpn", "tun5", None, [], None, [], None, 10.0,
+                                 keeper=True), tmp_path, keeper.pid)
+    assert p.stdout.readline().strip() == "configured"
+    in_ns(scratch, "ip", "link", "set", "dev", "tun5", "alias", mark(4194304))
+    keeper.kill()
+    keeper.wait()
+    assert p.wait(timeout=10) == 0
+    assert "tun5" in in_ns(scratch, "ip", "-o", "link").stdout

@@ -28,9 +28,20 @@ def leaked(r) -> set[str]:
     return {c["case"] for c in r.cases if c["leaked_on"]}
 
 
-@pytest.fixture(scope="module")
-def vpn_stack():
-    with running_stack(VPN_CFG, "lv") as s:
+@pytest.fixture(scope="module", params=["wireguard", "wireguard-kernel"])
+def vpn_stack(request, tmp_path_factory):
+    """The VPN-only chain, its WireGuard forced to wireguard-go ("wireguard", proven on
+    every host) or the kernel's ("wireguard-kernel", skipped where the kernel has none:
+    scripts/test-host's VM runs it)."""
+    from pathlib import Path
+
+    from tests.integration.test_failover import backend_of
+
+    _, backend = backend_of(request.param)
+    cfg = tmp_path_factory.mktemp(request.param) / "vpn.toml"
+    cfg.write_text(Path(VPN_CFG).read_text().replace(
+        '\ntype = "wireguard"', f'\ntype = "wireguard"\nbackend = "{backend}"'))
+    with running_stack(str(cfg), "lv") as s:
         yield s
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from netstack.leaktest import battery
 from netstack.leaktest.battery import Ctx, Fault
-from tests.integration.test_failover import VPN, config, fetch
+from tests.integration.test_failover import VPN, backend_of, config, fetch
 from tests.integration.util import cli, in_ns, load_state, send, wait_for
 from tests.realkernel import KERNEL
 
@@ -45,10 +45,11 @@ def _stale_datagram(ctx: Ctx):
     return lambda: None
 
 
-def test_leaktest_after_failover(own_stack, tmp_path):
+@pytest.mark.parametrize("param", ["wireguard", "wireguard-kernel"])
+def test_leaktest_after_failover(own_stack, tmp_path, param):
     s = own_stack("lf")
     cfg = tmp_path / "failover.toml"
-    cfg.write_text(config("wireguard"))
+    cfg.write_text(config(*backend_of(param)))
     cli("--stack", s, "up", str(cfg), "--lab")
     info = load_state(s).plan.qube("sys-proxyvm").info
     assert fetch(f"nst-{s}-work") == VPN

@@ -212,17 +212,35 @@ def run_fault(vs, tmp_path, name, fault, repair=None, duration=2.0):
     return not_transport(pkts, vs.port), with_marker(pkts, m)
 
 
-def kill9(vs):
+def kill9(vs, restart: bool = True):
     """SIGKILL the tunnel daemon now running (if the one just read already died, the
-    supervisor is restarting it: kill the new one once it is up)."""
+    supervisor is restarting it: kill the new one once it is up). `restart=False`: the
+    supervisor is paused and restarts nothing; a daemon already gone is dead enough."""
     for _ in range(2):
         c = vs.child()
         try:
             os.kill(c.pid, signal.SIGKILL)
             return
         except ProcessLookupError:
+            if not restart:
+                return
             wait_for(lambda old=c.pid: vs.child().pid != old, 20, 0.02, "its restart")
     raise AssertionError("the tunnel daemon kept dying before it could be killed")
+
+
+def settled(vs) -> None:
+    """Until the daemon the supervisor recorded is alive and configured (no restart in
+    progress): a fault that pauses the supervisor must not catch it between two daemons."""
+    from netstack.kernel import proc_alive
+
+    def ok() -> bool:
+        c = vs.child()
+        return c.configured and proc_alive(c.pid, c.start)
+    wait_for(ok, 30, 0.02, "the tunnel daemon to be up and configured")
+
+
+def has_dev(vs) -> bool:
+    return in_ns(vs.vpn, "ip", "link", "show", "dev", vs.dev, check=False).returncode == 0
 
 
 def test_vpn_process_killed(vs, tmp_path):
@@ -230,6 +248,44 @@ def test_vpn_process_killed(vs, tmp_path):
     bad, hits = run_fault(vs, tmp_path, "kill9", lambda: kill9(vs))
     assert not bad and not hits
     assert vs.child().restarts > before  # the supervisor restarted it
+
+
+def test_device_goes_with_its_daemon(vs, tmp_path):
+    """A kill -9 of the tunnel's daemon takes its device with it while nothing restarts it
+    (the supervisor paused): wireguard-go's and OpenVPN's TUN die with the process; kernel
+    WireGuard's device outlives its keeper and the keeper's hook deletes it. Until then a
+    kernel tunnel with no keeper would carry traffic unsupervised. `status` says the
+    daemon is not running and the tunnel down; not a clear packet leaves meanwhile; once
+    the supervisor goes on, a new daemon makes a device of its own."""
+    settled(vs)
+    m = "nstk-" + secrets.token_hex(6)
+    sup = supervisor_pid(vs.stack)
+    with isp_capture(vs, tmp_path, "keeper") as cap:
+        os.kill(sup, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            kill9(vs, restart=False)
+            wait_for(lambda: not has_dev(vs), 5, 0.01, f"{vs.dev} to go with its daemon")
+            gone = time.monotonic() - t0
+            for _ in range(3):
+                vs.prober.send(vs.probes(m))
+            st = cli("--stack", vs.stack, "status", "--json", check=False)
+            assert st.returncode != 0
+            v = next(q for q in json.loads(st.stdout)["qubes"] if q["name"] == "sys-proxyvm")
+            assert v["vpn"]["tunnel"] == "down" and not v["vpn"]["process_alive"], v["vpn"]
+            assert "daemon vpn-sys-proxyvm not running" in json.dumps(v["health"])
+        finally:
+            os.kill(sup, signal.SIGCONT)
+        vs.wait_tunnel()
+    print(f"{vs.backend}: device gone {gone:.3f} s after the kill")
+    pkts = cap.packets()
+    assert not not_transport(pkts, vs.port) and not with_marker(pkts, m)
+    if vs.backend == "kernel":
+        from netstack.vpn.kernelwg import mark
+
+        settled(vs)
+        alias = in_ns(vs.vpn, "ip", "-d", "link", "show", vs.dev).stdout
+        assert f"alias {mark(vs.child().pid)}" in alias, alias
 
 
 def test_tunnel_interface_deleted(vs, tmp_path):
@@ -297,9 +353,14 @@ def test_anti_without_kill_switch_clear_packets_leak(vs, tmp_path):
 
     def remove_kill_switch():
         load_ruleset(vs.vpn, open_rs.to_json())
-        # stop the supervisor restarting the tunnel, then kill it
+        # stop the supervisor restarting the tunnel, then kill it; the tunnel is dead only
+        # once its device is gone: kernel WireGuard's outlives its keeper (its hook deletes
+        # it, test_device_goes_with_its_daemon): here the fault deletes it too, so this
+        # test proves the capture whatever the product does
+        settled(vs)
         os.kill(supervisor_pid(vs.stack), signal.SIGSTOP)
-        kill9(vs)
+        kill9(vs, restart=False)
+        in_ns(vs.vpn, "ip", "link", "del", vs.dev, check=False)
 
     try:
         bad, hits = run_fault_no_recover(vs, tmp_path, remove_kill_switch)

@@ -217,7 +217,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         bridge = any(LAB_REF in q.settings.get("bridges", []) for q in topo.qubes)
         labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
                          second_wg="lab:wireguard2" in refs,
-                         second_ovpn="lab:openvpn2" in refs)
+                         second_ovpn="lab:openvpn2" in refs,
+                         wg_kernel=uplink.lab_wg_kernel)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

@@ -305,3 +305,24 @@ def test_a_live_rule_change_stops_an_offloaded_flow_it_forbids():
             srv.close()
             for st in streams:
                 st.close()
+
+
+def test_differential_generator_with_flowtables():
+    """The audit's flowtable model against this kernel: tests/integration/
+    test_differential.py with flowtables in the generated rulesets (nftgen.FLOWTABLES)
+    and `flow add` in their forward chains; each established packet that came in is sent
+    again and the kernel's flowtable carrying it (or not) is judged against the model."""
+    import os
+    import subprocess
+    import sys
+
+    out = os.environ.get("NETSTACK_TEST_HOST_OUT", "/tmp")
+    env = dict(os.environ, NETSTACK_DIFF_FLOWTABLES="1", NETSTACK_DIFF_FOUND=out,
+               NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "100"))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                        "-s", "-rA", str(ROOT / "tests" / "integration" /
+                                         "test_differential.py"), "-k", "agrees"],
+                       capture_output=True, text=True, env=env, timeout=3000, cwd=ROOT)
+    print(p.stdout[-5000:], p.stderr[-2000:])
+    assert p.returncode == 0
+    assert "carried by a flowtable" in p.stdout

@@ -318,7 +318,7 @@ def test_differential_generator_with_flowtables():
 
     out = os.environ.get("NETSTACK_TEST_HOST_OUT", "/tmp")
     env = dict(os.environ, NETSTACK_DIFF_FLOWTABLES="1", NETSTACK_DIFF_FOUND=out,
-               NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "100"))
+               NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "30"))
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                         "-s", "-rA", str(ROOT / "tests" / "integration" /
                                          "test_differential.py"), "-k", "agrees"],

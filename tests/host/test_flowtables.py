@@ -35,7 +35,6 @@ from tests.integration.util import (
     in_ns,
     nft_counter,
     reap_zombies,
-    send,
     stack_leftovers,
     wait_for,
 )
@@ -54,8 +53,9 @@ def ns(stack: str, qube: str) -> str:
 
 
 class Server:
-    """A TCP server in the lab's web namespace that sends steadily (16 KiB every 5 ms, ~3
-    MB/s: enough to see, gentle on an emulated CPU) to each client until it goes."""
+    """A TCP server in the lab's web namespace that sends steadily (16 KiB every 20 ms,
+    ~0.8 MB/s: enough to see, gentle on an emulated CPU; at ~3 MB/s per flow the VM under
+    emulation starved the `netstack firewall` it ran beside) to each client until it goes."""
 
     def __init__(self, lab_ns: str) -> None:
         with netns.entered(lab_ns):
@@ -84,7 +84,7 @@ class Server:
                 c.sendall(chunk)
             except OSError:
                 return
-            time.sleep(0.005)
+            time.sleep(0.02)
 
     def close(self) -> None:
         self.stop.set()
@@ -126,6 +126,17 @@ class Stream:
             self.sock.close()
 
 
+def send_slowly(qube_ns: str, packets: list[dict]) -> None:
+    """tests.integration.util.send with room for scapy's import under emulation (60 s was
+    not enough in a loaded VM)."""
+    import sys
+
+    p = in_ns(qube_ns, sys.executable, "-m", "netstack.leaktest.send", json.dumps(packets),
+              timeout=600)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["sent"] == sum(
+        x.get("count", 1) for x in packets), p.stdout
+
+
 def conntrack(qube_ns: str, *args: str) -> str:
     p = in_ns(qube_ns, "conntrack", "-L", *args, check=False)
     return p.stdout
@@ -139,7 +150,7 @@ def offloaded(qube_ns: str, dport: int = PORT, sport: int | None = None) -> list
 
 
 PROBE = f"""table inet flowprobe {{
-  chain fwd {{ type filter hook forward priority -500; policy accept;
+  chain probe {{ type filter hook forward priority -500; policy accept;
     tcp dport {PORT} counter
     tcp sport {PORT} counter
   }}
@@ -196,7 +207,7 @@ def test_established_flows_ride_the_flowtables_of_sys_net_and_sys_firewall():
             after = {q: probe_packets(q) for q in (net, fw)}
             print(f"offloaded: {grew} bytes in 2 s; forward hook counts before {before} "
                   f"after {after}; sys-firewall: {offloaded(fw)}")
-            assert grew > 500_000, grew  # the flow goes on ...
+            assert grew > 300_000, grew  # the flow goes on ...
             assert all(before[q] >= 3 for q in before), before  # the probe saw the handshake
             assert after == before, (before, after)  # ... and never meets the forward hook
         finally:
@@ -232,12 +243,12 @@ def test_isolation_holds_while_flows_are_offloaded():
                 assert got == want, (q, got)
             assert "dport=8080" not in conntrack(fw, "-s", WORK)
             # nothing matched (UDP to the VPN host): dropped, never an entry
-            send(ns(s, "work"), [{"dst": "203.0.113.10", "proto": "udp", "dport": 9,
+            send_slowly(ns(s, "work"), [{"dst": "203.0.113.10", "proto": "udp", "dport": 9,
                                   "sport": 40999, "count": 5}])
             assert "dport=9 " not in conntrack(fw, "-s", WORK, "-p", "udp")
             # anti-spoofing: work sending as personal, and as a lab host
             before = nft_counter(fw, "antispoof work")
-            send(ns(s, "work"), [
+            send_slowly(ns(s, "work"), [
                 {"src": PERSONAL, "dst": WEB, "proto": "tcp", "dport": PORT, "flags": "S",
                  "sport": 41000},
                 {"src": "198.51.100.53", "dst": WEB, "proto": "udp", "dport": 9}])
@@ -253,7 +264,7 @@ def test_isolation_holds_while_flows_are_offloaded():
             # streams' own clients send bare ACKs): a capture small enough to read
             bpf = f"tcp and (dst port 80 or (dst port {PORT} and tcp[13] & 8 != 0))"
             with Capture(fw, "eth0", f"/tmp/{mark}.pcap", bpf) as cap:
-                send(ns(s, "work"), [
+                send_slowly(ns(s, "work"), [
                     {"src": PERSONAL, "sport": pers.sport, "dst": WEB, "dport": PORT,
                      "proto": "tcp", "flags": "PA", "payload": mark, "count": 3},
                     {"dst": WEB, "proto": "tcp", "dport": 80, "sport": 41002, "flags": "S",
@@ -282,7 +293,7 @@ def test_a_live_rule_change_stops_an_offloaded_flow_it_forbids():
                      and offloaded(fw, sport=pers.sport), 15, 0.1, "both flows offloaded")
             assert work.growth(1.0) > 100_000
             cli("--stack", s, "firewall", "work", "add", "action=drop", f"dsthost={WEB}",
-                "proto=tcp", f"dstports={PORT}", "--before", "1")
+                "proto=tcp", f"dstports={PORT}", "--before", "1", timeout=600)
             t_done = work.got
             time.sleep(0.3)  # what was in flight when the command returned lands
             at = work.got

@@ -5,9 +5,15 @@ system, user of the whole machine, and each wireguard-go's own); and the time fr
 to the first packet through the tunnel. Prints a table and writes JSON.
 
     sudo .venv/bin/python bench/vpn.py [--seconds 3] [--runs 3] [--out bench/results/vpn.json]
+                                       [--lab-wg auto|kernel|wireguard-go] [--no-flowtable-run]
 
 The bare baseline uses the backend the chain uses (kernel WireGuard where the kernel has
-it, else wireguard-go), so the ratio compares like with like.
+it, else wireguard-go), so the ratio compares like with like; the lab's VPN server, the
+chain's far end, does too (`--lab-wg auto`: kernel WireGuard where the kernel has it).
+Where the forwarding qubes have a flowtable (docs/field-notes.md, "Flowtables"), the chain
+is also measured with their `flow add` rules removed (same stack, same run), and the JSON
+says how many rules each namespace on the path has and how many of its flows the
+flowtables carried: where the time goes, without perf.
 """
 
 from __future__ import annotations
@@ -171,11 +177,11 @@ def bare_wireguard(seconds: int, kernel: bool = False) -> tuple[float, dict[str,
             netns.delete(n)
 
 
-def first_packet(cfg: str, name: str) -> tuple[float, float]:
+def first_packet(cfg: str, name: str, lab_wg_kernel: bool = False) -> tuple[float, float]:
     """(seconds from up() start to up() return, to the first TCP connect through the
     tunnel from the app qube to the lab web server)."""
     t0 = time.perf_counter()
-    stack.up(cfg, name, plan.UplinkSpec("lab"), KERNEL)
+    stack.up(cfg, name, plan.UplinkSpec("lab", lab_wg_kernel=lab_wg_kernel), KERNEL)
     t1 = time.perf_counter()
     while True:
         with netns.entered(f"nst-{name}-work"):
@@ -192,6 +198,49 @@ def first_packet(cfg: str, name: str) -> tuple[float, float]:
             time.sleep(0.002)
 
 
+PATH_QUBES = ("work", "sys-proxyvm", "sys-firewall", "sys-net")
+
+
+def path_facts(name: str) -> dict[str, dict[str, int]]:
+    """Per namespace on the chain's path: rules in all, rules in its forward chain, and
+    whether it has a flowtable (`nft -j list ruleset`)."""
+    out = {}
+    for q in PATH_QUBES:
+        js = json.loads(sh("ip", "netns", "exec", f"nst-{name}-{q}", "nft", "-j", "list",
+                           "ruleset").stdout)["nftables"]
+        rules = [i["rule"] for i in js if "rule" in i]
+        out[q] = {"rules": len(rules),
+                  "forward_rules": sum(r["chain"] == "forward" for r in rules),
+                  "flowtables": sum("flowtable" in i for i in js)}
+    return out
+
+
+def conntrack_facts(name: str) -> dict[str, dict[str, int]]:
+    """Per forwarding namespace: conntrack entries, and those on the flowtable."""
+    out = {}
+    for q in ("sys-firewall", "sys-net"):
+        p = subprocess.run(["ip", "netns", "exec", f"nst-{name}-{q}", "conntrack", "-L"],
+                           capture_output=True, text=True)
+        lines = [x for x in p.stdout.splitlines() if x.strip()]
+        out[q] = {"entries": len(lines), "offloaded": sum("[OFFLOAD]" in x for x in lines)}
+    return out
+
+
+def drop_offload(name: str) -> int:
+    """Delete the `flow add` rules of the stack's forwarding qubes (the flowtable stays,
+    nothing new goes on it): the chain as it is without flowtables. Returns how many."""
+    n = 0
+    for q in ("sys-firewall", "sys-net"):
+        ns = f"nst-{name}-{q}"
+        js = json.loads(sh("ip", "netns", "exec", ns, "nft", "-j", "-a", "list", "chain",
+                           "inet", "netstack", "forward").stdout)["nftables"]
+        for i in js:
+            r = i.get("rule")
+            if r and any("flow" in x for x in r["expr"]):
+                sh("ip", "netns", "exec", ns, "nft", "delete", "rule", "inet", "netstack",
+                   "forward", "handle", str(r["handle"]))
+                n += 1
+    return n
 
 
 def main() -> None:
@@ -199,12 +248,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vpn.json"))
+    ap.add_argument("--lab-wg", choices=("auto", "kernel", "wireguard-go"), default="auto",
+                    help="the lab VPN server's WireGuard (auto: kernel where it exists)")
+    ap.add_argument("--no-flowtable-run", action="store_true",
+                    help="skip the run with the flowtables' `flow add` rules removed")
     a = ap.parse_args()
+    from netstack.hostcaps import kernel_wireguard
+
+    lab_kernel = a.lab_wg == "kernel" or (a.lab_wg == "auto" and kernel_wireguard())
     cfg = str(ROOT / "configs" / "vpn.toml")
-    res: dict = {"machine": machine()}
+    res: dict = {"machine": machine(), "lab_server": "kernel" if lab_kernel
+                 else "wireguard-go"}
     ups, firsts = [], []
     for i in range(a.runs):
-        u, f = first_packet(cfg, f"bv{i}")
+        u, f = first_packet(cfg, f"bv{i}", lab_kernel)
         ups.append(u)
         firsts.append(f)
         if i < a.runs - 1:
@@ -220,16 +277,40 @@ def main() -> None:
     kernel = info.backend == "kernel"
     kids = children(st)
     pids = {"wg_client": kids["vpn-sys-proxyvm"].pid, "wg_server": kids["lab-wireguard"].pid}
+    def chain_run() -> tuple[float, dict[str, float]]:
+        return measured(lambda: iperf(f"nst-{name}-work", f"nsl-{name}-web", WEB,
+                                      a.seconds), pids, a.seconds)
+
     try:
+        res["path"] = path_facts(name)
+        flowtables = sum(v["flowtables"] for v in res["path"].values())
         chain, bare, chain_cpu, bare_cpu = [], [], [], []
         for _ in range(a.runs):
             g, c = bare_wireguard(a.seconds, kernel)
             bare.append(g)
             bare_cpu.append(c)
-            g, c = measured(lambda: iperf(f"nst-{name}-work", f"nsl-{name}-web", WEB,
-                                          a.seconds), pids, a.seconds)
+            g, c = chain_run()
             chain.append(g)
             chain_cpu.append(c)
+        # iperf3's connections are closed by now: their entries stay until conntrack
+        # times them out, with [OFFLOAD] cleared; count during one more run instead
+        res["conntrack_during_chain"] = {}
+        if flowtables:
+            import threading
+
+            seen: dict = {}
+            t = threading.Timer(a.seconds / 2, lambda: seen.update(conntrack_facts(name)))
+            t.start()
+            chain_run()
+            t.join()
+            res["conntrack_during_chain"] = seen
+        noflow, noflow_cpu = [], []
+        if flowtables and not a.no_flowtable_run:
+            res["flow_add_rules_removed"] = drop_offload(name)
+            for _ in range(a.runs):
+                g, c = chain_run()
+                noflow.append(g)
+                noflow_cpu.append(c)
     finally:
         stack.down(name, KERNEL)
         reap()
@@ -251,6 +332,12 @@ def main() -> None:
     res["bare_cores_per_gbit_s"] = round(res["bare_cpu_s_per_gb"]["total"] * 0.125, 2)
     res["chain_runs"] = [round(x, 3) for x in chain]
     res["bare_runs"] = [round(x, 3) for x in bare]
+    if noflow:  # the same chain, its flowtables unused
+        res["chain_no_flowtable_gbit_s_median"] = round(statistics.median(noflow), 3)
+        res["ratio_no_flowtable"] = round(res["chain_no_flowtable_gbit_s_median"]
+                                          / res["bare_gbit_s_median"], 3)
+        res["chain_no_flowtable_cpu_s_per_gb"] = med(noflow_cpu)
+        res["chain_no_flowtable_runs"] = [round(x, 3) for x in noflow]
     for k, v in res.items():
         print(f"{k:<36} {v}")
     write(a.out, res)

@@ -292,6 +292,9 @@ class UplinkSpec:
     mode: str  # lab | move | nat
     dev: str | None = None
     sink: bool = False  # lab only: the offline internet (every name answered by the sink)
+    # lab only: the lab VPN server's WireGuard runs in the kernel instead of wireguard-go
+    # (bench/vpn.py: a kernel-WireGuard chain measured against kernel WireGuard both ends)
+    lab_wg_kernel: bool = False
 
 
 @dataclass(frozen=True)

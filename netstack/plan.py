@@ -220,7 +220,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
                        and (s := getattr(q.info, "control_socket", None))]
         labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
                          second_wg="lab:wireguard2" in refs,
-                         second_ovpn="lab:openvpn2" in refs, tor_clients=tor_clients)
+                         second_ovpn="lab:openvpn2" in refs, tor_clients=tor_clients,
+                         wg_kernel=uplink.lab_wg_kernel)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

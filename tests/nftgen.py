@@ -7,7 +7,8 @@ accept, drop, fwd and dup (netdev_table), regular chains reached by jump and got
 return, policies, verdict maps, named and anonymous sets with intervals and
 concatenations, ct state and status, meta iifname/oifname (with wildcards), mark (with a
 mask), skuid, skgid, l4proto, nfproto, protocol, ip/ip6 addresses and prefixes, ports and ranges,
-tcp flags, icmp types, mark setting and NAT (dnat, snat, masquerade, redirect).
+tcp flags, icmp types, mark setting and NAT (dnat, snat, masquerade, redirect); with
+FLOWTABLES, a flowtable per table and `flow add` in its forward chains.
 
 Constants are drawn from small pools shared with the packets so that rules match often.
 The lab (tests/integration/test_differential.py) gives the device under test the links
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,9 @@ from hypothesis import strategies as st
 from netstack.audit.evaluator import Packet
 
 IFACES = ("lan0", "wan0", "vif3")
+# flowtables over the lab's links and `flow add` in forward chains (a kernel with
+# nf_flow_table_inet: scripts/test-host's VM; test_differential.py turns it on there)
+FLOWTABLES = os.environ.get("NETSTACK_DIFF_FLOWTABLES") == "1"
 # device-under-test addresses per link (tests/integration: KernelLab.add_iface in order)
 DUT4 = {n: str(ipaddress.ip_address("192.0.2.0") + 16 * i + 1) for i, n in enumerate(IFACES)}
 NBR4 = {n: str(ipaddress.ip_address("192.0.2.0") + 16 * i + 2) for i, n in enumerate(IFACES)}
@@ -102,6 +107,7 @@ class Ctx:
     ctype: str
     chains_after: list[str]  # regular chains this chain may jump to (no loops)
     sets: dict[str, Any]
+    flowtable: str | None = None  # the table's flowtable (`flow add` in forward chains)
 
 
 def _addr_value(draw, six: bool) -> Any:
@@ -344,7 +350,11 @@ def _verdict(draw, c: Ctx, allow_nat: bool) -> list[dict[str, Any]]:
         opts.append("return")
     if allow_nat:
         opts += ["nat", "nat"]
+    if c.flowtable and c.hook == "forward" and c.ctype == "filter":
+        opts += ["offload", "offload"]  # the kernel takes `flow add` at forward only
     v = draw(st.sampled_from(opts))
+    if v == "offload":
+        return [{"flow": {"op": "add", "flowtable": f"@{c.flowtable}"}}]
     if v in ("accept", "drop", "reject", "return"):
         return [{v: None}]
     if v == "none":
@@ -437,6 +447,14 @@ def rulesets(draw) -> dict[str, Any]:
         tables.append((fam, f"t{t}"))
     for fam, tname in tables:
         items.append({"table": {"family": fam, "name": tname}})
+        ft = None
+        if FLOWTABLES and draw(st.integers(0, 3)) > 0:
+            ft = "ft"
+            devs = draw(st.lists(st.sampled_from(IFACES), min_size=1, max_size=3,
+                                 unique=True))
+            items.append({"flowtable": {"family": fam, "table": tname, "name": ft,
+                                        "hook": "ingress", "prio": draw(st.sampled_from(
+                                            [-10, 0, 10])), "dev": sorted(devs)}})
         sets: dict[str, Any] = {}
         regular = [f"r{i}" for i in range(draw(st.integers(0, 2)))]
         chains: list[tuple[dict[str, Any], Ctx]] = []
@@ -454,7 +472,7 @@ def rulesets(draw) -> dict[str, Any]:
             policy = draw(st.sampled_from(["accept", "accept", "drop"]))
             chains.append(({"family": fam, "table": tname, "name": f"b{b}", "type": ctype,
                             "hook": hook, "prio": prio, "policy": policy},
-                           Ctx(fam, tname, hook, ctype, regular, sets)))
+                           Ctx(fam, tname, hook, ctype, regular, sets, ft)))
         rules = []
         for chain, ctx in chains:
             for r in _rules(draw, ctx):

@@ -49,6 +49,7 @@ DEVICE_HOOKS = ("ingress", "egress")  # base chains bound to devices (netdev, in
 # copy it there (dup): leaves of their own, "fwd DEV" / "dup DEV", only where a consumer
 # asked for them (Evaluator.moves); anywhere else they stay UNPROVEN
 MOVES = ("fwd", "dup")
+OFFLOAD_STEP = "flow add"  # a trace step: the flow's later packets take the flowtable
 NAT_CORE = {"prerouting": -100, "output": -100, "postrouting": 100, "input": 100}
 CONNTRACK_PRIO = -200  # where connection tracking looks packets up (prerouting, output)
 NAT_KINDS = ("dnat", "snat", "masquerade", "redirect")
@@ -782,6 +783,7 @@ class Evaluator:
         self.steps = 0
         # the leaf of the device hook being explored: a fwd or dup is a leaf of its own
         self._leaf: Leaf | None = None
+        self._hook_leaf: Leaf | None = None  # the leaf of the hook explored (flow add)
 
     @property
     def dom(self) -> dict[str, tuple]:
@@ -853,6 +855,7 @@ class Evaluator:
         if undo is None:
             return
         outer_leaf, self._leaf = self._leaf, (leaf if hook in DEVICE_HOOKS else None)
+        outer_hook_leaf, self._hook_leaf = self._hook_leaf, leaf
         # a packet has a socket (an owner AND a group) or none: never one without the other;
         # it has a connection (and a status) unless it is invalid or untracked
         for b in PAIRINGS:
@@ -873,6 +876,7 @@ class Evaluator:
                     self.restore(u2)
         finally:
             self._leaf = outer_leaf
+            self._hook_leaf = outer_hook_leaf
             for _ in PAIRINGS:
                 self.excl.pop()
             self.restore(undo)
@@ -1068,10 +1072,16 @@ class Evaluator:
                 k(v, trace + [r.step(s[1])], nat, taint)
                 return
             if kind == "offload":
-                # this packet goes on through the rules; its flow's later packets skip the
-                # hooks on the flowtable: for them, accept (fastpath.py keeps this rule to
-                # flows the ruleset has already accepted, so nothing new opens)
-                k("accept", trace + [r.step(f"flow add {s[1]}")], nat, taint)
+                # this packet goes on through the rules; its flow's later packets skip
+                # every hook on the flowtable, the later base chains of this one too: for
+                # them, accept, as the hook's end (fastpath.py keeps this rule to flows
+                # the ruleset has already accepted, so nothing new opens). Checked against
+                # the kernel by tests/integration/test_differential.py with flowtables.
+                step = r.step(f"{OFFLOAD_STEP} {s[1]}")
+                if self._hook_leaf is not None:
+                    self._hook_leaf(self, "accept", trace + [step], nat, taint)
+                else:
+                    k("accept", trace + [step], nat, taint)
                 j += 1
                 continue
             if kind == "return":
@@ -1184,14 +1194,17 @@ class Evaluator:
 
 def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str],
          primary: Callable[[str, str], str | None] | None = None,
-         traces: list[tuple[str, list[Step], list[str]]] | None = None
-         ) -> list[tuple[str, str]]:
+         traces: list[tuple[str, list[Step], list[str]]] | None = None,
+         offloads: list[tuple[str, str, str]] | None = None) -> list[tuple[str, str]]:
     """What the evaluator says happens to one packet, hook by hook, as the oracle reports
     the kernel's: incoming (p.iifname set) through prerouting, then input (to a `local`
     address) or forward to the interface `route` gives, then postrouting; locally generated
     through output and postrouting. primary(iface, family): the address redirect (incoming
     interface, "lo" on output) and masquerade (outgoing interface) write. `traces` (if
-    given) gets, per hook, the rules that decided and the constructs not modelled."""
+    given) gets, per hook, the rules that decided and the constructs not modelled.
+    `offloads` (if given) gets (hook, table, flowtable) of each `flow add` the packet
+    reached: what it does to the flow's later packets (tests/integration/
+    test_differential.py checks that against the kernel's flowtables)."""
     ev = Evaluator(rs)
     out: list[tuple[str, str]] = []
 
@@ -1205,6 +1218,11 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
         def leaf(e: Evaluator, verdict: str, trace: list, nat: list, taint: list) -> None:
             w = e.point()
             if w is None:
+                return
+            flow = next((t for t in trace if t.action.startswith(OFFLOAD_STEP)), None)
+            if flow is not None:  # the flow's later packets, not this one: it goes on
+                if offloads is not None:
+                    offloads.append((hook, flow.table, flow.action.split("@", 1)[-1]))
                 return
             after = packet_of(w) if isinstance(w, dict) else pk
             got.append(("unknown" if taint else verdict, after))

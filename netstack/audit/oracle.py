@@ -249,11 +249,18 @@ class KernelLab:
                 {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": offset,
                                                             "len": 80}}, "right": hex(mark)}},
                 {"counter": None}]}}})
+        # and every frame with the payload, whoever made it (later(): what a flowtable
+        # forwarded, which no hook of the DUT saw)
+        arrived = [{"add": {"rule": {**r["add"]["rule"], "chain": "arrived",
+                                     "expr": r["add"]["rule"]["expr"][1:]}}} for r in rules]
         k.nft(nbr, {"nftables": [
             {"add": {"table": {"family": "netdev", "name": "nsobs"}}},
             {"add": {"chain": {"family": "netdev", "table": "nsobs", "name": "moved",
                                "type": "filter", "hook": "ingress", "dev": "p0", "prio": 0,
-                               "policy": "accept"}}}, *rules]})
+                               "policy": "accept"}}},
+            {"add": {"chain": {"family": "netdev", "table": "nsobs", "name": "arrived",
+                               "type": "filter", "hook": "ingress", "dev": "p0", "prio": 1,
+                               "policy": "accept"}}}, *rules, *arrived]})
 
     def route(self, daddr: str, oif: str) -> None:
         """daddr reached through oif's neighbour (or, for "", not routed at all)."""
@@ -288,6 +295,8 @@ class KernelLab:
                          for e in i.get("rule", {}).get("expr", [])
                          if isinstance(e, dict) and isinstance(e.get("fwd"), dict)}
         self.k.nft(self.dut, {"nftables": flush + [{"add": i} for i in doc["nftables"]]})
+        self.doc = doc
+        self.flowtables = any("flowtable" in i for i in doc["nftables"])
 
     def _tables(self) -> list[dict[str, Any]]:
         return [i["table"] for i in self.k.nft_list(self.dut)["nftables"] if "table" in i]
@@ -303,7 +312,47 @@ class KernelLab:
                 return got
         raise RuntimeError("nft monitor keeps dying")
 
+    def later(self, p: Packet, timeout: float = 0.5) -> str:
+        """Right after fate(p): the same packet again, on the connection the first one
+        left. "fastpath" when a flowtable carried it (it reached a neighbour and no hook
+        of the DUT saw it), else "hooks". The flows are cleared after."""
+        self._drain()
+        before = self._moved("arrived")
+        self._send_in(p)
+        fate = self._read_fate(p, timeout)
+        end = time.monotonic() + 0.2
+        while True:
+            after = self._moved("arrived")
+            came = any(after[n] > before.get(n, 0) for n in after)
+            if came or time.monotonic() > end:
+                break
+        seen = any(h in ("prerouting", "forward") for h, _ in fate)
+        self._clear_flows()
+        return "fastpath" if came and not seen else "hooks"
+
+    def _offloaded(self) -> bool:
+        p = subprocess.run(["ip", "netns", "exec", self.dut, "conntrack", "-L"],
+                           capture_output=True, text=True)
+        return "[OFFLOAD]" in p.stdout
+
+    def _clear_flows(self, timeout: float = 5.0) -> None:
+        """No flow left on a flowtable: a connection on one outlives `conntrack -F` (Linux
+        6.1 refuses to delete an offloaded entry), and its flow would carry the next
+        packet of the same addresses past every hook. Loading the ruleset again makes
+        new flowtables; the old ones' flows are torn down when the kernel frees them
+        (after the transaction), and only then can their entries go."""
+        if not getattr(self, "flowtables", False) or not self._offloaded():
+            return
+        self.load(self.doc)
+        end = time.monotonic() + timeout
+        while self._offloaded():
+            if time.monotonic() > end:
+                raise RuntimeError("offloaded connections stayed after the flowtables went")
+            time.sleep(0.02)
+        self._flush_conntrack()
+
     def _fate(self, p: Packet, timeout: float) -> list[tuple[str, str]]:
+        self._clear_flows()
         self._flush_conntrack()
         if p.ct_state == "established":
             self._connection(p)
@@ -368,12 +417,14 @@ class KernelLab:
             return None
         return None
 
-    def _moved(self) -> dict[str, int]:
-        """Per DUT link: the frames its neighbour got that the DUT's stack did not send."""
+    def _moved(self, chain: str = "moved") -> dict[str, int]:
+        """Per DUT link: the frames its neighbour got that the DUT's stack did not send
+        (chain "arrived": all frames with the payload)."""
         out = {}
         for name, nb in self.ifaces.items():
             doc = self.k.nft_list(nb["nbr"])
             out[name] = sum(e["counter"]["packets"] for i in doc["nftables"] if "rule" in i
+                            and i["rule"].get("chain") == chain
                             for e in i["rule"]["expr"] if "counter" in e)
         return out
 

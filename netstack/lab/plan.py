@@ -41,7 +41,7 @@ def lab_files(state_dir: str) -> dict[str, str]:
 def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
              ns_files: Any, sink: bool = False, bridge: bool = False,
              second_wg: bool = False, second_ovpn: bool = False,
-             tor_clients: list[str] | None = None) -> None:
+             tor_clients: list[str] | None = None, wg_kernel: bool = False) -> None:
     """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
     the VPN server's keys and runs it; tor: a tor qube needs the private Tor network;
     tor_clients: the control sockets of the gateways on it (told of its first consensus)."""
@@ -104,7 +104,11 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                                 requires=os.path.join(d, "ovpn2-server.conf"),
                                 ready=f"udp/{OVPN_PORT + 1}"))
     if vpn_keys:
-        p.daemons.append(Daemon("lab-wireguard", vs.netns, ("wireguard-go", "-f", vs.wg_dev),
+        # wg_kernel: the kernel's WireGuard, held by the keeper the VPN qube's kernel
+        # backend uses (the same hook configures both)
+        wg = (sys.executable, "-m", "netstack.vpn.kernelwg", vs.wg_dev) if wg_kernel \
+            else ("wireguard-go", "-f", vs.wg_dev)
+        p.daemons.append(Daemon("lab-wireguard", vs.netns, wg,
                                 True, (sys.executable, "-m", "netstack.vpn.hook",
                                        os.path.join(d, "wg-server-hook.json")),
                                 requires=os.path.join(d, "wg-server-hook.json"),

@@ -42,18 +42,54 @@ def dut():
         lab.close()
 
 
+FLOWS = {"checked": 0, "fastpath": 0}  # later packets judged (flowtables on)
+
+
+def fastpath_expected(ruleset: dict, p: Packet, offloads: list) -> bool:
+    """Whether the kernel carries this packet's flow on a flowtable after it, given the
+    `flow add`s the evaluator says it reached: the model (a flow reaching one has its
+    later packets accepted) and what nft_flow_offload_eval asks besides: a TCP or UDP
+    connection already established, no FIN or RST, and the packet's input device on
+    the flowtable (its ingress hook sees only those)."""
+    if not offloads or p.l4proto not in ("tcp", "udp") or p.ct_state != "established" \
+            or p.tcp_flags & {"fin", "rst"}:
+        return False
+    devs: set[str] = set()
+    for _hook, table, name in offloads:
+        for i in ruleset["nftables"]:
+            f = i.get("flowtable")
+            if f and (f["table"], f["name"]) == (table, name):
+                devs |= {f["dev"]} if isinstance(f["dev"], str) else set(f["dev"])
+    return p.iifname in devs
+
+
 def judge(lab, ruleset: dict, packets: list[Packet]) -> list[dict]:
-    """The disagreements of the evaluator with the kernel on these packets."""
+    """The disagreements of the evaluator with the kernel on these packets (with
+    flowtables, also on the later packets of each packet's flow)."""
     lab.load(ruleset)
     rs = Ruleset(ruleset)
     out = []
     for p in packets:
         kernel = [list(x) for x in lab.fate(p)]
-        ours = [list(x) for x in fate(rs, p, nftgen.route, nftgen.LOCAL, nftgen.primary)]
+        offloads: list = []
+        ours = [list(x) for x in fate(rs, p, nftgen.route, nftgen.LOCAL, nftgen.primary,
+                                      offloads=offloads)]
         if kernel != ours:
             out.append({"why": "found by test_differential", "ruleset": ruleset,
                         "packet": p.describe(), "kernel": kernel, "evaluator": ours,
                         "trace": lab.lines})
+            continue
+        if lab.flowtables and p.iifname and not lab.ingress and \
+                p.l4proto in ("tcp", "udp") and p.ct_state == "established":
+            want = "fastpath" if fastpath_expected(ruleset, p, offloads) else "hooks"
+            got = lab.later(p)
+            FLOWS["checked"] += 1
+            FLOWS["fastpath"] += got == "fastpath"
+            if got != want:
+                out.append({"why": "found by test_differential (a later packet of the "
+                            "flow)", "ruleset": ruleset, "packet": p.describe(),
+                            "kernel_later": got, "evaluator_later": want,
+                            "offloads": offloads, "trace": lab.lines})
     return out
 
 
@@ -77,13 +113,18 @@ def test_evaluator_agrees_with_the_kernel(dut, record_property):
     record_property("differential_pairs", stats["pairs"])
     record_property("differential_seconds", round(took, 1))
     print(f"\ndifferential: {stats['pairs']} pairs on {stats['rulesets']} rulesets in "
-          f"{took:.1f} s, {len(found)} disagreements, monitor restarts {dut.restarts}")
+          f"{took:.1f} s, {len(found)} disagreements, monitor restarts {dut.restarts}"
+          + (f"; flowtables: {FLOWS['checked']} later packets judged, "
+             f"{FLOWS['fastpath']} carried by a flowtable" if nftgen.FLOWTABLES else ""))
+    record_property("differential_later_packets", FLOWS["checked"])
     where = os.environ.get("NETSTACK_DIFF_FOUND")  # a folder to keep what was found in
     for i, case in enumerate(found if where else []):
         Path(where, f"found-{os.getpid()}-{i}.json").write_text(json.dumps(case, indent=1))
     assert not found, "the evaluator and the kernel disagree; add to " \
         f"tests/differential_cases/:\n{json.dumps(found[0], indent=1)}"
     assert stats["pairs"] >= 2000 or RULESETS * PACKETS < 2000
+    if nftgen.FLOWTABLES:  # the run with flowtables judged flows that took one
+        assert FLOWS["fastpath"] > 0, FLOWS
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CASES.glob("*.json")))

@@ -94,8 +94,10 @@ def nic_stack():
     assert nic, f"no NIC with MAC {NIC_MAC}: scripts/test-host gives the VM one"
     before = host_view()
     t0 = time.monotonic()
+    # --vpn-timeout is also the deadline for the first lease (30 s by default): the hook is
+    # a Python program, slow under TCG on a loaded host (a BOUND came after 30 s there)
     p = sh(NETSTACK, "--stack", STACK, "up", str(ROOT / "configs" / "basic.toml"),
-           "--uplink", nic, check=False, timeout=600)
+           "--uplink", nic, "--vpn-timeout", "300", check=False, timeout=600)
     up_s = time.monotonic() - t0
     if p.returncode != 0:
         diagnose(STACK, "nic-up")

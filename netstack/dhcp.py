@@ -27,6 +27,7 @@ from netstack.kernel import Kernel
 from netstack.model import RoleInfo
 
 DNS_MAP = "upstream_dns"
+HOOK_IN_VIEW = "/run/netstack-dhcp-hook"  # in dhcpcd's mount view only (see argv)
 BOUND = {"BOUND", "RENEW", "REBIND", "REBOOT", "INFORM", "STATIC"}
 GONE = {"EXPIRE", "NAK", "STOP", "RELEASE", "FAIL", "NOCARRIER", "DEPARTED", "STOPPED",
         "TIMEOUT"}
@@ -82,13 +83,20 @@ def argv(info: DhcpInfo) -> tuple[str, ...]:
     no network), no ARP probe (5 s at every boot; the lease server checks), no config file
     of the host, asking for resolvers; in a private /run and lease directory, and in a PID
     namespace of its own: ending the supervised bwrap ends dhcpcd's privilege-separation
-    helpers with it (the kernel ends a PID namespace whole), none is orphaned."""
+    helpers with it (the kernel ends a PID namespace whole), none is orphaned.
+
+    dhcpcd executes its hook; a Debian host mounts /run `noexec` (the initramfs does), so
+    the hook under /run/netstack cannot be run from there ("script_runreason: Permission
+    denied" at every event, never a lease: docs/field-notes.md, "A real NIC in the VM").
+    It is copied first into the view's own /run, bwrap's tmpfs, where exec is allowed."""
     return ("bwrap", "--dev-bind", "/", "/", "--unshare-pid", "--proc", "/proc",
             "--tmpfs", "/run", "--bind", info.state_dir, info.state_dir,
             "--bind", info.lease_dir, "/var/lib/dhcpcd", "--die-with-parent", "--",
+            "/bin/sh", "-c", 'install -m 700 "$1" "$2" && shift 2 && exec "$@"', "sh",
+            info.script, HOOK_IN_VIEW,
             "dhcpcd", "--nobackground", "--ipv4only", "--noipv4ll", "--noarp",
             "--config", "/dev/null", "--option", "domain_name_servers",
-            "--script", info.script, info.dev)
+            "--script", HOOK_IN_VIEW, info.dev)
 
 
 def script_text(info: DhcpInfo) -> str:

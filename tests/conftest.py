@@ -20,6 +20,15 @@ if os.geteuid() == 0:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def pytest_configure(config):
+    # pyproject.toml keys scripts/test-host's image cache, so the marker is declared here
+    config.addinivalue_line(
+        "markers", "fresh_host: a small representative set of root tests that "
+        "tests/host/test_readme.py runs through `scripts/test` on a fresh Debian in "
+        "scripts/test-host's VM (`-m 'not root or fresh_host'`): the basic chain with real "
+        "packets, up/down leaving nothing, a moved uplink")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() == 0:
         return

@@ -10,7 +10,7 @@ import pytest
 from netstack.leaktest.capture import Capture
 from tests.integration.util import cli, in_ns, nft_counter, send
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.fresh_host]
 
 WEB, DNS = "198.51.100.80", "198.51.100.53"
 ISP_ADDR = "192.0.2.2"

@@ -25,6 +25,7 @@ from tests.integration.util import (
 pytestmark = pytest.mark.root
 
 
+@pytest.mark.fresh_host
 def test_down_leaves_nothing(own_stack):
     s = own_stack("d")
     before = snapshot_host()
@@ -134,6 +135,7 @@ def test_two_stacks_side_by_side(basic_stack, own_stack):
     assert out.strip() == "192.0.2.2"
 
 
+@pytest.mark.fresh_host
 def test_uplink_move_with_a_stand_in_veth(own_stack, tmp_path):
     """--uplink DEV moves the device into sys-net and gives it back on down. Everything runs
     inside a throwaway 'host' namespace, so no real interface is touched."""

@@ -76,3 +76,20 @@ def test_status_lines_and_health():
     assert role.health(down) == ["no DHCP lease on uplink (last event NAK): nothing leaves "
                                  "until one comes"]
     assert role.status_lines({}) == [] and role.health({}) == []
+
+
+def test_dhcpcd_runs_its_hook_from_its_own_tmpfs_not_from_run_netstack():
+    """A Debian host mounts /run noexec: dhcpcd executing the hook under /run/netstack got
+    "Permission denied" at every event and sys-net never had a lease (scripts/test-host's
+    VM, tests/host/test_nic.py). The hook is copied into bwrap's own /run first."""
+    info = dhcp.DhcpInfo("sys-net", "nst-x-sys-net", "uplink", "/run/netstack/x", True)
+    argv = list(dhcp.argv(info))
+    view = argv[argv.index("--") + 1:]
+    run = argv.index("--tmpfs")
+    assert argv[run + 1] == "/run"  # the view's /run is bwrap's tmpfs (exec allowed)
+    script = argv[argv.index("--script") + 1]
+    assert script == dhcp.HOOK_IN_VIEW and script.startswith("/run/")
+    assert not script.startswith(info.state_dir)
+    # the copy is made before dhcpcd starts, from the hook `up` wrote
+    assert view[:2] == ["/bin/sh", "-c"] and view[4:6] == [info.script, script]
+    assert view[6] == "dhcpcd" and argv[-1] == "uplink"

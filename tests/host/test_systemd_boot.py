@@ -266,7 +266,11 @@ def test_install_the_unit_a_lab_uplink_and_a_stand_in_network_manager():
     p = sh(NETSTACK, "--stack", STACK, "service", "install", str(ETC / "chain.toml"),
            "--uplink", DEV)
     print(p.stdout)
-    assert f"enabled {UNIT}" in p.stdout and "systemd-analyze verify: clean" in p.stdout
+    assert f"enabled {UNIT}" in p.stdout
+    # systemd-analyze verify also reports other units it loads (the image's runner has
+    # SuccessAction= in [Service]): none about ours
+    verify = p.stdout.split("systemd-analyze verify: ", 1)[1]
+    assert verify.strip() == "clean" or str(UNIT_DIR / UNIT) not in verify, verify
     unit = (UNIT_DIR / UNIT).read_text()
     assert "Before=network-pre.target" in unit and f"--uplink {DEV}" in unit
     assert sh("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
@@ -285,6 +289,11 @@ def test_after_boot_the_unit_is_active_and_the_chain_whole(boot):
     assert s["NRestarts"] == "0", s
     st = chain_whole()
     assert sorted(q["netns"] for q in st["qubes"]) == stack_namespaces()
+    # a fact for setup.sh (docs/field-notes.md): Debian's own tor and openvpn units at boot
+    for u in ("tor.service", "tor@default.service", "openvpn.service"):
+        print(u, show(u, "UnitFileState", "ActiveState", "SubState", "ExecMainPID"))
+    print(sh("journalctl", "-b", "--no-pager", "-u", "tor@default.service",
+             check=False).stdout[-1500:])
 
 
 @pytest.mark.parametrize("boot", AFTER_BOOT)

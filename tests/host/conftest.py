@@ -4,8 +4,8 @@ N-th boot; unmarked tests run on the first. tests/host/vm-run.sh runs pytest onc
 with the same arguments and NETSTACK_TEST_HOST_BOOT=N; here each run keeps only the tests of
 its boot (the others are reported deselected), and when the selection has tests for a later
 boot, asks vm-run.sh for it by writing its number to NETSTACK_TEST_HOST_STATE/request-boot.
-The VM's root is one qemu snapshot across a guest reboot, so what a test of boot 1 writes
-(a unit installed, a config) is there on boot 2."""
+The VM's root is one qcow2 overlay for all its boots (scripts/test-host), so what a test of
+boot 1 writes (a unit installed, a config) is there on boot 2."""
 
 from __future__ import annotations
 

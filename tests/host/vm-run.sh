@@ -5,11 +5,11 @@
 # to the output disk as a tar (no filesystem to mount on either side); the service's
 # SuccessAction/FailureAction powers the VM off.
 # Several boots (tests/host/conftest.py): when the tests of this boot ask for a later one
-# (STATE/request-boot), this boot's results are kept in STATE/boot-N on the root (one qemu
-# snapshot across a guest reboot: scripts/test-host runs qemu without -no-reboot), the VM
-# reboots, this runner runs again on the next boot (its unit is enabled) and the last boot
+# (STATE/request-boot), this boot's results are kept in STATE/boot-N on the root, the VM
+# reboots (cleanly; scripts/test-host starts qemu again on the same overlay of the image),
+# this runner runs again on the next boot (its unit is enabled) and the last boot
 # writes every boot's results: pytest.log one after the other, junit.xml merged, rc the
-# first non-zero. A boot nobody asked for (a kernel panic reboots: panic=-1) ends the run.
+# first non-zero. A boot nobody asked for ends the run.
 set -u
 in=/run/nst-in/netstack
 out=/run/nst-out

@@ -41,6 +41,9 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     names.check_stack(stack)
     inputs = load_inputs(config_path, stack, uplink, SPECS)  # bad input: host untouched
     p = build(inputs, stack, uplink)
+    from netstack.invariants import enforce
+
+    enforce(p, f"up of {inputs.config_path}", "change the qubes' netvm or the invariant")
     if kernel.real:
         require_root("up")
     k = kernel

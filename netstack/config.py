@@ -32,7 +32,7 @@ MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
 COMMON_KEYS = {"kind", "netvm", "label", "firewall", "tags"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
-STACK_KEYS = {"ipv6", "default_dispvm"}
+STACK_KEYS = {"ipv6", "default_dispvm", "updatevm"}
 TOP_KEYS = {"qubes", "stack", "invariant"}
 
 
@@ -62,6 +62,7 @@ class Topology:
     # the kinds it was validated with (kind -> spec): plan.build derives each qube with it
     kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     invariants: tuple[Invariant, ...] = ()  # the config's [[invariant]] tables
+    updatevm: str | None = None  # `template update` goes out through it (Qubes' updatevm)
 
     def __getitem__(self, name: str) -> Qube:
         for q in self.qubes:
@@ -263,13 +264,20 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         raise ConfigError("[stack] field 'default_dispvm'", f"{dispvm!r} is not an app qube "
                           "of this config", f"name one of {', '.join(apps) or '(none)'}: "
                           "disposables get its netvm and label")
+    updatevm = stack.get("updatevm")
+    if updatevm is not None and (not isinstance(updatevm, str) or updatevm not in by_name
+                                 or not kinds[by_name[updatevm].kind].traits.provides_network):
+        nets = sorted(q.name for q in qubes if kinds[q.kind].traits.provides_network)
+        raise ConfigError("[stack] field 'updatevm'", f"{updatevm!r} is not a qube of this "
+                          "config that provides network", f"name one of {', '.join(nets)}: "
+                          "`netstack template update` goes out through it")
     invariants = ()
     if "invariant" in data:
         from netstack.invariants import parse as parse_invariants
 
         invariants = parse_invariants(data["invariant"], set(by_name), LABELS, kinds)
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
-                    kinds=kinds, invariants=invariants)
+                    kinds=kinds, invariants=invariants, updatevm=updatevm)
 
 
 def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,

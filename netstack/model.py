@@ -412,6 +412,7 @@ class Plan:
     schema: int = SCHEMA
     default_dispvm: str | None = None  # [stack] default_dispvm: disposables are made like it
     invariants: list[Invariant] = field(default_factory=list)  # the config's [[invariant]]
+    updatevm: str | None = None  # [stack] updatevm: `template update` goes out through it
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

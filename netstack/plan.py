@@ -175,7 +175,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     resolvers = upstream_dns(topo, uplink, inputs.host_resolv)
     sdir = stack_dir(stack)
     p = Plan(stack, uplink, [], [], upstream_dns=resolvers, ipv6=topo.ipv6,
-             default_dispvm=topo.default_dispvm, invariants=list(topo.invariants))
+             default_dispvm=topo.default_dispvm, invariants=list(topo.invariants),
+             updatevm=topo.updatevm)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]

@@ -44,6 +44,17 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     from netstack.invariants import enforce
 
     enforce(p, f"up of {inputs.config_path}", "change the qubes' netvm or the invariant")
+    for q in p.qubes:  # a template a qube names must be there before anything is made
+        if q.settings.get("template") and kernel.real:
+            from netstack import templates
+
+            if not templates.exists(q.settings["template"]):
+                from netstack.errors import ConfigError
+
+                raise ConfigError(f"qube {q.name!r} field 'template'", f"no template "
+                                  f"{q.settings['template']!r} in {templates.TEMPLATE_ROOT}",
+                                  f"`netstack template create {q.settings['template']}`, or "
+                                  "remove the field (the qube then sees the host's system)")
     if kernel.real:
         require_root("up")
     k = kernel

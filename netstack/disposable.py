@@ -45,6 +45,7 @@ class Template:
     firewall: tuple[FwRule, ...] | None = None  # its template's list (Qubes copies it too)
     # its template's tags: the invariants that hold for the qube hold for its disposables
     tags: tuple[str, ...] = ()
+    root: str | None = None  # its template's `template = NAME`: the same root file system
 
 
 def template(plan: Plan, like: str | None = None) -> Template:
@@ -66,7 +67,8 @@ def template(plan: Plan, like: str | None = None) -> Template:
             raise UsageError(f"{name} is cut off (attach {name} none): give --netvm, or "
                              f"attach it to a netvm first")
         why = "run --like" if like else "[stack] default_dispvm"
-        return Template(q.netvm, q.label, f"like {name} ({why})", q.firewall, q.tags)
+        return Template(q.netvm, q.label, f"like {name} ({why})", q.firewall, q.tags,
+                        q.settings.get("template"))
     providers = [q for q in plan.qubes if q.traits.provides_network]
     best = max(providers, key=lambda q: (q.traits.privacy,
                                          len(plan.chain(q.name))))
@@ -171,6 +173,8 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
                                     "runner": pid, "runner_start": proc_start_time(pid)}
         if gui:
             settings["gui"] = True
+        if t.root:  # made like a templated qube: on the same template
+            settings["template"] = t.root
         # made like a qube with rules: the same rules, enforced in its netvm (Qubes copies
         # them too)
         keep = [q for q in disposables(cur) if not orphaned(q)]

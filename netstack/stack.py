@@ -19,11 +19,15 @@ from netstack.state import StackLock, State, require, require_root, stack_dir
 
 def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
     """What `up` would make (pure: lab keys are placeholders)."""
+    from netstack.invariants import enforce
     from netstack.kinds.registry import SPECS
     from netstack.plan import build, load_inputs
 
     names.check_stack(stack)
-    return build(load_inputs(config_path, stack, uplink, SPECS), stack, uplink)
+    p = build(load_inputs(config_path, stack, uplink, SPECS), stack, uplink)
+    enforce(p, f"the plan of {config_path or 'the default config'}",
+            "change the qubes' netvm or the invariant")
+    return p
 
 
 def up(config_path: str | None, stack: str, uplink: UplinkSpec,

@@ -39,7 +39,7 @@ def _require_root(what: str) -> None:
                          f"{templates.TEMPLATE_ROOT}): run it with sudo")
 
 
-def _packages(include: str | None) -> list[str]:
+def packages(include: str | None) -> list[str]:
     """--include PKG,PKG: Debian package names (checked, so nothing else reaches apt)."""
     import re
 
@@ -70,7 +70,7 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
     import time
 
     templates.check_name(name, "template NAME")
-    pkgs = _packages(include)
+    pkgs = packages(include)
     if variant not in VARIANTS:
         raise UsageError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
     _require_root("create")
@@ -187,7 +187,7 @@ def update(stack: str, name: str, via: str | None, install: str | None,
     from netstack.state import require
 
     templates.check_name(name, "template NAME")
-    pkgs = _packages(install)
+    pkgs = packages(install)
     _require_root("update")
     rootfs = templates.require(name, "template update")
     st = require(stack)

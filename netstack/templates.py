@@ -34,7 +34,7 @@ SKELETONS = ".skel"  # TEMPLATE_ROOT/.skel/NAME/UID: see skeleton()
 # without creating anything in a root the sandbox's account cannot write
 NEEDED_FILES = ("etc/resolv.conf", "etc/hosts", "etc/hostname", "etc/nsswitch.conf",
                 "etc/machine-id")
-NEEDED_DIRS = ("home/user", "root", "tmp", "run", "proc", "dev")
+NEEDED_DIRS = ("etc", "home/user", "root", "tmp", "run", "proc", "dev")
 
 # run as root by `ip netns exec` in the command's private mount namespace: $1 the lower
 # layers, $2 the mount point; then the sandbox's own command line

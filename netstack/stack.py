@@ -219,6 +219,10 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
             "interfaces": [{"name": x.name, "state": x.state, "flags": x.flags,
                             "addresses": x.addresses, "rx_bytes": x.rx_bytes,
                             "tx_bytes": x.tx_bytes} for x in links if x.name != "lo"]}
+        if q.tags:
+            entry["tags"] = list(q.tags)
+        if q.settings.get("template"):  # its root file system (netstack/templates.py)
+            entry["template"] = q.settings["template"]
         role = RUNTIMES[q.kind]
         entry.update(role.status(q, LiveFacts(links, kids,
                                               st.data.resolved.get(q.name, {})), k))

@@ -129,6 +129,10 @@ def remove(name: str) -> bool:
         return False
     if os.path.islink(d) or not templates.exists(name):
         raise UsageError(f"{d} is not a netstack template (no {templates.META}); left alone")
+    for stack, qube in users(name):
+        raise UsageError(f"template {name!r} is in use by qube {qube!r} of stack {stack!r} "
+                         f"(fix: `netstack --stack {stack} down` first, or give the qube "
+                         "another template)")
     templates.drop_skeletons(name)
     gone = os.path.join(templates.TEMPLATE_ROOT, f".{name}.removing")
     os.rename(d, gone)  # a qube started from now on finds no template
@@ -138,6 +142,23 @@ def remove(name: str) -> bool:
         with contextlib.suppress(OSError):
             os.rmdir(empty)
     return True
+
+
+def users(name: str) -> list[tuple[str, str]]:
+    """(stack, qube) of every running stack's qube on this template."""
+    from netstack.errors import NetstackError
+    from netstack.state import State
+
+    out = []
+    for stack in State.stacks():
+        try:
+            st = State.load(stack)
+            plan = st.plan if st is not None else None
+        except (NetstackError, OSError):  # a damaged stack: its qubes are not known
+            continue
+        out += [(stack, q.name) for q in (plan.qubes if plan else [])
+                if q.settings.get("template") == name]
+    return out
 
 
 def listing() -> list[dict[str, Any]]:

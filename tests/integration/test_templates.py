@@ -240,3 +240,15 @@ def test_an_update_leaves_only_through_the_named_qube(stack, template, tmp_path)
     finally:
         server.terminate()
         server.wait(5)
+
+
+def test_a_template_in_use_is_not_removed_and_status_names_it(stack, template):
+    import json
+
+    p = cli("template", "remove", template, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert f"template {template!r} is in use by qube 'anon-whonix' of stack {stack!r}" \
+        in p.stderr and os.path.isdir(f"{TEMPLATES}/{template}/root")
+    doc = json.loads(cli("--stack", stack, "status", "--json", check=False).stdout)
+    q = {x["name"]: x for x in doc["qubes"]}
+    assert q["anon-whonix"]["template"] == template and "template" not in q["personal"]

@@ -422,6 +422,39 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_template(args: argparse.Namespace) -> int:
+    from netstack import template_cmd
+
+    if args.action == "list":
+        out: Any = template_cmd.listing()
+        if not args.json:
+            for t in out:
+                print(f"{t['name']}: {t['suite']} {t['variant']}"
+                      + (f" +{','.join(t['include'])}" if t["include"] else "")
+                      + f", made {t['created']}, updated {t['updated'] or 'never'} "
+                      f"({t['path']})")
+            return 0
+    elif not args.name:
+        raise UsageError(f"template {args.action}: give the template's NAME")
+    elif args.action == "create":
+        out = template_cmd.create(args.name, args.include, args.variant, args.suite,
+                                  args.mirror, args.source)
+        if not args.json:
+            print(f"template {args.name}: made in {out['seconds']} s ({out['path']})")
+    elif args.action == "remove":
+        out = {"removed": template_cmd.remove(args.name)}
+        if not args.json:
+            print(f"template {args.name}: " + ("removed" if out["removed"] else "not there"))
+    else:
+        out = template_cmd.update(args.stack, args.name, args.via, args.install, args.kernel)
+        if not args.json:
+            print(f"template {args.name}: updated through {out['via']} ({out['why']}) in "
+                  f"{out['seconds']} s")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """The report goes to stdout (and the files asked for); the program's own output
     too, except with --json, where it goes to stderr so stdout parses."""
@@ -1057,6 +1090,31 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="do not print the qube's name and address")
     command_opts(p)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("template", help="Debian root file systems app qubes run on "
+                       "(Qubes' templates)",
+                       epilog="examples:\n  sudo netstack template create deb\n"
+                       "  sudo netstack template create deb --include curl,ca-certificates\n"
+                       "  sudo netstack template update deb          # through the stack's "
+                       "Tor gateway\n  sudo netstack template update deb --via sys-proxyvm"
+                       "\n  sudo netstack template remove deb\n"
+                       "A qube with template = \"deb\" sees the template as its root, under "
+                       "a throw-away\noverlay (its changes are gone when the command ends); "
+                       "only its home persists.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["create", "update", "remove", "list"])
+    p.add_argument("name", nargs="?", help="the template's name (1-31 characters a-z0-9-)")
+    p.add_argument("--include", metavar="PKG,...", help="create: extra Debian packages")
+    p.add_argument("--variant", default="minbase", help="create: mmdebstrap's variant "
+                   "(default minbase; essential is smaller, without apt)")
+    p.add_argument("--suite", default="bookworm", help="create: the Debian release")
+    p.add_argument("--mirror", help="create: the Debian mirror (default deb.debian.org)")
+    p.add_argument("--from", dest="source", metavar="DIR", help="create: copy this Debian "
+                   "root file system instead of building one")
+    p.add_argument("--via", metavar="QUBE", help="update: the qube its packets leave through "
+                   "(default: [stack] updatevm, else the most private path)")
+    p.add_argument("--install", metavar="PKG,...", help="update: also install these")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_template)
     p = sub.add_parser("exec", help="run a command inside a qube",
                        epilog="examples:\n  sudo netstack exec work -- curl http://web.lab.test/"
                        "\n  sudo netstack exec anon-whonix --root -- id\n"

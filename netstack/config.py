@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ConfigError
-from netstack.model import FwRule
+from netstack.model import FwRule, Invariant
 
 if TYPE_CHECKING:
     from netstack.kinds.spec import KindSpec
@@ -30,10 +30,10 @@ LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 QUBE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
-COMMON_KEYS = {"kind", "netvm", "label", "firewall"}
+COMMON_KEYS = {"kind", "netvm", "label", "firewall", "tags"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
-STACK_KEYS = {"ipv6", "default_dispvm"}
-TOP_KEYS = {"qubes", "stack"}
+STACK_KEYS = {"ipv6", "default_dispvm", "updatevm"}
+TOP_KEYS = {"qubes", "stack", "invariant"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class Qube:
     settings: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # its Qubes-style rule list, validated (None: no list); enforced in its netvm
     firewall: tuple[FwRule, ...] | None = field(default=None, hash=False, compare=False)
+    # `tags = [...]`: what `[[invariant]]` selectors match (netstack/invariants.py)
+    tags: tuple[str, ...] = field(default=(), hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Topology:
     default_dispvm: str | None = None  # disposables are made like this app qube (Qubes)
     # the kinds it was validated with (kind -> spec): plan.build derives each qube with it
     kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    invariants: tuple[Invariant, ...] = ()  # the config's [[invariant]] tables
+    updatevm: str | None = None  # `template update` goes out through it (Qubes' updatevm)
 
     def __getitem__(self, name: str) -> Qube:
         for q in self.qubes:
@@ -229,7 +233,12 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
             from netstack.rules.qubefw import parse as parse_firewall
 
             rules = parse_firewall(name, body["firewall"])
-        qubes.append(Qube(name, kind, netvm, label, settings, rules))
+        tags = ()
+        if "tags" in body:
+            from netstack.invariants import parse_tags
+
+            tags = parse_tags(name, body["tags"])
+        qubes.append(Qube(name, kind, netvm, label, settings, rules, tags))
 
     by_name = {q.name: q for q in qubes}
     nets = [q.name for q in qubes if kinds[q.kind].traits.owns_uplink]
@@ -280,8 +289,20 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         raise ConfigError("[stack] field 'default_dispvm'", f"{dispvm!r} is not an app qube "
                           "of this config", f"name one of {', '.join(apps) or '(none)'}: "
                           "disposables get its netvm and label")
+    updatevm = stack.get("updatevm")
+    if updatevm is not None and (not isinstance(updatevm, str) or updatevm not in by_name
+                                 or not kinds[by_name[updatevm].kind].traits.provides_network):
+        nets = sorted(q.name for q in qubes if kinds[q.kind].traits.provides_network)
+        raise ConfigError("[stack] field 'updatevm'", f"{updatevm!r} is not a qube of this "
+                          "config that provides network", f"name one of {', '.join(nets)}: "
+                          "`netstack template update` goes out through it")
+    invariants = ()
+    if "invariant" in data:
+        from netstack.invariants import parse as parse_invariants
+
+        invariants = parse_invariants(data["invariant"], set(by_name), LABELS, kinds)
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
-                    kinds=kinds)
+                    kinds=kinds, invariants=invariants, updatevm=updatevm)
 
 
 def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,

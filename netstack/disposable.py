@@ -43,6 +43,9 @@ class Template:
     label: str
     why: str
     firewall: tuple[FwRule, ...] | None = None  # its template's list (Qubes copies it too)
+    # its template's tags: the invariants that hold for the qube hold for its disposables
+    tags: tuple[str, ...] = ()
+    root: str | None = None  # its template's `template = NAME`: the same root file system
 
 
 def template(plan: Plan, like: str | None = None) -> Template:
@@ -64,7 +67,8 @@ def template(plan: Plan, like: str | None = None) -> Template:
             raise UsageError(f"{name} is cut off (attach {name} none): give --netvm, or "
                              f"attach it to a netvm first")
         why = "run --like" if like else "[stack] default_dispvm"
-        return Template(q.netvm, q.label, f"like {name} ({why})", q.firewall)
+        return Template(q.netvm, q.label, f"like {name} ({why})", q.firewall, q.tags,
+                        q.settings.get("template"))
     providers = [q for q in plan.qubes if q.traits.provides_network]
     best = max(providers, key=lambda q: (q.traits.privacy,
                                          len(plan.chain(q.name))))
@@ -85,7 +89,7 @@ def new_name(plan: Plan) -> str:
 def as_qube(q: QubeInfo) -> Qube:
     from netstack.config import Qube
 
-    return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings), q.firewall)
+    return Qube(q.name, q.kind, q.netvm, q.label, dict(q.settings), q.firewall, q.tags)
 
 
 def topology(base: Topology, keep: list[QubeInfo], add: tuple[Qube, ...] | list[Qube] = (),
@@ -169,12 +173,15 @@ def add(stack: str, netvm: str | None, label: str | None, gui: bool = False,
                                     "runner": pid, "runner_start": proc_start_time(pid)}
         if gui:
             settings["gui"] = True
+        if t.root:  # made like a templated qube: on the same template
+            settings["template"] = t.root
         # made like a qube with rules: the same rules, enforced in its netvm (Qubes copies
         # them too)
         keep = [q for q in disposables(cur) if not orphaned(q)]
         moves = live_moves(st.data.netvms, cur, keep)
         desired = rebuild(stack, cur, st.data.config, keep,
-                          [config.Qube(name, "app", netvm, label, settings, t.firewall)],
+                          [config.Qube(name, "app", netvm, label, settings, t.firewall,
+                                       t.tags)],
                           netvms=st.data.netvms)
         commit(st, cur, desired, k, f"run ({name})", netvms=moves)  # all or nothing
         _forget_dead_commands(st, [q.name for q in disposables(cur) if orphaned(q)])

@@ -26,6 +26,13 @@ class UsageError(NetstackError):
     exit_code = 2
 
 
+class InvariantError(NetstackError):
+    """A config or a live change that would break one of the config's `[[invariant]]`s:
+    refused before anything changes, one line naming the invariant, the qube and the fix."""
+
+    exit_code = 2
+
+
 class StateError(NetstackError):
     """The stack is not in the state the command needs (not up, already up, half made)."""
 

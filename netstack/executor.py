@@ -122,8 +122,13 @@ def argv(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], user: str | None = Non
         ident = sandbox.make_identity(public, os.path.dirname(home) if home else None,
                                       q.name, whonix)
         bpf = seccomp.compile_filter(seccomp.path(public))
+        lower = None
+        if q.settings.get("template"):  # its root: the template under a throw-away overlay
+            from netstack import templates
+
+            lower = templates.lowers(q.settings["template"], who.uid, who.gid, root_inside)
         return sandbox.argv(q.netns, q.name, who, home, run, root_inside,
-                            grants + tuple(extra), client_env, ident, bpf)
+                            grants + tuple(extra), client_env, ident, bpf, lower)
     if root_inside:
         raise UsageError(f"--root: {q.name} is a service qube; its commands run as root "
                          "already")

@@ -94,8 +94,13 @@ def commit(st: Any, cur: Plan, desired: Plan, k: Kernel, command: str,
     """Make `desired` the plan in force, all or nothing (see the module's docstring).
     overlay / netvms None: unchanged."""
     from netstack import reconcile
+    from netstack.invariants import enforce
     from netstack.rules.qubefw import load_overlay
 
+    # the config's [[invariant]]s hold for every plan a live change makes: refused here,
+    # before the intent is written, so nothing changes (netstack/invariants.py)
+    enforce(desired, command, "change the command, or the invariant in the config (then "
+            "`netstack down` and `up`)")
     old_overlay = load_overlay(st.stack)
     intent = Intent(command, cur, desired, old_overlay,
                     old_overlay if overlay is None else overlay, dict(st.data.netvms),

@@ -273,6 +273,8 @@ class QubeInfo:
     client_env: dict[str, str] = field(default_factory=dict)  # what clients' commands get
     # its own rule list (enforced in its netvm); None: no list, the plain behaviour
     firewall: tuple[FwRule, ...] | None = None
+    # `tags = [...]` of its table: what `[[invariant]]` selectors (`@tag:NAME`) match
+    tags: tuple[str, ...] = ()
 
     @property
     def cut_off(self) -> bool:
@@ -376,6 +378,24 @@ class LabPlan:
         return {(n.address, p) for n in self.tor_nodes.values() for p in (n.or_port, n.dir_port)}
 
 
+@dataclass(frozen=True)
+class Invariant:
+    """One `[[invariant]]` table of the config (netstack/invariants.py evaluates it, the
+    audit proves it on the live rulesets). `qubes` selects (`@tag:T`, `@label:C`,
+    `@kind:K`, `@anyvm` or a qube's name); each rule is None when not written."""
+
+    index: int  # 1-based: "invariant 2" in every message
+    qubes: str
+    name: str = ""  # its `name = "..."`, shown beside the index
+    reach: tuple[str, ...] | None = None  # the only ways out it may have (tor, vpn, clearnet)
+    never: tuple[str, ...] = ()  # ways out it must never have
+    netvm_in: tuple[str, ...] | None = None  # the netvms it may be attached to (or selectors)
+
+    @property
+    def title(self) -> str:
+        return f"invariant {self.index}" + (f" ({self.name})" if self.name else "")
+
+
 @dataclass
 class Plan:
     stack: str
@@ -394,6 +414,8 @@ class Plan:
     ipv6: bool = False
     schema: int = SCHEMA
     default_dispvm: str | None = None  # [stack] default_dispvm: disposables are made like it
+    invariants: list[Invariant] = field(default_factory=list)  # the config's [[invariant]]
+    updatevm: str | None = None  # [stack] updatevm: `template update` goes out through it
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

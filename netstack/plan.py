@@ -175,7 +175,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     resolvers = upstream_dns(topo, uplink, inputs.host_resolv)
     sdir = stack_dir(stack)
     p = Plan(stack, uplink, [], [], upstream_dns=resolvers, ipv6=topo.ipv6,
-             default_dispvm=topo.default_dispvm)
+             default_dispvm=topo.default_dispvm, invariants=list(topo.invariants),
+             updatevm=topo.updatevm)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]
@@ -199,7 +200,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
                       # a qube cut off (`attach Q none`) has no link upstream
                       a.gateway4, ([up_if] if q.netvm or t.owns_uplink else [])
                       + [c.vif for c in clients], list(clients),
-                      info, dict(q.settings), t, firewall=q.firewall)
+                      info, dict(q.settings), t, firewall=q.firewall, tags=q.tags)
         qi.tunnel = role.tunnel(qi)
         if t.provides_network:
             qi.client_resolver = role.client_resolver(qi)

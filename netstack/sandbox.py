@@ -172,28 +172,31 @@ def make_identity(public_dir: str, persist_dir: str | None, qube: str, whonix: b
 def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
          root_inside: bool = False, grants: tuple[Grant, ...] = (),
          extra_env: dict[str, str] | None = None, identity: Identity | None = None,
-         seccomp_bpf: str | None = None) -> list[str]:
+         seccomp_bpf: str | None = None, template: str | None = None) -> list[str]:
     """The command line: enter the namespace (as root, to join it), drop to the account
     with no_new_privs, then bubblewrap, with no nested user namespaces
     (`--disable-userns`) and, given seccomp_bpf, the seccomp filter of netstack.seccomp.
-    home None: an empty one, gone at exit."""
+    home None: an empty one, gone at exit. template: the overlay's lower layers
+    (netstack.templates.lowers): the root is then the template under a throw-away overlay
+    mounted by netstack.templates.prelude, instead of the host's /usr and /etc."""
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
     home_in = "/root" if root_inside else "/home/user"
-    fs = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
-    if os.path.isdir("/etc/netns"):  # every qube's name and resolvers: not this qube's
-        fs += ["--tmpfs", "/etc/netns"]
-    for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        target = os.readlink(f"/{link}") if os.path.islink(f"/{link}") else None
-        if target:  # merged /usr: /bin -> usr/bin
-            fs += ["--symlink", target, f"/{link}"]
-        elif os.path.isdir(f"/{link}"):
-            fs += ["--ro-bind", f"/{link}", f"/{link}"]
-    fs += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp",
-           "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
-           "--symlink", "../run", "/var/run",
-           *(["--bind", home, home_in] if home else ["--tmpfs", home_in])]
+    if template is not None:
+        from netstack.templates import MOUNT_POINT
+
+        # the template's /etc, with the qube's own names and resolvers bound over it
+        fs = ["--bind", f"{MOUNT_POINT}/root", "/"]
+        for f in ("resolv.conf", "hosts", "hostname", "nsswitch.conf"):
+            own = f"/etc/netns/{netns}/{f}"
+            if os.path.exists(own):
+                fs += ["--ro-bind", own, f"/etc/{f}"]
+        fs += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp",
+               "--tmpfs", "/run",
+               *(["--bind", home, home_in] if home else ["--tmpfs", home_in])]
+    else:
+        fs = _host_view(home, home_in)
     if identity is not None:  # after /etc and /proc: these files are bound over theirs
-        if os.path.exists("/etc/machine-id"):
+        if template is not None or os.path.exists("/etc/machine-id"):
             fs += ["--ro-bind", identity.machine_id, "/etc/machine-id"]
         fs += ["--ro-bind", identity.boot_id, "/proc/sys/kernel/random/boot_id",
                "--ro-bind", identity.cmdline, "/proc/cmdline"]
@@ -219,9 +222,31 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
         from netstack import seccomp
 
         bw = seccomp.wrap(seccomp_bpf, bw)
-    return ["ip", "netns", "exec", netns,
+    pre: list[str] = []
+    if template is not None:
+        from netstack.templates import prelude
+
+        pre = prelude(template)  # as root, in the command's own mount namespace
+    return ["ip", "netns", "exec", netns, *pre,
             "setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups",
             "--no-new-privs", "--", *bw]
+
+
+def _host_view(home: str | None, home_in: str) -> list[str]:
+    """No template: the host's /usr and /etc read-only, the rest fresh."""
+    fs = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+    if os.path.isdir("/etc/netns"):  # every qube's name and resolvers: not this qube's
+        fs += ["--tmpfs", "/etc/netns"]
+    for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        target = os.readlink(f"/{link}") if os.path.islink(f"/{link}") else None
+        if target:  # merged /usr: /bin -> usr/bin
+            fs += ["--symlink", target, f"/{link}"]
+        elif os.path.isdir(f"/{link}"):
+            fs += ["--ro-bind", f"/{link}", f"/{link}"]
+    return fs + ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp",
+                 "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
+                 "--symlink", "../run", "/var/run",
+                 *(["--bind", home, home_in] if home else ["--tmpfs", home_in])]
 
 
 def make_home(path: str, who: Account) -> None:

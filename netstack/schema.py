@@ -3,4 +3,4 @@ netstack/model.py does (model re-exports it). A module of its own so that comman
 read only the intent log (`down`) need not import the model's ~50 dataclasses (~13 ms,
 docs/field-notes.md "Python start-up")."""
 
-SCHEMA = 3
+SCHEMA = 4

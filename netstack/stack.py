@@ -21,11 +21,15 @@ from netstack.state import StackLock, State, require, require_root, stack_dir
 
 def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
     """What `up` would make (pure: lab keys are placeholders)."""
+    from netstack.invariants import enforce
     from netstack.kinds.registry import SPECS
     from netstack.plan import build, load_inputs
 
     names.check_stack(stack)
-    return build(load_inputs(config_path, stack, uplink, SPECS), stack, uplink)
+    p = build(load_inputs(config_path, stack, uplink, SPECS), stack, uplink)
+    enforce(p, f"the plan of {config_path or 'the default config'}",
+            "change the qubes' netvm or the invariant")
+    return p
 
 
 def up(config_path: str | None, stack: str, uplink: UplinkSpec,
@@ -43,6 +47,20 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     names.check_stack(stack)
     inputs = load_inputs(config_path, stack, uplink, SPECS)  # bad input: host untouched
     p = build(inputs, stack, uplink)
+    from netstack.invariants import enforce
+
+    enforce(p, f"up of {inputs.config_path}", "change the qubes' netvm or the invariant")
+    for q in p.qubes:  # a template a qube names must be there before anything is made
+        if q.settings.get("template") and kernel.real:
+            from netstack import templates
+
+            if not templates.exists(q.settings["template"]):
+                from netstack.errors import ConfigError
+
+                raise ConfigError(f"qube {q.name!r} field 'template'", f"no template "
+                                  f"{q.settings['template']!r} in {templates.TEMPLATE_ROOT}",
+                                  f"`netstack template create {q.settings['template']}`, or "
+                                  "remove the field (the qube then sees the host's system)")
     if kernel.real:
         require_root("up")
     k = kernel
@@ -207,6 +225,10 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
                             "addresses": x.addresses, "rx_bytes": x.rx_bytes,
                             "tx_bytes": x.tx_bytes, "rx_packets": x.rx_packets,
                             "tx_packets": x.tx_packets} for x in links if x.name != "lo"]}
+        if q.tags:
+            entry["tags"] = list(q.tags)
+        if q.settings.get("template"):  # its root file system (netstack/templates.py)
+            entry["template"] = q.settings["template"]
         role = RUNTIMES[q.kind]
         entry.update(role.status(q, LiveFacts(links, kids,
                                               st.data.resolved.get(q.name, {})), k))

@@ -7,6 +7,7 @@ PKGS=(nftables python3-nftables python3-venv iproute2 tor wireguard-tools wiregu
       openvpn openssl tcpdump iputils-ping socat conntrack procps psmisc curl iperf3
       util-linux bubblewrap python3-seccomp python3-cryptography python3-dnspython
       bind9-dnsutils obfs4proxy systemd dhcpcd-base dnsmasq-base wpasupplicant iw hostapd
+      mmdebstrap
       git chromium)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -323,4 +323,8 @@ def audit(plan: Plan, rulesets: dict[str, dict[str, Any]],
                                   if net else None) for v in vs}
     chains = {q.name: [c.name for c in plan.chain(q.name)[1:]] for q in plan.qubes}
     res = unproven_beside(res, paths, chains) + list(paths.values())
+    if plan.invariants:  # the user's [[invariant]]s, on the same rulesets (issue 28)
+        from netstack.audit.invariants import prove
+
+        res += prove(plan, rulesets, eps, net, res)
     return res, time.perf_counter() - t0

@@ -76,7 +76,7 @@ class Walk:
         self.tally[what] = self.tally.get(what, 0) + 1
         if what == "LEAK" and not taint and isinstance(w, dict):
             self.fail = ("FAIL", packet_of(w), trace)
-            raise _Done
+            raise Done
         if (what in ("LEAK", "unknown") or taint) and self.fail is None:
             self.fail = ("UNPROVEN", packet_of(w) if isinstance(w, dict) else None,
                          trace + [f"not understood: {'; '.join(taint) or 'a hop'}"])
@@ -319,7 +319,7 @@ class Walk:
                 sub.at_isp([], [])
             else:
                 sub.hop(self.plan.qube(q.netvm), [], [])
-        except _Done:
+        except Done:
             pass
         finally:
             if u is not None:
@@ -329,7 +329,7 @@ class Walk:
         return "transport" if sub.tally.get("transport") else "blocked"
 
 
-class _Done(Exception):
+class Done(Exception):
     pass
 
 
@@ -347,7 +347,7 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
         doms = Domains()
         for c in chain:
             doms.merge(compiled[c.netns].domains)
-        _constants(doms, plan, chain, endpoints, net)
+        constants(doms, plan, chain, endpoints, net)
         for c in chain:
             doms.name("iif", vif(c.qid))
         doms.name("iif", vif(ws.qid))
@@ -363,7 +363,7 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
             finally:
                 if u is not None:
                     ev.restore(u)
-        except _Done:
+        except Done:
             pass
         except (Explosion, Unsupported) as e:
             out.append(Result(name, ws.name, "UNPROVEN", f"not understood: {e}"))
@@ -381,7 +381,7 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
     return out
 
 
-def _constants(d: Domains, plan: Plan, chain: list[QubeInfo],
+def constants(d: Domains, plan: Plan, chain: list[QubeInfo],
                endpoints: set[tuple[str, str, int]], net: dict[str, dict[str, Any]] | None
                ) -> None:
     """Everything the walk itself compares: routes, local addresses, endpoints."""

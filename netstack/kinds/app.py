@@ -19,7 +19,7 @@ PING_GROUPS = "0 2147483647"  # every group (systemd's default on the host)
 
 class AppSpec(KindSpec):
     kind = "app"
-    config_keys = frozenset({"home", "gui", "onion"})
+    config_keys = frozenset({"home", "gui", "onion", "template"})
     # a workstation: whatever runs in it may be hostile; it has no clients
     traits = KindTraits(provides_network=False, enforces_client_rules=False, sandboxed=True)
 
@@ -33,6 +33,10 @@ class AppSpec(KindSpec):
             raise ConfigError(f"qube {q.name!r} field 'gui'", "must be true or false",
                               "gui = true grants the invoking user's Wayland (or X11) display")
         onion_ports(q)
+        if "template" in q.settings:  # its root file system (netstack/templates.py)
+            from netstack.templates import check_name
+
+            check_name(q.settings["template"], f"qube {q.name!r} field 'template'")
 
     def sysctls(self, ctx: QubeContext) -> dict[str, str]:
         """ping works as in a Qubes app qube: the sandbox's account (no_new_privs drops

@@ -1,0 +1,238 @@
+"""`netstack template create|update|remove|list` (issue 28 item 3; netstack/templates.py
+says how qubes see a template).
+
+- create: mmdebstrap builds a Debian root (`--variant`, `--include`) from Debian's
+  packages into a directory beside the templates, which becomes the template by one
+  rename once it is whole (`--from DIR` copies an existing root instead). The host's
+  network is used here, as the host's own apt does: nothing of a qube runs yet.
+- update: the package manager runs in the template with one network path: a disposable
+  qube of the running stack behind the qube the config names (`[stack] updatevm`, else the
+  most private path: a Tor gateway, else a VPN; `--via` overrides), as Qubes' updates proxy
+  does. The disposable is a live change like `run` (invariants hold), removed after. apt
+  runs as root in a chroot of the template inside that qube's namespace: the template's
+  packages are trusted as the host's apt trusts Debian's (signatures checked by apt,
+  maintainer scripts run as root).
+- remove: the template's directory and its skeletons go."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from netstack import templates
+from netstack.errors import ApplyError, UsageError
+from netstack.kernel import Kernel
+
+VARIANTS = ("essential", "apt", "minbase", "required", "important", "standard")
+DEFAULT_SUITE = "bookworm"
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"netstack template {what} needs root (it writes "
+                         f"{templates.TEMPLATE_ROOT}): run it with sudo")
+
+
+def packages(include: str | None) -> list[str]:
+    """--include PKG,PKG: Debian package names (checked, so nothing else reaches apt)."""
+    import re
+
+    out = [p for p in (include or "").split(",") if p]
+    for p in out:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]{0,99}", p):
+            raise UsageError(f"--include {p!r}: not a Debian package name (fix: lower-case "
+                             "letters, digits, '+', '-', '.', separated by commas)")
+    return out
+
+
+def _write_meta(name: str, meta: templates.TemplateMeta, base: str | None = None) -> None:
+    from netstack import codec
+
+    codec.write(os.path.join(base or templates.path(name), templates.META), meta, 0o644)
+
+
+def _meta(name: str) -> templates.TemplateMeta:
+    from netstack import codec
+
+    return codec.read(os.path.join(templates.path(name), templates.META),
+                      templates.TemplateMeta)
+
+
+def create(name: str, include: str | None = None, variant: str = "minbase",
+           suite: str = DEFAULT_SUITE, mirror: str | None = None,
+           source: str | None = None) -> dict[str, Any]:
+    import time
+
+    templates.check_name(name, "template NAME")
+    pkgs = packages(include)
+    if variant not in VARIANTS:
+        raise UsageError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    _require_root("create")
+    if templates.exists(name) or os.path.lexists(templates.path(name)):
+        raise UsageError(f"template {name!r} exists already (fix: `netstack template remove "
+                         f"{name}` first, or `template update {name}`)")
+    os.makedirs(templates.TEMPLATE_ROOT, mode=0o755, exist_ok=True)
+    building = os.path.join(templates.TEMPLATE_ROOT, f".{name}.building")
+    shutil.rmtree(building, ignore_errors=True)  # an interrupted create's
+    os.mkdir(building, 0o755)
+    rootfs = os.path.join(building, "root")
+    t0 = time.monotonic()
+    try:
+        if source:
+            if not os.path.isfile(os.path.join(source, "usr/bin/apt-get")):
+                raise UsageError(f"--from {source}: not a Debian root file system (no "
+                                 "usr/bin/apt-get)")
+            _run(["cp", "-a", "--", source, rootfs], "copying " + source)
+        else:
+            if shutil.which("mmdebstrap") is None:
+                raise UsageError("mmdebstrap is not installed (fix: apt-get install "
+                                 "mmdebstrap)")
+            argv = ["mmdebstrap", f"--variant={variant}", "--mode=root", "--format=directory",
+                    *([f"--include={','.join(pkgs)}"] if pkgs else []), suite, rootfs,
+                    *([mirror] if mirror else [])]
+            _run(argv, "mmdebstrap")
+        templates.prepare(rootfs)
+        meta = templates.TemplateMeta(name, suite, variant, pkgs, source, _now())
+        _write_meta(name, meta, building)
+        os.rename(building, templates.path(name))
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return {**dataclasses.asdict(meta), "path": templates.path(name),
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _run(argv: list[str], what: str) -> None:
+    """A step whose output the user watches (stderr); its failure is one line."""
+    p = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.stderr.write(p.stderr)
+        raise ApplyError(f"template: {what} failed (exit {p.returncode}): {last}")
+
+
+def remove(name: str) -> bool:
+    templates.check_name(name, "template NAME")
+    _require_root("remove")
+    d = templates.path(name)
+    if not os.path.lexists(d):
+        return False
+    if os.path.islink(d) or not templates.exists(name):
+        raise UsageError(f"{d} is not a netstack template (no {templates.META}); left alone")
+    for stack, qube in users(name):
+        raise UsageError(f"template {name!r} is in use by qube {qube!r} of stack {stack!r} "
+                         f"(fix: `netstack --stack {stack} down` first, or give the qube "
+                         "another template)")
+    templates.drop_skeletons(name)
+    gone = os.path.join(templates.TEMPLATE_ROOT, f".{name}.removing")
+    os.rename(d, gone)  # a qube started from now on finds no template
+    shutil.rmtree(gone)
+    for empty in (os.path.join(templates.TEMPLATE_ROOT, templates.SKELETONS),
+                  templates.TEMPLATE_ROOT):  # the last template gone: its folders too
+        with contextlib.suppress(OSError):
+            os.rmdir(empty)
+    return True
+
+
+def users(name: str) -> list[tuple[str, str]]:
+    """(stack, qube) of every running stack's qube on this template."""
+    from netstack.errors import NetstackError
+    from netstack.state import State
+
+    out = []
+    for stack in State.stacks():
+        try:
+            st = State.load(stack)
+            plan = st.plan if st is not None else None
+        except (NetstackError, OSError):  # a damaged stack: its qubes are not known
+            continue
+        out += [(stack, q.name) for q in (plan.qubes if plan else [])
+                if q.settings.get("template") == name]
+    return out
+
+
+def listing() -> list[dict[str, Any]]:
+    return [{**dataclasses.asdict(_meta(n)), "path": templates.path(n)}
+            for n in templates.names()]
+
+
+def update_via(plan: Any, via: str | None) -> tuple[str, str]:
+    """The qube the update's traffic leaves through, and why: --via, else the config's
+    [stack] updatevm, else the most private path of the stack (a Tor gateway first)."""
+    if via is None and getattr(plan, "updatevm", None):
+        via, why = plan.updatevm, "[stack] updatevm"
+    elif via is not None:
+        why = "--via"
+    else:
+        providers = [q for q in plan.qubes if q.traits.provides_network]
+        best = max(providers, key=lambda q: (q.traits.privacy, len(plan.chain(q.name))))
+        return best.name, "the most private path (no [stack] updatevm)"
+    if not plan.has_qube(via) or not plan.qube(via).traits.provides_network:
+        raise UsageError(f"--via {via!r}: not a qube of stack {plan.stack!r} that provides "
+                         "network; use one of " + ", ".join(
+                             q.name for q in plan.qubes if q.traits.provides_network))
+    return via, why
+
+
+# as root in the update qube's namespace, in a mount namespace of its own (`ip netns exec`
+# makes one; nothing mounted here reaches the host): the template gets a /proc, the few
+# devices apt and dpkg open, and the qube's resolv.conf; then apt runs in the chroot
+UPDATE_SCRIPT = r'''set -e
+r=$1; shift
+mount -t proc proc "$r/proc"
+mount -t tmpfs -o mode=0755 dev "$r/dev"
+for d in null zero full random urandom tty; do
+  touch "$r/dev/$d"; mount --bind "/dev/$d" "$r/dev/$d"
+done
+mount --bind /etc/resolv.conf "$r/etc/resolv.conf"
+exec chroot "$r" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+  DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 /bin/sh -c "$1"
+'''
+
+
+def update(stack: str, name: str, via: str | None, install: str | None,
+           kernel: Kernel) -> dict[str, Any]:
+    import time
+
+    from netstack import disposable
+    from netstack.state import require
+
+    templates.check_name(name, "template NAME")
+    pkgs = packages(install)
+    _require_root("update")
+    rootfs = templates.require(name, "template update")
+    st = require(stack)
+    assert st.plan is not None
+    netvm, why = update_via(st.plan, via)
+    t0 = time.monotonic()
+    q = disposable.add(stack, netvm, "red", kernel=kernel)  # a live change: invariants hold
+    try:
+        steps = "apt-get update && apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade"
+        if pkgs:
+            steps += " && apt-get -y install " + " ".join(pkgs)
+        steps += " && apt-get clean"
+        p = subprocess.run(["ip", "netns", "exec", q.netns, "unshare", "--pid", "--fork",
+                            "--ipc", "--uts", "sh", "-c", UPDATE_SCRIPT, "netstack-update",
+                            rootfs, steps], stdout=sys.stderr, stderr=sys.stderr)
+    finally:
+        disposable.remove(stack, [q.name], kernel)
+    templates.drop_skeletons(name)  # the template's directories may have changed
+    if p.returncode != 0:
+        raise ApplyError(f"template update {name}: apt failed (exit {p.returncode}) in a "
+                         f"qube behind {netvm}; the output above says why (fix: the "
+                         "template's /etc/apt/sources.list, or the way through --via)")
+    meta = _meta(name)
+    meta.updated = _now()
+    _write_meta(name, meta)
+    return {"template": name, "via": netvm, "why": why, "qube": q.name,
+            "installed": pkgs, "seconds": round(time.monotonic() - t0, 1)}

@@ -32,7 +32,8 @@ MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
 COMMON_KEYS = {"kind", "netvm", "label", "firewall"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
-STACK_KEYS = {"ipv6", "default_dispvm"}
+STACK_KEYS = {"ipv6", "default_dispvm", "policy", "services", "ask_timeout"}
+TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what @tag:NAME can name (netstack.policy)
 TOP_KEYS = {"qubes", "stack"}
 
 
@@ -57,6 +58,10 @@ class Topology:
     ipv6: bool = False
     source: str = "<memory>"
     default_dispvm: str | None = None  # disposables are made like this app qube (Qubes)
+    # the call layer (docs/calls.md): as written, relative to the config's directory
+    policy: str = "policy.d"
+    services: str | None = None
+    ask_timeout: float = 60.0
     # the kinds it was validated with (kind -> spec): plan.build derives each qube with it
     kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -181,7 +186,12 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         if kind not in kinds:
             raise ConfigError(f"{where} field 'kind'", f"{kind!r} is not a kind",
                               f"use one of {', '.join(kinds)}")
-        _check_keys(where, body, COMMON_KEYS | kinds[kind].config_keys)
+        _check_keys(where, body, COMMON_KEYS | {"tags"} | kinds[kind].config_keys)
+        tags = body.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) and TAG_RE.match(t)
+                                                 for t in tags):
+            raise ConfigError(f"{where} field 'tags'", f"{tags!r} is not a list of tags",
+                              'write tags = ["work"] (letters, digits, "-", ".", "_")')
         label = body.get("label", "gray")
         if label not in LABELS:
             raise ConfigError(f"{where} field 'label'", f"{label!r} is not a label",
@@ -255,8 +265,22 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         raise ConfigError("[stack] field 'default_dispvm'", f"{dispvm!r} is not an app qube "
                           "of this config", f"name one of {', '.join(apps) or '(none)'}: "
                           "disposables get its netvm and label")
+    policy = stack.get("policy", "policy.d")
+    if not isinstance(policy, str) or not policy:
+        raise ConfigError("[stack] field 'policy'", f"{policy!r} is not a directory",
+                          'write policy = "DIR" (relative to the config)')
+    services = stack.get("services")
+    if services is not None and (not isinstance(services, str) or not services):
+        raise ConfigError("[stack] field 'services'", f"{services!r} is not a directory",
+                          'write services = "DIR" (executables named as services)')
+    ask_timeout = stack.get("ask_timeout", 60)
+    if isinstance(ask_timeout, bool) or not isinstance(ask_timeout, (int, float)) \
+            or not 1 <= ask_timeout <= 3600:
+        raise ConfigError("[stack] field 'ask_timeout'", f"{ask_timeout!r}",
+                          "give seconds, 1-3600: an unanswered `ask` is denied after it")
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
-                    kinds=kinds)
+                    kinds=kinds, policy=policy, services=services,
+                    ask_timeout=float(ask_timeout))
 
 
 def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,

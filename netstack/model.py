@@ -391,6 +391,10 @@ class Plan:
     ipv6: bool = False
     schema: int = SCHEMA
     default_dispvm: str | None = None  # [stack] default_dispvm: disposables are made like it
+    # the call layer (netstack.policy, docs/calls.md): absolute directories, checked at `up`
+    policy: str = ""
+    call_services: str | None = None
+    ask_timeout: float = 60.0
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                           "vpn.runtime", "tor.obfs4", "tor.network", "tor.gateway",
                           "tor.filter", "dhcp", "audit.evaluator", "audit.properties",
                           "audit.clientrules", "audit.paths", "audit.e2e", "audit.drift",
-                          "audit.onefile", "lab.services", "lab.sink", "lab.serve",
+                          "audit.onefile", "policy", "lab.services", "lab.sink", "lab.serve",
                           "lab.content", "lab.stun", "lab.vpnserver"]),
     ("kind specs", ["kinds.spec", "kinds.net", "kinds.firewall", "kinds.vpn", "kinds.tor",
                     "kinds.app"]),

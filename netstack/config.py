@@ -32,7 +32,8 @@ MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
 COMMON_KEYS = {"kind", "netvm", "label", "firewall"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
-STACK_KEYS = {"ipv6", "default_dispvm", "policy", "services", "ask_timeout"}
+STACK_KEYS = {"ipv6", "default_dispvm", "policy", "services", "ask_timeout",
+              "call_max_bytes"}
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what @tag:NAME can name (netstack.policy)
 TOP_KEYS = {"qubes", "stack"}
 
@@ -62,6 +63,7 @@ class Topology:
     policy: str = "policy.d"
     services: str | None = None
     ask_timeout: float = 60.0
+    call_max_bytes: int = 64 << 20
     # the kinds it was validated with (kind -> spec): plan.build derives each qube with it
     kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -278,9 +280,13 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
             or not 1 <= ask_timeout <= 3600:
         raise ConfigError("[stack] field 'ask_timeout'", f"{ask_timeout!r}",
                           "give seconds, 1-3600: an unanswered `ask` is denied after it")
+    cap = stack.get("call_max_bytes", 64 << 20)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1 << 40:
+        raise ConfigError("[stack] field 'call_max_bytes'", f"{cap!r}",
+                          "give bytes, 1 to 2**40: a call carrying more each way is cut")
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
                     kinds=kinds, policy=policy, services=services,
-                    ask_timeout=float(ask_timeout))
+                    ask_timeout=float(ask_timeout), call_max_bytes=cap)
 
 
 def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,

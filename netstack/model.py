@@ -395,6 +395,7 @@ class Plan:
     policy: str = ""
     call_services: str | None = None
     ask_timeout: float = 60.0
+    call_max_bytes: int = 64 << 20  # each way, per call
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

@@ -194,7 +194,7 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
              default_dispvm=topo.default_dispvm,
              policy=os.path.join(base, topo.policy),
              call_services=os.path.join(base, topo.services) if topo.services else None,
-             ask_timeout=topo.ask_timeout)
+             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]

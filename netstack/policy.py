@@ -101,6 +101,8 @@ def name_problem(service: str, argument: str | None) -> str | None:
         return f"a service name is 1-{MAX_NAME} characters"
     if not set(service) <= NAME_CHARS:
         return "a service name has only letters, digits, '-', '.' and '_'"
+    if service.startswith("."):
+        return "a service name may not start with '.'"
     if argument is None or argument == "":
         return None
     if len(argument) > MAX_NAME:

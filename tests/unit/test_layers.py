@@ -24,7 +24,7 @@ import pytest
 # bottom to top; siblings in one layer may import each other (the graph stays acyclic)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["netstack", "errors", "codec", "names", "netns", "seccomp", "rules",
-                    "rules.nft", "audit.space", "leaktest", "leaktest.catalogue",
+                    "callclient", "rules.nft", "audit.space", "leaktest", "leaktest.catalogue",
                     "leaktest.prober", "leaktest.send", "vpn", "vpn.kernelwg", "vpn.checks",
                     "tor", "tor.control", "lab", "lab.pki", "kinds", "schema", "rtnl"]),
     ("model and kernel seam", ["model", "fastpath", "hostcaps", "dnswire", "pathfacts",
@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                        "kinds.tor_runtime", "kinds.app_runtime", "vpn.failover", "vpn.hook"]),
     ("kind registry", ["kinds.registry"]),
     ("live changes", ["live", "stack", "disposable", "firewall_live", "attach", "service",
-                      "executor"]),
+                      "executor", "calls"]),
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
                 "leaktest.battery", "leaktest.rulecases", "leaktest.local",
                 "leaktest.capture", "leaktest.endpoints", "check"]),

@@ -485,6 +485,12 @@ class Daemon:
             log(self.dir, rec)
             conn.sendall(_frame(b"R", b"Request refused"))
             return
+        if v.target.startswith("@"):  # @dispvm...: a new disposable per call, not yet
+            rec.verdict, rec.reason = "refused", f"{rec.reason}; calls to a new " \
+                                                 "disposable are not run yet"
+            log(self.dir, rec)
+            conn.sendall(_frame(b"R", b"Request refused"))
+            return
         st = self._state()  # what changed while the call waited (a disposable went)
         if st is None or st.plan is None or not st.plan.has_qube(v.target):
             rec.verdict, rec.reason = "refused", f"the target {v.target!r} is gone"

@@ -84,7 +84,32 @@ rm -f -- "$part"; echo "copy incomplete" >&2; exit 3
 CLIPBOARD_PASTE = r'''
 cat > "$HOME/.clipboard.part" && mv -f -- "$HOME/.clipboard.part" "$HOME/.clipboard"
 '''
-BUILTIN = {"qubes.Filecopy": FILECOPY, "qubes.ClipboardPaste": CLIPBOARD_PASTE}
+# Runs in a new disposable for qubes.OpenInVM (`netstack open-in-disposable`): the stream
+# as for qubes.Filecopy; the file is opened by the command given after the script's
+# name; a changed file is offered back to the source with qubes.Filecopy, a call of the
+# disposable's own (`@type:DispVM` in the policy), so it comes back only if a line says so.
+OPEN_IN_VM = r'''
+IFS= read -r name || { echo "no file name" >&2; exit 3; }
+IFS= read -r size || { echo "no size" >&2; exit 3; }
+case "$name" in ""|.|..|.*|*/*) echo "refused file name" >&2; exit 3;; esac
+f="$HOME/$name"
+cat > "$f" && [ "$(wc -c < "$f")" -eq "$size" ] || { echo "not all of it came" >&2; exit 3; }
+before=$(sha256sum < "$f")
+"$@" "$f" < /dev/null
+rc=$?
+if [ "$(sha256sum < "$f")" != "$before" ]; then
+  n=$(stat -c %s -- "$f")
+  if { printf '%s\n%s\n' "$name" "$n"; cat -- "$f"; } | \
+      netstack-call "$QREXEC_REMOTE_DOMAIN" qubes.Filecopy >/dev/null 2>&1; then
+    echo "netstack: the changed $name went back to $QREXEC_REMOTE_DOMAIN" >&2
+  else
+    echo "netstack: the changed $name was not taken back (the policy's qubes.Filecopy)" >&2
+  fi
+fi
+exit $rc
+'''
+BUILTIN = {"qubes.Filecopy": FILECOPY, "qubes.ClipboardPaste": CLIPBOARD_PASTE,
+           "qubes.OpenInVM": OPEN_IN_VM}
 
 
 @dataclass
@@ -218,8 +243,8 @@ def answer(stack_dir: str, call_id: str, what: str) -> Pending:
 
 # --- running a service ------------------------------------------------------------------
 
-def service_command(plan: Any, service: str, argument: str, source: str
-                    ) -> tuple[list[str], tuple[Any, ...]] | None:
+def service_command(plan: Any, service: str, argument: str, source: str,
+                    args: tuple[str, ...] = ()) -> tuple[list[str], tuple[Any, ...]] | None:
     """The command (and the read-only binds) of SERVICE+ARGUMENT in the target; None: no
     such service. Names were checked (policy.name_problem): no '/', no leading '.'."""
     from netstack import sandbox
@@ -227,7 +252,7 @@ def service_command(plan: Any, service: str, argument: str, source: str
     env = ["env", f"QREXEC_REMOTE_DOMAIN={source}", f"QREXEC_SERVICE_ARGUMENT={argument}",
            f"QREXEC_SERVICE_FULL_NAME={service}" + (f"+{argument}" if argument else "")]
     if service in BUILTIN:
-        return [*env, "sh", "-c", BUILTIN[service], service], ()
+        return [*env, "sh", "-c", BUILTIN[service], service, *args], ()
     d = plan.call_services
     if not d:
         return None
@@ -251,12 +276,14 @@ class Result:
 
 def run_service(k: Kernel, st: Any, target: str, service: str, argument: str, source: str,
                 user: str | None, read: Callable[[int], bytes],
-                write: Callable[[bytes], None], cap: int, name: str) -> Result | None:
+                write: Callable[[bytes], None], cap: int, name: str,
+                args: tuple[str, ...] = (), stderr: Any = subprocess.DEVNULL
+                ) -> Result | None:
     """Run the service in the target's sandbox; `read` gives the caller's bytes (b"": the
     end), `write` takes the service's. None: no such service (nothing ran)."""
     from netstack import executor
 
-    found = service_command(st.plan, service, argument, source)
+    found = service_command(st.plan, service, argument, source, args)
     if found is None:
         return None
     cmd, grants = found
@@ -270,7 +297,7 @@ def run_service(k: Kernel, st: Any, target: str, service: str, argument: str, so
     def runner() -> None:
         try:
             box["o"] = executor.run(k, st, q, cmd, user=user, extra=grants, stdin=in_r,
-                                    stdout=out_w, stderr=subprocess.DEVNULL, text=False,
+                                    stdout=out_w, stderr=stderr, text=False,
                                     forward=(), name=name, environ=os.environ,
                                     timeout=CALL_TIMEOUT, cancel=cancel)
         except Exception as e:  # noqa: BLE001 - reported to the caller as a failed call
@@ -673,6 +700,86 @@ def clipboard_paste(k: Kernel, stack: str, qube: str, prompt: Callable[[str], bo
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(st.dir, CLIPBOARD))
     return origin, len(data)
+
+
+# Runs in the source for `open-in-disposable`: the stream of qubes.Filecopy on stdout.
+READ_SCRIPT = r'''
+r=$(realpath -e -- "$1" 2>/dev/null) || { echo "no such file: $1" >&2; exit 3; }
+case "$r" in "$HOME"/*) ;; *) echo "$1 is outside the home (resolves to $r)" >&2; exit 3;; esac
+[ -f "$r" ] || { echo "$1 is not a regular file" >&2; exit 3; }
+printf '%s\n%s\n' "$(basename -- "$1")" "$(stat -c %s -- "$r")" && exec cat -- "$r"
+'''
+
+
+def open_in_disposable(k: Kernel, stack: str, src: str, cmd: list[str],
+                       prompt: Callable[[str], bool] | None = None,
+                       user: str | None = None) -> int:
+    """`netstack open-in-disposable QUBE:PATH -- CMD...` (Qubes' qvm-open-in-dvm): the
+    policy's qubes.OpenInVM from QUBE to @dispvm decides; a new disposable gets the file
+    and runs CMD on it (its output is the caller's), and is gone when CMD ends. A changed
+    file is offered back as the disposable's own qubes.Filecopy call (the policy decides
+    again). Returns CMD's exit code."""
+    from netstack import disposable, executor
+    from netstack.state import State
+
+    qube, sep, path = src.partition(":")
+    if not sep or not qube or not path:
+        raise UsageError(f"open-in-disposable {src!r}: give QUBE:PATH, e.g. work:report.pdf")
+    if not cmd:
+        raise UsageError("open-in-disposable: give the command after --, e.g. -- less")
+    st = _stack(stack)
+    src_q = _app(st, qube)
+    cid = new_id()
+    v = verdict(st.plan, qube, "@dispvm", "qubes.OpenInVM", "")
+    rec = Record(time.time(), cid, qube, "@dispvm", "qubes.OpenInVM", "", v.action, v.rule,
+                 v.reason)
+    if v.action == "ask":
+        ok = prompt(f"open {path} of {qube} in a new disposable?") if prompt else \
+            wait_answer(st.dir, Pending(cid, qube, "@dispvm", "qubes.OpenInVM", "", v.rule,
+                                        time.time(), time.time() + st.plan.ask_timeout))
+        rec.verdict = "ask->allow" if ok else "ask->deny"
+    if rec.verdict in ("deny", "ask->deny") or v.target != "@dispvm":
+        log(st.dir, rec)
+        raise UsageError(f"open-in-disposable: refused by the policy (qubes.OpenInVM "
+                         f"{qube} -> @dispvm: {v.reason})")
+    dq = disposable.add(stack, None, None, kernel=k)
+    try:
+        st2 = State.load(stack)
+        if st2 is None:
+            raise StateError(f"stack {stack!r} went down")
+        rec.target = dq.name
+        r_fd, w_fd = os.pipe()
+        box: dict[str, Any] = {}
+
+        def reader() -> None:
+            try:
+                box["o"] = executor.run(k, st2, src_q, ["sh", "-c", READ_SCRIPT, "read", path],
+                                        user=user, stdout=w_fd, stderr=subprocess.PIPE,
+                                        forward=(), name=f"open-in-disposable from {qube}")
+            finally:
+                os.close(w_fd)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        out = os.fdopen(os.dup(1), "wb", buffering=0)
+        try:
+            res = run_service(k, st2, dq.name, "qubes.OpenInVM", "", qube, v.user,
+                              lambda n: os.read(r_fd, n), out.write, st2.plan.call_max_bytes,
+                              f"open-in-disposable {cid} in {dq.name}", tuple(cmd), None)
+        finally:
+            t.join()
+            os.close(r_fd)
+            out.close()
+        assert res is not None  # built in
+        rec.bytes_in, rec.bytes_out, rec.exit = res.bytes_in, res.bytes_out, res.exit
+        log(st.dir, rec)
+        o = box.get("o")
+        if o is not None and o.code != 0:
+            raise UsageError(f"open-in-disposable: {qube} could not send {path} (exit "
+                             f"{o.code})")
+        return res.exit
+    finally:
+        disposable.remove(stack, [dq.name], k)
 
 
 def listing(stack: str, last: int = 20) -> dict[str, Any]:

@@ -677,6 +677,17 @@ def cmd_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_open_in_disposable(args: argparse.Namespace) -> int:
+    from netstack import calls
+
+    def prompt(question: str) -> bool:
+        print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+    return calls.open_in_disposable(args.kernel, args.stack, args.source, list(args.cmd),
+                                    prompt if sys.stdin.isatty() else None, args.user)
+
+
 def cmd_call_answer(args: argparse.Namespace) -> int:
     from netstack import calls
     from netstack.state import require
@@ -727,7 +738,8 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall", "attach", "check", "move", "calls", "call-answer", "clipboard"}
+                 "firewall", "attach", "check", "move", "calls", "call-answer", "clipboard",
+                 "open-in-disposable"}
 
 
 class _Unused:
@@ -900,6 +912,18 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--user", "-u", help="the account the source's sandbox runs as")
         p.set_defaults(func=cmd_copy)
     p = sub.add_parser(
+        "open-in-disposable", help="open a qube's file with a command in a new disposable "
+        "(Qubes' qvm-open-in-dvm)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: sudo netstack open-in-disposable work:report.txt -- less\n"
+        "The policy's qubes.OpenInVM from the qube to @dispvm decides; the disposable is\n"
+        "gone when the command ends; a changed file goes back to the qube's\n"
+        "~/Incoming/DISPOSABLE/ only if the policy allows the disposable's qubes.Filecopy.")
+    p.add_argument("source", metavar="QUBE:PATH")
+    p.add_argument("--user", "-u", help="the account the sandboxes run as")
+    p.add_argument("cmd", nargs="*", help="the command, after --; the file is its last "
+                   "argument")
+    p.set_defaults(func=cmd_open_in_disposable)
+    p = sub.add_parser(
         "calls", help="the call layer: calls waiting for an answer, the last calls, the "
         "clipboard", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: sudo netstack calls --json\nInside an app qube: netstack-call "
@@ -1061,9 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser(command_word(argv)).parse_args(argv)
         args.kernel = kernel
         if tail:
-            if args.command not in ("exec", "run", "check"):
-                raise UsageError("'--' is only used with exec, run and check (see `netstack "
-                                 "--help`)")
+            if args.command not in ("exec", "run", "check", "open-in-disposable"):
+                raise UsageError("'--' is only used with exec, run, check and "
+                                 "open-in-disposable (see `netstack --help`)")
             args.cmd = list(args.cmd) + tail
         if args.command in ROOT_COMMANDS and os.geteuid() != 0 and \
                 not getattr(args, "ruleset", None):

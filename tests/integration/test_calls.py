@@ -35,6 +35,9 @@ my.Missing     *      work      personal  allow
 my.Echo        *      personal  @default  allow target=work
 qubes.Filecopy *      @tag:work personal  allow
 qubes.ClipboardPaste * work     personal  allow
+qubes.OpenInVM *      personal  @dispvm   deny
+qubes.OpenInVM *      @anyvm    @dispvm   allow
+qubes.Filecopy *      @type:DispVM work   allow
 """
 SERVICES = {
     # streams both ways, its caller and argument from the layer, its own exit code
@@ -68,10 +71,18 @@ def make_config(tags: str = 'tags = ["work"]', policy: str = POLICY) -> str:
     return d
 
 
+CONFIGS: dict[str, str] = {}
+
+
+def _config_dir(stack: str) -> str:
+    return CONFIGS[stack]
+
+
 @pytest.fixture(scope="module")
 def calls_stack():
     d = make_config()
     s = new_stack_name("c")
+    CONFIGS[s] = d
     cli("--stack", s, "up", str(Path(d, "c.toml")), "--lab", "--no-wait")
     try:
         yield s
@@ -346,3 +357,50 @@ def test_the_client_is_readonly_and_on_path(calls_stack):
     assert p.stdout.split() == [b"/run/netstack-call/netstack-call", b"readonly"]
     st_ = os.stat(f"/run/netstack/{calls_stack}/public/calls")
     assert stat.S_IMODE(st_.st_mode) == 0o711
+
+
+def disposables(stack: str) -> list[str]:
+    from tests.integration.util import load_state
+
+    return [q.name for q in load_state(stack).plan.qubes if q.settings.get("disposable")]
+
+
+def test_open_in_a_disposable(calls_stack):
+    """qvm-open-in-dvm: the file is opened by the command in a new disposable, gone after;
+    a changed file comes back only as the policy allows the disposable's qubes.Filecopy."""
+    s = calls_stack
+    run(s, "work", "sh", "-c", "printf 'v1\\n' > ~/doc.txt")
+    edit = ["sh", "-c", 'cat "$1"; echo v2 >> "$1"; hostname', "edit"]
+    p = cli("--stack", s, "open-in-disposable", "work:doc.txt", "--", *edit,
+            env={"SUDO_USER": ""})
+    lines = p.stdout.split()
+    assert lines[0] == "v1" and lines[1].startswith("disp"), p.stdout
+    disp = lines[1]
+    assert disp not in disposables(s) and "went back to work" in p.stderr
+    with open(f"/var/lib/netstack/{s}/work/home/Incoming/{disp}/doc.txt") as f:
+        assert f.read() == "v1\nv2\n"
+    r = last(s, "qubes.OpenInVM")
+    assert (r["source"], r["target"], r["verdict"]) == ("work", disp, "allow")
+    back = last(s, "qubes.Filecopy")
+    assert (back["source"], back["target"], back["verdict"]) == (disp, "work", "allow")
+    # the policy re-read: without the DispVM line the change stays in the disposable
+    shutil.rmtree(f"/var/lib/netstack/{s}/work/home/Incoming/{disp}")  # (names come again)
+    pol = Path(_config_dir(s), "policy.d", "30-test.policy")
+    text = pol.read_text()
+    pol.write_text(text.replace("qubes.Filecopy *      @type:DispVM work   allow\n", ""))
+    try:
+        p = cli("--stack", s, "open-in-disposable", "work:doc.txt", "--", *edit,
+                env={"SUDO_USER": ""})
+        disp2 = p.stdout.split()[1]
+        assert "not taken back" in p.stderr and disp2 not in disposables(s)
+        assert not os.path.exists(f"/var/lib/netstack/{s}/work/home/Incoming/{disp2}")
+        back = last(s, "qubes.Filecopy")
+        assert (back["source"], back["verdict"]) == (disp2, "deny")
+    finally:
+        pol.write_text(text)
+    # a qube the policy denies: no disposable is made, the command never runs
+    run(s, "personal", "sh", "-c", "echo p > ~/doc.txt")
+    p = cli("--stack", s, "open-in-disposable", "personal:doc.txt", "--", "touch",
+            "/tmp/x", check=False, env={"SUDO_USER": ""})
+    assert p.returncode == 2 and "refused by the policy" in p.stderr
+    assert disposables(s) == []

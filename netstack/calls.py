@@ -52,7 +52,10 @@ PENDING = "calls-pending"
 MAX_HEADER = 256  # `TARGET SERVICE+ARG\n`: a qube name and 64 + 1 + 64 characters fit
 HEADER_WAIT = 5.0  # seconds a caller has to send its request line
 CALL_TIMEOUT = 3600.0  # a service running longer is ended
-MAX_CALLS = 32  # calls in progress at once, over all qubes (the rest wait in the backlog)
+MAX_CALLS = 32  # calls in progress at once, over all qubes; more are refused at once
+MAX_CALLS_PER_QUBE = 8  # so one qube's flood never takes every slot (nor the supervisor's
+# threads: a refused connection is closed without a thread waiting for a slot)
+MAX_LOG = 4 << 20  # calls.log (tmpfs: memory) is moved to calls.log.1 past this size
 ANSWER_POLL = 0.05
 REFUSED_EXIT, CUT_EXIT = 126, 125
 ID_RE = re.compile(r"^[0-9a-f]{8}$")
@@ -150,7 +153,11 @@ def new_id() -> str:
 
 def log(stack_dir: str, rec: Record) -> None:
     """One line, one write, O_APPEND: the daemon's threads and host commands share it."""
-    fd = os.open(os.path.join(stack_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    path = os.path.join(stack_dir, LOG)
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_size > MAX_LOG:  # a qube's flood of refused calls: bounded
+            os.rename(path, path + ".1")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, (json.dumps(asdict(rec), sort_keys=True) + "\n").encode())
     finally:
@@ -406,6 +413,8 @@ class Daemon:
         self.listeners: dict[str, socket.socket] = {}
         self.sel = selectors.DefaultSelector()
         self.slots = threading.BoundedSemaphore(MAX_CALLS)
+        self.busy: dict[str, int] = {}  # calls in progress per source qube
+        self.busy_lock = threading.Lock()
         self.plan_mtime: int | None = None
 
     def _state(self) -> Any:
@@ -457,14 +466,37 @@ class Daemon:
                     with contextlib.suppress(OSError):
                         conn, _addr = key.fileobj.accept()  # type: ignore[union-attr]
                         conn.setblocking(True)
+                        if not self.take(key.data):
+                            self.refuse_busy(conn, key.data)
+                            continue
                         threading.Thread(target=self.call, args=(conn, key.data),
                                          daemon=True).start()
         finally:
             for s in self.listeners.values():
                 s.close()
 
+    def take(self, source: str) -> bool:
+        """A slot for a call of `source`, or False (too many at once, in all or of it)."""
+        with self.busy_lock:
+            if self.busy.get(source, 0) >= MAX_CALLS_PER_QUBE or \
+                    not self.slots.acquire(blocking=False):
+                return False
+            self.busy[source] = self.busy.get(source, 0) + 1
+            return True
+
+    def give_back(self, source: str) -> None:
+        with self.busy_lock:
+            self.busy[source] -= 1
+            self.slots.release()
+
+    def refuse_busy(self, conn: socket.socket, source: str) -> None:
+        with conn, contextlib.suppress(OSError):
+            log(self.dir, Record(time.time(), new_id(), source, "?", "?", "", "refused",
+                                 None, "too many calls at once"))
+            conn.sendall(_frame(b"R", b"Request refused"))
+
     def call(self, conn: socket.socket, source: str) -> None:
-        with conn, self.slots:
+        with conn:
             try:
                 self._call(conn, source)
             except Exception as e:  # noqa: BLE001 - one call's failure is logged, never the daemon's
@@ -476,6 +508,7 @@ class Daemon:
             finally:
                 with contextlib.suppress(OSError):  # wakes a reader still in recv
                     conn.shutdown(socket.SHUT_RDWR)
+                self.give_back(source)
 
     def _call(self, conn: socket.socket, source: str) -> None:
         cid = new_id()

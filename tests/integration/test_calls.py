@@ -404,3 +404,30 @@ def test_open_in_a_disposable(calls_stack):
             "/tmp/x", check=False, env={"SUDO_USER": ""})
     assert p.returncode == 2 and "refused by the policy" in p.stderr
     assert disposables(s) == []
+
+
+def test_one_qube_cannot_take_every_slot(calls_stack):
+    """12 calls at once from work, each waiting for an answer: 8 wait, the rest are
+    refused at once; personal's call still goes through meanwhile."""
+    s = calls_stack
+    before = len(log(s))
+    flood = subprocess.Popen(
+        [sys.executable, "-m", "netstack.cli", "--stack", s, "exec", "work", "--", "sh", "-c",
+         "for i in $(seq 12); do netstack-call personal my.Asked </dev/null >/dev/null "
+         "2>&1 & done; wait"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, SUDO_USER=""))
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            waiting = json.loads(cli("--stack", s, "calls", "--json").stdout)["pending"]
+            busy = [r for r in log(s)[before:] if r["reason"] == "too many calls at once"]
+            if len(waiting) == 8 and len(busy) == 4:
+                break
+            time.sleep(0.05)
+        assert len(waiting) == 8 and len(busy) == 4, (waiting, busy)
+        assert {r["source"] for r in busy} == {"work"}
+        p = run(s, "personal", "netstack-call", "@default", "my.Echo", input=b"")
+        assert p.returncode == 7, p.stderr
+    finally:
+        flood.wait(timeout=30)  # the waiting calls are denied after ask_timeout (3 s)
+    assert json.loads(cli("--stack", s, "calls", "--json").stdout)["pending"] == []

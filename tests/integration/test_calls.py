@@ -431,3 +431,35 @@ def test_one_qube_cannot_take_every_slot(calls_stack):
     finally:
         flood.wait(timeout=30)  # the waiting calls are denied after ask_timeout (3 s)
     assert json.loads(cli("--stack", s, "calls", "--json").stdout)["pending"] == []
+
+
+def test_leaktest_sees_the_call_socket(calls_stack, monkeypatch):
+    """leaktest's row (netstack.leaktest.callcheck): a call the policy denies, and an `ask`
+    answered deny, never arrive; anti-tests (FORCE: sent though allowed, `ask` answered
+    allow) show the row sees a call that gets through."""
+    from netstack.leaktest import callcheck
+    from tests.integration.util import kernel
+
+    k = kernel()
+    s = calls_stack
+    (r,) = callcheck.run(k, s, "personal")  # no line personal -> work: deny
+    assert (r.target, r.leak, r.error) == ("work", None, None) and r.note.startswith("deny")
+    assert last(s, "qubes.Filecopy")["verdict"] == "deny"
+    (r,) = callcheck.run(k, s, "work")  # @tag:work -> personal: allowed, not tried
+    assert r.leak is None and "allowed, not tried" in r.note
+    monkeypatch.setattr(callcheck, "FORCE", True)
+    (r,) = callcheck.run(k, s, "work")
+    assert r.leak and "the file arrived" in r.leak, r
+    pol = Path(_config_dir(s), "policy.d", "30-test.policy")
+    text = pol.read_text()
+    pol.write_text("qubes.Filecopy * personal work ask\n" + text)
+    try:
+        monkeypatch.setattr(callcheck, "FORCE", False)
+        (r,) = callcheck.run(k, s, "personal")
+        assert r.leak is None and r.error is None and r.note.startswith("ask")
+        assert last(s, "qubes.Filecopy")["verdict"] == "ask->deny"
+        monkeypatch.setattr(callcheck, "FORCE", True)
+        (r,) = callcheck.run(k, s, "personal")
+        assert r.leak and last(s, "qubes.Filecopy")["verdict"] == "ask->allow"
+    finally:
+        pol.write_text(text)

@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("live changes", ["live", "stack", "disposable", "firewall_live", "attach", "service",
                       "executor", "calls"]),
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
-                "leaktest.battery", "leaktest.rulecases", "leaktest.local",
+                "leaktest.battery", "leaktest.rulecases", "leaktest.local", "leaktest.callcheck",
                 "leaktest.capture", "leaktest.endpoints", "check"]),
     ("commands", ["cli", "pytest_plugin"]),
 ]

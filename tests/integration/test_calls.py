@@ -463,3 +463,24 @@ def test_leaktest_sees_the_call_socket(calls_stack, monkeypatch):
         assert r.leak and last(s, "qubes.Filecopy")["verdict"] == "ask->allow"
     finally:
         pol.write_text(text)
+
+
+def test_a_policy_broken_after_up_denies_everything(calls_stack):
+    """The policy is read for every call: a file that stops parsing denies every call
+    (fail closed) until it is fixed; the anti-test is the same call before and after."""
+    s = calls_stack
+    bad = Path(_config_dir(s), "policy.d", "10-broken.policy")
+    assert run(s, "work", "netstack-call", "personal", "my.Touch+before", input=b"")\
+        .returncode == 0
+    bad.write_text("my.Touch * work personal alow\n")
+    try:
+        p = run(s, "work", "netstack-call", "personal", "my.Touch+broken", input=b"")
+        assert p.returncode == 126 and "touched-broken" not in touched(s)
+        assert "does not parse" in last(s, "my.Touch")["reason"]
+        assert "10-broken.policy:1: unknown action 'alow'" in last(s, "my.Touch")["reason"]
+    finally:
+        bad.unlink()
+    assert run(s, "work", "netstack-call", "personal", "my.Touch+after", input=b"")\
+        .returncode == 0
+    for m in ("before", "after"):
+        os.unlink(f"/var/lib/netstack/{s}/personal/home/touched-{m}")

@@ -208,6 +208,11 @@ def test_config_tags_and_stack_keys():
         config.parse(BASE.replace('["work", "corp"]', '["a b"]'), SPECS)
     with pytest.raises(ConfigError, match="ask_timeout"):
         config.parse("[stack]\nask_timeout = 0\n" + BASE, SPECS)
+    assert config.parse("[stack]\ncall_max_bytes = 4096\n" + BASE, SPECS).call_max_bytes \
+        == 4096
+    for bad in ("0", "true", "1.5", '"1M"'):
+        with pytest.raises(ConfigError, match="call_max_bytes"):
+            config.parse(f"[stack]\ncall_max_bytes = {bad}\n" + BASE, SPECS)
 
 
 def test_up_inputs_check_the_policy(tmp_path: Path):

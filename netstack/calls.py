@@ -29,6 +29,7 @@ from the socket) and its argument from QREXEC_SERVICE_ARGUMENT and $1."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -98,6 +99,7 @@ case "$name" in ""|.|..|.*|*/*) echo "refused file name" >&2; exit 3;; esac
 f="$HOME/$name"
 cat > "$f" && [ "$(wc -c < "$f")" -eq "$size" ] || { echo "not all of it came" >&2; exit 3; }
 before=$(sha256sum < "$f")
+[ $# -gt 0 ] || set -- xdg-open  # a call from a qube names no command: the desktop's
 "$@" "$f" < /dev/null
 rc=$?
 if [ "$(sha256sum < "$f")" != "$before" ]; then
@@ -545,12 +547,41 @@ class Daemon:
             log(self.dir, rec)
             conn.sendall(_frame(b"R", b"Request refused"))
             return
-        if v.target.startswith("@"):  # @dispvm...: a new disposable per call, not yet
-            rec.verdict, rec.reason = "refused", f"{rec.reason}; calls to a new " \
-                                                 "disposable are not run yet"
+        k = self.k.fork()  # handles of this call's own (a disposable's transaction)
+        disp: str | None = None
+        try:
+            if v.target.startswith("@dispvm"):  # a new disposable, for this call only
+                disp = self._new_disposable(k, v.target, source, rec)
+                if disp is None:
+                    conn.sendall(_frame(b"R", b"Request refused"))
+                    return
+                v = dataclasses.replace(v, target=disp)
+                rec.target = disp
+            self._run(k, conn, source, v, service, argument, word, got, rec, cid)
+        finally:
+            if disp is not None:
+                from netstack import disposable
+
+                with contextlib.suppress(Exception):
+                    disposable.remove(self.stack, [disp], k)
+            k.close()
+
+    def _new_disposable(self, k: Kernel, token: str, source: str, rec: Record) -> str | None:
+        """A disposable for `@dispvm` (made like the source's default, `[stack]
+        default_dispvm`, else the most private path) or `@dispvm:QUBE` (like QUBE)."""
+        from netstack import disposable
+
+        like = token[len("@dispvm:"):] if token.startswith("@dispvm:") else None
+        try:
+            return disposable.add(self.stack, None, None, kernel=k, like=like).name
+        except Exception as e:  # noqa: BLE001 - the call is refused and says why in the log
+            rec.verdict, rec.reason = "refused", f"{rec.reason}; no disposable: {e}"
             log(self.dir, rec)
-            conn.sendall(_frame(b"R", b"Request refused"))
-            return
+            return None
+
+    def _run(self, k: Kernel, conn: socket.socket, source: str, v: policy.Verdict,
+             service: str, argument: str, word: str, got: Any, rec: Record, cid: str
+             ) -> None:
         st = self._state()  # what changed while the call waited (a disposable went)
         if st is None or st.plan is None or not st.plan.has_qube(v.target):
             rec.verdict, rec.reason = "refused", f"the target {v.target!r} is gone"
@@ -566,7 +597,7 @@ class Daemon:
                 return data
             return conn.recv(n)
 
-        res = run_service(self.k, st, v.target, service, argument, source, v.user, read,
+        res = run_service(k, st, v.target, service, argument, source, v.user, read,
                           lambda b: conn.sendall(_frame(b"O", b)), st.plan.call_max_bytes,
                           f"call {cid} {source}->{v.target} {word}")
         if res is None:

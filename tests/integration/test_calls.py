@@ -35,6 +35,7 @@ my.Missing     *      work      personal  allow
 my.Echo        *      personal  @default  allow target=work
 qubes.Filecopy *      @tag:work personal  allow
 qubes.ClipboardPaste * work     personal  allow
+my.Where       *      work      @dispvm   allow
 qubes.OpenInVM *      personal  @dispvm   deny
 qubes.OpenInVM *      @anyvm    @dispvm   allow
 qubes.Filecopy *      @type:DispVM work   allow
@@ -48,6 +49,7 @@ SERVICES = {
     "my.Unlisted": '#!/bin/sh\ntouch "$HOME/unlisted-ran"\n',
     "my.Asked": '#!/bin/sh\necho asked-ran\n',
     "my.Big": '#!/bin/sh\nexec head -c 3000000 /dev/zero\n',
+    "my.Where": '#!/bin/sh\nhostname\ncat\n',
 }
 CAP = 1000000
 
@@ -484,3 +486,20 @@ def test_a_policy_broken_after_up_denies_everything(calls_stack):
         .returncode == 0
     for m in ("before", "after"):
         os.unlink(f"/var/lib/netstack/{s}/personal/home/touched-{m}")
+
+
+def test_a_call_to_a_new_disposable(calls_stack):
+    """`netstack-call @dispvm SERVICE` from a qube: a disposable made for the call runs the
+    service and is gone after; a qube without a line gets no disposable."""
+    s = calls_stack
+    p = run(s, "work", "netstack-call", "@dispvm", "my.Where", input=b"in")
+    assert p.returncode == 0, p.stderr
+    name, rest = p.stdout.split(b"\n", 1)
+    assert name.startswith(b"disp") and rest == b"in"
+    r = last(s, "my.Where")
+    assert (r["source"], r["target"], r["verdict"]) == ("work", name.decode(), "allow")
+    assert disposables(s) == []
+    p = run(s, "personal", "netstack-call", "@dispvm", "my.Where", input=b"")
+    assert p.returncode == 126 and disposables(s) == []
+    r = last(s, "my.Where")
+    assert (r["source"], r["target"], r["verdict"]) == ("personal", "@dispvm", "deny")

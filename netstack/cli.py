@@ -662,18 +662,25 @@ def cmd_calls(args: argparse.Namespace) -> int:
                            else "empty"))
     if out["pending"]:
         print("waiting for an answer (`netstack call-answer ID allow|deny`):")
+    def shown(x: Any) -> str:
+        """What a qube sent (a target, a service name), never a terminal's escape: only
+        printable ASCII as it is, the rest as Python escapes."""
+        t = str(x)
+        return t if t.isascii() and t.isprintable() else ascii(t)[1:-1]
+
     for p in out["pending"]:
         left = max(0, int(p["deadline"] - time.time()))
         arg = f"+{p['argument']}" if p["argument"] else ""
-        print(f"  {p['id']}  {p['source']} -> {p['target']}  {p['service']}{arg}  "
-              f"({p['rule']}; denied in {left} s)")
+        print(f"  {p['id']}  {p['source']} -> {shown(p['target'])}  {shown(p['service'])}"
+              f"{shown(arg)}  ({p['rule']}; denied in {left} s)")
     for c in out["calls"]:
         arg = f"+{c['argument']}" if c["argument"] else ""
         when = time.strftime("%H:%M:%S", time.localtime(c["time"]))
-        print(f"{when} {c['id']} {c['source']} -> {c['target']} {c['service']}{arg}: "
-              f"{c['verdict']} ({c['rule'] or '-'}) in {c['bytes_in']} out "
-              f"{c['bytes_out']} exit {c['exit']}" + (f"  {c['reason']}" if c["verdict"]
-                                                      not in ("allow", "ask->allow") else ""))
+        print(f"{when} {c['id']} {c['source']} -> {shown(c['target'])} "
+              f"{shown(c['service'])}{shown(arg)}: {c['verdict']} ({c['rule'] or '-'}) in "
+              f"{c['bytes_in']} out {c['bytes_out']} exit {c['exit']}"
+              + (f"  {shown(c['reason'])}" if c["verdict"] not in ("allow", "ask->allow")
+                 else ""))
     return 0
 
 

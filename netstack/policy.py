@@ -361,6 +361,10 @@ def evaluate(policy: Policy, source: str, target: str, service: str, argument: s
     why = name_problem(service, argument)
     if why:
         return Verdict("deny", target, reason=why)
+    if not (target in ("@default", "@dispvm") or QUBE_RE.match(target)
+            or (target.startswith("@dispvm:") and QUBE_RE.match(target[8:]))):
+        return Verdict("deny", target, reason="the target is not a qube, @default, @dispvm "
+                       "or @dispvm:QUBE")
     if source not in qubes:
         return Verdict("deny", target, reason=f"{source!r} is not an app qube")
     for r in policy.rules:

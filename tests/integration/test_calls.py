@@ -503,3 +503,15 @@ def test_a_call_to_a_new_disposable(calls_stack):
     assert p.returncode == 126 and disposables(s) == []
     r = last(s, "my.Where")
     assert (r["source"], r["target"], r["verdict"]) == ("personal", "@dispvm", "deny")
+
+
+def test_calls_listing_never_prints_a_qubes_escapes(calls_stack):
+    """What a qube sends (a target, a service name) is shown escaped: a qube cannot write
+    to the host's terminal through `netstack calls`."""
+    s = calls_stack
+    p = run(s, "work", "python3", "-c", RAW, "\x1b]0;owned\x07 my.Touch\x1b[2J\n")
+    assert p.stdout.startswith(b"b'R"), p.stdout
+    out = cli("--stack", s, "calls").stdout
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned" in out, out[-500:]
+    assert json.loads(cli("--stack", s, "calls", "--json").stdout)["calls"][-1]["target"] \
+        == "\x1b]0;owned\x07"

@@ -95,6 +95,13 @@ def test_dispvm_targets():
     assert verdict("* * vault @dispvm:@tag:home allow\n", "vault", "@dispvm").action == "deny"
 
 
+@pytest.mark.parametrize("target", ["@dispvmX", "@garbage", "../x", "@dispvm:", "Work",
+                                    "@dispvm:../x", "\x1b[2J"])
+def test_odd_targets_denied_even_by_anyvm(target):
+    v = verdict("* * @anyvm @anyvm allow\n", "work", target)
+    assert v.action == "deny" and v.rule is None, target
+
+
 def test_unknown_source_and_self_call_denied():
     assert verdict("* * @anyvm @anyvm allow\n", "sys-net", "work").action == "deny"
     assert verdict("* * @anyvm @anyvm allow\n", "work", "work").action == "deny"

@@ -679,6 +679,12 @@ def copy(k: Kernel, stack: str, src: str, dst: str, move: bool = False,
     st = _stack(stack)
     _app(st, qube)
     _app(st, dst)
+    if verdict(st.plan, qube, dst, "qubes.Filecopy", "").action == "ask":
+        import sys
+
+        print(f"netstack: the policy asks: `sudo netstack calls` lists the {what}, `sudo "
+              f"netstack call-answer ID allow` lets it (denied in "
+              f"{st.plan.ask_timeout:.0f} s)", file=sys.stderr)
     o = executor.run(k, st, st.plan.qube(qube), ["sh", "-c", SEND_SCRIPT, what, path, dst,
                                                  what], user=user, capture=True,
                      name=f"{what} from {qube}")

@@ -515,3 +515,30 @@ def test_calls_listing_never_prints_a_qubes_escapes(calls_stack):
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned" in out, out[-500:]
     assert json.loads(cli("--stack", s, "calls", "--json").stdout)["calls"][-1]["target"] \
         == "\x1b]0;owned\x07"
+
+
+def test_copy_when_the_policy_asks(calls_stack):
+    """Qubes' default for qubes.Filecopy is `ask` (configs/policy.d): copy says how to
+    answer, waits, and lands once the host allows it."""
+    s = calls_stack
+    pol = Path(_config_dir(s), "policy.d", "30-test.policy")
+    text = pol.read_text()
+    pol.write_text("qubes.Filecopy * personal work ask\n" + text)
+    run(s, "personal", "sh", "-c", "echo asked > ~/q1")
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "copy",
+                              "personal:q1", "work"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, SUDO_USER=""))
+        w = _pending(s)
+        assert (w["source"], w["target"], w["service"]) == ("personal", "work",
+                                                            "qubes.Filecopy")
+        cli("--stack", s, "call-answer", w["id"], "allow")
+        out, err = p.communicate(timeout=60)
+    finally:
+        pol.write_text(text)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "call-answer ID allow" in err, err
+    assert home_has(s, "work", "Incoming/personal/q1")

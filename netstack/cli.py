@@ -783,10 +783,88 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
-    from netstack import stack
+    from netstack import calls
 
-    where = stack.copy(args.kernel, args.stack, args.source, args.dest, args.user)
-    print(f"copied {args.source} to {args.dest}:{where}")
+    move = args.command == "move"
+    where = calls.copy(args.kernel, args.stack, args.source, args.dest, move, args.user)
+    print(f"{'moved' if move else 'copied'} {args.source} to {args.dest}:{where}")
+    return 0
+
+
+def cmd_calls(args: argparse.Namespace) -> int:
+    import time
+
+    from netstack import calls
+
+    out = calls.listing(args.stack, args.last)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"policy: {out['policy']}")
+    clip = out["clipboard"]
+    print("clipboard: " + (f"{count(clip['bytes'], 'byte')} from {clip['from']}" if clip
+                           else "empty"))
+    if out["pending"]:
+        print("waiting for an answer (`netstack call-answer ID allow|deny`):")
+    def shown(x: Any) -> str:
+        """What a qube sent (a target, a service name), never a terminal's escape: only
+        printable ASCII as it is, the rest as Python escapes."""
+        t = str(x)
+        return t if t.isascii() and t.isprintable() else ascii(t)[1:-1]
+
+    for p in out["pending"]:
+        left = max(0, int(p["deadline"] - time.time()))
+        arg = f"+{p['argument']}" if p["argument"] else ""
+        print(f"  {p['id']}  {p['source']} -> {shown(p['target'])}  {shown(p['service'])}"
+              f"{shown(arg)}  ({p['rule']}; denied in {left} s)")
+    for c in out["calls"]:
+        arg = f"+{c['argument']}" if c["argument"] else ""
+        when = time.strftime("%H:%M:%S", time.localtime(c["time"]))
+        print(f"{when} {c['id']} {c['source']} -> {shown(c['target'])} "
+              f"{shown(c['service'])}{shown(arg)}: {c['verdict']} ({c['rule'] or '-'}) in "
+              f"{c['bytes_in']} out {c['bytes_out']} exit {c['exit']}"
+              + (f"  {shown(c['reason'])}" if c["verdict"] not in ("allow", "ask->allow")
+                 else ""))
+    return 0
+
+
+def cmd_open_in_disposable(args: argparse.Namespace) -> int:
+    from netstack import calls
+
+    def prompt(question: str) -> bool:
+        print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+    return calls.open_in_disposable(args.kernel, args.stack, args.source, list(args.cmd),
+                                    prompt if sys.stdin.isatty() else None, args.user)
+
+
+def cmd_call_answer(args: argparse.Namespace) -> int:
+    from netstack import calls
+    from netstack.state import require
+
+    p = calls.answer(require(args.stack).dir, args.id, args.answer)
+    arg = f"+{p.argument}" if p.argument else ""
+    print(f"{args.answer}: {p.source} -> {p.target} {p.service}{arg}")
+    return 0
+
+
+def cmd_clipboard(args: argparse.Namespace) -> int:
+    from netstack import calls
+
+    if args.action == "copy":
+        n = calls.clipboard_copy(args.kernel, args.stack, args.qube, args.user)
+        print(f"clipboard: {count(n, 'byte')} from {args.qube} (pasted once, then empty)")
+        return 0
+
+    def prompt(question: str) -> bool:
+        print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+    origin, n = calls.clipboard_paste(args.kernel, args.stack, args.qube,
+                                      prompt if sys.stdin.isatty() else None)
+    print(f"clipboard: {count(n, 'byte')} from {origin} pasted into {args.qube}'s "
+          "~/.clipboard; the host's buffer is empty")
     return 0
 
 
@@ -811,7 +889,8 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall", "attach", "check", "metrics"}
+                 "firewall", "attach", "check", "metrics", "move", "calls", "call-answer",
+                 "clipboard", "open-in-disposable"}
 
 
 class _Unused:
@@ -997,16 +1076,62 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("what", choices=["bash", "zsh", "man"])
     p.add_argument("dir", nargs="?", metavar="DIR", help="man: where the pages go")
     p.set_defaults(func=cmd_completion)
-    p = sub.add_parser("copy", help="copy a file from one app qube's home to another's",
-                       epilog="example: sudo netstack copy work:report.pdf personal\n"
-                       "The file lands in the destination's ~/Incoming/SOURCE/ (like qvm-copy);\n"
-                       "only a regular file inside the source's home leaves; the source's\n"
-                       "sandbox reads it and the destination's writes it.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SOURCE:PATH")
-    p.add_argument("dest", metavar="DEST")
-    p.add_argument("--user", "-u", help="the account both sandboxes run as")
-    p.set_defaults(func=cmd_copy)
+    for name, verb in (("copy", "copy"), ("move", "move")):
+        p = sub.add_parser(
+            name, help=f"{verb} a file from one app qube's home to another's (the call "
+            "layer's qubes.Filecopy, as the policy decides)",
+            epilog=f"example: sudo netstack {name} work:report.pdf personal\n"
+            "The file lands in the destination's ~/Incoming/SOURCE/ (like qvm-copy);\n"
+            "only a regular file inside the source's home leaves: the source's sandbox\n"
+            "sends it with `netstack-call DEST qubes.Filecopy`, so the policy decides\n"
+            "(docs/calls.md)." + ("\nmove deletes the source's file only after the "
+                                  "destination confirmed it has all of it." if name == "move"
+                                  else ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("source", metavar="SOURCE:PATH")
+        p.add_argument("dest", metavar="DEST")
+        p.add_argument("--user", "-u", help="the account the source's sandbox runs as")
+        p.set_defaults(func=cmd_copy)
+    p = sub.add_parser(
+        "open-in-disposable", help="open a qube's file with a command in a new disposable "
+        "(Qubes' qvm-open-in-dvm)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: sudo netstack open-in-disposable work:report.txt -- less\n"
+        "The policy's qubes.OpenInVM from the qube to @dispvm decides; the disposable is\n"
+        "gone when the command ends; a changed file goes back to the qube's\n"
+        "~/Incoming/DISPOSABLE/ only if the policy allows the disposable's qubes.Filecopy.")
+    p.add_argument("source", metavar="QUBE:PATH")
+    p.add_argument("--user", "-u", help="the account the sandboxes run as")
+    p.add_argument("cmd", nargs="*", help="the command, after --; the file is its last "
+                   "argument")
+    p.set_defaults(func=cmd_open_in_disposable)
+    p = sub.add_parser(
+        "calls", help="the call layer: calls waiting for an answer, the last calls, the "
+        "clipboard", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: sudo netstack calls --json\nInside an app qube: netstack-call "
+        "TARGET SERVICE[+ARG] (see docs/calls.md).")
+    p.add_argument("--last", type=int, default=20, metavar="N", help="calls shown (default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calls)
+    p = sub.add_parser(
+        "call-answer", help="answer a call the policy says to `ask` about",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: sudo netstack call-answer 3fa9c01e allow\n"
+        "`netstack calls` lists the waiting calls; one not answered in [stack] ask_timeout\n"
+        "seconds (default 60) is denied.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("answer", choices=["allow", "deny"])
+    p.set_defaults(func=cmd_call_answer)
+    p = sub.add_parser(
+        "clipboard", help="the host's one clipboard between app qubes (Qubes' global "
+        "clipboard)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  sudo netstack clipboard copy work       # work's ~/.clipboard into "
+        "the buffer\n  sudo netstack clipboard paste personal  # into personal's ~/.clipboard,"
+        " once\nThe paste is the policy's qubes.ClipboardPaste with the buffer's qube as "
+        "source;\nat most 256000 bytes; the host never interprets them.")
+    p.add_argument("action", choices=["copy", "paste"])
+    p.add_argument("qube")
+    p.add_argument("--user", "-u", help="the account the qube's sandbox runs as (copy)")
+    p.set_defaults(func=cmd_clipboard)
     p = sub.add_parser("check", help="leak-test any program: run it in a workstation of a "
                        "lab chain, capture every link, report every flow",
                        epilog="examples:\n  sudo netstack check -- curl -sS https://example.org/"
@@ -1170,9 +1295,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser(command_word(argv)).parse_args(argv)
         args.kernel = kernel
         if tail:
-            if args.command not in ("exec", "run", "check"):
-                raise UsageError("'--' is only used with exec, run and check (see `netstack "
-                                 "--help`)")
+            if args.command not in ("exec", "run", "check", "open-in-disposable"):
+                raise UsageError("'--' is only used with exec, run, check and "
+                                 "open-in-disposable (see `netstack --help`)")
             args.cmd = list(args.cmd) + tail
         if args.command in ROOT_COMMANDS and os.geteuid() != 0 and \
                 not getattr(args, "ruleset", None):

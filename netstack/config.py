@@ -32,7 +32,8 @@ MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 
 COMMON_KEYS = {"kind", "netvm", "label", "firewall", "tags"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
-STACK_KEYS = {"ipv6", "default_dispvm", "updatevm"}
+STACK_KEYS = {"ipv6", "default_dispvm", "updatevm", "policy", "services", "ask_timeout",
+              "call_max_bytes"}
 TOP_KEYS = {"qubes", "stack", "invariant"}
 
 
@@ -59,6 +60,11 @@ class Topology:
     ipv6: bool = False
     source: str = "<memory>"
     default_dispvm: str | None = None  # disposables are made like this app qube (Qubes)
+    # the call layer (docs/calls.md): as written, relative to the config's directory
+    policy: str = "policy.d"
+    services: str | None = None
+    ask_timeout: float = 60.0
+    call_max_bytes: int = 64 << 20
     # the kinds it was validated with (kind -> spec): plan.build derives each qube with it
     kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     invariants: tuple[Invariant, ...] = ()  # the config's [[invariant]] tables
@@ -301,8 +307,26 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
         from netstack.invariants import parse as parse_invariants
 
         invariants = parse_invariants(data["invariant"], set(by_name), LABELS, kinds)
+    policy = stack.get("policy", "policy.d")
+    if not isinstance(policy, str) or not policy:
+        raise ConfigError("[stack] field 'policy'", f"{policy!r} is not a directory",
+                          'write policy = "DIR" (relative to the config)')
+    services = stack.get("services")
+    if services is not None and (not isinstance(services, str) or not services):
+        raise ConfigError("[stack] field 'services'", f"{services!r} is not a directory",
+                          'write services = "DIR" (executables named as services)')
+    ask_timeout = stack.get("ask_timeout", 60)
+    if isinstance(ask_timeout, bool) or not isinstance(ask_timeout, (int, float)) \
+            or not 1 <= ask_timeout <= 3600:
+        raise ConfigError("[stack] field 'ask_timeout'", f"{ask_timeout!r}",
+                          "give seconds, 1-3600: an unanswered `ask` is denied after it")
+    cap = stack.get("call_max_bytes", 64 << 20)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1 << 40:
+        raise ConfigError("[stack] field 'call_max_bytes'", f"{cap!r}",
+                          "give bytes, 1 to 2**40: a call carrying more each way is cut")
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
-                    kinds=kinds, invariants=invariants, updatevm=updatevm)
+                    kinds=kinds, invariants=invariants, updatevm=updatevm, policy=policy,
+                    services=services, ask_timeout=float(ask_timeout), call_max_bytes=cap)
 
 
 def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,

@@ -128,7 +128,8 @@ def argv(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], user: str | None = Non
 
             lower = templates.lowers(q.settings["template"], who.uid, who.gid, root_inside)
         return sandbox.argv(q.netns, q.name, who, home, run, root_inside,
-                            grants + tuple(extra), client_env, ident, bpf, lower)
+                            grants + tuple(extra), client_env, ident, bpf, lower,
+                            sandbox.call_dir(public, q.name))
     if root_inside:
         raise UsageError(f"--root: {q.name} is a service qube; its commands run as root "
                          "already")
@@ -149,7 +150,7 @@ def argv(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], user: str | None = Non
 class Outcome:
     code: int  # as a shell reports it (see the module's table)
     pid: int  # of the process started (bubblewrap for an app qube)
-    ended_by: str | None = None  # "SIGTERM", "SIGINT", "SIGHUP", "timeout": netstack ended it
+    ended_by: str | None = None  # "SIGTERM", "SIGINT", "SIGHUP", "timeout", "cancelled"
     stdout: Any = None  # with capture
     stderr: Any = None
 
@@ -159,12 +160,15 @@ def run(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], *, user: str | None = N
         stdout: Any = None, stderr: Any = None, capture: bool = False, text: bool = True,
         input: Any = None, timeout: float | None = None,
         forward: tuple[int, ...] = FORWARDED, name: str | None = None,
-        environ: Mapping[str, str] | None = None) -> Outcome:
+        environ: Mapping[str, str] | None = None,
+        cancel: threading.Event | None = None) -> Outcome:
     """Run `cmd` in qube `q` until it exits, runs past `timeout` (then it is ended: SIGTERM,
     SIGKILL after GRACE) or netstack gets a signal of `forward` (handed on, see the module).
     stdin/stdout/stderr: as subprocess's (None: netstack's own); capture: both kept in the
     Outcome (text: decoded), `input` written to stdin. Any exception (a signal not
-    forwarded: KeyboardInterrupt in pytest) ends the program before it propagates."""
+    forwarded: KeyboardInterrupt in pytest) ends the program before it propagates.
+    cancel: set by another thread (the call layer's size cap), it ends the program as a
+    timeout does (ended_by "cancelled")."""
     line = argv(k, st, q, cmd, user, root_inside, extra, environ)
     sandboxed = "bwrap" in line
     if capture:
@@ -192,10 +196,10 @@ def run(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], *, user: str | None = N
             reg = _record(q.netns, name or f"command in {q.name}", p.pid)
             try:
                 fw.arm()
-                out = _wait(p, capture, input, timeout)
+                out = _wait(p, capture, input, timeout, cancel)
                 fw.armed = False  # it has exited: a signal now changes nothing
             except subprocess.TimeoutExpired:
-                ended_by = "timeout"
+                ended_by = "cancelled" if cancel is not None and cancel.is_set() else "timeout"
                 fw.first = fw.first or 0  # a signal from now on kills
                 fw.send(signal.SIGTERM)
             except _Signalled as s:
@@ -233,12 +237,21 @@ class _Signalled(Exception):
         self.signum = signum
 
 
-def _wait(p: subprocess.Popen, capture: bool, input: Any, timeout: float | None
-          ) -> tuple[Any, Any]:
+def _wait(p: subprocess.Popen, capture: bool, input: Any, timeout: float | None,
+          cancel: threading.Event | None = None) -> tuple[Any, Any]:
     if capture or input is not None:
         return p.communicate(input, timeout)
-    p.wait(timeout)
-    return None, None
+    if cancel is None:
+        p.wait(timeout)
+        return None, None
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:  # TimeoutExpired once cancelled or past the deadline
+        try:
+            p.wait(0.05)
+            return None, None
+        except subprocess.TimeoutExpired:
+            if cancel.is_set() or (end is not None and time.monotonic() >= end):
+                raise
 
 
 def _finish(p: subprocess.Popen, capture: bool, fw: _Forwarding) -> tuple[Any, Any]:

@@ -416,6 +416,11 @@ class Plan:
     default_dispvm: str | None = None  # [stack] default_dispvm: disposables are made like it
     invariants: list[Invariant] = field(default_factory=list)  # the config's [[invariant]]
     updatevm: str | None = None  # [stack] updatevm: `template update` goes out through it
+    # the call layer (netstack.policy, docs/calls.md): absolute directories, checked at `up`
+    policy: str = ""
+    call_services: str | None = None
+    ask_timeout: float = 60.0
+    call_max_bytes: int = 64 << 20  # each way, per call
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

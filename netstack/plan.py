@@ -99,8 +99,23 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
     for q in topo.qubes:  # probe only what some qube could use
         for cap in kinds[q.kind].host_caps(q):
             wants[cap] = True
+    check_policy(topo, config_dir)  # a bad policy refuses `up`: nothing is made
     caps = hostcaps.probe(**wants) if probe else HostCaps()
     return Inputs(topo, path, providers, host_resolv, caps, text)
+
+
+def check_policy(topo: Topology, config_dir: str) -> None:
+    """The call layer's policy directory parses and names only app qubes of the config
+    (netstack.policy); the services directory, if named, exists."""
+    from netstack import policy
+
+    facts = {q.name: policy.QubeFacts(frozenset(q.tags))
+             for q in topo.qubes if topo.kinds[q.kind].traits.sandboxed}
+    pol = policy.load(os.path.join(config_dir, topo.policy), topo.policy)
+    policy.check_names(pol, facts)
+    if topo.services and not os.path.isdir(os.path.join(config_dir, topo.services)):
+        raise ConfigError("[stack] field 'services'", f"{topo.services!r} is not a directory "
+                          f"(relative to {config_dir})", "create it, or drop the key")
 
 
 def with_overlay(inputs: Inputs, overlay: dict[str, list[Any]], live: bool = False) -> Inputs:
@@ -174,9 +189,13 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
     addrs = addressing.plan_addresses(topo, pinned)
     resolvers = upstream_dns(topo, uplink, inputs.host_resolv)
     sdir = stack_dir(stack)
+    base = os.path.dirname(os.path.abspath(inputs.config_path))
     p = Plan(stack, uplink, [], [], upstream_dns=resolvers, ipv6=topo.ipv6,
              default_dispvm=topo.default_dispvm, invariants=list(topo.invariants),
-             updatevm=topo.updatevm)
+             updatevm=topo.updatevm,
+             policy=os.path.join(base, topo.policy),
+             call_services=os.path.join(base, topo.services) if topo.services else None,
+             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]

@@ -41,7 +41,9 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
                 fds["udp"] = u.fileno()
             services.append(ServiceSpec(s.name, s.type, s.netns, fds, dict(s.zone),
                                         os.path.join(st.dir, f"{s.name}.log")))
-        spec = SupervisorSpec(plan.stack, services, list(plan.daemons))
+        spec = SupervisorSpec(plan.stack, services, list(plan.daemons),
+                              calls="netstack.calls:serve" if any(
+                                  q.traits.sandboxed for q in plan.qubes) else None)
         k.write_file(os.path.join(st.dir, SPEC), encode(spec), 0o600)
         rec = ProcessRec("supervisor", secrets.token_hex(8), os.path.join(st.dir, PIDFILE))
         st.record(rec)  # before it exists: a crash from here on leaves it findable

@@ -16,7 +16,7 @@ import pwd
 import re
 import shutil
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from netstack.errors import UsageError
@@ -169,16 +169,42 @@ def make_identity(public_dir: str, persist_dir: str | None, qube: str, whonix: b
                     put(os.path.join(ids, "empty"), ""))
 
 
+CALLS = "calls"  # under PUBLIC: one directory per app qube, its call socket and client
+CALL_INSIDE = "/run/netstack-call"  # where that directory appears in the sandbox
+
+
+def call_dir(public_dir: str, qube: str) -> str:
+    """The qube's call directory (made on first use): the stack's supervisor puts the
+    qube's one call socket (`sock`) in it, and it holds the client `netstack-call`
+    (netstack/callclient.py, standard library only). Root's, world-readable: the sandbox
+    enters as an unprivileged account; who calls is told by the socket and checked against
+    the caller's network namespace (netstack.calls), never by the path."""
+    from netstack import callclient, codec
+
+    d = os.path.join(public_dir, CALLS, qube)
+    client = os.path.join(d, "netstack-call")
+    if not os.path.exists(client):
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        os.chmod(d, 0o755)  # (whatever the umask)
+        os.chmod(os.path.dirname(d), 0o711)  # no listing of the qubes' directories
+        with open(callclient.__file__, "rb") as f:
+            codec.atomic_write(client, f.read(), 0o755)
+    return d
+
+
 def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
          root_inside: bool = False, grants: tuple[Grant, ...] = (),
          extra_env: dict[str, str] | None = None, identity: Identity | None = None,
-         seccomp_bpf: str | None = None, template: str | None = None) -> list[str]:
+         seccomp_bpf: str | None = None, template: str | None = None,
+         calls: str | None = None) -> list[str]:
     """The command line: enter the namespace (as root, to join it), drop to the account
     with no_new_privs, then bubblewrap, with no nested user namespaces
     (`--disable-userns`) and, given seccomp_bpf, the seccomp filter of netstack.seccomp.
     home None: an empty one, gone at exit. template: the overlay's lower layers
     (netstack.templates.lowers): the root is then the template under a throw-away overlay
-    mounted by netstack.templates.prelude, instead of the host's /usr and /etc."""
+    mounted by netstack.templates.prelude, instead of the host's /usr and /etc. calls: the
+    qube's call directory (call_dir), bound at CALL_INSIDE and put on PATH
+    (`netstack-call`)."""
     inside_uid, inside_gid = (0, 0) if root_inside else (who.uid, who.gid)
     home_in = "/root" if root_inside else "/home/user"
     if template is not None:
@@ -200,7 +226,10 @@ def argv(netns: str, qube: str, who: Account, home: str | None, cmd: list[str],
             fs += ["--ro-bind", identity.machine_id, "/etc/machine-id"]
         fs += ["--ro-bind", identity.boot_id, "/proc/sys/kernel/random/boot_id",
                "--ro-bind", identity.cmdline, "/proc/cmdline"]
-    env = ["--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", home_in,
+    if calls is not None:  # the call layer: read-only, the socket in it still connects
+        fs += ["--ro-bind", calls, CALL_INSIDE]
+    env = ["--clearenv", "--setenv", "PATH", PATH + (f":{CALL_INSIDE}" if calls else ""),
+           "--setenv", "HOME", home_in,
            "--setenv", "USER", "root" if root_inside else who.name,
            "--setenv", "LANG", os.environ.get("LANG", "C.UTF-8")]
     if os.environ.get("TERM"):
@@ -275,46 +304,3 @@ def purge_homes(stack: str) -> bool:
     with contextlib.suppress(OSError):  # the last stack's homes gone: the folder too
         os.rmdir(HOME_ROOT)
     return True
-
-
-# Runs inside the source qube's sandbox: only a regular file inside its own home leaves
-# (a symlink may point anywhere in the sandbox's view, so the resolved path is checked).
-READ_SCRIPT = r'''
-r=$(realpath -e -- "$1" 2>/dev/null) || { echo "no such file: $1" >&2; exit 3; }
-case "$r" in "$HOME"/*) ;; *) echo "$1 is outside the home (resolves to $r)" >&2; exit 3;; esac
-[ -f "$r" ] || { echo "$1 is not a regular file" >&2; exit 3; }
-exec cat -- "$r"
-'''
-# Runs inside the destination's sandbox: the file is written beside its final name and only
-# put there (never over an existing one) once the source has sent all of it.
-WRITE_SCRIPT = r'''
-d="$HOME/Incoming/$1"; mkdir -p -- "$d" || exit 3
-[ -e "$d/$2" ] && { echo "$d/$2 exists already" >&2; exit 3; }
-exec cat > "$d/.$2.part"
-'''
-FINISH_SCRIPT = r'''
-d="$HOME/Incoming/$1"
-if [ "$3" = ok ]; then mv -n -- "$d/.$2.part" "$d/$2"; fi
-rm -f -- "$d/.$2.part"
-'''
-
-
-def copy_argvs(src_argv: list[str], dst_argv: list[str],
-               finish: Callable[[bool], None]) -> None:
-    """Qubes' qvm-copy: the source qube's sandbox reads, the destination's writes, joined
-    by a pipe; no host process opens either side's files. finish(ok) puts the file in
-    place, or removes what was written when either side failed."""
-    import subprocess
-
-    reader = subprocess.Popen(src_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert reader.stdout is not None
-    writer = subprocess.run(dst_argv, stdin=reader.stdout, capture_output=True)
-    reader.stdout.close()
-    err = reader.stderr.read().decode(errors="replace").strip() if reader.stderr else ""
-    ok = reader.wait() == 0 and writer.returncode == 0
-    finish(ok)
-    if writer.returncode != 0:  # (then the reader died of the closed pipe)
-        msg = writer.stderr.decode(errors="replace").strip()
-        raise UsageError(f"copy: {msg.splitlines()[-1] if msg else 'the destination refused'}")
-    if reader.returncode != 0:
-        raise UsageError(f"copy: {err.splitlines()[-1] if err else 'the source could not read'}")

@@ -355,32 +355,3 @@ def run_in(k: Kernel, stack: str, qube: str, cmd: list[str], **how: Any) -> Any:
     st = require(stack)
     q = executor.qube(st, qube)
     return executor.run(k, st, q, cmd, **how)
-
-
-def copy(k: Kernel, stack: str, src: str, dst: str, user: str | None = None) -> str:
-    """`netstack copy SRC:PATH DST`: a file from app qube SRC's home into DST's
-    ~/Incoming/SRC/ (Qubes' qvm-copy). Returns where it landed (inside DST)."""
-    from netstack import sandbox
-
-    qube, sep, path = src.partition(":")
-    if not sep or not qube or not path:
-        raise UsageError(f"copy {src!r}: give SOURCE:PATH, e.g. work:notes.txt")
-    if qube == dst:
-        raise UsageError("copy: source and destination are the same qube")
-    name = os.path.basename(path.rstrip("/"))
-    if name in ("", ".", ".."):
-        raise UsageError(f"copy {src!r}: name a file, not a directory")
-    src_argv = exec_argv(k, stack, qube, user, ["sh", "-c", sandbox.READ_SCRIPT, "read", path])
-    dst_argv = exec_argv(k, stack, dst, user, ["sh", "-c", sandbox.WRITE_SCRIPT, "write", qube,
-                                            name])
-    if "bwrap" not in src_argv or "bwrap" not in dst_argv:
-        raise UsageError("copy: both qubes must be app qubes")
-    def finish(ok: bool) -> None:
-        import subprocess
-
-        subprocess.run(exec_argv(k, stack, dst, user, ["sh", "-c", sandbox.FINISH_SCRIPT,
-                                                    "finish", qube, name,
-                                                    "ok" if ok else "failed"]),
-                       capture_output=True)
-    sandbox.copy_argvs(src_argv, dst_argv, finish)
-    return f"~/Incoming/{qube}/{name}"

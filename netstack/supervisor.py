@@ -45,6 +45,9 @@ class SupervisorSpec:
     stack: str
     services: list[ServiceSpec]
     daemons: list[Daemon]
+    # "module:function" of the call layer's thread (netstack.calls:serve), handed down as
+    # data like a daemon's monitor: this layer never imports the executor above it
+    calls: str | None = None
 
     @classmethod
     def codec_names(cls) -> dict[str, Any]:
@@ -215,6 +218,23 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001 - a broken monitor must not stop the daemons
             report({"error": f"monitor failed: {e}"})
 
+    def serve_calls(self) -> None:
+        """The call layer between app qubes (netstack.calls) until the stack stops; a
+        crash is logged and the layer restarted after a pause (no call is served
+        meanwhile: every call fails closed)."""
+        import importlib
+        import traceback
+
+        assert self.spec.calls is not None
+        mod, _, fn = self.spec.calls.partition(":")
+        serve = getattr(importlib.import_module(mod), fn)
+        while not self.stopping.is_set():
+            try:
+                serve(self.dir, self.stopping, self.kernel.fork())
+            except Exception:  # noqa: BLE001 - the daemons must run on
+                traceback.print_exc()
+                self.stopping.wait(BACKOFF_MIN)
+
     def stop(self, *_: Any) -> None:
         self.stopping.set()
 
@@ -230,6 +250,8 @@ class Supervisor:
         threading.Thread(target=watch_rule_names,
                          args=(self.dir, self.stopping, self.kernel.fork()),
                          daemon=True).start()
+        if self.spec.calls:
+            threading.Thread(target=self.serve_calls, daemon=True).start()
         for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
             if d.monitor:

@@ -307,6 +307,7 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
     restore: list = []
     sent: dict[str, Sent] = {}  # marker -> what the sender confirmed
     local_results: list = []  # the local channels (netstack.leaktest.local)
+    call_results: list | None = None  # the call socket (netstack.leaktest.callcheck)
     after_down: set[str] = set()  # cases sent while `down` tore the stack away
     try:
         for lk in lks:
@@ -345,6 +346,9 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
                                and q.traits.sandboxed)[:2]  # ids must differ
                 local_results = local.run(ctx.kernel, ctx.stack, ctx.ws.name, ctx.ws.netns,
                                           fwd, others)
+                from netstack.leaktest import callcheck
+
+                call_results = callcheck.run(ctx.kernel, ctx.stack, ctx.ws.name)
             time.sleep(0.1)  # tcpdump drains its socket buffer to the pcap before SIGINT
     finally:
         prober.close()
@@ -356,6 +360,8 @@ def _run(ctx: Ctx, scenario: str, fault: Fault | None, pcaps_dir: str | None) ->
     r = _verdict(ctx, cs, lks, scenario, fault.name if fault else None, out_dir, sent,
                  after_down, time.monotonic() - t0)
     _add_local(r, local_results)
+    if call_results:  # (no other app qube: no call to try)
+        _add_calls(r, call_results)
     return r
 
 
@@ -376,6 +382,22 @@ def _add_local(r: Report, results: list) -> None:
             r.leaks += 1 if leak else 0
         if res.error:
             r.errors.append(f"local channels as {res.who}: {res.error}")
+
+
+def _add_calls(r: Report, results: list) -> None:
+    """One row for the call socket: LEAK when a call the policy does not allow arrived."""
+    leaks = [x.leak for x in results if x.leak]
+    errors = [f"{x.target}: {x.error}" for x in results if x.error]
+    verdict = "LEAK" if leaks else "ERROR" if errors else "ok"
+    r.cases.append({"case": "local-call", "property": "no way around the chain: a call the "
+                    "policy does not allow reaches another qube (qubes.Filecopy through the "
+                    "call socket)", "marker": "", "planned": len(results),
+                    "sent": sum(1 for x in results if not x.error and "not tried" not in x.note),
+                    "send_errors": errors, "after_down": False, "seen_on": [],
+                    "leaked_on": leaks, "verdict": verdict,
+                    "targets": {x.target: x.note for x in results}})
+    r.leaks += len(leaks)
+    r.errors += [f"the call socket: {e}" for e in errors]
 
 
 def _run_tool(ctx: Ctx, tool: list[str]) -> Sent:

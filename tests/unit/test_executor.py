@@ -51,7 +51,11 @@ def test_an_app_qubes_command_runs_in_its_sandbox_through_env():
     i = argv.index("--cap-drop")  # bubblewrap's last option
     assert argv[i:] == ["--cap-drop", "ALL", "--", "env", "--", *cmd]
     env = setenv(argv)
-    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+    # the call layer's client comes last on PATH (netstack.calls), its directory read-only
+    assert env["PATH"] == ("/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+                           ":/run/netstack-call")
+    j = argv.index("/run/netstack-call")
+    assert argv[j - 2] == "--ro-bind" and argv[j - 1].endswith("/public/calls/anon-whonix")
     assert env["HOME"] == "/home/user" and env["USER"] == "nobody"
     assert env["TOR_SOCKS_PORT"] == "9050" and "TOR_SOCKS_HOST" in env  # its netvm's
     uid = str(__import__("pwd").getpwnam("nobody").pw_uid)

@@ -24,7 +24,7 @@ import pytest
 # bottom to top; siblings in one layer may import each other (the graph stays acyclic)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["netstack", "errors", "codec", "names", "netns", "seccomp", "rules",
-                    "rules.nft", "audit.space", "leaktest", "leaktest.catalogue",
+                    "callclient", "rules.nft", "audit.space", "leaktest", "leaktest.catalogue",
                     "leaktest.prober", "leaktest.send", "vpn", "vpn.kernelwg", "vpn.checks",
                     "tor", "tor.control", "lab", "lab.pki", "kinds", "schema", "rtnl"]),
     ("model and kernel seam", ["model", "fastpath", "hostcaps", "dnswire", "pathfacts",
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                           "vpn.runtime", "tor.obfs4", "tor.network", "tor.firstvote", "tor.gateway",
                           "tor.filter", "dhcp", "audit.evaluator", "audit.properties",
                           "audit.clientrules", "audit.paths", "audit.e2e", "audit.drift",
-                          "audit.onefile", "lab.services", "lab.sink", "lab.serve",
+                          "audit.onefile", "policy", "lab.services", "lab.sink", "lab.serve",
                           "lab.content", "lab.stun", "lab.vpnserver"]),
     ("kind specs", ["kinds.spec", "kinds.net", "kinds.firewall", "kinds.vpn", "kinds.tor",
                     "kinds.app"]),
@@ -45,9 +45,9 @@ LAYERS: list[tuple[str, list[str]]] = [
                        "kinds.tor_runtime", "kinds.app_runtime", "vpn.failover", "vpn.hook"]),
     ("kind registry", ["kinds.registry"]),
     ("live changes", ["live", "stack", "disposable", "firewall_live", "attach", "service",
-                      "executor", "template_cmd"]),
+                      "executor", "template_cmd", "calls"]),
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
-                "leaktest.battery", "leaktest.rulecases", "leaktest.local",
+                "leaktest.battery", "leaktest.rulecases", "leaktest.local", "leaktest.callcheck",
                 "leaktest.capture", "leaktest.endpoints", "check", "metrics"]),
     ("commands", ["cli", "pytest_plugin", "completion"]),
 ]

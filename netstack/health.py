@@ -225,5 +225,15 @@ def expected_sets(plan: Any, resolved: dict[str, dict[str, list[str]]], store: A
             want.update(sets_from_commands(endpoint_set_commands_for(
                 transport(info, resolved.get(q.name, {})))["nftables"]))
         if q.clients and q.traits.provides_network:
-            want.update(sets_from_commands(names.fill(plan, q.name, store, started, now)))
+            sets = sets_from_commands(names.fill(plan, q.name, store, started, now))
+            # an expiring rule's element was given ceil(seconds left) when filled, so the
+            # kernel keeps it up to a second past the rule's end: what netstack set a moment
+            # ago is still its own (else `status` cried DRIFT for that second)
+            for name, elems in sets_from_commands(
+                    names.fill(plan, q.name, store, started, now - EXPIRY_GRACE)).items():
+                sets.setdefault(name, set()).update(elems)
+            want.update(sets)
     return out
+
+
+EXPIRY_GRACE = 1.2  # seconds: the kernel's set timeouts round up to whole seconds

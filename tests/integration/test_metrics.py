@@ -74,7 +74,8 @@ def test_metrics_follow_the_kernel(own_stack, tmp_path):
         got = wait_for(lambda: in_ns(scratch, "curl", "-sS", "-m", "5",
                                      "http://127.0.0.1:9853/metrics", check=False).stdout,
                        timeout=20, what="metrics over HTTP")
-        assert value(scrape(got)["netstack_up"], stack=s) == 1
+        assert value(scrape(got)["netstack_up"], stack=s) == 1, \
+            cli("--stack", s, "status").stdout
         srv.terminate()
         assert srv.wait(20) == 0
     finally:

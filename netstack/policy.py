@@ -386,3 +386,47 @@ def evaluate(policy: Policy, source: str, target: str, service: str, argument: s
         return Verdict(r.action, to, r.param("user"), r.where,
                        f"{r.action} by {r.where}", default)
     return Verdict("deny", target, reason="no policy line matches (default deny)")
+
+
+# --- what the policy lets through (for the audit of the user's invariants) --------------
+
+def call_edges(policy: Policy, qubes: Mapping[str, QubeFacts]
+               ) -> list[tuple[str, str, str, str]]:
+    """(source, target, service, FILE:LINE) for every call some service could make under
+    the policy: a line that allows (or asks: a click away) a source to reach a target,
+    unless an earlier `deny` line takes every such call first (first match wins). A new
+    disposable counts as the qube it is made like (@dispvm: the source's default one).
+    An over-approximation where lines only partly overlap: an invariant proven over these
+    holds for every call the policy can allow."""
+    out: list[tuple[str, str, str, str]] = []
+    names = sorted(qubes)
+    for i, r in enumerate(policy.rules):
+        if r.action not in ("allow", "ask"):
+            continue
+        for s in names:
+            if not _match_source(r.source, s, qubes):
+                continue
+            for t in [*names, "@dispvm", *(f"@dispvm:{n}" for n in names)]:
+                if t == s or not _match_target(r.target, t, s, qubes):
+                    continue
+                if any(_shadows(d, r, s, t, qubes) for d in policy.rules[:i]):
+                    continue
+                to = r.param("target") or (r.param("default_target")
+                                           if r.action == "ask" else None) or t
+                if to == "@dispvm":
+                    to = (qubes[s].default_dispvm or "") if s in qubes else ""
+                elif to.startswith("@dispvm:"):
+                    to = to[8:]
+                if to and to != s and not to.startswith("@"):
+                    out.append((s, to, r.service or "*", r.where))
+    return sorted(set(out))
+
+
+def _shadows(d: Rule, r: Rule, source: str, target: str,
+             qubes: Mapping[str, QubeFacts]) -> bool:
+    """An earlier `deny` line `d` that takes every call line `r` would allow from source
+    to target (its service and argument as wide or wider)."""
+    return (d.action == "deny" and (d.service is None or d.service == r.service)
+            and (d.argument is None or d.argument == r.argument)
+            and _match_source(d.source, source, qubes)
+            and _match_target(d.target, target, source, qubes))

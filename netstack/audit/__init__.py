@@ -75,7 +75,8 @@ def run(stack: str, k: Kernel, drift: bool = False, replay: bool = False) -> dic
 
     store = names.load(st.dir)
     res, secs = audit(plan, live, st.data.resolved, net,
-                      {n: names.addresses(store, n) for n in store}, st.data.started)
+                      {n: names.addresses(store, n) for n in store}, st.data.started,
+                      calls=_call_edges(plan) if plan.invariants else None)
     out: dict[str, Any] = {"stack": stack, "seconds": round(secs, 3),
                            "results": [r.to_json() for r in res]}
     if drift:
@@ -129,6 +130,23 @@ def expiry_settle(plan: Plan, started: float, now: float) -> float:
             if (end := r.deadline(started)) is not None
             and end - EXPIRY_WINDOW <= now < end + EXPIRY_WINDOW]
     return max(ends) + EXPIRY_WINDOW - now if ends else 0.0
+
+
+def _call_edges(plan: Plan) -> list[tuple[str, str, str, str]]:
+    """The call paths the stack's policy allows now (read as the call layer reads it: a
+    policy that no longer parses allows nothing)."""
+    from netstack import policy
+    from netstack.errors import ConfigError
+
+    if not plan.policy:
+        return []
+    try:
+        pol = policy.load(plan.policy)
+    except ConfigError:
+        return []
+    from netstack.calls import facts
+
+    return policy.call_edges(pol, facts(plan))
 
 
 @dataclass(frozen=True)
@@ -305,10 +323,12 @@ def audit(plan: Plan, rulesets: dict[str, dict[str, Any]],
           resolved: dict[str, dict[str, list[str]]] | None,
           net: dict[str, dict[str, Any]] | None = None,
           rule_names: dict[str, dict[str, list[str]]] | None = None,
-          started: float | None = None) -> tuple[list[Result], float]:
+          started: float | None = None,
+          calls: list[tuple[str, str, str, str]] | None = None) -> tuple[list[Result], float]:
     """net: live links/addresses/routes per namespace (None: the plan's, for generated
     rulesets). rule_names, started: the run-time data of per-qube rules of a live stack
-    (None: generated rulesets, whose run-time sets are still empty)."""
+    (None: generated rulesets, whose run-time sets are still empty). calls: the call paths
+    the policy allows (policy.call_edges), judged against the user's invariants."""
     from netstack.audit.e2e import end_to_end
     from netstack.audit.paths import paths_result, unproven_beside
 
@@ -327,4 +347,33 @@ def audit(plan: Plan, rulesets: dict[str, dict[str, Any]],
         from netstack.audit.invariants import prove
 
         res += prove(plan, rulesets, eps, net, res)
+        if calls is not None:
+            res += calls_results(plan, calls)
     return res, time.perf_counter() - t0
+
+
+def calls_results(plan: Plan, calls: list[tuple[str, str, str, str]]) -> list[Result]:
+    """The call layer as a way out (issue 28 item 4): data a qube under `reach`/`never`
+    may hand by a call to a qube whose way out is another breaks the invariant; FAIL names
+    the policy line. One result per invariant and qube it selects."""
+    from netstack.invariants import CallEdge, judge_calls, selects
+
+    verdicts = judge_calls(plan, [CallEdge(*c) for c in calls])
+    out = []
+    for inv in plan.invariants:
+        if inv.reach is None and not inv.never:
+            continue
+        for q in plan.qubes:
+            if not selects(inv.qubes, q):
+                continue
+            mine = [v for v in verdicts if v.invariant == inv and v.qube == q.name]
+            bad = [v for v in mine if not v.ok]
+            name = f"{inv.title}: calls"
+            if bad:
+                out.append(Result(name, q.name, "FAIL", f"{q.name} {bad[0].reason}"))
+            else:
+                out.append(Result(name, q.name, "PASS",
+                                  f"no call the policy allows takes {q.name}'s data to "
+                                  f"another way out ({len(mine)} call path"
+                                  f"{'s' if len(mine) != 1 else ''} checked)"))
+    return out

@@ -27,6 +27,7 @@ from netstack.kernel import Kernel
 from netstack.model import RoleInfo
 
 DNS_MAP = "upstream_dns"
+HOOK_IN_SANDBOX = "/run/dhcpcd-hook"  # the hook's copy in dhcpcd's private, exec-able /run
 BOUND = {"BOUND", "RENEW", "REBIND", "REBOOT", "INFORM", "STATIC"}
 GONE = {"EXPIRE", "NAK", "STOP", "RELEASE", "FAIL", "NOCARRIER", "DEPARTED", "STOPPED",
         "TIMEOUT"}
@@ -82,13 +83,18 @@ def argv(info: DhcpInfo) -> tuple[str, ...]:
     no network), no ARP probe (5 s at every boot; the lease server checks), no config file
     of the host, asking for resolvers; in a private /run and lease directory, and in a PID
     namespace of its own: ending the supervised bwrap ends dhcpcd's privilege-separation
-    helpers with it (the kernel ends a PID namespace whole), none is orphaned."""
+    helpers with it (the kernel ends a PID namespace whole), none is orphaned.
+    The hook runs from a copy in the sandbox's own /run (bubblewrap's tmpfs allows exec):
+    a Debian host booted through initramfs-tools has the real /run mounted noexec, and
+    dhcpcd could not run the hook where `up` wrote it (docs/field-notes.md, "Daemons from
+    Debian")."""
     return ("bwrap", "--dev-bind", "/", "/", "--unshare-pid", "--proc", "/proc",
             "--tmpfs", "/run", "--bind", info.state_dir, info.state_dir,
             "--bind", info.lease_dir, "/var/lib/dhcpcd", "--die-with-parent", "--",
+            "sh", "-c", f'install -m 0700 "$0" {HOOK_IN_SANDBOX} && exec "$@"', info.script,
             "dhcpcd", "--nobackground", "--ipv4only", "--noipv4ll", "--noarp",
             "--config", "/dev/null", "--option", "domain_name_servers",
-            "--script", info.script, info.dev)
+            "--script", HOOK_IN_SANDBOX, info.dev)
 
 
 def script_text(info: DhcpInfo) -> str:

@@ -528,7 +528,7 @@ class RealKernel(Kernel):
                 return True
         return False
 
-    def _wifi(self, ns: str | None, dev: str) -> tuple[int, str | None] | None:
+    def _wifi(self, ns: str | None, dev: str, ask: Callable[[Any, int], Any]) -> Any:
         from netstack.nl80211 import Nl80211
         from netstack.rtnl import NetlinkError
 
@@ -537,17 +537,15 @@ class RealKernel(Kernel):
             return None
         try:
             with netns.entered(ns), Nl80211() as nl:
-                return nl.interface(idx)
+                return ask(nl, idx)
         except NetlinkError:  # no cfg80211 in this kernel: no wireless device at all
             return None
 
     def wiphy(self, ns: str | None, dev: str) -> int | None:
-        found = self._wifi(ns, dev)
-        return found[0] if found else None
+        return self._wifi(ns, dev, lambda nl, idx: nl.wiphy(idx))
 
     def wifi_ssid(self, ns: str | None, dev: str) -> str | None:
-        found = self._wifi(ns, dev)
-        return found[1] if found else None
+        return self._wifi(ns, dev, lambda nl, idx: nl.associated_ssid(idx))
 
     def _set_phy_ns(self, where: str | None, phy: int, target: str) -> None:
         """nl80211 is asked from the namespace the phy is in (only there is it seen)."""

@@ -150,6 +150,10 @@ def lab(tmp_path_factory) -> Iterator[dict]:
         sta_mac = Path(f"/sys/class/net/{sta_dev}/address").read_text().strip()
         for ns in (AP_NS, LAN_NS):
             sh("ip", "netns", "add", ns)
+        # what the product works around: a wireless netdev does not move by itself
+        refused = sh("ip", "link", "set", sta_dev, "netns", AP_NS, check=False)
+        assert refused.returncode != 0, "a wireless netdev moved without its phy"
+        print(f"ip link set {sta_dev} netns: {refused.stderr.strip()}")
         sh("iw", "phy", ap_phy, "set", "netns", "name", AP_NS)
         sh("ip", "-n", AP_NS, "addr", "add", f"{AP_IP}/24", "dev", ap_dev)
         sh("ip", "-n", AP_NS, "link", "add", "aplan", "type", "veth", "peer", "name", "lan",

@@ -202,3 +202,12 @@ def test_status_and_health_say_whether_it_is_associated():
                                       "closed, nothing leaves"]
     assert role.health(on) == []
     assert role.health(off) == ["Wi-Fi uplink is not associated: nothing leaves until it is"]
+
+
+def test_ssid_from_information_elements():
+    from netstack.nl80211 import ssid_of
+
+    ies = bytes([1, 2, 0x82, 0x84]) + bytes([0, 12]) + b"netstack-lab" + bytes([3, 1, 1])
+    assert ssid_of(ies) == "netstack-lab"
+    assert ssid_of(bytes([0, 0])) == ""  # a hidden network's empty SSID
+    assert ssid_of(bytes([1, 2, 0x82])) is None  # cut short: no SSID, no overrun

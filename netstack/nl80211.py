@@ -122,6 +122,12 @@ class Nl80211:
             return ssid_of(bss.get(NL80211_BSS_INFORMATION_ELEMENTS, b"")) or ""
         return None
 
+    def set_netns(self, wiphy: int, ns_fd: int) -> None:
+        """Move the phy (with all its netdevs) into the namespace of `ns_fd`. Raises
+        NetlinkError (ENODEV: no such phy in this namespace)."""
+        self._ask(self.family, NL80211_CMD_SET_WIPHY_NETNS,
+                  u32_attr(NL80211_ATTR_WIPHY, wiphy) + u32_attr(NL80211_ATTR_NETNS_FD, ns_fd))
+
 
 def ssid_of(ies: bytes) -> str | None:
     """The SSID element of a run of 802.11 information elements (id, length, data)."""
@@ -132,10 +138,3 @@ def ssid_of(ies: bytes) -> str | None:
             return ies[off + 2:off + 2 + n].decode(errors="replace")
         off += 2 + n
     return None
-
-    def set_netns(self, wiphy: int, ns_fd: int) -> None:
-        """Move the phy (with all its netdevs) into the namespace of `ns_fd`. Raises
-        NetlinkError (ENODEV: no such phy in this namespace)."""
-        self._ask(self.family, NL80211_CMD_SET_WIPHY_NETNS,
-                  u32_attr(NL80211_ATTR_WIPHY, wiphy) + u32_attr(NL80211_ATTR_NETNS_FD, ns_fd))
-

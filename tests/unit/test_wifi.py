@@ -211,3 +211,17 @@ def test_ssid_from_information_elements():
     assert ssid_of(ies) == "netstack-lab"
     assert ssid_of(bytes([0, 0])) == ""  # a hidden network's empty SSID
     assert ssid_of(bytes([1, 2, 0x82])) is None  # cut short: no SSID, no overrun
+
+
+def test_the_kernel_seam_finds_what_it_calls_on_nl80211():
+    """RealKernel's Wi-Fi paths run only where a radio is (the VM): what they call must
+    at least exist here."""
+    import inspect
+
+    from netstack.kernel import RealKernel
+    from netstack.nl80211 import Nl80211
+
+    src = inspect.getsource(RealKernel)
+    for name in ("wiphy", "associated_ssid", "set_netns"):
+        assert f"nl.{name}(" in src
+        assert callable(getattr(Nl80211, name, None)), name

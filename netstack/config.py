@@ -142,6 +142,36 @@ def read_text(path: str | Path, where: str, fix: str) -> str:
                           "save the file as UTF-8") from None
 
 
+def private_file_problem(path: str, mode: int, uid: int, is_file: bool) -> tuple[str, str] | None:
+    """What is wrong with a secrets file of this mode and owner (None: it is root's
+    alone): (problem, fix). Pure, so the rule is tested without root."""
+    if not is_file:
+        return f"{path} is not a regular file", f"point it at the file itself, e.g. {path}"
+    if uid != 0:
+        return (f"{path} is owned by uid {uid}, not root",
+                f"chown root:root {path} && chmod 600 {path}")
+    if mode & 0o077:
+        return (f"{path} can be read or written by group or others (mode "
+                f"{mode & 0o777:04o})", f"chmod 600 {path}")
+    return None
+
+
+def check_private_file(where: str, path: str) -> None:
+    """A file with secrets the config names (Wi-Fi credentials) is root's alone; anything
+    else is refused in one line naming the field and the fix, before anything is made."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {path}: {e.strerror}",
+                          f"create it (root's alone: chmod 600 {path})") from None
+    bad = private_file_problem(path, st.st_mode, st.st_uid, stat.S_ISREG(st.st_mode))
+    if bad:
+        raise ConfigError(where, *bad)
+
+
 def load(path: str | Path, kinds: Kinds, firewall: dict[str, list[Any]] | None = None,
          live: bool = False) -> Topology:
     """Read and validate a TOML config file. `firewall`: rule lists that replace the

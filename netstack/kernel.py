@@ -103,6 +103,24 @@ class Kernel:
     def link_return(self, ns: str, names: list[str], dev: str, home: str | None) -> bool:
         raise NotImplementedError
 
+    # a Wi-Fi uplink: its phy moves, with its netdev (docs/field-notes.md, "Wi-Fi")
+    def wiphy(self, ns: str | None, dev: str) -> int | None:
+        """The wiphy index of `dev` (None: not a wireless netdev, or no such device)."""
+        return None
+
+    def wifi_ssid(self, ns: str | None, dev: str) -> str | None:
+        """The SSID `dev` is associated with (None: not associated)."""
+        return None
+
+    def phy_move(self, dev: str, phy: int, ns: str, new_name: str) -> None:
+        raise NotImplementedError
+
+    def phy_return(self, ns: str, phy: int, names: list[str], dev: str,
+                   home: str | None) -> bool:
+        """The phy back into `home` (None: the namespace netstack runs in) with its netdev
+        named `dev` again; False when it was not in `ns`."""
+        raise NotImplementedError
+
     def link_del(self, ns: str | None, ifname: str) -> bool: raise NotImplementedError
     def link_up(self, ns: str | None, ifname: str) -> None: raise NotImplementedError
 
@@ -515,6 +533,96 @@ class RealKernel(Kernel):
                 self._forget(home)
                 return True
         return False
+
+    def _wifi(self, ns: str | None, dev: str, ask: Callable[[Any, int], Any]) -> Any:
+        from netstack.nl80211 import Nl80211
+        from netstack.rtnl import NetlinkError
+
+        idx = self._nl(ns).link_index(dev)
+        if idx is None:
+            return None
+        try:
+            with netns.entered(ns), Nl80211() as nl:
+                return ask(nl, idx)
+        except NetlinkError:  # no cfg80211 in this kernel: no wireless device at all
+            return None
+
+    def wiphy(self, ns: str | None, dev: str) -> int | None:
+        return self._wifi(ns, dev, lambda nl, idx: nl.wiphy(idx))
+
+    def wifi_ssid(self, ns: str | None, dev: str) -> str | None:
+        return self._wifi(ns, dev, lambda nl, idx: nl.associated_ssid(idx))
+
+    def _set_phy_ns(self, where: str | None, phy: int, target: str) -> None:
+        """nl80211 is asked from the namespace the phy is in (only there is it seen)."""
+        from netstack.nl80211 import Nl80211
+
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            with netns.entered(where), Nl80211() as nl:
+                nl.set_netns(phy, fd)
+        finally:
+            os.close(fd)
+
+    def phy_move(self, dev: str, phy: int, ns: str, new_name: str) -> None:
+        from netstack.rtnl import NetlinkError
+
+        self._forget(None)
+        ipr = self._ip(None)
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            raise ApplyError(f"interface {dev} not found in the host namespace")
+        ipr.link("set", index=found[0], state="down")
+        try:
+            self._set_phy_ns(None, phy, netns.path(ns))
+        except NetlinkError as e:
+            raise ApplyError(f"cannot move {dev}'s radio (phy index {phy}) into {ns}: "
+                             f"{e.strerror}") from e
+        inside = self._ip(ns)
+        moved = inside.link_lookup(ifname=dev)
+        if not moved:
+            raise ApplyError(f"{dev} did not come with its radio into {ns}")
+        inside.link("set", index=moved[0], ifname=new_name)
+        self._forget(ns)
+
+    def phy_return(self, ns: str, phy: int, names: list[str], dev: str,
+                   home: str | None) -> bool:
+        from netstack.rtnl import NetlinkError
+
+        if home and not netns.exists(home):
+            return False
+        if not netns.exists(ns):
+            # the kernel gave the phy to the initial namespace when ns went, its netdev
+            # still under our name: only the name is put back (where it is ours)
+            for name in names[:1]:
+                if home is None and self.wiphy(None, name) == phy:
+                    self._forget(None)
+                    ipr = self._ip(None)
+                    idx = ipr.link_lookup(ifname=name)[0]
+                    ipr.link("set", index=idx, state="down")
+                    ipr.link("set", index=idx, ifname=dev)
+                    self._forget(None)
+            return False
+        ipr = self._ip(ns)
+        for name in names:  # the netdev's own name first, while it is still here
+            found = ipr.link_lookup(ifname=name)
+            if found:
+                ipr.link("set", index=found[0], state="down")
+                if name != dev:
+                    ipr.link("set", index=found[0], ifname=dev)
+                break
+        # the same target as link_return: never PID 1's namespace
+        target = netns.path(home) if home else "/proc/self/ns/net"
+        try:
+            self._set_phy_ns(ns, phy, target)
+        except NetlinkError as e:
+            if e.errno in (errno.ENODEV, errno.ENOENT):
+                return False  # not in ns (any more): nothing to give back
+            raise
+        finally:
+            self._forget(ns)
+            self._forget(home)
+        return True
 
     def link_del(self, ns: str | None, ifname: str) -> bool:
         from netstack import rtnl

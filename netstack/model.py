@@ -53,6 +53,7 @@ class MoveDev:
     dev: str
     ns: str
     new_name: str
+    wireless: bool = False  # a Wi-Fi netdev: its phy moves (`iw phy PHY set netns`)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,9 @@ def load_inputs(config_path: str | None, stack: str, uplink: UplinkSpec,
             else:
                 cfg = runtime.read_provider(q, p)
             providers.setdefault(q.name, []).append((p, cfg))
+    for q in topo.qubes:  # secrets files: root's alone, or refused before anything
+        for key, secret in kinds[q.kind].private_files(q):
+            config.check_private_file(f"qube {q.name!r} field {key!r}", secret)
     host_resolv = ""
     if uplink.mode != "lab":
         with contextlib.suppress(OSError):
@@ -228,6 +231,11 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         if q.netvm:  # the link to the netvm: /32 point-to-point both ends
             _plan_link(p, topo, stack, q.netvm, ns, a, addrs[q.netvm])
     net_ns = p.net.netns
+    if uplink.mode != "move" and "wifi" in topo.root.settings:
+        raise ConfigError(f"qube {topo.root.name!r} field 'wifi'",
+                          f"Wi-Fi is moved into {topo.root.name}: move mode only",
+                          "bring the stack up with --uplink DEV (move mode), or remove wifi "
+                          "and wifi_config")
     if lab:
         refs = {ref for q in topo.qubes for ref in topo.kinds[q.kind].provider_refs(q)}
         vpn_keys = any(ref.startswith("lab:") for ref in refs)
@@ -275,7 +283,12 @@ def _plan_move(p: Plan, topo: Topology, uplink: UplinkSpec, net_ns: str) -> None
     if not uplink.dev:
         raise ConfigError("--uplink", "missing device name", "give --uplink DEV")
     net = topo.root
-    p.moves.append(MoveDev(uplink.dev, net_ns, names.UPLINK_IF))
+    wifi = net.settings.get("wifi")
+    if wifi is not None and wifi != uplink.dev:
+        raise ConfigError(f"qube {net.name!r} field 'wifi'",
+                          f"names {wifi!r} but the uplink is --uplink {uplink.dev}",
+                          f"give --uplink {wifi}, or remove wifi for a wired uplink")
+    p.moves.append(MoveDev(uplink.dev, net_ns, names.UPLINK_IF, wireless=wifi is not None))
     address, gateway = net.settings.get("address"), net.settings.get("gateway")
     if dhcp_uplink(topo, uplink):
         return  # the DHCP client in sys-net sets address and default route

@@ -32,6 +32,7 @@ from netstack.state import (
     HostLinkRec,
     HostSysctlRec,
     HostTableRec,
+    MovedPhyRec,
     MovedRec,
     NetnsRec,
     ProcessRec,
@@ -309,6 +310,12 @@ def _do(s: Step, k: Kernel, st: State) -> None:
         if s.veth.ns_a is None:
             st.record(HostLinkRec(s.veth.if_a, k.home_ns()))
         k.veth(s.veth.ns_a, s.veth.if_a, s.veth.ns_b, s.veth.if_b)
+    elif isinstance(s, MoveIn) and s.move.wireless:
+        phy = k.wiphy(None, s.move.dev)
+        if phy is None:
+            raise ApplyError(f"--uplink {s.move.dev} is not a Wi-Fi interface (no radio)")
+        st.record(MovedPhyRec(s.move.dev, s.move.ns, s.move.new_name, phy, k.home_ns()))
+        k.phy_move(s.move.dev, phy, s.move.ns, s.move.new_name)
     elif isinstance(s, MoveIn):
         st.record(MovedRec(s.move.dev, s.move.ns, s.move.new_name, k.home_ns()))
         k.link_move(s.move.dev, s.move.ns, s.move.new_name)
@@ -380,6 +387,16 @@ def up(plan: Plan, st: State, k: Kernel, runtimes: Mapping[str, Any],
         if not k.link_exists(None, m.dev):
             st.remove()
             raise StateError(f"--uplink {m.dev}: no such interface in this namespace")
+        wireless = k.wiphy(None, m.dev) is not None
+        if wireless != m.wireless:
+            st.remove()
+            raise StateError(
+                f"--uplink {m.dev} is a Wi-Fi interface: its radio must move and "
+                f"wpa_supplicant run in {plan.net.name}; fix: set wifi = \"{m.dev}\" and "
+                f"wifi_config = \"/etc/netstack/wifi.conf\" in [qubes.{plan.net.name}]"
+                if wireless else
+                f"--uplink {m.dev} is not a Wi-Fi interface (no radio); fix: remove wifi "
+                f"and wifi_config from [qubes.{plan.net.name}]")
     if not st.data.started:  # "+SECONDS" rule expiry counts from here
         import time
 
@@ -668,6 +685,8 @@ def _undo(o: Record, k: Kernel, st: State) -> None:
             k.link_del(o.home, o.ifname)
     elif isinstance(o, MovedRec):
         k.link_return(o.ns, [o.new_name, o.dev], o.dev, o.home)
+    elif isinstance(o, MovedPhyRec):
+        k.phy_return(o.ns, o.phy, [o.new_name, o.dev], o.dev, o.home)
     elif isinstance(o, HostSysctlRec):
         if o.home is None or k.netns_exists(o.home):
             k.sysctl(o.home, o.key, o.old)

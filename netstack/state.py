@@ -70,6 +70,19 @@ class MovedRec(Record):
 
 
 @dataclass(frozen=True)
+class MovedPhyRec(Record):
+    """A Wi-Fi uplink: its radio (wiphy index `phy`) moved into `ns` with its netdev, which
+    was renamed `new_name` there. `down` gives the radio back, also after a crash."""
+
+    tag = "moved_phy"
+    dev: str
+    ns: str
+    new_name: str
+    phy: int
+    home: str | None = None
+
+
+@dataclass(frozen=True)
 class HostSysctlRec(Record):
     tag = "host_sysctl"
     key: str

@@ -58,6 +58,7 @@ class FakeKernel(Kernel):
         self.answers = resolve or {}
         self.flows: dict[str, list] = {}  # ns -> conntrack entries (kernel.Flow)
         self._pids = itertools.count(4_000_000)
+        self.phys: dict[tuple[str | None, str], int] = {}  # a wireless netdev -> its wiphy
 
     def _ev(self, *e: Any) -> None:
         self.events.append(e)
@@ -149,6 +150,27 @@ class FakeKernel(Kernel):
             if (ns, n) in self.ifaces:
                 del self.ifaces[(ns, n)]
                 self.ifaces[(home, dev)] = False
+                return True
+        return False
+
+    def wiphy(self, ns: str | None, dev: str) -> int | None:
+        return self.phys.get((ns, dev)) if (ns, dev) in self.ifaces else None
+
+    def phy_move(self, dev: str, phy: int, ns: str, new_name: str) -> None:
+        self._ev("phy_move", dev, phy, ns, new_name)
+        assert self.phys.get((None, dev)) == phy, (dev, phy)
+        del self.ifaces[(None, dev)], self.phys[(None, dev)]
+        self.ifaces[(ns, new_name)] = False
+        self.phys[(ns, new_name)] = phy
+
+    def phy_return(self, ns: str, phy: int, names: list[str], dev: str,
+                   home: str | None) -> bool:
+        self._ev("phy_return", ns, phy, dev)
+        for n in names:
+            if self.phys.get((ns, n)) == phy:
+                del self.ifaces[(ns, n)], self.phys[(ns, n)]
+                self.ifaces[(home, dev)] = False
+                self.phys[(home, dev)] = phy
                 return True
         return False
 

@@ -1,10 +1,15 @@
 """`net` (sys-net): owns the uplink, masquerades to it, answers the virtual DNS addresses
 with the real upstream resolver. On a moved uplink without a static address it runs the
-DHCP client (netstack/dhcp.py) and takes its resolvers from the lease."""
+DHCP client (netstack/dhcp.py) and takes its resolvers from the lease. A Wi-Fi uplink
+(`wifi = "wlan0"`) moves with its radio (the phy: a wireless netdev cannot change namespace
+by itself) and wpa_supplicant runs in sys-net under the supervisor, with the credentials
+of a root-only file (`wifi_config`, wpa_supplicant's own format)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from netstack.dhcp import DNS_MAP, DhcpInfo
@@ -20,7 +25,7 @@ if TYPE_CHECKING:
 
 class NetSpec(KindSpec):
     kind = "net"
-    config_keys = frozenset({"address", "gateway", "dns"})
+    config_keys = frozenset({"address", "gateway", "dns", "wifi", "wifi_config"})
     traits = KindTraits(fast_path=True, owns_uplink=True)
 
     def validate(self, q: Qube) -> None:
@@ -53,6 +58,7 @@ class NetSpec(KindSpec):
                                   f"router on {addr.network} (the address's subnet)",
                                   "give the router's address in that subnet, or fix the "
                                   "address's prefix length")
+        self._validate_wifi(q)
         for d in s.get("dns", []):
             try:
                 a = ipaddress.ip_address(d)
@@ -61,6 +67,33 @@ class NetSpec(KindSpec):
             if a.version != 4:
                 raise ConfigError(f"{where} field 'dns'", f"{d!r} is not an IPv4 address",
                                   "the virtual DNS is IPv4: give IPv4 resolvers")
+
+    @staticmethod
+    def _validate_wifi(q: Qube) -> None:
+        where, s = f"qube {q.name!r}", q.settings
+        if "wifi" in s:
+            dev = s["wifi"]
+            if not isinstance(dev, str) or not WIFI_DEV_RE.match(dev):
+                raise ConfigError(f"{where} field 'wifi'", "must name the Wi-Fi interface "
+                                  "(at most 15 characters, no '/' or spaces)",
+                                  'e.g. wifi = "wlan0"')
+            if "wifi_config" not in s:
+                raise ConfigError(f"{where} field 'wifi_config'", "missing: Wi-Fi needs "
+                                  "its credentials", 'wifi_config = "/etc/netstack/wifi.conf" '
+                                  "(wpa_supplicant's format, chmod 600, owned by root)")
+        if "wifi_config" in s:
+            path = s["wifi_config"]
+            if "wifi" not in s:
+                raise ConfigError(f"{where} field 'wifi'", "missing: wifi_config is for a "
+                                  "Wi-Fi uplink", 'name the interface: wifi = "wlan0"')
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise ConfigError(f"{where} field 'wifi_config'", "must be an absolute path",
+                                  'e.g. wifi_config = "/etc/netstack/wifi.conf"')
+
+    def private_files(self, q: Qube) -> list[tuple[str, str]]:
+        """The credentials file: root's alone (checked when the config is read)."""
+        path = q.settings.get("wifi_config")
+        return [("wifi_config", path)] if isinstance(path, str) else []
 
     def info(self, ctx: QubeContext) -> DhcpInfo | None:
         if not ctx.dhcp:
@@ -78,7 +111,25 @@ class NetSpec(KindSpec):
     def daemons(self, ctx: QubeContext, info: Any) -> list[Daemon]:
         from netstack import dhcp
 
-        if not isinstance(info, DhcpInfo):
-            return []
-        return [Daemon(info.daemon_name, info.netns, dhcp.argv(info), True,
-                       requires=info.script)]
+        out = []
+        conf = ctx.qube.settings.get("wifi_config")
+        if "wifi" in ctx.qube.settings and isinstance(conf, str):
+            out.append(Daemon(f"wifi-{ctx.qube.name}", ctx.netns,
+                              wpa_argv(ctx.upstream_if, conf), True))
+        if isinstance(info, DhcpInfo):
+            out.append(Daemon(info.daemon_name, info.netns, dhcp.argv(info), True,
+                              requires=info.script))
+        return out
+
+
+WIFI_DEV_RE = re.compile(r"^[^/\s:]{1,15}$")
+
+
+def wpa_argv(dev: str, conf: str) -> tuple[str, ...]:
+    """wpa_supplicant in the foreground on sys-net's uplink (the moved netdev), nl80211.
+    In a private /run (a control socket the credentials file asks for lands there, never
+    beside the host's own wpa_supplicant or another stack's: two stacks' uplinks have the
+    same name) and a PID namespace of its own, like the DHCP client."""
+    return ("bwrap", "--dev-bind", "/", "/", "--unshare-pid", "--proc", "/proc",
+            "--tmpfs", "/run", "--die-with-parent", "--",
+            "wpa_supplicant", "-i", dev, "-D", "nl80211", "-c", conf)

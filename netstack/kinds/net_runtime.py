@@ -35,12 +35,29 @@ class NetRuntime(KindRuntime):
 
     def status(self, q: QubeInfo, live: LiveFacts, k: Kernel) -> dict[str, Any]:
         info = q.info
-        return {"dhcp": dhcp.status(info)} if isinstance(info, DhcpInfo) else {}
+        out: dict[str, Any] = {"dhcp": dhcp.status(info)} if isinstance(info, DhcpInfo) else {}
+        if "wifi" in q.settings:  # the moved radio's netdev is sys-net's uplink
+            dev = q.upstream_if
+            out["wifi"] = {"dev": dev, "was": q.settings["wifi"],
+                           "radio": k.wiphy(q.netns, dev) is not None,
+                           "ssid": k.wifi_ssid(q.netns, dev)}
+        return out
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
+        w = entry.get("wifi")
+        lines = []
+        if w:
+            lines.append(f"wifi {w['dev']} (was {w['was']}): " + (
+                "radio not in this namespace" if not w["radio"]
+                else f"associated with {w['ssid']!r}" if w["ssid"]
+                else "NOT ASSOCIATED: the chain is closed, nothing leaves"))
         d = entry.get("dhcp")
         if not d:
-            return []
+            return lines
+        return lines + self._dhcp_lines(d)
+
+    @staticmethod
+    def _dhcp_lines(d: dict[str, Any]) -> list[str]:
         if not d["bound"]:
             return [f"dhcp {d['dev']}: NO LEASE (last event {d.get('reason', '-')}): the "
                     "chain is closed, nothing leaves"]
@@ -49,11 +66,15 @@ class NetRuntime(KindRuntime):
                 f"{d['renewals']} renewals, last {d['reason']} {d['age_s']:.0f} s ago)"]
 
     def health(self, entry: dict[str, Any]) -> list[str]:
+        out = []
+        w = entry.get("wifi")
+        if w and not w["ssid"]:
+            out.append(f"Wi-Fi {w['dev']} is not associated: nothing leaves until it is")
         d = entry.get("dhcp")
         if d and not d["bound"]:
-            return [f"no DHCP lease on {d['dev']} (last event {d.get('reason', '-')}): "
-                    "nothing leaves until one comes"]
-        return []
+            out.append(f"no DHCP lease on {d['dev']} (last event {d.get('reason', '-')}): "
+                       "nothing leaves until one comes")
+        return out
 
     def wait_ready(self, q: QubeInfo, st: State, k: Kernel, timeout: float,
                    progress: Callable[[int, str], None]) -> float | None:

@@ -71,6 +71,11 @@ class KindSpec:
         """Provider files this qube's config points at (read once per command)."""
         return []
 
+    def private_files(self, q: Qube) -> list[tuple[str, str]]:
+        """(field, absolute path) of files with secrets this qube's config names: refused
+        unless root's alone (checked once, when the config is read)."""
+        return []
+
     def info(self, ctx: QubeContext) -> RoleInfo | None:
         return None
 

@@ -55,7 +55,10 @@ def config_path(cfg: str) -> str:
 
     src = ROOT / cfg[:-len("+ipv6")]
     out = Path(tempfile.mkdtemp()) / src.name
-    out.write_text("[stack]\nipv6 = true\n\n" + src.read_text())
+    text = src.read_text()
+    # the table's own [stack] gains ipv6 (TOML allows one [stack] table)
+    out.write_text(text.replace("[stack]\n", "[stack]\nipv6 = true\n", 1) if "[stack]\n"
+                   in text else "[stack]\nipv6 = true\n\n" + text)
     return str(out)
 
 

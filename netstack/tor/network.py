@@ -262,7 +262,7 @@ DIRAUTHS = "dirauths"  # the network's DirAuthority lines, beside the nodes' dir
 # Not kept: the lock and control socket of a running tor, its torrc (it names the stack's
 # paths: written at every up), half-written files and logs.
 _NOT_KEPT = {"lock", "control", "torrc"}
-# Kept authority certificates expire (tor-gencert -m 12): a cache whose certificate ends
+# Kept authority certificates expire (CERT_MONTHS): a cache whose certificate ends
 # within this many seconds is made again rather than restored.
 CERT_MARGIN_S = 30 * 86400
 # What a client of the lab network bootstraps from without a directory fetch (the gateway

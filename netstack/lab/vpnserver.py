@@ -91,7 +91,7 @@ def generate(lab: LabPlan, write) -> tuple[str, ...]:
 
     tor_result: dict = {}
     tor_thread = None
-    if lab.tor:  # tor-gencert takes ~1.5 s: overlap it with the VPN keys
+    if lab.tor:  # the Tor keys (in-process RSA) overlap the VPN keys
         from netstack.tor import network
 
         def run() -> None:

@@ -1,7 +1,7 @@
 """The lab's private Tor network (TestingTorNetwork with fast voting): directory
-authorities with keys made by tor-gencert, a middle relay and two exits, each in its own
-lab namespace. torrc text is built by pure functions; key making is the only step that
-runs programs.
+authorities whose keys are made in-process (make_relay_identity, make_authority_cert), a
+middle relay and two exits, each in its own lab namespace. torrc text is built by pure
+functions.
 
 A warm lab: the nodes' DataDirectories (identity and authority keys, so the DirAuthority
 lines stay valid; cached consensus, certificates and descriptors) are kept between runs
@@ -16,12 +16,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterable, Iterator
 
 from netstack.errors import ApplyError
-from netstack.kernel import atomic_write, die_with_parent
+from netstack.kernel import atomic_write
 from netstack.model import TorNode
 
 OR_PORT, DIR_PORT = 5000, 7000
@@ -105,21 +104,6 @@ def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str,
     return "\n".join(lines) + "\n"
 
 
-def _start(argv: list[str], stdin: str | None = None) -> subprocess.Popen:
-    """A key-making child of `up`: it dies with `up` (a `kill -9` of `up` left tor-gencert
-    running, writing keys into the directory the next `up` made again)."""
-    return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=die_with_parent())
-
-
-def _finish(p: subprocess.Popen, stdin: str | None, what: str) -> str:
-    out, err = p.communicate(stdin, timeout=60)
-    if p.returncode != 0:
-        raise ApplyError(f"lab Tor network: {what} failed: {err.strip()[:200]}")
-    return out
-
-
 def generate(nodes: list[TorNode], base: str) -> list[str]:
     """Every node's keys, kept from an earlier run of the same shape (restore) or made now,
     then the torrc files. Returns the DirAuthority lines that every client of this network
@@ -146,40 +130,111 @@ def generate(nodes: list[TorNode], base: str) -> list[str]:
 
 
 def _make_keys(nodes: list[TorNode]) -> list[str]:
-    """Make the authorities' keys (in parallel: tor-gencert's RSA-3072 takes about 1.2 s,
-    and 3 of them with 7 `tor --list-fingerprint` took 3.2 s on 2 cores: docs/field-notes.md,
-    "A warm lab"). Only the authorities' fingerprints go into the DirAuthority lines: the
-    other nodes make their keys when they first start."""
-    procs = []
+    """Make the authorities' keys in-process: the relay identity (make_relay_identity) and
+    the v3 identity and signing keys with their certificate (make_authority_cert). Only
+    the authorities' fingerprints go into the DirAuthority lines: the other nodes make
+    their keys when they first start."""
     for n in nodes:
         d = n.dir
         for x in (d, os.path.join(d, "keys")):  # tor refuses a DataDirectory others read
             os.makedirs(x, mode=0o700, exist_ok=True)
             os.chmod(x, 0o700)
-        if n.role != "authority":
-            continue
-        k = os.path.join(d, "keys")
-        for f in ("authority_identity_key", "authority_signing_key", "authority_certificate"):
-            with contextlib.suppress(FileNotFoundError):  # half made by an interrupted up:
-                os.unlink(os.path.join(k, f))  # tor-gencert refuses to overwrite it
-        argv = ["tor-gencert", "--create-identity-key", "--passphrase-fd", "0", "-i",
-                f"{k}/authority_identity_key", "-s", f"{k}/authority_signing_key", "-c",
-                f"{k}/authority_certificate", "-m", "12", "-a", f"{n.address}:{n.dir_port}"]
-        procs.append((n, "gencert", _start(argv, "\n"), "\n"))
-        argv = ["tor", "--list-fingerprint", "--DataDirectory", d, "--ORPort", str(n.or_port),
-                "--Nickname", n.name, "--quiet"]
-        procs.append((n, "fingerprint", _start(argv), None))
-    v3: dict[str, str] = {}
-    fps: dict[str, str] = {}
-    for n, what, p, stdin in procs:
-        out = _finish(p, stdin, f"{what} of {n.name}")
-        if what == "fingerprint":
-            fps[n.name] = "".join(out.strip().splitlines()[-1].split()[1:])
-    for n in nodes:
-        if n.role == "authority":
-            v3[n.name] = _v3ident(n.dir)
-    return dirauthority_lines([(n, v3[n.name], fps[n.name]) for n in nodes
-                               if n.role == "authority"])
+    auths = [(n, make_relay_identity(os.path.join(n.dir, "keys")),
+              make_authority_cert(os.path.join(n.dir, "keys"), f"{n.address}:{n.dir_port}"))
+             for n in nodes if n.role == "authority"]
+    return dirauthority_lines([(n, v3, fp) for n, fp, v3 in auths])
+
+
+def make_relay_identity(keys_dir: str) -> str:
+    """A relay's RSA identity key (1024 bits: tor requires that size) where tor reads it,
+    keys/secret_id_key; tor makes the rest (ed25519, onion keys) at its first start, as
+    `tor --list-fingerprint` did here before, a tor start of 0.2 s each on a quiet host and
+    seconds beside other work. Returns the fingerprint of the DirAuthority line."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(65537, 1024)
+    atomic_write(os.path.join(keys_dir, "secret_id_key"), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()).decode(), 0o600)
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.PKCS1)
+    return hashlib.sha1(der).hexdigest().upper()
+
+
+# A lab authority's v3 keys. tor-gencert makes a 3072-bit identity key (the public
+# network's size) and a 2048-bit signing key: 1.15 s for one, and 3 at once took 3.2 s on
+# a quiet host and up to 50 s beside other work, the largest part of a cold `up`
+# (docs/field-notes.md, "The first consensus"). tor checks no size for either (the
+# certificate's keys are NEED_KEY, any size): a private lab network's throwaway keys are
+# made smaller, in-process with `cryptography`, in the format tor-gencert writes.
+LAB_IDENTITY_BITS, LAB_SIGNING_BITS = 2048, 1024
+CERT_MONTHS = 12  # as `tor-gencert -m 12` did
+
+
+def _pem_public(key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.PKCS1).decode()
+
+
+def _rsa_raw_sign(key, data: bytes) -> bytes:
+    """OpenSSL's RSA_private_encrypt with PKCS#1 v1.5 padding (tor-gencert's signatures):
+    the bytes themselves are padded and signed, without a DigestInfo around them, which
+    `cryptography`'s sign() always adds."""
+    nums = key.private_numbers()
+    k = (key.key_size + 7) // 8
+    em = b"\x00\x01" + b"\xff" * (k - 3 - len(data)) + b"\x00" + data
+    return pow(int.from_bytes(em, "big"), nums.d, nums.public_numbers.n).to_bytes(k, "big")
+
+
+def _b64_lines(b: bytes) -> str:
+    import base64
+
+    t = base64.b64encode(b).decode()
+    return "".join(t[i:i + 64] + "\n" for i in range(0, len(t), 64))
+
+
+def make_authority_cert(keys_dir: str, address: str, now: float | None = None) -> str:
+    """authority_identity_key, authority_signing_key and authority_certificate in
+    `keys_dir`, as tor-gencert writes them (a v3 key certificate: the identity key
+    certifies the signing key, which cross-certifies the identity's digest). Returns the
+    v3 identity fingerprint."""
+    import calendar
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ident = rsa.generate_private_key(65537, LAB_IDENTITY_BITS)
+    signing = rsa.generate_private_key(65537, LAB_SIGNING_BITS)
+    der = ident.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.PKCS1)
+    digest = hashlib.sha1(der).digest()
+    fp = digest.hex().upper()
+    t = time.gmtime(now if now is not None else time.time())
+    mon = t.tm_mon - 1 + CERT_MONTHS
+    exp = calendar.timegm((t.tm_year + mon // 12, mon % 12 + 1, min(t.tm_mday, 28),
+                           t.tm_hour, t.tm_min, t.tm_sec, 0, 0, 0))
+    fmt = "%Y-%m-%d %H:%M:%S"
+    body = (f"dir-key-certificate-version 3\ndir-address {address}\nfingerprint {fp}\n"
+            f"dir-key-published {time.strftime(fmt, t)}\n"
+            f"dir-key-expires {time.strftime(fmt, time.gmtime(exp))}\n"
+            f"dir-identity-key\n{_pem_public(ident)}dir-signing-key\n{_pem_public(signing)}"
+            f"dir-key-crosscert\n-----BEGIN ID SIGNATURE-----\n"
+            f"{_b64_lines(_rsa_raw_sign(signing, digest))}-----END ID SIGNATURE-----\n"
+            "dir-key-certification\n")
+    sig = _rsa_raw_sign(ident, hashlib.sha1(body.encode()).digest())
+    cert = body + f"-----BEGIN SIGNATURE-----\n{_b64_lines(sig)}-----END SIGNATURE-----\n"
+    for name, key in (("authority_identity_key", ident), ("authority_signing_key", signing)):
+        atomic_write(os.path.join(keys_dir, name), key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()).decode(), 0o600)
+    atomic_write(os.path.join(keys_dir, "authority_certificate"), cert, 0o600)
+    return fp
 
 
 def _v3ident(d: str) -> str:
@@ -207,7 +262,7 @@ DIRAUTHS = "dirauths"  # the network's DirAuthority lines, beside the nodes' dir
 # Not kept: the lock and control socket of a running tor, its torrc (it names the stack's
 # paths: written at every up), half-written files and logs.
 _NOT_KEPT = {"lock", "control", "torrc"}
-# Kept authority certificates expire (tor-gencert -m 12): a cache whose certificate ends
+# Kept authority certificates expire (CERT_MONTHS): a cache whose certificate ends
 # within this many seconds is made again rather than restored.
 CERT_MARGIN_S = 30 * 86400
 # What a client of the lab network bootstraps from without a directory fetch (the gateway

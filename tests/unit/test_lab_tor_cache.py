@@ -181,3 +181,63 @@ def test_release_puts_the_first_vote_after_every_authority_moved():
         assert v - 2 >= now + 0.7 - 1e-9
         assert _next_valid_after(int(now), network.INITIAL_VOTING_INTERVAL, off) == v
         assert _next_valid_after(int(now) + 1, network.INITIAL_VOTING_INTERVAL, off) == v
+
+
+def _raw_verify(pub_pem: str, sig_b64: str, data: bytes) -> bool:
+    """RSA PKCS#1 v1.5 over the bytes themselves (no DigestInfo), as tor checks."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    pub = serialization.load_pem_public_key(pub_pem.encode()).public_numbers()
+    k = (pub.n.bit_length() + 7) // 8
+    em = pow(int.from_bytes(base64.b64decode(sig_b64), "big"), pub.e, pub.n).to_bytes(k, "big")
+    return em == b"\x00\x01" + b"\xff" * (k - 3 - len(data)) + b"\x00" + data
+
+
+def test_authority_certificate_is_what_tor_gencert_writes_and_its_signatures_hold(tmp_path):
+    """The in-process certificate: the fields tor-gencert writes, the v3 identity
+    fingerprint of the identity key, the signing key's cross-certificate over the
+    identity digest, the identity's signature over the document, a year's validity; the
+    private keys readable as tor reads them (PEM, PKCS#1), private to root."""
+    import hashlib
+    import re
+
+    from cryptography.hazmat.primitives import serialization
+
+    fp = network.make_authority_cert(str(tmp_path), "203.0.113.21:7000", now=1767225600)
+    cert = (tmp_path / "authority_certificate").read_text()
+    lines = cert.splitlines()
+    assert lines[:3] == ["dir-key-certificate-version 3", "dir-address 203.0.113.21:7000",
+                         f"fingerprint {fp}"]
+    assert "dir-key-published 2026-01-01 00:00:00" in lines
+    assert "dir-key-expires 2027-01-01 00:00:00" in lines
+    pems = re.findall(r"-----BEGIN RSA PUBLIC KEY-----\n.*?-----END RSA PUBLIC KEY-----\n",
+                      cert, re.S)
+    ident_pub, signing_pub = pems
+    ident = serialization.load_pem_private_key(
+        (tmp_path / "authority_identity_key").read_bytes(), None)
+    der = ident.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.PKCS1)
+    assert hashlib.sha1(der).hexdigest().upper() == fp
+    assert ident.key_size == network.LAB_IDENTITY_BITS
+    signing = serialization.load_pem_private_key(
+        (tmp_path / "authority_signing_key").read_bytes(), None)
+    assert signing.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.PKCS1).decode() == signing_pub
+    cross = re.search(r"-----BEGIN ID SIGNATURE-----\n(.*?)-----END ID SIGNATURE-----",
+                      cert, re.S).group(1).replace("\n", "")
+    assert _raw_verify(signing_pub, cross, hashlib.sha1(der).digest())
+    body, sig = cert.split("-----BEGIN SIGNATURE-----\n")
+    assert body.endswith("dir-key-certification\n")
+    sig = sig.replace("-----END SIGNATURE-----\n", "").replace("\n", "")
+    assert _raw_verify(ident_pub, sig, hashlib.sha1(body.encode()).digest())
+    assert not _raw_verify(ident_pub, sig, hashlib.sha1(body.encode() + b" ").digest())
+    for f in ("authority_identity_key", "authority_signing_key", "authority_certificate"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o600
+    # the relay identity: 1024 bits (tor requires it), its fingerprint the DirAuthority's
+    rfp = network.make_relay_identity(str(tmp_path))
+    rid = serialization.load_pem_private_key((tmp_path / "secret_id_key").read_bytes(), None)
+    assert rid.key_size == 1024
+    assert hashlib.sha1(rid.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.PKCS1)).hexdigest().upper() == rfp

@@ -143,7 +143,7 @@ def test_first_packet_within_a_round_trip_of_up(kind, tmp_path):
         f"was lost (phases, s after `up` began: {phases})"
 
 
-DEV_DAEMON_S = 1.7  # `up --no-wait` to the tunnel daemon's start, development machine median
+DEV_DAEMON_S = 1.7  # `up` to the tunnel daemon's start: development machine, median, load 11
 
 
 def vm_factor(daemon_s: list[float]) -> float:

@@ -52,11 +52,15 @@ def lookup_in(ns: str, server: str, name: str, port: int = 53, timeout: float = 
     import dns.query
     import dns.rdatatype
 
-    with netns.entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setblocking(False)
-        for _ in range(tries):
+    for _ in range(tries):
+        # A socket (and source port) per try: the late answer to a try that timed out
+        # reached the next try's query on a shared socket, and dnspython refused it ("A
+        # DNS query response does not respond to the question asked": `up` failed in
+        # scripts/test-host's VM on a loaded host, docs/field-notes.md)
+        with netns.entered(ns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
             q = dns.message.make_query(name if name.endswith(".") else name + ".",
                                        dns.rdatatype.A)
             try:
@@ -66,17 +70,17 @@ def lookup_in(ns: str, server: str, name: str, port: int = 53, timeout: float = 
             except (dns.exception.DNSException, OSError) as e:
                 raise ApplyError(f"cannot resolve {name!r} via {server} (from {ns}): {e}"
                                  ) from None
-            addrs, ttls = [], []
-            for rrset in r.answer:
-                if rrset.rdtype == dns.rdatatype.A:
-                    addrs += [rd.address for rd in rrset]
-                    ttls.append(rrset.ttl)
-            if r.rcode() == 0 and addrs:
-                return addrs, min(ttls)
-            raise ApplyError(f"cannot resolve {name!r} via {server} (from {ns}): "
-                             f"rcode {r.rcode()}, {len(addrs)} addresses")
-    finally:
-        s.close()
+        finally:
+            s.close()
+        addrs, ttls = [], []
+        for rrset in r.answer:
+            if rrset.rdtype == dns.rdatatype.A:
+                addrs += [rd.address for rd in rrset]
+                ttls.append(rrset.ttl)
+        if r.rcode() == 0 and addrs:
+            return addrs, min(ttls)
+        raise ApplyError(f"cannot resolve {name!r} via {server} (from {ns}): "
+                         f"rcode {r.rcode()}, {len(addrs)} addresses")
     raise ApplyError(f"cannot resolve {name!r}: no answer from {server} (from {ns})")
 
 

@@ -130,6 +130,11 @@ class VpnRuntime(KindRuntime):
         v = entry["vpn"]
         unknown = [v["failover"]["error"]] if (v.get("failover") or {}).get("error") else []
         if v["tunnel"] == "up":
+            if not v["process_alive"]:
+                # kernel WireGuard's device outlives its keeper (its hook deletes it as the
+                # keeper exits): a tunnel nobody supervises, until the supervisor's restart
+                return unknown + [f"tunnel {v['dev']} is up without its daemon: nothing "
+                                  "supervises it (the supervisor's restart replaces it)"]
             return unknown
         if not v["process_alive"]:
             why = "its daemon is not running"

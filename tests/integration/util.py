@@ -27,6 +27,8 @@ def new_stack_name(prefix: str = "t") -> str:
 def cli(*args: str, check: bool = True, env: dict | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
     e = dict(os.environ, **(env or {}))
+    # scripts/test-host's VM under TCG on a loaded host: `up --lab` took over 120 s there
+    timeout *= float(os.environ.get("NETSTACK_TEST_SLOW", "1"))
     p = subprocess.run([sys.executable, "-m", "netstack.cli", *args], capture_output=True,
                        text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:

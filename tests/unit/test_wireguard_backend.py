@@ -141,3 +141,16 @@ def test_health_reads_a_kernel_device_in_its_namespace(tmp_path, monkeypatch, ba
     h = health.health(info, [link], {"alive": True}, {})
     assert seen == [("enter", want_ns), ("run", ("wg", "show", info.dev, "dump"))]
     assert h["tunnel"] == "up" and h["handshake_age_s"] is not None
+
+
+def test_status_names_a_tunnel_up_without_its_daemon():
+    """A kernel WireGuard device outlives a keeper killed with -9: `status` must not call
+    that tunnel healthy (its hook deletes it as the keeper exits; docs/field-notes.md)."""
+    from netstack.kinds.vpn_runtime import VpnRuntime
+
+    v = {"type": "wireguard", "backend": "kernel", "dev": "wg3-main", "tunnel": "up",
+         "process_alive": False, "handshake_age_s": 3.0}
+    assert VpnRuntime().health({"vpn": v}) == [
+        "tunnel wg3-main is up without its daemon: nothing supervises it (the supervisor's "
+        "restart replaces it)"]
+    assert VpnRuntime().health({"vpn": {**v, "process_alive": True}}) == []

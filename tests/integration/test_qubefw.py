@@ -41,19 +41,19 @@ def test_rules_first_match_wins_and_expire_in_the_kernel(own_stack):
     t0 = time.monotonic()
     cli("--stack", s, "up", CFG, "--lab")
     try:
-        # rule 5 (ssh to the vpn host, expire=+6): open now, closed by the kernel later
+        # rule 5 (ssh to the vpn host, expire=+10): open now, closed by the kernel later
+        fw = f"nst-{s}-sys-firewall"
+        listed = rule_set(fw, "fw4_5")
+        assert "203.0.113.10" in listed and "expires" in listed
         assert curl(s, "work", "http://203.0.113.10:22/") == "refused"
         assert curl(s, "work", "http://web.lab.test/") == "ok"  # rules 1 (dns) and 3
         assert curl(s, "work", "http://198.51.100.80:8080/") == "dropped"  # rule 2 first
         assert curl(s, "work", "http://203.0.113.10/") == "dropped"  # nothing matched
         for url in ("http://198.51.100.80:8080/", "http://203.0.113.10/"):
             assert curl(s, "personal", url) == "refused"  # no rules: the plain behaviour
-        fw = f"nst-{s}-sys-firewall"
-        listed = rule_set(fw, "fw4_5")
-        assert "203.0.113.10" in listed and "expires" in listed
-        wait_for(lambda: "203.0.113.10" not in rule_set(fw, "fw4_5"), 15, 0.2,
+        wait_for(lambda: "203.0.113.10" not in rule_set(fw, "fw4_5"), 20, 0.2,
             "the kernel to expire rule 5")
-        assert time.monotonic() - t0 >= 6
+        assert time.monotonic() - t0 >= 10
         assert curl(s, "work", "http://203.0.113.10:22/") == "dropped"
         # rule 4 names the vpn host: resolved through sys-net at the lab DNS into its set;
         # rule 7's name does not resolve: its set is empty, it matches nothing
@@ -286,8 +286,8 @@ def test_audit_drift_covers_the_overlay(own_stack):
         save_overlay(s, kept)
         p = cli("--stack", s, "audit", "--drift", check=False)
         assert p.returncode == 1
-        assert "DRIFT    work           firewall.json keeps 7 rules but 8 rules are " \
-            "enforced" in p.stdout
+        assert re.search(r"DRIFT    work +firewall\.json keeps 7 rules but 8 rules are "
+                         r"enforced", p.stdout), p.stdout
     finally:
         cli("--stack", s, "down", "--purge", check=False)
         import os

@@ -93,9 +93,9 @@ def test_a_table_not_ours_is_named_with_its_chains(tmp_path):
 
 
 def test_an_expiring_rules_element_is_netstacks_for_a_second_past_its_end(tmp_path):
-    """The kernel's element of an `expire="+6"` rule was given ceil(seconds left), so it
+    """The kernel's element of an `expire="+10"` rule was given ceil(seconds left), so it
     may outlive the rule's end by up to a second: `status` must not call it foreign then
-    (seen in a full run: DEGRADED 6 s after `up`), and must after that."""
+    (seen in a full run: DEGRADED as the rule ended), and must after that."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
@@ -107,5 +107,5 @@ def test_an_expiring_rules_element_is_netstacks_for_a_second_past_its_end(tmp_pa
                    health.expected_sets(p, {}, {}, 100.0, now)[ns].items()
                    if name.startswith("fw4_") for e in els)
     assert holds(104.0)        # in force
-    assert holds(106.5)        # ended, but the kernel's element may still be there
-    assert not holds(107.5)    # past the grace: an element now would be foreign
+    assert holds(110.5)        # ended, but the kernel's element may still be there
+    assert not holds(111.5)    # past the grace: an element now would be foreign

@@ -188,10 +188,11 @@ def cut(plan: Plan, qube: str, k: Kernel, st: Any) -> list[Any]:
 
 
 def cut_offloaded(k: Kernel, ns: str, flows: list[Any], timeout: float = 3.0) -> list[Any]:
-    """Cut connections that sit on the netvm's flowtable. Linux before 6.4 refuses to
-    delete an offloaded conntrack entry (EBUSY; Debian 12's 6.1 does, docs/field-notes.md
-    "Flowtables"), and the flowtable keeps such a flow going past every hook, the new
-    rules included, its entry's timeout renewed while packets flow. So: the flowtable
+    """Cut connections whose entries the kernel would not delete because they sit on the
+    netvm's flowtable: upstream Linux before 6.4 refuses (EBUSY; Debian's 6.1.0-57 has the
+    change and deletes them, docs/field-notes.md "Flowtables"), and the flowtable keeps
+    such a flow going past every hook, the new rules included, its entry's timeout renewed
+    while packets flow. So: the flowtable
     and its `flow add` rule go (one transaction: every flow on it is torn down, nothing
     new goes on it), the entries are deleted once the kernel has let go of them (it frees
     the old flowtable after the transaction), and both come back where they were (the

@@ -313,8 +313,10 @@ def test_a_live_rule_change_stops_an_offloaded_flow_it_forbids():
             # "after" the cut that were already in work's receive buffer)
             for q in ("work", "personal"):
                 in_ns(ns(s, q), "nft", "-f", "-", input=ARRIVE)
-            cli("--stack", s, "firewall", "work", "add", "action=drop", f"dsthost={WEB}",
-                "proto=tcp", f"dstports={PORT}", "--before", "1", timeout=600)
+            p = cli("--stack", s, "firewall", "work", "add", "action=drop",
+                    f"dsthost={WEB}", "proto=tcp", f"dstports={PORT}", "--before", "1",
+                    timeout=600)
+            print(f"firewall add: {p.stdout.strip()!r} {p.stderr.strip()!r}")
             time.sleep(0.5)  # what was in flight when the command returned lands
             at = {q: probe_packets(ns(s, q)) for q in ("work", "personal")}
             time.sleep(2.0)

@@ -435,7 +435,9 @@ def run_time(rt: Runtime) -> None:
     if ready:
         # Daemons others need (the lab's VPN servers) answer before any qube's go signal,
         # or a client's first handshake meets a closed port and waits WireGuard's 5 s retry.
-        k.wait_ready(rt.state.dir, ready, 10.0,
+        # (NETSTACK_READY_TIMEOUT: more for a VM under emulation, where the lab's servers
+        # missed 10 s three `up`s in a row: bench/vpn.py in scripts/test-host)
+        k.wait_ready(rt.state.dir, ready, float(os.environ.get("NETSTACK_READY_TIMEOUT", 10)),
                      lambda: processes.daemons_waiting(rt.state.dir, ready))
     for q in plan.qubes:
         rt.runtimes[q.kind].activate(q, rt)

@@ -206,6 +206,8 @@ def first_packet(cfg: str, name: str, lab_wg_kernel: bool = False) -> tuple[floa
         except OSError:
             s.close()
             if time.perf_counter() - t0 > 30:
+                with contextlib.suppress(Exception):  # leave nothing behind
+                    stack.down(name, KERNEL)
                 raise
             time.sleep(0.002)
 

@@ -180,8 +180,20 @@ def bare_wireguard(seconds: int, kernel: bool = False) -> tuple[float, dict[str,
 def first_packet(cfg: str, name: str, lab_wg_kernel: bool = False) -> tuple[float, float]:
     """(seconds from up() start to up() return, to the first TCP connect through the
     tunnel from the app qube to the lab web server)."""
-    t0 = time.perf_counter()
-    stack.up(cfg, name, plan.UplinkSpec("lab", lab_wg_kernel=lab_wg_kernel), KERNEL)
+    from netstack.errors import NetstackError
+
+    for attempt in range(3):  # a VM under emulation: a lab server late, a DNS answer lost
+        t0 = time.perf_counter()
+        try:
+            stack.up(cfg, name, plan.UplinkSpec("lab", lab_wg_kernel=lab_wg_kernel), KERNEL)
+            break
+        except NetstackError as e:
+            print(f"up {name}: {e}; again", file=sys.stderr)
+            with contextlib.suppress(Exception):  # `up` may have undone itself
+                stack.down(name, KERNEL)
+            reap()
+            if attempt == 2:
+                raise
     t1 = time.perf_counter()
     while True:
         with netns.entered(f"nst-{name}-work"):
@@ -194,6 +206,8 @@ def first_packet(cfg: str, name: str, lab_wg_kernel: bool = False) -> tuple[floa
         except OSError:
             s.close()
             if time.perf_counter() - t0 > 30:
+                with contextlib.suppress(Exception):  # leave nothing behind
+                    stack.down(name, KERNEL)
                 raise
             time.sleep(0.002)
 

@@ -216,46 +216,55 @@ def cut(plan: Plan, qube: str, k: Kernel, st: Any) -> list[Any]:
     rules = rules_of(plan, qube)
     netvm = plan.qube(q.netvm).netns
     resolved, now = names.addresses(names.load(st.dir), q.netvm), time.time()
-    gone, stuck = [], []
-    for src in (a for a in (q.ipv4, q.ipv6) if a):
-        for f in k.conntrack_list(netvm, src):
-            if f.src == src and not qubefw.allows(rules, f.dst, f.proto, f.dport,
-                                                  f.icmp_type, VIRTUAL_DNS, resolved,
-                                                  st.data.started, now):
-                try:
-                    k.conntrack_delete(netvm, f)
-                except Exception:  # noqa: BLE001 - offloaded (below), or it stays until
-                    stuck.append(f)  # conntrack times it out; the change holds
-                    continue
-                gone.append(f)
-    if stuck:
-        gone += cut_offloaded(k, netvm, stuck)
+
+    def forbidden() -> list[Any]:
+        return [f for src in (a for a in (q.ipv4, q.ipv6) if a)
+                for f in k.conntrack_list(netvm, src)
+                if f.src == src and not qubefw.allows(rules, f.dst, f.proto, f.dport,
+                                                      f.icmp_type, VIRTUAL_DNS, resolved,
+                                                      st.data.started, now)]
+    if has_flowtable(k, netvm):
+        return cut_offloaded(k, netvm, forbidden)
+    gone = []
+    for f in forbidden():
+        try:
+            k.conntrack_delete(netvm, f)
+        except Exception:  # noqa: BLE001 - the change holds; this one entry stays
+            continue  # until conntrack times it out
+        gone.append(f)
     return gone
 
 
-def cut_offloaded(k: Kernel, ns: str, flows: list[Any], timeout: float = 3.0) -> list[Any]:
-    """Cut connections that sit on the netvm's flowtable. Linux before 6.4 refuses to
-    delete an offloaded conntrack entry (EBUSY; Debian 12's 6.1 does, docs/field-notes.md
-    "Flowtables"), and the flowtable keeps such a flow going past every hook, the new
-    rules included, its entry's timeout renewed while packets flow. So: the flowtable
-    and its `flow add` rule go (one transaction: every flow on it is torn down, nothing
-    new goes on it), the entries are deleted once the kernel has let go of them (it frees
-    the old flowtable after the transaction), and both come back where they were (the
-    allowed flows go on the fast path again at their next packet). The rest of the
-    ruleset, the run-time sets included, is not touched. Returns the flows removed."""
-    import errno
+def _ours(items: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    from netstack.rules.nft import FAMILY, TABLE
 
+    return [i[kind] for i in items if kind in i
+            and (i[kind].get("family"), i[kind].get("table")) == (FAMILY, TABLE)]
+
+
+def has_flowtable(k: Kernel, ns: str) -> bool:
+    return bool(_ours(k.nft_list(ns).get("nftables", []), "flowtable"))
+
+
+def cut_offloaded(k: Kernel, ns: str, forbidden: Any, timeout: float = 3.0) -> list[Any]:
+    """Cut the forbidden connections of a netvm that has a flowtable. An offloaded flow
+    goes past every hook, the new rules included, its entry's timeout renewed while
+    packets flow; a live rule change reloads the table, and the flows of the old
+    flowtable go back on the new one at their next packet, before the cut. Measured in
+    scripts/test-host's VM (docs/field-notes.md "Flowtables"): deleting the entries then
+    left a forbidden flow going. Upstream Linux before 6.4 also refuses to delete an
+    offloaded entry (EBUSY). So: the flowtable and its `flow add` rule go (one
+    transaction: every flow on it is torn down, nothing new goes on it), the forbidden
+    entries are listed and deleted until none is left (the kernel frees the old flows
+    after the transaction), and both come back where they were (allowed flows go on the
+    fast path again at their next packet). The rest of the ruleset, the run-time sets
+    included, is not touched. Returns the flows removed."""
     from netstack.rules.nft import FAMILY, TABLE
 
     items = k.nft_list(ns).get("nftables", [])
-    fts = [i["flowtable"] for i in items if "flowtable" in i
-           and (i["flowtable"]["family"], i["flowtable"]["table"]) == (FAMILY, TABLE)]
-    rules = [i["rule"] for i in items if "rule" in i
-             and (i["rule"]["family"], i["rule"]["table"]) == (FAMILY, TABLE)]
+    fts, rules = _ours(items, "flowtable"), _ours(items, "rule")
     offload = [n for n, r in enumerate(rules)
                if any(isinstance(x, dict) and "flow" in x for x in r["expr"])]
-    if not fts:
-        return []  # not offloaded: these entries stay until conntrack times them out
     back: list[dict[str, Any]] = [
         {"add": {"flowtable": {x: v for x, v in f.items() if x != "handle"}}} for f in fts]
     for n in offload:
@@ -269,22 +278,25 @@ def cut_offloaded(k: Kernel, ns: str, flows: list[Any], timeout: float = 3.0) ->
                                "handle": rules[n]["handle"]}}} for n in offload),
         *({"delete": {"flowtable": {"family": FAMILY, "table": TABLE, "name": f["name"]}}}
           for f in fts)]})
-    gone = []
+    gone: list[Any] = []
     try:
-        left, end = list(flows), time.monotonic() + timeout
-        while left and time.monotonic() < end:
-            for f in list(left):
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                left = forbidden()
+            except Exception:  # noqa: BLE001 - listed again below, until the deadline
+                left = [None]
+            for f in left:
+                if f is None:
+                    continue
                 try:
                     k.conntrack_delete(ns, f)
-                except Exception as e:  # noqa: BLE001 - the seam's netlink error
-                    if getattr(e, "code", None) == errno.EBUSY:  # on the old flowtable,
-                        continue  # which the kernel is freeing
-                    left.remove(f)  # any other refusal: it stays, as before
+                    gone.append(f)
+                except Exception:  # noqa: BLE001 - still held by the old flowtable
                     continue
-                left.remove(f)
-                gone.append(f)
-            if left:
-                time.sleep(0.01)
+            if not left or time.monotonic() > end:
+                break
+            time.sleep(0.01)
     finally:
         k.nft(ns, {"nftables": back})
     return gone

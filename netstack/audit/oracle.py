@@ -32,6 +32,7 @@ from netstack.rules.nft import commands
 OBS_PRIO = 2_000_000_000  # after every chain a ruleset can have
 HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 TRACE = "nsttrace"
+TIMEOUT = float(os.environ.get("NETSTACK_ORACLE_TIMEOUT", "0.5"))  # s for a packet's trace
 
 
 def trace_table() -> dict[str, Any]:
@@ -302,8 +303,11 @@ class KernelLab:
         return [i["table"] for i in self.k.nft_list(self.dut)["nftables"] if "table" in i]
 
     # --- one packet ---------------------------------------------------------------------
-    def fate(self, p: Packet, timeout: float = 0.5) -> list[tuple[str, str]]:
-        """What the kernel does with this packet, hook by hook."""
+    def fate(self, p: Packet, timeout: float | None = None) -> list[tuple[str, str]]:
+        """What the kernel does with this packet, hook by hook. `timeout`: how long to
+        wait for its trace (NETSTACK_ORACLE_TIMEOUT, default 0.5 s; more under emulation,
+        where a loaded VM reported packets late and they read as lost)."""
+        timeout = TIMEOUT if timeout is None else timeout
         for _ in range(3):
             if self.mon is None or self.mon.poll() is not None:
                 self._monitor()
@@ -312,10 +316,11 @@ class KernelLab:
                 return got
         raise RuntimeError("nft monitor keeps dying")
 
-    def later(self, p: Packet, timeout: float = 0.5) -> str:
+    def later(self, p: Packet, timeout: float | None = None) -> str:
         """Right after fate(p): the same packet again, on the connection the first one
         left. "fastpath" when a flowtable carried it (it reached a neighbour and no hook
         of the DUT saw it), else "hooks". The flows are cleared after."""
+        timeout = TIMEOUT if timeout is None else timeout
         self._drain()
         before = self._moved("arrived")
         self._send_in(p)

@@ -28,7 +28,8 @@ def test_bench_vpn_kernel_wireguard_chain_against_bare(request, tmp_path):
     runs = os.environ.get("NETSTACK_BENCH_RUNS", "3")
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "vpn.py"), "--runs", runs,
                         "--seconds", "5", "--out", str(out)], capture_output=True,
-                       text=True, timeout=1800)
+                       text=True, timeout=1800,
+                       env=dict(os.environ, NETSTACK_READY_TIMEOUT="90"))
     print(p.stdout[-6000:], p.stderr[-3000:])
     reap_zombies()
     for i in range(int(runs)):

@@ -158,6 +158,14 @@ PROBE = f"""table inet flowprobe {{
 """
 
 
+ARRIVE = f"""table inet flowprobe {{
+  chain probe {{ type filter hook prerouting priority -500; policy accept;
+    tcp sport {PORT} counter
+  }}
+}}
+"""
+
+
 def probe_packets(qube_ns: str) -> int:
     """Packets of the test's flows the forward hook has seen in this namespace."""
     js = json.loads(in_ns(qube_ns, "nft", "-j", "list", "table", "inet", "flowprobe").stdout)
@@ -300,15 +308,23 @@ def test_a_live_rule_change_stops_an_offloaded_flow_it_forbids():
             wait_for(lambda: offloaded(fw, sport=work.sport)
                      and offloaded(fw, sport=pers.sport), 15, 0.1, "both flows offloaded")
             assert work.growth(1.0) > 100_000
-            cli("--stack", s, "firewall", "work", "add", "action=drop", f"dsthost={WEB}",
-                "proto=tcp", f"dstports={PORT}", "--before", "1", timeout=600)
-            t_done = work.got
-            time.sleep(0.3)  # what was in flight when the command returned lands
-            at = work.got
-            stalled = work.growth(2.0)
-            print(f"work: {at - t_done} bytes in the 0.3 s after the change, then {stalled} "
-                  f"in 2 s; sys-firewall entries: {conntrack(fw, '-p', 'tcp')}")
-            assert stalled == 0, f"work's forbidden flow still carried {stalled} bytes"
+            # packets reaching each qube, counted at its own prerouting: the bytes a socket
+            # hands over lag behind the wire in a loaded VM (a first run counted 376 KB
+            # "after" the cut that were already in work's receive buffer)
+            for q in ("work", "personal"):
+                in_ns(ns(s, q), "nft", "-f", "-", input=ARRIVE)
+            p = cli("--stack", s, "firewall", "work", "add", "action=drop",
+                    f"dsthost={WEB}", "proto=tcp", f"dstports={PORT}", "--before", "1",
+                    timeout=600)
+            print(f"firewall add: {p.stdout.strip()!r} {p.stderr.strip()!r}")
+            time.sleep(0.5)  # what was in flight when the command returned lands
+            at = {q: probe_packets(ns(s, q)) for q in ("work", "personal")}
+            time.sleep(2.0)
+            then = {q: probe_packets(ns(s, q)) for q in ("work", "personal")}
+            print(f"packets reaching the qubes 0.5 s after the change {at}, 2 s later {then}; "
+                  f"sys-firewall entries: {conntrack(fw, '-p', 'tcp')}")
+            assert then["work"] == at["work"], "work's forbidden flow still goes"
+            assert then["personal"] > at["personal"]  # the control: personal's goes on
             assert not re.search(rf"sport={work.sport}\b", conntrack(fw, "-p", "tcp"))
             assert pers.growth(1.0) > 100_000  # the control: personal's goes on
             wait_for(lambda: offloaded(fw, sport=pers.sport), 10, 0.1,
@@ -336,8 +352,11 @@ def test_differential_generator_with_flowtables():
     import sys
 
     out = os.environ.get("NETSTACK_TEST_HOST_OUT", "/tmp")
+    # a loaded VM under emulation reported some packets' traces after 0.5 s (they read as
+    # lost, 14 of 240 in one run): more time for each
     env = dict(os.environ, NETSTACK_DIFF_FLOWTABLES="1", NETSTACK_DIFF_FOUND=out,
-               NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "30"))
+               NETSTACK_ORACLE_TIMEOUT="3",
+               NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "20"))
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                         "-s", "-rA", str(ROOT / "tests" / "integration" /
                                          "test_differential.py"), "-k", "agrees"],

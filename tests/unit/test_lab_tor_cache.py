@@ -154,3 +154,15 @@ def test_first_round_offset_puts_a_valid_after_time_lead_seconds_ahead():
     assert "TestingV3AuthVotingStartOffset 3" in network.node_torrc(auth, [], "/r", 3)
     assert "TestingV3AuthVotingStartOffset" not in network.node_torrc(nodes("/d")[2], [],
                                                                         "/r", 3)
+
+
+def test_a_key_maker_that_does_not_finish_is_killed_and_named_in_one_line():
+    """tor-gencert ran past 60 s in scripts/test-host's VM and `up --lab` ended in a
+    traceback of subprocess.TimeoutExpired: now the child is killed and the error is one
+    line naming it."""
+    from netstack.errors import ApplyError
+
+    p = network._start(["sleep", "30"])
+    with pytest.raises(ApplyError, match="gencert of auth1 did not finish in 0 s"):
+        network._finish(p, None, "gencert of auth1", timeout=0.2)
+    assert p.returncode is not None  # killed and reaped, not left running

@@ -96,7 +96,7 @@ def node_torrc(node: TorNode, dirauths: list[str], resolv_conf: str,
     return "\n".join(lines) + "\n"
 
 
-def _start(argv: list[str], stdin: str | None = None) -> subprocess.Popen:
+def start_keymaker(argv: list[str], stdin: str | None = None) -> subprocess.Popen:
     """A key-making child of `up`: it dies with `up` (a `kill -9` of `up` left tor-gencert
     running, writing keys into the directory the next `up` made again)."""
     return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else None,
@@ -109,7 +109,7 @@ def _start(argv: list[str], stdin: str | None = None) -> subprocess.Popen:
 KEYGEN_TIMEOUT = 600.0
 
 
-def _finish(p: subprocess.Popen, stdin: str | None, what: str,
+def finish_keymaker(p: subprocess.Popen, stdin: str | None, what: str,
             timeout: float = KEYGEN_TIMEOUT) -> str:
     """The child's output; a child that does not finish in time is killed and named in
     one line (it was a traceback of subprocess.TimeoutExpired)."""
@@ -170,14 +170,14 @@ def _make_keys(nodes: list[TorNode]) -> list[str]:
         argv = ["tor-gencert", "--create-identity-key", "--passphrase-fd", "0", "-i",
                 f"{k}/authority_identity_key", "-s", f"{k}/authority_signing_key", "-c",
                 f"{k}/authority_certificate", "-m", "12", "-a", f"{n.address}:{n.dir_port}"]
-        procs.append((n, "gencert", _start(argv, "\n"), "\n"))
+        procs.append((n, "gencert", start_keymaker(argv, "\n"), "\n"))
         argv = ["tor", "--list-fingerprint", "--DataDirectory", d, "--ORPort", str(n.or_port),
                 "--Nickname", n.name, "--quiet"]
-        procs.append((n, "fingerprint", _start(argv), None))
+        procs.append((n, "fingerprint", start_keymaker(argv), None))
     v3: dict[str, str] = {}
     fps: dict[str, str] = {}
     for n, what, p, stdin in procs:
-        out = _finish(p, stdin, f"{what} of {n.name}")
+        out = finish_keymaker(p, stdin, f"{what} of {n.name}")
         if what == "fingerprint":
             fps[n.name] = "".join(out.strip().splitlines()[-1].split()[1:])
     for n in nodes:

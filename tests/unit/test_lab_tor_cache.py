@@ -162,7 +162,7 @@ def test_a_key_maker_that_does_not_finish_is_killed_and_named_in_one_line():
     line naming it."""
     from netstack.errors import ApplyError
 
-    p = network._start(["sleep", "30"])
+    p = network.start_keymaker(["sleep", "30"])
     with pytest.raises(ApplyError, match="gencert of auth1 did not finish in 0 s"):
-        network._finish(p, None, "gencert of auth1", timeout=0.2)
+        network.finish_keymaker(p, None, "gencert of auth1", timeout=0.2)
     assert p.returncode is not None  # killed and reaped, not left running

@@ -83,8 +83,18 @@ def ping_from_work(timeout: int = 2) -> bool:
 
 def lookup_from_work() -> str:
     """Through the chain: work's virtual DNS -> sys-net's map -> the lease's resolver."""
-    return sh("ip", "netns", "exec", WORK, "dig", "+short", "+tries=1", "+time=2",
-              "@10.139.1.1", "nic.lab.test", check=False, timeout=20).stdout.strip()
+    out = sh("ip", "netns", "exec", WORK, "dig", "+short", "+tries=1", "+time=2",
+             "@10.139.1.1", "nic.lab.test", check=False, timeout=20).stdout
+    # without an answer dig +short prints ";; communications error ..." on stdout
+    return "\n".join(x for x in out.splitlines() if not x.startswith(";;")).strip()
+
+
+def without_ifindex(view: dict[str, str]) -> dict[str, str]:
+    """The root namespace's view with each link's index left out: a device moved into a
+    namespace where its index is taken gets another one, and keeps it when it comes back
+    (ens3 went 2 -> 3: docs/field-notes.md, "A real NIC in the VM")."""
+    links = "\n".join(x.split(": ", 1)[1] for x in view["links"].splitlines())
+    return {**view, "links": links}
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +228,12 @@ def test_down_gives_the_nic_back_under_its_own_name(nic_stack):
     assert not [x for x in in_net if Path(f"/proc/{x}").exists()]
     assert not stack_leftovers(STACK)
     after = host_view()
-    if after != nic_stack["before"]:
+    if without_ifindex(after) != without_ifindex(nic_stack["before"]):
         out = os.environ.get("NETSTACK_TEST_HOST_OUT")
         if out:
             Path(out, "nic-host-view.json").write_text(json.dumps(
                 {"before": nic_stack["before"], "after": after}, indent=1))
-    assert after == nic_stack["before"]
+    assert without_ifindex(after) == without_ifindex(nic_stack["before"])
+    idx = [x.split(":")[0] for v in (nic_stack["before"], after)
+           for x in v["links"].splitlines() if f"link/ether {NIC_MAC} " in x]
+    print(f"{nic_stack['nic']} given back, ifindex {idx[0]} -> {idx[1]}")

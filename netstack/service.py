@@ -1,6 +1,6 @@
 """Start the chain at boot: a systemd unit whose main process is the stack's supervisor,
 `down` on stop, restarted on failure. In move mode it is ordered before network-pre.target
-and bound to the device, so no network manager of the host configures the uplink before
+and after the device, so no network manager of the host configures the uplink before
 sys-net owns it: closed before it is open.
 
 `up` speaks systemd's notify protocol itself when NOTIFY_SOCKET is set, so the unit needs
@@ -54,7 +54,7 @@ def device_unit(dev: str) -> str:
 
 
 def unit_text(spec: UnitSpec) -> str:
-    """The unit file (pure). Move mode: before network-pre.target and bound to the device;
+    """The unit file (pure). Move mode: before network-pre.target, after the device;
     nat mode: after the host's network is online (it NATs to it); lab: nothing of the
     host's network at all."""
     up = ["up", spec.config]
@@ -68,7 +68,10 @@ def unit_text(spec: UnitSpec) -> str:
         up += ["--uplink", dev, "--uplink-mode", spec.uplink.mode]
         if spec.uplink.mode == "move":
             d = device_unit(dev)
-            unit += ["DefaultDependencies=no", f"BindsTo={d}", f"After={d}",
+            # Requires=, not BindsTo=: `up` moves the device into sys-net, which takes its
+            # device unit away in the root namespace, and BindsTo= made systemd stop the
+            # chain there and then (docs/field-notes.md, "systemd at boot")
+            unit += ["DefaultDependencies=no", f"Requires={d}", f"After={d}",
                      "Before=network-pre.target", "Wants=network-pre.target",
                      "Conflicts=shutdown.target", "Before=shutdown.target"]
         else:

@@ -24,9 +24,13 @@ elif [ -d "$state" ]; then
 fi
 say "runner started after $(cut -d' ' -f1 /proc/uptime) s of uptime (boot $boot)"
 cd /opt/netstack
-find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.egg-info' -exec rm -rf {} +
-cp -a "$in"/. /opt/netstack/
-.venv/bin/python -m compileall -q netstack >/dev/null
+# on the first boot only: on a later one units started at boot run this copy already (a
+# replacement under them failed netstack-sd.service with "No module named 'netstack'")
+if [ "$boot" = 1 ]; then
+  find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.egg-info' -exec rm -rf {} +
+  cp -a "$in"/. /opt/netstack/
+  .venv/bin/python -m compileall -q netstack >/dev/null
+fi
 set --  # scripts/test-host's pytest arguments, one a line
 while IFS= read -r a; do [ -z "$a" ] || set -- "$@" "$a"; done <"$in/tests/host/.args"
 export NETSTACK_TEST_HOST=1 NETSTACK_TEST_HOST_OUT="$out" NETSTACK_REQUIRE_ROOT=1 PYTHONUNBUFFERED=1

@@ -47,7 +47,8 @@ def vpn_stack(request, tmp_path_factory):
 
 def check_clean(r) -> None:
     assert r.leaks == 0, (leaked(r), [lk for lk in r.links if lk["violations"]])
-    assert len(r.cases) >= 45 and all(c["sent"] >= 1 for c in r.cases)
+    assert len(r.cases) >= 45, len(r.cases)
+    assert all(c["sent"] >= 1 for c in r.cases), [c for c in r.cases if c["sent"] < 1]
     src = next(lk for lk in r.links if lk["zone"] == "source")
     assert src["packets"] >= r.packets_sent  # every probe really went out
     local = [c for c in r.cases if c["case"].startswith("local-")]

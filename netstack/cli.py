@@ -295,9 +295,11 @@ def cmd_service(args: argparse.Namespace) -> int:
 
     uplink = _uplink(args)
     p = stack.plan_only(args.config, args.stack, uplink)  # a bad config writes nothing
-    from netstack.plan import DEFAULT_CONFIG
+    from netstack.config import resolve
+    from netstack.plan import CONFIG_DIR, DEFAULT_CONFIG
 
-    spec = service.UnitSpec(args.stack, os.path.abspath(args.config or DEFAULT_CONFIG), uplink,
+    config = resolve(args.config, CONFIG_DIR) if args.config else str(DEFAULT_CONFIG)
+    spec = service.UnitSpec(args.stack, os.path.abspath(config), uplink,
                             bool(p.daemons or p.services))
     if args.action == "show":
         print(service.unit_text(spec), end="")
@@ -500,16 +502,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return r.verdict
 
 
-def _writable(opt: str, path: str | None) -> None:
+def _writable(opt: str, path: str | None, make: bool = True) -> None:
     """A report file can be written where asked (its directory exists, it is no
-    directory itself), or a one-line error naming the option."""
+    directory itself), or a one-line error naming the option. make: the directory is made
+    when missing (a CI job's artifacts folder); not for a system's directory (a typo in
+    node_exporter's textfile directory must not make a new tree)."""
     if path is None:
         return
     d = os.path.dirname(os.path.abspath(path))
     import contextlib
 
-    with contextlib.suppress(OSError):  # (a CI job's artifacts folder need not exist yet)
-        os.makedirs(d, exist_ok=True)
+    if make:
+        with contextlib.suppress(OSError):
+            os.makedirs(d, exist_ok=True)
     if os.path.isdir(path) or not os.path.isdir(d) or not os.access(d, os.W_OK):
         raise UsageError(f"{opt} {path}: cannot write a file there (its directory cannot be "
                          "made or written, or the path is a directory)")
@@ -540,7 +545,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
     except PackageNotFoundError:
         ver = "0"
     pages = completion.man_pages(parser(), ver, time.strftime("%Y-%m-%d"))
-    _writable("completion man", os.path.join(args.dir, "netstack.1"))
+    _writable("completion man", os.path.join(args.dir, "netstack.1"), make=False)
     from netstack.codec import atomic_write
 
     for name, text in pages.items():
@@ -568,7 +573,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         if args.textfile:
             from netstack.codec import atomic_write
 
-            _writable("--textfile", args.textfile)
+            _writable("--textfile", args.textfile, make=False)
             atomic_write(args.textfile, text, 0o644)
         else:
             sys.stdout.write(text)

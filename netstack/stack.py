@@ -42,7 +42,7 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
 
     fastpath.start_probe()  # (cli started it already) answered while the config is read
     from netstack.kinds.registry import RUNTIMES, SPECS
-    from netstack.plan import DEFAULT_CONFIG, build, load_inputs
+    from netstack.plan import build, load_inputs
 
     names.check_stack(stack)
     inputs = load_inputs(config_path, stack, uplink, SPECS)  # bad input: host untouched
@@ -83,7 +83,7 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
             note = f"repaired: removed what an interrupted `up` of stack {stack!r} had left"
         st = State(stack)
         # absolute: `audit --drift` compares with this file from any directory
-        st.data.config = os.path.abspath(str(config_path or DEFAULT_CONFIG))
+        st.data.config = os.path.abspath(inputs.config_path)  # a NAME's file, resolved
         st.data.started = time.time()
         if owner is not None:
             from netstack.kernel import proc_start_time

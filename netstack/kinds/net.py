@@ -53,9 +53,12 @@ class NetSpec(KindSpec):
             gw = ipaddress.ip_address(s["gateway"])
             # the default route goes via the gateway on the uplink's subnet (no onlink
             # routes): outside it, the kernel would refuse the route halfway through `up`
-            if gw.version != addr.version or gw == addr.ip or gw not in addr.network:
+            net = addr.network
+            if gw.version != addr.version or gw == addr.ip or gw not in net or (
+                    net.num_addresses > 2 and gw in (net.network_address,
+                                                     net.broadcast_address)):
                 raise ConfigError(f"{where} field 'gateway'", f"{s['gateway']} is not a "
-                                  f"router on {addr.network} (the address's subnet)",
+                                  f"router on {net} (the address's subnet)",
                                   "give the router's address in that subnet, or fix the "
                                   "address's prefix length")
         self._validate_wifi(q)

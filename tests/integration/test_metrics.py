@@ -54,6 +54,9 @@ def test_metrics_follow_the_kernel(own_stack, tmp_path):
     assert time.time() - value(after["netstack_audit_timestamp_seconds"], stack=s) < 120
 
     out = tmp_path / "textfile" / "netstack.prom"
+    bad = cli("--stack", s, "metrics", "--textfile", str(out), check=False)
+    assert bad.returncode == 2 and not out.parent.exists()  # a typo makes no new tree
+    out.parent.mkdir()
     cli("--stack", s, "metrics", "--textfile", str(out))
     assert oct(out.stat().st_mode & 0o777) == "0o644"
     assert value(scrape(out.read_text())["netstack_up"], stack=s) == 1

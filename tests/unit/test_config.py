@@ -132,6 +132,8 @@ def test_bad_net_addresses():
     ("192.0.2.2/24", "192.0.2.2", "not a router on 192.0.2.0/24"),
     ("192.0.2.2/24", "2001:db8::1", "not a router"),
     ("192.0.2.2/32", "192.0.2.1", "not a router on 192.0.2.2/32"),
+    ("192.0.2.2/24", "192.0.2.0", "not a router on 192.0.2.0/24"),  # the network's own
+    ("192.0.2.2/24", "192.0.2.255", "not a router on 192.0.2.0/24"),  # broadcast
 ])
 def test_net_gateway_outside_its_subnet(addr, gw, needle):
     extra = (f'address = "{addr}"\n' if addr else "") + f'gateway = "{gw}"\n'

@@ -194,7 +194,46 @@ def verdict(plan: Any, source: str, target: str, service: str, argument: str
         pol = policy.load(plan.policy)
     except ConfigError as e:
         return policy.Verdict("deny", target, reason=f"the policy does not parse: {e}")
-    return policy.evaluate(pol, source, target, service, argument, facts(plan))
+    v = policy.evaluate(pol, source, target, service, argument, facts(plan))
+    if v.action in ("allow", "ask") and getattr(plan, "invariants", None):
+        why = breaks_invariant(plan, source, v.target, service, v.rule or "")
+        if why:  # the policy may be edited on a running stack: every call is judged
+            return policy.Verdict("deny", v.target, rule=v.rule, reason=why)
+    return v
+
+
+def breaks_invariant(plan: Any, source: str, target: str, service: str, where: str
+                     ) -> str | None:
+    """Why a call from `source` to `target` would break one of the user's invariants (a
+    call hands data to the target, whose way out is then the data's: netstack.invariants),
+    or None. A new disposable (@dispvm, @dispvm:QUBE) has the way out of the qube it is
+    made like."""
+    from netstack.invariants import CallEdge, judge_calls
+
+    if target == "@dispvm":
+        target = plan.default_dispvm or ""
+    elif target.startswith("@dispvm:"):
+        target = target[8:]
+    if not target:
+        return None
+    bad = [v for v in judge_calls(plan, [CallEdge(source, target, service, where)])
+           if not v.ok]
+    return f"breaks {bad[0].line()}" if bad else None
+
+
+def enforce_policy(plan: Any, action: str) -> None:
+    """`up`/`plan` refuse a call policy that lets data out past the user's invariants: one
+    line naming the invariant and the policy line (nothing is made)."""
+    from netstack.errors import InvariantError
+
+    if not getattr(plan, "invariants", None) or not plan.policy:
+        return
+    for source, target, service, where in policy.call_edges(policy.load(plan.policy),
+                                                            facts(plan)):
+        why = breaks_invariant(plan, source, target, service, where)
+        if why:
+            raise InvariantError(f"{action} refused: the call policy {why}; fix: change "
+                                 f"{where} (deny that call) or the invariant")
 
 
 # --- ask -------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ def plan_only(config_path: str | None, stack: str, uplink: UplinkSpec) -> Plan:
     p = build(load_inputs(config_path, stack, uplink, SPECS), stack, uplink)
     enforce(p, f"the plan of {config_path or 'the default config'}",
             "change the qubes' netvm or the invariant")
+    from netstack.calls import enforce_policy
+
+    enforce_policy(p, f"the plan of {config_path or 'the default config'}")
     return p
 
 
@@ -50,6 +53,9 @@ def up(config_path: str | None, stack: str, uplink: UplinkSpec,
     from netstack.invariants import enforce
 
     enforce(p, f"up of {inputs.config_path}", "change the qubes' netvm or the invariant")
+    from netstack.calls import enforce_policy
+
+    enforce_policy(p, f"up of {inputs.config_path}")
     for q in p.qubes:  # a template a qube names must be there before anything is made
         if q.settings.get("template") and kernel.real:
             from netstack import templates

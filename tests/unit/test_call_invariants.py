@@ -68,3 +68,30 @@ def test_a_line_that_lets_anon_data_out_fails_naming_it(plan_with):
 def test_first_match_and_redirects(plan_with, lines, out):
     _p, edges = plan_with(lines)
     assert any(e[0] == "anon-whonix" and e[1] == "work" for e in edges) == out, edges
+
+
+def test_up_and_plan_refuse_a_policy_that_lets_anon_data_out(plan_with):
+    from netstack.calls import enforce_policy
+    from netstack.errors import InvariantError
+
+    p, _ = plan_with("qubes.Filecopy * anon-whonix work allow\n")
+    with pytest.raises(InvariantError) as e:
+        enforce_policy(p, "up of x")
+    line = str(e.value)
+    assert "anon only through Tor" in line and "50-test.policy:1" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("lines,target", [
+    ("qubes.Filecopy * anon-whonix work allow\n", "work"),
+    ("qubes.OpenInVM * anon-whonix @dispvm:work allow\n", "@dispvm:work"),
+])
+def test_every_call_is_judged_when_it_is_made(plan_with, lines, target):
+    """The policy is read at each call (it may be edited on a running stack): a call that
+    would break an invariant is denied then, naming it, whatever `up` saw."""
+    from netstack.calls import verdict
+
+    p, _ = plan_with(lines)
+    service = lines.split()[0]
+    v = verdict(p, "anon-whonix", target, service, "")
+    assert v.action == "deny" and "anon only through Tor" in v.reason, v
+    assert verdict(p, "work", "anon-whonix", "qubes.Filecopy", "").action == "deny"  # no line

@@ -166,7 +166,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
         problems = stack.down(
-            args.stack, args.kernel, notes, wait=args.wait,
+            args.stack, args.kernel, notes, wait=args.wait, on_locked=_hold_signals,
             on_wait=lambda pid: print(f"netstack: waiting up to {args.wait:g} s for "
                                       f"{'pid ' + str(pid) if pid else 'another netstack'}"
                                       " to finish its change of the stack", file=sys.stderr))
@@ -1296,6 +1296,10 @@ def main(argv: list[str] | None = None) -> int:
     from netstack.kernel import RealKernel
 
     kernel = RealKernel()  # the one kernel of this command: passed down, never made below
+    if program:  # SIGTERM (systemd, timeout) undoes a half-made change as Ctrl-C does
+        import signal
+
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         args = parser(command_word(argv)).parse_args(argv)
         args.kernel = kernel
@@ -1314,6 +1318,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except NetstackError as e:
         return _fail(args, str(e), e.exit_code)
+    except Terminated:
+        return _fail(args, "terminated (SIGTERM): what this command had begun was undone",
+                     143)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", 130)
     except BrokenPipeError:  # `netstack status | head`: the reader is gone, not an error
@@ -1322,6 +1329,26 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     finally:
         kernel.close()
+
+
+def _hold_signals() -> None:
+    """Once `down` holds the stack, it finishes what it began: a half-removed stack helps
+    nobody (SIGINT or SIGTERM 0.6 s into `down` left 16 namespaces); SIGKILL still ends
+    it, and the next `down` goes on. Waiting for the lock, Ctrl-C still gives up."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so every `except KeyboardInterrupt` and
+    `finally` of a change runs as for Ctrl-C (it exited silently and left a half-made
+    stack before)."""
+
+
+def _terminated(_sig: int, _frame: Any) -> None:
+    raise Terminated()
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -111,7 +111,8 @@ def check_uplink(uplink: UplinkSpec, k: Kernel) -> None:
 
 
 def down(stack: str, kernel: Kernel, notes: list[str] | None = None, wait: float = 0.0,
-         on_wait: Callable[[int | None], None] | None = None) -> list[str]:
+         on_wait: Callable[[int | None], None] | None = None,
+         on_locked: Callable[[], None] | None = None) -> list[str]:
     """Remove everything of the stack; returns what could not be removed. A damaged or
     lost state.json, or a damaged intent log, does not stop it: it removes what the log's
     readable lines name, the supervisor its pidfile names, and the namespaces named for
@@ -127,6 +128,8 @@ def down(stack: str, kernel: Kernel, notes: list[str] | None = None, wait: float
         require_root("down")
     said = notes if notes is not None else []
     with StackLock(stack, wait=wait, on_wait=on_wait):
+        if on_locked is not None:  # (the command line holds its signals from here)
+            on_locked()
         try:
             st = State.load(stack)
         except DamagedFile as e:

@@ -81,6 +81,20 @@ def test_crash_after_the_lab_keys_then_down_removes_them(own_stack):
     assert not stack_leftovers(s)
 
 
+def test_sigterm_mid_up_undoes_it_as_ctrl_c_does(own_stack):
+    """systemd and `timeout` end a command with SIGTERM: mid-`up` it undoes what it made
+    and says so in one line (it exited silently, leaving a half-made stack)."""
+    s = own_stack("t")
+    before = snapshot_host()
+    p = cli("--stack", s, "up", VPN_CFG, "--lab", check=False,
+            env={"NETSTACK_TEST_CRASH_AFTER": "6", "NETSTACK_TEST_CRASH_SIGNAL": "15"})
+    assert p.returncode == 143, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("netstack: terminated (SIGTERM)")
+    reap_zombies()
+    assert not [x for x in stack_leftovers(s) if not x.startswith("/var/lib/netstack/")]
+    assert snapshot_host() == before
+
+
 def test_one_writer_per_stack(own_stack):
     s = own_stack("l")
     before = snapshot_host()

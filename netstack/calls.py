@@ -745,10 +745,20 @@ def clipboard_copy(k: Kernel, stack: str, qube: str, user: str | None = None) ->
 
     st = _stack(stack)
     _app(st, qube)
+    # a regular file only: a pipe there hung the host's command, a link is not the qube's
+    # to offer; and a bounded read (the qube may swap the file between test and read)
     o = executor.run(k, st, st.plan.qube(qube),
-                     ["sh", "-c", 'exec head -c "$1" -- "$HOME/.clipboard"', "clip",
+                     ["sh", "-c", 'f="$HOME/.clipboard"; [ -e "$f" ] || [ -L "$f" ] || exit 2; '
+                      '{ [ -L "$f" ] || [ ! -f "$f" ]; } && exit 3; '
+                      'exec timeout 10 head -c "$1" -- "$f"', "clip",
                       str(CLIPBOARD_MAX + 1)], user=user, capture=True, text=False,
                      name=f"clipboard copy from {qube}")
+    if o.code == 3:
+        raise UsageError(f"clipboard copy: {qube}'s ~/.clipboard is not a regular file (a "
+                         "link, a pipe or a device): nothing taken")
+    if o.code == 124:
+        raise UsageError(f"clipboard copy: {qube}'s ~/.clipboard could not be read in 10 s: "
+                         "nothing taken")
     if o.code != 0:
         raise UsageError(f"clipboard copy: {qube} offers nothing (no ~/.clipboard)")
     data = o.stdout or b""

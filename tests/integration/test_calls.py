@@ -339,6 +339,13 @@ def test_the_clipboard_pastes_once(calls_stack):
     run(s, "work", "sh", "-c", "head -c 256001 /dev/zero > ~/.clipboard")
     p = cli("--stack", s, "clipboard", "copy", "work", check=False)
     assert p.returncode == 2 and "larger than 256000" in p.stderr
+    # what the qube offers must be a regular file: a pipe hung the host's command, a link
+    # pointed at files that are not the qube's to offer
+    for make in ("mkfifo ~/.clipboard", "ln -s /etc/shadow ~/.clipboard"):
+        run(s, "work", "sh", "-c", f"rm -f ~/.clipboard; {make}")
+        p = cli("--stack", s, "clipboard", "copy", "work", check=False, timeout=60)
+        assert p.returncode == 2 and "not a regular file" in p.stderr, (make, p.stderr)
+    run(s, "work", "sh", "-c", "rm -f ~/.clipboard")
 
 
 def test_a_bad_policy_refuses_up(own_stack):

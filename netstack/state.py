@@ -217,11 +217,14 @@ class State:
     def plan(self) -> Plan | None:
         """The plan in force, read on first use (`down` needs only the intent log)."""
         if not self._plan_loaded:
-            self._plan_loaded = True
             from netstack.model import Plan
 
+            # "loaded" is set only once the plan is there: two threads asking at once
+            # (open-in-disposable's reader and its caller) each read it, neither sees a
+            # None that is still being read (review finding: an intermittent traceback)
+            plan = None
             try:
-                self._plan = codec.read(self.plan_path, Plan)
+                plan = codec.read(self.plan_path, Plan)
             except FileNotFoundError:
                 pass
             except DamagedFile as e:  # what status, audit and leaktest compare against is gone
@@ -229,6 +232,7 @@ class State:
                                   "with it", f"`netstack --stack {self.stack} down` (the "
                                   "intent log still knows every object) and `up` again"
                                   ) from None
+            self._plan, self._plan_loaded = plan, True
         return self._plan
 
     @staticmethod

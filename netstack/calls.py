@@ -244,14 +244,18 @@ def _pending_dir(stack_dir: str) -> str:
     return d
 
 
-def wait_answer(stack_dir: str, p: Pending, stopping: threading.Event | None = None) -> bool:
+def wait_answer(stack_dir: str, p: Pending, stopping: threading.Event | None = None,
+                gone: Callable[[], bool] | None = None) -> bool:
     """Put the call in the pending list and wait for `call-answer` until its deadline
-    (then: deny). The entry is gone afterwards, answered or not."""
+    (then: deny). The entry is gone afterwards, answered or not. gone: whether the caller
+    went away (then the call is withdrawn: an `allow` given later must not deliver what a
+    killed `copy` had offered)."""
     d = _pending_dir(stack_dir)
     entry, answer = os.path.join(d, f"{p.id}.json"), os.path.join(d, f"{p.id}.answer")
     codec.write(entry, p)
     try:
-        while time.time() < p.deadline and not (stopping and stopping.is_set()):
+        while time.time() < p.deadline and not (stopping and stopping.is_set()) \
+                and not (gone and gone()):
             with contextlib.suppress(FileNotFoundError), open(answer) as f:
                 return f.read().strip() == "allow"
             time.sleep(ANSWER_POLL)
@@ -260,6 +264,21 @@ def wait_answer(stack_dir: str, p: Pending, stopping: threading.Event | None = N
         for f in (entry, answer):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f)
+
+
+def _peer_closed(conn: Any) -> bool:
+    """The caller's end of the call socket is closed (its process ended). On a Unix
+    stream socket that is POLLHUP: both directions shut, whatever bytes it sent are still
+    queued; netstack-call's own half-close after its stdin (SHUT_WR) is not one."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(conn, select.POLLHUP)
+        return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _fd, ev in p.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def pending(stack_dir: str) -> list[Pending]:
@@ -578,7 +597,7 @@ class Daemon:
             ok = wait_answer(self.dir, Pending(cid, source, v.target, service, argument,
                                                v.rule, time.time(),
                                                time.time() + st.plan.ask_timeout),
-                             self.stopping)
+                             self.stopping, lambda: _peer_closed(conn))
             rec.verdict = "ask->allow" if ok else "ask->deny"
             if not ok:
                 rec.reason += "; denied on the host (or nobody answered in time)"

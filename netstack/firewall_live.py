@@ -48,6 +48,12 @@ def listing(stack: str, qube: str) -> dict[str, Any]:
                 for i, r in enumerate(rules)]}
 
 
+def raw_of(plan: Plan, qube: str, number: int) -> str:
+    """Rule `number` (1-based) of the qube's list in words: which rule it is across a
+    change that renumbers the list."""
+    return (plan.qube(qube).firewall or ())[number - 1].describe()
+
+
 def shadow_warnings(plan: Plan, qubes: list[str] | None = None) -> list[str]:
     """One line per rule that can never match (qubefw.shadowed), for `plan`, `up` and
     `firewall add`: a rule put where it can never act is a mistake worth saying at once."""
@@ -141,9 +147,17 @@ def change(stack: str, qube: str, action: str, words: list[str] | None = None,
                                                 netvms=[netvm]))
         after_applied(f"cutting {qube}'s connections the new rules forbid",
                       lambda: cut(desired, qube, k, st), [])
-        if action == "add":
-            for w in shadow_warnings(desired, [qube]):
-                print(f"netstack: WARNING: {w}", file=sys.stderr)
+        if action == "add":  # what this rule made dead, or left dead itself
+            from netstack.addressing import VIRTUAL_DNS
+
+            dns = tuple(VIRTUAL_DNS)
+            before = {(raw_of(cur, qube, j), raw_of(cur, qube, i))
+                      for j, i in qubefw.shadowed(cur.qube(qube).firewall, dns)}
+            for w, (j, i) in zip(shadow_warnings(desired, [qube]),
+                                 qubefw.shadowed(desired.qube(qube).firewall, dns),
+                                 strict=True):
+                if (raw_of(desired, qube, j), raw_of(desired, qube, i)) not in before:
+                    print(f"netstack: WARNING: {w}", file=sys.stderr)
         return (len(after) if after is not None else 0), took
 
 

@@ -430,6 +430,8 @@ def cmd_template(args: argparse.Namespace) -> int:
     if args.action == "list":
         out: Any = template_cmd.listing()
         if not args.json:
+            if not out:
+                print("no templates (make one: `netstack template create NAME`)")
             for t in out:
                 print(f"{t['name']}: {t['suite']} {t['variant']}"
                       + (f" +{','.join(t['include'])}" if t["include"] else "")

@@ -81,6 +81,8 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
     building = os.path.join(templates.TEMPLATE_ROOT, f".{name}.building")
     shutil.rmtree(building, ignore_errors=True)  # an interrupted create's
     os.mkdir(building, 0o755)
+    with open(os.path.join(building, BUILDER), "w") as f:  # who builds it (sweep_stale)
+        f.write(f"{os.getpid()}\n")
     rootfs = os.path.join(building, "root")
     t0 = time.monotonic()
     try:
@@ -161,7 +163,36 @@ def users(name: str) -> list[tuple[str, str]]:
     return out
 
 
+BUILDER = ".builder-pid"
+
+
+def sweep_stale() -> list[str]:
+    """Remove what a `template create` killed midway left (`.NAME.building`, hundreds of
+    MB): its builder's pid is gone. Returns the names swept."""
+    out = []
+    try:
+        entries = os.listdir(templates.TEMPLATE_ROOT)
+    except OSError:
+        return out
+    for e in entries:
+        if not (e.startswith(".") and e.endswith(".building")):
+            continue
+        d = os.path.join(templates.TEMPLATE_ROOT, e)
+        try:
+            with open(os.path.join(d, BUILDER)) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            continue  # its builder still runs
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+        out.append(e[1:-len(".building")])
+    return out
+
+
 def listing() -> list[dict[str, Any]]:
+    if os.geteuid() == 0:
+        sweep_stale()
     return [{**dataclasses.asdict(_meta(n)), "path": templates.path(n)}
             for n in templates.names()]
 

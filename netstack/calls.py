@@ -926,7 +926,13 @@ def listing(stack: str, last: int = 20) -> dict[str, Any]:
 
     st = require(stack)
     held = clipboard_state(st.dir)
+    problem = None
+    if st.plan and st.plan.policy:
+        try:  # read as each call reads it: a policy that stopped parsing denies every call
+            policy.load(st.plan.policy)
+        except ConfigError as e:
+            problem = f"{e}: every call is denied until it is fixed"
     return {"pending": [asdict(p) for p in pending(st.dir)],
             "calls": read_log(st.dir, last),
             "clipboard": None if held is None else {"from": held[0], "bytes": len(held[1])},
-            "policy": st.plan.policy if st.plan else None}
+            "policy": st.plan.policy if st.plan else None, "policy_problem": problem}

@@ -808,6 +808,8 @@ def cmd_calls(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     print(f"policy: {out['policy']}")
+    if out.get("policy_problem"):
+        print(f"  ! {out['policy_problem']}")
     clip = out["clipboard"]
     print("clipboard: " + (f"{count(clip['bytes'], 'byte')} from {clip['from']}" if clip
                            else "empty"))

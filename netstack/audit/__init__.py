@@ -142,7 +142,7 @@ def _call_edges(plan: Plan) -> list[tuple[str, str, str, str]]:
         return []
     try:
         pol = policy.load(plan.policy)
-    except ConfigError:
+    except ConfigError:  # every call is denied (calls.verdict): no path; `calls` names it
         return []
     from netstack.calls import facts
 

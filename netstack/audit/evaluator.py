@@ -742,6 +742,19 @@ class Ruleset:
         raise Unsupported(f"statement {name}")
 
 
+def _inert(stmts: list[tuple[Any, ...]]) -> bool:
+    """Statements that change nothing the evaluator follows (counters, logs, mangling of
+    fields it does not read, limits with nothing after them): whether they run or stop,
+    the packet goes on to the next rule in the same modelled state."""
+    return all(s[0] in ("nop", "maybe") for s in stmts)
+
+
+def _soft(stmts: list[tuple[Any, ...]]) -> bool:
+    """Statements after which the packet always goes on to the next rule, changing at
+    most its mark: inert ones and `meta mark set`."""
+    return all(s[0] in ("nop", "maybe", "setmark") for s in stmts)
+
+
 def and_dep(a: Pred | None, b: Pred) -> Pred:
     return b if a is None else space.and_pred(a, b)
 
@@ -1029,18 +1042,24 @@ class Evaluator:
                     try:
                         # a plain verdict is a leaf: whoever uses it asks for a witness;
                         # anything that explores further must not start from nothing
-                        if terminal or self.point() is not None:
+                        if r.unknown and _soft(r.stmts):
+                            # matched or not, the packet goes on to the next rule: one
+                            # branch (tainted) stands for both (see _soft)
+                            if self.point() is not None:
+                                self._either(r, key, i, trace, nat, tn, k, depth)
+                        elif terminal or self.point() is not None:
                             self._stmts(r, 0, key, i, trace, nat, tn, k, depth)
                     finally:
                         self.restore(u)
-                    if not r.unknown:
+                    if not r.unknown or _soft(r.stmts):
                         self.excl.push(b)
                         pushed += 1
                 if r.boxes == [{}] and not r.unknown:
                     return  # matches everything: nothing gets past it
-                if r.unknown:
+                if r.unknown and not _soft(r.stmts):
                     # inside its known matches the unknown one may be false: the rest goes
-                    # on from there tainted; outside them the rule cannot match at all
+                    # on from there tainted; outside them the rule cannot match at all.
+                    # (A rule whose statements are inert took that same way above.)
                     for b in r.boxes or []:
                         u = self.narrow(b)
                         if u is not None:
@@ -1056,6 +1075,26 @@ class Evaluator:
         finally:
             for _ in range(pushed):
                 self.excl.pop()
+
+    def _either(self, r: Rule, key, i: int, trace, nat, taint, k, depth) -> None:
+        """The rest of the chain after a rule that may match or not (a match the evaluator
+        does not model) and whose statements only taint or set the mark: ONE tainted
+        branch in which the mark is its old value or any value the rule sets. Exploring
+        matched and not matched apart doubled the paths per such rule (`ip dscp X meta
+        mark set Y` x 12 = 4096 ways through the rest; docs/field-notes.md). Sound: the
+        branch is tainted (a PASS never rests on it) and admits every packet either
+        branch did (the mark over-approximated, the exclusions on it projected)."""
+        tn = taint + [f"{r.chain} #{r.handle}: {x[1]}" for x in r.stmts if x[0] == "maybe"]
+        marks = frozenset(x[1] for x in r.stmts if x[0] == "setmark")
+
+        def go() -> None:
+            self._chain(key, i + 1, trace, nat, tn, k, depth)
+        if not marks:
+            go()
+            return
+        old = self.box.get("mark")
+        self.rewrite("mark", Pred(lambda v, o=old, s=marks: v in s or o is None or o.test(v)),
+                     go)
 
     def _stmts(self, r: Rule, j: int, key, i: int, trace, nat, taint, k, depth) -> None:
         """Carry out rule r's statements from the j-th on; i is the rule's index."""
@@ -1161,6 +1200,15 @@ class Evaluator:
                 return
             if kind == "maybe":  # the statement may stop the rule or not: both, tainted
                 tn = taint + [f"{r.chain} #{r.handle}: {s[1]}"]
+                if _inert(r.stmts[j + 1:]):
+                    # nothing after it the evaluator follows: stopped or not, the packet
+                    # goes on to the next rule in the same state, so the two branches are
+                    # one (following both doubled the paths per rule: 2^n for n dscp or
+                    # priority rules, docs/field-notes.md); the taint stays
+                    tn += [f"{r.chain} #{r.handle}: {x[1]}" for x in r.stmts[j + 1:]
+                           if x[0] == "maybe"]
+                    next_rule("none", trace, nat, tn)
+                    return
                 self._stmts(r, j + 1, key, i, trace, nat, tn, k, depth)
                 next_rule("none", trace, nat, tn)
                 return

@@ -249,6 +249,55 @@ class Rule:
         return False
 
 
+class Malformed(Unsupported):
+    """A document that is not nftables JSON the way libnftables-json(5) writes it (a value
+    of another type, a key missing): the audit refuses it in one line (UNPROVEN), never
+    with a traceback (issue 30 item 3; tests/unit/test_audit_fuzz.py)."""
+
+
+# what reading a malformed document raises in the compiler (a str where a dict was, a
+# missing key, a list where a hashable was, an address that does not parse)
+MALFORMED = (TypeError, KeyError, AttributeError, ValueError, IndexError)
+
+
+def _check_doc(doc: Any) -> None:
+    """The shape of what the evaluator reads outside the compiler (chains are sorted by
+    priority, keyed by names, bound to devices): anything else is Malformed up front."""
+    def bad(what: str) -> Malformed:
+        return Malformed(f"a malformed ruleset document: {what}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("nftables", []), list):
+        raise bad('no "nftables" list')
+    for item in doc.get("nftables", []):
+        if not isinstance(item, dict):
+            raise bad(f"an item {json.dumps(item)[:40]}")
+        for kind in ("chain", "rule", "set", "map"):
+            if kind not in item:
+                continue
+            o = item[kind]
+            names = ("family", "table", "chain" if kind == "rule" else "name")
+            if not isinstance(o, dict) or not all(isinstance(o.get(k), str) for k in names):
+                raise bad(f"a {kind} without {'/'.join(names)} as strings")
+            if kind == "chain":
+                for k in ("hook", "type", "policy"):
+                    if k in o and not isinstance(o[k], str):
+                        raise bad(f"chain {o['name']}: {k} {o[k]!r}")
+                if "prio" in o and (not isinstance(o["prio"], int) or
+                                    isinstance(o["prio"], bool)):
+                    raise bad(f"chain {o['name']}: prio {o['prio']!r}")
+                if o.get("policy", "accept") not in ("accept", "drop"):
+                    raise bad(f"chain {o['name']}: policy {o['policy']!r}")
+            if kind == "rule":
+                if not isinstance(o.get("expr", []), list) or \
+                        not all(isinstance(x, dict) and x for x in o.get("expr", [])):
+                    raise bad(f"a rule of {o['chain']} whose expr is not a list of objects")
+                if o.get("handle") is not None and not isinstance(o["handle"], int):
+                    raise bad(f"a rule of {o['chain']} with handle {o['handle']!r}")
+                if o.get("comment") is not None and not isinstance(o["comment"], str):
+                    raise bad(f"a rule of {o['chain']} with comment {o['comment']!r}")
+            if kind in ("set", "map") and not isinstance(o.get("elem", []), list):
+                raise bad(f"{kind} {o['name']}: elem is not a list")
+
+
 def _index_rules(rules: list[Rule]) -> tuple[str | None, dict[Any, list[int]], list[int]]:
     """(field, value -> rules pinned to it, rules not pinned) for a long chain: of the
     fields at least half its rules pin to a few exact values in every box, the one with
@@ -289,6 +338,14 @@ class Ruleset:
     """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
+        _check_doc(doc)
+        try:
+            self._read(doc)
+        except MALFORMED as e:
+            raise Malformed(f"a malformed ruleset document ({type(e).__name__}: {e})") \
+                from None
+
+    def _read(self, doc: dict[str, Any]) -> None:
         self._devs: set[str] = set()
         self.chains: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rules: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -340,6 +397,8 @@ class Ruleset:
             try:
                 got = self._compiled_pre[key] = [self._compile(key, r)
                                                  for r in self.rules.get(key, [])]
+            except MALFORMED as e:
+                raise Malformed(f"a malformed rule ({type(e).__name__}: {e})") from None
             finally:
                 self._pre = False
         return got
@@ -444,11 +503,19 @@ class Ruleset:
                 except Unsupported as e:
                     rule.unknown.append(str(e))
                     continue
+                except MALFORMED as e:  # followed both ways, as any match not modelled
+                    rule.unknown.append(f"a malformed match ({type(e).__name__}: {e})")
+                    continue
                 rule.boxes = [b for a in (rule.boxes or []) for u in union
                               if (b := intersect(a, u)) is not None]
             else:
                 try:
                     rule.stmts.append(self._stmt(x, key))
+                except Malformed:
+                    raise
+                except MALFORMED as e:  # what it would do is unknown: refuse the document
+                    raise Malformed(f"a malformed statement ({type(e).__name__}: {e})") \
+                        from None
                 except Unsupported as e:
                     rule.stmts.append(("maybe", str(e)))
         return rule

@@ -249,6 +249,55 @@ class Rule:
         return False
 
 
+class Malformed(Unsupported):
+    """A document that is not nftables JSON the way libnftables-json(5) writes it (a value
+    of another type, a key missing): the audit refuses it in one line (UNPROVEN), never
+    with a traceback (issue 30 item 3; tests/unit/test_audit_fuzz.py)."""
+
+
+# what reading a malformed document raises in the compiler (a str where a dict was, a
+# missing key, a list where a hashable was, an address that does not parse)
+MALFORMED = (TypeError, KeyError, AttributeError, ValueError, IndexError)
+
+
+def _check_doc(doc: Any) -> None:
+    """The shape of what the evaluator reads outside the compiler (chains are sorted by
+    priority, keyed by names, bound to devices): anything else is Malformed up front."""
+    def bad(what: str) -> Malformed:
+        return Malformed(f"a malformed ruleset document: {what}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("nftables", []), list):
+        raise bad('no "nftables" list')
+    for item in doc.get("nftables", []):
+        if not isinstance(item, dict):
+            raise bad(f"an item {json.dumps(item)[:40]}")
+        for kind in ("chain", "rule", "set", "map"):
+            if kind not in item:
+                continue
+            o = item[kind]
+            names = ("family", "table", "chain" if kind == "rule" else "name")
+            if not isinstance(o, dict) or not all(isinstance(o.get(k), str) for k in names):
+                raise bad(f"a {kind} without {'/'.join(names)} as strings")
+            if kind == "chain":
+                for k in ("hook", "type", "policy"):
+                    if k in o and not isinstance(o[k], str):
+                        raise bad(f"chain {o['name']}: {k} {o[k]!r}")
+                if "prio" in o and (not isinstance(o["prio"], int) or
+                                    isinstance(o["prio"], bool)):
+                    raise bad(f"chain {o['name']}: prio {o['prio']!r}")
+                if o.get("policy", "accept") not in ("accept", "drop"):
+                    raise bad(f"chain {o['name']}: policy {o['policy']!r}")
+            if kind == "rule":
+                if not isinstance(o.get("expr", []), list) or \
+                        not all(isinstance(x, dict) and x for x in o.get("expr", [])):
+                    raise bad(f"a rule of {o['chain']} whose expr is not a list of objects")
+                if o.get("handle") is not None and not isinstance(o["handle"], int):
+                    raise bad(f"a rule of {o['chain']} with handle {o['handle']!r}")
+                if o.get("comment") is not None and not isinstance(o["comment"], str):
+                    raise bad(f"a rule of {o['chain']} with comment {o['comment']!r}")
+            if kind in ("set", "map") and not isinstance(o.get("elem", []), list):
+                raise bad(f"{kind} {o['name']}: elem is not a list")
+
+
 def _index_rules(rules: list[Rule]) -> tuple[str | None, dict[Any, list[int]], list[int]]:
     """(field, value -> rules pinned to it, rules not pinned) for a long chain: of the
     fields at least half its rules pin to a few exact values in every box, the one with
@@ -289,6 +338,14 @@ class Ruleset:
     """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
+        _check_doc(doc)
+        try:
+            self._read(doc)
+        except MALFORMED as e:
+            raise Malformed(f"a malformed ruleset document ({type(e).__name__}: {e})") \
+                from None
+
+    def _read(self, doc: dict[str, Any]) -> None:
         self._devs: set[str] = set()
         self.chains: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rules: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -340,6 +397,8 @@ class Ruleset:
             try:
                 got = self._compiled_pre[key] = [self._compile(key, r)
                                                  for r in self.rules.get(key, [])]
+            except MALFORMED as e:
+                raise Malformed(f"a malformed rule ({type(e).__name__}: {e})") from None
             finally:
                 self._pre = False
         return got
@@ -444,11 +503,19 @@ class Ruleset:
                 except Unsupported as e:
                     rule.unknown.append(str(e))
                     continue
+                except MALFORMED as e:  # followed both ways, as any match not modelled
+                    rule.unknown.append(f"a malformed match ({type(e).__name__}: {e})")
+                    continue
                 rule.boxes = [b for a in (rule.boxes or []) for u in union
                               if (b := intersect(a, u)) is not None]
             else:
                 try:
                     rule.stmts.append(self._stmt(x, key))
+                except Malformed:
+                    raise
+                except MALFORMED as e:  # what it would do is unknown: refuse the document
+                    raise Malformed(f"a malformed statement ({type(e).__name__}: {e})") \
+                        from None
                 except Unsupported as e:
                     rule.stmts.append(("maybe", str(e)))
         return rule
@@ -742,6 +809,19 @@ class Ruleset:
         raise Unsupported(f"statement {name}")
 
 
+def _inert(stmts: list[tuple[Any, ...]]) -> bool:
+    """Statements that change nothing the evaluator follows (counters, logs, mangling of
+    fields it does not read, limits with nothing after them): whether they run or stop,
+    the packet goes on to the next rule in the same modelled state."""
+    return all(s[0] in ("nop", "maybe") for s in stmts)
+
+
+def _soft(stmts: list[tuple[Any, ...]]) -> bool:
+    """Statements after which the packet always goes on to the next rule, changing at
+    most its mark: inert ones and `meta mark set`."""
+    return all(s[0] in ("nop", "maybe", "setmark") for s in stmts)
+
+
 def and_dep(a: Pred | None, b: Pred) -> Pred:
     return b if a is None else space.and_pred(a, b)
 
@@ -1029,18 +1109,24 @@ class Evaluator:
                     try:
                         # a plain verdict is a leaf: whoever uses it asks for a witness;
                         # anything that explores further must not start from nothing
-                        if terminal or self.point() is not None:
+                        if r.unknown and _soft(r.stmts):
+                            # matched or not, the packet goes on to the next rule: one
+                            # branch (tainted) stands for both (see _soft)
+                            if self.point() is not None:
+                                self._either(r, key, i, trace, nat, tn, k, depth)
+                        elif terminal or self.point() is not None:
                             self._stmts(r, 0, key, i, trace, nat, tn, k, depth)
                     finally:
                         self.restore(u)
-                    if not r.unknown:
+                    if not r.unknown or _soft(r.stmts):
                         self.excl.push(b)
                         pushed += 1
                 if r.boxes == [{}] and not r.unknown:
                     return  # matches everything: nothing gets past it
-                if r.unknown:
+                if r.unknown and not _soft(r.stmts):
                     # inside its known matches the unknown one may be false: the rest goes
-                    # on from there tainted; outside them the rule cannot match at all
+                    # on from there tainted; outside them the rule cannot match at all.
+                    # (A rule whose statements are inert took that same way above.)
                     for b in r.boxes or []:
                         u = self.narrow(b)
                         if u is not None:
@@ -1056,6 +1142,26 @@ class Evaluator:
         finally:
             for _ in range(pushed):
                 self.excl.pop()
+
+    def _either(self, r: Rule, key, i: int, trace, nat, taint, k, depth) -> None:
+        """The rest of the chain after a rule that may match or not (a match the evaluator
+        does not model) and whose statements only taint or set the mark: ONE tainted
+        branch in which the mark is its old value or any value the rule sets. Exploring
+        matched and not matched apart doubled the paths per such rule (`ip dscp X meta
+        mark set Y` x 12 = 4096 ways through the rest; docs/field-notes.md). Sound: the
+        branch is tainted (a PASS never rests on it) and admits every packet either
+        branch did (the mark over-approximated, the exclusions on it projected)."""
+        tn = taint + [f"{r.chain} #{r.handle}: {x[1]}" for x in r.stmts if x[0] == "maybe"]
+        marks = frozenset(x[1] for x in r.stmts if x[0] == "setmark")
+
+        def go() -> None:
+            self._chain(key, i + 1, trace, nat, tn, k, depth)
+        if not marks:
+            go()
+            return
+        old = self.box.get("mark")
+        self.rewrite("mark", Pred(lambda v, o=old, s=marks: v in s or o is None or o.test(v)),
+                     go)
 
     def _stmts(self, r: Rule, j: int, key, i: int, trace, nat, taint, k, depth) -> None:
         """Carry out rule r's statements from the j-th on; i is the rule's index."""
@@ -1161,6 +1267,15 @@ class Evaluator:
                 return
             if kind == "maybe":  # the statement may stop the rule or not: both, tainted
                 tn = taint + [f"{r.chain} #{r.handle}: {s[1]}"]
+                if _inert(r.stmts[j + 1:]):
+                    # nothing after it the evaluator follows: stopped or not, the packet
+                    # goes on to the next rule in the same state, so the two branches are
+                    # one (following both doubled the paths per rule: 2^n for n dscp or
+                    # priority rules, docs/field-notes.md); the taint stays
+                    tn += [f"{r.chain} #{r.handle}: {x[1]}" for x in r.stmts[j + 1:]
+                           if x[0] == "maybe"]
+                    next_rule("none", trace, nat, tn)
+                    return
                 self._stmts(r, j + 1, key, i, trace, nat, tn, k, depth)
                 next_rule("none", trace, nat, tn)
                 return

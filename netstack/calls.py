@@ -266,7 +266,7 @@ def wait_answer(stack_dir: str, p: Pending, stopping: threading.Event | None = N
                 os.unlink(f)
 
 
-def _peer_closed(conn: Any) -> bool:
+def peer_closed(conn: Any) -> bool:
     """The caller's end of the call socket is closed (its process ended). On a Unix
     stream socket that is POLLHUP: both directions shut, whatever bytes it sent are still
     queued; netstack-call's own half-close after its stdin (SHUT_WR) is not one."""
@@ -597,7 +597,7 @@ class Daemon:
             ok = wait_answer(self.dir, Pending(cid, source, v.target, service, argument,
                                                v.rule, time.time(),
                                                time.time() + st.plan.ask_timeout),
-                             self.stopping, lambda: _peer_closed(conn))
+                             self.stopping, lambda: peer_closed(conn))
             rec.verdict = "ask->allow" if ok else "ask->deny"
             if not ok:
                 rec.reason += "; denied on the host (or nobody answered in time)"

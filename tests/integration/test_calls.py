@@ -225,8 +225,11 @@ def test_a_host_process_is_not_a_qube(calls_stack):
     path = f"/run/netstack/{calls_stack}/public/calls/work/sock"
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
-    s.sendall(b"personal my.Touch+host\n")
-    s.shutdown(socket.SHUT_WR)
+    try:  # the daemon may refuse before it reads the request: the peer is checked first
+        s.sendall(b"personal my.Touch+host\n")
+        s.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     got = s.recv(100)
     s.close()
     assert got.startswith(b"R"), got

@@ -11,15 +11,15 @@ import time
 from netstack import calls
 
 
-def test_peer_closed_only_when_the_caller_is_gone():
+def testpeer_closed_only_when_the_caller_is_gone():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        assert not calls._peer_closed(a)
+        assert not calls.peer_closed(a)
         b.sendall(b"a file offered")
         b.shutdown(socket.SHUT_WR)  # its stdin ended: still waiting for the answer
-        assert not calls._peer_closed(a)
+        assert not calls.peer_closed(a)
         b.close()  # the caller's process ended
-        assert calls._peer_closed(a)
+        assert calls.peer_closed(a)
     finally:
         a.close()
 

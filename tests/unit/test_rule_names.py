@@ -58,12 +58,12 @@ def test_fill_gives_each_expiring_rule_the_time_it_has_left_and_ended_ones_nothi
     started = 1000.0
     cmds = qubefw.fill_commands(p, "sys-firewall", {"vpn.lab.test": ["203.0.113.10"]},
                                 started, 1002.0)
-    assert elements(cmds, "fw4_5") == [{"elem": {"val": "203.0.113.10", "timeout": 4}}]
+    assert elements(cmds, "fw4_5") == [{"elem": {"val": "203.0.113.10", "timeout": 8}}]
     assert elements(cmds, "fw4_4") == ["203.0.113.10"]
     assert elements(cmds, "fw4_7") == []  # nosuch.lab.test: no answer, matches nothing
     flushed = {short(c["flush"]["set"]["name"]) for c in cmds if "flush" in c}
     assert {"fw4_4", "fw4_5", "fw4_7"} <= flushed
-    later = qubefw.fill_commands(p, "sys-firewall", {}, started, 1006.5)
+    later = qubefw.fill_commands(p, "sys-firewall", {}, started, 1010.5)
     assert elements(later, "fw4_5") == [] and "fw4_5" in {
         short(c["flush"]["set"]["name"]) for c in later if "flush" in c}
 

@@ -333,6 +333,23 @@ class Done(Exception):
     pass
 
 
+def walk_from(ev: Evaluator, w: Walk, plan: Plan, ws: QubeInfo) -> None:
+    """Every packet workstation `ws` can send from its own link (no socket of the netvm's,
+    no output interface yet), walked hop by hop with `w` until it ends; a walker's Done
+    ends it early. Explosion / Unsupported go to the caller (UNPROVEN)."""
+    start = {"iif": eq_pred([vif(ws.qid)]), "oif": eq_pred([NO_IFACE]),
+             "skuid": eq_pred([None]), "skgid": eq_pred([None])}
+    try:
+        u = ev.narrow(start)
+        try:
+            w.hop(plan.qube(ws.netvm or ""), [], [])
+        finally:
+            if u is not None:
+                ev.restore(u)
+    except Done:
+        pass
+
+
 def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
                endpoints: set[tuple[str, str, int]],
                net: dict[str, dict[str, Any]] | None = None) -> list[Result]:
@@ -354,17 +371,8 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
         ev = Evaluator(None, doms)
         w = Walk(plan, compiled, endpoints, net, ev)
         name = "end to end: only VPN transport on the ISP link"
-        start = {"iif": eq_pred([vif(ws.qid)]), "oif": eq_pred([NO_IFACE]),
-                 "skuid": eq_pred([None]), "skgid": eq_pred([None])}
         try:
-            u = ev.narrow(start)
-            try:
-                w.hop(plan.qube(ws.netvm or ""), [], [])
-            finally:
-                if u is not None:
-                    ev.restore(u)
-        except Done:
-            pass
+            walk_from(ev, w, plan, ws)
         except (Explosion, Unsupported) as e:
             out.append(Result(name, ws.name, "UNPROVEN", f"not understood: {e}"))
             continue

@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from netstack.audit.e2e import Done, Walk, constants
+from netstack.audit.e2e import Done, Walk, constants, walk_from
 from netstack.audit.evaluator import Evaluator, Explosion, Ruleset, packet_of
 from netstack.audit.properties import Result
-from netstack.audit.space import NO_IFACE, Domains, Unsupported, eq_pred
+from netstack.audit.space import Domains, Unsupported
 from netstack.invariants import evaluate, way_out
 from netstack.model import Invariant, Plan, QubeInfo
 from netstack.names import vif
@@ -137,17 +137,8 @@ def _walk(plan: Plan, compiled: dict[str, Ruleset], endpoints: set[tuple[str, st
     ev = Evaluator(None, doms)
     w = _Ways(plan, compiled, endpoints, net, ev)
     w.inv, w.proxies = inv, set()
-    start = {"iif": eq_pred([vif(ws.qid)]), "oif": eq_pred([NO_IFACE]),
-             "skuid": eq_pred([None]), "skgid": eq_pred([None])}
     try:
-        u = ev.narrow(start)
-        try:
-            w.hop(plan.qube(ws.netvm or ""), [], [])
-        finally:
-            if u is not None:
-                ev.restore(u)
-    except Done:
-        pass
+        walk_from(ev, w, plan, ws)
     except (Explosion, Unsupported) as e:
         return Result(name, ws.name, "UNPROVEN", f"not understood: {e}")
     n = sum(w.tally.values())

@@ -333,6 +333,20 @@ class Done(Exception):
     pass
 
 
+def chain_evaluator(plan: Plan, compiled: dict[str, Ruleset], endpoints: Any,
+                    net: Any, ws: QubeInfo, chain: list[QubeInfo]) -> Evaluator:
+    """An evaluator over the domains of every ruleset on `ws`'s path (`chain`: its netvms
+    up to the uplink), with the plan's constants and every link of the path named."""
+    doms = Domains()
+    for c in chain:
+        doms.merge(compiled[c.netns].domains)
+    constants(doms, plan, chain, endpoints, net)
+    for c in chain:
+        doms.name("iif", vif(c.qid))
+    doms.name("iif", vif(ws.qid))
+    return Evaluator(None, doms)
+
+
 def walk_from(ev: Evaluator, w: Walk, plan: Plan, ws: QubeInfo) -> None:
     """Every packet workstation `ws` can send from its own link (no socket of the netvm's,
     no output interface yet), walked hop by hop with `w` until it ends; a walker's Done
@@ -361,14 +375,7 @@ def end_to_end(plan: Plan, rulesets: dict[str, dict[str, Any]],
         chain = plan.chain(ws.name)[1:]
         if not any(c.tunnel for c in chain):
             continue
-        doms = Domains()
-        for c in chain:
-            doms.merge(compiled[c.netns].domains)
-        constants(doms, plan, chain, endpoints, net)
-        for c in chain:
-            doms.name("iif", vif(c.qid))
-        doms.name("iif", vif(ws.qid))
-        ev = Evaluator(None, doms)
+        ev = chain_evaluator(plan, compiled, endpoints, net, ws, chain)
         w = Walk(plan, compiled, endpoints, net, ev)
         name = "end to end: only VPN transport on the ISP link"
         try:

@@ -21,13 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from netstack.audit.e2e import Done, Walk, constants, walk_from
+from netstack.audit.e2e import Done, Walk, chain_evaluator, walk_from
 from netstack.audit.evaluator import Evaluator, Explosion, Ruleset, packet_of
 from netstack.audit.properties import Result
-from netstack.audit.space import Domains, Unsupported
+from netstack.audit.space import Unsupported
 from netstack.invariants import evaluate, way_out
 from netstack.model import Invariant, Plan, QubeInfo
-from netstack.names import vif
 
 
 class _Ways(Walk):
@@ -126,15 +125,7 @@ def _walk(plan: Plan, compiled: dict[str, Ruleset], endpoints: set[tuple[str, st
             return Result(name, ws.name, bad[0].status, f"its own properties do not hold: "
                           f"{_named(bad)}", bad[0].counterexample, bad[0].trace)
         return Result(name, ws.name, "PASS", f"its own properties hold ({len(mine)} PASS)")
-    chain = plan.chain(ws.name)[1:]
-    doms = Domains()
-    for c in chain:
-        doms.merge(compiled[c.netns].domains)
-    constants(doms, plan, chain, endpoints, net)
-    for c in chain:
-        doms.name("iif", vif(c.qid))
-    doms.name("iif", vif(ws.qid))
-    ev = Evaluator(None, doms)
+    ev = chain_evaluator(plan, compiled, endpoints, net, ws, plan.chain(ws.name)[1:])
     w = _Ways(plan, compiled, endpoints, net, ev)
     w.inv, w.proxies = inv, set()
     try:

@@ -999,7 +999,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="remove everything of a stack (also after a crash)")
     p.add_argument("--purge", action="store_true",
                    help="also remove the app qubes' persistent homes and the lab's kept "
-                        "private Tor network (keys, consensus: /var/lib/netstack/lab-tor)")
+                        "private Tor network (keys, consensus: /var/lib/netstack/lab-tor; "
+                        "shared by every stack's lab: the next `up --lab` makes a new one)")
     p.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS",
                    help="wait this long for another netstack changing the stack (a "
                         "disposable being made, a firewall change) to finish (default 60)")

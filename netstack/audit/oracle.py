@@ -370,29 +370,35 @@ class KernelLab:
         fate = self._read_fate(p, timeout)
         if not self.ingress:
             return fate
-        # where the packet (fwd) or a copy (dup) arrived: a neighbour's counter rose
-        rose: list[str] = []
+        # where the packet (fwd) or a copy (dup) arrived: a neighbour's counter rose, by
+        # the number of frames (a `dup to X` and a `fwd to X` are two identical frames on X)
+        got: dict[str, int] = {}
         end = time.monotonic() + (timeout if ("ingress", "stolen") in fate else 0.05)
         while True:
             now = self._moved()
-            rose = sorted(n for n in now if now[n] > before.get(n, 0))
-            if rose or time.monotonic() > end:
+            seen = {n: now[n] - before.get(n, 0) for n in now if now[n] > before.get(n, 0)}
+            if seen and seen == got:  # two readings alike: every frame has arrived
                 break
+            got = seen
+            if time.monotonic() > end:
+                break
+        rose = sorted(got)
         out: list[tuple[str, str]] = []
         for hook, verdict in fate:
             if (hook, verdict) == ("ingress", "stolen"):
                 to = [n for n in rose if n == self._stolen_to()] or \
                     [n for n in rose if n in getattr(self, "fwd_devs", set())]
-                if len(rose) == 1:
-                    out.append(("ingress", f"fwd {rose[0]}"))
-                elif len(to) == 1:  # copies first (a dup goes on; fwd ends the packet)
-                    out += [("ingress", f"dup {n}") for n in rose if n != to[0]]
+                if rose == to or len(rose) == 1:
+                    to = rose
+                if len(to) == 1:  # copies first (a dup goes on; fwd ends the packet)
+                    out += [("ingress", f"dup {n}") for n in rose
+                            for _ in range(got[n] - (n == to[0]))]
                     out.append(("ingress", f"fwd {to[0]}"))
                 else:
                     out.append(("ingress", "stolen"))
                 continue
             if hook == "ingress" and verdict in ("accept", "drop") and rose:
-                out += [("ingress", f"dup {n}") for n in rose]
+                out += [("ingress", f"dup {n}") for n in rose for _ in range(got[n])]
                 rose = []
             out.append((hook, verdict))
         return out

@@ -434,7 +434,10 @@ def cmd_template(args: argparse.Namespace) -> int:
                 print("no templates (make one: `netstack template create NAME`)")
             for t in out:
                 print(f"{t['name']}: {t['suite']} {t['variant']}"
+                      + (f" ({t['profile']})" if t.get("profile") else "")
                       + (f" +{','.join(t['include'])}" if t["include"] else "")
+                      + (f", {len(t['wanted'])} package(s) for the next update"
+                         if t.get("wanted") else "")
                       + f", made {t['created']}, updated {t['updated'] or 'never'} "
                       f"({t['path']})")
             return 0
@@ -442,9 +445,13 @@ def cmd_template(args: argparse.Namespace) -> int:
         raise UsageError(f"template {args.action}: give the template's NAME")
     elif args.action == "create":
         out = template_cmd.create(args.name, args.include, args.variant, args.suite,
-                                  args.mirror, args.source)
+                                  args.mirror, args.source, args.profile)
         if not args.json:
             print(f"template {args.name}: made in {out['seconds']} s ({out['path']})")
+            if out["wanted"]:
+                print(f"template {args.name}: {len(out['wanted'])} package(s) of the "
+                      "profile are installed by the next `netstack template update "
+                      f"{args.name}` (through the stack, not the host)")
     elif args.action == "remove":
         out = {"removed": template_cmd.remove(args.name)}
         if not args.json:
@@ -1229,6 +1236,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                        "(Qubes' templates)",
                        epilog="examples:\n  sudo netstack template create deb\n"
                        "  sudo netstack template create deb --include curl,ca-certificates\n"
+                       "  sudo netstack template create anon --profile whonix-workstation\n"
                        "  sudo netstack template update deb          # through the stack's "
                        "Tor gateway\n  sudo netstack template update deb --via sys-proxyvm"
                        "\n  sudo netstack template remove deb\n"
@@ -1245,6 +1253,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mirror", help="create: the Debian mirror (default deb.debian.org)")
     p.add_argument("--from", dest="source", metavar="DIR", help="create: copy this Debian "
                    "root file system instead of building one")
+    p.add_argument("--profile", metavar="NAME",
+                   help="create: what the template is for (whonix-workstation: Tor "
+                   "Browser's needs, torsocks, UTC; with --from, the packages come with the "
+                   "next update)")
     p.add_argument("--via", metavar="QUBE", help="update: the qube its packets leave through "
                    "(default: [stack] updatevm, else the most private path)")
     p.add_argument("--install", metavar="PKG,...", help="update: also install these")

@@ -113,11 +113,18 @@ class TorSpec(KindSpec):
                               'iat-mode=0"]')
 
     def client_env(self, q: QubeInfo) -> dict[str, str]:
-        """Whonix's convention: apps find the gateway's SOCKS port here (torsocks, Tor
-        Browser's TOR_SOCKS_*); named per-application ports too."""
+        """Whonix-Workstation's convention: apps find the gateway's SOCKS port here (Tor
+        Browser's TOR_SOCKS_*, torsocks' TORSOCKS_TOR_*), named per-application ports too;
+        Tor Browser starts no tor of its own (TOR_SKIP_LAUNCH), talks to the gateway's
+        filtered control port (netstack/tor/filter.py) and hides its network settings, as
+        in Whonix's /etc/profile.d of the workstation."""
         info = q.info
         assert isinstance(info, TorInfo)
-        env = {"TOR_SOCKS_HOST": info.address, "TOR_SOCKS_PORT": str(SOCKS_PORT)}
+        env = {"TOR_SOCKS_HOST": info.address, "TOR_SOCKS_PORT": str(SOCKS_PORT),
+               "TORSOCKS_TOR_ADDRESS": info.address, "TORSOCKS_TOR_PORT": str(SOCKS_PORT),
+               "TOR_CONTROL_HOST": info.address, "TOR_CONTROL_PORT": str(CONTROL_PORT),
+               "TOR_SKIP_LAUNCH": "1", "TOR_SKIP_CONTROLPORTTEST": "1",
+               "TOR_NO_DISPLAY_NETWORK_SETTINGS": "1"}
         for name, port in sorted(info.socks_ports.items()):
             env[f"TOR_SOCKS_PORT_{name.upper().replace('-', '_')}"] = str(port)
         return env

@@ -822,12 +822,6 @@ def cmd_calls(args: argparse.Namespace) -> int:
                            else "empty"))
     if out["pending"]:
         print("waiting for an answer (`netstack call-answer ID allow|deny`):")
-    def shown(x: Any) -> str:
-        """What a qube sent (a target, a service name), never a terminal's escape: only
-        printable ASCII as it is, the rest as Python escapes."""
-        t = str(x)
-        return t if t.isascii() and t.isprintable() else ascii(t)[1:-1]
-
     for p in out["pending"]:
         left = max(0, int(p["deadline"] - time.time()))
         arg = f"+{p['argument']}" if p["argument"] else ""
@@ -855,14 +849,91 @@ def cmd_open_in_disposable(args: argparse.Namespace) -> int:
                                     prompt if sys.stdin.isatty() else None, args.user)
 
 
+def shown(x: Any) -> str:
+    """What a qube sent (a target, a service name), never a terminal's escape: only
+    printable ASCII as it is, the rest as Python escapes."""
+    t = str(x)
+    return t if t.isascii() and t.isprintable() else ascii(t)[1:-1]
+
+
 def cmd_call_answer(args: argparse.Namespace) -> int:
     from netstack import calls
     from netstack.state import require
 
+    if args.prompt:
+        if args.id or args.answer:
+            raise UsageError("call-answer --prompt takes no ID or answer (it asks)")
+        return _prompt_calls(require(args.stack).dir)
+    if not (args.id and args.answer):
+        raise UsageError("call-answer: give ID and allow|deny (see `netstack calls`), or "
+                         "--prompt")
     p = calls.answer(require(args.stack).dir, args.id, args.answer)
     arg = f"+{p.argument}" if p.argument else ""
     print(f"{args.answer}: {p.source} -> {p.target} {p.service}{arg}")
     return 0
+
+
+def _prompt_calls(stack_dir: str) -> int:
+    """`call-answer --prompt`: each call that starts waiting is asked about here, once, in
+    the order asked; the answer goes to it as `call-answer` would. A call withdrawn or
+    timed out before the answer is said to be so. Ends at EOF of stdin or Ctrl-C. stdin
+    is read as bytes from its descriptor (a line typed ahead waits for the next call)."""
+    import select
+    import time
+
+    from netstack import calls
+
+    buf, eof = b"", False
+
+    def more(timeout: float | None) -> None:
+        nonlocal buf, eof
+        if select.select([0], [], [], timeout)[0]:
+            chunk = os.read(0, 4096)
+            eof, buf = eof or not chunk, buf + chunk
+
+    def line() -> str | None:
+        nonlocal buf
+        while b"\n" not in buf and not eof:
+            more(None)
+        if not buf:
+            return None
+        got, _, buf = buf.partition(b"\n")
+        return got.decode("utf-8", "replace")
+
+    asked: set[str] = set()
+    print("netstack: asking here about calls that wait (Ctrl-C ends)", file=sys.stderr)
+    try:
+        while True:
+            for p in calls.pending(stack_dir):
+                if p.id in asked:
+                    continue
+                asked.add(p.id)
+                arg = f"+{p.argument}" if p.argument else ""
+                left = max(0, int(p.deadline - time.time()))
+                print(f"call {p.id}: {p.source} -> {shown(p.target)} {shown(p.service)}"
+                      f"{shown(arg)} ({p.rule}; denied in {left} s). Allow? [y/N] ",
+                      end="", flush=True)
+                said = line()
+                if said is None:
+                    print()
+                    return 0
+                what = "allow" if said.strip().lower() in ("y", "yes") else "deny"
+                try:
+                    calls.answer(stack_dir, p.id, what)
+                    print(f"{what}: {p.source} -> {shown(p.target)} {shown(p.service)}",
+                          flush=True)
+                except UsageError:
+                    print(f"call {p.id}: no longer waiting (withdrawn or timed out)",
+                          flush=True)
+            if eof and not buf:
+                return 0  # nobody is left to answer
+            if eof:  # a last line without its newline waits for the next call
+                time.sleep(0.2)
+            else:
+                more(0.2)  # the pending list's poll period; typed-ahead lines are kept
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 0
 
 
 def cmd_clipboard(args: argparse.Namespace) -> int:
@@ -1132,11 +1203,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "call-answer", help="answer a call the policy says to `ask` about",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: sudo netstack call-answer 3fa9c01e allow\n"
+        epilog="examples:\n  sudo netstack call-answer 3fa9c01e allow\n"
+        "  sudo netstack call-answer --prompt      # ask here about every waiting call\n"
         "`netstack calls` lists the waiting calls; one not answered in [stack] ask_timeout\n"
         "seconds (default 60) is denied.")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("answer", choices=["allow", "deny"])
+    p.add_argument("id", metavar="ID", nargs="?")
+    p.add_argument("answer", choices=["allow", "deny"], nargs="?")
+    p.add_argument("--prompt", action="store_true",
+                   help="stay, and ask at this terminal about each call that waits (Qubes' "
+                   "confirmation dialog): y allows, anything else denies; ends at EOF or "
+                   "Ctrl-C")
     p.set_defaults(func=cmd_call_answer)
     p = sub.add_parser(
         "clipboard", help="the host's one clipboard between app qubes (Qubes' global "

@@ -116,7 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:  # in tree order: a VPN below a Tor gateway is ready first
         for q in p.qubes:
             timeout = args.tor_timeout if q.traits.protection == "tor" else args.vpn_timeout
-            took = _wait_ready(args, sd, q, st, timeout)
+            took = wait_qube_ready(args, sd, q, st, timeout)
             if took is not None:
                 print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
     except KeyboardInterrupt:
@@ -132,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_ready(args: argparse.Namespace, sd: Any, q: Any, st: Any,
+def wait_qube_ready(args: argparse.Namespace, sd: Any, q: Any, st: Any,
                 timeout: float) -> float | None:
     """A qube's readiness, waited for `timeout`. Under systemd the unit is ready already
     and a tunnel that does not connect is a state, not a failed start: `up` says so as

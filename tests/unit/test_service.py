@@ -214,7 +214,7 @@ def test_under_systemd_up_waits_on_and_says_so(slow_kind):
 
     sd = _Sent("/run/systemd/notify")
     q = argparse.Namespace(kind="slowtest", name="sys-proxyvm")
-    assert cli._wait_ready(_args(), sd, q, None, 0.01) is not None
+    assert cli.wait_qube_ready(_args(), sd, q, None, 0.01) is not None
     assert slow_kind.calls == 3
     said = [f["status"] for f in sd.sent if "status" in f]
     assert len(said) == 2 and all("not up after 0 s" in s and "still waiting" in s
@@ -226,5 +226,5 @@ def test_without_systemd_up_gives_up_at_the_timeout(slow_kind):
 
     q = argparse.Namespace(kind="slowtest", name="sys-proxyvm")
     with pytest.raises(NotReady):
-        cli._wait_ready(_args(), _Sent(None), q, None, 0.01)
+        cli.wait_qube_ready(_args(), _Sent(None), q, None, 0.01)
     assert slow_kind.calls == 1

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from netstack.errors import NetstackError, StateError, UsageError, count
@@ -100,7 +101,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     for w in shadow_warnings(p):
         print(f"netstack: WARNING: {w}", file=sys.stderr)
-    from netstack.kinds.registry import RUNTIMES
     from netstack.state import State
 
     st = State.load(args.stack)
@@ -116,8 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:  # in tree order: a VPN below a Tor gateway is ready first
         for q in p.qubes:
             timeout = args.tor_timeout if q.traits.protection == "tor" else args.vpn_timeout
-            took = RUNTIMES[q.kind].wait_ready(q, st, args.kernel, timeout,
-                                               _progress_bar(f"{q.kind} {q.name}", sd))
+            took = wait_qube_ready(args, sd, q, st, timeout)
             if took is not None:
                 print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
     except KeyboardInterrupt:
@@ -126,9 +125,38 @@ def cmd_up(args: argparse.Namespace) -> int:
     except NetstackError as e:
         print(file=sys.stderr)
         sd.send(status=f"chain closed, not connected: {e}")
+        sd.barrier()
         return _fail(args, f"{e}; {left_up}", e.exit_code)
     sd.send(status="chain up: tunnels connected, Tor bootstrapped")
+    sd.barrier()  # systemd reads the last STATUS while `up` is still its unit's
     return 0
+
+
+def wait_qube_ready(args: argparse.Namespace, sd: Any, q: Any, st: Any,
+                timeout: float) -> float | None:
+    """A qube's readiness, waited for `timeout`. Under systemd the unit is ready already
+    and a tunnel that does not connect is a state, not a failed start: `up` says so as
+    STATUS and waits on, `timeout` at a time, until it connects or the stack is gone (then
+    the NetstackError ends it), so the unit's STATUS follows the chain (docs/host.md)."""
+    from netstack.kinds.registry import RUNTIMES
+    from netstack.state import State
+
+    t0 = time.monotonic()
+    progress = _progress_bar(f"{q.kind} {q.name}", sd)
+    while True:
+        t1 = time.monotonic()
+        try:
+            took = RUNTIMES[q.kind].wait_ready(q, st, args.kernel, timeout, progress)
+            return None if took is None else time.monotonic() - t0
+        except NetstackError as e:
+            if not sd.addr or State.load(args.stack) is None:
+                raise
+            msg = f"{e}; still waiting ({time.monotonic() - t0:.0f} s so far)"
+            print(f"\nnetstack: {msg}", file=sys.stderr)
+            sd.send(status=msg)
+            # a wait that fails at once (a control socket not there yet) is not retried
+            # in a busy loop: at most one try a second
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - t1)))
 
 
 def _ready(sd: Any, st: Any, status: str) -> None:

@@ -220,26 +220,19 @@ def forward_set_commands(info: VpnInfo) -> list[dict[str, Any]]:
     """After a reload: each NAT-PMP set holds the grant in force again (none: empty)."""
     import time
 
-    from netstack.vpn import portfwd, portfwd_run
+    from netstack.vpn import portfwd
 
-    st = portfwd_run.read_state(portfwd.state_path(info.state_dir, info.qube))
-    grants = {g.index: g for g in st.grants} if st else {}
-    out: list[dict[str, Any]] = []
-    for f in info.forwards:
-        if f.natpmp:
-            g = grants.get(f.index)
-            live = g and g.public_port and g.expires_at and g.expires_at > time.time()
-            out += portfwd.set_commands(f, g.public_port if live and g else None)
-    return out
+    st = portfwd.read_state(portfwd.state_path(info.state_dir, info.qube))
+    return portfwd.held_set_commands(info.forwards, st, time.time())
 
 
 def forward_status(info: VpnInfo) -> list[dict[str, Any]]:
     import time
 
     from netstack.codec import dump
-    from netstack.vpn import portfwd, portfwd_run
+    from netstack.vpn import portfwd
 
-    st = portfwd_run.read_state(portfwd.state_path(info.state_dir, info.qube))
+    st = portfwd.read_state(portfwd.state_path(info.state_dir, info.qube))
     grants = {g.index: g for g in st.grants} if st else {}
     out = []
     now = time.time()

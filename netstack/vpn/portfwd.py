@@ -225,6 +225,33 @@ def set_commands(f: Forward, public: int | None) -> list[dict[str, Any]]:
     return replace(f.set_name, elems)
 
 
+def held_set_commands(forwards: list[Forward], st: ForwardState | None, now: float,
+                      grace: float = 0.0) -> list[dict[str, Any]]:
+    """Each NAT-PMP set as the renewer last filled it, from its state file: the grant in
+    force (until `grace` seconds past its expiry: the renewer empties the set on its next
+    pass, within a second), else empty. For a reload (put back) and `status` (compare)."""
+    grants = {g.index: g for g in st.grants} if st else {}
+    out: list[dict[str, Any]] = []
+    for f in forwards:
+        if f.natpmp:
+            g = grants.get(f.index)
+            live = g is not None and g.public_port and g.expires_at is not None and \
+                g.expires_at + grace > now
+            out += set_commands(f, g.public_port if live and g else None)
+    return out
+
+
+def read_state(path: str) -> ForwardState | None:
+    """None when not written yet or damaged (status then shows no grant)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+
+    try:
+        return codec.read(path, ForwardState)
+    except (OSError, DamagedFile):
+        return None
+
+
 # --- the renewer's spec and state (typed files, netstack.codec) --------------------------
 
 @dataclass

@@ -33,6 +33,7 @@ from netstack.vpn.portfwd import (
     RenewerSpec,
     client_dir,
     client_files,
+    read_state,
     set_commands,
 )
 
@@ -194,15 +195,6 @@ def write_client(public_dir: str, qube: str, grants: list[Grant]) -> None:
                 os.unlink(os.path.join(d, name))
     for name, text in files.items():
         codec.atomic_write(os.path.join(d, name), text, 0o644)
-
-
-def read_state(path: str) -> ForwardState | None:
-    from netstack.errors import DamagedFile
-
-    try:
-        return codec.read(path, ForwardState)
-    except (OSError, DamagedFile):
-        return None
 
 
 def main() -> None:

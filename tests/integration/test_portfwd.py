@@ -48,10 +48,18 @@ except OSError as e:
 """
 
 
-def config(entry: str) -> str:
-    return (ROOT / "configs" / "vpn.toml").read_text().replace(
-        'config = "lab:wireguard"',
-        f'config = "lab:wireguard"\nbackend = "wireguard-go"\nforward = [{entry}]')
+GATEWAY = {"wireguard": "10.66.0.1", "openvpn": "10.67.0.1"}  # the lab server's, in the tunnel
+
+
+def config(entry: str, kind: str = "wireguard") -> str:
+    text = (ROOT / "configs" / "vpn.toml").read_text()
+    if kind == "openvpn":
+        text = text.replace('type = "wireguard"', 'type = "openvpn"').replace(
+            '"lab:wireguard"', '"lab:openvpn"')
+    else:
+        text = text.replace('config = "lab:wireguard"',
+                            'config = "lab:wireguard"\nbackend = "wireguard-go"')
+    return text.replace(f'config = "lab:{kind}"', f'config = "lab:{kind}"\nforward = [{entry}]')
 
 
 def connect(ns: str, host: str, port: int, timeout: float = 1.5) -> str:
@@ -85,19 +93,24 @@ def forward_status(s: str) -> dict:
     return found[0] if found else {}
 
 
-@pytest.fixture
-def service(own_stack, tmp_path):
+def start_service(s: str, port: int) -> subprocess.Popen:
+    p = subprocess.Popen(["ip", "netns", "exec", f"nst-{s}-work", sys.executable, "-c",
+                          SERVICE, str(port)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "listening"
+    return p
+
+
+@pytest.fixture(params=["wireguard"])
+def service(own_stack, tmp_path, request):
     """A stack with a NAT-PMP forward to work:51413 and the service running in work."""
+    kind = request.param
     s = own_stack("pf")
     cfg = tmp_path / "pf.toml"
-    cfg.write_text(config('{port = "natpmp", gateway = "10.66.0.1", to = "work:51413", '
-                          f'lifetime = {LIFETIME}}}'))
+    cfg.write_text(config(f'{{port = "natpmp", gateway = "{GATEWAY[kind]}", '
+                          f'to = "work:51413", lifetime = {LIFETIME}}}', kind))
     cli("--stack", s, "up", str(cfg), "--lab")
-    work = f"nst-{s}-work"
-    p = subprocess.Popen(["ip", "netns", "exec", work, sys.executable, "-c", SERVICE, "51413"],
-                         stdout=subprocess.PIPE, text=True)
+    p = start_service(s, 51413)
     try:
-        assert p.stdout is not None and p.stdout.readline().strip() == "listening"
         g = wait_for(lambda: forward_status(s).get("public_port") and forward_status(s),
                      20, 0.1, "a NAT-PMP grant")
         yield s, g, p
@@ -106,8 +119,10 @@ def service(own_stack, tmp_path):
         p.wait()
 
 
-def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, tmp_path):
+@pytest.mark.parametrize("service", ["wireguard", "openvpn"], indirect=True)
+def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, request):
     s, g, svc = service
+    kind = request.node.callspec.params["service"]
     port = g["public_port"]
     web, vpnhost = f"nsl-{s}-web", f"nsl-{s}-vpn"
     assert g["public_address"] == VPN_PUBLIC and 40000 <= port <= 59999
@@ -127,6 +142,11 @@ def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, tmp_
     # --- anti-tests: nothing else is reachable from the tunnel ---------------------------
     assert connect(web, VPN_PUBLIC, port + 1 if port < 59999 else port - 1).startswith("failed")
     assert connect(web, VPN_PUBLIC, 51413).startswith("failed")
+    if kind == "openvpn":
+        svc.kill()
+        seen = [x.strip() for x in svc.stdout.read().splitlines()] if svc.stdout else []
+        assert seen == [WEB]
+        return
     # a hostile server: it routes work's own address into the tunnel (the client's peer
     # admits any source and destination), and asks the tunnel address on other ports
     wg = f"wgs-{s}"
@@ -184,3 +204,34 @@ def test_the_audit_proves_inbound_only_on_the_forwarded_port(service):
     r = json.loads(cli("--stack", s, "audit", "--json", check=False).stdout)
     got = [x for x in r["results"] if x["property"] == PROP]
     assert got and got[0]["status"] == "FAIL"
+
+
+def test_a_static_port_as_airvpn_forwards_it(own_stack, tmp_path):
+    """A port the provider forwards for good: the lab server is told as AirVPN's web
+    panel would be (a DNAT of its public port 41234 into the tunnel); TCP only."""
+    s = own_stack("ps")
+    cfg = tmp_path / "ps.toml"
+    cfg.write_text(config('{port = 41234, to = "work:8080", proto = "tcp"}'))
+    cli("--stack", s, "up", str(cfg), "--lab")
+    web, vpnhost = f"nsl-{s}-web", f"nsl-{s}-vpn"
+    in_ns(vpnhost, "nft", "-f", "-", input="table ip airvpn {\n chain pre { type nat hook "
+          "prerouting priority dstnat; iifname \"eth0\" meta l4proto { tcp, udp } th dport "
+          "{ 41234, 41235 } dnat to 10.66.0.2; }\n}\n")
+    svc = start_service(s, 8080)
+    try:
+        assert connect(web, VPN_PUBLIC, 41234) == f"work-service {WEB}"
+        assert connect(web, VPN_PUBLIC, 41235, 0.7).startswith("failed")  # not ours
+        g = forward_status(s)
+        assert g["source"] == "static" and g["public_port"] == 41234
+        out = cli("--stack", s, "exec", "work", "--", "sh", "-c",
+                  'echo "$NETSTACK_FORWARD_PORT"; cat /run/netstack-forward/port-8080').stdout
+        assert out.split() == ["41234", "41234"]
+        assert "forward static the VPN exit:41234/tcp -> work:8080" in \
+            cli("--stack", s, "status", check=False).stdout
+        r = json.loads(cli("--stack", s, "audit", "--json", check=False).stdout)
+        got = [x for x in r["results"] if x["property"] == PROP]
+        assert got and got[0]["status"] == "PASS" and "tcp port 41234 -> work:8080" in \
+            got[0]["reason"]
+    finally:
+        svc.kill()
+        svc.wait()

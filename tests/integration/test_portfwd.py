@@ -131,8 +131,10 @@ def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, requ
     # the lab host's own address (DNAT only, all the way)
     assert connect(web, VPN_PUBLIC, port) == f"work-service {WEB}"
     # status shows it, in words too
-    text = cli("--stack", s, "status", check=False).stdout
-    assert f"forward NAT-PMP {VPN_PUBLIC}:{port}/tcp+udp -> work:51413" in text
+    st = cli("--stack", s, "status", check=False)
+    assert f"forward NAT-PMP {VPN_PUBLIC}:{port}/tcp+udp -> work:51413" in st.stdout
+    # the set holds what the renewer granted: no drift, nothing degraded
+    assert st.returncode == 0 and "did not set" not in st.stdout, st.stdout
     # handed to the qube: a file in its sandbox and variables for exec
     out = cli("--stack", s, "exec", "work", "--", "sh", "-c",
               'echo "$NETSTACK_FORWARD_PORT $NETSTACK_FORWARD_ADDRESS '
@@ -195,6 +197,7 @@ def test_the_audit_proves_inbound_only_on_the_forwarded_port(service):
     r = json.loads(p.stdout)
     got = [x for x in r["results"] if x["property"] == PROP]
     assert got and got[0]["status"] == "PASS", got
+    assert p.returncode == 0 and r["ok"], [x for x in r["results"] if x["status"] != "PASS"]
     assert f"port {g['public_port']} -> work:51413" in got[0]["reason"]
     # anti-test: a live rule that lets the tunnel in on every port is caught
     vpn_ns = f"nst-{s}-sys-proxyvm"

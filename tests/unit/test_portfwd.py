@@ -339,3 +339,17 @@ def test_lab_forward_commands_refresh_the_timeout():
     assert text.splitlines()[-1] == \
         "add element ip natpmp ports { tcp . 40001 timeout 4s : 10.66.0.2 }"
     assert "delete element" in text.splitlines()[1]
+
+
+def test_held_sets_follow_the_grant_and_lapse_with_it():
+    """What a reload puts back and status compares: the grant in force, else empty."""
+    f = portfwd.parse("v", [{"port": "natpmp", "gateway": "10.2.0.1", "to": "w:1",
+                             "proto": "tcp"}])
+    st = portfwd.ForwardState([portfwd.Grant(0, "w", 1, ["tcp"], 40123, expires_at=100.0)])
+    add = portfwd.held_set_commands(f, st, 99.0)
+    assert add[1]["add"]["element"]["elem"] == [{"concat": ["tcp", 40123]}]
+    assert len(portfwd.held_set_commands(f, st, 100.0)) == 1  # expired: flush only
+    assert len(portfwd.held_set_commands(f, st, 101.0, grace=2.0)) == 2
+    assert len(portfwd.held_set_commands(f, None, 0.0)) == 1
+    static = portfwd.parse("v", [{"port": 5, "to": "w:1"}])
+    assert portfwd.held_set_commands(static, st, 0.0) == []

@@ -150,8 +150,9 @@ def test_upward_import_is_caught(graph: grimp.ImportGraph) -> None:
 
 
 # Where a RealKernel may be made: the entry of each program (the CLI, the supervisor, the
-# DHCP client's hook, the NAT-PMP renewer, the pytest plugin's fixture) and Kernel.fork (another thread's own
-# handles, derived from the entry's). Everything else is handed the kernel.
+# DHCP client's hook, the NAT-PMP renewer, the pytest plugin's fixture) and Kernel.fork
+# (another thread's own handles, derived from the entry's). Everything else is handed the
+# kernel.
 KERNEL_ENTRIES = {("netstack/cli.py", "main"), ("netstack/supervisor.py", "main"),
                   ("netstack/dhcp.py", "main"), ("netstack/pytest_plugin.py", "netstack_chain"),
                   ("netstack/kernel.py", "fork"), ("netstack/vpn/portfwd_run.py", "main")}

@@ -353,3 +353,49 @@ def test_held_sets_follow_the_grant_and_lapse_with_it():
     assert len(portfwd.held_set_commands(f, None, 0.0)) == 1
     static = portfwd.parse("v", [{"port": 5, "to": "w:1"}])
     assert portfwd.held_set_commands(static, st, 0.0) == []
+
+
+def test_client_directory_is_readable_inside_and_follows_the_grant(tmp_path):
+    """The renewer's files for a client: world-readable (the sandbox's account reads them
+    through a read-only bind), the directories above not listable; a port no longer held
+    leaves no stale file behind; `exec` binds the directory and sets its variables."""
+    import os
+    import stat
+
+    from netstack.executor import forwarded
+    from netstack.vpn.portfwd_run import publish_files
+
+    pub = tmp_path / "public"
+    f = portfwd.parse("vpn", [{"port": "natpmp", "gateway": "10.66.0.1", "to": "work:51413"}])
+    spec = portfwd.RenewerSpec("vpn", "ns", str(tmp_path / "st"), str(pub), f)
+    g = portfwd.Grant(0, "work", 51413, ["tcp", "udp"], 40123, "203.0.113.10")
+    publish_files(spec, portfwd.ForwardState([g]))
+    d = pub / "forward" / "work"
+    assert (d / "port-51413").read_text() == "40123\n"
+    assert stat.S_IMODE(os.stat(d / "port-51413").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(pub / "forward").st_mode) == 0o711
+    assert portfwd.read_state(spec.state_path).grants == [g]
+    grants, env = forwarded(str(pub), "work", (), {"TOR": "x"})
+    assert [(x.path, x.inside, x.readonly) for x in grants] == \
+        [(str(d), "/run/netstack-forward", True)]
+    assert env == {"TOR": "x", "NETSTACK_FORWARD_PORT": "40123",
+                   "NETSTACK_FORWARD_ADDRESS": "203.0.113.10",
+                   "NETSTACK_FORWARD_PORT_51413": "40123"}
+    publish_files(spec, portfwd.ForwardState([portfwd.Grant(0, "work", 51413, ["tcp"])]))
+    assert sorted(os.listdir(d)) == ["env"] and (d / "env").read_text() == ""
+    assert forwarded(str(pub), "personal", (), {}) == ((), {})
+
+
+def test_renewer_starts_from_the_state_file(tmp_path):
+    """A restarted renewer keeps the port it held (it asks for it again) and its count."""
+    gw = FakeGateway()
+    f = portfwd.parse("vpn", [{"port": "natpmp", "gateway": "10.66.0.1", "to": "work:51413"}])
+    spec = portfwd.RenewerSpec("vpn", "ns", str(tmp_path / "st"), str(tmp_path / "pub"), f)
+    old = portfwd.ForwardState([portfwd.Grant(0, "work", 51413, ["tcp", "udp"], 40123,
+                                              "203.0.113.10", renewals=7,
+                                              expires_at=2000.0)])
+    published: list = []
+    r = Renewer(spec, old, lambda c: None, published.append, gw.map, gw.address)
+    r.step(1000.0)
+    assert gw.asks[0] == ("tcp", 60, 40123) and published[-1].grants[0].renewals == 8

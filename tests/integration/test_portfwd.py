@@ -19,7 +19,7 @@ import time
 import pytest
 
 from netstack.supervisor import read_status
-from tests.integration.util import ROOT, cli, in_ns, wait_for
+from tests.integration.util import ROOT, cli, in_ns, send, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -120,7 +120,8 @@ def service(own_stack, tmp_path, request):
 
 
 @pytest.mark.parametrize("service", ["wireguard", "openvpn"], indirect=True)
-def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, request):
+def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, request,
+                                                                   tmp_path):
     s, g, svc = service
     kind = request.node.callspec.params["service"]
     port = g["public_port"]
@@ -161,10 +162,28 @@ def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, requ
     assert connect(vpnhost, work_addr, 51413).startswith("failed")  # direct: no DNAT
     for other in (51413, 22, 8080, port + 1):
         assert connect(vpnhost, "10.66.0.2", other, 0.7).startswith("failed"), other
-    # the service saw exactly the two allowed connections
+    # the uplink (sys-firewall's side, as a hostile root there would send): work's port
+    # and the VPN qube's forwarded port reach nothing on work's link
+    from scapy.layers.inet import IP, TCP
+
+    from netstack.leaktest.capture import Capture
+
+    fw = f"nst-{s}-sys-firewall"
+    vif = in_ns(fw, "ip", "-o", "route", "get", "10.137.0.3").stdout.split(" dev ")[1].split()[0]
+    on_link = {"via": "10.137.0.3", "iface": vif, "src": "10.137.0.2"}
+    with Capture(f"nst-{s}-work", "eth0", str(tmp_path / "work.pcap")) as cap:
+        assert send(fw, [{"dst": work_addr, "proto": "tcp", "dport": 51413, **on_link},
+                         {"dst": "10.137.0.3", "proto": "tcp", "dport": port, **on_link},
+                         {"dst": "10.137.0.3", "proto": "udp", "dport": port, **on_link}]) == 3
+        # the positive: through the tunnel the same capture sees the SYN
+        assert connect(web, VPN_PUBLIC, port) == f"work-service {WEB}"
+    seen_syn = [(x[IP].src, x[TCP].dport) for x in cap.packets() if IP in x and TCP in x
+                and x[TCP].flags.S and not x[TCP].flags.A]
+    assert seen_syn == [(WEB, 51413)], seen_syn
+    # the service saw exactly the allowed connections
     svc.kill()
     seen = [x.strip() for x in svc.stdout.read().splitlines()] if svc.stdout else []
-    assert seen == [WEB, "10.66.0.1"]
+    assert seen == [WEB, "10.66.0.1", WEB]
 
 
 def test_the_port_is_renewed_and_lost_without_renewal(service):

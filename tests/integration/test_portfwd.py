@@ -180,10 +180,19 @@ def test_a_lab_host_reaches_the_service_through_the_forwarded_port(service, requ
     seen_syn = [(x[IP].src, x[TCP].dport) for x in cap.packets() if IP in x and TCP in x
                 and x[TCP].flags.S and not x[TCP].flags.A]
     assert seen_syn == [(WEB, 51413)], seen_syn
+    # anti-test of the probe: with forward accepting the uplink, the same SYN arrives
+    in_ns(f"nst-{s}-sys-proxyvm", "nft", "insert", "rule", "inet", "netstack", "forward",
+          "iifname", "eth0", "accept")
+    with Capture(f"nst-{s}-work", "eth0", str(tmp_path / "work2.pcap")) as cap:
+        send(fw, [{"dst": work_addr, "proto": "tcp", "dport": 51413, "sport": 40001,
+                   **on_link}])
+        assert connect(web, VPN_PUBLIC, port) == f"work-service {WEB}"  # (time to arrive)
+    assert any(IP in x and TCP in x and x[IP].src == "10.137.0.2" and x[TCP].sport == 40001
+               for x in cap.packets()), "the injected SYN did not reach work's link"
     # the service saw exactly the allowed connections
     svc.kill()
     seen = [x.strip() for x in svc.stdout.read().splitlines()] if svc.stdout else []
-    assert seen == [WEB, "10.66.0.1", WEB]
+    assert seen == [WEB, "10.66.0.1", WEB, WEB]
 
 
 def test_the_port_is_renewed_and_lost_without_renewal(service):

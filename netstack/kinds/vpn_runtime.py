@@ -201,7 +201,7 @@ def write_forwards(rt: Runtime, info: VpnInfo) -> None:
     pending), the clients' files, and the renewer's spec (its go signal)."""
     from netstack import sandbox
     from netstack.codec import encode
-    from netstack.vpn import portfwd, portfwd_run
+    from netstack.vpn import portfwd
 
     spec = portfwd.RenewerSpec(info.qube, info.netns,
                                portfwd.state_path(info.state_dir, info.qube),
@@ -210,7 +210,12 @@ def write_forwards(rt: Runtime, info: VpnInfo) -> None:
     st = portfwd.ForwardState([portfwd.Grant(f.index, f.qube, f.port, list(f.protos),
                                              f.public, static=not f.natpmp)
                                for f in info.forwards])
-    portfwd_run.publish_files(spec, st)
+    dirs, files = portfwd.publication(spec, st)
+    for d, mode in dirs:
+        if not rt.kernel.is_dir(d):
+            rt.kernel.make_dir(d, mode)
+    for path, text, mode in files:
+        rt.kernel.write_file(path, text, mode)
     if any(f.natpmp for f in info.forwards):
         rt.kernel.write_file(portfwd.spec_path(info.state_dir, info.qube), encode(spec),
                              0o600)

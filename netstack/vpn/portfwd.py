@@ -322,6 +322,27 @@ def client_files(grants: list[Grant]) -> dict[str, str]:
     return out
 
 
+def publication(spec: RenewerSpec, st: ForwardState
+                ) -> tuple[list[tuple[str, int]], list[tuple[str, str, int]]]:
+    """What publishing a state means on disk: (directories with their modes, top down;
+    files with their text and modes): the state file (root's), and each client's
+    directory, world-readable (the sandbox's account reads it through a read-only bind)
+    under directories nobody may list."""
+    from netstack.codec import encode
+
+    dirs = [(spec.public_dir, 0o711), (os.path.join(spec.public_dir, FORWARD_DIR), 0o711)]
+    files = [(spec.state_path, encode(st), 0o600)]
+    by_qube: dict[str, list[Grant]] = {}
+    for g in st.grants:
+        by_qube.setdefault(g.qube, []).append(g)
+    for qube, grants in sorted(by_qube.items()):
+        d = client_dir(spec.public_dir, qube)
+        dirs.append((d, 0o755))
+        files += [(os.path.join(d, name), text, 0o644)
+                  for name, text in client_files(grants).items()]
+    return dirs, files
+
+
 def read_env(text: str) -> dict[str, str]:
     """The variables of a client's `env` file (KEY=VALUE lines; others ignored)."""
     out = {}

@@ -31,8 +31,7 @@ from netstack.vpn.portfwd import (
     ForwardState,
     Grant,
     RenewerSpec,
-    client_dir,
-    client_files,
+    publication,
     read_state,
     set_commands,
 )
@@ -174,27 +173,21 @@ class Renewer:
 
 def publish_files(spec: RenewerSpec, st: ForwardState) -> None:
     """The state file (status reads it) and each client's directory (its sandbox binds
-    it read-only at FORWARD_INSIDE; `exec` sets the variables of its `env`)."""
-    codec.write(spec.state_path, st)
-    by_qube: dict[str, list[Grant]] = {}
-    for g in st.grants:
-        by_qube.setdefault(g.qube, []).append(g)
-    for qube, grants in by_qube.items():
-        write_client(spec.public_dir, qube, grants)
-
-
-def write_client(public_dir: str, qube: str, grants: list[Grant]) -> None:
-    d = client_dir(public_dir, qube)
-    os.makedirs(d, mode=0o755, exist_ok=True)
-    for p in (public_dir, os.path.dirname(d), d):  # (whatever the umask)
-        os.chmod(p, 0o755 if p == d else 0o711)
-    files = client_files(grants)
-    for name in os.listdir(d):
-        if name not in files and (name.startswith("port-") or name == "address"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(d, name))
-    for name, text in files.items():
-        codec.atomic_write(os.path.join(d, name), text, 0o644)
+    it read-only at FORWARD_INSIDE; `exec` sets the variables of its `env`); a port no
+    longer held leaves no file behind."""
+    dirs, files = publication(spec, st)
+    for d, mode in dirs:
+        os.makedirs(d, mode=mode, exist_ok=True)
+        os.chmod(d, mode)  # (whatever the umask)
+    keep = {path for path, _t, _m in files}
+    for d, _mode in dirs[2:]:
+        for name in os.listdir(d):
+            if os.path.join(d, name) not in keep and (name.startswith("port-")
+                                                      or name == "address"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, name))
+    for path, text, mode in files:
+        codec.atomic_write(path, text, mode)
 
 
 def main() -> None:

@@ -117,6 +117,10 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                                 ("openvpn", "--config", os.path.join(d, "ovpn-server.conf")),
                                 requires=os.path.join(d, "ovpn-server.conf"),
                                 ready=f"udp/{OVPN_PORT}"))
+        if any(f.natpmp for q in p.qubes for f in getattr(q.info, "forwards", ())):
+            # a VPN qube asks for a port by NAT-PMP: the server answers as ProtonVPN's
+            p.daemons.append(Daemon("lab-natpmp", vs.netns, natpmp_argv(hosts["vpn"].address),
+                                    ready="udp/5351"))
     tor_nodes: dict[str, TorNode] = {}
     if tor:
         from netstack.tor.network import DIR_PORT, OR_PORT, node_role
@@ -143,6 +147,15 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                     LinkEnd(isp, "cust0", addressing.LAB_ISP_ROUTER),
                     LinkEnd(net_ns, names.UPLINK_IF, addressing.LAB_ISP_CUSTOMER), vs,
                     tor_nodes, vpn_keys)
+
+
+def natpmp_argv(public: str) -> tuple[str, ...]:
+    """The lab's NAT-PMP gateway (lab/natpmpd.py) on each WireGuard and OpenVPN server's
+    tunnel address, for clients in the tunnel networks."""
+    listen = [x for net in TUNNEL_NETS
+              for x in ("--listen", net.split("/")[0].rsplit(".", 1)[0] + ".1")]
+    return (sys.executable, "-m", "netstack.lab.natpmpd", "--public", public, *listen,
+            *(x for net in TUNNEL_NETS for x in ("--clients", net)))
 
 
 def _sink_ruleset() -> dict[str, Any]:

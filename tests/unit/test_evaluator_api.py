@@ -65,7 +65,7 @@ def test_run_hook_gives_the_verdict_the_trace_and_the_unknown():
                                      dport=22))
     assert no.verdict == "drop" and [str(s) for s in no.trace] == ["input -> policy drop"]
     fork = ev.run_hook("forward", Packet(iifname="lan0", oifname="wan0"))
-    assert fork.verdict == "unknown" and fork.unknown == ["forward #6: meta cgroup"]
+    assert fork.verdict == "unknown" and fork.unknown == ["meta cgroup"]
 
 
 def test_run_hook_reports_nat():

@@ -71,5 +71,5 @@ def test_many_dscp_marks_linear() -> None:
                  for i in range(24)]
         ev = Evaluator(Ruleset(_doc(rules)))
         n = [0]
-        ev.explore("input", {}, lambda e, v, tr, nat, tn: n.__setitem__(0, n[0] + 1))
+        ev.explore("input", {}, lambda e, v, tr, nat, tn, n=n: n.__setitem__(0, n[0] + 1))
         assert n[0] < 50

@@ -128,7 +128,8 @@ def test_sets_with_elements_and_dynamic_sets():
     dyn = {"name": "dy", "type": "ipv4_addr", "flags": ["dynamic"], "elem": ["192.0.2.7"]}
     d = doc(("c", [m(P("ip", "saddr"), "@dy"), {"drop": None}]), sets=[dyn])
     v, _, unknown = run(d, PKT)
-    assert v == "unknown" and unknown == ["c #10: @dy (a set the packet path adds to) (either way)"], unknown
+    assert v == "unknown" and unknown == [
+        "c #10: @dy (a set the packet path adds to) (either way)"], unknown
     v, _, unknown = run(doc(("c", [m(P("ip", "saddr"), "@nosuch"), {"drop": None}])), PKT)
     assert v == "unknown" and "set @nosuch (not in the ruleset)" in unknown[0]
 

@@ -471,6 +471,45 @@ def _class_of(reps: tuple, v: int) -> Any:
     return reps[i] if i >= 0 else None
 
 
+_DEFAULT_CANDS: dict[tuple[int, int, str], tuple[tuple, Any, tuple]] = {}
+
+
+def _cands(f: str, p: Pred | None, reps: tuple, prefer: dict[str, list[Any]] | None
+           ) -> tuple:
+    """The values of field f a witness tries, in order (readable ones first). Cached: on
+    the predicate (immutable) or, for an unconstrained field, per domain (a witness search
+    runs thousands of times on one domain; recomputing this was a fifth of its time)."""
+    key = (id(reps), id(prefer), f)
+    if p is None:
+        hit = _DEFAULT_CANDS.get(key)
+        if hit is not None and hit[0] is reps and hit[1] is prefer:
+            return hit[2]
+    else:
+        hit = p._cache.get(("w", key))
+        if hit is not None and hit[0] is reps and hit[1] is prefer:
+            return hit[2]
+    if p is None:
+        c = reps
+    elif p.exact is not None:
+        c = tuple(sorted(p.exact, key=_order))
+    else:
+        c = tuple(v for v in reps if p.test(v))
+    if f in ORDERED and f not in NULLABLE and len(c) > 1:
+        if c[0] == 0 and f not in PLAIN_ZERO:
+            c = c[1:] + (0,)  # a readable counterexample: 0 only when nothing else will do
+        liked = [_class_of(reps, v) for v in (prefer or {}).get(f, []) + PREFER.get(f, [])]
+        first = [r for r in dict.fromkeys(liked) if r is not None and r in set(c)]
+        if first:
+            c = tuple(first) + tuple(v for v in c if v not in set(first))
+    if p is None:
+        if len(_DEFAULT_CANDS) > 4096:
+            _DEFAULT_CANDS.clear()
+        _DEFAULT_CANDS[key] = (reps, prefer, c)
+    else:
+        p._cache[("w", key)] = (reps, prefer, c)
+    return c
+
+
 def witness(box: Box, excl: list[Box], domain: dict[str, tuple],
             budget: int = 20000, prefer: dict[str, list[Any]] | None = None
             ) -> dict[str, Any] | None | bool:
@@ -479,23 +518,9 @@ def witness(box: Box, excl: list[Box], domain: dict[str, tuple],
     steps = [0]
     cand: dict[str, tuple] = {}
     for f in FIELDS:
-        p = box.get(f)
-        if p is None:
-            c = domain[f]
-        elif p.exact is not None:
-            c = tuple(sorted(p.exact, key=_order))
-        else:
-            c = tuple(v for v in domain[f] if p.test(v))
+        c = _cands(f, box.get(f), domain[f], prefer)
         if not c:
             return None
-        if f in ORDERED and f not in NULLABLE and len(c) > 1:
-            if c[0] == 0 and f not in PLAIN_ZERO:
-                c = c[1:] + (0,)  # a readable counterexample: 0 only when nothing else will do
-            reps = domain[f]
-            liked = [_class_of(reps, v) for v in (prefer or {}).get(f, []) + PREFER.get(f, [])]
-            first = [r for r in dict.fromkeys(liked) if r is not None and r in set(c)]
-            if first:
-                c = tuple(first) + tuple(v for v in c if v not in set(first))
         cand[f] = c
     sets: dict[str, frozenset] = {}
 

@@ -374,7 +374,7 @@ def _verdict(draw, c: Ctx, allow_nat: bool) -> list[dict[str, Any]]:
         if c.hook in ("prerouting", "output"):  # the kernel takes notrack only there
             opts.append("notrack")
         if c.hook == "prerouting" and c.ctype == "filter":
-            opts.append("tproxy")
+            opts += ["tproxy", "tproxy", "tproxy"]
     v = draw(st.sampled_from(opts))
     if v in ("choice", "mangle30", "ctmarkset", "notrack", "tproxy"):
         return issue30_statement(draw, c, v)

@@ -374,8 +374,13 @@ def _pinned(r: Rule, f: str) -> frozenset | None:
 class Ruleset:
     """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(self, doc: dict[str, Any], fib_local: Iterable[str] | None = None) -> None:
+        """`fib_local`: the addresses of the ruleset's namespace, where the caller knows
+        them; `fib daddr type local` is then exact (those, 127.0.0.0/8 and ::1), else it
+        is followed both ways."""
         _check_doc(doc)
+        self.fib_local: frozenset[str] | None = \
+            frozenset(fib_local) if fib_local is not None else None
         try:
             self._read(doc)
         except MALFORMED as e:
@@ -813,6 +818,9 @@ class Ruleset:
         left, op, right = m["left"], m["op"], m["right"]
         if isinstance(left, dict) and "fib" in left:
             fib = left["fib"]
+            exact = self._fib_local(fib, op, right)
+            if exact is not None:
+                return exact
             raise Choice(f"fib {' . '.join(map(str, fib.get('flags') or []))} "
                          f"{fib.get('result')} (the namespace's routes): either way")
         if isinstance(left, dict) and "socket" in left:
@@ -841,6 +849,31 @@ class Ruleset:
         if f == "ct_state" and isinstance(right, list):
             elems = [right]
         return [{**dep, f: and_dep(dep.get(f), self._value_pred(f, elems, tr, op))}]
+
+    def _fib_local(self, fib: dict[str, Any], op: str, right: Any) -> list[Box] | None:
+        """`fib daddr type [!=] local` as a match on the destination, where the namespace's
+        addresses are given (its local routes: those, 127.0.0.0/8 and ::1); None where
+        the lookup stays a choice."""
+        if self.fib_local is None or fib.get("result") != "type" or \
+                fib.get("flags") != ["daddr"] or op not in ("==", "!="):
+            return None
+        vals = right.get("set") if isinstance(right, dict) else [right]
+        if vals != ["local"]:
+            return None
+        spans: dict[str, list[tuple[int, int]]] = {
+            "daddr4": [(0x7F000000, 0x7FFFFFFF)], "daddr6": [(1, 1)]}
+        for a in self.fib_local:
+            ip = ipaddress.ip_address(a)
+            spans["daddr4" if ip.version == 4 else "daddr6"].append((int(ip), int(ip)))
+        out: list[Box] = []
+        for f, fam in (("daddr4", FAMILY4), ("daddr6", FAMILY6)):
+            for lo, hi in spans[f]:
+                self.domains.interval(f, lo, hi)
+            inside = Pred(lambda x, s=tuple(spans[f]): x is not None and
+                          any(lo <= x <= hi for lo, hi in s))
+            out.append({"family": fam, f: inside if op == "==" else
+                        Pred(lambda x, t=inside.test: x is not None and not t(x))})
+        return out
 
     def _stmt(self, x: dict[str, Any], key: tuple[str, str, str]) -> tuple[Any, ...]:
         if "accept" in x:

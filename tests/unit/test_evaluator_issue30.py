@@ -298,3 +298,22 @@ def test_unknown_group_name_is_named():
     with pytest.raises(Unsupported):
         from netstack.audit.space import int_interval
         int_interval("guests", "iifgroup")
+
+
+def test_fib_daddr_type_local_is_exact_where_the_addresses_are_given():
+    d = doc(("c", "prerouting", 0, "accept", [
+        [m({"fib": {"result": "type", "flags": ["daddr"]}}, "local"), {"drop": None}]]))
+    rs = Ruleset(d, fib_local={"192.0.2.1", "2001:db8::1"})
+    mine = Packet(iifname="eth0", saddr="192.0.2.7", daddr="192.0.2.1")
+    other = Packet(iifname="eth0", saddr="192.0.2.7", daddr="198.51.100.1")
+    loop = Packet(iifname="lo", saddr="127.0.0.1", daddr="127.0.0.5")
+    assert Evaluator(rs).run_hook("prerouting", mine).verdict == "drop"
+    assert Evaluator(rs).run_hook("prerouting", loop).verdict == "drop"
+    assert Evaluator(rs).run_hook("prerouting", other).verdict == "accept"
+    # not given: either way
+    assert Evaluator(Ruleset(d)).run_hook("prerouting", other).verdict == "unknown"
+    ne = doc(("c", "prerouting", 0, "accept", [
+        [m({"fib": {"result": "type", "flags": ["daddr"]}}, "local", "!="), {"drop": None}]]))
+    rs = Ruleset(ne, fib_local={"192.0.2.1"})
+    assert Evaluator(rs).run_hook("prerouting", mine).verdict == "accept"
+    assert Evaluator(rs).run_hook("prerouting", other).verdict == "drop"

@@ -281,7 +281,8 @@ def _match(draw, c: Ctx) -> tuple[list[dict[str, Any]], set[str]]:
             ({vals[0]} if len(vals) == 1 else set())
     if k == "ct_state":
         vals = _setof(draw, lambda: draw(st.sampled_from(["new", "established", "related",
-                                                          "invalid"])))
+                                                          "invalid"] + (["untracked"] if
+                                                                        ISSUE30 else []))))
         how = draw(st.sampled_from(["in", "set", "ne"]))
         if how == "ne":
             return [m({"ct": {"key": "state"}}, vals[0], "!=")], set()

@@ -317,3 +317,15 @@ def test_fib_daddr_type_local_is_exact_where_the_addresses_are_given():
     rs = Ruleset(ne, fib_local={"192.0.2.1"})
     assert Evaluator(rs).run_hook("prerouting", mine).verdict == "accept"
     assert Evaluator(rs).run_hook("prerouting", other).verdict == "drop"
+
+
+def test_what_if_takes_the_new_fields():
+    from netstack.audit import whatif
+
+    d = doc(("c", "input", 0, "accept", [[m(P("ip", "ttl"), 2, "<"), {"drop": None}],
+                                         [m(P("ip", "dscp"), "ef"), {"drop": None}]]))
+    for spec, want in (("iifname=eth0 ip saddr=192.0.2.7 ip ttl=1", "drop"),
+                       ("iifname=eth0 ip saddr=192.0.2.7 ip ttl=9", "accept"),
+                       ("iifname=eth0 ip saddr=192.0.2.7 ip dscp=ef", "drop")):
+        p, path = whatif.parse(spec)
+        assert whatif.judge(d, p, path).verdict == want, spec

@@ -355,6 +355,29 @@ class Domains:
 SMALL = 64
 
 
+_LAYOUTS: dict[int, tuple[Box, list[tuple[str, frozenset]], list[str]]] = {}
+
+
+def _layout(b: Box) -> tuple[list[tuple[str, frozenset]], list[str]]:
+    """The fields box b pins to a few exact values (and those), and the others: the same
+    boxes (a rule's) are pushed and popped thousands of times in a walk."""
+    hit = _LAYOUTS.get(id(b))
+    if hit is not None and hit[0] is b:
+        return hit[1], hit[2]
+    pinned: list[tuple[str, frozenset]] = []
+    wild: list[str] = []
+    for f in FIELDS:
+        p = b.get(f)
+        if p is not None and p.exact is not None and len(p.exact) <= SMALL:
+            pinned.append((f, p.exact))
+        else:
+            wild.append(f)
+    if len(_LAYOUTS) > 200_000:
+        _LAYOUTS.clear()
+    _LAYOUTS[id(b)] = (b, pinned, wild)
+    return pinned, wild
+
+
 class Exclusions:
     """The boxes a path has excluded (rules it did not match), with an index from a field's
     exact values to the boxes constraining that field to them, so that only the boxes that
@@ -371,27 +394,27 @@ class Exclusions:
         i = len(self.boxes)
         self.boxes.append(b)
         self.orig.append(b)
-        for f in FIELDS:
-            p = b.get(f)
-            if p is not None and p.exact is not None and len(p.exact) <= SMALL:
-                for v in p.exact:
-                    self.by_val[f].setdefault(v, []).append(i)
-            else:
-                self.wild[f].append(i)
+        pinned, wild = _layout(b)
+        for f, vals in pinned:
+            by = self.by_val[f]
+            for v in vals:
+                by.setdefault(v, []).append(i)
+        for f in wild:
+            self.wild[f].append(i)
 
     def pop(self) -> None:
         self.boxes.pop()
         b = self.orig.pop()
-        for f in FIELDS:
-            p = b.get(f)
-            if p is not None and p.exact is not None and len(p.exact) <= SMALL:
-                for v in p.exact:
-                    lst = self.by_val[f][v]
-                    lst.pop()
-                    if not lst:
-                        del self.by_val[f][v]
-            else:
-                self.wild[f].pop()
+        pinned, wild = _layout(b)
+        for f, vals in pinned:
+            by = self.by_val[f]
+            for v in vals:
+                lst = by[v]
+                lst.pop()
+                if not lst:
+                    del by[v]
+        for f in wild:
+            self.wild[f].pop()
 
     def deactivate(self, f: str, current: Pred | None = None,
                    domain: tuple = ()) -> list[tuple[int, Box | None]]:

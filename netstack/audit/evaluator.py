@@ -1584,9 +1584,16 @@ class Evaluator:
                 _, dst, src = s
                 label = f"{'ct mark' if dst == 'ctmark' else 'meta mark'} set " \
                         f"{'ct mark' if src == 'ctmark' else 'meta mark'}"
+                over = taint + [f"{r.chain} #{r.handle}: {label} over more than "
+                                f"{self.COPY_FORKS} classes (over-approximated)"]
+
+                tr_c = trace + [r.step(label)]
+
+                def tainted(j=j, tr=tr_c, tn=over) -> None:
+                    self._stmts(r, j + 1, key, i, tr, nat, tn, k, depth)
                 self._with_connection(r, j, key, i, trace, nat, taint, k, depth,
-                                      lambda go, d=dst, c=src: self._copy(d, c, go), label,
-                                      broken=src == "ctmark")
+                                      lambda go, d=dst, c=src, t=tainted:
+                                      self._copy(d, c, go, t), label, broken=src == "ctmark")
                 return
             raise AssertionError(kind)
         next_rule("none", trace, nat, taint)  # a rule without a verdict: on to the next
@@ -1617,15 +1624,21 @@ class Evaluator:
             finally:
                 self.restore(u)
 
-    COPY_FORKS = 64  # more classes of the source than this: over-approximated (tainted)
+    COPY_FORKS = 64  # more classes of a copy's source: over-approximated, tainted
 
-    def _copy(self, dst: str, src: str, then: Callable[[], None]) -> None:
+    def _copy(self, dst: str, src: str, then: Callable[[], None],
+              tainted: Callable[[], None]) -> None:
         """dst takes src's value: one way per class of src in the region (the two fields
-        share their classes, Domains.link), so the copy is exact."""
+        share their classes, Domains.link), so the copy is exact. Past COPY_FORKS classes
+        (marks under wide masks) dst takes any value src may have, on a tainted way: no
+        PASS rests on it, and the walk stays bounded."""
         p = self.box.get(src)
         vals = [v for v in (p.exact if p is not None and p.exact is not None else
                             p.reps(self.dom[src]) if p is not None else self.dom[src])
                 if v is not None]
+        if len(vals) > self.COPY_FORKS:
+            self.rewrite(dst, p if p is not None else NOT_NONE, tainted)
+            return
         for v in sorted(vals):
             u = self.narrow({src: eq_pred([v])})
             if u is None:

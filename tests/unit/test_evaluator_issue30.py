@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from netstack.audit.evaluator import Evaluator, Packet, Ruleset, fate, fates
-from netstack.audit.space import Unsupported
+from netstack.audit.space import Unsupported, eq_pred
 
 PKT = Packet(iifname="eth0", saddr="192.0.2.7", daddr="192.0.2.1", dport=22)
 
@@ -160,7 +160,6 @@ def test_a_header_set_then_matched(key, value, match, right):
     fam = "ipv6" if key.get("payload", {}).get("protocol") == "ip6" else None
     got = set()
     for f in ("ipv4", "ipv6"):
-        from netstack.audit.space import eq_pred
         got.add((f, frozenset(verdicts(d, "prerouting", {"family": eq_pred([f])}))))
     if fam == "ipv6":
         assert ("ipv6", frozenset({("drop", False)})) in got
@@ -329,3 +328,20 @@ def test_what_if_takes_the_new_fields():
                        ("iifname=eth0 ip saddr=192.0.2.7 ip dscp=ef", "drop")):
         p, path = whatif.parse(spec)
         assert whatif.judge(d, p, path).verdict == want, spec
+
+
+def test_a_copy_over_many_classes_is_bounded_and_never_a_proof():
+    """Marks under masks over 10 bits (1000+ classes): `ct mark set meta mark` does not
+    fork once per class; that way is tainted (UNPROVEN, never PASS)."""
+    rules = [[m({"&": [M("mark"), 1 << b]}, 1 << b), {"counter": None}] for b in range(10)]
+    rules += [[{"mangle": {"key": {"ct": {"key": "mark"}}, "value": M("mark")}}],
+              [m({"ct": {"key": "mark"}}, 5), {"drop": None}]]
+    n = [0]
+    seen: set = set()
+
+    def leaf(e, v, tr, nat, tn):
+        n[0] += 1
+        seen.add((v, bool(tn)))
+    Evaluator(Ruleset(doc(("c", "input", 0, "accept", rules)))).explore(
+        "input", {"ct_state": eq_pred(["established"])}, leaf)
+    assert n[0] < 50 and ("drop", True) in seen and ("drop", False) not in seen, seen

@@ -31,7 +31,7 @@ def test_bench_vpn_kernel_wireguard_chain_against_bare(request, tmp_path, lab):
     out = Path(os.environ.get("NETSTACK_TEST_HOST_OUT") or tmp_path) / f"vpn-{lab}.json"
     runs = os.environ.get("NETSTACK_BENCH_RUNS", "3")
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "vpn.py"), "--runs", runs,
-                        "--seconds", "5", "--lab-wg", lab, "--out", str(out)],
+                        "--seconds", "5", "--lab-wg", lab, "--profile", "--out", str(out)],
                        capture_output=True,
                        text=True, timeout=1800,
                        env=dict(os.environ, NETSTACK_READY_TIMEOUT="90"))
@@ -48,3 +48,7 @@ def test_bench_vpn_kernel_wireguard_chain_against_bare(request, tmp_path, lab):
     print(f"ratio {res['ratio']} (goal 0.9): chain {res['chain_gbit_s_median']} against bare "
           f"{res['bare_gbit_s_median']} Gbit/s; CPU s/GB chain "
           f"{res['chain_cpu_s_per_gb']['total']} bare {res['bare_cpu_s_per_gb']['total']}")
+    for what in ("chain", "bare"):
+        prof = res.get(f"profile_{what}", {})
+        print(f"profile {what} ({prof.get('gbit_s')} Gbit/s, {prof.get('samples')} samples): "
+              f"{prof.get('groups')}")

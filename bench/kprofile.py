@@ -221,7 +221,10 @@ def summary(prof: Profile, n: int = 25) -> dict[str, object]:
     for k, v in s.items():
         groups[group_of(k)] += v
     return {"samples": total, "lost_records": prof.lost,
-            "groups": {k: round(v / total, 4) for k, v in groups.most_common()},
+            "groups": {**{k: round(v / total, 4) for k, v in groups.most_common()
+                          if v / total >= 0.005},
+                       "(each under 0.5 %)": round(sum(v for v in groups.values()
+                                                       if v / total < 0.005) / total, 4)},
             "top": [[k, round(v / total, 4)] for k, v in s.most_common(n)]}
 
 

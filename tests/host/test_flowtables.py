@@ -359,7 +359,7 @@ def test_differential_generator_with_flowtables():
                NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "20"))
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                         "-s", "-rA", str(ROOT / "tests" / "integration" /
-                                         "test_differential.py"), "-k", "agrees"],
+                                         "test_differential.py"), "-k", "agrees or found_cases"],
                        capture_output=True, text=True, env=env, timeout=3000, cwd=ROOT)
     print(p.stdout[-5000:], p.stderr[-2000:])
     assert p.returncode == 0

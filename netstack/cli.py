@@ -80,8 +80,13 @@ def colour(label: str, text: str, width: int = 0) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from netstack import fastpath
+    from netstack.kernel import slow_factor
 
     fastpath.start_probe()  # the kernel's answer comes while the config is read
+    # the waits' deadlines, known before anything is made (a bad NETSTACK_SLOW_FACTOR is
+    # refused here, not after the chain exists)
+    vpn_timeout = args.vpn_timeout if args.vpn_timeout is not None else 30 * slow_factor()
+    tor_timeout = args.tor_timeout if args.tor_timeout is not None else 120 * slow_factor()
     from netstack import stack
     from netstack.service import Notifier
 
@@ -115,7 +120,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                f"it, `netstack --stack {args.stack} down` removes it)")
     try:  # in tree order: a VPN below a Tor gateway is ready first
         for q in p.qubes:
-            timeout = args.tor_timeout if q.traits.protection == "tor" else args.vpn_timeout
+            timeout = tor_timeout if q.traits.protection == "tor" else vpn_timeout
             took = wait_qube_ready(args, sd, q, st, timeout)
             if took is not None:
                 print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
@@ -1074,10 +1079,12 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    "host that takes TCP and UDP on any port (HTTP, TLS with a lab CA)")
     p.add_argument("--no-wait", action="store_true",
                    help="do not wait for the tunnels to connect and Tor to bootstrap")
-    p.add_argument("--vpn-timeout", type=float, default=30, metavar="S",
-                   help="deadline for each VPN's first connection (default 30 s)")
-    p.add_argument("--tor-timeout", type=float, default=120, metavar="S",
-                   help="deadline for Tor bootstrap (default 120 s)")
+    p.add_argument("--vpn-timeout", type=float, default=None, metavar="S",
+                   help="deadline for each VPN's first connection (default 30 s, times "
+                   "NETSTACK_SLOW_FACTOR)")
+    p.add_argument("--tor-timeout", type=float, default=None, metavar="S",
+                   help="deadline for Tor bootstrap (default 120 s, times "
+                   "NETSTACK_SLOW_FACTOR)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser(
         "service", help="start the chain at boot: a systemd unit (install, remove, show, list)",

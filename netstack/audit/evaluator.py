@@ -112,11 +112,13 @@ def _restricts_to_ports(rs: Ruleset, matches: list[dict[str, Any]],
 
 def conntrack_families(x: Any, table: tuple[str, ...]) -> set[str]:
     """The families an expression list turns connection tracking on for (the kernel's
-    nf_ct_netns_get): a ct expression or masquerade/redirect for the table's families, a
-    dnat/snat for the family it names (`dnat ip to` in an inet table: IPv4 only)."""
+    nf_ct_netns_get): a ct expression, masquerade/redirect or `flow add` (a flowtable
+    offloads connections: found by the differential generator with flowtables,
+    docs/field-notes.md "Flowtables") for the table's families, a dnat/snat for the
+    family it names (`dnat ip to` in an inet table: IPv4 only)."""
     out: set[str] = set()
     if isinstance(x, dict):
-        if "ct" in x or "masquerade" in x or "redirect" in x:
+        if "ct" in x or "masquerade" in x or "redirect" in x or "flow" in x:
             out.update(table)
         for k in ("dnat", "snat"):
             if k in x:

@@ -32,6 +32,7 @@ from netstack.model import Daemon
 SCENARIOS = ("udp-blocked", "dns-hijack", "captive-portal", "tls-intercept", "flapping")
 FORGED = "203.0.113.66"  # every forged A answer: a documentation address no lab host has
 FORGER_PORT, PORTAL_PORT, MITM_PORT = 5353, 8081, 8443
+IMPOSTOR_PORT = 1443  # the ISP's own OpenVPN server, on its loopback (tls-intercept)
 PORTAL_SET = "portal_in"  # customers that logged in to the portal
 FLAP_DOWN, FLAP_UP = 2.0, 4.0
 ISP_CA_NAME = "Hostile ISP interception CA"
@@ -108,8 +109,9 @@ def ruleset(scenarios: tuple[str, ...], cust_if: str, router: str) -> dict[str, 
 
 
 def daemons(scenarios: tuple[str, ...], isp_ns: str, cust_if: str,
-            lab_dir: str) -> list[Daemon]:
-    """Each scenario's daemon in the ISP namespace, run by the supervisor."""
+            lab_dir: str, vpn_keys: bool = False) -> list[Daemon]:
+    """Each scenario's daemon in the ISP namespace, run by the supervisor. vpn_keys: the
+    lab runs its VPN servers, so tls-intercept also runs an impostor OpenVPN server."""
     mod = (sys.executable, "-m", "netstack.lab.isp")
     out = []
     if "dns-hijack" in scenarios:
@@ -121,6 +123,11 @@ def daemons(scenarios: tuple[str, ...], isp_ns: str, cust_if: str,
         out.append(Daemon("isp-tls-box", isp_ns,
                           (*mod, "mitm", os.path.join(lab_dir, "isp")),
                           ready=f"tcp/{MITM_PORT}"))
+        if vpn_keys:  # after the lab's own server files: it copies their tls-crypt key
+            out.append(Daemon("isp-ovpn-impostor", isp_ns,
+                              (*mod, "impostor", lab_dir, os.path.join(lab_dir, "isp")),
+                              requires=os.path.join(lab_dir, "ovpn-server.conf"),
+                              ready=f"tcp/{IMPOSTOR_PORT}"))
     if "flapping" in scenarios:
         out.append(Daemon("isp-flap", isp_ns, (*mod, "flap", cust_if)))
     return out
@@ -279,6 +286,13 @@ def serve_mitm(ca_dir: str) -> None:
             dst, dport = None, None
         c.settimeout(10)
         try:
+            first = c.recv(1, socket.MSG_PEEK)
+        except OSError:
+            first = b""
+        if first and first != b"\x16":  # not TLS: OpenVPN over TCP goes to the impostor
+            relay(c, peer, dst, dport)
+            return
+        try:
             with ctx.wrap_socket(c, server_side=True) as t:
                 _event(ev="handshake", client=peer[0], dst=dst, dport=dport, ok=True,
                        version=t.version())
@@ -289,9 +303,72 @@ def serve_mitm(ca_dir: str) -> None:
         finally:
             c.close()
 
+    def relay(c: socket.socket, peer: Any, dst: Any, dport: Any) -> None:
+        import selectors
+
+        _event(ev="impostor", client=peer[0], dst=dst, dport=dport)
+        try:
+            u = socket.create_connection(("127.0.0.1", IMPOSTOR_PORT), timeout=5)
+        except OSError as e:
+            _event(ev="impostor", client=peer[0], ok=False, error=str(e)[:120])
+            c.close()
+            return
+        sel = selectors.DefaultSelector()
+        sel.register(c, selectors.EVENT_READ, u)
+        sel.register(u, selectors.EVENT_READ, c)
+        c.settimeout(None)
+        u.settimeout(None)
+        try:
+            while True:
+                for key, _ in sel.select(60):
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            c.close()
+            u.close()
+
     while True:
         c, peer = lsock.accept()
         threading.Thread(target=conn, args=(c, peer), daemon=True).start()
+
+
+def impostor(lab_dir: str, isp_dir: str) -> None:
+    """The ISP's own OpenVPN server, as a TLS-intercepting box would put in the VPN's way:
+    the provider's tls-crypt key (providers ship one key to all their customers, so an ISP
+    can have it), but a certificate named `server` issued by the ISP's CA. A client that
+    pins its provider's CA (`ca`) refuses it at the TLS handshake (VERIFY ERROR)."""
+    import shutil
+
+    from netstack.lab import pki
+
+    os.makedirs(isp_dir, mode=0o700, exist_ok=True)
+
+    def p(n: str) -> str:
+        return os.path.join(isp_dir, n)
+
+    ca = pki.make_ca(ISP_CA_NAME + " (VPN)", days=2)
+    with open(p("impostor-ca.crt"), "wb") as f:
+        f.write(ca.cert_pem)
+    leaf = pki.issue(ca, "server", days=2, usage="server")
+    pki.write_private(p("impostor.key"), leaf.key_pem)
+    with open(p("impostor.crt"), "wb") as f:
+        f.write(leaf.cert_pem)
+    shutil.copyfile(os.path.join(lab_dir, "tls-crypt.key"), p("tls-crypt.key"))
+    os.chmod(p("tls-crypt.key"), 0o600)
+    with open(p("impostor.conf"), "w") as f:
+        f.write("\n".join([
+            "dev ovi0", "dev-type tun", "proto tcp-server", f"port {IMPOSTOR_PORT}",
+            "local 127.0.0.1", "topology subnet", "server 10.71.0.0 255.255.255.0",
+            f"ca {p('impostor-ca.crt')}", f"cert {p('impostor.crt')}",
+            f"key {p('impostor.key')}", "dh none", f"tls-crypt {p('tls-crypt.key')}",
+            "data-ciphers AES-256-GCM:CHACHA20-POLY1305", "disable-dco", "verb 3",
+            "script-security 1", ""]))
+    _event(ev="impostor-ready", conf=p("impostor.conf"))
+    os.execvp("openvpn", ["openvpn", "--config", p("impostor.conf")])
 
 
 def flap(dev: str) -> None:
@@ -324,10 +401,13 @@ def main(argv: list[str]) -> None:
         serve_portal()
     elif what == "mitm" and len(argv) == 2:
         serve_mitm(argv[1])
+    elif what == "impostor" and len(argv) == 3:
+        impostor(argv[1], argv[2])
     elif what == "flap" and len(argv) == 2:
         flap(argv[1])
     else:
-        sys.exit("usage: python -m netstack.lab.isp forger | portal | mitm CA_DIR | flap DEV")
+        sys.exit("usage: python -m netstack.lab.isp forger | portal | mitm CA_DIR | "
+                 "impostor LAB_DIR ISP_DIR | flap DEV")
 
 
 if __name__ == "__main__":

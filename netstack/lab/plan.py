@@ -56,7 +56,8 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
         from netstack.lab import isp as hostile
 
         isp_rules = hostile.ruleset(isp_scenarios, "cust0", addressing.LAB_ISP_ROUTER)
-        p.daemons.extend(hostile.daemons(isp_scenarios, isp, "cust0", lab_dir(state_dir)))
+        p.daemons.extend(hostile.daemons(isp_scenarios, isp, "cust0", lab_dir(state_dir),
+                                         vpn_keys))
     p.namespaces.append(NsPlan(isp, "lab:isp", {"net/ipv4/ip_forward": "1", **LAB_SYSCTLS},
                                isp_rules, ns_files(isp, [dns])))
     p.veths.append(Veth(isp, "cust0", net_ns, names.UPLINK_IF))

@@ -7,8 +7,11 @@ with the namespace, everything goes at `down`.
   connect; OpenVPN over TCP 443 (`lab:openvpn-tcp`) does.
 - `dns-hijack`: answers every DNS query itself (a redirect to its forger): every A is FORGED.
 - `captive-portal`: forwards nothing but DNS until a login; HTTP goes to its portal (302).
-- `tls-intercept`: terminates every TCP connection but DNS and HTTP in its own TLS box,
-  with a certificate of its own CA (made in the ISP, trusted by nothing of the chain).
+- `tls-intercept`: every TCP connection but DNS and HTTP goes through its box: TLS is
+  terminated with a certificate of its own CA (made in the ISP, trusted by nothing of the
+  chain), so Tor's relays are never reached; OpenVPN over TCP 443 meets the ISP's impostor
+  OpenVPN server (the provider's tls-crypt key, the ISP's CA); what the box cannot parse
+  (obfs4: random bytes) passes, as it does through real ones.
 - `flapping`: its end of the customer link goes down FLAP_DOWN s, up FLAP_UP s, for ever.
 
 The chain must stay closed through each: nothing in clear leaves sys-net, and what the
@@ -284,14 +287,22 @@ def serve_mitm(ca_dir: str) -> None:
             dst = socket.inet_ntoa(raw[4:8])
         except OSError:
             dst, dport = None, None
-        c.settimeout(10)
+        c.settimeout(3)
         try:
             first = c.recv(1, socket.MSG_PEEK)
-        except OSError:
+        except OSError:  # (a timeout: a protocol whose server speaks first)
             first = b""
-        if first and first != b"\x16":  # not TLS: OpenVPN over TCP goes to the impostor
-            relay(c, peer, dst, dport)
+        if first != b"\x16":  # not TLS (or silent): OpenVPN on 443 meets the impostor,
+            # anything else passes untouched, as a TLS box passes what it cannot parse
+            # (obfs4 looks like random bytes: a Tor bridge gets through)
+            if first and dport == 443:
+                relay(c, peer, ("127.0.0.1", IMPOSTOR_PORT), "impostor", dst, dport)
+            elif dst is not None and dport is not None:
+                relay(c, peer, (dst, dport), "passed", dst, dport)
+            else:
+                c.close()
             return
+        c.settimeout(10)
         try:
             with ctx.wrap_socket(c, server_side=True) as t:
                 _event(ev="handshake", client=peer[0], dst=dst, dport=dport, ok=True,
@@ -303,14 +314,15 @@ def serve_mitm(ca_dir: str) -> None:
         finally:
             c.close()
 
-    def relay(c: socket.socket, peer: Any, dst: Any, dport: Any) -> None:
+    def relay(c: socket.socket, peer: Any, to: tuple[str, int], ev: str, dst: Any,
+              dport: Any) -> None:
         import selectors
 
-        _event(ev="impostor", client=peer[0], dst=dst, dport=dport)
+        _event(ev=ev, client=peer[0], dst=dst, dport=dport)
         try:
-            u = socket.create_connection(("127.0.0.1", IMPOSTOR_PORT), timeout=5)
+            u = socket.create_connection(to, timeout=5)
         except OSError as e:
-            _event(ev="impostor", client=peer[0], ok=False, error=str(e)[:120])
+            _event(ev=ev, client=peer[0], ok=False, error=str(e)[:120])
             c.close()
             return
         sel = selectors.DefaultSelector()

@@ -272,6 +272,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         isp = lab["isp_link"]
         print(f"  lab: {hosts}; ISP link capture: ip netns exec {isp['netns']} "
               f"tcpdump -i {isp['interface']}")
+        if lab.get("isp"):
+            print(f"  lab ISP is hostile: {', '.join(lab['isp'])} (docs/isp.md)")
     for pr in s["processes"]:
         print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
     return 0 if ok else 1

@@ -18,7 +18,16 @@ import pytest
 from netstack.lab.isp import FORGED
 from netstack.leaktest.capture import Capture
 from tests.integration.faults import broken
-from tests.integration.util import ROOT, cli, in_ns, kernel, nft_counter, wait_for
+from tests.integration.util import (
+    ROOT,
+    cli,
+    in_ns,
+    kernel,
+    nft_counter,
+    reap_zombies,
+    stack_leftovers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -242,6 +251,10 @@ def test_flapping_link_never_leaks_and_the_tunnel_comes_back(own_stack, tmp_path
     assert wait_for(lambda: in_ns(work, "curl", "-sS", "-m", "2", f"http://{WEB}/",
                                   check=False).stdout.strip(), 30, 0.2,
                     "traffic through the tunnel between flaps") == VPN
+    # `down` takes the hostile ISP with it: its namespace, rules and daemons
+    cli("--stack", s, "down")
+    reap_zombies()
+    assert stack_leftovers(s) == []
 
 
 def test_isp_usage_errors():

@@ -264,18 +264,19 @@ def test_isp_usage_errors():
     assert p.returncode == 2 and "--isp is a mode of the lab" in p.stderr
 
 
-def test_tls_intercept_tor_refuses_the_box_and_the_bridge_gets_through(own_stack, tmp_path):
-    """Two gateways behind one ISP that intercepts TLS: the one going straight to the
-    relays never bootstraps (tor meets the box's certificate, not a relay's keys); the one
-    with its obfs4 bridge (random bytes, which the box passes) gets a page through Tor.
-    The ISP link carries only relay and bridge connections; the broken gateway's
-    workstation leaks nothing, and does when its gateway's protection is broken."""
+def test_tls_intercept_tor_refuses_the_box_and_falls_back_to_its_bridge(own_stack, tmp_path):
+    """Two gateways behind an ISP that blocks UDP and intercepts TLS: the one without a
+    bridge never bootstraps (tor meets the box's certificate, not a relay's keys); the one
+    with `bridges_fallback_after` tries the relays, is refused the same way, turns its
+    obfs4 bridge on (random bytes, which the box passes) and gets a page through Tor. The
+    ISP link carries only relay and bridge connections; the stuck gateway's workstation
+    leaks nothing, and does when its gateway's protection is broken."""
     from netstack.addressing import LAB_BRIDGE
     from netstack.leaktest import battery
     from netstack.tor.obfs4 import OBFS4_PORT
 
     s = up(own_stack, str(ROOT / "tests" / "configs" / "tor-two-gateways.toml"),
-           "tls-intercept")
+           "udp-blocked,tls-intercept")
     from tests.integration.util import load_state
 
     plan = load_state(s).plan
@@ -296,7 +297,18 @@ def test_tls_intercept_tor_refuses_the_box_and_the_bridge_gets_through(own_stack
     _, doc = status(s)
     tor2 = qube(doc, "sys-whonix2")
     assert tor2["tor"]["bootstrap"] < 100 and tor2["health"]["state"] == "degraded", tor2
-    assert qube(doc, "sys-whonix")["tor"]["bootstrap"] == 100
+    tor1 = qube(doc, "sys-whonix")["tor"]
+    assert tor1["bootstrap"] == 100
+    fell_back = tor1["bridges_fallback"]["since"]
+    assert fell_back, tor1  # it went straight first, then fell back
+    log = Path(f"/run/netstack/{s}/tor-sys-whonix.log").read_text().splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, x in enumerate(log) if text in x)
+    # its own story: bootstrapping straight to the relays (met by the box), stuck below
+    # 100 %, then its bridges, then 100 %
+    assert first("Bootstrapped ") < first('guard context "bridges"') \
+        < first("Bootstrapped 100%")
     bridge = (LAB_BRIDGE[1], OBFS4_PORT)
 
     def how(ws: str):

@@ -5,6 +5,8 @@ namespace, nothing for a plain lab), the forger's answers and the check's verdic
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from netstack.audit.evaluator import Evaluator, Packet, Ruleset
@@ -89,3 +91,46 @@ def test_the_check_tells_full_portal_and_limited_apart():
     assert state == "portal" and "192.0.2.1:8081/login" in why
     assert classify(200, {}, b"<html>hotel wifi</html>")[0] == "portal"
     assert classify(None, {}, b"")[0] == "limited"
+
+
+def tor_plan(tmp_path, extra: str):
+    cfg = tmp_path / "tor.toml"
+    cfg.write_text(Path("configs/tor.toml").read_text().replace(
+        'bridges = ["lab:obfs4"]', 'bridges = ["lab:obfs4"]\n' + extra))
+    return plan_only(str(cfg), "t1", UplinkSpec("lab"))
+
+
+def test_a_gateway_falls_back_to_its_bridges_only_when_told(tmp_path):
+    from netstack.tor.gateway import torrc
+
+    p = tor_plan(tmp_path, "bridges_fallback_after = 30")
+    info = p.qube("sys-whonix").info
+    assert info.bridges_fallback_after == 30
+    assert "UseBridges 0" in torrc(info) and "Bridge lab:obfs4" in torrc(info)
+    tor = next(d for d in p.daemons if d.name == "tor-sys-whonix")
+    assert tor.monitor == ("netstack.tor.control:watch", info.control_socket, "30.0")
+    plain = tor_plan(tmp_path, "").qube("sys-whonix").info
+    assert "UseBridges 1" in torrc(plain)
+    assert next(d for d in tor_plan(tmp_path, "").daemons
+                if d.name == "tor-sys-whonix").monitor[2:] == ()
+
+
+@pytest.mark.parametrize("extra,err", [
+    ("bridges_fallback_after = 2", "is not seconds"),
+    ("bridges_fallback_after = true", "is not seconds"),
+])
+def test_bad_fallbacks_are_refused_in_one_line(tmp_path, extra, err):
+    from netstack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=err):
+        tor_plan(tmp_path, extra)
+
+
+def test_a_fallback_without_bridges_is_refused(tmp_path):
+    from netstack.errors import ConfigError
+
+    cfg = tmp_path / "tor.toml"
+    cfg.write_text(Path("configs/tor.toml").read_text().replace(
+        'bridges = ["lab:obfs4"]', "bridges_fallback_after = 30"))
+    with pytest.raises(ConfigError, match="no bridges to fall back to"):
+        plan_only(str(cfg), "t1", UplinkSpec("lab"))

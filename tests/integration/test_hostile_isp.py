@@ -163,6 +163,11 @@ def test_udp_blocked_openvpn_fails_over_to_tcp_443(own_stack, tmp_path):
     assert [(h["from"], h["to"]) for h in hist] == [(0, 1)]
     bad, _ = leak_run(s, tmp_path, "steady")
     assert bad == []
+    # and leaktest's whole battery on this chain, behind this ISP (about 20 s)
+    p = cli("--stack", s, "leaktest", "--pcaps", str(tmp_path / "battery"), "--json",
+            check=False, timeout=240)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 0 and rep["leaks"] == 0 and not rep["errors"], p.stdout[-2000:]
 
 
 def test_dns_hijack_never_opens_to_the_forged_address(own_stack, tmp_path):

@@ -57,7 +57,7 @@ def parse(values: list[str] | None) -> tuple[str, ...]:
     return tuple(s for s in SCENARIOS if s in got)
 
 
-def ruleset(scenarios: tuple[str, ...], cust_if: str, router: str) -> dict[str, Any]:
+def ruleset(scenarios: tuple[str, ...], cust_if: str) -> dict[str, Any]:
     """The ISP router's ruleset: a router that forwards everything (the lab's plain ISP),
     plus each scenario's rules on what comes from or goes to the customer link."""
     from netstack.rules.nft import (
@@ -107,7 +107,7 @@ def ruleset(scenarios: tuple[str, ...], cust_if: str, router: str) -> dict[str, 
                 match(payload("th", "dport"), {"set": [53, 80]}, "!="),
                 ct_state("new"), COUNTER, redirect(MITM_PORT),
                 comment="tls-intercept: TCP to the ISP's TLS box")
-    del router  # (the daemons bind 0.0.0.0: a redirect lands on cust0's address)
+    # (the daemons bind 0.0.0.0: a redirect lands on cust0's own address)
     return rs.to_json()
 
 

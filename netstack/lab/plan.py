@@ -55,7 +55,7 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
     if isp_scenarios:
         from netstack.lab import isp as hostile
 
-        isp_rules = hostile.ruleset(isp_scenarios, "cust0", addressing.LAB_ISP_ROUTER)
+        isp_rules = hostile.ruleset(isp_scenarios, "cust0")
         p.daemons.extend(hostile.daemons(isp_scenarios, isp, "cust0", lab_dir(state_dir),
                                          vpn_keys))
     p.namespaces.append(NsPlan(isp, "lab:isp", {"net/ipv4/ip_forward": "1", **LAB_SYSCTLS},

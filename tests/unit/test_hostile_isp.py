@@ -30,7 +30,7 @@ def fwd(ev: Evaluator, **kw) -> str:
 
 
 def test_udp_blocked_forwards_dns_and_tcp_but_no_other_udp():
-    ev = Evaluator(Ruleset(isp.ruleset(("udp-blocked",), "cust0", "192.0.2.1")))
+    ev = Evaluator(Ruleset(isp.ruleset(("udp-blocked",), "cust0")))
     out = {"iifname": "cust0", "oifname": "h1-dns", "saddr": "192.0.2.2"}
     assert fwd(ev, **out, daddr="203.0.113.10", l4proto="udp", dport=51820) == "drop"
     assert fwd(ev, **out, daddr="203.0.113.10", l4proto="udp", dport=1194) == "drop"
@@ -44,7 +44,7 @@ def test_udp_blocked_forwards_dns_and_tcp_but_no_other_udp():
 
 
 def test_captive_portal_forwards_only_dns_before_a_login():
-    ev = Evaluator(Ruleset(isp.ruleset(("captive-portal",), "cust0", "192.0.2.1")))
+    ev = Evaluator(Ruleset(isp.ruleset(("captive-portal",), "cust0")))
     out = {"iifname": "cust0", "oifname": "h0-web", "saddr": "192.0.2.2"}
     assert fwd(ev, **out, daddr="198.51.100.53", l4proto="udp", dport=53) == "accept"
     assert fwd(ev, **out, daddr="198.51.100.80", l4proto="tcp", dport=443) == "drop"

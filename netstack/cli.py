@@ -60,8 +60,13 @@ def _uplink(args: argparse.Namespace) -> UplinkSpec:
         raise UsageError("--lab and --uplink exclude each other: pick one")
     if getattr(args, "sink", False) and not args.lab:
         raise UsageError("--sink is a mode of the lab: add --lab")
+    isp = getattr(args, "isp", None)
+    if isp and not args.lab:
+        raise UsageError("--isp is a mode of the lab: add --lab")
     if args.lab:
-        return UplinkSpec("lab", sink=getattr(args, "sink", False))
+        from netstack.lab.isp import parse
+
+        return UplinkSpec("lab", sink=getattr(args, "sink", False), isp=parse(isp))
     if args.uplink:
         return UplinkSpec(args.uplink_mode, args.uplink)
     raise UsageError("say where sys-net's uplink is: --lab (simulated internet) or "
@@ -300,6 +305,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         isp = lab["isp_link"]
         print(f"  lab: {hosts}; ISP link capture: ip netns exec {isp['netns']} "
               f"tcpdump -i {isp['interface']}")
+        if lab.get("isp"):
+            print(f"  lab ISP is hostile: {', '.join(lab['isp'])} (docs/isp.md)")
     for pr in s["processes"]:
         print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
     return 0 if ok else 1
@@ -1067,6 +1074,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                        "or a shipped configs/NAME.toml (default: configs/tor-over-vpn.toml)")
         p.add_argument("--lab", action="store_true", help="uplink into the built-in lab internet")
         p.add_argument("--uplink", metavar="DEV", help="move host interface DEV into sys-net")
+        p.add_argument("--isp", action="append", metavar="SCENARIO",
+                       help="with --lab: a hostile ISP (repeat or comma-separate): "
+                       "udp-blocked, dns-hijack, captive-portal, tls-intercept, flapping "
+                       "(docs/isp.md)")
         p.add_argument("--uplink-mode", choices=["move", "nat"], default="move",
                        help="move: DEV goes into sys-net, the host keeps no network (the "
                        "Qubes way); nat: sys-net gets a veth NATed to DEV by the host")

@@ -249,7 +249,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
                          second_wg="lab:wireguard2" in refs,
                          second_ovpn="lab:openvpn2" in refs, tor_clients=tor_clients,
-                         wg_kernel=uplink.lab_wg_kernel)
+                         wg_kernel=uplink.lab_wg_kernel, isp_scenarios=uplink.isp,
+                         openvpn_tcp="lab:openvpn-tcp" in refs)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

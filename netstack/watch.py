@@ -51,10 +51,11 @@ from netstack.watchfilter import (
 FILE, PCAP, CLEARED = "watch.json", "watch.pcap", "watch-cleared.json"
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER, SO_TIMESTAMPNS = 26, 35
+SOL_PACKET, PACKET_AUXDATA, TP_STATUS_VLAN_VALID = 263, 8, 0x10
 KEEP_ALARMS = 100  # alarms kept in watch.json (all are counted)
 KEEP_PACKETS = 10000  # packets kept in the pcap
 REFRESH_S = 1.0  # how often the allowed set is re-read while nothing happens
-LINKTYPE_LINUX_SLL = 113
+LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL = 1, 113
 
 
 def paths(stack_dir: str) -> tuple[str, str, str]:
@@ -143,14 +144,27 @@ def attach(s: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
     s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def open_socket(k: Kernel, netns: str, dev: str, prog: list[tuple[int, int, int, int]]
-                ) -> socket.socket:
-    """The packet socket in `netns`, its filter attached before it is bound to `dev`."""
+def link_header(k: Kernel, netns: str, dev: str) -> int:
+    """ETH_HLEN for an Ethernet-like uplink (a 6-byte hardware address: Ethernet, Wi-Fi,
+    veth), read whole; 0 for one without a link header (tun, PPP, WWAN)."""
+    from netstack.watchfilter import ETH_HLEN
+
+    for x in k.links(netns):
+        if x.name == dev:
+            return ETH_HLEN if x.mac and len(x.mac.split(":")) == 6 else 0
+    raise StateError(f"sys-net has no uplink {dev} in {netns}; fix: `netstack status`")
+
+
+def open_socket(k: Kernel, netns: str, dev: str, prog: list[tuple[int, int, int, int]],
+                l2: int) -> socket.socket:
+    """The packet socket in `netns`, its filter attached before it is bound to `dev`:
+    SOCK_RAW (the whole frame) on an Ethernet-like uplink, else SOCK_DGRAM."""
     with k.inside(netns):
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW if l2 else socket.SOCK_DGRAM, 0)
     try:
         attach(s, prog)
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)  # a VLAN tag kept out of band
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind((dev, ETH_P_ALL))
     except OSError as e:
@@ -160,17 +174,19 @@ def open_socket(k: Kernel, netns: str, dev: str, prog: list[tuple[int, int, int,
 
 
 class Pcap:
-    """An append-only pcap of the alarms' packets (Linux cooked capture: what a
-    SOCK_DGRAM packet socket gives, on any kind of uplink)."""
+    """An append-only pcap of the alarms' packets: Ethernet frames, or Linux cooked
+    capture for an uplink without link header (what a SOCK_DGRAM socket gives)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, l2: int) -> None:
+        self.l2 = l2
         self.path = path
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.f = os.fdopen(fd, "ab")
         self.n = 0
         if self.f.tell() == 0:
             self.f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 1 << 18,
-                                     LINKTYPE_LINUX_SLL))  # nanosecond timestamps
+                                     LINKTYPE_ETHERNET if l2 else LINKTYPE_LINUX_SLL))
+            # (magic 0xa1b23c4d: nanosecond timestamps)
             self.f.flush()
         else:
             self.n = _count(path)
@@ -178,10 +194,13 @@ class Pcap:
     def add(self, ts: float, data: bytes, addr: tuple[Any, ...]) -> int | None:
         if self.n >= KEEP_PACKETS:
             return None
-        _ifname, proto, pkttype, hatype, mac = (list(addr) + [0, 0, 0, b""])[:5]
-        mac = bytes(mac)[:8]
-        head = struct.pack("!HHH8sH", pkttype, hatype, len(mac), mac.ljust(8, b"\0"), proto)
-        frame = head + data
+        if self.l2:
+            frame = data
+        else:
+            _ifname, proto, pkttype, hatype, mac = (list(addr) + [0, 0, 0, b""])[:5]
+            mac = bytes(mac)[:8]
+            frame = struct.pack("!HHH8sH", pkttype, hatype, len(mac), mac.ljust(8, b"\0"),
+                                proto) + data
         sec = int(ts)
         self.f.write(struct.pack("<IIII", sec, int((ts - sec) * 1e9), len(frame), len(frame))
                      + frame)
@@ -219,11 +238,12 @@ class Watch:
         self.st = require(stack)
         self.file_path, self.pcap_path, self.cleared_path = paths(self.st.dir)
         self._mtimes: tuple[float, ...] = ()
-        self.allowed = facts(self.st, k, tor)
-        self.prog = program(self.allowed)
         plan = self.st.plan
         assert plan is not None
         self.netns, self.dev = plan.net.netns, plan.net.upstream_if
+        self.l2 = link_header(k, self.netns, self.dev)
+        self.allowed = facts(self.st, k, tor)
+        self.prog = program(self.allowed, self.l2)
         self.sock: socket.socket | None = None
         self.pcap: Pcap | None = None
         self.cleared_seen = self._cleared_at()
@@ -268,7 +288,7 @@ class Watch:
         new = facts(self.st, self.k, self.tor)
         if new.digest() == self.allowed.digest():
             return False
-        self.allowed, self.prog = new, program(new)
+        self.allowed, self.prog = new, program(new, self.l2)
         if self.sock is not None:
             attach(self.sock, self.prog)
         self.wf.allowed, self.wf.instructions = new.to_json(), len(self.prog)
@@ -291,8 +311,8 @@ class Watch:
 
     def run(self) -> None:
         self._mtimes = self._stat()
-        self.sock = open_socket(self.k, self.netns, self.dev, self.prog)
-        self.pcap = Pcap(self.pcap_path)
+        self.sock = open_socket(self.k, self.netns, self.dev, self.prog, self.l2)
+        self.pcap = Pcap(self.pcap_path, self.l2)
         import selectors
 
         sel = selectors.DefaultSelector()
@@ -327,8 +347,8 @@ class Watch:
         assert self.sock is not None
         while True:
             try:
-                data, anc, _flags, addr = self.sock.recvmsg(ALARM, socket.CMSG_SPACE(16),
-                                                            socket.MSG_DONTWAIT)
+                data, anc, _flags, addr = self.sock.recvmsg(
+                    ALARM, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(20), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -337,17 +357,18 @@ class Watch:
                 if e.errno == errno.ENETDOWN:
                     return
                 raise
-            ts = time.time()
+            ts, vlan = time.time(), False
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
                     sec, nsec = struct.unpack("qq", raw[:16])
                     ts = sec + nsec / 1e9
-            proto, pkttype = addr[1], addr[2]
-            if run(self.prog, data, proto=proto, pkttype=pkttype) != ALARM or (
-                    self._stale() and run(self.prog, data, proto=proto, pkttype=pkttype)
-                    != ALARM):
+                elif level == SOL_PACKET and kind == PACKET_AUXDATA and len(raw) >= 4:
+                    vlan = bool(struct.unpack("I", raw[:4])[0] & TP_STATUS_VLAN_VALID)
+            how = {"proto": addr[1], "pkttype": addr[2], "vlan": vlan}
+            if run(self.prog, data, **how) != ALARM or (
+                    self._stale() and run(self.prog, data, **how) != ALARM):
                 continue  # allowed by the facts as they are now (a failover, a guard)
-            self.alarm(ts, data, addr)
+            self.alarm(ts, data, addr, vlan)
 
     def _stale(self) -> bool:
         """Re-read the facts before an alarm counts (at most every 50 ms in a storm)."""
@@ -358,7 +379,8 @@ class Watch:
         except Exception:  # noqa: BLE001 - facts that cannot be read: judge with the old
             return False
 
-    def alarm(self, ts: float, data: bytes, addr: tuple[Any, ...]) -> None:
+    def alarm(self, ts: float, data: bytes, addr: tuple[Any, ...], vlan: bool = False
+              ) -> None:
         cut_at = None
         if self.on_leak == "cut" and not self.wf.cut:
             try:
@@ -369,7 +391,13 @@ class Watch:
                 _log(f"could not set {self.dev} down: {e}")
         assert self.pcap is not None
         idx = self.pcap.add(ts, data, addr)
-        a = Alarm(time.time(), ts, decode(data, addr[1]), idx, cut_at)
+        if self.l2 and len(data) >= self.l2:
+            headers = decode(data[self.l2:], int.from_bytes(data[12:14], "big"))
+        else:
+            headers = decode(data, addr[1])
+        if vlan:
+            headers["vlan_offloaded"] = True
+        a = Alarm(time.time(), ts, headers, idx, cut_at)
         self.wf.count += 1
         if len(self.wf.alarms) < KEEP_ALARMS:
             self.wf.alarms.append(a)
@@ -443,7 +471,14 @@ def clear(stack: str, k: Kernel) -> dict[str, Any]:
     if w is not None and w.cut:
         plan = st.plan
         assert plan is not None
-        k.link_up(plan.net.netns, plan.net.upstream_if)
+        net = plan.net
+        k.link_up(net.netns, net.upstream_if)
+        # a link set down loses its routes: put back the plan's (a DHCP client puts back
+        # its own when it sees the carrier again)
+        have = {(r.dst, r.dev) for r in k.routes(net.netns)}
+        for r in plan.routes:
+            if r.ns == net.netns and r.dev == net.upstream_if and (r.dst, r.dev) not in have:
+                k.route_add(r)
         out["uplink_up_again"] = True
     if w is not None and alive(w):
         end = time.monotonic() + 3
@@ -467,9 +502,12 @@ def show(stack: str, k: Kernel) -> dict[str, Any]:
     st = require(stack)
     w = read(st.dir)
     now = facts(st, k)
+    plan = st.plan
+    assert plan is not None
+    l2 = link_header(k, plan.net.netns, plan.net.upstream_if)
     out: dict[str, Any] = {"stack": stack, "running": alive(w) and w is not None and
                            time.time() - w.heartbeat < 5,
-                           "allowed_now": now.to_json(), "instructions": len(program(now))}
+                           "allowed_now": now.to_json(), "instructions": len(program(now, l2))}
     if w is not None:
         out.update(codec.dump(w))
         out["running"] = bool(out["running"])

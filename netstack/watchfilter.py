@@ -47,7 +47,8 @@ ADD, AND, RSH = 0x00, 0x50, 0x70
 K, X = 0x00, 0x08
 TAX, TXA = 0x00, 0x80
 SKF_AD_OFF = 0xFFFFF000  # -0x1000 as the u32 `k` of an ancillary load
-AD_PROTOCOL, AD_PKTTYPE = 0, 4
+AD_PROTOCOL, AD_PKTTYPE, AD_VLAN_TAG_PRESENT = 0, 4, 48
+ETH_HLEN = 14
 PACKET_OUTGOING = 4
 ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
 ALARM = 0x40000  # bytes copied of a passing packet: a whole GSO super-packet
@@ -202,7 +203,8 @@ class _Asm:
     reaches at most 255 instructions ahead: the program is built from short blocks, and a
     far target is reached with `ja` (32-bit)."""
 
-    def __init__(self) -> None:
+    def __init__(self, l2: int = 0) -> None:
+        self.l2 = l2  # bytes of link-layer header before the network header in the data
         self.code: list[tuple[int, Any, Any, int]] = []
         self.labels: dict[str, int] = {}
         self._n = 0
@@ -214,7 +216,13 @@ class _Asm:
     def label(self, name: str) -> None:
         self.labels[name] = len(self.code)
 
-    def op(self, code: int, k: int = 0, jt: Any = 0, jf: Any = 0) -> None:
+    def op(self, code: int, k: int = 0, jt: Any = 0, jf: Any = 0, raw: bool = False) -> None:
+        """A packet load's offset counts from the network header (the link-layer header's
+        length is added here, unless `raw`); an ancillary load's never moves."""
+        cls, mode = code & 0x07, code & 0xE0
+        if not raw and ((cls == LD and mode in (ABS, IND) and k < SKF_AD_OFF)
+                        or (cls == LDX and mode == MSH)):
+            k += self.l2
         self.code.append((code, jt, jf, k & 0xFFFFFFFF))
 
     def ret(self, v: int) -> None:
@@ -250,15 +258,28 @@ def _v6_words(a: str) -> list[int]:
     return list(struct.unpack("!4I", b))
 
 
-def program(al: Allowed) -> list[Insn]:
+def program(al: Allowed, l2: int = 0) -> list[Insn]:
     """The classic BPF program: 0 for what `al` allows (and for every packet that is not
-    outgoing), ALARM for the rest. Raises ValueError when the allowed set does not fit in
-    the kernel's 4096 instructions (a few hundred flows)."""
-    a = _Asm()
+    outgoing), ALARM for the rest. `l2`: ETH_HLEN for an Ethernet uplink read whole
+    (SOCK_RAW: the ethertype is the frame's own, so a VLAN tag the kernel would look past
+    is seen), 0 for a device without link header (SOCK_DGRAM, the ethertype the kernel
+    says). A tag kept out of band (VLAN offload) is an alarm either way. Raises
+    ValueError when the allowed set does not fit in the kernel's 4096 instructions (a few
+    hundred flows)."""
+    a = _Asm(l2)
     a.op(LD | W | ABS, SKF_AD_OFF + AD_PKTTYPE)
     a.op(JMP | JEQ | K, PACKET_OUTGOING, 1, 0)
     a.ret(0)  # what arrives or loops back: not ours to judge
-    a.op(LD | W | ABS, SKF_AD_OFF + AD_PROTOCOL)
+    a.op(LD | W | ABS, SKF_AD_OFF + AD_VLAN_TAG_PRESENT)
+    a.op(JMP | JEQ | K, 0, 1, 0)
+    a.ret(ALARM)
+    if l2:
+        a.op(LD | W | LEN)
+        a.op(JMP | JGE | K, l2, 1, 0)
+        a.ret(ALARM)
+        a.op(LD | H | ABS, 12, raw=True)
+    else:
+        a.op(LD | W | ABS, SKF_AD_OFF + AD_PROTOCOL)
     a.op(JMP | JEQ | K, ETH_P_ARP, 0, 1)
     a.ret(0)
     a.op(JMP | JEQ | K, ETH_P_IP, 1, 0)
@@ -279,7 +300,7 @@ def _ipv4(a: _Asm, al: Allowed) -> None:
     # a sane header: at least 20 bytes, version 4, IHL >= 5; and, unless a later fragment,
     # the first 4 bytes of the transport header present (ports, ICMP type)
     a.op(LD | W | LEN)
-    a.op(JMP | JGE | K, 20, 1, 0)
+    a.op(JMP | JGE | K, a.l2 + 20, 1, 0)
     a.ret(ALARM)
     a.op(LD | B | ABS, 0)
     a.op(ALU | AND | K, 0xF0)
@@ -293,7 +314,7 @@ def _ipv4(a: _Asm, al: Allowed) -> None:
     a.op(LD | H | ABS, 6)
     a.op(JMP | JSET | K, 0x1FFF, frag, 0)
     a.op(MISC | TXA)
-    a.op(ALU | ADD | K, 4)
+    a.op(ALU | ADD | K, a.l2 + 4)
     a.op(MISC | TAX)
     a.op(LD | W | LEN)
     a.op(JMP | JGE | X, 0, frag, 0)
@@ -361,7 +382,7 @@ def _ipv4(a: _Asm, al: Allowed) -> None:
 
 def _ipv6(a: _Asm, al: Allowed) -> None:
     a.op(LD | W | LEN)
-    a.op(JMP | JGE | K, 44, 1, 0)
+    a.op(JMP | JGE | K, a.l2 + 44, 1, 0)
     a.ret(ALARM)
     a.op(LD | B | ABS, 0)
     a.op(ALU | AND | K, 0xF0)
@@ -411,11 +432,13 @@ def pack(prog: list[Insn]) -> bytes:
     return b"".join(struct.pack("=HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
 
 
-def run(prog: list[Insn], data: bytes, *, proto: int, pkttype: int) -> int:
-    """Interpret `prog` on a packet as the kernel does for a SOCK_DGRAM packet socket
-    (`data` from the network header; `proto` the ethertype; `pkttype` PACKET_*): returns
-    what the kernel would (0: dropped, else the bytes kept). An out-of-bounds load ends
-    the program with 0, as in the kernel."""
+def run(prog: list[Insn], data: bytes, *, proto: int, pkttype: int, vlan: bool = False
+        ) -> int:
+    """Interpret `prog` on a packet as the kernel does for a packet socket (`data` as the
+    socket reads it: from the link header for SOCK_RAW, the network header for
+    SOCK_DGRAM; `proto` skb->protocol; `pkttype` PACKET_*; `vlan` a tag out of band):
+    returns what the kernel would (0: dropped, else the bytes kept). An out-of-bounds
+    load ends the program with 0, as in the kernel."""
     acc = xr = 0
     pc = 0
     n = len(data)
@@ -450,6 +473,8 @@ def run(prog: list[Insn], data: bytes, *, proto: int, pkttype: int) -> int:
                     acc = proto
                 elif ad == AD_PKTTYPE:
                     acc = pkttype
+                elif ad == AD_VLAN_TAG_PRESENT:
+                    acc = int(vlan)
                 else:
                     raise ValueError(f"ancillary load {ad}")
                 continue

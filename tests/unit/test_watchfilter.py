@@ -16,6 +16,7 @@ from netstack import stack, watchfilter
 from netstack.model import UplinkSpec
 from netstack.watchfilter import (
     ALARM,
+    ETH_HLEN,
     ETH_P_ARP,
     ETH_P_IP,
     ETH_P_IPV6,
@@ -33,8 +34,15 @@ INCOMING = 0
 
 
 def judge(al: Allowed, pkt, proto: int = ETH_P_IP, pkttype: int = PACKET_OUTGOING) -> bool:
-    """True: an alarm (the filter passes the packet to the watch)."""
-    return run(program(al), bytes(pkt), proto=proto, pkttype=pkttype) == ALARM
+    """True: an alarm (the filter passes the packet to the watch). Both programs judge:
+    a device without link header (network header first) and an Ethernet uplink (the
+    frame whole); they must agree."""
+    data = bytes(pkt)
+    bare = run(program(al), data, proto=proto, pkttype=pkttype) == ALARM
+    frame = b"\xff" * 6 + b"\x02" * 6 + proto.to_bytes(2, "big") + data
+    whole = run(program(al, ETH_HLEN), frame, proto=proto, pkttype=pkttype) == ALARM
+    assert bare == whole, (bare, whole)
+    return bare
 
 
 VPN_ONLY = Allowed(own=(OWN,), transport=frozenset({(VPN, "udp", 51820)}))
@@ -64,6 +72,22 @@ def test_arp_passes_other_ethertypes_do_not():
     assert not judge(VPN_ONLY, arp, proto=ETH_P_ARP)
     assert judge(VPN_ONLY, b"\x00" * 60, proto=0x8100)  # a VLAN tag
     assert judge(VPN_ONLY, b"\xaa\xaa\x03" + b"\x00" * 40, proto=0x0004)  # raw 802.2
+
+
+def test_vlan_tags_are_alarms_in_band_or_out():
+    inner = bytes(IP(src=OWN, dst=VPN) / UDP(sport=1, dport=51820))
+    tagged = b"\xff" * 6 + b"\x02" * 6 + b"\x81\x00\x00\x07\x08\x00" + inner
+    # the kernel says IPv4 and looks past the tag (docs/field-notes.md): the frame's own
+    # ethertype is what the Ethernet program reads
+    assert run(program(VPN_ONLY, ETH_HLEN), tagged, proto=ETH_P_IP,
+               pkttype=PACKET_OUTGOING) == ALARM
+    plain = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00" + inner
+    assert run(program(VPN_ONLY, ETH_HLEN), plain, proto=ETH_P_IP, pkttype=PACKET_OUTGOING) == 0
+    for l2, data in ((0, inner), (ETH_HLEN, plain)):
+        assert run(program(VPN_ONLY, l2), data, proto=ETH_P_IP, pkttype=PACKET_OUTGOING,
+                   vlan=True) == ALARM  # a tag kept out of band (VLAN offload)
+    assert run(program(VPN_ONLY, ETH_HLEN), plain[:13], proto=ETH_P_IP,
+               pkttype=PACKET_OUTGOING) == ALARM  # not even an Ethernet header
 
 
 def test_malformed_and_truncated_are_alarms():

@@ -260,3 +260,27 @@ def test_problems_for_status():
     w.alarms.append(watchfilter.Alarm(1.0, 1.0, {"summary": "tcp x"}, 0))
     (p,) = watchfilter.problems(w, wanted=False, alive=True, now=101.0)
     assert "2 packet(s)" in p and "tcp x" in p and "set the uplink down" in p
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('watch = "yes"', "'watch'"),
+    ('on_leak = "drop"', "'on_leak'"),
+])
+def test_config_refuses_a_bad_watch_setting(tmp_path, line, needle):
+    from netstack.errors import ConfigError
+
+    text = f"[stack]\n{line}\n" + (ROOT / "configs" / "vpn.toml").read_text()
+    with pytest.raises(ConfigError, match=needle):
+        plan_of("", text, tmp_path)
+
+
+def test_the_plan_carries_the_watch_and_the_supervisor_runs_it(tmp_path):
+    text = '[stack]\nwatch = true\non_leak = "cut"\n' + (ROOT / "configs" / "vpn.toml"
+                                                         ).read_text()
+    p = plan_of("", text, tmp_path)
+    assert (p.watch, p.on_leak) == (True, "cut")
+    assert (plan_of("vpn.toml").watch, plan_of("vpn.toml").on_leak) == (False, "log")
+    from netstack import codec, model
+
+    back = codec.decode(model.Plan, codec.encode(p), "plan")
+    assert (back.watch, back.on_leak) == (True, "cut")

@@ -218,3 +218,34 @@ def test_the_kernel_runs_the_filter_as_the_interpreter_does(own_stack, tmp_path)
     time.sleep(0.3)
     got = {a["headers"]["length"] for a in watch_file(s)["alarms"]}
     assert got == want, (sorted(got - want), sorted(want - got))
+
+
+@pytest.mark.parametrize("bridge", [True, False], ids=["obfs4-bridge", "lab-relays"])
+def test_a_tor_gateway_through_the_watch_raises_none(own_stack, tmp_path, bridge):
+    """configs/tor.toml (no VPN): the uplink carries only the gateway's connections to its
+    bridge, or to the lab's relays without one; pages through Tor raise no alarm, and a
+    datagram in clear still does."""
+    text = (ROOT / "configs" / "tor.toml").read_text()
+    if not bridge:
+        text = text.replace('bridges = ["lab:obfs4"]', "")
+    s = own_stack("wt")
+    cfg = tmp_path / "tor.toml"
+    cfg.write_text('[stack]\nwatch = true\non_leak = "log"\n\n' + text)
+    cli("--stack", s, "up", str(cfg), "--lab", timeout=240)
+    w = wait_for(lambda: (x := watch_file(s)) and time.time() - x["heartbeat"] < 3 and x,
+                 20, 0.1, "the watch")
+    assert w["allowed"]["relays"] and not w["allowed"]["transport"]
+    if bridge:
+        assert len(w["allowed"]["relays"]) == 1
+    ws = f"nst-{s}-anon-whonix"
+    page = wait_for(lambda: (p := in_ns(ws, "curl", "-sS", "--max-time", "10",
+                                        f"http://{WEB}/", check=False, timeout=20)).returncode
+                    == 0 and p.stdout.strip(), 90, 0.5, "a page through Tor")
+    assert page
+    for _ in range(3):
+        in_ns(ws, "curl", "-sS", "--max-time", "10", f"http://{WEB}/", timeout=20)
+    time.sleep(0.3)
+    w = watch_file(s)
+    assert w["count"] == 0, w["alarms"]
+    leak_udp(s)
+    wait_for(lambda: watch_file(s)["count"] == 1, 2, 0.02, "the alarm")

@@ -284,3 +284,52 @@ def test_the_plan_carries_the_watch_and_the_supervisor_runs_it(tmp_path):
 
     back = codec.decode(model.Plan, codec.encode(p), "plan")
     assert (back.watch, back.on_leak) == (True, "cut")
+
+
+def test_metrics_carry_the_watch():
+    from netstack import metrics
+    from tests.unit.test_metrics import scrape, status, value
+
+    st = status("degraded")
+    st["watch"] = {"wanted": True, "on_leak": "cut", "running": True, "alarms": 3,
+                   "cut": True, "pcap": "/x"}
+    m = scrape(metrics.Inputs(st))
+    assert value(m["netstack_watch_alarms"], stack="s1") == 3
+    assert value(m["netstack_watch_up"], stack="s1") == 1
+    assert value(m["netstack_watch_uplink_cut"], stack="s1") == 1
+    assert not scrape(metrics.Inputs(status()))["netstack_watch_alarms"]
+
+
+def test_tor_peers_reads_guards_and_connections(monkeypatch):
+    """A public-network gateway's peers from tor's control port (a recording fake of the
+    controller: the parsing is what is tested; the lab runs only private networks)."""
+    from types import SimpleNamespace
+
+    from netstack import watch
+    from netstack.tor import control
+
+    class Fake:
+        closed = False
+
+        def get_info(self, key, default=None):
+            return {"entry-guards": "$AAAA~g1 up\n$BBBB=g2 never-connected",
+                    "orconn-status": "$CCCC~r3 CONNECTED\n$AAAA~g1 CONNECTED"}[key]
+
+        def get_network_status(self, fp):
+            if fp == "BBBB":
+                raise ValueError("not in our consensus")
+            return SimpleNamespace(address={"AAAA": "192.0.2.50", "CCCC": "192.0.2.51"}[fp],
+                                   or_port=9001)
+
+        def close(self):
+            Fake.closed = True
+
+    monkeypatch.setattr(control, "connect", lambda *_a, **_k: Fake())
+    assert watch.tor_peers("/x") == {("192.0.2.50", 9001), ("192.0.2.51", 9001)}
+    assert Fake.closed
+
+    def refuse(*_a, **_k):
+        raise control.TorError("no socket")
+
+    monkeypatch.setattr(control, "connect", refuse)
+    assert watch.tor_peers("/x") == set()  # nothing allowed: its connections are alarms

@@ -451,7 +451,9 @@ def foreground(stack: str, k: Kernel, on_leak: str, seconds: float | None,
     stopping = threading.Event()
     watch = Watch(stack, k, on_leak=on_leak, by="command", stopping=stopping, report=report)
     if seconds is not None:
-        threading.Timer(seconds, stopping.set).start()
+        t = threading.Timer(seconds, stopping.set)
+        t.daemon = True  # Ctrl-C before it fires: nothing to wait for
+        t.start()
     try:
         watch.run()
     except KeyboardInterrupt:

@@ -401,6 +401,24 @@ def _ipv6(a: _Asm, al: Allowed) -> None:
             a.op(JMP | JEQ | K, t, len(LINK_ICMP6) - i - 1, nxt if last else 0)
         a.ret(0)
         a.label(nxt)
+        # MLD reports carry a hop-by-hop header (the router alert): 8 bytes, then
+        # ICMPv6 type 130-132 or 143 at 48, hop limit 1
+        nxt = a.new("n")
+        a.op(LD | W | LEN)
+        a.op(JMP | JGE | K, a.l2 + 49, 0, nxt)
+        a.op(LD | B | ABS, 6)
+        a.op(JMP | JEQ | K, 0, 0, nxt)
+        a.op(LD | H | ABS, 40)
+        a.op(JMP | JEQ | K, (58 << 8) | 0, 0, nxt)
+        a.op(LD | B | ABS, 7)
+        a.op(JMP | JEQ | K, 1, 0, nxt)
+        a.op(LD | B | ABS, 48)
+        mld = (130, 131, 132, 143)
+        for i, t in enumerate(mld):
+            last = i == len(mld) - 1
+            a.op(JMP | JEQ | K, t, len(mld) - i - 1, nxt if last else 0)
+        a.ret(0)
+        a.label(nxt)
     if al.plain and al.ipv6:
         for o in al.own:
             if ":" in o:

@@ -52,6 +52,17 @@ def watch_file(s: str) -> dict:
     return json.loads(Path(f"/run/netstack/{s}/watch.json").read_text())
 
 
+def running(s: str) -> dict:
+    """The supervisor's watch writes its heartbeat (whatever it allows)."""
+    def ok():
+        try:
+            w = watch_file(s)
+        except (OSError, ValueError):
+            return None
+        return w if time.time() - w["heartbeat"] < 3 else None
+    return wait_for(ok, 20, 0.05, "the uplink watch")
+
+
 def watching(s: str) -> dict:
     """The supervisor's watch runs and its filter admits the VPN's current transport."""
     def ok():
@@ -232,8 +243,7 @@ def test_a_tor_gateway_through_the_watch_raises_none(own_stack, tmp_path, bridge
     cfg = tmp_path / "tor.toml"
     cfg.write_text('[stack]\nwatch = true\non_leak = "log"\n\n' + text)
     cli("--stack", s, "up", str(cfg), "--lab", timeout=240)
-    w = wait_for(lambda: (x := watch_file(s)) and time.time() - x["heartbeat"] < 3 and x,
-                 20, 0.1, "the watch")
+    w = running(s)
     assert w["allowed"]["relays"] and not w["allowed"]["transport"]
     if bridge:
         assert len(w["allowed"]["relays"]) == 1
@@ -249,3 +259,28 @@ def test_a_tor_gateway_through_the_watch_raises_none(own_stack, tmp_path, bridge
     assert w["count"] == 0, w["alarms"]
     leak_udp(s)
     wait_for(lambda: watch_file(s)["count"] == 1, 2, 0.02, "the alarm")
+
+
+@pytest.mark.parametrize("cfg", ["vpn.toml", "basic.toml"])
+def test_with_ipv6_on_the_links_own_chatter_raises_none(own_stack, tmp_path, cfg):
+    """`ipv6 = true`: the uplink's own IPv6 chatter (on the lab: an MLD report from "::"
+    with a hop-by-hop header when the link comes up; tests/unit/test_watchfilter.py judges
+    ND and MLD one by one) and a VPN chain's or a plain chain's traffic raise nothing."""
+    s = own_stack("w6")
+    c = tmp_path / cfg
+    c.write_text('[stack]\nipv6 = true\nwatch = true\n\n' + (ROOT / "configs" / cfg)
+                 .read_text())
+    cli("--stack", s, "up", str(c), "--lab")
+    w = running(s)
+    assert w["allowed"]["ipv6"]
+    for _ in range(3):
+        in_ns(f"nst-{s}-work", "curl", "-sS", "--max-time", "5", f"http://{WEB}/")
+    time.sleep(2)
+    w = watch_file(s)
+    assert w["count"] == 0, w["alarms"]
+    leak_udp(s)
+    if cfg == "vpn.toml":
+        wait_for(lambda: watch_file(s)["count"] == 1, 2, 0.02, "the alarm")
+    else:  # a plain chain: anything from the uplink's address is its clients' traffic
+        time.sleep(0.5)
+        assert watch_file(s)["count"] == 0

@@ -9,7 +9,13 @@ import random
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6ND_NS, IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import (
+    ICMPv6MLReport2,
+    ICMPv6ND_NS,
+    IPv6,
+    IPv6ExtHdrHopByHop,
+    RouterAlert,
+)
 from scapy.layers.l2 import ARP
 
 from netstack import stack, watchfilter
@@ -157,6 +163,16 @@ def test_ipv6_link_chatter_only_with_ipv6_on_and_the_right_hop_limit():
     assert judge(on, routed, proto=ETH_P_IPV6)
     ext = IPv6(src="fe80::1", dst="ff02::1", hlim=1) / IPv6ExtHdrHopByHop() / UDP()
     assert judge(on, ext, proto=ETH_P_IPV6)
+    # an MLDv2 report as the kernel sends it: hop-by-hop (router alert), hop limit 1
+    mld = IPv6(src="fe80::1", dst="ff02::16", hlim=1) / IPv6ExtHdrHopByHop(
+        options=[RouterAlert()]) / ICMPv6MLReport2()
+    assert not judge(on, mld, proto=ETH_P_IPV6)
+    assert judge(VPN_ONLY, mld, proto=ETH_P_IPV6)
+    mld.hlim = 2
+    assert judge(on, mld, proto=ETH_P_IPV6)
+    cut = bytes(IPv6(src="fe80::1", dst="ff02::16", hlim=1, nh=0, plen=8)
+                / IPv6ExtHdrHopByHop(nh=58, options=[RouterAlert()]))
+    assert judge(on, cut, proto=ETH_P_IPV6)  # the ICMPv6 header missing
 
 
 def test_ipv6_vpn_transport():

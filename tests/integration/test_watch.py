@@ -103,6 +103,9 @@ def test_a_leak_from_sys_net_is_an_alarm_and_cut_sets_the_uplink_down(own_stack,
     assert watch_file(s)["count"] == 0, watch_file(s)["alarms"]
     rc, st = status(s)
     assert rc == 0 and st["watch"]["running"], st["health"]
+    p = cli("--stack", s, "watch", "--for", "1", check=False)
+    assert p.returncode == 3 and "already watched by the supervisor" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
     sent = leak_udp(s)
     w = wait_for(lambda: (x := watch_file(s))["count"] and x, 2, 0.02, "the alarm")
@@ -147,6 +150,19 @@ def test_anti_without_the_watch_the_same_leak_goes_unseen(own_stack, tmp_path):
     rc, st = status(s)
     assert rc == 0, st["health"]
     assert not Path(f"/run/netstack/{s}/watch.json").exists()
+    # the same leak, now with `netstack watch` in the foreground
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "watch",
+                          "--for", "4", "--json"], stdout=subprocess.PIPE, text=True)
+    running(s)
+    leak_udp(s)
+    out, _ = p.communicate(timeout=30)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert p.returncode == 1, out
+    assert lines[0]["alarm"]["headers"]["dport"] == 9999
+    assert lines[-1]["alarms"] == 1 and not lines[-1]["cut"]
+    assert status(s)[0] == 1  # the alarm stays until --clear, the watch gone or not
+    cli("--stack", s, "watch", "--clear")
+    assert status(s)[0] == 0
 
 
 def test_failover_raises_no_alarm_and_the_watch_follows(own_stack, tmp_path):

@@ -252,6 +252,7 @@ class Watch:
                             self.allowed.to_json(), len(self.prog), pcap=self.pcap_path)
         self._last_write = 0.0
         self._last_refresh = time.monotonic()
+        self._last_error = ""
 
     # the facts' sources: a change in any of them recomputes the allowed set
     def _sources(self) -> list[str]:
@@ -326,10 +327,16 @@ class Watch:
                 if sel.select(0.25):
                     self._drain()
                 if time.monotonic() - self._last_refresh >= REFRESH_S:
-                    with contextlib.suppress(Exception):
+                    try:
                         if self.refresh():
                             _log("allowed set changed: filter re-attached ("
                                  + "; ".join(self.allowed.why) + ")")
+                    except Exception as e:  # noqa: BLE001 - keep watching with the last set
+                        self._last_refresh = time.monotonic()
+                        if str(e) != self._last_error:
+                            self._last_error = str(e)
+                            _log(f"cannot re-read the facts ({e}); the last allowed set "
+                                 "stays in force")
                     c = self._cleared_at()
                     if c > self.cleared_seen:
                         self.cleared_seen = c

@@ -603,6 +603,60 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """The uplink watch: in the foreground, or the read form (--status), or --clear."""
+    from netstack import watch
+
+    if args.clear:
+        out = watch.clear(args.stack, args.kernel)
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"{out['cleared']} alarm(s) cleared"
+                  + ("; the uplink is up again" if out["uplink_up_again"] else ""))
+        return 0
+    if args.status:
+        import time
+
+        s = watch.show(args.stack, args.kernel)
+        if args.json:
+            print(json.dumps(s, indent=2))
+            return 1 if s.get("count") else 0
+        who = f"by the {s['by']} (pid {s['pid']}, on_leak={s['on_leak']})" \
+            if s["running"] else "not running"
+        print(f"stack {args.stack}: uplink watch {who}; {s['instructions']} filter "
+              "instructions")
+        for line in s["allowed_now"]["why"]:
+            print(f"  allowed: {line}")
+        for a in s.get("alarms", []):
+            print(f"  ! {time.strftime('%H:%M:%S', time.localtime(a['packet_at']))} "
+                  f"{a['headers']['summary']}" + ("  (uplink cut)" if a.get("cut_at") else ""))
+        if s.get("count"):
+            print(f"  {s['count']} alarm(s); pcap {s['pcap']}; `netstack watch --clear` "
+                  "when understood")
+        return 1 if s.get("count") else 0
+    seen: list[Any] = []
+
+    def report(a: Any) -> None:
+        seen.append(a)
+        if args.json:
+            from netstack.codec import dump
+
+            print(json.dumps({"alarm": dump(a)}), flush=True)
+        else:
+            print(f"LEAK {a.headers['summary']}"
+                  + (" (uplink set down)" if a.cut_at else ""), flush=True)
+
+    w = watch.foreground(args.stack, args.kernel, args.on_leak, args.seconds, report)
+    if args.json:
+        print(json.dumps({"stack": args.stack, "alarms": w.wf.count, "cut": w.wf.cut,
+                          "pcap": w.pcap_path, "reattached": w.wf.reattached}))
+    else:
+        print(f"{w.wf.count} alarm(s)" + (f"; pcap {w.pcap_path}" if w.wf.count else ""),
+              file=sys.stderr)
+    return 1 if w.wf.count else 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from netstack import metrics
 
@@ -1016,7 +1070,7 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall", "attach", "check", "metrics", "move", "calls", "call-answer",
+                 "firewall", "attach", "check", "metrics", "watch", "move", "calls", "call-answer",
                  "clipboard", "open-in-disposable"}
 
 
@@ -1200,6 +1254,28 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="write the metrics to FILE (atomically), for node_exporter's "
                    "textfile collector")
     p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser(
+        "watch", help="watch sys-net's uplink for any packet the chain does not allow",
+        epilog="examples:\n  sudo netstack watch                      # until Ctrl-C; each "
+        "alarm printed\n  sudo netstack watch --on-leak cut --for 3600\n"
+        "  sudo netstack watch --status --json      # the supervisor's watch, its alarms\n"
+        "  sudo netstack watch --clear              # forget the alarms, uplink up again\n"
+        "A kernel filter (classic BPF) passes only what the chain does not allow: VPN\n"
+        "transport, Tor guards or bridges, DHCP, ARP/ND are dropped in the kernel.\n"
+        "`[stack] watch = true` (and on_leak = \"cut\") runs it in the supervisor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--status", action="store_true",
+                   help="the read form: who watches, what is allowed, the alarms")
+    g.add_argument("--clear", action="store_true",
+                   help="forget the alarms (status is up again); set a cut uplink up")
+    p.add_argument("--on-leak", choices=["log", "cut"], default="log",
+                   help="cut: set the uplink down at the first alarm (default: log)")
+    p.add_argument("--for", dest="seconds", type=_seconds, metavar="SECONDS",
+                   help="stop after SECONDS (default: until Ctrl-C)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per alarm, then a summary (or the read form)")
+    p.set_defaults(func=cmd_watch)
     p = sub.add_parser("completion", help="shell completion (bash, zsh) and manual pages",
                        epilog="examples:\n"
                        "  eval \"$(netstack completion bash)\"      # in ~/.bashrc\n"

@@ -144,6 +144,7 @@ class Kernel:
 
     def link_del(self, ns: str | None, ifname: str) -> bool: raise NotImplementedError
     def link_up(self, ns: str | None, ifname: str) -> None: raise NotImplementedError
+    def link_down(self, ns: str | None, ifname: str) -> None: raise NotImplementedError
 
     def links(self, ns: str | None) -> list[LinkState]: raise NotImplementedError
     def addr_add(self, ns: str | None, ifname: str, cidr: str) -> None:
@@ -665,6 +666,13 @@ class RealKernel(Kernel):
 
     def link_up(self, ns: str | None, ifname: str) -> None:
         self.link_up_many([(ns, ifname)])
+
+    def link_down(self, ns: str | None, ifname: str) -> None:
+        """Admin down at once (the uplink watch's cut): one netlink request."""
+        from netstack import rtnl
+
+        self._index.clear()
+        self._send({ns: ([rtnl.link_down(self._idx(ns, ifname))], [f"set {ifname} down"])})
 
     def link_up_many(self, links: list[tuple[str | None, str]]) -> None:
         self._index.clear()  # indexes of one call only: a long-lived kernel sees links remade

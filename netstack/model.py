@@ -426,6 +426,9 @@ class Plan:
     call_services: str | None = None
     ask_timeout: float = 60.0
     call_max_bytes: int = 64 << 20  # each way, per call
+    # [stack] watch / on_leak: the supervisor watches the uplink (netstack/watch.py)
+    watch: bool = False
+    on_leak: str = "log"  # log | cut
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

@@ -198,7 +198,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
              updatevm=topo.updatevm,
              policy=os.path.join(base, topo.policy),
              call_services=os.path.join(base, topo.services) if topo.services else None,
-             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes)
+             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes,
+             watch=topo.watch, on_leak=topo.on_leak)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                           "audit.clientrules", "audit.paths", "audit.e2e", "audit.drift",
                           "audit.onefile", "policy", "lab.services", "lab.sink", "lab.serve",
                           "lab.content", "lab.stun", "lab.vpnserver", "vpn.natpmp",
-                          "vpn.portfwd", "lab.natpmpd", "lab.isp"]),
+                          "vpn.portfwd", "lab.natpmpd", "lab.isp", "watchfilter"]),
     ("kind specs", ["kinds.spec", "kinds.net", "kinds.firewall", "kinds.vpn", "kinds.tor",
                     "kinds.app"]),
     ("plan", ["plan", "lab.plan"]),
@@ -51,7 +51,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                       "executor", "template_cmd", "calls"]),
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
                 "leaktest.battery", "leaktest.rulecases", "leaktest.local", "leaktest.callcheck",
-                "leaktest.capture", "leaktest.endpoints", "check", "metrics"]),
+                "leaktest.capture", "leaktest.endpoints", "check", "metrics", "watch"]),
     ("commands", ["cli", "pytest_plugin", "completion"]),
 ]
 

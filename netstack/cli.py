@@ -1329,7 +1329,9 @@ def main(argv: list[str] | None = None) -> int:
             _exit_now(code)
         return code
     except NetstackError as e:
-        return _fail(args, str(e), e.exit_code)
+        from netstack.errors import NotUp
+
+        return _fail(args, str(e), e.exit_code, 5 if isinstance(e, NotUp) else 3)
     except Terminated:
         return _fail(args, "terminated (SIGTERM): what this command had begun was undone",
                      143)
@@ -1363,11 +1365,13 @@ def _terminated(_sig: int, _frame: Any) -> None:
     raise Terminated()
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+def _fail(args: argparse.Namespace, message: str, code: int, priority: int = 3) -> int:
+    """The one line a failed command says (and its JSON); under systemd also a journal
+    record with fields, at `priority` (3, err; `down` finding nothing: 5, notice)."""
     from netstack import journal
 
-    # under systemd: a record with fields; the plain line too unless stderr is the journal
-    sent = journal.send(f"netstack: {message}", journal.ERR, event="error",
+    # the plain line too unless stderr is the journal (it would say it twice there)
+    sent = journal.send(f"netstack: {message}", priority, event="error",
                         stack=getattr(args, "stack", None),
                         command=getattr(args, "command", None), exit_code=code)
     if not (sent and journal.stderr_is_journal()):

@@ -100,8 +100,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     p, note = stack.up(args.config, args.stack, _uplink(args), args.kernel)
     if note:
         print(note, file=sys.stderr)
-    print(f"stack {args.stack!r} up: {count(len(p.qubes), 'qube')}"
-          + (f", lab with {count(len(p.lab.hosts), 'host')}" if p.lab else ""))
+    said = (f"stack {args.stack!r} up: {count(len(p.qubes), 'qube')}"
+            + (f", lab with {count(len(p.lab.hosts), 'host')}" if p.lab else ""))
+    print(said)
+    from netstack import journal
     from netstack.kinds.app_runtime import gui_status
 
     for q in p.qubes:  # what a display grant means, said where it is made
@@ -115,6 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     st = State.load(args.stack)
     assert st is not None
+    journal.send(said, journal.NOTICE, stack=args.stack, event="up", config=st.data.config,
+                 qubes=" ".join(q.name for q in p.qubes), uplink_mode=p.uplink.mode)
     # Under systemd the unit is ready now: the chain exists and is closed (what units
     # ordered after it, and network-pre.target in move mode, need). Connecting is
     # reported as STATUS; a tunnel that cannot connect is a state, not a failed start.
@@ -129,6 +133,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             took = wait_qube_ready(args, sd, q, st, timeout)
             if took is not None:
                 print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
+                journal.send(f"{q.kind} {q.name}: ready in {took:.1f} s", stack=args.stack,
+                             event="ready", qube=q.name, kind=q.kind, seconds=f"{took:.1f}")
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return _fail(args, f"stopped waiting; {left_up}", 130)
@@ -139,6 +145,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _fail(args, f"{e}; {left_up}", e.exit_code)
     sd.send(status="chain up: tunnels connected, Tor bootstrapped")
     sd.barrier()  # systemd reads the last STATUS while `up` is still its unit's
+    journal.send(f"stack {args.stack!r}: chain up, tunnels connected, Tor bootstrapped",
+                 journal.NOTICE, stack=args.stack, event="connected")
     return 0
 
 
@@ -1532,7 +1540,9 @@ def main(argv: list[str] | None = None) -> int:
             _exit_now(code)
         return code
     except NetstackError as e:
-        return _fail(args, str(e), e.exit_code)
+        from netstack.errors import NotUp
+
+        return _fail(args, str(e), e.exit_code, 5 if isinstance(e, NotUp) else 3)
     except Terminated:
         return _fail(args, "terminated (SIGTERM): what this command had begun was undone",
                      143)
@@ -1566,8 +1576,17 @@ def _terminated(_sig: int, _frame: Any) -> None:
     raise Terminated()
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    print(f"netstack: {message}", file=sys.stderr)
+def _fail(args: argparse.Namespace, message: str, code: int, priority: int = 3) -> int:
+    """The one line a failed command says (and its JSON); under systemd also a journal
+    record with fields, at `priority` (3, err; `down` finding nothing: 5, notice)."""
+    from netstack import journal
+
+    # the plain line too unless stderr is the journal (it would say it twice there)
+    sent = journal.send(f"netstack: {message}", priority, event="error",
+                        stack=getattr(args, "stack", None),
+                        command=getattr(args, "command", None), exit_code=code)
+    if not (sent and journal.stderr_is_journal()):
+        print(f"netstack: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "error": message, "exit_code": code}))
     return code

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ConfigError
@@ -103,6 +104,22 @@ class Topology:
 
 
 ETC_DIR = "/etc/netstack"  # a host's configs: `netstack up NAME` reads ETC_DIR/NAME.toml
+SHARE_DIR = "/usr/share/netstack"  # the Debian package's shipped configs (scripts/build-deb)
+
+
+def shipped_configs(checkout: str | Path) -> Path:
+    """The configs shipped with netstack: `checkout`'s configs/ when netstack runs from its
+    source tree, else where an installed netstack has them: the Debian package's
+    SHARE_DIR/configs, or PREFIX/share/netstack/configs beside a pip-installed one."""
+    here = Path(checkout) / "configs"
+    if here.is_dir():
+        return here
+    import sys
+
+    for d in (Path(sys.prefix) / "share" / "netstack" / "configs", Path(SHARE_DIR, "configs")):
+        if d.is_dir():
+            return d
+    return Path(SHARE_DIR, "configs")
 CONFIG_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 

@@ -43,7 +43,7 @@ from netstack.model import (
 
 NSSWITCH = ("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
             "networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = config.shipped_configs(Path(__file__).resolve().parent.parent)
 DEFAULT_CONFIG = CONFIG_DIR / "tor-over-vpn.toml"
 
 __all__ = ["Inputs", "Plan", "UplinkSpec", "build", "load_inputs"]

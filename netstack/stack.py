@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from netstack import names
-from netstack.errors import NetstackError, StateError, UsageError
+from netstack.errors import NetstackError, NotUp, StateError, UsageError
 from netstack.kernel import Kernel, proc_alive
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def down(stack: str, kernel: Kernel, notes: list[str] | None = None, wait: float
         if st is None:
             st = State.from_log(stack)
             if not _any_left(st, kernel):
-                raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
+                raise NotUp(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
             said.append(f"{st.path} is missing: removing what the intent log and the "
                         "stack's names still show")
             st.lost = True

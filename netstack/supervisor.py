@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from netstack import codec
+from netstack import codec, journal
 from netstack.errors import DamagedFile
 from netstack.kernel import Kernel, proc_start_time
 
@@ -136,6 +136,11 @@ class Supervisor:
                                       prev.restarts + 1 if prev else 0, time.time(),
                                       prev.last_exit if prev else None)
         self.write_status()
+        c = self.children[d.name]
+        journal.send(f"{d.name}: {'restarted' if c.restarts else 'started'} (pid {p.pid})",
+                     journal.WARNING if c.restarts else journal.INFO, stack=self.spec.stack,
+                     event="daemon-start", daemon=d.name, netns=d.netns, pid=p.pid,
+                     restarts=c.restarts)
 
     def watch(self, d: Daemon) -> None:
         backoff = BACKOFF_MIN
@@ -155,6 +160,12 @@ class Supervisor:
             with self.lock:
                 self.children[d.name].last_exit = rc
                 self.write_status()
+            stopping = self.stopping.is_set()
+            journal.send(f"{d.name}: exited with {rc} (pid {p.pid})"
+                         + ("" if stopping or not d.restart else "; restarting"),
+                         journal.INFO if stopping else journal.WARNING, stack=self.spec.stack,
+                         event="daemon-exit", daemon=d.name, netns=d.netns, pid=p.pid,
+                         exit_status=rc)
             if self.stopping.is_set() or not d.restart:
                 return
             if time.monotonic() - started > 30:
@@ -220,6 +231,8 @@ class Supervisor:
                   kernel=self.kernel.fork())
         except Exception as e:  # noqa: BLE001 - a broken monitor must not stop the daemons
             report({"error": f"monitor failed: {e}"})
+            journal.send(f"{d.name}: health monitor failed: {e}", journal.ERR,
+                         stack=self.spec.stack, event="monitor-failed", daemon=d.name)
 
     def serve_calls(self) -> None:
         """The call layer between app qubes (netstack.calls) until the stack stops; a

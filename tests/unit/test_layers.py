@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "callclient", "rules.nft", "audit.space", "leaktest", "leaktest.catalogue",
                     "leaktest.prober", "leaktest.send", "vpn", "vpn.kernelwg", "vpn.checks",
                     "tor", "tor.control", "lab", "lab.pki", "kinds", "schema", "rtnl",
-                    "nl80211"]),
+                    "nl80211", "journal"]),
     ("model and kernel seam", ["model", "fastpath", "hostcaps", "dnswire", "pathfacts",
                                "sandbox", "templates", "kernel"]),
     ("pure derivations", ["addressing", "config", "invariants", "audit.invariants",

@@ -720,9 +720,10 @@ def _expect(args: argparse.Namespace, doc: dict, ex: Any) -> int:
                           "statements": [v.to_json() for v in verdicts]}, indent=2))
         return code
     print(f"{args.expect} on {args.ruleset}: " + "; ".join(notes))
-    w = max(len(v.statement.describe()) for v in verdicts)
+    label = {id(v): v.statement.name or v.statement.describe() for v in verdicts}
+    w = min(48, max(len(x) for x in label.values()))
     for v in verdicts:
-        print(f"{v.status:<9} {v.statement.describe():<{w}}  {v.reason}")
+        print(f"{v.status:<9} {label[id(v)]:<{w}}  {v.reason}")
         if v.packet:
             print(f"          {'witness' if v.status == 'PROVEN' else 'counterexample'}: "
                   f"{v.packet}")

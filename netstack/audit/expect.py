@@ -155,7 +155,17 @@ def load(path: str) -> Expect:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ExpectError(f"--expect {path}: not TOML ({e}); see `netstack audit --help` "
                           "for the format") from None
-    return parse(doc, path)
+    ex = parse(doc, path)
+    # the statements in the file's order (TOML keeps each kind's array, not how they
+    # interleave): by the order of their headers
+    heads = re.findall(r"(?m)^\s*\[\[\s*(allow|deny|reach)\s*\]\]", raw.decode("utf-8"))
+    at: dict[tuple[str, int], int] = {}
+    seen: dict[str, int] = {}
+    for n, k in enumerate(heads):
+        seen[k] = seen.get(k, 0) + 1
+        at[(k, seen[k])] = n
+    ex.statements.sort(key=lambda s: at.get((s.kind, s.index), 10**6))
+    return ex
 
 
 def _err(path: str, where: str, problem: str, fix: str) -> ExpectError:
@@ -707,6 +717,20 @@ def _example_drop(s: Statement, ctx: Context, f: End | None, t: End | None
     return None, None, None, []
 
 
+class _View(QubeView):
+    """The file's view, with witnesses a replay can send: a source from the documentation
+    ranges, not this host's own address (a packet from it is a martian the kernel drops)."""
+
+    def prefer(self, hook: str) -> dict[str, list[Any]]:
+        own = int(ipaddress.ip_address(self.address))
+        out: dict[str, list[Any]] = {
+            "saddr4": [int(ipaddress.ip_address(a)) for a in
+                       ("203.0.113.7", "198.51.100.7", "192.0.2.77", "10.0.0.7")]}
+        if hook == "input":
+            out["daddr4"] = [own]
+        return out
+
+
 def has_forward_chain(doc: dict[str, Any]) -> bool:
     return any(c.get("hook") == "forward" for i in doc.get("nftables", [])
                if isinstance(i, dict) and isinstance(c := i.get("chain"), dict))
@@ -716,7 +740,8 @@ def run(doc: dict[str, Any], name: str, ex: Expect) -> tuple[list[Verdict], list
     """Every statement's verdict, and the assumptions said to the user."""
     from netstack.audit.onefile import view
 
-    q = view(doc, name)
+    v = view(doc, name)
+    q = _View(v.qube, doc, list(v.interfaces), local_any=True)
     for s in ex.statements:  # the roles' interfaces are interfaces of this host
         for e in s.froms + s.tos:
             for n in e.ifaces or ():

@@ -725,8 +725,7 @@ def _expect(args: argparse.Namespace, doc: dict, ex: Any) -> int:
     for v in verdicts:
         print(f"{v.status:<9} {label[id(v)]:<{w}}  {v.reason}")
         if v.packet:
-            print(f"          {'witness' if v.status == 'PROVEN' else 'counterexample'}: "
-                  f"{v.packet}")
+            print(f"          {v.role}: {v.packet}")
             for t in v.trace:
                 print(f"            {t}")
         rp = v.replay
@@ -746,14 +745,20 @@ def _matrix(args: argparse.Namespace, doc: dict, port: Any) -> int:
     from netstack.audit import matrix
 
     ms = matrix.matrices(doc, os.path.basename(args.ruleset), port)
+    left = [] if port else [str(x) for x in matrix.named_services(
+        doc, os.path.basename(args.ruleset))[matrix.MAX_SERVICES:]]
     svg = None
     if args.svg:
         svg = _dot_svg(matrix.dot(ms), args.svg)
     if args.json:
         print(json.dumps({"ruleset": args.ruleset, "matrices": [m.to_json() for m in ms],
-                          "dot": matrix.dot(ms), "svg": svg}, indent=2))
+                          "not_drawn": left, "dot": matrix.dot(ms), "svg": svg}, indent=2))
         return 0
-    print(matrix.table(ms))
+    print(matrix.table(ms) if ms else "the ruleset names no service (no destination port "
+          "or ICMP in a rule): ask for one with --port, e.g. --port tcp/22")
+    if left:
+        print(f"{count(len(left), 'more service')} not drawn ({', '.join(left[:8])}"
+              f"{', ...' if len(left) > 8 else ''}): ask for one with --port")
     if args.dot:
         with open(args.dot, "w", encoding="utf-8") as f:
             f.write(matrix.dot(ms))

@@ -409,13 +409,21 @@ class Verdict:
     trace: list[str] = field(default_factory=list)
     classes: int = 0
     replay: dict[str, Any] | None = None
+    example: bool = False  # the packet only illustrates (a refuted reach, an UNPROVEN)
+
+    @property
+    def role(self) -> str:
+        """What the packet is to the answer: the witness of a proof, the counterexample of
+        a refutation, or an example (a packet no accept was found for; an undecided one)."""
+        if self.status == "PROVEN":
+            return "witness"
+        return "example" if self.example or self.status == "UNPROVEN" else "counterexample"
 
     def to_json(self) -> dict[str, Any]:
         s = self.statement
         return {"statement": s.describe(), "kind": s.kind, "index": s.index,
                 "status": self.status, "reason": self.reason, "hook": self.hook,
-                "verdict": self.verdict,
-                ("witness" if self.status == "PROVEN" else "counterexample"): self.packet,
+                "verdict": self.verdict, "packet": self.packet, "role": self.role,
                 "trace": self.trace, "classes": self.classes,
                 **({"replay": self.replay} if self.replay is not None else {})}
 
@@ -666,6 +674,7 @@ def _reach(s: Statement, ctx: Context, froms: list[End | None], tos: list[End | 
                         f"connection from {', '.join(e.text for e in s.froms) or 'anywhere'}"
                         f" is accepted ({_hooks(hooks, ctx)})", classes=n)
             v.hook, v.verdict, v.packet, v.trace = _example_drop(s, ctx, froms[0], t)
+            v.example = True
             return v
         if unproven is None:
             unproven = _result_to_verdict(s, r, {"UNPROVEN": "UNPROVEN"}, "")

@@ -82,7 +82,8 @@ def test_a_broken_promise_is_confirmed_by_the_kernel(tmp_path: Path) -> None:
                        check=False).stdout)
     guests = r["statements"][0]
     assert guests["status"] == "REFUTED" and "outside `to`" in guests["reason"], guests
-    ce = guests["counterexample"]
+    ce = guests["packet"]
+    assert guests["role"] == "counterexample"
     assert ce["iifname"] == "guest0" and ce["oifname"] == "wan0"
     assert ce["dport"] not in (80, 443)
     assert guests["replay"]["confirmed"], guests["replay"]

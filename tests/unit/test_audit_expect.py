@@ -244,7 +244,8 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     out = json.loads(capsys.readouterr().out)
     assert rc == 1 and not out["ok"]
     refuted = [s for s in out["statements"] if s["status"] == "REFUTED"]
-    assert len(refuted) == 2 and all(s["counterexample"]["dport"] == 5432 for s in refuted)
+    assert len(refuted) == 2 and all(s["packet"]["dport"] == 5432 and s["role"] == "counterexample"
+                                 for s in refuted)
     bad = tmp_path / "bad.toml"
     bad.write_text('[[deny]]\nto = "tcp/70000"\n')
     rc = cli.main(["audit", "--ruleset", str(LISTINGS / "server.json"), "--expect",

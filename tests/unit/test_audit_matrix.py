@@ -107,7 +107,8 @@ def test_bounded_on_the_realworld_fixtures(name: str) -> None:
         t0 = time.process_time()
         ms = matrix.matrices(d, name, port)
         spent = time.process_time() - t0
-        assert ms and spent < 2.0, f"{name} {port}: {spent:.2f} s of CPU"
+        # about 1.3 s alone (docs/benchmarks.md); the margin is for a loaded CI machine
+        assert ms and spent < 4.0, f"{name} {port}: {spent:.2f} s of CPU"
 
 
 def test_server_blocklists_are_classes() -> None:

@@ -1170,7 +1170,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    "oifname= alone for locally generated (meta skuid=)")
     p.add_argument("--expect", metavar="EXPECT.toml",
                    help="with --ruleset: prove or refute the statements of a file "
-                   "([interfaces] roles, [[allow]], [[deny]], [[reach]]; docs/security.md); "
+                   "([interfaces] roles, [[allow]], [[deny]], [[reach]]; README: Auditing your own "
+                   "firewall); "
                    "exit 0 all proven, 1 one refuted or not proven, 2 bad input")
     p.add_argument("--matrix", action="store_true",
                    help="with --ruleset: the address classes the ruleset treats alike and "

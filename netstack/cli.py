@@ -715,6 +715,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.ruleset:
         return _audit_file(args)
+    for flag in ("expect", "matrix", "port", "dot", "svg"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} needs --ruleset FILE (it speaks of one ruleset)")
     if args.packet:
         raise UsageError("--packet needs --ruleset FILE (the what-if of one ruleset)")
     r = audit.run(args.stack, args.kernel, args.drift, args.replay)
@@ -759,12 +762,36 @@ def _audit_file(args: argparse.Namespace) -> int:
     or with --packet the fate of one packet, hook by hook."""
     from netstack.audit import onefile, replay_failures, rulesetfile
 
+    if args.expect and args.packet:
+        raise UsageError("--expect and --packet: one at a time (--packet is the what-if of "
+                         "one packet, --expect the statements of a file)")
+    for flag in ("port", "dot", "svg"):
+        if getattr(args, flag) and not args.matrix:
+            raise UsageError(f"--{flag} goes with --matrix")
+    if args.matrix and (args.packet or args.expect):
+        raise UsageError("--matrix answers on its own: drop --packet/--expect, or run twice")
+    if args.replay and args.matrix:
+        raise UsageError("--replay goes with the audit, --expect or --packet, not --matrix")
+    ex = None
+    if args.expect:  # the statements first: a bad file is refused before any work
+        from netstack.audit import expect
+
+        ex = expect.load(args.expect)
+    port = None
+    if args.matrix and args.port:
+        from netstack.audit import matrix
+
+        port = matrix.parse_port(args.port)
     if args.replay and os.geteuid() != 0:
         raise UsageError("--replay needs root: it loads the ruleset in scratch namespaces "
                          "and sends the packets there (run it with sudo)")
     doc = rulesetfile.read(args.ruleset, args.kernel)
     if args.packet:
         return _what_if(args, doc)
+    if ex is not None:
+        return _expect(args, doc, ex)
+    if args.matrix:
+        return _matrix(args, doc, port)
     a = onefile.audit(doc, args.ruleset)
     out = a.to_json()
     if args.replay:  # each counterexample into the kernel, as the live audit's --replay
@@ -784,6 +811,90 @@ def _audit_file(args: argparse.Namespace) -> int:
           f"of {a.name}, {n_bad} not proven, {count(len(a.unmodelled), 'construct')} not "
           "modelled")
     return 0 if a.ok else 1
+
+
+def _expect(args: argparse.Namespace, doc: dict, ex: Any) -> int:
+    """--expect FILE: each statement proven or refuted (exit 0 only when all are proven)."""
+    from netstack.audit import expect, replay_one
+
+    verdicts, notes = expect.run(doc, os.path.basename(args.ruleset), ex)
+    if args.replay:  # counterexamples and witnesses, as the audit's --replay
+        for v in verdicts:
+            if v.packet and v.hook and v.verdict:
+                v.replay = replay_one(doc, v.hook, v.verdict, v.packet, args.kernel)
+    code = expect.exit_code(verdicts)
+    if args.json:
+        print(json.dumps({"ruleset": args.ruleset, "expect": args.expect, "ok": code == 0,
+                          "assumptions": notes,
+                          "statements": [v.to_json() for v in verdicts]}, indent=2))
+        return code
+    print(f"{args.expect} on {args.ruleset}: " + "; ".join(notes))
+    label = {id(v): v.statement.name or v.statement.describe() for v in verdicts}
+    w = min(48, max(len(x) for x in label.values()))
+    for v in verdicts:
+        print(f"{v.status:<9} {label[id(v)]:<{w}}  {v.reason}")
+        if v.packet:
+            print(f"          {v.role}: {v.packet}")
+            for t in v.trace:
+                print(f"            {t}")
+        rp = v.replay
+        if rp:
+            print("          replay in the kernel: " + (
+                f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
+                if rp.get("replayable") else f"not replayed ({rp['why']})"))
+    bad = {s: sum(1 for v in verdicts if v.status == s) for s in ("REFUTED", "UNPROVEN")}
+    print(f"{'PROVEN' if code == 0 else 'NOT PROVEN'}: "
+          f"{count(len(verdicts), 'statement')}, {bad['REFUTED']} refuted, "
+          f"{bad['UNPROVEN']} not proven")
+    return code
+
+
+def _matrix(args: argparse.Namespace, doc: dict, port: Any) -> int:
+    """--matrix [--port P]: the ruleset's address classes and which reaches which."""
+    from netstack.audit import matrix
+
+    ms = matrix.matrices(doc, os.path.basename(args.ruleset), port)
+    left = [] if port else [str(x) for x in matrix.named_services(
+        doc, os.path.basename(args.ruleset))[matrix.MAX_SERVICES:]]
+    svg = None
+    if args.svg:
+        svg = _dot_svg(matrix.dot(ms), args.svg)
+    if args.json:
+        print(json.dumps({"ruleset": args.ruleset, "matrices": [m.to_json() for m in ms],
+                          "not_drawn": left, "dot": matrix.dot(ms), "svg": svg}, indent=2))
+        return 0
+    print(matrix.table(ms) if ms else "the ruleset names no service (no destination port "
+          "or ICMP in a rule): ask for one with --port, e.g. --port tcp/22")
+    if left:
+        print(f"{count(len(left), 'more service')} not drawn ({', '.join(left[:8])}"
+              f"{', ...' if len(left) > 8 else ''}): ask for one with --port")
+    if args.dot:
+        with open(args.dot, "w", encoding="utf-8") as f:
+            f.write(matrix.dot(ms))
+        print(f"Graphviz DOT written to {args.dot}")
+    if svg:
+        print(f"SVG written to {svg}")
+    elif args.svg:
+        print(f"no SVG: Graphviz `dot` is not installed here (the DOT text: --dot FILE, then "
+              f"`dot -Tsvg FILE > {args.svg}` where it is)")
+    return 0
+
+
+def _dot_svg(text: str, path: str) -> str | None:
+    """SVG by Graphviz when `dot` is installed (never required): the path, or None."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dot")
+    if exe is None:
+        return None
+    p = subprocess.run([exe, "-Tsvg"], input=text, capture_output=True, text=True,
+                       timeout=30, check=False)
+    if p.returncode != 0:
+        raise UsageError(f"--svg: Graphviz dot failed ({p.stderr.strip()[:200]})")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(p.stdout)
+    return path
 
 
 def _what_if(args: argparse.Namespace, doc: dict) -> int:
@@ -1228,6 +1339,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                        "--json\n  netstack audit --ruleset saved.json\n"
                        "  sudo netstack audit --ruleset /etc/nftables.conf --packet "
                        "'iifname=lan0 ip saddr=192.0.2.7 tcp dport=22' --replay\n"
+                       "  sudo netstack audit --ruleset /etc/nftables.conf --expect "
+                       "expect.toml --replay\n"
+                       "  sudo netstack audit --ruleset /etc/nftables.conf --matrix --port "
+                       "tcp/22 --svg ssh.svg\n"
                        "exit 0 only when every property is proven",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
@@ -1240,6 +1355,19 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="with --ruleset: the fate of one packet per hook, e.g. 'iifname=lan0 "
                    "ip saddr=192.0.2.7 tcp dport=22' (input), add oifname= to forward it, "
                    "oifname= alone for locally generated (meta skuid=)")
+    p.add_argument("--expect", metavar="EXPECT.toml",
+                   help="with --ruleset: prove or refute the statements of a file "
+                   "([interfaces] roles, [[allow]], [[deny]], [[reach]]; README: Auditing your own "
+                   "firewall); "
+                   "exit 0 all proven, 1 one refuted or not proven, 2 bad input")
+    p.add_argument("--matrix", action="store_true",
+                   help="with --ruleset: the address classes the ruleset treats alike and "
+                   "which class reaches which, per service (a table; --dot/--svg a picture)")
+    p.add_argument("--port", metavar="PROTO/PORT",
+                   help="with --matrix: one service (tcp/22); default: each the ruleset names")
+    p.add_argument("--dot", metavar="FILE", help="with --matrix: write Graphviz DOT here")
+    p.add_argument("--svg", metavar="FILE",
+                   help="with --matrix: write SVG here (needs Graphviz `dot` installed)")
     p.add_argument("--replay", action="store_true",
                    help="replay each counterexample in the kernel (scratch namespaces with "
                    "nftrace, root), of the live audit or of --ruleset FILE, or the --packet; "

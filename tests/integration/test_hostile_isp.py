@@ -208,6 +208,7 @@ def test_captive_portal_named_by_status_chain_closed_until_login(own_stack, tmp_
            Path(f"/run/netstack/{s}/isp-portal.log").read_text().splitlines()]
     assert any(e["ev"] == "redirect" and e["client"] == "192.0.2.2" for e in log)
     assert not any(e["ev"] == "login" for e in log)
+    anti_test(s, tmp_path)  # behind the portal too: what leaves sys-net in clear is seen
     # the detector against the anti-case: after a login the check says full, the chain opens
     in_ns(f"nst-{s}-sys-net", "curl", "-sS", "-m", "3", "http://192.0.2.1:8081/login")
     _, doc = status(s)
@@ -236,6 +237,8 @@ def test_tls_intercept_openvpn_refuses_the_isp_certificate(own_stack, tmp_path):
     trusted = [p for p in Path(f"/run/netstack/{s}").rglob("*") if p.is_file()
                and lab / "isp" not in p.parents and isp_ca[:200] in p.read_text(errors="ignore")]
     assert trusted == []
+    # (no anti-test here: the fault's repair waits for a tunnel that never connects behind
+    # this ISP, 60 s; the same judge's anti-tests run in the other scenarios)
 
 
 def test_flapping_link_never_leaks_and_the_tunnel_comes_back(own_stack, tmp_path):
@@ -256,6 +259,7 @@ def test_flapping_link_never_leaks_and_the_tunnel_comes_back(own_stack, tmp_path
     assert wait_for(lambda: in_ns(work, "curl", "-sS", "-m", "2", f"http://{WEB}/",
                                   check=False).stdout.strip(), 30, 0.2,
                     "traffic through the tunnel between flaps") == VPN
+    anti_test(s, tmp_path)
     # `down` takes the hostile ISP with it: its namespace, rules and daemons
     cli("--stack", s, "down")
     reap_zombies()

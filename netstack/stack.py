@@ -240,7 +240,8 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
             entry["template"] = q.settings["template"]
         role = RUNTIMES[q.kind]
         entry.update(role.status(q, LiveFacts(links, kids,
-                                              st.data.resolved.get(q.name, {})), k))
+                                              st.data.resolved.get(q.name, {}),
+                                              _watching(st)), k))
         if q.name in names_store:
             entry["client_rules"] = {"names": {h: a.to_json() for h, a in
                                                names_store[q.name].items()}}
@@ -302,6 +303,18 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     out["processes"] += [{"name": c["name"], "pid": c["pid"], "alive": c["alive"],
                           "restarts": c["restarts"]} for c in kids.values()]
     return out
+
+
+def _watching(st: State) -> bool:
+    """Whether the uplink watch runs now (its file names a live process)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+    from netstack.watchfilter import WatchFile
+
+    with contextlib.suppress(OSError, DamagedFile):
+        w = codec.read(os.path.join(st.dir, "watch.json"), WatchFile)
+        return not w.stopped and proc_alive(w.pid, w.start)
+    return False
 
 
 def _watch_status(st: State, p: Any, out: dict[str, Any]) -> list[str]:

@@ -42,7 +42,11 @@ class NetRuntime(KindRuntime):
                            "radio": k.wiphy(q.netns, dev) is not None,
                            "ssid": k.wifi_ssid(q.netns, dev)}
         url = q.settings.get("connectivity_check")
-        if url and k.real and live.links:  # NetworkManager's check, from sys-net itself
+        if url and live.watching:  # its GET in clear is what the watch exists to catch
+            out["connectivity"] = {"url": url, "state": "skipped", "address": None,
+                                   "why": "the uplink watch is on, and the check's clear "
+                                   "GET would be its alarm"}
+        elif url and k.real and live.links:  # NetworkManager's check, from sys-net itself
             from netstack.addressing import VIRTUAL_DNS
             from netstack.connectivity import check
 

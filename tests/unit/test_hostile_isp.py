@@ -134,3 +134,17 @@ def test_a_fallback_without_bridges_is_refused(tmp_path):
         'bridges = ["lab:obfs4"]', "bridges_fallback_after = 30"))
     with pytest.raises(ConfigError, match="no bridges to fall back to"):
         plan_only(str(cfg), "t1", UplinkSpec("lab"))
+
+
+def test_status_skips_the_check_while_the_uplink_watch_runs():
+    """The check's GET leaves sys-net in clear: with the uplink watch on, `status` says it
+    skipped the check instead of making the watch raise an alarm of its own making."""
+    from netstack.kinds.net_runtime import NetRuntime
+    from netstack.kinds.runtime import LiveFacts
+    from tests.fakekernel import FakeKernel
+
+    p = plan_only("configs/vpn.toml", "t1", UplinkSpec("lab", isp=("captive-portal",)))
+    rt = NetRuntime()
+    got = rt.status(p.net, LiveFacts([object()], {}, {}, watching=True), FakeKernel())
+    assert got["connectivity"]["state"] == "skipped"
+    assert "the uplink watch is on" in rt.status_lines(got)[0]

@@ -39,6 +39,11 @@ class StateError(NetstackError):
     exit_code = 3
 
 
+class NotUp(StateError):
+    """`down` of a stack with nothing left: what a unit's clean-up before its start finds
+    every time (ExecStartPre), so the journal gets it as a notice, not an error."""
+
+
 class DamagedFile(StateError):
     """A file of ours that cannot be read back: not JSON, cut short, or of a shape another
     version of netstack wrote. Names the file; `fix` says what to do."""

@@ -43,7 +43,7 @@ from netstack.model import (
 
 NSSWITCH = ("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
             "networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = config.shipped_configs(Path(__file__).resolve().parent.parent)
 DEFAULT_CONFIG = CONFIG_DIR / "tor-over-vpn.toml"
 
 __all__ = ["Inputs", "Plan", "UplinkSpec", "build", "load_inputs"]
@@ -198,7 +198,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
              updatevm=topo.updatevm,
              policy=os.path.join(base, topo.policy),
              call_services=os.path.join(base, topo.services) if topo.services else None,
-             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes)
+             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes,
+             watch=topo.watch, on_leak=topo.on_leak)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]
@@ -249,7 +250,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
                          second_wg="lab:wireguard2" in refs,
                          second_ovpn="lab:openvpn2" in refs, tor_clients=tor_clients,
-                         wg_kernel=uplink.lab_wg_kernel)
+                         wg_kernel=uplink.lab_wg_kernel, isp_scenarios=uplink.isp,
+                         openvpn_tcp="lab:openvpn-tcp" in refs)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

@@ -11,7 +11,9 @@ STATUS lines while tunnels connect and Tor bootstraps, and a last one when they 
 
 from __future__ import annotations
 
+import array
 import os
+import select
 import shlex
 import socket
 import subprocess
@@ -22,8 +24,13 @@ from netstack.errors import UsageError
 from netstack.model import UplinkSpec
 
 UNIT_DIR = "/etc/systemd/system"
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                    "host.md")
+_CHECKOUT_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "docs", "host.md")
+# run from a checkout: its docs/host.md; installed (scripts/build-deb): the man page
+DOCS = (f"file://{_CHECKOUT_DOCS}" if os.path.exists(_CHECKOUT_DOCS)
+        else "man:netstack-service(1)")
+BIN = "/usr/bin/netstack"  # where the Debian package puts the command
+TEMPLATE = "netstack@.service"  # the package's template unit: netstack@NAME.service
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def unit_text(spec: UnitSpec) -> str:
     host's network at all."""
     up = ["up", spec.config]
     unit = [f"Description=netstack chain {spec.stack!r} ({os.path.basename(spec.config)})",
-            f"Documentation=file://{DOCS}",
+            f"Documentation={DOCS}",
             "After=local-fs.target"]
     if spec.uplink.mode == "lab":
         up.append("--lab")
@@ -76,21 +83,55 @@ def unit_text(spec: UnitSpec) -> str:
                      "Conflicts=shutdown.target", "Before=shutdown.target"]
         else:
             unit += ["After=network-online.target", "Wants=network-online.target"]
+    service = _service(_cmd(spec, "down"), _cmd(spec, *up), spec.supervised)
+    return ("# written by `netstack service install`; `netstack service remove` deletes it\n"
+            "[Unit]\n" + "\n".join(unit) + "\n\n[Service]\n" + "\n".join(service)
+            + "\n\n[Install]\nWantedBy=multi-user.target\n")
+
+
+def _service(down: str, up: str, supervised: bool) -> list[str]:
+    """The [Service] lines every netstack unit has (written ones and the template)."""
     service = [
         "Type=notify",
         "NotifyAccess=all",  # `up` hands over: MAINPID=<the supervisor>, then READY=1
-        f"ExecStartPre=-{_cmd(spec, 'down')}",  # what a crash of the whole unit left
-        f"ExecStart={_cmd(spec, *up)}",
-        f"ExecStop={_cmd(spec, 'down')}",
-        f"ExecStopPost=-{_cmd(spec, 'down')}",  # after a failure: nothing stays half made
+        f"ExecStartPre=-{down}",  # what a crash of the whole unit left
+        f"ExecStart={up}",
+        f"ExecStop={down}",
+        f"ExecStopPost=-{down}",  # after a failure: nothing stays half made
         "Restart=on-failure",
         "RestartSec=2",
         "TimeoutStartSec=300",
         "KillMode=mixed",
     ]
-    if not spec.supervised:  # nothing runs once the chain is made: active while it exists
+    if not supervised:  # nothing runs once the chain is made: active while it exists
         service.append("RemainAfterExit=yes")
-    return ("# written by `netstack service install`; `netstack service remove` deletes it\n"
+    return service
+
+
+def template_text(netstack: str = BIN, etc: str = "/etc/netstack") -> str:
+    """The Debian package's template unit (pure): netstack@NAME.service brings up the stack
+    NAME from NAME.toml (`up NAME` finds it in /etc/netstack) with the uplink options of
+    ETC/NAME.env (`NETSTACK_UPLINK=--uplink eth0 --uplink-mode nat`, or `--lab`); the file
+    is required: no uplink said, no chain. For nat and lab mode: a move-mode chain must
+    be ordered before the host's network and after its device, which a template cannot
+    name, so `netstack service install NAME --uplink DEV` writes that unit instead.
+    RemainAfterExit: a template cannot know whether the stack has a supervisor to be the
+    main process; without one `up` exits 0 once the chain is made, which must not stop
+    it (a failed main process still fails the unit and restarts it)."""
+    def cmd(*args: str) -> str:
+        return shlex.join([netstack, "--stack", "%i", *args])
+
+    unit = ["Description=netstack chain %i (%i.toml)",
+            "Documentation=man:netstack(1) man:netstack-service(1)",
+            "After=local-fs.target network-online.target", "Wants=network-online.target"]
+    service = [f"EnvironmentFile={etc}/%i.env",
+               *_service(cmd("down"), cmd("up", "%i") + " $NETSTACK_UPLINK", True),
+               "RemainAfterExit=yes",
+               # 2: a bad config or usage (no NAME.toml, a bad name): no restart loop
+               "RestartPreventExitStatus=2"]
+    return (f"# {TEMPLATE}: the chain of {etc}/NAME.toml as the stack NAME (1-8 of a-z 0-9);\n"
+            f"# {etc}/NAME.env says its uplink: NETSTACK_UPLINK=--uplink DEV --uplink-mode "
+            "nat, or --lab\n"
             "[Unit]\n" + "\n".join(unit) + "\n\n[Service]\n" + "\n".join(service)
             + "\n\n[Install]\nWantedBy=multi-user.target\n")
 
@@ -166,3 +207,29 @@ class Notifier:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect(self.addr)
             s.sendall(msg)
+
+    def barrier(self, timeout: float = 30.0) -> bool:
+        """sd_notify_barrier(3): returns once systemd has read every message sent before,
+        or after `timeout` (False then). Call it before exiting: systemd matches a datagram
+        to its unit by the sender's pid, and one whose sender is gone by the time it is
+        read is dropped, so `up`'s last STATUS line was lost (docs/field-notes.md, "systemd
+        at boot"). systemd closes the pipe's write end it is sent as it reads the
+        BARRIER=1 message, after the ones before it; older systemd closes it unread, so
+        this never waits for nothing. True when not under systemd."""
+        if not self.addr:
+            return True
+        r, w = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(self.addr)
+                s.sendmsg([b"BARRIER=1"],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+            os.close(w)
+            w = -1
+            p = select.poll()
+            p.register(r, select.POLLHUP)
+            return bool(p.poll(timeout * 1000))
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from netstack import names
-from netstack.errors import NetstackError, StateError, UsageError
+from netstack.errors import NetstackError, NotUp, StateError, UsageError
 from netstack.kernel import Kernel, proc_alive
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def down(stack: str, kernel: Kernel, notes: list[str] | None = None, wait: float
         if st is None:
             st = State.from_log(stack)
             if not _any_left(st, kernel):
-                raise StateError(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
+                raise NotUp(f"stack {stack!r} is not up (no state in {stack_dir(stack)})")
             said.append(f"{st.path} is missing: removing what the intent log and the "
                         "stack's names still show")
             st.lost = True
@@ -286,6 +286,7 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     extra += [f"daemon {d.name} not running" for d in p.daemons
               if not any(d.netns == q.netns for q in p.qubes)
               and not (kids.get(d.name) or {}).get("alive")]
+    extra += _watch_status(st, p, out)
     out["health"] = health.stack_verdict(verdicts, extra).to_json()
     from netstack.disposable import template
 
@@ -301,6 +302,25 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     out["processes"] += [{"name": c["name"], "pid": c["pid"], "alive": c["alive"],
                           "restarts": c["restarts"]} for c in kids.values()]
     return out
+
+
+def _watch_status(st: State, p: Any, out: dict[str, Any]) -> list[str]:
+    """The uplink watch's alarms (DEGRADED until `watch --clear`) and, when the config
+    asks for it, whether it runs (netstack/watch.py writes the file, read here)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+    from netstack.watchfilter import WatchFile, problems
+
+    w = None
+    with contextlib.suppress(OSError, DamagedFile):
+        w = codec.read(os.path.join(st.dir, "watch.json"), WatchFile)
+    live = w is not None and not w.stopped and proc_alive(w.pid, w.start)
+    if w is not None or p.watch:
+        out["watch"] = {"wanted": p.watch, "on_leak": p.on_leak, "running": live and w is not
+                        None and time.time() - w.heartbeat < 5,
+                        "alarms": w.count if w else 0, "cut": bool(w and w.cut),
+                        "pcap": w.pcap if w else None}
+    return problems(w, wanted=p.watch, alive=live, now=time.time())
 
 
 def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from netstack import codec
+from netstack import codec, journal
 from netstack.errors import DamagedFile
 from netstack.kernel import Kernel, proc_start_time
 
@@ -48,6 +48,9 @@ class SupervisorSpec:
     # "module:function" of the call layer's thread (netstack.calls:serve), handed down as
     # data like a daemon's monitor: this layer never imports the executor above it
     calls: str | None = None
+    # "module:function" of the uplink watch (netstack.watch:serve) when the config says
+    # `watch = true`: data too, the watch lives in a layer above this one
+    watch: str | None = None
 
     @classmethod
     def codec_names(cls) -> dict[str, Any]:
@@ -133,6 +136,11 @@ class Supervisor:
                                       prev.restarts + 1 if prev else 0, time.time(),
                                       prev.last_exit if prev else None)
         self.write_status()
+        c = self.children[d.name]
+        journal.send(f"{d.name}: {'restarted' if c.restarts else 'started'} (pid {p.pid})",
+                     journal.WARNING if c.restarts else journal.INFO, stack=self.spec.stack,
+                     event="daemon-start", daemon=d.name, netns=d.netns, pid=p.pid,
+                     restarts=c.restarts)
 
     def watch(self, d: Daemon) -> None:
         backoff = BACKOFF_MIN
@@ -152,6 +160,12 @@ class Supervisor:
             with self.lock:
                 self.children[d.name].last_exit = rc
                 self.write_status()
+            stopping = self.stopping.is_set()
+            journal.send(f"{d.name}: exited with {rc} (pid {p.pid})"
+                         + ("" if stopping or not d.restart else "; restarting"),
+                         journal.INFO if stopping else journal.WARNING, stack=self.spec.stack,
+                         event="daemon-exit", daemon=d.name, netns=d.netns, pid=p.pid,
+                         exit_status=rc)
             if self.stopping.is_set() or not d.restart:
                 return
             if time.monotonic() - started > 30:
@@ -217,6 +231,8 @@ class Supervisor:
                   kernel=self.kernel.fork())
         except Exception as e:  # noqa: BLE001 - a broken monitor must not stop the daemons
             report({"error": f"monitor failed: {e}"})
+            journal.send(f"{d.name}: health monitor failed: {e}", journal.ERR,
+                         stack=self.spec.stack, event="monitor-failed", daemon=d.name)
 
     def serve_calls(self) -> None:
         """The call layer between app qubes (netstack.calls) until the stack stops; a
@@ -235,6 +251,19 @@ class Supervisor:
                 traceback.print_exc()
                 self.stopping.wait(BACKOFF_MIN)
 
+    def watch_uplink(self) -> None:
+        """The uplink watch (netstack.watch) until the stack stops; it restarts itself."""
+        import importlib
+        import traceback
+
+        assert self.spec.watch is not None
+        mod, _, fn = self.spec.watch.partition(":")
+        try:
+            getattr(importlib.import_module(mod), fn)(self.spec.stack, self.stopping,
+                                                       self.kernel.fork())
+        except Exception:  # noqa: BLE001 - the daemons must run on; status says why
+            traceback.print_exc()
+
     def stop(self, *_: Any) -> None:
         self.stopping.set()
 
@@ -252,6 +281,8 @@ class Supervisor:
                          daemon=True).start()
         if self.spec.calls:
             threading.Thread(target=self.serve_calls, daemon=True).start()
+        if self.spec.watch:
+            threading.Thread(target=self.watch_uplink, daemon=True).start()
         for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
             if d.monitor:

@@ -33,6 +33,69 @@ VARIANTS = ("essential", "apt", "minbase", "required", "important", "standard")
 DEFAULT_SUITE = "bookworm"
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What a template is for: the packages it needs beyond the variant, and the files it
+    gets (path inside the root -> text, or a symlink's target when it starts with '->')."""
+
+    packages: tuple[str, ...]
+    files: tuple[tuple[str, str], ...]
+    about: str
+
+
+# A Whonix-Workstation-like template: what Tor Browser (the Firefox ESR build the Tor
+# Project ships, started with TOR_SKIP_LAUNCH against the gateway: the Tor kind's client
+# environment) needs from Debian 12 to run and to be verified and unpacked, torsocks for
+# the rest, and Whonix's anti-fingerprinting defaults that live in a root file system:
+# the clock's zone is UTC, the locale C.UTF-8 (the qube's own names and resolver are bound
+# over /etc by the sandbox).
+PROFILES = {
+    "whonix-workstation": Profile(
+        packages=("libgtk-3-0", "libdbus-glib-1-2", "libx11-xcb1", "libxt6", "libxtst6",
+                  "libasound2", "libpci3", "libegl1", "fonts-dejavu-core", "xauth",
+                  "ca-certificates", "xz-utils", "gpg", "gpgv", "curl", "torsocks"),
+        files=(("etc/timezone", "Etc/UTC\n"),
+               ("etc/localtime", "->/usr/share/zoneinfo/Etc/UTC"),
+               ("etc/default/locale", "LANG=C.UTF-8\n")),
+        about="Tor Browser's needs and Whonix-Workstation's defaults (UTC, C.UTF-8)"),
+}
+
+
+def profile(name: str | None) -> Profile | None:
+    """--profile NAME, checked."""
+    if name is None:
+        return None
+    if name not in PROFILES:
+        raise UsageError(f"--profile {name!r}: use one of {', '.join(sorted(PROFILES))}")
+    return PROFILES[name]
+
+
+def apply_profile(rootfs: str, prof: Profile) -> None:
+    """Write a profile's files into a template root (never following a link of the root
+    outside it: each path's directory is made by us, the file replaced, not written
+    through)."""
+    for rel, text in prof.files:
+        path = os.path.join(rootfs, rel)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.lexists(path):
+            os.unlink(path)
+        if text.startswith("->"):
+            os.symlink(text[2:], path)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+
+
+def update_steps(pkgs: list[str]) -> str:
+    """The shell steps apt runs in the template: refresh, upgrade, install what was asked
+    (and what a profile still wants), then drop the downloaded archives."""
+    steps = "apt-get update && apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade"
+    if pkgs:
+        steps += " && apt-get -y install " + " ".join(pkgs)
+    return steps + " && apt-get clean"
+
+
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise UsageError(f"netstack template {what} needs root (it writes "
@@ -66,11 +129,14 @@ def _meta(name: str) -> templates.TemplateMeta:
 
 def create(name: str, include: str | None = None, variant: str = "minbase",
            suite: str = DEFAULT_SUITE, mirror: str | None = None,
-           source: str | None = None) -> dict[str, Any]:
+           source: str | None = None, profile_name: str | None = None) -> dict[str, Any]:
     import time
 
     templates.check_name(name, "template NAME")
     pkgs = packages(include)
+    prof = profile(profile_name)
+    if prof is not None:
+        pkgs += [p for p in prof.packages if p not in pkgs]
     if variant not in VARIANTS:
         raise UsageError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
     _require_root("create")
@@ -100,7 +166,13 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
                     *([mirror] if mirror else [])]
             _run(argv, "mmdebstrap")
         templates.prepare(rootfs)
-        meta = templates.TemplateMeta(name, suite, variant, pkgs, source, _now())
+        if prof is not None:
+            apply_profile(rootfs, prof)
+        # a copied root has none of the packages asked for: the next `update` installs
+        # them through the stack (Qubes' updates proxy), never the host's network
+        meta = templates.TemplateMeta(name, suite, variant, [] if source else pkgs, source,
+                                      _now(), profile=profile_name,
+                                      wanted=pkgs if source else [])
         _write_meta(name, meta, building)
         os.rename(building, templates.path(name))
     except BaseException:
@@ -245,13 +317,12 @@ def update(stack: str, name: str, via: str | None, install: str | None,
     st = require(stack)
     assert st.plan is not None
     netvm, why = update_via(st.plan, via)
+    meta = _meta(name)
+    pkgs += [p for p in meta.wanted if p not in pkgs]
     t0 = time.monotonic()
     q = disposable.add(stack, netvm, "red", kernel=kernel)  # a live change: invariants hold
     try:
-        steps = "apt-get update && apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade"
-        if pkgs:
-            steps += " && apt-get -y install " + " ".join(pkgs)
-        steps += " && apt-get clean"
+        steps = update_steps(pkgs)
         p = subprocess.run(["ip", "netns", "exec", q.netns, "unshare", "--pid", "--fork",
                             "--ipc", "--uts", "sh", "-c", UPDATE_SCRIPT, "netstack-update",
                             rootfs, steps], stdout=sys.stderr, stderr=sys.stderr)
@@ -262,8 +333,9 @@ def update(stack: str, name: str, via: str | None, install: str | None,
         raise ApplyError(f"template update {name}: apt failed (exit {p.returncode}) in a "
                          f"qube behind {netvm}; the output above says why (fix: the "
                          "template's /etc/apt/sources.list, or the way through --via)")
-    meta = _meta(name)
     meta.updated = _now()
+    meta.include += [p for p in meta.wanted if p not in meta.include]
+    meta.wanted = []
     _write_meta(name, meta)
     return {"template": name, "via": netvm, "why": why, "qube": q.name,
             "installed": pkgs, "seconds": round(time.monotonic() - t0, 1)}

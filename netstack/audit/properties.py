@@ -492,7 +492,11 @@ def _then(e: Evaluator, q: QubeView, hook: str, oif: Pred, trace: list[Step],
         def relay(ev: Evaluator, verdict: str, tr: list[Step], nat: list,
                   tn: list[str]) -> None:
             leaf(ev, verdict, trace + tr, nat, taint + tn)
-        e.rewrite("oif", oif, lambda: e.explore(hook, {}, relay))
+        go = lambda: e.rewrite("oif", oif, lambda: e.explore(hook, {}, relay))  # noqa: E731
+        if hook == "forward":  # forwarding takes one off the TTL (hop limit) before the
+            e.rewrite("ttl", Pred(lambda v: True), go)  # hook: any value, as for a start
+        else:
+            go()
     finally:
         e.restore(u)
 

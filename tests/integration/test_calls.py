@@ -36,6 +36,7 @@ my.Echo        *      personal  @default  allow target=work
 qubes.Filecopy *      @tag:work personal  allow
 qubes.ClipboardPaste * work     personal  allow
 my.Where       *      work      @dispvm   allow
+my.NoStart     *      work      @dispvm   allow autostart=no notify=yes
 qubes.OpenInVM *      personal  @dispvm   deny
 qubes.OpenInVM *      @anyvm    @dispvm   allow
 qubes.Filecopy *      @type:DispVM work   allow
@@ -50,6 +51,7 @@ SERVICES = {
     "my.Asked": '#!/bin/sh\necho asked-ran\n',
     "my.Big": '#!/bin/sh\nexec head -c 3000000 /dev/zero\n',
     "my.Where": '#!/bin/sh\nhostname\ncat\n',
+    "my.NoStart": '#!/bin/sh\ntouch "$HOME/nostart-ran"\n',
 }
 CAP = 1000000
 
@@ -272,6 +274,34 @@ def test_ask_waits_for_the_host(calls_stack, answer):
     assert json.loads(cli("--stack", calls_stack, "calls", "--json").stdout)["pending"] == []
     bad = cli("--stack", calls_stack, "call-answer", w["id"], "allow", check=False)
     assert bad.returncode == 2 and "no call" in bad.stderr
+
+
+def test_the_host_prompt_answers_each_waiting_call(calls_stack):
+    """`call-answer --prompt` (Qubes' confirmation dialog at a terminal): each call that
+    waits is asked about once, in order; `y` allows the first, `n` denies the second (lines
+    typed ahead wait for their call); EOF ends it."""
+    prompter = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack",
+                                 calls_stack, "call-answer", "--prompt"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    try:
+        assert prompter.stdin is not None
+        prompter.stdin.write(b"y\nn\n")
+        prompter.stdin.flush()
+        first = run(calls_stack, "work", "netstack-call", "personal", "my.Asked", input=b"")
+        assert first.returncode == 0 and first.stdout == b"asked-ran\n", first.stderr
+        second = run(calls_stack, "work", "netstack-call", "personal", "my.Asked", input=b"")
+        assert second.returncode == 126 and second.stdout == b""
+        assert last(calls_stack, "my.Asked")["verdict"] == "ask->deny"
+        out, err = prompter.communicate(timeout=10)  # closes its stdin: EOF
+    finally:
+        if prompter.poll() is None:
+            prompter.kill()
+            prompter.wait()
+    assert prompter.returncode == 0, err
+    said = out.decode().splitlines()
+    assert said[0].endswith("Allow? [y/N] allow: work -> personal my.Asked"), said
+    assert said[1].endswith("Allow? [y/N] deny: work -> personal my.Asked"), said
 
 
 def test_the_size_cap_cuts_a_call(calls_stack):
@@ -513,6 +543,23 @@ def test_a_call_to_a_new_disposable(calls_stack):
     assert p.returncode == 126 and disposables(s) == []
     r = last(s, "my.Where")
     assert (r["source"], r["target"], r["verdict"]) == ("personal", "@dispvm", "deny")
+
+
+def test_autostart_no_and_notify(calls_stack):
+    """`autostart=no`: a call that needs a new disposable is refused before one is made
+    (the service never runs); `notify=yes`, and a deny by default, mark the call's line
+    (and go to the host's journal); an allow without notify= does not."""
+    s = calls_stack
+    p = run(s, "work", "netstack-call", "@dispvm", "my.NoStart", input=b"")
+    assert p.returncode == 126 and disposables(s) == []
+    r = last(s, "my.NoStart")
+    assert (r["verdict"], r["notify"]) == ("refused", True) and "autostart=no" in r["reason"]
+    assert not any(os.path.exists(f"/var/lib/netstack/{s}/{q}/home/nostart-ran")
+                   for q in ("work", "personal"))
+    run(s, "work", "netstack-call", "personal", "my.Mark", input=b"")
+    assert (last(s, "my.Mark")["verdict"], last(s, "my.Mark")["notify"]) == ("deny", True)
+    run(s, "work", "netstack-call", "personal", "my.Echo", input=b"")
+    assert (last(s, "my.Echo")["verdict"], last(s, "my.Echo")["notify"]) == ("allow", False)
 
 
 def test_calls_listing_never_prints_a_qubes_escapes(calls_stack):

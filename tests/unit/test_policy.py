@@ -52,6 +52,27 @@ def test_first_match_wins():
     assert (v.action, v.target, v.rule) == ("allow", "work", "t.policy:2")
 
 
+def test_notify_and_autostart_follow_qubes_defaults():
+    """A denied call is told unless its line says notify=no (a call no line matches too);
+    an allowed or asked one only with notify=yes; autostart is on unless a line says
+    no (then a call that needs a new disposable is refused by the call layer)."""
+    assert verdict("", "work", "personal").notify
+    text = ("qubes.Filecopy * work personal deny notify=no\n"
+            "qubes.Filecopy * personal work deny\n"
+            "qubes.OpenInVM * work @dispvm allow notify=yes autostart=no\n"
+            "qubes.OpenInVM * personal @dispvm ask\n"
+            "qubes.Filecopy * vault work allow\n")
+    assert not verdict(text, "work", "personal").notify
+    assert verdict(text, "personal", "work").notify
+    v = verdict(text, "work", "@dispvm", "qubes.OpenInVM")
+    assert (v.action, v.notify, v.autostart) == ("allow", True, False)
+    v = verdict(text, "personal", "@dispvm", "qubes.OpenInVM")
+    assert (v.action, v.notify, v.autostart) == ("ask", False, True)
+    v = verdict(text, "vault", "work")
+    assert (v.action, v.notify, v.autostart) == ("allow", False, True)
+    assert "notify='maybe'" in err("qubes.Filecopy * @anyvm @anyvm allow notify=maybe\n")
+
+
 def test_service_and_argument():
     text = ("my.Svc +a work personal allow\n"
             "my.Svc + work personal ask\n"

@@ -10,17 +10,18 @@ How, with the evaluator's own classes (audit/space.py):
 2. Interval classes: two intervals are alike when every source predicate and every
    destination predicate of the compiled rules holds on both or on neither; a member
    of a class stands for all of it (a rule's verdict depends only on the classes).
-3. The matrix: per source class, the path (input or forward) explored for a new
-   connection to the service (a TCP SYN, mark 0, any interface but lo, before NAT here);
-   each class of the exploration says, for every destination class it admits, accept or
-   not, and whether a construct not modelled was on the way.
-4. Classes with the same row and column are merged (fffuu's partition); the names are
-   the intervals, as CIDR blocks.
+3. The matrix: the path (input or forward) explored once per protocol for a new
+   connection to the services (a TCP SYN, mark 0, any interface but lo, before NAT here);
+   each class of the exploration says, for every (source class, destination class,
+   input and output interface) it admits, accept or not, and whether a construct not
+   modelled was on the way.
+4. Classes with the same row and column (what happens on which interfaces) are merged
+   (fffuu's partition); the names are the intervals, as CIDR blocks.
 A destination is the one the filter sees: after a DNAT here (a port forward shows as
 reaching the inside address), on the service as sent.
 
 An edge is `yes` (every such packet is accepted), `some` (one is, with no construct
-not modelled on its way: it depends on the interface, the flags, ...), `maybe` (accepted
+not modelled on its way: on the interfaces it names, `via`), `maybe` (accepted
 only on ways through a construct not modelled), or absent: no such packet is accepted.
 Absent is a proof as `deny` is (audit/expect.py): the evaluator follows a construct it
 does not model both ways, so every way a packet could be accepted is among its classes.
@@ -96,7 +97,8 @@ class Node:
         if at <= top:
             rest.append((at, top))
         other = blocks(rest)
-        if rest and len(other) < len(out):
+        size = sum(hi - lo + 1 for lo, hi in self.spans)
+        if rest and len(other) < len(out) and size > top // 2:  # most of the space
             out = ["all but"] + other
         return out if len(out) <= most else out[:most] + [f"(+{len(out) - most} more)"]
 
@@ -110,11 +112,16 @@ class Matrix:
     edges: dict[tuple[int, int], str]  # (source node, destination node) -> EDGE
     unknown: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # per pair: what happened on which (input, output) interface, and for `some` edges
+    # the interface pairs on which it is accepted ("*": an interface the ruleset names not)
+    detail: dict[tuple[int, int], frozenset] = field(default_factory=dict, repr=False)
+    via: dict[tuple[int, int], list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"service": str(self.service), "hook": self.hook, "family": self.family,
                 "classes": [{"name": n.name, "ranges": n.cidrs(10**6)} for n in self.nodes],
-                "edges": [{"from": self.nodes[i].name, "to": self.nodes[j].name, "reach": e}
+                "edges": [{"from": self.nodes[i].name, "to": self.nodes[j].name, "reach": e,
+                           **({"via": self.via[(i, j)]} if (i, j) in self.via else {})}
                           for (i, j), e in sorted(self.edges.items())],
                 "not_modelled": self.unknown, "seconds": round(self.seconds, 3)}
 
@@ -225,18 +232,19 @@ def matrices_of(q: Any, svcs: list[Service], hook: str, family: str) -> list[Mat
             return [(node_of(v), v) for v in p.exact]
         return [(j, r) for j, r in enumerate(reps) if p is None or p.test(r)]
 
-    def pairs(e: Evaluator, kind: str, ks: list[int]) -> None:
-        """The (source class, destination class) pairs of the region, recorded with
-        `kind` for each service in ks (the region is the same for all of them)."""
+    def pairs(e: Evaluator, kinds: list[tuple[str, str, str]], ks: list[int]) -> None:
+        """The (source class, destination class) pairs of the region, recorded with each
+        of `kinds` (what happened, on which interfaces) for each service in ks (the region
+        is the same for all of them)."""
         dsts = cands(e.box.get(df))
         srcs = cands(e.box.get(sf))
 
         def need(i: int, j: int) -> bool:
-            return any(kind not in seen[k].get((i, j), ()) for k in ks)
+            return any(kd not in seen[k].get((i, j), ()) for k in ks for kd in kinds)
 
         def mark(i: int, j: int) -> None:
             for k in ks:
-                seen[k].setdefault((i, j), set()).add(kind)
+                seen[k].setdefault((i, j), set()).update(kinds)
         # a field no exclusion of the region speaks of is free within the box: every class
         # the box admits is in the region once one point is (no witness per class)
         rel = e.excl.relevant(e.box, e.dom)
@@ -288,9 +296,31 @@ def matrices_of(q: Any, svcs: list[Service], hook: str, family: str) -> list[Mat
             finally:
                 e.restore(u)
 
+    iifs = [v for v in ev.dom["iif"] if v not in ("lo", NO_IFACE)]
+    oifs = [NO_IFACE] if hook == "input" else [v for v in ev.dom["oif"]
+                                               if v not in ("lo", NO_IFACE)]
+
     def leaf(e: Evaluator, verdict: str, trace: list[Step], nat: list,
              taint: list[str]) -> None:
-        kind = ("taint-" if taint else "") + ("accept" if verdict == "accept" else "drop")
+        base = ("taint-" if taint else "") + ("accept" if verdict == "accept" else "drop")
+        pi, po = e.box.get("iif"), e.box.get("oif")
+        combos = [(a, b) for a in iifs if pi is None or pi.test(a)
+                  for b in oifs if po is None or po.test(b)]
+        if not any("iif" in b or "oif" in b for b in e.excl.relevant(e.box, e.dom)):
+            # no exclusion speaks of the interfaces: every pair the box admits is alike
+            by_port(e, taint, [(base, a, b) for a, b in combos])
+            return
+        for a, b in combos:
+            u = e.narrow({"iif": eq_pred([a]), "oif": eq_pred([b])})
+            if u is None:
+                continue
+            try:
+                if e.point() is not None:
+                    by_port(e, taint, [(base, a, b)])
+            finally:
+                e.restore(u)
+
+    def by_port(e: Evaluator, taint: list[str], kinds: list[tuple[str, str, str]]) -> None:
         dp = e.box.get("dport")
         ks = [k for k, port in enumerate(ports) if port is None or dp is None or dp.test(port)]
         if len(ports) > 1 and not any("dport" in b
@@ -299,7 +329,7 @@ def matrices_of(q: Any, svcs: list[Service], hook: str, family: str) -> list[Mat
             # alike (one pass for all of them)
             for k in ks:
                 unknown[k].update(taint)
-            pairs(e, kind, ks)
+            pairs(e, kinds, ks)
             return
         for k in ks:
             if len(ports) > 1:
@@ -309,23 +339,27 @@ def matrices_of(q: Any, svcs: list[Service], hook: str, family: str) -> list[Mat
                 try:
                     if e.point() is not None:
                         unknown[k].update(taint)
-                        pairs(e, kind, [k])
+                        pairs(e, kinds, [k])
                 finally:
                     e.restore(u)
             else:
                 unknown[k].update(taint)
-                pairs(e, kind, [k])
+                pairs(e, kinds, [k])
     explore_path(q, hook, start, leaf)
     out = []
     for k, x in enumerate(svcs):
-        edges = {}
+        edges, via = {}, {}
         for key, got in seen[k].items():
-            if "accept" in got:
-                edges[key] = "yes" if got == {"accept"} else "some"
-            elif "taint-accept" in got:
+            acc = sorted({(a, b) for kd, a, b in got if kd == "accept"})
+            if acc:
+                edges[key] = "yes" if all(kd == "accept" for kd, _, _ in got) else "some"
+                if edges[key] == "some":
+                    via[key] = _ifaces(acc, iifs, oifs, hook)
+            elif any(kd == "taint-accept" for kd, _, _ in got):
                 edges[key] = "maybe"
         m = Matrix(x, hook, family, [Node("", n.family, list(n.spans), n.rep) for n in ns],
-                   edges, sorted(unknown[k]))
+                   edges, sorted(unknown[k]),
+                   detail={key: frozenset(got) for key, got in seen[k].items()}, via=via)
         _merge(m)
         out.append(m)
     spent = time.perf_counter() - t0
@@ -334,14 +368,35 @@ def matrices_of(q: Any, svcs: list[Service], hook: str, family: str) -> list[Mat
     return out
 
 
+def _ifaces(acc: list[tuple[str, str]], iifs: list[str], oifs: list[str],
+            hook: str) -> list[str]:
+    """The interface pairs a `some` edge is accepted on, in words: `*` for an interface
+    the ruleset does not name (the class of every other name), `any` where every output
+    (input) interface is."""
+    def w(n: str) -> str:
+        return "*" if n.startswith("other") else n[:-1] + "*" if n.endswith("~") else n
+    if hook == "input":
+        return sorted({f"in {w(a)}" for a, _ in acc})
+    got = set(acc)
+    out = set()
+    for a, b in acc:
+        if all((a, o) in got for o in oifs):
+            out.add(f"{w(a)}>any")
+        elif all((i, b) in got for i in iifs):
+            out.add(f"any>{w(b)}")
+        else:
+            out.add(f"{w(a)}>{w(b)}")
+    return sorted(out)
+
+
 def _merge(m: Matrix) -> None:
     """Merge classes with the same row and column until none are left (fffuu's
     partition of the address space for one service)."""
     n = len(m.nodes)
     groups = [[i] for i in range(n)]
     while True:
-        def val(a: list[int], b: list[int]) -> str:
-            return m.edges.get((a[0], b[0]), "")
+        def val(a: list[int], b: list[int]) -> Any:
+            return m.detail.get((a[0], b[0]), frozenset())
         sig: dict[tuple, list[int]] = {}
         for gi, g in enumerate(groups):
             row = tuple(val(g, h) for h in groups)
@@ -366,8 +421,11 @@ def _merge(m: Matrix) -> None:
         node.name = f"{'A' if m.family == 'ipv4' else 'B'}{k + 1}"
         for i in g:
             index[i] = k
-    m.edges = {(index[i], index[j]): e for (i, j), e in m.edges.items()
-               if i == merged[index[i]][0][0] and j == merged[index[j]][0][0]}
+    def first(i: int, j: int) -> bool:
+        return i == merged[index[i]][0][0] and j == merged[index[j]][0][0]
+    m.edges = {(index[i], index[j]): e for (i, j), e in m.edges.items() if first(i, j)}
+    m.via = {(index[i], index[j]): e for (i, j), e in m.via.items() if first(i, j)}
+    m.detail = {(index[i], index[j]): e for (i, j), e in m.detail.items() if first(i, j)}
     m.nodes = [node for _, node in merged]
 
 
@@ -410,12 +468,19 @@ def table(ms: list[Matrix]) -> str:
                      f"{'es' if len(m.nodes) != 1 else ''} ==")
         for n in m.nodes:
             lines.append(f"  {n.name:<4} {', '.join(n.cidrs()).replace('all but,', 'all but')}")
-        reach = [f"{m.nodes[i].name} -> {m.nodes[j].name}" + ("" if e == "yes" else f" ({e})")
-                 for (i, j), e in sorted(m.edges.items())]
+        reach = []
+        for (i, j), e in sorted(m.edges.items()):
+            via = f": {_short(m.via[(i, j)])}" if (i, j) in m.via else ""
+            reach.append(f"{m.nodes[i].name} -> {m.nodes[j].name}"
+                         + ("" if e == "yes" else f" ({e}{via})"))
         lines.append("  reaches: " + (", ".join(reach) if reach else "nothing"))
         if m.unknown and "maybe" in m.edges.values():
             lines.append("  maybe: through " + "; ".join(m.unknown[:3]))
     return "\n".join(lines)
+
+
+def _short(via: list[str], most: int = 4) -> str:
+    return ", ".join(via[:most]) + (f" +{len(via) - most}" if len(via) > most else "")
 
 
 def dot(ms: list[Matrix]) -> str:
@@ -429,8 +494,9 @@ def dot(ms: list[Matrix]) -> str:
             out.append(f'    m{k}_{n.name} [label="{label}"];')
         for (i, j), e in sorted(m.edges.items()):
             style = {"yes": "solid", "some": "dashed", "maybe": "dotted"}[e]
+            label = f' label="{_short(m.via[(i, j)], 2)}"' if (i, j) in m.via else ""
             out.append(f"    m{k}_{m.nodes[i].name} -> m{k}_{m.nodes[j].name} "
-                       f"[style={style}];")
+                       f"[style={style}{label} fontsize=8];")
         out.append("  }")
     out.append("}")
     return "\n".join(out) + "\n"

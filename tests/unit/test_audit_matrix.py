@@ -56,6 +56,8 @@ def test_classes_and_reach_for_one_service() -> None:
               ("10.1.0.0/24",))] == "yes"
     some = [v for (s, _), v in e.items() if s == ("10.2.0.0/16",)]
     assert some and set(some) == {"some"}  # only on eth1
+    src = [tuple(n.cidrs()) for n in f.nodes].index(("10.2.0.0/16",))
+    assert {tuple(v) for (i, _), v in f.via.items() if i == src} == {("eth1>any",)}
     assert len(e) == 1 + len(some)  # nothing else reaches anything
     # the input path has no rule: nothing is accepted there, one class
     i = the(ms, "input")
@@ -138,3 +140,19 @@ def test_cli_table_dot_and_svg(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert cli.main(["audit", "--ruleset", str(f), "--port", "tcp/22"]) == 2
     assert "--port goes with --matrix" in capsys.readouterr().err
     assert cli.main(["audit", "--ruleset", str(f), "--matrix", "--port", "tcp/0x"]) == 2
+
+
+def test_router_forward_classes_by_interface() -> None:
+    """The router fixture's web (tcp/443) forwarded: the public addresses (guests and the
+    LAN reach them on the WAN), the private ones (the LAN only), the LAN's hosts (the
+    `ip daddr @lan_hosts_N tcp dport { 80, 443 } accept` rules: from anywhere) are three
+    classes, told apart by the interfaces each is reached on."""
+    d = json.loads((ROOT / "tests" / "realworld" / "router.json").read_text())
+    f = the(matrix.matrices(d, "r", matrix.parse_port("tcp/443")), "forward")
+    assert len(f.nodes) == 3, matrix.table([f])
+    pub = next(k for k, n in enumerate(f.nodes) if n.cidrs()[0] == "all but")
+    hosts = next(k for k, n in enumerate(f.nodes) if "10.0.0.10/31" in n.cidrs(99))
+    assert all(f.via[(i, pub)] == ["guest0>wan0", "lan0>wan0"] for i in range(3))
+    assert all("guest0>wan0" not in f.via[(i, j)] for i in range(3) for j in range(3)
+               if j not in (pub, hosts))
+    assert all(any(v.startswith("any>") for v in f.via[(i, hosts)]) for i in range(3))

@@ -109,10 +109,13 @@ class Pred:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def reps(self, domain: tuple) -> frozenset:
-        key = id(domain)
-        r = self._cache.get(key)
-        if r is None:
-            r = self._cache[key] = frozenset(v for v in domain if self.test(v))
+        # keyed by the domain's identity, and the domain kept with the answer: an id is
+        # reused once its object is gone, and a stale class set would be a wrong proof
+        hit = self._cache.get(id(domain))
+        if hit is not None and hit[0] is domain:
+            return hit[1]
+        r = frozenset(v for v in domain if self.test(v))
+        self._cache[id(domain)] = (domain, r)
         return r
 
 

@@ -1087,33 +1087,41 @@ def cmd_call_answer(args: argparse.Namespace) -> int:
 
 
 def _prompt_calls(stack_dir: str) -> int:
-    """`call-answer --prompt`: each call that starts waiting is asked about here, once, in
-    the order asked; the answer goes to it as `call-answer` would. A call withdrawn or
-    timed out before the answer is said to be so. Ends at EOF of stdin or Ctrl-C. stdin
-    is read as bytes from its descriptor (a line typed ahead waits for the next call)."""
+    """`call-answer --prompt`: each call that starts waiting is asked about at this
+    terminal, once, in the order asked; the answer goes to it as `call-answer` would. As
+    Qubes' dialog: only what is typed after a call is shown counts (anything typed before
+    is thrown away), a terminal is required (a pipe would answer calls nobody saw), and
+    dismissing a shown call (EOF, Ctrl-C, SIGTERM) denies it. A call withdrawn or timed
+    out before the answer is said to be so."""
+    import contextlib
     import select
+    import termios
     import time
 
     from netstack import calls
 
-    buf, eof = b"", False
+    if not os.isatty(0):
+        raise UsageError("call-answer --prompt needs a terminal on stdin (a pipe or file "
+                         "would answer calls nobody saw; use `call-answer ID allow|deny`)")
 
-    def more(timeout: float | None) -> None:
-        nonlocal buf, eof
-        if select.select([0], [], [], timeout)[0]:
-            chunk = os.read(0, 4096)
-            eof, buf = eof or not chunk, buf + chunk
-
-    def line() -> str | None:
-        nonlocal buf
-        while b"\n" not in buf and not eof:
-            more(None)
-        if not buf:
-            return None
-        got, _, buf = buf.partition(b"\n")
-        return got.decode("utf-8", "replace")
+    def answer_line(shown_id: str) -> str | None:
+        """One line typed after the prompt (None: EOF); the call's own deadline bounds
+        the wait."""
+        buf = b""
+        while b"\n" not in buf:
+            left = next((p.deadline for p in calls.pending(stack_dir) if p.id == shown_id),
+                        0.0) - time.time()
+            if left <= 0:
+                return ""  # timed out or withdrawn meanwhile: said by answer()
+            if select.select([0], [], [], min(left, 0.5))[0]:
+                chunk = os.read(0, 1024)
+                if not chunk:
+                    return None
+                buf = (buf + chunk)[-4096:]
+        return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
 
     asked: set[str] = set()
+    showing: str | None = None
     print("netstack: asking here about calls that wait (Ctrl-C ends)", file=sys.stderr)
     try:
         while True:
@@ -1121,16 +1129,16 @@ def _prompt_calls(stack_dir: str) -> int:
                 if p.id in asked:
                     continue
                 asked.add(p.id)
+                with contextlib.suppress(termios.error):
+                    termios.tcflush(0, termios.TCIFLUSH)  # typed before: not an answer
                 arg = f"+{p.argument}" if p.argument else ""
                 left = max(0, int(p.deadline - time.time()))
+                showing = p.id
                 print(f"call {p.id}: {p.source} -> {shown(p.target)} {shown(p.service)}"
                       f"{shown(arg)} ({p.rule}; denied in {left} s). Allow? [y/N] ",
                       end="", flush=True)
-                said = line()
-                if said is None:
-                    print()
-                    return 0
-                what = "allow" if said.strip().lower() in ("y", "yes") else "deny"
+                said = answer_line(p.id)
+                what = "allow" if said and said.strip().lower() in ("y", "yes") else "deny"
                 try:
                     calls.answer(stack_dir, p.id, what)
                     print(f"{what}: {p.source} -> {shown(p.target)} {shown(p.service)}",
@@ -1138,15 +1146,17 @@ def _prompt_calls(stack_dir: str) -> int:
                 except UsageError:
                     print(f"call {p.id}: no longer waiting (withdrawn or timed out)",
                           flush=True)
-            if eof and not buf:
-                return 0  # nobody is left to answer
-            if eof:  # a last line without its newline waits for the next call
-                time.sleep(0.2)
-            else:
-                more(0.2)  # the pending list's poll period; typed-ahead lines are kept
+                showing = None
+                if said is None:
+                    return 0  # EOF: the call shown was denied, nobody is left to answer
+            if select.select([0], [], [], 0.2)[0] and not os.read(0, 4096):
+                return 0  # EOF with nothing shown (a line typed then is thrown away)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 0
+        if showing is not None:  # dismissed: denied, as closing Qubes' dialog
+            with contextlib.suppress(UsageError):
+                calls.answer(stack_dir, showing, "deny")
+                print(f"\ndeny: call {showing} (dismissed)", flush=True)
+        raise
 
 
 def cmd_clipboard(args: argparse.Namespace) -> int:

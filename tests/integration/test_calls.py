@@ -276,32 +276,74 @@ def test_ask_waits_for_the_host(calls_stack, answer):
     assert bad.returncode == 2 and "no call" in bad.stderr
 
 
+def _until(fd: int, want: bytes, deadline: float = 20.0) -> bytes:
+    """Read a pty's master until `want` shows (what the prompter printed)."""
+    import select
+
+    got, end = b"", time.monotonic() + deadline
+    while want not in got:
+        left = end - time.monotonic()
+        assert left > 0, got
+        if select.select([fd], [], [], left)[0]:
+            got += os.read(fd, 4096)
+    return got
+
+
 def test_the_host_prompt_answers_each_waiting_call(calls_stack):
-    """`call-answer --prompt` (Qubes' confirmation dialog at a terminal): each call that
-    waits is asked about once, in order; `y` allows the first, `n` denies the second (lines
-    typed ahead wait for their call); EOF ends it."""
+    """`call-answer --prompt` at a terminal (Qubes' confirmation dialog): each call that
+    waits is shown once, in order; `y` typed after the first allows it, `n` after the
+    second denies it; a `y` typed while nothing was shown answers nothing (the next call
+    still waits for its own answer); Ctrl-C on a shown call denies it (exit 130); a pipe
+    is refused (it would answer calls nobody saw)."""
+    import pty
+
+    piped = cli("--stack", calls_stack, "call-answer", "--prompt", check=False)
+    assert piped.returncode == 2 and "needs a terminal" in piped.stderr
+    master, slave = pty.openpty()
     prompter = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack",
                                  calls_stack, "call-answer", "--prompt"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+
+    def call() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack",
+                                 calls_stack, "exec", "work", "--", "netstack-call",
+                                 "personal", "my.Asked"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, SUDO_USER=""))
     try:
-        assert prompter.stdin is not None
-        prompter.stdin.write(b"y\nn\n")
-        prompter.stdin.flush()
-        first = run(calls_stack, "work", "netstack-call", "personal", "my.Asked", input=b"")
-        assert first.returncode == 0 and first.stdout == b"asked-ran\n", first.stderr
-        second = run(calls_stack, "work", "netstack-call", "personal", "my.Asked", input=b"")
-        assert second.returncode == 126 and second.stdout == b""
+        os.write(master, b"y\n")  # typed ahead, with nothing shown: thrown away
+        first = call()
+        _until(master, b"Allow? [y/N] ")
+        # the early `y` answered nothing: the call still waits, nothing was said
+        pending = _pending(calls_stack)
+        assert json.loads(cli("--stack", calls_stack, "calls", "--json").stdout)[
+            "pending"] == [pending] and first.poll() is None
+        import select
+
+        assert not select.select([master], [], [], 0.5)[0] or b"allow" not in os.read(
+            master, 4096)
+        os.write(master, b"y\n")
+        assert first.communicate(timeout=30)[0] == b"asked-ran\n"
+        second = call()
+        _until(master, b"Allow? [y/N] ")
+        os.write(master, b"n\n")
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 126 and out == b""
         assert last(calls_stack, "my.Asked")["verdict"] == "ask->deny"
-        out, err = prompter.communicate(timeout=10)  # closes its stdin: EOF
+        third = call()
+        _until(master, b"Allow? [y/N] ")
+        prompter.send_signal(2)  # Ctrl-C on a shown call: dismissed, denied at once
+        assert b"(dismissed)" in _until(master, b"(dismissed)")
+        out, _ = third.communicate(timeout=30)
+        assert third.returncode == 126 and out == b""
+        assert prompter.wait(10) == 130
     finally:
-        if prompter.poll() is None:
-            prompter.kill()
-            prompter.wait()
-    assert prompter.returncode == 0, err
-    said = out.decode().splitlines()
-    assert said[0].endswith("Allow? [y/N] allow: work -> personal my.Asked"), said
-    assert said[1].endswith("Allow? [y/N] deny: work -> personal my.Asked"), said
+        for p in (prompter,):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        os.close(master)
 
 
 def test_the_size_cap_cuts_a_call(calls_stack):

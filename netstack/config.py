@@ -382,6 +382,10 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
     if on_leak not in ("log", "cut"):
         raise ConfigError("[stack] field 'on_leak'", f"{on_leak!r}",
                           'write on_leak = "log" (alarm only) or "cut" (set the uplink down)')
+    if "on_leak" in stack and not watch:  # a safety option that would silently do nothing
+        raise ConfigError("[stack] field 'on_leak'", "set, but no watch runs",
+                          "add watch = true to [stack] (on_leak says what the watch does "
+                          "on a leak), or remove on_leak")
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
                     kinds=kinds, invariants=invariants, updatevm=updatevm, policy=policy,
                     services=services, ask_timeout=float(ask_timeout), call_max_bytes=cap,

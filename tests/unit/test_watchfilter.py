@@ -281,6 +281,7 @@ def test_problems_for_status():
 @pytest.mark.parametrize("line, needle", [
     ('watch = "yes"', "'watch'"),
     ('on_leak = "drop"', "'on_leak'"),
+    ('on_leak = "cut"', "'on_leak': set, but no watch runs"),  # without watch = true
 ])
 def test_config_refuses_a_bad_watch_setting(tmp_path, line, needle):
     from netstack.errors import ConfigError

@@ -155,7 +155,10 @@ class Packet:
     icmp_code: int | None = None
     length: int | None = None
     # issue 30's fields; None: what a packet usually has (ttl 64, dscp/ecn/frag-off 0, a
-    # new connection's ct mark 0, unicast to this host, no IPsec, interface group 0)
+    # new connection's ct mark 0, unicast to this host, no IPsec, interface group 0). A
+    # local IPv4 packet leaves with DF (frag 0x4000) where its socket does path MTU
+    # discovery (the kernel's default); the oracle sends frag 0 with it off
+    # (docs/field-notes.md)
     ttl: int | None = None
     dscp: int | None = None
     ecn: int | None = None
@@ -165,11 +168,6 @@ class Packet:
     ipsec: bool | None = None
     iifgroup: int | None = None
     oifgroup: int | None = None
-
-    def default_frag(self) -> int:
-        """ip frag-off of a packet that says nothing of it: a local IPv4 packet has DF
-        set (the kernel's path MTU discovery sets it on what it sends), others none."""
-        return 0x4000 if self.family == "ipv4" and not self.iifname else 0
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if v not in (None, frozenset())}
@@ -200,8 +198,7 @@ class Packet:
             frozenset(self.ct_status or ()), "mark": self.mark, "skuid": self.skuid,
             "skgid": self.skgid, "length": self.length or 0,
             "ttl": 64 if self.ttl is None else self.ttl, "dscp": self.dscp or 0,
-            "ecn": self.ecn or 0, "frag": self.default_frag() if self.frag is None else
-            self.frag,
+            "ecn": self.ecn or 0, "frag": self.frag or 0,
             "pkttype": self.pkttype or "host", "ipsec": bool(self.ipsec)}
         out = {f: eq_pred([vals[f]]) for f in FIELDS if f in vals}
         # a group or none as the interfaces say (the pairings decide, also where a caller
@@ -232,9 +229,7 @@ def packet_of(point: dict[str, Any]) -> Packet:
         # issue 30's fields, where they are not what a packet usually has
         ttl=None if point.get("ttl", 64) == 64 else point["ttl"],
         dscp=point.get("dscp") or None, ecn=point.get("ecn") or None,
-        frag=None if point.get("frag", 0) == (0x4000 if point["family"] == "ipv4" and
-                                              not point["iif"] else 0) else point["frag"],
-        ctmark=point.get("ctmark") or None,
+        frag=point.get("frag") or None, ctmark=point.get("ctmark") or None,
         pkttype=None if point.get("pkttype", "host") == "host" else point["pkttype"],
         ipsec=point.get("ipsec") or None, iifgroup=point.get("iifgroup") or None,
         oifgroup=point.get("oifgroup") or None)

@@ -815,6 +815,8 @@ def packets(draw) -> Packet:
     uid, gid = draw(st.sampled_from(IDS)), draw(st.sampled_from(IDS))
     if not est:
         extra.pop("ctmark", None)
+    if ISSUE30 and not six:  # DF on (path MTU discovery, the kernel's default) or off
+        extra["frag"] = draw(st.sampled_from([None, 0x4000]))
     return Packet(family=fam, saddr=source_for(daddr), daddr=daddr, l4proto=proto,
                   sport=sport, dport=dport, tcp_flags=flags,
                   icmp_type=(128 if six else 8) if "icmp" in proto else None,

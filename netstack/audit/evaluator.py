@@ -157,7 +157,10 @@ class Packet:
     icmp_code: int | None = None
     length: int | None = None
     # issue 30's fields; None: what a packet usually has (ttl 64, dscp/ecn/frag-off 0, a
-    # new connection's ct mark 0, unicast to this host, no IPsec, interface group 0)
+    # new connection's ct mark 0, unicast to this host, no IPsec, interface group 0). A
+    # local IPv4 packet leaves with DF (frag 0x4000) where its socket does path MTU
+    # discovery (the kernel's default); the oracle sends frag 0 with it off
+    # (docs/field-notes.md)
     ttl: int | None = None
     dscp: int | None = None
     ecn: int | None = None

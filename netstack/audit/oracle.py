@@ -118,6 +118,8 @@ for line in sys.stdin:
         if p.get("ttl"):  # IP_TTL, IPV6_UNICAST_HOPS
             s.setsockopt(socket.IPPROTO_IPV6 if six else socket.IPPROTO_IP, 16 if six else 2,
                          p["ttl"])
+        if not six:  # IP_MTU_DISCOVER: DF (0x4000 in frag-off) as the packet says
+            s.setsockopt(socket.IPPROTO_IP, 10, 2 if p.get("frag", 0) & 0x4000 else 0)
         if p.get("tos"):  # IP_TOS, IPV6_TCLASS
             s.setsockopt(socket.IPPROTO_IPV6 if six else socket.IPPROTO_IP, 67 if six else 1,
                          p["tos"])
@@ -519,7 +521,7 @@ class KernelLab:
                 "proto": p.l4proto if p.l4proto in ("tcp", "udp") else "raw",
                 "ipproto": L4.get(p.l4proto, 253), "dport": p.dport or 0,
                 "sport": p.sport if p.sport and p.saddr in self.local else 0, "mark": p.mark,
-                "ttl": p.ttl, "tos": ((p.dscp or 0) << 2) | (p.ecn or 0)}
+                "ttl": p.ttl, "tos": ((p.dscp or 0) << 2) | (p.ecn or 0), "frag": p.frag or 0}
         self._send(p.skuid or 0, p.skgid or 0, spec)
 
     def _send(self, uid: int, gid: int, spec: dict[str, Any]) -> None:

@@ -465,6 +465,12 @@ def foreground(stack: str, k: Kernel, on_leak: str, seconds: float | None,
         watch.run()
     except KeyboardInterrupt:
         stopping.set()
+    except OSError:
+        if os.path.isdir(st.dir):
+            raise
+        # `down` removed the stack (and the files the watch writes) under it
+        raise StateError(f"stack {stack!r} went down while it was watched ("
+                         f"{watch.wf.count} alarm(s) before)") from None
     return watch
 
 

@@ -144,15 +144,22 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
         raise UsageError(f"template {name!r} exists already (fix: `netstack template remove "
                          f"{name}` first, or `template update {name}`)")
     os.makedirs(templates.TEMPLATE_ROOT, mode=0o755, exist_ok=True)
+    lock = build_lock(name)
+    if lock is None:
+        raise UsageError(f"template {name!r} is being made by another `netstack template "
+                         "create` (fix: wait for it to end, or end it)")
+    global _LOCK_FD
+    _LOCK_FD = lock  # held by this process and every builder it starts (pass_fds)
     building = os.path.join(templates.TEMPLATE_ROOT, f".{name}.building")
     shutil.rmtree(building, ignore_errors=True)  # an interrupted create's
     os.mkdir(building, 0o755)
-    with open(os.path.join(building, BUILDER), "w") as f:  # who builds it (sweep_stale)
-        f.write(f"{os.getpid()}\n")
     rootfs = os.path.join(building, "root")
     t0 = time.monotonic()
     try:
         if source:
+            if not os.path.isdir(source):
+                raise UsageError(f"--from {source}: no such directory (fix: the path of a "
+                                 "Debian root file system, e.g. one mmdebstrap made)")
             if not os.path.isfile(os.path.join(source, "usr/bin/apt-get")):
                 raise UsageError(f"--from {source}: not a Debian root file system (no "
                                  "usr/bin/apt-get)")
@@ -178,6 +185,9 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+        _LOCK_FD = None
     return {**dataclasses.asdict(meta), "path": templates.path(name),
             "seconds": round(time.monotonic() - t0, 1)}
 
@@ -186,9 +196,41 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+_LOCK_FD: int | None = None  # the create's build lock (build_lock)
+
+
+def build_lock(name: str) -> int | None:
+    """The lock of making template `name` (flock on .locks/NAME), or None when another
+    create holds it. Its descriptor is handed to the builders (cp, mmdebstrap): a create
+    killed midway keeps its name locked while a builder of its still writes, so neither a
+    second create nor the sweep of half-made templates races a live writer."""
+    import fcntl
+
+    d = os.path.join(templates.TEMPLATE_ROOT, ".locks")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(d, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _die_with_parent() -> None:
+    """In a builder, before exec: killed when the create is (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _run(argv: list[str], what: str) -> None:
-    """A step whose output the user watches (stderr); its failure is one line."""
-    p = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    """A step whose output the user watches (stderr); its failure is one line. The step
+    holds the build lock too and dies with the create."""
+    p = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+                       pass_fds=(_LOCK_FD,) if _LOCK_FD is not None else (),
+                       preexec_fn=_die_with_parent)
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["no message"])[-1]
         sys.stderr.write(p.stderr)
@@ -235,9 +277,6 @@ def users(name: str) -> list[tuple[str, str]]:
     return out
 
 
-BUILDER = ".builder-pid"
-
-
 def sweep_stale() -> list[str]:
     """Remove what a `template create` killed midway left (`.NAME.building`, hundreds of
     MB): its builder's pid is gone. Returns the names swept."""
@@ -250,15 +289,15 @@ def sweep_stale() -> list[str]:
         if not (e.startswith(".") and e.endswith(".building")):
             continue
         d = os.path.join(templates.TEMPLATE_ROOT, e)
+        name = e[1:-len(".building")]
+        lock = build_lock(name)
+        if lock is None:
+            continue  # its create, or a builder of a killed one, still runs
         try:
-            with open(os.path.join(d, BUILDER)) as f:
-                pid = int(f.read().strip())
-            os.kill(pid, 0)
-            continue  # its builder still runs
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(d, ignore_errors=True)
-        out.append(e[1:-len(".building")])
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(lock)
+        out.append(name)
     return out
 
 

@@ -116,6 +116,17 @@ def check_policy(topo: Topology, config_dir: str) -> None:
              for q in topo.qubes if topo.kinds[q.kind].traits.sandboxed}
     pol = policy.load(os.path.join(config_dir, topo.policy), topo.policy)
     policy.check_names(pol, facts)
+    import pwd
+
+    for r in pol.rules:  # an account a call would run as must exist, or the call fails late
+        user = r.param("user")
+        if user:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise ConfigError(r.where, f"user={user}: no such account on this host",
+                                  f"create it (useradd --system {user}), or drop user=") \
+                    from None
     if topo.services and not os.path.isdir(os.path.join(config_dir, topo.services)):
         raise ConfigError("[stack] field 'services'", f"{topo.services!r} is not a directory "
                           f"(relative to {config_dir})", "create it, or drop the key")

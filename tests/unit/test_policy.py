@@ -260,6 +260,14 @@ def test_up_inputs_check_the_policy(tmp_path: Path):
         load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)
     assert str(e.value).startswith("config: policy.d/40-bad.policy:2: no app qube 'sys-net'")
     os.unlink(d / "40-bad.policy")
+    (d / "50-user.policy").write_text("my.Echo * work personal allow user=nosuchuser9\n")
+    with pytest.raises(ConfigError) as e:  # an account that is not there: refused at up
+        load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)
+    assert str(e.value).startswith("config: policy.d/50-user.policy:1: user=nosuchuser9: "
+                                   "no such account")
+    (d / "50-user.policy").write_text("my.Echo * work personal allow user=nobody\n")
+    load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)
+    os.unlink(d / "50-user.policy")
     cfg.write_text('[stack]\nservices = "svc"\n' + BASE)
     with pytest.raises(ConfigError, match="'services'"):
         load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)

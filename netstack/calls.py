@@ -614,6 +614,10 @@ class Daemon:
                                                time.time() + st.plan.ask_timeout),
                              self.stopping, lambda: peer_closed(conn))
             rec.verdict = "ask->allow" if ok else "ask->deny"
+            if not ok and peer_closed(conn):  # nobody left to tell: one record, no reply
+                rec.reason += "; withdrawn: the caller went away before an answer"
+                log(self.dir, rec)
+                return
             if not ok:
                 rec.reason += "; denied on the host (or nobody answered in time)"
         if rec.verdict in ("deny", "ask->deny"):

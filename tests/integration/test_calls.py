@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.integration.util import (
+    ROOT,
+    cli,
+    new_stack_name,
+    reap_zombies,
+    stack_leftovers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -614,6 +621,27 @@ def test_calls_listing_never_prints_a_qubes_escapes(calls_stack):
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned" in out, out[-500:]
     assert json.loads(cli("--stack", s, "calls", "--json").stdout)["calls"][-1]["target"] \
         == "\x1b]0;owned\x07"
+
+
+def test_a_withdrawn_call_is_one_record_saying_so(calls_stack):
+    """The caller killed while its call waits for an answer: the call leaves the pending
+    list and is logged once, as withdrawn (not as denied on the host, and no second
+    record of a reply nobody could read)."""
+    s = calls_stack
+    before = len(log(s)) if os.path.exists(f"/run/netstack/{s}/calls.log") else 0
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "exec",
+                          "work", "--", "netstack-call", "personal", "my.Asked"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=dict(os.environ, SUDO_USER=""))
+    w = _pending(s)
+    p.send_signal(15)  # exec hands SIGTERM to the command: netstack-call ends
+    p.wait(30)
+    got = wait_for(lambda: [r for r in log(s)[before:] if r["id"] == w["id"]], 10, 0.05,
+                   "the withdrawn call's record")
+    assert len(got) == 1 and got[0]["verdict"] == "ask->deny", got
+    assert "withdrawn: the caller went away" in got[0]["reason"], got
+    assert not [r for r in log(s)[before:] if "Broken pipe" in r["reason"]]
+    assert json.loads(cli("--stack", s, "calls", "--json").stdout)["pending"] == []
 
 
 def test_copy_when_the_policy_asks(calls_stack):

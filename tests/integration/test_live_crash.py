@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.integration.util import BASIC, ROOT, cli, in_ns, running_stack
+from tests.integration.util import BASIC, ROOT, cli, in_ns
 
 pytestmark = pytest.mark.root
 
@@ -44,17 +44,9 @@ def agree(s: str) -> None:
     assert audit.returncode == 0, audit.stdout[-1500:]
 
 
-@pytest.fixture(scope="module")
-def stack():
-    """One stack for the three kinds of crash: each test leaves it repaired and agreeing
-    (its last `agree`), which is what the next one starts from; a repair that fails fails
-    there, and the stack must still go down leaving nothing (running_stack)."""
-    with running_stack(BASIC, "k") as s:
-        yield s
-
-
-def test_a_killed_firewall_add_is_repaired_by_the_next_change(stack):
-    s = stack
+def test_a_killed_firewall_add_is_repaired_by_the_next_change(own_stack):
+    s = own_stack("kf")
+    cli("--stack", s, "up", BASIC, "--lab")
     for i, delay in enumerate(DELAYS):
         killed_after(delay, "--stack", s, "firewall", "work", "add", "action=accept",
                      f"dsthost=192.0.2.{10 + i}", "proto=tcp", "dstports=443")
@@ -64,8 +56,9 @@ def test_a_killed_firewall_add_is_repaired_by_the_next_change(stack):
     agree(s)
 
 
-def test_a_killed_attach_is_repaired_by_the_next_change(stack):
-    s = stack
+def test_a_killed_attach_is_repaired_by_the_next_change(own_stack):
+    s = own_stack("ka")
+    cli("--stack", s, "up", BASIC, "--lab")
     for delay in DELAYS:
         killed_after(delay, "--stack", s, "attach", "work", "sys-net")
         cli("--stack", s, "attach", "work", "sys-firewall")  # repairs, then moves (or not)
@@ -78,8 +71,9 @@ def test_a_killed_attach_is_repaired_by_the_next_change(stack):
         agree(s)
 
 
-def test_a_killed_run_is_repaired_by_the_next_run(stack):
-    s = stack
+def test_a_killed_run_is_repaired_by_the_next_run(own_stack):
+    s = own_stack("kr")
+    cli("--stack", s, "up", BASIC, "--lab")
     for delay in DELAYS:
         killed_after(delay, "--stack", s, "run", "-q", "--", "sleep", "30")
         p = cli("--stack", s, "run", "-q", "--", "true", check=False)

@@ -28,10 +28,9 @@ from tests.integration.util import (  # noqa: E402  (after the cache is chosen)
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _run_tor_cache():
-    """The run's kept lab Tor networks go at its end (set up first, so removed last)."""
-    yield
+def pytest_unconfigure(config):
+    """The run's kept lab Tor networks go at its end (after every fixture's teardown; also
+    after --collect-only)."""
     if _RUN_TOR_CACHE:
         shutil.rmtree(_RUN_TOR_CACHE, ignore_errors=True)
         shutil.rmtree(_RUN_TOR_CACHE + ".purged", ignore_errors=True)

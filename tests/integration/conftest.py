@@ -1,8 +1,39 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
-from tests.integration.util import BASIC, cli, new_stack_name, reap_zombies, running_stack
+# The run's own kept lab Tor networks (docs/field-notes.md, "A warm lab"): a Tor stack that
+# goes down keeps its network here and the next one of the same shape bootstraps from it in
+# seconds instead of half a minute. Set before anything imports netstack.tor.network, and
+# never the machine's /var/lib/netstack/lab-tor, which other runs on the host purge at any
+# time. Tests that need a cold network name a cache of their own.
+if "NETSTACK_LAB_TOR_CACHE" not in os.environ:
+    os.environ["NETSTACK_LAB_TOR_CACHE"] = tempfile.mkdtemp(prefix="netstack-labtor-",
+                                                            dir="/var/tmp")
+    _RUN_TOR_CACHE: str | None = os.environ["NETSTACK_LAB_TOR_CACHE"]
+else:
+    _RUN_TOR_CACHE = None
+
+from tests.integration.util import (  # noqa: E402  (after the cache is chosen)
+    BASIC,
+    cli,
+    new_stack_name,
+    purge_homes,
+    reap_zombies,
+    running_stack,
+)
+
+
+def pytest_unconfigure(config):
+    """The run's kept lab Tor networks go at its end (after every fixture's teardown; also
+    after --collect-only)."""
+    if _RUN_TOR_CACHE:
+        shutil.rmtree(_RUN_TOR_CACHE, ignore_errors=True)
+        shutil.rmtree(_RUN_TOR_CACHE + ".purged", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +55,10 @@ def own_stack():
 
     yield make
     for s in made:
-        cli("--stack", s, "down", "--purge", check=False)
+        # `down`, then the homes as `--purge` removes them: a Tor stack's network is kept
+        # for the next Tor stack's warm up (conftest's run cache), not purged with it
+        cli("--stack", s, "down", check=False)
+        purge_homes(s)
         reap_zombies()
 
 

@@ -24,14 +24,15 @@ WORK = "invariant 2 (work never in clear): never clearnet"
 
 @pytest.fixture(scope="module")
 def stack():
-    from tests.integration.util import new_stack_name, reap_zombies, stack_leftovers
+    from tests.integration.util import new_stack_name, purge_homes, reap_zombies, stack_leftovers
 
     s = new_stack_name("iv")
     cli("--stack", s, "up", CFG, "--lab", timeout=300)
     try:
         yield s
     finally:
-        cli("--stack", s, "down", "--purge", check=False)
+        cli("--stack", s, "down", check=False)  # its lab Tor network kept (conftest)
+        purge_homes(s)
         reap_zombies()
         assert not stack_leftovers(s)
 

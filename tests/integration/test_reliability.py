@@ -347,7 +347,11 @@ def test_commands_that_need_root_say_so_first(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_ctrl_c_while_waiting_for_tor_leaves_the_stack_up_and_says_so(own_stack):
+def test_ctrl_c_while_waiting_for_tor_leaves_the_stack_up_and_says_so(monkeypatch, tmp_path,
+                                                                     own_stack):
+    # a cold lab Tor network of its own, so there is a wait to interrupt (a warm one from
+    # the run's cache can be ready before the first progress line)
+    monkeypatch.setenv("NETSTACK_LAB_TOR_CACHE", str(tmp_path / "labtor"))
     s = own_stack("w")
     p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "up", "--lab"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

@@ -27,6 +27,13 @@ def new_stack_name(prefix: str = "t") -> str:
 def cli(*args: str, check: bool = True, env: dict | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
     e = dict(os.environ, **(env or {}))
+    if "--purge" in args and "NETSTACK_LAB_TOR_CACHE" not in (env or {}):
+        # `down --purge` removes every kept lab Tor network: in a test run that is the
+        # warm start of every later Tor stack (tests/integration/conftest.py), so a test's
+        # purge removes its homes and an empty cache of its own; a test proving the purge
+        # of a kept network names its cache (test_tor_warm)
+        e["NETSTACK_LAB_TOR_CACHE"] = e.get("NETSTACK_LAB_TOR_CACHE",
+                                            "/var/lib/netstack/lab-tor") + ".purged"
     # scripts/test-host's VM under TCG on a loaded host: `up --lab` took over 120 s there
     timeout *= float(os.environ.get("NETSTACK_TEST_SLOW", "1"))
     p = subprocess.run([sys.executable, "-m", "netstack.cli", *args], capture_output=True,
@@ -109,6 +116,15 @@ def stack_leftovers(stack: str) -> list[str]:
         if f"/run/netstack/{stack}" in cmd or f"nst-{stack}-" in cmd or f"nsl-{stack}-" in cmd:
             left.append(f"process {d}: {cmd}")
     return left
+
+
+def purge_homes(stack: str) -> None:
+    """What `down --purge` removes of a stack that is down, but for the kept lab Tor
+    networks (the run's warm cache: tests/integration/conftest.py): its app qubes' homes
+    and firewall overlay under /var/lib/netstack/STACK."""
+    from netstack import sandbox
+
+    sandbox.purge_homes(stack)
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
@@ -198,7 +214,8 @@ def running_stack(config: str, prefix: str):
     try:
         yield s
     finally:
-        cli("--stack", s, "down", "--purge", check=False)
+        cli("--stack", s, "down", check=False)  # its lab Tor network kept (conftest)
+        purge_homes(s)
         reap_zombies()
     left = stack_leftovers(s)
     assert not left, left

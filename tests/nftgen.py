@@ -474,7 +474,9 @@ def rulesets(draw) -> dict[str, Any]:
     for fam, tname in tables:
         items.append({"table": {"family": fam, "name": tname}})
         ft = None
-        if FLOWTABLES and draw(st.integers(0, 3)) > 0:
+        # hypothesis draws its simplest values first (0, False): with flowtables the
+        # simplest choice is the one that offloads, so a short run exercises the fast path
+        if FLOWTABLES and draw(st.integers(0, 3)) < 3:
             ft = "ft"
             devs = draw(st.lists(st.sampled_from(IFACES), min_size=1, max_size=3,
                                  unique=True))
@@ -489,7 +491,7 @@ def rulesets(draw) -> dict[str, Any]:
                            Ctx(fam, tname, None, "filter", regular[i + 1:], sets)))
         for b in range(draw(st.integers(1, 3))):
             hook = draw(st.sampled_from(list(HOOK_TYPES)))
-            if ft and b == 0 and draw(st.booleans()):
+            if ft and b == 0 and not draw(st.booleans()):
                 hook = "forward"  # a table with a flowtable: `flow add` reachable often
             ctype = draw(st.sampled_from(HOOK_TYPES[hook]))
             core = -100 if hook in ("prerouting", "output") else 100
@@ -504,7 +506,7 @@ def rulesets(draw) -> dict[str, Any]:
         rules = []
         for chain, ctx in chains:
             made = _rules(draw, ctx)
-            if ctx.flowtable and ctx.hook == "forward" and draw(st.booleans()):
+            if ctx.flowtable and ctx.hook == "forward" and not draw(st.booleans()):
                 # a forward chain that offloads first (maybe for one protocol only): the
                 # random rules alone reached a `flow add` so seldom that a run with
                 # flowtables judged no flow on the fast path (docs/benchmarks.md, issue 27)
@@ -523,7 +525,9 @@ def rulesets(draw) -> dict[str, Any]:
                                       "type": typ, "size": 64}})
         items += [{"chain": ch} for ch, _ in chains]
         items += rules
-    if draw(st.integers(0, 2)) == 0:
+    # (with flowtables not the simplest choice: a ruleset with device hooks has its later
+    # packets left unjudged, test_differential.judge)
+    if draw(st.integers(0, 2)) == (2 if FLOWTABLES else 0):
         items += netdev_table(draw)
     return {"nftables": items}
 
@@ -759,7 +763,7 @@ def packets(draw) -> Packet:
     sent by a local process as some uid and gid; new, or of a connection made beforehand."""
     six = draw(st.booleans())
     fam = "ipv6" if six else "ipv4"
-    if FLOWTABLES and draw(st.booleans()):
+    if FLOWTABLES and not draw(st.booleans()):
         return draw(forwarded_flow(six))
     proto = draw(st.sampled_from(["tcp", "tcp", "udp", "icmp"]))
     if proto == "icmp" and six:

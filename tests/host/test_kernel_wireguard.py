@@ -80,6 +80,9 @@ def test_kernel_wireguard_integration(group, tmp_path):
     print(f"{group}: {len(ran)} tests in {took:.0f} s")
     _say(f"kernel WireGuard {group}: {len(ran)} tests, {len(failed)} failed, "
          f"{len(skipped)} skipped, {took:.0f} s")
+    # why, on the console too: a run the rig ends at its deadline keeps only the console
+    for line in [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("E  ")][:12]:
+        _say(f"  {group}: {line[1:].strip()[:300]}")
     for name, t in ran:
         print(f"  {t:7.1f} s  {name}")
     assert not skipped, f"skipped in the VM (the kernel has WireGuard): {skipped}"

@@ -34,6 +34,12 @@ fi
 set --  # scripts/test-host's pytest arguments, one a line
 while IFS= read -r a; do [ -z "$a" ] || set -- "$@" "$a"; done <"$in/tests/host/.args"
 export NETSTACK_TEST_HOST=1 NETSTACK_TEST_HOST_OUT="$out" NETSTACK_REQUIRE_ROOT=1 PYTHONUNBUFFERED=1
+# scripts/test-host's NETSTACK_TEST_HOST_PASS: NAME=VALUE lines, taken as they are
+if [ -s "$in/tests/host/.env" ]; then
+  while IFS= read -r kv; do
+    case "$kv" in NETSTACK_*=*) export "$kv" ;; esac
+  done <"$in/tests/host/.env"
+fi
 export NETSTACK_TEST_HOST_BOOT="$boot" NETSTACK_TEST_HOST_STATE="$state"
 mkdir -p "$state"
 rm -f "$state/request-boot"

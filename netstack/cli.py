@@ -91,8 +91,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     said = (f"stack {args.stack!r} up: {count(len(p.qubes), 'qube')}"
             + (f", lab with {count(len(p.lab.hosts), 'host')}" if p.lab else ""))
-    print(said)
     from netstack import journal
+
+    if not (journal.wanted() and journal.stderr_is_journal(fd=1)):  # else: the record says it
+        print(said)
     from netstack.kinds.app_runtime import gui_status
 
     for q in p.qubes:  # what a display grant means, said where it is made

@@ -125,9 +125,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             took = RUNTIMES[q.kind].wait_ready(q, st, args.kernel, timeout,
                                                _progress_bar(f"{q.kind} {q.name}", sd))
             if took is not None:
-                print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
-                journal.send(f"{q.kind} {q.name}: ready in {took:.1f} s", stack=args.stack,
-                             event="ready", qube=q.name, kind=q.kind, seconds=f"{took:.1f}")
+                said = f"{q.kind} {q.name}: ready in {took:.1f} s"
+                if not (journal.send(said, stack=args.stack, event="ready", qube=q.name,
+                                     kind=q.kind, seconds=f"{took:.1f}")
+                        and journal.stderr_is_journal()):  # said once under systemd
+                    print(f"\n{said}", file=sys.stderr)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return _fail(args, f"stopped waiting; {left_up}", 130)

@@ -170,6 +170,8 @@ def test_template_unit_up_journal_and_completion(installed):
     assert [r["NETSTACK_QUBE"] for r in ready] == ["sys-proxyvm"], ready
     assert ready[0]["NETSTACK_KIND"] == "vpn" and float(ready[0]["NETSTACK_SECONDS"]) >= 0
     assert done[0]["PRIORITY"] == "5"
+    assert not [r for r in journal("-u", unit) if r.get("MESSAGE") == ready[0]["MESSAGE"]
+                and "NETSTACK_EVENT" not in r], "the ready line said twice"
     # Debian's python3-prometheus-client (older than the venv's) serves `metrics`
     m = sh(NETSTACK, "--stack", STACK, "metrics")
     assert "netstack_" in m.stdout

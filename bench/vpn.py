@@ -6,6 +6,7 @@ to the first packet through the tunnel. Prints a table and writes JSON.
 
     sudo .venv/bin/python bench/vpn.py [--seconds 3] [--runs 3] [--out bench/results/vpn.json]
                                        [--lab-wg auto|kernel|wireguard-go] [--no-flowtable-run]
+                                       [--profile]
 
 The bare baseline uses the backend the chain uses (kernel WireGuard where the kernel has
 it, else wireguard-go), so the ratio compares like with like; the lab's VPN server, the
@@ -13,7 +14,9 @@ chain's far end, does too (`--lab-wg auto`: kernel WireGuard where the kernel ha
 Where the forwarding qubes have a flowtable (docs/field-notes.md, "Flowtables"), the chain
 is also measured with their `flow add` rules removed (same stack, same run), and the JSON
 says how many rules each namespace on the path has and how many of its flows the
-flowtables carried: where the time goes, without perf.
+flowtables carried: where the time goes, without perf. `--profile` adds one more chain run
+and one more bare run under a sampling profiler of the whole machine (bench/kprofile.py:
+perf_event_open, kernel functions and user processes): where the CPU goes in each.
 """
 
 from __future__ import annotations
@@ -80,10 +83,13 @@ def per_gb(before: dict[str, float], after: dict[str, float], gbytes: float
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def measured(fn, pids: dict[str, int], seconds: int) -> tuple[float, dict[str, float]]:
-    """(Gbit/s, CPU seconds per GB moved) of one iperf run."""
+def measured(fn, pids: dict[str, int], seconds: int, prof=None
+             ) -> tuple[float, dict[str, float]]:
+    """(Gbit/s, CPU seconds per GB moved) of one iperf run (under `prof`, a
+    kprofile.Profile, if given)."""
     before = cpu_now(pids)
-    gbit = fn()
+    with prof if prof is not None else contextlib.nullcontext():
+        gbit = fn()
     after = cpu_now(pids)
     return gbit, per_gb(before, after, gbit * seconds / 8)
 
@@ -116,7 +122,8 @@ def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float
         srv.wait()
 
 
-def bare_wireguard(seconds: int, kernel: bool = False) -> tuple[float, dict[str, float]]:
+def bare_wireguard(seconds: int, kernel: bool = False, prof=None
+                   ) -> tuple[float, dict[str, float]]:
     """WireGuard between two bare namespaces joined by a veth: the ceiling. Kernel
     WireGuard (kernel=True) or wireguard-go."""
     a, b = "nsb-wga", "nsb-wgb"
@@ -168,7 +175,7 @@ def bare_wireguard(seconds: int, kernel: bool = False) -> tuple[float, dict[str,
             sh("ip", "-n", n, "addr", "add", f"{me}/24", "dev", dev)
             sh("ip", "-n", n, "link", "set", dev, "mtu", "1420", "up")
         pids = {"wg_client": procs[0].pid, "wg_server": procs[1].pid} if procs else {}
-        return measured(lambda: iperf(a, b, "10.99.0.2", seconds), pids, seconds)
+        return measured(lambda: iperf(a, b, "10.99.0.2", seconds), pids, seconds, prof)
     finally:
         for p in procs:
             p.terminate()  # a clean exit removes its control socket
@@ -266,6 +273,8 @@ def main() -> None:
                     help="the lab VPN server's WireGuard (auto: kernel where it exists)")
     ap.add_argument("--no-flowtable-run", action="store_true",
                     help="skip the run with the flowtables' `flow add` rules removed")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more chain and bare run each under a sampling profiler")
     a = ap.parse_args()
     from netstack.hostcaps import kernel_wireguard
 
@@ -291,9 +300,9 @@ def main() -> None:
     kernel = info.backend == "kernel"
     kids = children(st)
     pids = {"wg_client": kids["vpn-sys-proxyvm"].pid, "wg_server": kids["lab-wireguard"].pid}
-    def chain_run() -> tuple[float, dict[str, float]]:
+    def chain_run(prof=None) -> tuple[float, dict[str, float]]:
         return measured(lambda: iperf(f"nst-{name}-work", f"nsl-{name}-web", WEB,
-                                      a.seconds), pids, a.seconds)
+                                      a.seconds), pids, a.seconds, prof)
 
     try:
         res["path"] = path_facts(name)
@@ -318,6 +327,15 @@ def main() -> None:
             chain_run()
             t.join()
             res["conntrack_during_chain"] = seen
+        if a.profile:  # not among the measured runs: sampling costs CPU too
+            from kprofile import Profile, summary
+
+            for what, run in (("chain", chain_run),
+                              ("bare", lambda prof: bare_wireguard(a.seconds, kernel, prof))):
+                prof = Profile()
+                g, c = run(prof=prof)
+                res[f"profile_{what}"] = {"gbit_s": round(g, 3), "cpu_s_per_gb": c,
+                                          **summary(prof)}
         noflow, noflow_cpu = [], []
         if flowtables and not a.no_flowtable_run:
             res["flow_add_rules_removed"] = drop_offload(name)

@@ -147,6 +147,19 @@ class Record:
     bytes_in: int = 0  # caller -> service
     bytes_out: int = 0  # service -> caller
     exit: int | None = None
+    notify: bool = False  # the policy line's notify= (Qubes' default: yes for a deny)
+
+
+def notice(rec: Record) -> None:
+    """notify=: one line to the host's journal (syslog, priority notice), where Qubes shows
+    a desktop notification; a host without a syslog socket drops it silently."""
+    import syslog
+
+    arg = f"+{rec.argument}" if rec.argument else ""
+    syslog.openlog("netstack-call", 0, syslog.LOG_USER)
+    syslog.syslog(syslog.LOG_NOTICE, f"{rec.verdict}: {rec.source} -> {rec.target} "
+                  f"{rec.service}{arg} ({rec.rule or 'no policy line'}) [call {rec.id}]"
+                  .encode("ascii", "backslashreplace").decode())
 
 
 def new_id() -> str:
@@ -155,6 +168,8 @@ def new_id() -> str:
 
 def log(stack_dir: str, rec: Record) -> None:
     """One line, one write, O_APPEND: the daemon's threads and host commands share it."""
+    if rec.notify:
+        notice(rec)
     path = os.path.join(stack_dir, LOG)
     with contextlib.suppress(FileNotFoundError):
         if os.stat(path).st_size > MAX_LOG:  # a qube's flood of refused calls: bounded
@@ -592,16 +607,26 @@ class Daemon:
         service, argument = policy.split_call(word)
         v = verdict(st.plan, source, target, service, argument)
         rec = Record(time.time(), cid, source, v.target, service, argument, v.action, v.rule,
-                     v.reason)
+                     v.reason, notify=v.notify)
         if v.action == "ask":
             ok = wait_answer(self.dir, Pending(cid, source, v.target, service, argument,
                                                v.rule, time.time(),
                                                time.time() + st.plan.ask_timeout),
                              self.stopping, lambda: peer_closed(conn))
             rec.verdict = "ask->allow" if ok else "ask->deny"
+            if not ok and peer_closed(conn):  # nobody left to tell: one record, no reply
+                rec.reason += "; withdrawn: the caller went away before an answer"
+                log(self.dir, rec)
+                return
             if not ok:
                 rec.reason += "; denied on the host (or nobody answered in time)"
         if rec.verdict in ("deny", "ask->deny"):
+            log(self.dir, rec)
+            conn.sendall(_frame(b"R", b"Request refused"))
+            return
+        if v.target.startswith("@dispvm") and not v.autostart:
+            rec.verdict = "refused"
+            rec.reason += "; autostart=no: the call needs a new disposable started"
             log(self.dir, rec)
             conn.sendall(_frame(b"R", b"Request refused"))
             return
@@ -815,7 +840,7 @@ def clipboard_paste(k: Kernel, stack: str, qube: str, prompt: Callable[[str], bo
     cid = new_id()
     v = verdict(st.plan, origin, qube, "qubes.ClipboardPaste", "")
     rec = Record(time.time(), cid, origin, qube, "qubes.ClipboardPaste", "", v.action,
-                 v.rule, v.reason)
+                 v.rule, v.reason, notify=v.notify)
     if v.action == "ask":
         ok = prompt(f"paste {len(data)} bytes from {origin} into {qube}?") if prompt else \
             wait_answer(st.dir, Pending(cid, origin, qube, "qubes.ClipboardPaste", "", v.rule,
@@ -870,7 +895,12 @@ def open_in_disposable(k: Kernel, stack: str, src: str, cmd: list[str],
     cid = new_id()
     v = verdict(st.plan, qube, "@dispvm", "qubes.OpenInVM", "")
     rec = Record(time.time(), cid, qube, "@dispvm", "qubes.OpenInVM", "", v.action, v.rule,
-                 v.reason)
+                 v.reason, notify=v.notify)
+    if v.action != "deny" and not v.autostart:
+        rec.verdict = "refused"
+        log(st.dir, rec)
+        raise UsageError(f"open-in-disposable: refused by the policy ({v.rule}: autostart=no, "
+                         "and the file would need a new disposable started)")
     if v.action == "ask":
         ok = prompt(f"open {path} of {qube} in a new disposable?") if prompt else \
             wait_answer(st.dir, Pending(cid, qube, "@dispvm", "qubes.OpenInVM", "", v.rule,

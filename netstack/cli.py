@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from netstack.errors import NetstackError, StateError, UsageError, count
@@ -59,8 +60,13 @@ def _uplink(args: argparse.Namespace) -> UplinkSpec:
         raise UsageError("--lab and --uplink exclude each other: pick one")
     if getattr(args, "sink", False) and not args.lab:
         raise UsageError("--sink is a mode of the lab: add --lab")
+    isp = getattr(args, "isp", None)
+    if isp and not args.lab:
+        raise UsageError("--isp is a mode of the lab: add --lab")
     if args.lab:
-        return UplinkSpec("lab", sink=getattr(args, "sink", False))
+        from netstack.lab.isp import parse
+
+        return UplinkSpec("lab", sink=getattr(args, "sink", False), isp=parse(isp))
     if args.uplink:
         return UplinkSpec(args.uplink_mode, args.uplink)
     raise UsageError("say where sys-net's uplink is: --lab (simulated internet) or "
@@ -79,8 +85,13 @@ def colour(label: str, text: str, width: int = 0) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from netstack import fastpath
+    from netstack.kernel import slow_factor
 
     fastpath.start_probe()  # the kernel's answer comes while the config is read
+    # the waits' deadlines, known before anything is made (a bad NETSTACK_SLOW_FACTOR is
+    # refused here, not after the chain exists)
+    vpn_timeout = args.vpn_timeout if args.vpn_timeout is not None else 30 * slow_factor()
+    tor_timeout = args.tor_timeout if args.tor_timeout is not None else 120 * slow_factor()
     from netstack import stack
     from netstack.service import Notifier
 
@@ -104,7 +115,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     for w in shadow_warnings(p):
         print(f"netstack: WARNING: {w}", file=sys.stderr)
-    from netstack.kinds.registry import RUNTIMES
     from netstack.state import State
 
     st = State.load(args.stack)
@@ -121,9 +131,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                f"it, `netstack --stack {args.stack} down` removes it)")
     try:  # in tree order: a VPN below a Tor gateway is ready first
         for q in p.qubes:
-            timeout = args.tor_timeout if q.traits.protection == "tor" else args.vpn_timeout
-            took = RUNTIMES[q.kind].wait_ready(q, st, args.kernel, timeout,
-                                               _progress_bar(f"{q.kind} {q.name}", sd))
+            timeout = tor_timeout if q.traits.protection == "tor" else vpn_timeout
+            took = wait_qube_ready(args, sd, q, st, timeout)
             if took is not None:
                 said = f"{q.kind} {q.name}: ready in {took:.1f} s"
                 if not (journal.send(said, stack=args.stack, event="ready", qube=q.name,
@@ -136,11 +145,40 @@ def cmd_up(args: argparse.Namespace) -> int:
     except NetstackError as e:
         print(file=sys.stderr)
         sd.send(status=f"chain closed, not connected: {e}")
+        sd.barrier()
         return _fail(args, f"{e}; {left_up}", e.exit_code)
     sd.send(status="chain up: tunnels connected, Tor bootstrapped")
+    sd.barrier()  # systemd reads the last STATUS while `up` is still its unit's
     journal.send(f"stack {args.stack!r}: chain up, tunnels connected, Tor bootstrapped",
                  journal.NOTICE, stack=args.stack, event="connected")
     return 0
+
+
+def wait_qube_ready(args: argparse.Namespace, sd: Any, q: Any, st: Any,
+                timeout: float) -> float | None:
+    """A qube's readiness, waited for `timeout`. Under systemd the unit is ready already
+    and a tunnel that does not connect is a state, not a failed start: `up` says so as
+    STATUS and waits on, `timeout` at a time, until it connects or the stack is gone (then
+    the NetstackError ends it), so the unit's STATUS follows the chain (docs/host.md)."""
+    from netstack.kinds.registry import RUNTIMES
+    from netstack.state import State
+
+    t0 = time.monotonic()
+    progress = _progress_bar(f"{q.kind} {q.name}", sd)
+    while True:
+        t1 = time.monotonic()
+        try:
+            took = RUNTIMES[q.kind].wait_ready(q, st, args.kernel, timeout, progress)
+            return None if took is None else time.monotonic() - t0
+        except NetstackError as e:
+            if not sd.addr or State.load(args.stack) is None:
+                raise
+            msg = f"{e}; still waiting ({time.monotonic() - t0:.0f} s so far)"
+            print(f"\nnetstack: {msg}", file=sys.stderr)
+            sd.send(status=msg)
+            # a wait that fails at once (a control socket not there yet) is not retried
+            # in a busy loop: at most one try a second
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - t1)))
 
 
 def _ready(sd: Any, st: Any, status: str) -> None:
@@ -279,6 +317,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         isp = lab["isp_link"]
         print(f"  lab: {hosts}; ISP link capture: ip netns exec {isp['netns']} "
               f"tcpdump -i {isp['interface']}")
+        if lab.get("isp"):
+            print(f"  lab ISP is hostile: {', '.join(lab['isp'])} (docs/isp.md)")
     for pr in s["processes"]:
         print(f"  process {pr['name']} pid {pr['pid']}: {'alive' if pr['alive'] else 'DEAD'}")
     return 0 if ok else 1
@@ -446,7 +486,10 @@ def cmd_template(args: argparse.Namespace) -> int:
                 print("no templates (make one: `netstack template create NAME`)")
             for t in out:
                 print(f"{t['name']}: {t['suite']} {t['variant']}"
+                      + (f" ({t['profile']})" if t.get("profile") else "")
                       + (f" +{','.join(t['include'])}" if t["include"] else "")
+                      + (f", {len(t['wanted'])} package(s) for the next update"
+                         if t.get("wanted") else "")
                       + f", made {t['created']}, updated {t['updated'] or 'never'} "
                       f"({t['path']})")
             return 0
@@ -454,9 +497,13 @@ def cmd_template(args: argparse.Namespace) -> int:
         raise UsageError(f"template {args.action}: give the template's NAME")
     elif args.action == "create":
         out = template_cmd.create(args.name, args.include, args.variant, args.suite,
-                                  args.mirror, args.source)
+                                  args.mirror, args.source, args.profile)
         if not args.json:
             print(f"template {args.name}: made in {out['seconds']} s ({out['path']})")
+            if out["wanted"]:
+                print(f"template {args.name}: {len(out['wanted'])} package(s) of the "
+                      "profile are installed by the next `netstack template update "
+                      f"{args.name}` (through the stack, not the host)")
     elif args.action == "remove":
         out = {"removed": template_cmd.remove(args.name)}
         if not args.json:
@@ -568,6 +615,60 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """The uplink watch: in the foreground, or the read form (--status), or --clear."""
+    from netstack import watch
+
+    if args.clear:
+        out = watch.clear(args.stack, args.kernel)
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"{out['cleared']} alarm(s) cleared"
+                  + ("; the uplink is up again" if out["uplink_up_again"] else ""))
+        return 0
+    if args.status:
+        import time
+
+        s = watch.show(args.stack, args.kernel)
+        if args.json:
+            print(json.dumps(s, indent=2))
+            return 1 if s.get("count") else 0
+        who = f"by the {s['by']} (pid {s['pid']}, on_leak={s['on_leak']})" \
+            if s["running"] else "not running"
+        print(f"stack {args.stack}: uplink watch {who}; {s['instructions']} filter "
+              "instructions")
+        for line in s["allowed_now"]["why"]:
+            print(f"  allowed: {line}")
+        for a in s.get("alarms", []):
+            print(f"  ! {time.strftime('%H:%M:%S', time.localtime(a['packet_at']))} "
+                  f"{a['headers']['summary']}" + ("  (uplink cut)" if a.get("cut_at") else ""))
+        if s.get("count"):
+            print(f"  {s['count']} alarm(s); pcap {s['pcap']}; `netstack watch --clear` "
+                  "when understood")
+        return 1 if s.get("count") else 0
+    seen: list[Any] = []
+
+    def report(a: Any) -> None:
+        seen.append(a)
+        if args.json:
+            from netstack.codec import dump
+
+            print(json.dumps({"alarm": dump(a)}), flush=True)
+        else:
+            print(f"LEAK {a.headers['summary']}"
+                  + (" (uplink set down)" if a.cut_at else ""), flush=True)
+
+    w = watch.foreground(args.stack, args.kernel, args.on_leak, args.seconds, report)
+    if args.json:
+        print(json.dumps({"stack": args.stack, "alarms": w.wf.count, "cut": w.wf.cut,
+                          "pcap": w.pcap_path, "reattached": w.wf.reattached}))
+    else:
+        print(f"{w.wf.count} alarm(s)" + (f"; pcap {w.pcap_path}" if w.wf.count else ""),
+              file=sys.stderr)
+    return 1 if w.wf.count else 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from netstack import metrics
 
@@ -618,6 +719,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.ruleset:
         return _audit_file(args)
+    for flag in ("expect", "matrix", "port", "dot", "svg"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} needs --ruleset FILE (it speaks of one ruleset)")
     if args.packet:
         raise UsageError("--packet needs --ruleset FILE (the what-if of one ruleset)")
     r = audit.run(args.stack, args.kernel, args.drift, args.replay)
@@ -662,12 +766,36 @@ def _audit_file(args: argparse.Namespace) -> int:
     or with --packet the fate of one packet, hook by hook."""
     from netstack.audit import onefile, replay_failures, rulesetfile
 
+    if args.expect and args.packet:
+        raise UsageError("--expect and --packet: one at a time (--packet is the what-if of "
+                         "one packet, --expect the statements of a file)")
+    for flag in ("port", "dot", "svg"):
+        if getattr(args, flag) and not args.matrix:
+            raise UsageError(f"--{flag} goes with --matrix")
+    if args.matrix and (args.packet or args.expect):
+        raise UsageError("--matrix answers on its own: drop --packet/--expect, or run twice")
+    if args.replay and args.matrix:
+        raise UsageError("--replay goes with the audit, --expect or --packet, not --matrix")
+    ex = None
+    if args.expect:  # the statements first: a bad file is refused before any work
+        from netstack.audit import expect
+
+        ex = expect.load(args.expect)
+    port = None
+    if args.matrix and args.port:
+        from netstack.audit import matrix
+
+        port = matrix.parse_port(args.port)
     if args.replay and os.geteuid() != 0:
         raise UsageError("--replay needs root: it loads the ruleset in scratch namespaces "
                          "and sends the packets there (run it with sudo)")
     doc = rulesetfile.read(args.ruleset, args.kernel)
     if args.packet:
         return _what_if(args, doc)
+    if ex is not None:
+        return _expect(args, doc, ex)
+    if args.matrix:
+        return _matrix(args, doc, port)
     a = onefile.audit(doc, args.ruleset)
     out = a.to_json()
     if args.replay:  # each counterexample into the kernel, as the live audit's --replay
@@ -687,6 +815,90 @@ def _audit_file(args: argparse.Namespace) -> int:
           f"of {a.name}, {n_bad} not proven, {count(len(a.unmodelled), 'construct')} not "
           "modelled")
     return 0 if a.ok else 1
+
+
+def _expect(args: argparse.Namespace, doc: dict, ex: Any) -> int:
+    """--expect FILE: each statement proven or refuted (exit 0 only when all are proven)."""
+    from netstack.audit import expect, replay_one
+
+    verdicts, notes = expect.run(doc, os.path.basename(args.ruleset), ex)
+    if args.replay:  # counterexamples and witnesses, as the audit's --replay
+        for v in verdicts:
+            if v.packet and v.hook and v.verdict:
+                v.replay = replay_one(doc, v.hook, v.verdict, v.packet, args.kernel)
+    code = expect.exit_code(verdicts)
+    if args.json:
+        print(json.dumps({"ruleset": args.ruleset, "expect": args.expect, "ok": code == 0,
+                          "assumptions": notes,
+                          "statements": [v.to_json() for v in verdicts]}, indent=2))
+        return code
+    print(f"{args.expect} on {args.ruleset}: " + "; ".join(notes))
+    label = {id(v): v.statement.name or v.statement.describe() for v in verdicts}
+    w = min(48, max(len(x) for x in label.values()))
+    for v in verdicts:
+        print(f"{v.status:<9} {label[id(v)]:<{w}}  {v.reason}")
+        if v.packet:
+            print(f"          {v.role}: {v.packet}")
+            for t in v.trace:
+                print(f"            {t}")
+        rp = v.replay
+        if rp:
+            print("          replay in the kernel: " + (
+                f"{rp['kernel_verdict']} ({'confirmed' if rp['confirmed'] else 'DIFFERS'})"
+                if rp.get("replayable") else f"not replayed ({rp['why']})"))
+    bad = {s: sum(1 for v in verdicts if v.status == s) for s in ("REFUTED", "UNPROVEN")}
+    print(f"{'PROVEN' if code == 0 else 'NOT PROVEN'}: "
+          f"{count(len(verdicts), 'statement')}, {bad['REFUTED']} refuted, "
+          f"{bad['UNPROVEN']} not proven")
+    return code
+
+
+def _matrix(args: argparse.Namespace, doc: dict, port: Any) -> int:
+    """--matrix [--port P]: the ruleset's address classes and which reaches which."""
+    from netstack.audit import matrix
+
+    ms = matrix.matrices(doc, os.path.basename(args.ruleset), port)
+    left = [] if port else [str(x) for x in matrix.named_services(
+        doc, os.path.basename(args.ruleset))[matrix.MAX_SERVICES:]]
+    svg = None
+    if args.svg:
+        svg = _dot_svg(matrix.dot(ms), args.svg)
+    if args.json:
+        print(json.dumps({"ruleset": args.ruleset, "matrices": [m.to_json() for m in ms],
+                          "not_drawn": left, "dot": matrix.dot(ms), "svg": svg}, indent=2))
+        return 0
+    print(matrix.table(ms) if ms else "the ruleset names no service (no destination port "
+          "or ICMP in a rule): ask for one with --port, e.g. --port tcp/22")
+    if left:
+        print(f"{count(len(left), 'more service')} not drawn ({', '.join(left[:8])}"
+              f"{', ...' if len(left) > 8 else ''}): ask for one with --port")
+    if args.dot:
+        with open(args.dot, "w", encoding="utf-8") as f:
+            f.write(matrix.dot(ms))
+        print(f"Graphviz DOT written to {args.dot}")
+    if svg:
+        print(f"SVG written to {svg}")
+    elif args.svg:
+        print(f"no SVG: Graphviz `dot` is not installed here (the DOT text: --dot FILE, then "
+              f"`dot -Tsvg FILE > {args.svg}` where it is)")
+    return 0
+
+
+def _dot_svg(text: str, path: str) -> str | None:
+    """SVG by Graphviz when `dot` is installed (never required): the path, or None."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dot")
+    if exe is None:
+        return None
+    p = subprocess.run([exe, "-Tsvg"], input=text, capture_output=True, text=True,
+                       timeout=30, check=False)
+    if p.returncode != 0:
+        raise UsageError(f"--svg: Graphviz dot failed ({p.stderr.strip()[:200]})")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(p.stdout)
+    return path
 
 
 def _what_if(args: argparse.Namespace, doc: dict) -> int:
@@ -827,12 +1039,6 @@ def cmd_calls(args: argparse.Namespace) -> int:
                            else "empty"))
     if out["pending"]:
         print("waiting for an answer (`netstack call-answer ID allow|deny`):")
-    def shown(x: Any) -> str:
-        """What a qube sent (a target, a service name), never a terminal's escape: only
-        printable ASCII as it is, the rest as Python escapes."""
-        t = str(x)
-        return t if t.isascii() and t.isprintable() else ascii(t)[1:-1]
-
     for p in out["pending"]:
         left = max(0, int(p["deadline"] - time.time()))
         arg = f"+{p['argument']}" if p["argument"] else ""
@@ -860,14 +1066,101 @@ def cmd_open_in_disposable(args: argparse.Namespace) -> int:
                                     prompt if sys.stdin.isatty() else None, args.user)
 
 
+def shown(x: Any) -> str:
+    """What a qube sent (a target, a service name), never a terminal's escape: only
+    printable ASCII as it is, the rest as Python escapes."""
+    t = str(x)
+    return t if t.isascii() and t.isprintable() else ascii(t)[1:-1]
+
+
 def cmd_call_answer(args: argparse.Namespace) -> int:
     from netstack import calls
     from netstack.state import require
 
+    if args.prompt:
+        if args.id or args.answer:
+            raise UsageError("call-answer --prompt takes no ID or answer (it asks)")
+        return _prompt_calls(require(args.stack).dir)
+    if not (args.id and args.answer):
+        raise UsageError("call-answer: give ID and allow|deny (see `netstack calls`), or "
+                         "--prompt")
     p = calls.answer(require(args.stack).dir, args.id, args.answer)
     arg = f"+{p.argument}" if p.argument else ""
     print(f"{args.answer}: {p.source} -> {p.target} {p.service}{arg}")
     return 0
+
+
+def _prompt_calls(stack_dir: str) -> int:
+    """`call-answer --prompt`: each call that starts waiting is asked about at this
+    terminal, once, in the order asked; the answer goes to it as `call-answer` would. As
+    Qubes' dialog: only what is typed after a call is shown counts (anything typed before
+    is thrown away), a terminal is required (a pipe would answer calls nobody saw), and
+    dismissing a shown call (EOF, Ctrl-C, SIGTERM) denies it. A call withdrawn or timed
+    out before the answer is said to be so."""
+    import contextlib
+    import select
+    import termios
+    import time
+
+    from netstack import calls
+
+    if not os.isatty(0):
+        raise UsageError("call-answer --prompt needs a terminal on stdin (a pipe or file "
+                         "would answer calls nobody saw; use `call-answer ID allow|deny`)")
+
+    def answer_line(shown_id: str) -> str | None:
+        """One line typed after the prompt (None: EOF); the call's own deadline bounds
+        the wait."""
+        buf = b""
+        while b"\n" not in buf:
+            left = next((p.deadline for p in calls.pending(stack_dir) if p.id == shown_id),
+                        0.0) - time.time()
+            if left <= 0:
+                return ""  # timed out or withdrawn meanwhile: said by answer()
+            if select.select([0], [], [], min(left, 0.5))[0]:
+                chunk = os.read(0, 1024)
+                if not chunk:
+                    return None
+                buf = (buf + chunk)[-4096:]
+        return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+
+    asked: set[str] = set()
+    showing: str | None = None
+    print("netstack: asking here about calls that wait (Ctrl-C ends)", file=sys.stderr)
+    try:
+        while True:
+            for p in calls.pending(stack_dir):
+                if p.id in asked:
+                    continue
+                asked.add(p.id)
+                with contextlib.suppress(termios.error):
+                    termios.tcflush(0, termios.TCIFLUSH)  # typed before: not an answer
+                arg = f"+{p.argument}" if p.argument else ""
+                left = max(0, int(p.deadline - time.time()))
+                showing = p.id
+                print(f"call {p.id}: {p.source} -> {shown(p.target)} {shown(p.service)}"
+                      f"{shown(arg)} ({p.rule}; denied in {left} s). Allow? [y/N] ",
+                      end="", flush=True)
+                said = answer_line(p.id)
+                what = "allow" if said and said.strip().lower() in ("y", "yes") else "deny"
+                try:
+                    calls.answer(stack_dir, p.id, what)
+                    print(f"{what}: {p.source} -> {shown(p.target)} {shown(p.service)}",
+                          flush=True)
+                except UsageError:
+                    print(f"call {p.id}: no longer waiting (withdrawn or timed out)",
+                          flush=True)
+                showing = None
+                if said is None:
+                    return 0  # EOF: the call shown was denied, nobody is left to answer
+            if select.select([0], [], [], 0.2)[0] and not os.read(0, 4096):
+                return 0  # EOF with nothing shown (a line typed then is thrown away)
+    except KeyboardInterrupt:
+        if showing is not None:  # dismissed: denied, as closing Qubes' dialog
+            with contextlib.suppress(UsageError):
+                calls.answer(stack_dir, showing, "deny")
+                print(f"\ndeny: call {showing} (dismissed)", flush=True)
+        raise
 
 
 def cmd_clipboard(args: argparse.Namespace) -> int:
@@ -910,7 +1203,7 @@ def stack_name(s: str) -> str:
 
 
 ROOT_COMMANDS = {"down", "status", "tor", "leaktest", "audit", "exec", "copy", "run",
-                 "firewall", "attach", "check", "metrics", "move", "calls", "call-answer",
+                 "firewall", "attach", "check", "metrics", "watch", "move", "calls", "call-answer",
                  "clipboard", "open-in-disposable"}
 
 
@@ -968,6 +1261,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                        "or a shipped configs/NAME.toml (default: configs/tor-over-vpn.toml)")
         p.add_argument("--lab", action="store_true", help="uplink into the built-in lab internet")
         p.add_argument("--uplink", metavar="DEV", help="move host interface DEV into sys-net")
+        p.add_argument("--isp", action="append", metavar="SCENARIO",
+                       help="with --lab: a hostile ISP (repeat or comma-separate): "
+                       "udp-blocked, dns-hijack, captive-portal, tls-intercept, flapping "
+                       "(docs/isp.md)")
         p.add_argument("--uplink-mode", choices=["move", "nat"], default="move",
                        help="move: DEV goes into sys-net, the host keeps no network (the "
                        "Qubes way); nat: sys-net gets a veth NATed to DEV by the host")
@@ -980,10 +1277,12 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    "host that takes TCP and UDP on any port (HTTP, TLS with a lab CA)")
     p.add_argument("--no-wait", action="store_true",
                    help="do not wait for the tunnels to connect and Tor to bootstrap")
-    p.add_argument("--vpn-timeout", type=float, default=30, metavar="S",
-                   help="deadline for each VPN's first connection (default 30 s)")
-    p.add_argument("--tor-timeout", type=float, default=120, metavar="S",
-                   help="deadline for Tor bootstrap (default 120 s)")
+    p.add_argument("--vpn-timeout", type=float, default=None, metavar="S",
+                   help="deadline for each VPN's first connection (default 30 s, times "
+                   "NETSTACK_SLOW_FACTOR)")
+    p.add_argument("--tor-timeout", type=float, default=None, metavar="S",
+                   help="deadline for Tor bootstrap (default 120 s, times "
+                   "NETSTACK_SLOW_FACTOR)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser(
         "service", help="start the chain at boot: a systemd unit (install, remove, show, list)",
@@ -1011,7 +1310,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="remove everything of a stack (also after a crash)")
     p.add_argument("--purge", action="store_true",
                    help="also remove the app qubes' persistent homes and the lab's kept "
-                        "private Tor network (keys, consensus: /var/lib/netstack/lab-tor)")
+                        "private Tor network (keys, consensus: /var/lib/netstack/lab-tor; "
+                        "shared by every stack's lab: the next `up --lab` makes a new one)")
     p.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS",
                    help="wait this long for another netstack changing the stack (a "
                         "disposable being made, a firewall change) to finish (default 60)")
@@ -1053,6 +1353,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                        "--json\n  netstack audit --ruleset saved.json\n"
                        "  sudo netstack audit --ruleset /etc/nftables.conf --packet "
                        "'iifname=lan0 ip saddr=192.0.2.7 tcp dport=22' --replay\n"
+                       "  sudo netstack audit --ruleset /etc/nftables.conf --expect "
+                       "expect.toml --replay\n"
+                       "  sudo netstack audit --ruleset /etc/nftables.conf --matrix --port "
+                       "tcp/22 --svg ssh.svg\n"
                        "exit 0 only when every property is proven",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
@@ -1065,6 +1369,19 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="with --ruleset: the fate of one packet per hook, e.g. 'iifname=lan0 "
                    "ip saddr=192.0.2.7 tcp dport=22' (input), add oifname= to forward it, "
                    "oifname= alone for locally generated (meta skuid=)")
+    p.add_argument("--expect", metavar="EXPECT.toml",
+                   help="with --ruleset: prove or refute the statements of a file "
+                   "([interfaces] roles, [[allow]], [[deny]], [[reach]]; README: Auditing your own "
+                   "firewall); "
+                   "exit 0 all proven, 1 one refuted or not proven, 2 bad input")
+    p.add_argument("--matrix", action="store_true",
+                   help="with --ruleset: the address classes the ruleset treats alike and "
+                   "which class reaches which, per service (a table; --dot/--svg a picture)")
+    p.add_argument("--port", metavar="PROTO/PORT",
+                   help="with --matrix: one service (tcp/22); default: each the ruleset names")
+    p.add_argument("--dot", metavar="FILE", help="with --matrix: write Graphviz DOT here")
+    p.add_argument("--svg", metavar="FILE",
+                   help="with --matrix: write SVG here (needs Graphviz `dot` installed)")
     p.add_argument("--replay", action="store_true",
                    help="replay each counterexample in the kernel (scratch namespaces with "
                    "nftrace, root), of the live audit or of --ruleset FILE, or the --packet; "
@@ -1087,6 +1404,28 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="write the metrics to FILE (atomically), for node_exporter's "
                    "textfile collector")
     p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser(
+        "watch", help="watch sys-net's uplink for any packet the chain does not allow",
+        epilog="examples:\n  sudo netstack watch                      # until Ctrl-C; each "
+        "alarm printed\n  sudo netstack watch --on-leak cut --for 3600\n"
+        "  sudo netstack watch --status --json      # the supervisor's watch, its alarms\n"
+        "  sudo netstack watch --clear              # forget the alarms, uplink up again\n"
+        "A kernel filter (classic BPF) passes only what the chain does not allow: VPN\n"
+        "transport, Tor guards or bridges, DHCP, ARP/ND are dropped in the kernel.\n"
+        "`[stack] watch = true` (and on_leak = \"cut\") runs it in the supervisor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--status", action="store_true",
+                   help="the read form: who watches, what is allowed, the alarms")
+    g.add_argument("--clear", action="store_true",
+                   help="forget the alarms (status is up again); set a cut uplink up")
+    p.add_argument("--on-leak", choices=["log", "cut"], default="log",
+                   help="cut: set the uplink down at the first alarm (default: log)")
+    p.add_argument("--for", dest="seconds", type=_seconds, metavar="SECONDS",
+                   help="stop after SECONDS (default: until Ctrl-C)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per alarm, then a summary (or the read form)")
+    p.set_defaults(func=cmd_watch)
     p = sub.add_parser("completion", help="shell completion (bash, zsh) and manual pages",
                        epilog="examples:\n"
                        "  eval \"$(netstack completion bash)\"      # in ~/.bashrc\n"
@@ -1136,11 +1475,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "call-answer", help="answer a call the policy says to `ask` about",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: sudo netstack call-answer 3fa9c01e allow\n"
+        epilog="examples:\n  sudo netstack call-answer 3fa9c01e allow\n"
+        "  sudo netstack call-answer --prompt      # ask here about every waiting call\n"
         "`netstack calls` lists the waiting calls; one not answered in [stack] ask_timeout\n"
         "seconds (default 60) is denied.")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("answer", choices=["allow", "deny"])
+    p.add_argument("id", metavar="ID", nargs="?")
+    p.add_argument("answer", choices=["allow", "deny"], nargs="?")
+    p.add_argument("--prompt", action="store_true",
+                   help="stay, and ask at this terminal about each call that waits (Qubes' "
+                   "confirmation dialog): y allows, anything else denies; ends at EOF or "
+                   "Ctrl-C")
     p.set_defaults(func=cmd_call_answer)
     p = sub.add_parser(
         "clipboard", help="the host's one clipboard between app qubes (Qubes' global "
@@ -1240,6 +1584,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                        "(Qubes' templates)",
                        epilog="examples:\n  sudo netstack template create deb\n"
                        "  sudo netstack template create deb --include curl,ca-certificates\n"
+                       "  sudo netstack template create anon --profile whonix-workstation\n"
                        "  sudo netstack template update deb          # through the stack's "
                        "Tor gateway\n  sudo netstack template update deb --via sys-proxyvm"
                        "\n  sudo netstack template remove deb\n"
@@ -1256,6 +1601,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mirror", help="create: the Debian mirror (default deb.debian.org)")
     p.add_argument("--from", dest="source", metavar="DIR", help="create: copy this Debian "
                    "root file system instead of building one")
+    p.add_argument("--profile", metavar="NAME",
+                   help="create: what the template is for (whonix-workstation: Tor "
+                   "Browser's needs, torsocks, UTC; with --from, the packages come with the "
+                   "next update)")
     p.add_argument("--via", metavar="QUBE", help="update: the qube its packets leave through "
                    "(default: [stack] updatevm, else the most private path)")
     p.add_argument("--install", metavar="PKG,...", help="update: also install these")

@@ -34,7 +34,7 @@ MAX_QUBES = 250  # one /24 of 10.137.0.0/16 for qube addresses, .1-.250
 COMMON_KEYS = {"kind", "netvm", "label", "firewall", "tags"}
 MAX_FILE = 1 << 20  # config and provider files: a sane size
 STACK_KEYS = {"ipv6", "default_dispvm", "updatevm", "policy", "services", "ask_timeout",
-              "call_max_bytes"}
+              "call_max_bytes", "watch", "on_leak"}
 TOP_KEYS = {"qubes", "stack", "invariant"}
 
 
@@ -70,6 +70,10 @@ class Topology:
     kinds: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     invariants: tuple[Invariant, ...] = ()  # the config's [[invariant]] tables
     updatevm: str | None = None  # `template update` goes out through it (Qubes' updatevm)
+    # the uplink watch (netstack/watch.py): run by the supervisor; "cut" sets the uplink
+    # down at the first packet the chain does not allow, "log" only raises the alarm
+    watch: bool = False
+    on_leak: str = "log"
 
     def __getitem__(self, name: str) -> Qube:
         for q in self.qubes:
@@ -371,9 +375,21 @@ def validate(data: dict[str, Any], kinds: Kinds, source: str = "<memory>",
     if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1 << 40:
         raise ConfigError("[stack] field 'call_max_bytes'", f"{cap!r}",
                           "give bytes, 1 to 2**40: a call carrying more each way is cut")
+    watch = stack.get("watch", False)
+    if not isinstance(watch, bool):
+        raise ConfigError("[stack] field 'watch'", f"{watch!r}", "write watch = true or false")
+    on_leak = stack.get("on_leak", "log")
+    if on_leak not in ("log", "cut"):
+        raise ConfigError("[stack] field 'on_leak'", f"{on_leak!r}",
+                          'write on_leak = "log" (alarm only) or "cut" (set the uplink down)')
+    if "on_leak" in stack and not watch:  # a safety option that would silently do nothing
+        raise ConfigError("[stack] field 'on_leak'", "set, but no watch runs",
+                          "add watch = true to [stack] (on_leak says what the watch does "
+                          "on a leak), or remove on_leak")
     return Topology(tuple(qubes), ipv6=ipv6, source=source, default_dispvm=dispvm,
                     kinds=kinds, invariants=invariants, updatevm=updatevm, policy=policy,
-                    services=services, ask_timeout=float(ask_timeout), call_max_bytes=cap)
+                    services=services, ask_timeout=float(ask_timeout), call_max_bytes=cap,
+                    watch=watch, on_leak=on_leak)
 
 
 def check_client_rules(qube: str, rules: tuple[FwRule, ...], netvm: Qube,

@@ -119,6 +119,7 @@ def argv(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], user: str | None = Non
 
         whonix = any(x.traits.protection == "tor" for x in plan.chain(q.name)[1:])
         public = os.path.join(st.dir, sandbox.PUBLIC)
+        grants, client_env = forwarded(public, q.name, grants, client_env)
         ident = sandbox.make_identity(public, os.path.dirname(home) if home else None,
                                       q.name, whonix)
         bpf = seccomp.compile_filter(seccomp.path(public))
@@ -144,6 +145,24 @@ def argv(k: Kernel, st: Any, q: QubeInfo, cmd: list[str], user: str | None = Non
         out += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
                 "--"]
     return out + run
+
+
+def forwarded(public: str, qube: str, grants: tuple[Any, ...], env: dict[str, str]
+              ) -> tuple[tuple[Any, ...], dict[str, str]]:
+    """A port its netvm forwards to it (vpn/portfwd.py): the directory the renewer keeps
+    current, bound read-only at FORWARD_INSIDE, and its variables (as they are now) for
+    the command."""
+    from netstack import sandbox
+    from netstack.vpn.portfwd import FORWARD_INSIDE, client_dir, read_env
+
+    d = client_dir(public, qube)
+    try:
+        with open(os.path.join(d, "env")) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return grants, env
+    return (grants + (sandbox.Grant("forward", d, FORWARD_INSIDE, (), readonly=True),),
+            {**env, **read_env(text)})
 
 
 @dataclass(frozen=True)

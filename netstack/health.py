@@ -224,6 +224,13 @@ def expected_sets(plan: Any, resolved: dict[str, dict[str, list[str]]], store: A
             info = q.info.server(current_index(q.info))
             want.update(sets_from_commands(endpoint_set_commands_for(
                 transport(info, resolved.get(q.name, {})))["nftables"]))
+            if info.forwards:  # the NAT-PMP ports the renewer holds (vpn/portfwd.py)
+                from netstack.vpn import portfwd
+
+                want.update(sets_from_commands(portfwd.held_set_commands(
+                    info.forwards, portfwd.read_state(portfwd.state_path(info.state_dir,
+                                                                         info.qube)),
+                    now, grace=EXPIRY_GRACE + 1.0)))
         if q.clients and q.traits.provides_network:
             sets = sets_from_commands(names.fill(plan, q.name, store, started, now))
             # an expiring rule's element was given ceil(seconds left) when filled, so the

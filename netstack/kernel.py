@@ -45,6 +45,27 @@ class LinkState:
 
 
 
+def slow_factor() -> float:
+    """How many times slower than a usual host this one starts and runs processes
+    (NETSTACK_SLOW_FACTOR, default 1): an emulated VM, a loaded board. The deadlines netstack
+    gives its own daemons to start (the lab's servers' readiness, `up`'s default waits for
+    tunnels and Tor) are multiplied by it; a deadline a user gives on the command line is
+    kept as given. Under TCG on a loaded 2-core host the lab's servers took over 60 s and a
+    kernel WireGuard tunnel over 30 s (docs/field-notes.md, "qemu and Debian's kernel")."""
+    from netstack.errors import UsageError
+
+    raw = os.environ.get("NETSTACK_SLOW_FACTOR", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        f = float(raw)
+    except ValueError:
+        f = 0.0
+    if not 1.0 <= f <= 100.0:
+        raise UsageError(f"NETSTACK_SLOW_FACTOR={raw!r}: a number from 1 to 100")
+    return f
+
+
 def _descends_from(pid: int, ancestor: int) -> bool:
     """Whether `ancestor` is among pid's parents (read from /proc; False once it is gone)."""
     seen = 0
@@ -123,6 +144,7 @@ class Kernel:
 
     def link_del(self, ns: str | None, ifname: str) -> bool: raise NotImplementedError
     def link_up(self, ns: str | None, ifname: str) -> None: raise NotImplementedError
+    def link_down(self, ns: str | None, ifname: str) -> None: raise NotImplementedError
 
     def links(self, ns: str | None) -> list[LinkState]: raise NotImplementedError
     def addr_add(self, ns: str | None, ifname: str, cidr: str) -> None:
@@ -644,6 +666,13 @@ class RealKernel(Kernel):
 
     def link_up(self, ns: str | None, ifname: str) -> None:
         self.link_up_many([(ns, ifname)])
+
+    def link_down(self, ns: str | None, ifname: str) -> None:
+        """Admin down at once (the uplink watch's cut): one netlink request."""
+        from netstack import rtnl
+
+        self._index.clear()
+        self._send({ns: ([rtnl.link_down(self._idx(ns, ifname))], [f"set {ifname} down"])})
 
     def link_up_many(self, links: list[tuple[str | None, str]]) -> None:
         self._index.clear()  # indexes of one call only: a long-lived kernel sees links remade

@@ -205,9 +205,22 @@ def families(inp: Inputs) -> list[Any]:
         audit_ok.add_metric([stack], 1.0 if inp.audit["ok"] else 0.0)
         audit_t.add_metric([stack], float(inp.audit["time"]))
         audit_failed.add_metric([stack], float(inp.audit["failed"]))
+    # the uplink watch (netstack/watch.py), as `status` reads its file
+    w_alarms = GaugeMetricFamily("netstack_watch_alarms", "Packets the chain does not allow "
+                                 "seen leaving the uplink since the last `watch --clear`",
+                                 labels=["stack"])
+    w_up = GaugeMetricFamily("netstack_watch_up", "1 when the uplink watch runs",
+                             labels=["stack"])
+    w_cut = GaugeMetricFamily("netstack_watch_uplink_cut", "1 when the watch set the uplink "
+                              "down (on_leak = \"cut\")", labels=["stack"])
+    w = inp.status.get("watch")
+    if w:
+        w_alarms.add_metric([stack], float(w["alarms"]))
+        w_up.add_metric([stack], 1.0 if w["running"] else 0.0)
+        w_cut.add_metric([stack], 1.0 if w["cut"] else 0.0)
     return [up, problems, qube_up, link_up, rx_b, tx_b, rx_p, tx_p, tun_up, hs_age, failovers,
             server, boot, circ, circs, alive, restarts, hits_p, hits_b, audit_ok, audit_t,
-            audit_failed]
+            audit_failed, w_alarms, w_up, w_cut]
 
 
 class StackCollector:

@@ -298,6 +298,8 @@ class UplinkSpec:
     # lab only: the lab VPN server's WireGuard runs in the kernel instead of wireguard-go
     # (bench/vpn.py: a kernel-WireGuard chain measured against kernel WireGuard both ends)
     lab_wg_kernel: bool = False
+    # lab only: the lab ISP is hostile (`up --lab --isp SCENARIO`: netstack/lab/isp.py)
+    isp: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,7 @@ class VpnServer:
     files: dict[str, str] = field(default_factory=dict, hash=False)  # lab:REF -> path
     wg2_dev: str | None = None  # a second WireGuard server (lab:wireguard2, port + 1)
     openvpn2: bool = False  # a second OpenVPN server (lab:openvpn2, port + 1)
+    openvpn_tcp: bool = False  # an OpenVPN server over TCP 443 (lab:openvpn-tcp)
 
 
 @dataclass
@@ -361,6 +364,7 @@ class LabPlan:
     vpn_server: VpnServer
     tor_nodes: dict[str, TorNode] = field(default_factory=dict)
     vpn_keys: bool = False
+    isp: tuple[str, ...] = ()  # the hostile ISP's scenarios (netstack/lab/isp.py)
 
     @property
     def tor(self) -> bool:
@@ -422,6 +426,9 @@ class Plan:
     call_services: str | None = None
     ask_timeout: float = 60.0
     call_max_bytes: int = 64 << 20  # each way, per call
+    # [stack] watch / on_leak: the supervisor watches the uplink (netstack/watch.py)
+    watch: bool = False
+    on_leak: str = "log"  # log | cut
 
     def ns(self, name: str) -> NsPlan:
         return next(n for n in self.namespaces if n.name == name)

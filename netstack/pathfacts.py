@@ -45,7 +45,9 @@ def _statements(x: Any) -> list[str]:
     """The kinds of the statements of a rule that move, copy or hand off a packet."""
     out: list[str] = []
     if isinstance(x, dict):
-        for k in ("fwd", "dup", "queue", "tproxy", "xt"):
+        # not tproxy: it only gives the packet a socket; where it goes then is the routes'
+        # (a local delivery needs a policy routing rule, which is a finding of its own)
+        for k in ("fwd", "dup", "queue", "xt"):
             if k in x:
                 out.append(k)
         for v in x.values():
@@ -59,7 +61,7 @@ def _statements(x: Any) -> list[str]:
 def nft_findings(doc: dict[str, Any]) -> list[Finding]:
     """The nftables objects of a listing that the properties cannot follow: tables of the
     families the evaluator does not read (arp, bridge), base chains on a hook it does not
-    explore, and statements that hand a packet over (queue, tproxy) or move or copy it
+    explore, and statements that hand a packet over (queue) or move or copy it
     where the evaluator does not follow them (fwd/dup outside a netdev table)."""
     out: list[Finding] = []
     chains: dict[tuple[str, str, str], dict[str, Any]] = {}

@@ -116,6 +116,17 @@ def check_policy(topo: Topology, config_dir: str) -> None:
              for q in topo.qubes if topo.kinds[q.kind].traits.sandboxed}
     pol = policy.load(os.path.join(config_dir, topo.policy), topo.policy)
     policy.check_names(pol, facts)
+    import pwd
+
+    for r in pol.rules:  # an account a call would run as must exist, or the call fails late
+        user = r.param("user")
+        if user:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise ConfigError(r.where, f"user={user}: no such account on this host",
+                                  f"create it (useradd --system {user}), or drop user=") \
+                    from None
     if topo.services and not os.path.isdir(os.path.join(config_dir, topo.services)):
         raise ConfigError("[stack] field 'services'", f"{topo.services!r} is not a directory "
                           f"(relative to {config_dir})", "create it, or drop the key")
@@ -198,7 +209,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
              updatevm=topo.updatevm,
              policy=os.path.join(base, topo.policy),
              call_services=os.path.join(base, topo.services) if topo.services else None,
-             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes)
+             ask_timeout=topo.ask_timeout, call_max_bytes=topo.call_max_bytes,
+             watch=topo.watch, on_leak=topo.on_leak)
     lab = uplink.mode == "lab"
     for q in topo.tree_order():
         a = addrs[q.name]
@@ -249,7 +261,8 @@ def build(inputs: Inputs | Topology, stack: str, uplink: UplinkSpec,
         labplan.plan_lab(p, sdir, vpn_keys, tor, _ns_files, uplink.sink, bridge,
                          second_wg="lab:wireguard2" in refs,
                          second_ovpn="lab:openvpn2" in refs, tor_clients=tor_clients,
-                         wg_kernel=uplink.lab_wg_kernel)
+                         wg_kernel=uplink.lab_wg_kernel, isp_scenarios=uplink.isp,
+                         openvpn_tcp="lab:openvpn-tcp" in refs)
     elif uplink.mode == "move":
         _plan_move(p, topo, uplink, net_ns)
     elif uplink.mode == "nat":

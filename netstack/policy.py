@@ -31,7 +31,7 @@ from netstack.errors import ConfigError
 
 ACTIONS = ("allow", "deny", "ask")
 PARAMS = {"allow": {"target", "user", "notify", "autostart"}, "deny": {"notify"},
-          "ask": {"target", "default_target", "user"}}
+          "ask": {"target", "default_target", "user", "notify", "autostart"}}
 # Qubes' RPCNAME_ALLOWED_CHARSET, and its file-name rule for policy.d
 NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
 ARG_CHARS = NAME_CHARS | {"+"}
@@ -88,6 +88,10 @@ class Verdict:
     reason: str = ""
     default_target: str | None = None  # ask: what the prompt offers first
     extra: dict[str, str] = field(default_factory=dict)
+    # Qubes' defaults: a denied call is told (notify=yes), an allowed one not; a call may
+    # start what it needs (a new disposable) unless its line says autostart=no
+    notify: bool = False
+    autostart: bool = True
 
 
 # --- names a caller may use ------------------------------------------------------------
@@ -371,7 +375,8 @@ def evaluate(policy: Policy, source: str, target: str, service: str, argument: s
         if not matches(r, service, argument, source, target, qubes):
             continue
         if r.action == "deny":
-            return Verdict("deny", target, rule=r.where, reason=f"denied by {r.where}")
+            return Verdict("deny", target, rule=r.where, reason=f"denied by {r.where}",
+                           notify=r.param("notify") != "no")
         to = r.param("target") or target
         default = r.param("default_target")
         if to == "@default" and r.action == "ask" and default:
@@ -384,8 +389,11 @@ def evaluate(policy: Policy, source: str, target: str, service: str, argument: s
         if to == source:
             return Verdict("deny", to, rule=r.where, reason="a qube does not call itself")
         return Verdict(r.action, to, r.param("user"), r.where,
-                       f"{r.action} by {r.where}", default)
-    return Verdict("deny", target, reason="no policy line matches (default deny)")
+                       f"{r.action} by {r.where}", default,
+                       notify=r.param("notify") == "yes",
+                       autostart=r.param("autostart") != "no")
+    return Verdict("deny", target, reason="no policy line matches (default deny)",
+                   notify=True)
 
 
 # --- what the policy lets through (for the audit of the user's invariants) --------------

@@ -43,7 +43,8 @@ def start_supervisor(plan: Plan, st: State, k: Kernel) -> None:
                                         os.path.join(st.dir, f"{s.name}.log")))
         spec = SupervisorSpec(plan.stack, services, list(plan.daemons),
                               calls="netstack.calls:serve" if any(
-                                  q.traits.sandboxed for q in plan.qubes) else None)
+                                  q.traits.sandboxed for q in plan.qubes) else None,
+                              watch="netstack.watch:serve" if plan.watch else None)
         k.write_file(os.path.join(st.dir, SPEC), encode(spec), 0o600)
         rec = ProcessRec("supervisor", secrets.token_hex(8), os.path.join(st.dir, PIDFILE))
         st.record(rec)  # before it exists: a crash from here on leaves it findable

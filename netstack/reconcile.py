@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from netstack.errors import ApplyError, NetstackError, StateError, UsageError
 from netstack.fastpath import has_offload, without_offload
-from netstack.kernel import Kernel
+from netstack.kernel import Kernel, slow_factor
 from netstack.rules.nft import commands
 from netstack.state import (
     DirRec,
@@ -455,8 +455,8 @@ def run_time(rt: Runtime) -> None:
         # or a client's first handshake meets a closed port and waits WireGuard's 5 s retry.
         # The wait ends the moment they answer; its deadline only says when to give up: in
         # scripts/test-host's VM under TCG on a loaded host they took more than 10 s
-        # (docs/field-notes.md, "qemu and Debian's kernel").
-        k.wait_ready(rt.state.dir, ready, LAB_READY_S,
+        # (docs/field-notes.md, "qemu and Debian's kernel"): NETSTACK_SLOW_FACTOR there.
+        k.wait_ready(rt.state.dir, ready, LAB_READY_S * slow_factor(),
                      lambda: processes.daemons_waiting(rt.state.dir, ready))
     for q in plan.qubes:
         rt.runtimes[q.kind].activate(q, rt)

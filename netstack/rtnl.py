@@ -223,6 +223,10 @@ def link_up(index: int) -> tuple[int, int, bytes]:
     return RTM_NEWLINK, 0, _IFI.pack(0, 0, index, IFF_UP, IFF_UP)
 
 
+def link_down(index: int) -> tuple[int, int, bytes]:
+    return RTM_NEWLINK, 0, _IFI.pack(0, 0, index, 0, IFF_UP)
+
+
 def link_del(index: int) -> tuple[int, int, bytes]:
     return RTM_DELLINK, 0, _IFI.pack(0, 0, index, 0, 0)
 

@@ -11,7 +11,9 @@ STATUS lines while tunnels connect and Tor bootstraps, and a last one when they 
 
 from __future__ import annotations
 
+import array
 import os
+import select
 import shlex
 import socket
 import subprocess
@@ -206,3 +208,29 @@ class Notifier:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect(self.addr)
             s.sendall(msg)
+
+    def barrier(self, timeout: float = 30.0) -> bool:
+        """sd_notify_barrier(3): returns once systemd has read every message sent before,
+        or after `timeout` (False then). Call it before exiting: systemd matches a datagram
+        to its unit by the sender's pid, and one whose sender is gone by the time it is
+        read is dropped, so `up`'s last STATUS line was lost (docs/field-notes.md, "systemd
+        at boot"). systemd closes the pipe's write end it is sent as it reads the
+        BARRIER=1 message, after the ones before it; older systemd closes it unread, so
+        this never waits for nothing. True when not under systemd."""
+        if not self.addr:
+            return True
+        r, w = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(self.addr)
+                s.sendmsg([b"BARRIER=1"],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+            os.close(w)
+            w = -1
+            p = select.poll()
+            p.register(r, select.POLLHUP)
+            return bool(p.poll(timeout * 1000))
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)

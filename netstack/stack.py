@@ -240,7 +240,8 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
             entry["template"] = q.settings["template"]
         role = RUNTIMES[q.kind]
         entry.update(role.status(q, LiveFacts(links, kids,
-                                              st.data.resolved.get(q.name, {})), k))
+                                              st.data.resolved.get(q.name, {}),
+                                              _watching(st)), k))
         if q.name in names_store:
             entry["client_rules"] = {"names": {h: a.to_json() for h, a in
                                                names_store[q.name].items()}}
@@ -286,6 +287,7 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     extra += [f"daemon {d.name} not running" for d in p.daemons
               if not any(d.netns == q.netns for q in p.qubes)
               and not (kids.get(d.name) or {}).get("alive")]
+    extra += _watch_status(st, p, out)
     out["health"] = health.stack_verdict(verdicts, extra).to_json()
     from netstack.disposable import template
 
@@ -301,6 +303,37 @@ def status(stack: str, k: Kernel) -> dict[str, Any]:
     out["processes"] += [{"name": c["name"], "pid": c["pid"], "alive": c["alive"],
                           "restarts": c["restarts"]} for c in kids.values()]
     return out
+
+
+def _watching(st: State) -> bool:
+    """Whether the uplink watch runs now (its file names a live process)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+    from netstack.watchfilter import WatchFile
+
+    with contextlib.suppress(OSError, DamagedFile):
+        w = codec.read(os.path.join(st.dir, "watch.json"), WatchFile)
+        return not w.stopped and proc_alive(w.pid, w.start)
+    return False
+
+
+def _watch_status(st: State, p: Any, out: dict[str, Any]) -> list[str]:
+    """The uplink watch's alarms (DEGRADED until `watch --clear`) and, when the config
+    asks for it, whether it runs (netstack/watch.py writes the file, read here)."""
+    from netstack import codec
+    from netstack.errors import DamagedFile
+    from netstack.watchfilter import WatchFile, problems
+
+    w = None
+    with contextlib.suppress(OSError, DamagedFile):
+        w = codec.read(os.path.join(st.dir, "watch.json"), WatchFile)
+    live = w is not None and not w.stopped and proc_alive(w.pid, w.start)
+    if w is not None or p.watch:
+        out["watch"] = {"wanted": p.watch, "on_leak": p.on_leak, "running": live and w is not
+                        None and time.time() - w.heartbeat < 5,
+                        "alarms": w.count if w else 0, "cut": bool(w and w.cut),
+                        "pcap": w.pcap if w else None}
+    return problems(w, wanted=p.watch, alive=live, now=time.time())
 
 
 def _what_moved(st: Any, q: Any, doc: dict[str, Any], k: Any,

@@ -48,6 +48,9 @@ class SupervisorSpec:
     # "module:function" of the call layer's thread (netstack.calls:serve), handed down as
     # data like a daemon's monitor: this layer never imports the executor above it
     calls: str | None = None
+    # "module:function" of the uplink watch (netstack.watch:serve) when the config says
+    # `watch = true`: data too, the watch lives in a layer above this one
+    watch: str | None = None
 
     @classmethod
     def codec_names(cls) -> dict[str, Any]:
@@ -248,6 +251,19 @@ class Supervisor:
                 traceback.print_exc()
                 self.stopping.wait(BACKOFF_MIN)
 
+    def watch_uplink(self) -> None:
+        """The uplink watch (netstack.watch) until the stack stops; it restarts itself."""
+        import importlib
+        import traceback
+
+        assert self.spec.watch is not None
+        mod, _, fn = self.spec.watch.partition(":")
+        try:
+            getattr(importlib.import_module(mod), fn)(self.spec.stack, self.stopping,
+                                                       self.kernel.fork())
+        except Exception:  # noqa: BLE001 - the daemons must run on; status says why
+            traceback.print_exc()
+
     def stop(self, *_: Any) -> None:
         self.stopping.set()
 
@@ -265,6 +281,8 @@ class Supervisor:
                          daemon=True).start()
         if self.spec.calls:
             threading.Thread(target=self.serve_calls, daemon=True).start()
+        if self.spec.watch:
+            threading.Thread(target=self.watch_uplink, daemon=True).start()
         for d in self.spec.daemons:
             threading.Thread(target=self.watch, args=(d,), daemon=True).start()
             if d.monitor:

@@ -33,6 +33,69 @@ VARIANTS = ("essential", "apt", "minbase", "required", "important", "standard")
 DEFAULT_SUITE = "bookworm"
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What a template is for: the packages it needs beyond the variant, and the files it
+    gets (path inside the root -> text, or a symlink's target when it starts with '->')."""
+
+    packages: tuple[str, ...]
+    files: tuple[tuple[str, str], ...]
+    about: str
+
+
+# A Whonix-Workstation-like template: what Tor Browser (the Firefox ESR build the Tor
+# Project ships, started with TOR_SKIP_LAUNCH against the gateway: the Tor kind's client
+# environment) needs from Debian 12 to run and to be verified and unpacked, torsocks for
+# the rest, and Whonix's anti-fingerprinting defaults that live in a root file system:
+# the clock's zone is UTC, the locale C.UTF-8 (the qube's own names and resolver are bound
+# over /etc by the sandbox).
+PROFILES = {
+    "whonix-workstation": Profile(
+        packages=("libgtk-3-0", "libdbus-glib-1-2", "libx11-xcb1", "libxt6", "libxtst6",
+                  "libasound2", "libpci3", "libegl1", "fonts-dejavu-core", "xauth",
+                  "ca-certificates", "xz-utils", "gpg", "gpgv", "curl", "torsocks"),
+        files=(("etc/timezone", "Etc/UTC\n"),
+               ("etc/localtime", "->/usr/share/zoneinfo/Etc/UTC"),
+               ("etc/default/locale", "LANG=C.UTF-8\n")),
+        about="Tor Browser's needs and Whonix-Workstation's defaults (UTC, C.UTF-8)"),
+}
+
+
+def profile(name: str | None) -> Profile | None:
+    """--profile NAME, checked."""
+    if name is None:
+        return None
+    if name not in PROFILES:
+        raise UsageError(f"--profile {name!r}: use one of {', '.join(sorted(PROFILES))}")
+    return PROFILES[name]
+
+
+def apply_profile(rootfs: str, prof: Profile) -> None:
+    """Write a profile's files into a template root (never following a link of the root
+    outside it: each path's directory is made by us, the file replaced, not written
+    through)."""
+    for rel, text in prof.files:
+        path = os.path.join(rootfs, rel)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.lexists(path):
+            os.unlink(path)
+        if text.startswith("->"):
+            os.symlink(text[2:], path)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+
+
+def update_steps(pkgs: list[str]) -> str:
+    """The shell steps apt runs in the template: refresh, upgrade, install what was asked
+    (and what a profile still wants), then drop the downloaded archives."""
+    steps = "apt-get update && apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade"
+    if pkgs:
+        steps += " && apt-get -y install " + " ".join(pkgs)
+    return steps + " && apt-get clean"
+
+
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise UsageError(f"netstack template {what} needs root (it writes "
@@ -66,11 +129,14 @@ def _meta(name: str) -> templates.TemplateMeta:
 
 def create(name: str, include: str | None = None, variant: str = "minbase",
            suite: str = DEFAULT_SUITE, mirror: str | None = None,
-           source: str | None = None) -> dict[str, Any]:
+           source: str | None = None, profile_name: str | None = None) -> dict[str, Any]:
     import time
 
     templates.check_name(name, "template NAME")
     pkgs = packages(include)
+    prof = profile(profile_name)
+    if prof is not None:
+        pkgs += [p for p in prof.packages if p not in pkgs]
     if variant not in VARIANTS:
         raise UsageError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
     _require_root("create")
@@ -78,15 +144,22 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
         raise UsageError(f"template {name!r} exists already (fix: `netstack template remove "
                          f"{name}` first, or `template update {name}`)")
     os.makedirs(templates.TEMPLATE_ROOT, mode=0o755, exist_ok=True)
+    lock = build_lock(name)
+    if lock is None:
+        raise UsageError(f"template {name!r} is being made by another `netstack template "
+                         "create` (fix: wait for it to end, or end it)")
+    global _LOCK_FD
+    _LOCK_FD = lock  # held by this process and every builder it starts (pass_fds)
     building = os.path.join(templates.TEMPLATE_ROOT, f".{name}.building")
     shutil.rmtree(building, ignore_errors=True)  # an interrupted create's
     os.mkdir(building, 0o755)
-    with open(os.path.join(building, BUILDER), "w") as f:  # who builds it (sweep_stale)
-        f.write(f"{os.getpid()}\n")
     rootfs = os.path.join(building, "root")
     t0 = time.monotonic()
     try:
         if source:
+            if not os.path.isdir(source):
+                raise UsageError(f"--from {source}: no such directory (fix: the path of a "
+                                 "Debian root file system, e.g. one mmdebstrap made)")
             if not os.path.isfile(os.path.join(source, "usr/bin/apt-get")):
                 raise UsageError(f"--from {source}: not a Debian root file system (no "
                                  "usr/bin/apt-get)")
@@ -100,12 +173,21 @@ def create(name: str, include: str | None = None, variant: str = "minbase",
                     *([mirror] if mirror else [])]
             _run(argv, "mmdebstrap")
         templates.prepare(rootfs)
-        meta = templates.TemplateMeta(name, suite, variant, pkgs, source, _now())
+        if prof is not None:
+            apply_profile(rootfs, prof)
+        # a copied root has none of the packages asked for: the next `update` installs
+        # them through the stack (Qubes' updates proxy), never the host's network
+        meta = templates.TemplateMeta(name, suite, variant, [] if source else pkgs, source,
+                                      _now(), profile=profile_name,
+                                      wanted=pkgs if source else [])
         _write_meta(name, meta, building)
         os.rename(building, templates.path(name))
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+        _LOCK_FD = None
     return {**dataclasses.asdict(meta), "path": templates.path(name),
             "seconds": round(time.monotonic() - t0, 1)}
 
@@ -114,9 +196,41 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+_LOCK_FD: int | None = None  # the create's build lock (build_lock)
+
+
+def build_lock(name: str) -> int | None:
+    """The lock of making template `name` (flock on .locks/NAME), or None when another
+    create holds it. Its descriptor is handed to the builders (cp, mmdebstrap): a create
+    killed midway keeps its name locked while a builder of its still writes, so neither a
+    second create nor the sweep of half-made templates races a live writer."""
+    import fcntl
+
+    d = os.path.join(templates.TEMPLATE_ROOT, ".locks")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(d, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _die_with_parent() -> None:
+    """In a builder, before exec: killed when the create is (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _run(argv: list[str], what: str) -> None:
-    """A step whose output the user watches (stderr); its failure is one line."""
-    p = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    """A step whose output the user watches (stderr); its failure is one line. The step
+    holds the build lock too and dies with the create."""
+    p = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+                       pass_fds=(_LOCK_FD,) if _LOCK_FD is not None else (),
+                       preexec_fn=_die_with_parent)
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["no message"])[-1]
         sys.stderr.write(p.stderr)
@@ -163,9 +277,6 @@ def users(name: str) -> list[tuple[str, str]]:
     return out
 
 
-BUILDER = ".builder-pid"
-
-
 def sweep_stale() -> list[str]:
     """Remove what a `template create` killed midway left (`.NAME.building`, hundreds of
     MB): its builder's pid is gone. Returns the names swept."""
@@ -178,15 +289,15 @@ def sweep_stale() -> list[str]:
         if not (e.startswith(".") and e.endswith(".building")):
             continue
         d = os.path.join(templates.TEMPLATE_ROOT, e)
+        name = e[1:-len(".building")]
+        lock = build_lock(name)
+        if lock is None:
+            continue  # its create, or a builder of a killed one, still runs
         try:
-            with open(os.path.join(d, BUILDER)) as f:
-                pid = int(f.read().strip())
-            os.kill(pid, 0)
-            continue  # its builder still runs
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(d, ignore_errors=True)
-        out.append(e[1:-len(".building")])
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(lock)
+        out.append(name)
     return out
 
 
@@ -245,13 +356,12 @@ def update(stack: str, name: str, via: str | None, install: str | None,
     st = require(stack)
     assert st.plan is not None
     netvm, why = update_via(st.plan, via)
+    meta = _meta(name)
+    pkgs += [p for p in meta.wanted if p not in pkgs]
     t0 = time.monotonic()
     q = disposable.add(stack, netvm, "red", kernel=kernel)  # a live change: invariants hold
     try:
-        steps = "apt-get update && apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade"
-        if pkgs:
-            steps += " && apt-get -y install " + " ".join(pkgs)
-        steps += " && apt-get clean"
+        steps = update_steps(pkgs)
         p = subprocess.run(["ip", "netns", "exec", q.netns, "unshare", "--pid", "--fork",
                             "--ipc", "--uts", "sh", "-c", UPDATE_SCRIPT, "netstack-update",
                             rootfs, steps], stdout=sys.stderr, stderr=sys.stderr)
@@ -262,8 +372,9 @@ def update(stack: str, name: str, via: str | None, install: str | None,
         raise ApplyError(f"template update {name}: apt failed (exit {p.returncode}) in a "
                          f"qube behind {netvm}; the output above says why (fix: the "
                          "template's /etc/apt/sources.list, or the way through --via)")
-    meta = _meta(name)
     meta.updated = _now()
+    meta.include += [p for p in meta.wanted if p not in meta.include]
+    meta.wanted = []
     _write_meta(name, meta)
     return {"template": name, "via": netvm, "why": why, "qube": q.name,
             "installed": pkgs, "seconds": round(time.monotonic() - t0, 1)}

@@ -58,6 +58,8 @@ class TemplateMeta:
     source: str | None = None  # `create --from DIR`: copied from there, not built
     created: str = ""
     updated: str | None = None
+    profile: str | None = None  # `create --profile`: what the template is for
+    wanted: list[str] = field(default_factory=list)  # installed by the next `update`
 
 
 def check_name(name: object, where: str) -> str:

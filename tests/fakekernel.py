@@ -187,6 +187,11 @@ class FakeKernel(Kernel):
         assert (ns, ifname) in self.ifaces, (ns, ifname)
         self.ifaces[(ns, ifname)] = True
 
+    def link_down(self, ns: str | None, ifname: str) -> None:
+        self._ev("link_down", ns, ifname)
+        assert (ns, ifname) in self.ifaces, (ns, ifname)
+        self.ifaces[(ns, ifname)] = False
+
     def links_of(self, ns: str | None) -> list[str]:
         return [n for (s, n) in self.ifaces if s == ns]
 

@@ -191,8 +191,6 @@ def replay_failures(results: list[dict[str, Any]],
     """--replay: each FAIL's counterexample sent into the kernel with its ruleset loaded
     (scratch namespaces, audit/replay.py); `replay` is added to the result: the kernel's
     verdict and whether it confirms the evaluator's, or why it was not replayed."""
-    from netstack.audit.replay import replay as do_replay
-
     for r in results:
         if r["status"] != "FAIL" or not r.get("counterexample") or ": " not in r["reason"]:
             continue
@@ -200,18 +198,27 @@ def replay_failures(results: list[dict[str, Any]],
         if rs is None:
             continue
         hook, predicted = r["reason"].split(": ", 1)
-        if hook not in REPLAYED_HOOKS:
-            r["replay"] = {"replayable": False, "why": f"a counterexample at {hook}: the "
-                           f"replay sends packets through {', '.join(REPLAYED_HOOKS)}"}
-            continue
-        try:
-            rp = do_replay(rs, hook, r["counterexample"], k)
-        except Exception as e:  # noqa: BLE001 - one counterexample not replayed, said so
-            rp = {"replayable": False, "why": f"the scratch namespaces could not send it "
-                  f"({type(e).__name__}: {e})"}
-        if rp.get("replayable"):
-            rp["confirmed"] = rp.get("kernel_verdict") == predicted
-        r["replay"] = rp
+        r["replay"] = replay_one(rs, hook, predicted, r["counterexample"], k)
+
+
+def replay_one(rs: dict[str, Any], hook: str, predicted: str, packet: dict[str, Any],
+               k: Kernel) -> dict[str, Any]:
+    """One packet the evaluator judged (`predicted` at `hook`) sent into the kernel with
+    the ruleset loaded: the kernel's verdict and whether it confirms, or why it was not
+    replayed (also `audit --expect --replay`: counterexamples and witnesses)."""
+    from netstack.audit.replay import replay as do_replay
+
+    if hook not in REPLAYED_HOOKS:
+        return {"replayable": False, "why": f"a counterexample at {hook}: the "
+                f"replay sends packets through {', '.join(REPLAYED_HOOKS)}"}
+    try:
+        rp = do_replay(rs, hook, packet, k)
+    except Exception as e:  # noqa: BLE001 - one counterexample not replayed, said so
+        rp = {"replayable": False, "why": f"the scratch namespaces could not send it "
+              f"({type(e).__name__}: {e})"}
+    if rp.get("replayable"):
+        rp["confirmed"] = rp.get("kernel_verdict") == predicted
+    return rp
 
 
 def firewall_drift(stack: str, plan: Plan, config: str | None) -> list[dict[str, Any]]:

@@ -163,7 +163,7 @@ def reaches_exactly(q: Any, client: Any, rules: tuple[Any, ...], names: dict[str
         """Its rules drop this class: it must not get through the netvm after prerouting.
         A packet that does is reported as the client sent it (before any NAT)."""
         pre_box, pre_ex = dict(e.box), e.excl.relevant(e.box, e.dom)
-        rewritten = {"daddr4", "daddr6", "dport", "ct_status", "oif"}
+        rewritten = {"daddr4", "daddr6", "dport", "ct_status", "oif", "oifgroup", "ttl"}
 
         def original(w: dict[str, Any]) -> Any:
             pinned = {f: space.eq_pred([v]) for f, v in w.items() if f not in rewritten}

@@ -222,7 +222,9 @@ class Walk:
         u = self.ev.box.get("oif")
         self.ev.box["oif"] = eq_pred([oif])
         try:
-            self.ev.explore("forward", {}, fwd, rs=rs)
+            # forwarding takes one off the TTL before the hook: no value carried over
+            self.ev.rewrite("ttl", Pred(lambda v: True),
+                            lambda: self.ev.explore("forward", {}, fwd, rs=rs))
         finally:
             if u is None:
                 self.ev.box.pop("oif", None)
@@ -261,8 +263,10 @@ class Walk:
         nxt = self.plan.qube(q.netvm)
         # into the next namespace: a new input link, no output yet, the mark scrubbed, its
         # own conntrack (no NAT status)
-        self.fields({"iif": vif(q.qid), "oif": NO_IFACE, "mark": 0, "ct_status": frozenset()},
-                    lambda: self.hop(nxt, trace, taint, depth + 1))
+        # own conntrack (no NAT status, a new connection's ct mark where it has one)
+        self.ev.rewrite("ctmark", eq_pred([0, None]), lambda: self.fields(
+            {"iif": vif(q.qid), "oif": NO_IFACE, "mark": 0, "ct_status": frozenset()},
+            lambda: self.hop(nxt, trace, taint, depth + 1)))
 
     def fields(self, values: dict[str, Any], then: Callable[[], None]) -> None:
         if not values:

@@ -58,6 +58,8 @@ NAT_KINDS = ("dnat", "snat", "masquerade", "redirect")
 # shared constant predicates (a Pred is immutable; its cache of representatives is keyed
 # by domain): made once, not once per match of a 10,000-rule ruleset
 FAMILY4, FAMILY6 = eq_pred(["ipv4"]), eq_pred(["ipv6"])
+HAS_IFACE = Pred(lambda x: x != NO_IFACE)
+ANY = Pred(lambda x: True)
 L4_IS = {p: eq_pred([n]) for p, n in L4.items()}
 
 
@@ -110,11 +112,13 @@ def _restricts_to_ports(rs: Ruleset, matches: list[dict[str, Any]],
 
 def conntrack_families(x: Any, table: tuple[str, ...]) -> set[str]:
     """The families an expression list turns connection tracking on for (the kernel's
-    nf_ct_netns_get): a ct expression or masquerade/redirect for the table's families, a
-    dnat/snat for the family it names (`dnat ip to` in an inet table: IPv4 only)."""
+    nf_ct_netns_get): a ct expression, masquerade/redirect or `flow add` (a flowtable
+    offloads connections: found by the differential generator with flowtables,
+    docs/field-notes.md "Flowtables") for the table's families, a dnat/snat for the
+    family it names (`dnat ip to` in an inet table: IPv4 only)."""
     out: set[str] = set()
     if isinstance(x, dict):
-        if "ct" in x or "masquerade" in x or "redirect" in x:
+        if "ct" in x or "masquerade" in x or "redirect" in x or "flow" in x:
             out.update(table)
         for k in ("dnat", "snat"):
             if k in x:
@@ -152,6 +156,20 @@ class Packet:
     skgid: int | None = None
     icmp_code: int | None = None
     length: int | None = None
+    # issue 30's fields; None: what a packet usually has (ttl 64, dscp/ecn/frag-off 0, a
+    # new connection's ct mark 0, unicast to this host, no IPsec, interface group 0). A
+    # local IPv4 packet leaves with DF (frag 0x4000) where its socket does path MTU
+    # discovery (the kernel's default); the oracle sends frag 0 with it off
+    # (docs/field-notes.md)
+    ttl: int | None = None
+    dscp: int | None = None
+    ecn: int | None = None
+    frag: int | None = None
+    ctmark: int | None = None
+    pkttype: str | None = None
+    ipsec: bool | None = None
+    iifgroup: int | None = None
+    oifgroup: int | None = None
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if v not in (None, frozenset())}
@@ -180,8 +198,18 @@ class Packet:
             "icmp_code": self.icmp_code or 0, "ct_state": self.ct_state,
             "ct_status": None if self.ct_state in space.NO_CONNECTION else
             frozenset(self.ct_status or ()), "mark": self.mark, "skuid": self.skuid,
-            "skgid": self.skgid, "length": self.length or 0}
-        return {f: eq_pred([vals[f]]) for f in FIELDS}
+            "skgid": self.skgid, "length": self.length or 0,
+            "ttl": 64 if self.ttl is None else self.ttl, "dscp": self.dscp or 0,
+            "ecn": self.ecn or 0, "frag": self.frag or 0,
+            "pkttype": self.pkttype or "host", "ipsec": bool(self.ipsec)}
+        out = {f: eq_pred([vals[f]]) for f in FIELDS if f in vals}
+        # a group or none as the interfaces say (the pairings decide, also where a caller
+        # gives the box another interface)
+        out["ctmark"] = eq_pred([None if self.ct_state in space.NO_CONNECTION else
+                                  self.ctmark or 0])
+        out["iifgroup"] = eq_pred([None, self.iifgroup or 0])
+        out["oifgroup"] = eq_pred([None, self.oifgroup or 0])
+        return out
 
 
 def packet_of(point: dict[str, Any]) -> Packet:
@@ -199,7 +227,14 @@ def packet_of(point: dict[str, Any]) -> Packet:
         tcp_flags=point["tcp_flags"], icmp_type=point["icmp_type"] if l4 in (1, 58) else None,
         icmp_code=point["icmp_code"] if l4 in (1, 58) else None,
         ct_state=point["ct_state"], ct_status=point["ct_status"], mark=point["mark"],
-        skuid=point["skuid"], skgid=point["skgid"], length=point["length"] or None)
+        skuid=point["skuid"], skgid=point["skgid"], length=point["length"] or None,
+        # issue 30's fields, where they are not what a packet usually has
+        ttl=None if point.get("ttl", 64) == 64 else point["ttl"],
+        dscp=point.get("dscp") or None, ecn=point.get("ecn") or None,
+        frag=point.get("frag") or None, ctmark=point.get("ctmark") or None,
+        pkttype=None if point.get("pkttype", "host") == "host" else point["pkttype"],
+        ipsec=point.get("ipsec") or None, iifgroup=point.get("iifgroup") or None,
+        oifgroup=point.get("oifgroup") or None)
 
 
 @dataclass
@@ -247,6 +282,13 @@ class Rule:
                 continue
             return s[0] == "verdict" and s[1] in ("drop", "reject")
         return False
+
+
+class Choice(Unsupported):
+    """A match whose truth the ruleset alone does not decide and the evaluator explores
+    both ways, untainted (issue 30): the membership of a set the packet path adds to,
+    a `fib` lookup (the namespace's routes), a `socket` lookup. A PASS holds for either
+    outcome, so it stays a proof."""
 
 
 class Malformed(Unsupported):
@@ -337,8 +379,13 @@ def _pinned(r: Rule, f: str) -> frozenset | None:
 class Ruleset:
     """Index of a `nft -j list ruleset` document (or our generator's), compiled into boxes."""
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(self, doc: dict[str, Any], fib_local: Iterable[str] | None = None) -> None:
+        """`fib_local`: the addresses of the ruleset's namespace, where the caller knows
+        them; `fib daddr type local` is then exact (those, 127.0.0.0/8 and ::1), else it
+        is followed both ways."""
         _check_doc(doc)
+        self.fib_local: frozenset[str] | None = \
+            frozenset(fib_local) if fib_local is not None else None
         try:
             self._read(doc)
         except MALFORMED as e:
@@ -366,6 +413,18 @@ class Ruleset:
             elif "set" in item or "map" in item:
                 s = item.get("set") or item.get("map")
                 self.sets[(s["family"], s["table"], s["name"])] = s
+        # sets the packet path adds to or updates (`add @s { ip saddr }`, meters): their
+        # membership is whatever earlier packets made it, both ways for every packet
+        self.dynamic: set[tuple[str, str, str]] = set()
+        for (fam, tbl, _c), rs in self.rules.items():
+            for r in rs:
+                for x in r.get("expr", []):
+                    d = x.get("set") if isinstance(x, dict) else None
+                    if isinstance(d, dict) and isinstance(d.get("set"), str):
+                        self.dynamic.add((fam, tbl, d["set"].lstrip("@")))
+        for k, st_ in self.sets.items():
+            if "dynamic" in (st_.get("flags") or []):
+                self.dynamic.add(k)
         self.conntrack: set[str] = set()  # families whose packets get a connection
         for (fam, _t, _c), rs in self.rules.items():
             fams = HOOK_FAMILIES.get(fam, ())
@@ -496,10 +555,17 @@ class Ruleset:
         ths = [x for x in exprs if _is_th(x)] if self._any_th else []
         self._ports_only = bool(ths) and _restricts_to_ports(
             self, [x["match"] for x in exprs if "match" in x and x not in ths], key)
+        changed = False  # a statement before changed the packet
         for x in exprs:
             if "match" in x:
+                if changed:
+                    rule.unknown.append("a match after a statement that changes the packet")
+                    continue
                 try:
                     union = self._match(x["match"], key)
+                except Choice as e:
+                    rule.stmts.append(("choice", str(e)))
+                    continue
                 except Unsupported as e:
                     rule.unknown.append(str(e))
                     continue
@@ -510,7 +576,10 @@ class Ruleset:
                               if (b := intersect(a, u)) is not None]
             else:
                 try:
-                    rule.stmts.append(self._stmt(x, key))
+                    st = self._stmt(x, key)
+                    for one in (st[1] if st[0] == "multi" else [st]):
+                        rule.stmts.append(one)
+                        changed = changed or one[0] in CHANGES
                 except Malformed:
                     raise
                 except MALFORMED as e:  # what it would do is unknown: refuse the document
@@ -525,6 +594,8 @@ class Ruleset:
             s = self.sets.get((key[0], key[1], right[1:]))
             if s is None:
                 raise Unsupported(f"set {right} (not in the ruleset)")
+            if (key[0], key[1], right[1:]) in self.dynamic:
+                raise Choice(f"{right} (a set the packet path adds to): in it or not")
             # a dynamic or timed set: its elements as listed now (the audit of a live
             # ruleset is a statement about this moment)
             elems = s.get("elem", [])
@@ -543,7 +614,9 @@ class Ruleset:
             f = {"iifname": "iif", "iif": "iif", "oifname": "oif", "oif": "oif",
                  "nfproto": "family", "l4proto": "l4proto",
                  "protocol": "family",  # the ethertype: ip or ip6 for every IP packet
-                 "mark": "mark", "skuid": "skuid", "skgid": "skgid", "length": "length"}.get(k)
+                 "mark": "mark", "skuid": "skuid", "skgid": "skgid", "length": "length",
+                 "pkttype": "pkttype", "ipsec": "ipsec", "secpath": "ipsec",
+                 "iifgroup": "iifgroup", "oifgroup": "oifgroup"}.get(k)
             if f is None:
                 raise Unsupported(f"meta {k}")
             return f, {}, None
@@ -558,10 +631,22 @@ class Ruleset:
                 ("ip", "protocol"): ("l4proto", v4), ("ip", "length"): ("length", v4),
                 ("ip6", "saddr"): ("saddr6", v6), ("ip6", "daddr"): ("daddr6", v6),
                 ("ip6", "nexthdr"): ("l4proto", v6),
+                ("ip", "ttl"): ("ttl", v4), ("ip6", "hoplimit"): ("ttl", v6),
+                ("ip", "dscp"): ("dscp", v4), ("ip6", "dscp"): ("dscp", v6),
+                ("ip", "ecn"): ("ecn", v4), ("ip6", "ecn"): ("ecn", v6),
+                ("ip", "frag-off"): ("frag", v4),
             }
             if (proto, fld) in table:
                 f, dep = table[(proto, fld)]
                 return f, dict(dep), None
+            if fld == "version" and proto in ("ip", "ip6"):
+                # the header's version nibble: 4 for every IPv4 packet, 6 for IPv6
+                return "family", dict(v4 if proto == "ip" else v6), ("version",)
+            if proto == "ether" and fld == "type":
+                # the frame's ethertype, which the kernel reads from the link-layer header:
+                # only a packet that came in on a device has one (a local packet's read
+                # breaks the rule); of an IP packet it is ip or ip6
+                return "family", {"iif": HAS_IFACE}, ("ethertype",)
             if proto == "th" and fld in ("sport", "dport"):
                 if not getattr(self, "_ports_only", False):
                     raise Unsupported(f"th {fld} without a match on TCP/UDP first (on other "
@@ -579,17 +664,21 @@ class Ruleset:
             raise Unsupported(f"payload {proto} {fld}")
         if isinstance(e, dict) and "ct" in e:
             k = e["ct"]["key"]
+            if e["ct"].get("dir") is not None:
+                raise Unsupported(f"ct {e['ct']['dir']} {k}")
             if k == "state":
                 return "ct_state", {}, None
             if k == "status":
                 return "ct_status", {}, None
+            if k == "mark":
+                return "ctmark", {}, None
             raise Unsupported(f"ct {k}")
         if isinstance(e, dict) and "&" in e:
             left, mask = e["&"]
             f, dep, _ = self._selector(left)
             if f in ("tcp_flags", "ct_status"):
                 return f, dep, ("mask", space.flag_set(mask, f))
-            if f == "mark" and isinstance(mask, int):
+            if f in space.MASKABLE and isinstance(mask, int) and not isinstance(mask, bool):
                 return f, dep, ("intmask", mask)
             raise Unsupported(f"bitwise & on {f}")
         name = list(e)[0] if isinstance(e, dict) else repr(e)
@@ -608,9 +697,25 @@ class Ruleset:
 
     def _value_pred_new(self, f: str, values: list[Any], transform: Any, op: str) -> Pred:
         d = self.domains
-        if f == "family":
+        if f == "family" and transform == ("version",):
+            names = {{4: "ipv4", 6: "ipv6"}.get(v, f"version {v}") for v in values}
+            hit = Pred(lambda x, s=frozenset(names): x in s)
+        elif f == "pkttype":
+            kinds = set()
+            for v in values:
+                v = {"unicast": "host", 0: "host", 1: "broadcast", 2: "multicast"}.get(v, v)
+                if v not in space.PKTTYPES:
+                    raise Unsupported(f"meta pkttype {v!r}")
+                kinds.add(v)
+            hit = eq_pred(kinds)
+        elif f == "ipsec":
+            if not all(isinstance(v, bool) for v in values):
+                raise Unsupported(f"meta ipsec {values!r}")
+            hit = eq_pred(values)
+        elif f == "family":
             names = {{2: "ipv4", 10: "ipv6", "ip": "ipv4", "ip6": "ipv6", 0x0800: "ipv4",
-                      0x86DD: "ipv6"}.get(v, v) for v in values}
+                      0x86DD: "ipv6", "0x0800": "ipv4", "0x86dd": "ipv6"}.get(v, v)
+                     for v in values}
             if self._device_table and not names <= {"ipv4", "ipv6"}:
                 # a netdev chain sees ARP, VLAN, any ethertype: outside the IP classes
                 raise Unsupported(f"a frame that is not IP ({', '.join(map(str, values))})")
@@ -655,13 +760,13 @@ class Ruleset:
                             bool((x & m if m else x) & b))
             hit = Pred(lambda x, fs=tuple(flags), m=mask: x is not None and
                        (x & m if m is not None else x) in fs)
-        elif f == "mark" and transform and transform[0] == "intmask":
+        elif f in space.MASKABLE and transform and transform[0] == "intmask":
             m = transform[1]
             consts = []
             for v in values:
                 lo, hi = space.int_interval(v, f)
                 if lo != hi:
-                    raise Unsupported("a range under a mark mask")
+                    raise Unsupported(f"a range under a {f} mask")
                 d.mask(f, m, lo)
                 consts.append(lo)
             hit = Pred(lambda x, m=m, c=frozenset(consts): x is not None and (x & m) in c)
@@ -694,7 +799,7 @@ class Ruleset:
         if op in ("==", "in"):
             return hit
         if op == "!=":
-            if hit.exact is not None and f in ("iif", "oif", "family"):
+            if hit.exact is not None and f in ("iif", "oif", "family", "pkttype", "ipsec"):
                 ex = hit.exact
                 return Pred(lambda x, e=ex: x not in e)
             # no socket: `meta skuid != 0` does not match either (the expression breaks)
@@ -707,13 +812,25 @@ class Ruleset:
             return boxes
         out = []  # before conntrack every packet is one without a connection
         for b in boxes:
-            st, ss = b.get("ct_state"), b.get("ct_status")
-            if (st is None or st.test("invalid")) and (ss is None or ss.test(None)):
-                out.append({f: p for f, p in b.items() if f not in ("ct_state", "ct_status")})
+            st, ss, cm = b.get("ct_state"), b.get("ct_status"), b.get("ctmark")
+            if (st is None or st.test("invalid")) and (ss is None or ss.test(None)) and \
+                    (cm is None or cm.test(None)):
+                out.append({f: p for f, p in b.items()
+                            if f not in ("ct_state", "ct_status", "ctmark")})
         return out
 
     def _match_boxes(self, m: dict[str, Any], key: tuple[str, str, str]) -> list[Box]:
         left, op, right = m["left"], m["op"], m["right"]
+        if isinstance(left, dict) and "fib" in left:
+            fib = left["fib"]
+            exact = self._fib_local(fib, op, right)
+            if exact is not None:
+                return exact
+            raise Choice(f"fib {' . '.join(map(str, fib.get('flags') or []))} "
+                         f"{fib.get('result')} (the namespace's routes): either way")
+        if isinstance(left, dict) and "socket" in left:
+            raise Choice(f"socket {left['socket'].get('key')} (the host's sockets): "
+                         "either way")
         elems = self._elements(right, key)
         if isinstance(left, dict) and "concat" in left:
             sels = [self._selector(x) for x in left["concat"]]
@@ -738,6 +855,31 @@ class Ruleset:
             elems = [right]
         return [{**dep, f: and_dep(dep.get(f), self._value_pred(f, elems, tr, op))}]
 
+    def _fib_local(self, fib: dict[str, Any], op: str, right: Any) -> list[Box] | None:
+        """`fib daddr type [!=] local` as a match on the destination, where the namespace's
+        addresses are given (its local routes: those, 127.0.0.0/8 and ::1); None where
+        the lookup stays a choice."""
+        if self.fib_local is None or fib.get("result") != "type" or \
+                fib.get("flags") != ["daddr"] or op not in ("==", "!="):
+            return None
+        vals = right.get("set") if isinstance(right, dict) else [right]
+        if vals != ["local"]:
+            return None
+        spans: dict[str, list[tuple[int, int]]] = {
+            "daddr4": [(0x7F000000, 0x7FFFFFFF)], "daddr6": [(1, 1)]}
+        for a in self.fib_local:
+            ip = ipaddress.ip_address(a)
+            spans["daddr4" if ip.version == 4 else "daddr6"].append((int(ip), int(ip)))
+        out: list[Box] = []
+        for f, fam in (("daddr4", FAMILY4), ("daddr6", FAMILY6)):
+            for lo, hi in spans[f]:
+                self.domains.interval(f, lo, hi)
+            inside = Pred(lambda x, s=tuple(spans[f]): x is not None and
+                          any(lo <= x <= hi for lo, hi in s))
+            out.append({"family": fam, f: inside if op == "==" else
+                        Pred(lambda x, t=inside.test: x is not None and not t(x))})
+        return out
+
     def _stmt(self, x: dict[str, Any], key: tuple[str, str, str]) -> tuple[Any, ...]:
         if "accept" in x:
             return ("verdict", "accept")
@@ -760,20 +902,27 @@ class Ruleset:
             if nk in x:
                 return ("nat", {nk: x[nk]})
         if "mangle" in x:
-            k, v = x["mangle"]["key"], x["mangle"]["value"]
-            if k == {"meta": {"key": "nftrace"}}:
-                return ("nop",)
-            if k == {"meta": {"key": "mark"}} and isinstance(v, int):
-                self.domains.interval("mark", v, v)
-                return ("setmark", v)
-            if isinstance(k, dict) and ("tcp option" in k or k == {"ct": {"key": "mark"}}):
-                # MSS clamping, a connection's mark: no field the evaluator reads changes
-                # (a rule that reads them is itself not modelled, and says so)
-                return ("nop",)
-            what = " ".join(str(w) for w in (next(iter(k.values()), {}) or {}).values()) \
-                if isinstance(k, dict) else ""
-            raise Unsupported(f"a mangle statement ({next(iter(k), '?')} {what} set)".replace(
-                "  ", " "))
+            return self._mangle(x["mangle"]["key"], x["mangle"]["value"])
+        if "notrack" in x:
+            # untracked from here on, where connection tracking has not looked the packet up
+            # yet (after it, the kernel's notrack does nothing)
+            return ("notrack",) if self._pre else ("nop",)
+        choice = _choice_of(x)
+        if choice is not None:
+            return ("choice", choice)
+        if "tproxy" in x:
+            arg = x["tproxy"] or {}
+            fam = arg.get("family")
+            # the kernel's tproxy breaks the rule for a packet of the other family (`tproxy
+            # ip to` in an inet table) or without TCP/UDP, and where no transparent socket
+            # takes the packet; otherwise the packet goes on (to that socket, by the policy
+            # routing the mark usually chooses: beyond the hook, docs/security.md)
+            guard: Box = {"l4proto": eq_pred([6, 17])}
+            if fam in ("ip", "ip6"):
+                guard["family"] = FAMILY4 if fam == "ip" else FAMILY6
+            to = ":".join(str(arg[k]) for k in ("addr", "port") if k in arg)
+            return ("multi", [("guard", [guard]), ("choice", f"tproxy to {to}: a socket "
+                                                            "takes it or not")])
         if "vmap" in x:
             f_key = x["vmap"]["key"]
             entries = []
@@ -803,23 +952,109 @@ class Ruleset:
                                       "expression)")
                 self.domains.name("oif", dev)
                 return ("move", mv, dev)
-        if "limit" in x or "quota" in x:
-            raise Unsupported("limit/quota: may match")
         name = list(x)[0]
         raise Unsupported(f"statement {name}")
+
+    # mangling statements whose new value the evaluator follows, by field
+    REWRITABLE = ("ttl", "dscp", "ecn", "frag", "saddr4", "daddr4", "saddr6", "daddr6",
+                  "sport", "dport", "pkttype")
+
+    def _mangle(self, k: Any, v: Any) -> tuple[Any, ...]:
+        """A `... set ...` statement as what it changes: later rules (and base chains) see
+        the packet with the new value (issue 30)."""
+        if k == {"meta": {"key": "nftrace"}} or k == {"meta": {"key": "priority"}}:
+            return ("nop",)  # nothing the evaluator reads (a `meta priority` match is not
+            # modelled, and says so)
+        if k == {"meta": {"key": "mark"}} and isinstance(v, int) and not isinstance(v, bool):
+            self.domains.interval("mark", v, v)
+            return ("setmark", v)
+        if k == {"meta": {"key": "mark"}} and v == {"ct": {"key": "mark"}}:
+            self.domains.link("mark", "ctmark")
+            # no connection: reading ct mark breaks the rule
+            return ("stop",) if self._pre else ("copy", "mark", "ctmark")
+        if isinstance(k, dict) and k.get("ct", {}).get("key") == "mark" and \
+                k["ct"].get("dir") is None:
+            if self._pre:
+                return ("nop",)  # no connection yet: the kernel sets nothing
+            if v == {"meta": {"key": "mark"}}:
+                self.domains.link("mark", "ctmark")
+                return ("copy", "ctmark", "mark")
+            if isinstance(v, int) and not isinstance(v, bool):
+                self.domains.interval("ctmark", v, v)
+                return ("ctrewrite", v)
+            raise Unsupported("ct mark set from an expression")
+        if isinstance(k, dict) and "ct" in k and k["ct"].get("key") != "mark":
+            # ct zone, label, helper...: the packet's connection may change, but its state
+            # is any the audit allows anyway; nothing else the evaluator reads changes
+            return ("nop",)
+        if isinstance(k, dict) and "tcp option" in k:
+            return ("nop",)  # MSS clamping: no field the evaluator reads
+        if isinstance(k, dict) and ("payload" in k or k.get("meta", {}).get("key") ==
+                                    "pkttype") and isinstance(v, (int, str)) and \
+                not isinstance(v, bool):
+            f, dep, tr = self._selector(k)
+            if f in self.REWRITABLE and tr is None:
+                pred = self._value_pred(f, [v], None, "==")  # the constant, registered
+                stmts: list[tuple[Any, ...]] = []
+                if dep:  # `ip dscp set` in an inet table: only IPv4 packets (nft's
+                    stmts.append(("guard", [dep]))  # dependency breaks the rule for others)
+                what = _describe_key(k)
+                stmts.append(("rewrite", f, pred, f"{what} set {v}"))
+                return ("multi", stmts)
+        what = " ".join(str(w) for w in (next(iter(k.values()), {}) or {}).values()) \
+            if isinstance(k, dict) else ""
+        raise Unsupported(f"a mangle statement ({next(iter(k), '?')} {what} set)".replace(
+            "  ", " "))
+
+
+# statements that change the packet (a match after one in the same rule reads the new value)
+CHANGES = ("setmark", "rewrite", "ctrewrite", "copy", "notrack")
+
+
+def _describe_key(k: dict[str, Any]) -> str:
+    if "payload" in k:
+        return f"{k['payload'].get('protocol')} {k['payload'].get('field')}"
+    if "meta" in k:
+        return f"meta {k['meta'].get('key')}"
+    return next(iter(k), "?")
+
+
+def _choice_of(x: dict[str, Any]) -> str | None:
+    """The statements whose outcome is not the ruleset's to say (rate limits, quotas,
+    meters, connection counts, adding to a set that may be full): each either lets the
+    rule go on or stops it, and the evaluator follows both (issue 30)."""
+    def rate(a: dict[str, Any]) -> str:
+        over = "over " if a.get("inv") else ""
+        unit = f" {a['rate_unit']}" if a.get("rate_unit") not in (None, "packets") else ""
+        return f"{over}{a.get('rate')}{unit}/{a.get('per')}"
+    if "limit" in x:
+        return f"limit rate {rate(x['limit'] or {})}: within or not"
+    if "quota" in x:
+        a = x["quota"] or {}
+        return (f"quota {'over ' if a.get('inv') else ''}{a.get('val')} "
+                f"{a.get('val_unit', 'bytes')}: used up or not")
+    if "ct count" in x:
+        a = x["ct count"] or {}
+        return f"ct count {'over ' if a.get('inv') else ''}{a.get('val')}: reached or not"
+    if "meter" in x:
+        return f"meter {(x['meter'] or {}).get('name', '?')}: within or not"
+    d = x.get("set")
+    if isinstance(d, dict) and "op" in d:
+        return f"{d.get('op')} {d.get('set')}: taken (or within its limit) or not"
+    return None
 
 
 def _inert(stmts: list[tuple[Any, ...]]) -> bool:
     """Statements that change nothing the evaluator follows (counters, logs, mangling of
     fields it does not read, limits with nothing after them): whether they run or stop,
     the packet goes on to the next rule in the same modelled state."""
-    return all(s[0] in ("nop", "maybe") for s in stmts)
+    return all(s[0] in ("nop", "maybe", "choice") for s in stmts)
 
 
 def _soft(stmts: list[tuple[Any, ...]]) -> bool:
     """Statements after which the packet always goes on to the next rule, changing at
     most its mark: inert ones and `meta mark set`."""
-    return all(s[0] in ("nop", "maybe", "setmark") for s in stmts)
+    return all(s[0] in ("nop", "maybe", "setmark", "choice") for s in stmts)
 
 
 def and_dep(a: Pred | None, b: Pred) -> Pred:
@@ -831,12 +1066,22 @@ def and_dep(a: Pred | None, b: Pred) -> Pred:
 Leaf = Callable[["Evaluator", str, list[Step], list[dict[str, Any]], list[str]], None]
 
 
+CONNECTED = eq_pred(s for s in space.CT_STATES if s not in space.NO_CONNECTION)
+COMPANION = {"iif": "iifgroup", "oif": "oifgroup"}  # a field whose value goes with another's
+CHOSE = ("(went on)", "(stopped the rule)")  # the trace steps of a choice's two ways
+NOT_NONE = Pred(lambda x: x is not None)
 PAIRINGS: tuple[Box, ...] = (
-    {"skuid": eq_pred([None]), "skgid": Pred(lambda g: g is not None)},
-    {"skgid": eq_pred([None]), "skuid": Pred(lambda u: u is not None)},
-    {"ct_state": eq_pred(space.NO_CONNECTION), "ct_status": Pred(lambda s: s is not None)},
-    {"ct_state": eq_pred(s for s in space.CT_STATES if s not in space.NO_CONNECTION),
-     "ct_status": eq_pred([None])},
+    {"skuid": eq_pred([None]), "skgid": NOT_NONE},
+    {"skgid": eq_pred([None]), "skuid": NOT_NONE},
+    {"ct_state": eq_pred(space.NO_CONNECTION), "ct_status": NOT_NONE},
+    {"ct_state": CONNECTED, "ct_status": eq_pred([None])},
+    # a ct mark exactly where there is a connection; a group exactly where a device
+    {"ct_state": eq_pred(space.NO_CONNECTION), "ctmark": NOT_NONE},
+    {"ct_state": CONNECTED, "ctmark": eq_pred([None])},
+    {"iif": eq_pred([NO_IFACE]), "iifgroup": NOT_NONE},
+    {"iif": HAS_IFACE, "iifgroup": eq_pred([None])},
+    {"oif": eq_pred([NO_IFACE]), "oifgroup": NOT_NONE},
+    {"oif": HAS_IFACE, "oifgroup": eq_pred([None])},
 )
 
 
@@ -891,7 +1136,16 @@ class Evaluator:
 
     def rewrite(self, f: str, p: Pred, then: Callable[[], None]) -> None:
         """Field f takes the values of p from here on (NAT, a mark set, the next hop):
-        constraints on its old value are projected away (see Exclusions.deactivate)."""
+        constraints on its old value are projected away (see Exclusions.deactivate). A new
+        interface has a group of its own: the old one's is released with it (a projected
+        pairing would otherwise tie the new interface to the old group)."""
+        g = COMPANION.get(f)
+        if g is not None:
+            self._rewrite(g, ANY, lambda: self._rewrite(f, p, then))
+            return
+        self._rewrite(f, p, then)
+
+    def _rewrite(self, f: str, p: Pred, then: Callable[[], None]) -> None:
         old = self.box.get(f)
         parked = self.excl.deactivate(f, old, self.dom[f])
         self.box[f] = p
@@ -1096,8 +1350,8 @@ class Evaluator:
         try:
             for i in self.rs.candidates(key, self.pre_ct, self.box, start):
                 r = rules[i]
-                if not r.unknown and all(s[0] == "nop" for s in r.stmts):
-                    continue  # counter, log: no effect on any verdict
+                if not r.unknown and all(s[0] in ("nop", "choice") for s in r.stmts):
+                    continue  # counter, log, a limit with nothing after: no effect
                 tn = taint + r.unknown if r.unknown else taint
                 terminal = r.terminal
                 for b in r.boxes or []:
@@ -1279,8 +1533,152 @@ class Evaluator:
                 self._stmts(r, j + 1, key, i, trace, nat, tn, k, depth)
                 next_rule("none", trace, nat, tn)
                 return
+            if kind == "choice":  # both outcomes, untainted: a PASS holds for either
+                if _inert(r.stmts[j + 1:]):
+                    # nothing after it the evaluator follows: either way the packet goes on
+                    # to the next rule in the same state (one way, not two: no 2^n)
+                    tn = taint + [f"{r.chain} #{r.handle}: {x[1]}" for x in r.stmts[j + 1:]
+                                  if x[0] == "maybe"]
+                    next_rule("none", trace, nat, tn)
+                    return
+                what = s[1].split(":", 1)[0]
+                self._stmts(r, j + 1, key, i, trace + [r.step(f"{what} (went on)")], nat,
+                            taint, k, depth)
+                if self.point() is not None:
+                    next_rule("none", trace + [r.step(f"{what} (stopped the rule)")], nat,
+                              taint)
+                return
+            if kind == "stop":  # the rule breaks here (a read that fails)
+                next_rule("none", trace, nat, taint)
+                return
+            if kind == "guard":  # a dependency of the statements after: outside it the
+                pushed = 0       # rule stops
+                try:
+                    for b in s[1]:
+                        u = self.narrow(b)
+                        if u is not None:
+                            try:
+                                if self.point() is not None:
+                                    self._stmts(r, j + 1, key, i, trace, nat, taint, k, depth)
+                            finally:
+                                self.restore(u)
+                        self.excl.push(b)
+                        pushed += 1
+                    if self.point() is not None:
+                        next_rule("none", trace, nat, taint)
+                finally:
+                    for _ in range(pushed):
+                        self.excl.pop()
+                return
+            if kind == "rewrite":
+                _, f, pred, label = s
+                tr = trace + [r.step(label)]
+                self.rewrite(f, pred, lambda j=j, tr=tr: self._stmts(
+                    r, j + 1, key, i, tr, nat, taint, k, depth))
+                return
+            if kind == "notrack":
+                self._notrack(r, j, key, i, trace, nat, taint, k, depth)
+                return
+            if kind == "ctrewrite":
+                self._with_connection(r, j, key, i, trace, nat, taint, k, depth,
+                                      lambda go, v=s[1]: self.rewrite("ctmark", eq_pred([v]),
+                                                                      go),
+                                      f"ct mark set {s[1]:#x}", broken=False)
+                return
+            if kind == "copy":
+                _, dst, src = s
+                label = f"{'ct mark' if dst == 'ctmark' else 'meta mark'} set " \
+                        f"{'ct mark' if src == 'ctmark' else 'meta mark'}"
+                over = taint + [f"{r.chain} #{r.handle}: {label} over more than "
+                                f"{self.COPY_FORKS} classes (over-approximated)"]
+
+                tr_c = trace + [r.step(label)]
+
+                def tainted(j=j, tr=tr_c, tn=over) -> None:
+                    self._stmts(r, j + 1, key, i, tr, nat, tn, k, depth)
+                self._with_connection(r, j, key, i, trace, nat, taint, k, depth,
+                                      lambda go, d=dst, c=src, t=tainted:
+                                      self._copy(d, c, go, t), label, broken=src == "ctmark")
+                return
             raise AssertionError(kind)
         next_rule("none", trace, nat, taint)  # a rule without a verdict: on to the next
+
+    def _with_connection(self, r, j, key, i, trace, nat, taint, k, depth,
+                         change: Callable[[Callable[[], None]], None], label: str,
+                         broken: bool) -> None:
+        """A statement on the packet's connection: packets with one get `change`; for those
+        without (invalid, untracked) the kernel does nothing (a ct set) or the rule breaks
+        (`broken`: a ct read)."""
+        def go_on() -> None:
+            self._stmts(r, j + 1, key, i, trace + [r.step(label)], nat, taint, k, depth)
+        u = self.narrow({"ct_state": CONNECTED})
+        if u is not None:
+            try:
+                if self.point() is not None:
+                    change(go_on)
+            finally:
+                self.restore(u)
+        u = self.narrow({"ct_state": eq_pred(space.NO_CONNECTION)})
+        if u is not None:
+            try:
+                if self.point() is not None:
+                    if broken:
+                        self._chain(key, i + 1, trace, nat, taint, k, depth)
+                    else:
+                        self._stmts(r, j + 1, key, i, trace, nat, taint, k, depth)
+            finally:
+                self.restore(u)
+
+    COPY_FORKS = 64  # more classes of a copy's source: over-approximated, tainted
+
+    def _copy(self, dst: str, src: str, then: Callable[[], None],
+              tainted: Callable[[], None]) -> None:
+        """dst takes src's value: one way per class of src in the region (the two fields
+        share their classes, Domains.link), so the copy is exact. Past COPY_FORKS classes
+        (marks under wide masks) dst takes any value src may have, on a tainted way: no
+        PASS rests on it, and the walk stays bounded."""
+        p = self.box.get(src)
+        vals = [v for v in (p.exact if p is not None and p.exact is not None else
+                            p.reps(self.dom[src]) if p is not None else self.dom[src])
+                if v is not None]
+        if len(vals) > self.COPY_FORKS:
+            self.rewrite(dst, p if p is not None else NOT_NONE, tainted)
+            return
+        for v in sorted(vals):
+            u = self.narrow({src: eq_pred([v])})
+            if u is None:
+                continue
+            try:
+                if self.point() is not None:
+                    self.rewrite(dst, eq_pred([v]), then)
+            finally:
+                self.restore(u)
+
+    def _notrack(self, r, j, key, i, trace, nat, taint, k, depth) -> None:
+        """`notrack` before connection tracking: the packet stays untracked (ct state
+        untracked, no status, no ct mark) for every later chain; a packet looped back on
+        lo keeps the connection its output made (the kernel's notrack skips it)."""
+        def go(tr: list[Step]) -> None:
+            self._stmts(r, j + 1, key, i, tr, nat, taint, k, depth)
+        u = self.narrow({"iif": eq_pred(["lo"])})
+        if u is not None:
+            try:
+                if self.point() is not None:
+                    go(trace)
+            finally:
+                self.restore(u)
+        u = self.narrow({"iif": Pred(lambda x: x != "lo")})
+        if u is None:
+            return
+        try:
+            if self.point() is None:
+                return
+            tr = trace + [r.step("notrack")]
+            self.rewrite("ct_state", eq_pred(["untracked"]), lambda: self.rewrite(
+                "ct_status", eq_pred([None]), lambda: self.rewrite(
+                    "ctmark", eq_pred([None]), lambda: go(tr))))
+        finally:
+            self.restore(u)
 
     def _stmts_after_jump(self, r, j, key, i, trace, nat, taint, k, depth) -> None:
         if j < len(r.stmts):
@@ -1300,7 +1698,12 @@ class Evaluator:
         if not leaves:
             return Outcome("drop", [], [], ["no path"])
         if len({o.verdict for o in leaves}) > 1 or any(o.unknown for o in leaves):
-            unknown = sorted({u for o in leaves for u in o.unknown}) or ["forked"]
+            # what it depends on: the constructs not modelled, else the choices taken
+            # differently on the ways (a limit, a fib or socket lookup...)
+            chose = {f"{st.chain} #{st.handle}: {st.action.rsplit(' (', 1)[0]} (either way)"
+                     for o in leaves for st in o.trace if st.action.endswith(CHOSE)}
+            unknown = sorted({u for o in leaves for u in o.unknown}) or sorted(chose) or \
+                ["forked"]
             if len({o.verdict for o in leaves}) > 1:
                 return Outcome("unknown", leaves[0].trace, leaves[0].nat, unknown)
             return Outcome(leaves[0].verdict, leaves[0].trace, leaves[0].nat, unknown)
@@ -1319,11 +1722,33 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
     given) gets, per hook, the rules that decided and the constructs not modelled.
     `offloads` (if given) gets (hook, table, flowtable) of each `flow add` the packet
     reached: what it does to the flow's later packets (tests/integration/
-    test_differential.py checks that against the kernel's flowtables)."""
-    ev = Evaluator(rs)
-    out: list[tuple[str, str]] = []
+    test_differential.py checks that against the kernel's flowtables). Where the verdict
+    depends on a choice (a limit, a fib lookup...) the hook's verdict is "unknown"; fates()
+    gives each way."""
+    return _fates(rs, p, route, local, primary, traces, offloads, False)[0]
 
-    def run(hook: str, pk: Packet, nat_iface: str | None) -> tuple[str, Packet]:
+
+def fates(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str],
+          primary: Callable[[str, str], str | None] | None = None) -> list[list[tuple[str, str]]]:
+    """Every fate the packet may have: one per way through the choices the evaluator
+    explores both ways (a limit within its rate or not, a set that holds the packet or
+    not...). The kernel's fate must be one of them (tests/integration/test_differential.py)."""
+    out: list[list[tuple[str, str]]] = []
+    for f in _fates(rs, p, route, local, primary, None, None, True):
+        if f not in out:
+            out.append(f)
+    return out
+
+
+def _fates(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[str],
+           primary: Callable[[str, str], str | None] | None,
+           traces: list[tuple[str, list[Step], list[str]]] | None,
+           offloads: list[tuple[str, str, str]] | None,
+           branch: bool) -> list[list[tuple[str, str]]]:
+    ev = Evaluator(rs)
+    results: list[list[tuple[str, str]]] = []
+
+    def run(hook: str, pk: Packet, nat_iface: str | None) -> list[tuple[str, Packet]]:
         got: list[tuple[str, Packet]] = []
         ev.local_addr = (lambda fam: primary(nat_iface, fam)) \
             if primary and nat_iface else None
@@ -1347,11 +1772,35 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
             traces.append((hook, steps[0][0] if steps else [],
                            sorted({t for _, tn in steps for t in tn})))
         if not got:
-            return "drop", pk
+            return [("drop", pk)]
+        if branch:
+            ways: list[tuple[str, Packet]] = []
+            for v, a in got:
+                if (v, a) not in ways:
+                    ways.append((v, a))
+            return ways
         verdicts = {v for v, _ in got}
-        return (got[0][0] if len(verdicts) == 1 else "unknown"), got[0][1]
+        return [((got[0][0] if len(verdicts) == 1 else "unknown"), got[0][1])]
 
-    pk = p
+    def post(out: list[tuple[str, str]], pk: Packet) -> None:
+        for v, _ in run("postrouting", pk, pk.oifname):
+            results.append(out + [("postrouting", v)])
+
+    def forward(out: list[tuple[str, str]], pk: Packet) -> None:
+        oif = route(pk.daddr)
+        ttl = 64 if pk.ttl is None else pk.ttl
+        if oif is None or ttl <= 1:  # no route; or the TTL (hop limit) runs out: the
+            results.append(out + [("route", "lost")])  # kernel drops it before forward
+            return
+        # forwarding takes one off the TTL before the forward hook (ip_forward)
+        for v, pk2 in run("forward", dataclasses.replace(pk, oifname=oif, ttl=ttl - 1), None):
+            o = out + [("forward", v)]
+            if v != "accept":
+                results.append(o)
+                continue
+            post(o, pk2)
+
+    out: list[tuple[str, str]] = []
     if p.iifname and rs.has_hook("ingress"):
         # the device's ingress chains first: a fwd ends the packet's way here, a dup's
         # copy leaves by its device while the original goes on
@@ -1365,40 +1814,36 @@ def fate(rs: Ruleset, p: Packet, route: Callable[[str], str | None], local: set[
         ends = sorted({v for v, _ in got if not v.startswith(MOVES)})
         out += [("ingress", v) for v in moved]
         if any(v.startswith("fwd") for v in moved):
-            return out
+            return [out]
         verdict = ends[0] if len(ends) == 1 else "unknown"
         out.append(("ingress", verdict))
         if verdict != "accept":
-            return out
+            return [out]
     if p.iifname:
-        v, pk = run("prerouting", dataclasses.replace(p, oifname=None), p.iifname)
-        out.append(("prerouting", v))
+        for v, pk in run("prerouting", dataclasses.replace(p, oifname=None), p.iifname):
+            o = out + [("prerouting", v)]
+            if v != "accept":
+                results.append(o)
+                continue
+            if pk.daddr in local:
+                for v2, _ in run("input", pk, None):
+                    results.append(o + [("input", v2)])
+                continue
+            forward(o, pk)
+        return results
+    oif = route(p.daddr)
+    if oif is None:
+        return [[("route", "lost")]]
+    for v, pk in run("output", dataclasses.replace(p, oifname=oif), "lo"):
+        o = [("output", v)]
         if v != "accept":
-            return out
-        if pk.daddr in local:
-            v, _ = run("input", pk, None)
-            out.append(("input", v))
-            return out
-        oif = route(pk.daddr)
-        if oif is None:
-            return out + [("route", "lost")]
-        v, pk = run("forward", dataclasses.replace(pk, oifname=oif), None)
-        out.append(("forward", v))
-        if v != "accept":
-            return out
-    else:
-        oif = route(p.daddr)
-        if oif is None:
-            return [("route", "lost")]
-        v, pk = run("output", dataclasses.replace(p, oifname=oif), "lo")
-        out.append(("output", v))
-        if v != "accept":
-            return out
+            results.append(o)
+            continue
         if pk.daddr != p.daddr:  # NAT in output: the kernel routes the packet again
-            oif = route(pk.daddr)
-            if oif is None:
-                return out + [("route", "lost")]
-            pk = dataclasses.replace(pk, oifname=oif)
-    v, _ = run("postrouting", pk, pk.oifname)
-    out.append(("postrouting", v))
-    return out
+            oif2 = route(pk.daddr)
+            if oif2 is None:
+                results.append(o + [("route", "lost")])
+                continue
+            pk = dataclasses.replace(pk, oifname=oif2)
+        post(o, pk)
+    return results

@@ -114,6 +114,15 @@ for line in sys.stdin:
         else:
             s = socket.socket(fam, socket.SOCK_RAW, p["ipproto"])
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, p["mark"])
+        six = fam == socket.AF_INET6
+        if p.get("ttl"):  # IP_TTL, IPV6_UNICAST_HOPS
+            s.setsockopt(socket.IPPROTO_IPV6 if six else socket.IPPROTO_IP, 16 if six else 2,
+                         p["ttl"])
+        if not six:  # IP_MTU_DISCOVER: DF (0x4000 in frag-off) as the packet says
+            s.setsockopt(socket.IPPROTO_IP, 10, 2 if p.get("frag", 0) & 0x4000 else 0)
+        if p.get("tos"):  # IP_TOS, IPV6_TCLASS
+            s.setsockopt(socket.IPPROTO_IPV6 if six else socket.IPPROTO_IP, 67 if six else 1,
+                         p["tos"])
         if p.get("sport"):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((p["saddr"], p["sport"]))
@@ -370,29 +379,35 @@ class KernelLab:
         fate = self._read_fate(p, timeout)
         if not self.ingress:
             return fate
-        # where the packet (fwd) or a copy (dup) arrived: a neighbour's counter rose
-        rose: list[str] = []
+        # where the packet (fwd) or a copy (dup) arrived: a neighbour's counter rose, by
+        # the number of frames (a `dup to X` and a `fwd to X` are two identical frames on X)
+        got: dict[str, int] = {}
         end = time.monotonic() + (timeout if ("ingress", "stolen") in fate else 0.05)
         while True:
             now = self._moved()
-            rose = sorted(n for n in now if now[n] > before.get(n, 0))
-            if rose or time.monotonic() > end:
+            seen = {n: now[n] - before.get(n, 0) for n in now if now[n] > before.get(n, 0)}
+            if seen and seen == got:  # two readings alike: every frame has arrived
                 break
+            got = seen
+            if time.monotonic() > end:
+                break
+        rose = sorted(got)
         out: list[tuple[str, str]] = []
         for hook, verdict in fate:
             if (hook, verdict) == ("ingress", "stolen"):
                 to = [n for n in rose if n == self._stolen_to()] or \
                     [n for n in rose if n in getattr(self, "fwd_devs", set())]
-                if len(rose) == 1:
-                    out.append(("ingress", f"fwd {rose[0]}"))
-                elif len(to) == 1:  # copies first (a dup goes on; fwd ends the packet)
-                    out += [("ingress", f"dup {n}") for n in rose if n != to[0]]
+                if rose == to or len(rose) == 1:
+                    to = rose
+                if len(to) == 1:  # copies first (a dup goes on; fwd ends the packet)
+                    out += [("ingress", f"dup {n}") for n in rose
+                            for _ in range(got[n] - (n == to[0]))]
                     out.append(("ingress", f"fwd {to[0]}"))
                 else:
                     out.append(("ingress", "stolen"))
                 continue
             if hook == "ingress" and verdict in ("accept", "drop") and rose:
-                out += [("ingress", f"dup {n}") for n in rose]
+                out += [("ingress", f"dup {n}") for n in rose for _ in range(got[n])]
                 rose = []
             out.append((hook, verdict))
         return out
@@ -445,6 +460,8 @@ class KernelLab:
             argv += ["--sport", str(p.sport or 0), "--dport", str(p.dport or 0)]
         if p.l4proto == "tcp":
             argv += ["--state", "ESTABLISHED"]
+        if p.ctmark:
+            argv += ["--mark", str(p.ctmark)]
         if p.l4proto == "icmp":
             argv += ["--icmp-type", "8", "--icmp-code", "0", "--icmp-id", "7"]
         r = subprocess.run(argv, capture_output=True, text=True)
@@ -472,6 +489,10 @@ class KernelLab:
             spec.update(proto="ip", ipproto=L4.get(p.l4proto, 253))
         if p.l4proto in ("tcp", "udp"):
             spec.update(dport=p.dport or 0, sport=p.sport or 0)
+        if p.ttl is not None:
+            spec["ttl"] = p.ttl
+        if p.dscp or p.ecn:
+            spec["tos"] = ((p.dscp or 0) << 2) | (p.ecn or 0)
         if p.l4proto == "tcp":
             spec["flags"] = "".join({"syn": "S", "ack": "A", "fin": "F", "rst": "R",
                                      "psh": "P", "urg": "U", "ecn": "E", "cwr": "C"}[f]
@@ -499,7 +520,8 @@ class KernelLab:
         spec = {"daddr": p.daddr, "saddr": p.saddr if p.saddr in self.local else None,
                 "proto": p.l4proto if p.l4proto in ("tcp", "udp") else "raw",
                 "ipproto": L4.get(p.l4proto, 253), "dport": p.dport or 0,
-                "sport": p.sport if p.sport and p.saddr in self.local else 0, "mark": p.mark}
+                "sport": p.sport if p.sport and p.saddr in self.local else 0, "mark": p.mark,
+                "ttl": p.ttl, "tos": ((p.dscp or 0) << 2) | (p.ecn or 0), "frag": p.frag or 0}
         self._send(p.skuid or 0, p.skgid or 0, spec)
 
     def _send(self, uid: int, gid: int, spec: dict[str, Any]) -> None:

@@ -268,6 +268,29 @@ def check(prop: str, q: QubeView, hook: str, start: Box, judge: Judge, reason: s
     return Result(prop, q.name, "PASS", reason, classes=classes[0])
 
 
+def explore_path(q: QubeView, hook: str, start: Box,
+                 leaf: Callable[[Evaluator, str, list[Step], list, list[str]], None]) -> None:
+    """Every class of `start` on the path to `hook` as `check` walks it (prerouting and its
+    NAT before input and forward, the device chains, each family apart), handed to
+    leaf(evaluator, verdict, trace, nat, taint) with the class's region current: for a
+    consumer that wants every class, not the first counterexample (audit/matrix.py)."""
+    from netstack.audit.space import intersect
+
+    ev = q.evaluator()
+    for fam in ("ipv4", "ipv6"):
+        s = intersect(not_sockets(hook), start)
+        s = intersect(s, {"family": one_of("family", fam)}) if s is not None else None
+        if s is not None and hook == "input":
+            s = intersect(s, local_destinations(q, fam))
+        if s is None:
+            continue
+        lf = _egress(q, leaf) if hook in ("forward", "output") else leaf
+        if hook in ("forward", "input"):
+            _after_prerouting(ev, q, hook, s, lf)
+        else:
+            ev.explore(hook, s, lf)
+
+
 ND_TYPES6 = (133, 134, 135, 136)
 
 
@@ -469,7 +492,11 @@ def _then(e: Evaluator, q: QubeView, hook: str, oif: Pred, trace: list[Step],
         def relay(ev: Evaluator, verdict: str, tr: list[Step], nat: list,
                   tn: list[str]) -> None:
             leaf(ev, verdict, trace + tr, nat, taint + tn)
-        e.rewrite("oif", oif, lambda: e.explore(hook, {}, relay))
+        go = lambda: e.rewrite("oif", oif, lambda: e.explore(hook, {}, relay))  # noqa: E731
+        if hook == "forward":  # forwarding takes one off the TTL (hop limit) before the
+            e.rewrite("ttl", Pred(lambda v: True), go)  # hook: any value, as for a start
+        else:
+            go()
     finally:
         e.restore(u)
 

@@ -26,11 +26,23 @@ from typing import Any
 
 FIELDS = ("family", "iif", "oif", "saddr4", "daddr4", "saddr6", "daddr6", "l4proto", "sport",
           "dport", "tcp_flags", "icmp_type", "icmp_code", "ct_state", "ct_status", "mark",
-          "skuid", "skgid", "length")
+          "skuid", "skgid", "length",
+          # issue 30: the header fields and packet state real rulesets read (ttl is ip ttl
+          # or ip6 hoplimit, dscp and ecn of either family, frag ip frag-off with its flag
+          # bits), the connection's mark, the link-layer packet type, whether the packet
+          # came through IPsec, and the interface groups
+          "ttl", "dscp", "ecn", "frag", "ctmark", "pkttype", "ipsec", "iifgroup", "oifgroup")
 ORDERED = {"saddr4": 2**32 - 1, "daddr4": 2**32 - 1, "saddr6": 2**128 - 1,
            "daddr6": 2**128 - 1, "sport": 65535, "dport": 65535, "icmp_type": 255,
            "icmp_code": 255, "l4proto": 255, "length": 65535, "mark": 2**32 - 1,
-           "skuid": 2**32 - 2, "skgid": 2**32 - 2}
+           "skuid": 2**32 - 2, "skgid": 2**32 - 2, "ttl": 255, "dscp": 63, "ecn": 3,
+           "frag": 65535, "ctmark": 2**32 - 1, "iifgroup": 2**32 - 1, "oifgroup": 2**32 - 1}
+# ordered fields that may be absent (None): no socket (skuid, skgid), no connection (ct
+# mark: reading it breaks the rule), no device (the group of an interface not known yet)
+NULLABLE = ("skuid", "skgid", "ctmark", "iifgroup", "oifgroup")
+# fields compared under a bit mask (`meta mark & 0xff == 1`, `ip frag-off & 0x1fff != 0`)
+MASKABLE = ("mark", "ctmark", "frag")
+PKTTYPES = ("host", "broadcast", "multicast", "other")
 NAMES = ("iif", "oif")
 FLAGS = ("tcp_flags", "ct_status")
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
@@ -39,7 +51,23 @@ NO_IFACE = ""  # what meta iifname/oifname read where the interface is not known
 
 L4 = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
       "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "udplite": 136, "dccp": 33}
-L4_NAME = {v: k for k, v in L4.items() if k != "ipv6-icmp"}
+# the other names nft takes for IP protocols (/etc/protocols, as `nft -j` lists them:
+# `ip protocol ospf`, `meta l4proto vrrp`)
+L4_MORE = {"hopopt": 0, "ggp": 3, "ipencap": 4, "st": 5, "egp": 8, "igp": 9, "pup": 12,
+           "hmp": 20, "xns-idp": 22, "rdp": 27, "iso-tp4": 29, "xtp": 36, "ddp": 37,
+           "idpr-cmtp": 38, "ipv6": 41, "ipv6-route": 43, "ipv6-frag": 44, "idrp": 45,
+           "rsvp": 46, "skip": 57, "ipv6-nonxt": 59, "ipv6-opts": 60, "rspf": 73, "vmtp": 81,
+           "eigrp": 88, "ospf": 89, "ax.25": 93, "ipip": 94, "etherip": 97, "encap": 98,
+           "pim": 103, "ipcomp": 108, "vrrp": 112, "l2tp": 115, "isis": 124, "fc": 133,
+           "mobility-header": 135, "mpls-in-ip": 137, "manet": 138, "hip": 139,
+           "shim6": 140, "wesp": 141, "rohc": 142, "ethernet": 143}
+L4_NAME = {v: k for k, v in {**L4_MORE, **L4}.items() if k != "ipv6-icmp"}
+L4 = {**L4, **L4_MORE}
+DSCP = {"cs0": 0, "cs1": 8, "cs2": 16, "cs3": 24, "cs4": 32, "cs5": 40, "cs6": 48, "cs7": 56,
+        "af11": 10, "af12": 12, "af13": 14, "af21": 18, "af22": 20, "af23": 22, "af31": 26,
+        "af32": 28, "af33": 30, "af41": 34, "af42": 36, "af43": 38, "ef": 46, "va": 44,
+        "le": 1, "lephb": 1}
+ECN = {"not-ect": 0, "ect1": 1, "ect0": 2, "ce": 3}
 PORT_PROTOS = frozenset({6, 17, 33, 132, 136})
 ICMP_TYPES = {"echo-reply": 0, "destination-unreachable": 3, "source-quench": 4,
               "redirect": 5, "echo-request": 8, "router-advertisement": 9,
@@ -59,7 +87,7 @@ ICMP_CODES = {"net-unreachable": 0, "host-unreachable": 1, "prot-unreachable": 2
               "host-prohibited": 10, "admin-prohibited": 13}
 ICMP6_CODES = {"no-route": 0, "admin-prohibited": 1, "addr-unreachable": 3,
                "port-unreachable": 4, "policy-fail": 5, "reject-route": 6}
-TCP_FLAG_BITS = ("fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr")
+TCP_FLAG_BITS = ("fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr")  # bit 0 first
 CT_STATUS_BITS = ("expected", "seen-reply", "assured", "confirmed", "snat", "dnat", "dying")
 
 Box = dict[str, "Pred"]
@@ -81,10 +109,13 @@ class Pred:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def reps(self, domain: tuple) -> frozenset:
-        key = id(domain)
-        r = self._cache.get(key)
-        if r is None:
-            r = self._cache[key] = frozenset(v for v in domain if self.test(v))
+        # keyed by the domain's identity, and the domain kept with the answer: an id is
+        # reused once its object is gone, and a stale class set would be a wrong proof
+        hit = self._cache.get(id(domain))
+        if hit is not None and hit[0] is domain:
+            return hit[1]
+        r = frozenset(v for v in domain if self.test(v))
+        self._cache[id(domain)] = (domain, r)
         return r
 
 
@@ -156,8 +187,19 @@ def int_interval(v: Any, f: str, family: str | None = None) -> tuple[int, int]:
             table = ICMP6_CODES if family == "ipv6" else ICMP_CODES
             if v in table:
                 return table[v], table[v]
+        if f == "dscp" and v in DSCP:
+            return DSCP[v], DSCP[v]
+        if f == "ecn" and v in ECN:
+            return ECN[v], ECN[v]
+        if f in ("iifgroup", "oifgroup") and v == "default":
+            return 0, 0
         if v.isdigit():
             return int(v), int(v)
+        if v.startswith("0x"):
+            try:
+                return int(v, 16), int(v, 16)
+            except ValueError:
+                pass
         if f in ("skuid", "skgid"):
             import grp
             import pwd
@@ -171,10 +213,19 @@ def int_interval(v: Any, f: str, family: str | None = None) -> tuple[int, int]:
 
 
 def flag_set(v: Any, f: str) -> frozenset[str]:
+    """The bits a flag value names: a name, a list of names, an OR of them (`fin|ack`,
+    listed as {"|": [...]}) or a number (`tcp flags == 0x11`)."""
     names = TCP_FLAG_BITS if f == "tcp_flags" else CT_STATUS_BITS
     items = v if isinstance(v, list) else [v]
-    out = set()
+    out: set[str] = set()
     for x in items:
+        if isinstance(x, dict) and set(x) == {"|"} and isinstance(x["|"], list):
+            out |= flag_set(x["|"], f)
+            continue
+        if isinstance(x, int) and not isinstance(x, bool) and f == "tcp_flags" and \
+                0 <= x < 256:
+            out |= {n for i, n in enumerate(names) if x >> i & 1}
+            continue
         if not isinstance(x, str) or x not in names:
             raise Unsupported(f"{f} value {x!r}")
         out.add(x)
@@ -192,7 +243,10 @@ class Domains:
         self.names: dict[str, set[str]] = {f: set() for f in NAMES}
         self.prefixes: dict[str, set[str]] = {f: set() for f in NAMES}
         self.bits: dict[str, set[str]] = {f: set() for f in FLAGS}
-        self.masks: dict[str, set[tuple[int, int]]] = {"mark": set()}
+        self.masks: dict[str, set[tuple[int, int]]] = {f: set() for f in MASKABLE}
+        # fields copied into each other (`meta mark set ct mark`): their classes must be
+        # the same, so that a copied representative is a representative of the target
+        self.links: set[tuple[str, str]] = set()
         self._built: dict[str, tuple] | None = None
 
     def interval(self, f: str, lo: int, hi: int) -> None:
@@ -214,6 +268,10 @@ class Domains:
         self.masks[f].add((m, c))
         self._built = None
 
+    def link(self, a: str, b: str) -> None:
+        self.links.add((a, b))
+        self._built = None
+
     def merge(self, other: Domains) -> None:
         for f in ORDERED:
             self.cuts[f] |= other.cuts[f]
@@ -222,20 +280,31 @@ class Domains:
             self.prefixes[f] |= other.prefixes[f]
         for f in FLAGS:
             self.bits[f] |= other.bits[f]
-        self.masks["mark"] |= other.masks["mark"]
+        for f in MASKABLE:
+            self.masks[f] |= other.masks[f]
+        self.links |= other.links
         self._built = None
 
     def build(self) -> dict[str, tuple]:
         if self._built is not None:
             return self._built
-        d: dict[str, tuple] = {"family": ("ipv4", "ipv6"), "ct_state": CT_STATES}
+        d: dict[str, tuple] = {"family": ("ipv4", "ipv6"), "ct_state": CT_STATES,
+                               "pkttype": PKTTYPES, "ipsec": (False, True)}
+        cuts = {f: set(c) for f, c in self.cuts.items()}
+        masks = {f: set(m) for f, m in self.masks.items()}
+        for a, b in self.links:  # a copy's two fields share their classes
+            cuts[a] = cuts[b] = cuts[a] | cuts[b]
+            if a in masks and b in masks:
+                masks[a] = masks[b] = masks[a] | masks[b]
         for f, top in ORDERED.items():
-            d[f] = tuple(sorted({0} | {c for c in self.cuts[f] if 0 <= c <= top}))
+            d[f] = tuple(sorted({0} | {c for c in cuts[f] if 0 <= c <= top}))
         d["l4proto"] = tuple(sorted(set(d["l4proto"]) | {1, 6, 17, 58, 253}))
-        d["skuid"] = (None, *d["skuid"])
-        d["skgid"] = (None, *d["skgid"])
-        if self.masks["mark"]:
-            d["mark"] = self._mark_reps(d["mark"])
+        d["ttl"] = tuple(sorted(set(d["ttl"]) | {64}))  # a readable witness's class
+        for f in MASKABLE:
+            if masks[f]:
+                d[f] = self._mask_reps(f, d[f], masks[f])
+        for f in NULLABLE:
+            d[f] = (None, *d[f])
         for f in NAMES:
             names = self.names[f] | {NO_IFACE}
             names |= {p + "~" for p in self.prefixes[f]}  # "~": in no name of ours
@@ -252,14 +321,29 @@ class Domains:
         self._built = d
         return d
 
-    def _mark_reps(self, plain: tuple) -> tuple:
+    @staticmethod
+    def _mask_reps(f: str, plain: tuple, masks: set[tuple[int, int]]) -> tuple:
+        """Representatives of a field read under masks: `x & m == c` depends on each bit
+        some constant c sets, and, of the other masked bits, only on whether any bit of
+        each group of bits the same masks cover is set (`ip frag-off & 0x1fff != 0`: one
+        group of 13 bits, one bit for it). Every pattern of those bits (one bit standing
+        for each group), and each also with a bit no mask covers (equal to no constant)."""
+        width = ORDERED[f].bit_length()
         union = 0
-        for m, _ in self.masks["mark"]:
+        for m, _ in masks:
             union |= m
-        bits = [i for i in range(32) if union >> i & 1]
+        tracked = 0
+        for _, c in masks:
+            tracked |= c
+        groups: dict[frozenset, int] = {}
+        for i in range(width):
+            if union >> i & 1 and not tracked >> i & 1:
+                sig = frozenset(m for m, _ in masks if m >> i & 1)
+                groups.setdefault(sig, i)  # the lowest bit stands for its group
+        bits = [i for i in range(width) if tracked >> i & 1] + sorted(groups.values())
         if len(bits) > 12:
-            raise Unsupported("meta mark masks over more than 12 bits")
-        free = next((i for i in range(31, -1, -1) if not union >> i & 1), None)
+            raise Unsupported(f"{f} masks over more than 12 distinct bits")
+        free = next((i for i in range(width - 1, -1, -1) if not union >> i & 1), None)
         reps = set(plain)
         for n in range(1 << len(bits)):
             pattern = sum(1 << b for i, b in enumerate(bits) if n >> i & 1)
@@ -272,6 +356,29 @@ class Domains:
 # --- regions: a box minus the boxes excluded on the way there ---------------------------
 
 SMALL = 64
+
+
+_LAYOUTS: dict[int, tuple[Box, list[tuple[str, frozenset]], list[str]]] = {}
+
+
+def _layout(b: Box) -> tuple[list[tuple[str, frozenset]], list[str]]:
+    """The fields box b pins to a few exact values (and those), and the others: the same
+    boxes (a rule's) are pushed and popped thousands of times in a walk."""
+    hit = _LAYOUTS.get(id(b))
+    if hit is not None and hit[0] is b:
+        return hit[1], hit[2]
+    pinned: list[tuple[str, frozenset]] = []
+    wild: list[str] = []
+    for f in FIELDS:
+        p = b.get(f)
+        if p is not None and p.exact is not None and len(p.exact) <= SMALL:
+            pinned.append((f, p.exact))
+        else:
+            wild.append(f)
+    if len(_LAYOUTS) > 200_000:
+        _LAYOUTS.clear()
+    _LAYOUTS[id(b)] = (b, pinned, wild)
+    return pinned, wild
 
 
 class Exclusions:
@@ -290,27 +397,27 @@ class Exclusions:
         i = len(self.boxes)
         self.boxes.append(b)
         self.orig.append(b)
-        for f in FIELDS:
-            p = b.get(f)
-            if p is not None and p.exact is not None and len(p.exact) <= SMALL:
-                for v in p.exact:
-                    self.by_val[f].setdefault(v, []).append(i)
-            else:
-                self.wild[f].append(i)
+        pinned, wild = _layout(b)
+        for f, vals in pinned:
+            by = self.by_val[f]
+            for v in vals:
+                by.setdefault(v, []).append(i)
+        for f in wild:
+            self.wild[f].append(i)
 
     def pop(self) -> None:
         self.boxes.pop()
         b = self.orig.pop()
-        for f in FIELDS:
-            p = b.get(f)
-            if p is not None and p.exact is not None and len(p.exact) <= SMALL:
-                for v in p.exact:
-                    lst = self.by_val[f][v]
-                    lst.pop()
-                    if not lst:
-                        del self.by_val[f][v]
-            else:
-                self.wild[f].pop()
+        pinned, wild = _layout(b)
+        for f, vals in pinned:
+            by = self.by_val[f]
+            for v in vals:
+                lst = by[v]
+                lst.pop()
+                if not lst:
+                    del by[v]
+        for f in wild:
+            self.wild[f].pop()
 
     def deactivate(self, f: str, current: Pred | None = None,
                    domain: tuple = ()) -> list[tuple[int, Box | None]]:
@@ -390,6 +497,45 @@ def _class_of(reps: tuple, v: int) -> Any:
     return reps[i] if i >= 0 else None
 
 
+_DEFAULT_CANDS: dict[tuple[int, int, str], tuple[tuple, Any, tuple]] = {}
+
+
+def _cands(f: str, p: Pred | None, reps: tuple, prefer: dict[str, list[Any]] | None
+           ) -> tuple:
+    """The values of field f a witness tries, in order (readable ones first). Cached: on
+    the predicate (immutable) or, for an unconstrained field, per domain (a witness search
+    runs thousands of times on one domain; recomputing this was a fifth of its time)."""
+    key = (id(reps), id(prefer), f)
+    if p is None:
+        hit = _DEFAULT_CANDS.get(key)
+        if hit is not None and hit[0] is reps and hit[1] is prefer:
+            return hit[2]
+    else:
+        hit = p._cache.get(("w", key))
+        if hit is not None and hit[0] is reps and hit[1] is prefer:
+            return hit[2]
+    if p is None:
+        c = reps
+    elif p.exact is not None:
+        c = tuple(sorted(p.exact, key=_order))
+    else:
+        c = tuple(v for v in reps if p.test(v))
+    if f in ORDERED and f not in NULLABLE and len(c) > 1:
+        if c[0] == 0 and f not in PLAIN_ZERO:
+            c = c[1:] + (0,)  # a readable counterexample: 0 only when nothing else will do
+        liked = [_class_of(reps, v) for v in (prefer or {}).get(f, []) + PREFER.get(f, [])]
+        first = [r for r in dict.fromkeys(liked) if r is not None and r in set(c)]
+        if first:
+            c = tuple(first) + tuple(v for v in c if v not in set(first))
+    if p is None:
+        if len(_DEFAULT_CANDS) > 4096:
+            _DEFAULT_CANDS.clear()
+        _DEFAULT_CANDS[key] = (reps, prefer, c)
+    else:
+        p._cache[("w", key)] = (reps, prefer, c)
+    return c
+
+
 def witness(box: Box, excl: list[Box], domain: dict[str, tuple],
             budget: int = 20000, prefer: dict[str, list[Any]] | None = None
             ) -> dict[str, Any] | None | bool:
@@ -398,23 +544,9 @@ def witness(box: Box, excl: list[Box], domain: dict[str, tuple],
     steps = [0]
     cand: dict[str, tuple] = {}
     for f in FIELDS:
-        p = box.get(f)
-        if p is None:
-            c = domain[f]
-        elif p.exact is not None:
-            c = tuple(sorted(p.exact, key=_order))
-        else:
-            c = tuple(v for v in domain[f] if p.test(v))
+        c = _cands(f, box.get(f), domain[f], prefer)
         if not c:
             return None
-        if f in ORDERED and f not in ("skuid", "skgid") and len(c) > 1:
-            if c[0] == 0:
-                c = c[1:] + (0,)  # a readable counterexample: 0 only when nothing else will do
-            reps = domain[f]
-            liked = [_class_of(reps, v) for v in (prefer or {}).get(f, []) + PREFER.get(f, [])]
-            first = [r for r in dict.fromkeys(liked) if r is not None and r in set(c)]
-            if first:
-                c = tuple(first) + tuple(v for v in c if v not in set(first))
         cand[f] = c
     sets: dict[str, frozenset] = {}
 
@@ -468,9 +600,12 @@ def witness(box: Box, excl: list[Box], domain: dict[str, tuple],
     return search({}, live)
 
 
+# fields where 0 is what a packet usually has (a counterexample keeps it where it can)
+PLAIN_ZERO = ("dscp", "ecn", "frag")
+
 PREFER: dict[str, list[Any]] = {
     "sport": [40000], "dport": [80, 443], "length": [100], "icmp_type": [8, 128],
-    "l4proto": [6, 17],
+    "l4proto": [6, 17], "ttl": [64], "dscp": [0],
     "saddr4": [int(ipaddress.ip_address(a)) for a in ("192.0.2.7", "203.0.113.7")],
     "daddr4": [int(ipaddress.ip_address(a)) for a in ("198.51.100.80", "203.0.113.99")],
     "saddr6": [int(ipaddress.ip_address("2001:db8::7"))],
@@ -485,7 +620,7 @@ def humanize(point: dict[str, Any], domain: dict[str, tuple],
     out = dict(point)
     for f in ORDERED:
         r = point.get(f)
-        if not isinstance(r, int) or f in ("skuid", "skgid", "mark", "l4proto"):
+        if not isinstance(r, int) or f in (*NULLABLE, *MASKABLE, "l4proto"):
             continue
         reps = domain[f]
         i = reps.index(r) if r in reps else None

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netstack.audit.evaluator import Packet, Ruleset, fate
-from netstack.audit.space import CT_STATES, ICMP6_TYPES, ICMP_TYPES, L4, TCP_FLAG_BITS
+from netstack.audit.space import (
+    CT_STATES,
+    DSCP,
+    ICMP6_TYPES,
+    ICMP_TYPES,
+    L4,
+    PKTTYPES,
+    TCP_FLAG_BITS,
+)
 from netstack.errors import UsageError
 from netstack.kernel import Kernel
 
@@ -22,12 +30,14 @@ PATHS = ("input", "forward", "output")
 KEYS = ("iifname", "oifname", "ip saddr", "ip daddr", "ip6 saddr", "ip6 daddr",
         "tcp sport", "tcp dport", "tcp flags", "udp sport", "udp dport", "icmp type",
         "icmpv6 type", "meta l4proto", "ct state", "ct status", "meta mark", "meta skuid",
-        "meta skgid", "meta length", "hook")
+        "meta skgid", "meta length", "hook", "ip ttl", "ip6 hoplimit", "ip dscp", "ip6 dscp",
+        "ct mark", "meta pkttype")
 ALIASES = {"iif": "iifname", "oif": "oifname", "saddr": "ip saddr", "daddr": "ip daddr",
            "sport": "tcp sport", "dport": "tcp dport", "flags": "tcp flags",
            "l4proto": "meta l4proto", "mark": "meta mark", "skuid": "meta skuid",
            "skgid": "meta skgid", "length": "meta length", "state": "ct state",
-           "status": "ct status", "path": "hook"}
+           "status": "ct status", "path": "hook", "ttl": "ip ttl", "hoplimit": "ip6 hoplimit",
+           "dscp": "ip dscp", "pkttype": "meta pkttype"}
 QUALIFIERS = ("ip", "ip6", "tcp", "udp", "icmp", "icmpv6", "ct", "meta")
 
 
@@ -160,6 +170,18 @@ def _packet(v: dict[str, str]) -> tuple[Packet, str]:
                      ("meta skgid", "skgid", 2**32 - 1), ("meta length", "length", 65535)):
         if k in v:
             kw[f] = _int(k, v[k], hi)
+    for k, f, hi in (("ip ttl", "ttl", 255), ("ip6 hoplimit", "ttl", 255),
+                     ("ct mark", "ctmark", 2**32 - 1)):
+        if k in v:
+            kw[f] = _int(k, v[k], hi)
+    for k in ("ip dscp", "ip6 dscp"):  # a number or a name (cs1, ef, af41...)
+        if k in v:
+            kw["dscp"] = DSCP[v[k]] if v[k] in DSCP else _int(k, v[k], 63)
+    if "meta pkttype" in v:
+        if v["meta pkttype"] not in PKTTYPES:
+            raise UsageError(f"--packet meta pkttype={v['meta pkttype']}: use one of "
+                             f"{', '.join(PKTTYPES)}")
+        kw["pkttype"] = v["meta pkttype"]
     if path != "output" and ("meta skuid" in v or "meta skgid" in v):
         raise UsageError("--packet: only a locally generated packet (output) has a socket "
                          "owner")

@@ -53,6 +53,20 @@ class AppSpec(KindSpec):
                 rs["input"].add(iifname(ctx.upstream_if), ip_saddr(ctx.addr.gateway4),
                                 match(payload("tcp", "dport"), target), ct_state("new"),
                                 ACCEPT, comment=f"onion service port {port}")
+        forwarded(ctx, rs)
+
+
+def forwarded(ctx: QubeContext, rs: Ruleset) -> None:
+    """Ports its netvm (a VPN qube) forwards to it from the tunnel (vpn/portfwd.py): let
+    in on its link, to its own address and the named port only."""
+    from netstack.vpn import portfwd
+
+    netvm = ctx.qube.netvm
+    if netvm is None or not ctx.addr.gateway4 or "forward" not in ctx.topo[netvm].settings:
+        return
+    mine = portfwd.forwards_to(ctx.qube.name,
+                               portfwd.parse(netvm, ctx.topo[netvm].settings["forward"]))
+    portfwd.client_rules(rs, mine, ctx.upstream_if, ctx.addr.ipv4)
 
 
 def onion_ports(q: Qube) -> list[tuple[int, int]]:

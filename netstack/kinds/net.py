@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 class NetSpec(KindSpec):
     kind = "net"
-    config_keys = frozenset({"address", "gateway", "dns", "wifi", "wifi_config"})
+    config_keys = frozenset({"address", "gateway", "dns", "wifi", "wifi_config",
+                             "connectivity_check"})
     traits = KindTraits(fast_path=True, owns_uplink=True)
 
     def validate(self, q: Qube) -> None:
@@ -61,6 +62,13 @@ class NetSpec(KindSpec):
                                   f"router on {net} (the address's subnet)",
                                   "give the router's address in that subnet, or fix the "
                                   "address's prefix length")
+        cc = s.get("connectivity_check")
+        if cc is not None and (not isinstance(cc, str) or not cc.startswith("http://")
+                               or len(cc) > 2000 or any(c.isspace() for c in cc)):
+            raise ConfigError(f"{where} field 'connectivity_check'", f"{cc!r} is not an "
+                              "http:// URL", 'e.g. connectivity_check = '
+                              '"http://nmcheck.gnome.org/check_network_status.txt" (its '
+                              "answer must be NetworkManager's \"NetworkManager is online\")")
         self._validate_wifi(q)
         for d in s.get("dns", []):
             try:

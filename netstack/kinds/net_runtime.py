@@ -41,11 +41,28 @@ class NetRuntime(KindRuntime):
             out["wifi"] = {"dev": dev, "was": q.settings["wifi"],
                            "radio": k.wiphy(q.netns, dev) is not None,
                            "ssid": k.wifi_ssid(q.netns, dev)}
+        url = q.settings.get("connectivity_check")
+        if url and live.watching:  # its GET in clear is what the watch exists to catch
+            out["connectivity"] = {"url": url, "state": "skipped", "address": None,
+                                   "why": "the uplink watch is on, and the check's clear "
+                                   "GET would be its alarm"}
+        elif url and k.real and live.links:  # NetworkManager's check, from sys-net itself
+            from netstack.addressing import VIRTUAL_DNS
+            from netstack.connectivity import check
+
+            out["connectivity"] = check(q.netns, url, VIRTUAL_DNS[0])
         return out
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         w = entry.get("wifi")
         lines = []
+        c = entry.get("connectivity")
+        if c:
+            lines.append(f"connectivity {c['state']}: {c['why']} ({c['url']}"
+                         + (f" at {c['address']}" if c.get("address") else "") + ")"
+                         + (": a captive portal is in the way; log in from sys-net "
+                            "(the chain stays closed until then)"
+                            if c["state"] == "portal" else ""))
         if w:
             lines.append(f"wifi {w['dev']} (was {w['was']}): " + (
                 "radio not in this namespace" if not w["radio"]
@@ -67,6 +84,13 @@ class NetRuntime(KindRuntime):
 
     def health(self, entry: dict[str, Any]) -> list[str]:
         out = []
+        c = entry.get("connectivity")
+        if c and c["state"] == "portal":
+            out.append(f"a captive portal is in the way ({c['why']}): nothing of the chain "
+                       "gets through until a login")
+        elif c and c["state"] != "full":
+            out.append(f"connectivity check failed ({c['why']}): the network does not "
+                       "answer as the internet does")
         w = entry.get("wifi")
         if w and not w["ssid"]:
             out.append(f"Wi-Fi {w['dev']} is not associated: nothing leaves until it is")

@@ -23,6 +23,7 @@ class LiveFacts:
     links: list[Any]  # kernel.LinkState of the qube's namespace
     children: dict[str, Any]  # supervisor children by daemon name (with "alive")
     resolved: dict[str, list[str]]  # this qube's resolved endpoint names
+    watching: bool = False  # the uplink watch runs (netstack/watch.py): no clear probes
 
 
 class KindRuntime:

@@ -71,7 +71,8 @@ def tcp_syn_only() -> dict:
 
 class TorSpec(KindSpec):
     kind = "tor"
-    config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation"})
+    config_keys = frozenset({"bridges", "socks_ports", "onions_per_workstation",
+                             "bridges_fallback_after"})
     carries_udp = False  # Tor carries TCP streams (and DNS through its DNSPort) only
     traits = KindTraits(strict_replies=True, protection="tor", offers_onions=True, privacy=2,
                         lab_tor=True)
@@ -111,13 +112,30 @@ class TorSpec(KindSpec):
                               "must be a list of Bridge lines",
                               'e.g. bridges = ["obfs4 192.0.2.7:443 FINGERPRINT cert=... '
                               'iat-mode=0"]')
+        fb = q.settings.get("bridges_fallback_after")
+        if fb is not None:
+            if isinstance(fb, bool) or not isinstance(fb, int | float) or not 5 <= fb <= 3600:
+                raise ConfigError(f"qube {q.name!r} field 'bridges_fallback_after'",
+                                  f"{fb!r} is not seconds (5-3600)",
+                                  "e.g. bridges_fallback_after = 30")
+            if not bridges:
+                raise ConfigError(f"qube {q.name!r} field 'bridges_fallback_after'",
+                                  "there are no bridges to fall back to",
+                                  'add bridges = ["obfs4 ..."], or remove the field')
 
     def client_env(self, q: QubeInfo) -> dict[str, str]:
-        """Whonix's convention: apps find the gateway's SOCKS port here (torsocks, Tor
-        Browser's TOR_SOCKS_*); named per-application ports too."""
+        """Whonix-Workstation's convention: apps find the gateway's SOCKS port here (Tor
+        Browser's TOR_SOCKS_*, torsocks' TORSOCKS_TOR_*), named per-application ports too;
+        Tor Browser starts no tor of its own (TOR_SKIP_LAUNCH), talks to the gateway's
+        filtered control port (netstack/tor/filter.py) and hides its network settings, as
+        in Whonix's /etc/profile.d of the workstation."""
         info = q.info
         assert isinstance(info, TorInfo)
-        env = {"TOR_SOCKS_HOST": info.address, "TOR_SOCKS_PORT": str(SOCKS_PORT)}
+        env = {"TOR_SOCKS_HOST": info.address, "TOR_SOCKS_PORT": str(SOCKS_PORT),
+               "TORSOCKS_TOR_ADDRESS": info.address, "TORSOCKS_TOR_PORT": str(SOCKS_PORT),
+               "TOR_CONTROL_HOST": info.address, "TOR_CONTROL_PORT": str(CONTROL_PORT),
+               "TOR_SKIP_LAUNCH": "1", "TOR_SKIP_CONTROLPORTTEST": "1",
+               "TOR_NO_DISPLAY_NETWORK_SETTINGS": "1"}
         for name, port in sorted(info.socks_ports.items()):
             env[f"TOR_SOCKS_PORT_{name.upper().replace('-', '_')}"] = str(port)
         return env
@@ -154,6 +172,8 @@ class TorSpec(KindSpec):
                               "lab's own bridge", "use --lab, or real bridge lines")
         return TorInfo(ctx.qube.name, ctx.netns, ctx.addr.ipv4, ctx.state_dir,
                        lab_network=ctx.lab, bridges=list(ctx.qube.settings.get("bridges", [])),
+                       bridges_fallback_after=float(
+                           ctx.qube.settings.get("bridges_fallback_after", 0)),
                        socks_ports=dict(ctx.qube.settings.get("socks_ports", {})),
                        onions=_onions(ctx), onions_per_workstation=int(
                            ctx.qube.settings.get("onions_per_workstation", ONION_CAP)),
@@ -207,7 +227,9 @@ class TorSpec(KindSpec):
 
         return [Daemon(info.daemon_name, info.netns, ("tor", "-f", info.torrc_path), True,
                        requires=info.torrc_path,
-                       monitor=("netstack.tor.control:watch", info.control_socket)),
+                       monitor=("netstack.tor.control:watch", info.control_socket,
+                                *((str(info.bridges_fallback_after),)
+                                  if info.bridges_fallback_after else ()))),
                 Daemon(f"torfilter-{info.qube}", info.netns,
                        (sys.executable, "-m", "netstack.tor.filter", info.filter_spec), True,
                        requires=info.filter_spec)]

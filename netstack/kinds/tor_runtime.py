@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -108,5 +109,12 @@ class TorRuntime(KindRuntime):
                   for c, a in sorted((entry.get("onions") or {}).items())]
         if t.get("error"):
             return [f"tor: {t['error']}", *onions]
+        fb = t.get("bridges_fallback")
+        bridges = [] if not fb else [
+            f"bridges: in use since {time.strftime('%H:%M:%S', time.localtime(fb['since']))} "
+            f"(no bootstrap within {fb['after']:g} s straight to the relays)" if fb["since"]
+            else f"bridges: unused; turned on if tor has not bootstrapped within "
+                 f"{fb['after']:g} s"]
         return [f"tor {t['version']}: bootstrap {t['bootstrap']}%, "
-                f"{count(t['circuits_built'], 'circuit')} built, restarts {t['restarts']}", *onions]
+                f"{count(t['circuits_built'], 'circuit')} built, restarts {t['restarts']}",
+                *bridges, *onions]

@@ -30,6 +30,7 @@ from netstack.rules.nft import (
     oifname,
     payload,
 )
+from netstack.vpn import portfwd
 from netstack.vpn.info import ENDPOINT_SET, ENDPOINT_SET6, VpnInfo, set_elements, transport
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ SET_TYPE6 = ["ipv6_addr", "inet_proto", "inet_service"]
 
 class VpnSpec(KindSpec):
     kind = "vpn"
-    config_keys = frozenset({"type", "config", "dns", "backend", "failover_after"})
+    config_keys = frozenset({"type", "config", "dns", "backend", "failover_after",
+                             "forward"})
     traits = KindTraits(strict_replies=True, protection="vpn", privacy=1)
 
     def validate(self, q: Qube) -> None:
@@ -83,6 +85,7 @@ class VpnSpec(KindSpec):
                 raise ConfigError(f"{where} field 'dns'", f"{d!r} is not an IPv4 address",
                                   "give the VPN resolver's IPv4 address (the virtual DNS "
                                   "is IPv4)")
+        portfwd.parse(q.name, s.get("forward"))
 
     def host_caps(self, q: Qube) -> set[str]:
         wants = q.settings.get("type") == "wireguard" and \
@@ -101,6 +104,9 @@ class VpnSpec(KindSpec):
                                 ctx.addr.gateway4 or "", ctx.addr.gateway6, ctx.state_dir,
                                 ctx.caps.wireguard)
         udp_blocker(ctx, info)
+        info.forwards = portfwd.parse(ctx.qube.name, ctx.qube.settings.get("forward"))
+        portfwd.check_targets(ctx.qube.name, info.forwards,
+                              {c.name: ctx.topo[c.name].kind for c in ctx.clients})
         return info
 
     def rules(self, ctx: QubeContext, info: VpnInfo, rs: Ruleset) -> None:
@@ -131,15 +137,22 @@ class VpnSpec(KindSpec):
                          COUNTER, ACCEPT, comment="VPN transport (IPv6)")
         rs["nat_postrouting"].add(oifname(tun), MASQUERADE, comment="masquerade tunnel")
         common.dns_dnat(rs, clients, info.dns)
+        portfwd.rules(rs, info.forwards, tun, {c.name: c for c in ctx.clients})
 
     def daemons(self, ctx: QubeContext, info: VpnInfo) -> list[Daemon]:
         from netstack.vpn import runtime
 
         monitor = ("netstack.vpn.failover:watch", failover_spec_path(info)) \
             if info.servers else ()
-        return [Daemon(info.daemon_name, info.netns, runtime.daemon_argv(info), True,
-                       (sys.executable, "-m", "netstack.vpn.hook", info.spec_path),
-                       requires=info.spec_path, monitor=monitor)]
+        out = [Daemon(info.daemon_name, info.netns, runtime.daemon_argv(info), True,
+                      (sys.executable, "-m", "netstack.vpn.hook", info.spec_path),
+                      requires=info.spec_path, monitor=monitor)]
+        if any(f.natpmp for f in info.forwards):  # asks the gateway, renews, fills the sets
+            spec = portfwd.spec_path(info.state_dir, info.qube)
+            out.append(Daemon(f"{info.daemon_name}-forward", info.netns,
+                              (sys.executable, "-m", "netstack.vpn.portfwd_run", spec),
+                              True, requires=spec))
+        return out
 
     def tunnel(self, q: QubeInfo) -> Tunnel:
         info = q.info
@@ -156,7 +169,7 @@ class VpnSpec(KindSpec):
         want = set(transport(info.current(), ctx.resolved.get(view.qube.name)))
         return super().audit(view, ctx) + kill_switch(view, self.tunnel(view.qube),
                                                       ctx.endpoints) \
-            + [endpoint_set(view, want)]
+            + [endpoint_set(view, want), inbound_only_forwarded(view, info)]
 
 
 def udp_blocker(ctx: QubeContext, info: VpnInfo) -> None:
@@ -245,3 +258,64 @@ def endpoint_set(q: QubeView, want: set[tuple[str, str, int]]) -> Result:
                   {"unexpected": [list(e) for e in sorted(extra)]} if extra else None,
                   [f"{q.name} -> set {ENDPOINT_SET} -> element {a} . {pr} . {po}: not the "
                    "current server's transport" for a, pr, po in sorted(extra)])
+
+
+def inbound_only_forwarded(q: QubeView, info: VpnInfo) -> Result:
+    """Inbound only on the forwarded port, only from the tunnel: what comes in from the
+    tunnel is DNATed only on a forwarded public port (static, or an element of the set the
+    renewer fills with the gateway's grant), and a new connection from the tunnel is
+    forwarded only to its target qube's address and port on that qube's link; nothing new
+    from the uplink is forwarded, and nothing new from the tunnel or the uplink reaches
+    the VPN qube itself. A new connection starts without NAT status: only this qube's
+    prerouting can give it the DNAT the forward rule asks for."""
+    from netstack.audit import properties as p
+    from netstack.audit.space import Pred
+
+    tun = info.dev
+    clients = {c.name: c for c in q.clients}
+    fwd = [f for f in info.forwards if f.qube in clients]
+    public: list[tuple[tuple[str, ...], list[int]]] = []
+    for f in fwd:
+        ports = [f.public] if f.public else sorted(
+            {po for pr, po in portfwd.granted_ports(q.ruleset, f) if pr in f.protos})
+        public.append((f.protos, [x for x in ports if x]))
+    by_proto: dict[str, set[int]] = {}
+    for protos, ports in public:
+        for pr in protos:
+            by_proto.setdefault(pr, set()).update(ports)
+    fwd_ok = [p.box(oif=p.one_of("oif", clients[f.qube].vif),
+                    daddr4=p.one_of("daddr4", clients[f.qube].ipv4),
+                    l4proto=p.one_of("l4proto", *f.protos), dport=p.one_of("dport", f.port),
+                    ct_status=Pred(lambda s: s is not None and "dnat" in s))
+              for f in fwd]
+    new = p.one_of("ct_state", *p.NEW_FLOWS)
+    unnatted = Pred(lambda s: s is None or "dnat" not in s)
+
+    def natted(verdict: str, trace: list, nat: list) -> list | None:
+        """Judge: no packet of the region is DNATed (or redirected) at all."""
+        return [] if any("dnat" in n or "redirect" in n for n in nat) else None
+
+    # prerouting: from the tunnel, only a forwarded (protocol, public port) is DNATed (the
+    # DNAT rewrites the port, so each region is the packets as they arrive)
+    pre = {**p.not_sockets("prerouting"), "iif": p.one_of("iif", tun)}
+    parts = [("prerouting", {**pre, "l4proto": p.none_of("l4proto", *by_proto)}, natted)]
+    parts += [("prerouting", {**pre, "l4proto": p.one_of("l4proto", pr),
+                              "dport": p.none_of("dport", *sorted(ports))}, natted)
+              for pr, ports in sorted(by_proto.items())]
+    parts += [
+        # forward: a new connection from the tunnel only to a target's address and port,
+        # on its link, with the DNAT only this qube's prerouting gives
+        ("forward", {**p.not_sockets("forward"), "iif": p.one_of("iif", tun),
+                     "ct_state": new, "ct_status": unnatted}, p.dropped_or_allowed(fwd_ok)),
+        ("forward", {**p.not_sockets("forward"), "iif": p.one_of("iif", q.upstream_if),
+                     "ct_state": new}, p.accepted),
+        ("input", {**p.not_sockets("input"), "iif": p.one_of("iif", tun, q.upstream_if),
+                   "ct_state": new}, p.dropped_or_allowed(p.link_nd(q, egress=False)))]
+    what = "; ".join(f"{tun} {'+'.join(protos)} port "
+                     f"{','.join(map(str, ports)) or '(none granted)'} -> {f.qube}:{f.port}"
+                     for (protos, ports), f in zip(public, fwd, strict=True))
+    return p.all_of("inbound only on the forwarded port, only from the tunnel", q, parts,
+                    (f"new connections come in only as {what}" if fwd else
+                     f"no new connection comes in from {tun} or {q.upstream_if}") +
+                    f"; nothing new from {q.upstream_if} is forwarded, nothing new reaches "
+                    "the VPN qube itself")

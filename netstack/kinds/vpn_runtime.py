@@ -55,6 +55,8 @@ class VpnRuntime(KindRuntime):
             from netstack.state import FileRec
 
             rt.state.record(FileRec(runtime.uapi_socket(info.dev)))
+        if info.forwards:
+            write_forwards(rt, info)
         runtime.write_files(rt.kernel, info, rt.provider(q.name), resolved)
 
     def reload_commands(self, q: QubeInfo, st: State) -> list[dict[str, Any]]:
@@ -63,7 +65,8 @@ class VpnRuntime(KindRuntime):
         info = q.info
         assert isinstance(info, VpnInfo)
         return endpoint_set_commands(info.current(),
-                                     st.data.resolved.get(q.name))["nftables"]
+                                     st.data.resolved.get(q.name))["nftables"] \
+            + forward_set_commands(info)
 
     def status(self, q: QubeInfo, live: LiveFacts, k: Kernel) -> dict[str, Any]:
         from netstack.vpn.health import health
@@ -89,6 +92,8 @@ class VpnRuntime(KindRuntime):
                 out["failover"]["error"] = (
                     f"{info.server_file} is damaged: which server the kill switch admits is "
                     "unknown; fix: `netstack down` and `up` again")
+        if info.forwards:
+            out["forward"] = forward_status(info)
         return {"vpn": out}
 
     def wait_ready(self, q: QubeInfo, st: State, k: Kernel, timeout: float,
@@ -135,7 +140,7 @@ class VpnRuntime(KindRuntime):
                 # keeper exits): a tunnel nobody supervises, until the supervisor's restart
                 return unknown + [f"tunnel {v['dev']} is up without its daemon: nothing "
                                   "supervises it (the supervisor's restart replaces it)"]
-            return unknown
+            return unknown + forward_problems(v)
         if not v["process_alive"]:
             why = "its daemon is not running"
         elif v["type"] == "wireguard":
@@ -144,7 +149,7 @@ class VpnRuntime(KindRuntime):
         else:
             why = f"OpenVPN state {v.get('state') or 'unknown'}"
         return unknown + [f"tunnel {v['dev']} down: {why} (the kill switch holds: nothing "
-                          "leaves)"]
+                          "leaves)"] + forward_problems(v)
 
     def status_lines(self, entry: dict[str, Any]) -> list[str]:
         v = entry["vpn"]
@@ -165,6 +170,8 @@ class VpnRuntime(KindRuntime):
                          f"fails over after {f['after_s']:.0f} s silent; "
                          f"{len(f['switches'])} switches"
                          + (f", last: {f['switches'][-1]['why']}" if f["switches"] else ""))
+        for g in v.get("forward") or []:
+            lines.append(forward_line(g))
         return lines
 
 
@@ -185,3 +192,88 @@ def write_failover(rt: Runtime, info: VpnInfo, servers: list[VpnInfo],
     spec = FailoverSpec(info.qube, info.netns, info.dns[0], info.failover_after,
                         info.conf_path, info.spec_path, info.server_file, files)
     rt.kernel.write_file(failover_spec_path(info), encode(spec), 0o600)
+
+
+# --- port forwarding (vpn/portfwd.py; the renewer is vpn/portfwd_run.py) ----------------
+
+def write_forwards(rt: Runtime, info: VpnInfo) -> None:
+    """Before the tunnel starts: the state (static ports granted for good, NAT-PMP ones
+    pending), the clients' files, and the renewer's spec (its go signal)."""
+    from netstack import sandbox
+    from netstack.codec import encode
+    from netstack.vpn import portfwd
+
+    spec = portfwd.RenewerSpec(info.qube, info.netns,
+                               portfwd.state_path(info.state_dir, info.qube),
+                               os.path.join(info.state_dir, sandbox.PUBLIC),
+                               list(info.forwards))
+    st = portfwd.ForwardState([portfwd.Grant(f.index, f.qube, f.port, list(f.protos),
+                                             f.public, static=not f.natpmp)
+                               for f in info.forwards])
+    dirs, files = portfwd.publication(spec, st)
+    for d, mode in dirs:
+        if not rt.kernel.is_dir(d):
+            rt.kernel.make_dir(d, mode)
+    for path, text, mode in files:
+        rt.kernel.write_file(path, text, mode)
+    if any(f.natpmp for f in info.forwards):
+        rt.kernel.write_file(portfwd.spec_path(info.state_dir, info.qube), encode(spec),
+                             0o600)
+
+
+def forward_set_commands(info: VpnInfo) -> list[dict[str, Any]]:
+    """After a reload: each NAT-PMP set holds the grant in force again (none: empty)."""
+    import time
+
+    from netstack.vpn import portfwd
+
+    st = portfwd.read_state(portfwd.state_path(info.state_dir, info.qube))
+    return portfwd.held_set_commands(info.forwards, st, time.time())
+
+
+def forward_status(info: VpnInfo) -> list[dict[str, Any]]:
+    import time
+
+    from netstack.codec import dump
+    from netstack.vpn import portfwd
+
+    st = portfwd.read_state(portfwd.state_path(info.state_dir, info.qube))
+    grants = {g.index: g for g in st.grants} if st else {}
+    out = []
+    now = time.time()
+    for f in info.forwards:
+        g = grants.get(f.index)
+        e: dict[str, Any] = {"to": f"{f.qube}:{f.port}", "protos": list(f.protos),
+                             "source": "natpmp" if f.natpmp else "static",
+                             "gateway": f.gateway}
+        if g is None:
+            e.update(public_port=f.public, error=None if f.public else "no grant yet")
+        else:
+            e.update({k: v for k, v in dump(g).items()
+                      if k not in ("index", "qube", "port", "protos", "static")})
+            if g.expires_at is not None:
+                e["expires_in_s"] = round(g.expires_at - now, 1)
+            if f.natpmp and not g.public_port and not g.error:
+                e["error"] = "no grant yet"
+        out.append(e)
+    return out
+
+
+def forward_line(g: dict[str, Any]) -> str:
+    pub = g.get("public_port")
+    where = f"{g.get('public_address') or 'the VPN exit'}:{pub}" if pub else "(no port)"
+    src = "NAT-PMP" if g["source"] == "natpmp" else "static"
+    line = f"forward {src} {where}/{'+'.join(g['protos'])} -> {g['to']}"
+    if g["source"] == "natpmp" and pub:
+        line += (f", renewed {g.get('renewals', 0)}x, expires in "
+                 f"{g.get('expires_in_s', 0):.0f} s")
+    if g.get("error"):
+        line += f" ({g['error']})"
+    return line
+
+
+def forward_problems(v: dict[str, Any]) -> list[str]:
+    """A NAT-PMP port not held (never granted, or lapsed): the forward does not work."""
+    return [f"forward to {g['to']}: no port held ({g.get('error') or 'no grant yet'})"
+            for g in v.get("forward") or [] if g["source"] == "natpmp"
+            and not g.get("public_port")]

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from netstack import addressing, names
-from netstack.lab.vpnserver import LAB_FILES, OVPN_PORT, TUNNEL_NETS, WG_PORT
+from netstack.lab.vpnserver import LAB_FILES, OVPN_PORT, OVPN_TCP_PORT, TUNNEL_NETS, WG_PORT
 from netstack.model import (
     Addr,
     Daemon,
@@ -41,16 +41,25 @@ def lab_files(state_dir: str) -> dict[str, str]:
 def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
              ns_files: Any, sink: bool = False, bridge: bool = False,
              second_wg: bool = False, second_ovpn: bool = False,
-             tor_clients: list[str] | None = None, wg_kernel: bool = False) -> None:
+             tor_clients: list[str] | None = None, wg_kernel: bool = False,
+             isp_scenarios: tuple[str, ...] = (), openvpn_tcp: bool = False) -> None:
     """Add the lab to plan `p`. vpn_keys: a qube uses a lab provider file, so `up` makes
     the VPN server's keys and runs it; tor: a tor qube needs the private Tor network;
-    tor_clients: the control sockets of the gateways on it (told of its first consensus)."""
+    tor_clients: the control sockets of the gateways on it (told of its first consensus);
+    isp_scenarios: what the hostile ISP does (netstack/lab/isp.py), in its namespace only."""
     stack = p.stack
     net_ns = p.net.netns
     isp = names.lab_netns(stack, "isp")
     dns = addressing.lab_dns_server()
+    isp_rules = None
+    if isp_scenarios:
+        from netstack.lab import isp as hostile
+
+        isp_rules = hostile.ruleset(isp_scenarios, "cust0")
+        p.daemons.extend(hostile.daemons(isp_scenarios, isp, "cust0", lab_dir(state_dir),
+                                         vpn_keys))
     p.namespaces.append(NsPlan(isp, "lab:isp", {"net/ipv4/ip_forward": "1", **LAB_SYSCTLS},
-                               None, ns_files(isp, [dns])))
+                               isp_rules, ns_files(isp, [dns])))
     p.veths.append(Veth(isp, "cust0", net_ns, names.UPLINK_IF))
     plen = addressing.LAB_ISP_PREFIXLEN
     p.addrs += [Addr(isp, "cust0", f"{addressing.LAB_ISP_ROUTER}/{plen}"),
@@ -91,7 +100,8 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                               zone))
     vs = VpnServer(hosts["vpn"].netns, "eth0", hosts["vpn"].address, WG_PORT, OVPN_PORT,
                    names.check_ifname(f"wgs-{stack}"), lab_files(state_dir),
-                   names.check_ifname(f"wgt-{stack}") if second_wg else None, second_ovpn)
+                   names.check_ifname(f"wgt-{stack}") if second_wg else None, second_ovpn,
+                   openvpn_tcp)
     if vpn_keys and vs.wg2_dev:  # a second server to fail over to (lab:wireguard2)
         p.daemons.append(Daemon("lab-wireguard2", vs.netns, ("wireguard-go", "-f", vs.wg2_dev),
                                 True, (sys.executable, "-m", "netstack.vpn.hook",
@@ -103,6 +113,11 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                                 ("openvpn", "--config", os.path.join(d, "ovpn2-server.conf")),
                                 requires=os.path.join(d, "ovpn2-server.conf"),
                                 ready=f"udp/{OVPN_PORT + 1}"))
+    if vpn_keys and vs.openvpn_tcp:  # OpenVPN over TCP 443 (lab:openvpn-tcp)
+        p.daemons.append(Daemon("lab-openvpn-tcp", vs.netns,
+                                ("openvpn", "--config", os.path.join(d, "ovpn-tcp-server.conf")),
+                                requires=os.path.join(d, "ovpn-tcp-server.conf"),
+                                ready=f"tcp/{OVPN_TCP_PORT}"))
     if vpn_keys:
         # wg_kernel: the kernel's WireGuard, held by the keeper the VPN qube's kernel
         # backend uses (the same hook configures both)
@@ -117,6 +132,10 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
                                 ("openvpn", "--config", os.path.join(d, "ovpn-server.conf")),
                                 requires=os.path.join(d, "ovpn-server.conf"),
                                 ready=f"udp/{OVPN_PORT}"))
+        if any(f.natpmp for q in p.qubes for f in getattr(q.info, "forwards", ())):
+            # a VPN qube asks for a port by NAT-PMP: the server answers as ProtonVPN's
+            p.daemons.append(Daemon("lab-natpmp", vs.netns, natpmp_argv(hosts["vpn"].address),
+                                    ready="udp/5351"))
     tor_nodes: dict[str, TorNode] = {}
     if tor:
         from netstack.tor.network import DIR_PORT, OR_PORT, node_role
@@ -142,7 +161,22 @@ def plan_lab(p: Plan, state_dir: str, vpn_keys: bool, tor: bool,
     p.lab = LabPlan(d, addressing.LAB_DOMAIN, hosts,
                     LinkEnd(isp, "cust0", addressing.LAB_ISP_ROUTER),
                     LinkEnd(net_ns, names.UPLINK_IF, addressing.LAB_ISP_CUSTOMER), vs,
-                    tor_nodes, vpn_keys)
+                    tor_nodes, vpn_keys, isp_scenarios)
+    if isp_scenarios and "connectivity_check" not in p.net.settings:
+        # a hostile ISP's lab checks connectivity as NetworkManager does, against the lab's
+        # web host (status names a captive portal; netstack/connectivity.py)
+        from netstack.lab.isp import CHECK_PATH
+
+        p.net.settings["connectivity_check"] = f"http://{hosts['web'].fqdn}{CHECK_PATH}"
+
+
+def natpmp_argv(public: str) -> tuple[str, ...]:
+    """The lab's NAT-PMP gateway (lab/natpmpd.py) on each WireGuard and OpenVPN server's
+    tunnel address, for clients in the tunnel networks."""
+    listen = [x for net in TUNNEL_NETS
+              for x in ("--listen", net.split("/")[0].rsplit(".", 1)[0] + ".1")]
+    return (sys.executable, "-m", "netstack.lab.natpmpd", "--public", public, *listen,
+            *(x for net in TUNNEL_NETS for x in ("--clients", net)))
 
 
 def _sink_ruleset() -> dict[str, Any]:

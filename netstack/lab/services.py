@@ -81,6 +81,10 @@ def peek_first(s: socket.socket, wait: float = 5.0, more: float = 0.03) -> bytes
         return b""
 
 
+CHECK_PATH = "/check_network_status.txt"  # lab.isp and connectivity.py say the same
+CHECK_BODY = "NetworkManager is online\n"
+
+
 def serve_http(fd: int, log_path: str) -> None:
     log = EventLog(log_path)
 
@@ -93,7 +97,9 @@ def serve_http(fd: int, log_path: str) -> None:
 
         def do_GET(self) -> None:  # noqa: N802
             client = self.client_address[0]
-            body = f"{client}\n".encode()
+            # NetworkManager's connectivity check URL answers as nmcheck.gnome.org does
+            # (netstack/connectivity.py); every other path: the client's address
+            body = (CHECK_BODY if self.path == CHECK_PATH else f"{client}\n").encode()
             log.write(**conn_record("tcp", self.client_address, self.request.getsockname(),
                                     self.first, path=self.path,
                                     host=self.headers.get("Host"), bytes_out=len(body)))

@@ -16,14 +16,17 @@ if TYPE_CHECKING:
     from netstack.model import LabPlan
 
 WG_PORT, OVPN_PORT = 51820, 1194
+OVPN_TCP_PORT = 443  # lab:openvpn-tcp: OpenVPN over TCP 443 (what a UDP-blocking ISP passes)
 WG_SERVER_ADDR, WG_CLIENT_ADDR = "10.66.0.1/24", "10.66.0.2/32"
 WG2_SERVER_ADDR, WG2_CLIENT_ADDR = "10.68.0.1/24", "10.68.0.2/32"
-OVPN_NET, OVPN2_NET = "10.67.0.0", "10.69.0.0"
-TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24", "10.68.0.0/24", "10.69.0.0/24")
+OVPN_NET, OVPN2_NET, OVPN_TCP_NET = "10.67.0.0", "10.69.0.0", "10.70.0.0"
+TUNNEL_NETS = ("10.66.0.0/24", "10.67.0.0/24", "10.68.0.0/24", "10.69.0.0/24",
+               "10.70.0.0/24")
 OVPN_SERVER_DEV = "ovs0"
 LAB_FILES = {"lab:wireguard": "client-wireguard.conf", "lab:openvpn": "client-openvpn.ovpn",
              "lab:wireguard2": "client-wireguard2.conf",
-             "lab:openvpn2": "client-openvpn2.ovpn"}
+             "lab:openvpn2": "client-openvpn2.ovpn",
+             "lab:openvpn-tcp": "client-openvpn-tcp.ovpn"}
 
 
 PLACEHOLDER_KEY = "A" * 43 + "="  # `netstack plan`: where a key will go (32 zero bytes)
@@ -61,12 +64,13 @@ def wireguard_client2(cli_key: str = PLACEHOLDER_KEY, srv_pub: str = PLACEHOLDER
 
 def openvpn_client(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
                    key: str = PLACEHOLDER_PEM, tls_crypt: str = PLACEHOLDER_PEM,
-                   second: bool = False) -> str:
+                   second: bool = False, tcp: bool = False) -> str:
     vpn_host = next(h for h in addressing.lab_hosts() if h.name == "vpn")
-    port = OVPN_PORT + 1 if second else OVPN_PORT
+    port = OVPN_TCP_PORT if tcp else OVPN_PORT + 1 if second else OVPN_PORT
     return "\n".join([
         "# netstack lab VPN (throwaway CA) - an .ovpn as providers ship them", "client",
-        "dev tun", "proto udp", f"remote {vpn_host.fqdn} {port}", "resolv-retry infinite",
+        "dev tun", "proto tcp-client" if tcp else "proto udp", f"remote {vpn_host.fqdn} {port}",
+        "resolv-retry infinite",
         "nobind", "persist-key", "persist-tun", "remote-cert-tls server",
         "verify-x509-name server name", "data-ciphers AES-256-GCM:CHACHA20-POLY1305",
         f"dhcp-option DNS {addressing.lab_dns_server()}", "redirect-gateway def1",
@@ -79,8 +83,14 @@ def openvpn_client2(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
     return openvpn_client(ca, cert, key, tls_crypt, second=True)
 
 
+def openvpn_client_tcp(ca: str = PLACEHOLDER_PEM, cert: str = PLACEHOLDER_PEM,
+                       key: str = PLACEHOLDER_PEM, tls_crypt: str = PLACEHOLDER_PEM) -> str:
+    return openvpn_client(ca, cert, key, tls_crypt, tcp=True)
+
+
 TEMPLATES = {"lab:wireguard": wireguard_client, "lab:openvpn": openvpn_client,
-             "lab:wireguard2": wireguard_client2, "lab:openvpn2": openvpn_client2}
+             "lab:wireguard2": wireguard_client2, "lab:openvpn2": openvpn_client2,
+             "lab:openvpn-tcp": openvpn_client_tcp}
 
 
 def generate(lab: LabPlan, write) -> tuple[str, ...]:
@@ -142,11 +152,14 @@ def _generate_vpn(lab: LabPlan, write) -> None:
         write(p(f"{name}.crt"), leaf.cert_pem.decode())
     _run(["openvpn", "--genkey", "tls-crypt", p("tls-crypt.key")])
     os.chmod(p("tls-crypt.key"), 0o600)
-    for n, port, net, dev in (("ovpn", OVPN_PORT, OVPN_NET, OVPN_SERVER_DEV),
-                              ("ovpn2", OVPN_PORT + 1, OVPN2_NET, "ovs1"))[
-                                  :2 if vs.openvpn2 else 1]:
+    servers = [("ovpn", OVPN_PORT, OVPN_NET, OVPN_SERVER_DEV, "udp")]
+    if vs.openvpn2:
+        servers.append(("ovpn2", OVPN_PORT + 1, OVPN2_NET, "ovs1", "udp"))
+    if vs.openvpn_tcp:
+        servers.append(("ovpn-tcp", OVPN_TCP_PORT, OVPN_TCP_NET, "ovs2", "tcp-server"))
+    for n, port, net, dev, proto in servers:
         write(p(f"{n}-server.conf"), "\n".join([
-            f"dev {dev}", "dev-type tun", "proto udp", f"port {port}",
+            f"dev {dev}", "dev-type tun", f"proto {proto}", f"port {port}",
             f"local {vpn_host.address}", "topology subnet", f"server {net} 255.255.255.0",
             f"ca {p('ca.crt')}", f"cert {p('server.crt')}", f"key {p('server.key')}",
             "dh none", f"tls-crypt {p('tls-crypt.key')}",
@@ -161,6 +174,8 @@ def _generate_vpn(lab: LabPlan, write) -> None:
     write(vs.files["lab:openvpn"], openvpn_client(*creds))
     if vs.openvpn2:
         write(vs.files["lab:openvpn2"], openvpn_client2(*creds))
+    if vs.openvpn_tcp:
+        write(vs.files["lab:openvpn-tcp"], openvpn_client_tcp(*creds))
     # the hook's spec goes last: it is lab-wireguard's go signal
     from netstack.codec import encode
     from netstack.vpn.runtime import TunnelSpec

@@ -3,7 +3,8 @@ AF_PACKET sockets, which bypass the sending namespace's own output rules. Run th
 `ip netns exec NS python -m netstack.leaktest.send SPEC_JSON`; prints one JSON line.
 
 A spec is a list of packets: {"dst", "src"?, "proto": tcp|udp|icmp, "dport"?, "sport"?,
-"flags"? (TCP), "payload"?, "ttl"?, "count"?}.
+"flags"? (TCP), "payload"?, "ttl"? (IPv6: the hop limit), "tos"? (IPv6: the traffic class),
+"count"?}.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def build6(p: dict[str, Any]) -> Any:
     # neighbour discovery is only taken with hop limit 255
     nd = proto in ("ns6", "ra6") or 133 <= p.get("icmp_type", 0) <= 137
     pkt = Ether(dst=mac) / IPv6(src=p.get("src", "fe80::1"), dst=p["dst"],
-                                hlim=255 if nd else 64)
+                                hlim=255 if nd else p.get("ttl", 64), tc=p.get("tos", 0))
     if proto == "ns6":
         from scapy.arch import get_if_hwaddr
         from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr
@@ -87,7 +88,7 @@ def build(p: dict[str, Any]) -> Any:
         return build_l2(p)
 
     ip_kw: dict[str, Any] = {"dst": p["dst"]}
-    for k in ("src", "ttl", "id"):
+    for k in ("src", "ttl", "id", "tos"):
         if k in p:
             ip_kw[k] = p[k]
     if "src" not in ip_kw:  # /32 links: scapy cannot infer the source from the subnet

@@ -91,13 +91,21 @@ def status(socket_path: str) -> dict[str, Any]:
         c.close()
 
 
-def watch(socket_path: str, *, report: Callable[[dict[str, Any]], None],
-          stopping: threading.Event, refresh: float = 10.0, **_: Any) -> None:
+def watch(socket_path: str, fallback_after: str = "", *,
+          report: Callable[[dict[str, Any]], None], stopping: threading.Event,
+          refresh: float = 10.0, **_: Any) -> None:
     """The supervisor's health monitor of a gateway's tor: a fresh status on every
     bootstrap or circuit event (and every `refresh` seconds), reconnecting when tor
-    restarts. `netstack status` reads what this reports instead of importing stem."""
+    restarts. `netstack status` reads what this reports instead of importing stem.
+    `fallback_after` (seconds, the gateway's `bridges_fallback_after`): when tor has not
+    bootstrapped that long after the monitor met it, its bridges are turned on
+    (`SETCONF UseBridges=1`: the torrc has them, unused), as Tor Browser's connection
+    assist does on a network that blocks the relays; a restarted tor starts direct again."""
+    import time
+
     from stem.control import EventType
 
+    after = float(fallback_after) if fallback_after else 0.0
     while not stopping.is_set():
         try:
             c = connect(socket_path, timeout=1)
@@ -106,12 +114,24 @@ def watch(socket_path: str, *, report: Callable[[dict[str, Any]], None],
             stopping.wait(0.5)
             continue
         changed = threading.Event()
+        met, fell_back = time.monotonic(), None
         try:
             c.add_event_listener(lambda ev, ch=changed: ch.set(), EventType.STATUS_CLIENT,
                                  EventType.CIRC)
             while not stopping.is_set() and c.is_alive():
-                report(_status(c))
-                changed.wait(refresh)
+                st = _status(c)
+                if after and fell_back is None and c.get_conf("UseBridges") == "1":
+                    fell_back = time.time()  # this tor was told before (a monitor restart)
+                if after and fell_back is None and st["bootstrap"] != 100 \
+                        and time.monotonic() - met >= after:
+                    c.set_conf("UseBridges", "1")
+                    fell_back = time.time()
+                if after:
+                    st["bridges_fallback"] = {"after": after, "since": fell_back}
+                report(st)
+                left = after - (time.monotonic() - met) if after and fell_back is None \
+                    else refresh
+                changed.wait(max(0.05, min(refresh, left)))
                 changed.clear()
         except Exception as e:  # noqa: BLE001 - tor went away mid-query: reconnect
             report({"error": f"tor control: {e}", "bootstrap": None})

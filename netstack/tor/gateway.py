@@ -42,6 +42,9 @@ class TorInfo(RoleInfo):
     user: str = TOR_USER
     lab_network: bool = False  # True: the lab's private Tor network, else the public one
     bridges: list[str] = field(default_factory=list)
+    # seconds: tor starts straight to the relays and turns its bridges on when it has not
+    # bootstrapped by then (tor.control.watch); 0: bridges from the start
+    bridges_fallback_after: float = 0
     socks_ports: dict[str, int] = field(default_factory=dict)  # per-application ports
     # client -> [(onion port, client address, client port)]: services whose keys stay here
     onions: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
@@ -116,7 +119,9 @@ def torrc(t: TorInfo, dirauths: list[str] | tuple[str, ...] = ()) -> str:
     if dirauths:  # the lab's private network only, never the public one
         lines += TESTING_OPTIONS + LAB_CLIENT_OPTIONS + list(dirauths)
     if t.bridges:
-        lines += ["UseBridges 1", "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"]
+        # with a fallback, the bridges wait unused until the monitor sets UseBridges 1
+        lines += ["UseBridges 0" if t.bridges_fallback_after else "UseBridges 1",
+                  "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"]
         lines += [f"Bridge {b}" for b in t.bridges]
     return "\n".join(lines) + "\n"
 

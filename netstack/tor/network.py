@@ -303,8 +303,9 @@ def _locked() -> Iterator[None]:
 
 
 def _kept_dirauths(nodes: list[TorNode], d: str) -> list[str] | None:
-    """The DirAuthority lines of a kept network if every node's keys are there and agree
-    with them, and no authority certificate is about to expire; else None."""
+    """The DirAuthority lines of a kept network if every node's directory is there and
+    the authorities' keys agree with them, and no authority certificate is about to
+    expire; else None."""
     try:
         with open(os.path.join(d, "shape.json")) as f:
             if json.load(f) != json.loads(json.dumps(shape(nodes))):
@@ -314,6 +315,10 @@ def _kept_dirauths(nodes: list[TorNode], d: str) -> list[str] | None:
         auths = []
         for n in nodes:
             nd = os.path.join(d, "nodes", n.name)
+            if not os.path.isdir(nd):
+                return None
+            if n.role != "authority":
+                continue  # a relay's keys, if kept, are its own: no line names them
             with open(os.path.join(nd, "fingerprint")) as f:
                 fp = f.read().split()[1]
             if n.role == "authority":
@@ -359,8 +364,11 @@ def save(nodes: list[TorNode], base: str) -> bool:
             lines = [x for x in f.read().splitlines() if x]
     except OSError:
         return False  # keys never made (an up that failed early), or an older netstack's
+    # the authorities' keys are the network (the DirAuthority lines); a relay that had not
+    # started when `down` came (a loaded host) is kept without keys and makes them at the
+    # next start, as on a cold up
     if not nodes or not all(os.path.isfile(os.path.join(n.dir, "fingerprint"))
-                            for n in nodes):
+                            for n in nodes if n.role == "authority"):
         return False
     d = cache_dir(nodes)
     with _locked():

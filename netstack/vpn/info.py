@@ -11,6 +11,7 @@ from typing import Any
 
 from netstack.addressing import ip_version, is_ip
 from netstack.model import RoleInfo
+from netstack.vpn.portfwd import Forward
 
 FWMARK = 0xCA6C  # 51820, as wg-quick uses; marks the tunnel transport for the kill switch
 ENDPOINT_SET, ENDPOINT_SET6 = "vpn_endpoints", "vpn_endpoints6"
@@ -60,6 +61,8 @@ class VpnInfo(RoleInfo):
     # the supervisor moves to the next when the current one stops answering
     servers: list[VpnServerInfo] = field(default_factory=list)
     failover_after: float = 20.0
+    # inbound ports forwarded from the tunnel to a client (vpn/portfwd.py; `forward`)
+    forwards: list[Forward] = field(default_factory=list)
 
     def _path(self, ext: str) -> str:
         return os.path.join(self.state_dir, f"vpn-{self.qube}.{ext}")

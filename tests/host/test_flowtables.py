@@ -359,8 +359,10 @@ def test_differential_generator_with_flowtables():
                NETSTACK_DIFF_RULESETS=os.environ.get("NETSTACK_DIFF_RULESETS", "20"))
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                         "-s", "-rA", str(ROOT / "tests" / "integration" /
-                                         "test_differential.py"), "-k", "agrees"],
+                                         "test_differential.py"), "-k", "agrees or found_cases"],
                        capture_output=True, text=True, env=env, timeout=3000, cwd=ROOT)
-    print(p.stdout[-5000:], p.stderr[-2000:])
+    # the run's summary line first: a disagreement's case (printed after it) is long
+    print(*[x for x in p.stdout.splitlines() if x.startswith("differential:")],
+          p.stdout[-5000:], p.stderr[-2000:], sep="\n")
     assert p.returncode == 0
     assert "carried by a flowtable" in p.stdout

@@ -20,12 +20,41 @@ import time
 import pytest
 
 from tests.host.test_host import NETSTACK, ROOT, diagnose, host_view, sh
-from tests.integration.util import load_state, reap_zombies, stack_leftovers
+from tests.integration.util import load_state, reap_zombies, stack_leftovers, wait_for
 
 pytestmark = pytest.mark.root
 
 STACK = "main"  # the README's commands name no stack
 VPN_SERVER = "203.0.113.10"
+
+
+def _tor_unit() -> tuple[str, str]:
+    en = sh("systemctl", "is-enabled", "tor.service", check=False).stdout.strip()
+    act = sh("systemctl", "is-active", "tor@default.service", check=False).stdout.strip()
+    return en, act
+
+
+def test_setup_switched_off_the_tor_service_it_installed_and_leaves_a_users_tor_alone():
+    """Debian's tor package enables tor.service, whose tor@default is a system Tor in the
+    root namespace, started at every boot (docs/field-notes.md, seen in an earlier image).
+    The image's setup.sh installed tor, so it disabled that service: this boot has none.
+    Then a user's own tor (enabled and running before setup.sh runs, tor already
+    installed): setup.sh, run again as `scripts/test` runs it (offline), leaves it as it
+    is. The set-up's time offline is printed."""
+    assert _tor_unit() == ("disabled", "inactive")
+    sh("systemctl", "enable", "--now", "tor.service", timeout=120)
+    try:
+        # the anti-test: the user's tor runs (tor.service pulls tor@default in)
+        wait_for(lambda: _tor_unit() == ("enabled", "active"), 120, 0.5, "tor@default active")
+        t0 = time.monotonic()
+        p = sh(str(ROOT / "scripts" / "setup.sh"), check=False, timeout=600)
+        took = time.monotonic() - t0
+        print(f"scripts/setup.sh offline, nothing changed: {took:.1f} s -> {p.returncode}")
+        assert p.returncode == 0 and "setup: ok" in p.stdout, p.stdout + p.stderr
+        assert _tor_unit() == ("enabled", "active")
+    finally:
+        sh("systemctl", "disable", "--now", "tor.service", check=False, timeout=120)
+    assert _tor_unit() == ("disabled", "inactive")
 
 
 def test_readme_up_lab_fetches_a_page_through_tor_over_vpn_and_down_leaves_nothing():
@@ -113,24 +142,13 @@ def _passed(rc: int, out: str) -> None:
     assert "skipped" not in last[-1], last[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scripts/test runs scripts/setup.sh first, whose `pip install -e .[test]` needs PyPI "
-    "(setuptools for the build) at every run: offline, as in this VM, it fails. The fix "
-    "belongs in setup.sh, which keys the image cache (the lead's call)"))
 def test_readme_scripts_test_passes_unit_and_fresh_host_tests():
     """The README's second command as it is: `scripts/test` (scripts/setup.sh, then ruff,
     then pytest with root tests required), given the unit suite and the integration tests
-    marked `fresh_host`."""
-    rc, out, _ = _run_suite([str(ROOT / "scripts" / "test"), *SUITE], "scripts-test", 1800)
+    marked `fresh_host`. Offline, as the VM is: setup.sh goes to PyPI only when the venv's
+    stamp says pyproject.toml or setup.sh changed since it was made (the image made it).
+    Bounded: the whole suite under TCG would take hours."""
+    rc, out, _ = _run_suite([str(ROOT / "scripts" / "test"), *SUITE],
+                            "scripts-test", 3600)
     _passed(rc, out)
-
-
-def test_readme_test_suite_after_setup_passes_unit_and_fresh_host_tests():
-    """What `scripts/test` runs after its set-up step, word for word (ruff, then pytest
-    with NETSTACK_REQUIRE_ROOT=1): the unit suite and the `fresh_host` integration tests
-    pass on the fresh Debian. Bounded: the whole suite under TCG would take hours."""
-    rc, out, _ = _run_suite(["sh", "-ec", 'export NETSTACK_REQUIRE_ROOT=1; '
-                             '.venv/bin/ruff check netstack tests bench; '
-                             'exec .venv/bin/python -m pytest -p no:cacheprovider "$@"',
-                             "scripts/test", *SUITE], "suite-after-setup", 2400)
-    _passed(rc, out)
+    assert "setup: ok" in out, out[:2000]

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.util import ROOT, cli, new_stack_name, reap_zombies, stack_leftovers
+from tests.integration.util import (
+    ROOT,
+    cli,
+    new_stack_name,
+    reap_zombies,
+    stack_leftovers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -36,6 +43,7 @@ my.Echo        *      personal  @default  allow target=work
 qubes.Filecopy *      @tag:work personal  allow
 qubes.ClipboardPaste * work     personal  allow
 my.Where       *      work      @dispvm   allow
+my.NoStart     *      work      @dispvm   allow autostart=no notify=yes
 qubes.OpenInVM *      personal  @dispvm   deny
 qubes.OpenInVM *      @anyvm    @dispvm   allow
 qubes.Filecopy *      @type:DispVM work   allow
@@ -50,6 +58,7 @@ SERVICES = {
     "my.Asked": '#!/bin/sh\necho asked-ran\n',
     "my.Big": '#!/bin/sh\nexec head -c 3000000 /dev/zero\n',
     "my.Where": '#!/bin/sh\nhostname\ncat\n',
+    "my.NoStart": '#!/bin/sh\ntouch "$HOME/nostart-ran"\n',
 }
 CAP = 1000000
 
@@ -272,6 +281,76 @@ def test_ask_waits_for_the_host(calls_stack, answer):
     assert json.loads(cli("--stack", calls_stack, "calls", "--json").stdout)["pending"] == []
     bad = cli("--stack", calls_stack, "call-answer", w["id"], "allow", check=False)
     assert bad.returncode == 2 and "no call" in bad.stderr
+
+
+def _until(fd: int, want: bytes, deadline: float = 20.0) -> bytes:
+    """Read a pty's master until `want` shows (what the prompter printed)."""
+    import select
+
+    got, end = b"", time.monotonic() + deadline
+    while want not in got:
+        left = end - time.monotonic()
+        assert left > 0, got
+        if select.select([fd], [], [], left)[0]:
+            got += os.read(fd, 4096)
+    return got
+
+
+def test_the_host_prompt_answers_each_waiting_call(calls_stack):
+    """`call-answer --prompt` at a terminal (Qubes' confirmation dialog): each call that
+    waits is shown once, in order; `y` typed after the first allows it, `n` after the
+    second denies it; a `y` typed while nothing was shown answers nothing (the next call
+    still waits for its own answer); Ctrl-C on a shown call denies it (exit 130); a pipe
+    is refused (it would answer calls nobody saw)."""
+    import pty
+
+    piped = cli("--stack", calls_stack, "call-answer", "--prompt", check=False)
+    assert piped.returncode == 2 and "needs a terminal" in piped.stderr
+    master, slave = pty.openpty()
+    prompter = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack",
+                                 calls_stack, "call-answer", "--prompt"],
+                                stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+
+    def call() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack",
+                                 calls_stack, "exec", "work", "--", "netstack-call",
+                                 "personal", "my.Asked"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, SUDO_USER=""))
+    try:
+        os.write(master, b"y\n")  # typed ahead, with nothing shown: thrown away
+        first = call()
+        _until(master, b"Allow? [y/N] ")
+        # the early `y` answered nothing: the call still waits, nothing was said
+        pending = _pending(calls_stack)
+        assert json.loads(cli("--stack", calls_stack, "calls", "--json").stdout)[
+            "pending"] == [pending] and first.poll() is None
+        import select
+
+        assert not select.select([master], [], [], 0.5)[0] or b"allow" not in os.read(
+            master, 4096)
+        os.write(master, b"y\n")
+        assert first.communicate(timeout=30)[0] == b"asked-ran\n"
+        second = call()
+        _until(master, b"Allow? [y/N] ")
+        os.write(master, b"n\n")
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 126 and out == b""
+        assert last(calls_stack, "my.Asked")["verdict"] == "ask->deny"
+        third = call()
+        _until(master, b"Allow? [y/N] ")
+        prompter.send_signal(2)  # Ctrl-C on a shown call: dismissed, denied at once
+        assert b"(dismissed)" in _until(master, b"(dismissed)")
+        out, _ = third.communicate(timeout=30)
+        assert third.returncode == 126 and out == b""
+        assert prompter.wait(10) == 130
+    finally:
+        for p in (prompter,):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        os.close(master)
 
 
 def test_the_size_cap_cuts_a_call(calls_stack):
@@ -515,6 +594,23 @@ def test_a_call_to_a_new_disposable(calls_stack):
     assert (r["source"], r["target"], r["verdict"]) == ("personal", "@dispvm", "deny")
 
 
+def test_autostart_no_and_notify(calls_stack):
+    """`autostart=no`: a call that needs a new disposable is refused before one is made
+    (the service never runs); `notify=yes`, and a deny by default, mark the call's line
+    (and go to the host's journal); an allow without notify= does not."""
+    s = calls_stack
+    p = run(s, "work", "netstack-call", "@dispvm", "my.NoStart", input=b"")
+    assert p.returncode == 126 and disposables(s) == []
+    r = last(s, "my.NoStart")
+    assert (r["verdict"], r["notify"]) == ("refused", True) and "autostart=no" in r["reason"]
+    assert not any(os.path.exists(f"/var/lib/netstack/{s}/{q}/home/nostart-ran")
+                   for q in ("work", "personal"))
+    run(s, "work", "netstack-call", "personal", "my.Mark", input=b"")
+    assert (last(s, "my.Mark")["verdict"], last(s, "my.Mark")["notify"]) == ("deny", True)
+    run(s, "work", "netstack-call", "personal", "my.Echo", input=b"")
+    assert (last(s, "my.Echo")["verdict"], last(s, "my.Echo")["notify"]) == ("allow", False)
+
+
 def test_calls_listing_never_prints_a_qubes_escapes(calls_stack):
     """What a qube sends (a target, a service name) is shown escaped: a qube cannot write
     to the host's terminal through `netstack calls`."""
@@ -525,6 +621,27 @@ def test_calls_listing_never_prints_a_qubes_escapes(calls_stack):
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned" in out, out[-500:]
     assert json.loads(cli("--stack", s, "calls", "--json").stdout)["calls"][-1]["target"] \
         == "\x1b]0;owned\x07"
+
+
+def test_a_withdrawn_call_is_one_record_saying_so(calls_stack):
+    """The caller killed while its call waits for an answer: the call leaves the pending
+    list and is logged once, as withdrawn (not as denied on the host, and no second
+    record of a reply nobody could read)."""
+    s = calls_stack
+    before = len(log(s)) if os.path.exists(f"/run/netstack/{s}/calls.log") else 0
+    p = subprocess.Popen([sys.executable, "-m", "netstack.cli", "--stack", s, "exec",
+                          "work", "--", "netstack-call", "personal", "my.Asked"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=dict(os.environ, SUDO_USER=""))
+    w = _pending(s)
+    p.send_signal(15)  # exec hands SIGTERM to the command: netstack-call ends
+    p.wait(30)
+    got = wait_for(lambda: [r for r in log(s)[before:] if r["id"] == w["id"]], 10, 0.05,
+                   "the withdrawn call's record")
+    assert len(got) == 1 and got[0]["verdict"] == "ask->deny", got
+    assert "withdrawn: the caller went away" in got[0]["reason"], got
+    assert not [r for r in log(s)[before:] if "Broken pipe" in r["reason"]]
+    assert json.loads(cli("--stack", s, "calls", "--json").stdout)["pending"] == []
 
 
 def test_copy_when_the_policy_asks(calls_stack):

@@ -6,6 +6,7 @@ switch, nothing to the first after it, nothing in clear (root)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ pytestmark = pytest.mark.root
 
 VPN, WEB = "203.0.113.10", "198.51.100.80"
 PORTS = {"wireguard": (51820, 51821), "openvpn": (1194, 1195)}
+# the suite's slowness factor (scripts/test-host's VM under emulation): it scales the
+# restart's part of the switch's bound, never failover_after's 3 s
+SLOW = float(os.environ.get("NETSTACK_TEST_SLOW", "1"))
 
 
 def config(kind: str, backend: str | None = None) -> str:
@@ -62,7 +66,8 @@ def test_failover_to_the_second_server(own_stack, tmp_path, param):
         in_ns(lab, "nft", "add table inet blk; add chain inet blk in { type filter hook "
               f"prerouting priority -300; }}; add rule inet blk in udp dport {first_port} drop")
         t0 = time.monotonic()
-        back = wait_for(lambda: fetch(work), 30, 0.05, "traffic through the second server")
+        back = wait_for(lambda: fetch(work), 30 * SLOW, 0.05,
+                        "traffic through the second server")
         took = time.monotonic() - t0
         assert back == VPN
         for _ in range(3):
@@ -83,7 +88,7 @@ def test_failover_to_the_second_server(own_stack, tmp_path, param):
         UDP in p and VPN in (p[IP].src, p[IP].dst) and
         {p[UDP].sport, p[UDP].dport} & {first_port, second_port})]
     assert not clear, clear[:5]
-    assert took < 3 + 8, f"{took:.1f} s to the second server"  # bound + restart
+    assert took < 3 + 8 * SLOW, f"{took:.1f} s to the second server"  # bound + restart
     st = json.loads(cli("--stack", s, "status", "--json").stdout)
     v = next(q for q in st["qubes"] if q["name"] == "sys-proxyvm")["vpn"]
     assert v["failover"]["current"] == 1 and v["endpoints"][0]["port"] == second_port

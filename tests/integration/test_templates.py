@@ -252,3 +252,32 @@ def test_a_template_in_use_is_not_removed_and_status_names_it(stack, template):
     doc = json.loads(cli("--stack", stack, "status", "--json", check=False).stdout)
     q = {x["name"]: x for x in doc["qubes"]}
     assert q["anon-whonix"]["template"] == template and "template" not in q["personal"]
+
+
+def test_a_workstation_template_and_its_workstation_environment(stack, cached_root):
+    """`--profile whonix-workstation` from a copied root: Whonix's UTC in the root a qube
+    sees, the profile's packages left for the next update (through the stack, never the
+    host), named by `template list`; and the workstation behind the Tor gateway gets Tor
+    Browser's environment (no tor of its own, the gateway's SOCKS and filtered control
+    port)."""
+    import json
+
+    name = "tw" + secrets.token_hex(3)
+    p = cli("template", "create", name, "--from", cached_root, "--profile",
+            "whonix-workstation", timeout=300)
+    try:
+        assert "installed by the next `netstack template update" in p.stdout
+        root = Path(f"{TEMPLATES}/{name}/root")
+        assert (root / "etc/timezone").read_text() == "Etc/UTC\n"
+        listed = {t["name"]: t for t in json.loads(cli("template", "list", "--json").stdout)}
+        assert listed[name]["profile"] == "whonix-workstation"
+        assert "libgtk-3-0" in listed[name]["wanted"] and listed[name]["include"] == []
+    finally:
+        cli("template", "remove", name, check=False)
+    env = dict(line.split("=", 1) for line in run(stack, "anon-whonix", "env").stdout
+               .splitlines() if "=" in line)
+    gw = load_state(stack).plan.qube("sys-whonix").ipv4
+    assert env["TOR_SKIP_LAUNCH"] == "1" and env["TOR_SOCKS_HOST"] == gw
+    assert (env["TOR_CONTROL_HOST"], env["TOR_CONTROL_PORT"]) == (gw, "9051")
+    assert env["TORSOCKS_TOR_ADDRESS"] == gw
+    assert "TOR_SKIP_LAUNCH" not in run(stack, "personal", "env").stdout

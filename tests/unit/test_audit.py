@@ -288,10 +288,10 @@ def test_broken_ruleset_is_caught_with_a_counterexample(tmp_path, name):
 def test_unknown_construct_is_unproven_never_pass(tmp_path):
     p = make_plan(tmp_path)
     rs = copy.deepcopy(rulesets(p))
-    insert_rule(rs, GW, "forward", [{"match": {"op": "==", "left": {"fib": {
-        "result": "oif", "flags": ["daddr"]}}, "right": "eth0"}}, {"accept": None}])
+    insert_rule(rs, GW, "forward", [{"match": {"op": "==", "left": {"meta": {
+        "key": "cgroup"}}, "right": 5}}, {"accept": None}])
     r = results(p, rs)[("sys-whonix", "Tor gateway forwards nothing")]
-    assert r.status == "UNPROVEN" and "fib" in r.reason
+    assert r.status == "UNPROVEN" and "cgroup" in r.reason
 
 
 def test_limit_is_may_match(tmp_path):

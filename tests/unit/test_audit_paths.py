@@ -157,7 +157,7 @@ def test_an_iptables_extension_is_named():
     assert "statement xt in ip filter FORWARD #9" in str(f) and "iptables" in str(f)
 
 
-def test_queue_and_tproxy_are_named():
+def test_queue_is_named_tproxy_is_modelled():
     d = {"nftables": [{"table": {"family": "inet", "name": "t"}},
                       {"chain": {"family": "inet", "table": "t", "name": "c", "type": "filter",
                                  "hook": "forward", "prio": 0}},
@@ -165,6 +165,10 @@ def test_queue_and_tproxy_are_named():
                                 "expr": [{"queue": {"num": 1}}]}}]}
     [f] = paths.nft_findings(d)
     assert "statement queue in inet t c #4" in str(f) and "user space" in str(f)
+    # tproxy gives the packet a socket; the evaluator follows it (both ways), and where
+    # the packet goes then is the routes' (a policy routing rule is a finding of its own)
+    d["nftables"][2]["rule"]["expr"] = [{"tproxy": {"port": 1234}}]
+    assert paths.nft_findings(d) == []
 
 
 FACTS = {"links": [{"name": "lo", "kind": None, "xdp": False, "master": None},

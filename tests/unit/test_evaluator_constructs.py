@@ -107,7 +107,7 @@ def test_a_masked_mark_and_masked_ct_status():
     ({"&": [M("length"), 0xff]}, 1, "bitwise & on length"),
     (M("cpu"), 1, "meta cpu"),
     ({"payload": {"base": "nh", "offset": 0, "len": 8}}, 1, "raw payload"),
-    ({"fib": {"flags": ["saddr"], "result": "type"}}, "local", "expression fib"),
+    ({"rt": {"key": "mtu"}}, 1500, "expression rt"),
 ])
 def test_selectors_it_does_not_model_are_named(left, right, says):
     v, _, unknown = run(doc(("c", [m(left, right), {"drop": None}])), PKT)
@@ -120,10 +120,16 @@ def test_sets_with_elements_and_dynamic_sets():
     d = doc(("c", [m(P("ip", "saddr"), "@ok"), {"drop": None}]), sets=[s])
     assert run(d, PKT)[0] == "drop"
     assert run(d, Packet(**{**PKT.__dict__, "saddr": "192.0.2.8"}))[0] == "accept"
-    for flags in (["dynamic"], ["timeout"]):  # as listed at this moment
-        dyn = {"name": "dy", "type": "ipv4_addr", "flags": flags, "elem": ["192.0.2.7"]}
-        d = doc(("c", [m(P("ip", "saddr"), "@dy"), {"drop": None}]), sets=[dyn])
-        assert run(d, PKT)[0] == "drop"
+    # a timed set: as listed at this moment
+    dyn = {"name": "dy", "type": "ipv4_addr", "flags": ["timeout"], "elem": ["192.0.2.7"]}
+    d = doc(("c", [m(P("ip", "saddr"), "@dy"), {"drop": None}]), sets=[dyn])
+    assert run(d, PKT)[0] == "drop"
+    # a set the packet path adds to (or flagged dynamic): in it or not, both ways
+    dyn = {"name": "dy", "type": "ipv4_addr", "flags": ["dynamic"], "elem": ["192.0.2.7"]}
+    d = doc(("c", [m(P("ip", "saddr"), "@dy"), {"drop": None}]), sets=[dyn])
+    v, _, unknown = run(d, PKT)
+    assert v == "unknown" and unknown == [
+        "c #10: @dy (a set the packet path adds to) (either way)"], unknown
     v, _, unknown = run(doc(("c", [m(P("ip", "saddr"), "@nosuch"), {"drop": None}])), PKT)
     assert v == "unknown" and "set @nosuch (not in the ruleset)" in unknown[0]
 

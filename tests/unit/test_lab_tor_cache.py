@@ -241,3 +241,22 @@ def test_authority_certificate_is_what_tor_gencert_writes_and_its_signatures_hol
     assert rid.key_size == 1024
     assert hashlib.sha1(rid.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.PKCS1)).hexdigest().upper() == rfp
+
+
+def test_a_relay_that_had_not_started_is_kept_without_keys(cache, tmp_path):
+    """A loaded host: `down` came before one relay made its keys. The network (the
+    authorities' keys) is kept all the same; the relay makes its keys at the next start.
+    An authority without its fingerprint is no network to keep."""
+    ns = nodes(str(tmp_path / "one" / "tor"))
+    lines = fake_run(ns)
+    relay = next(n for n in ns if n.role == "relay")
+    os.remove(os.path.join(relay.dir, "fingerprint"))
+    assert network.save(ns, str(tmp_path / "one" / "tor"))
+    again = nodes(str(tmp_path / "two" / "tor"))
+    assert network.restore(again) == lines
+    assert not os.path.exists(os.path.join(next(n for n in again if n.role == "relay").dir,
+                                           "fingerprint"))
+    network.purge_cache()
+    auth = next(n for n in ns if n.role == "authority")
+    os.remove(os.path.join(auth.dir, "fingerprint"))
+    assert not network.save(ns, str(tmp_path / "one" / "tor"))

@@ -37,19 +37,22 @@ LAYERS: list[tuple[str, list[str]]] = [
                           "tor.filter", "dhcp", "audit.evaluator", "audit.properties",
                           "audit.clientrules", "audit.paths", "audit.e2e", "audit.drift",
                           "audit.onefile", "policy", "lab.services", "lab.sink", "lab.serve",
-                          "lab.content", "lab.stun", "lab.vpnserver"]),
+                          "lab.content", "lab.stun", "lab.vpnserver", "vpn.natpmp",
+                          "vpn.portfwd", "lab.natpmpd", "lab.isp", "watchfilter",
+                          "audit.expect", "audit.matrix"]),
     ("kind specs", ["kinds.spec", "kinds.net", "kinds.firewall", "kinds.vpn", "kinds.tor",
                     "kinds.app"]),
     ("plan", ["plan", "lab.plan"]),
     ("apply", ["state", "supervisor", "processes", "reconcile", "health", "rules.names"]),
     ("kind runtimes", ["kinds.runtime", "kinds.net_runtime", "kinds.vpn_runtime",
-                       "kinds.tor_runtime", "kinds.app_runtime", "vpn.failover", "vpn.hook"]),
+                       "kinds.tor_runtime", "kinds.app_runtime", "vpn.failover", "vpn.hook",
+                       "vpn.portfwd_run", "connectivity"]),
     ("kind registry", ["kinds.registry"]),
     ("live changes", ["live", "stack", "disposable", "firewall_live", "attach", "service",
                       "executor", "template_cmd", "calls"]),
     ("proofs", ["audit", "audit.oracle", "audit.replay", "audit.whatif", "audit.rulesetfile",
                 "leaktest.battery", "leaktest.rulecases", "leaktest.local", "leaktest.callcheck",
-                "leaktest.capture", "leaktest.endpoints", "check", "metrics"]),
+                "leaktest.capture", "leaktest.endpoints", "check", "metrics", "watch"]),
     ("commands", ["cli", "pytest_plugin", "completion"]),
 ]
 
@@ -148,11 +151,12 @@ def test_upward_import_is_caught(graph: grimp.ImportGraph) -> None:
 
 
 # Where a RealKernel may be made: the entry of each program (the CLI, the supervisor, the
-# DHCP client's hook, the pytest plugin's fixture) and Kernel.fork (another thread's own
-# handles, derived from the entry's). Everything else is handed the kernel.
+# DHCP client's hook, the NAT-PMP renewer, the pytest plugin's fixture) and Kernel.fork
+# (another thread's own handles, derived from the entry's). Everything else is handed the
+# kernel.
 KERNEL_ENTRIES = {("netstack/cli.py", "main"), ("netstack/supervisor.py", "main"),
                   ("netstack/dhcp.py", "main"), ("netstack/pytest_plugin.py", "netstack_chain"),
-                  ("netstack/kernel.py", "fork")}
+                  ("netstack/kernel.py", "fork"), ("netstack/vpn/portfwd_run.py", "main")}
 
 
 def kernel_made(root: Any) -> list[tuple[str, str, int]]:

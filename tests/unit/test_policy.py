@@ -52,6 +52,27 @@ def test_first_match_wins():
     assert (v.action, v.target, v.rule) == ("allow", "work", "t.policy:2")
 
 
+def test_notify_and_autostart_follow_qubes_defaults():
+    """A denied call is told unless its line says notify=no (a call no line matches too);
+    an allowed or asked one only with notify=yes; autostart is on unless a line says
+    no (then a call that needs a new disposable is refused by the call layer)."""
+    assert verdict("", "work", "personal").notify
+    text = ("qubes.Filecopy * work personal deny notify=no\n"
+            "qubes.Filecopy * personal work deny\n"
+            "qubes.OpenInVM * work @dispvm allow notify=yes autostart=no\n"
+            "qubes.OpenInVM * personal @dispvm ask\n"
+            "qubes.Filecopy * vault work allow\n")
+    assert not verdict(text, "work", "personal").notify
+    assert verdict(text, "personal", "work").notify
+    v = verdict(text, "work", "@dispvm", "qubes.OpenInVM")
+    assert (v.action, v.notify, v.autostart) == ("allow", True, False)
+    v = verdict(text, "personal", "@dispvm", "qubes.OpenInVM")
+    assert (v.action, v.notify, v.autostart) == ("ask", False, True)
+    v = verdict(text, "vault", "work")
+    assert (v.action, v.notify, v.autostart) == ("allow", False, True)
+    assert "notify='maybe'" in err("qubes.Filecopy * @anyvm @anyvm allow notify=maybe\n")
+
+
 def test_service_and_argument():
     text = ("my.Svc +a work personal allow\n"
             "my.Svc + work personal ask\n"
@@ -239,6 +260,14 @@ def test_up_inputs_check_the_policy(tmp_path: Path):
         load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)
     assert str(e.value).startswith("config: policy.d/40-bad.policy:2: no app qube 'sys-net'")
     os.unlink(d / "40-bad.policy")
+    (d / "50-user.policy").write_text("my.Echo * work personal allow user=nosuchuser9\n")
+    with pytest.raises(ConfigError) as e:  # an account that is not there: refused at up
+        load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)
+    assert str(e.value).startswith("config: policy.d/50-user.policy:1: user=nosuchuser9: "
+                                   "no such account")
+    (d / "50-user.policy").write_text("my.Echo * work personal allow user=nobody\n")
+    load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)
+    os.unlink(d / "50-user.policy")
     cfg.write_text('[stack]\nservices = "svc"\n' + BASE)
     with pytest.raises(ConfigError, match="'services'"):
         load_inputs(str(cfg), "t1", UplinkSpec("lab"), SPECS, overlay={}, probe=False)

@@ -3,15 +3,21 @@ systemd-analyze verify, and `up` speaks the notify protocol (issue 16)."""
 
 from __future__ import annotations
 
+import argparse
+import array
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from netstack import service
+from netstack.errors import NotReady
+from netstack.kinds.runtime import KindRuntime
 from netstack.model import UplinkSpec
 from tests.unit.test_rules import ROOT
 
@@ -123,3 +129,102 @@ def test_bad_config_writes_nothing(tmp_path):
     r = cli("service", "install", str(bad), "--lab", "--unit-dir", str(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert os.listdir(tmp_path) == ["bad.toml"]
+
+
+def _notify_server(path: str, hold: float, got: list) -> threading.Thread:
+    """A stand-in for systemd's notify socket: reads one message with its fds, keeps the
+    fds `hold` s (systemd closes a BARRIER=1 fd once it has read what came before it)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(path)
+
+    def run() -> None:
+        with srv:
+            msg, anc, _, _ = srv.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+            fds = [fd for lvl, typ, data in anc if lvl == socket.SOL_SOCKET
+                   and typ == socket.SCM_RIGHTS for fd in array.array("i", data)]
+            got.append((msg, len(fds)))
+            time.sleep(hold)
+            for fd in fds:
+                os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_barrier_returns_once_systemd_closed_its_fd(tmp_path):
+    got: list = []
+    t = _notify_server(str(tmp_path / "n"), 0.3, got)
+    t0 = time.monotonic()
+    assert service.Notifier({"NOTIFY_SOCKET": str(tmp_path / "n")}).barrier(5)
+    took = time.monotonic() - t0
+    t.join()
+    assert got == [(b"BARRIER=1", 1)]
+    assert 0.3 <= took < 5, took  # waited for the close, not for the deadline
+
+
+def test_barrier_gives_up_at_its_deadline(tmp_path):
+    got: list = []
+    t = _notify_server(str(tmp_path / "n"), 1.0, got)  # the anti-test: held past 0.2 s
+    assert not service.Notifier({"NOTIFY_SOCKET": str(tmp_path / "n")}).barrier(0.2)
+    t.join()
+    assert service.Notifier({}).barrier(0.2)  # not under systemd: nothing to wait for
+
+
+class _SlowTunnel(KindRuntime):
+    """A recording fake runtime: not ready `fails` times, then ready."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails, self.calls = fails, 0
+
+    def wait_ready(self, q, st, k, timeout, progress):
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise NotReady(f"vpn {q.name}: not up after {timeout:.0f} s: no handshake")
+        return 0.0
+
+
+class _Sent:
+    def __init__(self, addr: str | None) -> None:
+        self.addr, self.sent = addr, []
+
+    def send(self, **fields) -> None:
+        self.sent.append(fields)
+
+
+@pytest.fixture
+def slow_kind(monkeypatch):
+    from netstack.kinds import registry
+    from netstack.state import State
+
+    rt = _SlowTunnel(2)
+    monkeypatch.setitem(registry.KINDS, "slowtest", registry.Kind(registry.KINDS["vpn"].spec, rt))
+    monkeypatch.setattr(State, "load", staticmethod(lambda stack: object()))  # the stack is up
+    return rt
+
+
+def _args() -> argparse.Namespace:
+    return argparse.Namespace(stack="t1", kernel=None)
+
+
+def test_under_systemd_up_waits_on_and_says_so(slow_kind):
+    """A tunnel that does not connect within the timeout is a state under systemd: `up`
+    reports it as STATUS and waits on, so the unit's last STATUS is the connected one."""
+    from netstack import cli
+
+    sd = _Sent("/run/systemd/notify")
+    q = argparse.Namespace(kind="slowtest", name="sys-proxyvm")
+    assert cli.wait_qube_ready(_args(), sd, q, None, 0.01) is not None
+    assert slow_kind.calls == 3
+    said = [f["status"] for f in sd.sent if "status" in f]
+    assert len(said) == 2 and all("not up after 0 s" in s and "still waiting" in s
+                                  for s in said), said
+
+
+def test_without_systemd_up_gives_up_at_the_timeout(slow_kind):
+    from netstack import cli
+
+    q = argparse.Namespace(kind="slowtest", name="sys-proxyvm")
+    with pytest.raises(NotReady):
+        cli.wait_qube_ready(_args(), _Sent(None), q, None, 0.01)
+    assert slow_kind.calls == 1

@@ -115,3 +115,32 @@ def test_a_disposable_like_a_templated_qube_runs_on_its_template(tmp_path, monke
     d = disposable.add("main", None, None, kernel=fk, like="anon-whonix")
     assert d.settings["template"] == "deb" and d.netvm == "sys-whonix"
     assert "template" not in disposable.add("main", "sys-firewall", "red", kernel=fk).settings
+
+
+def test_the_workstation_profile_is_tor_browsers_needs_and_whonix_defaults(tmp_path):
+    """`--profile whonix-workstation`: every package a valid Debian name (what reaches
+    mmdebstrap's --include or the update's apt), the root's clock zone UTC (a symlink
+    replacing whatever the root had, never written through), and an unknown profile one
+    line naming the choices."""
+    prof = template_cmd.profile("whonix-workstation")
+    assert prof is not None and template_cmd.profile(None) is None
+    assert template_cmd.packages(",".join(prof.packages)) == list(prof.packages)
+    assert {"libgtk-3-0", "libdbus-glib-1-2", "torsocks", "xz-utils"} <= set(prof.packages)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.write_text("host's\n")
+    (root / "etc/timezone").symlink_to(outside)  # a root's link must not be followed
+    template_cmd.apply_profile(str(root), prof)
+    assert (root / "etc/timezone").read_text() == "Etc/UTC\n" and \
+        outside.read_text() == "host's\n"
+    assert os.readlink(root / "etc/localtime") == "/usr/share/zoneinfo/Etc/UTC"
+    with pytest.raises(UsageError, match="--profile 'tails': use one of whonix-workstation"):
+        template_cmd.profile("tails")
+
+
+def test_an_update_installs_what_was_asked_and_what_the_profile_still_wants():
+    assert template_cmd.update_steps([]).endswith("dist-upgrade && apt-get clean")
+    steps = template_cmd.update_steps(["curl", "torsocks"])
+    assert "apt-get -y install curl torsocks && apt-get clean" in steps
+    assert steps.startswith("apt-get update && ")

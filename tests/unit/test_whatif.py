@@ -42,7 +42,7 @@ DOC = {"nftables": [
          {"accept": None}),
     rule("input", 5, m(IIF, "lan0"), m(SADDR, "192.0.2.7"), m(DPORT, 22), {"accept": None},
          comment="ssh from the admin box"),
-    rule("forward", 6, m(IIF, "lan0"), {"limit": {"rate": 5, "per": "second"}},
+    rule("forward", 6, m(IIF, "lan0"), m({"meta": {"key": "cgroup"}}, 5),
          {"accept": None}),
     rule("output", 7, m({"meta": {"key": "skuid"}}, 1000), {"drop": None}),
 ]}
@@ -94,7 +94,7 @@ def test_verdict_per_hook_with_the_deciding_rule():
 def test_what_it_cannot_decide_is_unknown_and_named():
     p, path = whatif.parse("iifname=lan0 oifname=wan0 ip daddr=203.0.113.10")
     w = whatif.judge(DOC, p, path)
-    assert w.verdict == "unknown" and any("limit" in u for u in w.hooks[1].unknown)
+    assert w.verdict == "unknown" and any("cgroup" in u for u in w.hooks[1].unknown)
     # outside the unknown rule's other matches the rule cannot match: decided
     p, path = whatif.parse("iifname=wan0 oifname=lan0 ip daddr=192.0.2.7")
     assert whatif.judge(DOC, p, path).verdict == "drop"
@@ -103,7 +103,7 @@ def test_what_it_cannot_decide_is_unknown_and_named():
 def test_file_audit_names_the_unmodelled_and_never_raises(tmp_path):
     a = onefile.audit(DOC, "t.json")
     assert [r.status for r in a.results] == ["FAIL", "FAIL", "FAIL", "PASS"]  # output accepts
-    assert [u["construct"] for u in a.unmodelled] == ["limit/quota: may match"]
+    assert [u["construct"] for u in a.unmodelled] == ["meta cgroup"]
     assert a.unmodelled[0]["where"] == ["t forward #6"]
     broken = {"nftables": [{"chain": {"family": "inet", "table": "t"}}]}  # no name
     b = onefile.audit(broken, "b.json")
@@ -116,7 +116,7 @@ def test_cli_on_a_json_file(tmp_path, capsys):
     f.write_text(json.dumps(DOC))
     assert cli.main(["audit", "--ruleset", str(f)]) == 1
     out = capsys.readouterr().out
-    assert "UNPROVEN limit/quota: may match: not modelled, in t forward #6" in out
+    assert "UNPROVEN meta cgroup: not modelled, in t forward #6" in out
     assert cli.main(["audit", "--ruleset", str(f), "--packet",
                      "iifname=lan0 ip saddr=192.0.2.7 tcp dport=22"]) == 0
     out = capsys.readouterr().out

@@ -102,8 +102,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     said = (f"stack {args.stack!r} up: {count(len(p.qubes), 'qube')}"
             + (f", lab with {count(len(p.lab.hosts), 'host')}" if p.lab else ""))
-    print(said)
     from netstack import journal
+
+    if not (journal.wanted() and journal.stderr_is_journal(fd=1)):  # else: the record says it
+        print(said)
     from netstack.kinds.app_runtime import gui_status
 
     for q in p.qubes:  # what a display grant means, said where it is made
@@ -132,9 +134,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             timeout = tor_timeout if q.traits.protection == "tor" else vpn_timeout
             took = wait_qube_ready(args, sd, q, st, timeout)
             if took is not None:
-                print(f"\n{q.kind} {q.name}: ready in {took:.1f} s", file=sys.stderr)
-                journal.send(f"{q.kind} {q.name}: ready in {took:.1f} s", stack=args.stack,
-                             event="ready", qube=q.name, kind=q.kind, seconds=f"{took:.1f}")
+                said = f"{q.kind} {q.name}: ready in {took:.1f} s"
+                if not (journal.send(said, stack=args.stack, event="ready", qube=q.name,
+                                     kind=q.kind, seconds=f"{took:.1f}")
+                        and journal.stderr_is_journal()):  # said once under systemd
+                    print(f"\n{said}", file=sys.stderr)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return _fail(args, f"stopped waiting; {left_up}", 130)

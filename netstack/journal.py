@@ -40,13 +40,14 @@ def wanted(env: Mapping[str, str] | None = None, socket_path: str = SOCKET) -> b
     return "INVOCATION_ID" in env and os.path.exists(socket_path)
 
 
-def stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
-    """systemd connected our stderr to the journal (JOURNAL_STREAM is "DEV:INODE" of that
-    stream, systemd.exec(5)): a plain line there would repeat a structured record."""
+def stderr_is_journal(env: Mapping[str, str] | None = None, fd: int | None = None) -> bool:
+    """systemd connected our stderr (or `fd`) to the journal (JOURNAL_STREAM is "DEV:INODE"
+    of that stream, systemd.exec(5)): a plain line there would repeat a structured
+    record."""
     env = os.environ if env is None else env
     try:
         dev, ino = (int(x) for x in env.get("JOURNAL_STREAM", "").split(":"))
-        st = os.fstat(sys.stderr.fileno())
+        st = os.fstat(sys.stderr.fileno() if fd is None else fd)
     except (ValueError, OSError, AttributeError):
         return False
     return (st.st_dev, st.st_ino) == (dev, ino)

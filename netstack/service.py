@@ -110,9 +110,10 @@ def _service(down: str, up: str, supervised: bool) -> list[str]:
 
 def template_text(netstack: str = BIN, etc: str = "/etc/netstack") -> str:
     """The Debian package's template unit (pure): netstack@NAME.service brings up the stack
-    NAME from NAME.toml (`up NAME` finds it in /etc/netstack) with the uplink options of
-    ETC/NAME.env (`NETSTACK_UPLINK=--uplink eth0 --uplink-mode nat`, or `--lab`); the file
-    is required: no uplink said, no chain. For nat and lab mode: a move-mode chain must
+    NAME from NAME.toml (`up NAME` finds it in /etc/netstack) with the options of `up` in
+    ETC/NAME.env: the uplink (`NETSTACK_UP_OPTIONS=--uplink eth0 --uplink-mode nat`, or
+    `--lab`) and any other (`--vpn-timeout 120`); the file is required: no uplink said, no
+    chain. For nat and lab mode: a move-mode chain must
     be ordered before the host's network and after its device, which a template cannot
     name, so `netstack service install NAME --uplink DEV` writes that unit instead.
     RemainAfterExit: a template cannot know whether the stack has a supervisor to be the
@@ -125,13 +126,13 @@ def template_text(netstack: str = BIN, etc: str = "/etc/netstack") -> str:
             "Documentation=man:netstack(1) man:netstack-service(1)",
             "After=local-fs.target network-online.target", "Wants=network-online.target"]
     service = [f"EnvironmentFile={etc}/%i.env",
-               *_service(cmd("down"), cmd("up", "%i") + " $NETSTACK_UPLINK", True),
+               *_service(cmd("down"), cmd("up", "%i") + " $NETSTACK_UP_OPTIONS", True),
                "RemainAfterExit=yes",
                # 2: a bad config or usage (no NAME.toml, a bad name): no restart loop
                "RestartPreventExitStatus=2"]
     return (f"# {TEMPLATE}: the chain of {etc}/NAME.toml as the stack NAME (1-8 of a-z 0-9);\n"
-            f"# {etc}/NAME.env says its uplink: NETSTACK_UPLINK=--uplink DEV --uplink-mode "
-            "nat, or --lab\n"
+            f"# {etc}/NAME.env has up's options: NETSTACK_UP_OPTIONS=--uplink DEV --uplink-mode "
+            "nat (or --lab)\n"
             "[Unit]\n" + "\n".join(unit) + "\n\n[Service]\n" + "\n".join(service)
             + "\n\n[Install]\nWantedBy=multi-user.target\n")
 

@@ -193,7 +193,7 @@ def test_installed_completion_hook_completes_through_the_command(extracted, tmp_
 def test_template_unit(extracted, tmp_path):
     text = (extracted / "lib/systemd/system/netstack@.service").read_text()
     assert text == service.template_text()
-    assert "ExecStart=/usr/bin/netstack --stack %i up %i $NETSTACK_UPLINK" in text
+    assert "ExecStart=/usr/bin/netstack --stack %i up %i $NETSTACK_UP_OPTIONS" in text
     assert "EnvironmentFile=/etc/netstack/%i.env" in text  # required: no uplink, no chain
     assert "RestartPreventExitStatus=2" in text
     if shutil.which("systemd-analyze"):
@@ -202,7 +202,7 @@ def test_template_unit(extracted, tmp_path):
         exe.chmod(0o755)
         unit = tmp_path / "netstack@work.service"
         unit.write_text(service.template_text(str(exe), str(tmp_path)))
-        (tmp_path / "work.env").write_text("NETSTACK_UPLINK=--lab\n")
+        (tmp_path / "work.env").write_text("NETSTACK_UP_OPTIONS=--lab\n")
         # --man=no: the pages it names are the package's, not on this host
         p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                            capture_output=True, text=True)

@@ -448,6 +448,8 @@ def _rules(draw, c: Ctx) -> list[dict[str, Any]]:
             n, t = implied(x)
             if len(net_all | n) > 1 or len(l4_all | t) > 1:
                 continue
+            if "arp" in net_all | n and l4_all | t:  # ARP carries no transport header
+                continue
             kept.append(x)
             net_all |= n
             l4_all |= t

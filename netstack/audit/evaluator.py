@@ -1078,9 +1078,6 @@ PAIRINGS: tuple[Box, ...] = (
     # a ct mark exactly where there is a connection; a group exactly where a device
     {"ct_state": eq_pred(space.NO_CONNECTION), "ctmark": NOT_NONE},
     {"ct_state": CONNECTED, "ctmark": eq_pred([None])},
-    # a new connection's entry is made with mark 0 (nf_conntrack_in): only a rule the
-    # packet meets can set it (a related one may inherit its master's)
-    {"ct_state": eq_pred(["new"]), "ctmark": Pred(lambda x: x is not None and x != 0)},
     {"iif": eq_pred([NO_IFACE]), "iifgroup": NOT_NONE},
     {"iif": HAS_IFACE, "iifgroup": eq_pred([None])},
     {"oif": eq_pred([NO_IFACE]), "oifgroup": NOT_NONE},

@@ -36,7 +36,8 @@ def config(watch: bool, on_leak: str = "log", failover: bool = False) -> str:
     if failover:
         text = text.replace('config = "lab:wireguard"',
                             'config = ["lab:wireguard", "lab:wireguard2"]\nfailover_after = 3')
-    head = f'[stack]\nwatch = {"true" if watch else "false"}\non_leak = "{on_leak}"\n\n'
+    head = (f'[stack]\nwatch = true\non_leak = "{on_leak}"\n\n' if watch
+            else '[stack]\nwatch = false\n\n')  # on_leak without a watch is refused
     return head + text
 
 

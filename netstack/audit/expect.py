@@ -639,11 +639,9 @@ def _allow(s: Statement, ctx: Context, froms: list[End | None], tos: list[End | 
         r, m, hk = _none_accepted(s, ctx, [(None, t) for t in tos], others, as_positive=True)
         n += m
         hooks += hk
-        if r is not None and r.status == "FAIL":
-            v = _result_to_verdict(s, r, {"FAIL": "REFUTED"}, "")
-            v.reason = f"{r.reason}: a source outside `from` gets in"
-            v.classes = n
-            return v
+        refuted = _refuted_by(s, r, n, "a source outside `from` gets in")
+        if refuted is not None:
+            return refuted
         if r is not None and worst is None:
             worst = _result_to_verdict(s, r, {"UNPROVEN": "UNPROVEN"}, "")
     if worst is not None:
@@ -652,6 +650,17 @@ def _allow(s: Statement, ctx: Context, froms: list[End | None], tos: list[End | 
     return Verdict(s, "PROVEN", "every new connection it allows is accepted"
                    + (", from nowhere else" if s.only else "") + f" ({_hooks(hooks, ctx)})",
                    classes=n)
+
+
+def _refuted_by(s: Statement, r: Any, n: int, why: str) -> Verdict | None:
+    """The `only` half of a statement: a FAIL of "nothing outside is accepted" is the
+    packet that refutes it (None: no such packet was found)."""
+    if r is None or r.status != "FAIL":
+        return None
+    v = _result_to_verdict(s, r, {"FAIL": "REFUTED"}, "")
+    v.reason = f"{r.reason}: {why}"
+    v.classes = n
+    return v
 
 
 def _reach(s: Statement, ctx: Context, froms: list[End | None], tos: list[End | None]
@@ -683,11 +692,9 @@ def _reach(s: Statement, ctx: Context, froms: list[End | None], tos: list[End | 
             return [end_box(t, "to") for t in s.tos if _covers(t, hook)]
         r, m, hooks = _none_accepted(s, ctx, [(f, None) for f in froms], inside)
         n += m
-        if r is not None and r.status == "FAIL":
-            v = _result_to_verdict(s, r, {"FAIL": "REFUTED"}, "")
-            v.reason = f"{r.reason}: it reaches something outside `to`"
-            v.classes = n
-            return v
+        refuted = _refuted_by(s, r, n, "it reaches something outside `to`")
+        if refuted is not None:
+            return refuted
         if r is not None and unproven is None:
             unproven = _result_to_verdict(s, r, {"UNPROVEN": "UNPROVEN"}, "")
     if unproven is not None:

@@ -24,6 +24,9 @@ from a guess:
 - answered: the netvm's own service answered it (a Tor gateway's DNSPort answering from
   its cache): the evaluator delivers it to the netvm itself (input accepted), a reply is on
   the workstation's link, and no link beyond carried it. Not a leak, not a bypass.
+- held: a DNS query the netvm's own resolver took (delivered to it as for answered) that
+  got no reply while CMD ran, and no link beyond carried it: not a leak (had the resolver
+  asked on, a lab host would have logged the name), not a bypass, not a wolf cry.
 - unknown: anything else (no lab host saw it, yet the evaluator lets it through, or its
   packets are seen beyond the hop the evaluator names), always with the reason.
 
@@ -104,7 +107,7 @@ class Flow:
     packets: int = 0
     bytes: int = 0
     klass: str = "allowed"
-    outcome: str = "unknown"  # left | answered | stopped | unknown
+    outcome: str = "unknown"  # left | answered | held | stopped | unknown
     via: str | None = None  # tor | vpn | direct (how it reached the lab, when it did)
     names: list[str] = field(default_factory=list)
     stopped_by: dict[str, Any] | None = None
@@ -954,6 +957,16 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
                 f.reason = (f"{rule['qube']}'s own service answered it (e.g. Tor's DNSPort "
                             "from its cache) and no link beyond carried it")
                 continue
+            if f.dport == 53 and past is None:  # its resolver, which has not replied
+                f.outcome = "held"
+                f.evidence.append(Evidence(
+                    "rule", rule["qube"], None, None, f"{rule['hook']}: {rule['rule']}"
+                    + (f" (handle {rule['handle']})" if rule.get("handle") is not None
+                       else "") + ": delivered to its own service, no reply"))
+                f.reason = (f"{rule['qube']}'s own resolver took it and did not reply while "
+                            "the command ran (glibc asks the second nameserver when the "
+                            "first fails); no link beyond carried it")
+                continue
             f.outcome = "unknown"
             f.reason = (f"{rule['qube']} hands it to its own service ({rule['hook']}: "
                         f"{rule['rule']}; a transparent proxy, a resolver) and no lab host "
@@ -1173,6 +1186,8 @@ def flow_line(f: Flow) -> str:
         how = f"left via {f.via}"
     elif f.outcome == "answered":
         how = f"answered by the chain itself: {f.reason}"
+    elif f.outcome == "held":
+        how = f"held by the chain itself: {f.reason}"
     elif f.outcome == "stopped" and f.stopped_by:
         s = f.stopped_by
         how = (f"stopped by {s['qube']} {s['hook']}: {s['rule']}"

@@ -41,14 +41,15 @@ class Flows:
         return len(self.report.flows)
 
     def only_via(self, way: str) -> Flows:
-        """Every flow left `way` (tor | vpn | direct) or was answered by the chain's own
-        resolver, nothing was stopped, nothing leaked, no outcome is unknown (a flow no
+        """Every flow left `way` (tor | vpn | direct) or was answered (or held) by the
+        chain's own resolver, nothing was stopped, nothing leaked, no outcome is unknown (a flow no
         evidence settles is never taken as fine); else a FlowError naming each offending
         flow with its reason."""
         from netstack.check import flow_line
 
         bad = [f"  {f.klass}: {flow_line(f)}" for f in self.report.flows
-               if f.outcome != "answered" and (f.outcome != "left" or f.via != way)]
+               if f.outcome not in ("answered", "held")
+               and (f.outcome != "left" or f.via != way)]
         bad += [f"  LEAK on {x.link}: {x.summary} ({x.pcap} frame {x.frame})"
                 for x in self.report.leaks]
         if bad:

@@ -249,12 +249,16 @@ class KernelLab:
         # neighbours' own ARP and ND, moved by a rule without matches, out of the count
         mark = int.from_bytes(b"nstkoracle", "big")
         rules = []
-        for protos, offset in ((["udp", "icmp", "ipv6-icmp"], 64), (["tcp"], 160)):
+        # udp and icmp carry it after 8 bytes, tcp after 20; any other IP protocol (ospf,
+        # gre, a number) right after the IP header, as leaktest/send.py builds it
+        known = ["udp", "icmp", "ipv6-icmp", "tcp"]
+        for op, protos, offset in (("==", known[:3], 64), ("==", ["tcp"], 160),
+                                   ("!=", known, 0)):
             rules.append({"add": {"rule": {"family": "netdev", "table": "nsobs",
                                            "chain": "moved", "expr": [
                 {"match": {"op": "!=", "left": {"payload": {"protocol": "ether",
                                                             "field": "saddr"}}, "right": mac}},
-                {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                {"match": {"op": op, "left": {"meta": {"key": "l4proto"}},
                            "right": {"set": protos}}},
                 {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": offset,
                                                             "len": 80}}, "right": hex(mark)}},

@@ -428,7 +428,25 @@ def test_dns_the_gateway_answers_itself_is_answered_not_stopped_nor_unknown():
     f = fl[("udp", "10.139.1.1", 53, 5300)]
     assert (f.outcome, f.stopped_by, r.verdict) == ("answered", None, 0)
     assert "answered by the chain itself" in check.flow_line(f)
+
+
+def test_dns_the_gateway_takes_and_does_not_answer_is_held_not_unknown():
+    """glibc asks the second nameserver (10.139.1.2) when the first fails; the gateway's
+    DNSPort may not answer that one before the command ends (CI of stop 33: check cried
+    UNKNOWN on a whole chain). Held: exit 0, never stopped, never unknown."""
     r, fl = model(_dns_exchange(reply=False), stop=lambda f: LOCAL)
+    f = fl[("udp", "10.139.1.1", 53, 5300)]
+    assert (f.outcome, f.stopped_by, r.verdict) == ("held", None, 0)
+    assert "held by the chain itself" in check.flow_line(f)
+
+
+def test_dns_the_gateway_takes_but_a_link_beyond_carried_is_unknown():
+    """Held only when nothing past the gateway carried it."""
+    from scapy.layers.l2 import Ether
+
+    q = _dns_exchange(reply=False)[0]
+    past = check.Seen("sys-whonix:uplink", "gateway-uplink", "/p/up.pcap", [Ether(bytes(q))])
+    r, fl = model([q], seen=[past], stop=lambda f: LOCAL)
     assert fl[("udp", "10.139.1.1", 53, 5300)].outcome == "unknown" and r.verdict == 1
 
 

@@ -225,7 +225,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             raise
         from netstack import sandbox  # a stack that is down: only its homes are left
 
-        homes, lab = sandbox.purge_homes(args.stack), _purge_lab_tor()
+        homes, lab = sandbox.purge_homes(args.stack), _purge_lab_tor(args.stack)
         if not (homes or lab):
             raise
         print(f"stack {args.stack!r} was down; removed: "
@@ -244,7 +244,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         from netstack import sandbox
 
         gone = [w for w, x in (("app qubes' homes", sandbox.purge_homes(args.stack)),
-                               ("the kept lab Tor network", _purge_lab_tor())) if x]
+                               ("the kept lab Tor network", _purge_lab_tor(args.stack)))
+                if x]
         print(f"stack {args.stack!r} down, removed: {', '.join(gone)}" if gone else
               f"stack {args.stack!r} down (no homes or kept lab to remove)")
         return 0
@@ -254,11 +255,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _purge_lab_tor() -> bool:
-    """The lab's private Tor network kept for a warm `up --lab` (netstack.tor.network)."""
+def _purge_lab_tor(stack: str) -> bool:
+    """The lab's private Tor network this stack kept for a warm `up --lab`
+    (netstack.tor.network); other stacks' shapes stay."""
     from netstack.tor.network import purge_cache
 
-    return purge_cache()
+    return purge_cache(stack)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -1309,9 +1311,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("down", help="remove everything of a stack (also after a crash)")
     p.add_argument("--purge", action="store_true",
-                   help="also remove the app qubes' persistent homes and the lab's kept "
-                        "private Tor network (keys, consensus: /var/lib/netstack/lab-tor; "
-                        "shared by every stack's lab: the next `up --lab` makes a new one)")
+                   help="also remove the app qubes' persistent homes and the lab's "
+                        "private Tor network this stack kept (keys, consensus, under "
+                        "/var/lib/netstack/lab-tor; a stack of the same lab shape shares it; "
+                        "the next `up --lab` makes a new one)")
     p.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS",
                    help="wait this long for another netstack changing the stack (a "
                         "disposable being made, a firewall change) to finish (default 60)")

@@ -656,7 +656,7 @@ def _keep_lab_tor(st: State) -> None:
     from netstack.tor import network
 
     try:
-        network.save(list(lab.tor_nodes.values()), lab.tor_dir)
+        network.save(list(lab.tor_nodes.values()), lab.tor_dir, stack=st.stack)
     except OSError as e:
         print(f"netstack: lab Tor network not kept for the next up: {e}", file=sys.stderr)
 

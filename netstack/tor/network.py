@@ -355,10 +355,23 @@ def restore(nodes: list[TorNode]) -> list[str] | None:
     return dirauths
 
 
-def save(nodes: list[TorNode], base: str) -> bool:
+STACKS = "stacks"  # in a kept network: the stacks whose `down` kept it, one per line
+
+
+def _stacks_of(d: str) -> list[str]:
+    try:
+        with open(os.path.join(d, STACKS)) as f:
+            return [x for x in f.read().splitlines() if x]
+    except OSError:
+        return []
+
+
+def save(nodes: list[TorNode], base: str, stack: str | None = None) -> bool:
     """At `down`, with the nodes' tor processes ended: keep their DataDirectories for the
-    next `up` of this shape. A cache made by another stack with other keys (two cold ups
-    at once) is left as it is. Returns whether this network is kept."""
+    next `up` of this shape, naming `stack` among those that kept it (so that its
+    `down --purge` removes this network and leaves other shapes' alone). A cache made by
+    another stack with other keys (two cold ups at once) is left as it is. Returns whether
+    this network is kept."""
     try:
         with open(os.path.join(base, DIRAUTHS)) as f:
             lines = [x for x in f.read().splitlines() if x]
@@ -388,6 +401,9 @@ def save(nodes: list[TorNode], base: str) -> bool:
                             ignore=_ignore)
         atomic_write(os.path.join(tmp, "shape.json"), json.dumps(shape(nodes), indent=1))
         atomic_write(os.path.join(tmp, DIRAUTHS), "\n".join(lines) + "\n")
+        kept_by = _stacks_of(d) + ([stack] if stack else [])
+        atomic_write(os.path.join(tmp, STACKS), "".join(f"{x}\n" for x in
+                                                         dict.fromkeys(kept_by)))
         old = f"{d}.old{os.getpid()}"
         if os.path.isdir(d):
             os.rename(d, old)
@@ -408,24 +424,31 @@ def _ignore(src: str, names: list[str]) -> list[str]:
     return out
 
 
-def purge_cache() -> bool:
-    """`down --purge`: every kept lab Tor network goes. Returns whether one was there."""
+def purge_cache(stack: str | None = None) -> bool:
+    """`down --purge`: the kept lab Tor networks `stack` kept (a network of the same shape
+    kept by other stacks too goes with it: they share it; other shapes stay), or every one
+    (stack None). CACHE_ROOT goes when nothing is left in it. Returns whether one went."""
     if not os.path.lexists(CACHE_ROOT):
         return False
     if os.path.islink(CACHE_ROOT):
         raise ApplyError(f"{CACHE_ROOT} is a symlink, not netstack's own directory; left "
                          "alone")
+    gone = False
     with _locked():
         for x in os.listdir(CACHE_ROOT):
-            if x != ".lock":
-                shutil.rmtree(os.path.join(CACHE_ROOT, x), ignore_errors=True)
+            d = os.path.join(CACHE_ROOT, x)
+            if x != ".lock" and (stack is None or stack in _stacks_of(d)):
+                shutil.rmtree(d, ignore_errors=True)
+                gone = True
+        if set(os.listdir(CACHE_ROOT)) - {".lock"}:
+            return gone
     shutil.rmtree(CACHE_ROOT, ignore_errors=True)
     from netstack.sandbox import HOME_ROOT
 
     if os.path.dirname(CACHE_ROOT) == HOME_ROOT:
         with contextlib.suppress(OSError):  # nothing else of netstack's left there
             os.rmdir(HOME_ROOT)
-    return True
+    return gone
 
 
 def seed_client(nodes: Iterable[TorNode], datadir: str, user: str) -> list[str]:

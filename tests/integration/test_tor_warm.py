@@ -71,6 +71,11 @@ def test_warm_up_reuses_keys_other_shape_does_not_purge_removes(own_stack, tmp_p
     assert network.cache_dir(bplan.lab.tor_nodes.values()) != network.cache_dir(nodes)
     p = cli("--stack", b, "down", "--purge", env=env)
     assert "the kept lab Tor network" in p.stdout
+    # only what b kept (review2 finding 7): the first shape, kept by s, stays
+    bkept = os.path.join(cache, os.path.basename(network.cache_dir(bplan.lab.tor_nodes.values())))
+    assert not os.path.exists(bkept) and os.path.isdir(kept)
+    p = cli("--stack", s, "down", "--purge", env=env)  # s is down: its kept network goes
+    assert "the kept lab Tor network" in p.stdout, p.stdout + p.stderr
     assert not os.path.exists(cache)
 
 

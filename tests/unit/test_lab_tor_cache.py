@@ -260,3 +260,23 @@ def test_a_relay_that_had_not_started_is_kept_without_keys(cache, tmp_path):
     auth = next(n for n in ns if n.role == "authority")
     os.remove(os.path.join(auth.dir, "fingerprint"))
     assert not network.save(ns, str(tmp_path / "one" / "tor"))
+
+
+def test_purge_of_a_stack_removes_only_the_networks_it_kept(cache, tmp_path):
+    """review2 finding 7: `down --purge` of a stack without Tor removed every stack's kept
+    lab Tor network. Now: what this stack's down kept (shared with a stack of the same
+    shape), never another shape's; the directory goes with its last network."""
+    mine = nodes(str(tmp_path / "one" / "tor"))
+    fake_run(mine)
+    assert network.save(mine, str(tmp_path / "one" / "tor"), stack="a")
+    assert network.save(mine, str(tmp_path / "one" / "tor"), stack="b")  # same shape
+    other = nodes(str(tmp_path / "two" / "tor"), exit_addr="203.0.113.42")
+    fake_run(other, salt=500)
+    assert network.save(other, str(tmp_path / "two" / "tor"), stack="c")
+    assert network.cache_dir(mine) != network.cache_dir(other)
+    assert not network.purge_cache("no-tor")  # a stack that kept nothing removes nothing
+    assert os.path.isdir(network.cache_dir(mine)) and os.path.isdir(network.cache_dir(other))
+    assert network.purge_cache("b")
+    assert not os.path.exists(network.cache_dir(mine))
+    assert os.path.isdir(network.cache_dir(other))
+    assert network.purge_cache("c") and not os.path.exists(cache)

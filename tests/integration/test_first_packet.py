@@ -141,10 +141,14 @@ def test_first_packet_within_a_round_trip_of_up(kind, tmp_path):
     # VM (TCG, every process start ~5-10x slower) scaled by this run's own slowness, the
     # time `up` took to start the tunnel's daemon against the development machine's
     # (docs/field-notes.md, "qemu and Debian's kernel").
-    scale = vm_factor([p["daemon"] for p in phases if p.get("daemon") is not None])
-    assert max(took) < BOUND * scale, \
-        f"first packet after {took} s (bound {BOUND} x {scale:.1f}): a first handshake " \
-        f"was lost (phases, s after `up` began: {phases})"
+    # Each run by its own slowness: a cold first run in the VM reached its daemon in 16.9 s
+    # against 8.4 s for the next, and the median's scale failed it with its handshake
+    # 0.1 s after the tunnel's start (test-host, 2026-12-07)
+    for t, run in zip(took, phases, strict=True):
+        scale = vm_factor([run["daemon"]] if run.get("daemon") is not None else [])
+        assert t < BOUND * scale, \
+            f"first packet after {took} s (bound {BOUND} x {scale:.1f}): a first " \
+            f"handshake was lost (phases, s after `up` began: {phases})"
 
 
 DEV_DAEMON_S = 1.7  # `up` to the tunnel daemon's start: development machine, median, load 11

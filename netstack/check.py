@@ -24,9 +24,11 @@ from a guess:
 - answered: the netvm's own service answered it (a Tor gateway's DNSPort answering from
   its cache): the evaluator delivers it to the netvm itself (input accepted), a reply is on
   the workstation's link, and no link beyond carried it. Not a leak, not a bypass.
-- held: a DNS query the netvm's own resolver took (delivered to it as for answered) that
-  got no reply while CMD ran, and no link beyond carried it: not a leak (had the resolver
-  asked on, a lab host would have logged the name), not a bypass, not a wolf cry.
+- held: what the netvm's own service took (delivered to it as for answered: a DNS query
+  its resolver did not answer while CMD ran, a stream Tor's TransPort gave up) and no
+  link beyond carried and no lab host logged: it never left (had the service sent it on,
+  the lab's hosts, its sink included, would have logged it). Not a leak, not a bypass,
+  not a wolf cry; a command that failed for it exits 3.
 - unknown: anything else (no lab host saw it, yet the evaluator lets it through, or its
   packets are seen beyond the hop the evaluator names), always with the reason.
 
@@ -957,15 +959,19 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
                 f.reason = (f"{rule['qube']}'s own service answered it (e.g. Tor's DNSPort "
                             "from its cache) and no link beyond carried it")
                 continue
-            if f.dport == 53 and past is None:  # its resolver, which has not replied
+            if past is None:  # its own service took it, and it went nowhere in the lab
                 f.outcome = "held"
                 f.evidence.append(Evidence(
                     "rule", rule["qube"], None, None, f"{rule['hook']}: {rule['rule']}"
                     + (f" (handle {rule['handle']})" if rule.get("handle") is not None
-                       else "") + ": delivered to its own service, no reply"))
+                       else "") + ": delivered to its own service, which sent it nowhere"))
                 f.reason = (f"{rule['qube']}'s own resolver took it and did not reply while "
                             "the command ran (glibc asks the second nameserver when the "
-                            "first fails); no link beyond carried it")
+                            "first fails); no link beyond carried it" if f.dport == 53 else
+                            f"{rule['qube']}'s own service took it ({rule['hook']}: "
+                            f"{rule['rule']}; Tor's TransPort) and no lab host saw it: it "
+                            "never left (a stream Tor gave up; the command's exit says how "
+                            "it fared)")
                 continue
             f.outcome = "unknown"
             f.reason = (f"{rule['qube']} hands it to its own service ({rule['hook']}: "

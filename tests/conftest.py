@@ -10,6 +10,24 @@ import pytest
 
 PR_SET_CHILD_SUBREAPER = 36
 
+# scripts/test runs the suite on two pytest-xdist workers. Each worker's stacks get a
+# letter of its own after NETSTACK_TEST_STACK_PREFIX, so that what one worker's test checks
+# on the host (tests/integration/util.py snapshot_host) can tell the other's stacks from
+# its own. Set at import, before a test makes a name.
+WORKER_LETTERS = "xyzuvw"
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    import signal
+
+    # an xdist worker starts with SIGINT ignored, and every program a test starts would
+    # inherit that (Ctrl-C tests, a prompt dismissed with Ctrl-C: nothing happened). A
+    # handler is reset to the default at exec, as under a plain pytest.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _n = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    os.environ.setdefault("NETSTACK_TEST_BASE_PREFIX",
+                          os.environ.get("NETSTACK_TEST_STACK_PREFIX", ""))
+    os.environ["NETSTACK_TEST_STACK_PREFIX"] = (os.environ["NETSTACK_TEST_BASE_PREFIX"]
+                                                + WORKER_LETTERS[_n % len(WORKER_LETTERS)])
+
 # tests/host runs only inside scripts/test-host's VM (a Debian kernel with modules, systemd
 # as PID 1): tests/host/vm-run.sh sets NETSTACK_TEST_HOST=1 there
 collect_ignore = [] if os.environ.get("NETSTACK_TEST_HOST") == "1" else ["host"]

@@ -60,6 +60,7 @@ class Capture:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self._settle()
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(5)
@@ -72,6 +73,28 @@ class Capture:
         if self._reg is not None:
             unregister_process(self._reg)
             self._reg = None
+
+    def _settle(self, quiet: float = 0.05, deadline: float = 1.0) -> None:
+        """Until the pcap has not grown for `quiet` seconds (at most `deadline`): tcpdump
+        exits at SIGINT without reading what is still queued for it, so a packet that
+        crossed the link just before the stop was lost (a ping's reply, on a loaded host:
+        docs/field-notes.md, "tcpdump at SIGINT"). With -U each packet read is written at
+        once, so a pcap that stops growing is one tcpdump has caught up with."""
+        def size() -> int:
+            try:
+                return os.stat(self.path).st_size
+            except OSError:
+                return -1
+
+        end = time.monotonic() + deadline
+        last, since = size(), time.monotonic()
+        while time.monotonic() < end:
+            time.sleep(quiet / 3)  # a poll with a deadline: the pcap's size is the event
+            now = size()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
 
     def packets(self) -> list[Any]:
         import scapy.layers.inet  # noqa: F401  (register Ethernet/IP dissectors, else Raw)

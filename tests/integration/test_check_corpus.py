@@ -228,8 +228,14 @@ def assert_row(r: check.Report, row: Row) -> None:
 @pytest.mark.parametrize(("chain", "row"), [
     pytest.param(r.chain, r, id=f"{r.chain}-{r.id}") for r in CORPUS], indirect=["chain"])
 def test_corpus(chain: Chain, row: Row, tmp_path: Path) -> None:
-    r = check.run(list(row.argv), stack=chain.stack, qube=chain.qube, pcaps=str(tmp_path),
-                  kernel=KERNEL)
+    for attempt in range(3):
+        r = check.run(list(row.argv), stack=chain.stack, qube=chain.qube,
+                      pcaps=str(tmp_path / str(attempt)), kernel=KERNEL)
+        # Tor gave up a stream on a fresh isolated circuit (FIRST_STREAM): check calls it
+        # held (never left, exit 3 for the command's failure), and the row is run again
+        if not (row.chain == "tor" and r.exit_status != row.status and any(
+                f.outcome == "held" and f.dport != 53 for f in r.flows)):
+            break
     assert r.expect == VIA[row.chain]
     assert_row(r, row)
     if row.id == "curl-socks5-hostname":  # through the gateway's SOCKS port: class proxy
@@ -263,19 +269,20 @@ def _stun_arrived(chain: Chain, row: Row) -> None:
 
 # Measured 2026-12-06 (1 run in 4): on a Tor stack check just brought up, curl's TLS
 # stream right after bootstrap 100% was taken by sys-whonix's TransPort and never reached
-# the sink (curl exit 35, the flow unknown: exit 1). check waits for bootstrap only; the
+# the sink (curl exit 35; the flow is "held": it never left; check exits 3, the command
+# failed). check waits for bootstrap only; the
 # field notes say streams can fail for a few seconds after 100% (wait for a BUILT
 # circuit). The readiness belongs to check/roles.tor, not to this corpus.
 FIRST_STREAM = ("check on a fresh Tor stack: the first stream after bootstrap can fail "
-                "(curl exit 35, flow unknown): check does not wait for a built circuit")
+                "(curl exit 35, the flow held, check exits 3): Tor gave up the stream")
 
 
 def test_readme_first_example_own_tor_stack(tmp_path: Path) -> None:
     """README: `sudo .venv/bin/netstack check -- curl -sS https://example.org/` (behind Tor,
     the default chain, a lab stack of its own)."""
     out = _cli_in(tmp_path, "check", "--", "curl", "-sS", "https://example.org/", timeout=300)
-    if out.returncode == 1 and "the command exited 35" in out.stdout and \
-            "redirected to TransPort" in out.stdout:
+    if out.returncode == 3 and "the command exited 35" in out.stdout and \
+            "held by the chain itself" in out.stdout:
         pytest.xfail(FIRST_STREAM)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "left via tor" in out.stdout and "CLEAN" in out.stdout, out.stdout

@@ -28,10 +28,11 @@ def cli(*args: str, check: bool = True, env: dict | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
     e = dict(os.environ, **(env or {}))
     if "--purge" in args and "NETSTACK_LAB_TOR_CACHE" not in (env or {}):
-        # `down --purge` removes every kept lab Tor network: in a test run that is the
-        # warm start of every later Tor stack (tests/integration/conftest.py), so a test's
-        # purge removes its homes and an empty cache of its own; a test proving the purge
-        # of a kept network names its cache (test_tor_warm)
+        # `down --purge` removes the kept lab Tor network of the stack's shape: in a test
+        # run that is the warm start of every later Tor stack of that shape (tests/
+        # integration/conftest.py), so a test's purge removes its homes and an empty cache
+        # of its own; a test proving the purge of a kept network names its cache
+        # (test_tor_warm)
         e["NETSTACK_LAB_TOR_CACHE"] = e.get("NETSTACK_LAB_TOR_CACHE",
                                             "/var/lib/netstack/lab-tor") + ".purged"
     # scripts/test-host's VM under TCG on a loaded host: `up --lab` took over 120 s there
@@ -77,15 +78,42 @@ def reap_zombies() -> None:
                 os.waitpid(int(d), os.WNOHANG)
 
 
+def _another_workers(name: str) -> bool:
+    """Under pytest-xdist (scripts/test): a namespace, /etc/netns entry or stack directory
+    of a stack another worker made (its letter after the base prefix, tests/conftest.py),
+    or the differential oracle's namespaces of another worker's process (nso<pid>...).
+    What this worker made, and anything no worker's name explains, is still compared."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return False
+    from tests.conftest import WORKER_LETTERS
+
+    mine = os.environ.get("NETSTACK_TEST_STACK_PREFIX", "")
+    base = os.environ.get("NETSTACK_TEST_BASE_PREFIX", "")
+    if name.startswith("nso"):
+        return not name.startswith(f"nso{os.getpid() % 100000}")
+    stack = name.split("-")[1] if name.startswith("ns") and name.count("-") >= 2 else name
+    return any(stack.startswith(base + c) for c in WORKER_LETTERS) \
+        and not stack.startswith(mine)
+
+
 def snapshot_host() -> dict:
-    """What the safety rules say a test must leave untouched or clean."""
+    """What the safety rules say a test must leave untouched or clean (under pytest-xdist,
+    less what the other worker's stacks make meanwhile)."""
     def run(*a):
         return subprocess.run(a, capture_output=True, text=True).stdout
 
+    def own(names: list[str]) -> list[str]:
+        return sorted(x for x in names if not _another_workers(x))
+
+    def listing(d: str) -> list[str] | None:
+        if not os.path.isdir(d):  # made and removed by the other worker's stacks meanwhile
+            return [] if os.environ.get("PYTEST_XDIST_WORKER") else None
+        return own(os.listdir(d))
+
     return {
-        "netns": netns.list_names(),
-        "etc_netns": sorted(os.listdir("/etc/netns")) if os.path.isdir("/etc/netns") else None,
-        "run": sorted(os.listdir("/run/netstack")) if os.path.isdir("/run/netstack") else None,
+        "netns": own(netns.list_names()),
+        "etc_netns": listing("/etc/netns"),
+        "run": listing("/run/netstack"),
         "links": run("ip", "-o", "link", "show").count("\n"),
         "link_names": sorted(line.split(":")[1].strip().split("@")[0]
                              for line in run("ip", "-o", "link", "show").splitlines()),

@@ -450,9 +450,23 @@ def test_dns_the_gateway_takes_but_a_link_beyond_carried_is_unknown():
     assert fl[("udp", "10.139.1.1", 53, 5300)].outcome == "unknown" and r.verdict == 1
 
 
-def test_other_traffic_the_gateway_takes_for_itself_is_not_answered():
+def test_other_traffic_the_gateway_takes_for_itself_and_sends_nowhere_is_held():
+    """A stream Tor's TransPort took and gave up (curl exit 35 right after bootstrap: CI
+    2026-12-07): no lab host logged it, nothing beyond carried it: held, not unknown."""
     pkts = tcp_conn(WS, 41000, "203.0.113.77", 80, REQ)
     r, fl = model(pkts, stop=lambda f: LOCAL)
+    f = fl[("tcp", "203.0.113.77", 80, 41000)]
+    assert f.outcome == "held" and "no lab host saw it" in f.reason
+    assert r.verdict == 0 and f.stopped_by is None
+
+
+def test_other_traffic_the_gateway_takes_but_seen_beyond_is_unknown():
+    from scapy.layers.l2 import Ether
+
+    pkts = tcp_conn(WS, 41000, "203.0.113.77", 80, REQ)
+    past = check.Seen("sys-whonix:uplink", "gateway-uplink", "/p/up.pcap",
+                      [Ether(bytes(p)) for p in pkts[:1]])
+    r, fl = model(pkts, seen=[past], stop=lambda f: LOCAL)
     f = fl[("tcp", "203.0.113.77", 80, 41000)]
     assert f.outcome == "unknown" and "hands it to its own service" in f.reason
     assert r.verdict == 1

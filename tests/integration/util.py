@@ -141,9 +141,21 @@ def stack_leftovers(stack: str) -> list[str]:
             cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if f"/run/netstack/{stack}" in cmd or f"nst-{stack}-" in cmd or f"nsl-{stack}-" in cmd:
+        named = f"/run/netstack/{stack}" in cmd or f"nst-{stack}-" in cmd or \
+            f"nsl-{stack}-" in cmd
+        if named and ("-" in stack or _first_stack_named(cmd) == stack):
             left.append(f"process {d}: {cmd}")
     return left
+
+
+def _first_stack_named(cmd: str) -> str | None:
+    """The stack a process's command line names first: its own (a sandbox binds its
+    stack's directory before anything else; the local battery's probe then lists every
+    namespace on the host as a target, another stack's among them: two pytest workers)."""
+    import re
+
+    m = re.search(r"/run/netstack/([A-Za-z0-9_.-]+)|\bns[tl]-([A-Za-z0-9_.]+)-", cmd)
+    return (m.group(1) or m.group(2)) if m else None
 
 
 def purge_homes(stack: str) -> None:

@@ -307,7 +307,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{', '.join(q['addresses']):<13} {ifs}{mark}")
         from netstack.rules.names import status_lines as name_lines
 
-        for line in RUNTIMES[q["kind"]].status_lines(q) + name_lines(q):
+        facts = [f"template {q['template']}"] if q.get("template") else []
+        facts += [f"tags {', '.join(q['tags'])}"] if q.get("tags") else []
+        for line in ["; ".join(facts)] * bool(facts) + RUNTIMES[q["kind"]].status_lines(q) \
+                + name_lines(q):
             print(f"      {line}")
     if s.get("dispvm"):
         d = s["dispvm"]

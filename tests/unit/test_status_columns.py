@@ -59,3 +59,19 @@ def test_padding_is_outside_the_colour(monkeypatch):
     s = cli.colour("black", "work", 8)
     assert s == "\x1b[30;47mwork\x1b[0m    "  # black's white background stops at the name
     assert cli.colour("black", "a-very-long-name", 4).endswith("name\x1b[0m")
+
+
+def test_template_and_tags_show_in_the_text_too(monkeypatch):
+    """review2 finding 19: a qube's template (and its tags) were only in --json."""
+    def with_template(name: str) -> dict:
+        s = fake_status(name)
+        s["qubes"][0].update(kind="app", template="bookworm-tw", tags=["anon", "work"])
+        return s
+    monkeypatch.setattr(stack, "status", lambda name, k=None: with_template(name))
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.cmd_status(argparse.Namespace(stack="t", json=False, kernel=None)) == 0
+    lines = out.getvalue().splitlines()
+    i = next(i for i, x in enumerate(lines) if "q-" in x)
+    assert lines[i + 1].strip() == "template bookworm-tw; tags anon, work", lines
+    assert "template" not in "\n".join(lines[i + 2:])

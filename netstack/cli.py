@@ -1056,7 +1056,7 @@ def cmd_calls(args: argparse.Namespace) -> int:
               f"{shown(c['service'])}{shown(arg)}: {c['verdict']} ({c['rule'] or '-'}) in "
               f"{c['bytes_in']} out {c['bytes_out']} exit {c['exit']}"
               + (f"  {shown(c['reason'])}" if c["verdict"] not in ("allow", "ask->allow")
-                 else ""))
+                 else "") + ("  [told the journal]" if c.get("notify") else ""))
     return 0
 
 

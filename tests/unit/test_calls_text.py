@@ -1,0 +1,29 @@
+"""`netstack calls` in text says what --json says of a call's notify= (review2 finding 18):
+a call the policy told the journal about is marked, others are not."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+from netstack import calls, cli
+
+
+def _call(notify: bool, verdict: str) -> dict:
+    return {"id": "ab12cd34", "time": 0.0, "source": "work", "target": "personal",
+            "service": "qubes.Filecopy", "argument": "", "verdict": verdict,
+            "rule": "policy.d/30.policy:1", "reason": "the policy says deny",
+            "bytes_in": 0, "bytes_out": 0, "exit": 126, "notify": notify}
+
+
+def test_notify_is_shown_in_the_text(monkeypatch):
+    monkeypatch.setattr(calls, "listing", lambda stack, last: {
+        "pending": [], "clipboard": None, "policy": "/p", "policy_problem": None,
+        "calls": [_call(True, "deny"), _call(False, "allow")]})
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.cmd_calls(argparse.Namespace(stack="t", last=20, json=False)) == 0
+    told, quiet = out.getvalue().splitlines()[-2:]
+    assert told.endswith("[told the journal]") and "deny" in told
+    assert "journal" not in quiet

@@ -27,3 +27,15 @@ def test_notify_is_shown_in_the_text(monkeypatch):
     told, quiet = out.getvalue().splitlines()[-2:]
     assert told.endswith("[told the journal]") and "deny" in told
     assert "journal" not in quiet
+
+
+def test_a_name_with_a_newline_is_refused_before_anything_runs():
+    """review2 finding 10: a newline in a copied file's name gave the receiver's misleading
+    last line; now one line naming the cause, before the stack is even read."""
+    import pytest
+
+    from netstack.errors import UsageError
+
+    for what in (False, True):
+        with pytest.raises(UsageError, match="newline or another control character"):
+            calls.copy(None, "no-such-stack", "work:a\nb.txt", "personal", move=what)

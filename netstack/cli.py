@@ -486,6 +486,11 @@ def cmd_template(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         out: Any = template_cmd.listing()
+        if args.name:  # one template (review2 finding 14: the name was ignored)
+            out = [t for t in out if t["name"] == args.name]
+            if not out:
+                raise UsageError(f"template list {args.name}: no such template (`netstack "
+                                 "template list` shows them all)")
         if not args.json:
             if not out:
                 print("no templates (make one: `netstack template create NAME`)")
@@ -624,6 +629,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     """The uplink watch: in the foreground, or the read form (--status), or --clear."""
     from netstack import watch
 
+    if (args.clear or args.status) and (args.on_leak != "log" or args.seconds is not None):
+        raise UsageError(f"watch --{'clear' if args.clear else 'status'}: --on-leak and --for "
+                         "belong to the watch in the foreground; leave them out")
     if args.clear:
         out = watch.clear(args.stack, args.kernel)
         if args.json:

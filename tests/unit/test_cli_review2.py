@@ -1,4 +1,5 @@
-"""`netstack calls` in text says what --json says of a call's notify= (review2 finding 18):
+"""Findings of the second hostile-user review (review2), at the command line: `calls` in text
+says what --json says of a call's notify= (finding 18):
 a call the policy told the journal about is marked, others are not."""
 
 from __future__ import annotations
@@ -39,3 +40,27 @@ def test_a_name_with_a_newline_is_refused_before_anything_runs():
     for what in (False, True):
         with pytest.raises(UsageError, match="newline or another control character"):
             calls.copy(None, "no-such-stack", "work:a\nb.txt", "personal", move=what)
+
+
+def test_options_that_mean_nothing_are_refused_or_used(monkeypatch):
+    """review2 finding 14: `watch --clear --on-leak cut` ignored --on-leak; `template list
+    NAME` ignored NAME (now lists that one, or says there is none)."""
+    import pytest
+
+    from netstack import template_cmd
+    from netstack.errors import UsageError
+
+    for flag in ("clear", "status"):
+        ns = argparse.Namespace(stack="t", kernel=None, json=False, clear=flag == "clear",
+                                status=flag == "status", on_leak="cut", seconds=None)
+        with pytest.raises(UsageError, match="belong to the watch in the foreground"):
+            cli.cmd_watch(ns)
+    one = {"name": "tw", "suite": "bookworm", "variant": "minbase", "include": [],
+           "created": "x", "updated": None, "path": "/p"}
+    monkeypatch.setattr(template_cmd, "listing", lambda: [one, {**one, "name": "other"}])
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.cmd_template(argparse.Namespace(action="list", name="tw", json=False)) == 0
+    assert out.getvalue().startswith("tw: ") and "other" not in out.getvalue()
+    with pytest.raises(UsageError, match="no such template"):
+        cli.cmd_template(argparse.Namespace(action="list", name="nope", json=False))

@@ -8,9 +8,10 @@ to the first packet through the tunnel. Prints a table and writes JSON.
                                        [--lab-wg auto|kernel|wireguard-go] [--no-flowtable-run]
                                        [--profile]
 
-The bare baseline uses the backend the chain uses (kernel WireGuard where the kernel has
-it, else wireguard-go), so the ratio compares like with like; the lab's VPN server, the
-chain's far end, does too (`--lab-wg auto`: kernel WireGuard where the kernel has it).
+The bare baseline's two ends are what the chain's two ends are: its client the VPN qube's
+backend (kernel WireGuard where the kernel has it, else wireguard-go), its server the
+lab's VPN server's (`--lab-wg auto`: kernel WireGuard where the kernel has it), so the
+ratio compares like with like.
 Where the forwarding qubes have a flowtable (docs/field-notes.md, "Flowtables"), the chain
 is also measured with their `flow add` rules removed (same stack, same run), and the JSON
 says how many rules each namespace on the path has and how many of its flows the
@@ -122,12 +123,15 @@ def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float
         srv.wait()
 
 
-def bare_wireguard(seconds: int, kernel: bool = False, prof=None
-                   ) -> tuple[float, dict[str, float]]:
+def bare_wireguard(seconds: int, kernel: bool = False, prof=None,
+                   server_kernel: bool | None = None) -> tuple[float, dict[str, float]]:
     """WireGuard between two bare namespaces joined by a veth: the ceiling. Kernel
-    WireGuard (kernel=True) or wireguard-go."""
+    WireGuard (kernel=True) or wireguard-go at the client; the server (the iperf end) as
+    `server_kernel` says (default: as the client), so that the pair's two ends are what
+    the chain's two ends are (the chain's VPN qube, the lab's server)."""
     a, b = "nsb-wga", "nsb-wgb"
-    procs = []
+    server_kernel = kernel if server_kernel is None else server_kernel
+    procs: dict[str, subprocess.Popen] = {}
     for n in (a, b):
         if netns.exists(n):
             netns.delete(n)
@@ -144,14 +148,14 @@ def bare_wireguard(seconds: int, kernel: bool = False, prof=None
             keys[n] = (k, sh("wg", "pubkey", input=k).stdout.strip())
         for n, dev, me, peer, peer_ip in ((a, "wgbench-a", "10.99.0.1", b, "192.0.2.102"),
                                           (b, "wgbench-b", "10.99.0.2", a, "192.0.2.101")):
-            if kernel:
+            if (kernel if n == a else server_kernel):
                 sh("ip", "-n", n, "link", "add", dev, "type", "wireguard")
             else:
                 with contextlib.suppress(FileNotFoundError):  # left by a killed run
                     os.unlink(f"/var/run/wireguard/{dev}.sock")
-                procs.append(subprocess.Popen(["ip", "netns", "exec", n, "wireguard-go", "-f",
-                                               dev], stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL))
+                procs["wg_client" if n == a else "wg_server"] = subprocess.Popen(
+                    ["ip", "netns", "exec", n, "wireguard-go", "-f", dev],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 deadline = time.monotonic() + 5
                 while not os.path.exists(f"/var/run/wireguard/{dev}.sock"):
                     if time.monotonic() > deadline:
@@ -174,10 +178,10 @@ def bare_wireguard(seconds: int, kernel: bool = False, prof=None
             os.unlink(kf)
             sh("ip", "-n", n, "addr", "add", f"{me}/24", "dev", dev)
             sh("ip", "-n", n, "link", "set", dev, "mtu", "1420", "up")
-        pids = {"wg_client": procs[0].pid, "wg_server": procs[1].pid} if procs else {}
+        pids = {k: p.pid for k, p in procs.items()}
         return measured(lambda: iperf(a, b, "10.99.0.2", seconds), pids, seconds, prof)
     finally:
-        for p in procs:
+        for p in procs.values():
             p.terminate()  # a clean exit removes its control socket
             p.wait()
         for n in (a, b):
@@ -309,7 +313,7 @@ def main() -> None:
         flowtables = sum(v["flowtables"] for v in res["path"].values())
         chain, bare, chain_cpu, bare_cpu = [], [], [], []
         for _ in range(a.runs):
-            g, c = bare_wireguard(a.seconds, kernel)
+            g, c = bare_wireguard(a.seconds, kernel, server_kernel=lab_kernel)
             bare.append(g)
             bare_cpu.append(c)
             g, c = chain_run()
@@ -331,7 +335,8 @@ def main() -> None:
             from kprofile import Profile, summary
 
             for what, run in (("chain", chain_run),
-                              ("bare", lambda prof: bare_wireguard(a.seconds, kernel, prof))):
+                              ("bare", lambda prof: bare_wireguard(
+                                  a.seconds, kernel, prof, server_kernel=lab_kernel))):
                 prof = Profile()
                 g, c = run(prof=prof)
                 res[f"profile_{what}"] = {"gbit_s": round(g, 3), "cpu_s_per_gb": c,

@@ -217,10 +217,23 @@ def first_packet(cfg: str, name: str, lab_wg_kernel: bool = False) -> tuple[floa
         except OSError:
             s.close()
             if time.perf_counter() - t0 > 30 * slow_factor():  # (x5 in the VM: 29.4 s seen)
+                _tunnel_facts(name)
                 with contextlib.suppress(Exception):  # leave nothing behind
                     stack.down(name, KERNEL)
                 raise
             time.sleep(0.002)
+
+
+def _tunnel_facts(name: str) -> None:
+    """Why no first packet: both ends' `wg show`, links and routes, to stderr (the lab
+    server on kernel WireGuard carried nothing in the VM: docs/benchmarks.md)."""
+    for ns in (f"nst-{name}-sys-proxyvm", f"nsl-{name}-vpn"):
+        for argv in (["wg", "show"], ["ip", "-br", "addr"], ["ip", "route"],
+                     ["nft", "list", "ruleset"]):
+            p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
+                               text=True)
+            print(f"--- {ns}: {' '.join(argv)}\n{(p.stdout + p.stderr)[-3000:]}",
+                  file=sys.stderr)
 
 
 PATH_QUBES = ("work", "sys-proxyvm", "sys-firewall", "sys-net")

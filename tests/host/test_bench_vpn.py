@@ -37,7 +37,7 @@ def test_bench_vpn_kernel_wireguard_chain_against_bare(request, tmp_path, lab):
                        # netstack's own waits x5 (the lab's servers were not ready in 60 s
                        # in six tries at load 20: docs/field-notes.md)
                        env=dict(os.environ, NETSTACK_SLOW_FACTOR="5"))
-    print(p.stdout[-6000:], p.stderr[-3000:])
+    print(p.stdout[-6000:], p.stderr[-20000:])
     reap_zombies()
     for i in range(int(runs)):
         assert not stack_leftovers(f"bv{i}")

@@ -759,7 +759,11 @@ def copy(k: Kernel, stack: str, src: str, dst: str, move: bool = False,
     name = os.path.basename(path.rstrip("/"))
     if name in ("", ".", ".."):
         raise UsageError(f"{what} {src!r}: name a file, not a directory")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):  # as Qubes' qfile-unpacker refuses
+    import unicodedata
+
+    # C0 and C1 controls, line and paragraph separators (as Qubes' qfile-unpacker refuses
+    # unsafe names): a name that would break a line of the destination's listing
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
         raise UsageError(f"{what} {src!r}: the file's name has a newline or another control "
                          "character, which the destination would refuse; rename it first")
     st = _stack(stack)

@@ -426,20 +426,34 @@ def _ignore(src: str, names: list[str]) -> list[str]:
 
 def purge_cache(stack: str | None = None) -> bool:
     """`down --purge`: the kept lab Tor networks `stack` kept (a network of the same shape
-    kept by other stacks too goes with it: they share it; other shapes stay), or every one
-    (stack None). CACHE_ROOT goes when nothing is left in it. Returns whether one went."""
+    kept by other stacks too goes with it: they share it; other shapes stay), and those
+    nobody owns (kept by a netstack before networks named their stacks, or the half-made
+    copy of a `down` killed while saving: `stacks` missing), or every one (stack None).
+    CACHE_ROOT goes when nothing is left in it. Returns whether one went; what could not
+    be removed is an ApplyError naming it."""
     if not os.path.lexists(CACHE_ROOT):
         return False
     if os.path.islink(CACHE_ROOT):
         raise ApplyError(f"{CACHE_ROOT} is a symlink, not netstack's own directory; left "
                          "alone")
-    gone = False
+    gone, stuck = False, []
     with _locked():
         for x in os.listdir(CACHE_ROOT):
             d = os.path.join(CACHE_ROOT, x)
-            if x != ".lock" and (stack is None or stack in _stacks_of(d)):
+            owners = _stacks_of(d)
+            if x == ".lock" or not (stack is None or stack in owners or not owners):
+                continue
+            if os.path.islink(d):  # never followed: the link itself goes
+                os.unlink(d)
+            else:
                 shutil.rmtree(d, ignore_errors=True)
+            if os.path.lexists(d):
+                stuck.append(d)
+            else:
                 gone = True
+        if stuck:
+            raise ApplyError(f"could not remove the kept lab Tor network {', '.join(stuck)}"
+                             "; remove it by hand")
         if set(os.listdir(CACHE_ROOT)) - {".lock"}:
             return gone
     shutil.rmtree(CACHE_ROOT, ignore_errors=True)

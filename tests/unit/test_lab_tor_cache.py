@@ -280,3 +280,25 @@ def test_purge_of_a_stack_removes_only_the_networks_it_kept(cache, tmp_path):
     assert not os.path.exists(network.cache_dir(mine))
     assert os.path.isdir(network.cache_dir(other))
     assert network.purge_cache("c") and not os.path.exists(cache)
+
+
+def test_purge_takes_unowned_networks_and_links_never_their_targets(cache, tmp_path):
+    """A network kept before networks named their stacks, or the half-made copy of a
+    `down` killed while saving, has no `stacks` file: any stack's purge removes it (else
+    nothing ever would). A link in the cache goes as a link; its target stays."""
+    mine = nodes(str(tmp_path / "one" / "tor"))
+    fake_run(mine)
+    assert network.save(mine, str(tmp_path / "one" / "tor"), stack="a")
+    legacy = os.path.join(cache, "1111222233334444")
+    os.makedirs(os.path.join(legacy, "nodes"))
+    half = network.cache_dir(mine) + ".new4242"
+    os.makedirs(half)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "stacks").write_text("b\n")
+    os.symlink(target, os.path.join(cache, "bbbb000000000000"))
+    assert network.purge_cache("b")
+    assert not os.path.lexists(legacy) and not os.path.lexists(half)
+    assert not os.path.lexists(os.path.join(cache, "bbbb000000000000"))
+    assert (target / "stacks").exists()  # never followed
+    assert os.path.isdir(network.cache_dir(mine))  # a's stays

@@ -5,6 +5,7 @@ them (root)."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def scratch():
-    name = f"nstk-ct-{secrets.token_hex(3)}"
+    name = f"nstk-{os.environ.get('NETSTACK_TEST_STACK_PREFIX', '')}ct-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         def run(*argv: str) -> None:

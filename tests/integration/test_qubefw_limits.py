@@ -10,6 +10,7 @@ before (root). The inputs a user once broke netstack with are refused with one l
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -67,7 +68,7 @@ def raw_rule(draw) -> dict:
 
 @pytest.fixture(scope="module")
 def scratch():
-    name = f"nstk-fwl-{secrets.token_hex(3)}"
+    name = f"nstk-{os.environ.get('NETSTACK_TEST_STACK_PREFIX', '')}fwl-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield name

@@ -225,14 +225,14 @@ def cmd_down(args: argparse.Namespace) -> int:
             raise
         from netstack import sandbox  # a stack that is down: only its homes are left
 
-        homes, (lab, trouble) = sandbox.purge_homes(args.stack), _purge_lab_tor(args.stack)
+        homes, (lab, trouble) = sandbox.purge_homes(args.stack), purge_lab_tor(args.stack)
         if not (homes or lab or trouble):
             raise
         if homes or lab:
             print(f"stack {args.stack!r} was down; removed: "
                   + ", ".join(w for w, x in (("app qubes' homes", homes),
                                               ("the kept lab Tor network", lab)) if x))
-        return _purge_trouble(trouble)
+        return purge_trouble(trouble)
     for n in notes:
         print(f"netstack: {n}", file=sys.stderr)
     if problems:
@@ -245,12 +245,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         from netstack import sandbox
 
         homes = sandbox.purge_homes(args.stack)
-        lab, trouble = _purge_lab_tor(args.stack)
+        lab, trouble = purge_lab_tor(args.stack)
         gone = [w for w, x in (("app qubes' homes", homes), ("the kept lab Tor network", lab))
                 if x]
         print(f"stack {args.stack!r} down, removed: {', '.join(gone)}" if gone else
               f"stack {args.stack!r} down (no homes or kept lab to remove)")
-        return _purge_trouble(trouble)
+        return purge_trouble(trouble)
     # (netstack.sandbox.HOME_ROOT and netstack.tor.network.CACHE_ROOT, without the 36 ms
     # that importing the latter costs every `down`)
     homes = f"/var/lib/netstack/{args.stack}"
@@ -262,7 +262,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _purge_lab_tor(stack: str) -> tuple[bool, str | None]:
+def purge_lab_tor(stack: str) -> tuple[bool, str | None]:
     """The lab's private Tor network this stack kept for a warm `up --lab`
     (netstack.tor.network; other stacks' shapes stay): (removed one, why not all went).
     What the purge could not remove is said after what was done, never instead of it."""
@@ -274,7 +274,7 @@ def _purge_lab_tor(stack: str) -> tuple[bool, str | None]:
         return False, str(e)
 
 
-def _purge_trouble(trouble: str | None) -> int:
+def purge_trouble(trouble: str | None) -> int:
     if trouble:
         print(f"netstack: {trouble}", file=sys.stderr)
         return 1

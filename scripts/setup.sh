@@ -8,7 +8,8 @@ PKGS=(nftables python3-nftables python3-venv iproute2 tor wireguard-tools wiregu
       util-linux bubblewrap python3-seccomp python3-cryptography python3-dnspython
       bind9-dnsutils obfs4proxy systemd dhcpcd-base dnsmasq-base wpasupplicant iw hostapd
       mmdebstrap
-      git chromium)
+      git chromium
+      python3-setuptools python3-wheel man-db)  # scripts/build-deb's wheel; its man pages
 missing=() installed_tor=0
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,6 +15,7 @@ import pytest
 from netstack import cli
 from netstack.audit import matrix
 from netstack.errors import UsageError
+from tests import cpuscale
 from tests.unit.test_audit_expect import ACCEPT, doc, m, meta, pl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +111,8 @@ def test_bounded_on_the_realworld_fixtures(name: str) -> None:
         ms = matrix.matrices(d, name, port)
         spent = time.process_time() - t0
         # about 1.3 s alone (docs/benchmarks.md); the margin is for a loaded CI machine
-        assert ms and spent < 4.0, f"{name} {port}: {spent:.2f} s of CPU"
+        bound = 4.0 * cpuscale.factor()  # a slow host (the VM under emulation) gets more
+        assert ms and spent < bound, f"{name} {port}: {spent:.2f} s of CPU, bound {bound:.1f}"
 
 
 def test_server_blocklists_are_classes() -> None:

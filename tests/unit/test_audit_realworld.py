@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from netstack.audit import onefile
+from tests import cpuscale
 
 FIX = Path(__file__).resolve().parents[1] / "realworld"
 
@@ -22,7 +23,9 @@ def test_realworld_bounded(name: str) -> None:
     t0 = time.process_time()
     fa = onefile.audit(doc, name)
     spent = time.process_time() - t0
-    assert spent < 15, f"{name}: {spent:.1f} s of CPU (bench/audit_realworld.py)"
+    bound = 15 * cpuscale.factor()  # a slow host (the VM under emulation) gets more
+    assert spent < bound, f"{name}: {spent:.1f} s of CPU, bound {bound:.0f} s " \
+        "(bench/audit_realworld.py)"
     # the default-accept output policy is a real counterexample, not UNPROVEN
     assert [r.status for r in fa.results][:3] == ["FAIL", "FAIL", "FAIL"]
     assert not any("failed here" in r.reason for r in fa.results)

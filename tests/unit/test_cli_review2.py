@@ -81,7 +81,7 @@ def test_a_purge_that_cannot_remove_the_cache_says_so_after_what_it_did(tmp_path
     link = tmp_path / "link"
     link.symlink_to(real)
     monkeypatch.setattr(network, "CACHE_ROOT", str(link))
-    lab, trouble = cli._purge_lab_tor("hz1")
+    lab, trouble = cli.purge_lab_tor("hz1")
     assert not lab and trouble and "symlink" in trouble
-    assert cli._purge_trouble(trouble) == 1 and "symlink" in capsys.readouterr().err
-    assert cli._purge_trouble(None) == 0
+    assert cli.purge_trouble(trouble) == 1 and "symlink" in capsys.readouterr().err
+    assert cli.purge_trouble(None) == 0

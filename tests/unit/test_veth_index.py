@@ -31,7 +31,9 @@ CASES.append((str(ROOT / "configs" / "basic.toml"), UplinkSpec("nat", "eth9"))) 
 
 @pytest.mark.parametrize("cfg,uplink", CASES)
 def test_no_two_ends_share_an_index(cfg, uplink):
-    p = build(load_inputs(cfg, "u1", uplink, SPECS, overlay={}), "u1", uplink)
+    inputs = load_inputs(cfg, "u1", uplink, SPECS, overlay={})
+    inputs.host_resolv = "nameserver 192.0.2.53\n"  # never this machine's resolv.conf
+    p = build(inputs, "u1", uplink)
     per_ns: dict[str | None, list[int]] = defaultdict(list)
     for v in p.veths:
         ia = fixed_index(v.if_a) if v.ns_a is not None else 0

@@ -68,6 +68,9 @@ netvm = "sys-firewall"
 
 def plan_of(tmp_path, net: str, uplink: UplinkSpec = WIFI):
     inputs = load_inputs(config(tmp_path, net), "main", uplink, SPECS, probe=False)
+    # a fresh host may have no resolver but a loopback stub (the VM had none): never read
+    # this machine's /etc/resolv.conf into a test (README run in scripts/test-host's VM)
+    inputs.host_resolv = "nameserver 192.0.2.53\n"
     return inputs, build(inputs, "main", uplink)
 
 

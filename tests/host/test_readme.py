@@ -83,10 +83,13 @@ def test_readme_up_lab_fetches_a_page_through_tor_over_vpn_and_down_leaves_nothi
         # the README's fetch with a deadline.
         t1 = time.monotonic()
         got, tries = "", 0
-        while time.monotonic() - t1 < 120:
+        while time.monotonic() - t1 < 300:  # (TCG beside other VMs: one try took > 60 s)
             tries += 1
-            f = sh(NETSTACK, "exec", "anon-whonix", "--", "curl", "-sS", "--max-time", "30",
-                   "http://web.lab.test/", check=False, timeout=60)
+            try:
+                f = sh(NETSTACK, "exec", "anon-whonix", "--", "curl", "-sS", "--max-time",
+                       "30", "http://web.lab.test/", check=False, timeout=180)
+            except subprocess.TimeoutExpired:
+                continue
             got = f.stdout.strip()
             if f.returncode == 0:
                 break

@@ -190,12 +190,19 @@ def _sink_ruleset() -> dict[str, Any]:
 
 
 def _lab_vpn_ruleset() -> dict[str, Any]:
-    """The lab VPN server forwards and masquerades tunnel traffic to the lab internet."""
-    from netstack.rules.nft import MASQUERADE, accept_all, ip_saddr, oifname
+    """The lab VPN server forwards and masquerades tunnel traffic to the lab internet, and,
+    as a provider's server does, never sends a tunnel client's address out in clear: a
+    reply de-NATed to a client after its tunnel device went (the lab's `down` ends the
+    server's daemon before its namespace) was routed out eth0 to 10.66.0.2, and leaktest's
+    `down` scenario saw it on the lab's links (CI 2026-12-07)."""
+    from netstack.rules.nft import DROP, MASQUERADE, accept_all, ip_daddr, ip_saddr, oifname
 
     rs = accept_all()
     for net in TUNNEL_NETS:
         a, plen = net.split("/")
-        rs["nat_postrouting"].add(ip_saddr({"prefix": {"addr": a, "len": int(plen)}}),
-                                  oifname("eth0"), MASQUERADE, comment=f"tunnel {net} out")
+        pfx = {"prefix": {"addr": a, "len": int(plen)}}
+        rs["forward"].add(ip_daddr(pfx), oifname("eth0"), DROP,
+                          comment=f"tunnel {net} never in clear")
+        rs["nat_postrouting"].add(ip_saddr(pfx), oifname("eth0"), MASQUERADE,
+                                  comment=f"tunnel {net} out")
     return rs.to_json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 
 import pytest
 
@@ -15,13 +16,14 @@ PR_SET_CHILD_SUBREAPER = 36
 # on the host (tests/integration/util.py snapshot_host) can tell the other's stacks from
 # its own. Set at import, before a test makes a name.
 WORKER_LETTERS = "xyzuvw"
-if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
-    import signal
-
-    # an xdist worker starts with SIGINT ignored, and every program a test starts would
-    # inherit that (Ctrl-C tests, a prompt dismissed with Ctrl-C: nothing happened). A
-    # handler is reset to the default at exec, as under a plain pytest.
+# An xdist worker starts with SIGINT ignored, and so does a pytest a non-interactive shell
+# started in the background (a CI runner's `cmd &`): every program a test starts would
+# inherit that (Ctrl-C tests, a prompt dismissed with Ctrl-C: nothing happened). Python's
+# handler is put back; a handler is reset to the default at exec, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN or \
+        os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     _n = int(os.environ["PYTEST_XDIST_WORKER"][2:])
     os.environ.setdefault("NETSTACK_TEST_BASE_PREFIX",
                           os.environ.get("NETSTACK_TEST_STACK_PREFIX", ""))

@@ -952,19 +952,16 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
         if rule and rule.get("fate") == "local":
             if f._replied and past is None and f.dport == 53:  # its resolver, nothing else
                 f.outcome = "answered"
-                f.evidence.append(Evidence(
-                    "rule", rule["qube"], None, None, f"{rule['hook']}: {rule['rule']}"
-                    + (f" (handle {rule['handle']})" if rule.get("handle") is not None
-                       else "") + ": delivered to its own service, which replied"))
+                f.evidence.append(Evidence("rule", rule["qube"], None, None, _rule_text(rule)
+                                           + ": delivered to its own service, which replied"))
                 f.reason = (f"{rule['qube']}'s own service answered it (e.g. Tor's DNSPort "
                             "from its cache) and no link beyond carried it")
                 continue
             if past is None:  # its own service took it, and it went nowhere in the lab
                 f.outcome = "held"
-                f.evidence.append(Evidence(
-                    "rule", rule["qube"], None, None, f"{rule['hook']}: {rule['rule']}"
-                    + (f" (handle {rule['handle']})" if rule.get("handle") is not None
-                       else "") + ": delivered to its own service, which sent it nowhere"))
+                f.evidence.append(Evidence("rule", rule["qube"], None, None, _rule_text(rule)
+                                           + ": delivered to its own service, which sent "
+                                           "it nowhere"))
                 f.reason = (f"{rule['qube']}'s own resolver took it and did not reply while "
                             "the command ran (glibc asks the second nameserver when the "
                             "first fails); no link beyond carried it" if f.dport == 53 else
@@ -983,9 +980,7 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
         if rule and past is None:
             f.outcome = "stopped"
             f.evidence.append(Evidence("rule", f"{rule['qube']}", None, None,
-                                       f"{rule['hook']}: {rule['rule']}"
-                                       + (f" (handle {rule['handle']})"
-                                          if rule.get("handle") is not None else "")))
+                                       _rule_text(rule)))
             f.reason = (f"{rule['qube']} drops it ({rule['hook']}: {rule['rule']}) and "
                         "no link beyond carried it")
             continue
@@ -1001,6 +996,12 @@ def attribute(ctx: Any, flows: list[Flow], records: list[dict[str, Any]],
                         "(it went somewhere the lab does not log)")
         else:
             f.reason = "no lab host saw it"
+
+
+def _rule_text(rule: dict[str, Any]) -> str:
+    """The evaluator's rule as evidence: "hook: rule (handle N)"."""
+    return f"{rule['hook']}: {rule['rule']}" + (
+        f" (handle {rule['handle']})" if rule.get("handle") is not None else "")
 
 
 def _report(ctx: Any, lks: list[Any], marks: dict[str, int], rulesets: dict[str, Any],
